@@ -1,0 +1,140 @@
+"""The client role of the sans-IO core: faces upstream POP3 servers.
+
+Theory of operation. ``send(command)`` returns the octets to write and
+records the command in a FIFO; replies are matched to that FIFO in order, so
+pipelining (RFC 2449 §6.6) needs nothing special. Whether a reply is one line
+or multi-line is decided by the command that was sent, never by guessing
+from the reply (RFC 1939 §3). A reply line when nothing is outstanding, an
+overlong line, a malformed status or an end of stream inside a multi-line body
+raise a fatal ``RemoteProtocolError``: the caller must drop the connection and
+must never pass on a truncated body as if it were complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from collections import deque
+
+from popproxy.pop3.commands import (
+    Auth,
+    Command,
+    SaslLine,
+    SaslResponse,
+    multiline_on_ok,
+    serialize_command,
+)
+from popproxy.pop3.dotstuff import DotUnstuffer
+from popproxy.pop3.errors import LocalProtocolError, RemoteProtocolError
+from popproxy.pop3.events import (
+    NEED_DATA,
+    ConnectionClosed,
+    Data,
+    EndOfData,
+    NeedData,
+    SaslChallenge,
+)
+from popproxy.pop3.limits import MAX_REPLY_LINE_OCTETS
+from popproxy.pop3.lines import LineBuffer, Overlong
+from popproxy.pop3.replies import Err, Ok, ResponseCode
+from popproxy.pop3.wire import parse_status
+
+
+class _Greeting(enum.Enum):
+    GREETING = "greeting"
+
+
+GREETING = _Greeting.GREETING
+ClientEvent = Ok | Err | SaslChallenge | Data | EndOfData | ConnectionClosed | NeedData
+
+
+def _upstream_error(text: str) -> RemoteProtocolError:
+    return RemoteProtocolError(
+        Err(f"Upstream protocol error: {text}", ResponseCode.SYS_TEMP), fatal=True
+    )
+
+
+class ClientConnection:
+    """One POP3 session as seen from the client (RFC 1939, 2449, 5034)."""
+
+    def __init__(self) -> None:
+        self._lines = LineBuffer()
+        self._outstanding: deque[Command | SaslLine | _Greeting] = deque([GREETING])
+        self._unstuffer: DotUnstuffer | None = None
+        self._broken = False
+
+    @property
+    def outstanding(self) -> int:
+        """How many replies (the greeting included) are still expected."""
+        return len(self._outstanding)
+
+    def send(self, command: Command | SaslLine) -> bytes:
+        """The octets for ``command``; its reply is expected after those before it."""
+        if self._broken:
+            raise LocalProtocolError("the connection is broken")
+        data = serialize_command(command)
+        self._outstanding.append(command)
+        return data
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed octets from the server; ``b""`` means it closed."""
+        self._lines.receive(data)
+
+    def next_event(self) -> ClientEvent:
+        """The next reply event, ``NEED_DATA`` or ``ConnectionClosed``.
+
+        Raises a fatal RemoteProtocolError when the server breaks the protocol.
+        """
+        if self._broken:
+            raise LocalProtocolError("the connection is broken")
+        try:
+            return self._next_event()
+        except RemoteProtocolError:
+            self._broken = True
+            raise
+
+    def _next_event(self) -> ClientEvent:
+        if self._unstuffer is not None:
+            return self._next_body_event(self._unstuffer)
+        line = self._lines.next_line(MAX_REPLY_LINE_OCTETS)
+        if line is None:
+            if not self._lines.eof:
+                return NEED_DATA
+            if self._outstanding or len(self._lines):
+                raise _upstream_error("connection closed with a reply outstanding")
+            return ConnectionClosed()
+        if isinstance(line, Overlong):
+            raise _upstream_error("reply line too long")
+        if not self._outstanding:
+            raise _upstream_error("unsolicited reply")
+        head = self._outstanding[0]
+        if line == b"+" or line.startswith(b"+ "):
+            if not isinstance(head, Auth | SaslResponse):
+                raise _upstream_error("SASL challenge outside AUTH")
+            self._outstanding.popleft()
+            try:
+                return SaslChallenge(base64.b64decode(line[2:], validate=True))
+            except binascii.Error:
+                raise _upstream_error("invalid base64 in SASL challenge") from None
+        status = parse_status(line)
+        if status is None:
+            raise _upstream_error("malformed status line")
+        if isinstance(status, Ok) and head is not GREETING and multiline_on_ok(head):
+            self._unstuffer = DotUnstuffer()
+        else:
+            self._outstanding.popleft()
+        return status
+
+    def _next_body_event(self, unstuffer: DotUnstuffer) -> ClientEvent:
+        if not unstuffer.done:
+            chunk = unstuffer.feed(self._lines.buffer)
+            if chunk:
+                return Data(chunk)
+        if unstuffer.done:
+            self._unstuffer = None
+            self._outstanding.popleft()
+            return EndOfData()
+        if self._lines.eof:
+            raise _upstream_error("connection closed inside a multi-line reply")
+        return NEED_DATA

@@ -1,0 +1,86 @@
+"""Dot-stuffing as streaming transforms (RFC 1939 §3).
+
+A multi-line body is sent with a ``.`` added before every line that starts with
+``.``, and ends with ``CRLF.CRLF``. Both directions work on chunks of any size
+and carry "at start of line" across chunk boundaries, so a dot that starts a
+chunk is handled like any other, and no body is ever held whole.
+
+The hot path is two C-level passes per chunk (``bytes.replace`` or ``find`` for
+``\\n.``), not a Python loop over lines.
+"""
+
+from __future__ import annotations
+
+from popproxy.pop3.errors import LocalProtocolError
+
+TERMINATOR = b".\r\n"
+
+
+class DotStuffer:
+    """Encoder: content chunks in, wire chunks out (server role, RFC 1939 §3)."""
+
+    __slots__ = ("_at_line_start", "_finished")
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self._finished = False
+
+    def stuff(self, chunk: bytes) -> bytes:
+        """Return ``chunk`` with every line-initial ``.`` doubled."""
+        if self._finished:
+            raise LocalProtocolError("data after the end of a multi-line body")
+        if not chunk:
+            return b""
+        out = chunk.replace(b"\n.", b"\n..")
+        if self._at_line_start and out[0] == 0x2E:
+            out = b"." + out
+        self._at_line_start = out[-1] == 0x0A
+        return out
+
+    def finish(self) -> bytes:
+        """Return the terminator, preceded by CRLF if the body did not end a line."""
+        if self._finished:
+            raise LocalProtocolError("multi-line body already finished")
+        self._finished = True
+        return TERMINATOR if self._at_line_start else b"\r\n" + TERMINATOR
+
+
+class DotUnstuffer:
+    """Decoder: wire chunks in, content out, until ``CRLF.CRLF`` (client role).
+
+    ``feed`` consumes from the front of a buffer owned by the caller and
+    returns the content it could decode; ``done`` turns true once the
+    terminator has been consumed. Bytes after the terminator stay in the buffer.
+    """
+
+    __slots__ = ("_at_line_start", "done")
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self.done = False
+
+    def feed(self, buf: bytearray) -> bytes:
+        """Decode as much of ``buf`` as can be decided, deleting what was consumed."""
+        out = bytearray()
+        pos = 0
+        end = len(buf)
+        while pos < end:
+            if self._at_line_start and buf[pos] == 0x2E:
+                if end - pos < 3 and (end - pos < 2 or buf[pos + 1] == 0x0D):
+                    break  # ".", ".\r": cannot tell the terminator from a stuffed line yet
+                if buf[pos : pos + 3] == TERMINATOR:
+                    pos += 3
+                    self.done = True
+                    break
+                pos += 1  # RFC 1939 §3: drop the stuffed dot
+            hit = buf.find(b"\n.", pos)
+            if hit == -1:
+                out += buf[pos:end]
+                self._at_line_start = buf[end - 1] == 0x0A
+                pos = end
+            else:
+                out += buf[pos : hit + 1]
+                pos = hit + 1
+                self._at_line_start = True
+        del buf[:pos]
+        return bytes(out)

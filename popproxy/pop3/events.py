@@ -1,0 +1,42 @@
+"""Events that are not commands: body data, SASL challenges, end of stream.
+
+Status replies (``Ok``, ``Err``) live in ``replies``; commands in ``commands``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """Content of a multi-line reply, not dot-stuffed (RFC 1939 §3)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfData:
+    """The end of a multi-line reply (the ``.`` line, RFC 1939 §3)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SaslChallenge:
+    """A ``+ base64`` server challenge in an AUTH exchange (RFC 5034 §4), decoded."""
+
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed its side of the connection."""
+
+
+class NeedData(enum.Enum):
+    """Sentinel: ``next_event`` needs more octets (as in h11)."""
+
+    NEED_DATA = "need-data"
+
+
+NEED_DATA = NeedData.NEED_DATA

@@ -1,0 +1,246 @@
+"""The server role of the sans-IO core: faces POP3 clients.
+
+Theory of operation. The session feeds received octets to ``receive_data``
+and pulls commands from ``next_event``; each command must be answered with
+``send`` before the next one is handed out, so pipelined input (RFC 2449 §6.6)
+is served strictly in order. A reply is a status line (``Ok``/``Err``), a SASL
+challenge, or, where the command calls for it, ``Ok`` followed by ``Data``
+chunks and ``EndOfData``; the core dot-stuffs the data as it streams.
+
+Input that is not a valid command in the current phase raises
+``RemoteProtocolError`` whose ``reply`` the session sends with ``send``; the
+session goes on unless ``fatal`` is set (too many bad commands, or STLS with
+pipelined bytes behind it, RFC 2595 §4). Phases move only through
+``state.ON_COMMAND`` and ``state.ON_REPLY``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NoReturn
+
+from popproxy.pop3.commands import (
+    Apop,
+    Auth,
+    Command,
+    Pass,
+    SaslLine,
+    Stls,
+    User,
+    Verb,
+    multiline_on_ok,
+    parse_command,
+    parse_sasl_line,
+)
+from popproxy.pop3.dotstuff import DotStuffer
+from popproxy.pop3.errors import LocalProtocolError, RemoteProtocolError
+from popproxy.pop3.events import (
+    NEED_DATA,
+    ConnectionClosed,
+    Data,
+    EndOfData,
+    NeedData,
+    SaslChallenge,
+)
+from popproxy.pop3.limits import MAX_BAD_COMMANDS, MAX_COMMAND_LINE_OCTETS, MAX_SASL_LINE_OCTETS
+from popproxy.pop3.lines import LineBuffer, Overlong
+from popproxy.pop3.replies import Err, Ok, ResponseCode
+from popproxy.pop3.state import ALLOWED, ON_COMMAND, Outcome, Phase, next_phase
+from popproxy.pop3.wire import format_challenge, format_status
+
+PLAINTEXT_DISALLOWED = Err(
+    "Plaintext authentication disallowed on non-secure (SSL/TLS) connections.", ResponseCode.AUTH
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """What this listener and session allow; set by the session, not the client."""
+
+    stls_available: bool = False
+    plaintext_auth_allowed: bool = True
+    apop_enabled: bool = False
+    sasl_mechanisms: tuple[str, ...] = ("PLAIN",)
+    max_bad_commands: int = MAX_BAD_COMMANDS
+
+
+class _Rejected(enum.Enum):
+    """Marker for "an -ERR is due for input that was not a command"."""
+
+    REJECTED = "rejected"
+
+
+_REJECTED = _Rejected.REJECTED
+ServerEvent = Command | SaslLine | ConnectionClosed | NeedData
+Reply = Ok | Err | SaslChallenge | Data | EndOfData
+
+
+class ServerConnection:
+    """One POP3 session as seen from the server (RFC 1939, 2449, 2595, 5034)."""
+
+    def __init__(self, settings: ServerSettings | None = None) -> None:
+        self.settings = settings or ServerSettings()
+        self.phase = Phase.AUTHORIZATION
+        self._lines = LineBuffer()
+        self._greeted = False
+        self._due: Command | SaslLine | _Rejected | None = None
+        self._close_after_reply = False
+        self._stuffer: DotStuffer | None = None
+        self._user: str | None = None
+        self._bad_commands = 0
+
+    @property
+    def user(self) -> str | None:
+        """The name from an accepted USER, awaiting PASS."""
+        return self._user
+
+    @property
+    def reply_due(self) -> bool:
+        """Whether the last command still needs (the rest of) its reply."""
+        return self._due is not None
+
+    @property
+    def buffered(self) -> int:
+        """Octets received and not yet consumed."""
+        return len(self._lines)
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed octets from the client; ``b""`` means the client closed."""
+        self._lines.receive(data)
+
+    def next_event(self) -> ServerEvent:
+        """The next command, ``NEED_DATA``, or ``ConnectionClosed``.
+
+        Raises RemoteProtocolError for bad input; send its ``reply`` next.
+        """
+        if not self._greeted or self._due is not None:
+            raise LocalProtocolError("a reply is due before the next command")
+        if self.phase in (Phase.TLS_HANDSHAKE, Phase.UPDATE, Phase.CLOSED):
+            raise LocalProtocolError(f"no commands are read in phase {self.phase.name}")
+        in_sasl = self.phase is Phase.SASL
+        buf = self._lines.buffer
+        long_ok = in_sasl or bytes(buf[:5]).upper() == b"AUTH "
+        line = self._lines.next_line(MAX_SASL_LINE_OCTETS if long_ok else MAX_COMMAND_LINE_OCTETS)
+        if line is None:
+            return ConnectionClosed() if self._lines.eof else NEED_DATA
+        if isinstance(line, Overlong):
+            self._reject(Err("Line too long"))
+        if in_sasl:
+            return self._accept(self._parse_sasl(line))
+        try:
+            command = parse_command(line)
+        except RemoteProtocolError as exc:
+            self._reject(exc.reply)
+        return self._accept(self._check(command))
+
+    def _parse_sasl(self, line: bytes) -> SaslLine:
+        try:
+            return parse_sasl_line(line)
+        except RemoteProtocolError as exc:
+            # RFC 5034 §4: a malformed response rejects the AUTH command.
+            self.phase = next_phase(Phase.SASL, Verb.AUTH, Outcome.ERR)
+            self._reject(exc.reply)
+
+    def _check(self, command: Command) -> Command:
+        """Phase and policy checks that need the session's state (RFC 1939 §§4-7)."""
+        if command.verb not in ALLOWED[self.phase]:
+            self._reject(Err("Command not valid in this state"))
+        match command:
+            case User() | Pass() | Auth(mechanism="PLAIN") if (
+                not self.settings.plaintext_auth_allowed
+            ):
+                self._reject(PLAINTEXT_DISALLOWED, counts=False)
+            case Pass() if self._user is None:
+                self._reject(Err("No username given"))
+            case Pass():
+                return Pass(command.password, user=self._user or "")
+            case Apop() if not self.settings.apop_enabled:
+                self._reject(Err("APOP is not enabled"), counts=False)
+            case Auth(mechanism=str(mech)) if mech not in self.settings.sasl_mechanisms:
+                self._reject(Err("Unsupported authentication mechanism"), counts=False)
+            case Stls() if not self.settings.stls_available:
+                self._reject(Err("STLS is not available"), counts=False)
+            case Stls() if len(self._lines):
+                # RFC 2595 §4 / CVE-2011-0411 class: nothing may be pipelined behind STLS.
+                self._reject(Err("STLS must be the last command sent in clear"), fatal=True)
+        return command
+
+    def _accept(self, command: Command | SaslLine) -> Command | SaslLine:
+        self._bad_commands = 0
+        self._due = command
+        self.phase = ON_COMMAND.get((self.phase, command.verb), self.phase)
+        return command
+
+    def _reject(self, reply: Err, *, counts: bool = True, fatal: bool = False) -> NoReturn:
+        if counts:
+            self._bad_commands += 1
+            if self._bad_commands >= self.settings.max_bad_commands:
+                reply, fatal = Err("Too many bad commands, closing"), True
+        self._due = _REJECTED
+        self._close_after_reply = fatal
+        raise RemoteProtocolError(reply, fatal=fatal)
+
+    def send(self, event: Reply) -> bytes:
+        """Serialize a reply to the command in progress, or the greeting."""
+        if not self._greeted:
+            match event:
+                case Ok() | Err():
+                    self._greeted = True
+                    if isinstance(event, Err):
+                        self.phase = Phase.CLOSED
+                    return format_status(event)
+            raise LocalProtocolError("the greeting must come first")
+        due = self._due
+        if due is None:
+            raise LocalProtocolError("no command is waiting for a reply")
+        if due is _REJECTED:
+            if not isinstance(event, Err):
+                raise LocalProtocolError("a rejected command must be answered with Err")
+            self._due = None
+            if self._close_after_reply:
+                self.phase = Phase.CLOSED
+            return format_status(event)
+        if self._stuffer is not None:
+            match event:
+                case Data(data=data):
+                    return self._stuffer.stuff(data)
+                case EndOfData():
+                    tail = self._stuffer.finish()
+                    self._stuffer = None
+                    self._complete(due, Outcome.OK)
+                    return tail
+            raise LocalProtocolError("a multi-line reply is in progress")
+        match event:
+            case Ok():
+                if multiline_on_ok(due):
+                    self._stuffer = DotStuffer()
+                else:
+                    self._complete(due, Outcome.OK)
+                return format_status(event)
+            case Err():
+                self._complete(due, Outcome.ERR)
+                return format_status(event)
+            case SaslChallenge(data=data) if due.verb is Verb.AUTH:
+                self._complete(due, Outcome.CONTINUE)
+                return format_challenge(data)
+        raise LocalProtocolError(f"{type(event).__name__} does not answer {due.verb.name}")
+
+    def _complete(self, command: Command | SaslLine, outcome: Outcome) -> None:
+        match command, outcome:
+            case User(name=name), Outcome.OK:
+                self._user = name
+            case User() | Pass(), _:
+                self._user = None
+        self.phase = next_phase(self.phase, command.verb, outcome)
+        self._due = None
+
+    def tls_established(self, settings: ServerSettings) -> None:
+        """Forget everything from before the TLS handshake (RFC 2595 §4)."""
+        if self.phase is not Phase.TLS_HANDSHAKE:
+            raise LocalProtocolError("tls_established outside the STLS handshake")
+        self._lines = LineBuffer()
+        self._user = None
+        self._bad_commands = 0
+        self.settings = settings
+        self.phase = Phase.AUTHORIZATION

@@ -1,0 +1,50 @@
+"""Status line formatting and parsing, shared by both roles (RFC 1939 §3, RFC 2449 §8)."""
+
+from __future__ import annotations
+
+import base64
+
+from popproxy.pop3.errors import LocalProtocolError
+from popproxy.pop3.limits import MAX_REPLY_LINE_OCTETS
+from popproxy.pop3.replies import Err, Ok, ResponseCode
+
+
+def format_status(reply: Ok | Err) -> bytes:
+    """Render ``+OK text`` or ``-ERR [CODE] text`` with CRLF."""
+    match reply:
+        case Ok(text=text):
+            words = ["+OK", text]
+        case Err(text=text, code=None):
+            words = ["-ERR", text]
+        case Err(text=text, code=ResponseCode() as code):
+            words = ["-ERR", f"[{code.value}]", text]
+    line = " ".join(w for w in words if w).encode("utf-8")
+    if any(b < 0x20 for b in line) or len(line) + 2 > MAX_REPLY_LINE_OCTETS:
+        raise LocalProtocolError(f"status line not sendable: {line[:60]!r}")
+    return line + b"\r\n"
+
+
+def format_challenge(data: bytes) -> bytes:
+    """Render a SASL challenge line ``+ base64`` (RFC 5034 §4)."""
+    return b"+ " + base64.b64encode(data) + b"\r\n"
+
+
+def parse_status(line: bytes) -> Ok | Err | None:
+    """Parse a status line without its line end; None if it is not one."""
+    if line == b"+OK" or line.startswith(b"+OK "):
+        return Ok(_text(line[4:]))
+    if line == b"-ERR" or line.startswith(b"-ERR "):
+        text = _text(line[5:])
+        if text.startswith("["):
+            raw_code, bracket, rest = text[1:].partition("]")
+            if bracket:
+                try:
+                    return Err(rest.lstrip(" "), ResponseCode(raw_code.upper()))
+                except ValueError:
+                    pass  # an unknown code stays part of the text
+        return Err(text)
+    return None
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
