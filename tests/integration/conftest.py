@@ -1,0 +1,79 @@
+"""Fixtures for the real-client tests: corpus, TLS files, and a running popproxy subprocess."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from .harness import (
+    LISTENER_KINDS,
+    PASSWORD,
+    USER,
+    Corpus,
+    ServerProcess,
+    TlsFiles,
+    User,
+    make_corpus,
+    make_tls_files,
+    start_server,
+)
+
+StartServer = Callable[..., ServerProcess]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    """The corpus Maildir, made once per test run (the 50 MB message takes a moment)."""
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "Maildir")
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """CA, server chain and key for 127.0.0.1/localhost."""
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def maildir(corpus: Corpus, tmp_path: Path) -> Path:
+    """This test's own copy of the corpus Maildir (hard links), free to be changed."""
+    return corpus.copy_to(tmp_path / "Maildir")
+
+
+@pytest.fixture
+def start(tmp_path: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
+    """Start popproxy servers for this test; each is stopped with SIGTERM and must exit 0."""
+    servers: list[ServerProcess] = []
+
+    def _start(
+        *,
+        users: Sequence[User],
+        listeners: Sequence[str] = LISTENER_KINDS,
+        allow_plaintext_auth: bool = True,
+        limits: Mapping[str, float | int] | None = None,
+    ) -> ServerProcess:
+        server = start_server(
+            tmp_path / f"server{len(servers)}",
+            users=users,
+            tls=tls_files,
+            listeners=listeners,
+            allow_plaintext_auth=allow_plaintext_auth,
+            limits=limits,
+        )
+        servers.append(server)
+        return server
+
+    yield _start
+    failures = []
+    for server in servers:
+        code = server.stop()
+        if code != 0:
+            failures.append(f"exit code {code} after SIGTERM\n--- log ---\n{server.log_text()}")
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.fixture
+def server(start: StartServer, maildir: Path) -> ServerProcess:
+    """A server with all three listeners and plaintext auth allowed, serving USER the corpus."""
+    return start(users=[User(USER, PASSWORD, maildir)])
