@@ -1,0 +1,932 @@
+"""YAML config -> a frozen, validated :class:`Config` (DESIGN.md, "Config (the contract)").
+
+Every problem is reported, not just the first, each naming the file, the key path
+and what was expected: ``popproxy.yaml: users.alice.password_hash: expected a PHC
+hash string``. The YAML reader is strict where YAML 1.1 surprises people:
+
+- duplicate keys are errors (PyYAML keeps the last one silently);
+- only ``true``/``false`` are booleans: ``on``/``off``/``yes``/``no`` stay strings,
+  and where a boolean is expected they are an error that says to write true/false;
+- ``22:22`` is a string, not the base-60 number 1342; ``0755`` is a string, not octal;
+  where an integer is expected either is an error;
+- dates stay strings.
+
+Secrets are never inline: an upstream password comes from ``upstream_password_file``
+or ``upstream_password_env`` and is read here, at load, into a :class:`Secret`.
+Relative paths (Maildirs, certificates, rules, the sqlite file) resolve against the
+working directory at load time; the loaded config holds absolute paths.
+docs/configuration.md lists every key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+import yaml
+import yaml.constructor
+import yaml.nodes
+
+from popproxy.auth.passwords import PasswordHashError, parse_hash
+from popproxy.secret import Secret
+
+# A config file is a few kilobytes; this bound keeps a wrong path (a log, a disk
+# image) from being read whole into memory.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+# A secret file holds one password; anything bigger is the wrong file.
+MAX_SECRET_FILE_BYTES = 64 * 1024
+# RFC 1035 §2.3.4: a host name is at most 253 characters in text form.
+MAX_HOST_CHARS = 253
+# A user name must fit in a USER command line (RFC 2449 §4: 255 octets with "USER " and CRLF).
+MAX_USER_NAME_OCTETS = 248
+MAX_PORT = 65535
+
+_STATE_SCHEMES = ("sqlite:///",)
+
+
+class TlsMode(enum.Enum):
+    """How a listener or upstream connection uses TLS."""
+
+    NONE = "none"  # plain text
+    STARTTLS = "starttls"  # plain, upgraded with STLS (RFC 2595 §4)
+    IMPLICIT = "implicit"  # TLS from the first byte (RFC 8314 §3.3, port 995)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One listening socket. Port 0 asks the OS for a free port (tests)."""
+
+    address: str
+    port: int
+    tls: TlsMode
+
+    @property
+    def name(self) -> str:
+        """The listener's metric and log label: its TLS mode ("none", "starttls", "implicit")."""
+        return self.tls.value
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """The server certificate chain and key (PEM files) for STLS and implicit TLS."""
+
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """A POP3 server popproxy logs in to (proxy mode)."""
+
+    name: str
+    host: str
+    port: int
+    tls: TlsMode
+    verify: bool = True  # check the certificate and the host name
+    ca_file: Path | None = None  # trust these CAs instead of the system store
+
+
+@dataclass(frozen=True, slots=True)
+class UserConfig:
+    """A local user: a password hash, and either a local Maildir or an upstream account."""
+
+    name: str
+    password_hash: str
+    maildir: Path | None = None
+    upstream: str | None = None
+    upstream_user: str | None = None
+    upstream_password: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """Where popproxy keeps per-user state (SQLAlchemy-style URL)."""
+
+    url: str = "sqlite:///popproxy-state.db"
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The sqlite database file for a ``sqlite:///`` URL (None otherwise, or for :memory:).
+
+        Three slashes then a relative path is relative to the working directory; four
+        slashes is an absolute path.
+        """
+        if not self.url.startswith("sqlite:///"):
+            return None
+        rest = self.url[len("sqlite:///") :]
+        if rest == ":memory:":
+            return None
+        return Path(rest)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus exporter's listening address."""
+
+    address: str = "127.0.0.1"
+    port: int = 9110
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Timeouts and counts that bound every session."""
+
+    idle_timeout_seconds: float = 600  # RFC 1939 §3: at least 10 minutes
+    login_timeout_seconds: float = 60
+    max_sessions: int = 1000
+    shutdown_grace_seconds: float = 10
+    max_bad_commands: int = 10  # consecutive bad commands before closing
+    auth_failure_delay_seconds: float = 2.0  # Dovecot's auth_failure_delay
+    send_timeout_seconds: float = 60  # a client that does not read for this long is dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration. Mappings are read-only."""
+
+    source: Path
+    listen: tuple[ListenerConfig, ...]
+    tls: TlsConfig | None
+    allow_plaintext_auth: bool
+    upstreams: Mapping[str, UpstreamConfig]
+    users: Mapping[str, UserConfig]
+    state: StateConfig
+    rules_dir: Path | None
+    metrics: MetricsConfig | None
+    limits: LimitsConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem in a config file: where, and what was expected."""
+
+    file: str
+    key_path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key_path}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A config file has problems; ``issues`` holds all of them, in file order where known."""
+
+    def __init__(self, issues: tuple[ConfigIssue, ...]) -> None:
+        super().__init__("\n".join(str(issue) for issue in issues))
+        self.issues = issues
+
+
+def load_config(path: Path) -> Config:
+    """Read, parse and validate the YAML config at ``path``.
+
+    Raises :class:`ConfigError` with every problem found. Reads secret files and
+    environment variables named by ``upstream_password_file``/``_env``.
+    """
+    issues = _Issues(str(path))
+    data = _read_yaml(path, issues)
+    config = None
+    if data is not None:
+        config = _build(path, data, issues)
+    if issues.items or config is None:
+        raise ConfigError(tuple(issues.items))
+    return config
+
+
+# -- the YAML reader ------------------------------------------------------------------
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core-schema scalars: no yes/no/on/off, no base 60, no octal 0755."""
+
+    def construct_yaml_int_strict(self, node: yaml.nodes.ScalarNode) -> int:
+        """Decimal (or 0x hex) integers only."""
+        text = str(self.construct_scalar(node))
+        return int(text, 16) if text.lower().startswith("0x") else int(text, 10)
+
+
+# A copy of SafeLoader's table without YAML 1.1's bool, int, float and timestamp rules
+# (add_implicit_resolver would otherwise append to the table shared with SafeLoader).
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [
+        (tag, regexp)
+        for tag, regexp in resolvers
+        if tag not in (_BOOL_TAG, _INT_TAG, _FLOAT_TAG, _TIMESTAMP_TAG)
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_StrictLoader.add_implicit_resolver(
+    _INT_TAG, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_StrictLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(?=[eE]))(?:[eE][-+]?[0-9]+)?$"),
+    list("-+.0123456789"),
+)
+_StrictLoader.add_constructor(_INT_TAG, _StrictLoader.construct_yaml_int_strict)
+
+# YAML 1.1 words that some parsers (and PyYAML by default) read as booleans.
+_YAML11_BOOLS = frozenset({"y", "yes", "n", "no", "on", "off"})
+# YAML 1.1 base-60 numbers such as 22:22 (= 1342) or 1:30:00.
+_SEXAGESIMAL_RE = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?")
+
+
+def _read_yaml(path: Path, issues: _Issues) -> object | None:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        issues.add("(file)", f"cannot read the config file: {exc.strerror or exc}")
+        return None
+    if len(raw) > MAX_CONFIG_BYTES:
+        issues.add("(file)", f"expected a config file of at most {MAX_CONFIG_BYTES} bytes")
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        issues.add("(file)", f"expected UTF-8 text (bad byte at offset {exc.start})")
+        return None
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            issues.add("(top level)", "expected a mapping of settings, got an empty file")
+            return None
+        _check_duplicates(node, "", issues, set())
+        data: object = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        where = exc.problem_mark or exc.context_mark
+        place = f"line {where.line + 1}, column {where.column + 1}" if where else "(file)"
+        issues.add(place, f"not valid YAML: {exc.problem or exc.context}")
+        return None
+    except yaml.YAMLError as exc:
+        issues.add("(file)", f"not valid YAML: {exc}")
+        return None
+    else:
+        return data
+    finally:
+        loader.dispose()
+
+
+def _check_duplicates(node: yaml.Node, path: str, issues: _Issues, seen: set[int]) -> None:
+    """Report every key given twice in one mapping, with its key path and both lines."""
+    if id(node) in seen:  # an alias: already checked (and no exponential walk on YAML bombs)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                _check_duplicates(value_node, path, issues, seen)
+                continue
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            line = key_node.start_mark.line + 1
+            child = _join(path, key)
+            if key in first_line:
+                issues.add(
+                    child,
+                    f"duplicate key (first at line {first_line[key]}, again at line {line});"
+                    " give each key once",
+                )
+            else:
+                first_line[key] = line
+            _check_duplicates(value_node, child, issues, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_duplicates(item, f"{path}[{index}]", issues, seen)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# -- validation helpers ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Issues:
+    file: str
+    items: list[ConfigIssue] = field(default_factory=list)
+
+    def add(self, key_path: str, message: str) -> None:
+        self.items.append(ConfigIssue(self.file, key_path, message))
+
+
+def _describe(value: object) -> str:
+    match value:
+        case None:
+            return "null"
+        case bool():
+            return "true" if value else "false"
+        case int() | float():
+            return f"the number {value!r}"
+        case str():
+            return f"the string {value!r}"
+        case list():
+            return "a list"
+        case dict():
+            return "a mapping"
+        case _:
+            return type(value).__name__
+
+
+class _Section:
+    """A mapping in the config, with typed getters that report problems under its path."""
+
+    def __init__(
+        self,
+        issues: _Issues,
+        path: str,
+        data: Mapping[str, object],
+        allowed: tuple[str, ...],
+        *,
+        hints: Mapping[str, str] | None = None,
+    ) -> None:
+        self.issues = issues
+        self.path = path
+        self.data = data
+        for key in data:
+            if key in allowed:
+                continue
+            hint = (hints or {}).get(key)
+            if hint is None:
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = f"unknown key{hint} (expected one of: {', '.join(allowed)})"
+            issues.add(self.at(key), hint)
+
+    @classmethod
+    def of(
+        cls,
+        issues: _Issues,
+        path: str,
+        value: object,
+        allowed: tuple[str, ...],
+        *,
+        hints: Mapping[str, str] | None = None,
+    ) -> _Section | None:
+        mapping = _as_mapping(issues, path, value)
+        if mapping is None:
+            return None
+        return cls(issues, path, mapping, allowed, hints=hints)
+
+    def at(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def error(self, key: str, message: str) -> None:
+        self.issues.add(self.at(key), message)
+
+    def _missing(self, key: str, what: str) -> None:
+        self.error(key, f"missing; expected {what}")
+
+    def raw(self, key: str) -> object:
+        return self.data.get(key)
+
+    def string(self, key: str, *, required: bool = False, what: str = "a string") -> str | None:
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                self._missing(key, what)
+            return None
+        if not isinstance(value, str) or not value:
+            self.error(key, f"expected {what}, got {_describe(value)}")
+            return None
+        return value
+
+    def integer(self, key: str, *, lo: int, hi: int, required: bool = False) -> int | None:
+        what = f"an integer {lo}..{hi}"
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                self._missing(key, what)
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(key, f"expected {what}, got {_describe(value)}{_number_hint(value)}")
+            return None
+        if not lo <= value <= hi:
+            self.error(key, f"expected {what}, got {value}")
+            return None
+        return value
+
+    def seconds(self, key: str, *, positive: bool) -> float | None:
+        what = "a number of seconds " + ("greater than 0" if positive else "of 0 or more")
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.error(key, f"expected {what}, got {_describe(value)}{_number_hint(value)}")
+            return None
+        number = float(value)
+        if not math.isfinite(number) or number < 0 or (positive and number == 0):
+            self.error(key, f"expected {what}, got {value!r}")
+            return None
+        return number
+
+    def boolean(self, key: str) -> bool | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            hint = ""
+            if isinstance(value, str) and value.lower() in _YAML11_BOOLS:
+                hint = (
+                    f" (write true or false: {value!r} is a YAML 1.1 boolean that"
+                    " popproxy reads as a string)"
+                )
+            self.error(key, f"expected true or false, got {_describe(value)}{hint}")
+            return None
+        return value
+
+    def tls_mode(self, key: str, *, required: bool = False) -> TlsMode | None:
+        what = "one of none, starttls, implicit"
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                self._missing(key, what)
+            return None
+        if isinstance(value, bool):
+            self.error(key, f"expected {what}, got {_describe(value)}")
+            return None
+        try:
+            return TlsMode(value)
+        except ValueError:
+            self.error(key, f"expected {what}, got {_describe(value)}")
+            return None
+
+    def path_value(
+        self, key: str, *, kind: Literal["file", "dir"] | None, required: bool = False
+    ) -> Path | None:
+        what = {"file": "the path of a file", "dir": "the path of a directory", None: "a path"}[
+            kind
+        ]
+        text = self.string(key, required=required, what=what)
+        if text is None:
+            return None
+        if "\x00" in text:
+            self.error(key, f"expected {what}, got a string with a NUL character")
+            return None
+        path = Path.cwd() / text
+        if kind == "file" and not path.is_file():
+            self.error(key, f"expected {what}; {_path_state(path)}")
+            return None
+        if kind == "dir" and not path.is_dir():
+            self.error(key, f"expected {what}; {_path_state(path)}")
+            return None
+        return path
+
+    def host(self, key: str, *, required: bool = False) -> str | None:
+        what = "a host name or IP address"
+        text = self.string(key, required=required, what=what)
+        if text is None:
+            return None
+        if not _valid_host(text):
+            self.error(key, f"expected {what}, got {_describe(text)}")
+            return None
+        return text
+
+
+def _as_mapping(issues: _Issues, path: str, value: object) -> dict[str, object] | None:
+    if not isinstance(value, dict):
+        issues.add(path or "(top level)", f"expected a mapping, got {_describe(value)}")
+        return None
+    out: dict[str, object] = {}
+    for key, item in value.items():
+        if isinstance(key, bool) or not isinstance(key, str | int):
+            issues.add(_join(path, str(key)), f"expected a string key, got {_describe(key)}")
+            continue
+        out[str(key)] = item
+    return out
+
+
+def _number_hint(value: object) -> str:
+    if not isinstance(value, str):
+        return ""
+    if _SEXAGESIMAL_RE.fullmatch(value):
+        return (
+            " (YAML 1.1 reads this as a base-60 number; popproxy does not:"
+            " write a plain decimal number)"
+        )
+    if re.fullmatch(r"[-+]?0[0-9]+", value):
+        return " (no leading zeros: YAML 1.1 would read this as octal)"
+    if re.fullmatch(r"[-+]?[0-9][0-9_.eE+-]*", value):
+        return " (write the number without quotes or underscores)"
+    return ""
+
+
+def _path_state(path: Path) -> str:
+    if not path.exists():
+        return f"{path} does not exist"
+    if path.is_dir():
+        return f"{path} is a directory"
+    return f"{path} is not a regular file"
+
+
+_HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _valid_host(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    else:
+        return True
+    if len(text) > MAX_HOST_CHARS:
+        return False
+    labels = text.removesuffix(".").split(".")
+    return all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
+
+
+def _valid_user_name(name: str) -> str | None:
+    """Why ``name`` cannot be a login name, or None if it can."""
+    if not name:
+        return "a user name must not be empty"
+    if len(name.encode("utf-8")) > MAX_USER_NAME_OCTETS:
+        return f"a user name must be at most {MAX_USER_NAME_OCTETS} octets"
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        return "a user name must not contain spaces or control characters"
+    return None
+
+
+# -- the schema ------------------------------------------------------------------------
+
+
+_TOP_KEYS = (
+    "listen",
+    "tls",
+    "allow_plaintext_auth",
+    "upstreams",
+    "users",
+    "state",
+    "rules_dir",
+    "metrics",
+    "limits",
+)
+_LISTENER_KEYS = ("address", "port", "tls")
+_TLS_KEYS = ("cert_file", "key_file")
+_UPSTREAM_KEYS = ("host", "port", "tls", "verify", "ca_file")
+_USER_KEYS = (
+    "password_hash",
+    "maildir",
+    "upstream",
+    "upstream_user",
+    "upstream_password_file",
+    "upstream_password_env",
+)
+_USER_HINTS = {
+    "upstream_password": (
+        "secrets are never inline: put the password in a file and name it with"
+        " upstream_password_file, or name an environment variable with upstream_password_env"
+    ),
+    "password": (
+        "passwords are never stored in the config: write password_hash, made with"
+        " `popproxy hash-password`"
+    ),
+}
+_STATE_KEYS = ("url",)
+_METRICS_KEYS = ("address", "port")
+_LIMIT_KEYS = (
+    "idle_timeout_seconds",
+    "login_timeout_seconds",
+    "max_sessions",
+    "shutdown_grace_seconds",
+    "max_bad_commands",
+    "auth_failure_delay_seconds",
+    "send_timeout_seconds",
+)
+# Sanity bounds: a session count or bad-command budget beyond these is a typo, not a plan.
+MAX_SESSIONS_LIMIT = 1_000_000
+MAX_BAD_COMMANDS_LIMIT = 1000
+# Upstream default ports: RFC 1939 §3 (110) and RFC 8314 §7.3 (995).
+POP3_PORT = 110
+POP3S_PORT = 995
+
+
+def _build(source: Path, data: object, issues: _Issues) -> Config | None:
+    top = _Section.of(issues, "", data, _TOP_KEYS)
+    if top is None:
+        return None
+    listen = _listeners(top)
+    tls = _tls(top)
+    allow_plaintext = top.boolean("allow_plaintext_auth")
+    upstreams = _upstreams(top)
+    users = _users(top)
+    state = _state(top)
+    rules_dir = top.path_value("rules_dir", kind="dir")
+    metrics = _metrics(top)
+    limits = _limits(top)
+    if issues.items or listen is None:
+        return None
+    return Config(
+        source=source,
+        listen=tuple(listen),
+        tls=tls,
+        allow_plaintext_auth=bool(allow_plaintext),
+        upstreams=MappingProxyType(upstreams),
+        users=MappingProxyType(users),
+        state=state,
+        rules_dir=rules_dir,
+        metrics=metrics,
+        limits=limits,
+    )
+
+
+def _listeners(top: _Section) -> list[ListenerConfig]:
+    value = top.raw("listen")
+    what = "a list of listeners ({address, port, tls})"
+    if value is None:
+        top.error("listen", f"missing; expected {what}")
+        return []
+    if not isinstance(value, list) or not value:
+        top.error("listen", f"expected {what}, got {_describe(value)}")
+        return []
+    out: list[ListenerConfig] = []
+    bound: dict[tuple[str, int], int] = {}
+    for index, item in enumerate(value):
+        path = f"listen[{index}]"
+        section = _Section.of(top.issues, path, item, _LISTENER_KEYS)
+        if section is None:
+            continue
+        address = section.host("address", required=True)
+        port = section.integer("port", lo=0, hi=MAX_PORT, required=True)
+        tls = section.tls_mode("tls", required=True)
+        if tls is not None and tls is not TlsMode.NONE and not top.has("tls"):
+            section.error(
+                "tls",
+                f"tls: {tls.value} needs the top-level tls section (cert_file and key_file)",
+            )
+        if address is None or port is None or tls is None:
+            continue
+        if port != 0 and (address, port) in bound:
+            section.error(
+                "port", f"{address}:{port} is already used by listen[{bound[address, port]}]"
+            )
+            continue
+        bound[address, port] = index
+        out.append(ListenerConfig(address, port, tls))
+    return out
+
+
+def _tls(top: _Section) -> TlsConfig | None:
+    if not top.has("tls"):
+        return None
+    section = _Section.of(top.issues, "tls", top.raw("tls"), _TLS_KEYS)
+    if section is None:
+        return None
+    cert = section.path_value("cert_file", kind="file", required=True)
+    key = section.path_value("key_file", kind="file", required=True)
+    if cert is None or key is None:
+        return None
+    return TlsConfig(cert, key)
+
+
+def _named_sections(top: _Section, key: str) -> Iterator[tuple[str, object]]:
+    value = top.raw(key)
+    if value is None:
+        return
+    mapping = _as_mapping(top.issues, key, value)
+    if mapping is None:
+        return
+    yield from mapping.items()
+
+
+def _upstreams(top: _Section) -> dict[str, UpstreamConfig]:
+    out: dict[str, UpstreamConfig] = {}
+    for name, item in _named_sections(top, "upstreams"):
+        section = _Section.of(top.issues, f"upstreams.{name}", item, _UPSTREAM_KEYS)
+        if section is None:
+            continue
+        host = section.host("host", required=True)
+        tls = section.tls_mode("tls")
+        if tls is None and not section.has("tls"):
+            tls = TlsMode.IMPLICIT
+        port = section.integer("port", lo=1, hi=MAX_PORT)
+        if port is None and not section.has("port") and tls is not None:
+            port = POP3S_PORT if tls is TlsMode.IMPLICIT else POP3_PORT
+        verify = section.boolean("verify")
+        ca_file = section.path_value("ca_file", kind="file")
+        if host is None or tls is None or port is None:
+            continue
+        out[name] = UpstreamConfig(
+            name=name,
+            host=host,
+            port=port,
+            tls=tls,
+            verify=True if verify is None else verify,
+            ca_file=ca_file,
+        )
+    return out
+
+
+def _users(top: _Section) -> dict[str, UserConfig]:
+    out: dict[str, UserConfig] = {}
+    # Names as written, so that a user naming an upstream with its own errors gets no
+    # second, misleading "no such upstream" error.
+    declared = top.raw("upstreams")
+    declared_names = {str(k) for k in declared} if isinstance(declared, dict) else set()
+    for name, item in _named_sections(top, "users"):
+        path = f"users.{name}"
+        problem = _valid_user_name(name)
+        if problem is not None:
+            top.issues.add(path, problem)
+            continue
+        errors_before = len(top.issues.items)
+        section = _Section.of(top.issues, path, item, _USER_KEYS, hints=_USER_HINTS)
+        if section is None:
+            continue
+        password_hash = _password_hash(section)
+        maildir = section.path_value("maildir", kind=None)
+        if maildir is not None and maildir.exists() and not maildir.is_dir():
+            section.error(
+                "maildir", f"expected the path of a Maildir directory; {maildir} is a file"
+            )
+        upstream = section.string("upstream", what="the name of an entry in upstreams")
+        if upstream is not None and upstream not in declared_names:
+            close = difflib.get_close_matches(upstream, sorted(declared_names), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            section.error(
+                "upstream", f"expected the name of an entry in upstreams, got {upstream!r}{hint}"
+            )
+        has_maildir = section.has("maildir")
+        has_upstream = section.has("upstream")
+        if has_maildir and has_upstream:
+            section.error("upstream", "give either maildir or upstream, not both")
+        elif not has_maildir and not has_upstream:
+            top.issues.add(path, "missing; expected maildir (a local Maildir) or upstream")
+        upstream_user = section.string("upstream_user")
+        secret = _upstream_secret(section) if has_upstream else None
+        if not has_upstream:
+            for key in ("upstream_user", "upstream_password_file", "upstream_password_env"):
+                if section.has(key):
+                    section.error(key, "only meaningful with upstream")
+        if password_hash is None or len(top.issues.items) > errors_before:
+            continue
+        out[name] = UserConfig(
+            name=name,
+            password_hash=password_hash,
+            maildir=maildir,
+            upstream=upstream,
+            upstream_user=(upstream_user or name) if upstream is not None else None,
+            upstream_password=secret,
+        )
+    return out
+
+
+def _password_hash(section: _Section) -> str | None:
+    what = "a PHC hash string (make one with `popproxy hash-password`)"
+    value = section.string("password_hash", required=True, what=what)
+    if value is None:
+        return None
+    try:
+        parse_hash(value)
+    except PasswordHashError as exc:
+        reason = str(exc)
+        if not reason.startswith("expected"):
+            reason = f"expected a PHC hash string that popproxy can verify: {reason}"
+        section.error("password_hash", reason)
+        return None
+    return value
+
+
+def _upstream_secret(section: _Section) -> Secret | None:
+    has_file = section.has("upstream_password_file")
+    has_env = section.has("upstream_password_env")
+    if has_file and has_env:
+        section.error(
+            "upstream_password_env",
+            "give upstream_password_file or upstream_password_env, not both",
+        )
+        return None
+    if has_file:
+        path = section.path_value("upstream_password_file", kind="file")
+        if path is None:
+            return None
+        try:
+            with path.open("rb") as f:
+                raw = f.read(MAX_SECRET_FILE_BYTES + 1)
+        except OSError as exc:
+            section.error("upstream_password_file", f"cannot read {path}: {exc.strerror or exc}")
+            return None
+        if len(raw) > MAX_SECRET_FILE_BYTES:
+            section.error(
+                "upstream_password_file",
+                f"expected a file holding one password (at most {MAX_SECRET_FILE_BYTES} bytes)",
+            )
+            return None
+        # One trailing newline (as `echo` writes) is not part of the password.
+        raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+        if not raw:
+            section.error("upstream_password_file", f"expected a password in {path}; it is empty")
+            return None
+        return Secret(raw)
+    if has_env:
+        name = section.string("upstream_password_env", what="the name of an environment variable")
+        if name is None:
+            return None
+        value = os.environ.get(name)
+        if not value:
+            section.error(
+                "upstream_password_env",
+                f"expected the environment variable {name} to hold the password; it is"
+                + (" empty" if value == "" else " not set"),
+            )
+            return None
+        return Secret.from_str(value)
+    section.error(
+        "upstream_password_file",
+        "missing; expected upstream_password_file or upstream_password_env",
+    )
+    return None
+
+
+def _state(top: _Section) -> StateConfig:
+    if not top.has("state"):
+        return _absolute_state(StateConfig())
+    section = _Section.of(top.issues, "state", top.raw("state"), _STATE_KEYS)
+    if section is None:
+        return StateConfig()
+    what = "a state URL such as sqlite:///var/popproxy-state.db"
+    url = section.string("url", what=what)
+    if url is None:
+        return _absolute_state(StateConfig())
+    if not url.startswith(_STATE_SCHEMES) or url == "sqlite:///":
+        section.error("url", f"expected {what}, got {url!r} (only sqlite is supported so far)")
+        return StateConfig()
+    return _absolute_state(StateConfig(url))
+
+
+def _absolute_state(state: StateConfig) -> StateConfig:
+    """Resolve a relative sqlite path against the working directory (4 slashes = absolute)."""
+    path = state.sqlite_path
+    if path is None or path.is_absolute():
+        return state
+    return StateConfig("sqlite:///" + str(Path.cwd() / path))
+
+
+def _metrics(top: _Section) -> MetricsConfig | None:
+    if not top.has("metrics"):
+        return None
+    section = _Section.of(top.issues, "metrics", top.raw("metrics"), _METRICS_KEYS)
+    if section is None:
+        return None
+    default = MetricsConfig()
+    address = section.host("address")
+    port = section.integer("port", lo=0, hi=MAX_PORT)
+    return MetricsConfig(
+        address=default.address if address is None else address,
+        port=default.port if port is None else port,
+    )
+
+
+def _limits(top: _Section) -> LimitsConfig:
+    default = LimitsConfig()
+    if not top.has("limits"):
+        return default
+    section = _Section.of(top.issues, "limits", top.raw("limits"), _LIMIT_KEYS)
+    if section is None:
+        return default
+
+    def seconds(key: str, fallback: float, *, positive: bool = True) -> float:
+        value = section.seconds(key, positive=positive)
+        return fallback if value is None else value
+
+    def count(key: str, fallback: int, hi: int) -> int:
+        value = section.integer(key, lo=1, hi=hi)
+        return fallback if value is None else value
+
+    return LimitsConfig(
+        idle_timeout_seconds=seconds("idle_timeout_seconds", default.idle_timeout_seconds),
+        login_timeout_seconds=seconds("login_timeout_seconds", default.login_timeout_seconds),
+        max_sessions=count("max_sessions", default.max_sessions, MAX_SESSIONS_LIMIT),
+        shutdown_grace_seconds=seconds(
+            "shutdown_grace_seconds", default.shutdown_grace_seconds, positive=False
+        ),
+        max_bad_commands=count(
+            "max_bad_commands", default.max_bad_commands, MAX_BAD_COMMANDS_LIMIT
+        ),
+        auth_failure_delay_seconds=seconds(
+            "auth_failure_delay_seconds", default.auth_failure_delay_seconds, positive=False
+        ),
+        send_timeout_seconds=seconds("send_timeout_seconds", default.send_timeout_seconds),
+    )
