@@ -1,0 +1,157 @@
+"""Log formatters: logfmt (one ``key=value`` line per record) and JSON lines.
+
+Callers attach structured fields with ``extra={"fields": {...}}``::
+
+    log.info("session_end", extra={"fields": {"session": sid, "user": "demo"}})
+
+renders as one line (wrapped here)::
+
+    ts=2026-11-26T18:00:00.123Z level=info logger=popproxy.session msg=session_end
+    session=ab12 user=demo
+
+Values come from peers (user names, commands), so they are escaped: every control
+character, DEL, and the Unicode line and paragraph separators are written as
+backslash escapes, so no value can start a new log line or fake a field. A
+:class:`~popproxy.secret.Secret` renders as ``***``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import json
+import logging
+import math
+import re
+import unicodedata
+from collections.abc import Mapping
+from pathlib import PurePath
+
+from popproxy.secret import Secret
+
+# The keys every line starts with, in this order; a caller's field with one of these
+# names is written as "field_<name>" so it cannot overwrite them.
+BASE_KEYS = ("ts", "level", "logger", "msg")
+
+# logfmt has no spec; this follows the Go logfmt package (github.com/go-logfmt/logfmt):
+# a value is quoted when it is empty or contains a space, '=', '"' or a control
+# character. Keys are restricted to a safe alphabet instead of being escaped.
+_KEY_RE = re.compile(r"[^A-Za-z0-9_.\-]")
+_BARE_VALUE_RE = re.compile(r'[^\s"=\\]+')
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
+# Unicode categories escaped even though they are not ASCII controls: C1 controls and
+# the rest of Cc, format characters (bidi overrides), line/paragraph separators,
+# surrogates (from undecodable bytes), private use and unassigned code points.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def logfmt_pairs(fields: Mapping[str, object]) -> str:
+    """Render ``fields`` as ``key=value`` pairs separated by single spaces, in order."""
+    return " ".join(f"{_key(key)}={_value(value)}" for key, value in fields.items())
+
+
+def record_fields(record: logging.LogRecord) -> dict[str, object]:
+    """The base keys and the caller's ``extra={"fields": ...}`` of ``record``, in output order."""
+    out: dict[str, object] = {
+        "ts": _timestamp(record),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
+    fields = getattr(record, "fields", None)
+    if isinstance(fields, Mapping):
+        for key, value in fields.items():
+            name = str(key)
+            out[f"field_{name}" if name in BASE_KEYS else name] = value
+    if record.exc_info and record.exc_info[0] is not None:
+        out["exc"] = logging.Formatter().formatException(record.exc_info)
+    if record.stack_info:
+        out["stack"] = record.stack_info
+    return out
+
+
+class LogfmtFormatter(logging.Formatter):
+    """Format a record as one logfmt line: ``ts=... level=... logger=... msg=... fields...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return logfmt_pairs(record_fields(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """Format a record as one JSON object on one line, with the same keys as logfmt."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = {key: _json_value(value) for key, value in record_fields(record).items()}
+        # ensure_ascii escapes every non-ASCII character, so U+2028 and friends cannot
+        # break a line either; json escapes all ASCII control characters.
+        return json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    when = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z"
+
+
+def _key(key: str) -> str:
+    return _KEY_RE.sub("_", key) or "_"
+
+
+def _text(value: object) -> str:
+    match value:
+        case None:
+            return "-"
+        case bool():
+            return "true" if value else "false"
+        case Secret():
+            return "***"
+        case bytes() | bytearray():
+            return bytes(value).decode("utf-8", "backslashreplace")
+        case enum.Enum():
+            return str(value.value)
+        case float():
+            return repr(value) if math.isfinite(value) else str(value)
+        case _:
+            return str(value)
+
+
+def _value(value: object) -> str:
+    text = _text(value)
+    if _BARE_VALUE_RE.fullmatch(text) and not _needs_escape(text):
+        return text
+    return '"' + "".join(_escape_char(ch) for ch in text) + '"'
+
+
+def _needs_escape(text: str) -> bool:
+    return any(
+        not ch.isascii() and unicodedata.category(ch) in _ESCAPED_CATEGORIES for ch in text
+    ) or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text)
+
+
+def _escape_char(ch: str) -> str:
+    short = _SHORT_ESCAPES.get(ch)
+    if short is not None:
+        return short
+    code = ord(ch)
+    if (
+        code < 0x20
+        or code == 0x7F
+        or (code >= 0x80 and unicodedata.category(ch) in _ESCAPED_CATEGORIES)
+    ):
+        if code <= 0xFF:
+            return f"\\x{code:02x}"
+        if code <= 0xFFFF:
+            return f"\\u{code:04x}"
+        return f"\\U{code:08x}"
+    return ch
+
+
+def _json_value(value: object) -> object:
+    match value:
+        case None | bool() | int() | str():
+            return value
+        case float():
+            return value if math.isfinite(value) else str(value)
+        case PurePath():
+            return str(value)
+        case _:
+            return _text(value)
