@@ -1,0 +1,299 @@
+"""The ``popproxy`` command: argv, logging setup, signals, ``trio.run`` and exit codes.
+
+Commands::
+
+    popproxy run -c FILE [--log-format logfmt|json] [--log-level info]
+    popproxy check-config -c FILE
+    popproxy hash-password [--ln 15]
+    popproxy version
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error. This is the only
+module that reads argv, installs signal handlers, configures logging or exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import trio
+
+from popproxy import __version__
+from popproxy.auth.passwords import (
+    DEFAULT_SCRYPT_LN,
+    MAX_SCRYPT_LN,
+    PasswordHashError,
+    hash_password,
+)
+from popproxy.config import Config, ConfigError, load_config
+from popproxy.logfmt import JsonFormatter, LogfmtFormatter
+from popproxy.secret import Secret
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+# A password read by hash-password: longer than any POP3 PASS line (RFC 2449 §4, 255
+# octets) or AUTH PLAIN response could carry is a mistake (a whole file piped in).
+MAX_PASSWORD_BYTES = 1024
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+log = logging.getLogger("popproxy")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``popproxy`` with ``argv`` (``sys.argv[1:]`` when None); return the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    match args.command:
+        case "run":
+            return _cmd_run(Path(args.config), args.log_format, args.log_level)
+        case "check-config":
+            return _cmd_check_config(Path(args.config))
+        case "hash-password":
+            return _cmd_hash_password(args.ln, sys.stdin, sys.stdout, sys.stderr)
+        case "version":
+            print(f"popproxy {__version__}")
+            return EXIT_OK
+        case _:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="popproxy", description="A POP3 proxy and fetch gateway on Trio."
+    )
+    parser.add_argument("--version", action="version", version=f"popproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="serve POP3 as configured, until SIGTERM or SIGINT")
+    run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    run.add_argument(
+        "--log-format",
+        choices=("logfmt", "json"),
+        default="logfmt",
+        help="log line format on stderr (default: logfmt)",
+    )
+    run.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="lowest level logged (default: info)",
+    )
+
+    check = commands.add_parser(
+        "check-config", help="validate a config file and print what it sets up"
+    )
+    check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+
+    hashpw = commands.add_parser(
+        "hash-password",
+        help="hash a password for users.NAME.password_hash",
+        description=(
+            "Read a password (one line from standard input when it is not a terminal,"
+            " else asked twice) and print its scrypt PHC hash on one line."
+        ),
+    )
+    hashpw.add_argument(
+        "--ln",
+        type=int,
+        default=DEFAULT_SCRYPT_LN,
+        metavar="N",
+        help=f"scrypt cost: N = 2**ln (default: {DEFAULT_SCRYPT_LN}, at most {MAX_SCRYPT_LN})",
+    )
+
+    commands.add_parser("version", help="print the version")
+    return parser
+
+
+# -- check-config ----------------------------------------------------------------------
+
+
+def _load(path: Path) -> Config | None:
+    """Load the config, printing every problem to stderr as FILE: key.path: message."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        print(f"{path}: {len(exc.issues)} problem(s) found", file=sys.stderr)
+        return None
+
+
+def _cmd_check_config(path: Path) -> int:
+    config = _load(path)
+    if config is None:
+        return EXIT_USAGE
+    print(summarize(config))
+    return EXIT_OK
+
+
+def summarize(config: Config) -> str:
+    """A short human summary of the effective config (what check-config prints)."""
+    lines = [f"{config.source}: ok"]
+    lines.append("listen:")
+    for listener in config.listen:
+        lines.append(f"  {_host_port(listener.address, listener.port)} tls={listener.tls.value}")
+    if config.tls is not None:
+        lines.append(f"tls: cert_file={config.tls.cert_file} key_file={config.tls.key_file}")
+    lines.append(f"allow_plaintext_auth: {'true' if config.allow_plaintext_auth else 'false'}")
+    if config.upstreams:
+        lines.append("upstreams:")
+        for up in config.upstreams.values():
+            extra = "" if up.verify else " verify=false"
+            if up.ca_file is not None:
+                extra += f" ca_file={up.ca_file}"
+            lines.append(f"  {up.name}: {_host_port(up.host, up.port)} tls={up.tls.value}{extra}")
+    lines.append(f"users: {len(config.users)}")
+    for user in config.users.values():
+        if user.maildir is not None:
+            missing = "" if user.maildir.is_dir() else " (does not exist yet)"
+            lines.append(f"  {user.name}: maildir {user.maildir}{missing}")
+        else:
+            lines.append(f"  {user.name}: upstream {user.upstream} as {user.upstream_user}")
+    lines.append(f"state: {config.state.url}")
+    if config.rules_dir is not None:
+        lines.append(f"rules_dir: {config.rules_dir}")
+    if config.metrics is not None:
+        lines.append(f"metrics: {_host_port(config.metrics.address, config.metrics.port)}")
+    limits = config.limits
+    lines.append(
+        "limits: "
+        + " ".join(
+            f"{name}={getattr(limits, name):g}" for name in type(limits).__dataclass_fields__
+        )
+    )
+    return "\n".join(lines)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- hash-password ---------------------------------------------------------------------
+
+
+def _cmd_hash_password(ln: int, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    if stdin.isatty():
+        first = getpass.getpass("Password: ").encode("utf-8")
+        second = getpass.getpass("Again: ").encode("utf-8")
+        if first != second:
+            print("popproxy: the passwords do not match", file=stderr)
+            return EXIT_USAGE
+        raw = first
+    else:
+        # The octets as given, so a non-UTF-8 password hashes as the client will send it.
+        source = getattr(stdin, "buffer", None)
+        line = (
+            source.readline(MAX_PASSWORD_BYTES + 2)
+            if source is not None
+            else stdin.readline(MAX_PASSWORD_BYTES + 2).encode("utf-8")
+        )
+        raw = line.removesuffix(b"\n").removesuffix(b"\r")
+        if len(raw) > MAX_PASSWORD_BYTES:
+            print(
+                f"popproxy: the password is longer than {MAX_PASSWORD_BYTES} octets",
+                file=stderr,
+            )
+            return EXIT_USAGE
+    if not raw:
+        print("popproxy: refusing to hash an empty password", file=stderr)
+        return EXIT_USAGE
+    try:
+        phc = hash_password(Secret(raw), ln=ln)
+    except PasswordHashError as exc:
+        print(f"popproxy: {exc}", file=stderr)
+        return EXIT_USAGE
+    print(phc, file=stdout)
+    return EXIT_OK
+
+
+# -- run -------------------------------------------------------------------------------
+
+
+def configure_logging(log_format: str, level: str, stream: TextIO | None = None) -> None:
+    """Send the ``popproxy`` loggers to ``stream`` (stderr) as logfmt or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else LogfmtFormatter())
+    root = logging.getLogger("popproxy")
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def _cmd_run(path: Path, log_format: str, log_level: str) -> int:
+    config = _load(path)
+    if config is None:
+        return EXIT_USAGE
+    configure_logging(log_format, log_level)
+    from popproxy import serve  # the server stack is imported only when it is needed
+
+    try:
+        serve.check_supported(config)
+    except serve.ServeError as exc:
+        log.error("config_unsupported", extra={"fields": {"reason": str(exc)}})  # noqa: TRY400
+        return EXIT_USAGE
+    try:
+        trio.run(_run, config)
+    except Exception as exc:
+        # Errors from inside nurseries arrive wrapped in ExceptionGroups.
+        group = exc if isinstance(exc, ExceptionGroup) else ExceptionGroup("run", [exc])
+        expected, unexpected = group.split(serve.ServeError)
+        for error in _leaves(expected):
+            log.error("startup_failed", extra={"fields": {"reason": str(error)}})  # noqa: TRY400
+        if unexpected is not None:
+            log.error("crashed", exc_info=unexpected)  # noqa: TRY400
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _leaves(group: BaseExceptionGroup[BaseException] | None) -> list[BaseException]:
+    if group is None:
+        return []
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+async def _run(config: Config) -> None:
+    from popproxy.serve import serve
+
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_watch_signals, shutdown, nursery.cancel_scope)
+        await serve(config, shutdown=shutdown)
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(
+    shutdown: trio.Event,
+    cancel_scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """SIGTERM/SIGINT: the first starts a graceful shutdown, a second cancels everything."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not shutdown.is_set():
+                log.info("signal", extra={"fields": {"signal": name, "action": "shutdown"}})
+                shutdown.set()
+            else:
+                log.warning("signal", extra={"fields": {"signal": name, "action": "cancel"}})
+                cancel_scope.cancel()
+                return

@@ -1,0 +1,382 @@
+"""The popproxy command: exit codes, check-config output, hash-password, version."""
+
+from __future__ import annotations
+
+import getpass
+import io
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from popproxy import __version__, cli
+from popproxy.auth.passwords import hash_password, parse_hash, verify_password
+from popproxy.secret import Secret
+
+REPO = Path(__file__).resolve().parent.parent
+HASH = hash_password(Secret.from_str("pw"), ln=4)
+
+
+def run_popproxy(
+    *args: str, stdin: bytes | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m popproxy` as a separate process (stdin is a pipe, never a tty)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "popproxy", *args],
+        input=stdin if stdin is not None else b"",
+        capture_output=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+    )
+
+
+class FakeStdin(io.TextIOWrapper):
+    def __init__(self, data: bytes, *, tty: bool = False) -> None:
+        super().__init__(io.BytesIO(data), encoding="utf-8")
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# -- version / usage --------------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["version"]) == 0
+    assert capsys.readouterr().out == f"popproxy {__version__}\n"
+
+
+def test_python_dash_m_version() -> None:
+    proc = run_popproxy("version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"popproxy {__version__}\n"
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve-forever"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_missing_config_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check-config"]) == 2
+    assert "-c/--config" in capsys.readouterr().err
+
+
+# -- check-config -----------------------------------------------------------------------
+
+
+def test_check_config_on_the_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = run_popproxy("check-config", "-c", "examples/popproxy.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    out = proc.stdout
+    assert out.startswith("examples/popproxy.yaml: ok\n")
+    assert "127.0.0.1:1110 tls=none" in out
+    assert f"demo: maildir {REPO / 'examples/maildir/demo'}" in out
+    assert "allow_plaintext_auth: true" in out
+    assert f"state: sqlite:///{REPO}/var/popproxy-state.db" in out
+    assert "idle_timeout_seconds=600" in out
+
+
+def test_check_config_prints_every_error_and_exits_2(in_tmp: Path) -> None:
+    """issue 2: check-config on a broken config prints every error with file and key path."""
+    Path("broken.yaml").write_text(
+        textwrap.dedent(f"""\
+        listen:
+          - {{address: 127.0.0.1, port: 22:22, tls: starttls}}
+        allow_plaintext_auth: on
+        upstreams:
+          prov: {{host: pop.example.net}}
+        users:
+          alice:
+            password_hash: "not-a-hash"
+            upstream: provider
+            upstream_password: hunter2
+          demo:
+            password_hash: "{HASH}"
+            maildir: m
+            maildir: n
+        limits: {{idle_timout_seconds: 5}}
+        """)
+    )
+    proc = run_popproxy("check-config", "-c", "broken.yaml", cwd=in_tmp)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    expected_paths = [
+        "users.demo.maildir",  # duplicate key
+        "listen[0].port",
+        "listen[0].tls",
+        "allow_plaintext_auth",
+        "users.alice.upstream_password",
+        "users.alice.password_hash",
+        "users.alice.upstream",
+        "users.alice.upstream_password_file",
+        "limits.idle_timout_seconds",
+    ]
+    assert [line.split(": ")[1] for line in lines[:-1]] == expected_paths
+    for line in lines[:-1]:
+        assert line.startswith("broken.yaml: ")
+    assert lines[-1] == f"broken.yaml: {len(expected_paths)} problem(s) found"
+    assert "users.alice.password_hash: expected a PHC hash string" in proc.stderr
+    assert "did you mean 'idle_timeout_seconds'?" in proc.stderr
+    assert "write true or false" in proc.stderr
+    assert "hunter2" not in proc.stderr
+
+
+def test_check_config_missing_file(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check-config", "-c", "nope.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nope.yaml: (file): cannot read the config file")
+
+
+def test_check_config_summary_lists_upstreams_and_tls(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Path("c.pem").write_text("x")
+    Path("k.pem").write_text("x")
+    monkeypatch.setenv("PW", "secret-value")
+    Path("cfg.yaml").write_text(
+        textwrap.dedent(f"""\
+        listen:
+          - {{address: "::1", port: 995, tls: implicit}}
+        tls: {{cert_file: c.pem, key_file: k.pem}}
+        upstreams:
+          prov: {{host: pop.example.net, verify: false}}
+        users:
+          alice: {{password_hash: "{HASH}", upstream: prov, upstream_password_env: PW}}
+        """)
+    )
+    assert cli.main(["check-config", "-c", "cfg.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "[::1]:995 tls=implicit" in out
+    assert f"tls: cert_file={in_tmp / 'c.pem'}" in out
+    assert "prov: pop.example.net:995 tls=implicit verify=false" in out
+    assert "alice: upstream prov as alice" in out
+    assert "secret-value" not in out
+
+
+# -- hash-password ----------------------------------------------------------------------
+
+
+def test_hash_password_from_a_pipe() -> None:
+    proc = run_popproxy("hash-password", "--ln", "4", stdin=b"s3cret pw\n")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1
+    assert verify_password(lines[0], Secret.from_str("s3cret pw"))
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
+def test_hash_password_default_cost() -> None:
+    proc = run_popproxy("hash-password", stdin=b"demo\n")
+    assert proc.returncode == 0, proc.stderr
+    assert dict(parse_hash(proc.stdout.strip()).params) == {"ln": 15, "r": 8, "p": 1}
+
+
+@pytest.mark.parametrize(
+    ("data", "password"),
+    [
+        (b"pw", b"pw"),  # no newline at EOF
+        (b"pw\r\n", b"pw"),
+        (b" spaced pw \n", b" spaced pw "),  # only the newline is stripped
+        (b"first\nsecond\n", b"first"),  # one line only
+        ("pässwörd\n".encode(), "pässwörd".encode()),
+        (b"\xff\xfe\n", b"\xff\xfe"),  # octets as given, not decoded
+    ],
+)
+def test_hash_password_reads_one_line(
+    data: bytes, password: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli._cmd_hash_password(4, FakeStdin(data), sys.stdout, sys.stderr) == 0
+    phc = capsys.readouterr().out.strip()
+    assert verify_password(phc, Secret(password))
+
+
+@pytest.mark.parametrize("data", [b"", b"\n", b"\r\n"])
+def test_hash_password_refuses_an_empty_password(
+    data: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli._cmd_hash_password(4, FakeStdin(data), sys.stdout, sys.stderr) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "empty password" in captured.err
+
+
+def test_hash_password_refuses_a_huge_password(capsys: pytest.CaptureFixture[str]) -> None:
+    data = b"x" * (cli.MAX_PASSWORD_BYTES + 1) + b"\n"
+    assert cli._cmd_hash_password(4, FakeStdin(data), sys.stdout, sys.stderr) == 2
+    assert "longer than" in capsys.readouterr().err
+
+
+def test_hash_password_refuses_a_bad_cost() -> None:
+    proc = run_popproxy("hash-password", "--ln", "40", stdin=b"pw\n")
+    assert proc.returncode == 2
+    assert "ln must be" in proc.stderr
+
+
+def test_hash_password_on_a_tty_asks_twice(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    answers = iter(["tty-pw", "tty-pw"])
+    monkeypatch.setattr(getpass, "getpass", lambda prompt="": next(answers))
+    assert cli._cmd_hash_password(4, FakeStdin(b"", tty=True), sys.stdout, sys.stderr) == 0
+    assert verify_password(capsys.readouterr().out.strip(), Secret.from_str("tty-pw"))
+
+
+def test_hash_password_on_a_tty_mismatch(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    answers = iter(["one", "two"])
+    monkeypatch.setattr(getpass, "getpass", lambda prompt="": next(answers))
+    assert cli._cmd_hash_password(4, FakeStdin(b"", tty=True), sys.stdout, sys.stderr) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "do not match" in captured.err
+
+
+# -- run --------------------------------------------------------------------------------
+
+
+def test_run_with_config_errors_exits_2(in_tmp: Path) -> None:
+    Path("bad.yaml").write_text("listen: []\nusers: {}\nbogus: 1\n")
+    proc = run_popproxy("run", "-c", "bad.yaml", cwd=in_tmp)
+    assert proc.returncode == 2
+    assert "bad.yaml: listen: expected a list of listeners" in proc.stderr
+    assert "bad.yaml: bogus: unknown key" in proc.stderr
+
+
+def test_run_with_missing_config_exits_2(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "-c", "missing.yaml"]) == 2
+    assert "missing.yaml: (file): cannot read" in capsys.readouterr().err
+
+
+def test_run_rejects_bad_log_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "-c", "x.yaml", "--log-format", "xml"]) == 2
+    assert cli.main(["run", "-c", "x.yaml", "--log-level", "loud"]) == 2
+
+
+def test_configure_logging_logfmt_and_json() -> None:
+    import json
+    import logging
+
+    stream = io.StringIO()
+    logger = logging.getLogger("popproxy")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        cli.configure_logging("logfmt", "warning", stream)
+        logging.getLogger("popproxy.x").info("hidden")
+        logging.getLogger("popproxy.x").warning("shown", extra={"fields": {"k": "v w"}})
+        assert stream.getvalue().endswith('level=warning logger=popproxy.x msg=shown k="v w"\n')
+        assert "hidden" not in stream.getvalue()
+        stream.truncate(0)
+        stream.seek(0)
+        cli.configure_logging("json", "debug", stream)
+        logging.getLogger("popproxy.x").debug("dbg", extra={"fields": {"n": 1}})
+        assert json.loads(stream.getvalue())["n"] == 1
+        assert len(logger.handlers) == 1
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+
+
+def _serving_config(directory: Path, extra: str = "") -> Path:
+    (directory / "mail" / "demo").mkdir(parents=True)
+    for sub in ("new", "cur", "tmp"):
+        (directory / "mail" / "demo" / sub).mkdir()
+    path = directory / "serve.yaml"
+    path.write_text(
+        textwrap.dedent(f"""\
+        listen:
+          - {{address: 127.0.0.1, port: 0, tls: none}}
+        allow_plaintext_auth: true
+        users:
+          demo: {{password_hash: "{HASH}", maildir: mail/demo}}
+        """)
+        + extra
+    )
+    return path
+
+
+def test_run_refuses_upstream_users_with_exit_2(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("popproxy.serve")
+    monkeypatch.setenv("PW", "x")
+    _serving_config(in_tmp, "upstreams:\n  p: {host: pop.example.net}\n")
+    text = Path("serve.yaml").read_text()
+    alice = f"  alice: {{password_hash: '{HASH}', upstream: p, upstream_password_env: PW}}\n"
+    Path("serve.yaml").write_text(text.replace("users:\n", "users:\n" + alice))
+    proc = run_popproxy("run", "-c", "serve.yaml", cwd=in_tmp)
+    assert proc.returncode == 2, proc.stderr
+    assert "msg=config_unsupported" in proc.stderr
+    assert "alice" in proc.stderr
+
+
+def test_run_serves_until_sigterm(in_tmp: Path) -> None:
+    """`popproxy run` logs the bound port, serves, and exits 0 after SIGTERM."""
+    pytest.importorskip("popproxy.serve")
+    import re
+    import signal
+    import socket
+
+    _serving_config(in_tmp)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "popproxy", "run", "-c", "serve.yaml"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=in_tmp,
+        env=env,
+    )
+    try:
+        assert proc.stderr is not None
+        port = None
+        seen: list[bytes] = []
+        for raw in proc.stderr:
+            seen.append(raw)
+            match = re.search(rb"msg=listening listener=none address=127\.0\.0\.1 port=(\d+)", raw)
+            if match:
+                port = int(match.group(1))
+            if b"msg=ready" in raw:
+                break
+        assert port, b"".join(seen)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            assert sock.recv(512).startswith(b"+OK")
+            sock.sendall(b"QUIT\r\n")
+            assert sock.recv(512).startswith(b"+OK")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        rest = proc.stderr.read()
+        assert b"msg=signal signal=SIGTERM action=shutdown" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
