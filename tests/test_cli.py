@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -380,3 +381,131 @@ def test_run_serves_until_sigterm(in_tmp: Path) -> None:
             proc.stderr.close()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+# -- run, with a stand-in for popproxy.serve ----------------------------------------------
+# These pin down cli.py's own part of `run` (exit codes, signals, logging) whatever
+# serve.py does; the real server is exercised above and in tests/integration.
+
+
+class StandInServeError(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_serve(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[Callable[..., Awaitable[None]], Callable[[object], None]], Path]]:
+    """Install a stand-in popproxy.serve; return a function taking (serve, check_supported)."""
+    import logging
+    import types
+
+    import popproxy
+
+    logger = logging.getLogger("popproxy")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+
+    def install(
+        serve: Callable[..., Awaitable[None]], check: Callable[[object], None] = lambda c: None
+    ) -> Path:
+        module = types.ModuleType("popproxy.serve")
+        setattr(module, "serve", serve)  # noqa: B010
+        setattr(module, "check_supported", check)  # noqa: B010
+        setattr(module, "ServeError", StandInServeError)  # noqa: B010
+        monkeypatch.setitem(sys.modules, "popproxy.serve", module)
+        monkeypatch.setattr(popproxy, "serve", module, raising=False)
+        path = in_tmp / "c.yaml"
+        path.write_text(
+            "listen: [{address: 127.0.0.1, port: 0, tls: none}]\n"
+            f"users: {{demo: {{password_hash: '{HASH}', maildir: m}}}}\n"
+        )
+        return path
+
+    yield install
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
+def test_run_first_signal_shuts_down_gracefully(
+    fake_serve: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import signal
+
+    import trio
+
+    seen: list[str] = []
+
+    async def serve(config: object, *, shutdown: trio.Event) -> None:
+        signal.raise_signal(signal.SIGTERM)
+        await shutdown.wait()
+        seen.append("drained")
+
+    path = fake_serve(serve)
+    assert cli.main(["run", "-c", str(path)]) == 0
+    assert seen == ["drained"]
+    assert "msg=signal signal=SIGTERM action=shutdown" in capsys.readouterr().err
+
+
+def test_run_second_signal_cancels(
+    fake_serve: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import signal
+
+    import trio
+
+    async def serve(config: object, *, shutdown: trio.Event) -> None:
+        signal.raise_signal(signal.SIGINT)
+        await shutdown.wait()
+        signal.raise_signal(signal.SIGINT)
+        await trio.sleep_forever()  # a drain that never ends
+
+    path = fake_serve(serve)
+    assert cli.main(["run", "-c", str(path), "--log-format", "json"]) == 0
+    err = capsys.readouterr().err
+    assert '"action":"shutdown"' in err
+    assert '"action":"cancel"' in err
+
+
+def test_run_startup_failure_exits_1(
+    fake_serve: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import trio
+
+    async def serve(config: object, *, shutdown: trio.Event) -> None:
+        raise StandInServeError("cannot listen on 127.0.0.1:1: permission denied")
+
+    path = fake_serve(serve)
+    assert cli.main(["run", "-c", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert 'msg=startup_failed reason="cannot listen on 127.0.0.1:1: permission denied"' in err
+
+
+def test_run_crash_exits_1(
+    fake_serve: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import trio
+
+    async def serve(config: object, *, shutdown: trio.Event) -> None:
+        raise RuntimeError("bug")
+
+    path = fake_serve(serve)
+    assert cli.main(["run", "-c", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "msg=crashed" in err
+    assert "RuntimeError" in err
+    assert len(err.splitlines()) == 1  # the traceback is escaped onto the one line
+
+
+def test_run_unsupported_config_exits_2(
+    fake_serve: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def serve(config: object, *, shutdown: object) -> None:
+        raise AssertionError("must not start")
+
+    def check(config: object) -> None:
+        raise StandInServeError("proxy mode is not available")
+
+    path = fake_serve(serve, check)
+    assert cli.main(["run", "-c", str(path)]) == 2
+    assert 'msg=config_unsupported reason="proxy mode is not available"' in capsys.readouterr().err
