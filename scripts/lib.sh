@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for scripts/demo and scripts/test. Source it; do not run it.
 # Works on a fresh Debian machine as root (CI) or as a user with sudo.
 
