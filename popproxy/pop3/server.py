@@ -232,7 +232,9 @@ class ServerConnection:
                 self._user = name
             case User() | Pass(), _:
                 self._user = None
-        self.phase = next_phase(self.phase, command.verb, outcome)
+        if not (isinstance(command, Auth) and command.mechanism is None):
+            # A bare AUTH only lists the mechanisms (RFC 5034 §4): it logs nobody in.
+            self.phase = next_phase(self.phase, command.verb, outcome)
         self._due = None
 
     def tls_established(self, settings: ServerSettings) -> None:
