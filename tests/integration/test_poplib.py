@@ -10,6 +10,7 @@ import base64
 import hashlib
 import poplib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -42,20 +43,41 @@ def _poplib_long_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(poplib, "_MAXLINE", CLIENT_MAX_LINE_BYTES)
 
 
+_opened: list[poplib.POP3] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_connections() -> Iterator[None]:
+    # Close what a test opened even when it failed half-way: a socket left to the garbage
+    # collector would surface as a ResourceWarning (an error here) in some later test.
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
+def plain_connection(port: int) -> poplib.POP3:
+    """A poplib connection without TLS, closed after the test whatever happens."""
+    pop = poplib.POP3(LOOPBACK, port, timeout=SOCKET_TIMEOUT_SECONDS)
+    _opened.append(pop)
+    return pop
+
+
 def connect(server: ServerProcess, kind: str, tls: TlsFiles) -> poplib.POP3:
     """A poplib connection to one listener, TLS set up (STLS or implicit) where it has it."""
     port = server.port(kind)
     match kind:
         case "none":
-            return poplib.POP3(LOOPBACK, port, timeout=SOCKET_TIMEOUT_SECONDS)
+            return plain_connection(port)
         case "starttls":
-            pop = poplib.POP3(LOOPBACK, port, timeout=SOCKET_TIMEOUT_SECONDS)
+            pop = plain_connection(port)
             pop.stls(tls.client_context())
             return pop
         case "implicit":
-            return poplib.POP3_SSL(
+            pop = poplib.POP3_SSL(
                 LOOPBACK, port, context=tls.client_context(), timeout=SOCKET_TIMEOUT_SECONDS
             )
+            _opened.append(pop)
+            return pop
     raise AssertionError(kind)
 
 
@@ -146,7 +168,7 @@ def test_capa_lists_rfc2449_capabilities_and_stls_only_before_tls(
     assert "STLS" not in caps, caps
     pop.quit()
     if kind == "starttls":
-        plain = poplib.POP3(LOOPBACK, server.port(kind), timeout=SOCKET_TIMEOUT_SECONDS)
+        plain = plain_connection(server.port(kind))
         assert "STLS" in plain.capa()
         plain.quit()
 
@@ -337,12 +359,12 @@ def test_plaintext_login_needs_stls_when_plaintext_auth_is_off(
         listeners=["starttls"],
         allow_plaintext_auth=False,
     )
-    pop = poplib.POP3(LOOPBACK, server.port("starttls"), timeout=SOCKET_TIMEOUT_SECONDS)
+    pop = plain_connection(server.port("starttls"))
     with pytest.raises(poplib.error_proto, match="-ERR"):
         pop.user(USER)
         pop.pass_(PASSWORD)
     pop.close()
-    pop = poplib.POP3(LOOPBACK, server.port("starttls"), timeout=SOCKET_TIMEOUT_SECONDS)
+    pop = plain_connection(server.port("starttls"))
     pop.stls(tls_files.client_context())
     assert pop.user(USER).startswith(b"+OK")
     assert pop.pass_(PASSWORD).startswith(b"+OK")
