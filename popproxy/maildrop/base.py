@@ -1,0 +1,86 @@
+"""The ``Maildrop`` protocol: what a session needs from a mailbox (RFC 1939 §5, §6, §7).
+
+A session talks to a ``Maildrop`` and never to files or upstream servers: the
+listing it takes at login (numbers, exact sizes, UIDLs), a stream of CRLF chunks
+for RETR and TOP, and one ``commit`` of the deletions marked before QUIT. The
+local Maildir (``maildir.py``) and, later, a live upstream are two implementations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence, Set
+from dataclasses import dataclass
+from typing import Protocol
+
+from popproxy.pop3.replies import ResponseCode
+
+# Bound on each chunk ``Maildrop.retrieve`` yields: one read(2)-sized piece, so a
+# 50 MB message passes through the session in pieces of at most this many octets
+# (issue 2: "no body is ever held whole in memory").
+RETRIEVE_CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """One message of a listing (RFC 1939 §5 LIST, §7 UIDL).
+
+    ``uid`` is the unique-id listing: 1 to 70 octets in 0x21..0x7E (RFC 1939 §7),
+    stable across sessions. ``size`` is the exact number of octets of the message
+    in its CRLF form, before dot-stuffing: what RETR sends (RFC 1939 §5).
+    """
+
+    uid: str
+    size: int
+
+
+class MaildropError(Exception):
+    """A maildrop failure the client hears about as ``-ERR [code] text`` (RFC 2449 §8).
+
+    ``text`` is safe to send to a client: no paths, no exception class names.
+    """
+
+    code: ResponseCode | None
+    text: str
+
+    def __init__(self, code: ResponseCode | None, text: str) -> None:
+        super().__init__(code, text)
+        self.code = code
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text if self.code is None else f"[{self.code.value}] {self.text}"
+
+
+class MaildropInUse(MaildropError):
+    """The maildrop is already open in another session (RFC 2449 §8.1.1 ``[IN-USE]``)."""
+
+    def __init__(self, text: str = "mailbox is locked by another session") -> None:
+        super().__init__(ResponseCode.IN_USE, text)
+
+
+class Maildrop(Protocol):
+    """A mailbox as a POP3 session sees it, from login to QUIT (RFC 1939 §5, §6)."""
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        """The listing taken at open; index ``i`` is message number ``i + 1``."""
+        ...
+
+    def retrieve(self, index: int, *, body_lines: int | None = None) -> AsyncIterator[bytes]:
+        """Stream message ``index`` as CRLF chunks, not dot-stuffed (RFC 1939 §5 RETR, §7 TOP).
+
+        Each chunk has at most ``RETRIEVE_CHUNK_BYTES`` octets. With ``body_lines``
+        None: the whole message, exactly ``messages[index].size`` octets, ending with
+        CRLF. Otherwise (TOP): the header, the blank line and the first
+        ``body_lines`` lines of the body. Raises ``MaildropError`` if the message
+        can no longer be read.
+        """
+        ...
+
+    async def commit(self, deleted: Set[int]) -> None:
+        """Delete the messages at these indexes; called only on QUIT (RFC 1939 §6)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the maildrop (locks, handles); never deletes anything."""
+        ...
