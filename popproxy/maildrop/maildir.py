@@ -1,0 +1,583 @@
+"""A local Maildir as a ``Maildrop``: the embedded default (maildir(5), RFC 1939).
+
+Messages are the files in ``new/`` and ``cur/`` (``tmp/`` and dotfiles are not
+messages). A file holds a message with LF line ends; POP3 sends it with CRLF
+(RFC 1939 §3), so every size in the listing is the exact octet count of that CRLF
+form, found by scanning the file once (cached process-wide). The UIDL is the
+unique part of the file name, the part before the ``:2,FLAGS`` info, so it stays
+the same when a message moves from ``new/`` to ``cur/`` or its flags change
+(RFC 1939 §7). Files are deleted only by ``commit`` (RFC 1939 §6).
+
+Every file operation runs in ``trio.to_thread.run_sync`` behind a
+``trio.CapacityLimiter``; messages are read in chunks and never held whole.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import re
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Set
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, TypeVar, TypeVarTuple
+
+import trio
+
+from popproxy.maildrop.base import (
+    RETRIEVE_CHUNK_BYTES,
+    MaildropError,
+    MaildropInUse,
+    MessageInfo,
+)
+from popproxy.pop3.limits import MAX_UIDL_OCTETS
+from popproxy.pop3.replies import ResponseCode
+
+# Worker threads doing Maildir file work at once, across all sessions. trio's own
+# default thread limiter has 40 tokens; a smaller share keeps a burst of big RETRs
+# from crowding out password hashing and state-store work.
+MAILDIR_THREADS = 8
+
+# Entries in the process-wide cache of CRLF sizes. One entry is a small tuple
+# (~200 octets), so the cache stays near 13 MB at most however many Maildirs are served.
+MAX_SIZE_CACHE_ENTRIES = 65_536
+
+# A UIDL made from a file name that is not a valid one (RFC 1939 §7: 1..70 octets in
+# 0x21..0x7E): this many hex digits of its sha256, 160 bits, well inside the 70.
+HASHED_UID_HEX_CHARS = 40
+
+# maildir(5): the sub-directories that hold messages, in listing order of equal names.
+MESSAGE_SUBDIRS = ("cur", "new")
+
+# maildir(5): "unique:info"; the info (":2,FLAGS") changes, the unique part does not.
+INFO_SEPARATOR = ":"
+
+# Sizes are found by reading each file once; larger reads than retrieve's chunks, and a
+# different chunking from retrieve's, so a boundary bug shows as a size mismatch in tests.
+SCAN_CHUNK_BYTES = 256 * 1024
+
+_R = TypeVar("_R")
+_Args = TypeVarTuple("_Args")
+_LEADING_DIGITS = re.compile(r"[0-9]+")
+_CR = 0x0D
+_LF = 0x0A
+
+
+# -- CRLF conversion (pure) ---------------------------------------------------------------
+
+
+class CrlfConverter:
+    """Streaming LF→CRLF conversion of a message file (RFC 1939 §3).
+
+    Every LF not preceded by CR becomes CRLF, an existing CRLF stays, a bare CR
+    stays, and ``finish`` adds a CRLF if the output did not end with one (an empty
+    file becomes one empty line). A CR that ends a chunk is held back until the
+    next chunk shows whether an LF follows, so a CRLF split across chunks stays CRLF.
+    """
+
+    __slots__ = ("_ends_with_lf", "_pending_cr")
+
+    def __init__(self) -> None:
+        self._pending_cr = False
+        self._ends_with_lf = False
+
+    def feed(self, data: bytes) -> bytes:
+        """Convert the next chunk of the file; may return less (a held-back CR)."""
+        if self._pending_cr:
+            data = b"\r" + data
+            self._pending_cr = False
+        if data.endswith(b"\r"):
+            data = data[:-1]
+            self._pending_cr = True
+        if not data:
+            return b""
+        out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        self._ends_with_lf = out[-1] == _LF
+        return out
+
+    def finish(self) -> bytes:
+        """The rest of the output at end of file: a held CR and the final CRLF if missing."""
+        out = b""
+        if self._pending_cr:
+            out = b"\r"
+            self._pending_cr = False
+            self._ends_with_lf = False
+        if not self._ends_with_lf:
+            out += b"\r\n"
+            self._ends_with_lf = True
+        return out
+
+
+def crlf_form(data: bytes) -> bytes:
+    """The CRLF form of a whole message held in memory (reference for ``CrlfConverter``)."""
+    conv = CrlfConverter()
+    return conv.feed(data) + conv.finish()
+
+
+class TopFilter:
+    """Streaming cut of CRLF output for TOP (RFC 1939 §7).
+
+    Passes the header, the blank line after it, then ``body_lines`` body lines,
+    and sets ``done``. A message without a blank line is all header and passes whole.
+    """
+
+    __slots__ = ("_in_body", "_remaining", "_tail", "done")
+
+    def __init__(self, body_lines: int) -> None:
+        if body_lines < 0:
+            raise ValueError("body_lines must be >= 0")
+        self._remaining = body_lines
+        self._in_body = False
+        # The last two octets seen in the header; a virtual LF before the message start
+        # lets a blank first line match the same pattern as any other blank line.
+        self._tail = b"\n"
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        """Return the part of ``data`` TOP sends; nothing once ``done``."""
+        if self.done:
+            return b""
+        start = 0
+        if not self._in_body:
+            hay = self._tail + data
+            hit = hay.find(b"\n\r\n")
+            if hit == -1:
+                self._tail = hay[-2:]
+                return data
+            start = hit + 3 - len(self._tail)
+            self._in_body = True
+        pos = start
+        if self._remaining > 0:
+            lines = data.count(b"\n", start)
+            if lines < self._remaining:
+                self._remaining -= lines
+                return data
+        while self._remaining > 0:
+            pos = data.index(b"\n", pos) + 1
+            self._remaining -= 1
+        self.done = True
+        return data[:pos]
+
+
+# -- the size cache -----------------------------------------------------------------------
+
+# (unique name, st_dev, st_ino, st_mtime_ns, st_size): a message file's identity and
+# version. The unique name rather than the path, so a new/ -> cur/ move is a cache hit.
+_SizeKey = tuple[str, int, int, int, int]
+
+
+class _SizeCache:
+    """A bounded LRU of CRLF sizes, shared by worker threads (hence the lock)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._data: collections.OrderedDict[_SizeKey, int] = collections.OrderedDict()
+
+    def get(self, key: _SizeKey) -> int | None:
+        with self._lock:
+            size = self._data.get(key)
+            if size is not None:
+                self._data.move_to_end(key)
+            return size
+
+    def put(self, key: _SizeKey, size: int) -> None:
+        with self._lock:
+            self._data[key] = size
+            self._data.move_to_end(key)
+            while len(self._data) > self._limit:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+
+# -- listing (runs in a worker thread) ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One message file as listed at open."""
+
+    subdir: str
+    name: str
+    unique: str
+    mtime_ns: int
+    file_size: int
+    info: MessageInfo
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    subdir: str
+    name: str
+    unique: str
+    key: _SizeKey
+
+
+def unique_part(name: str) -> str:
+    """The unique part of a Maildir file name: everything before the info (maildir(5))."""
+    return name.split(INFO_SEPARATOR, 1)[0]
+
+
+def _is_valid_uid(raw: bytes) -> bool:
+    return 1 <= len(raw) <= MAX_UIDL_OCTETS and all(0x21 <= b <= 0x7E for b in raw)
+
+
+def _hashed_uid(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()[:HASHED_UID_HEX_CHARS]
+
+
+def uid_for(unique: str) -> str:
+    """The UIDL of a unique name: itself if valid (RFC 1939 §7), else a stable hash of it."""
+    raw = os.fsencode(unique)
+    return unique if _is_valid_uid(raw) else _hashed_uid(raw)
+
+
+def _sort_key(found: _Found) -> tuple[int, int, str, str, str]:
+    # maildir(5) names start with the delivery time in seconds; names that do not sort last.
+    match = _LEADING_DIGITS.match(found.unique)
+    stamp = (0, int(match.group())) if match else (1, 0)
+    return (*stamp, found.unique, found.subdir, found.name)
+
+
+def _crlf_size_of(fd: int, chunk_bytes: int) -> int:
+    conv = CrlfConverter()
+    size = 0
+    while chunk := os.read(fd, chunk_bytes):
+        size += len(conv.feed(chunk))
+    return size + len(conv.finish())
+
+
+def _scan(root: Path, cache: _SizeCache) -> list[_Entry]:
+    """List new/ and cur/, with exact CRLF sizes and unique UIDLs (blocking)."""
+    found: list[_Found] = []
+    seen_files: set[tuple[int, int]] = set()
+    for subdir in MESSAGE_SUBDIRS:
+        with os.scandir(root / subdir) as it:
+            for de in it:
+                if de.name.startswith("."):
+                    continue
+                try:
+                    if not de.is_file():
+                        continue
+                    st = de.stat()
+                except FileNotFoundError:
+                    continue  # moved or deleted while we looked: not part of this listing
+                if (st.st_dev, st.st_ino) in seen_files:
+                    continue  # moved new/ -> cur/ while we listed: seen once already
+                seen_files.add((st.st_dev, st.st_ino))
+                unique = unique_part(de.name)
+                key = (unique, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+                found.append(_Found(subdir, de.name, unique, key))
+    found.sort(key=_sort_key)
+    entries: list[_Entry] = []
+    uids: set[str] = set()
+    for f in found:
+        key = f.key
+        size = cache.get(key)
+        if size is None:
+            try:
+                fd = os.open(root / f.subdir / f.name, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                # Size and mtime from the open file, so the key matches what was read.
+                st = os.fstat(fd)
+                size = _crlf_size_of(fd, SCAN_CHUNK_BYTES)
+            finally:
+                os.close(fd)
+            key = (f.unique, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            cache.put(key, size)
+        uid = uid_for(f.unique)
+        if uid in uids:
+            # Two files with one unique name (or a hash that matches a real name): keep
+            # UIDLs unique in the listing (RFC 1939 §7) with a hash of the full name.
+            uid = _hashed_uid(os.fsencode(f"{f.subdir}/{f.name}"))
+            while uid in uids:
+                uid = _hashed_uid(uid.encode("ascii"))
+        uids.add(uid)
+        _, _, _, mtime_ns, file_size = key
+        info = MessageInfo(uid, size)
+        entries.append(_Entry(f.subdir, f.name, f.unique, mtime_ns, file_size, info))
+    return entries
+
+
+def _resolve(path: Path) -> Path:
+    """The Maildir's real path; ``MaildropError`` if it is not a Maildir (blocking)."""
+    try:
+        root = path.resolve(strict=True)
+        if all((root / sub).is_dir() for sub in MESSAGE_SUBDIRS):
+            return root
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise MaildropError(ResponseCode.SYS_TEMP, "the maildrop cannot be opened") from exc
+    raise MaildropError(ResponseCode.SYS_PERM, "the maildrop does not exist")
+
+
+def _relocate(root: Path, entry: _Entry) -> Path | None:
+    """Where a message moved to (another program renamed it: new/ -> cur/, flags)."""
+    for subdir in MESSAGE_SUBDIRS:
+        try:
+            with os.scandir(root / subdir) as it:
+                for de in it:
+                    if de.name.startswith(".") or unique_part(de.name) != entry.unique:
+                        continue
+                    try:
+                        st = de.stat()
+                    except FileNotFoundError:
+                        continue  # moving on again; looked for in the next directory
+                    if (st.st_size, st.st_mtime_ns) == (entry.file_size, entry.mtime_ns):
+                        return Path(de.path)
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def _open_entry(root: Path, entry: _Entry, number: int) -> int:
+    """Open a listed message for reading; it must be the file that was listed (blocking)."""
+    try:
+        try:
+            fd = os.open(root / entry.subdir / entry.name, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            moved = _relocate(root, entry)
+            if moved is None:
+                raise
+            fd = os.open(moved, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise MaildropError(
+            ResponseCode.SYS_TEMP, f"message {number} is no longer in the maildrop"
+        ) from exc
+    except OSError as exc:
+        raise MaildropError(ResponseCode.SYS_TEMP, f"message {number} cannot be read") from exc
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise MaildropError(ResponseCode.SYS_TEMP, f"message {number} cannot be read") from exc
+    if (st.st_size, st.st_mtime_ns) != (entry.file_size, entry.mtime_ns):
+        os.close(fd)
+        raise MaildropError(ResponseCode.SYS_TEMP, f"message {number} changed since login")
+    return fd
+
+
+def _read_converted(fd: int, conv: CrlfConverter, nbytes: int, number: int) -> tuple[bytes, bool]:
+    """Read and convert the next chunk: (CRLF output, end of file) (blocking)."""
+    try:
+        raw = os.read(fd, nbytes)
+    except OSError as exc:
+        raise MaildropError(ResponseCode.SYS_TEMP, f"message {number} cannot be read") from exc
+    if raw:
+        return conv.feed(raw), False
+    return conv.finish(), True
+
+
+def _delete_entries(root: Path, entries: Iterable[_Entry]) -> int:
+    """Unlink the files, then fsync the directories; the number of failures (blocking)."""
+    failed = 0
+    touched: set[str] = set()
+    for entry in entries:
+        path: Path | None
+        try:
+            os.unlink(root / entry.subdir / entry.name)
+            touched.add(entry.subdir)
+            continue
+        except FileNotFoundError:
+            path = _relocate(root, entry)
+        except OSError:
+            failed += 1
+            continue
+        if path is None:
+            continue  # already gone: the deletion wanted is done
+        try:
+            os.unlink(path)
+            touched.add(path.parent.name)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            failed += 1
+    for subdir in sorted(touched):
+        try:
+            fd = os.open(root / subdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)  # make the unlinks durable before the client hears +OK
+            finally:
+                os.close(fd)
+        except OSError:
+            failed += 1
+    return failed
+
+
+# -- the maildrop ---------------------------------------------------------------------------
+
+# Maildirs open in this process, by resolved path: the POP3 maildrop lock (RFC 1939 §4:
+# "the POP3 server acquires an exclusive-access lock on the maildrop"). Only touched
+# from the trio thread, between awaits, so a plain set is race-free.
+_OPEN_MAILDIRS: set[Path] = set()
+
+_DEFAULT_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
+    "popproxy_maildir_limiter"
+)
+
+
+def default_limiter() -> trio.CapacityLimiter:
+    """The limiter shared by every Maildir in this trio run (``MAILDIR_THREADS`` tokens)."""
+    try:
+        return _DEFAULT_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(MAILDIR_THREADS)
+        _DEFAULT_LIMITER.set(limiter)
+        return limiter
+
+
+class MaildirMaildrop:
+    """A Maildir opened for one POP3 session (RFC 1939 §4: an exclusive-access lock).
+
+    Made by ``open_maildir``; holds the listing taken at open and the lock until
+    ``aclose``.
+    """
+
+    # CRLF sizes by file identity, shared by every session in the process.
+    size_cache: ClassVar[_SizeCache] = _SizeCache(MAX_SIZE_CACHE_ENTRIES)
+
+    def __init__(
+        self,
+        root: Path,
+        entries: Sequence[_Entry],
+        *,
+        limiter: trio.CapacityLimiter,
+        chunk_bytes: int,
+    ) -> None:
+        self._root = root
+        self._entries = tuple(entries)
+        self._messages = tuple(e.info for e in self._entries)
+        self._limiter = limiter
+        self._chunk_bytes = chunk_bytes
+        self._closed = False
+
+    @property
+    def root(self) -> Path:
+        """The resolved path of the Maildir."""
+        return self._root
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        """The listing taken at open; index ``i`` is message number ``i + 1`` (RFC 1939 §5)."""
+        return self._messages
+
+    def retrieve(self, index: int, *, body_lines: int | None = None) -> AsyncIterator[bytes]:
+        """Stream message ``index`` in CRLF form (RFC 1939 §5 RETR), or its top (§7 TOP).
+
+        Chunks have at most the chunk size (``RETRIEVE_CHUNK_BYTES`` by default). The
+        whole message is exactly ``messages[index].size`` octets. ``MaildropError``
+        (``[SYS/TEMP]``) if the file vanished or changed since the listing.
+        """
+        self._check_open()
+        if not 0 <= index < len(self._entries):
+            raise IndexError(f"no message at index {index}")
+        if body_lines is not None and body_lines < 0:
+            raise ValueError("body_lines must be >= 0")
+        return self._stream(index, body_lines)
+
+    async def _stream(self, index: int, body_lines: int | None) -> AsyncIterator[bytes]:
+        entry = self._entries[index]
+        number = index + 1
+        fd = await self._run(_open_entry, self._root, entry, number)
+        try:
+            conv = CrlfConverter()
+            top = None if body_lines is None else TopFilter(body_lines)
+            limit = self._chunk_bytes
+            buf = bytearray()
+            produced = 0
+            while True:
+                out, eof = await self._run(_read_converted, fd, conv, limit, number)
+                if top is not None:
+                    out = top.feed(out)
+                    eof = eof or top.done
+                produced += len(out)
+                if top is None and (
+                    produced > entry.info.size or (eof and produced != entry.info.size)
+                ):
+                    raise MaildropError(
+                        ResponseCode.SYS_TEMP, f"message {number} changed while being read"
+                    )
+                buf += out
+                while len(buf) >= limit or (eof and buf):
+                    piece = bytes(buf[:limit])
+                    del buf[:limit]
+                    yield piece
+                if eof:
+                    return
+        finally:
+            os.close(fd)  # closing a regular file does not block
+
+    async def commit(self, deleted: Set[int]) -> None:
+        """Delete the files of these message indexes, then fsync (RFC 1939 §6 UPDATE).
+
+        Files already gone count as deleted. ``MaildropError`` (``[SYS/TEMP]``) if
+        some could not be removed or the removal could not be made durable.
+        """
+        self._check_open()
+        entries = [self._entries[i] for i in sorted(deleted)]
+        if not entries:
+            await trio.lowlevel.checkpoint()
+            return
+        failed = await self._run(_delete_entries, self._root, entries)
+        if failed:
+            raise MaildropError(ResponseCode.SYS_TEMP, "some deleted messages were not removed")
+
+    async def aclose(self) -> None:
+        """Release the maildrop lock; never deletes anything. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            _OPEN_MAILDIRS.discard(self._root)
+        await trio.lowlevel.checkpoint()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the maildrop is closed")
+
+    async def _run(self, fn: Callable[[*_Args], _R], *args: *_Args) -> _R:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+
+async def open_maildir(
+    path: Path,
+    *,
+    limiter: trio.CapacityLimiter | None = None,
+    chunk_bytes: int = RETRIEVE_CHUNK_BYTES,
+) -> MaildirMaildrop:
+    """Open a Maildir for one POP3 session: lock it and take the listing (RFC 1939 §4).
+
+    ``MaildropInUse`` (``[IN-USE]``, RFC 2449 §8.1.1) if this process has it open
+    already; ``MaildropError`` if it is not a Maildir or cannot be read. File work
+    runs in worker threads behind ``limiter`` (default: ``default_limiter()``).
+    ``chunk_bytes`` bounds reads and retrieved chunks (tests use small values).
+    """
+    if chunk_bytes < 1:
+        raise ValueError("chunk_bytes must be >= 1")
+    if limiter is None:
+        limiter = default_limiter()
+    root = await trio.to_thread.run_sync(_resolve, path, limiter=limiter)
+    if root in _OPEN_MAILDIRS:
+        raise MaildropInUse()
+    _OPEN_MAILDIRS.add(root)
+    try:
+        entries = await trio.to_thread.run_sync(
+            _scan, root, MaildirMaildrop.size_cache, limiter=limiter
+        )
+    except OSError as exc:
+        _OPEN_MAILDIRS.discard(root)
+        raise MaildropError(ResponseCode.SYS_TEMP, "the maildrop cannot be read") from exc
+    except BaseException:
+        _OPEN_MAILDIRS.discard(root)
+        raise
+    return MaildirMaildrop(root, entries, limiter=limiter, chunk_bytes=chunk_bytes)
