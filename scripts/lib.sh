@@ -59,10 +59,10 @@ python_for_venv() {
     printf '%s\n' "$py"
 }
 
-# Create .venv if it is missing or broken, then `pip install -e "$1"` when the
-# requested extras or pyproject.toml changed since the last install.
+# Create .venv if it is missing or broken, then `pip install -e "$1"` unless that
+# (or the '.[test]' superset) was installed from the same pyproject.toml already.
 ensure_venv() {
-    local target="$1" py stamp want
+    local target="$1" py stamp hash have
     if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' >/dev/null 2>&1; then
         py="$(python_for_venv)"
         step "creating .venv with $py"
@@ -70,11 +70,12 @@ ensure_venv() {
         "$py" -m venv .venv
     fi
     stamp=.venv/.popproxy-installed
-    want="$target $(sha256sum pyproject.toml | cut -d' ' -f1)"
-    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] ||
+    hash="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+    have="$(cat "$stamp" 2>/dev/null || true)"
+    if [ "$have" != "$target $hash" ] && [ "$have" != ".[test] $hash" ] ||
         ! .venv/bin/python -c 'import popproxy' >/dev/null 2>&1; then
         step "pip install -e '$target'"
         .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$target" </dev/null
-        printf '%s\n' "$want" >"$stamp"
+        printf '%s\n' "$target $hash" >"$stamp"
     fi
 }
