@@ -77,7 +77,7 @@ class ClientConnection:
         self._outstanding.append(command)
         return data
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed octets from the server; ``b""`` means it closed."""
         self._lines.receive(data)
 

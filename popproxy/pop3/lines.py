@@ -31,7 +31,7 @@ class LineBuffer:
         """The unconsumed octets (for body decoders that share the buffer)."""
         return self._buf
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | bytearray) -> None:
         """Append received octets; ``b""`` marks end of stream."""
         if not data:
             self.eof = True

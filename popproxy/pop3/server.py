@@ -105,7 +105,7 @@ class ServerConnection:
         """Octets received and not yet consumed."""
         return len(self._lines)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed octets from the client; ``b""`` means the client closed."""
         self._lines.receive(data)
 

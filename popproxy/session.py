@@ -1,0 +1,457 @@
+"""One client session: drives ``pop3.ServerConnection`` against a ``Maildrop``.
+
+Theory of operation. The session owns the client stream, a sans-IO
+``ServerConnection`` and, once logged in, a ``Maildrop``. It loops: take the
+next event from the core, answer it, and read more octets only when the core
+needs them. Replies are gathered in an output buffer that is flushed before
+each read and whenever it grows past ``FLUSH_THRESHOLD_BYTES``, so a pipelined
+burst gets batched answers and a RETR streams with back-pressure chunk by chunk.
+
+Deadlines (DESIGN.md, habit 4): the whole AUTHORIZATION phase, TLS handshakes
+included, must end within ``login_timeout_seconds``; after login each read
+waits at most ``idle_timeout_seconds`` (RFC 1939 §3: at least ten minutes);
+each write waits at most ``send_timeout_seconds``.
+
+Deletions are only marks until QUIT in TRANSACTION (RFC 1939 §6); then the
+maildrop commits them, and only then does the client get ``+OK``. Any other
+end of the session (EOF, reset, timeout, shutdown, error) commits nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import math
+import secrets
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from popproxy.auth.authenticator import Authenticator
+from popproxy.config import LimitsConfig, UserConfig
+from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
+from popproxy.pop3.capabilities import capabilities
+from popproxy.pop3.commands import (
+    Apop,
+    Auth,
+    Capa,
+    Command,
+    Dele,
+    List,
+    Noop,
+    Pass,
+    Quit,
+    Retr,
+    Rset,
+    SaslCancel,
+    SaslLine,
+    SaslResponse,
+    Stat,
+    Stls,
+    Top,
+    Uidl,
+    User,
+)
+from popproxy.pop3.errors import RemoteProtocolError
+from popproxy.pop3.events import NEED_DATA, ConnectionClosed, Data, EndOfData, SaslChallenge
+from popproxy.pop3.replies import Err, Ok, ResponseCode
+from popproxy.pop3.server import Reply, ServerConnection, ServerSettings
+from popproxy.pop3.state import Phase
+from popproxy.pop3.wire import format_status
+from popproxy.secret import Secret
+
+log = logging.getLogger("popproxy.session")
+
+# One read from the client; commands are tiny, so this only bounds a flood.
+RECEIVE_CHUNK_BYTES = 16 * 1024
+# Replies are batched up to this size before a write (pipelining, RFC 2449 §6.6).
+FLUSH_THRESHOLD_BYTES = 64 * 1024
+# How long a closing session may spend on a goodbye line or a TLS close_notify.
+CLOSE_TIMEOUT_SECONDS = 2.0
+
+GREETING = Ok("popproxy ready.")
+AUTH_FAILED = Err("Authentication failed.", ResponseCode.AUTH)
+NO_SUCH_MESSAGE = Err("There's no message with that number.")
+MESSAGE_DELETED = Err("That message is deleted.")
+
+
+class SessionResult(enum.Enum):
+    """How a session ended; a closed set, used in logs and metrics."""
+
+    QUIT = "quit"
+    EOF = "eof"
+    TIMEOUT = "timeout"
+    PROTOCOL_ERROR = "protocol_error"
+    TLS_ERROR = "tls_error"
+    MAILDROP_ERROR = "maildrop_error"
+    SHUTDOWN = "shutdown"
+
+
+class _SessionEnd(Exception):
+    """Internal: unwinds the command loop with the way the session ended."""
+
+    def __init__(self, result: SessionResult) -> None:
+        super().__init__(result.value)
+        self.result = result
+
+
+OpenMaildrop = Callable[[UserConfig], Awaitable[Maildrop]]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """What every session of one listener shares; fixed when the session starts."""
+
+    listener: str
+    limits: LimitsConfig
+    authenticator: Authenticator
+    open_maildrop: OpenMaildrop
+    tls_context: ssl.SSLContext | None = None
+    stls_available: bool = False
+    implicit_tls: bool = False
+    allow_plaintext_auth: bool = False
+
+
+@dataclass(slots=True)
+class SessionSummary:
+    """The facts of one session, logged once at its end."""
+
+    session_id: str
+    listener: str
+    peer: str
+    user: str | None = None
+    result: SessionResult = SessionResult.EOF
+    commands: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    deleted: int = 0
+    started: float = field(default_factory=trio.current_time)
+
+
+class Session:
+    """A POP3 server session over one client stream (RFC 1939, 2449, 2595, 5034)."""
+
+    def __init__(self, stream: trio.abc.Stream, peer: str, context: SessionContext) -> None:
+        self._stream = stream
+        self._context = context
+        self._tls_active = False
+        self._conn = ServerConnection(self._settings())
+        self._out = bytearray()
+        self._maildrop: Maildrop | None = None
+        self._deleted: set[int] = set()
+        self._login_scope = trio.CancelScope()
+        self.summary = SessionSummary(secrets.token_hex(4), context.listener, peer)
+
+    def _settings(self) -> ServerSettings:
+        ctx = self._context
+        return ServerSettings(
+            stls_available=ctx.stls_available and not self._tls_active,
+            plaintext_auth_allowed=self._tls_active or ctx.allow_plaintext_auth,
+            max_bad_commands=ctx.limits.max_bad_commands,
+        )
+
+    async def run(self) -> SessionSummary:
+        """Serve the client until QUIT, EOF, a timeout or a fatal error; never raises
+        for the client's behaviour. Cancellation (shutdown) is recorded and re-raised."""
+        limits = self._context.limits
+        self._login_scope.deadline = trio.current_time() + limits.login_timeout_seconds
+        try:
+            with self._login_scope:
+                await self._serve()
+            if self._login_scope.cancelled_caught:
+                self.summary.result = SessionResult.TIMEOUT
+                await self._goodbye(Err("Disconnected: login timeout.", ResponseCode.SYS_TEMP))
+        except _SessionEnd as end:
+            self.summary.result = end.result
+        except trio.Cancelled:
+            self.summary.result = SessionResult.SHUTDOWN
+            raise
+        finally:
+            await self._close()
+            self._log_summary()
+        return self.summary
+
+    async def _serve(self) -> None:
+        if self._context.implicit_tls:
+            await self._start_tls()
+        self._queue(GREETING)
+        while self._conn.phase is not Phase.CLOSED:
+            try:
+                event = self._conn.next_event()
+            except RemoteProtocolError as exc:
+                self._queue(exc.reply)
+                if exc.fatal:
+                    await self._flush()
+                    raise _SessionEnd(SessionResult.PROTOCOL_ERROR) from None
+                continue
+            if event is NEED_DATA:
+                await self._flush()
+                await self._receive()
+            elif isinstance(event, ConnectionClosed):
+                raise _SessionEnd(SessionResult.EOF)
+            else:
+                self.summary.commands += 1
+                await self._dispatch(event)
+        await self._flush()
+        self.summary.result = SessionResult.QUIT
+
+    async def _dispatch(self, command: Command | SaslLine) -> None:
+        match command:
+            case Capa():
+                await self._capa()
+            case User():
+                self._queue(Ok())
+            case Pass(user=user, password=password):
+                await self._login(user, password)
+            case Auth(mechanism=None):
+                self._queue(Ok("Supported SASL mechanisms follow"))
+                self._queue(Data(b"PLAIN\r\n"))
+                self._queue(EndOfData())
+            case Auth(initial_response=None):
+                self._queue(SaslChallenge(b""))
+            case Auth(initial_response=Secret() as response) | SaslResponse(data=response):
+                await self._sasl_plain(response)
+            case SaslCancel():
+                self._queue(Err("Authentication cancelled."))
+            case Apop():
+                self._queue(Err("APOP is not supported.", ResponseCode.AUTH))
+            case Stls():
+                self._queue(Ok("Begin TLS negotiation now."))
+                await self._flush()
+                await self._start_tls()
+                self._conn.tls_established(self._settings())
+            case Stat():
+                count, octets = self._totals()
+                self._queue(Ok(f"{count} {octets}"))
+            case List(msg=None):
+                await self._scan_listing(lambda n, m: f"{n} {m.size}")
+            case List(msg=int(msg)):
+                if (found := self._message(msg)) is not None:
+                    self._queue(Ok(f"{msg} {found.size}"))
+            case Uidl(msg=None):
+                await self._scan_listing(lambda n, m: f"{n} {m.uid}")
+            case Uidl(msg=int(msg)):
+                if (found := self._message(msg)) is not None:
+                    self._queue(Ok(f"{msg} {found.uid}"))
+            case Retr(msg=msg):
+                if (found := self._message(msg)) is not None:
+                    await self._stream_message(msg, f"{found.size} octets", None)
+            case Top(msg=msg, lines=lines):
+                if self._message(msg) is not None:
+                    await self._stream_message(msg, "Top of message follows", lines)
+            case Dele(msg=msg):
+                if self._message(msg) is not None:
+                    self._deleted.add(msg - 1)
+                    self._queue(Ok(f"Message {msg} marked for deletion."))
+            case Noop():
+                self._queue(Ok())
+            case Rset():
+                self._deleted.clear()
+                count, octets = self._totals()
+                self._queue(Ok(f"Maildrop has {count} messages ({octets} octets)."))
+            case Quit():
+                await self._quit()
+
+    # -- AUTHORIZATION -------------------------------------------------------------
+
+    async def _capa(self) -> None:
+        self._queue(Ok("Capability list follows"))
+        for line in capabilities(self._conn.settings, expire=None):
+            self._queue(Data(line.encode("ascii") + b"\r\n"))
+        self._queue(EndOfData())
+
+    async def _sasl_plain(self, response: Secret) -> None:
+        """SASL PLAIN: ``authzid NUL authcid NUL passwd`` (RFC 4616 §2)."""
+        parts = response.reveal().split(b"\0")
+        if len(parts) != 3:
+            self._queue(Err("Invalid SASL PLAIN response."))
+            return
+        authzid, authcid, password = parts
+        try:
+            user = authcid.decode("utf-8")
+        except UnicodeDecodeError:
+            self._queue(AUTH_FAILED)
+            return
+        if authzid and authzid != authcid:
+            # No proxy authorization: a user may only act as itself.
+            await self._fail_login()
+            return
+        await self._login(user, Secret(password))
+
+    async def _login(self, user: str, password: Secret) -> None:
+        account = await self._context.authenticator.verify(user, password)
+        if account is None:
+            await self._fail_login()
+            return
+        try:
+            maildrop = await self._context.open_maildrop(account)
+        except MaildropError as exc:
+            self._queue(Err(exc.text, exc.code))
+            return
+        self._maildrop = maildrop
+        self.summary.user = account.name
+        self._login_scope.deadline = math.inf
+        count, octets = self._totals()
+        self._queue(Ok(f"Logged in, {count} messages ({octets} octets)."))
+
+    async def _fail_login(self) -> None:
+        # Dovecot's auth_failure_delay: slow down guessing, same reply for every cause.
+        await self._flush()
+        await trio.sleep(self._context.limits.auth_failure_delay_seconds)
+        self._queue(AUTH_FAILED)
+
+    async def _start_tls(self) -> None:
+        """Handshake as the TLS server (RFC 2595 §4, RFC 8314 §3.3) under the login deadline."""
+        context = self._context.tls_context
+        if context is None:  # the config loader makes this impossible for TLS listeners
+            raise _SessionEnd(SessionResult.TLS_ERROR)
+        tls = trio.SSLStream(self._stream, context, server_side=True)
+        try:
+            await tls.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError, OSError):
+            raise _SessionEnd(SessionResult.TLS_ERROR) from None
+        self._stream = tls
+        self._tls_active = True
+
+    # -- TRANSACTION ---------------------------------------------------------------
+
+    @property
+    def _messages(self) -> Sequence[MessageInfo]:
+        return self._maildrop.messages if self._maildrop is not None else ()
+
+    def _totals(self) -> tuple[int, int]:
+        live = [m for i, m in enumerate(self._messages) if i not in self._deleted]
+        return len(live), sum(m.size for m in live)
+
+    def _message(self, msg: int) -> MessageInfo | None:
+        """The message numbered ``msg``, or queue the -ERR and return None (RFC 1939 §5)."""
+        if msg > len(self._messages):
+            self._queue(NO_SUCH_MESSAGE)
+            return None
+        if msg - 1 in self._deleted:
+            self._queue(MESSAGE_DELETED)
+            return None
+        return self._messages[msg - 1]
+
+    async def _scan_listing(self, line: Callable[[int, MessageInfo], str]) -> None:
+        count, octets = self._totals()
+        self._queue(Ok(f"{count} messages ({octets} octets)"))
+        for index, info in enumerate(self._messages):
+            if index not in self._deleted:
+                self._queue(Data(line(index + 1, info).encode("ascii") + b"\r\n"))
+                if len(self._out) >= FLUSH_THRESHOLD_BYTES:
+                    await self._flush()
+        self._queue(EndOfData())
+
+    async def _stream_message(self, msg: int, text: str, body_lines: int | None) -> None:
+        """RETR / TOP: stream the maildrop's chunks through the dot-stuffer.
+
+        Once ``+OK`` is out, a failure can only be reported by closing without the
+        terminator: a truncated message must never look complete (RFC 1939 §3).
+        """
+        assert self._maildrop is not None  # TRANSACTION implies a maildrop
+        self._queue(Ok(text))
+        try:
+            async for chunk in self._maildrop.retrieve(msg - 1, body_lines=body_lines):
+                self._queue(Data(chunk))
+                await self._flush()
+        except MaildropError:
+            log.warning(
+                "retrieve_failed",
+                extra={"fields": {"session": self.summary.session_id, "msg": msg}},
+            )
+            raise _SessionEnd(SessionResult.MAILDROP_ERROR) from None
+        self._queue(EndOfData())
+
+    async def _quit(self) -> None:
+        """QUIT: in TRANSACTION, commit the marked deletions first (RFC 1939 §6)."""
+        if self._conn.phase is not Phase.UPDATE or self._maildrop is None:
+            self._queue(Ok("Logging out."))
+            return
+        try:
+            if self._deleted:
+                await self._maildrop.commit(frozenset(self._deleted))
+        except MaildropError as exc:
+            self._queue(Err(f"Some deleted messages were not removed: {exc.text}", exc.code))
+            return
+        self.summary.deleted = len(self._deleted)
+        self._queue(Ok(f"Logging out, {len(self._deleted)} messages deleted."))
+
+    # -- I/O -----------------------------------------------------------------------
+
+    def _queue(self, reply: Reply) -> None:
+        self._out += self._conn.send(reply)
+
+    async def _flush(self) -> None:
+        if not self._out:
+            return
+        data = bytes(self._out)
+        self._out.clear()
+        try:
+            with trio.fail_after(self._context.limits.send_timeout_seconds):
+                await self._stream.send_all(data)
+        except trio.TooSlowError:
+            raise _SessionEnd(SessionResult.TIMEOUT) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _SessionEnd(SessionResult.EOF) from None
+        self.summary.bytes_out += len(data)
+
+    async def _receive(self) -> None:
+        idle = math.inf if self._maildrop is None else self._context.limits.idle_timeout_seconds
+        data: bytes | bytearray = b""
+        with trio.move_on_after(idle) as idle_scope:
+            try:
+                data = await self._stream.receive_some(RECEIVE_CHUNK_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                data = b""
+        if idle_scope.cancelled_caught:
+            # RFC 1939 §3: the autologout timer ends the session without UPDATE.
+            await self._goodbye(Err("Disconnected for inactivity."))
+            raise _SessionEnd(SessionResult.TIMEOUT)
+        self.summary.bytes_in += len(data)
+        self._conn.receive_data(data)
+
+    async def _goodbye(self, reply: Err) -> None:
+        """Best effort: tell the client why it is being disconnected."""
+        line = format_status(reply)
+        with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._stream.send_all(bytes(self._out) + line)
+        self._out.clear()
+
+    async def _close(self) -> None:
+        with trio.CancelScope(shield=True):
+            if self._maildrop is not None:
+                await self._maildrop.aclose()  # releases the lock; never deletes
+            with trio.move_on_after(CLOSE_TIMEOUT_SECONDS) as scope:
+                await self._stream.aclose()
+            if scope.cancelled_caught:
+                await trio.aclose_forcefully(self._stream)
+
+    def _log_summary(self) -> None:
+        s = self.summary
+        log.info(
+            "session_end",
+            extra={
+                "fields": {
+                    "session": s.session_id,
+                    "listener": s.listener,
+                    "peer": s.peer,
+                    "user": s.user or "-",
+                    "result": s.result.value,
+                    "commands": s.commands,
+                    "bytes_in": s.bytes_in,
+                    "bytes_out": s.bytes_out,
+                    "deleted": s.deleted,
+                    "duration_seconds": round(trio.current_time() - s.started, 3),
+                }
+            },
+        )
+
+
+async def run_session(stream: trio.abc.Stream, peer: str, context: SessionContext) -> None:
+    """Serve one client connection to its end (see ``Session``)."""
+    await Session(stream, peer, context).run()

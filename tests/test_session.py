@@ -1,0 +1,388 @@
+"""Session tests over in-memory streams: every command in every phase, deletion rules.
+
+The maildrop is a real Maildir in a temporary directory and the authenticator
+is the real one (with cheap hash parameters); the client side is raw bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+import trio
+import trio.testing
+
+from popproxy.auth.authenticator import Authenticator
+from popproxy.auth.passwords import hash_password
+from popproxy.config import LimitsConfig, UserConfig
+from popproxy.secret import Secret
+from popproxy.serve import open_maildrop
+from popproxy.session import Session, SessionContext, SessionResult, SessionSummary
+
+MESSAGES = {
+    "1700000001.M1P1.test": b"Subject: one\n\nfirst body\n",
+    "1700000002.M2P1.test": b"Subject: two\n\n.starts with a dot\nsecond\n",
+    "1700000003.M3P1.test": b"Subject: three\nX-Long: yes\n\nline 1\nline 2\nline 3\n",
+}
+LIMITS = LimitsConfig(auth_failure_delay_seconds=0.0)
+
+
+def crlf(data: bytes) -> bytes:
+    return data.replace(b"\n", b"\r\n")
+
+
+@pytest.fixture
+def maildir(tmp_path: Path) -> Path:
+    root = tmp_path / "Maildir"
+    for sub in ("new", "cur", "tmp"):
+        (root / sub).mkdir(parents=True)
+    for name, body in MESSAGES.items():
+        (root / "new" / name).write_bytes(body)
+    return root
+
+
+def remaining(maildir: Path) -> set[str]:
+    return {p.name.split(":")[0] for sub in ("new", "cur") for p in (maildir / sub).iterdir()}
+
+
+@dataclass
+class Client:
+    """A raw POP3 client on a memory stream, reading exact replies."""
+
+    stream: trio.abc.Stream
+    buf: bytearray
+
+    async def _fill(self) -> None:
+        with trio.fail_after(30):
+            data = await self.stream.receive_some(65536)
+        if not data:
+            raise EOFError(bytes(self.buf))
+        self.buf += data
+
+    async def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            await self._fill()
+        line, _, rest = bytes(self.buf).partition(b"\r\n")
+        self.buf[:] = rest
+        return line
+
+    async def body(self) -> bytes:
+        """The rest of a multi-line reply, un-stuffed, terminator removed."""
+        while not (self.buf.startswith(b".\r\n") or b"\r\n.\r\n" in self.buf):
+            await self._fill()
+        if self.buf.startswith(b".\r\n"):
+            raw, rest = b"", bytes(self.buf[3:])
+        else:
+            raw, _, rest = bytes(self.buf).partition(b"\r\n.\r\n")
+            raw += b"\r\n"
+        self.buf[:] = rest
+        lines = [ln[1:] if ln.startswith(b".") else ln for ln in raw.split(b"\r\n")]
+        return b"\r\n".join(lines)
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def cmd(self, line: str) -> bytes:
+        await self.send(line.encode() + b"\r\n")
+        return await self.line()
+
+    async def multi(self, line: str) -> tuple[bytes, bytes]:
+        status = await self.cmd(line)
+        assert status.startswith(b"+OK"), status
+        return status, await self.body()
+
+    async def closed(self) -> bool:
+        try:
+            await self._fill()
+        except (EOFError, trio.BrokenResourceError):
+            return True
+        return False
+
+
+@dataclass
+class Running:
+    client: Client
+    summary: Callable[[], SessionSummary]
+    done: trio.Event
+
+
+def make_context(
+    maildir: Path, limits: LimitsConfig = LIMITS, *, plaintext: bool = True
+) -> SessionContext:
+    user = UserConfig(
+        name="demo",
+        password_hash=hash_password(Secret.from_str("secret"), ln=4),
+        maildir=maildir,
+    )
+    return SessionContext(
+        listener="none",
+        limits=limits,
+        authenticator=Authenticator({"demo": user}),
+        open_maildrop=open_maildrop,
+        allow_plaintext_auth=plaintext,
+    )
+
+
+class Starter(Protocol):
+    async def __call__(self, context: SessionContext | None = None) -> Running: ...
+
+
+@pytest.fixture
+async def start(maildir: Path, nursery: trio.Nursery) -> AsyncIterator[Starter]:
+    async def _start(context: SessionContext | None = None) -> Running:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        session = Session(server_stream, "test:1", context or make_context(maildir))
+        done = trio.Event()
+
+        async def run() -> None:
+            await session.run()
+            done.set()
+
+        nursery.start_soon(run)
+        client = Client(client_stream, bytearray())
+        assert (await client.line()).startswith(b"+OK")
+        return Running(client, lambda: session.summary, done)
+
+    yield _start
+
+
+async def login(client: Client) -> None:
+    assert await client.cmd("USER demo") == b"+OK"
+    assert (await client.cmd("PASS secret")).startswith(b"+OK Logged in, 3 messages")
+
+
+async def test_every_transaction_command(start: Starter, maildir: Path) -> None:
+    running: Running = await start()
+    c = running.client
+    await login(c)
+    sizes = {i + 1: len(crlf(body)) for i, body in enumerate(MESSAGES.values())}
+    assert await c.cmd("STAT") == f"+OK 3 {sum(sizes.values())}".encode()
+    _, listing = await c.multi("LIST")
+    assert listing == b"".join(f"{n} {s}\r\n".encode() for n, s in sizes.items())
+    assert await c.cmd("LIST 2") == f"+OK 2 {sizes[2]}".encode()
+    _, uidls = await c.multi("UIDL")
+    assert uidls.splitlines()[0].startswith(b"1 ")
+    assert len(set(uidls.splitlines())) == 3
+    assert (await c.cmd("UIDL 3")).startswith(b"+OK 3 ")
+    for n, body in enumerate(MESSAGES.values(), start=1):
+        _, got = await c.multi(f"RETR {n}")
+        assert got == crlf(body)
+    _, top = await c.multi("TOP 3 1")
+    assert top == b"Subject: three\r\nX-Long: yes\r\n\r\nline 1\r\n"
+    _, top0 = await c.multi("TOP 3 0")
+    assert top0 == b"Subject: three\r\nX-Long: yes\r\n\r\n"
+    assert await c.cmd("NOOP") == b"+OK"
+    _, capa = await c.multi("CAPA")
+    assert b"UIDL\r\n" in capa and b"PIPELINING\r\n" in capa
+    assert (await c.cmd("QUIT")).startswith(b"+OK")
+    await running.done.wait()
+    assert running.summary().result is SessionResult.QUIT
+    assert remaining(maildir) == set(MESSAGES)
+
+
+async def test_bad_message_numbers_get_err_and_the_session_goes_on(
+    start: Starter,
+) -> None:
+    running: Running = await start()
+    c = running.client
+    await login(c)
+    for bad in ("RETR 0", "RETR 4", "LIST -1", "DELE 99999999999", "TOP 1", "RETR 1x", "UIDL +1"):
+        assert (await c.cmd(bad)).startswith(b"-ERR"), bad
+    assert (await c.cmd("STAT")).startswith(b"+OK 3 ")
+
+
+async def test_authorization_phase_refuses_transaction_commands(
+    start: Starter,
+) -> None:
+    running: Running = await start()
+    c = running.client
+    for command in ("STAT", "LIST", "RETR 1", "DELE 1", "NOOP", "RSET", "TOP 1 1", "UIDL"):
+        assert (await c.cmd(command)).startswith(b"-ERR"), command
+        # bad-command budget: reset it with a good command now and then
+        assert (await c.cmd("USER demo")) == b"+OK"
+    assert (await c.cmd("PASS secret")).startswith(b"+OK")
+
+
+async def test_transaction_phase_refuses_authorization_commands(
+    start: Starter,
+) -> None:
+    running: Running = await start()
+    c = running.client
+    await login(c)
+    for command in ("USER demo", "PASS secret", "AUTH PLAIN", "APOP demo " + "0" * 32):
+        assert (await c.cmd(command)).startswith(b"-ERR"), command
+    assert (await c.cmd("NOOP")) == b"+OK"
+
+
+async def test_wrong_password_and_unknown_user_get_the_same_reply(
+    start: Starter,
+) -> None:
+    running: Running = await start()
+    c = running.client
+    assert await c.cmd("USER demo") == b"+OK"
+    wrong = await c.cmd("PASS nope")
+    assert await c.cmd("USER nobody") == b"+OK"
+    unknown = await c.cmd("PASS secret")
+    assert wrong == unknown == b"-ERR [AUTH] Authentication failed."
+    await login(c)
+
+
+async def test_auth_plain_initial_response_and_continuation(
+    start: Starter,
+) -> None:
+    token = base64.b64encode(b"\0demo\0secret").decode()
+    running: Running = await start()
+    c = running.client
+    assert (await c.cmd(f"AUTH PLAIN {token}")).startswith(b"+OK Logged in")
+    second: Running = await start()
+    c2 = second.client
+    assert await c2.cmd("AUTH PLAIN") == b"+ "
+    assert await c2.cmd("*") == b"-ERR Authentication cancelled."
+    assert await c2.cmd("AUTH PLAIN") == b"+ "
+    assert (await c2.cmd(token)).startswith(b"-ERR [IN-USE]")  # first session holds the lock
+
+
+async def test_auth_plain_rejects_other_authzid(start: Starter) -> None:
+    running: Running = await start()
+    token = base64.b64encode(b"root\0demo\0secret").decode()
+    assert await running.client.cmd(f"AUTH PLAIN {token}") == b"-ERR [AUTH] Authentication failed."
+
+
+async def test_dele_then_retr_of_the_same_message_is_an_error(
+    start: Starter,
+) -> None:
+    running: Running = await start()
+    c = running.client
+    await login(c)
+    assert (await c.cmd("DELE 2")).startswith(b"+OK")
+    assert (await c.cmd("RETR 2")).startswith(b"-ERR")
+    assert (await c.cmd("DELE 2")).startswith(b"-ERR")
+    assert (await c.cmd("LIST 2")).startswith(b"-ERR")
+    assert (await c.cmd("STAT")).startswith(b"+OK 2 ")
+    _, listing = await c.multi("LIST")
+    assert [ln.split()[0] for ln in listing.splitlines()] == [b"1", b"3"]
+
+
+async def test_rset_unmarks_every_deletion(start: Starter, maildir: Path) -> None:
+    running: Running = await start()
+    c = running.client
+    await login(c)
+    assert (await c.cmd("DELE 1")).startswith(b"+OK")
+    assert (await c.cmd("DELE 3")).startswith(b"+OK")
+    assert (await c.cmd("RSET")).startswith(b"+OK Maildrop has 3 messages")
+    assert (await c.cmd("RETR 1")).startswith(b"+OK")
+    await c.body()
+    assert (await c.cmd("QUIT")).startswith(b"+OK")
+    await running.done.wait()
+    assert remaining(maildir) == set(MESSAGES)
+
+
+async def test_quit_commits_the_deletions(start: Starter, maildir: Path) -> None:
+    running: Running = await start()
+    c = running.client
+    await login(c)
+    assert (await c.cmd("DELE 1")).startswith(b"+OK")
+    assert (await c.cmd("DELE 3")).startswith(b"+OK")
+    assert await c.cmd("QUIT") == b"+OK Logging out, 2 messages deleted."
+    await running.done.wait()
+    assert remaining(maildir) == {"1700000002.M2P1.test"}
+    assert running.summary().deleted == 2
+
+
+async def test_session_ending_without_quit_deletes_nothing(start: Starter, maildir: Path) -> None:
+    running: Running = await start()
+    c = running.client
+    await login(c)
+    assert (await c.cmd("DELE 1")).startswith(b"+OK")
+    await c.stream.aclose()  # EOF without QUIT
+    await running.done.wait()
+    assert running.summary().result is SessionResult.EOF
+    assert remaining(maildir) == set(MESSAGES)
+    # and the lock is released: a new session sees all three
+    again: Running = await start()
+    await login(again.client)
+
+
+async def test_quit_in_authorization_logs_out(start: Starter) -> None:
+    running: Running = await start()
+    assert (await running.client.cmd("QUIT")).startswith(b"+OK")
+    assert await running.client.closed()
+
+
+async def test_pipelined_commands_are_answered_in_order(start: Starter) -> None:
+    running: Running = await start()
+    c = running.client
+    await login(c)
+    await c.send(b"NOOP\r\n" * 200 + b"STAT\r\nBOGUS\r\nNOOP\r\n")
+    for _ in range(200):
+        assert await c.line() == b"+OK"
+    assert (await c.line()).startswith(b"+OK 3 ")
+    assert (await c.line()).startswith(b"-ERR")
+    assert await c.line() == b"+OK"
+
+
+async def test_too_many_bad_commands_close_the_session(start: Starter) -> None:
+    running: Running = await start()
+    c = running.client
+    for _ in range(LIMITS.max_bad_commands - 1):
+        assert (await c.cmd("FOO")).startswith(b"-ERR")
+    assert (await c.cmd("FOO")).startswith(b"-ERR Too many bad commands")
+    assert await c.closed()
+    await running.done.wait()
+    assert running.summary().result is SessionResult.PROTOCOL_ERROR
+
+
+async def test_plaintext_auth_refused_without_tls_when_not_allowed(
+    start: Starter, maildir: Path
+) -> None:
+    running: Running = await start(make_context(maildir, plaintext=False))
+    c = running.client
+    _, capa = await c.multi("CAPA")
+    assert b"USER" not in capa and b"SASL" not in capa
+    reply = await c.cmd("USER demo")
+    assert reply.startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
+    assert (await c.cmd("STLS")).startswith(b"-ERR")  # this listener has no STLS
+
+
+async def test_overlong_line_gets_one_error_and_the_session_goes_on(
+    start: Starter,
+) -> None:
+    running: Running = await start()
+    c = running.client
+    await c.send(b"X" * 100_000 + b"\r\nUSER demo\r\n")
+    assert (await c.line()) == b"-ERR Line too long"
+    assert (await c.line()) == b"+OK"
+
+
+async def test_login_timeout_closes_a_silent_client(
+    start: Starter, maildir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    running: Running = await start(make_context(maildir))
+    await running.client.send(b"US")  # a drip that never completes a line
+    await running.done.wait()
+    assert running.summary().result is SessionResult.TIMEOUT
+    assert (await running.client.line()).startswith(b"-ERR [SYS/TEMP] Disconnected")
+
+
+async def test_idle_timeout_ends_a_logged_in_session_without_deleting(
+    start: Starter, maildir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    running: Running = await start(make_context(maildir))
+    c = running.client
+    # The hash and the Maildir listing run in worker threads: keep the clock still
+    # until they are done, or it would jump to the client's own read deadline.
+    autojump_clock.autojump_threshold = math.inf
+    await login(c)
+    assert (await c.cmd("DELE 1")).startswith(b"+OK")
+    autojump_clock.autojump_threshold = 0
+    before = trio.current_time()
+    await running.done.wait()
+    assert trio.current_time() - before >= LIMITS.idle_timeout_seconds >= 600
+    assert running.summary().result is SessionResult.TIMEOUT
+    assert await c.line() == b"-ERR Disconnected for inactivity."
+    assert remaining(maildir) == set(MESSAGES)
