@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from .harness import BIG_MESSAGE_BYTES, Corpus, CrlfDigest, crlf_form, parse_logfmt
+from .harness import (
+    BIG_MESSAGE_BYTES,
+    SERVER_START_DEADLINE_SECONDS,
+    Corpus,
+    CrlfDigest,
+    ServerFailed,
+    ServerProcess,
+    crlf_form,
+    parse_logfmt,
+)
 
 
 def test_corpus_has_dot_lines_8bit_long_lines_and_a_50mb_message(corpus: Corpus) -> None:
@@ -67,3 +78,12 @@ def test_parse_logfmt_reads_quoted_and_bare_values() -> None:
         "port": "1234",
         "x": 'a "b"',
     }
+
+
+def test_a_server_that_cannot_start_fails_the_wait_with_its_log(tmp_path: Path) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text("listen: []\nno_such_key: 1\n")
+    server = ServerProcess(config, listeners=["none"], cwd=tmp_path)
+    with pytest.raises(ServerFailed, match="no_such_key"):
+        server.wait_ready(timeout=SERVER_START_DEADLINE_SECONDS)
+    assert server.proc.returncode == 2  # popproxy's exit code for a config error
