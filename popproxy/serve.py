@@ -167,8 +167,23 @@ async def serve(
             raise ServeError(f"cannot load the TLS certificate or key: {exc}") from exc
     server = Server(config, tls_context)
     bound: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
-    for listener in config.listen:
-        bound.append((listener, await _bind(listener)))
+    try:
+        for listener in config.listen:
+            bound.append((listener, await _bind(listener)))
+        await _run(server, bound, shutdown, task_status)
+    finally:
+        with trio.CancelScope(shield=True):
+            for _, sockets in bound:
+                for sock in sockets:
+                    await sock.aclose()
+
+
+async def _run(
+    server: Server,
+    bound: Sequence[tuple[ListenerConfig, Sequence[trio.SocketListener]]],
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[Sequence[tuple[str, int]]],
+) -> None:
     ports: list[tuple[str, int]] = []
     async with trio.open_nursery() as sessions:
         async with trio.open_nursery() as acceptors:
@@ -189,7 +204,7 @@ async def serve(
             acceptors.cancel_scope.cancel()
         for _, sockets in bound:
             for sock in sockets:
-                await sock.aclose()
+                await sock.aclose()  # stop accepting: new clients are refused by the kernel
         await server.drain()
         sessions.cancel_scope.cancel()
     log.info("stopped")

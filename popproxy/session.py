@@ -177,6 +177,7 @@ class Session:
     async def _serve(self) -> None:
         if self._context.implicit_tls:
             await self._start_tls()
+            self._conn = ServerConnection(self._settings())
         self._queue(GREETING)
         while self._conn.phase is not Phase.CLOSED:
             try:

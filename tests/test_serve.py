@@ -1,0 +1,280 @@
+"""serve(): listeners, the session limit, STLS rules and graceful shutdown, over loopback.
+
+The server runs in-process on dynamic ports; clients are raw trio streams, with
+TLS from a throwaway trustme CA. Every test runs under a deadline.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from popproxy.auth.passwords import hash_password
+from popproxy.config import (
+    Config,
+    LimitsConfig,
+    ListenerConfig,
+    StateConfig,
+    TlsConfig,
+    TlsMode,
+    UserConfig,
+)
+from popproxy.secret import Secret
+from popproxy.serve import serve
+
+TEST_DEADLINE_SECONDS = 20
+MESSAGES = {
+    "1700000001.M1P1.test": b"Subject: one\n\nfirst\n",
+    "1700000002.M2P1.test": b"Subject: two\n\nsecond\n",
+}
+
+
+@dataclass
+class Tls:
+    ca: trustme.CA
+    cert_file: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    ca = trustme.CA()
+    pem = tmp_path_factory.mktemp("tls") / "server.pem"
+    ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    return Tls(ca, pem)
+
+
+@pytest.fixture
+def maildir(tmp_path: Path) -> Path:
+    root = tmp_path / "Maildir"
+    for sub in ("new", "cur", "tmp"):
+        (root / sub).mkdir(parents=True)
+    for name, body in MESSAGES.items():
+        (root / "new" / name).write_bytes(body)
+    return root
+
+
+def remaining(maildir: Path) -> set[str]:
+    return {p.name for sub in ("new", "cur") for p in (maildir / sub).iterdir()}
+
+
+def make_config(maildir: Path, tls: Tls, **limits: Any) -> Config:
+    user = UserConfig("demo", hash_password(Secret.from_str("secret"), ln=4), maildir=maildir)
+    return Config(
+        source=Path("test.yaml"),
+        listen=tuple(ListenerConfig("127.0.0.1", 0, mode) for mode in TlsMode),
+        tls=TlsConfig(tls.cert_file, tls.cert_file),
+        allow_plaintext_auth=False,
+        upstreams=MappingProxyType({}),
+        users=MappingProxyType({"demo": user}),
+        state=StateConfig(),
+        rules_dir=None,
+        metrics=None,
+        limits=replace(LimitsConfig(auth_failure_delay_seconds=0.0), **limits),
+    )
+
+
+@dataclass
+class Running:
+    ports: dict[TlsMode, int]
+    shutdown: trio.Event
+    stopped: trio.Event
+
+
+class Client:
+    """Line-oriented raw POP3 client over a trio stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            data = await self.stream.receive_some(4096)
+            if not data:
+                raise EOFError(bytes(self.buf))
+            self.buf += data
+        line, _, rest = bytes(self.buf).partition(b"\r\n")
+        self.buf[:] = rest
+        return line
+
+    async def cmd(self, line: bytes) -> bytes:
+        await self.stream.send_all(line + b"\r\n")
+        return await self.line()
+
+    async def at_eof(self) -> bool:
+        try:
+            data = await self.stream.receive_some(4096)
+        except trio.BrokenResourceError:
+            return True
+        return data == b""
+
+    async def login(self) -> None:
+        assert await self.cmd(b"USER demo") == b"+OK"
+        assert (await self.cmd(b"PASS secret")).startswith(b"+OK Logged in")
+
+
+OPENED: list[trio.abc.Stream] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_clients() -> AsyncIterator[None]:
+    yield
+    while OPENED:
+        await trio.aclose_forcefully(OPENED.pop())
+
+
+async def connect(running: Running, mode: TlsMode, tls: Tls | None = None) -> Client:
+    stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", running.ports[mode])
+    OPENED.append(stream)
+    if mode is TlsMode.IMPLICIT:
+        assert tls is not None
+        stream = trio.SSLStream(stream, tls.client_context(), server_hostname="127.0.0.1")
+    client = Client(stream)
+    greeting = await client.line()
+    assert greeting.startswith((b"+OK", b"-ERR")), greeting
+    if greeting.startswith(b"-ERR"):
+        client.buf[:0] = greeting + b"\r\n"
+    return client
+
+
+async def starttls(client: Client, tls: Tls) -> None:
+    assert (await client.cmd(b"STLS")).startswith(b"+OK")
+    tls_stream = trio.SSLStream(client.stream, tls.client_context(), server_hostname="127.0.0.1")
+    await tls_stream.do_handshake()
+    client.stream = tls_stream
+
+
+async def start(nursery: trio.Nursery, config: Config) -> Running:
+    shutdown, stopped = trio.Event(), trio.Event()
+
+    async def run(task_status: trio.TaskStatus[Sequence[tuple[str, int]]]) -> None:
+        await serve(config, shutdown=shutdown, task_status=task_status)
+        stopped.set()
+
+    bound = await nursery.start(run)
+    ports = {listener.tls: port for listener, (_, port) in zip(config.listen, bound, strict=True)}
+    return Running(ports, shutdown, stopped)
+
+
+async def test_each_listener_kind_serves_a_login(
+    maildir: Path, tls: Tls, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        running = await start(nursery, make_config(maildir, tls))
+        plain = await connect(running, TlsMode.NONE)
+        reply = await plain.cmd(b"USER demo")
+        assert reply.startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
+        await plain.stream.aclose()
+
+        stls = await connect(running, TlsMode.STARTTLS)
+        await starttls(stls, tls)
+        await stls.login()
+        assert (await stls.cmd(b"QUIT")).startswith(b"+OK")
+
+        implicit = await connect(running, TlsMode.IMPLICIT, tls)
+        await implicit.login()
+        assert (await implicit.cmd(b"STLS")).startswith(b"-ERR")
+        assert (await implicit.cmd(b"QUIT")).startswith(b"+OK")
+        running.shutdown.set()
+        await running.stopped.wait()
+
+
+async def test_stls_with_a_pipelined_command_is_refused_and_closed(
+    maildir: Path, tls: Tls, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        running = await start(nursery, make_config(maildir, tls))
+        client = await connect(running, TlsMode.STARTTLS)
+        await client.stream.send_all(b"STLS\r\nCAPA\r\n")
+        assert (await client.line()).startswith(b"-ERR STLS must be the last command")
+        assert await client.at_eof()
+        # the server goes on serving
+        again = await connect(running, TlsMode.STARTTLS)
+        await starttls(again, tls)
+        await again.login()
+
+
+async def test_user_given_before_stls_is_forgotten_after_the_handshake(
+    maildir: Path, tls: Tls, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        # With plaintext auth allowed (the trusted-LAN setting) USER is accepted in
+        # clear; it must still not survive the handshake (RFC 2595 §4).
+        config = replace(make_config(maildir, tls), allow_plaintext_auth=True)
+        running_lan = await start(nursery, config)
+        lan = await connect(running_lan, TlsMode.STARTTLS)
+        assert await lan.cmd(b"USER demo") == b"+OK"
+        await starttls(lan, tls)
+        assert await lan.cmd(b"PASS secret") == b"-ERR No username given"
+        await lan.login()
+
+
+async def test_sessions_over_the_limit_get_sys_temp_and_are_closed(
+    maildir: Path, tls: Tls, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        running = await start(nursery, make_config(maildir, tls, max_sessions=2))
+        first = await connect(running, TlsMode.NONE)
+        second = await connect(running, TlsMode.NONE)
+        third = await connect(running, TlsMode.NONE)
+        assert await third.line() == b"-ERR [SYS/TEMP] Too many connections, try again later."
+        assert await third.at_eof()
+        assert (await first.cmd(b"QUIT")).startswith(b"+OK")
+        assert await first.at_eof()
+        # a slot is free again once the first session's task has finished
+        await trio.testing.wait_all_tasks_blocked()
+        fourth = await connect(running, TlsMode.NONE)
+        assert (await fourth.cmd(b"CAPA")).startswith(b"+OK")
+        await second.stream.aclose()
+
+
+async def test_shutdown_stops_accepting_and_lets_a_session_finish_within_the_grace(
+    maildir: Path, tls: Tls, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        config = replace(
+            make_config(maildir, tls, shutdown_grace_seconds=30), allow_plaintext_auth=True
+        )
+        running = await start(nursery, config)
+        client = await connect(running, TlsMode.NONE)
+        await client.login()
+        assert (await client.cmd(b"DELE 1")).startswith(b"+OK")
+        running.shutdown.set()
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", running.ports[TlsMode.NONE])
+        assert (await client.cmd(b"QUIT")).startswith(b"+OK Logging out, 1 messages deleted")
+        await running.stopped.wait()
+        assert remaining(maildir) == {"1700000002.M2P1.test"}
+
+
+async def test_sessions_still_open_after_the_grace_are_cancelled_and_delete_nothing(
+    maildir: Path, tls: Tls, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        config = replace(
+            make_config(maildir, tls, shutdown_grace_seconds=0.2), allow_plaintext_auth=True
+        )
+        running = await start(nursery, config)
+        client = await connect(running, TlsMode.NONE)
+        await client.login()
+        assert (await client.cmd(b"DELE 1")).startswith(b"+OK")
+        assert (await client.cmd(b"DELE 2")).startswith(b"+OK")
+        running.shutdown.set()
+        await running.stopped.wait()
+        assert await client.at_eof()
+        assert remaining(maildir) == set(MESSAGES)
