@@ -110,6 +110,9 @@ class SessionContext:
     authenticator: Authenticator
     open_maildrop: OpenMaildrop
     tls_context: ssl.SSLContext | None = None
+    # RFC 2449 §6.7: a local Maildir is never pruned by the server on its own. The
+    # retention policy (rules/) will compute this per user.
+    expire: str = "NEVER"
     stls_available: bool = False
     implicit_tls: bool = False
     allow_plaintext_auth: bool = False
@@ -260,7 +263,7 @@ class Session:
 
     async def _capa(self) -> None:
         self._queue(Ok("Capability list follows"))
-        for line in capabilities(self._conn.settings, expire=None):
+        for line in capabilities(self._conn.settings, expire=self._context.expire):
             self._queue(Data(line.encode("ascii") + b"\r\n"))
         self._queue(EndOfData())
 
@@ -268,13 +271,13 @@ class Session:
         """SASL PLAIN: ``authzid NUL authcid NUL passwd`` (RFC 4616 §2)."""
         parts = response.reveal().split(b"\0")
         if len(parts) != 3:
-            self._queue(Err("Invalid SASL PLAIN response."))
+            await self._fail_login()  # as Dovecot: a malformed response is a failed login
             return
         authzid, authcid, password = parts
         try:
             user = authcid.decode("utf-8")
         except UnicodeDecodeError:
-            self._queue(AUTH_FAILED)
+            await self._fail_login()
             return
         if authzid and authzid != authcid:
             # No proxy authorization: a user may only act as itself.

@@ -179,6 +179,7 @@ async def test_every_transaction_command(start: Starter, maildir: Path) -> None:
     assert await c.cmd("NOOP") == b"+OK"
     _, capa = await c.multi("CAPA")
     assert b"UIDL\r\n" in capa and b"PIPELINING\r\n" in capa
+    assert b"EXPIRE NEVER\r\n" in capa
     assert (await c.cmd("QUIT")).startswith(b"+OK")
     await running.done.wait()
     assert running.summary().result is SessionResult.QUIT
@@ -247,10 +248,12 @@ async def test_auth_plain_initial_response_and_continuation(
     assert (await c2.cmd(token)).startswith(b"-ERR [IN-USE]")  # first session holds the lock
 
 
-async def test_auth_plain_rejects_other_authzid(start: Starter) -> None:
+async def test_auth_plain_rejects_other_authzid_and_malformed_responses(start: Starter) -> None:
     running: Running = await start()
-    token = base64.b64encode(b"root\0demo\0secret").decode()
-    assert await running.client.cmd(f"AUTH PLAIN {token}") == b"-ERR [AUTH] Authentication failed."
+    for raw in (b"root\0demo\0secret", b"", b"demo\0secret", b"\0\xff\0secret"):
+        token = base64.b64encode(raw).decode() or "="
+        reply = await running.client.cmd(f"AUTH PLAIN {token}")
+        assert reply == b"-ERR [AUTH] Authentication failed.", raw
 
 
 async def test_dele_then_retr_of_the_same_message_is_an_error(
