@@ -9,10 +9,12 @@ server, the same octets out.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from popproxy.pop3.client import ClientConnection
 from popproxy.pop3.commands import (
@@ -45,6 +47,26 @@ from popproxy.pop3.state import Phase
 # Moderate example counts keep tests/pop3 in a few seconds; deadline=None because
 # a loaded CI machine must not turn a slow example into a failure.
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# Content built from the octets that matter to dot-stuffing, so that lines
+# starting with "." and CR/LF in every arrangement turn up often.
+CONTENT = st.lists(
+    st.sampled_from([b".", b"\r", b"\n", b"\r\n", b".\r\n", b"a", b"\x00", b"\xff", b" "]),
+    max_size=60,
+).map(b"".join) | st.binary(max_size=200)
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    """``data`` cut at the given offsets (modulo its length), as non-empty pieces."""
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]  # b"" is EOF
+
+
+def expected_content(content: bytes) -> bytes:
+    """What comes back: the content, ended by CRLF if it did not end a line."""
+    return content if content == b"" or content.endswith(b"\n") else content + b"\r\n"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,381 @@
+"""The client role of the sans-IO core (popproxy.pop3.client).
+
+Every case goes through ``run_client``, which feeds the server's octets whole
+and byte by byte and asserts both give the same events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from pop3_helpers import Broken, run_client
+
+from popproxy.pop3.client import ClientConnection
+from popproxy.pop3.commands import (
+    Auth,
+    Capa,
+    Command,
+    Dele,
+    List,
+    Noop,
+    Pass,
+    Quit,
+    Retr,
+    SaslCancel,
+    SaslLine,
+    SaslResponse,
+    Stat,
+    Top,
+    Uidl,
+    User,
+)
+from popproxy.pop3.errors import LocalProtocolError, RemoteProtocolError
+from popproxy.pop3.events import NEED_DATA, ConnectionClosed, Data, EndOfData, SaslChallenge
+from popproxy.pop3.limits import MAX_REPLY_LINE_OCTETS
+from popproxy.pop3.replies import Err, Ok, ResponseCode
+from popproxy.secret import Secret
+
+HELLO = b"+OK POP3 ready <1.2@host>\r\n"
+HELLO_EVENT = Ok("POP3 ready <1.2@host>")
+
+
+def broken(text: str) -> Broken:
+    return Broken(Err(f"Upstream protocol error: {text}", ResponseCode.SYS_TEMP), True)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    commands: list[Command | SaslLine]
+    data: bytes
+    events: list[object]
+    eof: bool = False
+
+
+CASES = [
+    Case("greeting", [], HELLO, [HELLO_EVENT]),
+    Case("greeting-bare-ok", [], b"+OK\r\n", [Ok("")]),
+    Case("greeting-bare-lf", [], b"+OK hi\n", [Ok("hi")]),
+    Case(
+        "greeting-err-in-use",
+        [],
+        b"-ERR [IN-USE] Mailbox locked\r\n",
+        [Err("Mailbox locked", ResponseCode.IN_USE)],
+    ),
+    Case(
+        "status-codes",
+        [User("a"), Pass(Secret(b"p")), Noop(), Noop(), Noop(), Noop(), Noop()],
+        HELLO
+        + b"+OK\r\n"
+        + b"-ERR [AUTH] Wrong password\r\n"
+        + b"-ERR [SYS/TEMP] Try later\r\n"
+        + b"-ERR [SYS/PERM]\r\n"
+        + b"-ERR [login-delay] Slow down\r\n"
+        + b"-ERR [X-VENDOR/THING] Something\r\n"
+        + b"-ERR [unterminated code\r\n",
+        [
+            HELLO_EVENT,
+            Ok(""),
+            Err("Wrong password", ResponseCode.AUTH),
+            Err("Try later", ResponseCode.SYS_TEMP),
+            Err("", ResponseCode.SYS_PERM),
+            Err("Slow down", ResponseCode.LOGIN_DELAY),
+            Err("[X-VENDOR/THING] Something"),
+            Err("[unterminated code"),
+        ],
+    ),
+    Case(
+        "eight-bit-status-text",
+        [Noop(), Noop()],
+        HELLO + "+OK grüß\r\n".encode() + b"-ERR \xff\r\n",
+        [HELLO_EVENT, Ok("grüß"), Err("\ufffd")],
+    ),
+    Case(
+        "list-all-is-multiline",
+        [List()],
+        HELLO + b"+OK 2 messages\r\n1 120\r\n2 200\r\n.\r\n",
+        [HELLO_EVENT, Ok("2 messages"), Data(b"1 120\r\n2 200\r\n"), EndOfData()],
+    ),
+    Case(
+        "list-one-is-single-line",
+        [List(1), Noop()],
+        HELLO + b"+OK 1 120\r\n+OK\r\n",
+        [HELLO_EVENT, Ok("1 120"), Ok("")],
+    ),
+    Case(
+        "list-err-has-no-body",
+        [List(), Noop()],
+        HELLO + b"-ERR no\r\n+OK\r\n",
+        [HELLO_EVENT, Err("no"), Ok("")],
+    ),
+    Case(
+        "uidl-all-is-multiline",
+        [Uidl()],
+        HELLO + b"+OK\r\n1 abc\r\n.\r\n",
+        [HELLO_EVENT, Ok(""), Data(b"1 abc\r\n"), EndOfData()],
+    ),
+    Case(
+        "uidl-one-is-single-line",
+        [Uidl(1), Noop()],
+        HELLO + b"+OK 1 abc\r\n+OK\r\n",
+        [HELLO_EVENT, Ok("1 abc"), Ok("")],
+    ),
+    Case(
+        "top-is-multiline",
+        [Top(1, 0)],
+        HELLO + b"+OK\r\nSubject: x\r\n\r\n.\r\n",
+        [HELLO_EVENT, Ok(""), Data(b"Subject: x\r\n\r\n"), EndOfData()],
+    ),
+    Case(
+        "retr-unstuffed",
+        [Retr(1)],
+        HELLO + b"+OK 30 octets\r\n..dot\r\n...two\r\n..\r\nend\r\n.\r\n",
+        [HELLO_EVENT, Ok("30 octets"), Data(b".dot\r\n..two\r\n.\r\nend\r\n"), EndOfData()],
+    ),
+    Case(
+        "retr-empty-body",
+        [Retr(1)],
+        HELLO + b"+OK\r\n.\r\n",
+        [HELLO_EVENT, Ok(""), EndOfData()],
+    ),
+    Case(
+        "retr-eight-bit-body-and-lone-cr",
+        [Retr(1)],
+        HELLO + b"+OK\r\n\xff\x00\rx\r\n.\r\n",
+        [HELLO_EVENT, Ok(""), Data(b"\xff\x00\rx\r\n"), EndOfData()],
+    ),
+    Case(
+        "retr-err",
+        [Retr(9), Dele(1)],
+        HELLO + b"-ERR no such message\r\n+OK\r\n",
+        [HELLO_EVENT, Err("no such message"), Ok("")],
+    ),
+    Case(
+        "capa-is-multiline",
+        [Capa()],
+        HELLO + b"+OK\r\nUSER\r\nSASL PLAIN\r\n.\r\n",
+        [HELLO_EVENT, Ok(""), Data(b"USER\r\nSASL PLAIN\r\n"), EndOfData()],
+    ),
+    Case(
+        "bare-auth-is-multiline",
+        [Auth()],
+        HELLO + b"+OK\r\nPLAIN\r\n.\r\n",
+        [HELLO_EVENT, Ok(""), Data(b"PLAIN\r\n"), EndOfData()],
+    ),
+    Case(
+        "pipelined-fifo",
+        [Stat(), List(), Retr(1), Uidl(1), Dele(1), Quit()],
+        HELLO
+        + b"+OK 1 5\r\n"
+        + b"+OK\r\n1 5\r\n.\r\n"
+        + b"+OK\r\n+OK\r\n.\r\n"
+        + b"+OK 1 u\r\n"
+        + b"+OK deleted\r\n"
+        + b"+OK bye\r\n",
+        [
+            HELLO_EVENT,
+            Ok("1 5"),
+            Ok(""),
+            Data(b"1 5\r\n"),
+            EndOfData(),
+            Ok(""),
+            Data(b"+OK\r\n"),
+            EndOfData(),
+            Ok("1 u"),
+            Ok("deleted"),
+            Ok("bye"),
+        ],
+    ),
+    Case(
+        "sasl-challenge-then-ok",
+        [Auth("PLAIN"), SaslResponse(Secret(b"\x00a\x00p"))],
+        HELLO + b"+ \r\n+OK logged in\r\n",
+        [HELLO_EVENT, SaslChallenge(b""), Ok("logged in")],
+    ),
+    Case(
+        "sasl-bare-plus-challenge",
+        [Auth("PLAIN"), SaslCancel()],
+        HELLO + b"+\r\n-ERR cancelled\r\n",
+        [HELLO_EVENT, SaslChallenge(b""), Err("cancelled")],
+    ),
+    Case(
+        "sasl-challenge-data",
+        [Auth("X-TEST")],
+        HELLO + b"+ AP8=\r\n",
+        [HELLO_EVENT, SaslChallenge(b"\x00\xff")],
+    ),
+    Case(
+        "sasl-challenge-bad-base64",
+        [Auth("X-TEST")],
+        HELLO + b"+ !!!\r\n",
+        [HELLO_EVENT, broken("invalid base64 in SASL challenge")],
+    ),
+    Case(
+        "sasl-challenge-outside-auth",
+        [Noop()],
+        HELLO + b"+ \r\n",
+        [HELLO_EVENT, broken("SASL challenge outside AUTH")],
+    ),
+    Case(
+        "unsolicited-line",
+        [Noop()],
+        HELLO + b"+OK\r\n+OK extra\r\n",
+        [HELLO_EVENT, Ok(""), broken("unsolicited reply")],
+    ),
+    Case(
+        "unsolicited-before-any-command",
+        [],
+        HELLO + b"-ERR x\r\n",
+        [HELLO_EVENT, broken("unsolicited reply")],
+    ),
+    Case(
+        "status-line-of-512-octets",
+        [Noop()],
+        HELLO + b"+OK " + b"x" * (MAX_REPLY_LINE_OCTETS - 6) + b"\r\n",
+        [HELLO_EVENT, Ok("x" * (MAX_REPLY_LINE_OCTETS - 6))],
+    ),
+    Case(
+        "overlong-status-line",
+        [Noop()],
+        HELLO + b"+OK " + b"x" * (MAX_REPLY_LINE_OCTETS - 5) + b"\r\n",
+        [HELLO_EVENT, broken("reply line too long")],
+    ),
+    Case(
+        "overlong-greeting-without-lf",
+        [],
+        b"+OK " + b"x" * 10_000,
+        [broken("reply line too long")],
+    ),
+    Case("malformed-status", [], b"+OKAY\r\n", [broken("malformed status line")]),
+    Case("malformed-status-lowercase", [], b"+ok\r\n", [broken("malformed status line")]),
+    Case("malformed-status-empty", [], b"\r\n", [broken("malformed status line")]),
+    Case("malformed-status-smtp", [], b"220 mail ESMTP\r\n", [broken("malformed status line")]),
+    Case(
+        "eof-after-quit",
+        [Quit()],
+        HELLO + b"+OK bye\r\n",
+        [HELLO_EVENT, Ok("bye"), ConnectionClosed()],
+        eof=True,
+    ),
+    Case(
+        "eof-with-reply-outstanding",
+        [Stat()],
+        HELLO,
+        [HELLO_EVENT, broken("connection closed with a reply outstanding")],
+        eof=True,
+    ),
+    Case(
+        "eof-mid-status-line",
+        [Stat()],
+        HELLO + b"+OK 1",
+        [HELLO_EVENT, broken("connection closed with a reply outstanding")],
+        eof=True,
+    ),
+    Case(
+        "eof-mid-body",
+        [Retr(1)],
+        HELLO + b"+OK\r\nSubject: x\r\n\r\nbody",
+        [
+            HELLO_EVENT,
+            Ok(""),
+            Data(b"Subject: x\r\n\r\nbody"),
+            broken("connection closed inside a multi-line reply"),
+        ],
+        eof=True,
+    ),
+    Case(
+        "eof-after-dot-of-terminator",
+        [Retr(1)],
+        HELLO + b"+OK\r\nx\r\n.\r",
+        [
+            HELLO_EVENT,
+            Ok(""),
+            Data(b"x\r\n"),
+            broken("connection closed inside a multi-line reply"),
+        ],
+        eof=True,
+    ),
+    Case(
+        "eof-with-junk-after-last-reply",
+        [],
+        HELLO + b"+O",
+        [HELLO_EVENT, broken("connection closed with a reply outstanding")],
+        eof=True,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_case(case: Case) -> None:
+    run = run_client(case.commands, case.data, eof=case.eof)
+    assert run.events == case.events
+
+
+def test_after_a_fatal_error_next_event_is_a_local_error() -> None:
+    conn = ClientConnection()
+    conn.send(Retr(1))
+    conn.receive_data(HELLO + b"+OK\r\npartial")
+    conn.receive_data(b"")
+    assert conn.next_event() == HELLO_EVENT
+    assert conn.next_event() == Ok("")
+    assert conn.next_event() == Data(b"partial")
+    with pytest.raises(RemoteProtocolError) as raised:
+        conn.next_event()
+    assert raised.value.fatal
+    assert raised.value.reply.code is ResponseCode.SYS_TEMP
+    with pytest.raises(LocalProtocolError):
+        conn.next_event()
+    with pytest.raises(LocalProtocolError):
+        conn.send(Noop())
+
+
+def test_outstanding_counts_the_greeting_and_pipelined_commands() -> None:
+    conn = ClientConnection()
+    assert conn.outstanding == 1
+    conn.send(Capa())
+    conn.send(Stat())
+    assert conn.outstanding == 3
+    conn.receive_data(HELLO + b"+OK\r\nTOP\r\n")
+    assert conn.next_event() == HELLO_EVENT
+    assert conn.next_event() == Ok("")
+    assert conn.outstanding == 2  # the body of CAPA is still due
+    assert conn.next_event() == Data(b"TOP\r\n")
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b".\r\n+OK 0 0\r\n")
+    assert conn.next_event() == EndOfData()
+    assert conn.outstanding == 1
+    assert conn.next_event() == Ok("0 0")
+    assert conn.outstanding == 0
+    assert conn.next_event() is NEED_DATA
+
+
+def test_greeting_err_has_no_body_even_with_multiline_commands_queued() -> None:
+    run = run_client([Capa()], b"-ERR go away\r\n+OK\r\nX\r\n.\r\n")
+    assert run.events == [Err("go away"), Ok(""), Data(b"X\r\n"), EndOfData()]
+
+
+def test_send_returns_the_wire_form() -> None:
+    conn = ClientConnection()
+    assert conn.send(User("alice")) == b"USER alice\r\n"
+    assert conn.send(Pass(Secret(b"a b"))) == b"PASS a b\r\n"
+    assert conn.send(Auth("PLAIN", Secret(b""))) == b"AUTH PLAIN =\r\n"
+    assert conn.send(SaslCancel()) == b"*\r\n"
+
+
+def test_body_data_is_not_held_back() -> None:
+    # Streaming: what can be decided is handed out before the terminator arrives.
+    conn = ClientConnection()
+    conn.send(Retr(1))
+    conn.receive_data(HELLO + b"+OK\r\nline one\r\nline t")
+    assert conn.next_event() == HELLO_EVENT
+    assert conn.next_event() == Ok("")
+    assert conn.next_event() == Data(b"line one\r\nline t")
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"wo\r\n.")
+    assert conn.next_event() == Data(b"wo\r\n")
+    assert conn.next_event() is NEED_DATA  # "." could still be a stuffed line
+    conn.receive_data(b".x\r\n.\r\n+OK")
+    assert conn.next_event() == Data(b".x\r\n")
+    assert conn.next_event() == EndOfData()
+    assert conn.next_event() is NEED_DATA  # bytes after the terminator wait as a line
