@@ -1,0 +1,117 @@
+"""The sans-IO core imports no I/O, TLS, YAML, metrics or database library (DESIGN.md, Layers)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import popproxy
+
+FORBIDDEN = frozenset({"trio", "socket", "ssl", "yaml", "prometheus_client", "sqlite3"})
+PACKAGE_ROOT = Path(popproxy.__file__).parent
+POP3_MODULES = sorted(
+    "popproxy.pop3" + ("" if p.stem == "__init__" else "." + p.stem)
+    for p in (PACKAGE_ROOT / "pop3").glob("*.py")
+)
+
+
+def module_path(name: str) -> Path:
+    relative = Path(*name.split(".")[1:])
+    package = PACKAGE_ROOT / relative / "__init__.py"
+    return package if package.exists() else PACKAGE_ROOT / relative.with_suffix(".py")
+
+
+def imported_names(name: str) -> set[str]:
+    """Every module ``name`` imports, absolute, including under TYPE_CHECKING."""
+    path = module_path(name)
+    return names_in(path.read_text(encoding="utf-8"), name, path.name == "__init__.py")
+
+
+def names_in(source: str, name: str, is_package: bool) -> set[str]:
+    """The absolute names of every import in ``source``, the text of module ``name``."""
+    tree = ast.parse(source)
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")[: len(name.split(".")) - node.level + is_package]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            found.add(target)
+            # "from popproxy.pop3 import server" imports a submodule.
+            found.update(f"{target}.{alias.name}" for alias in node.names)
+    return found
+
+
+def closure(roots: list[str]) -> dict[str, set[str]]:
+    """Imports of ``roots`` and of every popproxy module they reach."""
+    seen: dict[str, set[str]] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen[name] = imported_names(name)
+        todo.extend(
+            n for n in seen[name] if n.split(".")[0] == "popproxy" and module_path(n).exists()
+        )
+    return seen
+
+
+def test_pop3_modules_are_found() -> None:
+    assert "popproxy.pop3.server" in POP3_MODULES
+    assert "popproxy.pop3.client" in POP3_MODULES
+
+
+@pytest.mark.parametrize("module", POP3_MODULES)
+def test_pop3_imports_no_io_library(module: str) -> None:
+    graph = closure([module])
+    bad = {
+        (importer, imported)
+        for importer, names in graph.items()
+        for imported in names
+        if imported.split(".")[0] in FORBIDDEN
+    }
+    assert not bad
+
+
+def test_transitive_popproxy_imports_are_followed() -> None:
+    graph = closure(["popproxy.pop3.commands"])
+    assert "popproxy.secret" in graph
+    assert set(graph) <= {"popproxy", "popproxy.secret", *POP3_MODULES}
+
+
+def test_the_walker_sees_every_form_of_import() -> None:
+    source = (
+        "import os, socket as s\n"
+        "from ssl import SSLContext\n"
+        "from . import sibling\n"
+        "from ..secret import Secret\n"
+        "if False:\n"
+        "    import trio.lowlevel\n"
+        "def f() -> None:\n"
+        "    import yaml\n"
+    )
+    names = names_in(source, "popproxy.pop3.server", is_package=False)
+    assert {n.split(".")[0] for n in names} & FORBIDDEN == {"socket", "ssl", "trio", "yaml"}
+    assert "popproxy.pop3.sibling" in names
+    assert "popproxy.secret" in names
+
+
+def test_importing_pop3_loads_no_io_library_at_run_time() -> None:
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in POP3_MODULES)
+        + f"print(sorted(set(sys.modules) & set({sorted(FORBIDDEN)!r})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
