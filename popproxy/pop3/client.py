@@ -69,6 +69,11 @@ class ClientConnection:
         """How many replies (the greeting included) are still expected."""
         return len(self._outstanding)
 
+    @property
+    def buffered(self) -> int:
+        """Octets received and not yet consumed."""
+        return len(self._lines)
+
     def send(self, command: Command | SaslLine) -> bytes:
         """The octets for ``command``; its reply is expected after those before it."""
         if self._broken:

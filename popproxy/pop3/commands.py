@@ -293,6 +293,8 @@ def parse_command(line: bytes) -> Command:
         if not rest:
             raise _bad("Missing password")
         return Pass(Secret(rest))
+    # Trailing spaces are tolerated, as Dovecot does; spaces between arguments are not.
+    rest = rest.rstrip(b" ")
     args = rest.split(b" ") if rest else []
     if any(not a for a in args):
         raise _bad("Invalid argument separator")

@@ -25,7 +25,9 @@ from popproxy.pop3.commands import (
     Auth,
     Command,
     Pass,
+    SaslCancel,
     SaslLine,
+    SaslResponse,
     Stls,
     User,
     Verb,
@@ -208,10 +210,12 @@ class ServerConnection:
                 case EndOfData():
                     tail = self._stuffer.finish()
                     self._stuffer = None
-                    self._complete(due, Outcome.OK)
+                    self._complete(due, Outcome.LISTED)
                     return tail
             raise LocalProtocolError("a multi-line reply is in progress")
         match event:
+            case Ok() if isinstance(due, SaslCancel):
+                raise LocalProtocolError("a cancelled AUTH is answered with Err (RFC 5034 §4)")
             case Ok():
                 if multiline_on_ok(due):
                     self._stuffer = DotStuffer()
@@ -221,7 +225,9 @@ class ServerConnection:
             case Err():
                 self._complete(due, Outcome.ERR)
                 return format_status(event)
-            case SaslChallenge(data=data) if due.verb is Verb.AUTH:
+            case SaslChallenge(data=data) if isinstance(due, SaslResponse) or (
+                isinstance(due, Auth) and due.mechanism is not None
+            ):
                 self._complete(due, Outcome.CONTINUE)
                 return format_challenge(data)
         raise LocalProtocolError(f"{type(event).__name__} does not answer {due.verb.name}")
@@ -232,9 +238,7 @@ class ServerConnection:
                 self._user = name
             case User() | Pass(), _:
                 self._user = None
-        if not (isinstance(command, Auth) and command.mechanism is None):
-            # A bare AUTH only lists the mechanisms (RFC 5034 §4): it logs nobody in.
-            self.phase = next_phase(self.phase, command.verb, outcome)
+        self.phase = next_phase(self.phase, command.verb, outcome)
         self._due = None
 
     def tls_established(self, settings: ServerSettings) -> None:

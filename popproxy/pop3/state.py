@@ -31,6 +31,9 @@ class Outcome(enum.Enum):
     OK = "ok"
     ERR = "err"
     CONTINUE = "continue"  # a SASL "+ " challenge (RFC 5034 §4)
+    # A multi-line +OK (a listing or a message). No transition is keyed on it, so a
+    # bare AUTH, which only lists mechanisms, can never count as a login.
+    LISTED = "listed"
 
 
 _AUTHORIZATION_VERBS = frozenset(

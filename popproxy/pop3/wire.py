@@ -19,7 +19,7 @@ def format_status(reply: Ok | Err) -> bytes:
         case Err(text=text, code=ResponseCode() as code):
             words = ["-ERR", f"[{code.value}]", text]
     line = " ".join(w for w in words if w).encode("utf-8")
-    if any(b < 0x20 for b in line) or len(line) + 2 > MAX_REPLY_LINE_OCTETS:
+    if any(b < 0x20 or b == 0x7F for b in line) or len(line) + 2 > MAX_REPLY_LINE_OCTETS:
         raise LocalProtocolError(f"status line not sendable: {line[:60]!r}")
     return line + b"\r\n"
 

@@ -656,9 +656,8 @@ BAD_NUMBERS = {
 }
 BAD_ARGUMENT_LINES = {
     b"RETR": "Missing message number",
-    b"RETR ": "Missing message number",  # one trailing space after the verb is tolerated
+    b"RETR ": "Missing message number",  # trailing spaces are tolerated, as in Dovecot
     b"RETR  1": "Invalid argument separator",
-    b"RETR 1 ": "Invalid argument separator",
     b"RETR 1 2": "Too many arguments",
     b"LIST 1 2": "Too many arguments",
     b"STAT 1": "Too many arguments",
@@ -677,6 +676,13 @@ def test_strict_message_numbers(verb: bytes, raw: bytes) -> None:
 def test_bad_arguments(line: bytes) -> None:
     run = run_server(LOGIN + line + b"\r\nNOOP\r\n")
     assert run.events[2:] == [rejected(BAD_ARGUMENT_LINES[line]), Noop()]
+
+
+@pytest.mark.parametrize("line", [b"RETR 1 ", b"RETR 1   ", b"LIST ", b"STAT  "])
+def test_trailing_spaces_are_tolerated(line: bytes) -> None:
+    run = run_server(LOGIN + line + b"\r\n")
+    assert len(run.events[2:]) == 1
+    assert not isinstance(run.events[2], Rejected)
 
 
 def test_largest_message_number_is_accepted() -> None:
@@ -818,3 +824,28 @@ def test_pipelined_sasl_lines_are_parsed_in_order() -> None:
     sasl: list[SaslLine] = [SaslResponse(Secret(b"x"))]
     run = run_server(b"AUTH PLAIN\r\neA==\r\nCAPA\r\n")
     assert run.events == [Auth("PLAIN"), *sasl, Capa()]
+
+
+def _server_after(lines: bytes) -> tuple[ServerConnection, object]:
+    conn = ServerConnection()
+    conn.send(Ok("ready"))
+    conn.receive_data(lines)
+    return conn, conn.next_event()
+
+
+def test_a_bare_auth_cannot_be_answered_with_a_challenge() -> None:
+    conn, event = _server_after(b"AUTH\r\n")
+    assert event == Auth()
+    with pytest.raises(LocalProtocolError):
+        conn.send(SaslChallenge(b""))
+
+
+def test_a_cancelled_auth_cannot_be_answered_with_ok() -> None:
+    conn, _ = _server_after(b"AUTH PLAIN\r\n")
+    conn.send(SaslChallenge(b""))
+    conn.receive_data(b"*\r\n")
+    assert conn.next_event() == SaslCancel()
+    with pytest.raises(LocalProtocolError):
+        conn.send(Ok())
+    assert conn.send(Err("cancelled")) == b"-ERR cancelled\r\n"
+    assert conn.phase is Phase.AUTHORIZATION

@@ -31,7 +31,7 @@ def test_format_and_parse(reply: Ok | Err, wire: bytes) -> None:
     assert parse_status(wire[:-2]) == reply
 
 
-@pytest.mark.parametrize("text", ["a\r\nb", "a\nb", "nul\x00", "tab\t"])
+@pytest.mark.parametrize("text", ["a\r\nb", "a\nb", "nul\x00", "tab\t", "del\x7f"])
 def test_control_characters_are_not_sendable(text: str) -> None:
     with pytest.raises(LocalProtocolError):
         format_status(Ok(text))
