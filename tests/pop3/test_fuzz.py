@@ -176,7 +176,7 @@ def drive_client(conn: ClientConnection, chunks: Iterable[bytes]) -> None:
                 assert isinstance(exc.reply, Err)
                 return
             if event is NEED_DATA:
-                assert len(conn._lines) < MAX_REPLY_LINE_OCTETS
+                assert conn.buffered < MAX_REPLY_LINE_OCTETS
                 break
             assert isinstance(event, CLIENT_EVENT_TYPES)
             if isinstance(event, ConnectionClosed):
@@ -329,7 +329,7 @@ def test_ten_megabytes_without_lf_in_a_body_streams() -> None:
         assert isinstance(event, Data)
         total += len(event.data)
         assert conn.next_event() is NEED_DATA
-        assert len(conn._lines) == 0
+        assert conn.buffered == 0
     assert total == TEN_MB
 
 
