@@ -53,6 +53,7 @@ def start(tmp_path: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
         listeners: Sequence[str] = LISTENER_KINDS,
         allow_plaintext_auth: bool = True,
         limits: Mapping[str, float | int] | None = None,
+        log_level: str = "info",
     ) -> ServerProcess:
         server = start_server(
             tmp_path / f"server{len(servers)}",
@@ -61,6 +62,7 @@ def start(tmp_path: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
             listeners=listeners,
             allow_plaintext_auth=allow_plaintext_auth,
             limits=limits,
+            log_level=log_level,
         )
         servers.append(server)
         return server

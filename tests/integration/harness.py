@@ -492,7 +492,9 @@ class ServerProcess:
     A reader thread records every stderr line; `wait_for_log` waits on it under a deadline.
     """
 
-    def __init__(self, config: Path, *, listeners: Sequence[str], cwd: Path) -> None:
+    def __init__(
+        self, config: Path, *, listeners: Sequence[str], cwd: Path, log_level: str = "info"
+    ) -> None:
         self.config = config
         self.listeners = tuple(listeners)
         self.lines: list[str] = []
@@ -501,7 +503,10 @@ class ServerProcess:
         self._eof = False
         self._stdout = (cwd / "server.stdout").open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "popproxy", "run", "-c", str(config)],
+            [
+                *(sys.executable, "-m", "popproxy", "run", "-c", str(config)),
+                *("--log-level", log_level),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=self._stdout,
             stderr=subprocess.PIPE,
@@ -654,8 +659,12 @@ def start_server(
     listeners: Sequence[str] = LISTENER_KINDS,
     allow_plaintext_auth: bool = True,
     limits: Mapping[str, float | int] | None = None,
+    log_level: str = "info",
 ) -> ServerProcess:
-    """Write a config into `workdir`, start the server there and wait until it is ready."""
+    """Write a config into `workdir`, start the server there and wait until it is ready.
+
+    `log_level` is passed as `popproxy run --log-level` ("debug" to see everything).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     config = write_config(
         workdir / "popproxy.yaml",
@@ -665,7 +674,7 @@ def start_server(
         allow_plaintext_auth=allow_plaintext_auth,
         limits=limits,
     )
-    server = ServerProcess(config, listeners=listeners, cwd=workdir)
+    server = ServerProcess(config, listeners=listeners, cwd=workdir, log_level=log_level)
     server.wait_ready()
     return server
 
