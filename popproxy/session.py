@@ -360,8 +360,7 @@ class Session:
         self._queue(Ok(text))
         try:
             async for chunk in self._maildrop.retrieve(msg - 1, body_lines=body_lines):
-                self._queue(Data(chunk))
-                await self._flush()
+                await self._send_now(Data(chunk))
         except MaildropError:
             log.warning(
                 "retrieve_failed",
@@ -394,6 +393,18 @@ class Session:
             return
         data = bytes(self._out)
         self._out.clear()
+        await self._write(data)
+
+    async def _send_now(self, reply: Reply) -> None:
+        """Send what is queued and ``reply`` in one write (the RETR hot path: a
+        message chunk is not copied into the queue first)."""
+        data = self._conn.send(reply)
+        if self._out:
+            data = bytes(self._out) + data
+            self._out.clear()
+        await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
         try:
             with trio.fail_after(self._context.limits.send_timeout_seconds):
                 await self._stream.send_all(data)

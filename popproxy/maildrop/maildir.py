@@ -56,7 +56,7 @@ INFO_SEPARATOR = ":"
 
 # Sizes are found by reading each file once; larger reads than retrieve's chunks, and a
 # different chunking from retrieve's, so a boundary bug shows as a size mismatch in tests.
-SCAN_CHUNK_BYTES = 256 * 1024
+SCAN_CHUNK_BYTES = 1024 * 1024
 
 _R = TypeVar("_R")
 _Args = TypeVarTuple("_Args")
