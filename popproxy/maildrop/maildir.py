@@ -15,12 +15,15 @@ Every file operation runs in ``trio.to_thread.run_sync`` behind a
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
+import logging
 import os
 import re
+import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, TypeVar, TypeVarTuple
 
@@ -57,6 +60,11 @@ INFO_SEPARATOR = ":"
 # Sizes are found by reading each file once; larger reads than retrieve's chunks, and a
 # different chunking from retrieve's, so a boundary bug shows as a size mismatch in tests.
 SCAN_CHUNK_BYTES = 1024 * 1024
+
+# Tries at finding a free unique name for a duplicate (each a fresh 32-bit random suffix).
+MAX_RENAME_ATTEMPTS = 8
+
+log = logging.getLogger("popproxy.maildrop")
 
 _R = TypeVar("_R")
 _Args = TypeVarTuple("_Args")
@@ -220,6 +228,7 @@ class _Found:
     name: str
     unique: str
     key: _SizeKey
+    uid: str | None = None  # set only for a duplicate that could not be renamed
 
 
 def unique_part(name: str) -> str:
@@ -277,6 +286,7 @@ def _scan(root: Path, cache: _SizeCache) -> list[_Entry]:
                 unique = unique_part(de.name)
                 key = (unique, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
                 found.append(_Found(subdir, de.name, unique, key))
+    found = _separate_duplicates(root, found)
     found.sort(key=_sort_key)
     entries: list[_Entry] = []
     uids: set[str] = set()
@@ -296,7 +306,7 @@ def _scan(root: Path, cache: _SizeCache) -> list[_Entry]:
                 os.close(fd)
             key = (f.unique, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
             cache.put(key, size)
-        uid = uid_for(f.unique)
+        uid = f.uid or uid_for(f.unique)
         if uid in uids:
             # Two files with one unique name (or a hash that matches a real name): keep
             # UIDLs unique in the listing (RFC 1939 §7) with a hash of the full name.
@@ -308,6 +318,56 @@ def _scan(root: Path, cache: _SizeCache) -> list[_Entry]:
         info = MessageInfo(uid, size)
         entries.append(_Entry(f.subdir, f.name, f.unique, mtime_ns, file_size, info))
     return entries
+
+
+def _separate_duplicates(root: Path, found: list[_Found]) -> list[_Found]:
+    """Give every message a unique name of its own, as Dovecot does (blocking).
+
+    Two files with one unique name (a restored backup, a copy made by hand) would
+    otherwise trade their UIDL as they move between new/ and cur/ or as one of them
+    is deleted, and a client would skip one message and fetch another twice
+    (RFC 1939 §7; DESIGN.md invariant 3). The file delivered first (oldest mtime,
+    then the one in cur/) keeps the name; every other one is renamed in place to a
+    new unique name. Where a rename is refused (a read-only Maildir), that file's
+    UIDL is a hash of its unique name and inode, which survives renames.
+    """
+    groups: dict[str, list[_Found]] = collections.defaultdict(list)
+    for f in found:
+        groups[f.unique].append(f)
+    if all(len(group) == 1 for group in groups.values()):
+        return found
+    taken = set(groups)
+    separated: list[_Found] = []
+    for group in groups.values():
+        group.sort(key=lambda f: (f.key[3], f.subdir != "cur", f.key[2]))
+        separated.append(group[0])
+        separated.extend(_rename_duplicate(root, dup, taken) for dup in group[1:])
+    return separated
+
+
+def _rename_duplicate(root: Path, dup: _Found, taken: set[str]) -> _Found:
+    unique, dev, ino, mtime_ns, file_size = dup.key
+    info = dup.name[len(dup.unique) :]
+    source = root / dup.subdir / dup.name
+    for _ in range(MAX_RENAME_ATTEMPTS):
+        new_unique = f"{unique}.R{secrets.token_hex(4)}"
+        if new_unique in taken:
+            continue
+        try:
+            os.link(source, root / dup.subdir / (new_unique + info))  # never overwrites
+        except FileExistsError:
+            continue
+        except OSError:
+            break
+        with contextlib.suppress(OSError):  # else two names, one inode: listed once, by inode
+            os.unlink(source)
+        taken.add(new_unique)
+        log.warning("maildir_duplicate_renamed", extra={"fields": {"unique": unique}})
+        return _Found(
+            dup.subdir, new_unique + info, new_unique, (new_unique, dev, ino, mtime_ns, file_size)
+        )
+    log.warning("maildir_duplicate_not_renamed", extra={"fields": {"unique": unique}})
+    return replace(dup, uid=_hashed_uid(os.fsencode(f"{unique}\0{dev}:{ino}")))
 
 
 def _resolve(path: Path) -> Path:

@@ -480,10 +480,10 @@ def test_invariant_3_a_uidl_never_names_different_content_across_sessions(
 def test_invariant_3_duplicate_unique_names_do_not_swap_uidls(
     start: StartServer, small_maildir: Path
 ) -> None:
-    """Two files with one unique name (a restored backup, a copy between Maildirs): the
-    listing gives one of them a hashed UIDL. Whatever happens to the pair afterwards (here
-    another program moves the new/ one to cur/, as every reader does), a UIDL must keep
-    naming the content it named."""
+    """Two files with one unique name (a restored backup, a copy between Maildirs).
+    Whatever happens to the pair afterwards (another program moves the new/ one to cur/,
+    as every reader does; the first copy is deleted), a UIDL must keep naming the content
+    it named, and a deleted message's UIDL never comes back."""
     unique = "1764195000.M1P77.dup"
     a = deliver(small_maildir, unique, b"Subject: A\n\nfirst copy\n", subdir="cur")
     a = a.rename(a.with_name(unique + ":2,S"))
@@ -493,13 +493,31 @@ def test_invariant_3_duplicate_unique_names_do_not_swap_uidls(
         pop.login()
         first = uid_contents(pop)
         pop.ok("QUIT")
-    (small_maildir / "new" / unique).rename(small_maildir / "cur" / (unique + ":2,"))
+    # The server renamed the later copy, as Dovecot does: the names are unique on disk.
+    names = [
+        p.name.split(":")[0] for sub in ("new", "cur") for p in (small_maildir / sub).iterdir()
+    ]
+    assert len(names) == len(set(names))
+    # Another program reads new/ and moves what it found to cur/, whatever the name.
+    for path in list((small_maildir / "new").iterdir()):
+        if path.read_bytes() == b"Subject: B\n\nsecond, different\n":
+            path.rename(small_maildir / "cur" / (path.name + ":2,"))
     with Wire(server.port("none")) as pop:
         pop.login()
         second = uid_contents(pop)
+        # and the first copy goes away: its UIDL must not pass to the second one
+        number = next(n for n, uid in pop.uidls().items() if uid == unique)
+        pop.ok(f"DELE {number}")
         pop.ok("QUIT")
-    changed = {uid for uid in first.keys() & second.keys() if first[uid] != second[uid]}
-    assert not changed, f"UIDLs that now name other content: {sorted(changed)}"
+    with Wire(server.port("none")) as pop:
+        pop.login()
+        third = uid_contents(pop)
+        pop.ok("QUIT")
+    assert unique not in third
+    for later in (second, third):
+        changed = {uid for uid in first.keys() & later.keys() if first[uid] != later[uid]}
+        assert not changed, f"UIDLs that now name other content: {sorted(changed)}"
+    assert first.keys() - {unique} == third.keys()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from popproxy.maildrop import (
     open_maildir,
 )
 from popproxy.maildrop import maildir as maildir_module
+from popproxy.maildrop.maildir import unique_part
 from popproxy.pop3.replies import ResponseCode
 
 UIDL_RE = re.compile(rb"[\x21-\x7e]{1,70}")
@@ -566,3 +567,45 @@ async def test_50mb_message_streams_in_bounded_chunks(root: Path) -> None:
         assert total == md.messages[0].size
     finally:
         await md.aclose()
+
+
+def _unique_names(root: Path) -> list[str]:
+    return sorted(unique_part(p.name) for sub in ("new", "cur") for p in (root / sub).iterdir())
+
+
+async def test_duplicate_unique_names_are_renamed_apart_and_the_oldest_keeps_its_uidl(
+    root: Path,
+) -> None:
+    older = deliver(root, b"Subject: A\n\nold\n", subdir="cur", name="1700000008.dup:2,S")
+    os.utime(older, ns=(1_700_000_008_000_000_000, 1_700_000_008_000_000_000))
+    deliver(root, b"Subject: B\n\nnew\n", name="1700000008.dup")
+    first = await listing(root)
+    names = _unique_names(root)
+    assert len(names) == len(set(names)) == 2  # renamed on disk, as Dovecot does
+    assert (root / "cur" / "1700000008.dup:2,S").read_bytes() == b"Subject: A\n\nold\n"
+    renamed = next(p for p in (root / "new").iterdir())
+    assert renamed.name.startswith("1700000008.dup.R")
+    assert renamed.read_bytes() == b"Subject: B\n\nnew\n"
+    # The UIDLs now stay with their content whatever happens to either file.
+    renamed.rename(root / "cur" / (renamed.name + ":2,"))
+    assert await listing(root) == first
+    older.unlink()
+    assert [uid for uid, _ in await listing(root)] == [unique_part(renamed.name)]
+
+
+async def test_a_duplicate_that_cannot_be_renamed_gets_an_inode_uidl(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_: object) -> None:
+        raise PermissionError("read-only Maildir")
+
+    monkeypatch.setattr(os, "link", refuse)
+    older = deliver(root, b"A\n", subdir="cur", name="1700000009.dup:2,S")
+    os.utime(older, ns=(1_700_000_009_000_000_000, 1_700_000_009_000_000_000))
+    copy = deliver(root, b"B\n", name="1700000009.dup")
+    first = await listing(root)
+    uids = [uid for uid, _ in first]
+    assert len(set(uids)) == 2 and "1700000009.dup" in uids
+    # the inode-based UIDL survives the other program's new/ -> cur/ move
+    copy.rename(root / "cur" / "1700000009.dup:2,")
+    assert sorted(await listing(root)) == sorted(first)  # numbering may change; UIDLs not
