@@ -359,8 +359,10 @@ class Session:
         assert self._maildrop is not None  # TRANSACTION implies a maildrop
         self._queue(Ok(text))
         try:
-            async for chunk in self._maildrop.retrieve(msg - 1, body_lines=body_lines):
-                await self._send_now(Data(chunk))
+            chunks = self._maildrop.retrieve(msg - 1, body_lines=body_lines)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    await self._send_now(Data(chunk))
         except MaildropError:
             log.warning(
                 "retrieve_failed",

@@ -6,7 +6,9 @@ TLS from a throwaway trustme CA. Every test runs under a deadline.
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -278,3 +280,27 @@ async def test_sessions_still_open_after_the_grace_are_cancelled_and_delete_noth
         await running.stopped.wait()
         assert await client.at_eof()
         assert remaining(maildir) == set(MESSAGES)
+
+
+async def test_a_client_resetting_in_the_middle_of_a_retr_leaves_the_server_serving(
+    maildir: Path, tls: Tls, nursery: trio.Nursery
+) -> None:
+    big = b"".join(b"line %07d of a big message\n" % i for i in range(200_000))  # ~5.6 MB
+    (maildir / "new" / "1700000003.M3P1.test").write_bytes(b"Subject: big\n\n" + big)
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        config = replace(make_config(maildir, tls), allow_plaintext_auth=True)
+        running = await start(nursery, config)
+        client = await connect(running, TlsMode.NONE)
+        await client.login()
+        assert (await client.cmd(b"DELE 1")).startswith(b"+OK")
+        assert (await client.cmd(b"RETR 3")).startswith(b"+OK")
+        await client.stream.receive_some(65536)  # the server is now blocked writing to us
+        assert isinstance(client.stream, trio.SocketStream)
+        client.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.stream.aclose()  # RST
+        await trio.testing.wait_all_tasks_blocked()
+        again = await connect(running, TlsMode.NONE)
+        await again.login()  # the Maildir lock was released
+        assert (await again.cmd(b"STAT")).startswith(b"+OK 3 ")
+        assert (await again.cmd(b"QUIT")).startswith(b"+OK")
+        assert remaining(maildir) == set(MESSAGES) | {"1700000003.M3P1.test"}

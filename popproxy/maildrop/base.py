@@ -8,7 +8,7 @@ local Maildir (``maildir.py``) and, later, a live upstream are two implementatio
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence, Set
+from collections.abc import AsyncGenerator, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,14 +67,15 @@ class Maildrop(Protocol):
         """The listing taken at open; index ``i`` is message number ``i + 1``."""
         ...
 
-    def retrieve(self, index: int, *, body_lines: int | None = None) -> AsyncIterator[bytes]:
+    def retrieve(self, index: int, *, body_lines: int | None = None) -> AsyncGenerator[bytes, None]:
         """Stream message ``index`` as CRLF chunks, not dot-stuffed (RFC 1939 §5 RETR, §7 TOP).
 
         Each chunk has at most ``RETRIEVE_CHUNK_BYTES`` octets. With ``body_lines``
         None: the whole message, exactly ``messages[index].size`` octets, ending with
         CRLF. Otherwise (TOP): the header, the blank line and the first
         ``body_lines`` lines of the body. Raises ``MaildropError`` if the message
-        can no longer be read.
+        can no longer be read. Callers close the generator (``contextlib.aclosing``)
+        when they stop early, so files and upstream replies are released at once.
         """
         ...
 

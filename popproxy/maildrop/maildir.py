@@ -22,7 +22,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence, Set
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, TypeVar, TypeVarTuple
@@ -533,7 +533,7 @@ class MaildirMaildrop:
         """The listing taken at open; index ``i`` is message number ``i + 1`` (RFC 1939 §5)."""
         return self._messages
 
-    def retrieve(self, index: int, *, body_lines: int | None = None) -> AsyncIterator[bytes]:
+    def retrieve(self, index: int, *, body_lines: int | None = None) -> AsyncGenerator[bytes, None]:
         """Stream message ``index`` in CRLF form (RFC 1939 §5 RETR), or its top (§7 TOP).
 
         Chunks have at most the chunk size (``RETRIEVE_CHUNK_BYTES`` by default). The
@@ -547,7 +547,7 @@ class MaildirMaildrop:
             raise ValueError("body_lines must be >= 0")
         return self._stream(index, body_lines)
 
-    async def _stream(self, index: int, body_lines: int | None) -> AsyncIterator[bytes]:
+    async def _stream(self, index: int, body_lines: int | None) -> AsyncGenerator[bytes, None]:
         entry = self._entries[index]
         number = index + 1
         fd = await self._run(_open_entry, self._root, entry, number)
