@@ -211,8 +211,12 @@ class Session:
             case Pass(user=user, password=password):
                 await self._login(user, password)
             case Auth(mechanism=None):
+                # RFC 1734 §2 style listing, as Dovecot answers a bare AUTH.
                 self._queue(Ok("Supported SASL mechanisms follow"))
-                self._queue(Data(b"PLAIN\r\n"))
+                settings = self._conn.settings
+                if settings.plaintext_auth_allowed:
+                    for mechanism in settings.sasl_mechanisms:
+                        self._queue(Data(mechanism.encode("ascii") + b"\r\n"))
                 self._queue(EndOfData())
             case Auth(initial_response=None):
                 self._queue(SaslChallenge(b""))

@@ -389,3 +389,17 @@ async def test_idle_timeout_ends_a_logged_in_session_without_deleting(
     assert running.summary().result is SessionResult.TIMEOUT
     assert await c.line() == b"-ERR Disconnected for inactivity."
     assert remaining(maildir) == set(MESSAGES)
+
+
+async def test_bare_auth_lists_mechanisms_only_where_credentials_may_be_sent(
+    start: Starter, maildir: Path
+) -> None:
+    allowed = await start()
+    assert await allowed.client.multi("AUTH") == (
+        b"+OK Supported SASL mechanisms follow",
+        b"PLAIN\r\n",
+    )
+    assert (await allowed.client.cmd("STAT")).startswith(b"-ERR")  # still not logged in
+    await allowed.client.stream.aclose()
+    refused = await start(make_context(maildir, plaintext=False))
+    assert (await refused.client.multi("AUTH"))[1] == b""
