@@ -324,7 +324,6 @@ def _serving_config(directory: Path, extra: str = "") -> Path:
 def test_run_refuses_upstream_users_with_exit_2(
     in_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("popproxy.serve")
     monkeypatch.setenv("PW", "x")
     _serving_config(in_tmp, "upstreams:\n  p: {host: pop.example.net}\n")
     text = Path("serve.yaml").read_text()
@@ -338,7 +337,6 @@ def test_run_refuses_upstream_users_with_exit_2(
 
 def test_run_serves_until_sigterm(in_tmp: Path) -> None:
     """`popproxy run` logs the bound port, serves, and exits 0 after SIGTERM."""
-    pytest.importorskip("popproxy.serve")
     import re
     import signal
     import socket
