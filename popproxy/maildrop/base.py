@@ -16,9 +16,11 @@ from popproxy.pop3.replies import ResponseCode
 
 # Bound on each chunk ``Maildrop.retrieve`` yields, so a 50 MB message passes through
 # the session in pieces of at most this many octets (no body is held whole). Each chunk
-# costs a worker-thread round trip and a socket write: 256 KiB relays a 50 MB Maildir
-# message about 1.5x faster than 64 KiB on loopback, for a few hundred KiB in flight.
-RETRIEVE_CHUNK_BYTES = 256 * 1024
+# costs a worker-thread round trip and a socket write; larger chunks are faster and
+# cost more memory. docs/benchmarks.md has the figures: 128 KiB gives about 1.3x the
+# throughput of 64 KiB for about 1 MB of RSS growth on a first 50 MB RETR (256 KiB:
+# 1.45x, about 2.7 MB, past the 2 MB relay goal of the benchmarks issue).
+RETRIEVE_CHUNK_BYTES = 128 * 1024
 
 
 @dataclass(frozen=True, slots=True)
