@@ -127,6 +127,9 @@ class ServerConnection:
         if line is None:
             return ConnectionClosed() if self._lines.eof else NEED_DATA
         if isinstance(line, Overlong):
+            if in_sasl:
+                # RFC 5034 §4: an -ERR ends the AUTH exchange; the next line is a command.
+                self.phase = next_phase(Phase.SASL, Verb.AUTH, Outcome.ERR)
             self._reject(Err("Line too long"))
         if in_sasl:
             return self._accept(self._parse_sasl(line))

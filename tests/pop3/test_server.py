@@ -631,7 +631,9 @@ def test_sasl_continuation_may_reach_the_sasl_limit() -> None:
 def test_sasl_continuation_past_the_sasl_limit_is_overlong() -> None:
     response = base64.b64encode(b"p" * MAX_SASL_LINE_OCTETS)
     run = run_server(b"AUTH PLAIN\r\n" + response + b"\r\nCAPA\r\n")
-    assert run.events[1] == rejected("Line too long")
+    # The -ERR ends the AUTH exchange (RFC 5034 §4): the next line is a command again.
+    assert run.events == [Auth("PLAIN"), rejected("Line too long"), Capa()]
+    assert run.conn.phase is Phase.AUTHORIZATION
 
 
 def test_long_line_that_merely_contains_auth_is_not_a_sasl_line() -> None:
