@@ -357,14 +357,22 @@ class Session:
     async def _stream_message(self, msg: int, text: str, body_lines: int | None) -> None:
         """RETR / TOP: stream the maildrop's chunks through the dot-stuffer.
 
-        Once ``+OK`` is out, a failure can only be reported by closing without the
-        terminator: a truncated message must never look complete (RFC 1939 §3).
+        A message that cannot be opened gets ``-ERR`` and the session goes on, as
+        Dovecot answers an expunged one. Once ``+OK`` is out, a failure can only be
+        reported by closing without the terminator: a truncated message must never
+        look complete (RFC 1939 §3).
         """
         assert self._maildrop is not None  # TRANSACTION implies a maildrop
-        self._queue(Ok(text))
+        chunks = self._maildrop.retrieve(msg - 1, body_lines=body_lines)
         try:
-            chunks = self._maildrop.retrieve(msg - 1, body_lines=body_lines)
             async with contextlib.aclosing(chunks):
+                try:
+                    first = await anext(chunks, b"")  # opens the message: nothing sent yet
+                except MaildropError as exc:
+                    self._queue(Err(exc.text, exc.code))
+                    return
+                self._queue(Ok(text))
+                await self._send_now(Data(first))
                 async for chunk in chunks:
                     await self._send_now(Data(chunk))
         except MaildropError:

@@ -403,3 +403,21 @@ async def test_bare_auth_lists_mechanisms_only_where_credentials_may_be_sent(
     await allowed.client.stream.aclose()
     refused = await start(make_context(maildir, plaintext=False))
     assert (await refused.client.multi("AUTH"))[1] == b""
+
+
+async def test_retr_of_a_message_gone_since_login_gets_err_and_the_session_goes_on(
+    start: Starter, maildir: Path
+) -> None:
+    running: Running = await start()
+    c = running.client
+    await login(c)
+    for path in (maildir / "new").iterdir():
+        if path.name.startswith("1700000001."):
+            path.unlink()  # another program removed message 1
+    assert await c.cmd("RETR 1") == b"-ERR [SYS/TEMP] message 1 is no longer in the maildrop"
+    assert await c.cmd("TOP 1 0") == b"-ERR [SYS/TEMP] message 1 is no longer in the maildrop"
+    _, got = await c.multi("RETR 2")
+    assert got == crlf(MESSAGES["1700000002.M2P1.test"])
+    assert (await c.cmd("QUIT")).startswith(b"+OK")
+    await running.done.wait()
+    assert running.summary().result is SessionResult.QUIT
