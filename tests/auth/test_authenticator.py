@@ -93,7 +93,10 @@ async def test_unknown_user_work_is_real_not_a_shortcut() -> None:
 
 async def test_hashing_runs_in_worker_threads(counting: CountingVerify) -> None:
     auth = Authenticator(users())
-    await auth.verify("alice", Secret.from_str("alice-pw"))
+    user = await auth.verify("alice", Secret.from_str("alice-pw"))
+    assert user is not None
+    assert counting.calls == [ALICE_HASH]  # the hash did run, and only once
+    assert counting.threads
     assert threading.get_ident() not in counting.threads
 
 
