@@ -12,6 +12,7 @@ import re
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -248,11 +249,23 @@ async def test_top_edge_cases(
     assert await read_all(md, 0, body_lines) == expected == ref_top(data, body_lines)
 
 
-async def test_top_stops_reading_early(root: Path, opened: list[MaildirMaildrop]) -> None:
+async def test_top_stops_reading_early(
+    root: Path, opened: list[MaildirMaildrop], monkeypatch: pytest.MonkeyPatch
+) -> None:
     deliver(root, HEAD + b"x\n" * 100_000)
     md = await open_(root, opened, chunk_bytes=1024)
+    reads = 0
+    real = maildir_module._read_converted
+
+    def counting(*args: Any) -> tuple[bytes, bool]:
+        nonlocal reads
+        reads += 1
+        return real(*args)
+
+    monkeypatch.setattr(maildir_module, "_read_converted", counting)
     chunks = await chunks_of(md, 0, 2)
     assert b"".join(chunks) == ref_crlf(HEAD) + b"x\r\nx\r\n"
+    assert reads == 1  # header and two lines fit in the first 1024 octets; 200 KB are not read
 
 
 async def test_retrieve_rejects_bad_arguments(root: Path, opened: list[MaildirMaildrop]) -> None:
@@ -602,10 +615,11 @@ async def test_a_duplicate_that_cannot_be_renamed_gets_an_inode_uidl(
     monkeypatch.setattr(os, "link", refuse)
     older = deliver(root, b"A\n", subdir="cur", name="1700000009.dup:2,S")
     os.utime(older, ns=(1_700_000_009_000_000_000, 1_700_000_009_000_000_000))
-    copy = deliver(root, b"B\n", name="1700000009.dup")
+    copy = deliver(root, b"BB\n", name="1700000009.dup")  # another size: (uid, size) pins content
     first = await listing(root)
     uids = [uid for uid, _ in first]
-    assert len(set(uids)) == 2 and "1700000009.dup" in uids
+    assert len(set(uids)) == 2
+    assert ("1700000009.dup", 3) in first  # the oldest copy keeps the name
     # the inode-based UIDL survives the other program's new/ -> cur/ move
     copy.rename(root / "cur" / "1700000009.dup:2,")
     assert sorted(await listing(root)) == sorted(first)  # numbering may change; UIDLs not
