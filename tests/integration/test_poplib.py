@@ -220,13 +220,14 @@ def test_top_sends_header_blank_line_and_n_body_lines(
 
 
 def test_uidls_are_stable_across_sessions_and_listeners(
-    small_server: ServerProcess, tls_files: TlsFiles
+    small_server: ServerProcess, small_maildir: Path, tls_files: TlsFiles
 ) -> None:
     listings = []
     for kind in LISTENER_KINDS:
         pop = login(small_server, kind, tls_files)
         listings.append(uidl_map(pop))
         pop.quit()
+    assert len(listings[0]) == len(maildir_keys(small_maildir))
     assert listings[0] == listings[1] == listings[2]
 
 
@@ -315,8 +316,8 @@ def test_unknown_user_gets_the_same_auth_reply_as_a_wrong_password(
     replies = []
     for user, password in ((USER, "wrong"), ("nobody-here", PASSWORD)):
         pop = connect(small_server, "none", tls_files)
+        assert pop.user(user).startswith(b"+OK")  # USER does not tell who exists
         with pytest.raises(poplib.error_proto) as failed:
-            pop.user(user)
             pop.pass_(password)
         replies.append(failed.value.args[0])
         pop.quit()
