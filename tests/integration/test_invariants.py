@@ -37,7 +37,6 @@ from .harness import (
     ServerProcess,
     TlsFiles,
     User,
-    crlf_form,
 )
 
 # A reply or message line longer than this is a broken server (the corpus's longest line
@@ -430,7 +429,7 @@ def uid_contents(pop: Wire) -> dict[str, str]:
 
 
 def test_invariant_3_a_uidl_never_names_different_content_across_sessions(
-    start: StartServer, small_maildir: Path
+    start: StartServer, small_maildir: Path, corpus: Corpus
 ) -> None:
     server = start(users=[User(USER, PASSWORD, small_maildir)], listeners=["none"])
     history: dict[str, str] = {}  # every UIDL the client was ever shown -> content
@@ -452,7 +451,8 @@ def test_invariant_3_a_uidl_never_names_different_content_across_sessions(
     assert len(first) == 2
     # Deliveries after the deletions: one new message has the content of a deleted one
     # (it must get a new UIDL, not the old one back), one has no trailing newline.
-    deleted_bytes = crlf_form(b"Subject: again\n\nsame words\n")
+    deleted_bytes = by_uid(corpus)[next(iter(first))].crlf  # the first deleted message's octets
+    assert deleted_bytes is not None
     stamp = 1_764_190_000
     deliver(small_maildir, f"{stamp}.M1P99.delivered", deleted_bytes)
     deliver(small_maildir, f"{stamp + 1}.M2P99.delivered", b"Subject: x\n\nno newline")
