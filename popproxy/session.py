@@ -392,7 +392,7 @@ class Session:
             if self._deleted:
                 await self._maildrop.commit(frozenset(self._deleted))
         except MaildropError as exc:
-            self._queue(Err(f"Some deleted messages were not removed: {exc.text}", exc.code))
+            self._queue(Err(exc.text, exc.code))  # RFC 1939 §6: "some deleted messages not removed"
             return
         self.summary.deleted = len(self._deleted)
         self._queue(Ok(f"Logging out, {len(self._deleted)} messages deleted."))

@@ -427,3 +427,19 @@ async def test_retr_of_a_message_gone_since_login_gets_err_and_the_session_goes_
     assert (await c.cmd("QUIT")).startswith(b"+OK")
     await running.done.wait()
     assert running.summary().result is SessionResult.QUIT
+
+
+async def test_quit_that_cannot_delete_says_so_once(
+    start: Starter, maildir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(path: object) -> None:
+        raise PermissionError(13, "refused")
+
+    running: Running = await start()
+    c = running.client
+    await login(c)
+    assert (await c.cmd("DELE 1")).startswith(b"+OK")
+    monkeypatch.setattr("os.unlink", refuse)
+    assert await c.cmd("QUIT") == b"-ERR [SYS/TEMP] some deleted messages were not removed"
+    await running.done.wait()
+    assert running.summary().deleted == 0
