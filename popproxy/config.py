@@ -636,7 +636,7 @@ def _build(source: Path, data: object, issues: _Issues) -> Config | None:
     rules_dir = top.path_value("rules_dir", kind="dir")
     metrics = _metrics(top)
     limits = _limits(top)
-    if issues.items or listen is None:
+    if issues.items:
         return None
     return Config(
         source=source,
