@@ -166,7 +166,11 @@ class Session:
                 await self._serve()
             if self._login_scope.cancelled_caught:
                 self.summary.result = SessionResult.TIMEOUT
-                await self._goodbye(Err("Disconnected: login timeout.", ResponseCode.SYS_TEMP))
+                handshaking = self._conn.phase is Phase.TLS_HANDSHAKE or (
+                    self._context.implicit_tls and not self._tls_active
+                )
+                if not handshaking:  # a status line in clear would garble a TLS handshake
+                    await self._goodbye(Err("Disconnected: login timeout.", ResponseCode.SYS_TEMP))
         except _SessionEnd as end:
             self.summary.result = end.result
         except trio.Cancelled:

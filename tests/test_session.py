@@ -7,7 +7,9 @@ is the real one (with cheap hash parameters); the client side is raw bytes.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Protocol
 import pytest
 import trio
 import trio.testing
+import trustme
 
 from popproxy.auth.authenticator import Authenticator
 from popproxy.auth.passwords import hash_password
@@ -443,3 +446,20 @@ async def test_quit_that_cannot_delete_says_so_once(
     assert await c.cmd("QUIT") == b"-ERR [SYS/TEMP] some deleted messages were not removed"
     await running.done.wait()
     assert running.summary().deleted == 0
+
+
+async def test_login_timeout_during_a_tls_handshake_sends_nothing_in_clear(
+    maildir: Path, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("localhost").configure_cert(server_tls)
+    context = dataclasses.replace(make_context(maildir), tls_context=server_tls, implicit_tls=True)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    session = Session(server_stream, "test:1", context)
+    nursery.start_soon(session.run)
+    with trio.fail_after(LIMITS.login_timeout_seconds + 10):
+        received = b""
+        while chunk := await client_stream.receive_some(4096):
+            received += chunk
+    assert received == b""  # no "-ERR" written into what should be a TLS handshake
+    assert session.summary.result is SessionResult.TIMEOUT
