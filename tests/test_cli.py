@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from popproxy.secret import Secret
 
 REPO = Path(__file__).resolve().parent.parent
 HASH = hash_password(Secret.from_str("pw"), ln=4)
+
+# How long `popproxy run` may take to log msg=ready before the test kills it.
+READY_DEADLINE_SECONDS = 20.0
 
 
 def run_popproxy(
@@ -355,13 +359,17 @@ def test_run_serves_until_sigterm(in_tmp: Path) -> None:
         assert proc.stderr is not None
         port = None
         seen: list[bytes] = []
-        for raw in proc.stderr:
+        # A server that never gets ready is killed, which ends the read with EOF.
+        watchdog = threading.Timer(READY_DEADLINE_SECONDS, proc.kill)
+        watchdog.start()
+        for raw in iter(proc.stderr.readline, b""):
             seen.append(raw)
             match = re.search(rb"msg=listening listener=none address=127\.0\.0\.1 port=(\d+)", raw)
             if match:
                 port = int(match.group(1))
             if b"msg=ready" in raw:
                 break
+        watchdog.cancel()
         assert port, b"".join(seen)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             assert sock.recv(512).startswith(b"+OK")
