@@ -37,6 +37,9 @@ _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EN
 ACCEPT_RETRY_SECONDS = 0.1
 # How long a refused client may take to receive its one -ERR line.
 REFUSAL_SEND_TIMEOUT_SECONDS = 1.0
+# Refusals being written at once; past this a connection over the limit is closed
+# without a word, so a flood cannot hold more tasks and sockets than this.
+MAX_PENDING_REFUSALS = 64
 TOO_MANY_SESSIONS = Err("Too many connections, try again later.", ResponseCode.SYS_TEMP)
 
 
@@ -77,6 +80,7 @@ class Server:
         self._tls_context = tls_context
         self._authenticator = Authenticator(config.users)
         self._active = 0
+        self._refusing = 0
         self._shutting_down = False
         self._drained = trio.Event()
 
@@ -106,7 +110,12 @@ class Server:
                 await trio.sleep(ACCEPT_RETRY_SECONDS)
                 continue
             if self._active >= self.config.limits.max_sessions:
-                sessions.start_soon(self._refuse, stream)
+                log.warning("session_refused", extra={"fields": {"reason": "max_sessions"}})
+                if self._refusing < MAX_PENDING_REFUSALS:
+                    self._refusing += 1
+                    sessions.start_soon(self._refuse, stream)
+                else:
+                    await trio.aclose_forcefully(stream)
             else:
                 self._active += 1
                 sessions.start_soon(self._handle, stream, context)
@@ -124,11 +133,13 @@ class Server:
                 self._drained.set()
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
-        log.warning("session_refused", extra={"fields": {"reason": "max_sessions"}})
-        with trio.move_on_after(REFUSAL_SEND_TIMEOUT_SECONDS):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(format_status(TOO_MANY_SESSIONS))
-        await trio.aclose_forcefully(stream)
+        try:
+            with trio.move_on_after(REFUSAL_SEND_TIMEOUT_SECONDS):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(format_status(TOO_MANY_SESSIONS))
+            await trio.aclose_forcefully(stream)
+        finally:
+            self._refusing -= 1
 
     async def drain(self) -> None:
         """Give live sessions the grace period, then return (the caller cancels them)."""

@@ -20,6 +20,7 @@ import trio
 import trio.testing
 import trustme
 
+from popproxy import serve as serve_module
 from popproxy.auth.passwords import hash_password
 from popproxy.config import (
     Config,
@@ -304,3 +305,15 @@ async def test_a_client_resetting_in_the_middle_of_a_retr_leaves_the_server_serv
         assert (await again.cmd(b"STAT")).startswith(b"+OK 3 ")
         assert (await again.cmd(b"QUIT")).startswith(b"+OK")
         assert remaining(maildir) == set(MESSAGES) | {"1700000003.M3P1.test"}
+
+
+async def test_refusals_beyond_their_own_limit_are_closed_without_a_word(
+    maildir: Path, tls: Tls, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serve_module, "MAX_PENDING_REFUSALS", 0)
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        running = await start(nursery, make_config(maildir, tls, max_sessions=1))
+        await connect(running, TlsMode.NONE)
+        stream = await trio.open_tcp_stream("127.0.0.1", running.ports[TlsMode.NONE])
+        OPENED.append(stream)
+        assert await Client(stream).at_eof()
