@@ -61,6 +61,10 @@ INFO_SEPARATOR = ":"
 # different chunking from retrieve's, so a boundary bug shows as a size mismatch in tests.
 SCAN_CHUNK_BYTES = 1024 * 1024
 
+# retrieve() reads limit - limit/16 raw octets per chunk, so that the CRLF form of a
+# chunk whose lines average 16 octets or more still fits in the limit.
+READ_HEADROOM_DIVISOR = 16
+
 # Tries at finding a free unique name for a duplicate (each a fresh 32-bit random suffix).
 MAX_RENAME_ATTEMPTS = 8
 
@@ -555,10 +559,12 @@ class MaildirMaildrop:
             conv = CrlfConverter()
             top = None if body_lines is None else TopFilter(body_lines)
             limit = self._chunk_bytes
-            buf = bytearray()
+            # LF -> CRLF grows a chunk; reading a little less than the limit lets most
+            # chunks of ordinary mail (lines of 16 octets or more) pass on uncopied.
+            read_bytes = max(1, limit - limit // READ_HEADROOM_DIVISOR)
             produced = 0
             while True:
-                out, eof = await self._run(_read_converted, fd, conv, limit, number)
+                out, eof = await self._run(_read_converted, fd, conv, read_bytes, number)
                 if top is not None:
                     out = top.feed(out)
                     eof = eof or top.done
@@ -569,11 +575,8 @@ class MaildirMaildrop:
                     raise MaildropError(
                         ResponseCode.SYS_TEMP, f"message {number} changed while being read"
                     )
-                buf += out
-                while len(buf) >= limit or (eof and buf):
-                    piece = bytes(buf[:limit])
-                    del buf[:limit]
-                    yield piece
+                for start in range(0, len(out), limit):
+                    yield out if len(out) <= limit else out[start : start + limit]
                 if eof:
                     return
         finally:
