@@ -25,7 +25,7 @@ import logging
 import math
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -209,19 +209,17 @@ class Session:
     async def _dispatch(self, command: Command | SaslLine) -> None:
         match command:
             case Capa():
-                await self._capa()
+                lines = capabilities(self._conn.settings, expire=self._context.expire)
+                await self._queue_multiline("Capability list follows", lines)
             case User():
                 self._queue(Ok())
             case Pass(user=user, password=password):
                 await self._login(user, password)
             case Auth(mechanism=None):
                 # RFC 1734 §2 style listing, as Dovecot answers a bare AUTH.
-                self._queue(Ok("Supported SASL mechanisms follow"))
                 settings = self._conn.settings
-                if settings.plaintext_auth_allowed:
-                    for mechanism in settings.sasl_mechanisms:
-                        self._queue(Data(mechanism.encode("ascii") + b"\r\n"))
-                self._queue(EndOfData())
+                mechanisms = settings.sasl_mechanisms if settings.plaintext_auth_allowed else ()
+                await self._queue_multiline("Supported SASL mechanisms follow", mechanisms)
             case Auth(initial_response=None):
                 self._queue(SaslChallenge(b""))
             case Auth(initial_response=Secret() as response) | SaslResponse(data=response):
@@ -268,12 +266,6 @@ class Session:
                 await self._quit()
 
     # -- AUTHORIZATION -------------------------------------------------------------
-
-    async def _capa(self) -> None:
-        self._queue(Ok("Capability list follows"))
-        for line in capabilities(self._conn.settings, expire=self._context.expire):
-            self._queue(Data(line.encode("ascii") + b"\r\n"))
-        self._queue(EndOfData())
 
     async def _sasl_plain(self, response: Secret) -> None:
         """SASL PLAIN: ``authzid NUL authcid NUL passwd`` (RFC 4616 §2)."""
@@ -349,13 +341,22 @@ class Session:
         return self._messages[msg - 1]
 
     async def _scan_listing(self, line: Callable[[int, MessageInfo], str]) -> None:
+        """LIST / UIDL without an argument: one line per message not marked (RFC 1939 §5, §7)."""
         count, octets = self._totals()
-        self._queue(Ok(f"{count} messages ({octets} octets)"))
-        for index, info in enumerate(self._messages):
-            if index not in self._deleted:
-                self._queue(Data(line(index + 1, info).encode("ascii") + b"\r\n"))
-                if len(self._out) >= FLUSH_THRESHOLD_BYTES:
-                    await self._flush()
+        lines = (
+            line(index + 1, info)
+            for index, info in enumerate(self._messages)
+            if index not in self._deleted
+        )
+        await self._queue_multiline(f"{count} messages ({octets} octets)", lines)
+
+    async def _queue_multiline(self, text: str, lines: Iterable[str]) -> None:
+        """``+OK text``, then one ASCII line each, then the terminator (RFC 1939 §3)."""
+        self._queue(Ok(text))
+        for line in lines:
+            self._queue(Data(line.encode("ascii") + b"\r\n"))
+            if len(self._out) >= FLUSH_THRESHOLD_BYTES:
+                await self._flush()
         self._queue(EndOfData())
 
     async def _stream_message(self, msg: int, text: str, body_lines: int | None) -> None:
@@ -406,23 +407,17 @@ class Session:
     def _queue(self, reply: Reply) -> None:
         self._out += self._conn.send(reply)
 
-    async def _flush(self) -> None:
-        if not self._out:
-            return
-        data = bytes(self._out)
-        self._out.clear()
-        await self._write(data)
-
     async def _send_now(self, reply: Reply) -> None:
         """Send what is queued and ``reply`` in one write (the RETR hot path: a
         message chunk is not copied into the queue first)."""
-        data = self._conn.send(reply)
-        if self._out:
-            data = bytes(self._out) + data
-            self._out.clear()
-        await self._write(data)
+        await self._flush(self._conn.send(reply))
 
-    async def _write(self, data: bytes) -> None:
+    async def _flush(self, tail: bytes = b"") -> None:
+        """Write the queued replies, then ``tail``, under the send deadline."""
+        data = bytes(self._out) + tail if self._out else tail
+        self._out.clear()
+        if not data:
+            return
         try:
             with trio.fail_after(self._context.limits.send_timeout_seconds):
                 await self._stream.send_all(data)
