@@ -249,14 +249,22 @@ _YAML11_BOOLS = frozenset({"y", "yes", "n", "no", "on", "off"})
 _SEXAGESIMAL_RE = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?")
 
 
-def _read_yaml(path: Path, issues: _Issues) -> object | None:
+def _read_bounded(path: Path, limit: int) -> bytes | OSError | None:
+    """At most ``limit`` bytes of ``path``; None if it is longer, the error if unreadable."""
     try:
         with path.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+            raw = f.read(limit + 1)
     except OSError as exc:
-        issues.add("(file)", f"cannot read the config file: {exc.strerror or exc}")
+        return exc
+    return None if len(raw) > limit else raw
+
+
+def _read_yaml(path: Path, issues: _Issues) -> object | None:
+    raw = _read_bounded(path, MAX_CONFIG_BYTES)
+    if isinstance(raw, OSError):
+        issues.add("(file)", f"cannot read the config file: {raw.strerror or raw}")
         return None
-    if len(raw) > MAX_CONFIG_BYTES:
+    if raw is None:
         issues.add("(file)", f"expected a config file of at most {MAX_CONFIG_BYTES} bytes")
         return None
     try:
@@ -822,13 +830,11 @@ def _upstream_secret(section: _Section) -> Secret | None:
         path = section.path_value("upstream_password_file", kind="file")
         if path is None:
             return None
-        try:
-            with path.open("rb") as f:
-                raw = f.read(MAX_SECRET_FILE_BYTES + 1)
-        except OSError as exc:
-            section.error("upstream_password_file", f"cannot read {path}: {exc.strerror or exc}")
+        raw = _read_bounded(path, MAX_SECRET_FILE_BYTES)
+        if isinstance(raw, OSError):
+            section.error("upstream_password_file", f"cannot read {path}: {raw.strerror or raw}")
             return None
-        if len(raw) > MAX_SECRET_FILE_BYTES:
+        if raw is None:
             section.error(
                 "upstream_password_file",
                 f"expected a file holding one password (at most {MAX_SECRET_FILE_BYTES} bytes)",
