@@ -8,6 +8,10 @@ from the reply (RFC 1939 §3). A reply line when nothing is outstanding, an
 overlong line, a malformed status or an end of stream inside a multi-line body
 raise a fatal ``RemoteProtocolError``: the caller must drop the connection and
 must never pass on a truncated body as if it were complete.
+
+A command sent with ``stuffed_body=True`` gets its multi-line body as
+``StuffedData``: the octets as received, still dot-stuffed, with only the
+terminator removed, so a relay can pass them on without decoding them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import base64
 import binascii
 import enum
 from collections import deque
+from dataclasses import dataclass
 
 from popproxy.pop3.commands import (
     Auth,
@@ -25,7 +30,7 @@ from popproxy.pop3.commands import (
     multiline_on_ok,
     serialize_command,
 )
-from popproxy.pop3.dotstuff import DotUnstuffer
+from popproxy.pop3.dotstuff import DotUnstuffer, StuffedBodyScanner
 from popproxy.pop3.errors import LocalProtocolError, RemoteProtocolError
 from popproxy.pop3.events import (
     NEED_DATA,
@@ -34,6 +39,7 @@ from popproxy.pop3.events import (
     EndOfData,
     NeedData,
     SaslChallenge,
+    StuffedData,
 )
 from popproxy.pop3.limits import MAX_REPLY_LINE_OCTETS
 from popproxy.pop3.lines import LineBuffer, Overlong
@@ -46,7 +52,17 @@ class _Greeting(enum.Enum):
 
 
 GREETING = _Greeting.GREETING
-ClientEvent = Ok | Err | SaslChallenge | Data | EndOfData | ConnectionClosed | NeedData
+ClientEvent = (
+    Ok | Err | SaslChallenge | Data | StuffedData | EndOfData | ConnectionClosed | NeedData
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """A command awaiting its reply, and how its multi-line body is to be delivered."""
+
+    command: Command | SaslLine | _Greeting
+    stuffed_body: bool = False
 
 
 def _upstream_error(text: str) -> RemoteProtocolError:
@@ -60,8 +76,8 @@ class ClientConnection:
 
     def __init__(self) -> None:
         self._lines = LineBuffer()
-        self._outstanding: deque[Command | SaslLine | _Greeting] = deque([GREETING])
-        self._unstuffer: DotUnstuffer | None = None
+        self._outstanding: deque[_Sent] = deque([_Sent(GREETING)])
+        self._body: DotUnstuffer | StuffedBodyScanner | None = None
         self._broken = False
 
     @property
@@ -74,12 +90,15 @@ class ClientConnection:
         """Octets received and not yet consumed."""
         return len(self._lines)
 
-    def send(self, command: Command | SaslLine) -> bytes:
-        """The octets for ``command``; its reply is expected after those before it."""
+    def send(self, command: Command | SaslLine, *, stuffed_body: bool = False) -> bytes:
+        """The octets for ``command``; its reply is expected after those before it.
+
+        With ``stuffed_body`` a multi-line body comes as ``StuffedData`` (see above).
+        """
         if self._broken:
             raise LocalProtocolError("the connection is broken")
         data = serialize_command(command)
-        self._outstanding.append(command)
+        self._outstanding.append(_Sent(command, stuffed_body))
         return data
 
     def receive_data(self, data: bytes | bytearray) -> None:
@@ -100,8 +119,8 @@ class ClientConnection:
             raise
 
     def _next_event(self) -> ClientEvent:
-        if self._unstuffer is not None:
-            return self._next_body_event(self._unstuffer)
+        if self._body is not None:
+            return self._next_body_event(self._body)
         line = self._lines.next_line(MAX_REPLY_LINE_OCTETS)
         if line is None:
             if not self._lines.eof:
@@ -113,7 +132,8 @@ class ClientConnection:
             raise _upstream_error("reply line too long")
         if not self._outstanding:
             raise _upstream_error("unsolicited reply")
-        head = self._outstanding[0]
+        sent = self._outstanding[0]
+        head = sent.command
         if line == b"+" or line.startswith(b"+ "):
             if not isinstance(head, Auth | SaslResponse):
                 raise _upstream_error("SASL challenge outside AUTH")
@@ -126,18 +146,18 @@ class ClientConnection:
         if status is None:
             raise _upstream_error("malformed status line")
         if isinstance(status, Ok) and head is not GREETING and multiline_on_ok(head):
-            self._unstuffer = DotUnstuffer()
+            self._body = StuffedBodyScanner() if sent.stuffed_body else DotUnstuffer()
         else:
             self._outstanding.popleft()
         return status
 
-    def _next_body_event(self, unstuffer: DotUnstuffer) -> ClientEvent:
-        if not unstuffer.done:
-            chunk = unstuffer.feed(self._lines.buffer)
+    def _next_body_event(self, body: DotUnstuffer | StuffedBodyScanner) -> ClientEvent:
+        if not body.done:
+            chunk = body.feed(self._lines.buffer)
             if chunk:
-                return Data(chunk)
-        if unstuffer.done:
-            self._unstuffer = None
+                return StuffedData(chunk) if isinstance(body, StuffedBodyScanner) else Data(chunk)
+        if body.done:
+            self._body = None
             self._outstanding.popleft()
             return EndOfData()
         if self._lines.eof:

@@ -37,6 +37,18 @@ class DotStuffer:
         self._at_line_start = out[-1] == 0x0A
         return out
 
+    def pass_stuffed(self, chunk: bytes) -> bytes:
+        """Return ``chunk``, which the peer has already dot-stuffed, unchanged.
+
+        Only the "at start of line" state is tracked, so ``finish`` still knows
+        whether the body ended a line.
+        """
+        if self._finished:
+            raise LocalProtocolError("data after the end of a multi-line body")
+        if chunk:
+            self._at_line_start = chunk[-1] == 0x0A
+        return chunk
+
     def finish(self) -> bytes:
         """Return the terminator, preceded by CRLF if the body did not end a line."""
         if self._finished:
@@ -84,3 +96,54 @@ class DotUnstuffer:
                 self._at_line_start = True
         del buf[:pos]
         return bytes(out)
+
+
+# The end of a multi-line body as seen from anywhere but its first line: a line
+# that is exactly ``.`` (RFC 1939 §3).
+_LINE_END_TERMINATOR = b"\n" + TERMINATOR
+# Tails that may be the start of a terminator once more octets arrive.
+_TERMINATOR_PREFIXES = (b".", b".\r")
+
+
+class StuffedBodyScanner:
+    """Finds the end of a multi-line body without decoding it (client role, relays).
+
+    ``feed`` consumes from the front of a buffer owned by the caller and returns
+    the body octets still dot-stuffed, exactly as received, up to but not
+    including the terminator line; ``done`` turns true once the terminator has
+    been consumed. A tail that may begin the terminator is held back until it can
+    be decided. The terminator rule is the same as ``DotUnstuffer``'s, so both
+    agree on where every body ends (RFC 1939 §3).
+    """
+
+    __slots__ = ("_at_line_start", "done")
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self.done = False
+
+    def feed(self, buf: bytearray) -> bytes:
+        """Return the stuffed body octets that can be decided, deleting what was consumed."""
+        if self.done or not buf:
+            return b""
+        if self._at_line_start and buf[:1] == b".":
+            if buf[:3] == TERMINATOR:
+                del buf[:3]
+                self.done = True
+                return b""
+            if bytes(buf[:3]) in _TERMINATOR_PREFIXES:
+                return b""  # ".", ".\r": wait for the next octet
+        hit = buf.find(_LINE_END_TERMINATOR)
+        if hit != -1:
+            body = bytes(buf[: hit + 1])
+            del buf[: hit + 1 + len(TERMINATOR)]
+            self.done = True
+            return body
+        end = len(buf)
+        last_newline = buf.rfind(b"\n", max(0, end - len(TERMINATOR)))
+        if last_newline != -1 and bytes(buf[last_newline + 1 :]) in _TERMINATOR_PREFIXES:
+            end = last_newline + 1
+        body = bytes(buf[:end])
+        del buf[:end]
+        self._at_line_start = body[-1] == 0x0A
+        return body

@@ -17,6 +17,15 @@ class Data:
 
 
 @dataclass(frozen=True, slots=True)
+class StuffedData:
+    """Content of a multi-line reply as it is on the wire: already dot-stuffed, without
+    the terminator (RFC 1939 §3). A relay passes it on without unstuffing and restuffing.
+    """
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class EndOfData:
     """The end of a multi-line reply (the ``.`` line, RFC 1939 §3)."""
 

@@ -44,6 +44,7 @@ from popproxy.pop3.events import (
     EndOfData,
     NeedData,
     SaslChallenge,
+    StuffedData,
 )
 from popproxy.pop3.limits import MAX_BAD_COMMANDS, MAX_COMMAND_LINE_OCTETS, MAX_SASL_LINE_OCTETS
 from popproxy.pop3.lines import LineBuffer, Overlong
@@ -75,7 +76,7 @@ class _Rejected(enum.Enum):
 
 _REJECTED = _Rejected.REJECTED
 ServerEvent = Command | SaslLine | ConnectionClosed | NeedData
-Reply = Ok | Err | SaslChallenge | Data | EndOfData
+Reply = Ok | Err | SaslChallenge | Data | StuffedData | EndOfData
 
 
 class ServerConnection:
@@ -210,6 +211,8 @@ class ServerConnection:
             match event:
                 case Data(data=data):
                     return self._stuffer.stuff(data)
+                case StuffedData(data=data):
+                    return self._stuffer.pass_stuffed(data)
                 case EndOfData():
                     tail = self._stuffer.finish()
                     self._stuffer = None

@@ -31,7 +31,14 @@ from popproxy.pop3.commands import (
     User,
 )
 from popproxy.pop3.errors import LocalProtocolError, RemoteProtocolError
-from popproxy.pop3.events import NEED_DATA, ConnectionClosed, Data, EndOfData, SaslChallenge
+from popproxy.pop3.events import (
+    NEED_DATA,
+    ConnectionClosed,
+    Data,
+    EndOfData,
+    SaslChallenge,
+    StuffedData,
+)
 from popproxy.pop3.limits import MAX_REPLY_LINE_OCTETS
 from popproxy.pop3.replies import Err, Ok, ResponseCode
 from popproxy.secret import Secret
@@ -379,3 +386,49 @@ def test_body_data_is_not_held_back() -> None:
     assert conn.next_event() == Data(b".x\r\n")
     assert conn.next_event() == EndOfData()
     assert conn.next_event() is NEED_DATA  # bytes after the terminator wait as a line
+
+
+def drain(conn: ClientConnection) -> list[object]:
+    events: list[object] = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        events.append(event)
+        if isinstance(event, ConnectionClosed):
+            break
+    return events
+
+
+def test_stuffed_body_is_relayed_as_received_and_others_are_decoded() -> None:
+    # A relay asks for RETR's body still stuffed; a listing in the same pipeline is decoded.
+    conn = ClientConnection()
+    conn.send(Retr(1), stuffed_body=True)
+    conn.send(Top(1, 0))
+    conn.receive_data(HELLO + b"+OK\r\n..dot\r\nx\r\n.\r\n+OK\r\n..h\r\n\r\n.\r\n")
+    events = drain(conn)
+    assert events == [
+        HELLO_EVENT,
+        Ok(""),
+        StuffedData(b"..dot\r\nx\r\n"),
+        EndOfData(),
+        Ok(""),
+        Data(b".h\r\n\r\n"),
+        EndOfData(),
+    ]
+
+
+def test_stuffed_body_cut_by_eof_is_fatal() -> None:
+    conn = ClientConnection()
+    conn.send(Retr(1), stuffed_body=True)
+    conn.receive_data(HELLO + b"+OK\r\npart of a message\r\n")
+    assert drain(conn)[-1] == StuffedData(b"part of a message\r\n")
+    conn.receive_data(b"")
+    with pytest.raises(RemoteProtocolError) as caught:
+        conn.next_event()
+    assert caught.value.fatal
+
+
+def test_stuffed_body_flag_does_not_apply_to_an_err_reply() -> None:
+    conn = ClientConnection()
+    conn.send(Retr(9), stuffed_body=True)
+    conn.send(Noop())
+    conn.receive_data(HELLO + b"-ERR no such message\r\n+OK\r\n")
+    assert drain(conn) == [HELLO_EVENT, Err("no such message"), Ok("")]

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pop3_helpers import CONTENT, FAST, byte_chunks, expected_content, split_at
 
-from popproxy.pop3.dotstuff import TERMINATOR, DotStuffer, DotUnstuffer
+from popproxy.pop3.dotstuff import TERMINATOR, DotStuffer, DotUnstuffer, StuffedBodyScanner
 from popproxy.pop3.errors import LocalProtocolError
 
 
@@ -156,3 +156,82 @@ def test_unstuffer_buffer_stays_small_for_a_long_body() -> None:
     unstuffer.feed(buf)
     assert unstuffer.done
     assert total == 200 * 5002
+
+
+# -- StuffedBodyScanner: the relay's view of a body ------------------------------------------
+
+
+def scan(chunks: list[bytes]) -> tuple[bytes, bytearray, int]:
+    """Feed chunks into one buffer; returns the stuffed body, what is left, done flips."""
+    scanner = StuffedBodyScanner()
+    buf = bytearray()
+    out = bytearray()
+    done_seen = 0
+    for chunk in chunks:
+        buf += chunk
+        if scanner.done:
+            continue
+        out += scanner.feed(buf)
+        done_seen += scanner.done
+    return bytes(out), buf, done_seen
+
+
+@FAST
+@given(content=CONTENT, wire_cuts=st.lists(st.integers(0, 500)))
+def test_scanner_passes_the_stuffed_body_unchanged_under_any_chunking(
+    content: bytes, wire_cuts: list[int]
+) -> None:
+    wire = stuff([content])
+    trailer = b".\r\n+OK next reply\r\n"
+    body, rest, done_seen = scan(split_at(wire + trailer, wire_cuts))
+    assert body + TERMINATOR == wire  # exactly the wire octets, terminator removed
+    assert done_seen == 1
+    assert bytes(rest) == trailer
+
+
+@FAST
+@given(wire=st.binary(max_size=300), wire_cuts=st.lists(st.integers(0, 300)))
+def test_scanner_and_unstuffer_agree_on_where_any_body_ends(
+    wire: bytes, wire_cuts: list[int]
+) -> None:
+    """Even on hostile input, relaying and decoding end the body at the same octet."""
+    body, scan_rest, scan_done = scan(split_at(wire, wire_cuts))
+    decoded, unstuff_rest, unstuff_done = unstuff(split_at(wire, wire_cuts))
+    assert scan_done == unstuff_done
+    if scan_done:
+        assert scan_rest == unstuff_rest
+        assert unstuff([body + TERMINATOR])[0] == decoded
+
+
+@pytest.mark.parametrize(
+    ("wire", "body", "done", "rest"),
+    [
+        (b".\r\n", b"", True, b""),
+        (b".", b"", False, b"."),
+        (b".\r", b"", False, b".\r"),
+        (b"..x\r\n.\r\nNEXT", b"..x\r\n", True, b"NEXT"),
+        (b"a\r\n.", b"a\r\n", False, b"."),
+        (b"a\r\n.\r", b"a\r\n", False, b".\r"),
+        (b"a\r\n.x", b"a\r\n.x", False, b""),
+        (b"a\r", b"a\r", False, b""),
+    ],
+)
+def test_scanner_decides_only_what_it_can(
+    wire: bytes, body: bytes, done: bool, rest: bytes
+) -> None:
+    scanner = StuffedBodyScanner()
+    buf = bytearray(wire)
+    assert scanner.feed(buf) == body
+    assert scanner.done is done
+    assert bytes(buf) == rest
+
+
+def test_stuffer_tracks_line_start_through_stuffed_chunks() -> None:
+    stuffer = DotStuffer()
+    assert stuffer.pass_stuffed(b"..dot\r\nno end") == b"..dot\r\nno end"
+    assert stuffer.finish() == b"\r\n" + TERMINATOR
+    stuffer = DotStuffer()
+    stuffer.pass_stuffed(b"line\r\n")
+    assert stuffer.finish() == TERMINATOR
+    with pytest.raises(LocalProtocolError):
+        stuffer.pass_stuffed(b"late")

@@ -34,7 +34,14 @@ from popproxy.pop3.commands import (
     User,
 )
 from popproxy.pop3.errors import LocalProtocolError, RemoteProtocolError
-from popproxy.pop3.events import NEED_DATA, ConnectionClosed, Data, EndOfData, SaslChallenge
+from popproxy.pop3.events import (
+    NEED_DATA,
+    ConnectionClosed,
+    Data,
+    EndOfData,
+    SaslChallenge,
+    StuffedData,
+)
 from popproxy.pop3.limits import MAX_BAD_COMMANDS, MAX_COMMAND_LINE_OCTETS, MAX_SASL_LINE_OCTETS
 from popproxy.pop3.replies import Err, Ok, ResponseCode
 from popproxy.pop3.server import PLAINTEXT_DISALLOWED, ServerConnection, ServerSettings
@@ -853,3 +860,17 @@ def test_a_cancelled_auth_cannot_be_answered_with_ok() -> None:
         conn.send(Ok())
     assert conn.send(Err("cancelled")) == b"-ERR cancelled\r\n"
     assert conn.phase is Phase.AUTHORIZATION
+
+
+def test_stuffed_data_is_passed_on_unchanged_and_terminated() -> None:
+    conn = greeted()
+    conn.receive_data(LOGIN + b"RETR 1\r\nRETR 1\r\n")
+    answer(conn, Ok())
+    answer(conn, Ok())
+    answer(conn, Ok())
+    assert conn.send(StuffedData(b"..dot\r\nno line end")) == b"..dot\r\nno line end"
+    assert conn.send(EndOfData()) == b"\r\n.\r\n"
+    answer(conn, Ok())
+    assert conn.send(StuffedData(b"a\r\n")) == b"a\r\n"
+    assert conn.send(EndOfData()) == b".\r\n"
+    assert conn.phase is Phase.TRANSACTION
