@@ -26,11 +26,11 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 import yaml.constructor
@@ -51,6 +51,8 @@ MAX_USER_NAME_OCTETS = 248
 MAX_PORT = 65535
 
 _STATE_SCHEMES = ("sqlite:///",)
+
+_E = TypeVar("_E", bound=enum.Enum)
 
 
 class TlsMode(enum.Enum):
@@ -83,9 +85,17 @@ class TlsConfig:
     key_file: Path
 
 
+class UpstreamLogin(enum.Enum):
+    """How popproxy logs in to an upstream (RFC 1939 §7 USER/PASS, RFC 5034 + 4616 PLAIN)."""
+
+    AUTO = "auto"  # AUTH PLAIN if the upstream's CAPA lists SASL PLAIN, else USER/PASS
+    USER = "user"
+    PLAIN = "plain"
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    """A POP3 server popproxy logs in to (proxy mode)."""
+    """A POP3 server popproxy logs in to (proxy mode, docs/proxy.md)."""
 
     name: str
     host: str
@@ -93,6 +103,17 @@ class UpstreamConfig:
     tls: TlsMode
     verify: bool = True  # check the certificate and the host name
     ca_file: Path | None = None  # trust these CAs instead of the system store
+    login: UpstreamLogin = UpstreamLogin.AUTO
+    # TCP connect, TLS handshake excluded.
+    connect_timeout_seconds: float = 15
+    # From connect to the listing taken after login: greeting, CAPA, STLS, login, UIDL, LIST.
+    login_timeout_seconds: float = 30
+    # Each reply afterwards, and each read inside a message body.
+    command_timeout_seconds: float = 60
+    # A NOOP upstream after this long without a command, so a client idling in
+    # TRANSACTION keeps its upstream session; RFC 1939 §3 lets a server log out an
+    # idle client after 10 minutes, some providers do it sooner.
+    keepalive_interval_seconds: float = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,6 +472,19 @@ class _Section:
             return None
         return number
 
+    def choice(self, key: str, enum_type: type[_E]) -> _E | None:
+        """A value of a string Enum, written as its value."""
+        what = "one of " + ", ".join(str(member.value) for member in enum_type)
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            for member in enum_type:
+                if member.value == value:
+                    return member
+        self.error(key, f"expected {what}, got {_describe(value)}")
+        return None
+
     def boolean(self, key: str) -> bool | None:
         value = self.data.get(key)
         if value is None:
@@ -593,7 +627,18 @@ _TOP_KEYS = (
 )
 _LISTENER_KEYS = ("address", "port", "tls")
 _TLS_KEYS = ("cert_file", "key_file")
-_UPSTREAM_KEYS = ("host", "port", "tls", "verify", "ca_file")
+_UPSTREAM_KEYS = (
+    "host",
+    "port",
+    "tls",
+    "verify",
+    "ca_file",
+    "login",
+    "connect_timeout_seconds",
+    "login_timeout_seconds",
+    "command_timeout_seconds",
+    "keepalive_interval_seconds",
+)
 _USER_KEYS = (
     "password_hash",
     "maildir",
@@ -639,6 +684,7 @@ def _build(source: Path, data: object, issues: _Issues) -> Config | None:
     tls = _tls(top)
     allow_plaintext = top.boolean("allow_plaintext_auth")
     upstreams = _upstreams(top)
+    _refuse_loops(top, listen, upstreams)
     users = _users(top)
     state = _state(top)
     rules_dir = top.path_value("rules_dir", kind="dir")
@@ -696,6 +742,40 @@ def _listeners(top: _Section) -> list[ListenerConfig]:
     return out
 
 
+def _is_local_host(host: str) -> bool:
+    """Whether ``host`` surely names this machine, decided without DNS."""
+    if host.lower().removesuffix(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+def _refuse_loops(
+    top: _Section, listen: Sequence[ListenerConfig], upstreams: Mapping[str, UpstreamConfig]
+) -> None:
+    """An upstream that is one of popproxy's own listeners would make it proxy to itself.
+
+    Caught here where the config shows it; the session also recognizes its own greeting
+    (docs/proxy.md, loop detection), which catches loops through DNS names.
+    """
+    for name, upstream in upstreams.items():
+        for listener in listen:
+            if listener.port != upstream.port or listener.port == 0:
+                continue
+            same = upstream.host == listener.address or (
+                _is_local_host(upstream.host) and _is_local_host(listener.address)
+            )
+            if same:
+                top.issues.add(
+                    f"upstreams.{name}.host",
+                    f"{upstream.host}:{upstream.port} is popproxy's own listener"
+                    f" ({listener.address}:{listener.port}); popproxy would proxy to itself",
+                )
+
+
 def _tls(top: _Section) -> TlsConfig | None:
     if not top.has("tls"):
         return None
@@ -734,6 +814,15 @@ def _upstreams(top: _Section) -> dict[str, UpstreamConfig]:
             port = POP3S_PORT if tls is TlsMode.IMPLICIT else POP3_PORT
         verify = section.boolean("verify")
         ca_file = section.path_value("ca_file", kind="file")
+        login = section.choice("login", UpstreamLogin)
+        default = UpstreamConfig(name, "-", 0, TlsMode.NONE)
+        connect_timeout = section.seconds("connect_timeout_seconds", positive=True)
+        login_timeout = section.seconds("login_timeout_seconds", positive=True)
+        command_timeout = section.seconds("command_timeout_seconds", positive=True)
+        keepalive = section.seconds("keepalive_interval_seconds", positive=True)
+        if tls is TlsMode.NONE and (verify is not None or ca_file is not None):
+            key = "verify" if verify is not None else "ca_file"
+            section.error(key, "only meaningful with tls: starttls or implicit")
         if host is None or tls is None or port is None:
             continue
         out[name] = UpstreamConfig(
@@ -743,6 +832,11 @@ def _upstreams(top: _Section) -> dict[str, UpstreamConfig]:
             tls=tls,
             verify=True if verify is None else verify,
             ca_file=ca_file,
+            login=login or UpstreamLogin.AUTO,
+            connect_timeout_seconds=connect_timeout or default.connect_timeout_seconds,
+            login_timeout_seconds=login_timeout or default.login_timeout_seconds,
+            command_timeout_seconds=command_timeout or default.command_timeout_seconds,
+            keepalive_interval_seconds=keepalive or default.keepalive_interval_seconds,
         )
     return out
 

@@ -18,6 +18,7 @@ from popproxy.config import (
     ListenerConfig,
     StateConfig,
     TlsMode,
+    UpstreamLogin,
     load_config,
 )
 from popproxy.secret import Secret
@@ -591,3 +592,59 @@ def test_metrics_defaults_when_section_given() -> None:
     config = load_config(write(MINIMAL + "metrics: {}\n"))
     assert config.metrics is not None
     assert (config.metrics.address, config.metrics.port) == ("127.0.0.1", 9110)
+
+
+def test_upstream_login_and_timeouts() -> None:
+    config = load_config(
+        write(
+            MINIMAL + "upstreams:\n"
+            "  a: {host: a.example}\n"
+            "  b: {host: b.example, login: plain, connect_timeout_seconds: 2,"
+            " login_timeout_seconds: 3, command_timeout_seconds: 4.5,"
+            " keepalive_interval_seconds: 30}\n"
+        )
+    )
+    a, b = config.upstreams["a"], config.upstreams["b"]
+    assert a.login is UpstreamLogin.AUTO
+    assert (a.connect_timeout_seconds, a.login_timeout_seconds) == (15, 30)
+    assert (a.command_timeout_seconds, a.keepalive_interval_seconds) == (60, 120)
+    assert b.login is UpstreamLogin.PLAIN
+    assert (b.connect_timeout_seconds, b.login_timeout_seconds) == (2, 3)
+    assert (b.command_timeout_seconds, b.keepalive_interval_seconds) == (4.5, 30)
+
+
+@pytest.mark.parametrize(
+    ("setting", "key", "expected"),
+    [
+        ("login: apop", "login", "expected one of auto, user, plain"),
+        ("command_timeout_seconds: 0", "command_timeout_seconds", "greater than 0"),
+        ("tls: none, verify: false", "verify", "only meaningful with tls"),
+    ],
+)
+def test_bad_upstream_settings(setting: str, key: str, expected: str) -> None:
+    found_key, message = only_issue(MINIMAL + f"upstreams:\n  a: {{host: a.example, {setting}}}\n")
+    assert found_key == f"upstreams.a.{key}"
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("listen_address", "upstream_host"),
+    [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "localhost"), ("::1", "127.0.0.1")],
+)
+def test_upstream_that_is_our_own_listener_is_refused(
+    listen_address: str, upstream_host: str
+) -> None:
+    text = MINIMAL.replace(
+        "{address: 127.0.0.1, port: 0, tls: none}",
+        f"{{address: '{listen_address}', port: 2110, tls: none}}",
+    ) + (f"upstreams:\n  self: {{host: '{upstream_host}', port: 2110, tls: none}}\n")
+    key, message = only_issue(text)
+    assert key == "upstreams.self.host"
+    assert "proxy to itself" in message
+
+
+def test_upstream_on_another_port_of_this_machine_is_fine() -> None:
+    text = MINIMAL.replace("port: 0", "port: 2110") + (
+        "upstreams:\n  dovecot: {host: 127.0.0.1, port: 2111, tls: none}\n"
+    )
+    assert load_config(write(text)).upstreams["dovecot"].port == 2111
