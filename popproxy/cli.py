@@ -242,11 +242,6 @@ def _cmd_run(path: Path, log_format: str, log_level: str) -> int:
     from popproxy import serve  # the server stack is imported only when it is needed
 
     try:
-        serve.check_supported(config)
-    except serve.ServeError as exc:
-        log.error("config_unsupported", extra={"fields": {"reason": str(exc)}})  # noqa: TRY400
-        return EXIT_USAGE
-    try:
         trio.run(_run, config)
     except Exception as exc:
         # Errors from inside nurseries arrive wrapped in ExceptionGroups.

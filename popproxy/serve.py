@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import secrets
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import trio
 
@@ -25,10 +26,11 @@ from popproxy.auth.authenticator import Authenticator
 from popproxy.config import Config, ListenerConfig, TlsMode, UserConfig
 from popproxy.maildrop.base import Maildrop, MaildropError
 from popproxy.maildrop.maildir import open_maildir
+from popproxy.maildrop.upstream import UpstreamAccount, open_upstream
 from popproxy.pop3.replies import Err, ResponseCode
 from popproxy.pop3.wire import format_status
 from popproxy.session import SessionContext, run_session
-from popproxy.tls import server_context
+from popproxy.tls import client_context, server_context
 
 log = logging.getLogger("popproxy.serve")
 
@@ -47,21 +49,48 @@ class ServeError(Exception):
     """The server cannot start as configured (bad certificate, port in use, ...)."""
 
 
-async def open_maildrop(user: UserConfig) -> Maildrop:
-    """The maildrop of a local user: its Maildir (the embedded default)."""
-    if user.maildir is None:
-        raise MaildropError(ResponseCode.SYS_PERM, "This account has no maildrop configured.")
-    return await open_maildir(user.maildir)
+class MaildropRouter:
+    """Opens each local user's maildrop: its Maildir, or a session with its upstream
+    account (DESIGN.md, routing). Several local users may share one upstream account.
+    """
 
+    def __init__(
+        self,
+        config: Config,
+        upstream_tls: Mapping[str, ssl.SSLContext],
+        *,
+        greeting_token: str,
+    ) -> None:
+        self._upstreams = config.upstreams
+        self._upstream_tls = upstream_tls
+        self._greeting_token = greeting_token
 
-def check_supported(config: Config) -> None:
-    """Refuse settings this build cannot serve yet, before binding anything."""
-    upstream_users = sorted(u.name for u in config.users.values() if u.upstream is not None)
-    if upstream_users:
-        raise ServeError(
-            "proxy mode (users routed to an upstream) is not available in this version; "
-            f"affected users: {', '.join(upstream_users)}"
+    async def open(self, user: UserConfig) -> Maildrop:
+        """The maildrop ``user`` is served from; ``MaildropError`` carries the client's -ERR."""
+        if user.maildir is not None:
+            return await open_maildir(user.maildir)
+        if user.upstream is None or user.upstream_user is None or user.upstream_password is None:
+            raise MaildropError(ResponseCode.SYS_PERM, "This account has no maildrop configured.")
+        upstream = self._upstreams[user.upstream]
+        account = UpstreamAccount(upstream, user.upstream_user, user.upstream_password)
+        return await open_upstream(
+            account,
+            tls_context=self._upstream_tls.get(upstream.name),
+            own_greeting_token=self._greeting_token,
         )
+
+
+async def upstream_tls_contexts(config: Config) -> dict[str, ssl.SSLContext]:
+    """A client TLS context per upstream that uses TLS, built once (reads CA files)."""
+    contexts: dict[str, ssl.SSLContext] = {}
+    for name, upstream in config.upstreams.items():
+        if upstream.tls is TlsMode.NONE:
+            continue
+        try:
+            contexts[name] = await trio.to_thread.run_sync(client_context, upstream)
+        except (OSError, ssl.SSLError) as exc:
+            raise ServeError(f"cannot load the CA file of upstream {name}: {exc}") from exc
+    return contexts
 
 
 def _peer_name(stream: trio.SocketStream) -> str:
@@ -75,10 +104,20 @@ def _peer_name(stream: trio.SocketStream) -> str:
 class Server:
     """The listeners and the sessions of one running configuration."""
 
-    def __init__(self, config: Config, tls_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        tls_context: ssl.SSLContext | None,
+        upstream_tls: Mapping[str, ssl.SSLContext] | None = None,
+    ) -> None:
         self.config = config
         self._tls_context = tls_context
         self._authenticator = Authenticator(config.users)
+        # Random per process: a greeting with it, seen upstream, means a loop.
+        self._greeting_token = secrets.token_hex(6)
+        self._router = MaildropRouter(
+            config, upstream_tls or {}, greeting_token=self._greeting_token
+        )
         self._active = 0
         self._refusing = 0
         self._shutting_down = False
@@ -89,8 +128,9 @@ class Server:
             listener=listener.name,
             limits=self.config.limits,
             authenticator=self._authenticator,
-            open_maildrop=open_maildrop,
+            open_maildrop=self._router.open,
             tls_context=self._tls_context,
+            greeting_token=self._greeting_token,
             stls_available=listener.tls is TlsMode.STARTTLS,
             implicit_tls=listener.tls is TlsMode.IMPLICIT,
             allow_plaintext_auth=self.config.allow_plaintext_auth,
@@ -169,14 +209,13 @@ async def serve(
     ``task_status.started`` gets the bound (address, port) of each listener, in
     config order, so ``port: 0`` can be used in tests.
     """
-    check_supported(config)
     tls_context = None
     if config.tls is not None:
         try:
             tls_context = await trio.to_thread.run_sync(server_context, config.tls)
         except (OSError, ssl.SSLError) as exc:
             raise ServeError(f"cannot load the TLS certificate or key: {exc}") from exc
-    server = Server(config, tls_context)
+    server = Server(config, tls_context, await upstream_tls_contexts(config))
     bound: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
     try:
         for listener in config.listen:

@@ -56,7 +56,14 @@ from popproxy.pop3.commands import (
     User,
 )
 from popproxy.pop3.errors import RemoteProtocolError
-from popproxy.pop3.events import NEED_DATA, ConnectionClosed, Data, EndOfData, SaslChallenge
+from popproxy.pop3.events import (
+    NEED_DATA,
+    ConnectionClosed,
+    Data,
+    EndOfData,
+    SaslChallenge,
+    StuffedData,
+)
 from popproxy.pop3.replies import Err, Ok, ResponseCode
 from popproxy.pop3.server import Reply, ServerConnection, ServerSettings
 from popproxy.pop3.state import Phase
@@ -72,7 +79,7 @@ FLUSH_THRESHOLD_BYTES = 64 * 1024
 # How long a closing session may spend on a goodbye line or a TLS close_notify.
 CLOSE_TIMEOUT_SECONDS = 2.0
 
-GREETING = Ok("popproxy ready.")
+GREETING_TEXT = "popproxy ready."
 AUTH_FAILED = Err("Authentication failed.", ResponseCode.AUTH)
 NO_SUCH_MESSAGE = Err("There's no message with that number.")
 MESSAGE_DELETED = Err("That message is deleted.")
@@ -113,6 +120,9 @@ class SessionContext:
     # RFC 2449 §6.7: a local Maildir is never pruned by the server on its own. The
     # retention policy (rules/) will compute this per user.
     expire: str = "NEVER"
+    # Names this process in its greeting, so that its own upstream leg can tell when
+    # it has been pointed at itself (docs/proxy.md, loop detection).
+    greeting_token: str = ""
     stls_available: bool = False
     implicit_tls: bool = False
     allow_plaintext_auth: bool = False
@@ -185,7 +195,9 @@ class Session:
         if self._context.implicit_tls:
             await self._start_tls()
             self._conn = ServerConnection(self._settings())
-        self._queue(GREETING)
+        token = self._context.greeting_token
+        # Not in angle brackets: that would read as an APOP timestamp (RFC 1939 §7).
+        self._queue(Ok(f"{GREETING_TEXT} ({token})" if token else GREETING_TEXT))
         while self._conn.phase is not Phase.CLOSED:
             try:
                 event = self._conn.next_event()
@@ -360,7 +372,8 @@ class Session:
         self._queue(EndOfData())
 
     async def _stream_message(self, msg: int, text: str, body_lines: int | None) -> None:
-        """RETR / TOP: stream the maildrop's chunks through the dot-stuffer.
+        """RETR / TOP: stream the maildrop's chunks through the dot-stuffer, or as
+        they are when the maildrop relays them already stuffed.
 
         A message that cannot be opened gets ``-ERR`` and the session goes on, as
         Dovecot answers an expunged one. Once ``+OK`` is out, a failure can only be
@@ -376,10 +389,11 @@ class Session:
                 except MaildropError as exc:
                     self._queue(Err(exc.text, exc.code))
                     return
+                wrap = StuffedData if self._maildrop.dot_stuffed else Data
                 self._queue(Ok(text))
-                await self._send_now(Data(first))
+                await self._send_now(wrap(first))
                 async for chunk in chunks:
-                    await self._send_now(Data(chunk))
+                    await self._send_now(wrap(chunk))
         except MaildropError:
             log.warning(
                 "retrieve_failed",
@@ -394,8 +408,8 @@ class Session:
             self._queue(Ok("Logging out."))
             return
         try:
-            if self._deleted:
-                await self._maildrop.commit(frozenset(self._deleted))
+            # Also with nothing marked: an upstream's QUIT must answer +OK first.
+            await self._maildrop.commit(frozenset(self._deleted))
         except MaildropError as exc:
             self._queue(Err(exc.text, exc.code))  # RFC 1939 §6: "some deleted messages not removed"
             return
@@ -430,17 +444,48 @@ class Session:
     async def _receive(self) -> None:
         idle = math.inf if self._maildrop is None else self._context.limits.idle_timeout_seconds
         data: bytes | bytearray = b""
+        maildrop = self._maildrop
         with trio.move_on_after(idle) as idle_scope:
-            try:
-                data = await self._stream.receive_some(RECEIVE_CHUNK_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-                data = b""
+            if maildrop is None or maildrop.keepalive_interval_seconds is None:
+                data = await self._receive_some()
+            else:
+                data = await self._receive_keeping_alive(
+                    maildrop, maildrop.keepalive_interval_seconds
+                )
         if idle_scope.cancelled_caught:
             # RFC 1939 §3: the autologout timer ends the session without UPDATE.
             await self._goodbye(Err("Disconnected for inactivity."))
             raise _SessionEnd(SessionResult.TIMEOUT)
         self.summary.bytes_in += len(data)
         self._conn.receive_data(data)
+
+    async def _receive_some(self) -> bytes | bytearray:
+        try:
+            return await self._stream.receive_some(RECEIVE_CHUNK_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+            return b""
+
+    async def _receive_keeping_alive(
+        self, maildrop: Maildrop, interval: float
+    ) -> bytes | bytearray:
+        """Wait for the client while the maildrop is kept alive every ``interval`` seconds
+        of client silence (an upstream would otherwise log the session out, RFC 1939 §3).
+
+        A keep-alive in progress is shielded: it ends by its own deadline, so the
+        upstream connection is never left with half a reply read.
+        """
+
+        async def keep_alive() -> None:
+            while True:
+                await trio.sleep(interval)
+                with trio.CancelScope(shield=True):
+                    await maildrop.keep_alive()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_alive)
+            data = await self._receive_some()
+            nursery.cancel_scope.cancel()
+        return data
 
     async def _goodbye(self, reply: Err) -> None:
         """Best effort: tell the client why it is being disconnected."""

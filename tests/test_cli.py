@@ -325,20 +325,6 @@ def _serving_config(directory: Path, extra: str = "") -> Path:
     return path
 
 
-def test_run_refuses_upstream_users_with_exit_2(
-    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("PW", "x")
-    _serving_config(in_tmp, "upstreams:\n  p: {host: pop.example.net}\n")
-    text = Path("serve.yaml").read_text()
-    alice = f"  alice: {{password_hash: '{HASH}', upstream: p, upstream_password_env: PW}}\n"
-    Path("serve.yaml").write_text(text.replace("users:\n", "users:\n" + alice))
-    proc = run_popproxy("run", "-c", "serve.yaml", cwd=in_tmp)
-    assert proc.returncode == 2, proc.stderr
-    assert "msg=config_unsupported" in proc.stderr
-    assert "alice" in proc.stderr
-
-
 def test_run_serves_until_sigterm(in_tmp: Path) -> None:
     """`popproxy run` logs the bound port, serves, and exits 0 after SIGTERM."""
     import re
@@ -401,8 +387,8 @@ class StandInServeError(Exception):
 @pytest.fixture
 def fake_serve(
     in_tmp: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[[Callable[..., Awaitable[None]], Callable[[object], None]], Path]]:
-    """Install a stand-in popproxy.serve; return a function taking (serve, check_supported)."""
+) -> Iterator[Callable[[Callable[..., Awaitable[None]]], Path]]:
+    """Install a stand-in popproxy.serve; return a function taking its serve()."""
     import logging
     import types
 
@@ -411,12 +397,9 @@ def fake_serve(
     logger = logging.getLogger("popproxy")
     saved = (list(logger.handlers), logger.level, logger.propagate)
 
-    def install(
-        serve: Callable[..., Awaitable[None]], check: Callable[[object], None] = lambda c: None
-    ) -> Path:
+    def install(serve: Callable[..., Awaitable[None]]) -> Path:
         module = types.ModuleType("popproxy.serve")
         setattr(module, "serve", serve)  # noqa: B010
-        setattr(module, "check_supported", check)  # noqa: B010
         setattr(module, "ServeError", StandInServeError)  # noqa: B010
         monkeypatch.setitem(sys.modules, "popproxy.serve", module)
         monkeypatch.setattr(popproxy, "serve", module, raising=False)
@@ -501,17 +484,3 @@ def test_run_crash_exits_1(
     assert "msg=crashed" in err
     assert "RuntimeError" in err
     assert len(err.splitlines()) == 1  # the traceback is escaped onto the one line
-
-
-def test_run_unsupported_config_exits_2(
-    fake_serve: Callable[..., Path], capsys: pytest.CaptureFixture[str]
-) -> None:
-    async def serve(config: object, *, shutdown: object) -> None:
-        raise AssertionError("must not start")
-
-    def check(config: object) -> None:
-        raise StandInServeError("proxy mode is not available")
-
-    path = fake_serve(serve, check)
-    assert cli.main(["run", "-c", str(path)]) == 2
-    assert 'msg=config_unsupported reason="proxy mode is not available"' in capsys.readouterr().err

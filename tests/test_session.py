@@ -23,8 +23,9 @@ import trustme
 from popproxy.auth.authenticator import Authenticator
 from popproxy.auth.passwords import hash_password
 from popproxy.config import LimitsConfig, UserConfig
+from popproxy.maildrop.base import Maildrop
+from popproxy.maildrop.maildir import open_maildir
 from popproxy.secret import Secret
-from popproxy.serve import open_maildrop
 from popproxy.session import Session, SessionContext, SessionResult, SessionSummary
 
 MESSAGES = {
@@ -126,9 +127,14 @@ def make_context(
         listener="none",
         limits=limits,
         authenticator=Authenticator({"demo": user}),
-        open_maildrop=open_maildrop,
+        open_maildrop=open_local_maildrop,
         allow_plaintext_auth=plaintext,
     )
+
+
+async def open_local_maildrop(user: UserConfig) -> Maildrop:
+    assert user.maildir is not None
+    return await open_maildir(user.maildir)
 
 
 class Starter(Protocol):

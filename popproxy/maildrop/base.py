@@ -3,7 +3,8 @@
 A session talks to a ``Maildrop`` and never to files or upstream servers: the
 listing it takes at login (numbers, exact sizes, UIDLs), a stream of CRLF chunks
 for RETR and TOP, and one ``commit`` of the deletions marked before QUIT. The
-local Maildir (``maildir.py``) and, later, a live upstream are two implementations.
+local Maildir (``maildir.py``) and a live upstream (``upstream.py``) are the two
+implementations.
 """
 
 from __future__ import annotations
@@ -65,24 +66,40 @@ class Maildrop(Protocol):
     """A mailbox as a POP3 session sees it, from login to QUIT (RFC 1939 §5, §6)."""
 
     @property
+    def dot_stuffed(self) -> bool:
+        """True if ``retrieve`` yields wire octets already dot-stuffed (a relay, RFC 1939 §3)."""
+        ...
+
+    @property
+    def keepalive_interval_seconds(self) -> float | None:
+        """How often ``keep_alive`` should run while the client is idle; None: never."""
+        ...
+
+    @property
     def messages(self) -> Sequence[MessageInfo]:
         """The listing taken at open; index ``i`` is message number ``i + 1``."""
         ...
 
     def retrieve(self, index: int, *, body_lines: int | None = None) -> AsyncGenerator[bytes, None]:
-        """Stream message ``index`` as CRLF chunks, not dot-stuffed (RFC 1939 §5 RETR, §7 TOP).
+        """Stream message ``index`` as CRLF chunks (RFC 1939 §5 RETR, §7 TOP).
 
         Each chunk has at most ``RETRIEVE_CHUNK_BYTES`` octets. With ``body_lines``
         None: the whole message, exactly ``messages[index].size`` octets, ending with
         CRLF. Otherwise (TOP): the header, the blank line and the first
-        ``body_lines`` lines of the body. Raises ``MaildropError`` if the message
+        ``body_lines`` lines of the body. The chunks are dot-stuffed exactly when
+        ``dot_stuffed`` is true. Raises ``MaildropError`` if the message
         can no longer be read. Callers close the generator (``contextlib.aclosing``)
         when they stop early, so files and upstream replies are released at once.
         """
         ...
 
+    async def keep_alive(self) -> None:
+        """Keep the maildrop usable while the client is idle (an upstream NOOP); never raises."""
+        ...
+
     async def commit(self, deleted: Set[int]) -> None:
-        """Delete the messages at these indexes; called only on QUIT (RFC 1939 §6)."""
+        """Delete the messages at these indexes; called only on QUIT, also with none
+        marked, and it must succeed before the client gets ``+OK`` (RFC 1939 §6)."""
         ...
 
     async def aclose(self) -> None:

@@ -511,6 +511,9 @@ class MaildirMaildrop:
 
     # CRLF sizes by file identity, shared by every session in the process.
     size_cache: ClassVar[_SizeCache] = _SizeCache(MAX_SIZE_CACHE_ENTRIES)
+    # Chunks are message content; the session dot-stuffs them. Nothing times out.
+    dot_stuffed: ClassVar[bool] = False
+    keepalive_interval_seconds: ClassVar[float | None] = None
 
     def __init__(
         self,
@@ -581,6 +584,10 @@ class MaildirMaildrop:
                     return
         finally:
             os.close(fd)  # closing a regular file does not block
+
+    async def keep_alive(self) -> None:
+        """Nothing to keep alive in a local Maildir."""
+        await trio.lowlevel.checkpoint()
 
     async def commit(self, deleted: Set[int]) -> None:
         """Delete the files of these message indexes, then fsync (RFC 1939 §6 UPDATE).

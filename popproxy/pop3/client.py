@@ -74,9 +74,11 @@ def _upstream_error(text: str) -> RemoteProtocolError:
 class ClientConnection:
     """One POP3 session as seen from the client (RFC 1939, 2449, 5034)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, expect_greeting: bool = True) -> None:
+        """``expect_greeting=False`` continues a session after a TLS handshake (RFC 2595 §4),
+        where no new greeting comes."""
         self._lines = LineBuffer()
-        self._outstanding: deque[_Sent] = deque([_Sent(GREETING)])
+        self._outstanding: deque[_Sent] = deque([_Sent(GREETING)] if expect_greeting else [])
         self._body: DotUnstuffer | StuffedBodyScanner | None = None
         self._broken = False
 

@@ -432,3 +432,11 @@ def test_stuffed_body_flag_does_not_apply_to_an_err_reply() -> None:
     conn.send(Noop())
     conn.receive_data(HELLO + b"-ERR no such message\r\n+OK\r\n")
     assert drain(conn) == [HELLO_EVENT, Err("no such message"), Ok("")]
+
+
+def test_after_tls_no_greeting_is_expected() -> None:
+    conn = ClientConnection(expect_greeting=False)
+    assert conn.outstanding == 0
+    conn.send(Noop())
+    conn.receive_data(b"+OK\r\n")
+    assert drain(conn) == [Ok("")]
