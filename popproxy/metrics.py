@@ -1,0 +1,703 @@
+"""Every popproxy metric, declared once on an injected registry, and the /metrics exporter.
+
+Theory of operation. :class:`Metrics` owns one ``prometheus_client`` collector per
+metric, all registered on the :class:`~prometheus_client.CollectorRegistry` it is
+given (never the library's global one, so tests and reloads get fresh registries).
+The rest of popproxy calls typed methods on it; no other module creates a metric.
+
+Names follow the Prometheus conventions (https://prometheus.io/docs/practices/naming/):
+prefix ``popproxy_``, base units (seconds, bytes), ``_total`` on counters. Every
+label value comes from a closed set (DESIGN.md, Metrics; invariant 6), and the API
+enforces it: outcomes are the Enums below or ``popproxy.pop3.commands.Verb``, and
+listener, upstream and rule names must first be declared with :meth:`Metrics.declare`
+(they come from the config). A user name, an address or a UIDL cannot become a
+label: it is neither an Enum member nor a declared name, so the call raises.
+
+:meth:`Metrics.declare` also creates every series whose labels are known up front
+at 0, so ``rate()`` and the alert rules work from the first scrape.
+
+:func:`serve_metrics` serves ``GET /metrics`` in the text exposition format over a
+deliberately small HTTP/1.1 server (RFC 9112): one request per connection
+(``Connection: close``), a bounded request head, deadlines on reading and writing.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import platform
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+import popproxy
+from popproxy.config import MetricsConfig
+from popproxy.pop3.commands import Verb
+
+log = logging.getLogger("popproxy.metrics")
+
+PREFIX = "popproxy_"
+
+# Latency buckets in seconds, 0.5 ms to 30 s: a loopback round trip or a warm sqlite
+# read lands in the first buckets, a provider's slow LIST or a cold TLS handshake
+# far away in the last ones. Roughly 1-2.5-5 steps per decade (as the client's
+# defaults), plus 30 s, the order of our own network deadlines.
+LATENCY_BUCKETS_SECONDS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+# The ``verb`` label of a client command that did not parse to a known verb.
+UNKNOWN_VERB = "unknown"
+
+
+class LoginMechanism(enum.Enum):
+    """How a client logged in: RFC 1939 §7 USER/PASS or APOP, RFC 5034 AUTH with RFC 4616 PLAIN."""
+
+    USER = "user"
+    PLAIN = "plain"
+    APOP = "apop"
+
+
+class LoginResult(enum.Enum):
+    """The outcome of one client login attempt."""
+
+    OK = "ok"
+    FAILED = "failed"  # wrong password or unknown user
+    THROTTLED = "throttled"  # refused before hashing: too many recent failures
+    LOCKED_OUT = "locked_out"  # refused: the account is locked out
+    ERROR = "error"  # could not decide (hash unusable, maildrop or upstream unavailable)
+
+
+class CommandResult(enum.Enum):
+    """The status indicator popproxy answered a client command with (RFC 1939 §3)."""
+
+    OK = "ok"
+    ERR = "err"
+
+
+class TlsResult(enum.Enum):
+    """The outcome of a client TLS handshake (STLS, RFC 2595 §4, or implicit TLS, RFC 8314)."""
+
+    OK = "ok"
+    FAILED = "failed"
+
+
+class UpstreamErrorKind(enum.Enum):
+    """Why an upstream connection, login or command failed.
+
+    The same closed set as ``popproxy.maildrop.upstream.UpstreamFailure`` (a test keeps
+    them equal); the upstream methods of :class:`Metrics` accept either Enum.
+    """
+
+    CONNECT = "connect"  # TCP connect failed or was refused
+    TLS = "tls"  # handshake or certificate verification failed
+    TIMEOUT = "timeout"  # a deadline from config expired
+    AUTH_REJECTED = "auth_rejected"  # the stored credentials were refused ([AUTH], [SYS/PERM])
+    PROTOCOL = "protocol"  # the upstream broke RFC 1939 (bad greeting, reply, listing)
+    IN_USE = "in_use"  # [IN-USE]: the maildrop is locked by another session (RFC 2449 §8.1.1)
+    LOGIN_DELAY = "login_delay"  # [LOGIN-DELAY]: logged in too recently (RFC 2449 §8.1.2)
+    CLOSED = "closed"  # the upstream closed the connection mid-session
+    STLS_UNAVAILABLE = "stls_unavailable"  # tls: starttls, but no STLS in CAPA (RFC 2595 §4)
+    LOOP = "loop"  # the upstream is this popproxy itself
+    UNSUPPORTED = "unsupported"  # the upstream lacks something required (UIDL, RFC 1939 §7)
+    REJECTED = "rejected"  # -ERR to a greeting, a DELE or QUIT, or [SYS/TEMP] (RFC 3206 §4)
+
+
+class PolicyAction(enum.Enum):
+    """What retention policy did with one message at a QUIT (DESIGN.md, Rules)."""
+
+    HIDDEN = "hidden"  # hidden for this user, left on the upstream
+    DELETED = "deleted"  # deleted upstream after the client's DELE
+    EXPIRED = "expired"  # deleted upstream because its rule's expiry passed
+    KEPT = "kept"  # the client's DELE was overruled: left visible on the upstream
+
+
+class StateOperation(enum.Enum):
+    """One kind of state store access (DESIGN.md, state/)."""
+
+    LOAD = "load"  # read an account's first-seen times and hidden/deleted UIDLs
+    RECORD = "record"  # store first-seen times for newly listed messages
+    COMMIT = "commit"  # record what a QUIT hid and deleted
+    PRUNE = "prune"  # forget messages no longer in the upstream listing
+
+
+class SessionOutcome(enum.Enum):
+    """How a client session ended: the label values of ``popproxy_sessions_ended_total``.
+
+    The same closed set as ``popproxy.session.SessionResult`` (a test keeps them equal);
+    :meth:`Metrics.session_ended` accepts either Enum and uses its value.
+    """
+
+    QUIT = "quit"
+    EOF = "eof"
+    TIMEOUT = "timeout"
+    PROTOCOL_ERROR = "protocol_error"
+    TLS_ERROR = "tls_error"
+    MAILDROP_ERROR = "maildrop_error"
+    SHUTDOWN = "shutdown"
+
+
+class _UpstreamLoginResult(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"
+
+
+def _label(value: enum.Enum, kind: type[enum.Enum]) -> str:
+    """The label value of an Enum member of ``kind``; anything else is a TypeError."""
+    if not isinstance(value, kind):
+        raise TypeError(f"expected a {kind.__name__} member, got {type(value).__name__}")
+    label: str = value.value
+    return label
+
+
+def _value_label(value: enum.Enum, kind: type[enum.Enum]) -> str:
+    """The label value of any Enum member whose value is one of ``kind``'s values.
+
+    For closed sets that another layer also names (session results, upstream
+    failures): a member of either Enum is accepted; another value is a ValueError.
+    """
+    if not isinstance(value, enum.Enum):
+        raise TypeError(f"expected a {kind.__name__} Enum member, got {type(value).__name__}")
+    label: str = kind(value.value).value
+    return label
+
+
+def _verb_label(verb: Verb | None) -> str:
+    if verb is None:
+        return UNKNOWN_VERB
+    return _label(verb, Verb)
+
+
+class Metrics:
+    """All popproxy metrics on ``registry`` (DESIGN.md, Metrics).
+
+    Construct one per process with the registry the exporter serves, call
+    :meth:`declare` with the configured listener, upstream and rule names (again
+    after a reload that adds some), then report events through the methods below.
+    Durations are seconds as floats (differences of ``trio.current_time()``),
+    sizes are octets.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._listeners: set[str] = set()
+        self._upstreams: set[str] = set()
+        self._rules: set[str] = set()
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=registry)
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, registry=registry)
+
+        def histogram(name: str, doc: str, labels: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(
+                PREFIX + name, doc, labels, registry=registry, buckets=LATENCY_BUCKETS_SECONDS
+            )
+
+        # Process.
+        self._build_info = gauge(
+            "build_info",
+            "Always 1; the labels say which popproxy and Python are running.",
+            ("version", "python_version"),
+        )
+        self._build_info.labels(popproxy.__version__, platform.python_version()).set(1)
+        self._reload_ok = gauge(
+            "config_last_reload_successful",
+            "Whether the last configuration load or reload succeeded (1) or failed (0).",
+        )
+        self._reload_time = gauge(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load or reload.",
+        )
+
+        # Client sessions.
+        self._sessions_started = counter(
+            "sessions_started_total", "Client connections accepted as sessions.", ("listener",)
+        )
+        self._sessions_active = gauge(
+            "sessions_active", "Client sessions running now.", ("listener",)
+        )
+        self._sessions_ended = counter(
+            "sessions_ended_total",
+            "Client sessions ended, by how they ended.",
+            ("listener", "result"),
+        )
+        self._sessions_refused = counter(
+            "sessions_refused_total",
+            "Client connections refused because max_sessions sessions were running.",
+            ("listener",),
+        )
+        self._sessions_limit = gauge(
+            "sessions_limit", "The configured limit on concurrent sessions (limits.max_sessions)."
+        )
+        self._tls_handshakes = counter(
+            "tls_handshakes_total",
+            "Client TLS handshakes (STLS or implicit TLS), by outcome.",
+            ("listener", "result"),
+        )
+        self._logins = counter(
+            "logins_total",
+            "Client login attempts, by mechanism and outcome.",
+            ("mechanism", "result"),
+        )
+        self._commands = counter(
+            "commands_total",
+            "Client commands answered, by verb and status indicator.",
+            ("verb", "result"),
+        )
+        self._client_sent = counter(
+            "client_sent_bytes_total", "Octets sent to clients.", ("listener",)
+        )
+        self._client_received = counter(
+            "client_received_bytes_total", "Octets received from clients.", ("listener",)
+        )
+
+        # Upstreams.
+        self._upstream_connect = histogram(
+            "upstream_connect_duration_seconds",
+            "Time to open a connection to an upstream, TCP and TLS handshake included.",
+            ("upstream",),
+        )
+        self._upstream_login = histogram(
+            "upstream_login_duration_seconds",
+            "Time from the upstream's greeting to its +OK for the login (successful logins).",
+            ("upstream",),
+        )
+        self._upstream_command = histogram(
+            "upstream_command_duration_seconds",
+            "Time from sending a command upstream to the end of its reply.",
+            ("upstream", "verb"),
+        )
+        self._upstream_logins = counter(
+            "upstream_logins_total",
+            "Attempts to open a logged-in upstream session (connect, TLS, login), by outcome.",
+            ("upstream", "result"),
+        )
+        self._upstream_errors = counter(
+            "upstream_errors_total", "Upstream failures, by kind.", ("upstream", "kind")
+        )
+        self._upstream_sessions_active = gauge(
+            "upstream_sessions_active", "Logged-in upstream sessions open now.", ("upstream",)
+        )
+        self._upstream_received = counter(
+            "upstream_received_bytes_total", "Octets received from upstreams.", ("upstream",)
+        )
+        self._upstream_deleted = counter(
+            "upstream_messages_deleted_total",
+            "Messages deleted upstream (DELE, then QUIT answered +OK).",
+            ("upstream",),
+        )
+
+        # Policy and state.
+        self._policy_actions = counter(
+            "policy_actions_total",
+            "Messages a retention rule acted on at a QUIT, counted once the action took effect.",
+            ("rule", "action"),
+        )
+        self._policy_overdue = counter(
+            "policy_overdue_messages_total",
+            "Messages found past their rule's expiry in a login's listing (counted per listing).",
+            ("rule",),
+        )
+        self._state_duration = histogram(
+            "state_operation_duration_seconds",
+            "Time a state store operation took, including waiting for a worker thread.",
+            ("operation",),
+        )
+        self._state_errors = counter(
+            "state_errors_total", "State store operations that failed.", ("operation",)
+        )
+
+        # Series whose labels are all known now exist from the first scrape.
+        for mechanism in LoginMechanism:
+            for login_result in LoginResult:
+                self._logins.labels(mechanism.value, login_result.value)
+        for verb_label in [v.value for v in Verb] + [UNKNOWN_VERB]:
+            for command_result in CommandResult:
+                self._commands.labels(verb_label, command_result.value)
+        for operation in StateOperation:
+            self._state_duration.labels(operation.value)
+            self._state_errors.labels(operation.value)
+
+    # -- closed sets of names ---------------------------------------------------------
+
+    def declare(
+        self,
+        *,
+        listeners: Iterable[str] = (),
+        upstreams: Iterable[str] = (),
+        rules: Iterable[str] = (),
+    ) -> None:
+        """Allow these configured names as label values and create their series at 0.
+
+        Call it at startup with every listener name (``ListenerConfig.name``), upstream
+        name and rule name, and again after a reload (declaring a name twice is
+        harmless; names dropped by a reload keep their series, as counters should).
+        Every method that takes a name raises ValueError for a name not declared.
+        """
+        for listener in listeners:
+            _check_name(listener)
+            self._listeners.add(listener)
+            self._sessions_started.labels(listener)
+            self._sessions_active.labels(listener)
+            self._sessions_refused.labels(listener)
+            self._client_sent.labels(listener)
+            self._client_received.labels(listener)
+            for outcome in SessionOutcome:
+                self._sessions_ended.labels(listener, outcome.value)
+            for tls_result in TlsResult:
+                self._tls_handshakes.labels(listener, tls_result.value)
+        for upstream in upstreams:
+            _check_name(upstream)
+            self._upstreams.add(upstream)
+            self._upstream_connect.labels(upstream)
+            self._upstream_login.labels(upstream)
+            self._upstream_sessions_active.labels(upstream)
+            self._upstream_received.labels(upstream)
+            self._upstream_deleted.labels(upstream)
+            for login_result in _UpstreamLoginResult:
+                self._upstream_logins.labels(upstream, login_result.value)
+            for kind in UpstreamErrorKind:
+                self._upstream_errors.labels(upstream, kind.value)
+        for rule in rules:
+            _check_name(rule)
+            self._rules.add(rule)
+            self._policy_overdue.labels(rule)
+            for action in PolicyAction:
+                self._policy_actions.labels(rule, action.value)
+
+    def _listener(self, name: str) -> str:
+        return _declared("listener", name, self._listeners)
+
+    def _upstream(self, name: str) -> str:
+        return _declared("upstream", name, self._upstreams)
+
+    def _rule(self, name: str) -> str:
+        return _declared("rule", name, self._rules)
+
+    # -- process ----------------------------------------------------------------------
+
+    def config_loaded(self, *, successful: bool, timestamp: float) -> None:
+        """Record a configuration load or reload; ``timestamp`` is Unix time (``time.time()``).
+
+        Call it after the startup load too, or the gauge says the last load failed.
+        A failed reload leaves the success timestamp where it was.
+        """
+        self._reload_ok.set(1 if successful else 0)
+        if successful:
+            self._reload_time.set(timestamp)
+
+    def set_session_limit(self, limit: int) -> None:
+        """Publish ``limits.max_sessions`` (for saturation panels and alerts)."""
+        self._sessions_limit.set(limit)
+
+    # -- client sessions --------------------------------------------------------------
+
+    def session_started(self, listener: str) -> None:
+        """A connection became a session: started +1, active +1."""
+        name = self._listener(listener)
+        self._sessions_started.labels(name).inc()
+        self._sessions_active.labels(name).inc()
+
+    def session_ended(self, listener: str, result: enum.Enum) -> None:
+        """A session ended (pair it with :meth:`session_started` in a ``finally``).
+
+        ``result`` is a ``popproxy.session.SessionResult`` or a :class:`SessionOutcome`:
+        any Enum whose value is one of :class:`SessionOutcome`'s, else ValueError.
+        """
+        name = self._listener(listener)
+        outcome = _value_label(result, SessionOutcome)
+        self._sessions_active.labels(name).dec()
+        self._sessions_ended.labels(name, outcome).inc()
+
+    def session_refused(self, listener: str) -> None:
+        """A connection was refused because ``max_sessions`` sessions were running."""
+        self._sessions_refused.labels(self._listener(listener)).inc()
+
+    def tls_handshake(self, listener: str, result: TlsResult) -> None:
+        """A client TLS handshake finished (STLS, RFC 2595 §4, or implicit TLS, RFC 8314)."""
+        self._tls_handshakes.labels(self._listener(listener), _label(result, TlsResult)).inc()
+
+    def login(self, mechanism: LoginMechanism, result: LoginResult) -> None:
+        """A client login attempt was decided (RFC 1939 §7, RFC 5034 §4)."""
+        self._logins.labels(_label(mechanism, LoginMechanism), _label(result, LoginResult)).inc()
+
+    def command(self, verb: Verb | None, result: CommandResult) -> None:
+        """A client command was answered; ``verb`` None for one that did not parse (RFC 1939 §3)."""
+        self._commands.labels(_verb_label(verb), _label(result, CommandResult)).inc()
+
+    def client_bytes_sent(self, listener: str, octets: int) -> None:
+        """``octets`` were written to a client."""
+        self._client_sent.labels(self._listener(listener)).inc(octets)
+
+    def client_bytes_received(self, listener: str, octets: int) -> None:
+        """``octets`` were read from a client."""
+        self._client_received.labels(self._listener(listener)).inc(octets)
+
+    # -- upstreams ----------------------------------------------------------------------
+
+    def upstream_connected(self, upstream: str, seconds: float) -> None:
+        """A connection to ``upstream`` was opened (TCP and TLS) in ``seconds``."""
+        self._upstream_connect.labels(self._upstream(upstream)).observe(seconds)
+
+    def upstream_login_succeeded(self, upstream: str, seconds: float) -> None:
+        """An upstream login answered +OK, ``seconds`` after the greeting."""
+        name = self._upstream(upstream)
+        self._upstream_login.labels(name).observe(seconds)
+        self._upstream_logins.labels(name, _UpstreamLoginResult.OK.value).inc()
+
+    def upstream_login_failed(self, upstream: str, kind: enum.Enum) -> None:
+        """Opening a logged-in upstream session failed (at connect, TLS or login).
+
+        ``kind`` is an :class:`UpstreamErrorKind` or an ``UpstreamFailure`` (same values).
+        Counts one failed attempt and one error of ``kind``; do not also call
+        :meth:`upstream_error` for the same failure.
+        """
+        name = self._upstream(upstream)
+        kind_label = _value_label(kind, UpstreamErrorKind)
+        self._upstream_logins.labels(name, _UpstreamLoginResult.FAILED.value).inc()
+        self._upstream_errors.labels(name, kind_label).inc()
+
+    def upstream_error(self, upstream: str, kind: enum.Enum) -> None:
+        """An upstream failed after login (timeout, closed, a refused DELE, ...).
+
+        ``kind`` is an :class:`UpstreamErrorKind` or an ``UpstreamFailure`` (same values).
+        """
+        self._upstream_errors.labels(
+            self._upstream(upstream), _value_label(kind, UpstreamErrorKind)
+        ).inc()
+
+    def upstream_command(self, upstream: str, verb: Verb, seconds: float) -> None:
+        """A command sent upstream got its whole reply after ``seconds`` (RFC 1939 §3)."""
+        self._upstream_command.labels(self._upstream(upstream), _label(verb, Verb)).observe(seconds)
+
+    def upstream_session_opened(self, upstream: str) -> None:
+        """A logged-in upstream session opened (pair with :meth:`upstream_session_closed`)."""
+        self._upstream_sessions_active.labels(self._upstream(upstream)).inc()
+
+    def upstream_session_closed(self, upstream: str) -> None:
+        """A logged-in upstream session closed, however it ended."""
+        self._upstream_sessions_active.labels(self._upstream(upstream)).dec()
+
+    def upstream_bytes_received(self, upstream: str, octets: int) -> None:
+        """``octets`` were read from ``upstream``."""
+        self._upstream_received.labels(self._upstream(upstream)).inc(octets)
+
+    def upstream_messages_deleted(self, upstream: str, count: int) -> None:
+        """``count`` messages were deleted upstream: DELEs sent, QUIT answered +OK (RFC 1939 §6)."""
+        self._upstream_deleted.labels(self._upstream(upstream)).inc(count)
+
+    # -- policy and state ---------------------------------------------------------------
+
+    def policy_action(self, rule: str, action: PolicyAction, count: int = 1) -> None:
+        """``rule`` did ``action`` to ``count`` messages, and it took effect (after the QUIT).
+
+        Count when the upstream QUIT answered +OK and the state store committed, not when
+        the plan was made: the PolicyDeletionsStalled alert relies on that.
+        """
+        self._policy_actions.labels(self._rule(rule), _label(action, PolicyAction)).inc(count)
+
+    def policy_overdue(self, rule: str, count: int) -> None:
+        """A login's listing had ``count`` messages past ``rule``'s ``expire_after_days``."""
+        self._policy_overdue.labels(self._rule(rule)).inc(count)
+
+    def state_operation(self, operation: StateOperation, seconds: float) -> None:
+        """A state store operation finished in ``seconds`` (worker-thread wait included)."""
+        self._state_duration.labels(_label(operation, StateOperation)).observe(seconds)
+
+    def state_error(self, operation: StateOperation) -> None:
+        """A state store operation failed."""
+        self._state_errors.labels(_label(operation, StateOperation)).inc()
+
+
+# A configured name used as a label value: non-empty, printable (no control characters
+# or line breaks to confuse a log or a query) and short. Config keys and rule names are
+# much shorter; this only catches a wrong value passed by mistake.
+MAX_NAME_CHARS = 128
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"expected a configured name (str), got {type(name).__name__}")
+    if not 0 < len(name) <= MAX_NAME_CHARS or not name.isprintable():
+        raise ValueError(f"a name used as a label must be 1-{MAX_NAME_CHARS} printable characters")
+
+
+def _declared(kind: str, name: str, declared: set[str]) -> str:
+    if name not in declared:
+        raise ValueError(f"{kind} {name!r} was not declared (Metrics.declare)")
+    return name
+
+
+# -- the exporter ---------------------------------------------------------------------
+
+# The request line and headers. Prometheus sends about 300 octets; 8 KiB is the
+# common per-line limit of HTTP servers (nginx's large_client_header_buffers).
+MAX_REQUEST_HEAD_BYTES = 8192
+RECEIVE_CHUNK_BYTES = 4096
+# Prometheus's default scrape_timeout is 10 s: a scraper slower than that has given up.
+REQUEST_READ_TIMEOUT_SECONDS = 10.0
+RESPONSE_SEND_TIMEOUT_SECONDS = 10.0
+# Concurrent connections; one more is closed at once. A scraper or two, plus a curl.
+MAX_EXPORTER_CONNECTIONS = 8
+
+_HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
+_REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/1\.[01]")
+_ALLOWED_METHODS = (b"GET", b"HEAD")
+_INDEX_BODY = b"popproxy metrics exporter: scrape /metrics\n"
+_TEXT_PLAIN = "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: int
+    reason: str
+    content_type: str
+    body: bytes
+    extra_headers: tuple[tuple[str, str], ...] = ()
+
+    def encode(self, *, include_body: bool) -> bytes:
+        headers = [
+            ("Content-Type", self.content_type),
+            ("Content-Length", str(len(self.body))),
+            ("Connection", "close"),
+            *self.extra_headers,
+        ]
+        head = f"HTTP/1.1 {self.status} {self.reason}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in headers
+        )
+        return head.encode("ascii") + b"\r\n" + (self.body if include_body else b"")
+
+
+def _error(status: int, reason: str, *extra: tuple[str, str]) -> _Response:
+    return _Response(status, reason, _TEXT_PLAIN, f"{status} {reason}\n".encode(), extra)
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+async def _read_head(stream: trio.abc.ReceiveStream) -> bytes | None:
+    """The request head up to the blank line (RFC 9112 §2.1); None if the peer closed first."""
+    buffer = bytearray()
+    while True:
+        data = await stream.receive_some(RECEIVE_CHUNK_BYTES)
+        if not data:
+            return None
+        buffer += data
+        end = _HEAD_END_RE.search(buffer)
+        if end is not None and end.start() <= MAX_REQUEST_HEAD_BYTES:
+            return bytes(buffer[: end.start()])
+        if len(buffer) > MAX_REQUEST_HEAD_BYTES:
+            raise _HeadTooLarge
+
+
+def _respond(head: bytes, registry: CollectorRegistry) -> tuple[_Response, bool]:
+    """The response to a request head, and whether to send its body (not for HEAD)."""
+    request_line = head.split(b"\n", 1)[0].rstrip(b"\r")
+    match = _REQUEST_LINE_RE.fullmatch(request_line)
+    if match is None:
+        return _error(400, "Bad Request"), True
+    method, target = match.group(1), match.group(2)
+    if method not in _ALLOWED_METHODS:
+        return _error(405, "Method Not Allowed", ("Allow", "GET, HEAD")), True
+    path = target.split(b"?", 1)[0]
+    include_body = method == b"GET"
+    if path == b"/metrics":
+        try:
+            body = generate_latest(registry)
+        except Exception:
+            # A broken collector must not take the proxy down with the exporter.
+            log.exception("metrics_collection_failed")
+            return _error(500, "Internal Server Error"), include_body
+        return _Response(200, "OK", CONTENT_TYPE_LATEST, body), include_body
+    if path == b"/":
+        return _Response(200, "OK", _TEXT_PLAIN, _INDEX_BODY), include_body
+    return _error(404, "Not Found"), include_body
+
+
+async def handle_http_connection(stream: trio.abc.Stream, registry: CollectorRegistry) -> None:
+    """Answer one HTTP/1.1 request on ``stream`` and close it (RFC 9112 §9.6, ``close``).
+
+    ``GET /metrics`` gets the registry in the Prometheus text format; ``GET /`` a
+    pointer to it; other paths 404, other methods 405, a malformed request 400 and
+    a head over ``MAX_REQUEST_HEAD_BYTES`` 431. A client that does not finish its
+    head within ``REQUEST_READ_TIMEOUT_SECONDS`` is disconnected without a reply.
+    """
+    async with stream:
+        try:
+            head: bytes | None = None
+            response: _Response | None = None
+            include_body = True
+            with trio.move_on_after(REQUEST_READ_TIMEOUT_SECONDS):
+                try:
+                    head = await _read_head(stream)
+                except _HeadTooLarge:
+                    response = _error(431, "Request Header Fields Too Large")
+            if response is None:
+                if head is None:
+                    return  # the peer closed or timed out before a whole request
+                response, include_body = _respond(head, registry)
+            with trio.move_on_after(RESPONSE_SEND_TIMEOUT_SECONDS):
+                await stream.send_all(response.encode(include_body=include_body))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+async def serve_metrics(
+    config: MetricsConfig,
+    registry: CollectorRegistry,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``registry`` at ``http://{address}:{port}/metrics`` until cancelled.
+
+    Binds ``config.address`` and ``config.port`` (0 asks the OS for a free port),
+    then reports the bound ``(address, port)`` of the first socket through
+    ``task_status`` (``await nursery.start(serve_metrics, config, registry)``).
+    Each connection carries one request (:func:`handle_http_connection`); at most
+    ``MAX_EXPORTER_CONNECTIONS`` are served at once, more are closed at once.
+    """
+    listeners = await trio.open_tcp_listeners(config.port, host=config.address)
+    limiter = trio.CapacityLimiter(MAX_EXPORTER_CONNECTIONS)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await handle_http_connection(stream, registry)
+        finally:
+            limiter.release()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, handler, listeners)
+            address, port = listeners[0].socket.getsockname()[:2]
+            log.info("metrics_listening", extra={"fields": {"address": address, "port": port}})
+            task_status.started((address, port))
+    finally:
+        with trio.CancelScope(shield=True):
+            for listener in listeners:
+                await listener.aclose()
