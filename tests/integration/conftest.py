@@ -1,4 +1,5 @@
-"""Fixtures for the real-client tests: corpus, TLS files, and a running popproxy subprocess."""
+"""Fixtures for the real-client tests: corpus, TLS files, a running popproxy subprocess, and
+a real Dovecot upstream."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from .dovecot import DovecotServer, DovecotUser
 from .harness import (
     LISTENER_KINDS,
     PASSWORD,
@@ -84,3 +86,26 @@ def start(tmp_path: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
 def server(start: StartServer, maildir: Path) -> ServerProcess:
     """A server with all three listeners and plaintext auth allowed, serving USER the corpus."""
     return start(users=[User(USER, PASSWORD, maildir)])
+
+
+# ---------------------------------------------------------------------------------------------
+# A real Dovecot as the upstream (tests/integration/dovecot.py)
+
+
+@pytest.fixture(scope="session")
+def dovecot(tls_files: TlsFiles) -> Iterator[DovecotServer]:
+    """One Dovecot for the whole run; tests add their own users (`dovecot_user`, add_user).
+
+    At the end it gets SIGTERM and must exit, leaving no process behind.
+    """
+    server = DovecotServer.start(tls_files)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dovecot_user(dovecot: DovecotServer, corpus: Corpus) -> Iterator[DovecotUser]:
+    """A fresh Dovecot user whose Maildir holds a copy of the whole corpus; removed after."""
+    user = dovecot.add_user(corpus=corpus)
+    yield user
+    dovecot.remove_user(user)
