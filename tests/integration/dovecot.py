@@ -28,8 +28,9 @@ marked otherwise):
 - LIST and STAT count a file without a final newline without the CRLF that RETR adds
   before the terminator: 2 octets short for such a message (the corpus has two).
 - QUIT's +OK comes after the expunge (the files are gone), but before the mail process has
-  finished writing its index files: wait for `wait_sessions_ended` before looking at
-  anything but message files. A session ended without QUIT is only over at that line too.
+  finished writing its index files, and so does the "Disconnected" log line: wait for
+  `wait_sessions_ended` (the mail process's exit) before looking at anything but message
+  files, and before looking at a Maildir after a session ended without QUIT.
 - By default a session moves new/ files to cur/, and RETR adds the Seen flag (`:2,S`).
 - Sessions of one user are not locked (`pop3_lock_session = no`): each logs in, and the
   listing is taken just after "+OK Logged in."; RETR of a message another session
@@ -788,17 +789,34 @@ class DovecotServer:
     def wait_sessions_ended(
         self, user: DovecotUser | str, count: int = 1, *, timeout: float = LOG_WAIT_DEADLINE_SECONDS
     ) -> list[str]:
-        """Wait until `count` POP3 sessions of a user have ended (logged "Disconnected").
+        """Wait until `count` POP3 sessions of a user are over, QUIT or not; their log lines.
 
-        The line is logged when the session is over, QUIT or not; a test that closed a
-        connection without QUIT waits for it before looking at the Maildir.
+        Over means: the session logged "Disconnected", and its mail process (one per
+        session; its pid is in that line) has exited. Dovecot answers QUIT, and logs the
+        line, before it has finished writing its index files in the Maildir; only the
+        exit says it is done. A test that closed a connection without QUIT, or that looks
+        at more than the message files after QUIT, waits for this first.
         """
+        deadline = time.monotonic() + timeout
         name = user if isinstance(user, str) else user.name
-        return self.wait_for_log(
+        lines = self.wait_for_log(
             rf"pop3\({re.escape(name)}\)<\d+><[^>]*>: Info: Disconnected",
             count=count,
             timeout=timeout,
         )
+        pids = set()
+        for line in lines:
+            mail_pid = re.search(r"\)<(\d+)>", line)
+            assert mail_pid is not None, line
+            pids.add(int(mail_pid[1]))
+        while live := pids & set(self.pids()):
+            if time.monotonic() >= deadline:
+                raise DovecotFailed(
+                    f"mail processes {sorted(live)} of {name} still there {timeout:g} s after"
+                    " their sessions ended\n" + self._log_dump()
+                )
+            time.sleep(POLL_INTERVAL_SECONDS)
+        return lines
 
     def _log_dump(self) -> str:
         return f"--- dovecot log ({self.root}) ---\n{self.log_text()}"
