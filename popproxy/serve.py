@@ -9,26 +9,46 @@ them. A cancelled session never reaches UPDATE, so it deletes nothing.
 
 Over ``max_sessions``, a new connection gets ``-ERR [SYS/TEMP]`` and is closed
 at once instead of waiting in the kernel backlog.
+
+Reload. The settings a session reads live in one immutable ``_Runtime`` (config,
+server TLS context, authenticator, maildrop router with the upstream TLS contexts).
+Each accepted connection takes the runtime current at that moment, so a session
+keeps the config it started with. ``Server.reload`` loads and checks a new config
+and builds all of these first, and only then swaps the runtime in one assignment;
+on any error the old one stays (popproxy/reload.py says which keys a reload
+applies and which need a restart).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import secrets
 import ssl
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import trio
 
-from popproxy.auth.authenticator import Authenticator
-from popproxy.config import Config, ListenerConfig, TlsMode, UserConfig
+from popproxy.auth.authenticator import DEFAULT_HASH_THREADS, Authenticator
+from popproxy.config import Config, ConfigError, ListenerConfig, TlsConfig, TlsMode, UserConfig
 from popproxy.maildrop.base import Maildrop, MaildropError
 from popproxy.maildrop.maildir import open_maildir
 from popproxy.maildrop.upstream import UpstreamAccount, open_upstream
 from popproxy.pop3.replies import Err, ResponseCode
 from popproxy.pop3.wire import format_status
+from popproxy.reload import (
+    ConfigChanges,
+    ConfigLoader,
+    ReloadOutcome,
+    config_changes,
+    effective_config,
+    reload_problem,
+)
+from popproxy.sdnotify import Notifier
 from popproxy.session import SessionContext, run_session
 from popproxy.tls import client_context, server_context
 
@@ -43,6 +63,10 @@ REFUSAL_SEND_TIMEOUT_SECONDS = 1.0
 # without a word, so a flood cannot hold more tasks and sockets than this.
 MAX_PENDING_REFUSALS = 64
 TOO_MANY_SESSIONS = Err("Too many connections, try again later.", ResponseCode.SYS_TEMP)
+# A reload_failed line names at most this many config problems (check-config lists all).
+MAX_REASON_ISSUES = 3
+
+OnReload = Callable[[ReloadOutcome], None]
 
 
 class ServeError(Exception):
@@ -101,48 +125,112 @@ def _peer_name(stream: trio.SocketStream) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedTls:
+    """A server TLS context and a digest of the files it was loaded from."""
+
+    context: ssl.SSLContext
+    digest: bytes  # sha256 over the certificate and key files: did the contents change?
+
+
+def load_tls(tls: TlsConfig) -> LoadedTls:
+    """Load the certificate chain and key (blocking: run it in a worker thread)."""
+    context = server_context(tls)
+    digest = hashlib.sha256()
+    for path in (tls.cert_file, tls.key_file):
+        with path.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return LoadedTls(context, digest.digest())
+
+
+async def _load_tls(tls: TlsConfig | None) -> LoadedTls | None:
+    if tls is None:
+        return None
+    try:
+        return await trio.to_thread.run_sync(load_tls, tls)
+    except (OSError, ssl.SSLError) as exc:
+        raise ServeError(f"cannot load the TLS certificate or key: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Runtime:
+    """Everything a new session reads, swapped whole by a reload."""
+
+    config: Config
+    tls: LoadedTls | None
+    authenticator: Authenticator
+    router: MaildropRouter
+
+
+class ReloadFailed(Exception):
+    """A reload was refused; the message is the reason logged (never a secret)."""
+
+
 class Server:
-    """The listeners and the sessions of one running configuration."""
+    """The listeners and the sessions of one running server, and its current config."""
 
     def __init__(
         self,
         config: Config,
-        tls_context: ssl.SSLContext | None,
+        tls: LoadedTls | None,
         upstream_tls: Mapping[str, ssl.SSLContext] | None = None,
+        *,
+        notifier: Notifier | None = None,
+        on_reload: OnReload | None = None,
     ) -> None:
-        self.config = config
-        self._tls_context = tls_context
-        self._authenticator = Authenticator(config.users)
+        # Shared by every generation of the authenticator, so a reload never adds threads.
+        self._hash_limiter = trio.CapacityLimiter(DEFAULT_HASH_THREADS)
         # Random per process: a greeting with it, seen upstream, means a loop.
         self._greeting_token = secrets.token_hex(6)
-        self._router = MaildropRouter(
-            config, upstream_tls or {}, greeting_token=self._greeting_token
-        )
+        self._runtime = self._new_runtime(config, tls, upstream_tls or {})
+        self._notifier = notifier if notifier is not None else Notifier(None)
+        self._on_reload = on_reload
+        self.last_reload = ReloadOutcome(ok=True, at=time.time())
         self._active = 0
         self._refusing = 0
         self._shutting_down = False
         self._drained = trio.Event()
 
+    @property
+    def config(self) -> Config:
+        """The config in effect for new sessions (listeners, metrics and state as started)."""
+        return self._runtime.config
+
+    def _new_runtime(
+        self,
+        config: Config,
+        tls: LoadedTls | None,
+        upstream_tls: Mapping[str, ssl.SSLContext],
+    ) -> _Runtime:
+        return _Runtime(
+            config,
+            tls,
+            Authenticator(config.users, limiter=self._hash_limiter),
+            MaildropRouter(config, upstream_tls, greeting_token=self._greeting_token),
+        )
+
     def session_context(self, listener: ListenerConfig) -> SessionContext:
+        """The context of a session accepted now on ``listener`` (a listener bound at start)."""
+        runtime = self._runtime
         return SessionContext(
             listener=listener.name,
-            limits=self.config.limits,
-            authenticator=self._authenticator,
-            open_maildrop=self._router.open,
-            tls_context=self._tls_context,
+            limits=runtime.config.limits,
+            authenticator=runtime.authenticator,
+            open_maildrop=runtime.router.open,
+            tls_context=runtime.tls.context if runtime.tls is not None else None,
             greeting_token=self._greeting_token,
             stls_available=listener.tls is TlsMode.STARTTLS,
             implicit_tls=listener.tls is TlsMode.IMPLICIT,
-            allow_plaintext_auth=self.config.allow_plaintext_auth,
+            allow_plaintext_auth=runtime.config.allow_plaintext_auth,
         )
 
     async def accept_loop(
-        self, listener: trio.SocketListener, context: SessionContext, sessions: trio.Nursery
+        self, sock: trio.SocketListener, listener: ListenerConfig, sessions: trio.Nursery
     ) -> None:
         """Accept clients until cancelled; each gets its own task (or a refusal)."""
         while True:
             try:
-                stream = await listener.accept()
+                stream = await sock.accept()
             except OSError as exc:
                 if exc.errno not in _RESOURCE_ERRORS:
                     raise
@@ -158,7 +246,7 @@ class Server:
                     await trio.aclose_forcefully(stream)
             else:
                 self._active += 1
-                sessions.start_soon(self._handle, stream, context)
+                sessions.start_soon(self._handle, stream, self.session_context(listener))
 
     async def _handle(self, stream: trio.SocketStream, context: SessionContext) -> None:
         try:
@@ -181,14 +269,106 @@ class Server:
         finally:
             self._refusing -= 1
 
+    async def reload(self, load: ConfigLoader) -> ReloadOutcome:
+        """Load a new config and apply it to new sessions, all or nothing.
+
+        ``load`` runs in a worker thread. The config, its TLS context and its
+        authenticator are all built before anything is swapped; on any error the
+        running config stays and ``msg=reload_failed`` says why. Keys that need a
+        restart (popproxy.reload.RESTART_KEYS) are logged and left as they run.
+        """
+        self._notifier.reloading("reloading the config")
+        try:
+            runtime, changes = await self._prepare(load)
+        except ReloadFailed as exc:
+            outcome = self._reload_failed(str(exc))
+        except Exception:
+            # A bug in the reload path must not stop a server that is serving.
+            log.exception("reload_crashed")
+            outcome = self._reload_failed("internal error (see the reload_crashed line)")
+        else:
+            old = self._runtime
+            self._runtime = runtime  # the one step that changes what new sessions get
+            outcome = ReloadOutcome(ok=True, at=time.time())
+            if changes.restart_required:
+                log.warning(
+                    "restart_required",
+                    extra={"fields": {"keys": ",".join(changes.restart_required)}},
+                )
+            log.info("reloaded", extra={"fields": _reload_summary(changes, old, runtime)})
+            self._notifier.ready("serving; config reloaded")
+        self._record(outcome)
+        return outcome
+
+    def _reload_failed(self, reason: str) -> ReloadOutcome:
+        log.error("reload_failed", extra={"fields": {"reason": reason}})
+        self._notifier.ready(f"serving; the last reload failed: {reason}")
+        return ReloadOutcome(ok=False, at=time.time(), reason=reason)
+
+    async def _prepare(self, load: ConfigLoader) -> tuple[_Runtime, ConfigChanges]:
+        running = self._runtime.config
+        try:
+            new = await trio.to_thread.run_sync(load)
+        except ConfigError as exc:
+            raise ReloadFailed(_config_error_reason(exc)) from None
+        effective = effective_config(running, new)
+        problem = reload_problem(effective)
+        if problem is not None:
+            raise ReloadFailed(problem)
+        try:
+            tls = await _load_tls(effective.tls)
+            upstream_tls = await upstream_tls_contexts(effective)
+        except ServeError as exc:
+            raise ReloadFailed(str(exc)) from None
+        runtime = self._new_runtime(effective, tls, upstream_tls)
+        return runtime, config_changes(running, new)
+
+    def _record(self, outcome: ReloadOutcome) -> None:
+        self.last_reload = outcome
+        if self._on_reload is not None:
+            self._on_reload(outcome)
+
+    def started(self, ports: Sequence[tuple[str, int]]) -> None:
+        """Every listener is bound: log ``ready``, tell systemd, report the initial load."""
+        log.info("ready")
+        self._notifier.ready(f"serving on {len(ports)} listener(s)")
+        self._record(self.last_reload)
+
     async def drain(self) -> None:
         """Give live sessions the grace period, then return (the caller cancels them)."""
         self._shutting_down = True
+        self._notifier.stopping(f"stopping; {self._active} session(s) open")
         if self._active == 0:
             return
         log.info("draining", extra={"fields": {"sessions": self._active}})
         with trio.move_on_after(self.config.limits.shutdown_grace_seconds):
             await self._drained.wait()
+
+
+def _config_error_reason(exc: ConfigError) -> str:
+    """The first few config problems on one line (each names file, key path and what was wrong)."""
+    shown = "; ".join(str(issue) for issue in exc.issues[:MAX_REASON_ISSUES])
+    more = len(exc.issues) - MAX_REASON_ISSUES
+    return shown + (f"; and {more} more (run popproxy check-config)" if more > 0 else "")
+
+
+def _reload_summary(changes: ConfigChanges, old: _Runtime, new: _Runtime) -> dict[str, object]:
+    """The fields of the ``reloaded`` line: what changed, in counts (no user names)."""
+    if new.tls is None:
+        tls = "none"
+    elif old.tls is None or old.tls.digest != new.tls.digest:
+        tls = "changed"
+    else:
+        tls = "unchanged"
+    return {
+        "changed": ",".join(changes.sections) or "none",
+        "users": len(new.config.users),
+        "users_added": len(changes.users.added),
+        "users_removed": len(changes.users.removed),
+        "users_changed": len(changes.users.changed),
+        "tls": tls,
+        "restart_required": len(changes.restart_required),
+    }
 
 
 async def _bind(listener: ListenerConfig) -> list[trio.SocketListener]:
@@ -202,25 +382,31 @@ async def serve(
     config: Config,
     *,
     shutdown: trio.Event,
+    reloads: trio.abc.ReceiveChannel[ConfigLoader] | None = None,
+    notifier: Notifier | None = None,
+    on_reload: OnReload | None = None,
     task_status: trio.TaskStatus[Sequence[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the configured listeners until ``shutdown`` is set, then drain and return.
 
     ``task_status.started`` gets the bound (address, port) of each listener, in
-    config order, so ``port: 0`` can be used in tests.
+    config order, so ``port: 0`` can be used in tests. Each loader received on
+    ``reloads`` is applied with :meth:`Server.reload`, one at a time. ``notifier``
+    gets READY/RELOADING/STOPPING (sd_notify); ``on_reload`` gets a
+    :class:`ReloadOutcome` for the initial load and after every reload (metrics).
     """
-    tls_context = None
-    if config.tls is not None:
-        try:
-            tls_context = await trio.to_thread.run_sync(server_context, config.tls)
-        except (OSError, ssl.SSLError) as exc:
-            raise ServeError(f"cannot load the TLS certificate or key: {exc}") from exc
-    server = Server(config, tls_context, await upstream_tls_contexts(config))
+    server = Server(
+        config,
+        await _load_tls(config.tls),
+        await upstream_tls_contexts(config),
+        notifier=notifier,
+        on_reload=on_reload,
+    )
     bound: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
     try:
         for listener in config.listen:
             bound.append((listener, await _bind(listener)))
-        await _run(server, bound, shutdown, task_status)
+        await _run(server, bound, shutdown, reloads, task_status)
     finally:
         with trio.CancelScope(shield=True):
             for _, sockets in bound:
@@ -228,26 +414,34 @@ async def serve(
                     await sock.aclose()
 
 
+async def _apply_reloads(server: Server, reloads: trio.abc.ReceiveChannel[ConfigLoader]) -> None:
+    async with reloads:
+        async for load in reloads:
+            await server.reload(load)
+
+
 async def _run(
     server: Server,
     bound: Sequence[tuple[ListenerConfig, Sequence[trio.SocketListener]]],
     shutdown: trio.Event,
+    reloads: trio.abc.ReceiveChannel[ConfigLoader] | None,
     task_status: trio.TaskStatus[Sequence[tuple[str, int]]],
 ) -> None:
     ports: list[tuple[str, int]] = []
     async with trio.open_nursery() as sessions:
         async with trio.open_nursery() as acceptors:
             for listener, sockets in bound:
-                context = server.session_context(listener)
                 for sock in sockets:
-                    acceptors.start_soon(server.accept_loop, sock, context, sessions)
+                    acceptors.start_soon(server.accept_loop, sock, listener, sessions)
                 address, port = sockets[0].socket.getsockname()[:2]
                 ports.append((address, port))
                 log.info(
                     "listening",
                     extra={"fields": {"listener": listener.name, "address": address, "port": port}},
                 )
-            log.info("ready")
+            server.started(ports)
+            if reloads is not None:
+                acceptors.start_soon(_apply_reloads, server, reloads)
             task_status.started(ports)
             await shutdown.wait()
             log.info("shutting_down")

@@ -118,7 +118,7 @@ def test_a_full_receiver_queue_does_not_block(
     """Nobody reads the socket: sends fail fast (EAGAIN) instead of blocking the caller."""
     address, _ = path_socket
     notifier = Notifier(address)
-    # The kernel queues a few hundred datagrams at most (net.unix.max_dgram_qlen).
+    # The kernel queues few datagrams per socket (net.unix.max_dgram_qlen, 10 by default).
     max_sends = 100_000
     with caplog.at_level(logging.WARNING, logger="popproxy.sdnotify"):
         sent = 0

@@ -1,0 +1,391 @@
+"""Server.reload in-process: new sessions get the new config, running ones keep theirs.
+
+The server runs on loopback with dynamic ports; each reload is a loader sent on the
+``reloads`` channel (as cli.py does on SIGHUP), and the test waits for its
+ReloadOutcome from ``on_reload``. Configs are real YAML files read by load_config.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import ssl
+import textwrap
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+
+from popproxy.auth.passwords import hash_password
+from popproxy.config import Config, TlsMode, load_config
+from popproxy.reload import ConfigLoader, ReloadOutcome
+from popproxy.sdnotify import Notifier
+from popproxy.secret import Secret
+from popproxy.serve import serve
+
+TEST_DEADLINE_SECONDS = 20
+# Outcomes a test may leave unread before on_reload would have to wait.
+MAX_UNREAD_OUTCOMES = 16
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
+HASHES = {name: hash_password(Secret.from_str(pw), ln=4) for name, pw in PASSWORDS.items()}
+MESSAGE = b"Subject: one\n\nfirst\n"
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory with a Maildir per user and a server certificate; the cwd of the test."""
+    monkeypatch.chdir(tmp_path)
+    for name in PASSWORDS:
+        for sub in ("new", "cur", "tmp"):
+            (tmp_path / "mail" / name / sub).mkdir(parents=True)
+        (tmp_path / "mail" / name / "new" / "1700000001.M1P1.test").write_bytes(MESSAGE)
+    issue_certificate(ca, tmp_path / "server.pem")
+    return tmp_path
+
+
+def issue_certificate(ca: trustme.CA, path: Path) -> bytes:
+    """Write a new key and certificate for 127.0.0.1 to ``path`` at once; return its DER."""
+    cert = ca.issue_cert("127.0.0.1")
+    staging = path.with_suffix(".new")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(staging))
+    os.replace(staging, path)
+    return ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
+
+
+def write_config(
+    path: Path,
+    users: Sequence[str] = ("alice",),
+    *,
+    port: int = 0,
+    tls: bool = True,
+    max_sessions: int = 100,
+) -> ConfigLoader:
+    """Write a config file serving ``users``; return the loader a SIGHUP would run."""
+    user_lines = "".join(
+        f'  {name}: {{password_hash: "{HASHES[name]}", maildir: mail/{name}}}\n' for name in users
+    )
+    listen = f"  - {{address: 127.0.0.1, port: {port}, tls: none}}\n" + (
+        "  - {address: 127.0.0.1, port: 0, tls: starttls}\n"
+        "  - {address: 127.0.0.1, port: 0, tls: implicit}\n"
+        if tls
+        else ""
+    )
+    text = (
+        "listen:\n"
+        + listen
+        + ("tls: {cert_file: server.pem, key_file: server.pem}\n" if tls else "")
+        + "allow_plaintext_auth: true\n"
+        + ("users:\n" + user_lines if user_lines else "users: {}\n")
+        + textwrap.dedent(f"""\
+            limits:
+              auth_failure_delay_seconds: 0
+              max_sessions: {max_sessions}
+            """)
+    )
+    path.write_text(text)
+    return functools.partial(load_config, path)
+
+
+@dataclass
+class Running:
+    ports: dict[TlsMode, int]
+    shutdown: trio.Event
+    stopped: trio.Event
+    reloads: trio.MemorySendChannel[ConfigLoader]
+    outcomes: trio.MemoryReceiveChannel[ReloadOutcome]
+
+    async def reload(self, load: ConfigLoader) -> ReloadOutcome:
+        """Ask for a reload and wait for its outcome."""
+        await self.reloads.send(load)
+        return await self.outcomes.receive()
+
+
+async def start(nursery: trio.Nursery, config: Config, notifier: Notifier | None = None) -> Running:
+    shutdown, stopped = trio.Event(), trio.Event()
+    send_reload, receive_reload = trio.open_memory_channel[ConfigLoader](0)
+    send_outcome, receive_outcome = trio.open_memory_channel[ReloadOutcome](MAX_UNREAD_OUTCOMES)
+
+    async def run(task_status: trio.TaskStatus[Sequence[tuple[str, int]]]) -> None:
+        await serve(
+            config,
+            shutdown=shutdown,
+            reloads=receive_reload,
+            notifier=notifier,
+            on_reload=send_outcome.send_nowait,
+            task_status=task_status,
+        )
+        stopped.set()
+
+    bound = await nursery.start(run)
+    ports = {listener.tls: port for listener, (_, port) in zip(config.listen, bound, strict=True)}
+    running = Running(ports, shutdown, stopped, send_reload, receive_outcome)
+    initial = await running.outcomes.receive()
+    assert initial.ok
+    return running
+
+
+class Client:
+    """Line-oriented raw POP3 client over a trio stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            data = await self.stream.receive_some(4096)
+            if not data:
+                raise EOFError(bytes(self.buf))
+            self.buf += data
+        line, _, rest = bytes(self.buf).partition(b"\r\n")
+        self.buf[:] = rest
+        return line
+
+    async def cmd(self, line: bytes) -> bytes:
+        await self.stream.send_all(line + b"\r\n")
+        return await self.line()
+
+    async def multiline(self, line: bytes) -> list[bytes]:
+        status = await self.cmd(line)
+        assert status.startswith(b"+OK"), status
+        lines = []
+        while (item := await self.line()) != b".":
+            lines.append(item)
+        return lines
+
+    async def login(self, name: str) -> bytes:
+        assert await self.cmd(f"USER {name}".encode()) == b"+OK"
+        return await self.cmd(f"PASS {PASSWORDS[name]}".encode())
+
+
+OPENED: list[trio.abc.Stream] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_clients() -> AsyncIterator[None]:
+    yield
+    while OPENED:
+        await trio.aclose_forcefully(OPENED.pop())
+
+
+async def connect(running: Running, mode: TlsMode = TlsMode.NONE) -> Client:
+    stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", running.ports[mode])
+    OPENED.append(stream)
+    client = Client(stream)
+    if mode is not TlsMode.IMPLICIT:
+        assert (await client.line()).startswith(b"+OK")
+    return client
+
+
+async def tls_connect(running: Running, mode: TlsMode, ca: trustme.CA) -> tuple[Client, bytes]:
+    """A TLS connection (implicit, or plain then STLS); return it and the server's leaf DER."""
+    client = await connect(running, mode)
+    if mode is TlsMode.STARTTLS:
+        assert (await client.cmd(b"STLS")).startswith(b"+OK")
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    tls_stream = trio.SSLStream(client.stream, context, server_hostname="127.0.0.1")
+    await tls_stream.do_handshake()
+    client.stream = tls_stream
+    if mode is TlsMode.IMPLICIT:
+        assert (await client.line()).startswith(b"+OK")
+    der = tls_stream.getpeercert(binary_form=True)
+    assert der is not None
+    return client, der
+
+
+def logged(caplog: pytest.LogCaptureFixture, msg: str) -> list[dict[str, object]]:
+    """The fields of each record logged with this message."""
+    return [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == msg]
+
+
+async def test_a_new_user_logs_in_after_a_reload_and_a_running_session_carries_on(
+    workdir: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="popproxy")
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        path = workdir / "popproxy.yaml"
+        running = await start(nursery, write_config(path)())
+        before = await connect(running)
+        assert (await before.login("alice")).startswith(b"+OK")
+        refused = await connect(running)
+        assert (await refused.login("bob")).startswith(b"-ERR [AUTH]")
+
+        outcome = await running.reload(write_config(path, ("bob",)))
+        assert outcome.ok
+        assert outcome.reason is None
+
+        bob = await connect(running)
+        assert (await bob.login("bob")).startswith(b"+OK")
+        alice_again = await connect(running)
+        assert (await alice_again.login("alice")).startswith(b"-ERR [AUTH]")
+        # The session that logged in before the reload still has its maildrop.
+        assert (await before.cmd(b"STAT")).startswith(b"+OK 1 ")
+        assert await before.multiline(b"RETR 1") == MESSAGE.rstrip(b"\n").split(b"\n")
+        assert (await before.cmd(b"QUIT")).startswith(b"+OK")
+        (summary,) = logged(caplog, "reloaded")
+        assert summary["changed"] == "users"
+        assert (summary["users_added"], summary["users_removed"]) == (1, 1)
+        assert summary["tls"] == "unchanged"
+        assert not logged(caplog, "restart_required")
+
+
+async def test_a_broken_config_leaves_the_running_one(
+    workdir: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        path = workdir / "popproxy.yaml"
+        running = await start(nursery, write_config(path)())
+        broken = workdir / "broken.yaml"
+        bob = "  bob: {password_hash: nope, maildir: mail/bob}\n"
+        broken.write_text(path.read_text().replace("users:\n", "users:\n" + bob))
+        outcome = await running.reload(functools.partial(load_config, broken))
+        assert not outcome.ok
+        assert outcome.reason is not None
+        assert "users.bob.password_hash: expected a PHC hash string" in outcome.reason
+        assert [f["reason"] for f in logged(caplog, "reload_failed")] == [outcome.reason]
+        alice = await connect(running)
+        assert (await alice.login("alice")).startswith(b"+OK")
+        assert (await alice.cmd(b"QUIT")).startswith(b"+OK")
+
+
+async def test_a_loader_that_crashes_is_a_failed_reload(
+    workdir: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    def crash() -> Config:
+        raise RuntimeError("bug in a loader")
+
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        running = await start(nursery, write_config(workdir / "popproxy.yaml")())
+        outcome = await running.reload(crash)
+        assert not outcome.ok
+        assert logged(caplog, "reload_crashed")
+        alice = await connect(running)
+        assert (await alice.login("alice")).startswith(b"+OK")
+
+
+async def test_listener_changes_are_logged_as_restart_required_and_the_rest_applied(
+    workdir: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="popproxy")
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        path = workdir / "popproxy.yaml"
+        running = await start(nursery, write_config(path)())
+        outcome = await running.reload(write_config(path, ("alice", "bob"), port=1))
+        assert outcome.ok
+        assert [f["keys"] for f in logged(caplog, "restart_required")] == ["listen[0].port"]
+        (summary,) = logged(caplog, "reloaded")
+        assert summary["restart_required"] == 1
+        bob = await connect(running)  # the port bound at start
+        assert (await bob.login("bob")).startswith(b"+OK")
+
+
+async def test_a_config_without_tls_under_tls_listeners_is_refused(
+    workdir: Path, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        path = workdir / "popproxy.yaml"
+        running = await start(nursery, write_config(path)())
+        outcome = await running.reload(write_config(path, tls=False))
+        assert not outcome.ok
+        assert outcome.reason is not None
+        assert outcome.reason.startswith("tls: the running listeners use TLS")
+
+
+@pytest.mark.parametrize("mode", [TlsMode.IMPLICIT, TlsMode.STARTTLS])
+async def test_a_certificate_replaced_on_disk_is_served_to_new_connections(
+    mode: TlsMode,
+    workdir: Path,
+    ca: trustme.CA,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="popproxy")
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        path = workdir / "popproxy.yaml"
+        running = await start(nursery, write_config(path)())
+        old_session, old_der = await tls_connect(running, mode, ca)
+        assert (await old_session.login("alice")).startswith(b"+OK")
+
+        new_der = issue_certificate(ca, workdir / "server.pem")  # the config file is the same
+        assert new_der != old_der
+        assert (await running.reload(functools.partial(load_config, path))).ok
+        (summary,) = logged(caplog, "reloaded")
+        assert (summary["changed"], summary["tls"]) == ("none", "changed")
+
+        _, served = await tls_connect(running, mode, ca)
+        assert hashlib.sha256(served).digest() == hashlib.sha256(new_der).digest()
+        assert (await old_session.cmd(b"STAT")).startswith(b"+OK 1 ")
+
+
+async def test_an_unreadable_certificate_keeps_the_loaded_one(
+    workdir: Path, ca: trustme.CA, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        path = workdir / "popproxy.yaml"
+        running = await start(nursery, write_config(path)())
+        _, old_der = await tls_connect(running, TlsMode.IMPLICIT, ca)
+        (workdir / "server.pem").write_text("-----BEGIN CERTIFICATE-----\ngarbage\n")
+        outcome = await running.reload(functools.partial(load_config, path))
+        assert not outcome.ok
+        assert outcome.reason is not None
+        assert outcome.reason.startswith("cannot load the TLS certificate or key")
+        _, served = await tls_connect(running, TlsMode.IMPLICIT, ca)
+        assert served == old_der
+
+
+async def test_a_reloaded_session_limit_applies_to_the_next_connection(
+    workdir: Path, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        path = workdir / "popproxy.yaml"
+        running = await start(nursery, write_config(path, max_sessions=1)())
+        await connect(running)
+        over = await trio.open_tcp_stream("127.0.0.1", running.ports[TlsMode.NONE])
+        OPENED.append(over)
+        assert (await Client(over).line()).startswith(b"-ERR [SYS/TEMP]")
+        assert (await running.reload(write_config(path, max_sessions=2))).ok
+        await connect(running)  # greeted with +OK
+
+
+async def test_serve_tells_systemd_ready_reloading_and_stopping(
+    workdir: Path, nursery: trio.Nursery
+) -> None:
+    import socket
+
+    notify_path = workdir / "notify.sock"
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver,
+        trio.fail_after(TEST_DEADLINE_SECONDS),
+    ):
+        receiver.bind(str(notify_path))
+        receiver.setblocking(False)
+
+        def received() -> list[str]:
+            out = []
+            while True:
+                try:
+                    out.append(receiver.recv(4096).decode())
+                except BlockingIOError:
+                    return out
+
+        path = workdir / "popproxy.yaml"
+        running = await start(nursery, write_config(path)(), Notifier(str(notify_path)))
+        assert [m.split("\n")[0] for m in received()] == ["READY=1"]
+        assert (await running.reload(write_config(path, ("alice", "bob")))).ok
+        first, second = received()
+        assert first.startswith("RELOADING=1\nMONOTONIC_USEC=")
+        assert second.startswith("READY=1\n")
+        running.shutdown.set()
+        await running.stopped.wait()
+        assert [m.split("\n")[0] for m in received()] == ["STOPPING=1"]
