@@ -3,19 +3,24 @@
 Commands::
 
     popproxy run -c FILE [--log-format logfmt|json] [--log-level info]
-    popproxy check-config -c FILE
+    popproxy check-config -c FILE [--against RUNNING_FILE]
     popproxy hash-password [--ln 15]
     popproxy version
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or config error. This is the only
 module that reads argv, installs signal handlers, configures logging or exits.
+
+Signals for ``run``: SIGTERM or SIGINT start a graceful shutdown (a second one
+cancels everything); SIGHUP reloads the config file (popproxy/reload.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -33,6 +38,8 @@ from popproxy.auth.passwords import (
 )
 from popproxy.config import Config, ConfigError, load_config
 from popproxy.logfmt import JsonFormatter, LogfmtFormatter
+from popproxy.reload import ConfigChanges, ConfigLoader, NamedChanges, config_changes
+from popproxy.sdnotify import Notifier
 from popproxy.secret import Secret
 
 EXIT_OK = 0
@@ -44,6 +51,10 @@ EXIT_USAGE = 2
 MAX_PASSWORD_BYTES = 1024
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Reloads waiting to run: one is enough, as it reads the file as it is when it runs;
+# a SIGHUP while one is already waiting is folded into it.
+MAX_PENDING_RELOADS = 1
 
 log = logging.getLogger("popproxy")
 
@@ -59,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "run":
             return _cmd_run(Path(args.config), args.log_format, args.log_level)
         case "check-config":
-            return _cmd_check_config(Path(args.config))
+            against = Path(args.against) if args.against is not None else None
+            return _cmd_check_config(Path(args.config), against)
         case "hash-password":
             return _cmd_hash_password(args.ln, sys.stdin, sys.stdout, sys.stderr)
         case "version":
@@ -77,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"popproxy {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = commands.add_parser("run", help="serve POP3 as configured, until SIGTERM or SIGINT")
+    run = commands.add_parser(
+        "run", help="serve POP3 as configured, until SIGTERM or SIGINT; SIGHUP reloads"
+    )
     run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
     run.add_argument(
         "--log-format",
@@ -96,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate a config file and print what it sets up"
     )
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    check.add_argument(
+        "--against",
+        metavar="RUNNING_FILE",
+        help=(
+            "also compare with the config popproxy runs with (a copy of it): say what a"
+            " reload (SIGHUP) would apply and which changes need a restart"
+        ),
+    )
 
     hashpw = commands.add_parser(
         "hash-password",
@@ -131,12 +153,42 @@ def _load(path: Path) -> Config | None:
         return None
 
 
-def _cmd_check_config(path: Path) -> int:
+def _cmd_check_config(path: Path, against: Path | None = None) -> int:
     config = _load(path)
     if config is None:
         return EXIT_USAGE
     print(summarize(config))
+    if against is not None:
+        running = _load(against)
+        if running is None:
+            return EXIT_USAGE
+        print(describe_changes(config_changes(running, config), against))
     return EXIT_OK
+
+
+def describe_changes(changes: ConfigChanges, against: Path) -> str:
+    """What check-config --against prints: the changes a reload applies, those needing a restart."""
+    if not changes:
+        return f"against {against}: no changes"
+    lines = [f"against {against}:"]
+    if changes.reloadable:
+        notes = {
+            **_entry_notes("users", changes.users),
+            **_entry_notes("upstreams", changes.upstreams),
+        }
+        lines.append("  applied by a reload (SIGHUP):")
+        lines.extend(f"    {path}{notes.get(path, '')}" for path in changes.reloadable)
+    if changes.restart_required:
+        lines.append("  restart required (a reload logs these and leaves them as they run):")
+        lines.extend(f"    {path}" for path in changes.restart_required)
+    lines.append(f"restart required: {'yes' if changes.restart_required else 'no'}")
+    return "\n".join(lines)
+
+
+def _entry_notes(section: str, named: NamedChanges) -> dict[str, str]:
+    notes = {f"{section}.{name}": " (added)" for name in named.added}
+    notes.update({f"{section}.{name}": " (removed)" for name in named.removed})
+    return notes
 
 
 def summarize(config: Config) -> str:
@@ -242,7 +294,7 @@ def _cmd_run(path: Path, log_format: str, log_level: str) -> int:
     from popproxy import serve  # the server stack is imported only when it is needed
 
     try:
-        trio.run(_run, config)
+        trio.run(_run, config, path, Notifier.from_environ(os.environ))
     except Exception as exc:
         # Errors from inside nurseries arrive wrapped in ExceptionGroups.
         group = exc if isinstance(exc, ExceptionGroup) else ExceptionGroup("run", [exc])
@@ -264,31 +316,61 @@ def _leaves(group: BaseExceptionGroup[BaseException] | None) -> list[BaseExcepti
     return out
 
 
-async def _run(config: Config) -> None:
+async def _run(config: Config, path: Path, notifier: Notifier) -> None:
     from popproxy.serve import serve
 
     shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, shutdown, nursery.cancel_scope)
-        await serve(config, shutdown=shutdown)
+    send_reload, receive_reload = trio.open_memory_channel[ConfigLoader](MAX_PENDING_RELOADS)
+    reload_config = functools.partial(load_config, path)  # the same file, read afresh each time
+    async with trio.open_nursery() as nursery, send_reload:
+        await nursery.start(
+            _watch_signals, shutdown, nursery.cancel_scope, send_reload, reload_config
+        )
+        await serve(config, shutdown=shutdown, reloads=receive_reload, notifier=notifier)
         nursery.cancel_scope.cancel()
 
 
 async def _watch_signals(
     shutdown: trio.Event,
     cancel_scope: trio.CancelScope,
+    reloads: trio.MemorySendChannel[ConfigLoader],
+    reload_config: ConfigLoader,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """SIGTERM/SIGINT: the first starts a graceful shutdown, a second cancels everything."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """SIGTERM/SIGINT: the first starts a graceful shutdown, a second cancels everything.
+
+    SIGHUP asks the server to reload the config (``reload_config``), unless a reload
+    is already waiting or the server is shutting down.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
-            if not shutdown.is_set():
+            if signum == signal.SIGHUP:
+                _request_reload(shutdown, reloads, reload_config)
+            elif not shutdown.is_set():
                 log.info("signal", extra={"fields": {"signal": name, "action": "shutdown"}})
                 shutdown.set()
             else:
                 log.warning("signal", extra={"fields": {"signal": name, "action": "cancel"}})
                 cancel_scope.cancel()
                 return
+
+
+def _request_reload(
+    shutdown: trio.Event,
+    reloads: trio.MemorySendChannel[ConfigLoader],
+    reload_config: ConfigLoader,
+) -> None:
+    fields: dict[str, object] = {"signal": "SIGHUP", "action": "reload"}
+    if shutdown.is_set():
+        fields["action"] = "ignored_shutting_down"
+    else:
+        try:
+            reloads.send_nowait(reload_config)
+        except trio.WouldBlock:
+            fields["action"] = "reload_already_pending"
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            fields["action"] = "ignored_not_serving"
+    log.info("signal", extra={"fields": fields})

@@ -425,7 +425,7 @@ def test_run_first_signal_shuts_down_gracefully(
 
     seen: list[str] = []
 
-    async def serve(config: object, *, shutdown: trio.Event) -> None:
+    async def serve(config: object, *, shutdown: trio.Event, **_: object) -> None:
         signal.raise_signal(signal.SIGTERM)
         await shutdown.wait()
         seen.append("drained")
@@ -443,7 +443,7 @@ def test_run_second_signal_cancels(
 
     import trio
 
-    async def serve(config: object, *, shutdown: trio.Event) -> None:
+    async def serve(config: object, *, shutdown: trio.Event, **_: object) -> None:
         signal.raise_signal(signal.SIGINT)
         await shutdown.wait()
         signal.raise_signal(signal.SIGINT)
@@ -461,7 +461,7 @@ def test_run_startup_failure_exits_1(
 ) -> None:
     import trio
 
-    async def serve(config: object, *, shutdown: trio.Event) -> None:
+    async def serve(config: object, *, shutdown: trio.Event, **_: object) -> None:
         raise StandInServeError("cannot listen on 127.0.0.1:1: permission denied")
 
     path = fake_serve(serve)
@@ -475,7 +475,7 @@ def test_run_crash_exits_1(
 ) -> None:
     import trio
 
-    async def serve(config: object, *, shutdown: trio.Event) -> None:
+    async def serve(config: object, *, shutdown: trio.Event, **_: object) -> None:
         raise RuntimeError("bug")
 
     path = fake_serve(serve)
@@ -484,3 +484,162 @@ def test_run_crash_exits_1(
     assert "msg=crashed" in err
     assert "RuntimeError" in err
     assert len(err.splitlines()) == 1  # the traceback is escaped onto the one line
+
+
+# -- reload (SIGHUP) and check-config --against -------------------------------------------
+
+
+def test_run_sighup_hands_the_server_a_loader_for_the_same_file(
+    fake_serve: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import signal
+
+    import trio
+    import trio.testing
+
+    from popproxy.config import Config
+    from popproxy.reload import ConfigLoader
+
+    reloaded: list[Config] = []
+
+    async def serve(
+        config: Config,
+        *,
+        shutdown: trio.Event,
+        reloads: trio.abc.ReceiveChannel[ConfigLoader],
+        **_: object,
+    ) -> None:
+        signal.raise_signal(signal.SIGHUP)
+        load = await reloads.receive()
+        reloaded.append(await trio.to_thread.run_sync(load))
+        signal.raise_signal(signal.SIGTERM)
+        await shutdown.wait()
+        signal.raise_signal(signal.SIGHUP)  # while shutting down: not a reload
+        await trio.testing.wait_all_tasks_blocked()
+
+    path = fake_serve(serve)
+    assert cli.main(["run", "-c", str(path)]) == 0
+    assert [c.source for c in reloaded] == [path]
+    err = capsys.readouterr().err
+    assert "msg=signal signal=SIGHUP action=reload" in err
+    assert "msg=signal signal=SIGHUP action=ignored_shutting_down" in err
+
+
+def test_run_folds_a_sighup_into_a_reload_already_waiting(
+    fake_serve: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import signal
+
+    import trio
+    import trio.testing
+
+    from popproxy.reload import ConfigLoader
+
+    async def serve(
+        config: object,
+        *,
+        shutdown: trio.Event,
+        reloads: trio.abc.ReceiveChannel[ConfigLoader],
+        **_: object,
+    ) -> None:
+        signal.raise_signal(signal.SIGHUP)
+        await trio.testing.wait_all_tasks_blocked()
+        signal.raise_signal(signal.SIGHUP)
+        await trio.testing.wait_all_tasks_blocked()
+        await reloads.receive()
+        signal.raise_signal(signal.SIGTERM)
+        await shutdown.wait()
+
+    path = fake_serve(serve)
+    assert cli.main(["run", "-c", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "action=reload\n" in err
+    assert "action=reload_already_pending" in err
+
+
+def test_run_passes_a_notifier_for_notify_socket(
+    fake_serve: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import trio
+
+    from popproxy.sdnotify import Notifier
+
+    seen: list[Notifier] = []
+
+    async def serve(
+        config: object, *, shutdown: trio.Event, notifier: Notifier, **_: object
+    ) -> None:
+        seen.append(notifier)
+
+    path = fake_serve(serve)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    assert cli.main(["run", "-c", str(path)]) == 0
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert cli.main(["run", "-c", str(path)]) == 0
+    assert [n.enabled for n in seen] == [True, False]
+
+
+def _two_configs(directory: Path) -> None:
+    """serve.yaml, and new.yaml with a user added, a new port and a lower session limit."""
+    old = _serving_config(directory)
+    (directory / "mail" / "bob").mkdir()
+    new = directory / "new.yaml"
+    new.write_text(
+        old.read_text()
+        .replace("port: 0", "port: 1110")
+        .replace("users:\n", f"users:\n  bob: {{password_hash: '{HASH}', maildir: mail/bob}}\n")
+        + "limits: {max_sessions: 5}\n"
+    )
+
+
+def test_check_config_against_the_running_file(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _two_configs(in_tmp)
+    assert cli.main(["check-config", "-c", "new.yaml"]) == 0
+    plain = capsys.readouterr().out
+    assert cli.main(["check-config", "-c", "new.yaml", "--against", "serve.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(plain)  # the usual summary first, unchanged
+    assert out[len(plain) :] == textwrap.dedent("""\
+        against serve.yaml:
+          applied by a reload (SIGHUP):
+            users.bob (added)
+            limits.max_sessions
+          restart required (a reload logs these and leaves them as they run):
+            listen[0].port
+        restart required: yes
+        """)
+
+
+def test_check_config_against_the_same_file_has_no_changes(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _serving_config(in_tmp)
+    assert cli.main(["check-config", "-c", "serve.yaml", "--against", "serve.yaml"]) == 0
+    assert capsys.readouterr().out.endswith("\nagainst serve.yaml: no changes\n")
+
+
+def test_check_config_against_a_broken_file_exits_2(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _serving_config(in_tmp)
+    Path("old.yaml").write_text("listen: []\n")
+    assert cli.main(["check-config", "-c", "serve.yaml", "--against", "old.yaml"]) == 2
+    assert "old.yaml: listen: expected a list of listeners" in capsys.readouterr().err
+
+
+def test_check_config_against_only_reloadable_changes_needs_no_restart() -> None:
+    from popproxy.reload import ConfigChanges, NamedChanges
+
+    changes = ConfigChanges(
+        reloadable=("users.carol", "tls.cert_file"),
+        users=NamedChanges(removed=("carol",)),
+    )
+    assert cli.describe_changes(changes, Path("old.yaml")).splitlines() == [
+        "against old.yaml:",
+        "  applied by a reload (SIGHUP):",
+        "    users.carol (removed)",
+        "    tls.cert_file",
+        "restart required: no",
+    ]
