@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from popproxy.config import Config, TlsMode
 from popproxy.secret import Secret
@@ -42,10 +42,13 @@ class ReloadOutcome:
 
     ``at`` is wall-clock time (``time.time()``), as a Prometheus timestamp gauge wants.
     The initial load at start counts as a successful reload, as in Prometheus itself.
+    ``config`` is the config new sessions get after this load: the new one if it
+    succeeded, the running one if not (to re-declare upstream names, the session limit).
     """
 
     ok: bool
     at: float
+    config: Config = field(repr=False)
     reason: str | None = None
 
 
@@ -92,8 +95,8 @@ def config_changes(old: Config, new: Config) -> ConfigChanges:
     """Which keys of ``new`` differ from ``old``, and which of those need a restart."""
     reloadable: list[str] = []
     restart: list[str] = []
-    for field in dataclasses.fields(Config):
-        name = field.name
+    for key in dataclasses.fields(Config):
+        name = key.name
         if name in IGNORED_KEYS:
             continue
         paths = _diff(name, getattr(old, name), getattr(new, name))
@@ -134,8 +137,9 @@ def _diff(path: str, old: object, new: object) -> list[str]:
         return [path]  # a value, not a section: never look inside
     if dataclasses.is_dataclass(old) and not isinstance(old, type) and type(old) is type(new):
         out: list[str] = []
-        for field in dataclasses.fields(old):
-            out += _diff(f"{path}.{field.name}", getattr(old, field.name), getattr(new, field.name))
+        for attribute in dataclasses.fields(old):
+            name = attribute.name
+            out += _diff(f"{path}.{name}", getattr(old, name), getattr(new, name))
         return out or [path]
     if isinstance(old, tuple) and isinstance(new, tuple):
         out = []

@@ -185,7 +185,7 @@ class Server:
         self._runtime = self._new_runtime(config, tls, upstream_tls or {})
         self._notifier = notifier if notifier is not None else Notifier(None)
         self._on_reload = on_reload
-        self.last_reload = ReloadOutcome(ok=True, at=time.time())
+        self.last_reload = ReloadOutcome(ok=True, at=time.time(), config=config)
         self._active = 0
         self._refusing = 0
         self._shutting_down = False
@@ -289,7 +289,7 @@ class Server:
         else:
             old = self._runtime
             self._runtime = runtime  # the one step that changes what new sessions get
-            outcome = ReloadOutcome(ok=True, at=time.time())
+            outcome = ReloadOutcome(ok=True, at=time.time(), config=runtime.config)
             if changes.restart_required:
                 log.warning(
                     "restart_required",
@@ -303,7 +303,7 @@ class Server:
     def _reload_failed(self, reason: str) -> ReloadOutcome:
         log.error("reload_failed", extra={"fields": {"reason": reason}})
         self._notifier.ready(f"serving; the last reload failed: {reason}")
-        return ReloadOutcome(ok=False, at=time.time(), reason=reason)
+        return ReloadOutcome(ok=False, at=time.time(), config=self.config, reason=reason)
 
     async def _prepare(self, load: ConfigLoader) -> tuple[_Runtime, ConfigChanges]:
         running = self._runtime.config

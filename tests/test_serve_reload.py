@@ -13,7 +13,7 @@ import logging
 import os
 import ssl
 import textwrap
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from popproxy.serve import serve
 TEST_DEADLINE_SECONDS = 20
 # Outcomes a test may leave unread before on_reload would have to wait.
 MAX_UNREAD_OUTCOMES = 16
-PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
 HASHES = {name: hash_password(Secret.from_str(pw), ln=4) for name, pw in PASSWORDS.items()}
 MESSAGE = b"Subject: one\n\nfirst\n"
 
@@ -45,7 +45,7 @@ def ca() -> trustme.CA:
 def workdir(tmp_path: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A directory with a Maildir per user and a server certificate; the cwd of the test."""
     monkeypatch.chdir(tmp_path)
-    for name in PASSWORDS:
+    for name in ("alice", "bob"):
         for sub in ("new", "cur", "tmp"):
             (tmp_path / "mail" / name / sub).mkdir(parents=True)
         (tmp_path / "mail" / name / "new" / "1700000001.M1P1.test").write_bytes(MESSAGE)
@@ -69,11 +69,25 @@ def write_config(
     port: int = 0,
     tls: bool = True,
     max_sessions: int = 100,
+    maildirs: str = "mail",
+    upstream_port: int | None = None,
 ) -> ConfigLoader:
-    """Write a config file serving ``users``; return the loader a SIGHUP would run."""
+    """Write a config file serving ``users``; return the loader a SIGHUP would run.
+
+    With ``upstream_port``, user carol is routed to alice's account on the POP3
+    server at that port (proxy mode).
+    """
     user_lines = "".join(
-        f'  {name}: {{password_hash: "{HASHES[name]}", maildir: mail/{name}}}\n' for name in users
+        f'  {name}: {{password_hash: "{HASHES[name]}", maildir: {maildirs}/{name}}}\n'
+        for name in users
     )
+    upstream = ""
+    if upstream_port is not None:
+        upstream = f"upstreams:\n  up: {{host: 127.0.0.1, port: {upstream_port}, tls: none}}\n"
+        user_lines += (
+            f'  carol: {{password_hash: "{HASHES["carol"]}", upstream: up,'
+            " upstream_user: alice, upstream_password_file: alice.pw}\n"
+        )
     listen = f"  - {{address: 127.0.0.1, port: {port}, tls: none}}\n" + (
         "  - {address: 127.0.0.1, port: 0, tls: starttls}\n"
         "  - {address: 127.0.0.1, port: 0, tls: implicit}\n"
@@ -85,6 +99,7 @@ def write_config(
         + listen
         + ("tls: {cert_file: server.pem, key_file: server.pem}\n" if tls else "")
         + "allow_plaintext_auth: true\n"
+        + upstream
         + ("users:\n" + user_lines if user_lines else "users: {}\n")
         + textwrap.dedent(f"""\
             limits:
@@ -110,10 +125,20 @@ class Running:
         return await self.outcomes.receive()
 
 
-async def start(nursery: trio.Nursery, config: Config, notifier: Notifier | None = None) -> Running:
+async def start(
+    nursery: trio.Nursery,
+    config: Config,
+    notifier: Notifier | None = None,
+    on_reload: Callable[[ReloadOutcome], None] | None = None,
+) -> Running:
     shutdown, stopped = trio.Event(), trio.Event()
     send_reload, receive_reload = trio.open_memory_channel[ConfigLoader](0)
     send_outcome, receive_outcome = trio.open_memory_channel[ReloadOutcome](MAX_UNREAD_OUTCOMES)
+
+    def record(outcome: ReloadOutcome) -> None:
+        if on_reload is not None:
+            on_reload(outcome)
+        send_outcome.send_nowait(outcome)
 
     async def run(task_status: trio.TaskStatus[Sequence[tuple[str, int]]]) -> None:
         await serve(
@@ -121,7 +146,7 @@ async def start(nursery: trio.Nursery, config: Config, notifier: Notifier | None
             shutdown=shutdown,
             reloads=receive_reload,
             notifier=notifier,
-            on_reload=send_outcome.send_nowait,
+            on_reload=record,
             task_status=task_status,
         )
         stopped.set()
@@ -389,3 +414,77 @@ async def test_serve_tells_systemd_ready_reloading_and_stopping(
         running.shutdown.set()
         await running.stopped.wait()
         assert [m.split("\n")[0] for m in received()] == ["STOPPING=1"]
+
+
+async def test_new_sessions_use_a_reloaded_upstream_and_a_running_one_keeps_its_own(
+    workdir: Path, nursery: trio.Nursery
+) -> None:
+    """Proxy mode: two popproxy servers stand in as upstreams A and B (real POP3 peers)."""
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        (workdir / "alice.pw").write_text(PASSWORDS["alice"] + "\n")
+        upstream_ports = []
+        for name in ("a", "b"):
+            maildir = workdir / f"mail-{name}" / "alice"
+            for sub in ("new", "cur", "tmp"):
+                (maildir / sub).mkdir(parents=True)
+            (maildir / "new" / "1700000001.M1P1.test").write_bytes(
+                b"Subject: %b\n\n%b\n" % (name.encode(), name.encode())
+            )
+            load = write_config(workdir / f"{name}.yaml", tls=False, maildirs=f"mail-{name}")
+            upstream = await start(nursery, load())
+            upstream_ports.append(upstream.ports[TlsMode.NONE])
+        port_a, port_b = upstream_ports
+        path = workdir / "popproxy.yaml"
+        running = await start(nursery, write_config(path, tls=False, upstream_port=port_a)())
+        before = await connect(running)
+        assert (await before.login("carol")).startswith(b"+OK")
+        assert await before.multiline(b"RETR 1") == [b"Subject: a", b"", b"a"]
+
+        outcome = await running.reload(write_config(path, tls=False, upstream_port=port_b))
+        assert outcome.ok
+
+        after = await connect(running)
+        assert (await after.login("carol")).startswith(b"+OK")
+        assert await after.multiline(b"RETR 1") == [b"Subject: b", b"", b"b"]
+        # The session opened before the reload still talks to upstream A.
+        assert await before.multiline(b"TOP 1 0") == [b"Subject: a", b""]
+        assert (await before.cmd(b"QUIT")).startswith(b"+OK")
+        assert (await after.cmd(b"QUIT")).startswith(b"+OK")
+
+
+async def test_the_reload_hook_drives_the_reload_metrics(
+    workdir: Path, nursery: trio.Nursery
+) -> None:
+    """on_reload fits popproxy.metrics: config_loaded() and the session limit."""
+    from prometheus_client import CollectorRegistry
+
+    from popproxy.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+
+    def to_metrics(outcome: ReloadOutcome) -> None:
+        metrics.config_loaded(successful=outcome.ok, timestamp=outcome.at)
+        metrics.set_session_limit(outcome.config.limits.max_sessions)
+
+    def sample(name: str) -> float | None:
+        return registry.get_sample_value("popproxy_" + name)
+
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        path = workdir / "popproxy.yaml"
+        running = await start(nursery, write_config(path)(), on_reload=to_metrics)
+        assert sample("config_last_reload_successful") == 1
+        started = sample("config_last_reload_success_timestamp_seconds")
+        assert started is not None
+
+        path.write_text("listen: [\n")
+        failed = await running.reload(functools.partial(load_config, path))
+        assert not failed.ok
+        assert failed.config.limits.max_sessions == 100  # the running config
+        assert sample("config_last_reload_successful") == 0
+        assert sample("config_last_reload_success_timestamp_seconds") == started
+
+        ok = await running.reload(write_config(path, max_sessions=7))
+        assert sample("config_last_reload_successful") == 1
+        assert sample("config_last_reload_success_timestamp_seconds") == ok.at
+        assert sample("sessions_limit") == 7
