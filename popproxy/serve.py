@@ -325,8 +325,13 @@ class Server:
 
     def _record(self, outcome: ReloadOutcome) -> None:
         self.last_reload = outcome
-        if self._on_reload is not None:
+        if self._on_reload is None:
+            return
+        try:
             self._on_reload(outcome)
+        except Exception:
+            # A broken hook (metrics) must not take down a server that is serving.
+            log.exception("reload_hook_failed")
 
     def started(self, ports: Sequence[tuple[str, int]]) -> None:
         """Every listener is bound: log ``ready``, tell systemd, report the initial load."""

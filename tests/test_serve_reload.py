@@ -136,9 +136,9 @@ async def start(
     send_outcome, receive_outcome = trio.open_memory_channel[ReloadOutcome](MAX_UNREAD_OUTCOMES)
 
     def record(outcome: ReloadOutcome) -> None:
+        send_outcome.send_nowait(outcome)
         if on_reload is not None:
             on_reload(outcome)
-        send_outcome.send_nowait(outcome)
 
     async def run(task_status: trio.TaskStatus[Sequence[tuple[str, int]]]) -> None:
         await serve(
@@ -488,3 +488,18 @@ async def test_the_reload_hook_drives_the_reload_metrics(
         assert sample("config_last_reload_successful") == 1
         assert sample("config_last_reload_success_timestamp_seconds") == ok.at
         assert sample("sessions_limit") == 7
+
+
+async def test_a_failing_reload_hook_is_logged_and_serving_goes_on(
+    workdir: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_hook(outcome: ReloadOutcome) -> None:
+        raise RuntimeError("bug in a metrics hook")
+
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        path = workdir / "popproxy.yaml"
+        running = await start(nursery, write_config(path)(), on_reload=broken_hook)
+        assert (await running.reload(write_config(path, ("alice", "bob")))).ok
+        assert len(logged(caplog, "reload_hook_failed")) == 2  # the initial load, the reload
+        bob = await connect(running)
+        assert (await bob.login("bob")).startswith(b"+OK")
