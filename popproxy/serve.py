@@ -272,10 +272,11 @@ class Server:
     async def reload(self, load: ConfigLoader) -> ReloadOutcome:
         """Load a new config and apply it to new sessions, all or nothing.
 
-        ``load`` runs in a worker thread. The config, its TLS context and its
-        authenticator are all built before anything is swapped; on any error the
-        running config stays and ``msg=reload_failed`` says why. Keys that need a
-        restart (popproxy.reload.RESTART_KEYS) are logged and left as they run.
+        ``load`` runs in a worker thread. The config, the server and upstream TLS
+        contexts, the authenticator and the maildrop router are all built before
+        anything is swapped; on any error the running config stays and
+        ``msg=reload_failed`` says why. Keys that need a restart
+        (popproxy.reload.RESTART_KEYS) are logged and left as they run.
         """
         self._notifier.reloading("reloading the config")
         try:
