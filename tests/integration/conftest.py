@@ -14,9 +14,11 @@ from .harness import (
     PASSWORD,
     USER,
     Corpus,
+    ProxyUser,
     ServerFailed,
     ServerProcess,
     TlsFiles,
+    Upstream,
     User,
     make_corpus,
     make_tls_files,
@@ -51,11 +53,12 @@ def start(tmp_path: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
 
     def _start(
         *,
-        users: Sequence[User],
+        users: Sequence[User | ProxyUser],
         listeners: Sequence[str] = LISTENER_KINDS,
         allow_plaintext_auth: bool = True,
         limits: Mapping[str, float | int] | None = None,
         log_level: str = "info",
+        upstreams: Mapping[str, Upstream] | None = None,
     ) -> ServerProcess:
         server = start_server(
             tmp_path / f"server{len(servers)}",
@@ -65,6 +68,7 @@ def start(tmp_path: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
             allow_plaintext_auth=allow_plaintext_auth,
             limits=limits,
             log_level=log_level,
+            upstreams=upstreams,
         )
         servers.append(server)
         return server

@@ -415,6 +415,50 @@ class User:
     maildir: Path
 
 
+@dataclass(frozen=True, slots=True)
+class ProxyUser:
+    """A local user routed to an upstream account (proxy mode, docs/proxy.md)."""
+
+    name: str
+    password: str
+    upstream: str
+    upstream_user: str
+    upstream_password: str
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An `upstreams:` entry: where the upstream listens and how to reach it."""
+
+    host: str
+    port: int
+    tls: str = "none"  # none | starttls | implicit
+    ca_file: Path | None = None
+    settings: Mapping[str, object] = field(default_factory=dict)
+
+    def as_config(self) -> dict[str, object]:
+        entry: dict[str, object] = {"host": self.host, "port": self.port, "tls": self.tls}
+        if self.ca_file is not None:
+            entry["ca_file"] = str(self.ca_file)
+        return {**entry, **self.settings}
+
+
+def _user_entry(user: User | ProxyUser, secrets_dir: Path) -> dict[str, object]:
+    entry: dict[str, object] = {"password_hash": password_hash(user.password)}
+    if isinstance(user, User):
+        entry["maildir"] = str(user.maildir)
+        return entry
+    secret = secrets_dir / f"{user.name}.upstream-password"
+    secret.write_text(user.upstream_password + "\n", encoding="utf-8")
+    secret.chmod(0o600)
+    entry.update(
+        upstream=user.upstream,
+        upstream_user=user.upstream_user,
+        upstream_password_file=str(secret),
+    )
+    return entry
+
+
 _hash_cache: dict[str, str] = {}
 
 
@@ -431,21 +475,23 @@ def password_hash(password: str) -> str:
 def write_config(
     path: Path,
     *,
-    users: Sequence[User],
+    users: Sequence[User | ProxyUser],
     tls: TlsFiles,
     listeners: Sequence[str] = LISTENER_KINDS,
     allow_plaintext_auth: bool = True,
     limits: Mapping[str, float | int] | None = None,
+    upstreams: Mapping[str, Upstream] | None = None,
 ) -> Path:
-    """Write a popproxy config (keys as in DESIGN.md "Config") with `port: 0` listeners."""
+    """Write a popproxy config (keys as in DESIGN.md "Config") with `port: 0` listeners.
+
+    Upstream passwords go to files beside the config (mode 0600), never inline.
+    """
     config: dict[str, object] = {
         "listen": [{"address": LOOPBACK, "port": 0, "tls": kind} for kind in listeners],
         "tls": {"cert_file": str(tls.server_cert), "key_file": str(tls.server_key)},
         "allow_plaintext_auth": allow_plaintext_auth,
-        "users": {
-            u.name: {"password_hash": password_hash(u.password), "maildir": str(u.maildir)}
-            for u in users
-        },
+        "upstreams": {name: u.as_config() for name, u in (upstreams or {}).items()},
+        "users": {u.name: _user_entry(u, path.parent) for u in users},
         # Four slashes: an absolute path (DESIGN.md); the state stays in the test's tmp dir.
         "state": {"url": "sqlite:///" + str(path.parent / "state.db")},
         "limits": {
@@ -654,12 +700,13 @@ def _proc_status_kib(pid: int, key: str) -> int:
 def start_server(
     workdir: Path,
     *,
-    users: Sequence[User],
+    users: Sequence[User | ProxyUser],
     tls: TlsFiles,
     listeners: Sequence[str] = LISTENER_KINDS,
     allow_plaintext_auth: bool = True,
     limits: Mapping[str, float | int] | None = None,
     log_level: str = "info",
+    upstreams: Mapping[str, Upstream] | None = None,
 ) -> ServerProcess:
     """Write a config into `workdir`, start the server there and wait until it is ready.
 
@@ -673,6 +720,7 @@ def start_server(
         listeners=listeners,
         allow_plaintext_auth=allow_plaintext_auth,
         limits=limits,
+        upstreams=upstreams,
     )
     server = ServerProcess(config, listeners=listeners, cwd=workdir, log_level=log_level)
     server.wait_ready()
