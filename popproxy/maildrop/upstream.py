@@ -153,6 +153,10 @@ class _Connection:
                 )
                 raise _lost(UpstreamFailure.PROTOCOL) from None
             if event is not NEED_DATA:
+                if not self.conn.outstanding and self.conn.buffered:
+                    # Octets after the last expected reply (RFC 1939 §3: a server only
+                    # answers). Left there, they would be read as the next command's reply.
+                    raise self.protocol_error("unsolicited reply")
                 return event
             try:
                 data = await self.stream.receive_some(UPSTREAM_RECEIVE_BYTES)
@@ -186,6 +190,8 @@ class _Connection:
                     partial += data
                     *complete, rest = partial.split(b"\n")
                     for line in complete:
+                        if len(line) >= MAX_REPLY_LINE_OCTETS:
+                            raise self.protocol_error("listing line too long")
                         lines.append(bytes(line.removesuffix(b"\r")))
                     partial = bytearray(rest)
                     if len(partial) >= MAX_REPLY_LINE_OCTETS or len(lines) > limit:
@@ -544,12 +550,13 @@ async def _login_and_list(
 ) -> tuple[list[bytes], list[bytes]]:
     """Log in, then UIDL and LIST; one write for all of it with PIPELINING (RFC 2449 §6.6).
 
-    Pipelined, a refused login makes UIDL and LIST fail harmlessly in AUTHORIZATION.
+    Pipelined, a refused login makes UIDL and LIST fail harmlessly in AUTHORIZATION;
+    their replies are not waited for: a server may close the connection after a refusal,
+    and the refusal (``[IN-USE]``, ``[AUTH]``, ...) is what the client must hear.
     """
     login = _login_commands(account, capabilities)
     if pipelining:
         await connection.send(*login, Uidl(), List())
-    refusal: Err | None = None
     for command in login:
         if not pipelining:
             await connection.send(command)
@@ -561,19 +568,13 @@ async def _login_and_list(
         if not isinstance(reply, Ok | Err):
             raise connection.protocol_error("expected a status line")
         if isinstance(reply, Err):
-            refusal = refusal or reply
-            if not pipelining:
-                break
+            raise _login_failure(reply)
     if not pipelining:
-        if refusal is not None:
-            raise _login_failure(refusal)
         await connection.send(Uidl())
     uidl = await _listing(connection)
     if not pipelining:
         await connection.send(List())
     sizes = await _listing(connection)
-    if refusal is not None:
-        raise _login_failure(refusal)
     if uidl is None or sizes is None:
         log.warning("upstream_without_uidl", extra={"fields": {"upstream": connection.name}})
         raise UpstreamError(
