@@ -69,7 +69,10 @@ UPSTREAM_RECEIVE_BYTES = RETRIEVE_CHUNK_BYTES
 MAX_CAPABILITY_LINES = 64
 # A maildrop with more messages than this is refused: its listing alone would hold
 # tens of megabytes per session. Far above any POP3 mailbox in practice.
-MAX_UPSTREAM_MESSAGES = 500_000
+MAX_UPSTREAM_MESSAGES = 200_000
+# Bound on the octets of one listing (UIDL or LIST): every message's line at its
+# longest ("NNNNNN " and a 70-octet UID, RFC 1939 §7, with CRLF) fits.
+MAX_LISTING_OCTETS = MAX_UPSTREAM_MESSAGES * 80
 # How long closing the upstream connection (a TLS close_notify) may take.
 UPSTREAM_CLOSE_TIMEOUT_SECONDS = 2.0
 
@@ -105,6 +108,9 @@ _CREDENTIALS_REJECTED = (
     "The mail provider rejected popproxy's stored credentials; contact your administrator."
 )
 _CONNECTION_LOST = "Lost the connection to the mail provider."
+
+
+_PASSED_CODES = (ResponseCode.SYS_TEMP, ResponseCode.SYS_PERM)
 
 
 def _unavailable(failure: UpstreamFailure) -> UpstreamError:
@@ -179,10 +185,12 @@ class _Connection:
     async def lines(self, limit: int) -> list[bytes]:
         """The body of a multi-line reply whose ``+OK`` was read, as lines without ends.
 
-        Each line is bounded like a status line and there are at most ``limit``.
+        At most ``limit`` lines and ``MAX_LISTING_OCTETS`` in all, each no longer
+        than a reply line, line end included (RFC 2449 §4): checked as they arrive.
         """
         lines: list[bytes] = []
         partial = bytearray()
+        total = 0
         while True:
             event = await self.event()
             match event:
@@ -190,17 +198,18 @@ class _Connection:
                     partial += data
                     *complete, rest = partial.split(b"\n")
                     for line in complete:
-                        if len(line) >= MAX_REPLY_LINE_OCTETS:
+                        if len(line) + 1 > MAX_REPLY_LINE_OCTETS:
                             raise self.protocol_error("listing line too long")
+                        total += len(line) + 1
                         lines.append(bytes(line.removesuffix(b"\r")))
-                    partial = bytearray(rest)
-                    if len(partial) >= MAX_REPLY_LINE_OCTETS or len(lines) > limit:
-                        raise self.protocol_error("listing too long")
-                case EndOfData():
-                    if partial:
-                        lines.append(bytes(partial.removesuffix(b"\r")))
-                    if any(len(line) >= MAX_REPLY_LINE_OCTETS for line in lines):
+                    if len(rest) >= MAX_REPLY_LINE_OCTETS:
                         raise self.protocol_error("listing line too long")
+                    if len(lines) > limit or total > MAX_LISTING_OCTETS:
+                        raise self.protocol_error("listing too long")
+                    partial = rest
+                case EndOfData():
+                    if partial:  # the unstuffer ends every body with a line end
+                        raise self.protocol_error("listing ends inside a line")
                     return lines
                 case _:
                     raise self.protocol_error("expected a multi-line body")
@@ -367,8 +376,10 @@ class UpstreamMaildrop:
         ``-ERR``, and ``UpstreamError`` at any point if the connection fails;
         after a failure, or a stop before the end, the connection is not reused.
         """
-        self._begin()
+        if not 0 <= index < len(self._numbers):
+            raise IndexError(index)  # a caller's bug: the session checks message numbers
         number = self._numbers[index]
+        self._begin()
         command: Command = Retr(number) if body_lines is None else Top(number, body_lines)
         timeout = self._upstream.command_timeout_seconds
         finished = False
@@ -378,7 +389,9 @@ class UpstreamMaildrop:
                 reply = await self._connection.status()
             if isinstance(reply, Err):
                 finished = True
-                raise MaildropError(None, "That message is no longer available upstream.")
+                # Only a code that still applies is kept (RFC 3206 §4: SYS/TEMP, SYS/PERM).
+                code = reply.code if reply.code in _PASSED_CODES else None
+                raise MaildropError(code, "That message is no longer available upstream.")
             while True:
                 with trio.fail_after(timeout):
                     event = await self._connection.event()
@@ -596,7 +609,10 @@ async def _open(
         connection.stream = await _handshake(connection.stream, upstream, context)
     greeting = await connection.status()
     if isinstance(greeting, Err):
-        raise _login_failure(greeting) if greeting.code else _unavailable(UpstreamFailure.REJECTED)
+        # No credential was sent: only [IN-USE] and [LOGIN-DELAY] say more than "unavailable".
+        if greeting.code in (ResponseCode.IN_USE, ResponseCode.LOGIN_DELAY):
+            raise _login_failure(greeting)
+        raise _unavailable(UpstreamFailure.REJECTED)
     if own_greeting_token and own_greeting_token in greeting.text:
         log.error("upstream_is_popproxy_itself", extra={"fields": {"upstream": upstream.name}})
         raise UpstreamError(

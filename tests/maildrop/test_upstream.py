@@ -1007,7 +1007,8 @@ GREETING_REFUSALS = {
     "sys-temp": (b"-ERR [SYS/TEMP] overloaded\r\n", UpstreamFailure.REJECTED, "SYS/TEMP"),
     "in-use": (b"-ERR [IN-USE] busy\r\n", UpstreamFailure.IN_USE, "IN-USE"),
     "login-delay": (b"-ERR [LOGIN-DELAY] later\r\n", UpstreamFailure.LOGIN_DELAY, "LOGIN-DELAY"),
-    "sys-perm": (b"-ERR [SYS/PERM] closed\r\n", UpstreamFailure.AUTH_REJECTED, "SYS/PERM"),
+    # No credential was sent yet: only "unavailable", never "credentials rejected".
+    "sys-perm": (b"-ERR [SYS/PERM] closed\r\n", UpstreamFailure.REJECTED, "SYS/TEMP"),
 }
 
 
@@ -1130,7 +1131,7 @@ async def test_retr_err_raises_before_any_chunk_and_the_connection_stays_usable(
                     chunks.append(chunk)
         assert chunks == []
         assert not isinstance(info.value, UpstreamError)
-        assert info.value.code is None
+        assert info.value.code is ResponseCode.SYS_TEMP  # RFC 3206 codes that still apply pass
         assert await collect(drop, 2) == stuff(MESSAGES[3][1])
         await drop.keep_alive()
         await drop.commit({0})
