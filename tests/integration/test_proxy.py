@@ -8,6 +8,7 @@ the same Dovecot account, read in the same test.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import poplib
 import socket
@@ -30,6 +31,7 @@ from .harness import (
     ProxyUser,
     ServerProcess,
     StreamingPop3,
+    TlsFiles,
     Upstream,
 )
 
@@ -575,3 +577,23 @@ def test_popproxy_refuses_to_proxy_to_itself_at_run_time(start: StartServer) -> 
         assert all(r.get("user") in ("-", None) for r in ends), ends
     finally:
         forwarder.close()
+
+
+def test_capa_stls_and_auth_plain_through_the_proxy(
+    start: StartServer, dovecot: DovecotServer, dovecot_user: DovecotUser, tls_files: TlsFiles
+) -> None:
+    """poplib's remaining commands: CAPA before and after STLS, and AUTH PLAIN; the
+    session behind them is Dovecot's, as direct."""
+    server = start_proxy(start, dovecot, [dovecot_user])
+    pop = pop_plain(LOOPBACK, server.port("starttls"))
+    before = pop.capa()
+    assert {"TOP", "UIDL", "RESP-CODES", "PIPELINING", "STLS"} <= set(before)
+    assert pop.stls(tls_files.client_context()).startswith(b"+OK")
+    after = pop.capa()
+    assert "STLS" not in after
+    assert after["SASL"] == ["PLAIN"]
+    token = base64.b64encode(f"\0{local_name(dovecot_user)}\0{PASSWORD}".encode()).decode()
+    reply: bytes = pop._shortcmd(f"AUTH PLAIN {token}")  # type: ignore[attr-defined]
+    assert reply.startswith(b"+OK"), reply
+    assert pop.stat() == direct(dovecot, dovecot_user).stat()
+    assert pop.quit().startswith(b"+OK")
