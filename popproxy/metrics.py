@@ -27,8 +27,9 @@ import enum
 import logging
 import platform
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -155,6 +156,9 @@ class SessionOutcome(enum.Enum):
     SHUTDOWN = "shutdown"
 
 
+_E = TypeVar("_E", bound=enum.Enum)
+
+
 class _UpstreamLoginResult(enum.Enum):
     OK = "ok"
     FAILED = "failed"
@@ -166,6 +170,13 @@ def _label(value: enum.Enum, kind: type[enum.Enum]) -> str:
         raise TypeError(f"expected a {kind.__name__} member, got {type(value).__name__}")
     label: str = value.value
     return label
+
+
+def _member(value: _E, kind: type[_E]) -> _E:
+    """``value`` itself if it is a member of ``kind``; anything else is a TypeError."""
+    if not isinstance(value, kind):
+        raise TypeError(f"expected a {kind.__name__} member, got {type(value).__name__}")
+    return value
 
 
 def _value_label(value: enum.Enum, kind: type[enum.Enum]) -> str:
@@ -198,8 +209,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._listeners: set[str] = set()
-        self._upstreams: set[str] = set()
+        self._listeners: dict[str, ListenerMetrics] = {}
+        self._upstreams: dict[str, UpstreamMetrics] = {}
         self._rules: set[str] = set()
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -356,28 +367,12 @@ class Metrics:
         """
         for listener in listeners:
             _check_name(listener)
-            self._listeners.add(listener)
-            self._sessions_started.labels(listener)
-            self._sessions_active.labels(listener)
-            self._sessions_refused.labels(listener)
-            self._client_sent.labels(listener)
-            self._client_received.labels(listener)
-            for outcome in SessionOutcome:
-                self._sessions_ended.labels(listener, outcome.value)
-            for tls_result in TlsResult:
-                self._tls_handshakes.labels(listener, tls_result.value)
+            if listener not in self._listeners:
+                self._listeners[listener] = ListenerMetrics(self, listener)
         for upstream in upstreams:
             _check_name(upstream)
-            self._upstreams.add(upstream)
-            self._upstream_connect.labels(upstream)
-            self._upstream_login.labels(upstream)
-            self._upstream_sessions_active.labels(upstream)
-            self._upstream_received.labels(upstream)
-            self._upstream_deleted.labels(upstream)
-            for login_result in _UpstreamLoginResult:
-                self._upstream_logins.labels(upstream, login_result.value)
-            for kind in UpstreamErrorKind:
-                self._upstream_errors.labels(upstream, kind.value)
+            if upstream not in self._upstreams:
+                self._upstreams[upstream] = UpstreamMetrics(self, upstream)
         for rule in rules:
             _check_name(rule)
             self._rules.add(rule)
@@ -385,11 +380,26 @@ class Metrics:
             for action in PolicyAction:
                 self._policy_actions.labels(rule, action.value)
 
-    def _listener(self, name: str) -> str:
-        return _declared("listener", name, self._listeners)
+    def listener(self, name: str) -> ListenerMetrics:
+        """The series of the declared listener ``name``, bound once (ValueError if undeclared).
 
-    def _upstream(self, name: str) -> str:
-        return _declared("upstream", name, self._upstreams)
+        A session keeps the returned object, so its per-write byte counts cost one
+        ``inc`` and no label lookup.
+        """
+        found = self._listeners.get(name)
+        if found is None:
+            raise ValueError(f"listener {name!r} was not declared (Metrics.declare)")
+        return found
+
+    def upstream(self, name: str) -> UpstreamMetrics:
+        """The series of the declared upstream ``name``, bound once (ValueError if undeclared).
+
+        ``popproxy.maildrop.upstream.open_upstream`` reports through it.
+        """
+        found = self._upstreams.get(name)
+        if found is None:
+            raise ValueError(f"upstream {name!r} was not declared (Metrics.declare)")
+        return found
 
     def _rule(self, name: str) -> str:
         return _declared("rule", name, self._rules)
@@ -414,9 +424,7 @@ class Metrics:
 
     def session_started(self, listener: str) -> None:
         """A connection became a session: started +1, active +1."""
-        name = self._listener(listener)
-        self._sessions_started.labels(name).inc()
-        self._sessions_active.labels(name).inc()
+        self.listener(listener).session_started()
 
     def session_ended(self, listener: str, result: enum.Enum) -> None:
         """A session ended (pair it with :meth:`session_started` in a ``finally``).
@@ -424,18 +432,15 @@ class Metrics:
         ``result`` is a ``popproxy.session.SessionResult`` or a :class:`SessionOutcome`:
         any Enum whose value is one of :class:`SessionOutcome`'s, else ValueError.
         """
-        name = self._listener(listener)
-        outcome = _value_label(result, SessionOutcome)
-        self._sessions_active.labels(name).dec()
-        self._sessions_ended.labels(name, outcome).inc()
+        self.listener(listener).session_ended(result)
 
     def session_refused(self, listener: str) -> None:
         """A connection was refused because ``max_sessions`` sessions were running."""
-        self._sessions_refused.labels(self._listener(listener)).inc()
+        self.listener(listener).session_refused()
 
     def tls_handshake(self, listener: str, result: TlsResult) -> None:
         """A client TLS handshake finished (STLS, RFC 2595 §4, or implicit TLS, RFC 8314)."""
-        self._tls_handshakes.labels(self._listener(listener), _label(result, TlsResult)).inc()
+        self.listener(listener).tls_handshake(result)
 
     def login(self, mechanism: LoginMechanism, result: LoginResult) -> None:
         """A client login attempt was decided (RFC 1939 §7, RFC 5034 §4)."""
@@ -447,23 +452,21 @@ class Metrics:
 
     def client_bytes_sent(self, listener: str, octets: int) -> None:
         """``octets`` were written to a client."""
-        self._client_sent.labels(self._listener(listener)).inc(octets)
+        self.listener(listener).bytes_sent(octets)
 
     def client_bytes_received(self, listener: str, octets: int) -> None:
         """``octets`` were read from a client."""
-        self._client_received.labels(self._listener(listener)).inc(octets)
+        self.listener(listener).bytes_received(octets)
 
     # -- upstreams ----------------------------------------------------------------------
 
     def upstream_connected(self, upstream: str, seconds: float) -> None:
         """A connection to ``upstream`` was opened (TCP and TLS) in ``seconds``."""
-        self._upstream_connect.labels(self._upstream(upstream)).observe(seconds)
+        self.upstream(upstream).connected(seconds)
 
     def upstream_login_succeeded(self, upstream: str, seconds: float) -> None:
-        """An upstream login answered +OK, ``seconds`` after the greeting."""
-        name = self._upstream(upstream)
-        self._upstream_login.labels(name).observe(seconds)
-        self._upstream_logins.labels(name, _UpstreamLoginResult.OK.value).inc()
+        """A logged-in upstream session was opened; its login took ``seconds``."""
+        self.upstream(upstream).login_succeeded(seconds)
 
     def upstream_login_failed(self, upstream: str, kind: enum.Enum) -> None:
         """Opening a logged-in upstream session failed (at connect, TLS or login).
@@ -472,39 +475,34 @@ class Metrics:
         Counts one failed attempt and one error of ``kind``; do not also call
         :meth:`upstream_error` for the same failure.
         """
-        name = self._upstream(upstream)
-        kind_label = _value_label(kind, UpstreamErrorKind)
-        self._upstream_logins.labels(name, _UpstreamLoginResult.FAILED.value).inc()
-        self._upstream_errors.labels(name, kind_label).inc()
+        self.upstream(upstream).login_failed(kind)
 
     def upstream_error(self, upstream: str, kind: enum.Enum) -> None:
         """An upstream failed after login (timeout, closed, a refused DELE, ...).
 
         ``kind`` is an :class:`UpstreamErrorKind` or an ``UpstreamFailure`` (same values).
         """
-        self._upstream_errors.labels(
-            self._upstream(upstream), _value_label(kind, UpstreamErrorKind)
-        ).inc()
+        self.upstream(upstream).error(kind)
 
     def upstream_command(self, upstream: str, verb: Verb, seconds: float) -> None:
-        """A command sent upstream got its whole reply after ``seconds`` (RFC 1939 §3)."""
-        self._upstream_command.labels(self._upstream(upstream), _label(verb, Verb)).observe(seconds)
+        """A command sent upstream was answered after ``seconds`` (RFC 1939 §3)."""
+        self.upstream(upstream).command(verb, seconds)
 
     def upstream_session_opened(self, upstream: str) -> None:
         """A logged-in upstream session opened (pair with :meth:`upstream_session_closed`)."""
-        self._upstream_sessions_active.labels(self._upstream(upstream)).inc()
+        self.upstream(upstream).session_opened()
 
     def upstream_session_closed(self, upstream: str) -> None:
         """A logged-in upstream session closed, however it ended."""
-        self._upstream_sessions_active.labels(self._upstream(upstream)).dec()
+        self.upstream(upstream).session_closed()
 
     def upstream_bytes_received(self, upstream: str, octets: int) -> None:
         """``octets`` were read from ``upstream``."""
-        self._upstream_received.labels(self._upstream(upstream)).inc(octets)
+        self.upstream(upstream).bytes_received(octets)
 
     def upstream_messages_deleted(self, upstream: str, count: int) -> None:
         """``count`` messages were deleted upstream: DELEs sent, QUIT answered +OK (RFC 1939 §6)."""
-        self._upstream_deleted.labels(self._upstream(upstream)).inc(count)
+        self.upstream(upstream).messages_deleted(count)
 
     # -- policy and state ---------------------------------------------------------------
 
@@ -529,6 +527,150 @@ class Metrics:
         self._state_errors.labels(_label(operation, StateOperation)).inc()
 
 
+class ListenerMetrics:
+    """The client-session series of one listener, their labelled children looked up once.
+
+    Got from :meth:`Metrics.listener`; every session of the listener reports through it.
+    """
+
+    __slots__ = (
+        "_active",
+        "_ended",
+        "_received",
+        "_refused",
+        "_sent",
+        "_started",
+        "_tls",
+        "name",
+    )
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.name = name
+        self._started = metrics._sessions_started.labels(name)
+        self._active = metrics._sessions_active.labels(name)
+        self._refused = metrics._sessions_refused.labels(name)
+        self._sent = metrics._client_sent.labels(name)
+        self._received = metrics._client_received.labels(name)
+        self._ended = {
+            o.value: metrics._sessions_ended.labels(name, o.value) for o in SessionOutcome
+        }
+        self._tls = {r: metrics._tls_handshakes.labels(name, r.value) for r in TlsResult}
+
+    def session_started(self) -> None:
+        """A connection became a session: started +1, active +1."""
+        self._started.inc()
+        self._active.inc()
+
+    def session_ended(self, result: enum.Enum) -> None:
+        """A session ended, by ``result`` (a ``SessionResult`` or :class:`SessionOutcome`)."""
+        ended = self._ended[_value_label(result, SessionOutcome)]
+        self._active.dec()
+        ended.inc()
+
+    def session_refused(self) -> None:
+        """A connection was refused because ``max_sessions`` sessions were running."""
+        self._refused.inc()
+
+    def tls_handshake(self, result: TlsResult) -> None:
+        """A client TLS handshake finished (STLS, RFC 2595 §4, or implicit TLS, RFC 8314)."""
+        self._tls[_member(result, TlsResult)].inc()
+
+    def bytes_sent(self, octets: int) -> None:
+        """``octets`` were written to a client."""
+        self._sent.inc(octets)
+
+    def bytes_received(self, octets: int) -> None:
+        """``octets`` were read from a client."""
+        self._received.inc(octets)
+
+
+class UpstreamMetrics:
+    """The series of one upstream, their labelled children looked up once.
+
+    Got from :meth:`Metrics.upstream`; ``popproxy.maildrop.upstream`` reports through
+    it (connect, login, commands, octets, deletions and failures of one upstream).
+    """
+
+    __slots__ = (
+        "_active",
+        "_command",
+        "_commands",
+        "_connect",
+        "_deleted",
+        "_errors",
+        "_login",
+        "_login_failed",
+        "_login_ok",
+        "_received",
+        "name",
+    )
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.name = name
+        self._connect = metrics._upstream_connect.labels(name)
+        self._login = metrics._upstream_login.labels(name)
+        self._active = metrics._upstream_sessions_active.labels(name)
+        self._received = metrics._upstream_received.labels(name)
+        self._deleted = metrics._upstream_deleted.labels(name)
+        self._login_ok = metrics._upstream_logins.labels(name, _UpstreamLoginResult.OK.value)
+        self._login_failed = metrics._upstream_logins.labels(
+            name, _UpstreamLoginResult.FAILED.value
+        )
+        self._errors = {
+            k.value: metrics._upstream_errors.labels(name, k.value) for k in UpstreamErrorKind
+        }
+        self._command = metrics._upstream_command
+        # Per verb, created at the first command (the verbs an upstream is sent are few).
+        self._commands: dict[Verb, Histogram] = {}
+
+    def connected(self, seconds: float) -> None:
+        """A connection was opened in ``seconds``: the TCP connect plus the TLS handshake."""
+        self._connect.observe(seconds)
+
+    def login_succeeded(self, seconds: float) -> None:
+        """A logged-in session was opened; its login took ``seconds`` (login sent to +OK)."""
+        self._login.observe(seconds)
+        self._login_ok.inc()
+
+    def login_failed(self, kind: enum.Enum) -> None:
+        """Opening a logged-in session failed (connect, TLS, login or listing), for ``kind``.
+
+        ``kind`` is an :class:`UpstreamErrorKind` or an ``UpstreamFailure`` (same values).
+        Counts one failed attempt and one error of ``kind``.
+        """
+        error = self._errors[_value_label(kind, UpstreamErrorKind)]
+        self._login_failed.inc()
+        error.inc()
+
+    def error(self, kind: enum.Enum) -> None:
+        """A logged-in session failed (timeout, closed, a refused DELE, ...), for ``kind``."""
+        self._errors[_value_label(kind, UpstreamErrorKind)].inc()
+
+    def command(self, verb: Verb, seconds: float) -> None:
+        """A command sent upstream was answered after ``seconds`` (RFC 1939 §3)."""
+        child = self._commands.get(verb)
+        if child is None:
+            child = self._command.labels(self.name, _label(verb, Verb))
+            self._commands[verb] = child
+        child.observe(seconds)
+
+    def session_opened(self) -> None:
+        """A logged-in session opened (pair with :meth:`session_closed`)."""
+        self._active.inc()
+
+    def session_closed(self) -> None:
+        """A logged-in session closed, however it ended."""
+        self._active.dec()
+
+    def bytes_received(self, octets: int) -> None:
+        """``octets`` were read from the upstream."""
+        self._received.inc(octets)
+
+    def messages_deleted(self, count: int) -> None:
+        """``count`` messages were deleted: DELEs sent, QUIT answered +OK (RFC 1939 §6)."""
+        self._deleted.inc(count)
+
+
 # A configured name used as a label value: non-empty, printable (no control characters
 # or line breaks to confuse a log or a query) and short. Config keys and rule names are
 # much shorter; this only catches a wrong value passed by mistake.
@@ -542,7 +684,7 @@ def _check_name(name: str) -> None:
         raise ValueError(f"a name used as a label must be 1-{MAX_NAME_CHARS} printable characters")
 
 
-def _declared(kind: str, name: str, declared: set[str]) -> str:
+def _declared(kind: str, name: str, declared: Set[str]) -> str:
     if name not in declared:
         raise ValueError(f"{kind} {name!r} was not declared (Metrics.declare)")
     return name
