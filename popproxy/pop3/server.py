@@ -92,11 +92,22 @@ class ServerConnection:
         self._stuffer: DotStuffer | None = None
         self._user: str | None = None
         self._bad_commands = 0
+        self._rejected_verb: Verb | None = None
 
     @property
     def user(self) -> str | None:
         """The name from an accepted USER, awaiting PASS."""
         return self._user
+
+    @property
+    def rejected_verb(self) -> Verb | None:
+        """The verb of the command the last ``RemoteProtocolError`` rejected.
+
+        None when the line did not parse as a command (unknown verb, bad arguments,
+        control characters, too long): the ``unknown`` verb of the commands metric.
+        An AUTH exchange's rejected SASL line counts as AUTH (RFC 5034 §4).
+        """
+        return self._rejected_verb
 
     @property
     def reply_due(self) -> bool:
@@ -131,7 +142,7 @@ class ServerConnection:
             if in_sasl:
                 # RFC 5034 §4: an -ERR ends the AUTH exchange; the next line is a command.
                 self.phase = next_phase(Phase.SASL, Verb.AUTH, Outcome.ERR)
-            self._reject(Err("Line too long"))
+            self._reject(Err("Line too long"), verb=Verb.AUTH if in_sasl else None)
         if in_sasl:
             return self._accept(self._parse_sasl(line))
         try:
@@ -146,30 +157,33 @@ class ServerConnection:
         except RemoteProtocolError as exc:
             # RFC 5034 §4: a malformed response rejects the AUTH command.
             self.phase = next_phase(Phase.SASL, Verb.AUTH, Outcome.ERR)
-            self._reject(exc.reply)
+            self._reject(exc.reply, verb=Verb.AUTH)
 
     def _check(self, command: Command) -> Command:
         """Phase and policy checks that need the session's state (RFC 1939 §§4-7)."""
-        if command.verb not in ALLOWED[self.phase]:
-            self._reject(Err("Command not valid in this state"))
+        verb = command.verb
+        if verb not in ALLOWED[self.phase]:
+            self._reject(Err("Command not valid in this state"), verb=verb)
         match command:
             case User() | Pass() | Auth(mechanism="PLAIN") if (
                 not self.settings.plaintext_auth_allowed
             ):
-                self._reject(PLAINTEXT_DISALLOWED, counts=False)
+                self._reject(PLAINTEXT_DISALLOWED, verb=verb, counts=False)
             case Pass() if self._user is None:
-                self._reject(Err("No username given"))
+                self._reject(Err("No username given"), verb=verb)
             case Pass():
                 return Pass(command.password, user=self._user or "")
             case Apop() if not self.settings.apop_enabled:
-                self._reject(Err("APOP is not enabled"), counts=False)
+                self._reject(Err("APOP is not enabled"), verb=verb, counts=False)
             case Auth(mechanism=str(mech)) if mech not in self.settings.sasl_mechanisms:
-                self._reject(Err("Unsupported authentication mechanism"), counts=False)
+                self._reject(Err("Unsupported authentication mechanism"), verb=verb, counts=False)
             case Stls() if not self.settings.stls_available:
-                self._reject(Err("STLS is not available"), counts=False)
+                self._reject(Err("STLS is not available"), verb=verb, counts=False)
             case Stls() if len(self._lines):
                 # RFC 2595 §4 / CVE-2011-0411 class: nothing may be pipelined behind STLS.
-                self._reject(Err("STLS must be the last command sent in clear"), fatal=True)
+                self._reject(
+                    Err("STLS must be the last command sent in clear"), verb=verb, fatal=True
+                )
         return command
 
     def _accept(self, command: Command | SaslLine) -> Command | SaslLine:
@@ -178,7 +192,10 @@ class ServerConnection:
         self.phase = ON_COMMAND.get((self.phase, command.verb), self.phase)
         return command
 
-    def _reject(self, reply: Err, *, counts: bool = True, fatal: bool = False) -> NoReturn:
+    def _reject(
+        self, reply: Err, *, verb: Verb | None = None, counts: bool = True, fatal: bool = False
+    ) -> NoReturn:
+        self._rejected_verb = verb
         if counts:
             self._bad_commands += 1
             if self._bad_commands >= self.settings.max_bad_commands:

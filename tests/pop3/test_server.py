@@ -32,6 +32,7 @@ from popproxy.pop3.commands import (
     Top,
     Uidl,
     User,
+    Verb,
 )
 from popproxy.pop3.errors import LocalProtocolError, RemoteProtocolError
 from popproxy.pop3.events import (
@@ -592,6 +593,51 @@ def test_policy_refusals_do_not_spend_the_budget() -> None:
     run = run_server(data, NO_PLAINTEXT)
     assert run.events[-1] == Capa()
     assert run.conn.phase is Phase.AUTHORIZATION
+
+
+# --- The verb of a rejected command (the commands metric) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "settings", "verb"),
+    [
+        (b"BAD\r\n", None, None),  # unknown verb
+        (b"RETR x\r\n", None, None),  # a known verb, but the line does not parse
+        (b"USER a\x01b\r\n", None, None),  # control characters
+        (b"C" * (MAX_COMMAND_LINE_OCTETS + 1) + b"\r\n", None, None),  # too long
+        (b"RETR 1\r\n", None, Verb.RETR),  # parsed, but not valid in AUTHORIZATION
+        (b"PASS secret\r\n", None, Verb.PASS),  # no USER first
+        (b"USER alice\r\n", NO_PLAINTEXT, Verb.USER),  # a policy refusal
+        (b"APOP alice " + DIGEST + b"\r\n", None, Verb.APOP),  # APOP not enabled
+        (b"AUTH CRAM-MD5\r\n", None, Verb.AUTH),  # mechanism not offered
+        (b"STLS\r\nCAPA\r\n", ALL_ON, Verb.STLS),  # pipelined behind STLS
+        (b"AUTH PLAIN\r\n!!\r\n", None, Verb.AUTH),  # a malformed SASL response
+    ],
+)
+def test_a_rejection_names_the_verb_it_rejected(
+    data: bytes, settings: ServerSettings | None, verb: Verb | None
+) -> None:
+    conn = greeted(settings)
+    assert conn.rejected_verb is None
+    conn.receive_data(data)
+    if data.startswith(b"AUTH PLAIN\r\n"):
+        assert conn.next_event() == Auth("PLAIN")
+        conn.send(SaslChallenge(b""))
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+    assert conn.rejected_verb is verb
+
+
+def test_the_rejected_verb_is_that_of_the_last_rejection() -> None:
+    conn = greeted()
+    conn.receive_data(b"RETR 1\r\nBAD\r\n")
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+    assert conn.rejected_verb is Verb.RETR
+    conn.send(Err("Command not valid in this state"))
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+    assert conn.rejected_verb is None
 
 
 # --- Line limits --------------------------------------------------------------
