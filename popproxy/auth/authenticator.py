@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import trio
 
@@ -32,6 +33,16 @@ log = logging.getLogger(__name__)
 # core; two at a time keeps a login burst from taking the whole machine (Dovecot's
 # auth worker pool defaults to a small fixed number of processes for the same reason).
 DEFAULT_HASH_THREADS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """What one password check decided (:meth:`Authenticator.check`)."""
+
+    user: UserConfig | None  # the account, only when the password is right
+    # The stored hash could not be checked at all (nothing was decided): a login
+    # "error" in the metrics rather than a "failed" one. The client sees a failure.
+    hash_unusable: bool = False
 
 
 class Authenticator:
@@ -65,6 +76,14 @@ class Authenticator:
         A wrong password, an unknown user and an unusable stored hash all give None,
         after the same amount of hashing work. Never logs the password.
         """
+        return (await self.check(username, password)).user
+
+    async def check(self, username: str, password: Secret) -> Verification:
+        """As :meth:`verify`, but also says whether the stored hash could not be used.
+
+        The session counts that case as a login ``error`` (popproxy_logins_total);
+        what the client hears is the same as for a wrong password.
+        """
         user = self._users.get(username)
         phc = user.password_hash if user is not None else self._dummy
         try:
@@ -75,10 +94,8 @@ class Authenticator:
             # Config validation rejects bad hashes; this is reached only if an optional
             # library went missing after load. The reason is safe to log, the hash is not.
             log.warning("password_hash_unusable", extra={"fields": {"reason": str(exc)}})
-            return None
-        if ok and user is not None:
-            return user
-        return None
+            return Verification(None, hash_unusable=True)
+        return Verification(user if ok and user is not None else None)
 
 
 def _dummy_for(users: Iterable[UserConfig]) -> str:

@@ -144,3 +144,18 @@ async def test_unusable_hash_gives_none(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(sys.modules, "argon2", None)
     auth = Authenticator({"x": argon2_user})
     assert await auth.verify("x", Secret.from_str("pw")) is None
+    verdict = await auth.check("x", Secret.from_str("pw"))
+    assert verdict.user is None
+    assert verdict.hash_unusable
+
+
+async def test_check_says_who_and_whether_the_hash_was_usable() -> None:
+    auth = Authenticator(users())
+    right = await auth.check("alice", Secret.from_str("alice-pw"))
+    assert right.user is not None
+    assert right.user.name == "alice"
+    assert not right.hash_unusable
+    for name, password in (("alice", "bob-pw"), ("nobody", "alice-pw")):
+        wrong = await auth.check(name, Secret.from_str(password))
+        assert wrong.user is None
+        assert not wrong.hash_unusable
