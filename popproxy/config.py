@@ -48,6 +48,9 @@ MAX_SECRET_FILE_BYTES = 64 * 1024
 MAX_HOST_CHARS = 253
 # A user name must fit in a USER command line (RFC 2449 §4: 255 octets with "USER " and CRLF).
 MAX_USER_NAME_OCTETS = 248
+# An upstream's name is a metrics label value and a log field: short and printable
+# (the same bound as popproxy.metrics.MAX_NAME_CHARS; tests/test_config.py keeps them equal).
+MAX_UPSTREAM_NAME_CHARS = 128
 MAX_PORT = 65535
 
 _STATE_SCHEMES = ("sqlite:///",)
@@ -802,6 +805,13 @@ def _named_sections(top: _Section, key: str) -> Iterator[tuple[str, object]]:
 def _upstreams(top: _Section) -> dict[str, UpstreamConfig]:
     out: dict[str, UpstreamConfig] = {}
     for name, item in _named_sections(top, "upstreams"):
+        if not 0 < len(name) <= MAX_UPSTREAM_NAME_CHARS or not name.isprintable():
+            top.issues.add(
+                f"upstreams.{name}",
+                f"an upstream name must be 1-{MAX_UPSTREAM_NAME_CHARS} printable characters"
+                " (it is a label in the metrics)",
+            )
+            continue
         section = _Section.of(top.issues, f"upstreams.{name}", item, _UPSTREAM_KEYS)
         if section is None:
             continue

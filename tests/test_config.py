@@ -11,6 +11,7 @@ import pytest
 
 from popproxy.auth.passwords import hash_password
 from popproxy.config import (
+    MAX_UPSTREAM_NAME_CHARS,
     Config,
     ConfigError,
     ConfigIssue,
@@ -21,6 +22,7 @@ from popproxy.config import (
     UpstreamLogin,
     load_config,
 )
+from popproxy.metrics import MAX_NAME_CHARS
 from popproxy.secret import Secret
 
 REPO = Path(__file__).resolve().parent.parent
@@ -625,6 +627,19 @@ def test_bad_upstream_settings(setting: str, key: str, expected: str) -> None:
     found_key, message = only_issue(MINIMAL + f"upstreams:\n  a: {{host: a.example, {setting}}}\n")
     assert found_key == f"upstreams.a.{key}"
     assert expected in message
+
+
+@pytest.mark.parametrize("name", ["x" * 129, '"tab\\there"'])
+def test_an_upstream_name_must_be_usable_as_a_metrics_label(name: str) -> None:
+    key, message = only_issue(MINIMAL + f"upstreams:\n  {name}: {{host: a.example}}\n")
+    assert key.startswith("upstreams.")
+    assert "printable characters" in message
+
+
+def test_the_upstream_name_bound_is_the_metrics_label_bound() -> None:
+    assert MAX_UPSTREAM_NAME_CHARS == MAX_NAME_CHARS
+    text = MINIMAL + f"upstreams:\n  {'x' * MAX_NAME_CHARS}: {{host: a.example}}\n"
+    assert list(load_config(write(text)).upstreams) == ["x" * MAX_NAME_CHARS]
 
 
 @pytest.mark.parametrize(
