@@ -44,17 +44,24 @@ TRANSPORTS = {
 
 
 def getmailrc(
-    server: ServerProcess, transport: str, tls: TlsFiles, out: Path, *, read_all: bool
+    server: ServerProcess,
+    transport: str,
+    tls: TlsFiles,
+    out: Path,
+    *,
+    read_all: bool,
+    username: str = USER,
+    password: str = PASSWORD,
 ) -> str:
-    """A getmailrc for USER on the given transport, delivering one file per message to out/."""
+    """A getmailrc for `username` on the given transport, one file per message to out/."""
     kind, retriever, extra = TRANSPORTS[transport]
     return (
         "[retriever]\n"
         f"type = {retriever}\n"
         f"server = {LOOPBACK}\n"
         f"port = {server.port(kind)}\n"
-        f"username = {USER}\n"
-        f"password = {PASSWORD}\n"
+        f"username = {username}\n"
+        f"password = {password}\n"
         "timeout = 60\n" + extra.format(ca=tls.ca_cert) + "\n[destination]\n"
         "type = MDA_external\n"
         "path = /bin/sh\n"
