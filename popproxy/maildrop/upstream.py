@@ -20,6 +20,13 @@ message is ever held whole. DELEs are sent only by ``commit``, at the client's
 QUIT; the upstream's QUIT must answer ``+OK`` before the client hears ``+OK``.
 Closing without ``commit`` never sends QUIT, so the upstream deletes nothing
 (RFC 1939 §6).
+
+Metrics. Given an ``UpstreamMetrics`` (popproxy/metrics.py, bound to the
+upstream's name), the connection reports: its connect time (TCP connect plus
+TLS handshake), the login (login command sent to its +OK) and an attempt ok or
+failed with its ``UpstreamFailure``, each command's time to its status line,
+octets received, the session open while logged in, every failure after login
+once, and the messages deleted once QUIT answered +OK.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import trio
 
 from popproxy.config import TlsMode, UpstreamConfig, UpstreamLogin
 from popproxy.maildrop.base import RETRIEVE_CHUNK_BYTES, MaildropError, MessageInfo
+from popproxy.metrics import UpstreamMetrics
 from popproxy.pop3.client import ClientConnection, ClientEvent
 from popproxy.pop3.commands import (
     Auth,
@@ -52,6 +60,7 @@ from popproxy.pop3.commands import (
     Top,
     Uidl,
     User,
+    Verb,
 )
 from popproxy.pop3.errors import RemoteProtocolError
 from popproxy.pop3.events import NEED_DATA, Data, EndOfData, SaslChallenge, StuffedData
@@ -133,11 +142,21 @@ class UpstreamAccount:
 class _Connection:
     """A trio stream and a ``ClientConnection``: send commands, read events, under deadlines."""
 
-    def __init__(self, stream: trio.abc.Stream, name: str) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, name: str, metrics: UpstreamMetrics | None = None
+    ) -> None:
         self.stream = stream
         self.name = name
         self.conn = ClientConnection()
         self.bytes_received = 0
+        self.metrics = metrics
+        self.connect_seconds = 0.0  # TCP connect plus TLS handshake
+        self.login_seconds = 0.0  # login command(s) sent to the login's +OK
+
+    def secured(self) -> None:
+        """The connection is secured as configured: report its connect time."""
+        if self.metrics is not None:
+            self.metrics.connected(self.connect_seconds)
 
     async def send(self, *commands: Command | SaslLine, stuffed_body: bool = False) -> None:
         """Write ``commands`` in one write (pipelined when there are several)."""
@@ -169,6 +188,8 @@ class _Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
                 data = b""
             self.bytes_received += len(data)
+            if self.metrics is not None and data:
+                self.metrics.bytes_received(len(data))
             self.conn.receive_data(data)
 
     async def status(self) -> Ok | Err:
@@ -335,6 +356,7 @@ class UpstreamMaildrop:
         messages: list[MessageInfo],
         *,
         pipelining: bool,
+        metrics: UpstreamMetrics | None = None,
     ) -> None:
         self._connection = connection
         self._upstream = upstream
@@ -344,6 +366,9 @@ class UpstreamMaildrop:
         self._broken = False
         self._closed = False
         self._busy = False
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.session_opened()  # closed in aclose, which every path reaches
 
     @property
     def messages(self) -> Sequence[MessageInfo]:
@@ -359,6 +384,16 @@ class UpstreamMaildrop:
     def bytes_received(self) -> int:
         """Octets received from the upstream so far."""
         return self._connection.bytes_received
+
+    def _answered(self, verb: Verb, since: float) -> None:
+        """``verb``'s status line arrived ``since`` (trio time) its command was sent."""
+        if self._metrics is not None:
+            self._metrics.command(verb, trio.current_time() - since)
+
+    def _failed(self, failure: UpstreamFailure) -> None:
+        """The logged-in session failed (counted once: later uses fail as CLOSED uncounted)."""
+        if self._metrics is not None:
+            self._metrics.error(failure)
 
     def _begin(self) -> None:
         if self._broken or self._closed:
@@ -384,9 +419,12 @@ class UpstreamMaildrop:
         timeout = self._upstream.command_timeout_seconds
         finished = False
         try:
+            sent = trio.current_time()
             with trio.fail_after(timeout):
                 await self._connection.send(command, stuffed_body=True)
                 reply = await self._connection.status()
+            # To the status line: the body then flows at the client's pace.
+            self._answered(command.verb, sent)
             if isinstance(reply, Err):
                 finished = True
                 # Only a code that still applies is kept (RFC 3206 §4: SYS/TEMP, SYS/PERM).
@@ -404,7 +442,11 @@ class UpstreamMaildrop:
                     case _:
                         raise self._connection.protocol_error("expected message data")
         except trio.TooSlowError:
+            self._failed(UpstreamFailure.TIMEOUT)
             raise _lost(UpstreamFailure.TIMEOUT) from None
+        except UpstreamError as exc:
+            self._failed(exc.failure)
+            raise
         finally:
             self._busy = False
             if not finished:
@@ -418,16 +460,24 @@ class UpstreamMaildrop:
         if self._broken or self._closed or self._busy:
             return
         self._busy = True
+        failure: UpstreamFailure | None = None
         try:
+            sent = trio.current_time()
             with trio.fail_after(self._upstream.command_timeout_seconds):
                 await self._connection.send(Noop())
-                if isinstance(await self._connection.status(), Err):
-                    self._broken = True
-        except (trio.TooSlowError, UpstreamError):
-            self._broken = True
+                reply = await self._connection.status()
+            self._answered(Noop.verb, sent)
+            if isinstance(reply, Err):
+                failure = UpstreamFailure.REJECTED
+        except trio.TooSlowError:
+            failure = UpstreamFailure.TIMEOUT
+        except UpstreamError as exc:
+            failure = exc.failure
         finally:
             self._busy = False
-        if self._broken:
+        if failure is not None:
+            self._broken = True
+            self._failed(failure)
             log.warning(
                 "upstream_keepalive_failed", extra={"fields": {"upstream": self._upstream.name}}
             )
@@ -442,34 +492,48 @@ class UpstreamMaildrop:
         try:
             with trio.fail_after(self._upstream.command_timeout_seconds):
                 await self._dele(sorted(deleted))
+                sent = trio.current_time()
                 await self._connection.send(Quit())
                 reply = await self._connection.status()
+            self._answered(Quit.verb, sent)
         except trio.TooSlowError:
             self._broken = True
+            self._failed(UpstreamFailure.TIMEOUT)
             raise _lost(UpstreamFailure.TIMEOUT) from None
-        except UpstreamError:
+        except UpstreamError as exc:
             self._broken = True
+            self._failed(exc.failure)
             raise
         finally:
             self._busy = False
         await self.aclose()
         if isinstance(reply, Err):
             # RFC 1939 §6: "some deleted messages not removed".
+            self._failed(UpstreamFailure.REJECTED)
             raise UpstreamError(
                 UpstreamFailure.REJECTED,
                 ResponseCode.SYS_TEMP,
                 "The mail provider did not confirm the deletions.",
             )
+        if self._metrics is not None and deleted:
+            self._metrics.messages_deleted(len(deleted))
 
     async def _dele(self, indexes: Sequence[int]) -> None:
         """DELE each message; pipelined where the upstream allows (RFC 2449 §6.6)."""
         deles = [Dele(self._numbers[i]) for i in indexes]
         if self._pipelining and deles:
             await self._connection.send(*deles)
+        # Pipelined, each DELE is timed from the previous reply (the first from the
+        # write): what one more command costs; otherwise from its own write.
+        since = trio.current_time()
         for dele in deles:
             if not self._pipelining:
+                since = trio.current_time()
                 await self._connection.send(dele)
-            if isinstance(await self._connection.status(), Err):
+            reply = await self._connection.status()
+            self._answered(Dele.verb, since)
+            since = trio.current_time()
+            if isinstance(reply, Err):
                 raise UpstreamError(
                     UpstreamFailure.REJECTED,
                     ResponseCode.SYS_TEMP,
@@ -480,6 +544,8 @@ class UpstreamMaildrop:
         """Drop the upstream connection without QUIT: nothing is deleted (RFC 1939 §6)."""
         if not self._closed:
             self._closed = True
+            if self._metrics is not None:
+                self._metrics.session_closed()
             await self._connection.aclose()
 
 
@@ -517,6 +583,16 @@ async def _handshake(
     return tls
 
 
+async def _secure(
+    connection: _Connection, upstream: UpstreamConfig, context: ssl.SSLContext | None
+) -> None:
+    """The TLS handshake on ``connection``, its time added to the connect time."""
+    started = trio.current_time()
+    connection.stream = await _handshake(connection.stream, upstream, context)
+    connection.connect_seconds += trio.current_time() - started
+    connection.secured()
+
+
 async def _capa(connection: _Connection) -> dict[str, tuple[str, ...]]:
     """CAPA (RFC 2449 §5); an upstream without it has no capabilities."""
     await connection.send(Capa())
@@ -543,7 +619,7 @@ async def _starttls(
         # Octets after "+OK" came before the handshake: plaintext injected into what
         # would be read as protected (RFC 2595 §4, CVE-2011-0411 class).
         raise connection.protocol_error("data after the STLS reply")
-    connection.stream = await _handshake(connection.stream, upstream, context)
+    await _secure(connection, upstream, context)
     connection.conn = ClientConnection(expect_greeting=False)
 
 
@@ -568,6 +644,7 @@ async def _login_and_list(
     and the refusal (``[IN-USE]``, ``[AUTH]``, ...) is what the client must hear.
     """
     login = _login_commands(account, capabilities)
+    sent = trio.current_time()
     if pipelining:
         await connection.send(*login, Uidl(), List())
     for command in login:
@@ -582,6 +659,7 @@ async def _login_and_list(
             raise connection.protocol_error("expected a status line")
         if isinstance(reply, Err):
             raise _login_failure(reply)
+    connection.login_seconds = trio.current_time() - sent
     if not pipelining:
         await connection.send(Uidl())
     uidl = await _listing(connection)
@@ -606,7 +684,9 @@ async def _open(
 ) -> UpstreamMaildrop:
     upstream = account.upstream
     if upstream.tls is TlsMode.IMPLICIT:
-        connection.stream = await _handshake(connection.stream, upstream, context)
+        await _secure(connection, upstream, context)
+    elif upstream.tls is TlsMode.NONE:
+        connection.secured()
     greeting = await connection.status()
     if isinstance(greeting, Err):
         # No credential was sent: only [IN-USE] and [LOGIN-DELAY] say more than "unavailable".
@@ -630,7 +710,16 @@ async def _open(
         numbers, messages = build_listing(uidl, sizes)
     except ValueError as exc:
         raise connection.protocol_error(str(exc)) from None
-    return UpstreamMaildrop(connection, upstream, numbers, messages, pipelining=pipelining)
+    if connection.metrics is not None:
+        connection.metrics.login_succeeded(connection.login_seconds)
+    return UpstreamMaildrop(
+        connection,
+        upstream,
+        numbers,
+        messages,
+        pipelining=pipelining,
+        metrics=connection.metrics,
+    )
 
 
 async def open_upstream(
@@ -638,6 +727,7 @@ async def open_upstream(
     *,
     tls_context: ssl.SSLContext | None,
     own_greeting_token: str | None = None,
+    metrics: UpstreamMetrics | None = None,
 ) -> UpstreamMaildrop:
     """Log in upstream and take the listing (RFC 1939 §4-§7, RFC 2449, RFC 2595, RFC 5034).
 
@@ -646,9 +736,29 @@ async def open_upstream(
     protocol; ``[SYS/PERM]`` when it rejects the stored credentials; its
     ``[IN-USE]`` and ``[LOGIN-DELAY]`` passed through (RFC 3206, RFC 2449 §8.1).
     An upstream greeting that holds ``own_greeting_token`` is this process itself.
+
+    ``metrics``, bound to this upstream's name, gets the connect and login times,
+    the attempt's outcome (one ``UpstreamFailure`` for a failed one; a cancelled
+    attempt is not counted) and, through the maildrop, the rest of the session.
     """
+    try:
+        return await _connect_and_open(account, tls_context, own_greeting_token, metrics)
+    except UpstreamError as exc:
+        if metrics is not None:
+            metrics.login_failed(exc.failure)
+        raise
+
+
+async def _connect_and_open(
+    account: UpstreamAccount,
+    tls_context: ssl.SSLContext | None,
+    own_greeting_token: str | None,
+    metrics: UpstreamMetrics | None,
+) -> UpstreamMaildrop:
     upstream = account.upstream
-    connection = _Connection(await _connect(upstream), upstream.name)
+    started = trio.current_time()
+    connection = _Connection(await _connect(upstream), upstream.name, metrics)
+    connection.connect_seconds = trio.current_time() - started
     try:
         with trio.fail_after(upstream.login_timeout_seconds):
             return await _open(connection, account, tls_context, own_greeting_token)
