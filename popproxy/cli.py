@@ -317,8 +317,14 @@ def _leaves(group: BaseExceptionGroup[BaseException] | None) -> list[BaseExcepti
 
 
 async def _run(config: Config, path: Path, notifier: Notifier) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from popproxy.metrics import Metrics
     from popproxy.serve import serve
 
+    # The one Metrics of this process, on a registry of its own (never the library's
+    # global one); serve() declares the configured names and runs the exporter.
+    metrics = Metrics(CollectorRegistry())
     shutdown = trio.Event()
     send_reload, receive_reload = trio.open_memory_channel[ConfigLoader](MAX_PENDING_RELOADS)
     reload_config = functools.partial(load_config, path)  # the same file, read afresh each time
@@ -326,7 +332,13 @@ async def _run(config: Config, path: Path, notifier: Notifier) -> None:
         await nursery.start(
             _watch_signals, shutdown, nursery.cancel_scope, send_reload, reload_config
         )
-        await serve(config, shutdown=shutdown, reloads=receive_reload, notifier=notifier)
+        await serve(
+            config,
+            shutdown=shutdown,
+            reloads=receive_reload,
+            notifier=notifier,
+            metrics=metrics,
+        )
         nursery.cancel_scope.cancel()
 
 

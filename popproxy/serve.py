@@ -17,6 +17,14 @@ keeps the config it started with. ``Server.reload`` loads and checks a new confi
 and builds all of these first, and only then swaps the runtime in one assignment;
 on any error the old one stays (popproxy/reload.py says which keys a reload
 applies and which need a restart).
+
+Metrics. One ``popproxy.metrics.Metrics`` per process, built by the caller (the
+CLI) on its own registry and passed in. The server declares the listener and
+upstream names in it before any session can use them (at start, and before a
+reload swaps the runtime in), publishes the session limit and the reload gauges,
+counts refusals, and hands it to every session and upstream connection. With
+``metrics:`` configured, ``serve`` also runs the exporter (``serve_metrics``),
+which stays up through the drain and stops with the server.
 """
 
 from __future__ import annotations
@@ -32,12 +40,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
+from prometheus_client import CollectorRegistry
 
 from popproxy.auth.authenticator import DEFAULT_HASH_THREADS, Authenticator
-from popproxy.config import Config, ConfigError, ListenerConfig, TlsConfig, TlsMode, UserConfig
+from popproxy.config import (
+    Config,
+    ConfigError,
+    ListenerConfig,
+    MetricsConfig,
+    TlsConfig,
+    TlsMode,
+    UserConfig,
+)
 from popproxy.maildrop.base import Maildrop, MaildropError
 from popproxy.maildrop.maildir import open_maildir
 from popproxy.maildrop.upstream import UpstreamAccount, open_upstream
+from popproxy.metrics import Metrics, serve_metrics
 from popproxy.pop3.replies import Err, ResponseCode
 from popproxy.pop3.wire import format_status
 from popproxy.reload import (
@@ -84,10 +102,12 @@ class MaildropRouter:
         upstream_tls: Mapping[str, ssl.SSLContext],
         *,
         greeting_token: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self._upstreams = config.upstreams
         self._upstream_tls = upstream_tls
         self._greeting_token = greeting_token
+        self._metrics = metrics  # the upstream names of ``config`` are declared in it
 
     async def open(self, user: UserConfig) -> Maildrop:
         """The maildrop ``user`` is served from; ``MaildropError`` carries the client's -ERR."""
@@ -101,6 +121,7 @@ class MaildropRouter:
             account,
             tls_context=self._upstream_tls.get(upstream.name),
             own_greeting_token=self._greeting_token,
+            metrics=self._metrics.upstream(upstream.name) if self._metrics is not None else None,
         )
 
 
@@ -177,11 +198,16 @@ class Server:
         *,
         notifier: Notifier | None = None,
         on_reload: OnReload | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         # Shared by every generation of the authenticator, so a reload never adds threads.
         self._hash_limiter = trio.CapacityLimiter(DEFAULT_HASH_THREADS)
         # Random per process: a greeting with it, seen upstream, means a loop.
         self._greeting_token = secrets.token_hex(6)
+        # Without one from the caller the server counts into a registry of its own,
+        # so every code path is the same with or without an exporter.
+        self.metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
+        self._declare(config)
         self._runtime = self._new_runtime(config, tls, upstream_tls or {})
         self._notifier = notifier if notifier is not None else Notifier(None)
         self._on_reload = on_reload
@@ -206,7 +232,17 @@ class Server:
             config,
             tls,
             Authenticator(config.users, limiter=self._hash_limiter),
-            MaildropRouter(config, upstream_tls, greeting_token=self._greeting_token),
+            MaildropRouter(
+                config, upstream_tls, greeting_token=self._greeting_token, metrics=self.metrics
+            ),
+        )
+
+    def _declare(self, config: Config) -> None:
+        """Allow the names of ``config`` as metric labels (before any session can use them)."""
+        self.metrics.declare(
+            listeners=[listener.name for listener in config.listen],
+            upstreams=config.upstreams.keys(),
+            rules=(),  # retention rules are not implemented yet (DESIGN.md, Rules)
         )
 
     def session_context(self, listener: ListenerConfig) -> SessionContext:
@@ -222,6 +258,7 @@ class Server:
             stls_available=listener.tls is TlsMode.STARTTLS,
             implicit_tls=listener.tls is TlsMode.IMPLICIT,
             allow_plaintext_auth=runtime.config.allow_plaintext_auth,
+            metrics=self.metrics,
         )
 
     async def accept_loop(
@@ -239,6 +276,7 @@ class Server:
                 continue
             if self._active >= self.config.limits.max_sessions:
                 log.warning("session_refused", extra={"fields": {"reason": "max_sessions"}})
+                self.metrics.listener(listener.name).session_refused()
                 if self._refusing < MAX_PENDING_REFUSALS:
                     self._refusing += 1
                     sessions.start_soon(self._refuse, stream)
@@ -322,10 +360,17 @@ class Server:
         except ServeError as exc:
             raise ReloadFailed(str(exc)) from None
         runtime = self._new_runtime(effective, tls, upstream_tls)
+        # The last step before the swap, with no checkpoint in between: a session that
+        # gets the new runtime finds its upstream's name declared (a name that cannot
+        # be a label fails the reload here, and the running config stays).
+        self._declare(effective)
         return runtime, config_changes(running, new)
 
     def _record(self, outcome: ReloadOutcome) -> None:
         self.last_reload = outcome
+        # The reload gauges: a failure keeps the time of the last success.
+        self.metrics.config_loaded(successful=outcome.ok, timestamp=outcome.at)
+        self.metrics.set_session_limit(outcome.config.limits.max_sessions)
         if self._on_reload is None:
             return
         try:
@@ -391,6 +436,7 @@ async def serve(
     reloads: trio.abc.ReceiveChannel[ConfigLoader] | None = None,
     notifier: Notifier | None = None,
     on_reload: OnReload | None = None,
+    metrics: Metrics | None = None,
     task_status: trio.TaskStatus[Sequence[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the configured listeners until ``shutdown`` is set, then drain and return.
@@ -399,7 +445,11 @@ async def serve(
     config order, so ``port: 0`` can be used in tests. Each loader received on
     ``reloads`` is applied with :meth:`Server.reload`, one at a time. ``notifier``
     gets READY/RELOADING/STOPPING (sd_notify); ``on_reload`` gets a
-    :class:`ReloadOutcome` for the initial load and after every reload (metrics).
+    :class:`ReloadOutcome` for the initial load and after every reload.
+
+    Everything is counted in ``metrics`` (one per process; a private one if None).
+    With ``config.metrics`` set, its registry is served at ``/metrics`` from before
+    ``msg=ready`` until the server has stopped (``msg=metrics_listening`` says where).
     """
     server = Server(
         config,
@@ -407,17 +457,32 @@ async def serve(
         await upstream_tls_contexts(config),
         notifier=notifier,
         on_reload=on_reload,
+        metrics=metrics,
     )
     bound: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
     try:
         for listener in config.listen:
             bound.append((listener, await _bind(listener)))
-        await _run(server, bound, shutdown, reloads, task_status)
+        async with trio.open_nursery() as exporter:
+            if config.metrics is not None:
+                await _start_exporter(exporter, config.metrics, server.metrics.registry)
+            await _run(server, bound, shutdown, reloads, task_status)
+            exporter.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             for _, sockets in bound:
                 for sock in sockets:
                     await sock.aclose()
+
+
+async def _start_exporter(
+    nursery: trio.Nursery, config: MetricsConfig, registry: CollectorRegistry
+) -> None:
+    """Start ``serve_metrics`` in ``nursery``; an address it cannot bind is a ServeError."""
+    try:
+        await nursery.start(serve_metrics, config, registry)
+    except OSError as exc:
+        raise ServeError(f"cannot serve metrics on {config.address}:{config.port}: {exc}") from exc
 
 
 async def _apply_reloads(server: Server, reloads: trio.abc.ReceiveChannel[ConfigLoader]) -> None:

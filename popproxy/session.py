@@ -33,6 +33,14 @@ import trio
 from popproxy.auth.authenticator import Authenticator
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
+from popproxy.metrics import (
+    CommandResult,
+    ListenerMetrics,
+    LoginMechanism,
+    LoginResult,
+    Metrics,
+    TlsResult,
+)
 from popproxy.pop3.capabilities import capabilities
 from popproxy.pop3.commands import (
     Apop,
@@ -54,6 +62,7 @@ from popproxy.pop3.commands import (
     Top,
     Uidl,
     User,
+    Verb,
 )
 from popproxy.pop3.errors import RemoteProtocolError
 from popproxy.pop3.events import (
@@ -126,6 +135,9 @@ class SessionContext:
     stls_available: bool = False
     implicit_tls: bool = False
     allow_plaintext_auth: bool = False
+    # Where the session reports (popproxy/metrics.py); ``listener`` must be declared
+    # there. None: nothing is counted (tests that do not look at metrics).
+    metrics: Metrics | None = None
 
 
 @dataclass(slots=True)
@@ -157,6 +169,15 @@ class Session:
         self._deleted: set[int] = set()
         self._login_scope = trio.CancelScope()
         self.summary = SessionSummary(secrets.token_hex(4), context.listener, peer)
+        self._metrics = context.metrics
+        # Bound once: the per-write byte counts of a RETR cost no label lookup.
+        self._traffic: ListenerMetrics | None = (
+            context.metrics.listener(context.listener) if context.metrics is not None else None
+        )
+        # The command whose status line is due (commands metric): its verb, None for
+        # a line that did not parse. Counted when _queue sends the +OK or -ERR.
+        self._verb: Verb | None = None
+        self._status_due = False
 
     def _settings(self) -> ServerSettings:
         ctx = self._context
@@ -171,6 +192,8 @@ class Session:
         for the client's behaviour. Cancellation (shutdown) is recorded and re-raised."""
         limits = self._context.limits
         self._login_scope.deadline = trio.current_time() + limits.login_timeout_seconds
+        if self._traffic is not None:
+            self._traffic.session_started()
         try:
             with self._login_scope:
                 await self._serve()
@@ -188,6 +211,8 @@ class Session:
             raise
         finally:
             await self._close()
+            if self._traffic is not None:
+                self._traffic.session_ended(self.summary.result)
             self._log_summary()
         return self.summary
 
@@ -202,6 +227,7 @@ class Session:
             try:
                 event = self._conn.next_event()
             except RemoteProtocolError as exc:
+                self._expect_status(self._conn.rejected_verb)
                 self._queue(exc.reply)
                 if exc.fatal:
                     await self._flush()
@@ -214,6 +240,7 @@ class Session:
                 raise _SessionEnd(SessionResult.EOF)
             else:
                 self.summary.commands += 1
+                self._expect_status(event.verb)
                 await self._dispatch(event)
         await self._flush()
         self.summary.result = SessionResult.QUIT
@@ -226,7 +253,7 @@ class Session:
             case User():
                 self._queue(Ok())
             case Pass(user=user, password=password):
-                await self._login(user, password)
+                await self._login(user, password, LoginMechanism.USER)
             case Auth(mechanism=None):
                 # RFC 1734 §2 style listing, as Dovecot answers a bare AUTH.
                 settings = self._conn.settings
@@ -281,39 +308,52 @@ class Session:
 
     async def _sasl_plain(self, response: Secret) -> None:
         """SASL PLAIN: ``authzid NUL authcid NUL passwd`` (RFC 4616 §2)."""
+        plain = LoginMechanism.PLAIN
         parts = response.reveal().split(b"\0")
         if len(parts) != 3:
-            await self._fail_login()  # as Dovecot: a malformed response is a failed login
+            await self._fail_login(plain)  # as Dovecot: a malformed response is a failed login
             return
         authzid, authcid, password = parts
         try:
             user = authcid.decode("utf-8")
         except UnicodeDecodeError:
-            await self._fail_login()
+            await self._fail_login(plain)
             return
         if authzid and authzid != authcid:
             # No proxy authorization: a user may only act as itself.
-            await self._fail_login()
+            await self._fail_login(plain)
             return
-        await self._login(user, Secret(password))
+        await self._login(user, Secret(password), plain)
 
-    async def _login(self, user: str, password: Secret) -> None:
-        account = await self._context.authenticator.verify(user, password)
+    async def _login(self, user: str, password: Secret, mechanism: LoginMechanism) -> None:
+        verdict = await self._context.authenticator.check(user, password)
+        account = verdict.user
         if account is None:
-            await self._fail_login()
+            result = LoginResult.ERROR if verdict.hash_unusable else LoginResult.FAILED
+            await self._fail_login(mechanism, result)
             return
         try:
             maildrop = await self._context.open_maildrop(account)
         except MaildropError as exc:
+            # The password was right, but there is nothing to serve: an error, not a failure.
+            self._count_login(mechanism, LoginResult.ERROR)
             self._queue(Err(exc.text, exc.code))
             return
+        self._count_login(mechanism, LoginResult.OK)
         self._maildrop = maildrop
         self.summary.user = account.name
         self._login_scope.deadline = math.inf
         count, octets = self._totals()
         self._queue(Ok(f"Logged in, {count} messages ({octets} octets)."))
 
-    async def _fail_login(self) -> None:
+    def _count_login(self, mechanism: LoginMechanism, result: LoginResult) -> None:
+        if self._metrics is not None:
+            self._metrics.login(mechanism, result)
+
+    async def _fail_login(
+        self, mechanism: LoginMechanism, result: LoginResult = LoginResult.FAILED
+    ) -> None:
+        self._count_login(mechanism, result)
         # Dovecot's auth_failure_delay: slow down guessing, same reply for every cause.
         await self._flush()
         await trio.sleep(self._context.limits.auth_failure_delay_seconds)
@@ -325,10 +365,16 @@ class Session:
         if context is None:  # the config loader makes this impossible for TLS listeners
             raise _SessionEnd(SessionResult.TLS_ERROR)
         tls = trio.SSLStream(self._stream, context, server_side=True)
+        done = False
         try:
             await tls.do_handshake()
+            done = True
         except (trio.BrokenResourceError, ssl.SSLError, OSError):
             raise _SessionEnd(SessionResult.TLS_ERROR) from None
+        finally:
+            # Not done also when the login deadline or a shutdown cut the handshake off.
+            if self._traffic is not None:
+                self._traffic.tls_handshake(TlsResult.OK if done else TlsResult.FAILED)
         self._stream = tls
         self._tls_active = True
 
@@ -418,8 +464,20 @@ class Session:
 
     # -- I/O -----------------------------------------------------------------------
 
+    def _expect_status(self, verb: Verb | None) -> None:
+        """A command (or a rejected line) is now due its +OK or -ERR."""
+        self._verb = verb
+        self._status_due = True
+
     def _queue(self, reply: Reply) -> None:
         self._out += self._conn.send(reply)
+        if self._status_due and isinstance(reply, Ok | Err):
+            # A multi-line reply counts by its status line; an AUTH by its final
+            # answer (SASL challenges in between are not status lines).
+            self._status_due = False
+            if self._metrics is not None:
+                result = CommandResult.OK if isinstance(reply, Ok) else CommandResult.ERR
+                self._metrics.command(self._verb, result)
 
     async def _send_now(self, reply: Reply) -> None:
         """Send what is queued and ``reply`` in one write (the RETR hot path: a
@@ -439,7 +497,7 @@ class Session:
             raise _SessionEnd(SessionResult.TIMEOUT) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise _SessionEnd(SessionResult.EOF) from None
-        self.summary.bytes_out += len(data)
+        self._sent(len(data))
 
     async def _receive(self) -> None:
         idle = math.inf if self._maildrop is None else self._context.limits.idle_timeout_seconds
@@ -457,6 +515,8 @@ class Session:
             await self._goodbye(Err("Disconnected for inactivity."))
             raise _SessionEnd(SessionResult.TIMEOUT)
         self.summary.bytes_in += len(data)
+        if self._traffic is not None:
+            self._traffic.bytes_received(len(data))
         self._conn.receive_data(data)
 
     async def _receive_some(self) -> bytes | bytearray:
@@ -489,11 +549,17 @@ class Session:
 
     async def _goodbye(self, reply: Err) -> None:
         """Best effort: tell the client why it is being disconnected."""
-        line = format_status(reply)
+        data = bytes(self._out) + format_status(reply)
+        self._out.clear()
         with trio.move_on_after(CLOSE_TIMEOUT_SECONDS):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._stream.send_all(bytes(self._out) + line)
-        self._out.clear()
+                await self._stream.send_all(data)
+                self._sent(len(data))
+
+    def _sent(self, octets: int) -> None:
+        self.summary.bytes_out += octets
+        if self._traffic is not None:
+            self._traffic.bytes_sent(octets)
 
     async def _close(self) -> None:
         with trio.CancelScope(shield=True):
