@@ -59,6 +59,7 @@ def start(tmp_path: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
         limits: Mapping[str, float | int] | None = None,
         log_level: str = "info",
         upstreams: Mapping[str, Upstream] | None = None,
+        metrics: Mapping[str, object] | None = None,
     ) -> ServerProcess:
         server = start_server(
             tmp_path / f"server{len(servers)}",
@@ -69,6 +70,7 @@ def start(tmp_path: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
             limits=limits,
             log_level=log_level,
             upstreams=upstreams,
+            metrics=metrics,
         )
         servers.append(server)
         return server

@@ -481,10 +481,13 @@ def write_config(
     allow_plaintext_auth: bool = True,
     limits: Mapping[str, float | int] | None = None,
     upstreams: Mapping[str, Upstream] | None = None,
+    metrics: Mapping[str, object] | None = None,
 ) -> Path:
     """Write a popproxy config (keys as in DESIGN.md "Config") with `port: 0` listeners.
 
     Upstream passwords go to files beside the config (mode 0600), never inline.
+    `metrics` is the `metrics:` section (e.g. `{"address": LOOPBACK, "port": 0}`); none
+    by default, so no exporter runs.
     """
     config: dict[str, object] = {
         "listen": [{"address": LOOPBACK, "port": 0, "tls": kind} for kind in listeners],
@@ -500,6 +503,8 @@ def write_config(
             **(limits or {}),
         },
     }
+    if metrics is not None:
+        config["metrics"] = dict(metrics)
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 
@@ -545,6 +550,7 @@ class ServerProcess:
         self.listeners = tuple(listeners)
         self.lines: list[str] = []
         self.ports: dict[str, int] = {}
+        self.metrics_port: int | None = None  # the exporter's, from msg=metrics_listening
         self._cond = threading.Condition()
         self._eof = False
         self._stdout = (cwd / "server.stdout").open("wb")
@@ -643,6 +649,9 @@ class ServerProcess:
         for r in listening:
             assert r.get("address") == LOOPBACK, r
             self.ports[r["listener"]] = int(r["port"])
+        for r in records:
+            if r.get("msg") == "metrics_listening":
+                self.metrics_port = int(r["port"])
 
     def port(self, kind: str) -> int:
         """The bound port of the listener of this kind ("none", "starttls", "implicit")."""
@@ -707,10 +716,12 @@ def start_server(
     limits: Mapping[str, float | int] | None = None,
     log_level: str = "info",
     upstreams: Mapping[str, Upstream] | None = None,
+    metrics: Mapping[str, object] | None = None,
 ) -> ServerProcess:
     """Write a config into `workdir`, start the server there and wait until it is ready.
 
     `log_level` is passed as `popproxy run --log-level` ("debug" to see everything).
+    With `metrics` (the config section), `ServerProcess.metrics_port` is the exporter's port.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     config = write_config(
@@ -721,6 +732,7 @@ def start_server(
         allow_plaintext_auth=allow_plaintext_auth,
         limits=limits,
         upstreams=upstreams,
+        metrics=metrics,
     )
     server = ServerProcess(config, listeners=listeners, cwd=workdir, log_level=log_level)
     server.wait_ready()
