@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import test_upstream
 import trio
 import trio.testing
 import trustme
@@ -25,8 +26,6 @@ from test_upstream import (
     Mailbox,
     Upstream,
     account,
-    ca,  # noqa: F401 (a fixture)
-    ca_file,  # noqa: F401 (a fixture)
     collect,
     scripted_upstream,
     server_tls,
@@ -41,6 +40,10 @@ from popproxy.maildrop.upstream import (
 )
 from popproxy.metrics import Metrics
 from popproxy.tls import client_context
+
+# The fixtures of test_upstream.py, used here by name.
+ca = test_upstream.ca
+ca_file = test_upstream.ca_file
 
 NAME = "provider"  # the upstream name account() configures; no user name or host
 UP = "popproxy_upstream_"
@@ -155,8 +158,8 @@ async def test_a_refused_connection_is_a_connect_error() -> None:
 
 
 async def test_an_untrusted_certificate_is_a_tls_error(
-    ca: trustme.CA,  # noqa: F811
-    ca_file: Path,  # noqa: F811
+    ca: trustme.CA,
+    ca_file: Path,
 ) -> None:
     metrics = new_metrics()
     untrusted = server_tls(trustme.CA(), "127.0.0.1")
@@ -169,8 +172,8 @@ async def test_an_untrusted_certificate_is_a_tls_error(
 
 
 async def test_an_implicit_tls_connection_is_timed_once_with_its_handshake(
-    ca: trustme.CA,  # noqa: F811
-    ca_file: Path,  # noqa: F811
+    ca: trustme.CA,
+    ca_file: Path,
 ) -> None:
     metrics = new_metrics()
     good = server_tls(ca, "127.0.0.1")
