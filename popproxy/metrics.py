@@ -119,7 +119,7 @@ class UpstreamErrorKind(enum.Enum):
     STLS_UNAVAILABLE = "stls_unavailable"  # tls: starttls, but no STLS in CAPA (RFC 2595 §4)
     LOOP = "loop"  # the upstream is this popproxy itself
     UNSUPPORTED = "unsupported"  # the upstream lacks something required (UIDL, RFC 1939 §7)
-    REJECTED = "rejected"  # -ERR to a greeting, a DELE or QUIT, or [SYS/TEMP] (RFC 3206 §4)
+    REJECTED = "rejected"  # -ERR to a greeting, DELE, QUIT or NOOP, or [SYS/TEMP] (RFC 3206 §4)
 
 
 class PolicyAction(enum.Enum):
