@@ -342,9 +342,12 @@ class Metrics:
         for mechanism in LoginMechanism:
             for login_result in LoginResult:
                 self._logins.labels(mechanism.value, login_result.value)
-        for verb_label in [v.value for v in Verb] + [UNKNOWN_VERB]:
-            for command_result in CommandResult:
-                self._commands.labels(verb_label, command_result.value)
+        # Every command series, bound once: a pipelined burst costs a dict lookup per reply.
+        self._command_series: dict[tuple[Verb | None, CommandResult], Counter] = {
+            (verb, command_result): self._commands.labels(_verb_label(verb), command_result.value)
+            for verb in [*Verb, None]
+            for command_result in CommandResult
+        }
         for operation in StateOperation:
             self._state_duration.labels(operation.value)
             self._state_errors.labels(operation.value)
@@ -448,7 +451,12 @@ class Metrics:
 
     def command(self, verb: Verb | None, result: CommandResult) -> None:
         """A client command was answered; ``verb`` None for one that did not parse (RFC 1939 §3)."""
-        self._commands.labels(_verb_label(verb), _label(result, CommandResult)).inc()
+        series = self._command_series.get((verb, result))
+        if series is None:  # not a Verb (or None) and a CommandResult: say which
+            _verb_label(verb)
+            _label(result, CommandResult)
+            raise TypeError(f"not a command verb and result: {verb!r}, {result!r}")
+        series.inc()
 
     def client_bytes_sent(self, listener: str, octets: int) -> None:
         """``octets`` were written to a client."""
