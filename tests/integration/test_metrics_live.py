@@ -63,6 +63,8 @@ PROMETHEUS_START_DEADLINE_SECONDS = 30.0
 PROMETHEUS_DATA_DEADLINE_SECONDS = 30.0
 # From SIGTERM to exit, before SIGKILL.
 PROMETHEUS_STOP_DEADLINE_SECONDS = 15.0
+# Starts tried when the port picked was taken in between (as the Dovecot harness does).
+PROMETHEUS_START_ATTEMPTS = 3
 # A promtool run.
 PROMTOOL_TIMEOUT_SECONDS = 60.0
 # One HTTP request to the exporter or to Prometheus.
@@ -163,15 +165,25 @@ class Prometheus:
     def log_tail(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")[-LOG_TAIL_CHARS:]
 
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            assert self.proc.poll() is None, f"prometheus exited\n{self.log_tail()}"
+    def wait_ready(self) -> bool:
+        """Wait until it answers /-/ready; False if it exited because its port was taken."""
+
+        def ready() -> bool | None:
+            if self.proc.poll() is not None:
+                if "address already in use" in self.log_tail():
+                    return None
+                raise AssertionError(f"prometheus exited\n{self.log_tail()}")
             try:
                 return http_get(self.url + "/-/ready")[0] == 200
             except OSError:
                 return False
 
-        poll(ready, deadline_seconds=PROMETHEUS_START_DEADLINE_SECONDS, what="prometheus ready")
+        def settled() -> bool:
+            state = ready()
+            return state is None or state
+
+        poll(settled, deadline_seconds=PROMETHEUS_START_DEADLINE_SECONDS, what="prometheus ready")
+        return self.proc.poll() is None
 
     def api(self, path: str, **params: str) -> Any:
         """The ``data`` of a successful Prometheus HTTP API call."""
@@ -211,14 +223,17 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
     started: list[Prometheus] = []
 
     def start(target_port: int) -> Prometheus:
-        server = Prometheus(tmp_path / f"prometheus{len(started)}", target_port)
-        started.append(server)
-        server.wait_ready()
-        return server
+        for _ in range(PROMETHEUS_START_ATTEMPTS):
+            server = Prometheus(tmp_path / f"prometheus{len(started)}", target_port)
+            started.append(server)
+            if server.wait_ready():
+                return server
+        raise AssertionError(f"no free port in {PROMETHEUS_START_ATTEMPTS} attempts")
 
     yield start
     for server in started:
         server.stop()
+        assert server.proc.returncode is not None  # never left running
 
 
 def scrape(server: ServerProcess) -> bytes:
