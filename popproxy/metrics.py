@@ -37,6 +37,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 import popproxy
 from popproxy.config import MetricsConfig
+from popproxy.outcomes import SessionResult, UpstreamFailure
 from popproxy.pop3.commands import Verb
 
 log = logging.getLogger("popproxy.metrics")
@@ -101,27 +102,6 @@ class TlsResult(enum.Enum):
     FAILED = "failed"
 
 
-class UpstreamErrorKind(enum.Enum):
-    """Why an upstream connection, login or command failed.
-
-    The same closed set as ``popproxy.maildrop.upstream.UpstreamFailure`` (a test keeps
-    them equal); the upstream methods of :class:`Metrics` accept either Enum.
-    """
-
-    CONNECT = "connect"  # TCP connect failed or was refused
-    TLS = "tls"  # handshake or certificate verification failed
-    TIMEOUT = "timeout"  # a deadline from config expired
-    AUTH_REJECTED = "auth_rejected"  # the stored credentials were refused ([AUTH], [SYS/PERM])
-    PROTOCOL = "protocol"  # the upstream broke RFC 1939 (bad greeting, reply, listing)
-    IN_USE = "in_use"  # [IN-USE]: the maildrop is locked by another session (RFC 2449 §8.1.1)
-    LOGIN_DELAY = "login_delay"  # [LOGIN-DELAY]: logged in too recently (RFC 2449 §8.1.2)
-    CLOSED = "closed"  # the upstream closed the connection mid-session
-    STLS_UNAVAILABLE = "stls_unavailable"  # tls: starttls, but no STLS in CAPA (RFC 2595 §4)
-    LOOP = "loop"  # the upstream is this popproxy itself
-    UNSUPPORTED = "unsupported"  # the upstream lacks something required (UIDL, RFC 1939 §7)
-    REJECTED = "rejected"  # -ERR to a greeting, DELE, QUIT or NOOP, or [SYS/TEMP] (RFC 3206 §4)
-
-
 class PolicyAction(enum.Enum):
     """What retention policy did with one message at a QUIT (DESIGN.md, Rules)."""
 
@@ -138,22 +118,6 @@ class StateOperation(enum.Enum):
     RECORD = "record"  # store first-seen times for newly listed messages
     COMMIT = "commit"  # record what a QUIT hid and deleted
     PRUNE = "prune"  # forget messages no longer in the upstream listing
-
-
-class SessionOutcome(enum.Enum):
-    """How a client session ended: the label values of ``popproxy_sessions_ended_total``.
-
-    The same closed set as ``popproxy.session.SessionResult`` (a test keeps them equal);
-    :meth:`Metrics.session_ended` accepts either Enum and uses its value.
-    """
-
-    QUIT = "quit"
-    EOF = "eof"
-    TIMEOUT = "timeout"
-    PROTOCOL_ERROR = "protocol_error"
-    TLS_ERROR = "tls_error"
-    MAILDROP_ERROR = "maildrop_error"
-    SHUTDOWN = "shutdown"
 
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -177,18 +141,6 @@ def _member(value: _E, kind: type[_E]) -> _E:
     if not isinstance(value, kind):
         raise TypeError(f"expected a {kind.__name__} member, got {type(value).__name__}")
     return value
-
-
-def _value_label(value: enum.Enum, kind: type[enum.Enum]) -> str:
-    """The label value of any Enum member whose value is one of ``kind``'s values.
-
-    For closed sets that another layer also names (session results, upstream
-    failures): a member of either Enum is accepted; another value is a ValueError.
-    """
-    if not isinstance(value, enum.Enum):
-        raise TypeError(f"expected a {kind.__name__} Enum member, got {type(value).__name__}")
-    label: str = kind(value.value).value
-    return label
 
 
 def _verb_label(verb: Verb | None) -> str:
@@ -429,12 +381,8 @@ class Metrics:
         """A connection became a session: started +1, active +1."""
         self.listener(listener).session_started()
 
-    def session_ended(self, listener: str, result: enum.Enum) -> None:
-        """A session ended (pair it with :meth:`session_started` in a ``finally``).
-
-        ``result`` is a ``popproxy.session.SessionResult`` or a :class:`SessionOutcome`:
-        any Enum whose value is one of :class:`SessionOutcome`'s, else ValueError.
-        """
+    def session_ended(self, listener: str, result: SessionResult) -> None:
+        """A session ended (pair it with :meth:`session_started` in a ``finally``)."""
         self.listener(listener).session_ended(result)
 
     def session_refused(self, listener: str) -> None:
@@ -476,20 +424,16 @@ class Metrics:
         """A logged-in upstream session was opened; its login took ``seconds``."""
         self.upstream(upstream).login_succeeded(seconds)
 
-    def upstream_login_failed(self, upstream: str, kind: enum.Enum) -> None:
+    def upstream_login_failed(self, upstream: str, kind: UpstreamFailure) -> None:
         """Opening a logged-in upstream session failed (at connect, TLS or login).
 
-        ``kind`` is an :class:`UpstreamErrorKind` or an ``UpstreamFailure`` (same values).
         Counts one failed attempt and one error of ``kind``; do not also call
         :meth:`upstream_error` for the same failure.
         """
         self.upstream(upstream).login_failed(kind)
 
-    def upstream_error(self, upstream: str, kind: enum.Enum) -> None:
-        """An upstream failed after login (timeout, closed, a refused DELE, ...).
-
-        ``kind`` is an :class:`UpstreamErrorKind` or an ``UpstreamFailure`` (same values).
-        """
+    def upstream_error(self, upstream: str, kind: UpstreamFailure) -> None:
+        """An upstream failed after login (timeout, closed, a refused DELE, ...)."""
         self.upstream(upstream).error(kind)
 
     def upstream_command(self, upstream: str, verb: Verb, seconds: float) -> None:
@@ -559,9 +503,7 @@ class ListenerMetrics:
         self._refused = metrics._sessions_refused.labels(name)
         self._sent = metrics._client_sent.labels(name)
         self._received = metrics._client_received.labels(name)
-        self._ended = {
-            o.value: metrics._sessions_ended.labels(name, o.value) for o in SessionOutcome
-        }
+        self._ended = {o: metrics._sessions_ended.labels(name, o.value) for o in SessionResult}
         self._tls = {r: metrics._tls_handshakes.labels(name, r.value) for r in TlsResult}
 
     def session_started(self) -> None:
@@ -569,9 +511,9 @@ class ListenerMetrics:
         self._started.inc()
         self._active.inc()
 
-    def session_ended(self, result: enum.Enum) -> None:
-        """A session ended, by ``result`` (a ``SessionResult`` or :class:`SessionOutcome`)."""
-        ended = self._ended[_value_label(result, SessionOutcome)]
+    def session_ended(self, result: SessionResult) -> None:
+        """A session ended, by ``result``."""
+        ended = self._ended[_member(result, SessionResult)]
         self._active.dec()
         ended.inc()
 
@@ -624,9 +566,7 @@ class UpstreamMetrics:
         self._login_failed = metrics._upstream_logins.labels(
             name, _UpstreamLoginResult.FAILED.value
         )
-        self._errors = {
-            k.value: metrics._upstream_errors.labels(name, k.value) for k in UpstreamErrorKind
-        }
+        self._errors = {k: metrics._upstream_errors.labels(name, k.value) for k in UpstreamFailure}
         self._command = metrics._upstream_command
         # Per verb, created at the first command (the verbs an upstream is sent are few).
         self._commands: dict[Verb, Histogram] = {}
@@ -640,19 +580,18 @@ class UpstreamMetrics:
         self._login.observe(seconds)
         self._login_ok.inc()
 
-    def login_failed(self, kind: enum.Enum) -> None:
+    def login_failed(self, kind: UpstreamFailure) -> None:
         """Opening a logged-in session failed (connect, TLS, login or listing), for ``kind``.
 
-        ``kind`` is an :class:`UpstreamErrorKind` or an ``UpstreamFailure`` (same values).
         Counts one failed attempt and one error of ``kind``.
         """
-        error = self._errors[_value_label(kind, UpstreamErrorKind)]
+        error = self._errors[_member(kind, UpstreamFailure)]
         self._login_failed.inc()
         error.inc()
 
-    def error(self, kind: enum.Enum) -> None:
+    def error(self, kind: UpstreamFailure) -> None:
         """A logged-in session failed (timeout, closed, a refused DELE, ...), for ``kind``."""
-        self._errors[_value_label(kind, UpstreamErrorKind)].inc()
+        self._errors[_member(kind, UpstreamFailure)].inc()
 
     def command(self, verb: Verb, seconds: float) -> None:
         """A command sent upstream was answered after ``seconds`` (RFC 1939 §3)."""

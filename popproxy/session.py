@@ -20,7 +20,6 @@ end of the session (EOF, reset, timeout, shutdown, error) commits nothing.
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import math
 import secrets
@@ -41,6 +40,7 @@ from popproxy.metrics import (
     Metrics,
     TlsResult,
 )
+from popproxy.outcomes import SessionResult
 from popproxy.pop3.capabilities import capabilities
 from popproxy.pop3.commands import (
     Apop,
@@ -92,18 +92,6 @@ GREETING_TEXT = "popproxy ready."
 AUTH_FAILED = Err("Authentication failed.", ResponseCode.AUTH)
 NO_SUCH_MESSAGE = Err("There's no message with that number.")
 MESSAGE_DELETED = Err("That message is deleted.")
-
-
-class SessionResult(enum.Enum):
-    """How a session ended; a closed set, used in logs and metrics."""
-
-    QUIT = "quit"
-    EOF = "eof"
-    TIMEOUT = "timeout"
-    PROTOCOL_ERROR = "protocol_error"
-    TLS_ERROR = "tls_error"
-    MAILDROP_ERROR = "maildrop_error"
-    SHUTDOWN = "shutdown"
 
 
 class _SessionEnd(Exception):

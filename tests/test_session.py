@@ -25,8 +25,9 @@ from popproxy.auth.passwords import hash_password
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.maildrop.base import Maildrop
 from popproxy.maildrop.maildir import open_maildir
+from popproxy.outcomes import SessionResult
 from popproxy.secret import Secret
-from popproxy.session import Session, SessionContext, SessionResult, SessionSummary
+from popproxy.session import Session, SessionContext, SessionSummary
 
 MESSAGES = {
     "1700000001.M1P1.test": b"Subject: one\n\nfirst body\n",

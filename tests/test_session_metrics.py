@@ -23,8 +23,9 @@ from popproxy.auth.authenticator import Authenticator
 from popproxy.config import UserConfig
 from popproxy.maildrop.base import Maildrop, MaildropError
 from popproxy.metrics import Metrics
+from popproxy.outcomes import SessionResult
 from popproxy.pop3.replies import ResponseCode
-from popproxy.session import Session, SessionContext, SessionResult
+from popproxy.session import Session, SessionContext
 
 # The fixtures of test_session.py, used here by name.
 maildir = test_session.maildir

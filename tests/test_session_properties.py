@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_session import MESSAGES, make_context, remaining
 
-from popproxy.session import Session, SessionResult
+from popproxy.outcomes import SessionResult
+from popproxy.session import Session
 
 NUMBERS = [b"0", b"1", b"2", b"3", b"4", b"-1", b"x", b"01", b"99999999999", b""]
 SIMPLE = [

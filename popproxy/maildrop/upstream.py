@@ -32,7 +32,6 @@ once, and the messages deleted once QUIT answered +OK.
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import ssl
 from collections.abc import AsyncGenerator, Mapping, Sequence, Set
@@ -43,6 +42,7 @@ import trio
 from popproxy.config import TlsMode, UpstreamConfig, UpstreamLogin
 from popproxy.maildrop.base import RETRIEVE_CHUNK_BYTES, MaildropError, MessageInfo
 from popproxy.metrics import UpstreamMetrics
+from popproxy.outcomes import UpstreamFailure
 from popproxy.pop3.client import ClientConnection, ClientEvent
 from popproxy.pop3.commands import (
     Auth,
@@ -84,23 +84,6 @@ MAX_UPSTREAM_MESSAGES = 200_000
 MAX_LISTING_OCTETS = MAX_UPSTREAM_MESSAGES * 80
 # How long closing the upstream connection (a TLS close_notify) may take.
 UPSTREAM_CLOSE_TIMEOUT_SECONDS = 2.0
-
-
-class UpstreamFailure(enum.Enum):
-    """Why an upstream operation failed; a closed set, for logs and metrics."""
-
-    CONNECT = "connect"
-    TLS = "tls"
-    TIMEOUT = "timeout"
-    AUTH_REJECTED = "auth_rejected"
-    PROTOCOL = "protocol"
-    IN_USE = "in_use"
-    LOGIN_DELAY = "login_delay"
-    CLOSED = "closed"
-    STLS_UNAVAILABLE = "stls_unavailable"
-    LOOP = "loop"
-    UNSUPPORTED = "unsupported"
-    REJECTED = "rejected"
 
 
 class UpstreamError(MaildropError):

@@ -36,11 +36,11 @@ from popproxy.maildrop.upstream import (
     UPSTREAM_RECEIVE_BYTES,
     UpstreamAccount,
     UpstreamError,
-    UpstreamFailure,
     UpstreamMaildrop,
     build_listing,
     open_upstream,
 )
+from popproxy.outcomes import UpstreamFailure
 from popproxy.pop3.replies import ResponseCode
 from popproxy.secret import Secret
 from popproxy.tls import client_context

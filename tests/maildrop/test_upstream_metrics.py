@@ -34,11 +34,11 @@ from test_upstream import (
 from popproxy.config import TlsMode, UpstreamConfig
 from popproxy.maildrop.upstream import (
     UpstreamError,
-    UpstreamFailure,
     UpstreamMaildrop,
     open_upstream,
 )
 from popproxy.metrics import Metrics
+from popproxy.outcomes import UpstreamFailure
 from popproxy.tls import client_context
 
 # The fixtures of test_upstream.py, used here by name.

@@ -1,0 +1,38 @@
+"""Closed sets of outcomes that several layers name: logs, metrics labels, errors.
+
+Defined once, below everything that uses them (standard library only), so that the
+session, the upstream maildrop and ``metrics.py`` cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class SessionResult(enum.Enum):
+    """How a client session ended; used in the ``session_end`` log line and metrics."""
+
+    QUIT = "quit"
+    EOF = "eof"
+    TIMEOUT = "timeout"
+    PROTOCOL_ERROR = "protocol_error"
+    TLS_ERROR = "tls_error"
+    MAILDROP_ERROR = "maildrop_error"
+    SHUTDOWN = "shutdown"
+
+
+class UpstreamFailure(enum.Enum):
+    """Why an upstream connection, login or command failed (docs/proxy.md, error mapping)."""
+
+    CONNECT = "connect"  # TCP connect failed or was refused
+    TLS = "tls"  # handshake or certificate verification failed
+    TIMEOUT = "timeout"  # a deadline from config expired
+    AUTH_REJECTED = "auth_rejected"  # the stored credentials were refused ([AUTH], [SYS/PERM])
+    PROTOCOL = "protocol"  # the upstream broke RFC 1939 (bad greeting, reply, listing)
+    IN_USE = "in_use"  # [IN-USE]: the maildrop is locked by another session (RFC 2449 §8.1.1)
+    LOGIN_DELAY = "login_delay"  # [LOGIN-DELAY]: logged in too recently (RFC 2449 §8.1.2)
+    CLOSED = "closed"  # the upstream closed the connection mid-session
+    STLS_UNAVAILABLE = "stls_unavailable"  # tls: starttls, but no STLS in CAPA (RFC 2595 §4)
+    LOOP = "loop"  # the upstream is this popproxy itself
+    UNSUPPORTED = "unsupported"  # the upstream lacks something required (UIDL, RFC 1939 §7)
+    REJECTED = "rejected"  # -ERR to a greeting, DELE, QUIT or NOOP, or [SYS/TEMP] (RFC 3206 §4)
