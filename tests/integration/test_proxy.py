@@ -285,12 +285,14 @@ def test_wrong_upstream_password_gives_sys_perm_not_auth(
     assert b"not-the-password" not in server.log_text().encode()
 
 
-class DyingUpstream:
-    """A scripted POP3 upstream (a real socket peer) that logs anyone in, lists one
-    message of `size` octets, and closes the connection half-way through its RETR."""
+class ScriptedUpstream:
+    """A scripted POP3 upstream on a real loopback socket: greets, then answers each
+    command line with `answer` until it returns False, the peer closes, or the peer
+    stays silent for `idle_timeout_seconds` (then `timed_out` runs)."""
 
-    def __init__(self, size: int = 100_000) -> None:
-        self.size = size
+    idle_timeout_seconds = SCRIPT_TIMEOUT_SECONDS
+
+    def __init__(self) -> None:
         self.listener = socket.create_server((LOOPBACK, 0))
         self.listener.settimeout(SCRIPT_TIMEOUT_SECONDS)
         self.port = self.listener.getsockname()[1]
@@ -304,27 +306,48 @@ class DyingUpstream:
             except OSError:
                 return
             with conn:
-                conn.settimeout(SCRIPT_TIMEOUT_SECONDS)
+                conn.settimeout(self.idle_timeout_seconds)
                 f = conn.makefile("rb")
                 conn.sendall(b"+OK scripted\r\n")
-                for raw in f:
-                    verb = raw.split()[0].upper() if raw.split() else b""
-                    match verb:
-                        case b"CAPA":
-                            conn.sendall(b"+OK\r\nUSER\r\nUIDL\r\n.\r\n")
-                        case b"UIDL":
-                            conn.sendall(b"+OK\r\n1 only-one\r\n.\r\n")
-                        case b"LIST":
-                            conn.sendall(f"+OK\r\n1 {self.size}\r\n.\r\n".encode())
-                        case b"RETR":
-                            conn.sendall(b"+OK\r\nSubject: cut\r\n\r\n" + b"x" * 200 + b"\r\n")
-                            return  # dies in the middle of the message
-                        case _:
-                            conn.sendall(b"+OK\r\n")
+                try:
+                    for raw in f:
+                        if not self.answer(conn, raw.split()[0].upper() if raw.split() else b""):
+                            return
+                except TimeoutError:
+                    self.timed_out(conn)
+
+    def answer(self, conn: socket.socket, verb: bytes) -> bool:
+        """Answer one command; False ends the connection."""
+        raise NotImplementedError
+
+    def timed_out(self, conn: socket.socket) -> None:
+        """The peer was silent for `idle_timeout_seconds`."""
 
     def close(self) -> None:
         self.listener.close()
         self.thread.join(SCRIPT_TIMEOUT_SECONDS)
+
+
+class DyingUpstream(ScriptedUpstream):
+    """Logs anyone in, lists one message, and closes the connection half-way through
+    its RETR."""
+
+    SIZE = 100_000
+
+    def answer(self, conn: socket.socket, verb: bytes) -> bool:
+        match verb:
+            case b"CAPA":
+                conn.sendall(b"+OK\r\nUSER\r\nUIDL\r\n.\r\n")
+            case b"UIDL":
+                conn.sendall(b"+OK\r\n1 only-one\r\n.\r\n")
+            case b"LIST":
+                conn.sendall(f"+OK\r\n1 {self.SIZE}\r\n.\r\n".encode())
+            case b"RETR":
+                conn.sendall(b"+OK\r\nSubject: cut\r\n\r\n" + b"x" * 200 + b"\r\n")
+                return False  # dies in the middle of the message
+            case _:
+                conn.sendall(b"+OK\r\n")
+        return True
 
 
 def test_upstream_dying_mid_retr_closes_the_client_without_a_terminator(
@@ -423,40 +446,24 @@ KEEPALIVE_SECONDS = 0.1
 KEEPALIVE_NOOPS = 8
 
 
-class AutologoutUpstream:
+class AutologoutUpstream(ScriptedUpstream):
     """A scripted upstream with one message that drops a session idle for
     SCRIPTED_AUTOLOGOUT_SECONDS, and counts the NOOPs it gets."""
 
     MESSAGE = b"Subject: kept alive\r\n\r\nstill here\r\n"
+    idle_timeout_seconds = SCRIPTED_AUTOLOGOUT_SECONDS
 
     def __init__(self) -> None:
-        self.listener = socket.create_server((LOOPBACK, 0))
-        self.listener.settimeout(SCRIPT_TIMEOUT_SECONDS)
-        self.port = self.listener.getsockname()[1]
         self.noops = 0
         self.enough_noops = threading.Event()
         self.logged_out = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        with self.listener:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(SCRIPTED_AUTOLOGOUT_SECONDS)
-                f = conn.makefile("rb")
-                conn.sendall(b"+OK scripted\r\n")
-                try:
-                    for raw in f:
-                        self._answer(conn, raw.split()[0].upper() if raw.split() else b"")
-                except TimeoutError:
-                    self.logged_out.set()  # the autologout timer fired
-                    conn.sendall(b"-ERR autologout\r\n")
+    def timed_out(self, conn: socket.socket) -> None:
+        self.logged_out.set()  # the autologout timer fired
+        conn.sendall(b"-ERR autologout\r\n")
 
-    def _answer(self, conn: socket.socket, verb: bytes) -> None:
+    def answer(self, conn: socket.socket, verb: bytes) -> bool:
         match verb:
             case b"CAPA":
                 conn.sendall(b"+OK\r\nUSER\r\nUIDL\r\n.\r\n")
@@ -473,10 +480,7 @@ class AutologoutUpstream:
                 conn.sendall(b"+OK\r\n")
             case _:
                 conn.sendall(b"+OK\r\n")
-
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(SCRIPT_TIMEOUT_SECONDS)
+        return True
 
 
 def test_an_idle_client_keeps_its_upstream_session_through_the_upstreams_autologout(
