@@ -505,6 +505,7 @@ def test_an_idle_client_keeps_its_upstream_session_through_the_upstreams_autolog
         assert upstream.enough_noops.wait(SCRIPT_TIMEOUT_SECONDS)
         assert not upstream.logged_out.is_set()
         assert b"".join(line + b"\r\n" for line in lines_of(pop.retr(1))) == upstream.MESSAGE
+        assert pop.quit().startswith(b"+OK")  # the upstream's QUIT confirmed it
     finally:
         upstream.close()
 
