@@ -425,9 +425,13 @@ class Session:
                     return
                 wrap = StuffedData if self._maildrop.dot_stuffed else Data
                 self._queue(Ok(text))
-                await self._send_now(wrap(first))
+                # Each chunk is sent once the next one is in hand, so the last one
+                # leaves with the terminator: a small message is a single write.
+                pending = first
                 async for chunk in chunks:
-                    await self._send_now(wrap(chunk))
+                    await self._send_now(wrap(pending))
+                    pending = chunk
+                self._queue(wrap(pending))
         except MaildropError:
             log.warning(
                 "retrieve_failed",
@@ -519,21 +523,15 @@ class Session:
         """Wait for the client while the maildrop is kept alive every ``interval`` seconds
         of client silence (an upstream would otherwise log the session out, RFC 1939 §3).
 
-        A keep-alive in progress is shielded: it ends by its own deadline, so the
-        upstream connection is never left with half a reply read.
+        Cancelling a receive that has not completed loses nothing (for TLS, once the
+        handshake is done, trio documents it as safe). A keep-alive is shielded: it
+        ends by its own deadline, so the upstream is never left with half a reply read.
         """
-
-        async def keep_alive() -> None:
-            while True:
-                await trio.sleep(interval)
-                with trio.CancelScope(shield=True):
-                    await maildrop.keep_alive()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(keep_alive)
-            data = await self._receive_some()
-            nursery.cancel_scope.cancel()
-        return data
+        while True:
+            with trio.move_on_after(interval):
+                return await self._receive_some()
+            with trio.CancelScope(shield=True):
+                await maildrop.keep_alive()
 
     async def _goodbye(self, reply: Err) -> None:
         """Best effort: tell the client why it is being disconnected."""

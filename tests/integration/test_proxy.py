@@ -332,7 +332,9 @@ class DyingUpstream(ScriptedUpstream):
     """Logs anyone in, lists one message, and closes the connection half-way through
     its RETR."""
 
-    SIZE = 100_000
+    SIZE = 1_000_000
+    # What it sends before dying: several of popproxy's chunks, so some of it is relayed.
+    PART = (b"y" * 76 + b"\r\n") * 6_000
 
     def answer(self, conn: socket.socket, verb: bytes) -> bool:
         match verb:
@@ -343,7 +345,7 @@ class DyingUpstream(ScriptedUpstream):
             case b"LIST":
                 conn.sendall(f"+OK\r\n1 {self.SIZE}\r\n.\r\n".encode())
             case b"RETR":
-                conn.sendall(b"+OK\r\nSubject: cut\r\n\r\n" + b"x" * 200 + b"\r\n")
+                conn.sendall(b"+OK\r\nSubject: cut\r\n\r\n" + self.PART)
                 return False  # dies in the middle of the message
             case _:
                 conn.sendall(b"+OK\r\n")
