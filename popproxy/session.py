@@ -136,6 +136,7 @@ class SessionSummary:
     listener: str
     peer: str
     user: str | None = None
+    upstream: str | None = None  # the upstream's name from config (proxy mode)
     result: SessionResult = SessionResult.EOF
     commands: int = 0
     bytes_in: int = 0
@@ -330,6 +331,7 @@ class Session:
         self._count_login(mechanism, LoginResult.OK)
         self._maildrop = maildrop
         self.summary.user = account.name
+        self.summary.upstream = account.upstream
         self._login_scope.deadline = math.inf
         count, octets = self._totals()
         self._queue(Ok(f"Logged in, {count} messages ({octets} octets)."))
@@ -566,6 +568,7 @@ class Session:
                     "listener": s.listener,
                     "peer": s.peer,
                     "user": s.user or "-",
+                    "upstream": s.upstream or "-",
                     "result": s.result.value,
                     "commands": s.commands,
                     "bytes_in": s.bytes_in,

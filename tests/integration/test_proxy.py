@@ -196,6 +196,14 @@ def test_dele_then_quit_deletes_exactly_those_messages_in_dovecot(
     assert {u.split()[1].decode() for u in lines_of(remaining.uidl())} == (
         set(uids.values()) - {uids[2], uids[4]}
     )
+    ends = server.wait_for_log(
+        lambda records: any(r.get("deleted") == "2" for r in records),
+        timeout=SOCKET_TIMEOUT_SECONDS,
+        what="the deleting session's end",
+    )
+    summary = next(r for r in ends if r.get("deleted") == "2")
+    assert (summary["msg"], summary["result"]) == ("session_end", "quit")
+    assert (summary["user"], summary["upstream"]) == (local_name(dovecot_user), UPSTREAM)
 
 
 def _login_and_mark(server: ServerProcess, user: DovecotUser) -> socket.socket:
