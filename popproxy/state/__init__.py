@@ -1,0 +1,1 @@
+"""Persistent state: the ``StateStore`` protocol and its backends (DESIGN.md, state/)."""
