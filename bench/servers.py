@@ -1,0 +1,205 @@
+"""The servers under test: a Dovecot tuned for throughput and a popproxy in front of it.
+
+Dovecot is the test suite's (tests/integration/dovecot.py: its own config in a
+temporary directory, loopback, free ports), with the settings its documentation
+gives for throughput appended: long-lived login *and* mail processes, loopback
+trusted, an auth cache. popproxy is ``python -m popproxy run`` with a config written
+by the suite's harness (tests/integration/harness.py): a plain and an implicit-TLS
+listener, proxy mode, every local user mapped to its own Dovecot account over the
+plain upstream leg.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from integration.dovecot import DovecotServer, DovecotUser
+from integration.harness import (
+    LOOPBACK,
+    PASSWORD,
+    Corpus,
+    CorpusMessage,
+    ProxyUser,
+    ServerProcess,
+    TlsFiles,
+    Upstream,
+    write_config,
+)
+
+from bench.stats import parse_smaps_rollup
+
+REPO = Path(__file__).resolve().parent.parent
+# File descriptors popproxy needs besides two per session (client and upstream leg):
+# listeners, epoll, trio's wake-up pair, stdio, the state store; counted with room.
+PROXY_SPARE_FDS = 64
+# Dovecot's limit on connections per service process, for its log, anvil and stats
+# services too, each of which holds a connection per mail process.
+DOVECOT_CLIENT_LIMIT = 30_000
+# Sessions popproxy accepts at once in the bench (the default, 1000, is below the
+# idle scenario's 10,000).
+PROXY_MAX_SESSIONS = 25_000
+
+# Appended to the suite's Dovecot config (repeated settings and sections override it).
+# login_processes.rst (high-performance mode: service_count = 0, process_min_avail =
+# the number of cores); service_configuration.rst: service_count = 0 for mail
+# processes reuses them, which is safe here because every user has the same uid;
+# client_limit above 1 is not recommended for mail processes (they block on disk),
+# so it is 1 except for the idle scenario, whose sessions do no disk I/O.
+_TUNING = """
+# --- bench/servers.py: tuned for throughput ---
+login_trusted_networks = 127.0.0.0/8
+auth_cache_size = 10M
+auth_cache_ttl = 1 hour
+default_client_limit = {client_limit}
+mail_max_userip_connections = 100000
+service pop3-login {{
+  service_count = 0
+  process_min_avail = {cores}
+  client_limit = {client_limit}
+}}
+service pop3 {{
+  service_count = 0
+  process_min_avail = {cores}
+  client_limit = {pop3_clients}
+  process_limit = {pop3_processes}
+}}
+"""
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's RLIMIT_NOFILE to its hard limit and return it; the servers
+    started afterwards inherit it.
+
+    Raising the hard limit itself needs CAP_SYS_RESOURCE, which a container may not
+    grant: then the hard limit bounds the idle scenario (see ``max_idle_sessions``).
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def max_idle_sessions(fd_limit: int) -> int:
+    """How many sessions popproxy can hold at once under ``fd_limit`` (two fds each)."""
+    return (fd_limit - PROXY_SPARE_FDS) // 2
+
+
+def tuned_dovecot(tls: TlsFiles, *, pop3_clients: int = 1, cores: int = 2) -> DovecotServer:
+    """Start the suite's Dovecot with the throughput settings; ``pop3_clients`` sessions
+    per mail process (1 but for the idle scenario)."""
+    extra = _TUNING.format(
+        client_limit=DOVECOT_CLIENT_LIMIT,
+        cores=cores,
+        pop3_clients=pop3_clients,
+        pop3_processes=max(64, 12_000 // pop3_clients),
+    )
+    return DovecotServer.start(tls, extra_config=extra)
+
+
+# A Dovecot account to create: its name, and the corpus messages its Maildir holds.
+Mailbox = tuple[str, Corpus, Sequence[CorpusMessage]]
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One mailbox, reachable directly (Dovecot) and through popproxy."""
+
+    dovecot: DovecotUser
+    proxy_user: str  # popproxy's local user mapped to it; its password is PASSWORD
+
+    def login(self, proxied: bool) -> tuple[str, str]:
+        """(user, password) to log in with on one side."""
+        return (
+            (self.proxy_user, PASSWORD) if proxied else (self.dovecot.name, self.dovecot.password)
+        )
+
+
+class Bench:
+    """A running Dovecot and popproxy, and the accounts both serve."""
+
+    def __init__(self, dovecot: DovecotServer, proxy: ServerProcess, accounts: list[Account]):
+        self.dovecot = dovecot
+        self.proxy = proxy
+        self.accounts = accounts
+
+    def address(self, proxied: bool, tls: bool) -> tuple[str, int]:
+        """Where a client connects: Dovecot's plain-only or pop3s listener, or popproxy's."""
+        if proxied:
+            return LOOPBACK, self.proxy.port("implicit" if tls else "none")
+        return self.dovecot.endpoint("implicit" if tls else "none")
+
+    def proxy_pss_kib(self) -> int:
+        """popproxy's proportional set size (its own share of shared pages), in KiB."""
+        return pss_kib(self.proxy.pid)
+
+    def dovecot_pss_kib(self) -> int:
+        """The PSS of all of Dovecot's processes, in KiB."""
+        return sum(pss_kib(pid) for pid in self.dovecot.pids())
+
+
+def pss_kib(pid: int) -> int:
+    """A process's PSS from /proc/PID/smaps_rollup (0 if it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    return parse_smaps_rollup(text).get("Pss", 0)
+
+
+def _default_cost_hash() -> str:
+    from popproxy.auth.passwords import hash_password
+    from popproxy.secret import Secret
+
+    return hash_password(Secret.from_str(PASSWORD))
+
+
+@contextlib.contextmanager
+def running(
+    workdir: Path,
+    tls: TlsFiles,
+    mailboxes: Sequence[Mailbox],
+    *,
+    pop3_clients: int = 1,
+    default_hash_cost: bool = False,
+) -> Iterator[Bench]:
+    """Dovecot with one account per ``(name, corpus, messages)`` and popproxy in front.
+
+    popproxy's users are ``p-NAME``, password ``PASSWORD``; their hashes are the
+    suite's cheap ones (scrypt ln=4) unless ``default_hash_cost``.
+    """
+    dovecot = tuned_dovecot(tls, pop3_clients=pop3_clients)
+    proxy: ServerProcess | None = None
+    try:
+        accounts = []
+        for name, corpus, messages in mailboxes:
+            user = dovecot.add_user(name, f"pw-{name}", corpus=corpus, messages=messages)
+            accounts.append(Account(user, f"p-{name}"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = write_config(
+            workdir / "popproxy.yaml",
+            users=[
+                ProxyUser(a.proxy_user, PASSWORD, "dovecot", a.dovecot.name, a.dovecot.password)
+                for a in accounts
+            ],
+            tls=tls,
+            listeners=["none", "implicit"],
+            limits={"max_sessions": PROXY_MAX_SESSIONS},
+            upstreams={"dovecot": Upstream(*dovecot.endpoint("none"))},
+        )
+        if default_hash_cost:
+            data = yaml.safe_load(config.read_text())
+            phc = _default_cost_hash()
+            for entry in data["users"].values():
+                entry["password_hash"] = phc
+            config.write_text(yaml.safe_dump(data, sort_keys=False))
+        proxy = ServerProcess(config, listeners=["none", "implicit"], cwd=workdir)
+        proxy.wait_ready()
+        yield Bench(dovecot, proxy, accounts)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        dovecot.stop(check=False)

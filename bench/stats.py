@@ -1,0 +1,191 @@
+"""Pure helpers of the benchmark harness: statistics, goals, the table and the JSON.
+
+No I/O here (the harness's tests import this module alone). A figure is measured
+on both sides, ``direct`` (Dovecot alone) and ``proxied`` (popproxy in front of the
+same Dovecot), in one run; its ratio is proxied over direct.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The ``p``-quantile (0 < p <= 1) by the nearest-rank method; NaN when empty.
+
+    Nearest rank, not interpolation: a p99 is a value that was measured.
+    """
+    if not 0 < p <= 1:
+        raise ValueError(f"percentile {p} is not in (0, 1]")
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = math.ceil(p * len(ordered))  # 1-based
+    return ordered[rank - 1]
+
+
+def median(values: Sequence[float]) -> float:
+    """The median, NaN when empty."""
+    return statistics.median(values) if values else math.nan
+
+
+class Better(enum.Enum):
+    """Which way a figure improves, so a ratio can be held against its goal."""
+
+    HIGHER = "higher"  # throughput: proxied/direct must be at least the goal
+    LOWER = "lower"  # latency, memory: proxied/direct (or the value) at most the goal
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    """A goal from issue 7: a bound on the ratio, or on the proxied value itself."""
+
+    bound: float
+    better: Better
+    on_ratio: bool = True  # False: the bound applies to the proxied value (its unit)
+
+    def met(self, direct: float, proxied: float) -> bool | None:
+        """Whether the figure meets the goal; None when it cannot be told (no data)."""
+        value = ratio(direct, proxied) if self.on_ratio else proxied
+        if math.isnan(value):
+            return None
+        return value >= self.bound if self.better is Better.HIGHER else value <= self.bound
+
+    def describe(self) -> str:
+        """``>= 0.95x``, ``<= 16 KB``, ... for the table."""
+        sign = ">=" if self.better is Better.HIGHER else "<="
+        return f"{sign} {self.bound:g}x" if self.on_ratio else f"{sign} {self.bound:g}"
+
+
+def ratio(direct: float, proxied: float) -> float:
+    """proxied / direct; NaN when either is missing or direct is 0."""
+    if math.isnan(direct) or math.isnan(proxied) or direct == 0:
+        return math.nan
+    return proxied / direct
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One row of the results: a figure on both sides, its unit and its goal."""
+
+    scenario: str  # "bulk", "sessions", ...
+    name: str  # "MB/s", "p50", ...
+    unit: str
+    direct: float
+    proxied: float
+    goal: Goal | None = None
+    tls: bool = False  # implicit TLS on the client leg (both sides)
+
+    @property
+    def ratio(self) -> float:
+        """proxied / direct (NaN when a side is missing)."""
+        return ratio(self.direct, self.proxied)
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the goal is met; None without a goal or without data."""
+        return None if self.goal is None else self.goal.met(self.direct, self.proxied)
+
+    def as_json(self) -> dict[str, object]:
+        """A JSON-ready dict (NaN becomes null)."""
+        out = asdict(self)
+        out["goal"] = None if self.goal is None else self.goal.describe()
+        out["ratio"] = self.ratio
+        out["met"] = self.met
+        return {k: _json_number(v) for k, v in out.items()}
+
+
+def _json_number(value: object) -> object:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    if value >= 100 or value == int(value):
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if value < 10 else f"{value:.1f}"
+
+
+def format_table(figures: Iterable[Figure]) -> str:
+    """The figures as a Markdown table: direct, proxied, ratio, goal and whether it is met."""
+    header = "| scenario | figure | TLS | direct | proxied | ratio | goal | met |"
+    rows = [header, "|---|---|---|---:|---:|---:|---|---|"]
+    for f in figures:
+        met = {True: "yes", False: "**no**", None: ""}[f.met]
+        ratio_text = "-" if math.isnan(f.ratio) else f"{f.ratio:.2f}x"
+        rows.append(
+            f"| {f.scenario} | {f.name} ({f.unit}) | {'implicit' if f.tls else 'plain'} "
+            f"| {_number(f.direct)} | {_number(f.proxied)} | {ratio_text} "
+            f"| {f.goal.describe() if f.goal else ''} | {met} |"
+        )
+    return "\n".join(rows)
+
+
+def results_json(figures: Iterable[Figure], meta: Mapping[str, object]) -> str:
+    """The figures and the run's facts (machine, command, date, CPU share) as JSON."""
+    return json.dumps(
+        {"meta": dict(meta), "figures": [f.as_json() for f in figures]},
+        indent=2,
+        allow_nan=False,
+    )
+
+
+def parse_smaps_rollup(text: str) -> dict[str, int]:
+    """The ``Key: N kB`` fields of /proc/PID/smaps_rollup, in KiB (proc(5))."""
+    fields: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        words = rest.split()
+        if sep and len(words) == 2 and words[1] == "kB" and words[0].isdigit():
+            fields[key.strip()] = int(words[0])
+    return fields
+
+
+@dataclass(frozen=True, slots=True)
+class StackShare:
+    """A function's share of a py-spy profile's samples."""
+
+    frame: str
+    own: float  # samples where it was the innermost frame, as a fraction
+    total: float  # samples where it was anywhere on the stack, as a fraction
+
+
+def top_frames(collapsed: Iterable[str], *, limit: int = 15) -> list[StackShare]:
+    """The hottest functions of a collapsed-stack profile (``py-spy record -f raw``).
+
+    Each line is ``frame;frame;...;innermost COUNT``; frames are taken as written
+    (py-spy writes ``function (file:line)``; the line number is dropped so that one
+    function is counted once). Sorted by own share, then total share.
+    """
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in collapsed:
+        stack, _, count_text = line.rstrip().rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        samples += count
+        frames = [_function(frame) for frame in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + count
+    if not samples:
+        return []
+    ranked = sorted(total, key=lambda f: (own.get(f, 0), total[f]), reverse=True)
+    return [StackShare(f, own.get(f, 0) / samples, total[f] / samples) for f in ranked[:limit]]
+
+
+def _function(frame: str) -> str:
+    """``send_all (trio/_highlevel_socket.py:123)`` -> ``send_all (trio/_highlevel_socket.py)``."""
+    head, sep, location = frame.rpartition(" (")
+    if not sep:
+        return frame
+    path = location.rstrip(")").rsplit(":", 1)[0]
+    return f"{head} ({path})"
