@@ -27,7 +27,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, TypeVar
@@ -54,6 +54,9 @@ MAX_UPSTREAM_NAME_CHARS = 128
 MAX_PORT = 65535
 
 _STATE_SCHEMES = ("sqlite:///",)
+# A QUIT waits this long at most for the store's write lock; longer is a typo (and
+# sqlite's busy_timeout is an int of milliseconds).
+MAX_STATE_BUSY_TIMEOUT_SECONDS = 3600
 
 _E = TypeVar("_E", bound=enum.Enum)
 
@@ -133,9 +136,15 @@ class UserConfig:
 
 @dataclass(frozen=True, slots=True)
 class StateConfig:
-    """Where popproxy keeps per-user state (SQLAlchemy-style URL)."""
+    """Where popproxy keeps per-user state (SQLAlchemy-style URL; docs/state.md)."""
 
     url: str = "sqlite:///popproxy-state.db"
+    # How long a write waits for another writer (another session's commit, a prune
+    # batch, another process on the same file) before it fails: sqlite's busy_timeout.
+    busy_timeout_seconds: float = 10
+    # Run sqlite's PRAGMA integrity_check at open (reads the whole file) and refuse a
+    # damaged store.
+    integrity_check: bool = False
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -660,7 +669,7 @@ _USER_HINTS = {
         " `popproxy hash-password`"
     ),
 }
-_STATE_KEYS = ("url",)
+_STATE_KEYS = ("url", "busy_timeout_seconds", "integrity_check")
 _METRICS_KEYS = ("address", "port")
 _LIMIT_KEYS = (
     "idle_timeout_seconds",
@@ -976,14 +985,30 @@ def _state(top: _Section) -> StateConfig:
     section = _Section.of(top.issues, "state", top.raw("state"), _STATE_KEYS)
     if section is None:
         return StateConfig()
+    default = StateConfig()
+    busy_timeout = section.seconds("busy_timeout_seconds", positive=True)
+    if busy_timeout is not None and busy_timeout > MAX_STATE_BUSY_TIMEOUT_SECONDS:
+        section.error(
+            "busy_timeout_seconds",
+            f"expected at most {MAX_STATE_BUSY_TIMEOUT_SECONDS} seconds, got {busy_timeout:g}",
+        )
+        busy_timeout = None
+    integrity_check = section.boolean("integrity_check")
+    options = StateConfig(
+        busy_timeout_seconds=busy_timeout or default.busy_timeout_seconds,
+        integrity_check=default.integrity_check if integrity_check is None else integrity_check,
+    )
     what = "a state URL such as sqlite:///var/popproxy-state.db"
     url = section.string("url", what=what)
     if url is None:
-        return _absolute_state(StateConfig())
+        return _absolute_state(options)
+    if url.startswith(("postgresql:", "postgres:")):
+        section.error("url", "the PostgreSQL backend is not implemented yet; use sqlite:///PATH")
+        return options
     if not url.startswith(_STATE_SCHEMES) or url == "sqlite:///":
         section.error("url", f"expected {what}, got {url!r} (only sqlite is supported so far)")
-        return StateConfig()
-    return _absolute_state(StateConfig(url))
+        return options
+    return _absolute_state(replace(options, url=url))
 
 
 def _absolute_state(state: StateConfig) -> StateConfig:
@@ -991,7 +1016,7 @@ def _absolute_state(state: StateConfig) -> StateConfig:
     path = state.sqlite_path
     if path is None or path.is_absolute():
         return state
-    return StateConfig("sqlite:///" + str(Path.cwd() / path))
+    return replace(state, url="sqlite:///" + str(Path.cwd() / path))
 
 
 def _metrics(top: _Section) -> MetricsConfig | None:

@@ -584,6 +584,30 @@ def test_state_url(tmp_path: Path) -> None:
     assert key == "state.url"
 
 
+def test_state_options() -> None:
+    config = load_config(
+        write(MINIMAL + "state: {busy_timeout_seconds: 2.5, integrity_check: true}\n")
+    )
+    assert (config.state.busy_timeout_seconds, config.state.integrity_check) == (2.5, True)
+    assert config.state.url.endswith("/popproxy-state.db")
+    default = load_config(write(MINIMAL))
+    assert (default.state.busy_timeout_seconds, default.state.integrity_check) == (10, False)
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ("{busy_timeout_seconds: 0}", "greater than 0"),
+        ("{busy_timeout_seconds: 7200}", "at most 3600"),
+        ("{integrity_check: 'yes'}", "true or false"),
+        ("{url: 'postgresql://db.example.net/popproxy'}", "PostgreSQL backend is not implemented"),
+    ],
+)
+def test_state_option_errors(state: str, expected: str) -> None:
+    _, message = only_issue(MINIMAL + f"state: {state}\n")
+    assert expected in message
+
+
 def test_rules_dir_must_be_a_directory() -> None:
     key, message = only_issue(MINIMAL + "rules_dir: nowhere/\n")
     assert key == "rules_dir"
