@@ -115,8 +115,7 @@ class StateOperation(enum.Enum):
     """One kind of state store access (DESIGN.md, state/)."""
 
     LOAD = "load"  # read an account's first-seen times and hidden/deleted UIDLs
-    RECORD = "record"  # store first-seen times for newly listed messages
-    COMMIT = "commit"  # record what a QUIT hid and deleted
+    COMMIT = "commit"  # record what a QUIT saw, retrieved, hid and deleted (one transaction)
     PRUNE = "prune"  # forget messages no longer in the upstream listing
 
 

@@ -1,1 +1,89 @@
-"""Persistent state: the ``StateStore`` protocol and its backends (DESIGN.md, state/)."""
+"""Persistent state: the ``StateStore`` protocol and its backends (DESIGN.md, state/).
+
+``open_store`` picks the backend from the configured URL's scheme and, given a
+``Metrics``, reports each operation's latency and failures
+(``popproxy_state_operation_duration_seconds``, ``popproxy_state_errors_total``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Collection, Mapping, Sequence
+from datetime import datetime
+from typing import TypeVar
+
+from popproxy.config import StateConfig
+from popproxy.metrics import Metrics, StateOperation
+from popproxy.state.base import (
+    AccountKey,
+    MessageFacts,
+    SessionRecord,
+    StateError,
+    StateStore,
+    StoredMessage,
+)
+from popproxy.state.sqlite import open_sqlite
+
+__all__ = ["StateError", "StateStore", "open_store"]
+
+_T = TypeVar("_T")
+
+
+async def open_store(config: StateConfig, *, metrics: Metrics | None = None) -> StateStore:
+    """Open the store ``config.url`` names: ``sqlite:///PATH`` or ``sqlite:///:memory:``.
+
+    Creates and migrates the database as needed. The caller closes it with
+    ``aclose``. Raises ``StateError`` when it cannot be opened or used.
+    """
+    if not config.url.startswith("sqlite:///"):
+        scheme = config.url.partition(":")[0]
+        raise StateError(f"state URL scheme {scheme!r} is not supported (only sqlite:///)")
+    store: StateStore = await open_sqlite(
+        config.sqlite_path,
+        busy_timeout_seconds=config.busy_timeout_seconds,
+        integrity_check=config.integrity_check,
+    )
+    return store if metrics is None else MeasuredStore(store, metrics)
+
+
+class MeasuredStore:
+    """A ``StateStore`` that reports each call to ``Metrics``: facts and messages as
+    LOAD, record as COMMIT, prune as PRUNE (time includes waiting for a thread)."""
+
+    def __init__(self, inner: StateStore, metrics: Metrics) -> None:
+        """Wrap ``inner``; it is closed with this store."""
+        self._inner = inner
+        self._metrics = metrics
+
+    async def facts(
+        self, account: AccountKey, user: str, uids: Collection[str]
+    ) -> Mapping[str, MessageFacts]:
+        """See ``StateStore.facts``."""
+        return await self._measure(StateOperation.LOAD, self._inner.facts(account, user, uids))
+
+    async def record(self, record: SessionRecord) -> None:
+        """See ``StateStore.record``."""
+        await self._measure(StateOperation.COMMIT, self._inner.record(record))
+
+    async def messages(self, account: AccountKey | None = None) -> Sequence[StoredMessage]:
+        """See ``StateStore.messages``."""
+        return await self._measure(StateOperation.LOAD, self._inner.messages(account))
+
+    async def prune(self, gone_before: datetime) -> int:
+        """See ``StateStore.prune``."""
+        return await self._measure(StateOperation.PRUNE, self._inner.prune(gone_before))
+
+    async def aclose(self) -> None:
+        """See ``StateStore.aclose``."""
+        await self._inner.aclose()
+
+    async def _measure(self, operation: StateOperation, call: Awaitable[_T]) -> _T:
+        # Wall time, not trio's clock: the work runs in a real thread even under a MockClock.
+        started = time.monotonic()
+        try:
+            return await call
+        except StateError:
+            self._metrics.state_error(operation)
+            raise
+        finally:
+            self._metrics.state_operation(operation, time.monotonic() - started)

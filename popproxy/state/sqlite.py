@@ -1,0 +1,605 @@
+"""The embedded ``StateStore``: one sqlite3 database file per popproxy instance.
+
+Theory of operation. The file is in WAL mode with ``synchronous=FULL``, so a
+committed transaction is on disk when ``record`` returns and readers never wait
+for the writer. Each call runs in ``trio.to_thread.run_sync`` behind a
+``CapacityLimiter`` of ``SQLITE_THREADS``; a worker takes an idle connection from
+a pool (at most one per limiter token), so a connection is only ever used by one
+thread at a time, as sqlite's threading rules ask. Writers take the database lock
+at ``BEGIN IMMEDIATE`` and wait up to ``busy_timeout_seconds`` for another writer
+(another task or another process on the same file).
+
+At open, ``PRAGMA user_version`` names the schema version and ``MIGRATIONS``
+brings an older file up to date in one transaction; a file from a newer popproxy
+or from another program is refused. Times are stored as UTC ISO 8601 text with
+microseconds, so they sort as text and read well in the ``sqlite3`` shell.
+
+A UIDL listed with a size other than the stored one is new content under a reused
+UIDL (RFC 1939 §7 lets a server reuse a unique-id once the old message is gone):
+the store forgets the old content's first-seen time, retrievals, hides and
+upstream deletion, so no old history can hide or expire the new message
+(DESIGN.md, invariant 3). The audit log (``disposals``) keeps every hide and
+upstream deletion with the size it applied to, across reuse and pruning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import sqlite3
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from popproxy.metrics import MAX_NAME_CHARS
+from popproxy.pop3.limits import MAX_UIDL_OCTETS
+from popproxy.state.base import (
+    AccountKey,
+    Disposal,
+    MessageFacts,
+    SessionRecord,
+    StateError,
+    StoredMessage,
+)
+
+# Worker threads (and so connections) per store: sqlite runs one writer at a time
+# and readers beside it in WAL mode; a few threads keep logins' reads off the
+# writer's queue without tying up trio's thread pool on a small machine.
+SQLITE_THREADS = 4
+# The most UIDLs one ``record`` or ``facts`` call may carry: one session's listing,
+# bounded by popproxy.maildrop.upstream.MAX_UPSTREAM_MESSAGES (tests/state keeps
+# the two equal; state/ sits below maildrop/ and cannot import it).
+MAX_RECORD_MESSAGES = 200_000
+# The most rows ``messages`` returns (``popproxy state show``): more than two full
+# listings is a whole instance's store, to be shown one account at a time.
+MAX_LISTED_MESSAGES = 2 * MAX_RECORD_MESSAGES
+# UIDLs per ``IN (...)`` query; far below SQLITE_MAX_VARIABLE_NUMBER (32766 since 3.32).
+QUERY_CHUNK = 500
+# Rows ``prune`` deletes per transaction, so a prune never holds the write lock for
+# longer than a session's commit would wait (busy_timeout_seconds).
+PRUNE_BATCH = 2000
+# A local user name, as config.MAX_USER_NAME_OCTETS allows (RFC 2449 §4 USER line).
+MAX_USER_OCTETS = 248
+# A rule or upstream name is a metrics label value (popproxy.metrics.MAX_NAME_CHARS);
+# an upstream user is a login name (RFC 2449 §4).
+MAX_RULE_CHARS = MAX_NAME_CHARS
+MAX_UPSTREAM_CHARS = MAX_NAME_CHARS
+# A session id is a short token from session.py (8 hex digits today); this is slack.
+MAX_SESSION_ID_CHARS = 64
+# Lines of ``PRAGMA integrity_check`` quoted in the error when the check fails.
+MAX_INTEGRITY_LINES = 5
+
+# "PoPx" in ASCII: marks a database file as popproxy's state (PRAGMA application_id).
+APPLICATION_ID = 0x506F5078
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema step: the statements that take version ``version - 1`` to ``version``."""
+
+    version: int
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        (
+            """CREATE TABLE accounts (
+                id INTEGER PRIMARY KEY,
+                upstream TEXT NOT NULL,
+                upstream_user TEXT NOT NULL,
+                UNIQUE (upstream, upstream_user)
+            ) STRICT""",
+            # One row per UIDL an account listed; deleted_* say this content was
+            # deleted upstream by a QUIT (and by which rule and session).
+            """CREATE TABLE messages (
+                id INTEGER PRIMARY KEY,
+                account_id INTEGER NOT NULL REFERENCES accounts (id),
+                uid TEXT NOT NULL,
+                size INTEGER NOT NULL CHECK (size >= 0),
+                first_seen TEXT NOT NULL,
+                last_seen TEXT NOT NULL,
+                deleted_upstream_at TEXT,
+                deleted_by_rule TEXT,
+                deleted_session_id TEXT,
+                UNIQUE (account_id, uid)
+            ) STRICT""",
+            "CREATE INDEX messages_last_seen ON messages (last_seen)",
+            """CREATE TABLE retrievals (
+                message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+                user TEXT NOT NULL,
+                at TEXT NOT NULL,
+                session_id TEXT NOT NULL,
+                PRIMARY KEY (message_id, user)
+            ) STRICT, WITHOUT ROWID""",
+            """CREATE TABLE hides (
+                message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+                user TEXT NOT NULL,
+                rule TEXT NOT NULL,
+                at TEXT NOT NULL,
+                session_id TEXT NOT NULL,
+                PRIMARY KEY (message_id, user)
+            ) STRICT, WITHOUT ROWID""",
+            # The audit log: every hide and upstream deletion, never rewritten.
+            """CREATE TABLE disposals (
+                id INTEGER PRIMARY KEY,
+                account_id INTEGER NOT NULL REFERENCES accounts (id),
+                uid TEXT NOT NULL,
+                size INTEGER NOT NULL,
+                action TEXT NOT NULL CHECK (action IN ('hide', 'delete_upstream')),
+                user TEXT NOT NULL,
+                rule TEXT NOT NULL,
+                at TEXT NOT NULL,
+                session_id TEXT NOT NULL
+            ) STRICT""",
+            "CREATE INDEX disposals_account_uid ON disposals (account_id, uid)",
+        ),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def utc_text(when: datetime) -> str:
+    """``when`` as stored: UTC ISO 8601 with microseconds and a Z (sorts as text)."""
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError("state store times must be timezone-aware")
+    naive = when.astimezone(UTC).replace(tzinfo=None)
+    return naive.isoformat(timespec="microseconds") + "Z"
+
+
+def from_utc_text(text: str) -> datetime:
+    """A stored time back as an aware UTC datetime."""
+    return datetime.fromisoformat(text.removesuffix("Z")).replace(tzinfo=UTC)
+
+
+class SqliteStore:
+    """``StateStore`` on one sqlite3 file (or ``:memory:``, one connection, for tests)."""
+
+    def __init__(
+        self,
+        target: Path | None,
+        *,
+        busy_timeout_seconds: float,
+        migrations: Sequence[Migration] = MIGRATIONS,
+    ) -> None:
+        """Use ``open_sqlite``; this only sets fields."""
+        self._target = target
+        self._busy_timeout = busy_timeout_seconds
+        self._migrations = tuple(migrations)
+        threads = SQLITE_THREADS if target is not None else 1
+        self._limiter = trio.CapacityLimiter(threads)
+        self._idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._closed = False
+
+    # -- the StateStore protocol -------------------------------------------------------
+
+    async def facts(
+        self, account: AccountKey, user: str, uids: Collection[str]
+    ) -> Mapping[str, MessageFacts]:
+        """The facts for those of ``uids`` the store knows, as seen by local ``user``."""
+        _check_account(account)
+        _check_text("user", user, MAX_USER_OCTETS)
+        wanted = list(dict.fromkeys(uids))
+        if len(wanted) > MAX_RECORD_MESSAGES:
+            raise ValueError(f"at most {MAX_RECORD_MESSAGES} UIDLs per call")
+        return await self._run(lambda conn: _facts(conn, account, user, wanted))
+
+    async def record(self, record: SessionRecord) -> None:
+        """Write what one QUIT did in one transaction, durable (WAL, synchronous=FULL)."""
+        _check_record(record)
+        await self._run(lambda conn: _record(conn, record))
+
+    async def messages(self, account: AccountKey | None = None) -> Sequence[StoredMessage]:
+        """Every stored UIDL (of ``account``, or all), at most ``MAX_LISTED_MESSAGES``."""
+        if account is not None:
+            _check_account(account)
+        return await self._run(lambda conn: _messages(conn, account))
+
+    async def prune(self, gone_before: datetime) -> int:
+        """Forget UIDLs last listed before ``gone_before``, ``PRUNE_BATCH`` rows a transaction."""
+        cutoff = utc_text(gone_before)
+        total = 0
+        while True:  # ends: each pass deletes at least one row or stops
+            deleted = await self._run(lambda conn: _prune_batch(conn, cutoff))
+            total += deleted
+            if deleted < PRUNE_BATCH:
+                return total
+
+    async def aclose(self) -> None:
+        """Wait for running calls, then close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        holders = [object() for _ in range(int(self._limiter.total_tokens))]
+        with trio.CancelScope(shield=True):
+            for holder in holders:
+                await self._limiter.acquire_on_behalf_of(holder)
+            await trio.to_thread.run_sync(self._close_idle)
+
+    # -- opening -----------------------------------------------------------------------
+
+    async def _open(self, *, integrity_check: bool) -> None:
+        await self._run(lambda conn: _prepare(conn, self._migrations, integrity_check))
+
+    # -- threads and connections ---------------------------------------------------------
+
+    async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._closed:
+            raise trio.ClosedResourceError("the state store is closed")
+        return await trio.to_thread.run_sync(self._in_worker, work, limiter=self._limiter)
+
+    def _in_worker(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``work`` on an idle connection (a new one if none); a worker thread."""
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        try:
+            return work(conn)
+        except sqlite3.Error as exc:
+            raise StateError(f"state store {self._describe()}: {exc}") from exc
+        finally:
+            if conn.in_transaction:  # the ROLLBACK failed: do not lend it out again
+                conn.close()
+            else:
+                self._idle.put(conn)
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            if self._target is not None:
+                _create_private(self._target)
+            conn = sqlite3.connect(
+                ":memory:" if self._target is None else self._target,
+                timeout=self._busy_timeout,
+                isolation_level=None,  # transactions are explicit: BEGIN ... COMMIT
+                check_same_thread=False,  # the pool hands a connection to one thread at a time
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"cannot open the state store {self._describe()}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StateError(f"cannot open the state store {self._describe()}: {exc}") from exc
+        return conn
+
+    def _close_idle(self) -> None:
+        while True:  # ends: at most SQLITE_THREADS connections exist
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            conn.close()
+
+    def _describe(self) -> str:
+        return ":memory:" if self._target is None else str(self._target)
+
+
+async def open_sqlite(
+    target: Path | None,
+    *,
+    busy_timeout_seconds: float,
+    integrity_check: bool = False,
+    migrations: Sequence[Migration] = MIGRATIONS,
+) -> SqliteStore:
+    """Open (creating if needed) the store at ``target``, None for ``:memory:``.
+
+    Sets WAL mode, applies pending ``migrations`` in one transaction and, with
+    ``integrity_check``, runs ``PRAGMA integrity_check``. Raises ``StateError``.
+    """
+    store = SqliteStore(target, busy_timeout_seconds=busy_timeout_seconds, migrations=migrations)
+    try:
+        await store._open(integrity_check=integrity_check)
+    except BaseException:
+        await store.aclose()
+        raise
+    return store
+
+
+def _create_private(path: Path) -> None:
+    """Create ``path`` mode 0600 if missing (it names users and their mail's UIDLs);
+    sqlite gives its -wal and -shm files the same mode."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+# -- the work, in a worker thread --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection, *, write: bool) -> Iterator[None]:
+    """One transaction: IMMEDIATE takes the write lock at once, so a writer never has
+    to upgrade a read lock (which busy_timeout cannot wait for)."""
+    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _prepare(conn: sqlite3.Connection, migrations: Sequence[Migration], check: bool) -> None:
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "memory":
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StateError(f"the state store cannot use WAL mode (journal_mode is {mode})")
+    with _transaction(conn, write=True):
+        _migrate(conn, migrations)
+    if check:
+        rows = conn.execute("PRAGMA integrity_check").fetchmany(MAX_INTEGRITY_LINES)
+        if [tuple(row) for row in rows] != [("ok",)]:
+            found = "; ".join(str(row[0]) for row in rows)
+            raise StateError(f"the state store failed its integrity check: {found}")
+
+
+def _migrate(conn: sqlite3.Connection, migrations: Sequence[Migration]) -> None:
+    """Bring the schema to the last of ``migrations``; inside the open transaction."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    latest = migrations[-1].version
+    if app_id not in (0, APPLICATION_ID) or (
+        version == 0 and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+    ):
+        raise StateError("the file is not a popproxy state store")
+    if version > latest:
+        raise StateError(
+            f"the state store has schema version {version}, written by a newer popproxy;"
+            f" this one knows up to {latest}"
+        )
+    for migration in migrations:
+        if migration.version <= version:
+            continue
+        for statement in migration.statements:
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {migration.version:d}")
+    if app_id == 0:
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID:d}")
+
+
+def _account_id(conn: sqlite3.Connection, account: AccountKey, *, create: bool) -> int | None:
+    row = conn.execute(
+        "SELECT id FROM accounts WHERE upstream = ? AND upstream_user = ?",
+        (account.upstream, account.upstream_user),
+    ).fetchone()
+    if row is not None:
+        return int(row[0])
+    if not create:
+        return None
+    cursor = conn.execute(
+        "INSERT INTO accounts (upstream, upstream_user) VALUES (?, ?)",
+        (account.upstream, account.upstream_user),
+    )
+    return cursor.lastrowid
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), QUERY_CHUNK):
+        yield items[start : start + QUERY_CHUNK]
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _facts(
+    conn: sqlite3.Connection, account: AccountKey, user: str, uids: Sequence[str]
+) -> dict[str, MessageFacts]:
+    out: dict[str, MessageFacts] = {}
+    with _transaction(conn, write=False):  # one snapshot for every chunk
+        account_id = _account_id(conn, account, create=False)
+        if account_id is None:
+            return out
+        for chunk in _chunks(uids):
+            rows = conn.execute(
+                "SELECT m.uid, m.size, m.first_seen, m.last_seen, r.at, h.user IS NOT NULL,"
+                " m.deleted_upstream_at FROM messages AS m"
+                " LEFT JOIN retrievals AS r ON r.message_id = m.id AND r.user = ?"
+                " LEFT JOIN hides AS h ON h.message_id = m.id AND h.user = ?"
+                f" WHERE m.account_id = ? AND m.uid IN ({_marks(len(chunk))})",
+                (user, user, account_id, *chunk),
+            )
+            for uid, size, first, last, retrieved, hidden, deleted in rows:
+                out[uid] = MessageFacts(
+                    uid=uid,
+                    size=size,
+                    first_seen=from_utc_text(first),
+                    last_seen=from_utc_text(last),
+                    retrieved_at=None if retrieved is None else from_utc_text(retrieved),
+                    hidden=bool(hidden),
+                    deleted_upstream_at=None if deleted is None else from_utc_text(deleted),
+                )
+    return out
+
+
+def _record(conn: sqlite3.Connection, record: SessionRecord) -> None:
+    at = utc_text(record.at)
+    sizes = {m.uid: m.size for m in record.seen}
+    with _transaction(conn, write=True):
+        account_id = _account_id(conn, record.account, create=True)
+        stale = _apply_listing(conn, account_id, sizes, at)
+        current = set(sizes) - stale
+        who = (record.user, at, record.session_id)
+        conn.executemany(
+            "INSERT INTO retrievals (message_id, user, at, session_id)"
+            " SELECT id, ?, ?, ? FROM messages WHERE account_id = ? AND uid = ?"
+            " ON CONFLICT DO NOTHING",  # the first complete RETR is the one kept
+            [(*who, account_id, uid) for uid in sorted(record.retrieved & current)],
+        )
+        conn.executemany(
+            "INSERT INTO hides (message_id, user, at, session_id, rule)"
+            " SELECT id, ?, ?, ?, ? FROM messages WHERE account_id = ? AND uid = ?"
+            " ON CONFLICT DO NOTHING",  # hidden for good since the first hide
+            [(*who, d.rule, account_id, d.uid) for d in record.hidden if d.uid in current],
+        )
+        conn.executemany(
+            "UPDATE messages SET deleted_upstream_at = ?, deleted_session_id = ?,"
+            " deleted_by_rule = ? WHERE account_id = ? AND uid = ?",
+            [
+                (at, record.session_id, d.rule, account_id, d.uid)
+                for d in record.deleted_upstream
+                if d.uid in current
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO disposals (user, at, session_id, account_id, uid, size, action, rule)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (*who, account_id, d.uid, sizes[d.uid], action, d.rule)
+                for action, items in (
+                    ("hide", record.hidden),
+                    ("delete_upstream", record.deleted_upstream),
+                )
+                for d in items
+            ],
+        )
+
+
+def _apply_listing(
+    conn: sqlite3.Connection, account_id: int | None, sizes: Mapping[str, int], at: str
+) -> set[str]:
+    """Upsert the session's listing; return the UIDLs whose stored content is newer.
+
+    Same size: ``first_seen`` takes the earlier, ``last_seen`` the later time (so
+    commits out of order agree). Other size: new content under a reused UIDL, which
+    replaces the stored row (and its history) unless the store saw the other content
+    later than ``at``; such stale UIDLs are returned and left alone.
+    """
+    stored: dict[str, tuple[int, str]] = {}
+    for chunk in _chunks(list(sizes)):
+        rows = conn.execute(
+            "SELECT uid, size, last_seen FROM messages"
+            f" WHERE account_id = ? AND uid IN ({_marks(len(chunk))})",
+            (account_id, *chunk),
+        )
+        stored.update((uid, (size, last)) for uid, size, last in rows)
+    stale: set[str] = set()
+    reused: list[str] = []
+    for uid, size in sizes.items():
+        known = stored.get(uid)
+        if known is None or known[0] == size:
+            continue
+        if known[1] > at:
+            stale.add(uid)
+        else:
+            reused.append(uid)
+    conn.executemany(
+        "DELETE FROM messages WHERE account_id = ? AND uid = ?",
+        [(account_id, uid) for uid in reused],
+    )
+    conn.executemany(
+        "INSERT INTO messages (account_id, uid, size, first_seen, last_seen)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (account_id, uid) DO UPDATE SET"
+        " first_seen = min(first_seen, excluded.first_seen),"
+        " last_seen = max(last_seen, excluded.last_seen)",
+        [(account_id, uid, size, at, at) for uid, size in sizes.items() if uid not in stale],
+    )
+    return stale
+
+
+def _messages(conn: sqlite3.Connection, account: AccountKey | None) -> list[StoredMessage]:
+    where = ""
+    args: tuple[int, ...] = ()
+    with _transaction(conn, write=False):
+        if account is not None:
+            account_id = _account_id(conn, account, create=False)
+            if account_id is None:
+                return []
+            where, args = " WHERE m.account_id = ?", (account_id,)
+        rows = conn.execute(
+            "SELECT m.id, a.upstream, a.upstream_user, m.uid, m.size, m.first_seen,"
+            " m.last_seen, m.deleted_upstream_at, m.deleted_by_rule"
+            " FROM messages AS m JOIN accounts AS a ON a.id = m.account_id"
+            f"{where} ORDER BY a.upstream, a.upstream_user, m.first_seen, m.uid LIMIT ?",
+            (*args, MAX_LISTED_MESSAGES + 1),
+        ).fetchall()
+        if len(rows) > MAX_LISTED_MESSAGES:
+            raise StateError(
+                f"more than {MAX_LISTED_MESSAGES} stored messages; show one account at a time"
+            )
+        retrieved: dict[int, list[tuple[str, datetime]]] = {}
+        hidden: dict[int, list[tuple[str, str, datetime]]] = {}
+        join = " JOIN messages AS m ON m.id = x.message_id"
+        for message_id, user, when in conn.execute(
+            f"SELECT x.message_id, x.user, x.at FROM retrievals AS x{join}{where}"
+            " ORDER BY x.at, x.user",
+            args,
+        ):
+            retrieved.setdefault(message_id, []).append((user, from_utc_text(when)))
+        for message_id, user, rule, when in conn.execute(
+            f"SELECT x.message_id, x.user, x.rule, x.at FROM hides AS x{join}{where}"
+            " ORDER BY x.at, x.user",
+            args,
+        ):
+            hidden.setdefault(message_id, []).append((user, rule, from_utc_text(when)))
+    return [
+        StoredMessage(
+            account=AccountKey(upstream, upstream_user),
+            uid=uid,
+            size=size,
+            first_seen=from_utc_text(first),
+            last_seen=from_utc_text(last),
+            retrieved_by=tuple(retrieved.get(message_id, ())),
+            hidden_for=tuple(hidden.get(message_id, ())),
+            deleted_upstream_at=None if deleted is None else from_utc_text(deleted),
+            deleted_by_rule=rule,
+        )
+        for message_id, upstream, upstream_user, uid, size, first, last, deleted, rule in rows
+    ]
+
+
+def _prune_batch(conn: sqlite3.Connection, cutoff: str) -> int:
+    with _transaction(conn, write=True):
+        cursor = conn.execute(
+            "DELETE FROM messages WHERE id IN"
+            " (SELECT id FROM messages WHERE last_seen < ? LIMIT ?)",
+            (cutoff, PRUNE_BATCH),
+        )
+        return cursor.rowcount
+
+
+# -- checking what callers pass, before any thread or transaction ----------------------
+
+
+def _check_text(what: str, value: str, limit: int, *, octets: bool = True) -> None:
+    size = len(value.encode("utf-8")) if octets else len(value)
+    if not 0 < size <= limit:
+        raise ValueError(f"{what} must be 1-{limit} {'octets' if octets else 'characters'}")
+
+
+def _check_account(account: AccountKey) -> None:
+    _check_text("upstream", account.upstream, MAX_UPSTREAM_CHARS, octets=False)
+    _check_text("upstream_user", account.upstream_user, MAX_USER_OCTETS)
+
+
+def _check_record(record: SessionRecord) -> None:
+    """Refuse a record that cannot be what a session saw (a caller's bug: ValueError)."""
+    _check_account(record.account)
+    _check_text("user", record.user, MAX_USER_OCTETS)
+    _check_text("session_id", record.session_id, MAX_SESSION_ID_CHARS, octets=False)
+    utc_text(record.at)
+    if len(record.seen) > MAX_RECORD_MESSAGES:
+        raise ValueError(f"at most {MAX_RECORD_MESSAGES} listed messages per record")
+    listed: set[str] = set()
+    for message in record.seen:
+        _check_text("a UIDL", message.uid, MAX_UIDL_OCTETS)
+        if message.uid in listed:
+            raise ValueError("a UIDL is listed twice in one record")
+        if message.size < 0:
+            raise ValueError("a message size must not be negative")
+        listed.add(message.uid)
+    disposed: list[Disposal] = [*record.hidden, *record.deleted_upstream]
+    if not record.retrieved <= listed or any(d.uid not in listed for d in disposed):
+        raise ValueError("a retrieved, hidden or deleted UIDL must be in the record's listing")
+    for disposal in disposed:
+        _check_text("a rule name", disposal.rule, MAX_RULE_CHARS, octets=False)

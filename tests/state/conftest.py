@@ -1,0 +1,49 @@
+"""Fixtures for the state store tests: every contract test runs against each backend.
+
+A backend is a way to open *the same* storage again (``Backend.open``), so a test
+can close a store and reopen it. ``fresh_backend`` makes a new, empty storage per
+call (one per hypothesis example). Only sqlite exists today; a PostgreSQL backend
+adds a ``Backend`` here and a value to ``BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from state_backends import BACKENDS, Backend, SqliteBackend
+
+from popproxy.state import StateStore
+
+
+@pytest.fixture(params=BACKENDS)
+def fresh_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Backend]:
+    """Makes a new, empty storage of the parametrized backend on each call."""
+    counter = itertools.count()
+
+    def make() -> Backend:
+        match request.param:
+            case "sqlite":
+                return SqliteBackend(tmp_path / f"state-{next(counter)}.db")
+            case other:
+                raise AssertionError(f"unknown backend {other}")
+
+    return make
+
+
+@pytest.fixture
+def backend(fresh_backend: Callable[[], Backend]) -> Backend:
+    """One empty storage for this test."""
+    return fresh_backend()
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[StateStore]:
+    """The store on ``backend``, closed after the test."""
+    opened = await backend.open()
+    try:
+        yield opened
+    finally:
+        await opened.aclose()

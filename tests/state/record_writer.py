@@ -1,0 +1,62 @@
+"""A second process writing a state store: ``python record_writer.py DB PREFIX COUNT``.
+
+Records COUNT sessions on the account ("proc", PREFIX) into the sqlite store DB,
+one after another, and prints each session's number on its own line once its
+``record`` returned (so the parent knows it is committed). Used by
+tests/state/test_sqlite.py to kill a writer mid-stream and to write the same file
+from two processes at once. ``expected`` says what a session left behind.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import trio
+
+from popproxy.state.base import AccountKey, Disposal, SeenMessage, SessionRecord
+from popproxy.state.sqlite import open_sqlite
+
+T0 = datetime(2024, 5, 1, tzinfo=UTC)
+UIDS_PER_SESSION = 200
+HIDDEN_PER_SESSION = 5
+DELETED_PER_SESSION = 5
+BUSY_TIMEOUT_SECONDS = 30.0
+
+
+def account(prefix: str) -> AccountKey:
+    return AccountKey("proc", prefix)
+
+
+def session(prefix: str, n: int) -> SessionRecord:
+    """Session ``n``: its own UIDLs, all retrieved, the first few hidden, the next few deleted."""
+    uids = [f"{prefix}-{n}-{j}" for j in range(UIDS_PER_SESSION)]
+    return SessionRecord(
+        account=account(prefix),
+        user=f"{prefix}-user",
+        session_id=f"{prefix}-{n}",
+        at=T0 + timedelta(seconds=n),
+        seen=tuple(SeenMessage(uid, j) for j, uid in enumerate(uids)),
+        retrieved=frozenset(uids),
+        hidden=tuple(Disposal(uid, "hide-rule") for uid in uids[:HIDDEN_PER_SESSION]),
+        deleted_upstream=tuple(
+            Disposal(uid, "delete-rule")
+            for uid in uids[HIDDEN_PER_SESSION : HIDDEN_PER_SESSION + DELETED_PER_SESSION]
+        ),
+    )
+
+
+async def write(db: Path, prefix: str, count: int) -> None:
+    store = await open_sqlite(db, busy_timeout_seconds=BUSY_TIMEOUT_SECONDS)
+    try:
+        for n in range(count):
+            await store.record(session(prefix, n))
+            sys.stdout.write(f"{n}\n")
+            sys.stdout.flush()
+    finally:
+        await store.aclose()
+
+
+if __name__ == "__main__":
+    trio.run(write, Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))

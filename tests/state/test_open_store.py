@@ -1,0 +1,75 @@
+"""``open_store``: the backend from the URL, and the metrics each operation reports."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from popproxy.config import StateConfig
+from popproxy.metrics import Metrics, StateOperation
+from popproxy.state import StateError, open_store
+from popproxy.state.base import AccountKey, SeenMessage, SessionRecord
+
+BOX = AccountKey("provider", "alice@example.net")
+T0 = datetime(2024, 5, 1, tzinfo=UTC)
+RECORD = SessionRecord(BOX, "alice", "s1", T0, seen=(SeenMessage("a", 1),))
+
+
+def count(metrics: Metrics, name: str, operation: StateOperation) -> float | None:
+    return metrics.registry.get_sample_value(name, {"operation": operation.value})
+
+
+def durations(metrics: Metrics, operation: StateOperation) -> float | None:
+    return count(metrics, "popproxy_state_operation_duration_seconds_count", operation)
+
+
+async def test_each_operation_reports_its_latency(tmp_path: Path) -> None:
+    metrics = Metrics(CollectorRegistry())
+    store = await open_store(StateConfig(url=f"sqlite:///{tmp_path}/s.db"), metrics=metrics)
+    try:
+        await store.record(RECORD)
+        await store.facts(BOX, "alice", ["a"])
+        await store.messages()
+        await store.prune(T0)
+    finally:
+        await store.aclose()
+    assert durations(metrics, StateOperation.COMMIT) == 1
+    assert durations(metrics, StateOperation.LOAD) == 2
+    assert durations(metrics, StateOperation.PRUNE) == 1
+    for operation in StateOperation:
+        assert count(metrics, "popproxy_state_errors_total", operation) == 0
+
+
+async def test_a_failed_operation_is_counted(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    metrics = Metrics(CollectorRegistry())
+    config = StateConfig(url=f"sqlite:///{path}", busy_timeout_seconds=0.05)
+    store = await open_store(config, metrics=metrics)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StateError):
+            await store.record(RECORD)
+    finally:
+        blocker.close()
+        await store.aclose()
+    assert count(metrics, "popproxy_state_errors_total", StateOperation.COMMIT) == 1
+    assert durations(metrics, StateOperation.COMMIT) == 1
+
+
+async def test_a_memory_url_needs_no_file(tmp_path: Path) -> None:
+    store = await open_store(StateConfig(url="sqlite:///:memory:"))
+    try:
+        await store.record(RECORD)
+        assert [row.uid for row in await store.messages()] == ["a"]
+    finally:
+        await store.aclose()
+
+
+async def test_another_scheme_is_refused() -> None:
+    with pytest.raises(StateError, match="'postgresql' is not supported"):
+        await open_store(StateConfig(url="postgresql://db.example.net/popproxy"))

@@ -1,0 +1,367 @@
+"""What only the sqlite backend promises: pragmas, migrations, crashes, two processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import record_writer
+import trio
+
+from popproxy.maildrop.upstream import MAX_UPSTREAM_MESSAGES
+from popproxy.state.base import (
+    AccountKey,
+    Disposal,
+    SeenMessage,
+    SessionRecord,
+    StateError,
+    StoredMessage,
+)
+from popproxy.state.sqlite import (
+    APPLICATION_ID,
+    MAX_RECORD_MESSAGES,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Migration,
+    SqliteStore,
+    from_utc_text,
+    open_sqlite,
+    utc_text,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+WRITER = Path(record_writer.__file__)
+BOX = AccountKey("provider", "alice@example.net")
+T0 = datetime(2024, 5, 1, tzinfo=UTC)
+# How long a writer subprocess may take before the test gives up on it.
+PROCESS_DEADLINE_SECONDS = 120
+
+
+def listing(at: datetime, sizes: dict[str, int], session_id: str = "s1") -> SessionRecord:
+    return SessionRecord(
+        BOX, "alice", session_id, at, seen=tuple(SeenMessage(u, s) for u, s in sizes.items())
+    )
+
+
+async def pragma(store: SqliteStore, name: str) -> object:
+    return await store._run(lambda conn: conn.execute(f"PRAGMA {name}").fetchone()[0])
+
+
+def writer_command(db: Path, prefix: str, count: int) -> list[str]:
+    return [sys.executable, str(WRITER), str(db), prefix, str(count)]
+
+
+def writer_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_the_record_bound_is_the_upstream_listing_bound() -> None:
+    assert MAX_RECORD_MESSAGES == MAX_UPSTREAM_MESSAGES
+
+
+def test_times_are_stored_as_sortable_utc_text() -> None:
+    berlin = datetime(2024, 5, 1, 4, 0, tzinfo=timezone(timedelta(hours=2)))
+    assert utc_text(datetime(2024, 5, 1, 2, 0, tzinfo=UTC)) == "2024-05-01T02:00:00.000000Z"
+    assert from_utc_text(utc_text(berlin)) == berlin
+    assert utc_text(datetime(1, 1, 1, tzinfo=UTC)) < utc_text(datetime(999, 1, 1, tzinfo=UTC))
+
+
+async def test_wal_full_sync_foreign_keys_and_busy_timeout(tmp_path: Path) -> None:
+    store = await open_sqlite(tmp_path / "state.db", busy_timeout_seconds=2.5)
+    try:
+        assert await pragma(store, "journal_mode") == "wal"
+        assert await pragma(store, "synchronous") == 2  # FULL
+        assert await pragma(store, "foreign_keys") == 1
+        assert await pragma(store, "busy_timeout") == 2500
+        assert await pragma(store, "user_version") == SCHEMA_VERSION
+        assert await pragma(store, "application_id") == APPLICATION_ID
+    finally:
+        await store.aclose()
+
+
+async def test_the_file_is_private_to_its_owner(tmp_path: Path) -> None:
+    path = trio.Path(tmp_path / "state.db")
+    store = await open_sqlite(Path(path), busy_timeout_seconds=1)
+    try:
+        await store.record(listing(T0, {"a": 1}))
+        for made in (path, path.with_name("state.db-wal"), path.with_name("state.db-shm")):
+            assert stat.S_IMODE((await made.stat()).st_mode) == 0o600, made.name
+    finally:
+        await store.aclose()
+
+
+async def test_a_memory_store_works_without_a_file(tmp_path: Path) -> None:
+    store = await open_sqlite(None, busy_timeout_seconds=1)
+    try:
+        await store.record(listing(T0, {"a": 1}))
+        assert set(await store.facts(BOX, "alice", ["a"])) == {"a"}
+    finally:
+        await store.aclose()
+
+
+async def test_an_older_schema_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    old = await open_sqlite(path, busy_timeout_seconds=1)
+    await old.record(listing(T0, {"a": 1, "b": 2}))
+    await old.aclose()
+    upgrade = Migration(
+        SCHEMA_VERSION + 1,
+        (
+            "ALTER TABLE messages ADD COLUMN note TEXT",
+            "UPDATE messages SET note = 'carried over'",
+        ),
+    )
+    new = await open_sqlite(path, busy_timeout_seconds=1, migrations=(*MIGRATIONS, upgrade))
+    try:
+        assert await pragma(new, "user_version") == SCHEMA_VERSION + 1
+        notes = await new._run(
+            lambda conn: conn.execute("SELECT uid, note FROM messages ORDER BY uid").fetchall()
+        )
+        assert notes == [("a", "carried over"), ("b", "carried over")]
+        assert set(await new.facts(BOX, "alice", ["a", "b"])) == {"a", "b"}
+    finally:
+        await new.aclose()
+
+
+async def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    await (await open_sqlite(path, busy_timeout_seconds=1)).aclose()
+    broken = Migration(
+        SCHEMA_VERSION + 1,
+        ("CREATE TABLE half_done (x INTEGER)", "ALTER TABLE no_such_table ADD COLUMN y TEXT"),
+    )
+    with pytest.raises(StateError, match="no_such_table"):
+        await open_sqlite(path, busy_timeout_seconds=1, migrations=(*MIGRATIONS, broken))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema")}
+    conn.close()
+    assert "half_done" not in tables
+
+
+async def test_a_store_from_a_newer_popproxy_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    await (await open_sqlite(path, busy_timeout_seconds=1)).aclose()
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StateError, match="newer popproxy"):
+        await open_sqlite(path, busy_timeout_seconds=1)
+
+
+async def test_another_programs_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE contacts (name TEXT)")
+    conn.close()
+    with pytest.raises(StateError, match="not a popproxy state store"):
+        await open_sqlite(path, busy_timeout_seconds=1)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0] == 1
+    conn.close()
+
+
+async def test_a_file_that_is_not_sqlite_is_a_state_error(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not a database\n" * 400)
+    with pytest.raises(StateError, match=str(path)):
+        await open_sqlite(path, busy_timeout_seconds=1)
+
+
+async def test_a_missing_directory_is_a_state_error(tmp_path: Path) -> None:
+    with pytest.raises(StateError, match="cannot open"):
+        await open_sqlite(tmp_path / "no" / "state.db", busy_timeout_seconds=1)
+
+
+async def test_the_integrity_check_passes_a_healthy_store(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = await open_sqlite(path, busy_timeout_seconds=1)
+    await store.record(listing(T0, {f"u{i}": i for i in range(3000)}))
+    await store.aclose()
+    checked = await open_sqlite(path, busy_timeout_seconds=1, integrity_check=True)
+    await checked.aclose()
+
+
+async def test_the_integrity_check_refuses_a_damaged_store(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = await open_sqlite(path, busy_timeout_seconds=1)
+    await store.record(listing(T0, {f"u{i}": i for i in range(3000)}))
+    await store.aclose()
+    with sqlite3.connect(path) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.close()
+    assert pages > 10
+    with path.open("r+b") as raw:  # scribble over the b-tree pages past the schema
+        for page in range(3, pages, 2):
+            raw.seek(page * page_size + 8)
+            raw.write(b"\xff" * 64)
+    with pytest.raises(StateError):
+        await open_sqlite(path, busy_timeout_seconds=1, integrity_check=True)
+
+
+async def test_a_writer_that_waits_too_long_fails_and_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = await open_sqlite(path, busy_timeout_seconds=0.05)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StateError, match="locked"):
+            await store.record(listing(T0, {"a": 1}))
+        blocker.execute("ROLLBACK")
+        assert await store.messages() == []
+        await store.record(listing(T0, {"a": 1}))  # the connection is fine afterwards
+        assert [row.uid for row in await store.messages()] == ["a"]
+    finally:
+        blocker.close()
+        await store.aclose()
+
+
+def session_rows(rows: Sequence[StoredMessage]) -> dict[str, list[StoredMessage]]:
+    """Stored messages of record_writer sessions, by session id."""
+    out: dict[str, list[StoredMessage]] = defaultdict(list)
+    for row in rows:
+        prefix, n, _ = row.uid.rsplit("-", 2)
+        out[f"{prefix}-{n}"].append(row)
+    return out
+
+
+async def assert_sessions_whole(path: Path, prefix: str, sessions: range) -> None:
+    """Each of ``sessions`` of ``prefix`` is stored completely, and nothing else of it."""
+    store = await open_sqlite(path, busy_timeout_seconds=5, integrity_check=True)
+    try:
+        rows = await store.messages(record_writer.account(prefix))
+    finally:
+        await store.aclose()
+    by_session = session_rows(rows)
+    assert set(by_session) == {f"{prefix}-{n}" for n in sessions}
+    for n in sessions:
+        expected = record_writer.session(prefix, n)
+        stored = {row.uid: row for row in by_session[f"{prefix}-{n}"]}
+        assert {uid: row.size for uid, row in stored.items()} == {
+            m.uid: m.size for m in expected.seen
+        }
+        assert all(row.retrieved_by == ((expected.user, expected.at),) for row in stored.values())
+        hidden = {uid for uid, row in stored.items() if row.hidden_for}
+        deleted = {uid for uid, row in stored.items() if row.deleted_upstream_at}
+        assert hidden == {d.uid for d in expected.hidden}
+        assert deleted == {d.uid for d in expected.deleted_upstream}
+
+
+async def run_and_kill(path: Path, prefix: str, commits: int) -> int:
+    """Start a writer, SIGKILL it once it reported ``commits`` commits; return how many
+    it reported (the kill lands while it builds or commits the next record)."""
+    reported = 0
+    with trio.fail_after(PROCESS_DEADLINE_SECONDS):
+        process = await trio.lowlevel.open_process(
+            writer_command(path, prefix, 100_000), stdout=subprocess.PIPE, env=writer_env()
+        )
+        assert process.stdout is not None
+        pending = b""
+        try:
+            while reported < commits:
+                chunk = await process.stdout.receive_some()
+                assert chunk, "the writer exited early"
+                *lines, pending = (pending + chunk).split(b"\n")
+                reported += len(lines)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+            await process.stdout.aclose()
+    assert process.returncode == -signal.SIGKILL
+    return reported
+
+
+@pytest.mark.parametrize("commits", [1, 6, 15])
+async def test_a_writer_killed_mid_stream_leaves_whole_records(
+    tmp_path: Path, commits: int
+) -> None:
+    """SIGKILL in the middle of a stream of records: the file passes integrity_check,
+    every record the writer reported is there, and each record is whole or absent."""
+    path = tmp_path / "state.db"
+    await (await open_sqlite(path, busy_timeout_seconds=1)).aclose()
+    reported = await run_and_kill(path, "killed", commits)
+    store = await open_sqlite(path, busy_timeout_seconds=5, integrity_check=True)
+    try:
+        rows = await store.messages(record_writer.account("killed"))
+    finally:
+        await store.aclose()
+    stored_sessions = len(session_rows(rows))
+    assert reported <= stored_sessions <= reported + 1
+    await assert_sessions_whole(path, "killed", range(stored_sessions))
+
+
+async def test_100_concurrent_sessions_and_a_second_process(tmp_path: Path) -> None:
+    """Invariant: concurrent commits from tasks on several accounts and from another
+    process on the same file never corrupt the store or lose a record."""
+    path = tmp_path / "state.db"
+    store = await open_sqlite(path, busy_timeout_seconds=30)
+    accounts = [AccountKey("provider", f"box{i}@example.net") for i in range(7)]
+    shared = {f"shared-{i}": 500 + i for i in range(30)}
+    other_sessions = 40
+
+    async def one_session(n: int) -> None:
+        own = {f"own-{n}-{j}": j for j in range(10)}
+        await store.record(
+            SessionRecord(
+                account=accounts[n % len(accounts)],
+                user=f"user{n}",
+                session_id=f"task-{n}",
+                at=T0 + timedelta(seconds=n),
+                seen=tuple(SeenMessage(u, s) for u, s in {**shared, **own}.items()),
+                retrieved=frozenset({f"shared-{n % 30}", f"own-{n}-0"}),
+                hidden=(Disposal(f"shared-{(n + 1) % 30}", "hide-rule"),),
+                deleted_upstream=(Disposal(f"own-{n}-1", "delete-rule"),),
+            )
+        )
+
+    try:
+        with trio.fail_after(PROCESS_DEADLINE_SECONDS):
+            other = await trio.lowlevel.open_process(
+                writer_command(path, "other", other_sessions),
+                stdout=subprocess.PIPE,
+                env=writer_env(),
+            )
+            assert other.stdout is not None
+            try:
+                # The tasks start once the other process is writing, so the two overlap.
+                assert await other.stdout.receive_some(), "the other writer exited early"
+                async with trio.open_nursery() as nursery:
+                    for n in range(100):
+                        nursery.start_soon(one_session, n)
+                assert await other.wait() == 0
+            finally:
+                other.kill()
+                await other.wait()
+                await other.stdout.aclose()
+        for n in range(100):
+            account = accounts[n % len(accounts)]
+            facts = await store.facts(account, f"user{n}", [*shared, f"own-{n}-0", f"own-{n}-1"])
+            assert len(facts) == 32
+            assert {uid for uid, f in facts.items() if f.retrieved_at} == {
+                f"shared-{n % 30}",
+                f"own-{n}-0",
+            }
+            assert {uid for uid, f in facts.items() if f.hidden} == {f"shared-{(n + 1) % 30}"}
+            assert facts[f"own-{n}-1"].deleted_upstream_at == T0 + timedelta(seconds=n)
+            first = min(m for m in range(100) if m % len(accounts) == n % len(accounts))
+            assert facts["shared-0"].first_seen == T0 + timedelta(seconds=first)
+        audit = await store._run(
+            lambda conn: conn.execute(
+                "SELECT action, count(*) FROM disposals WHERE session_id LIKE 'task-%'"
+                " GROUP BY action ORDER BY action"
+            ).fetchall()
+        )
+        assert audit == [("delete_upstream", 100), ("hide", 100)]
+    finally:
+        await store.aclose()
+    await assert_sessions_whole(path, "other", range(other_sessions))
