@@ -101,6 +101,19 @@ class StoredMessage:
     hidden_for: tuple[tuple[str, str, datetime], ...] = ()  # (user, rule, at)
     deleted_upstream_at: datetime | None = None
     deleted_by_rule: str | None = None
+    # When the account's latest listing was recorded (a UIDL seen before that is
+    # missing from it); None where a backend does not know.
+    account_last_listed: datetime | None = None
+
+    def is_gone(self, before: datetime) -> bool:
+        """Whether ``prune(before)`` forgets this UIDL: last listed before ``before`` and
+        missing from its account's latest listing (so an account nobody logged in to
+        for a while keeps its hides)."""
+        return (
+            self.account_last_listed is not None
+            and self.last_seen < before
+            and self.last_seen < self.account_last_listed
+        )
 
 
 class StateError(Exception):
@@ -132,7 +145,8 @@ class StateStore(Protocol):
         ...
 
     async def prune(self, gone_before: datetime) -> int:
-        """Forget UIDLs last seen upstream before ``gone_before``; returns how many."""
+        """Forget UIDLs last seen upstream before ``gone_before`` and missing from their
+        account's latest listing (``StoredMessage.is_gone``); returns how many."""
         ...
 
     async def aclose(self) -> None:
