@@ -143,6 +143,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX disposals_account_uid ON disposals (account_id, uid)",
         ),
     ),
+    # When each account was last listed, so prune forgets only UIDLs missing from a
+    # later listing, never those of an account nobody logged in to for a while.
+    Migration(
+        2,
+        (
+            "ALTER TABLE accounts ADD COLUMN last_listed TEXT",
+            "UPDATE accounts SET last_listed ="
+            " (SELECT max(last_seen) FROM messages WHERE account_id = accounts.id)",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -204,7 +214,8 @@ class SqliteStore:
         return await self._run(lambda conn: _messages(conn, account))
 
     async def prune(self, gone_before: datetime) -> int:
-        """Forget UIDLs last listed before ``gone_before``, ``PRUNE_BATCH`` rows a transaction."""
+        """Forget UIDLs gone from the upstream (``StoredMessage.is_gone``), ``PRUNE_BATCH``
+        rows a transaction."""
         cutoff = utc_text(gone_before)
         total = 0
         while True:  # ends: each pass deletes at least one row or stops
@@ -427,6 +438,10 @@ def _record(conn: sqlite3.Connection, record: SessionRecord) -> None:
     sizes = {m.uid: m.size for m in record.seen}
     with _transaction(conn, write=True):
         account_id = _account_id(conn, record.account, create=True)
+        conn.execute(
+            "UPDATE accounts SET last_listed = max(coalesce(last_listed, ?), ?) WHERE id = ?",
+            (at, at, account_id),
+        )
         stale = _apply_listing(conn, account_id, sizes, at)
         current = set(sizes) - stale
         who = (record.user, at, record.session_id)
@@ -518,7 +533,7 @@ def _messages(conn: sqlite3.Connection, account: AccountKey | None) -> list[Stor
             where, args = " WHERE m.account_id = ?", (account_id,)
         rows = conn.execute(
             "SELECT m.id, a.upstream, a.upstream_user, m.uid, m.size, m.first_seen,"
-            " m.last_seen, m.deleted_upstream_at, m.deleted_by_rule"
+            " m.last_seen, m.deleted_upstream_at, m.deleted_by_rule, a.last_listed"
             " FROM messages AS m JOIN accounts AS a ON a.id = m.account_id"
             f"{where} ORDER BY a.upstream, a.upstream_user, m.first_seen, m.uid LIMIT ?",
             (*args, MAX_LISTED_MESSAGES + 1),
@@ -553,16 +568,20 @@ def _messages(conn: sqlite3.Connection, account: AccountKey | None) -> list[Stor
             hidden_for=tuple(hidden.get(message_id, ())),
             deleted_upstream_at=None if deleted is None else from_utc_text(deleted),
             deleted_by_rule=rule,
+            account_last_listed=from_utc_text(listed),
         )
-        for message_id, upstream, upstream_user, uid, size, first, last, deleted, rule in rows
+        for message_id, upstream, upstream_user, uid, size, first, last, deleted, rule, listed in (
+            rows
+        )
     ]
 
 
 def _prune_batch(conn: sqlite3.Connection, cutoff: str) -> int:
     with _transaction(conn, write=True):
-        cursor = conn.execute(
-            "DELETE FROM messages WHERE id IN"
-            " (SELECT id FROM messages WHERE last_seen < ? LIMIT ?)",
+        cursor = conn.execute(  # the SQL form of StoredMessage.is_gone
+            "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages AS m"
+            " JOIN accounts AS a ON a.id = m.account_id"
+            " WHERE m.last_seen < ? AND m.last_seen < a.last_listed LIMIT ?)",
             (cutoff, PRUNE_BATCH),
         )
         return cursor.rowcount

@@ -132,6 +132,29 @@ async def test_an_older_schema_is_upgraded_in_place(tmp_path: Path) -> None:
         await new.aclose()
 
 
+async def test_version_1_gets_each_accounts_last_listing(tmp_path: Path) -> None:
+    """Migration 2 backfills accounts.last_listed from the latest last_seen."""
+    path = tmp_path / "state.db"
+    old = await open_sqlite(path, busy_timeout_seconds=1, migrations=MIGRATIONS[:1])
+    await old._run(
+        lambda conn: conn.executescript(
+            "INSERT INTO accounts (id, upstream, upstream_user) VALUES (1, 'provider',"
+            " 'alice@example.net');"
+            "INSERT INTO messages (account_id, uid, size, first_seen, last_seen) VALUES"
+            " (1, 'a', 1, '2024-05-01T00:00:00.000000Z', '2024-05-01T00:00:00.000000Z'),"
+            " (1, 'b', 1, '2024-05-01T00:00:00.000000Z', '2024-05-03T00:00:00.000000Z');"
+        )
+    )
+    await old.aclose()
+    new = await open_sqlite(path, busy_timeout_seconds=1)
+    try:
+        rows = await new.messages()
+        assert [row.account_last_listed for row in rows] == [T0 + timedelta(days=2)] * 2
+        assert await new.prune(T0 + timedelta(days=1)) == 1
+    finally:
+        await new.aclose()
+
+
 async def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     await (await open_sqlite(path, busy_timeout_seconds=1)).aclose()

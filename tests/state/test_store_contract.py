@@ -257,6 +257,24 @@ async def test_prune_forgets_what_the_upstream_stopped_listing(store: StateStore
     assert (fact.first_seen, fact.hidden) == (T0 + 11 * DAY, False)
 
 
+async def test_prune_keeps_an_account_nobody_listed_since(store: StateStore) -> None:
+    """Invariant 3: messages still upstream keep their hides however long nobody logs in."""
+    await store.record(session(T0, {"a": 1}, hidden={"a": "r"}))
+    assert await store.prune(T0 + 365 * DAY) == 0
+    assert (await store.facts(ALICE_BOX, "alice", ["a"]))["a"].hidden
+
+
+async def test_an_empty_listing_makes_every_uidl_gone(store: StateStore) -> None:
+    await store.record(session(T0, {"a": 1, "b": 2}))
+    await store.record(session(T0 + DAY, {}, session_id="s2"))
+    rows = await store.messages()
+    assert [row.account_last_listed for row in rows] == [T0 + DAY, T0 + DAY]
+    assert [row.is_gone(T0 + DAY) for row in rows] == [True, True]
+    assert [row.is_gone(T0) for row in rows] == [False, False]
+    assert await store.prune(T0) == 0
+    assert await store.prune(T0 + DAY) == 2
+
+
 async def test_prune_counts_past_one_batch(store: StateStore) -> None:
     await store.record(session(T0, {f"u{i}": i for i in range(4500)}))
     await store.record(session(T0 + DAY, {"new": 1}, session_id="s2"))

@@ -37,6 +37,7 @@ class Modelled:
 
 
 Model = dict[tuple[AccountKey, str], Modelled]
+Listed = dict[AccountKey, datetime]
 
 
 @st.composite
@@ -58,7 +59,7 @@ def records(draw: st.DrawFn) -> SessionRecord:
 
 
 operations = st.lists(
-    st.one_of(records(), st.builds(Prune, st.integers(0, 4))), min_size=1, max_size=10
+    st.one_of(records(), st.builds(Prune, st.integers(0, 4))), min_size=1, max_size=12
 )
 
 
@@ -82,6 +83,7 @@ def apply(model: Model, record: SessionRecord) -> None:
 
 async def check(backend: Backend, ops: list[SessionRecord | Prune]) -> None:
     model: Model = {}
+    listed: Listed = {}  # each account's latest listing
     store = await backend.open()
     try:
         for step, op in enumerate(ops):
@@ -94,9 +96,16 @@ async def check(backend: Backend, ops: list[SessionRecord | Prune]) -> None:
                     )  # fmt: skip
                     await store.record(record)
                     apply(model, record)
+                    listed[record.account] = now
                 case Prune(steps_back):
                     cutoff = now - steps_back * STEP
-                    gone = [key for key, m in model.items() if m.last_seen < cutoff]
+                    gone = [
+                        (account, uid)
+                        for (account, uid), m in model.items()
+                        if m.last_seen < cutoff and m.last_seen < listed[account]
+                    ]
+                    before = await store.messages()
+                    assert sum(row.is_gone(cutoff) for row in before) == len(gone)
                     assert await store.prune(cutoff) == len(gone)
                     for key in gone:
                         del model[key]
@@ -111,6 +120,7 @@ async def check(backend: Backend, ops: list[SessionRecord | Prune]) -> None:
             )
             assert dict(row.retrieved_by) == expected.retrieved
             assert {user: (rule, at) for user, rule, at in row.hidden_for} == expected.hidden
+            assert row.account_last_listed == listed[row.account]
             deleted = (row.deleted_upstream_at, row.deleted_by_rule)
             assert deleted == (expected.deleted or (None, None))
         for account in ACCOUNTS:
