@@ -5,6 +5,8 @@ Commands::
     popproxy run -c FILE [--log-format logfmt|json] [--log-level info]
     popproxy check-config -c FILE [--against RUNNING_FILE]
     popproxy hash-password [--ln 15]
+    popproxy state show -c FILE [--upstream NAME] [--upstream-user USER]
+    popproxy state prune -c FILE --gone-days N [--dry-run]
     popproxy version
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or config error. This is the only
@@ -24,8 +26,9 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import trio
 
@@ -42,6 +45,10 @@ from popproxy.reload import ConfigChanges, ConfigLoader, NamedChanges, config_ch
 from popproxy.sdnotify import Notifier
 from popproxy.secret import Secret
 
+if TYPE_CHECKING:
+    from popproxy.config import StateConfig
+    from popproxy.state.base import AccountKey, StoredMessage
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -51,6 +58,10 @@ EXIT_USAGE = 2
 MAX_PASSWORD_BYTES = 1024
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# `state prune --gone-days`: a century is more than any retention; the bound keeps the
+# cutoff a valid datetime.
+MAX_GONE_DAYS = 36_500
 
 # Reloads waiting to run: one is enough, as it reads the file as it is when it runs;
 # a SIGHUP while one is already waiting is folded into it.
@@ -74,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_check_config(Path(args.config), against)
         case "hash-password":
             return _cmd_hash_password(args.ln, sys.stdin, sys.stdout, sys.stderr)
+        case "state":
+            return _cmd_state(args)
         case "version":
             print(f"popproxy {__version__}")
             return EXIT_OK
@@ -135,8 +148,36 @@ def _parser() -> argparse.ArgumentParser:
         help=f"scrypt cost: N = 2**ln (default: {DEFAULT_SCRYPT_LN}, at most {MAX_SCRYPT_LN})",
     )
 
+    _state_parser(commands)
     commands.add_parser("version", help="print the version")
     return parser
+
+
+def _state_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    state = commands.add_parser(
+        "state",
+        help="inspect or prune the state store (docs/state.md)",
+        description="Inspect or prune the state store named by state.url in the config.",
+    )
+    actions = state.add_subparsers(dest="state_command", metavar="ACTION", required=True)
+    show = actions.add_parser(
+        "show", help="print the stored UIDLs: sizes, first and last seen, retrievals, hides"
+    )
+    show.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    show.add_argument("--upstream", metavar="NAME", help="only accounts of this upstream")
+    show.add_argument("--upstream-user", metavar="USER", help="only accounts of this user name")
+    prune = actions.add_parser(
+        "prune", help="forget UIDLs gone from their upstream's listing for N days"
+    )
+    prune.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    prune.add_argument(
+        "--gone-days",
+        type=int,
+        required=True,
+        metavar="N",
+        help=f"forget UIDLs last listed more than N days ago (0-{MAX_GONE_DAYS})",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="only count what would be forgotten")
 
 
 # -- check-config ----------------------------------------------------------------------
@@ -269,6 +310,138 @@ def _cmd_hash_password(ln: int, stdin: TextIO, stdout: TextIO, stderr: TextIO) -
         return EXIT_USAGE
     print(phc, file=stdout)
     return EXIT_OK
+
+
+# -- state -----------------------------------------------------------------------------
+
+
+def _cmd_state(args: argparse.Namespace) -> int:
+    config = _load(Path(args.config))
+    if config is None:
+        return EXIT_USAGE
+    path = config.state.sqlite_path
+    if path is not None and not path.exists():
+        print(
+            f"popproxy: no state store at {path} (popproxy creates it when it first runs)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    from popproxy.state import StateError
+
+    try:
+        match args.state_command:
+            case "show":
+                rows = trio.run(_stored_messages, config.state, args.upstream, args.upstream_user)
+                print(format_stored(rows))
+            case "prune":
+                if not 0 <= args.gone_days <= MAX_GONE_DAYS:
+                    print(f"popproxy: --gone-days must be 0-{MAX_GONE_DAYS}", file=sys.stderr)
+                    return EXIT_USAGE
+                cutoff = datetime.now(UTC) - timedelta(days=args.gone_days)
+                count = trio.run(_prune, config.state, cutoff, args.dry_run)
+                verb = "would forget" if args.dry_run else "forgot"
+                print(
+                    f"{verb} {count} UIDL(s) gone from their upstream and last listed"
+                    f" before {_utc(cutoff)}"
+                )
+    except StateError as exc:
+        print(f"popproxy: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _stored_messages(
+    state: StateConfig, upstream: str | None, upstream_user: str | None
+) -> Sequence[StoredMessage]:
+    from popproxy.state import open_store
+    from popproxy.state.base import AccountKey
+
+    store = await open_store(state)
+    try:
+        if upstream is not None and upstream_user is not None:
+            return await store.messages(AccountKey(upstream, upstream_user))
+        rows = await store.messages()
+    finally:
+        await store.aclose()
+    return [
+        row
+        for row in rows
+        if upstream in (None, row.account.upstream)
+        and upstream_user in (None, row.account.upstream_user)
+    ]
+
+
+async def _prune(state: StateConfig, cutoff: datetime, dry_run: bool) -> int:
+    from popproxy.state import open_store
+
+    store = await open_store(state)
+    try:
+        if dry_run:
+            return sum(row.is_gone(cutoff) for row in await store.messages())
+        return await store.prune(cutoff)
+    finally:
+        await store.aclose()
+
+
+_STORED_COLUMNS = (
+    "UIDL",
+    "SIZE",
+    "FIRST SEEN",
+    "LAST SEEN",
+    "RETRIEVED BY",
+    "HIDDEN FOR",
+    "DELETED UPSTREAM",
+)
+
+
+def format_stored(rows: Sequence[StoredMessage]) -> str:
+    """What ``state show`` prints: per account a header line and a table of its UIDLs."""
+    if not rows:
+        return "no UIDLs stored"
+    accounts: dict[AccountKey, list[StoredMessage]] = {}
+    for row in rows:
+        accounts.setdefault(row.account, []).append(row)
+    blocks = []
+    for account, messages in accounts.items():
+        listed = messages[0].account_last_listed
+        header = f"{account.upstream} {account.upstream_user}: {len(messages)} UIDL(s)" + (
+            f", last listed {_utc(listed)}" if listed is not None else ""
+        )
+        table = [_STORED_COLUMNS, *(_stored_cells(m) for m in messages)]
+        widths = [max(len(cells[i]) for cells in table) for i in range(len(_STORED_COLUMNS))]
+        lines = [
+            "  "
+            + "  ".join(
+                cell.rjust(width) if column == 1 else cell.ljust(width)
+                for column, (cell, width) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+            for cells in table
+        ]
+        blocks.append("\n".join([header, *lines]))
+    return "\n\n".join(blocks)
+
+
+def _stored_cells(row: StoredMessage) -> tuple[str, ...]:
+    retrieved = ", ".join(f"{user} {_utc(at)}" for user, at in row.retrieved_by)
+    hidden = ", ".join(f"{user} by {rule} {_utc(at)}" for user, rule, at in row.hidden_for)
+    deleted = (
+        f"{_utc(row.deleted_upstream_at)} by {row.deleted_by_rule}"
+        if row.deleted_upstream_at is not None
+        else ""
+    )
+    return (
+        row.uid,
+        str(row.size),
+        _utc(row.first_seen),
+        _utc(row.last_seen),
+        retrieved or "-",
+        hidden or "-",
+        deleted or "-",
+    )
+
+
+def _utc(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 # -- run -------------------------------------------------------------------------------

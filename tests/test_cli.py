@@ -10,13 +10,18 @@ import sys
 import textwrap
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import trio
 
 from popproxy import __version__, cli
 from popproxy.auth.passwords import hash_password, parse_hash, verify_password
+from popproxy.config import StateConfig
 from popproxy.secret import Secret
+from popproxy.state import open_store
+from popproxy.state.base import AccountKey, Disposal, SeenMessage, SessionRecord
 
 REPO = Path(__file__).resolve().parent.parent
 HASH = hash_password(Secret.from_str("pw"), ln=4)
@@ -421,8 +426,6 @@ def test_run_first_signal_shuts_down_gracefully(
 ) -> None:
     import signal
 
-    import trio
-
     seen: list[str] = []
 
     async def serve(config: object, *, shutdown: trio.Event, **_: object) -> None:
@@ -459,7 +462,6 @@ def test_run_second_signal_cancels(
 def test_run_startup_failure_exits_1(
     fake_serve: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import trio
 
     async def serve(config: object, *, shutdown: trio.Event, **_: object) -> None:
         raise StandInServeError("cannot listen on 127.0.0.1:1: permission denied")
@@ -473,7 +475,6 @@ def test_run_startup_failure_exits_1(
 def test_run_crash_exits_1(
     fake_serve: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import trio
 
     async def serve(config: object, *, shutdown: trio.Event, **_: object) -> None:
         raise RuntimeError("bug")
@@ -560,7 +561,6 @@ def test_run_folds_a_sighup_into_a_reload_already_waiting(
 def test_run_passes_a_notifier_for_notify_socket(
     fake_serve: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import trio
 
     from popproxy.sdnotify import Notifier
 
@@ -643,3 +643,174 @@ def test_check_config_against_only_reloadable_changes_needs_no_restart() -> None
         "    tls.cert_file",
         "restart required: no",
     ]
+
+
+# -- state show / prune ----------------------------------------------------------------
+
+
+STATE_T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def state_config(directory: Path) -> Path:
+    """A config whose state store is directory/state.db."""
+    path = directory / "state.yaml"
+    path.write_text(
+        textwrap.dedent(f"""\
+        listen:
+          - {{address: 127.0.0.1, port: 0, tls: none}}
+        users:
+          demo: {{password_hash: "{HASH}", maildir: m}}
+        state: {{url: "sqlite:///{directory}/state.db"}}
+        """)
+    )
+    return path
+
+
+def fill_state(directory: Path, *records: SessionRecord) -> None:
+    async def write() -> None:
+        store = await open_store(StateConfig(url=f"sqlite:///{directory}/state.db"))
+        try:
+            for record in records:
+                await store.record(record)
+        finally:
+            await store.aclose()
+
+    trio.run(write)
+
+
+def state_session(
+    account: AccountKey,
+    at: datetime,
+    sizes: dict[str, int],
+    *,
+    user: str = "alice",
+    session_id: str = "s1",
+    retrieved: frozenset[str] = frozenset(),
+    hidden: tuple[Disposal, ...] = (),
+    deleted_upstream: tuple[Disposal, ...] = (),
+) -> SessionRecord:
+    return SessionRecord(
+        account,
+        user,
+        session_id,
+        at,
+        seen=tuple(SeenMessage(u, s) for u, s in sizes.items()),
+        retrieved=retrieved,
+        hidden=hidden,
+        deleted_upstream=deleted_upstream,
+    )
+
+
+ALICE_ACCOUNT = AccountKey("provider", "alice@example.net")
+TEAM_ACCOUNT = AccountKey("other", "team@example.net")
+
+
+def test_state_show_prints_a_table_per_account(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill_state(
+        in_tmp,
+        state_session(
+            ALICE_ACCOUNT,
+            STATE_T0,
+            {"uid-1": 1234, "uid-2": 5},
+            retrieved=frozenset({"uid-1"}),
+            hidden=(Disposal("uid-1", "keep-all"),),
+            deleted_upstream=(Disposal("uid-2", "old-mail"),),
+        ),
+        state_session(TEAM_ACCOUNT, STATE_T0 + timedelta(days=1), {"t": 9}, user="bob"),
+    )
+    assert cli.main(["state", "show", "-c", str(state_config(in_tmp))]) == 0
+    out = capsys.readouterr().out
+    assert out == textwrap.dedent("""\
+        other team@example.net: 1 UIDL(s), last listed 2024-05-02 12:00:00Z
+          UIDL  SIZE  FIRST SEEN            LAST SEEN             RETRIEVED BY  HIDDEN FOR  DELETED UPSTREAM
+          t        9  2024-05-02 12:00:00Z  2024-05-02 12:00:00Z  -             -           -
+
+        provider alice@example.net: 2 UIDL(s), last listed 2024-05-01 12:00:00Z
+          UIDL   SIZE  FIRST SEEN            LAST SEEN             RETRIEVED BY                HIDDEN FOR                              DELETED UPSTREAM
+          uid-1  1234  2024-05-01 12:00:00Z  2024-05-01 12:00:00Z  alice 2024-05-01 12:00:00Z  alice by keep-all 2024-05-01 12:00:00Z  -
+          uid-2     5  2024-05-01 12:00:00Z  2024-05-01 12:00:00Z  -                           -                                       2024-05-01 12:00:00Z by old-mail
+        """)  # noqa: E501
+
+
+@pytest.mark.parametrize(
+    ("filters", "accounts"),
+    [
+        (["--upstream", "provider"], ["provider alice@example.net"]),
+        (["--upstream-user", "team@example.net"], ["other team@example.net"]),
+        (
+            ["--upstream", "other", "--upstream-user", "team@example.net"],
+            ["other team@example.net"],
+        ),
+        (["--upstream", "other", "--upstream-user", "alice@example.net"], []),
+    ],
+)
+def test_state_show_filters_accounts(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str], filters: list[str], accounts: list[str]
+) -> None:
+    fill_state(
+        in_tmp,
+        state_session(ALICE_ACCOUNT, STATE_T0, {"a": 1}),
+        state_session(TEAM_ACCOUNT, STATE_T0, {"b": 2}),
+    )
+    assert cli.main(["state", "show", "-c", str(state_config(in_tmp)), *filters]) == 0
+    out = capsys.readouterr().out
+    headers = [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert [h for h in headers if h] == (accounts or ["no UIDLs stored"])
+
+
+def test_state_prune_forgets_only_what_is_gone(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = datetime.now(UTC)
+    fill_state(
+        in_tmp,
+        state_session(ALICE_ACCOUNT, now - timedelta(days=40), {"gone": 1, "kept": 2}),
+        state_session(ALICE_ACCOUNT, now - timedelta(days=1), {"kept": 2}, session_id="s2"),
+        # An account nobody listed for 40 days keeps its UIDLs: they are still upstream.
+        state_session(TEAM_ACCOUNT, now - timedelta(days=40), {"quiet": 3}),
+    )
+    config = str(state_config(in_tmp))
+    assert cli.main(["state", "prune", "-c", config, "--gone-days", "30", "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("would forget 1 UIDL(s) gone from their upstream")
+    assert cli.main(["state", "prune", "-c", config, "--gone-days", "50"]) == 0
+    assert capsys.readouterr().out.startswith("forgot 0 UIDL(s)")
+    assert cli.main(["state", "prune", "-c", config, "--gone-days", "30"]) == 0
+    assert capsys.readouterr().out.startswith("forgot 1 UIDL(s)")
+    assert cli.main(["state", "show", "-c", config]) == 0
+    out = capsys.readouterr().out
+    assert "kept" in out
+    assert "quiet" in out
+    assert "gone" not in out
+
+
+def test_state_commands_need_an_existing_store(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(state_config(in_tmp))
+    assert cli.main(["state", "show", "-c", config]) == 1
+    assert f"no state store at {in_tmp}/state.db" in capsys.readouterr().err
+    assert cli.main(["state", "prune", "-c", config, "--gone-days", "3"]) == 1
+    assert not (in_tmp / "state.db").exists()
+
+
+def test_state_command_errors(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(state_config(in_tmp))
+    (in_tmp / "state.db").write_bytes(b"not a database\n" * 400)
+    assert cli.main(["state", "show", "-c", config]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("popproxy: ")
+    assert f"state store {in_tmp}/state.db: file is not a database" in err
+    assert cli.main(["state", "prune", "-c", config, "--gone-days", "-1"]) == 2
+    assert "--gone-days must be 0-36500" in capsys.readouterr().err
+    assert cli.main(["state", "prune", "-c", config]) == 2  # --gone-days is required
+    assert cli.main(["state", "-c", config]) == 2  # no action
+    assert cli.main(["state", "show", "-c", "missing.yaml"]) == 2
+
+
+def test_state_show_through_python_dash_m(in_tmp: Path) -> None:
+    fill_state(in_tmp, state_session(ALICE_ACCOUNT, STATE_T0, {"a": 1}))
+    proc = run_popproxy("state", "show", "-c", str(state_config(in_tmp)), cwd=in_tmp)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("provider alice@example.net: 1 UIDL(s)")
