@@ -25,6 +25,7 @@ upstream deletion with the size it applied to, across reuse and pruning.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import sqlite3
@@ -73,6 +74,10 @@ MAX_UPSTREAM_CHARS = MAX_NAME_CHARS
 MAX_SESSION_ID_CHARS = 64
 # Lines of ``PRAGMA integrity_check`` quoted in the error when the check fails.
 MAX_INTEGRITY_LINES = 5
+
+# Stored times kept parsed: every UIDL a session first saw shares that session's time,
+# so a listing of MAX_RECORD_MESSAGES has few distinct times; this bounds the cache.
+PARSED_TIMES_CACHED = 4096
 
 # "PoPx" in ASCII: marks a database file as popproxy's state (PRAGMA application_id).
 APPLICATION_ID = 0x506F5078
@@ -165,9 +170,10 @@ def utc_text(when: datetime) -> str:
     return naive.isoformat(timespec="microseconds") + "Z"
 
 
+@functools.lru_cache(maxsize=PARSED_TIMES_CACHED)
 def from_utc_text(text: str) -> datetime:
-    """A stored time back as an aware UTC datetime."""
-    return datetime.fromisoformat(text.removesuffix("Z")).replace(tzinfo=UTC)
+    """A stored time back as an aware UTC datetime (cached: one session's rows share it)."""
+    return datetime.fromisoformat(text)
 
 
 class SqliteStore:
