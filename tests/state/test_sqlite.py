@@ -388,3 +388,18 @@ async def test_100_concurrent_sessions_and_a_second_process(tmp_path: Path) -> N
     finally:
         await store.aclose()
     await assert_sessions_whole(path, "other", range(other_sessions))
+
+
+async def test_calls_beyond_the_listing_bound_are_refused(tmp_path: Path) -> None:
+    store = await open_sqlite(tmp_path / "state.db", busy_timeout_seconds=1)
+    uids = [f"u{i}" for i in range(MAX_RECORD_MESSAGES + 1)]
+    try:
+        with pytest.raises(ValueError, match="at most"):
+            await store.record(
+                SessionRecord(BOX, "alice", "s1", T0, seen=tuple(SeenMessage(u, 1) for u in uids))
+            )
+        with pytest.raises(ValueError, match="at most"):
+            await store.facts(BOX, "alice", uids)
+        assert await store.messages() == []
+    finally:
+        await store.aclose()
