@@ -37,6 +37,18 @@ import yaml.constructor
 import yaml.nodes
 
 from popproxy.auth.passwords import PasswordHashError, parse_hash
+from popproxy.pop3.limits import (
+    COMMAND_LINE_CEILING_OCTETS,
+    MAX_COMMAND_LINE_OCTETS,
+    MAX_REPLY_LINE_OCTETS,
+    MAX_SASL_LINE_OCTETS,
+    MAX_SASL_PAYLOAD_OCTETS,
+    REPLY_LINE_CEILING_OCTETS,
+    SASL_LINE_CEILING_OCTETS,
+    SASL_PAYLOAD_CEILING_OCTETS,
+    SASL_PAYLOAD_FLOOR_OCTETS,
+)
+from popproxy.pop3.names import login_name_problem
 from popproxy.secret import Secret
 
 # A config file is a few kilobytes; this bound keeps a wrong path (a log, a disk
@@ -46,8 +58,6 @@ MAX_CONFIG_BYTES = 4 * 1024 * 1024
 MAX_SECRET_FILE_BYTES = 64 * 1024
 # RFC 1035 §2.3.4: a host name is at most 253 characters in text form.
 MAX_HOST_CHARS = 253
-# A user name must fit in a USER command line (RFC 2449 §4: 255 octets with "USER " and CRLF).
-MAX_USER_NAME_OCTETS = 248
 # An upstream's name is a metrics label value and a log field: short and printable
 # (the same bound as popproxy.metrics.MAX_NAME_CHARS; tests/test_config.py keeps them equal).
 MAX_UPSTREAM_NAME_CHARS = 128
@@ -120,6 +130,9 @@ class UpstreamConfig:
     # TRANSACTION keeps its upstream session; RFC 1939 §3 lets a server log out an
     # idle client after 10 minutes, some providers do it sooner.
     keepalive_interval_seconds: float = 120
+    # The longest status or listing line read from this upstream, line end included
+    # (RFC 2449 §4: 512; raise it only for a provider that breaks the RFC).
+    max_reply_line_bytes: int = MAX_REPLY_LINE_OCTETS
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +193,11 @@ class LimitsConfig:
     max_bad_commands: int = 10  # consecutive bad commands before closing
     auth_failure_delay_seconds: float = 2.0  # Dovecot's auth_failure_delay
     send_timeout_seconds: float = 60  # a client that does not read for this long is dropped
+    # Line and payload bounds of the client leg, in octets with the line end; the
+    # floors and ceilings (and why) are in popproxy/pop3/limits.py.
+    max_command_line_bytes: int = MAX_COMMAND_LINE_OCTETS  # RFC 2449 §4
+    max_sasl_line_bytes: int = MAX_SASL_LINE_OCTETS  # an AUTH line or SASL response
+    max_sasl_payload_bytes: int = MAX_SASL_PAYLOAD_OCTETS  # decoded (RFC 5034 §4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,17 +630,6 @@ def _valid_host(text: str) -> bool:
     return all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
 
 
-def _valid_user_name(name: str) -> str | None:
-    """Why ``name`` cannot be a login name, or None if it can."""
-    if not name:
-        return "a user name must not be empty"
-    if len(name.encode("utf-8")) > MAX_USER_NAME_OCTETS:
-        return f"a user name must be at most {MAX_USER_NAME_OCTETS} octets"
-    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
-        return "a user name must not contain spaces or control characters"
-    return None
-
-
 # -- the schema ------------------------------------------------------------------------
 
 
@@ -650,6 +657,7 @@ _UPSTREAM_KEYS = (
     "login_timeout_seconds",
     "command_timeout_seconds",
     "keepalive_interval_seconds",
+    "max_reply_line_bytes",
 )
 _USER_KEYS = (
     "password_hash",
@@ -679,6 +687,9 @@ _LIMIT_KEYS = (
     "max_bad_commands",
     "auth_failure_delay_seconds",
     "send_timeout_seconds",
+    "max_command_line_bytes",
+    "max_sasl_line_bytes",
+    "max_sasl_payload_bytes",
 )
 # Sanity bounds: a session count or bad-command budget beyond these is a typo, not a plan.
 MAX_SESSIONS_LIMIT = 1_000_000
@@ -839,6 +850,9 @@ def _upstreams(top: _Section) -> dict[str, UpstreamConfig]:
         login_timeout = section.seconds("login_timeout_seconds", positive=True)
         command_timeout = section.seconds("command_timeout_seconds", positive=True)
         keepalive = section.seconds("keepalive_interval_seconds", positive=True)
+        reply_line = section.integer(
+            "max_reply_line_bytes", lo=MAX_REPLY_LINE_OCTETS, hi=REPLY_LINE_CEILING_OCTETS
+        )
         if tls is TlsMode.NONE and (verify is not None or ca_file is not None):
             key = "verify" if verify is not None else "ca_file"
             section.error(key, "only meaningful with tls: starttls or implicit")
@@ -856,6 +870,7 @@ def _upstreams(top: _Section) -> dict[str, UpstreamConfig]:
             login_timeout_seconds=login_timeout or default.login_timeout_seconds,
             command_timeout_seconds=command_timeout or default.command_timeout_seconds,
             keepalive_interval_seconds=keepalive or default.keepalive_interval_seconds,
+            max_reply_line_bytes=reply_line or default.max_reply_line_bytes,
         )
     return out
 
@@ -868,7 +883,7 @@ def _users(top: _Section) -> dict[str, UserConfig]:
     declared_names = {str(k) for k in declared} if isinstance(declared, dict) else set()
     for name, item in _named_sections(top, "users"):
         path = f"users.{name}"
-        problem = _valid_user_name(name)
+        problem = login_name_problem(name)
         if problem is not None:
             top.issues.add(path, problem)
             continue
@@ -1046,9 +1061,28 @@ def _limits(top: _Section) -> LimitsConfig:
         value = section.seconds(key, positive=positive)
         return fallback if value is None else value
 
-    def count(key: str, fallback: int, hi: int) -> int:
-        value = section.integer(key, lo=1, hi=hi)
+    def count(key: str, fallback: int, hi: int, lo: int = 1) -> int:
+        value = section.integer(key, lo=lo, hi=hi)
         return fallback if value is None else value
+
+    command_line = count(
+        "max_command_line_bytes",
+        default.max_command_line_bytes,
+        COMMAND_LINE_CEILING_OCTETS,
+        lo=MAX_COMMAND_LINE_OCTETS,
+    )
+    sasl_line = count(
+        "max_sasl_line_bytes",
+        default.max_sasl_line_bytes,
+        SASL_LINE_CEILING_OCTETS,
+        lo=MAX_COMMAND_LINE_OCTETS,
+    )
+    if sasl_line < command_line:
+        section.error(
+            "max_sasl_line_bytes",
+            f"expected at least max_command_line_bytes ({command_line}): an AUTH line"
+            " may be as long as any command",
+        )
 
     return LimitsConfig(
         idle_timeout_seconds=seconds("idle_timeout_seconds", default.idle_timeout_seconds),
@@ -1064,4 +1098,12 @@ def _limits(top: _Section) -> LimitsConfig:
             "auth_failure_delay_seconds", default.auth_failure_delay_seconds, positive=False
         ),
         send_timeout_seconds=seconds("send_timeout_seconds", default.send_timeout_seconds),
+        max_command_line_bytes=command_line,
+        max_sasl_line_bytes=sasl_line,
+        max_sasl_payload_bytes=count(
+            "max_sasl_payload_bytes",
+            default.max_sasl_payload_bytes,
+            SASL_PAYLOAD_CEILING_OCTETS,
+            lo=SASL_PAYLOAD_FLOOR_OCTETS,
+        ),
     )

@@ -73,6 +73,7 @@ from popproxy.pop3.events import (
     SaslChallenge,
     StuffedData,
 )
+from popproxy.pop3.names import login_name_problem
 from popproxy.pop3.replies import Err, Ok, ResponseCode
 from popproxy.pop3.server import Reply, ServerConnection, ServerSettings
 from popproxy.pop3.state import Phase
@@ -174,6 +175,9 @@ class Session:
             stls_available=ctx.stls_available and not self._tls_active,
             plaintext_auth_allowed=self._tls_active or ctx.allow_plaintext_auth,
             max_bad_commands=ctx.limits.max_bad_commands,
+            max_command_line_octets=ctx.limits.max_command_line_bytes,
+            max_sasl_line_octets=ctx.limits.max_sasl_line_bytes,
+            max_sasl_payload_octets=ctx.limits.max_sasl_payload_bytes,
         )
 
     async def run(self) -> SessionSummary:
@@ -315,6 +319,12 @@ class Session:
         await self._login(user, Secret(password), plain)
 
     async def _login(self, user: str, password: Secret, mechanism: LoginMechanism) -> None:
+        if login_name_problem(user) is not None:
+            # Outside the safe set (pop3/names.py), so no configured user has this name.
+            # It goes no further (not to the authenticator, a log or an upstream): the
+            # check runs for the empty name, which is never configured, so the login
+            # fails as an unknown user's does, after the same hashing work and delay.
+            user = ""
         verdict = await self._context.authenticator.check(user, password)
         account = verdict.user
         if account is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -23,6 +24,18 @@ from popproxy.config import (
     load_config,
 )
 from popproxy.metrics import MAX_NAME_CHARS
+from popproxy.pop3.limits import (
+    COMMAND_LINE_CEILING_OCTETS,
+    MAX_COMMAND_LINE_OCTETS,
+    MAX_REPLY_LINE_OCTETS,
+    MAX_SASL_LINE_OCTETS,
+    MAX_SASL_PAYLOAD_OCTETS,
+    REPLY_LINE_CEILING_OCTETS,
+    SASL_LINE_CEILING_OCTETS,
+    SASL_PAYLOAD_CEILING_OCTETS,
+    SASL_PAYLOAD_FLOOR_OCTETS,
+)
+from popproxy.pop3.names import login_name_problem
 from popproxy.secret import Secret
 
 REPO = Path(__file__).resolve().parent.parent
@@ -569,11 +582,100 @@ def test_argon2id_hash_without_argon2_is_a_config_error(monkeypatch: pytest.Monk
     assert "argon2-cffi" in message
 
 
-def test_user_name_with_space_is_an_error() -> None:
-    found = issues_of(MINIMAL + f"  'bad name': {{password_hash: '{HASH}', maildir: m}}\n")
-    assert found == [
-        ("users.bad name", "a user name must not contain spaces or control characters")
-    ]
+@pytest.mark.parametrize("name", ["bad name", "bidi\u202eoverride", "zero\u200bwidth", "c1\x85"])
+def test_user_names_outside_the_login_name_set_are_errors(name: str) -> None:
+    """The session refuses such names at login (pop3/names.py), so none may be configured."""
+    found = issues_of(MINIMAL + f"  {json.dumps(name)}: {{password_hash: '{HASH}', maildir: m}}\n")
+    assert found == [(f"users.{name}", login_name_problem(name))]
+
+
+def test_internationalized_user_names_load() -> None:
+    config = load_config(
+        write(MINIMAL + f"  jürgen@example.net: {{password_hash: '{HASH}', maildir: m}}\n")
+    )
+    assert "jürgen@example.net" in config.users
+
+
+def test_line_and_payload_limits_default_to_the_rfc_values() -> None:
+    limits = load_config(write(MINIMAL)).limits
+    assert limits.max_command_line_bytes == MAX_COMMAND_LINE_OCTETS == 255  # RFC 2449 §4
+    assert limits.max_sasl_line_bytes == MAX_SASL_LINE_OCTETS
+    assert limits.max_sasl_payload_bytes == MAX_SASL_PAYLOAD_OCTETS
+
+
+def test_line_and_payload_limits_are_set_within_their_bounds() -> None:
+    config = load_config(
+        write(
+            MINIMAL + "limits: {max_command_line_bytes: 1024, max_sasl_line_bytes: 2048,"
+            " max_sasl_payload_bytes: 1000}\n"
+            "upstreams: {p: {host: pop.example.net, max_reply_line_bytes: 4096}}\n"
+        )
+    )
+    assert config.limits.max_command_line_bytes == 1024
+    assert config.limits.max_sasl_line_bytes == 2048
+    assert config.limits.max_sasl_payload_bytes == 1000
+    assert config.upstreams["p"].max_reply_line_bytes == 4096
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "bounds"),
+    [
+        (
+            "limits.max_command_line_bytes",
+            254,
+            f"{MAX_COMMAND_LINE_OCTETS}..{COMMAND_LINE_CEILING_OCTETS}",
+        ),
+        (
+            "limits.max_command_line_bytes",
+            COMMAND_LINE_CEILING_OCTETS + 1,
+            f"..{COMMAND_LINE_CEILING_OCTETS}",
+        ),
+        (
+            "limits.max_sasl_line_bytes",
+            SASL_LINE_CEILING_OCTETS + 1,
+            f"..{SASL_LINE_CEILING_OCTETS}",
+        ),
+        (
+            "limits.max_sasl_payload_bytes",
+            SASL_PAYLOAD_FLOOR_OCTETS - 1,
+            f"{SASL_PAYLOAD_FLOOR_OCTETS}..",
+        ),
+        (
+            "limits.max_sasl_payload_bytes",
+            SASL_PAYLOAD_CEILING_OCTETS + 1,
+            f"..{SASL_PAYLOAD_CEILING_OCTETS}",
+        ),
+        (
+            "upstreams.p.max_reply_line_bytes",
+            511,
+            f"{MAX_REPLY_LINE_OCTETS}..{REPLY_LINE_CEILING_OCTETS}",
+        ),
+        (
+            "upstreams.p.max_reply_line_bytes",
+            REPLY_LINE_CEILING_OCTETS + 1,
+            f"..{REPLY_LINE_CEILING_OCTETS}",
+        ),
+    ],
+)
+def test_line_and_payload_limits_out_of_bounds_are_errors(
+    key: str, value: int, bounds: str
+) -> None:
+    section, name = key.rsplit(".", 1)
+    if section == "limits":
+        text = MINIMAL + f"limits: {{{name}: {value}}}\n"
+    else:
+        text = MINIMAL + f"upstreams: {{p: {{host: pop.example.net, {name}: {value}}}}}\n"
+    found_key, message = only_issue(text)
+    assert found_key == key
+    assert bounds in message
+
+
+def test_the_sasl_line_may_not_be_shorter_than_the_command_line() -> None:
+    key, message = only_issue(
+        MINIMAL + "limits: {max_command_line_bytes: 1024, max_sasl_line_bytes: 512}\n"
+    )
+    assert key == "limits.max_sasl_line_bytes"
+    assert "at least max_command_line_bytes (1024)" in message
 
 
 def test_state_url(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import trio
 import trio.testing
 import trustme
 
-from popproxy.auth.authenticator import Authenticator
+from popproxy.auth.authenticator import Authenticator, Verification
 from popproxy.auth.passwords import hash_password
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.maildrop.base import Maildrop
@@ -242,6 +242,51 @@ async def test_wrong_password_and_unknown_user_get_the_same_reply(
     unknown = await c.cmd("PASS secret")
     assert wrong == unknown == b"-ERR [AUTH] Authentication failed."
     await login(c)
+
+
+class RecordingAuthenticator(Authenticator):
+    """Records the names it is asked about and finds every password wrong, at once
+    (no hashing thread, so the autojump clock measures only the session's delay)."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.asked: list[str] = []
+
+    async def check(self, username: str, password: Secret) -> Verification:
+        self.asked.append(username)
+        return Verification(None)
+
+
+HOSTILE_NAMES = ["evil\u202egnp", "ali\u200bce", "al\u00a0ice", "x\u2028y", "c1\u0085"]
+
+
+async def test_a_name_outside_the_safe_set_fails_as_a_wrong_password_does(
+    start: Starter, maildir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Same reply after the same delay, and the name reaches no authenticator (pop3/names.py)."""
+    delay = 2.0
+    authenticator = RecordingAuthenticator()
+    context = dataclasses.replace(
+        make_context(maildir, LimitsConfig(auth_failure_delay_seconds=delay)),
+        authenticator=authenticator,
+    )
+    c = (await start(context)).client
+    attempts = [("USER demo", "PASS wrong")]
+    attempts += [(f"USER {name}", "PASS secret") for name in HOSTILE_NAMES]
+    token = base64.b64encode(f"\0{HOSTILE_NAMES[0]}\0secret".encode()).decode()
+    replies = []
+    for user, password in attempts:
+        assert await c.cmd(user) == b"+OK"
+        sent = trio.current_time()
+        replies.append(await c.cmd(password))
+        assert trio.current_time() - sent == pytest.approx(delay)
+    sent = trio.current_time()
+    replies.append(await c.cmd(f"AUTH PLAIN {token}"))
+    assert trio.current_time() - sent == pytest.approx(delay)
+    assert set(replies) == {b"-ERR [AUTH] Authentication failed."}
+    # The wrong password was checked for its user; every hostile name as the empty
+    # name, which is never configured (the same work as an unknown user).
+    assert authenticator.asked == ["demo"] + [""] * (len(HOSTILE_NAMES) + 1)
 
 
 async def test_auth_plain_initial_response_and_continuation(

@@ -64,7 +64,7 @@ from popproxy.pop3.commands import (
 )
 from popproxy.pop3.errors import RemoteProtocolError
 from popproxy.pop3.events import NEED_DATA, Data, EndOfData, SaslChallenge, StuffedData
-from popproxy.pop3.limits import MAX_REPLY_LINE_OCTETS, MAX_UIDL_OCTETS
+from popproxy.pop3.limits import MAX_UIDL_OCTETS
 from popproxy.pop3.replies import Err, Ok, ResponseCode
 from popproxy.secret import Secret
 
@@ -126,11 +126,15 @@ class _Connection:
     """A trio stream and a ``ClientConnection``: send commands, read events, under deadlines."""
 
     def __init__(
-        self, stream: trio.abc.Stream, name: str, metrics: UpstreamMetrics | None = None
+        self,
+        stream: trio.abc.Stream,
+        upstream: UpstreamConfig,
+        metrics: UpstreamMetrics | None = None,
     ) -> None:
         self.stream = stream
-        self.name = name
-        self.conn = ClientConnection()
+        self.name = upstream.name
+        self.max_reply_line_octets = upstream.max_reply_line_bytes
+        self.conn = ClientConnection(max_reply_line_octets=self.max_reply_line_octets)
         self.bytes_received = 0
         self.metrics = metrics
         self.connect_seconds = 0.0  # TCP connect plus TLS handshake
@@ -190,7 +194,8 @@ class _Connection:
         """The body of a multi-line reply whose ``+OK`` was read, as lines without ends.
 
         At most ``limit`` lines and ``MAX_LISTING_OCTETS`` in all, each no longer
-        than a reply line, line end included (RFC 2449 §4): checked as they arrive.
+        than a reply line (``max_reply_line_bytes``, RFC 2449 §4), line end included:
+        checked as they arrive.
         """
         lines: list[bytes] = []
         partial = bytearray()
@@ -202,11 +207,11 @@ class _Connection:
                     partial += data
                     *complete, rest = partial.split(b"\n")
                     for line in complete:
-                        if len(line) + 1 > MAX_REPLY_LINE_OCTETS:
+                        if len(line) + 1 > self.max_reply_line_octets:
                             raise self.protocol_error("listing line too long")
                         total += len(line) + 1
                         lines.append(bytes(line.removesuffix(b"\r")))
-                    if len(rest) >= MAX_REPLY_LINE_OCTETS:
+                    if len(rest) >= self.max_reply_line_octets:
                         raise self.protocol_error("listing line too long")
                     if len(lines) > limit or total > MAX_LISTING_OCTETS:
                         raise self.protocol_error("listing too long")
@@ -603,7 +608,9 @@ async def _starttls(
         # would be read as protected (RFC 2595 §4, CVE-2011-0411 class).
         raise connection.protocol_error("data after the STLS reply")
     await _secure(connection, upstream, context)
-    connection.conn = ClientConnection(expect_greeting=False)
+    connection.conn = ClientConnection(
+        expect_greeting=False, max_reply_line_octets=connection.max_reply_line_octets
+    )
 
 
 async def _listing(connection: _Connection) -> list[bytes] | None:
@@ -740,7 +747,7 @@ async def _connect_and_open(
 ) -> UpstreamMaildrop:
     upstream = account.upstream
     started = trio.current_time()
-    connection = _Connection(await _connect(upstream), upstream.name, metrics)
+    connection = _Connection(await _connect(upstream), upstream, metrics)
     connection.connect_seconds = trio.current_time() - started
     try:
         with trio.fail_after(upstream.login_timeout_seconds):

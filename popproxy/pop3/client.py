@@ -74,10 +74,14 @@ def _upstream_error(text: str) -> RemoteProtocolError:
 class ClientConnection:
     """One POP3 session as seen from the client (RFC 1939, 2449, 5034)."""
 
-    def __init__(self, *, expect_greeting: bool = True) -> None:
+    def __init__(
+        self, *, expect_greeting: bool = True, max_reply_line_octets: int = MAX_REPLY_LINE_OCTETS
+    ) -> None:
         """``expect_greeting=False`` continues a session after a TLS handshake (RFC 2595 §4),
-        where no new greeting comes."""
+        where no new greeting comes. A status line longer than ``max_reply_line_octets``,
+        line end included, is fatal (RFC 2449 §4: 512; pop3/limits.py has the ceiling)."""
         self._lines = LineBuffer()
+        self.max_reply_line_octets = max_reply_line_octets
         self._outstanding: deque[_Sent] = deque([_Sent(GREETING)] if expect_greeting else [])
         self._body: DotUnstuffer | StuffedBodyScanner | None = None
         self._broken = False
@@ -123,7 +127,7 @@ class ClientConnection:
     def _next_event(self) -> ClientEvent:
         if self._body is not None:
             return self._next_body_event(self._body)
-        line = self._lines.next_line(MAX_REPLY_LINE_OCTETS)
+        line = self._lines.next_line(self.max_reply_line_octets)
         if line is None:
             if not self._lines.eof:
                 return NEED_DATA

@@ -46,12 +46,19 @@ from popproxy.pop3.events import (
     SaslChallenge,
     StuffedData,
 )
-from popproxy.pop3.limits import MAX_BAD_COMMANDS, MAX_COMMAND_LINE_OCTETS, MAX_SASL_LINE_OCTETS
+from popproxy.pop3.limits import (
+    MAX_BAD_COMMANDS,
+    MAX_COMMAND_LINE_OCTETS,
+    MAX_SASL_LINE_OCTETS,
+    MAX_SASL_PAYLOAD_OCTETS,
+)
 from popproxy.pop3.lines import LineBuffer, Overlong
 from popproxy.pop3.replies import Err, Ok, ResponseCode
 from popproxy.pop3.state import ALLOWED, ON_COMMAND, Outcome, Phase, next_phase
 from popproxy.pop3.wire import format_challenge, format_status
+from popproxy.secret import Secret
 
+SASL_TOO_LONG = Err("Authentication data too long")
 PLAINTEXT_DISALLOWED = Err(
     "Plaintext authentication disallowed on non-secure (SSL/TLS) connections.", ResponseCode.AUTH
 )
@@ -66,6 +73,12 @@ class ServerSettings:
     apop_enabled: bool = False
     sasl_mechanisms: tuple[str, ...] = ("PLAIN",)
     max_bad_commands: int = MAX_BAD_COMMANDS
+    # Octets with the line end (RFC 2449 §4); an AUTH line and SASL responses get the
+    # longer bound, their decoded data the payload bound (RFC 5034 §4). Floors and
+    # ceilings are in pop3/limits.py; the config loader keeps to them.
+    max_command_line_octets: int = MAX_COMMAND_LINE_OCTETS
+    max_sasl_line_octets: int = MAX_SASL_LINE_OCTETS
+    max_sasl_payload_octets: int = MAX_SASL_PAYLOAD_OCTETS
 
 
 class _Rejected(enum.Enum):
@@ -135,7 +148,10 @@ class ServerConnection:
         in_sasl = self.phase is Phase.SASL
         buf = self._lines.buffer
         long_ok = in_sasl or bytes(buf[:5]).upper() == b"AUTH "
-        line = self._lines.next_line(MAX_SASL_LINE_OCTETS if long_ok else MAX_COMMAND_LINE_OCTETS)
+        settings = self.settings
+        line = self._lines.next_line(
+            settings.max_sasl_line_octets if long_ok else settings.max_command_line_octets
+        )
         if line is None:
             return ConnectionClosed() if self._lines.eof else NEED_DATA
         if isinstance(line, Overlong):
@@ -149,15 +165,25 @@ class ServerConnection:
             command = parse_command(line)
         except RemoteProtocolError as exc:
             self._reject(exc.reply)
+        if isinstance(command, Auth) and self._too_long(command.initial_response):
+            self._reject(SASL_TOO_LONG, verb=Verb.AUTH)
         return self._accept(self._check(command))
 
     def _parse_sasl(self, line: bytes) -> SaslLine:
         try:
-            return parse_sasl_line(line)
+            sasl = parse_sasl_line(line)
         except RemoteProtocolError as exc:
             # RFC 5034 §4: a malformed response rejects the AUTH command.
             self.phase = next_phase(Phase.SASL, Verb.AUTH, Outcome.ERR)
             self._reject(exc.reply, verb=Verb.AUTH)
+        if isinstance(sasl, SaslResponse) and self._too_long(sasl.data):
+            self.phase = next_phase(Phase.SASL, Verb.AUTH, Outcome.ERR)
+            self._reject(SASL_TOO_LONG, verb=Verb.AUTH)
+        return sasl
+
+    def _too_long(self, payload: Secret | None) -> bool:
+        """Whether decoded SASL data is over the payload bound (RFC 5034 §4)."""
+        return payload is not None and len(payload) > self.settings.max_sasl_payload_octets
 
     def _check(self, command: Command) -> Command:
         """Phase and policy checks that need the session's state (RFC 1939 §§4-7)."""

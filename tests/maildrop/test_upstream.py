@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import logging
 import re
 import select
@@ -1032,6 +1033,28 @@ async def test_bad_greeting_is_a_protocol_error(greeting: bytes) -> None:
     async with scripted_upstream(Mailbox(greeting=greeting)) as upstream:
         with pytest.raises(UpstreamError) as info:
             await login(upstream)
+    assert_upstream_error(info.value, UpstreamFailure.PROTOCOL, ResponseCode.SYS_TEMP)
+    assert_no_credentials(upstream)
+
+
+async def test_max_reply_line_bytes_admits_a_long_greeting_and_still_bounds_it() -> None:
+    """An upstream that breaks RFC 2449 §4 with a long greeting can be allowed for."""
+    long_greeting = b"+OK " + b"x" * 1500 + b"\r\n"
+    config = dataclasses.replace(account(0).upstream, max_reply_line_bytes=2048)
+    async with scripted_upstream(Mailbox(greeting=long_greeting)) as upstream:
+        acct = account(upstream.port)
+        wide = UpstreamAccount(
+            dataclasses.replace(config, port=upstream.port), acct.user, acct.password
+        )
+        drop = await open_upstream(wide, tls_context=None)
+        await drop.aclose()
+    async with scripted_upstream(Mailbox(greeting=b"+OK " + b"x" * 2100 + b"\r\n")) as upstream:
+        acct = account(upstream.port)
+        wide = UpstreamAccount(
+            dataclasses.replace(config, port=upstream.port), acct.user, acct.password
+        )
+        with pytest.raises(UpstreamError) as info:
+            await open_upstream(wide, tls_context=None)
     assert_upstream_error(info.value, UpstreamFailure.PROTOCOL, ResponseCode.SYS_TEMP)
     assert_no_credentials(upstream)
 

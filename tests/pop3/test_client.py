@@ -440,3 +440,16 @@ def test_after_tls_no_greeting_is_expected() -> None:
     conn.send(Noop())
     conn.receive_data(b"+OK\r\n")
     assert drain(conn) == [Ok("")]
+
+
+@pytest.mark.parametrize("limit", [MAX_REPLY_LINE_OCTETS, 2000])
+def test_the_reply_line_limit_is_a_setting(limit: int) -> None:
+    fits = b"+OK " + b"x" * (limit - len(b"+OK \r\n")) + b"\r\n"
+    conn = ClientConnection(max_reply_line_octets=limit)
+    conn.receive_data(fits)
+    assert drain(conn) == [Ok("x" * (limit - len(b"+OK \r\n")))]
+    conn.send(Noop())
+    conn.receive_data(b"+OK " + b"x" * (limit - len(b"+OK \r\n") + 1) + b"\r\n")
+    with pytest.raises(RemoteProtocolError) as caught:
+        conn.next_event()
+    assert caught.value.fatal

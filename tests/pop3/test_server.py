@@ -43,7 +43,13 @@ from popproxy.pop3.events import (
     SaslChallenge,
     StuffedData,
 )
-from popproxy.pop3.limits import MAX_BAD_COMMANDS, MAX_COMMAND_LINE_OCTETS, MAX_SASL_LINE_OCTETS
+from popproxy.pop3.limits import (
+    COMMAND_LINE_CEILING_OCTETS,
+    MAX_BAD_COMMANDS,
+    MAX_COMMAND_LINE_OCTETS,
+    MAX_SASL_LINE_OCTETS,
+    SASL_PAYLOAD_FLOOR_OCTETS,
+)
 from popproxy.pop3.replies import Err, Ok, ResponseCode
 from popproxy.pop3.server import PLAINTEXT_DISALLOWED, ServerConnection, ServerSettings
 from popproxy.pop3.state import Phase
@@ -692,6 +698,44 @@ def test_sasl_continuation_past_the_sasl_limit_is_overlong() -> None:
 def test_long_line_that_merely_contains_auth_is_not_a_sasl_line() -> None:
     run = run_server(b"USER AUTH " + b"a" * 400 + b"\r\n")
     assert run.events == [rejected("Line too long")]
+
+
+@pytest.mark.parametrize("limit", [MAX_COMMAND_LINE_OCTETS, 300, COMMAND_LINE_CEILING_OCTETS])
+def test_the_command_line_limit_is_a_setting(limit: int) -> None:
+    settings = ServerSettings(max_command_line_octets=limit)
+    fits = b"PASS " + b"p" * (limit - len(b"PASS \r\n")) + b"\r\n"
+    over = b"PASS " + b"p" * (limit - len(b"PASS \r\n") + 1) + b"\r\n"
+    run = run_server(b"USER a\r\n" + fits + b"USER a\r\n" + over, settings)
+    assert run.events[1] == Pass(Secret(fits[5:-2]), user="a")
+    assert run.events[3] == rejected("Line too long")
+
+
+def test_the_sasl_line_limit_is_a_setting() -> None:
+    settings = ServerSettings(max_sasl_line_octets=1024)
+    fits = b"=" * 1022  # not base64: rejected as such, so it was read as a line
+    over = b"=" * 1023
+    run = run_server(b"AUTH PLAIN\r\n" + fits + b"\r\nAUTH PLAIN\r\n" + over + b"\r\n", settings)
+    assert run.events == [
+        Auth("PLAIN"),
+        rejected("Invalid base64 data"),
+        Auth("PLAIN"),
+        rejected("Line too long"),
+    ]
+
+
+@pytest.mark.parametrize("where", ["initial-response", "continuation"])
+def test_sasl_payload_over_its_limit_is_refused_and_ends_the_exchange(where: str) -> None:
+    settings = ServerSettings(max_sasl_payload_octets=SASL_PAYLOAD_FLOOR_OCTETS)
+    fits = base64.b64encode(b"\0u\0" + b"p" * (SASL_PAYLOAD_FLOOR_OCTETS - 3))
+    over = base64.b64encode(b"\0u\0" + b"p" * (SASL_PAYLOAD_FLOOR_OCTETS - 2))
+    if where == "initial-response":
+        run = run_server(b"AUTH PLAIN " + over + b"\r\nAUTH PLAIN " + fits + b"\r\n", settings)
+        assert run.events[0] == rejected("Authentication data too long")
+    else:
+        run = run_server(b"AUTH PLAIN\r\n" + over + b"\r\nAUTH PLAIN " + fits + b"\r\n", settings)
+        assert run.events[:2] == [Auth("PLAIN"), rejected("Authentication data too long")]
+    # RFC 5034 §4: the refusal ends the exchange; the next line is a command again.
+    assert run.events[-1] == Auth("PLAIN", Secret(base64.b64decode(fits)))
 
 
 # --- Message numbers ----------------------------------------------------------
