@@ -11,9 +11,22 @@ The hot path is two C-level passes per chunk (``bytes.replace`` or ``find`` for
 
 from __future__ import annotations
 
-from popproxy.pop3.errors import LocalProtocolError
+from popproxy.pop3.errors import LocalProtocolError, RemoteProtocolError
+from popproxy.pop3.replies import Err
 
 TERMINATOR = b".\r\n"
+# A line that is a dot and a bare LF. It cannot occur in a body a server keeps to
+# RFC 1939 §3 (a line starting with "." is stuffed, every line ends with CRLF), and a
+# client that ends lines at LF, as many do, would take it for the terminator: a relay
+# that passed it on would let the upstream end the message early for the client and
+# inject what follows as replies. Both decoders refuse it.
+_BARE_LF_DOT_LINE = b".\n"
+
+
+def _ambiguous_terminator() -> RemoteProtocolError:
+    return RemoteProtocolError(
+        Err("A line of a multi-line reply is a dot and a bare LF"), fatal=True
+    )
 
 
 class DotStuffer:
@@ -84,6 +97,8 @@ class DotUnstuffer:
                     pos += 3
                     self.done = True
                     break
+                if buf[pos + 1] == 0x0A:
+                    raise _ambiguous_terminator()
                 pos += 1  # RFC 1939 §3: drop the stuffed dot
             hit = buf.find(b"\n.", pos)
             if hit == -1:
@@ -133,8 +148,12 @@ class StuffedBodyScanner:
                 return b""
             if bytes(buf[:3]) in _TERMINATOR_PREFIXES:
                 return b""  # ".", ".\r": wait for the next octet
+            if buf[:2] == _BARE_LF_DOT_LINE:
+                raise _ambiguous_terminator()
         hit = buf.find(_LINE_END_TERMINATOR)
         if hit != -1:
+            if buf.find(b"\n" + _BARE_LF_DOT_LINE, 0, hit + 1) != -1:
+                raise _ambiguous_terminator()
             body = bytes(buf[: hit + 1])
             del buf[: hit + 1 + len(TERMINATOR)]
             self.done = True
@@ -143,6 +162,9 @@ class StuffedBodyScanner:
         last_newline = buf.rfind(b"\n", max(0, end - len(TERMINATOR)))
         if last_newline != -1 and bytes(buf[last_newline + 1 :]) in _TERMINATOR_PREFIXES:
             end = last_newline + 1
+        # A dot line cut after its dot was held back above, so it is checked whole.
+        if buf.find(b"\n" + _BARE_LF_DOT_LINE, 0, end) != -1:
+            raise _ambiguous_terminator()
         body = bytes(buf[:end])
         del buf[:end]
         self._at_line_start = body[-1] == 0x0A

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from pop3_helpers import CONTENT, FAST, byte_chunks, expected_content, split_at
 
 from popproxy.pop3.dotstuff import TERMINATOR, DotStuffer, DotUnstuffer, StuffedBodyScanner
-from popproxy.pop3.errors import LocalProtocolError
+from popproxy.pop3.errors import LocalProtocolError, RemoteProtocolError
 
 
 def stuff(chunks: list[bytes]) -> bytes:
@@ -194,9 +194,16 @@ def test_scanner_passes_the_stuffed_body_unchanged_under_any_chunking(
 def test_scanner_and_unstuffer_agree_on_where_any_body_ends(
     wire: bytes, wire_cuts: list[int]
 ) -> None:
-    """Even on hostile input, relaying and decoding end the body at the same octet."""
-    body, scan_rest, scan_done = scan(split_at(wire, wire_cuts))
-    decoded, unstuff_rest, unstuff_done = unstuff(split_at(wire, wire_cuts))
+    """Even on hostile input, relaying and decoding end the body at the same octet, or
+    both refuse it."""
+    chunks = split_at(wire, wire_cuts)
+    try:
+        body, scan_rest, scan_done = scan(chunks)
+    except RemoteProtocolError:
+        with pytest.raises(RemoteProtocolError):
+            unstuff(chunks)
+        return
+    decoded, unstuff_rest, unstuff_done = unstuff(chunks)
     assert scan_done == unstuff_done
     if scan_done:
         assert scan_rest == unstuff_rest
@@ -235,3 +242,32 @@ def test_stuffer_tracks_line_start_through_stuffed_chunks() -> None:
     assert stuffer.finish() == TERMINATOR
     with pytest.raises(LocalProtocolError):
         stuffer.pass_stuffed(b"late")
+
+
+BARE_LF_DOT_LINES = [
+    b".\n",  # the body's first line
+    b"a\r\n.\nFAKE\r\n.\r\n",  # a lenient client's terminator, then an injected reply
+    b"a\n.\n.\r\n",
+    b"a\r\n..\r\n.\n",
+]
+
+
+@pytest.mark.parametrize("wire", BARE_LF_DOT_LINES)
+def test_a_dot_and_bare_lf_line_is_refused_whole_and_byte_by_byte(wire: bytes) -> None:
+    """RFC 1939 §3 has no such line; a client that ends lines at LF would read it as the
+    terminator, so a relay must not pass it on."""
+    for chunks in ([wire], list(byte_chunks(wire))):
+        with pytest.raises(RemoteProtocolError) as scanned:
+            scan(chunks)
+        assert scanned.value.fatal
+        with pytest.raises(RemoteProtocolError):
+            unstuff(chunks)
+
+
+@pytest.mark.parametrize("wire", [b"..\n.\r\n", b"a\n..\n.\r\n", b".x\n.\r\n", b"a.\n.\r\n"])
+def test_stuffed_dots_before_a_bare_lf_are_fine(wire: bytes) -> None:
+    for chunks in ([wire], list(byte_chunks(wire))):
+        body, _, done = scan(chunks)
+        assert done == 1
+        assert body + TERMINATOR == wire
+        assert unstuff(chunks)[2] == 1

@@ -21,6 +21,8 @@ from integration.harness import LOOPBACK, TlsFiles
 # The upstream waits at most this long for popproxy's next line or connection.
 HOSTILE_TIMEOUT_SECONDS = 15.0
 RECV_BYTES = 65536
+# How often the accepting thread looks whether the upstream is being closed.
+ACCEPT_POLL_SECONDS = 0.05
 # The verbs that carry credentials (RFC 1939 §7, RFC 5034 §4).
 CREDENTIAL_VERBS = (b"USER", b"PASS", b"AUTH", b"APOP")
 
@@ -104,7 +106,7 @@ class HostileUpstream:
         self.tls_failures: list[str] = []
         self.errors: list[BaseException] = []
         self.listener = socket.create_server((LOOPBACK, 0))
-        self.listener.settimeout(HOSTILE_TIMEOUT_SECONDS)
+        self.listener.settimeout(ACCEPT_POLL_SECONDS)
         self.port: int = self.listener.getsockname()[1]
         self._closing = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -114,6 +116,8 @@ class HostileUpstream:
         while not self._closing.is_set():
             try:
                 sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue  # to see whether close() was called
             except OSError:
                 return
             received = Received()
@@ -136,8 +140,8 @@ class HostileUpstream:
 
     def close(self) -> None:
         self._closing.set()
-        self.listener.close()
         self.thread.join(HOSTILE_TIMEOUT_SECONDS)
+        self.listener.close()
         assert not self.thread.is_alive(), "the hostile upstream did not stop"
         assert not self.errors, self.errors
 

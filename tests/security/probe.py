@@ -57,7 +57,7 @@ class RawPop3:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def _fill(self) -> bool:
+    def receive(self) -> bool:
         data = self.sock.recv(RECV_BYTES)
         self.buf += data
         return bool(data)
@@ -66,7 +66,7 @@ class RawPop3:
         """The next line without its CRLF; `Closed` if the server closed first."""
         while (end := self.buf.find(b"\r\n")) == -1:
             assert len(self.buf) <= MAX_REPLY_LINE_BYTES, f"overlong line: {self.buf[:80]!r}"
-            if not self._fill():
+            if not self.receive():
                 raise Closed(f"closed; unterminated tail {bytes(self.buf)!r}")
         line = bytes(self.buf[:end])
         del self.buf[: end + 2]
@@ -99,7 +99,7 @@ class RawPop3:
         """Everything the server still sends, up to its end of stream (which must come)."""
         while len(self.buf) <= MAX_TAIL_BYTES:
             try:
-                if not self._fill():
+                if not self.receive():
                     break
             except ConnectionResetError:
                 break
@@ -129,6 +129,7 @@ class Target:
         limits: Mapping[str, float | int] | None = None,
         allow_plaintext_auth: bool = True,
         users: tuple[ProxyUser, ...] = (),
+        upstreams: Mapping[str, Upstream] | None = None,
     ) -> Target:
         host, port = dovecot.endpoint("starttls")
         server = start(
@@ -136,7 +137,10 @@ class Target:
                 ProxyUser(LOCAL_USER, PASSWORD, UPSTREAM, mailbox.name, mailbox.password),
                 *users,
             ],
-            upstreams={UPSTREAM: Upstream(host, port, "starttls", ca_file=dovecot.ca_file)},
+            upstreams={
+                UPSTREAM: Upstream(host, port, "starttls", ca_file=dovecot.ca_file),
+                **(upstreams or {}),
+            },
             allow_plaintext_auth=allow_plaintext_auth,
             limits=limits,
         )

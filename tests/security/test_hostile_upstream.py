@@ -1,0 +1,313 @@
+"""A hostile upstream, written here (hostile.py), in front of which popproxy must never
+send credentials in clear and never relay the bad part of a reply: the client gets a
+mapped -ERR or a closed connection, never a truncated message that looks complete
+(RFC 1939 §3, RFC 2595 §4, RFC 3206, docs/security.md)."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+
+import pytest
+from integration.conftest import StartServer
+from integration.dovecot import DovecotServer, DovecotUser
+from integration.harness import (
+    LOOPBACK,
+    PASSWORD,
+    Corpus,
+    ProxyUser,
+    RssSampler,
+    TlsFiles,
+    Upstream,
+)
+
+from .hostile import (
+    HostileConnection,
+    HostileUpstream,
+    Script,
+    hostile_upstream,
+    server_context,
+    tls_1_1_works_here,
+)
+from .probe import Target
+
+VICTIM = "victim"
+HOSTILE = "hostile"
+UNAVAILABLE = b"-ERR [SYS/TEMP] The mail provider is unavailable, try again later."
+LOST = b"-ERR [SYS/TEMP] Lost the connection to the mail provider."
+TEN_MB = 10 * 1024 * 1024
+SEND_CHUNK_BYTES = 64 * 1024
+# As in test_lines.py: far below the 10 MB a server that buffered the line would need.
+TEN_MB_RSS_GROWTH_BOUND_KIB = 4 * 1024
+MESSAGE = b"Subject: hostile\r\n\r\nhello\r\n"
+
+
+Launch = Callable[[HostileUpstream, str], Target]
+Run = Callable[..., tuple[Target, HostileUpstream, bytes]]
+
+
+@pytest.fixture
+def launch(
+    start: StartServer,
+    dovecot: DovecotServer,
+    mailbox: DovecotUser,
+    corpus: Corpus,
+    tls_files: TlsFiles,
+) -> Launch:
+    """Start popproxy with VICTIM routed to a hostile upstream (over `tls`: none,
+    starttls, implicit), and the usual user routed to Dovecot, for `still_serves`."""
+
+    def _launch(upstream: HostileUpstream, tls: str) -> Target:
+        ca_file = tls_files.ca_cert if tls != "none" else None
+        return Target.start(
+            start,
+            dovecot,
+            mailbox,
+            corpus,
+            users=(ProxyUser(VICTIM, PASSWORD, HOSTILE, "victim@hostile", "upstream-secret"),),
+            upstreams={HOSTILE: Upstream(LOOPBACK, upstream.port, tls, ca_file=ca_file)},
+        )
+
+    return _launch
+
+
+def victim_login(target: Target) -> bytes:
+    with target.connect() as pop:
+        reply = pop.login(VICTIM)
+        assert pop.cmd(b"QUIT") == b"+OK Logging out."
+    return reply
+
+
+def exchange(conn: HostileConnection, *exchanges: tuple[bytes, bytes]) -> bool:
+    """Greet, then answer each expected verb with canned octets; False if popproxy
+    sent something else or closed."""
+    conn.send(b"+OK hostile POP3\r\n")
+    for verb, answer in exchanges:
+        if conn.verb() != verb:
+            return False
+        conn.send(answer)
+    return True
+
+
+def greeting_then(*exchanges: tuple[bytes, bytes]) -> Script:
+    """A script: `exchange`, then read to the end."""
+
+    def script(conn: HostileConnection) -> None:
+        exchange(conn, *exchanges)
+        conn.drain()
+
+    return script
+
+
+CAPA_STLS = b"+OK\r\nUSER\r\nUIDL\r\nSTLS\r\n.\r\n"
+CAPA_NO_STLS = b"+OK\r\nUSER\r\nUIDL\r\n.\r\n"
+
+
+@pytest.fixture
+def run(launch: Launch) -> Run:
+    """Run a VICTIM login against a hostile upstream; the upstream is closed after it."""
+
+    def _run(
+        script: Script, tls: str, *, implicit_tls: ssl.SSLContext | None = None
+    ) -> tuple[Target, HostileUpstream, bytes]:
+        with hostile_upstream(script, implicit_tls=implicit_tls) as upstream:
+            target = launch(upstream, tls)
+            reply = victim_login(target)
+        return target, upstream, reply
+
+    return _run
+
+
+# -- STLS on the upstream leg: no downgrade, no injection ---------------------------------------
+
+
+def test_an_upstream_that_strips_stls_gets_no_credentials(
+    run: Run,
+) -> None:
+    target, upstream, reply = run(greeting_then((b"CAPA", CAPA_NO_STLS)), "starttls")
+    assert reply == UNAVAILABLE
+    assert upstream.all_command_lines() == [b"CAPA"]
+    assert upstream.credentials_in_clear() == []
+    assert target.server.records("upstream_stls_unavailable")
+    target.still_serves()
+
+
+def test_an_upstream_that_refuses_stls_gets_no_credentials(
+    run: Run,
+) -> None:
+    script = greeting_then((b"CAPA", CAPA_STLS), (b"STLS", b"-ERR not today\r\n"))
+    target, upstream, reply = run(script, "starttls")
+    assert reply == UNAVAILABLE
+    assert upstream.all_command_lines() == [b"CAPA", b"STLS"]
+    assert upstream.credentials_in_clear() == []
+    target.still_serves()
+
+
+@pytest.mark.parametrize(
+    "after_ok",
+    [b"+OK injected\r\n", b"+OK\r\n+OK\r\n+OK 0 0\r\n", b"-ERR"],
+    ids=["a-reply", "replies-to-a-login", "a-partial-line"],
+)
+def test_octets_after_the_upstreams_stls_reply_abort_before_the_handshake(
+    run: Run, after_ok: bytes
+) -> None:
+    script = greeting_then((b"CAPA", CAPA_STLS), (b"STLS", b"+OK begin TLS\r\n" + after_ok))
+    target, upstream, reply = run(script, "starttls")
+    assert reply == LOST
+    assert upstream.all_command_lines() == [b"CAPA", b"STLS"]
+    assert upstream.credentials_in_clear() == []
+    # Octets behind the last awaited reply are refused as soon as they are read, before
+    # the STLS step's own check for them.
+    errors = target.server.records("upstream_protocol_error")
+    assert [r["reason"] for r in errors] in (["unsolicited reply"], ["data after the STLS reply"])
+    target.still_serves()
+
+
+def test_an_upstream_that_offers_only_tls_1_1_gets_nothing(run: Run, tls_files: TlsFiles) -> None:
+    assert tls_1_1_works_here(tls_files), "this OpenSSL cannot offer TLS 1.1 at all"
+    tls_1_1 = server_context(tls_files, tls_1_1_only=True)
+    # Implicit TLS: the handshake fails before a single octet of POP3.
+    target, upstream, reply = run(greeting_then(), "implicit", implicit_tls=tls_1_1)
+    assert reply == UNAVAILABLE
+    assert upstream.tls_failures and upstream.connections
+    assert all(not r.clear and not r.secure for r in upstream.connections)
+    assert target.server.records("upstream_tls_failed")
+
+    # STLS: the handshake after "+OK" fails; nothing follows it.
+    def stls_then_tls_1_1(conn: HostileConnection) -> None:
+        conn.send(b"+OK hostile POP3\r\n")
+        if conn.verb() != b"CAPA":
+            return
+        conn.send(CAPA_STLS)
+        if conn.verb() != b"STLS":
+            return
+        conn.send(b"+OK begin TLS\r\n")
+        try:
+            conn.start_tls(tls_1_1)
+        except OSError:
+            return
+        conn.drain()
+
+    target, upstream, reply = run(stls_then_tls_1_1, "starttls")
+    assert reply == UNAVAILABLE
+    assert upstream.all_command_lines() == [b"CAPA", b"STLS"]
+    assert upstream.credentials_in_clear() == []
+    target.still_serves()
+
+
+# -- injected and unsolicited replies -----------------------------------------------------------
+
+
+def test_a_reply_before_its_command_is_a_protocol_error(
+    run: Run,
+) -> None:
+    # A reply in the greeting's write, before any command was sent.
+    target, upstream, reply = run(
+        lambda conn: (conn.send(b"+OK hostile POP3\r\n+OK early\r\n"), conn.drain()), "none"
+    )
+    assert reply == LOST
+    assert upstream.all_command_lines() == []
+    # Replies to a login that was never sent, behind the CAPA listing.
+    target, upstream, reply = run(
+        greeting_then((b"CAPA", CAPA_NO_STLS + b"+OK\r\n+OK\r\n")), "none"
+    )
+    assert reply == LOST
+    assert upstream.all_command_lines() == [b"CAPA"]
+    target.still_serves()
+
+
+# A plain upstream's login and listing of one message (RFC 1939 §§4-7).
+LOGIN_AND_LISTING = (
+    (b"CAPA", CAPA_NO_STLS),
+    (b"USER", b"+OK\r\n"),
+    (b"PASS", b"+OK\r\n"),
+    (b"UIDL", b"+OK\r\n1 only\r\n.\r\n"),
+    (b"LIST", b"+OK\r\n1 %d\r\n.\r\n" % len(MESSAGE)),
+)
+
+
+def logged_in(retr_answer: bytes) -> Script:
+    """Logs anyone in, lists one message, answers RETR with `retr_answer`, then closes."""
+
+    def script(conn: HostileConnection) -> None:
+        exchange(conn, *LOGIN_AND_LISTING, (b"RETR", retr_answer))
+
+    return script
+
+
+def retr_through_the_proxy(target: Target) -> bytes:
+    """Log VICTIM in and RETR 1. Where the fault shows before anything of the message
+    went out, the client gets the mapped -ERR and the session goes on (returns b"");
+    otherwise returns everything that came until the proxy closed."""
+    with target.connect() as pop:
+        assert pop.login(VICTIM).startswith(b"+OK Logged in, 1 messages")
+        pop.send(b"RETR 1\r\n")
+        pop.receive()
+        if pop.buf.startswith(b"-ERR"):
+            assert pop.line() == LOST
+            assert pop.cmd(b"RETR 1") == LOST  # the upstream connection is gone for good
+            assert pop.cmd(b"QUIT").startswith(b"-ERR [SYS/TEMP]")  # nothing was confirmed
+            return b""
+        return pop.rest_until_closed()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"+OK\r\n" + MESSAGE + b".\r\n+OK unsolicited\r\n",  # a line nobody asked for
+        b"+OK\r\n" + MESSAGE + b".\nFAKE reply\r\n.\r\n",  # a terminator for lenient clients
+        b"+OK\r\n" + MESSAGE[:-2] + b"\r\n.",  # dies on what could begin a terminator
+        b"+OK\r\n" + MESSAGE[:10],  # dies in the middle of a line
+    ],
+    ids=["unsolicited-line", "dot-bare-lf", "dies-after-a-dot", "dies-mid-line"],
+)
+def test_a_bad_message_is_never_relayed_as_complete(
+    launch: Launch,
+    answer: bytes,
+) -> None:
+    with hostile_upstream(logged_in(answer)) as upstream:
+        target = launch(upstream, "none")
+        received = retr_through_the_proxy(target)
+    assert not received.endswith(b"\r\n.\r\n"), received
+    assert b"FAKE" not in received and b"unsolicited" not in received
+    assert b".\n" not in received
+    target.still_serves()
+
+
+def send_ten_megabytes(conn: HostileConnection, head: bytes) -> None:
+    """`head`, then 10 MB without a line end, for as long as popproxy reads."""
+    if not conn.send(head):
+        return
+    chunk = b"x" * SEND_CHUNK_BYTES
+    for _ in range(TEN_MB // SEND_CHUNK_BYTES):
+        if not conn.send(chunk):
+            return
+    conn.drain()
+
+
+def test_a_10_mb_status_line_is_refused_in_bounded_memory(
+    launch: Launch,
+) -> None:
+    # As the greeting: the login fails, nothing is sent upstream.
+    with hostile_upstream(lambda conn: send_ten_megabytes(conn, b"+OK ")) as upstream:
+        target = launch(upstream, "none")
+        target.still_serves()
+        before_kib = target.server.rss_kib()
+        with RssSampler(target.server.pid) as rss:
+            assert victim_login(target) == LOST
+    assert upstream.all_command_lines() == []
+    assert rss.peak_kib - before_kib < TEN_MB_RSS_GROWTH_BOUND_KIB
+
+    # As the reply to RETR: the client gets the mapped -ERR, and the session goes on.
+    def retr_ten_megabytes(conn: HostileConnection) -> None:
+        if exchange(conn, *LOGIN_AND_LISTING) and conn.verb() == b"RETR":
+            send_ten_megabytes(conn, b"+OK ")
+
+    with hostile_upstream(retr_ten_megabytes) as upstream:
+        target = launch(upstream, "none")
+        with target.connect() as pop:
+            assert pop.login(VICTIM).startswith(b"+OK Logged in, 1 messages")
+            assert pop.cmd(b"RETR 1") == LOST
+            assert pop.cmd(b"STAT") == b"+OK 1 %d" % len(MESSAGE)
+            assert pop.cmd(b"RETR 1") == LOST
+    target.still_serves()
