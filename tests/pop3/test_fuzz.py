@@ -37,17 +37,29 @@ from popproxy.pop3.commands import (
     Uidl,
     User,
     multiline_on_ok,
+    parse_command,
+    serialize_command,
 )
+from popproxy.pop3.dotstuff import DotStuffer
 from popproxy.pop3.errors import RemoteProtocolError
-from popproxy.pop3.events import NEED_DATA, ConnectionClosed, Data, EndOfData, SaslChallenge
+from popproxy.pop3.events import (
+    NEED_DATA,
+    ConnectionClosed,
+    Data,
+    EndOfData,
+    SaslChallenge,
+    StuffedData,
+)
 from popproxy.pop3.limits import (
     MAX_COMMAND_LINE_OCTETS,
+    MAX_MESSAGE_NUMBER,
     MAX_REPLY_LINE_OCTETS,
     MAX_SASL_LINE_OCTETS,
 )
-from popproxy.pop3.replies import Err, Ok
+from popproxy.pop3.replies import Err, Ok, ResponseCode
 from popproxy.pop3.server import Reply, ServerConnection, ServerSettings
 from popproxy.pop3.state import Phase
+from popproxy.pop3.wire import format_status
 from popproxy.secret import Secret
 
 COMMAND_TYPES = (
@@ -358,3 +370,134 @@ def test_hostile_bytes_to_client(data: bytes, command: Command) -> None:
         conn = ClientConnection()
         conn.send(command)
         drive_client(conn, chunks)
+
+
+# --- Grammar-based commands, mutated ------------------------------------------------
+
+NUMBERS = st.integers(1, MAX_MESSAGE_NUMBER)
+SAFE_TEXT = st.text(
+    st.characters(min_codepoint=0x21, max_codepoint=0x2FF, blacklist_categories=("Cc", "Zs")),
+    min_size=1,
+    max_size=30,
+)
+SECRETS = st.binary(min_size=1, max_size=40).map(Secret)
+GRAMMAR_COMMANDS: st.SearchStrategy[Command] = st.one_of(
+    st.builds(User, SAFE_TEXT),
+    st.builds(
+        Pass,
+        st.binary(min_size=1, max_size=40)
+        .filter(lambda p: all(0x20 <= b != 0x7F for b in p) and p.strip(b" ") == p and p != b"")
+        .map(Secret),
+    ),
+    st.builds(Apop, SAFE_TEXT, st.text("0123456789abcdef", min_size=32, max_size=32)),
+    st.builds(Auth, st.none() | st.just("PLAIN"), st.none()),
+    st.builds(Auth, st.just("PLAIN"), SECRETS | st.just(Secret(b""))),
+    st.sampled_from([Stls(), Capa(), Stat(), Noop(), Rset(), Quit(), List(), Uidl()]),
+    st.builds(List, NUMBERS),
+    st.builds(Uidl, NUMBERS),
+    st.builds(Retr, NUMBERS),
+    st.builds(Dele, NUMBERS),
+    st.builds(Top, NUMBERS, st.integers(0, MAX_MESSAGE_NUMBER)),
+)
+
+
+@st.composite
+def mutated(draw: st.DrawFn, wire: bytes) -> bytes:
+    """``wire`` with a few octets inserted, deleted or replaced, or its case changed."""
+    data = bytearray(wire)
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(data)))
+        match draw(st.sampled_from(["insert", "delete", "replace", "swapcase"])):
+            case "insert":
+                data[at:at] = draw(st.binary(min_size=1, max_size=3))
+            case "delete" if data:
+                del data[min(at, len(data) - 1)]
+            case "replace" if data:
+                data[min(at, len(data) - 1)] = draw(st.integers(0, 255))
+            case _:
+                data[:] = bytes(data).swapcase()
+    return bytes(data)
+
+
+@FAST
+@given(command=GRAMMAR_COMMANDS)
+def test_every_command_round_trips_through_the_parser(command: Command) -> None:
+    wire = serialize_command(command)
+    assert wire.endswith(b"\r\n")
+    assert parse_command(wire[:-2]) == command
+
+
+@FAST
+@given(
+    data=st.lists(GRAMMAR_COMMANDS, min_size=1, max_size=8).flatmap(
+        lambda commands: st.tuples(
+            *(mutated(serialize_command(c)) | st.just(serialize_command(c)) for c in commands)
+        )
+    ),
+    settings=SETTINGS,
+    cuts=st.lists(st.integers(0, 2000), max_size=8),
+    seed=st.integers(0, 2**32),
+)
+def test_mutated_grammar_commands_to_server(
+    data: tuple[bytes, ...], settings: ServerSettings, cuts: list[int], seed: int
+) -> None:
+    conn = ServerConnection(settings)
+    conn.send(Ok("ready"))
+    drive_server(conn, split_at(b"".join(data), cuts), random.Random(seed))
+
+
+# --- Multi-line replies from a server, split anywhere ------------------------------
+
+REPLY_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
+STATUS = st.one_of(
+    st.builds(Ok, REPLY_TEXT.map(str.strip)),
+    st.builds(Err, REPLY_TEXT.map(str.strip).filter(lambda t: not t.startswith("["))),
+    st.builds(Err, REPLY_TEXT.map(str.strip), st.sampled_from(list(ResponseCode))),
+)
+SCRIPTED_COMMANDS: list[Command] = [
+    Capa(), Stat(), List(), List(2), Retr(1), Top(1, 3), Uidl(), Uidl(4), Noop(), Dele(2),
+]  # fmt: skip
+
+
+@FAST
+@given(
+    exchanges=st.lists(
+        st.tuples(st.sampled_from(SCRIPTED_COMMANDS), STATUS, CONTENT), min_size=1, max_size=6
+    ),
+    cuts=st.lists(st.integers(0, 4000), max_size=12),
+    stuffed=st.booleans(),
+)
+def test_pipelined_replies_split_anywhere_decode_to_what_was_sent(
+    exchanges: list[tuple[Command, Ok | Err, bytes]], cuts: list[int], stuffed: bool
+) -> None:
+    """The client role matches every reply to its command from the FIFO and gets each
+    body back exactly, however the octets are cut (RFC 1939 §3, RFC 2449 §6.6)."""
+    conn = ClientConnection(expect_greeting=False)
+    wire = bytearray()
+    want: list[object] = []
+    for command, status, body in exchanges:
+        conn.send(command, stuffed_body=stuffed)
+        wire += format_status(status)
+        want.append(status)
+        if isinstance(status, Ok) and multiline_on_ok(command):
+            stuffer = DotStuffer()
+            stuffed_body = stuffer.stuff(body) + stuffer.finish()
+            wire += stuffed_body
+            # As relayed: the octets up to the terminator line; decoded: the content.
+            want.append(stuffed_body[:-3] if stuffed else expected_content(body))
+            want.append(EndOfData())
+    events: list[object] = []
+    collected = bytearray()
+    for chunk in split_at(bytes(wire), cuts):
+        conn.receive_data(chunk)
+        while (event := conn.next_event()) is not NEED_DATA:
+            if isinstance(event, Data | StuffedData):
+                assert isinstance(event, StuffedData) == stuffed
+                collected += event.data
+                continue
+            if isinstance(event, EndOfData):
+                events.append(bytes(collected))
+                collected.clear()
+            events.append(event)
+    assert events == want
+    assert conn.outstanding == 0
