@@ -46,9 +46,9 @@ def maildir(corpus: Corpus, tmp_path: Path) -> Path:
     return corpus.copy_to(tmp_path / "Maildir")
 
 
-@pytest.fixture
-def start(tmp_path: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
-    """Start popproxy servers for this test; each is stopped with SIGTERM and must exit 0."""
+def serve_in(workdir: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
+    """Start popproxy servers under `workdir`; at the end each is stopped with SIGTERM
+    and must exit 0 (a generator for fixtures of any scope to `yield from`)."""
     servers: list[ServerProcess] = []
 
     def _start(
@@ -62,7 +62,7 @@ def start(tmp_path: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
         metrics: Mapping[str, object] | None = None,
     ) -> ServerProcess:
         server = start_server(
-            tmp_path / f"server{len(servers)}",
+            workdir / f"server{len(servers)}",
             users=users,
             tls=tls_files,
             listeners=listeners,
@@ -86,6 +86,12 @@ def start(tmp_path: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
         if code != 0:
             failures.append(f"exit code {code} after SIGTERM\n--- log ---\n{server.log_text()}")
     assert not failures, "\n\n".join(failures)
+
+
+@pytest.fixture
+def start(tmp_path: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
+    """Start popproxy servers for this test; each is stopped with SIGTERM and must exit 0."""
+    yield from serve_in(tmp_path, tls_files)
 
 
 @pytest.fixture

@@ -9,21 +9,15 @@ server with `start`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 
 import pytest
 from integration import conftest as integration
 from integration.dovecot import DovecotServer, DovecotUser
 from integration.harness import (
     Corpus,
-    ProxyUser,
-    ServerFailed,
-    ServerProcess,
     TlsFiles,
-    Upstream,
-    User,
     make_corpus,
-    start_server,
 )
 
 from .probe import Target
@@ -56,38 +50,7 @@ def module_start(
     tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles
 ) -> Iterator[integration.StartServer]:
     """As tests/integration's `start`, for servers that live as long as a module."""
-    servers: list[ServerProcess] = []
-    workdir = tmp_path_factory.mktemp("popproxy")
-
-    def _start(
-        *,
-        users: Sequence[User | ProxyUser],
-        upstreams: Mapping[str, Upstream] | None = None,
-        allow_plaintext_auth: bool = True,
-        limits: Mapping[str, float | int] | None = None,
-    ) -> ServerProcess:
-        server = start_server(
-            workdir / f"server{len(servers)}",
-            users=users,
-            tls=tls_files,
-            upstreams=upstreams,
-            allow_plaintext_auth=allow_plaintext_auth,
-            limits=limits,
-        )
-        servers.append(server)
-        return server
-
-    yield _start
-    failures = []
-    for server in servers:
-        try:
-            code = server.stop()
-        except ServerFailed as exc:
-            failures.append(str(exc))
-            continue
-        if code != 0:
-            failures.append(f"exit code {code} after SIGTERM\n--- log ---\n{server.log_text()}")
-    assert not failures, "\n\n".join(failures)
+    yield from integration.serve_in(tmp_path_factory.mktemp("popproxy"), tls_files)
 
 
 @pytest.fixture(scope="module")

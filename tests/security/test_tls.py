@@ -20,19 +20,14 @@ PLAINTEXT_DISALLOWED = (
 )
 
 
-def test_stls_with_a_command_in_the_same_write_is_refused_and_closed(target: Target) -> None:
+@pytest.mark.parametrize("behind", [b"CAPA\r\n", b"USER mall"], ids=["a-command", "a-partial-line"])
+def test_stls_with_anything_behind_it_in_the_buffer_is_refused_and_closed(
+    target: Target, behind: bytes
+) -> None:
     with target.connect("starttls") as pop:
-        pop.send(b"STLS\r\nCAPA\r\n")
+        pop.send(b"STLS\r\n" + behind)
         assert pop.line() == b"-ERR STLS must be the last command sent in clear"
-        # No TLS handshake starts and CAPA is never answered: the connection ends.
-        assert pop.rest_until_closed() == b""
-    target.still_serves()
-
-
-def test_a_partial_line_behind_stls_is_refused_too(target: Target) -> None:
-    with target.connect("starttls") as pop:
-        pop.send(b"STLS\r\nUSER mall")
-        assert pop.line() == b"-ERR STLS must be the last command sent in clear"
+        # No TLS handshake starts and what followed is never answered: the connection ends.
         assert pop.rest_until_closed() == b""
     target.still_serves()
 
