@@ -1,4 +1,7 @@
-"""The sans-IO core imports no I/O, TLS, YAML, metrics or database library (DESIGN.md, Layers)."""
+"""The sans-IO core and the policy import no I/O, TLS, YAML, metrics or database library.
+
+DESIGN.md, Layers: ``pop3/`` and ``policy/`` are pure.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,19 @@ import popproxy
 
 FORBIDDEN = frozenset({"trio", "socket", "ssl", "yaml", "prometheus_client", "sqlite3"})
 PACKAGE_ROOT = Path(popproxy.__file__).parent
-POP3_MODULES = sorted(
-    "popproxy.pop3" + ("" if p.stem == "__init__" else "." + p.stem)
-    for p in (PACKAGE_ROOT / "pop3").glob("*.py")
-)
+
+
+def package_modules(package: str) -> list[str]:
+    """Every module of ``popproxy.<package>``, the package itself included."""
+    return sorted(
+        f"popproxy.{package}" + ("" if p.stem == "__init__" else "." + p.stem)
+        for p in (PACKAGE_ROOT / package).glob("*.py")
+    )
+
+
+POP3_MODULES = package_modules("pop3")
+POLICY_MODULES = package_modules("policy")
+PURE_MODULES = POP3_MODULES + POLICY_MODULES
 
 
 def module_path(name: str) -> Path:
@@ -65,13 +77,15 @@ def closure(roots: list[str]) -> dict[str, set[str]]:
     return seen
 
 
-def test_pop3_modules_are_found() -> None:
+def test_pure_modules_are_found() -> None:
     assert "popproxy.pop3.server" in POP3_MODULES
     assert "popproxy.pop3.client" in POP3_MODULES
+    assert "popproxy.policy" in POLICY_MODULES
+    assert "popproxy.policy.decide" in POLICY_MODULES
 
 
-@pytest.mark.parametrize("module", POP3_MODULES)
-def test_pop3_imports_no_io_library(module: str) -> None:
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_pure_module_imports_no_io_library(module: str) -> None:
     graph = closure([module])
     bad = {
         (importer, imported)
@@ -105,10 +119,15 @@ def test_the_walker_sees_every_form_of_import() -> None:
     assert "popproxy.secret" in names
 
 
-def test_importing_pop3_loads_no_io_library_at_run_time() -> None:
+def test_policy_imports_only_policy_and_the_standard_library() -> None:
+    graph = closure(POLICY_MODULES)
+    assert set(graph) <= set(POLICY_MODULES)
+
+
+def test_importing_pure_modules_loads_no_io_library_at_run_time() -> None:
     code = (
         "import sys\n"
-        + "".join(f"import {m}\n" for m in POP3_MODULES)
+        + "".join(f"import {m}\n" for m in PURE_MODULES)
         + f"print(sorted(set(sys.modules) & set({sorted(FORBIDDEN)!r})))"
     )
     out = subprocess.run(

@@ -1,0 +1,393 @@
+"""Pure retention decisions: the client's view at login, the retention plan at QUIT.
+
+The policy gets the upstream listing with the state store's facts (:class:`Candidate`)
+and ``now``, and returns a :class:`View` (what the client sees, and the decision for
+every message); at QUIT it gets the view, the messages the client marked with DELE
+and those it retrieved, and returns a :class:`RetentionPlan`: which messages to
+delete upstream and which to hide for this local user. The session carries the plan
+out (DESIGN.md, "Session data flow", step 6). Nothing here reads a clock, a file or
+the network; docs/rules.md describes the semantics tested here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import MappingProxyType
+
+from popproxy.policy.headers import Headers
+from popproxy.policy.rules import DEFAULT_RULE, MAX_RULES, Action, Rule, Setting
+
+# RFC 2449 §6.7 EXPIRE arguments.
+EXPIRE_NEVER = "NEVER"  # the server does not delete messages on its own
+EXPIRE_AT_QUIT = "0"  # retrieved messages are deleted at QUIT (an implicit DELE)
+EXPIRE_VARIES = "USER"  # after the minimum, before login: the value varies by user
+
+# What a message gets when no matching rule names a setting (docs/rules.md, Defaults):
+# RFC 1939 DELE semantics, no expiry, no size limit.
+DEFAULT_ACTION = Action.DELETE
+
+
+class OnDele(enum.Enum):
+    """What the client's DELE of a message does at QUIT."""
+
+    DELETE = "delete"  # deleted upstream (RFC 1939 §6, UPDATE state)
+    HIDE = "hide"  # hidden for this local user for good; upstream untouched
+
+
+class Hidden(enum.Enum):
+    """Why a message is not in the client's view."""
+
+    FOR_USER = "hidden_for_user"  # an earlier QUIT hid it for this user (keep + DELE)
+    HIDE_RULE = "hide_rule"  # a rule's action is hide
+    TOO_LARGE = "too_large"  # larger than the max_size_bytes that applies to it
+
+
+class Reason(enum.Enum):
+    """Why a plan deletes a message upstream or hides it for the user."""
+
+    DELETED = "deleted"  # the client's DELE, under delete or delete_after_retrieve
+    RETRIEVED = "retrieved"  # RETR'd under delete_after_retrieve, without DELE
+    EXPIRED = "expired"  # first seen more than expire_after_days ago
+    HIDDEN = "hidden"  # the client's DELE under keep: hidden for this user only
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One message of the upstream listing, with what the state store knows of it.
+
+    ``index`` is its 0-based position in the upstream listing (upstream message
+    ``index + 1``, RFC 1939 §5). ``first_seen`` is the store's, or the login's
+    ``now`` for a message never recorded; it must be timezone-aware. ``hidden``: an
+    earlier QUIT hid it for this local user. ``headers`` from ``TOP n 0``, required
+    when the account's policy ``needs_headers``, else None.
+    """
+
+    index: int
+    uid: str
+    size: int
+    first_seen: datetime
+    hidden: bool = False
+    headers: Headers | None = None
+
+    def __post_init__(self) -> None:
+        if self.index < 0 or self.size < 0:
+            raise ValueError("a candidate's index and size are 0 or more")
+        _require_aware(self.first_seen, "first_seen")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the policy decided for one message, and which rules decided it.
+
+    ``rule`` set the action (``"default"`` if none did); ``expire_rule`` set
+    ``expires_at``; ``hidden_rule`` is the hide or max_size_bytes rule that hid it
+    (None when it is hidden for the user). ``matched`` lists every rule that matched,
+    in evaluation order (for ``popproxy explain``).
+    """
+
+    rule: str
+    action: Action
+    visible: bool
+    on_dele: OnDele
+    delete_after_retrieve: bool
+    expires_at: datetime | None
+    expire_rule: str | None = None
+    hidden: Hidden | None = None
+    hidden_rule: str | None = None
+    matched: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """The client's view of the maildrop (RFC 1939 §5: messages numbered 1..n).
+
+    ``decisions[k]`` belongs to ``candidates[k]``. ``visible`` holds the candidate
+    indexes shown, in upstream order: client message ``n`` is ``visible[n - 1]``.
+    """
+
+    candidates: tuple[Candidate, ...]
+    decisions: tuple[Decision, ...]
+    visible: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One message a plan deletes upstream or hides, with the rule and the reason."""
+
+    index: int
+    uid: str
+    rule: str
+    reason: Reason
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPlan:
+    """What a QUIT does (DESIGN.md, step 6), in upstream order; a message is in one list at most.
+
+    ``overruled`` counts the client's DELEs that did not delete upstream (the message
+    was kept: hidden for this user only); each of those is in ``hide``.
+    """
+
+    delete_upstream: tuple[Planned, ...] = ()
+    hide: tuple[Planned, ...] = ()
+
+    @property
+    def overruled(self) -> int:
+        """How many of the client's DELEs a keep rule turned into a hide."""
+        return sum(1 for item in self.hide if item.reason is Reason.HIDDEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A value a setting can end up with for some message of an account, and its rule."""
+
+    value: Action | int | None  # None: not set (no expiry, no size limit)
+    rule: str  # the rule that sets it, or "default"
+
+
+@dataclass(frozen=True, slots=True)
+class AccountPolicy:
+    """The rules that can apply to one local user on one upstream account, in order.
+
+    Built by :meth:`Policy.for_user`. ``rules`` stops at the first rule that matches
+    every message of the account and does not continue: later ones never apply.
+    """
+
+    user: str
+    upstream: str
+    rules: tuple[Rule, ...] = ()
+    needs_headers: bool = field(init=False)
+    expire: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "needs_headers", any(rule.match.headers for rule in self.rules))
+        object.__setattr__(self, "expire", self._expire())
+
+    def outcomes(self, setting: Setting) -> tuple[Outcome, ...]:
+        """Every value ``setting`` can take for some message of this account, in rule order.
+
+        Exact when the rules' message conditions are independent; otherwise it may
+        list a value no real message gets (never the other way round).
+        """
+        out: list[Outcome] = []
+        if self._can_end_without(setting, 0):
+            out.append(Outcome(_default(setting), DEFAULT_RULE))
+        for position, rule in enumerate(self.rules):
+            if not rule.names(setting):
+                continue
+            if not rule.continues or self._can_end_without(setting, position + 1):
+                out.append(Outcome(rule.setting(setting), rule.name))
+        return tuple(out)
+
+    def view(self, candidates: Sequence[Candidate], now: datetime) -> View:
+        """Decide every candidate and number the visible ones (RFC 1939 §5).
+
+        Raises ValueError if two candidates share an index, if ``now`` is not
+        timezone-aware, or if a header rule applies and a candidate has no headers.
+        """
+        _require_aware(now, "now")
+        indexes = [candidate.index for candidate in candidates]
+        if len(set(indexes)) != len(indexes):
+            raise ValueError("two candidates share an index")
+        decisions = tuple(self._decide(candidate, now) for candidate in candidates)
+        visible = tuple(
+            sorted(c.index for c, d in zip(candidates, decisions, strict=True) if d.visible)
+        )
+        return View(tuple(candidates), decisions, visible)
+
+    def plan(
+        self, view: View, marked: Set[int], retrieved: Set[int], now: datetime
+    ) -> RetentionPlan:
+        """What a QUIT at ``now`` does, given the messages the client marked and retrieved.
+
+        ``marked`` (DELE, RFC 1939 §6) and ``retrieved`` (RETR) hold candidate indexes
+        of visible messages. Deleted upstream: marked messages whose DELE deletes,
+        retrieved ones under delete_after_retrieve, and every message past its
+        ``expires_at`` (visible or not). Marked messages under keep are hidden for
+        this user. Nothing else is touched. Raises ValueError for an index that is
+        not a visible candidate, or a ``now`` that is not timezone-aware.
+        """
+        _require_aware(now, "now")
+        shown = set(view.visible)
+        stray = sorted((set(marked) | set(retrieved)) - shown)
+        if stray:
+            raise ValueError(f"marked or retrieved indexes not in the view: {stray[:10]}")
+        delete: list[Planned] = []
+        hide: list[Planned] = []
+        pairs = sorted(zip(view.candidates, view.decisions, strict=True), key=_by_index)
+        for candidate, decision in pairs:
+            index, uid = candidate.index, candidate.uid
+            if decision.expires_at is not None and now > decision.expires_at:
+                rule = decision.expire_rule or DEFAULT_RULE
+                delete.append(Planned(index, uid, rule, Reason.EXPIRED))
+            elif index in marked and decision.on_dele is OnDele.DELETE:
+                delete.append(Planned(index, uid, decision.rule, Reason.DELETED))
+            elif index in marked:
+                hide.append(Planned(index, uid, decision.rule, Reason.HIDDEN))
+            elif index in retrieved and decision.delete_after_retrieve:
+                delete.append(Planned(index, uid, decision.rule, Reason.RETRIEVED))
+        return RetentionPlan(tuple(delete), tuple(hide))
+
+    def _decide(self, candidate: Candidate, now: datetime) -> Decision:
+        age = max(now - candidate.first_seen, timedelta(0))
+        named: dict[Setting, Outcome] = {}
+        matched: list[str] = []
+        for rule in self.rules:
+            if not rule.match.matches_message(age, candidate.size, candidate.headers):
+                continue
+            matched.append(rule.name)
+            for setting in Setting:
+                value = rule.setting(setting)
+                if value is not None:
+                    named[setting] = Outcome(value, rule.name)
+            if not rule.continues:
+                break
+        action_outcome = named.get(Setting.ACTION, Outcome(DEFAULT_ACTION, DEFAULT_RULE))
+        action = action_outcome.value
+        assert isinstance(action, Action)
+        expire = named.get(Setting.EXPIRE_AFTER_DAYS)
+        expires_at = None
+        if expire is not None:
+            assert isinstance(expire.value, int)
+            expires_at = candidate.first_seen + timedelta(days=expire.value)
+        size_limit = named.get(Setting.MAX_SIZE_BYTES)
+        hidden: Hidden | None = None
+        hidden_rule: str | None = None
+        if candidate.hidden:
+            hidden = Hidden.FOR_USER
+        elif action is Action.HIDE:
+            hidden, hidden_rule = Hidden.HIDE_RULE, action_outcome.rule
+        elif size_limit is not None:
+            assert isinstance(size_limit.value, int)
+            if candidate.size > size_limit.value:
+                hidden, hidden_rule = Hidden.TOO_LARGE, size_limit.rule
+        return Decision(
+            rule=action_outcome.rule,
+            action=action,
+            visible=hidden is None,
+            on_dele=OnDele.HIDE if action in (Action.KEEP, Action.HIDE) else OnDele.DELETE,
+            delete_after_retrieve=action is Action.DELETE_AFTER_RETRIEVE,
+            expires_at=expires_at,
+            expire_rule=None if expire is None else expire.rule,
+            hidden=hidden,
+            hidden_rule=hidden_rule,
+            matched=tuple(matched),
+        )
+
+    def _can_end_without(self, setting: Setting, start: int) -> bool:
+        """Whether evaluation from ``rules[start]`` can end without a match naming ``setting``."""
+        for rule in self.rules[start:]:
+            if rule.names(setting):
+                if not rule.match.per_message:
+                    return False  # it matches every message and would name the setting
+            elif not rule.continues:
+                return True  # it can match and end evaluation
+        return True
+
+    def _expire(self) -> str:
+        """The EXPIRE argument after login (RFC 2449 §6.7): the shortest retention that applies."""
+        actions = {outcome.value for outcome in self.outcomes(Setting.ACTION)}
+        if Action.DELETE_AFTER_RETRIEVE in actions:
+            return EXPIRE_AT_QUIT
+        days = [
+            outcome.value
+            for outcome in self.outcomes(Setting.EXPIRE_AFTER_DAYS)
+            if isinstance(outcome.value, int)
+        ]
+        return str(min(days)) if days else EXPIRE_NEVER
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Every loaded rule, in evaluation order (file name, then list order).
+
+    ``accounts`` maps each configured local user to its upstream's name, or to None
+    for a Maildir user (not subject to rules: EXPIRE NEVER, RFC 1939 DELE); it is
+    what :meth:`expire_before_login` ranges over.
+    """
+
+    rules: tuple[Rule, ...] = ()
+    accounts: Mapping[str, str | None] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False
+    )
+    _by_account: Mapping[tuple[str, str], AccountPolicy] = field(
+        init=False, repr=False, compare=False
+    )
+    _expire_before_login: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.rules) > MAX_RULES:
+            raise ValueError(f"at most {MAX_RULES} rules")
+        names = [rule.name for rule in self.rules]
+        if len(set(names)) != len(names):
+            raise ValueError("rule names must be unique")
+        object.__setattr__(self, "accounts", MappingProxyType(dict(self.accounts)))
+        by_account = {
+            (user, upstream): self._account(user, upstream)
+            for user, upstream in self.accounts.items()
+            if upstream is not None
+        }
+        object.__setattr__(self, "_by_account", MappingProxyType(by_account))
+        object.__setattr__(self, "_expire_before_login", self._before_login())
+
+    @classmethod
+    def empty(cls) -> Policy:
+        """No rules: RFC 1939 DELE semantics for everyone, EXPIRE NEVER."""
+        return cls()
+
+    @property
+    def rule_names(self) -> tuple[str, ...]:
+        """Every rule's name, in order (metric labels; decisions may also say "default")."""
+        return tuple(rule.name for rule in self.rules)
+
+    def for_user(self, user: str, upstream: str) -> AccountPolicy:
+        """The rules that can apply to local ``user`` on the upstream named ``upstream``."""
+        known = self._by_account.get((user, upstream))
+        return known if known is not None else self._account(user, upstream)
+
+    def expire_before_login(self) -> str:
+        """The CAPA EXPIRE argument before login (RFC 2449 §6.7).
+
+        The value every configured user gets after login if they all get the same;
+        otherwise the smallest of them followed by ``USER``, which tells the client
+        to ask CAPA again after login.
+        """
+        return self._expire_before_login
+
+    def _account(self, user: str, upstream: str) -> AccountPolicy:
+        reachable: list[Rule] = []
+        for rule in self.rules:
+            if not rule.match.applies_to(user, upstream):
+                continue
+            reachable.append(rule)
+            if not rule.continues and not rule.match.per_message:
+                break
+        return AccountPolicy(user, upstream, tuple(reachable))
+
+    def _before_login(self) -> str:
+        values = {
+            EXPIRE_NEVER if upstream is None else self.for_user(user, upstream).expire
+            for user, upstream in self.accounts.items()
+        }
+        if not values:
+            return EXPIRE_NEVER
+        if len(values) == 1:
+            return values.pop()
+        shortest = min(int(value) for value in values if value != EXPIRE_NEVER)
+        return f"{shortest} {EXPIRE_VARIES}"
+
+
+def _default(setting: Setting) -> Action | None:
+    return DEFAULT_ACTION if setting is Setting.ACTION else None
+
+
+def _by_index(pair: tuple[Candidate, Decision]) -> int:
+    return pair[0].index
+
+
+def _require_aware(moment: datetime, what: str) -> None:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"{what} must be a timezone-aware datetime")

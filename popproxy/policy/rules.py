@@ -1,0 +1,188 @@
+"""The rule model: what a rule matches and what it sets (docs/rules.md).
+
+Values only, built by the loader (``popproxy/config.py`` reads ``rules/*.yaml``) or
+by tests. Header patterns are compiled once, when a rule is made, from a pattern of
+bounded length; :func:`compile_header_pattern` says why a pattern is refused.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from popproxy.policy.headers import Headers
+
+# A rule name is a metrics label value and a log field (DESIGN.md, Metrics): short,
+# and from a small alphabet so it needs no quoting anywhere.
+MAX_RULE_NAME_CHARS = 64
+RULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The name a decision carries when no rule set its action.
+DEFAULT_RULE = "default"
+# A header pattern is a line in a rule file. Python's re backtracks, so the length of
+# the pattern and of the text (headers.MAX_HEADER_OCTETS) together bound the work.
+MAX_HEADER_PATTERN_CHARS = 512
+# Rules loaded at once, over all files: each login evaluates the ones that can apply
+# to its account for every message, so the bound keeps a login's work small.
+MAX_RULES = 1000
+# Globs per users/upstreams list and header patterns per rule: a few in practice.
+MAX_MATCH_ITEMS = 100
+# RFC 2449 §6.7 advertises retention in whole days; ten years is past any real policy,
+# and keeps first_seen + N days far from datetime's year-9999 limit.
+MAX_DAYS = 3650
+
+
+class Action(enum.Enum):
+    """What happens to a message and to the client's DELE of it (docs/rules.md, Actions)."""
+
+    KEEP = "keep"  # stays upstream; the client's DELE hides it for this local user
+    DELETE = "delete"  # the client's DELE deletes it upstream (RFC 1939 §6 semantics)
+    DELETE_AFTER_RETRIEVE = "delete_after_retrieve"  # RETR'd: deleted upstream at QUIT
+    HIDE = "hide"  # not shown to the client at all; stays upstream
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """A header field whose body (any of its bodies, unfolded) matches ``pattern`` (re.search)."""
+
+    field: str  # lower-cased field name
+    pattern: re.Pattern[str]
+
+    def matches(self, headers: Headers) -> bool:
+        """Whether some body of ``field`` in ``headers`` matches; a missing field does not."""
+        bodies = headers.get(self.field, ())
+        return any(self.pattern.search(body) for body in bodies)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """The conditions of a rule; all that are given must hold. Nothing given: everything.
+
+    ``users`` and ``upstreams`` are globs (fnmatch, case-sensitive) on the local user
+    name and the upstream's name in config. Age is the time since the message was
+    first seen (the state store's ``first_seen``), size the upstream's LIST size.
+    Bounds are strict: ``older_than_days: 30`` matches messages first seen more than
+    30 days ago.
+    """
+
+    users: tuple[str, ...] = ()
+    upstreams: tuple[str, ...] = ()
+    older_than_days: int | None = None
+    newer_than_days: int | None = None
+    larger_than_bytes: int | None = None
+    smaller_than_bytes: int | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+
+    def applies_to(self, user: str, upstream: str) -> bool:
+        """Whether the rule can apply to this local user on this upstream account."""
+        return _any_glob(self.users, user) and _any_glob(self.upstreams, upstream)
+
+    @property
+    def per_message(self) -> bool:
+        """Whether the rule looks at the message (age, size or headers), not only the account."""
+        return (
+            self.older_than_days is not None
+            or self.newer_than_days is not None
+            or self.larger_than_bytes is not None
+            or self.smaller_than_bytes is not None
+            or bool(self.headers)
+        )
+
+    def matches_message(self, age: timedelta, size: int, headers: Headers | None) -> bool:
+        """Whether the message conditions hold; ``headers`` is None only if no header is asked."""
+        if self.older_than_days is not None and not age > timedelta(days=self.older_than_days):
+            return False
+        if self.newer_than_days is not None and not age < timedelta(days=self.newer_than_days):
+            return False
+        if self.larger_than_bytes is not None and not size > self.larger_than_bytes:
+            return False
+        if self.smaller_than_bytes is not None and not size < self.smaller_than_bytes:
+            return False
+        if self.headers:
+            if headers is None:
+                raise ValueError("a header rule applies but the candidate has no headers")
+            return all(header.matches(headers) for header in self.headers)
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One rule of a rule file: a match and the settings it names (None: not named).
+
+    ``source`` is the file it came from (for check-config and explain). A rule with
+    ``continues`` set (``continue: true`` in its file) lets evaluation go on after it
+    matches (docs/rules.md, Order).
+    """
+
+    name: str
+    match: Match = field(default_factory=Match)
+    action: Action | None = None
+    expire_after_days: int | None = None
+    max_size_bytes: int | None = None
+    continues: bool = False
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        problem = rule_name_problem(self.name)
+        if problem is not None:
+            raise ValueError(problem)
+        if self.action is None and self.expire_after_days is None and self.max_size_bytes is None:
+            raise ValueError(f"rule {self.name!r} sets nothing")
+
+    def names(self, setting: Setting) -> bool:
+        """Whether this rule names ``setting``."""
+        return self.setting(setting) is not None
+
+    def setting(self, setting: Setting) -> Action | int | None:
+        """The value this rule gives ``setting``, or None if it does not name it."""
+        match setting:
+            case Setting.ACTION:
+                return self.action
+            case Setting.EXPIRE_AFTER_DAYS:
+                return self.expire_after_days
+            case Setting.MAX_SIZE_BYTES:
+                return self.max_size_bytes
+
+
+class Setting(enum.Enum):
+    """The settings a rule can name; each message gets one value of each."""
+
+    ACTION = "action"
+    EXPIRE_AFTER_DAYS = "expire_after_days"
+    MAX_SIZE_BYTES = "max_size_bytes"
+
+
+def rule_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a rule, or None if it can."""
+    if name == DEFAULT_RULE:
+        return f"{DEFAULT_RULE!r} is reserved for messages no rule decided"
+    if len(name) > MAX_RULE_NAME_CHARS or not RULE_NAME_RE.fullmatch(name):
+        return (
+            f"expected a rule name of 1-{MAX_RULE_NAME_CHARS} letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit"
+        )
+    return None
+
+
+def compile_header_pattern(pattern: str) -> re.Pattern[str] | str:
+    """``pattern`` compiled, or why it cannot be used (too long, or not a regular expression)."""
+    if len(pattern) > MAX_HEADER_PATTERN_CHARS:
+        return f"expected a regular expression of at most {MAX_HEADER_PATTERN_CHARS} characters"
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        return f"not a valid regular expression: {exc}"
+
+
+def glob_problem(glob: str) -> str | None:
+    """Why ``glob`` cannot be a user or upstream glob, or None if it can."""
+    if not glob or not glob.isprintable():
+        return "expected a non-empty glob of printable characters"
+    return None
+
+
+def _any_glob(globs: Sequence[str], name: str) -> bool:
+    return not globs or any(fnmatch.fnmatchcase(name, glob) for glob in globs)
