@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import difflib
 import enum
+import fnmatch
 import ipaddress
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -37,6 +38,16 @@ import yaml.constructor
 import yaml.nodes
 
 from popproxy.auth.passwords import PasswordHashError, parse_hash
+from popproxy.policy import Action, HeaderMatch, Match, Policy, Rule
+from popproxy.policy.rules import (
+    MAX_DAYS,
+    MAX_MATCH_ITEMS,
+    MAX_RULES,
+    MAX_SIZE_BYTES,
+    compile_header_pattern,
+    glob_problem,
+    rule_name_problem,
+)
 from popproxy.pop3.limits import (
     COMMAND_LINE_CEILING_OCTETS,
     MAX_COMMAND_LINE_OCTETS,
@@ -214,6 +225,8 @@ class Config:
     rules_dir: Path | None
     metrics: MetricsConfig | None
     limits: LimitsConfig
+    # Every rule of rules_dir, loaded with the config and replaced with it on reload.
+    policy: Policy = field(default_factory=Policy.empty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +242,7 @@ class ConfigIssue:
 
 
 class ConfigError(Exception):
-    """A config file has problems; ``issues`` holds all of them, in file order where known."""
+    """A config file or a rule file has problems; ``issues`` holds all of them, in file order."""
 
     def __init__(self, issues: tuple[ConfigIssue, ...]) -> None:
         super().__init__("\n".join(str(issue) for issue in issues))
@@ -310,13 +323,13 @@ def _read_bounded(path: Path, limit: int) -> bytes | OSError | None:
     return None if len(raw) > limit else raw
 
 
-def _read_yaml(path: Path, issues: _Issues) -> object | None:
+def _read_yaml(path: Path, issues: _Issues, what: str = "config file") -> object | None:
     raw = _read_bounded(path, MAX_CONFIG_BYTES)
     if isinstance(raw, OSError):
-        issues.add("(file)", f"cannot read the config file: {raw.strerror or raw}")
+        issues.add("(file)", f"cannot read the {what}: {raw.strerror or raw}")
         return None
     if raw is None:
-        issues.add("(file)", f"expected a config file of at most {MAX_CONFIG_BYTES} bytes")
+        issues.add("(file)", f"expected a {what} of at most {MAX_CONFIG_BYTES} bytes")
         return None
     try:
         text = raw.decode("utf-8")
@@ -630,6 +643,260 @@ def _valid_host(text: str) -> bool:
     return all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
 
 
+# -- retention rules (rules_dir/NN-name.yaml, docs/rules.md) ---------------------------
+
+
+# A rule file's name: two digits (the order), a dash, a name; nothing else is loaded.
+_RULE_FILE_RE = re.compile(r"[0-9]{2}-[A-Za-z0-9._-]+\.yaml")
+# RFC 5322 §3.6.8: a header field name is printable US-ASCII without ":".
+_FIELD_NAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+# Rule files read from one rules_dir: each holds at least one rule.
+MAX_RULE_FILES = MAX_RULES
+
+
+def _rules(rules_dir: Path, top: _Section, issues: _Issues) -> tuple[Rule, ...]:
+    """Every rule of every ``NN-name.yaml`` in ``rules_dir``, in file-name then list order.
+
+    Problems are added to ``issues``, each naming the rule file, the rule (index and
+    name) and the key. Globs are checked against the users and upstreams as written,
+    so a user with a mistake of its own does not also make its rules fail.
+    """
+    shown_dir = Path(str(top.raw("rules_dir")))
+    try:
+        names = sorted(entry.name for entry in rules_dir.iterdir())
+    except OSError as exc:
+        top.error("rules_dir", f"cannot list {rules_dir}: {exc.strerror or exc}")
+        return ()
+    files: list[str] = []
+    for name in names:
+        if _RULE_FILE_RE.fullmatch(name):
+            files.append(name)
+        elif name.endswith((".yaml", ".yml")):
+            _Issues(str(shown_dir / name), issues.items).add(
+                "(file)",
+                "not loaded: a rule file is named NN-name.yaml (two digits, a dash, a name"
+                " of letters, digits, '.', '_' or '-'); rename it",
+            )
+    if len(files) > MAX_RULE_FILES:
+        top.error("rules_dir", f"expected at most {MAX_RULE_FILES} rule files")
+        return ()
+    known = _declared_accounts(top)
+    first_use: dict[str, str] = {}
+    out: list[Rule] = []
+    for name in files:
+        file_issues = _Issues(str(shown_dir / name), issues.items)
+        data = _read_yaml(rules_dir / name, file_issues, what="rule file")
+        if data is None:
+            continue
+        section = _Section.of(file_issues, "", data, ("rules",))
+        if section is None:
+            continue
+        items = section.raw("rules")
+        if not isinstance(items, list) or not items:
+            section.error("rules", f"expected a non-empty list of rules, got {_describe(items)}")
+            continue
+        for index, item in enumerate(items):
+            rule = _rule(file_issues, index, item, file_name=name, known=known, first_use=first_use)
+            if rule is not None:
+                out.append(rule)
+    if len(out) > MAX_RULES:
+        top.error("rules_dir", f"expected at most {MAX_RULES} rules over all files, got {len(out)}")
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class _DeclaredAccounts:
+    """Users (with their upstream as written, None for Maildir users) and upstream names."""
+
+    users: Mapping[str, str | None]
+    upstreams: frozenset[str]
+
+
+def _declared_accounts(top: _Section) -> _DeclaredAccounts:
+    raw_upstreams = top.raw("upstreams")
+    upstreams = (
+        frozenset(str(k) for k in raw_upstreams) if isinstance(raw_upstreams, dict) else frozenset()
+    )
+    raw_users = top.raw("users")
+    users: dict[str, str | None] = {}
+    if isinstance(raw_users, dict):
+        for user, item in raw_users.items():
+            upstream = item.get("upstream") if isinstance(item, dict) else None
+            users[str(user)] = upstream if isinstance(upstream, str) else None
+    return _DeclaredAccounts(users, upstreams)
+
+
+_RULE_KEYS = ("name", "match", "action", "expire_after_days", "max_size_bytes", "continue")
+_MATCH_KEYS = (
+    "users",
+    "upstreams",
+    "older_than_days",
+    "newer_than_days",
+    "larger_than_bytes",
+    "smaller_than_bytes",
+    "headers",
+)
+
+
+def _rule(
+    issues: _Issues,
+    index: int,
+    item: object,
+    *,
+    file_name: str,
+    known: _DeclaredAccounts,
+    first_use: dict[str, str],
+) -> Rule | None:
+    """One rule of a rule file, or None (with its problems in ``issues``)."""
+    raw_name = item.get("name") if isinstance(item, dict) else None
+    label = f"rules[{index}]"
+    if isinstance(raw_name, str) and rule_name_problem(raw_name) is None:
+        label = f"{label} ({raw_name})"
+    section = _Section.of(issues, label, item, _RULE_KEYS)
+    if section is None:
+        return None
+    errors_before = len(issues.items)
+    name = section.string("name", required=True, what="a rule name")
+    if name is not None:
+        problem = rule_name_problem(name)
+        if problem is not None:
+            section.error("name", problem)
+        elif name in first_use:
+            section.error("name", f"{name!r} is already the name of {first_use[name]}")
+        else:
+            first_use[name] = f"{label} in {file_name}"
+    match = _rule_match(section, known)
+    action = section.choice("action", Action)
+    expire = section.integer("expire_after_days", lo=1, hi=MAX_DAYS)
+    max_size = section.integer("max_size_bytes", lo=0, hi=MAX_SIZE_BYTES)
+    continues = section.boolean("continue")
+    if not any(section.has(key) for key in ("action", "expire_after_days", "max_size_bytes")):
+        issues.add(label, "sets nothing: give action, expire_after_days or max_size_bytes")
+    if name is None or match is None or len(issues.items) > errors_before:
+        return None
+    return Rule(
+        name=name,
+        match=match,
+        action=action,
+        expire_after_days=expire,
+        max_size_bytes=max_size,
+        continues=bool(continues),
+        source=file_name,
+    )
+
+
+def _rule_match(rule: _Section, known: _DeclaredAccounts) -> Match | None:
+    """The ``match`` mapping of a rule; a rule without one matches every message."""
+    if not rule.has("match"):
+        match = Match()
+    else:
+        section = _Section.of(rule.issues, rule.at("match"), rule.raw("match"), _MATCH_KEYS)
+        if section is None:
+            return None
+        errors_before = len(rule.issues.items)
+        users = _globs(section, "users", "user", known.users)
+        upstreams = _globs(section, "upstreams", "upstream", known.upstreams)
+        match = Match(
+            users=users,
+            upstreams=upstreams,
+            older_than_days=section.integer("older_than_days", lo=0, hi=MAX_DAYS),
+            newer_than_days=section.integer("newer_than_days", lo=1, hi=MAX_DAYS),
+            larger_than_bytes=section.integer("larger_than_bytes", lo=0, hi=MAX_SIZE_BYTES),
+            smaller_than_bytes=section.integer("smaller_than_bytes", lo=1, hi=MAX_SIZE_BYTES),
+            headers=_header_matches(section),
+        )
+        _refuse_empty_ranges(section, match)
+        if len(rule.issues.items) > errors_before:
+            return None
+    routed = {user: up for user, up in known.users.items() if up is not None}
+    if not any(match.applies_to(user, up) for user, up in routed.items()):
+        rule.error(
+            "match",
+            "the rule applies to no configured user: no user routed to an upstream matches"
+            " both users and upstreams (Maildir users are not subject to rules)",
+        )
+    return match
+
+
+def _globs(section: _Section, key: str, what: str, names: Collection[str]) -> tuple[str, ...]:
+    value = section.raw(key)
+    if value is None:
+        return ()
+    expected = f"a list of {what} name globs"
+    if isinstance(value, str):
+        section.error(key, f"expected {expected}, got {_describe(value)} (write [{value}])")
+        return ()
+    if not isinstance(value, list) or not value or len(value) > MAX_MATCH_ITEMS:
+        section.error(key, f"expected {expected} (1-{MAX_MATCH_ITEMS}), got {_describe(value)}")
+        return ()
+    globs: list[str] = []
+    for position, glob in enumerate(value):
+        path = f"{key}[{position}]"
+        problem = (
+            glob_problem(glob)
+            if isinstance(glob, str)
+            else f"expected a glob, got {_describe(glob)}"
+        )
+        if problem is not None:
+            section.error(path, problem)
+        elif not any(fnmatch.fnmatchcase(name, glob) for name in names):
+            close = difflib.get_close_matches(glob, sorted(names), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            section.error(path, f"{glob!r} matches no configured {what}{hint}")
+        else:
+            globs.append(glob)
+    return tuple(globs)
+
+
+def _header_matches(section: _Section) -> tuple[HeaderMatch, ...]:
+    value = section.raw("headers")
+    if value is None:
+        return ()
+    what = "a mapping of header field name to regular expression"
+    mapping = _as_mapping(section.issues, section.at("headers"), value)
+    if mapping is None:
+        return ()
+    if not mapping or len(mapping) > MAX_MATCH_ITEMS:
+        section.error("headers", f"expected {what} (1-{MAX_MATCH_ITEMS} fields)")
+        return ()
+    seen: set[str] = set()
+    out: list[HeaderMatch] = []
+    for field_name, pattern in mapping.items():
+        path = f"headers.{field_name}"
+        if not _FIELD_NAME_RE.fullmatch(field_name):
+            section.error(path, "expected a header field name (printable ASCII, no ':' or space)")
+            continue
+        if field_name.lower() in seen:
+            section.error(path, "the same field twice (field names are case-insensitive)")
+            continue
+        seen.add(field_name.lower())
+        if not isinstance(pattern, str):
+            section.error(path, f"expected a regular expression, got {_describe(pattern)}")
+            continue
+        compiled = compile_header_pattern(pattern)
+        if isinstance(compiled, str):
+            section.error(path, compiled)
+            continue
+        out.append(HeaderMatch(field_name.lower(), compiled))
+    return tuple(out)
+
+
+def _refuse_empty_ranges(section: _Section, match: Match) -> None:
+    """A pair of bounds no message can meet is a mistake, not a rule."""
+    older, newer = match.older_than_days, match.newer_than_days
+    if older is not None and newer is not None and newer <= older:
+        section.error(
+            "newer_than_days",
+            f"no message is older than {older} and newer than {newer} days",
+        )
+    larger, smaller = match.larger_than_bytes, match.smaller_than_bytes
+    if larger is not None and smaller is not None and smaller <= larger + 1:
+        section.error(
+            "smaller_than_bytes",
+            f"no message is larger than {larger} and smaller than {smaller} bytes",
+        )
+
+
 # -- the schema ------------------------------------------------------------------------
 
 
@@ -713,8 +980,10 @@ def _build(source: Path, data: object, issues: _Issues) -> Config | None:
     rules_dir = top.path_value("rules_dir", kind="dir")
     metrics = _metrics(top)
     limits = _limits(top)
+    rules = _rules(rules_dir, top, issues) if rules_dir is not None else ()
     if issues.items:
         return None
+    accounts = {user.name: user.upstream for user in users.values()}
     return Config(
         source=source,
         listen=tuple(listen),
@@ -726,6 +995,7 @@ def _build(source: Path, data: object, issues: _Issues) -> Config | None:
         rules_dir=rules_dir,
         metrics=metrics,
         limits=limits,
+        policy=Policy(rules, accounts),
     )
 
 

@@ -1,11 +1,12 @@
 """What a config reload (SIGHUP) changes, and what it cannot: pure functions on ``Config``.
 
 A reload replaces everything a *new session* reads: users, upstreams, TLS
-certificates, ``allow_plaintext_auth``, ``rules_dir`` and the limits. What was
-bound or opened once at start (the listening sockets, the metrics exporter, the
-state store) stays as it is until a restart; a reload logs those keys as
-``restart_required`` and applies the rest. ``popproxy check-config --against``
-uses the same functions, so it predicts exactly what a reload will do.
+certificates, ``allow_plaintext_auth``, ``rules_dir`` and the rules read from it
+(``policy``), and the limits. What was bound or opened once at start (the listening
+sockets, the metrics exporter, the state store) stays as it is until a restart; a
+reload logs those keys as ``restart_required`` and applies the rest. ``popproxy
+check-config --against`` uses the same functions, so it predicts exactly what a
+reload will do.
 
 No I/O here: the server (serve.py) loads files and TLS contexts, this module
 only compares values.
@@ -26,7 +27,7 @@ RESTART_KEYS = frozenset({"listen", "metrics", "state"})
 # Top-level keys a reload applies (tests/test_reload.py checks that every Config
 # field is in exactly one of these sets, so a new key needs a decision).
 RELOADABLE_KEYS = frozenset(
-    {"tls", "allow_plaintext_auth", "upstreams", "users", "rules_dir", "limits"}
+    {"tls", "allow_plaintext_auth", "upstreams", "users", "rules_dir", "policy", "limits"}
 )
 # Not a setting: where the config was read from.
 IGNORED_KEYS = frozenset({"source"})
@@ -138,6 +139,8 @@ def _diff(path: str, old: object, new: object) -> list[str]:
     if dataclasses.is_dataclass(old) and not isinstance(old, type) and type(old) is type(new):
         out: list[str] = []
         for attribute in dataclasses.fields(old):
+            if not attribute.compare:
+                continue  # derived from other fields, not a setting of its own
             name = attribute.name
             out += _diff(f"{path}.{name}", getattr(old, name), getattr(new, name))
         return out or [path]

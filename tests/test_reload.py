@@ -21,6 +21,7 @@ from popproxy.config import (
     UpstreamConfig,
     UserConfig,
 )
+from popproxy.policy import Action, Policy, Rule
 from popproxy.reload import (
     IGNORED_KEYS,
     RELOADABLE_KEYS,
@@ -103,6 +104,7 @@ def test_limits_are_reloadable_field_by_field() -> None:
     [
         ({"allow_plaintext_auth": True}, ("allow_plaintext_auth",)),
         ({"rules_dir": Path("/etc/popproxy/rules")}, ("rules_dir",)),
+        ({"policy": Policy((Rule("scanners", action=Action.KEEP),))}, ("policy.rules[0]",)),
         ({"tls": TlsConfig(Path("/tls/new.pem"), Path("/tls/key.pem"))}, ("tls.cert_file",)),
         ({"tls": None}, ("tls",)),
         (

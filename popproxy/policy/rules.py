@@ -33,6 +33,9 @@ MAX_MATCH_ITEMS = 100
 # RFC 2449 §6.7 advertises retention in whole days; ten years is past any real policy,
 # and keeps first_seen + N days far from datetime's year-9999 limit.
 MAX_DAYS = 3650
+# A size bound in a rule: 1 TB is past any mail message (RFC 1939 LIST sizes are
+# unbounded); a bigger number is a typo.
+MAX_SIZE_BYTES = 10**12
 
 
 class Action(enum.Enum):
@@ -131,6 +134,30 @@ class Rule:
             raise ValueError(problem)
         if self.action is None and self.expire_after_days is None and self.max_size_bytes is None:
             raise ValueError(f"rule {self.name!r} sets nothing")
+
+    def summary(self) -> str:
+        """One line: the conditions, then the settings (check-config, explain)."""
+        match = self.match
+        parts = [f"users={','.join(match.users)}"] if match.users else []
+        if match.upstreams:
+            parts.append(f"upstreams={','.join(match.upstreams)}")
+        bounds = (
+            ("older_than_days", match.older_than_days),
+            ("newer_than_days", match.newer_than_days),
+            ("larger_than_bytes", match.larger_than_bytes),
+            ("smaller_than_bytes", match.smaller_than_bytes),
+        )
+        parts.extend(f"{key}={value}" for key, value in bounds if value is not None)
+        parts.extend(f"{h.field}=/{h.pattern.pattern}/" for h in match.headers)
+        conditions = " ".join(parts) or "every message"
+        settings = [f"action={self.action.value}"] if self.action is not None else []
+        if self.expire_after_days is not None:
+            settings.append(f"expire_after_days={self.expire_after_days}")
+        if self.max_size_bytes is not None:
+            settings.append(f"max_size_bytes={self.max_size_bytes}")
+        if self.continues:
+            settings.append("continue")
+        return f"{conditions} -> {' '.join(settings)}"
 
     def names(self, setting: Setting) -> bool:
         """Whether this rule names ``setting``."""
