@@ -41,6 +41,7 @@ from popproxy.auth.passwords import (
 )
 from popproxy.config import Config, ConfigError, load_config
 from popproxy.logfmt import JsonFormatter, LogfmtFormatter
+from popproxy.policy import EXPIRE_NEVER, AccountPolicy, Action, Setting
 from popproxy.reload import ConfigChanges, ConfigLoader, NamedChanges, config_changes
 from popproxy.sdnotify import Notifier
 from popproxy.secret import Secret
@@ -258,6 +259,7 @@ def summarize(config: Config) -> str:
     lines.append(f"state: {config.state.url}")
     if config.rules_dir is not None:
         lines.append(f"rules_dir: {config.rules_dir}")
+    lines.extend(describe_policy(config))
     if config.metrics is not None:
         lines.append(f"metrics: {_host_port(config.metrics.address, config.metrics.port)}")
     limits = config.limits
@@ -268,6 +270,70 @@ def summarize(config: Config) -> str:
         )
     )
     return "\n".join(lines)
+
+
+def describe_policy(config: Config) -> list[str]:
+    """The effective retention policy of each local user (docs/rules.md, Checking rules).
+
+    For each user routed to an upstream: the rules that can apply, in order, then
+    what DELE and RETR do, the expiry and hiding that can apply, each with the rule
+    that says so (``[default]`` when none does), and the EXPIRE value (RFC 2449 §6.7).
+    """
+    policy = config.policy
+    files = sorted({rule.source for rule in policy.rules})
+    lines = [f"rules: {len(policy.rules)} in {len(files)} file(s)"]
+    for source in files:
+        names = ", ".join(rule.name for rule in policy.rules if rule.source == source)
+        lines.append(f"  {source}: {names}")
+    lines.append(f"policy: EXPIRE before login: {policy.expire_before_login()}")
+    for user in config.users.values():
+        if user.upstream is None:
+            lines.append(f"  {user.name}: maildir, no rules; DELE deletes; EXPIRE {EXPIRE_NEVER}")
+            continue
+        account = policy.for_user(user.name, user.upstream)
+        lines.append(f"  {user.name} (upstream {user.upstream}):")
+        lines.append("    rules, in order:" if account.rules else "    rules: none")
+        lines.extend(f"      {r.name} ({r.source}): {r.summary()}" for r in account.rules)
+        lines.extend(f"    {line}" for line in _account_effects(account))
+        lines.append(f"    EXPIRE {account.expire}")
+    return lines
+
+
+def _account_effects(account: AccountPolicy) -> list[str]:
+    """What DELE, RETR, expiry and hiding can do for this account, each with its rule."""
+    actions = account.outcomes(Setting.ACTION)
+    dele: list[str] = []
+    retr: list[str] = []
+    hidden: list[str] = []
+    for outcome in actions:
+        match outcome.value:
+            case Action.KEEP:
+                dele.append(f"hides it for this user [{outcome.rule}]")
+                retr.append(f"left upstream [{outcome.rule}]")
+            case Action.DELETE:
+                dele.append(f"deletes upstream [{outcome.rule}]")
+                retr.append(f"left upstream [{outcome.rule}]")
+            case Action.DELETE_AFTER_RETRIEVE:
+                dele.append(f"deletes upstream [{outcome.rule}]")
+                retr.append(f"deleted upstream at QUIT [{outcome.rule}]")
+            case Action.HIDE:
+                hidden.append(f"hide [{outcome.rule}]")
+    expiry = [
+        f"never [{o.rule}]" if o.value is None else f"after {o.value} days [{o.rule}]"
+        for o in account.outcomes(Setting.EXPIRE_AFTER_DAYS)
+    ]
+    hidden.extend(
+        f"over {o.value} bytes [{o.rule}]"
+        for o in account.outcomes(Setting.MAX_SIZE_BYTES)
+        if o.value is not None
+    )
+    return [
+        "DELE: " + ("; ".join(dele) or "no message is shown"),
+        "RETR without DELE: " + ("; ".join(dict.fromkeys(retr)) or "no message is shown"),
+        "expiry: " + "; ".join(expiry),
+        "not shown: " + ("; ".join(hidden) or "none"),
+        "headers read at login (TOP n 0): " + ("yes" if account.needs_headers else "no"),
+    ]
 
 
 def _host_port(host: str, port: int) -> str:

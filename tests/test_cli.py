@@ -187,6 +187,104 @@ def test_check_config_summary_lists_upstreams_and_tls(
     assert "secret-value" not in out
 
 
+def rules_config(rules: dict[str, str]) -> None:
+    """cfg.yaml with two users on one upstream and a Maildir user, and rules/ as given."""
+    Path("rules").mkdir()
+    for name, text in rules.items():
+        Path("rules", name).write_text(textwrap.dedent(text))
+    Path("cfg.yaml").write_text(
+        textwrap.dedent(f"""\
+        listen: [{{address: 127.0.0.1, port: 0, tls: none}}]
+        upstreams: {{prov: {{host: pop.example.net}}}}
+        users:
+          alice: {{password_hash: "{HASH}", upstream: prov, upstream_password_env: PW}}
+          scanner: {{password_hash: "{HASH}", upstream: prov, upstream_password_env: PW}}
+          demo: {{password_hash: "{HASH}", maildir: m}}
+        rules_dir: rules
+        """)
+    )
+
+
+def test_check_config_prints_the_effective_policy_of_each_user(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PW", "secret-value")
+    rules_config(
+        {
+            "10-scanner.yaml": """\
+            rules:
+              - {name: scanner-keep, match: {users: [scanner]}, action: keep, expire_after_days: 30}
+            """,
+            "50-all.yaml": """\
+            rules:
+              - {name: no-big, max_size_bytes: 5000000, continue: true}
+              - name: spam
+                match: {headers: {X-Spam-Flag: "^YES$"}}
+                action: hide
+                expire_after_days: 7
+            """,
+        }
+    )
+    assert cli.main(["check-config", "-c", "cfg.yaml"]) == 0
+    out = capsys.readouterr().out
+    policy = out[out.index("rules: 3 in 2 file(s)") : out.index("limits:")]
+    assert policy == textwrap.dedent("""\
+        rules: 3 in 2 file(s)
+          10-scanner.yaml: scanner-keep
+          50-all.yaml: no-big, spam
+        policy: EXPIRE before login: 7 USER
+          alice (upstream prov):
+            rules, in order:
+              no-big (50-all.yaml): every message -> max_size_bytes=5000000 continue
+              spam (50-all.yaml): x-spam-flag=/^YES$/ -> action=hide expire_after_days=7
+            DELE: deletes upstream [default]
+            RETR without DELE: left upstream [default]
+            expiry: never [default]; after 7 days [spam]
+            not shown: hide [spam]; over 5000000 bytes [no-big]
+            headers read at login (TOP n 0): yes
+            EXPIRE 7
+          scanner (upstream prov):
+            rules, in order:
+              scanner-keep (10-scanner.yaml): users=scanner -> action=keep expire_after_days=30
+            DELE: hides it for this user [scanner-keep]
+            RETR without DELE: left upstream [scanner-keep]
+            expiry: after 30 days [scanner-keep]
+            not shown: none
+            headers read at login (TOP n 0): no
+            EXPIRE 30
+          demo: maildir, no rules; DELE deletes; EXPIRE NEVER
+        """)
+    assert "secret-value" not in out
+
+
+def test_check_config_without_rules_says_so(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Path("cfg.yaml").write_text(
+        f"listen: [{{address: 127.0.0.1, port: 0, tls: none}}]\n"
+        f'users: {{demo: {{password_hash: "{HASH}", maildir: m}}}}\n'
+    )
+    assert cli.main(["check-config", "-c", "cfg.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "rules: 0 in 0 file(s)\npolicy: EXPIRE before login: NEVER\n" in out
+
+
+def test_a_bad_rule_fails_check_config_and_run_with_exit_2(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PW", "secret-value")
+    rules_config({"10-x.yaml": "rules:\n  - {name: x, action: kep}\n"})
+    expected = (
+        "rules/10-x.yaml: rules[0] (x).action: expected one of keep, delete,"
+        " delete_after_retrieve, hide, got the string 'kep'\ncfg.yaml: 1 problem(s) found\n"
+    )
+    check = run_popproxy("check-config", "-c", "cfg.yaml", cwd=in_tmp)
+    assert (check.returncode, check.stdout, check.stderr) == (2, "", expected)
+    # The server does not start with part of the rules: nothing is logged, it exits 2.
+    run = run_popproxy("run", "-c", "cfg.yaml", cwd=in_tmp)
+    assert (run.returncode, run.stdout, run.stderr) == (2, "", expected)
+
+
 # -- hash-password ----------------------------------------------------------------------
 
 
