@@ -233,45 +233,39 @@ class AccountPolicy:
 
     def _decide(self, candidate: Candidate, now: datetime) -> Decision:
         age = max(now - candidate.first_seen, timedelta(0))
-        named: dict[Setting, Outcome] = {}
+        action, action_rule = DEFAULT_ACTION, DEFAULT_RULE
+        expire: tuple[int, str] | None = None
+        size_limit: tuple[int, str] | None = None
         matched: list[str] = []
         for rule in self.rules:
             if not rule.match.matches_message(age, candidate.size, candidate.headers):
                 continue
             matched.append(rule.name)
-            for setting in Setting:
-                value = rule.setting(setting)
-                if value is not None:
-                    named[setting] = Outcome(value, rule.name)
+            # A later match replaces what an earlier continue rule set (docs/rules.md, Order).
+            if rule.action is not None:
+                action, action_rule = rule.action, rule.name
+            if rule.expire_after_days is not None:
+                expire = (rule.expire_after_days, rule.name)
+            if rule.max_size_bytes is not None:
+                size_limit = (rule.max_size_bytes, rule.name)
             if not rule.continues:
                 break
-        action_outcome = named.get(Setting.ACTION, Outcome(DEFAULT_ACTION, DEFAULT_RULE))
-        action = action_outcome.value
-        assert isinstance(action, Action)
-        expire = named.get(Setting.EXPIRE_AFTER_DAYS)
-        expires_at = None
-        if expire is not None:
-            assert isinstance(expire.value, int)
-            expires_at = candidate.first_seen + timedelta(days=expire.value)
-        size_limit = named.get(Setting.MAX_SIZE_BYTES)
         hidden: Hidden | None = None
         hidden_rule: str | None = None
         if candidate.hidden:
             hidden = Hidden.FOR_USER
         elif action is Action.HIDE:
-            hidden, hidden_rule = Hidden.HIDE_RULE, action_outcome.rule
-        elif size_limit is not None:
-            assert isinstance(size_limit.value, int)
-            if candidate.size > size_limit.value:
-                hidden, hidden_rule = Hidden.TOO_LARGE, size_limit.rule
+            hidden, hidden_rule = Hidden.HIDE_RULE, action_rule
+        elif size_limit is not None and candidate.size > size_limit[0]:
+            hidden, hidden_rule = Hidden.TOO_LARGE, size_limit[1]
         return Decision(
-            rule=action_outcome.rule,
+            rule=action_rule,
             action=action,
             visible=hidden is None,
             on_dele=OnDele.HIDE if action in (Action.KEEP, Action.HIDE) else OnDele.DELETE,
             delete_after_retrieve=action is Action.DELETE_AFTER_RETRIEVE,
-            expires_at=expires_at,
-            expire_rule=None if expire is None else expire.rule,
+            expires_at=None if expire is None else candidate.first_seen + timedelta(days=expire[0]),
+            expire_rule=None if expire is None else expire[1],
             hidden=hidden,
             hidden_rule=hidden_rule,
             matched=tuple(matched),
