@@ -284,6 +284,36 @@ async def test_a_broken_config_leaves_the_running_one(
         assert (await alice.cmd(b"QUIT")).startswith(b"+OK")
 
 
+async def test_a_bad_rule_file_fails_the_reload_and_the_running_rules_stay(
+    workdir: Path, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        (workdir / "alice.pw").write_text("pw\n")
+        (workdir / "rules").mkdir()
+        rule_file = workdir / "rules" / "10-carol.yaml"
+        rule_file.write_text("rules:\n  - {name: carol-keep, action: keep}\n")
+        path = workdir / "popproxy.yaml"
+        load = write_config(path, upstream_port=1)
+        path.write_text(path.read_text() + "rules_dir: rules\n")
+        running = await start(nursery, load())
+
+        rule_file.write_text("rules:\n  - {name: carol-keep, action: kept}\n")
+        outcome = await running.reload(load)
+        assert not outcome.ok
+        assert outcome.reason is not None
+        assert "rules/10-carol.yaml: rules[0] (carol-keep).action: expected one of" in (
+            outcome.reason
+        )
+        assert outcome.config.policy.rule_names == ("carol-keep",)
+        assert outcome.config.policy.for_user("carol", "up").expire == "NEVER"
+
+        rule_file.write_text("rules:\n  - {name: carol-drain, action: delete_after_retrieve}\n")
+        outcome = await running.reload(load)
+        assert outcome.ok
+        assert outcome.config.policy.rule_names == ("carol-drain",)
+        assert outcome.config.policy.for_user("carol", "up").expire == "0"
+
+
 async def test_a_loader_that_crashes_is_a_failed_reload(
     workdir: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
