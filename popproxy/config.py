@@ -24,6 +24,7 @@ import difflib
 import enum
 import fnmatch
 import ipaddress
+import itertools
 import math
 import os
 import re
@@ -323,13 +324,15 @@ def _read_bounded(path: Path, limit: int) -> bytes | OSError | None:
     return None if len(raw) > limit else raw
 
 
-def _read_yaml(path: Path, issues: _Issues, what: str = "config file") -> object | None:
-    raw = _read_bounded(path, MAX_CONFIG_BYTES)
+def _read_yaml(
+    path: Path, issues: _Issues, what: str = "config file", limit: int = MAX_CONFIG_BYTES
+) -> object | None:
+    raw = _read_bounded(path, limit)
     if isinstance(raw, OSError):
         issues.add("(file)", f"cannot read the {what}: {raw.strerror or raw}")
         return None
     if raw is None:
-        issues.add("(file)", f"expected a {what} of at most {MAX_CONFIG_BYTES} bytes")
+        issues.add("(file)", f"expected a {what} of at most {limit} bytes")
         return None
     try:
         text = raw.decode("utf-8")
@@ -650,8 +653,14 @@ def _valid_host(text: str) -> bool:
 _RULE_FILE_RE = re.compile(r"[0-9]{2}-[A-Za-z0-9._-]+\.yaml")
 # RFC 5322 §3.6.8: a header field name is printable US-ASCII without ":".
 _FIELD_NAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]+")
-# Rule files read from one rules_dir: each holds at least one rule.
-MAX_RULE_FILES = MAX_RULES
+# Rule files read from one rules_dir: the two digits of NN-name.yaml give 100 places
+# in the order; more files than that is a generated tree, not a policy.
+MAX_RULE_FILES = 100
+# A rule file holds a few rules (a rule is a few hundred bytes); this keeps a wrong
+# file in rules_dir from being read whole.
+MAX_RULE_FILE_BYTES = 256 * 1024
+# Directory entries looked at in rules_dir (rule files and anything else lying there).
+MAX_RULES_DIR_ENTRIES = 10 * MAX_RULE_FILES
 
 
 def _rules(rules_dir: Path, top: _Section, issues: _Issues) -> tuple[Rule, ...]:
@@ -663,9 +672,14 @@ def _rules(rules_dir: Path, top: _Section, issues: _Issues) -> tuple[Rule, ...]:
     """
     shown_dir = Path(str(top.raw("rules_dir")))
     try:
-        names = sorted(entry.name for entry in rules_dir.iterdir())
+        names = sorted(
+            entry.name for entry in itertools.islice(rules_dir.iterdir(), MAX_RULES_DIR_ENTRIES + 1)
+        )
     except OSError as exc:
         top.error("rules_dir", f"cannot list {rules_dir}: {exc.strerror or exc}")
+        return ()
+    if len(names) > MAX_RULES_DIR_ENTRIES:
+        top.error("rules_dir", f"expected at most {MAX_RULES_DIR_ENTRIES} entries in {rules_dir}")
         return ()
     files: list[str] = []
     for name in names:
@@ -685,7 +699,9 @@ def _rules(rules_dir: Path, top: _Section, issues: _Issues) -> tuple[Rule, ...]:
     out: list[Rule] = []
     for name in files:
         file_issues = _Issues(str(shown_dir / name), issues.items)
-        data = _read_yaml(rules_dir / name, file_issues, what="rule file")
+        data = _read_yaml(
+            rules_dir / name, file_issues, what="rule file", limit=MAX_RULE_FILE_BYTES
+        )
         if data is None:
             continue
         section = _Section.of(file_issues, "", data, ("rules",))

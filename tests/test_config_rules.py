@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from popproxy.auth.passwords import hash_password
-from popproxy.config import ConfigError, load_config
+from popproxy.config import (
+    MAX_RULE_FILE_BYTES,
+    MAX_RULE_FILES,
+    MAX_RULES_DIR_ENTRIES,
+    ConfigError,
+    load_config,
+)
 from popproxy.policy import Action, Policy
 from popproxy.policy.rules import MAX_HEADER_PATTERN_CHARS
 from popproxy.secret import Secret
@@ -308,6 +314,27 @@ def test_rules_need_an_upstream_user() -> None:
     Path("popproxy.yaml").write_text(maildir_only, encoding="utf-8")
     rules_file("10-a.yaml", "rules:\n  - {name: a, expire_after_days: 5}\n")
     assert only_problem().startswith("rules/10-a.yaml: rules[0] (a).match: the rule applies to no")
+
+
+def test_rule_files_and_rules_dir_entries_are_bounded() -> None:
+    rules_file("10-big.yaml", "# padding\n" * (MAX_RULE_FILE_BYTES // 10 + 1))
+    assert only_problem() == (
+        f"rules/10-big.yaml: (file): expected a rule file of at most {MAX_RULE_FILE_BYTES} bytes"
+    )
+    Path("rules", "10-big.yaml").unlink()
+    for number in range(MAX_RULE_FILES + 1):
+        rules_file(
+            f"{number % 100:02d}-r{number}.yaml", f"rules:\n  - {{name: r{number}, action: keep}}\n"
+        )
+    assert (
+        only_problem() == f"popproxy.yaml: rules_dir: expected at most {MAX_RULE_FILES} rule files"
+    )
+    for number in range(MAX_RULES_DIR_ENTRIES):
+        Path("rules", f"note-{number}.txt").touch()
+    assert only_problem() == (
+        f"popproxy.yaml: rules_dir: expected at most {MAX_RULES_DIR_ENTRIES} entries in"
+        f" {Path.cwd() / 'rules'}"
+    )
 
 
 def test_an_unreadable_rule_file_is_reported() -> None:
