@@ -11,7 +11,10 @@ Every upstream reply goes through the sans-IO ``ClientConnection``: a reply is
 matched to the command that asked for it, and an unsolicited, overlong or
 malformed line, or an end of stream inside a message, is fatal. The connection
 is then marked broken and every later use fails with ``[SYS/TEMP]``, so a
-client is never sent a truncated message as if it were complete.
+client is never sent a truncated message as if it were complete. Before each
+command of a logged-in session the socket is checked for octets nobody asked
+for, so a line the upstream sent while the session was idle is not taken for
+that command's reply.
 
 RETR and TOP bodies are relayed still dot-stuffed (``StuffedData``): the
 session passes the octets on unchanged, reading the next chunk from upstream
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import ssl
 from collections.abc import AsyncGenerator, Mapping, Sequence, Set
 from dataclasses import dataclass
@@ -178,6 +182,24 @@ class _Connection:
             if self.metrics is not None and data:
                 self.metrics.bytes_received(len(data))
             self.conn.receive_data(data)
+
+    def check_quiet(self) -> None:
+        """Raise a protocol error if the upstream sent anything since its last awaited
+        reply (RFC 1939 §3: a server only answers). Called before a command on an idle
+        logged-in connection: an unsolicited line that arrived on its own would
+        otherwise be read as that command's reply. Octets still buffered are checked,
+        then, without reading, whether the socket is readable (TLS records after the
+        handshake's session tickets are likewise never sent unasked).
+        """
+        if self.conn.buffered:
+            raise self.protocol_error("unsolicited reply")
+        stream = self.stream
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        if not isinstance(transport, trio.SocketStream):
+            return
+        readable, _, _ = select.select([transport.socket.fileno()], [], [], 0)
+        if readable:
+            raise self.protocol_error("unsolicited reply")
 
     async def status(self) -> Ok | Err:
         """The next status reply; anything else here is a protocol error."""
@@ -407,6 +429,7 @@ class UpstreamMaildrop:
         timeout = self._upstream.command_timeout_seconds
         finished = False
         try:
+            self._connection.check_quiet()
             sent = trio.current_time()
             with trio.fail_after(timeout):
                 await self._connection.send(command, stuffed_body=True)
@@ -450,6 +473,7 @@ class UpstreamMaildrop:
         self._busy = True
         failure: UpstreamFailure | None = None
         try:
+            self._connection.check_quiet()
             sent = trio.current_time()
             with trio.fail_after(self._upstream.command_timeout_seconds):
                 await self._connection.send(Noop())
@@ -478,6 +502,7 @@ class UpstreamMaildrop:
         """
         self._begin()
         try:
+            self._connection.check_quiet()
             with trio.fail_after(self._upstream.command_timeout_seconds):
                 await self._dele(sorted(deleted))
                 sent = trio.current_time()

@@ -1161,6 +1161,49 @@ async def test_retr_err_raises_before_any_chunk_and_the_connection_stays_usable(
     assert after_login(upstream.lines) == [b"RETR 2", b"RETR 3", b"NOOP", b"DELE 1", b"QUIT"]
 
 
+@pytest.mark.parametrize("operation", ["retrieve", "keep_alive", "commit"])
+async def test_a_line_sent_unasked_while_idle_is_not_taken_for_the_next_reply(
+    operation: str,
+) -> None:
+    """RFC 1939 §3: a server only answers. A line the upstream sends on its own while the
+    session is idle is found before the next command goes out, so it can never be read
+    as that command's reply (and relayed as the start of a message)."""
+    mailbox = Mailbox(dict(MESSAGES))
+    logged_in, unasked_sent = trio.Event(), trio.Event()
+
+    async def script(peer: Peer) -> None:
+        await peer.send(mailbox.greeting)
+        while (line := await peer.line()) is not None:
+            await peer.send(mailbox.answer(peer, line)[0])
+            if line == b"LIST":
+                break
+        await logged_in.wait()
+        await peer.send(b"+OK unasked\r\n")
+        unasked_sent.set()
+        await peer.until_eof()
+
+    async with scripted_upstream(script) as upstream:
+        drop = await login(upstream)
+        logged_in.set()
+        await unasked_sent.wait()
+        match operation:
+            case "retrieve":
+                with pytest.raises(UpstreamError) as info:
+                    await collect(drop, 0)
+                assert info.value.failure is UpstreamFailure.PROTOCOL
+            case "keep_alive":
+                await drop.keep_alive()  # fails quietly: the maildrop is broken
+                with pytest.raises(UpstreamError) as info:
+                    await collect(drop, 0)
+                assert info.value.failure is UpstreamFailure.CLOSED
+            case _:
+                with pytest.raises(UpstreamError) as info:
+                    await drop.commit({0})
+                assert info.value.failure is UpstreamFailure.PROTOCOL
+        await drop.aclose()
+    assert after_login(upstream.lines) == []  # no RETR, NOOP, DELE or QUIT went out
+
+
 RETRIEVE_FAULTS = {
     "unsolicited-after-terminator": b"+OK\r\nbody\r\n.\r\n+OK unsolicited\r\n",
     "overlong-status": b"+OK " + b"x" * 600 + b"\r\nbody\r\n.\r\n",

@@ -124,6 +124,9 @@ class HostileUpstream:
             self.connections.append(received)
             with contextlib.closing(sock):
                 sock.settimeout(HOSTILE_TIMEOUT_SECONDS)
+                # Each send leaves at once (no Nagle delay), so a test knows that what
+                # the script sent is on its way when the script says so.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn = HostileConnection(sock, received)
                 if self.implicit_tls is not None:
                     try:

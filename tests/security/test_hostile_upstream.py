@@ -6,6 +6,7 @@ mapped -ERR or a closed connection, never a truncated message that looks complet
 from __future__ import annotations
 
 import ssl
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -22,6 +23,7 @@ from integration.harness import (
 )
 
 from .hostile import (
+    HOSTILE_TIMEOUT_SECONDS,
     HostileConnection,
     HostileUpstream,
     Script,
@@ -271,6 +273,37 @@ def test_a_bad_message_is_never_relayed_as_complete(
     assert not received.endswith(b"\r\n.\r\n"), received
     assert b"FAKE" not in received and b"unsolicited" not in received
     assert b".\n" not in received
+    target.still_serves()
+
+
+def test_a_line_sent_unasked_while_the_session_is_idle_is_never_relayed(launch: Launch) -> None:
+    """The unasked line arrives on its own between commands; the proxy must not read it
+    as the next command's reply: the client's RETR gets the mapped -ERR and no RETR
+    goes upstream."""
+    client_logged_in, unasked_sent = threading.Event(), threading.Event()
+
+    def script(conn: HostileConnection) -> None:
+        if not exchange(conn, *LOGIN_AND_LISTING):
+            return
+        client_logged_in.wait(HOSTILE_TIMEOUT_SECONDS)
+        conn.send(b"+OK unasked\r\n")
+        unasked_sent.set()
+        if conn.verb() == b"RETR":
+            conn.send(b"+OK\r\n" + MESSAGE + b".\r\n")
+        conn.drain()
+
+    with hostile_upstream(script) as upstream:
+        target = launch(upstream, "none")
+        with target.connect() as pop:
+            assert pop.login(VICTIM).startswith(b"+OK Logged in, 1 messages")
+            client_logged_in.set()
+            assert unasked_sent.wait(HOSTILE_TIMEOUT_SECONDS)
+            assert pop.cmd(b"RETR 1") == LOST
+            assert pop.cmd(b"QUIT").startswith(b"-ERR [SYS/TEMP]")
+    assert b"RETR 1" not in upstream.all_command_lines()
+    assert [r["reason"] for r in target.server.records("upstream_protocol_error")] == [
+        "unsolicited reply"
+    ]
     target.still_serves()
 
 
