@@ -42,11 +42,15 @@ class RawPop3:
 
     def __init__(self, port: int, *, tls: ssl.SSLContext | None = None, greet: bool = True) -> None:
         sock = socket.create_connection((LOOPBACK, port), timeout=READ_TIMEOUT_SECONDS)
-        if tls is not None:
-            sock = tls.wrap_socket(sock, server_hostname=LOOPBACK)
-        self.sock = sock
-        self.buf = bytearray()
-        self.greeting = self.line() if greet else b""
+        try:
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=LOOPBACK)
+            self.sock = sock
+            self.buf = bytearray()
+            self.greeting = self.line() if greet else b""
+        except BaseException:
+            sock.close()  # a refused handshake or a missing greeting leaks no socket
+            raise
 
     def __enter__(self) -> RawPop3:
         return self
@@ -93,7 +97,12 @@ class RawPop3:
 
     def starttls(self, context: ssl.SSLContext) -> None:
         assert not self.buf, f"octets left before the handshake: {bytes(self.buf)!r}"
-        self.sock = context.wrap_socket(self.sock, server_hostname=LOOPBACK)
+        plain = self.sock
+        try:
+            self.sock = context.wrap_socket(plain, server_hostname=LOOPBACK)
+        except BaseException:
+            plain.close()
+            raise
 
     def rest_until_closed(self) -> bytes:
         """Everything the server still sends, up to its end of stream (which must come)."""
