@@ -145,6 +145,10 @@ class UpstreamConfig:
     # The longest status or listing line read from this upstream, line end included
     # (RFC 2449 §4: 512; raise it only for a provider that breaks the RFC).
     max_reply_line_bytes: int = MAX_REPLY_LINE_OCTETS
+    # One session per upstream account at a time (RFC 1939 §4's exclusive lock): the
+    # next waits up to limits.account_wait_seconds, then gets -ERR [IN-USE]. False lets
+    # sessions on one account overlap, as Dovecot does by default (docs/rules.md).
+    exclusive_sessions: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +214,9 @@ class LimitsConfig:
     max_command_line_bytes: int = MAX_COMMAND_LINE_OCTETS  # RFC 2449 §4
     max_sasl_line_bytes: int = MAX_SASL_LINE_OCTETS  # an AUTH line or SASL response
     max_sasl_payload_bytes: int = MAX_SASL_PAYLOAD_OCTETS  # decoded (RFC 5034 §4)
+    # A second session on an upstream account waits this long for the first one to
+    # end, then gets -ERR [IN-USE] (RFC 1939 §4 exclusive access; docs/rules.md).
+    account_wait_seconds: float = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -941,6 +948,7 @@ _UPSTREAM_KEYS = (
     "command_timeout_seconds",
     "keepalive_interval_seconds",
     "max_reply_line_bytes",
+    "exclusive_sessions",
 )
 _USER_KEYS = (
     "password_hash",
@@ -973,6 +981,7 @@ _LIMIT_KEYS = (
     "max_command_line_bytes",
     "max_sasl_line_bytes",
     "max_sasl_payload_bytes",
+    "account_wait_seconds",
 )
 # Sanity bounds: a session count or bad-command budget beyond these is a typo, not a plan.
 MAX_SESSIONS_LIMIT = 1_000_000
@@ -1139,6 +1148,7 @@ def _upstreams(top: _Section) -> dict[str, UpstreamConfig]:
         reply_line = section.integer(
             "max_reply_line_bytes", lo=MAX_REPLY_LINE_OCTETS, hi=REPLY_LINE_CEILING_OCTETS
         )
+        exclusive = section.boolean("exclusive_sessions")
         if tls is TlsMode.NONE and (verify is not None or ca_file is not None):
             key = "verify" if verify is not None else "ca_file"
             section.error(key, "only meaningful with tls: starttls or implicit")
@@ -1157,6 +1167,7 @@ def _upstreams(top: _Section) -> dict[str, UpstreamConfig]:
             command_timeout_seconds=command_timeout or default.command_timeout_seconds,
             keepalive_interval_seconds=keepalive or default.keepalive_interval_seconds,
             max_reply_line_bytes=reply_line or default.max_reply_line_bytes,
+            exclusive_sessions=default.exclusive_sessions if exclusive is None else exclusive,
         )
     return out
 
@@ -1391,5 +1402,8 @@ def _limits(top: _Section) -> LimitsConfig:
             default.max_sasl_payload_bytes,
             SASL_PAYLOAD_CEILING_OCTETS,
             lo=SASL_PAYLOAD_FLOOR_OCTETS,
+        ),
+        account_wait_seconds=seconds(
+            "account_wait_seconds", default.account_wait_seconds, positive=False
         ),
     )

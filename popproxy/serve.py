@@ -48,14 +48,23 @@ from popproxy.config import (
     ConfigError,
     ListenerConfig,
     MetricsConfig,
+    StateConfig,
     TlsConfig,
     TlsMode,
     UserConfig,
 )
 from popproxy.maildrop.base import Maildrop, MaildropError
 from popproxy.maildrop.maildir import open_maildir
+from popproxy.maildrop.retention import (
+    AccountLocks,
+    Clock,
+    RetentionContext,
+    open_retained,
+    utc_now,
+)
 from popproxy.maildrop.upstream import UpstreamAccount, open_upstream
 from popproxy.metrics import Metrics, serve_metrics
+from popproxy.policy import DEFAULT_RULE
 from popproxy.pop3.replies import Err, ResponseCode
 from popproxy.pop3.wire import format_status
 from popproxy.reload import (
@@ -68,6 +77,8 @@ from popproxy.reload import (
 )
 from popproxy.sdnotify import Notifier
 from popproxy.session import SessionContext, run_session
+from popproxy.state import open_store
+from popproxy.state.base import AccountKey, StateError, StateStore
 from popproxy.tls import client_context, server_context
 
 log = logging.getLogger("popproxy.serve")
@@ -91,9 +102,35 @@ class ServeError(Exception):
     """The server cannot start as configured (bad certificate, port in use, ...)."""
 
 
+class StoreOpener:
+    """The state store, opened once on first need and closed at shutdown.
+
+    A config without upstream users never opens it (a Maildir needs no state).
+    """
+
+    def __init__(self, config: StateConfig, metrics: Metrics | None) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._store: StateStore | None = None
+        self._lock = trio.Lock()
+
+    async def get(self) -> StateStore:
+        """The open store; ``StateError`` if it cannot be opened."""
+        async with self._lock:
+            if self._store is None:
+                self._store = await open_store(self._config, metrics=self._metrics)
+            return self._store
+
+    async def aclose(self) -> None:
+        if self._store is not None:
+            await self._store.aclose()
+            self._store = None
+
+
 class MaildropRouter:
     """Opens each local user's maildrop: its Maildir, or a session with its upstream
-    account (DESIGN.md, routing). Several local users may share one upstream account.
+    account seen through retention policy (DESIGN.md, routing). Several local users
+    may share one upstream account; their sessions take turns (``AccountLocks``).
     """
 
     def __init__(
@@ -102,27 +139,74 @@ class MaildropRouter:
         upstream_tls: Mapping[str, ssl.SSLContext],
         *,
         greeting_token: str,
+        store: StoreOpener,
+        locks: AccountLocks,
+        clock: Clock,
         metrics: Metrics | None = None,
     ) -> None:
         self._upstreams = config.upstreams
+        self._policy = config.policy
+        self._wait_seconds = config.limits.account_wait_seconds
         self._upstream_tls = upstream_tls
         self._greeting_token = greeting_token
+        self._store = store
+        self._locks = locks
+        self._clock = clock
         self._metrics = metrics  # the upstream names of ``config`` are declared in it
 
-    async def open(self, user: UserConfig) -> Maildrop:
+    async def open(self, user: UserConfig, session_id: str) -> Maildrop:
         """The maildrop ``user`` is served from; ``MaildropError`` carries the client's -ERR."""
         if user.maildir is not None:
             return await open_maildir(user.maildir)
         if user.upstream is None or user.upstream_user is None or user.upstream_password is None:
             raise MaildropError(ResponseCode.SYS_PERM, "This account has no maildrop configured.")
         upstream = self._upstreams[user.upstream]
-        account = UpstreamAccount(upstream, user.upstream_user, user.upstream_password)
-        return await open_upstream(
-            account,
-            tls_context=self._upstream_tls.get(upstream.name),
-            own_greeting_token=self._greeting_token,
-            metrics=self._metrics.upstream(upstream.name) if self._metrics is not None else None,
+        key = AccountKey(upstream.name, user.upstream_user)
+        mailbox = (upstream.host.lower(), upstream.port, user.upstream_user)
+        release = (
+            await self._locks.acquire(mailbox, wait_seconds=self._wait_seconds)
+            if upstream.exclusive_sessions
+            else _no_lock
         )
+        try:
+            try:
+                store = await self._store.get()
+            except StateError as exc:
+                log.error(  # noqa: TRY400 (the reason is in the line; a traceback adds nothing)
+                    "state_unavailable", extra={"fields": {"reason": str(exc)}}
+                )
+                raise MaildropError(
+                    ResponseCode.SYS_TEMP, "Mailbox state is unavailable."
+                ) from None
+            account = UpstreamAccount(upstream, user.upstream_user, user.upstream_password)
+            inner = await open_upstream(
+                account,
+                tls_context=self._upstream_tls.get(upstream.name),
+                own_greeting_token=self._greeting_token,
+                metrics=self._metrics.upstream(upstream.name) if self._metrics else None,
+            )
+            retention = RetentionContext(
+                account=key,
+                user=user.name,
+                session_id=session_id,
+                policy=self._policy.for_user(user.name, upstream.name),
+                store=store,
+                clock=self._clock,
+                metrics=self._metrics,
+            )
+            try:
+                return await open_retained(inner, retention, on_close=release)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await inner.aclose()
+                raise
+        except BaseException:
+            release()
+            raise
+
+
+def _no_lock() -> None:
+    """The release of an account whose sessions may overlap (``exclusive_sessions: false``)."""
 
 
 async def upstream_tls_contexts(config: Config) -> dict[str, ssl.SSLContext]:
@@ -181,6 +265,7 @@ class _Runtime:
     tls: LoadedTls | None
     authenticator: Authenticator
     router: MaildropRouter
+    expire: str  # CAPA EXPIRE before login (RFC 2449 §6.7)
 
 
 class ReloadFailed(Exception):
@@ -199,6 +284,7 @@ class Server:
         notifier: Notifier | None = None,
         on_reload: OnReload | None = None,
         metrics: Metrics | None = None,
+        clock: Clock = utc_now,
     ) -> None:
         # Shared by every generation of the authenticator, so a reload never adds threads.
         self._hash_limiter = trio.CapacityLimiter(DEFAULT_HASH_THREADS)
@@ -207,6 +293,11 @@ class Server:
         # Without one from the caller the server counts into a registry of its own,
         # so every code path is the same with or without an exporter.
         self.metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
+        # Outlive reloads: the store is a restart key, and an account stays locked
+        # across config generations while a session of either one uses it.
+        self.store = StoreOpener(config.state, self.metrics)
+        self._locks = AccountLocks()
+        self._clock = clock
         self._declare(config)
         self._runtime = self._new_runtime(config, tls, upstream_tls or {})
         self._notifier = notifier if notifier is not None else Notifier(None)
@@ -233,8 +324,15 @@ class Server:
             tls,
             Authenticator(config.users, limiter=self._hash_limiter),
             MaildropRouter(
-                config, upstream_tls, greeting_token=self._greeting_token, metrics=self.metrics
+                config,
+                upstream_tls,
+                greeting_token=self._greeting_token,
+                store=self.store,
+                locks=self._locks,
+                clock=self._clock,
+                metrics=self.metrics,
             ),
+            config.policy.expire_before_login(),
         )
 
     def _declare(self, config: Config) -> None:
@@ -242,7 +340,7 @@ class Server:
         self.metrics.declare(
             listeners=[listener.name for listener in config.listen],
             upstreams=config.upstreams.keys(),
-            rules=(),  # retention rules are not implemented yet (DESIGN.md, Rules)
+            rules=(*config.policy.rule_names, DEFAULT_RULE),
         )
 
     def session_context(self, listener: ListenerConfig) -> SessionContext:
@@ -253,6 +351,7 @@ class Server:
             limits=runtime.config.limits,
             authenticator=runtime.authenticator,
             open_maildrop=runtime.router.open,
+            expire=runtime.expire,
             tls_context=runtime.tls.context if runtime.tls is not None else None,
             greeting_token=self._greeting_token,
             stls_available=listener.tls is TlsMode.STARTTLS,
@@ -437,6 +536,7 @@ async def serve(
     notifier: Notifier | None = None,
     on_reload: OnReload | None = None,
     metrics: Metrics | None = None,
+    clock: Clock = utc_now,
     task_status: trio.TaskStatus[Sequence[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the configured listeners until ``shutdown`` is set, then drain and return.
@@ -447,6 +547,7 @@ async def serve(
     gets READY/RELOADING/STOPPING (sd_notify); ``on_reload`` gets a
     :class:`ReloadOutcome` for the initial load and after every reload.
 
+    ``clock`` is what retention policy reads as now (tests move it).
     Everything is counted in ``metrics`` (one per process; a private one if None).
     With ``config.metrics`` set, its registry is served at ``/metrics`` from before
     ``msg=ready`` until the server has stopped (``msg=metrics_listening`` says where).
@@ -458,9 +559,15 @@ async def serve(
         notifier=notifier,
         on_reload=on_reload,
         metrics=metrics,
+        clock=clock,
     )
     bound: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
     try:
+        if any(user.upstream is not None for user in config.users.values()):
+            try:  # fail at start, not at the first login
+                await server.store.get()
+            except StateError as exc:
+                raise ServeError(f"cannot open the state store: {exc}") from exc
         for listener in config.listen:
             bound.append((listener, await _bind(listener)))
         async with trio.open_nursery() as exporter:
@@ -473,6 +580,7 @@ async def serve(
             for _, sockets in bound:
                 for sock in sockets:
                     await sock.aclose()
+            await server.store.aclose()
 
 
 async def _start_exporter(

@@ -103,7 +103,8 @@ class _SessionEnd(Exception):
         self.result = result
 
 
-OpenMaildrop = Callable[[UserConfig], Awaitable[Maildrop]]
+# (the local user, the session id for the audit trail) -> the user's maildrop
+OpenMaildrop = Callable[[UserConfig, str], Awaitable[Maildrop]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +116,8 @@ class SessionContext:
     authenticator: Authenticator
     open_maildrop: OpenMaildrop
     tls_context: ssl.SSLContext | None = None
-    # RFC 2449 §6.7: a local Maildir is never pruned by the server on its own. The
-    # retention policy (rules/) will compute this per user.
+    # RFC 2449 §6.7: CAPA's EXPIRE before login, from the retention policy of every
+    # user (``n USER`` when it varies); after login the maildrop's own value.
     expire: str = "NEVER"
     # Names this process in its greeting, so that its own upstream leg can tell when
     # it has been pointed at itself (docs/proxy.md, loop detection).
@@ -241,7 +242,8 @@ class Session:
     async def _dispatch(self, command: Command | SaslLine) -> None:
         match command:
             case Capa():
-                lines = capabilities(self._conn.settings, expire=self._context.expire)
+                expire = self._context.expire if self._maildrop is None else self._maildrop.expire
+                lines = capabilities(self._conn.settings, expire=expire)
                 await self._queue_multiline("Capability list follows", lines)
             case User():
                 self._queue(Ok())
@@ -332,7 +334,7 @@ class Session:
             await self._fail_login(mechanism, result)
             return
         try:
-            maildrop = await self._context.open_maildrop(account)
+            maildrop = await self._context.open_maildrop(account, self.summary.session_id)
         except MaildropError as exc:
             # The password was right, but there is nothing to serve: an error, not a failure.
             self._count_login(mechanism, LoginResult.ERROR)

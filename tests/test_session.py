@@ -133,7 +133,7 @@ def make_context(
     )
 
 
-async def open_local_maildrop(user: UserConfig) -> Maildrop:
+async def open_local_maildrop(user: UserConfig, session_id: str) -> Maildrop:
     assert user.maildir is not None
     return await open_maildir(user.maildir)
 

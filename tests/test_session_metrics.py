@@ -162,7 +162,7 @@ async def test_logins_by_mechanism_and_result(start: Starter, maildir: Path) -> 
 async def test_a_right_password_without_a_maildrop_is_a_login_error(
     start: Starter, maildir: Path
 ) -> None:
-    async def unavailable(user: UserConfig) -> Maildrop:
+    async def unavailable(user: UserConfig, session_id: str) -> Maildrop:
         raise MaildropError(ResponseCode.SYS_TEMP, "The mail provider is unavailable.")
 
     context, metrics = counted(

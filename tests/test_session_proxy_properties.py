@@ -832,7 +832,7 @@ def proxy_context(port: int) -> SessionContext:
         upstream_password=Secret(UPSTREAM_PASSWORD),
     )
 
-    async def open_maildrop(account: UserConfig) -> Maildrop:
+    async def open_maildrop(account: UserConfig, session_id: str) -> Maildrop:
         assert account.upstream_user is not None and account.upstream_password is not None
         upstream_account = UpstreamAccount(
             upstream, account.upstream_user, account.upstream_password

@@ -76,6 +76,11 @@ class Maildrop(Protocol):
         ...
 
     @property
+    def expire(self) -> str:
+        """The CAPA EXPIRE argument once logged in (RFC 2449 §6.7): ``NEVER``, ``0`` or days."""
+        ...
+
+    @property
     def messages(self) -> Sequence[MessageInfo]:
         """The listing taken at open; index ``i`` is message number ``i + 1``."""
         ...

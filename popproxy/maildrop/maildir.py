@@ -514,6 +514,8 @@ class MaildirMaildrop:
     # Chunks are message content; the session dot-stuffs them. Nothing times out.
     dot_stuffed: ClassVar[bool] = False
     keepalive_interval_seconds: ClassVar[float | None] = None
+    # RFC 2449 §6.7: a local Maildir is never pruned by the server on its own.
+    expire: ClassVar[str] = "NEVER"
 
     def __init__(
         self,

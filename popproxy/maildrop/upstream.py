@@ -357,6 +357,8 @@ class UpstreamMaildrop:
     """An upstream POP3 session as a ``Maildrop`` (RFC 1939 §5-§7)."""
 
     dot_stuffed = True
+    # What popproxy itself does; retention policy (retention.py) wraps this with its own.
+    expire = "NEVER"
 
     def __init__(
         self,

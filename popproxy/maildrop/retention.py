@@ -1,0 +1,343 @@
+"""Retention policy applied to an upstream maildrop (DESIGN.md, "Session data flow").
+
+Theory of operation. ``open_retained`` wraps a logged-in upstream session. At
+login it reads the store's facts for the listed UIDLs (first seen, hidden for
+this local user), fetches headers with ``TOP n 0`` only when a rule needs them,
+and asks the pure policy for the client's *view*: which upstream messages the
+client sees, numbered 1..n in upstream order. RETR and TOP are renumbered and
+streamed through untouched; a RETR that reaches its end counts as retrieved.
+
+At QUIT, and only then, the policy turns the client's DELE marks, its
+retrievals and the clock into a plan: which messages to delete upstream and
+which to hide for this user. The plan's deletions go upstream with the
+upstream's own QUIT, and only after that ``+OK`` does the store record what
+the session saw, retrieved, hid and deleted, in one transaction. A session
+that ends any other way writes nothing and deletes nothing (invariant 2).
+If the process dies between the upstream's ``+OK`` and the store's commit,
+the deleted messages are simply gone from the next listing, and hides not
+recorded make those messages visible again: a message is offered again only
+if it was not deleted upstream.
+
+Sessions on one upstream account are serialized (RFC 1939 §4: the server
+acquires an exclusive-access lock on the maildrop): ``AccountLocks`` makes a
+second session wait, then answers ``-ERR [IN-USE]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import AsyncGenerator, Callable, Hashable, Sequence, Set
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import trio
+
+from popproxy.maildrop.base import Maildrop, MaildropError, MaildropInUse, MessageInfo
+from popproxy.metrics import Metrics, PolicyAction
+from popproxy.policy import (
+    MAX_HEADER_OCTETS,
+    AccountPolicy,
+    Candidate,
+    Headers,
+    Reason,
+    View,
+    parse_headers,
+)
+from popproxy.pop3.dotstuff import TERMINATOR, DotUnstuffer
+from popproxy.pop3.replies import ResponseCode
+from popproxy.state.base import (
+    AccountKey,
+    Disposal,
+    SeenMessage,
+    SessionRecord,
+    StateError,
+    StateStore,
+)
+
+log = logging.getLogger("popproxy.retention")
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    """The wall clock in UTC: the default ``Clock`` (retention ages are in days)."""
+    return datetime.now(UTC)
+
+
+_ACTIONS = {
+    Reason.DELETED: PolicyAction.DELETED,
+    Reason.RETRIEVED: PolicyAction.DELETED,
+    Reason.EXPIRED: PolicyAction.EXPIRED,
+    Reason.HIDDEN: PolicyAction.HIDDEN,
+}
+
+
+class AccountLocks:
+    """One session at a time per upstream mailbox (RFC 1939 §4 exclusive access).
+
+    The key names the mailbox itself (the router uses host, port and upstream user,
+    so two upstream entries for one server share it, and a reload that points an
+    upstream name elsewhere does not make the new mailbox wait for the old). Entries
+    exist only while a session holds or waits for one, so the table is bounded by
+    the number of sessions.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, trio.Lock] = {}
+        self._users: dict[Hashable, int] = {}
+
+    async def acquire(self, account: Hashable, *, wait_seconds: float) -> Callable[[], None]:
+        """Wait up to ``wait_seconds`` for the account, then return its release function.
+
+        Raises ``MaildropInUse`` (``-ERR [IN-USE]``, RFC 2449 §8.1.1) when the wait ends.
+        """
+        lock = self._locks.setdefault(account, trio.Lock())
+        self._users[account] = self._users.get(account, 0) + 1
+        acquired = False
+        try:
+            try:
+                lock.acquire_nowait()  # the usual case: nobody else on the account
+                acquired = True
+            except trio.WouldBlock:
+                with trio.move_on_after(wait_seconds):
+                    await lock.acquire()
+                    acquired = True
+        finally:
+            if not acquired:
+                self._forget(account)
+        if not acquired:
+            raise MaildropInUse("Another session is using this mailbox; try again later.")
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                lock.release()
+                self._forget(account)
+
+        return release
+
+    def _forget(self, account: Hashable) -> None:
+        left = self._users[account] - 1
+        if left:
+            self._users[account] = left
+        else:
+            del self._users[account]
+            del self._locks[account]
+
+    def held(self, account: Hashable) -> bool:
+        """True while a session holds or waits for ``account`` (tests, diagnostics)."""
+        return account in self._locks
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionContext:
+    """Who the session is and where its decisions go (fixed at login)."""
+
+    account: AccountKey
+    user: str
+    session_id: str
+    policy: AccountPolicy
+    store: StateStore
+    clock: Clock
+    metrics: Metrics | None = None
+
+
+async def open_retained(
+    inner: Maildrop, context: RetentionContext, *, on_close: Callable[[], None]
+) -> RetainedMaildrop:
+    """Build the client's view of ``inner`` (an upstream session just logged in).
+
+    ``on_close`` runs once the retained maildrop is closed (it releases the
+    account lock). Raises ``MaildropError`` (``[SYS/TEMP]``) when the store cannot
+    be read; the caller then closes ``inner`` and releases the lock itself.
+    """
+    listing = inner.messages
+    now = context.clock()
+    try:
+        facts = await context.store.facts(context.account, context.user, [m.uid for m in listing])
+    except StateError as exc:
+        log.error(  # noqa: TRY400 (the reason is in the line; a traceback adds nothing)
+            "state_unavailable", extra={"fields": _fields(context, reason=str(exc))}
+        )
+        raise MaildropError(ResponseCode.SYS_TEMP, "Mailbox state is unavailable.") from None
+    candidates: list[Candidate] = []
+    for index, message in enumerate(listing):
+        known = facts.get(message.uid)
+        if known is not None and known.size != message.size:
+            known = None  # a UIDL reused for other content is a new message (invariant 3)
+        headers = await _headers(inner, index) if context.policy.needs_headers else None
+        candidates.append(
+            Candidate(
+                index=index,
+                uid=message.uid,
+                size=message.size,
+                first_seen=known.first_seen if known is not None else now,
+                hidden=known.hidden if known is not None else False,
+                headers=headers,
+            )
+        )
+    view = context.policy.view(candidates, now)
+    if context.metrics is not None:
+        _count_overdue(view, now, context.metrics)
+    return RetainedMaildrop(inner, context, view, tuple(candidates), on_close)
+
+
+def _count_overdue(view: View, now: datetime, metrics: Metrics) -> None:
+    """Messages already past their expiry at login (``popproxy_policy_overdue_messages_total``):
+    each QUIT deletes them, so a count that grows while deletions do not means they stall."""
+    overdue = Counter(
+        decision.expire_rule or decision.rule
+        for decision in view.decisions
+        if decision.expires_at is not None and decision.expires_at <= now
+    )
+    for rule, count in overdue.items():
+        metrics.policy_overdue(rule, count)
+
+
+async def _headers(inner: Maildrop, index: int) -> Headers | None:
+    """The header of message ``index`` from ``TOP n 0`` (RFC 1939 §7), at most
+    ``MAX_HEADER_OCTETS``; None if the upstream no longer has the message."""
+    wire = bytearray()
+    try:
+        async with contextlib.aclosing(inner.retrieve(index, body_lines=0)) as chunks:
+            async for chunk in chunks:
+                room = MAX_HEADER_OCTETS - len(wire)
+                wire += chunk[:room]
+                if len(wire) >= MAX_HEADER_OCTETS:
+                    break
+    except MaildropError:
+        return None
+    if not inner.dot_stuffed:
+        return parse_headers(bytes(wire))
+    if not wire.endswith(b"\r\n"):
+        wire += b"\r\n"
+    wire += TERMINATOR
+    return parse_headers(DotUnstuffer().feed(wire))
+
+
+class RetainedMaildrop:
+    """An upstream maildrop seen through retention policy (DESIGN.md, proxy mode)."""
+
+    def __init__(
+        self,
+        inner: Maildrop,
+        context: RetentionContext,
+        view: View,
+        candidates: Sequence[Candidate],
+        on_close: Callable[[], None],
+    ) -> None:
+        self._inner = inner
+        self._on_close = on_close
+        self._context = context
+        self._view = view
+        self._candidates = candidates
+        listing = inner.messages
+        self._messages = [listing[i] for i in view.visible]
+        self._retrieved: set[int] = set()  # upstream indexes RETR'd to their end
+
+    @property
+    def view(self) -> View:
+        """The policy's decisions for every upstream message (``popproxy explain``)."""
+        return self._view
+
+    def first_seen(self, index: int) -> datetime:
+        """When upstream message ``index`` was first seen (the store's, or this login)."""
+        return self._candidates[index].first_seen
+
+    @property
+    def dot_stuffed(self) -> bool:
+        return self._inner.dot_stuffed
+
+    @property
+    def keepalive_interval_seconds(self) -> float | None:
+        return self._inner.keepalive_interval_seconds
+
+    @property
+    def expire(self) -> str:
+        """The CAPA EXPIRE argument after login (RFC 2449 §6.7)."""
+        return self._context.policy.expire
+
+    @property
+    def messages(self) -> Sequence[MessageInfo]:
+        return self._messages
+
+    async def retrieve(
+        self, index: int, *, body_lines: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """RETR / TOP of client message ``index + 1``, renumbered to the upstream's."""
+        upstream_index = self._view.visible[index]
+        async with contextlib.aclosing(
+            self._inner.retrieve(upstream_index, body_lines=body_lines)
+        ) as chunks:
+            async for chunk in chunks:
+                yield chunk
+        if body_lines is None:
+            self._retrieved.add(upstream_index)
+
+    async def keep_alive(self) -> None:
+        await self._inner.keep_alive()
+
+    async def commit(self, deleted: Set[int]) -> None:
+        """QUIT: carry out the retention plan, then record it (RFC 1939 §6).
+
+        The upstream deletes only what the plan says; the store is written only
+        after the upstream's QUIT answered ``+OK``.
+        """
+        context = self._context
+        now = context.clock()
+        marked = {self._view.visible[i] for i in deleted}
+        plan = context.policy.plan(self._view, marked, frozenset(self._retrieved), now)
+        await self._inner.commit({p.index for p in plan.delete_upstream})
+        listing = self._inner.messages
+        record = SessionRecord(
+            account=context.account,
+            user=context.user,
+            session_id=context.session_id,
+            at=now,
+            seen=tuple(SeenMessage(m.uid, m.size) for m in listing),
+            retrieved=frozenset(listing[i].uid for i in self._retrieved),
+            hidden=tuple(Disposal(p.uid, p.rule) for p in plan.hide),
+            deleted_upstream=tuple(Disposal(p.uid, p.rule) for p in plan.delete_upstream),
+        )
+        for planned in plan.delete_upstream:  # done upstream: logged even if the store fails
+            self._audit(planned.uid, planned.rule, _ACTIONS[planned.reason])
+        try:
+            await context.store.record(record)
+        except StateError as exc:
+            log.error(  # noqa: TRY400 (the reason is in the line; a traceback adds nothing)
+                "state_not_recorded", extra={"fields": _fields(context, reason=str(exc))}
+            )
+            raise MaildropError(
+                ResponseCode.SYS_TEMP, "Deletions done, but the mailbox state was not saved."
+            ) from None
+        for planned in plan.hide:
+            self._audit(planned.uid, planned.rule, _ACTIONS[planned.reason])
+
+    def _audit(self, uid: str, rule: str, action: PolicyAction) -> None:
+        """One log line and one count per upstream deletion or hide (issue: audit)."""
+        metrics = self._context.metrics
+        if metrics is not None:
+            metrics.policy_action(rule, action)
+        log.info(
+            "policy_" + action.value,
+            extra={"fields": _fields(self._context, uid=uid, rule=rule)},
+        )
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._on_close()
+
+
+def _fields(context: RetentionContext, **extra: object) -> dict[str, object]:
+    return {
+        "session": context.session_id,
+        "user": context.user,
+        "upstream": context.account.upstream,
+        **extra,
+    }

@@ -1,0 +1,291 @@
+"""RetainedMaildrop: the policy's view, renumbering, retrievals, and the QUIT that carries
+out the plan then records it (DESIGN.md "Session data flow", steps 4 and 6).
+
+The inner maildrop is a real Maildir and the store is the real sqlite store (in a
+temporary file), so deletions and records are what they would be in production;
+the upstream case is covered against Dovecot in tests/integration/test_retention.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from popproxy.config import StateConfig
+from popproxy.maildrop.base import MaildropError
+from popproxy.maildrop.maildir import open_maildir
+from popproxy.maildrop.retention import RetainedMaildrop, RetentionContext, open_retained
+from popproxy.metrics import Metrics, PolicyAction
+from popproxy.policy import DEFAULT_RULE, Action, HeaderMatch, Match, Policy, Rule
+from popproxy.pop3.replies import ResponseCode
+from popproxy.state import open_store
+from popproxy.state.base import (
+    AccountKey,
+    MessageFacts,
+    SessionRecord,
+    StateError,
+    StateStore,
+    StoredMessage,
+)
+
+ACCOUNT = AccountKey("provider", "shared@example.net")
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+MESSAGES = (
+    b"Subject: one\r\n\r\nfirst\r\n",
+    b"Subject: two\r\nList-Id: <news.example.net>\r\n\r\nsecond\r\n",
+    b"Subject: three\r\n\r\nthird, a longer body than the others\r\n",
+)
+
+
+def rule(
+    name: str,
+    *,
+    action: Action,
+    expire: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> Rule:
+    match = Match(
+        headers=tuple(
+            HeaderMatch(field.lower(), re.compile(pattern))
+            for field, pattern in (headers or {}).items()
+        )
+    )
+    return Rule(name=name, match=match, action=action, expire_after_days=expire)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def maildir(tmp_path: Path) -> Path:
+    root = tmp_path / "Maildir"
+    for sub in ("new", "cur", "tmp"):
+        (root / sub).mkdir(parents=True)
+    for n, data in enumerate(MESSAGES, start=1):
+        (root / "new" / f"{1_700_000_000 + n}.M{n}P1.test").write_bytes(data)
+    return root
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[StateStore]:
+    opened = await open_store(StateConfig("sqlite:///" + str(tmp_path / "state.db")))
+    yield opened
+    await opened.aclose()
+
+
+class Opener:
+    """Opens sessions of one local user on the Maildir, as the router does upstream."""
+
+    def __init__(self, maildir: Path, store: StateStore, policy: Policy) -> None:
+        self.maildir = maildir
+        self.store = store
+        self.policy = policy
+        self.clock = Clock()
+        self.metrics = Metrics(CollectorRegistry())
+        self.metrics.declare(listeners=(), upstreams=(), rules=(*policy.rule_names, DEFAULT_RULE))
+        self.released = 0
+        self.sessions = 0
+
+    def _release(self) -> None:
+        self.released += 1
+
+    async def open(self, user: str = "phone") -> RetainedMaildrop:
+        self.sessions += 1
+        context = RetentionContext(
+            account=ACCOUNT,
+            user=user,
+            session_id=f"s{self.sessions}",
+            policy=self.policy.for_user(user, ACCOUNT.upstream),
+            store=self.store,
+            clock=self.clock,
+            metrics=self.metrics,
+        )
+        inner = await open_maildir(self.maildir)
+        return await open_retained(inner, context, on_close=self._release)
+
+    def action_count(self, rule_name: str, action: PolicyAction) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "popproxy_policy_actions_total", {"rule": rule_name, "action": action.value}
+        )
+        return value or 0.0
+
+
+def subjects(maildrop: RetainedMaildrop) -> list[str]:
+    return [m.uid for m in maildrop.messages]
+
+
+async def body(maildrop: RetainedMaildrop, index: int, lines: int | None = None) -> bytes:
+    return b"".join([chunk async for chunk in maildrop.retrieve(index, body_lines=lines)])
+
+
+def keep_policy() -> Policy:
+    return Policy(rules=(rule("keep-all", action=Action.KEEP),))
+
+
+def files(maildir: Path) -> int:
+    return sum(1 for sub in ("new", "cur") for _ in (maildir / sub).iterdir())
+
+
+async def test_no_rules_a_dele_deletes_and_the_quit_is_recorded(
+    maildir: Path, store: StateStore
+) -> None:
+    opener = Opener(maildir, store, Policy.empty())
+    first = await opener.open()
+    uids = subjects(first)
+    assert len(uids) == len(MESSAGES)
+    assert await body(first, 0) == MESSAGES[0]
+    await first.commit({1})
+    await first.aclose()
+    assert files(maildir) == len(MESSAGES) - 1
+    rows = {row.uid: row for row in await store.messages(ACCOUNT)}
+    assert set(rows) == set(uids)
+    assert rows[uids[1]].deleted_upstream_at == NOW
+    assert rows[uids[1]].deleted_by_rule == DEFAULT_RULE
+    assert [user for user, _at in rows[uids[0]].retrieved_by] == ["phone"]
+    assert opener.action_count(DEFAULT_RULE, PolicyAction.DELETED) == 1
+    assert opener.released == 1
+
+
+async def test_keep_a_dele_hides_for_this_user_only_and_for_good(
+    maildir: Path, store: StateStore
+) -> None:
+    opener = Opener(maildir, store, keep_policy())
+    first = await opener.open("phone")
+    uids = subjects(first)
+    await first.commit({0, 2})
+    await first.aclose()
+    assert files(maildir) == len(MESSAGES)  # nothing deleted
+    again = await opener.open("phone")
+    assert subjects(again) == [uids[1]]
+    assert await body(again, 0) == MESSAGES[1]  # renumbered: client 1 is upstream 2
+    await again.aclose()
+    desk = await opener.open("desk")
+    assert subjects(desk) == uids  # another local user of the account sees everything
+    await desk.aclose()
+    assert opener.action_count("keep-all", PolicyAction.HIDDEN) == 2
+
+
+async def test_no_quit_no_record_and_no_deletion(maildir: Path, store: StateStore) -> None:
+    opener = Opener(maildir, store, Policy.empty())
+    session = await opener.open()
+    await body(session, 0)
+    await session.aclose()  # the session ended without QUIT: commit is never called
+    assert files(maildir) == len(MESSAGES)
+    assert await store.messages() == []
+    assert opener.released == 1
+
+
+async def test_delete_after_retrieve_counts_complete_retrs_only(
+    maildir: Path, store: StateStore
+) -> None:
+    drain = rule("drain", action=Action.DELETE_AFTER_RETRIEVE)
+    opener = Opener(maildir, store, Policy(rules=(drain,)))
+    session = await opener.open()
+    uids = subjects(session)
+    assert session.expire == "0"
+    await body(session, 0)  # complete
+    await body(session, 1, lines=0)  # TOP: not a retrieval
+    chunks = session.retrieve(2)
+    async with contextlib.aclosing(chunks):
+        await anext(chunks)  # stopped half way (the client went away mid-RETR)
+    await session.commit(set())
+    await session.aclose()
+    rows = {row.uid: row for row in await store.messages(ACCOUNT)}
+    assert [uid for uid, row in rows.items() if row.deleted_upstream_at] == [uids[0]]
+    assert files(maildir) == len(MESSAGES) - 1
+
+
+async def test_expiry_deletes_old_messages_at_any_quit_even_hidden_ones(
+    maildir: Path, store: StateStore
+) -> None:
+    policy = Policy(rules=(rule("keep-30", action=Action.KEEP, expire=30),))
+    opener = Opener(maildir, store, policy)
+    first = await opener.open()
+    assert first.expire == "30"
+    await first.commit({0})  # hidden for phone; first seen NOW for all three
+    await first.aclose()
+    opener.clock.now = NOW + timedelta(days=31)
+    desk = await opener.open("desk")
+    overdue = opener.metrics.registry.get_sample_value(
+        "popproxy_policy_overdue_messages_total", {"rule": "keep-30"}
+    )
+    assert overdue == len(MESSAGES)
+    await desk.commit(set())  # desk asked for nothing: the rule deletes all three
+    await desk.aclose()
+    assert files(maildir) == 0
+    assert opener.action_count("keep-30", PolicyAction.EXPIRED) == len(MESSAGES)
+
+
+async def test_headers_are_read_only_when_a_rule_needs_them(
+    maildir: Path, store: StateStore
+) -> None:
+    lists = rule("no-lists", action=Action.HIDE, headers={"List-Id": "."})
+    opener = Opener(maildir, store, Policy(rules=(lists,)))
+    session = await opener.open()
+    assert len(session.messages) == len(MESSAGES) - 1
+    assert session.view.decisions[1].hidden is not None
+    await session.aclose()
+
+
+async def test_a_uidl_reused_for_other_content_is_a_new_message(
+    maildir: Path, store: StateStore
+) -> None:
+    opener = Opener(maildir, store, keep_policy())
+    first = await opener.open()
+    await first.commit({0})
+    await first.aclose()
+    # The file of message 1 now holds other content under the same unique name.
+    target = next(p for p in maildir.glob("*/*") if p.name.startswith("1700000001."))  # noqa: ASYNC240
+    target.write_bytes(b"Subject: other content\r\n\r\nlonger than the first one was\r\n")
+    again = await opener.open()
+    assert len(again.messages) == len(MESSAGES)  # not hidden: it is not the message hidden
+    await again.aclose()
+
+
+class FullDisk:
+    """The real store, except that writing fails as a full disk would make it fail."""
+
+    def __init__(self, inner: StateStore) -> None:
+        self.inner = inner
+
+    async def facts(
+        self, account: AccountKey, user: str, uids: Collection[str]
+    ) -> Mapping[str, MessageFacts]:
+        return await self.inner.facts(account, user, uids)
+
+    async def record(self, record: SessionRecord) -> None:
+        raise StateError("database or disk is full")
+
+    async def messages(self, account: AccountKey | None = None) -> Sequence[StoredMessage]:
+        return await self.inner.messages(account)
+
+    async def prune(self, gone_before: datetime) -> int:
+        return await self.inner.prune(gone_before)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_store_failure_at_quit_is_a_temporary_error_after_the_deletions(
+    maildir: Path, store: StateStore
+) -> None:
+    opener = Opener(maildir, FullDisk(store), Policy.empty())
+    session = await opener.open()
+    with pytest.raises(MaildropError) as failed:
+        await session.commit({0})
+    assert failed.value.code is ResponseCode.SYS_TEMP
+    await session.aclose()
+    # The deletion was done (the upstream confirmed it) and is gone from the next listing.
+    assert files(maildir) == len(MESSAGES) - 1
+    assert opener.action_count(DEFAULT_RULE, PolicyAction.DELETED) == 1
