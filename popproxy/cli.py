@@ -4,6 +4,7 @@ Commands::
 
     popproxy run -c FILE [--log-format logfmt|json] [--log-level info]
     popproxy check-config -c FILE [--against RUNNING_FILE]
+    popproxy explain -c FILE --user USER
     popproxy hash-password [--ln 15]
     popproxy state show -c FILE [--upstream NAME] [--upstream-user USER]
     popproxy state prune -c FILE --gone-days N [--dry-run]
@@ -84,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "check-config":
             against = Path(args.against) if args.against is not None else None
             return _cmd_check_config(Path(args.config), against)
+        case "explain":
+            return _cmd_explain(Path(args.config), args.user)
         case "hash-password":
             return _cmd_hash_password(args.ln, sys.stdin, sys.stdout, sys.stderr)
         case "state":
@@ -133,6 +136,20 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
 
+    explain_cmd = commands.add_parser(
+        "explain",
+        help="dry-run the retention rules against a user's live upstream listing",
+        description=(
+            "Log in upstream as USER's sessions would, and print what the rules make of"
+            " each message: shown or hidden, what a DELE or a RETR would lead to, when it"
+            " expires. Changes nothing upstream or in the state store."
+        ),
+    )
+    explain_cmd.add_argument(
+        "-c", "--config", required=True, metavar="FILE", help="YAML config file"
+    )
+    explain_cmd.add_argument("--user", required=True, help="the local user name")
+
     hashpw = commands.add_parser(
         "hash-password",
         help="hash a password for users.NAME.password_hash",
@@ -179,6 +196,31 @@ def _state_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         help=f"forget UIDLs last listed more than N days ago (0-{MAX_GONE_DAYS})",
     )
     prune.add_argument("--dry-run", action="store_true", help="only count what would be forgotten")
+
+
+# -- explain ---------------------------------------------------------------------------
+
+
+def _cmd_explain(path: Path, user: str) -> int:
+    # The upstream client stack is imported only when it is needed, as for run.
+    from popproxy.explain import ExplainError, explain, format_explanation
+    from popproxy.maildrop.base import MaildropError
+    from popproxy.maildrop.retention import utc_now
+    from popproxy.state.base import StateError
+
+    config = _load(path)
+    if config is None:
+        return EXIT_USAGE
+    try:
+        rows = trio.run(explain, config, user, utc_now)
+    except ExplainError as exc:
+        print(f"popproxy explain: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MaildropError, StateError) as exc:
+        print(f"popproxy explain: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    sys.stdout.write(format_explanation(user, rows))
+    return EXIT_OK
 
 
 # -- check-config ----------------------------------------------------------------------
