@@ -482,12 +482,17 @@ def write_config(
     limits: Mapping[str, float | int] | None = None,
     upstreams: Mapping[str, Upstream] | None = None,
     metrics: Mapping[str, object] | None = None,
+    rules: Mapping[str, str] | None = None,
+    state: Path | None = None,
 ) -> Path:
     """Write a popproxy config (keys as in DESIGN.md "Config") with `port: 0` listeners.
 
     Upstream passwords go to files beside the config (mode 0600), never inline.
     `metrics` is the `metrics:` section (e.g. `{"address": LOOPBACK, "port": 0}`); none
-    by default, so no exporter runs.
+    by default, so no exporter runs. `rules` maps rule file names (`10-keep.yaml`) to
+    their YAML text, written to a `rules/` directory beside the config. `state` is the
+    sqlite file (default: `state.db` beside the config; pass one to share it between
+    servers, as a restart does).
     """
     config: dict[str, object] = {
         "listen": [{"address": LOOPBACK, "port": 0, "tls": kind} for kind in listeners],
@@ -496,7 +501,7 @@ def write_config(
         "upstreams": {name: u.as_config() for name, u in (upstreams or {}).items()},
         "users": {u.name: _user_entry(u, path.parent) for u in users},
         # Four slashes: an absolute path (DESIGN.md); the state stays in the test's tmp dir.
-        "state": {"url": "sqlite:///" + str(path.parent / "state.db")},
+        "state": {"url": "sqlite:///" + str(state or path.parent / "state.db")},
         "limits": {
             "shutdown_grace_seconds": SERVER_SHUTDOWN_GRACE_SECONDS,
             "auth_failure_delay_seconds": AUTH_FAILURE_DELAY_SECONDS,
@@ -505,6 +510,12 @@ def write_config(
     }
     if metrics is not None:
         config["metrics"] = dict(metrics)
+    if rules is not None:
+        rules_dir = path.parent / "rules"
+        rules_dir.mkdir(exist_ok=True)
+        for name, text in rules.items():
+            (rules_dir / name).write_text(text, encoding="utf-8")
+        config["rules_dir"] = str(rules_dir)
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 
@@ -551,6 +562,7 @@ class ServerProcess:
         self.lines: list[str] = []
         self.ports: dict[str, int] = {}
         self.metrics_port: int | None = None  # the exporter's, from msg=metrics_listening
+        self.crashed = False  # killed on purpose by a crash test (``crash``)
         self._cond = threading.Condition()
         self._eof = False
         self._stdout = (cwd / "server.stdout").open("wb")
@@ -687,6 +699,11 @@ class ServerProcess:
         self._close()
         return self.proc.returncode
 
+    def crash(self) -> None:
+        """SIGKILL on purpose (crash tests): the `start` fixture expects no clean exit."""
+        self.crashed = True
+        self.kill()
+
     def kill(self) -> None:
         """SIGKILL and reap (for a server that failed to start or stop)."""
         if self.proc.poll() is None:
@@ -717,6 +734,8 @@ def start_server(
     log_level: str = "info",
     upstreams: Mapping[str, Upstream] | None = None,
     metrics: Mapping[str, object] | None = None,
+    rules: Mapping[str, str] | None = None,
+    state: Path | None = None,
 ) -> ServerProcess:
     """Write a config into `workdir`, start the server there and wait until it is ready.
 
@@ -733,6 +752,8 @@ def start_server(
         limits=limits,
         upstreams=upstreams,
         metrics=metrics,
+        rules=rules,
+        state=state,
     )
     server = ServerProcess(config, listeners=listeners, cwd=workdir, log_level=log_level)
     server.wait_ready()
