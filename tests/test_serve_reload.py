@@ -101,6 +101,8 @@ def write_config(
         + "allow_plaintext_auth: true\n"
         + upstream
         + ("users:\n" + user_lines if user_lines else "users: {}\n")
+        # Four slashes: an absolute path, so the state stays in the test's directory.
+        + f'state: {{url: "sqlite:///{path.parent / "state.db"}"}}\n'
         + textwrap.dedent(f"""\
             limits:
               auth_failure_delay_seconds: 0
