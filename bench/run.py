@@ -214,10 +214,12 @@ def bulk(case: Case, expected: tuple[int, str]) -> list[Figure]:
     """RETR of the 10 MiB message, ``--bulk-retrs`` times per round on one connection."""
     o, bench = case.options, case.bench
     rates: dict[bool, list[float]] = {False: [], True: []}
+    proxy_cpu: dict[bool, list[float]] = {True: []}
     for proxied in rounds_order(o.rounds):
         client = Client(bench.address(proxied, case.tls), case.context)
         client.login(*bench.accounts[0].login(proxied))
         client.retr_chunks(1)  # warm-up: page cache, buffers
+        cpu, octets = bench.proxy_cpu_seconds(), 0
         with case.profiling("bulk", proxied):
             for _ in range(o.bulk_retrs):
                 with case.meter.timed():
@@ -227,31 +229,42 @@ def bulk(case: Case, expected: tuple[int, str]) -> list[Figure]:
                 reply = b"".join(chunks)
                 _check(body_digest(reply), expected, "bulk", proxied)
                 rates[proxied].append(len(reply) / seconds / MB)
+                octets += len(reply)
+        if proxied:
+            proxy_cpu[True].append((bench.proxy_cpu_seconds() - cpu) / (octets / MB) * 1000)
         client.close()
-    return [case.figure("bulk", "10 MiB RETR", "MB/s", rates, summary=median, goal=BULK_GOAL)]
+    return [
+        case.figure("bulk", "10 MiB RETR", "MB/s", rates, summary=median, goal=BULK_GOAL),
+        case.figure("bulk", "popproxy CPU per MB", "ms", proxy_cpu, summary=median),
+    ]
 
 
 def latency(case: Case, expected: tuple[int, str]) -> list[Figure]:
     """RETR of a small message, one round trip at a time, ``--latency-retrs`` per round."""
     o, bench = case.options, case.bench
     times: dict[bool, list[float]] = {False: [], True: []}
+    proxy_cpu: dict[bool, list[float]] = {True: []}
     retr = Step(b"RETR 1\r\n", multiline=True)
     for proxied in rounds_order(o.rounds):
         client = Client(bench.address(proxied, case.tls), case.context)
         client.login(*bench.accounts[0].login(proxied))
         client.call(retr)  # warm-up
         replies = []
+        cpu = bench.proxy_cpu_seconds()
         with case.profiling("latency", proxied), case.meter.timed():
             for _ in range(o.latency_retrs):
                 started = time.perf_counter()
                 replies.append(client.call(retr))
                 times[proxied].append((time.perf_counter() - started) * 1e6)
+        if proxied:
+            proxy_cpu[True].append((bench.proxy_cpu_seconds() - cpu) / o.latency_retrs * 1e6)
         for reply in replies:
             _check(body_digest(reply), expected, "latency", proxied)
         client.close()
     return [
         case.figure("latency", "small RETR p50", "µs", times, summary=_p50, goal=LATENCY_P50_GOAL),
         case.figure("latency", "small RETR p99", "µs", times, summary=_p99),
+        case.figure("latency", "popproxy CPU per RETR", "µs", proxy_cpu, summary=median),
     ]
 
 
@@ -260,6 +273,7 @@ def sessions(case: Case, expected: tuple[int, str]) -> list[Figure]:
     o, bench = case.options, case.bench
     rates: dict[bool, list[float]] = {False: [], True: []}
     millis: dict[bool, list[float]] = {False: [], True: []}
+    proxy_cpu: dict[bool, list[float]] = {True: []}
     for proxied in rounds_order(o.rounds):
         address = bench.address(proxied, case.tls)
         conns = [
@@ -267,10 +281,13 @@ def sessions(case: Case, expected: tuple[int, str]) -> list[Figure]:
             for i in range(o.sessions)
         ]
         driver = Driver(case.context)
+        cpu = bench.proxy_cpu_seconds()
         with case.profiling("sessions", proxied), case.meter.timed():
             started = time.perf_counter()
             driver.run(conns, concurrency=o.concurrency)
             wall = time.perf_counter() - started
+        if proxied:
+            proxy_cpu[True].append((bench.proxy_cpu_seconds() - cpu) / len(conns) * 1000)
         driver.close()
         close_all(conns)
         _no_errors(conns, f"sessions, {side_name(proxied)}")
@@ -282,6 +299,7 @@ def sessions(case: Case, expected: tuple[int, str]) -> list[Figure]:
         case.figure("sessions", "sessions/s", "1/s", rates, summary=median, goal=SESSIONS_GOAL),
         case.figure("sessions", "session p50", "ms", millis, summary=_p50),
         case.figure("sessions", "session p99", "ms", millis, summary=_p99),
+        case.figure("sessions", "popproxy CPU per session", "ms", proxy_cpu, summary=median),
     ]
 
 

@@ -12,6 +12,7 @@ plain upstream leg.
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from integration.harness import (
     write_config,
 )
 
-from bench.stats import parse_smaps_rollup
+from bench.stats import parse_proc_stat_ticks, parse_smaps_rollup
 
 REPO = Path(__file__).resolve().parent.parent
 # File descriptors popproxy needs besides two per session (client and upstream leg):
@@ -135,6 +136,11 @@ class Bench:
     def proxy_pss_kib(self) -> int:
         """popproxy's proportional set size (its own share of shared pages), in KiB."""
         return pss_kib(self.proxy.pid)
+
+    def proxy_cpu_seconds(self) -> float:
+        """CPU time popproxy has used so far (user and system)."""
+        text = Path(f"/proc/{self.proxy.pid}/stat").read_text()
+        return parse_proc_stat_ticks(text) / os.sysconf("SC_CLK_TCK")
 
     def dovecot_pss_kib(self) -> int:
         """The PSS of all of Dovecot's processes, in KiB."""

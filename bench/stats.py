@@ -147,6 +147,20 @@ def parse_smaps_rollup(text: str) -> dict[str, int]:
     return fields
 
 
+def parse_proc_stat_ticks(text: str) -> int:
+    """utime + stime of /proc/PID/stat, in clock ticks (proc(5): fields 14 and 15).
+
+    The command name (field 2) may hold spaces and parentheses: fields are counted
+    after its closing parenthesis.
+    """
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+# Innermost frames of a profile sample that is waiting, not working: trio's I/O wait.
+WAITING_FRAMES = frozenset({"EpollIOManager.get_events (trio/_core/_io_epoll.py)"})
+
+
 @dataclass(frozen=True, slots=True)
 class StackShare:
     """A function's share of a py-spy profile's samples."""
@@ -156,12 +170,16 @@ class StackShare:
     total: float  # samples where it was anywhere on the stack, as a fraction
 
 
-def top_frames(collapsed: Iterable[str], *, limit: int = 15) -> list[StackShare]:
+def top_frames(
+    collapsed: Iterable[str], *, limit: int = 15, waiting: frozenset[str] = WAITING_FRAMES
+) -> list[StackShare]:
     """The hottest functions of a collapsed-stack profile (``py-spy record -f raw``).
 
     Each line is ``frame;frame;...;innermost COUNT``; frames are taken as written
     (py-spy writes ``function (file:line)``; the line number is dropped so that one
-    function is counted once). Sorted by own share, then total share.
+    function is counted once). Samples whose innermost frame is in ``waiting`` (the
+    event loop asleep in epoll) are left out: shares are of the busy samples. Sorted
+    by own share, then total share.
     """
     own: dict[str, int] = {}
     total: dict[str, int] = {}
@@ -171,8 +189,10 @@ def top_frames(collapsed: Iterable[str], *, limit: int = 15) -> list[StackShare]
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        samples += count
         frames = [_function(frame) for frame in stack.split(";")]
+        if frames[-1] in waiting:
+            continue
+        samples += count
         own[frames[-1]] = own.get(frames[-1], 0) + count
         for frame in set(frames):
             total[frame] = total.get(frame, 0) + count

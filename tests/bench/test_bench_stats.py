@@ -15,6 +15,7 @@ from bench.stats import (
     Goal,
     format_table,
     median,
+    parse_proc_stat_ticks,
     parse_smaps_rollup,
     percentile,
     ratio,
@@ -111,11 +112,19 @@ def test_top_frames_ranks_own_time_and_merges_line_numbers() -> None:
         "main (popproxy/cli.py:10);run (trio/_core/_run.py:100);send_all (trio/_sock.py:5) 6",
         "main (popproxy/cli.py:10);run (trio/_core/_run.py:101);send_all (trio/_sock.py:7) 2",
         "main (popproxy/cli.py:10);run (trio/_core/_run.py:100) 2",
+        "main (x.py:1);get_events (trio/_core/_io_epoll.py:9) 90",
         "garbage line",
     ]
-    top = top_frames(collapsed, limit=2)
+    top = top_frames(
+        collapsed, limit=2, waiting=frozenset({"get_events (trio/_core/_io_epoll.py)"})
+    )
     assert [t.frame for t in top] == ["send_all (trio/_sock.py)", "run (trio/_core/_run.py)"]
     assert top[0].own == pytest.approx(0.8)
     assert top[1].own == pytest.approx(0.2)
     assert top[1].total == pytest.approx(1.0)
     assert top_frames([]) == []
+
+
+def test_proc_stat_cpu_ticks_after_a_command_name_with_spaces() -> None:
+    text = "4242 (python -m (x)) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 567 0 0 20 0 3 0"
+    assert parse_proc_stat_ticks(text) == 1234 + 567
