@@ -47,7 +47,15 @@ from pathlib import Path
 from integration.harness import Corpus, CorpusMessage, TlsFiles, make_corpus, make_tls_files
 
 from bench.loadgen import MAX_CONNECTING, BenchError, Client, Conn, Driver, close_all
-from bench.servers import REPO, Bench, Mailbox, max_idle_sessions, raise_fd_limit, running
+from bench.servers import (
+    REPO,
+    Bench,
+    Mailbox,
+    max_idle_sessions,
+    raise_fd_limit,
+    running,
+    socat_relay,
+)
 from bench.stats import (
     Better,
     Figure,
@@ -60,7 +68,7 @@ from bench.stats import (
 )
 from bench.wire import Step, body_digest, first_error, login_steps, session_steps
 
-SCENARIOS = ("bulk", "sessions", "latency", "idle", "big")
+SCENARIOS = ("bulk", "sessions", "latency", "idle", "big", "floor")
 BULK_BYTES = 10 * 1024 * 1024  # issue 7: "a 10 MiB message"
 BIG_BYTES = 50 * 1024 * 1024  # issue 7: "a 50 MB message" (the suite's big message)
 MB = 1_000_000
@@ -97,6 +105,7 @@ class Options:
     profile: Path | None
     json: Path | None
     cpu: dict[str, float] = field(default_factory=dict)  # generator CPU share per scenario
+    load: dict[str, float] = field(default_factory=dict)  # 1-minute load average at its start
 
 
 class Meter:
@@ -378,6 +387,42 @@ def big(case: Case, expected: tuple[int, str]) -> list[Figure]:
     ]
 
 
+def floor(case: Case, small: tuple[int, str], large: tuple[int, str]) -> list[Figure]:
+    """The same small RETR round trips and 10 MiB RETRs through socat instead of
+    popproxy: what one more hop costs on this machine whatever the relay does."""
+    o, bench = case.options, case.bench
+    times: dict[bool, list[float]] = {False: [], True: []}
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    direct = bench.address(False, False)
+    retr = Step(b"RETR 1\r\n", multiline=True)
+    with socat_relay(direct) as relay:
+        for relayed in rounds_order(o.rounds):
+            client = Client(relay if relayed else direct)
+            client.login(*bench.accounts[0].login(False))
+            client.call(retr)  # warm-up
+            replies = []
+            with case.meter.timed():
+                for _ in range(o.latency_retrs):
+                    started = time.perf_counter()
+                    replies.append(client.call(retr))
+                    times[relayed].append((time.perf_counter() - started) * 1e6)
+                for _ in range(o.bulk_retrs):
+                    started = time.perf_counter()
+                    chunks = client.retr_chunks(2)
+                    rates[relayed].append(
+                        sum(map(len, chunks)) / (time.perf_counter() - started) / MB
+                    )
+            for reply in replies:
+                _check(body_digest(reply), small, "floor", relayed)
+            _check(body_digest(b"".join(chunks)), large, "floor", relayed)
+            client.close()
+    return [
+        case.figure("floor", "small RETR p50 via socat", "µs", times, summary=_p50),
+        case.figure("floor", "small RETR p99 via socat", "µs", times, summary=_p99),
+        case.figure("floor", "10 MiB RETR via socat", "MB/s", rates, summary=median),
+    ]
+
+
 # -- plumbing -------------------------------------------------------------------
 
 
@@ -420,7 +465,8 @@ def run_scenario(
         meter = Meter()
         context = tls.client_context() if use_tls else None
         label = f"{name}-{'tls' if use_tls else 'plain'}"
-        print(f"\n== {label}", flush=True)
+        o.load[label] = os.getloadavg()[0]
+        print(f"\n== {label} (load average {o.load[label]:.1f})", flush=True)
         work = tmp / label
         match name:
             case "bulk":
@@ -450,6 +496,15 @@ def run_scenario(
                 warm_up = min(corpus.small, key=lambda m: m.key)
                 with running(work, tls, [("big", corpus, [warm_up, message])], **hashes) as bench:
                     figures += big(Case(bench, o, context, meter), _expected(message))
+            case "floor":
+                if use_tls:
+                    continue  # the relay floor is about the hop, measured in clear
+                message = corpora["bulk"].by_kind("big")
+                boxes = [("floor", corpora["bulk"], [first_small, message])]
+                with running(work, tls, boxes, **hashes) as bench:
+                    figures += floor(
+                        Case(bench, o, context, meter), _expected(first_small), _expected(message)
+                    )
             case _:
                 raise ValueError(name)
         o.cpu[label] = meter.share
@@ -554,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp = Path(tmp_name)
         tls = make_tls_files(tmp / "tls")
         corpora = {"small": make_corpus(tmp / "small" / "Maildir", big_bytes=0)}
-        if "bulk" in o.scenarios:
+        if "bulk" in o.scenarios or "floor" in o.scenarios:
             corpora["bulk"] = make_corpus(tmp / "bulk" / "Maildir", big_bytes=BULK_BYTES)
         if "big" in o.scenarios:
             corpora["big"] = make_corpus(tmp / "big" / "Maildir", big_bytes=BIG_BYTES)
@@ -568,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         "machine": machine_facts(),
         "load_generator_cpu_share": o.cpu,
+        "load_average_at_start": o.load,
         "fd_limit": fd_limit,
         "hash_cost": "default" if o.default_hash_cost else "scrypt ln=4",
         "profiled": o.profile is not None,

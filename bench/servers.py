@@ -14,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import socket
+import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from integration.dovecot import DovecotServer, DovecotUser
+from integration.dovecot import DovecotServer, DovecotUser, free_port
 from integration.harness import (
     LOOPBACK,
     PASSWORD,
@@ -209,3 +212,39 @@ def running(
         if proxy is not None:
             proxy.stop()
         dovecot.stop(check=False)
+
+
+# socat as the relay floor: how long socat may take to come up, and how often to look.
+RELAY_START_DEADLINE_SECONDS = 10.0
+RELAY_POLL_SECONDS = 0.02
+
+
+@contextlib.contextmanager
+def socat_relay(target: tuple[str, int]) -> Iterator[tuple[str, int]]:
+    """A plain TCP relay (socat, one forked process per connection) in front of
+    ``target``; yields its address. The floor any one-hop relay starts from."""
+    port = free_port(LOOPBACK)
+    relay = subprocess.Popen(
+        [
+            "socat",
+            f"TCP-LISTEN:{port},bind={LOOPBACK},reuseaddr,fork",
+            f"TCP:{target[0]}:{target[1]},nodelay",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + RELAY_START_DEADLINE_SECONDS
+        while True:
+            try:
+                socket.create_connection((LOOPBACK, port), RELAY_START_DEADLINE_SECONDS).close()
+                break
+            except OSError:
+                if relay.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(RELAY_POLL_SECONDS)
+        yield LOOPBACK, port
+    finally:
+        relay.terminate()
+        relay.wait(RELAY_START_DEADLINE_SECONDS)
