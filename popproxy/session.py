@@ -496,30 +496,23 @@ class Session:
         self._out.clear()
         if not data:
             return
-        try:
-            with trio.fail_after(self._context.limits.send_timeout_seconds):
+        # A plain cancel scope rather than fail_after (a generator context manager):
+        # this runs for every reply and every relayed chunk.
+        with trio.move_on_after(self._context.limits.send_timeout_seconds) as scope:
+            try:
                 await self._stream.send_all(data)
-        except trio.TooSlowError:
-            raise _SessionEnd(SessionResult.TIMEOUT) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise _SessionEnd(SessionResult.EOF) from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _SessionEnd(SessionResult.EOF) from None
+        if scope.cancelled_caught:
+            raise _SessionEnd(SessionResult.TIMEOUT)
         self._sent(len(data))
 
     async def _receive(self) -> None:
-        idle = math.inf if self._maildrop is None else self._context.limits.idle_timeout_seconds
-        data: bytes | bytearray = b""
         maildrop = self._maildrop
-        with trio.move_on_after(idle) as idle_scope:
-            if maildrop is None or maildrop.keepalive_interval_seconds is None:
-                data = await self._receive_some()
-            else:
-                data = await self._receive_keeping_alive(
-                    maildrop, maildrop.keepalive_interval_seconds
-                )
-        if idle_scope.cancelled_caught:
-            # RFC 1939 §3: the autologout timer ends the session without UPDATE.
-            await self._goodbye(Err("Disconnected for inactivity."))
-            raise _SessionEnd(SessionResult.TIMEOUT)
+        if maildrop is None:
+            data = await self._receive_some()  # the login deadline bounds the wait
+        else:
+            data = await self._receive_logged_in(maildrop)
         self.summary.bytes_in += len(data)
         if self._traffic is not None:
             self._traffic.bytes_received(len(data))
@@ -531,19 +524,28 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
             return b""
 
-    async def _receive_keeping_alive(
-        self, maildrop: Maildrop, interval: float
-    ) -> bytes | bytearray:
-        """Wait for the client while the maildrop is kept alive every ``interval`` seconds
-        of client silence (an upstream would otherwise log the session out, RFC 1939 §3).
+    async def _receive_logged_in(self, maildrop: Maildrop) -> bytes | bytearray:
+        """Wait for the client at most ``idle_timeout_seconds`` (RFC 1939 §3 autologout),
+        keeping the maildrop alive every ``keepalive_interval_seconds`` of silence (an
+        upstream would otherwise log the session out).
 
-        Cancelling a receive that has not completed loses nothing (for TLS, once the
-        handshake is done, trio documents it as safe). A keep-alive is shielded: it
-        ends by its own deadline, so the upstream is never left with half a reply read.
+        One cancel scope per wait, whichever of the two comes first: this runs before
+        every command. Cancelling a receive that has not completed loses nothing (for
+        TLS, once the handshake is done, trio documents it as safe). A keep-alive is
+        shielded: it ends by its own deadline, so the upstream is never left with half
+        a reply read.
         """
+        idle_deadline = trio.current_time() + self._context.limits.idle_timeout_seconds
+        interval = maildrop.keepalive_interval_seconds
         while True:
-            with trio.move_on_after(interval):
+            wake = idle_deadline
+            if interval is not None:
+                wake = min(wake, trio.current_time() + interval)
+            with trio.CancelScope(deadline=wake):
                 return await self._receive_some()
+            if trio.current_time() >= idle_deadline:
+                await self._goodbye(Err("Disconnected for inactivity."))
+                raise _SessionEnd(SessionResult.TIMEOUT)
             with trio.CancelScope(shield=True):
                 await maildrop.keep_alive()
 

@@ -157,8 +157,13 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
             raise _lost(UpstreamFailure.CLOSED) from None
 
-    async def event(self) -> ClientEvent:
-        """The next reply event, reading as needed (the caller sets the deadline)."""
+    async def event(self, read_seconds: float | None = None) -> ClientEvent:
+        """The next reply event, reading as needed.
+
+        With ``read_seconds``, each read waits at most that long (``trio.TooSlowError``);
+        an event already buffered costs no cancel scope. Without, the caller sets
+        the deadline.
+        """
         while True:
             try:
                 event = self.conn.next_event()
@@ -174,10 +179,13 @@ class _Connection:
                     # answers). Left there, they would be read as the next command's reply.
                     raise self.protocol_error("unsolicited reply")
                 return event
-            try:
-                data = await self.stream.receive_some(UPSTREAM_RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
-                data = b""
+            if read_seconds is None:
+                data = await self._receive()
+            else:
+                with trio.move_on_after(read_seconds) as scope:
+                    data = await self._receive()
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError
             self.bytes_received += len(data)
             if self.metrics is not None and data:
                 self.metrics.bytes_received(len(data))
@@ -200,6 +208,23 @@ class _Connection:
         readable, _, _ = select.select([transport.socket.fileno()], [], [], 0)
         if readable:
             raise self.protocol_error("unsolicited reply")
+
+    async def request(
+        self, command: Command, *, within: float, stuffed_body: bool = False
+    ) -> Ok | Err:
+        """Send ``command`` and read its status line, all within ``within`` seconds
+        (``trio.TooSlowError``). A plain cancel scope, not fail_after (a generator
+        context manager): this is every RETR's path."""
+        with trio.move_on_after(within):
+            await self.send(command, stuffed_body=stuffed_body)
+            return await self.status()
+        raise trio.TooSlowError
+
+    async def _receive(self) -> bytes | bytearray:
+        try:
+            return await self.stream.receive_some(UPSTREAM_RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+            return b""
 
     async def status(self) -> Ok | Err:
         """The next status reply; anything else here is a protocol error."""
@@ -433,9 +458,7 @@ class UpstreamMaildrop:
         try:
             self._connection.check_quiet()
             sent = trio.current_time()
-            with trio.fail_after(timeout):
-                await self._connection.send(command, stuffed_body=True)
-                reply = await self._connection.status()
+            reply = await self._connection.request(command, within=timeout, stuffed_body=True)
             # To the status line: the body then flows at the client's pace.
             self._answered(command.verb, sent)
             if isinstance(reply, Err):
@@ -444,8 +467,7 @@ class UpstreamMaildrop:
                 code = reply.code if reply.code in _PASSED_CODES else None
                 raise MaildropError(code, "That message is no longer available upstream.")
             while True:
-                with trio.fail_after(timeout):
-                    event = await self._connection.event()
+                event = await self._connection.event(timeout)
                 match event:
                     case StuffedData(data=data):
                         yield data
