@@ -62,7 +62,7 @@ from popproxy.maildrop.retention import (
     open_retained,
     utc_now,
 )
-from popproxy.maildrop.upstream import UpstreamAccount, open_upstream
+from popproxy.maildrop.upstream import CapabilityMemo, UpstreamAccount, open_upstream
 from popproxy.metrics import Metrics, serve_metrics
 from popproxy.policy import DEFAULT_RULE
 from popproxy.pop3.replies import Err, ResponseCode
@@ -153,6 +153,8 @@ class MaildropRouter:
         self._locks = locks
         self._clock = clock
         self._metrics = metrics  # the upstream names of ``config`` are declared in it
+        # Each upstream's last CAPA reply, so that its next logins pipeline CAPA too.
+        self._capabilities = {name: CapabilityMemo() for name in config.upstreams}
 
     async def open(self, user: UserConfig, session_id: str) -> Maildrop:
         """The maildrop ``user`` is served from; ``MaildropError`` carries the client's -ERR."""
@@ -184,6 +186,7 @@ class MaildropRouter:
                 tls_context=self._upstream_tls.get(upstream.name),
                 own_greeting_token=self._greeting_token,
                 metrics=self._metrics.upstream(upstream.name) if self._metrics else None,
+                capabilities=self._capabilities[upstream.name],
             )
             retention = RetentionContext(
                 account=key,

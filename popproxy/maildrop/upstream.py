@@ -5,7 +5,10 @@ secures the connection as configured (implicit TLS, or STLS that must be
 offered and must succeed before any credential is sent; RFC 2595 §4, RFC 8314),
 logs in with USER/PASS or AUTH PLAIN, and takes the listing with UIDL and LIST.
 Where the upstream advertises PIPELINING (RFC 2449 §6.6) the login and both
-listings go out in one write, so a login costs one round trip after CAPA.
+listings go out in one write, so a login costs one round trip after CAPA; and
+once an upstream has said so (``CapabilityMemo``, kept per upstream), the next
+sessions send CAPA in that same write, so a login costs one round trip after
+the greeting.
 
 Every upstream reply goes through the sans-IO ``ClientConnection``: a reply is
 matched to the command that asked for it, and an unsolicited, overlong or
@@ -124,6 +127,25 @@ class UpstreamAccount:
     upstream: UpstreamConfig
     user: str
     password: Secret
+
+
+@dataclass(slots=True)
+class CapabilityMemo:
+    """What one upstream's last CAPA reply said (RFC 2449 §5), kept between sessions.
+
+    Once an upstream has said PIPELINING, the next session sends CAPA, the login
+    and both listings in one write right after the greeting, and checks the fresh
+    CAPA reply as it arrives: a login then costs one round trip. Every session's
+    CAPA reply replaces what is kept, so a change on the upstream is seen at once.
+    Not frozen: shared by the sessions of one upstream (one trio thread).
+    """
+
+    capabilities: Mapping[str, tuple[str, ...]] | None = None  # None: no CAPA seen yet
+
+    @property
+    def pipelining(self) -> bool:
+        """Whether the upstream's last CAPA listed PIPELINING (RFC 2449 §6.6)."""
+        return self.capabilities is not None and "PIPELINING" in self.capabilities
 
 
 class _Connection:
@@ -365,14 +387,19 @@ def _plain_response(account: UpstreamAccount) -> Secret:
     return Secret(b"\0" + account.user.encode("utf-8") + b"\0" + account.password.reveal())
 
 
-def _login_commands(
+def _login_method(
     account: UpstreamAccount, capabilities: Mapping[str, tuple[str, ...]]
-) -> list[Command]:
-    """USER/PASS (RFC 1939 §7) or AUTH PLAIN with an initial response (RFC 5034 §4)."""
+) -> UpstreamLogin:
+    """USER (RFC 1939 §7) or PLAIN (RFC 5034 §4); ``auto`` takes PLAIN where CAPA lists it."""
     method = account.upstream.login
     if method is UpstreamLogin.AUTO:
         sasl = {m.upper() for m in capabilities.get("SASL", ())}
         method = UpstreamLogin.PLAIN if "PLAIN" in sasl else UpstreamLogin.USER
+    return method
+
+
+def _login_commands(account: UpstreamAccount, method: UpstreamLogin) -> list[Command]:
+    """USER/PASS (RFC 1939 §7) or AUTH PLAIN with an initial response (RFC 5034 §4)."""
     if method is UpstreamLogin.PLAIN:
         return [Auth("PLAIN", _plain_response(account))]
     return [User(account.user), Pass(account.password, account.user)]
@@ -633,6 +660,11 @@ async def _secure(
 async def _capa(connection: _Connection) -> dict[str, tuple[str, ...]]:
     """CAPA (RFC 2449 §5); an upstream without it has no capabilities."""
     await connection.send(Capa())
+    return await _capa_reply(connection)
+
+
+async def _capa_reply(connection: _Connection) -> dict[str, tuple[str, ...]]:
+    """The reply to a CAPA sent: ``-ERR`` means no capabilities (RFC 2449 §5)."""
     if isinstance(await connection.status(), Err):
         return {}
     return _capabilities(await connection.lines(MAX_CAPABILITY_LINES))
@@ -672,19 +704,25 @@ async def _listing(connection: _Connection) -> list[bytes] | None:
 async def _login_and_list(
     connection: _Connection,
     account: UpstreamAccount,
-    capabilities: Mapping[str, tuple[str, ...]],
+    login: Sequence[Command],
     *,
     pipelining: bool,
+    sent_at: float | None = None,
+    stale: bool = False,
 ) -> tuple[list[bytes], list[bytes]]:
     """Log in, then UIDL and LIST; one write for all of it with PIPELINING (RFC 2449 §6.6).
 
     Pipelined, a refused login makes UIDL and LIST fail harmlessly in AUTHORIZATION;
     their replies are not waited for: a server may close the connection after a refusal,
     and the refusal (``[IN-USE]``, ``[AUTH]``, ...) is what the client must hear.
+
+    ``sent_at``: the commands already went out (behind a CAPA) at that time. ``stale``:
+    they were chosen from a memo that this session's CAPA reply contradicts, so a
+    refusal may be this popproxy's doing and is reported as temporary (RFC 3206
+    ``[SYS/TEMP]``); the next session goes by the fresh reply.
     """
-    login = _login_commands(account, capabilities)
-    sent = trio.current_time()
-    if pipelining:
+    started = trio.current_time() if sent_at is None else sent_at
+    if pipelining and sent_at is None:
         await connection.send(*login, Uidl(), List())
     for command in login:
         if not pipelining:
@@ -697,8 +735,8 @@ async def _login_and_list(
         if not isinstance(reply, Ok | Err):
             raise connection.protocol_error("expected a status line")
         if isinstance(reply, Err):
-            raise _login_failure(reply)
-    connection.login_seconds = trio.current_time() - sent
+            raise _unavailable(UpstreamFailure.REJECTED) if stale else _login_failure(reply)
+    connection.login_seconds = trio.current_time() - started
     if not pipelining:
         await connection.send(Uidl())
     uidl = await _listing(connection)
@@ -715,11 +753,44 @@ async def _login_and_list(
     return uidl, sizes
 
 
+async def _capa_login_and_list(
+    connection: _Connection,
+    account: UpstreamAccount,
+    memo: CapabilityMemo | None,
+) -> tuple[Mapping[str, tuple[str, ...]], list[bytes], list[bytes]]:
+    """CAPA, then log in and list: in one write when ``memo`` says the upstream
+    pipelines (a login in one round trip), else CAPA first and the rest as it says.
+
+    The memo is updated from this session's CAPA reply either way; the reply is
+    returned with the two listings.
+    """
+    if memo is None or memo.capabilities is None or not memo.pipelining:
+        capabilities = await _capa(connection)
+        if memo is not None:
+            memo.capabilities = capabilities
+        login = _login_commands(account, _login_method(account, capabilities))
+        pipelining = "PIPELINING" in capabilities
+        uidl, sizes = await _login_and_list(connection, account, login, pipelining=pipelining)
+        return capabilities, uidl, sizes
+    method = _login_method(account, memo.capabilities)
+    login = _login_commands(account, method)
+    sent_at = trio.current_time()
+    await connection.send(Capa(), *login, Uidl(), List())
+    capabilities = await _capa_reply(connection)
+    memo.capabilities = capabilities
+    stale = "PIPELINING" not in capabilities or _login_method(account, capabilities) != method
+    uidl, sizes = await _login_and_list(
+        connection, account, login, pipelining=True, sent_at=sent_at, stale=stale
+    )
+    return capabilities, uidl, sizes
+
+
 async def _open(
     connection: _Connection,
     account: UpstreamAccount,
     context: ssl.SSLContext | None,
     own_greeting_token: str | None,
+    memo: CapabilityMemo | None,
 ) -> UpstreamMaildrop:
     upstream = account.upstream
     if upstream.tls is TlsMode.IMPLICIT:
@@ -739,12 +810,10 @@ async def _open(
             ResponseCode.SYS_PERM,
             "popproxy is configured to proxy to itself; contact your administrator.",
         )
-    capabilities = await _capa(connection)
     if upstream.tls is TlsMode.STARTTLS:
-        await _starttls(connection, upstream, context, capabilities)
-        capabilities = await _capa(connection)  # RFC 2595 §4: forget what was said in clear
-    pipelining = "PIPELINING" in capabilities
-    uidl, sizes = await _login_and_list(connection, account, capabilities, pipelining=pipelining)
+        await _starttls(connection, upstream, context, await _capa(connection))
+        # RFC 2595 §4: what was said in clear is forgotten; CAPA is asked again below.
+    capabilities, uidl, sizes = await _capa_login_and_list(connection, account, memo)
     try:
         numbers, messages = build_listing(uidl, sizes)
     except ValueError as exc:
@@ -756,7 +825,7 @@ async def _open(
         upstream,
         numbers,
         messages,
-        pipelining=pipelining,
+        pipelining="PIPELINING" in capabilities,
         metrics=connection.metrics,
     )
 
@@ -767,6 +836,7 @@ async def open_upstream(
     tls_context: ssl.SSLContext | None,
     own_greeting_token: str | None = None,
     metrics: UpstreamMetrics | None = None,
+    capabilities: CapabilityMemo | None = None,
 ) -> UpstreamMaildrop:
     """Log in upstream and take the listing (RFC 1939 §4-§7, RFC 2449, RFC 2595, RFC 5034).
 
@@ -779,9 +849,15 @@ async def open_upstream(
     ``metrics``, bound to this upstream's name, gets the connect and login times,
     the attempt's outcome (one ``UpstreamFailure`` for a failed one; a cancelled
     attempt is not counted) and, through the maildrop, the rest of the session.
+
+    ``capabilities``, one per upstream and shared by its sessions, remembers the
+    upstream's last CAPA reply: where it listed PIPELINING, CAPA, the login and the
+    listings go out in one write after the greeting (see ``CapabilityMemo``).
     """
     try:
-        return await _connect_and_open(account, tls_context, own_greeting_token, metrics)
+        return await _connect_and_open(
+            account, tls_context, own_greeting_token, metrics, capabilities
+        )
     except UpstreamError as exc:
         if metrics is not None:
             metrics.login_failed(exc.failure)
@@ -793,6 +869,7 @@ async def _connect_and_open(
     tls_context: ssl.SSLContext | None,
     own_greeting_token: str | None,
     metrics: UpstreamMetrics | None,
+    memo: CapabilityMemo | None,
 ) -> UpstreamMaildrop:
     upstream = account.upstream
     started = trio.current_time()
@@ -800,7 +877,7 @@ async def _connect_and_open(
     connection.connect_seconds = trio.current_time() - started
     try:
         with trio.fail_after(upstream.login_timeout_seconds):
-            return await _open(connection, account, tls_context, own_greeting_token)
+            return await _open(connection, account, tls_context, own_greeting_token, memo)
     except trio.TooSlowError:
         await connection.aclose()
         raise _unavailable(UpstreamFailure.TIMEOUT) from None

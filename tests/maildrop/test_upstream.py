@@ -35,6 +35,7 @@ from popproxy.maildrop import upstream as upstream_module
 from popproxy.maildrop.base import MaildropError, MessageInfo
 from popproxy.maildrop.upstream import (
     UPSTREAM_RECEIVE_BYTES,
+    CapabilityMemo,
     UpstreamAccount,
     UpstreamError,
     UpstreamMaildrop,
@@ -362,10 +363,13 @@ async def login(
     method: UpstreamLogin = UpstreamLogin.AUTO,
     verify: bool = True,
     tls_context: ssl.SSLContext | None = None,
+    memo: CapabilityMemo | None = None,
 ) -> UpstreamMaildrop:
     """``open_upstream`` against the scripted upstream."""
     return await open_upstream(
-        account(upstream.port, tls=tls, login=method, verify=verify), tls_context=tls_context
+        account(upstream.port, tls=tls, login=method, verify=verify),
+        tls_context=tls_context,
+        capabilities=memo,
     )
 
 
@@ -481,6 +485,113 @@ async def test_pipelined_login_and_listing_arrive_in_one_write(
         drop = await login(upstream)
         assert drop.messages == [MessageInfo("a", 5)]
         await drop.aclose()
+
+
+async def learned(capa: Sequence[bytes]) -> CapabilityMemo:
+    """A memo that has seen one session against an upstream answering CAPA with ``capa``."""
+    memo = CapabilityMemo()
+    async with scripted_upstream(Mailbox(dict(MESSAGES), capa=capa)) as upstream:
+        drop = await login(upstream, memo=memo)
+        await drop.commit(set())
+    assert upstream.lines[0] == b"CAPA"
+    return memo
+
+
+@pytest.mark.parametrize(
+    ("capa", "login_lines"),
+    [
+        (CAPA_PIPELINING, [b"USER " + USER.encode(), b"PASS " + PASSWORD.encode()]),
+        ((*CAPA_PIPELINING, b"SASL PLAIN"), [b"AUTH PLAIN " + PLAIN_B64]),
+    ],
+    ids=["user", "plain"],
+)
+async def test_a_remembered_pipelining_upstream_gets_capa_login_and_listing_in_one_write(
+    capa: Sequence[bytes], login_lines: list[bytes]
+) -> None:
+    memo = await learned(capa)
+    assert memo.pipelining
+
+    async def script(peer: Peer) -> None:
+        await peer.send(b"+OK ready\r\n")
+        # Every command before any reply: a client waiting for CAPA's would hang here.
+        await peer.expect(b"CAPA", *login_lines, b"UIDL", b"LIST")
+        assert len(peer.reads) == 1, "CAPA, login and listing took several writes"
+        await peer.send(multiline(capa) + b"".join(b"+OK\r\n" for _ in login_lines))
+        await peer.send(multiline([b"1 a"]) + multiline([b"1 5"]))
+        await peer.until_eof()
+
+    async with scripted_upstream(script) as upstream:
+        drop = await login(upstream, memo=memo)
+        assert drop.messages == [MessageInfo("a", 5)]
+        await drop.aclose()
+
+
+async def test_without_pipelining_remembered_capa_goes_alone() -> None:
+    memo = await learned(CAPA_PLAIN)
+    assert memo.capabilities is not None and not memo.pipelining
+
+    async def script(peer: Peer) -> None:
+        await peer.send(b"+OK ready\r\n")
+        await peer.reply_after_one_line(b"CAPA", multiline(CAPA_PLAIN))
+        await peer.reply_after_one_line(b"USER " + USER.encode(), b"+OK\r\n")
+        await peer.reply_after_one_line(b"PASS " + PASSWORD.encode(), b"+OK in\r\n")
+        await peer.reply_after_one_line(b"UIDL", multiline([b"1 a"]))
+        await peer.reply_after_one_line(b"LIST", multiline([b"1 5"]))
+        await peer.until_eof()
+
+    async with scripted_upstream(script) as upstream:
+        drop = await login(upstream, memo=memo)
+        await drop.aclose()
+
+
+async def test_a_contradicted_memo_is_replaced_and_a_refusal_is_temporary() -> None:
+    # The memo says SASL PLAIN; the upstream has since dropped it and refuses AUTH.
+    memo = await learned((*CAPA_PIPELINING, b"SASL PLAIN"))
+    changed = Mailbox(dict(MESSAGES), capa=CAPA_PIPELINING)
+    changed.replies[b"AUTH PLAIN " + PLAIN_B64] = b"-ERR [AUTH] Unknown mechanism.\r\n"
+    async with scripted_upstream(changed) as upstream:
+        with pytest.raises(UpstreamError) as caught:
+            await login(upstream, memo=memo)
+    # Not "your credentials were rejected" (SYS/PERM): a retry goes by the fresh CAPA.
+    assert_upstream_error(caught.value, UpstreamFailure.REJECTED, ResponseCode.SYS_TEMP)
+    assert memo.capabilities is not None and "SASL" not in memo.capabilities
+    async with scripted_upstream(Mailbox(dict(MESSAGES), capa=CAPA_PIPELINING)) as upstream:
+        drop = await login(upstream, memo=memo)
+        await drop.aclose()
+    assert upstream.lines[:3] == [b"CAPA", b"USER " + USER.encode(), b"PASS " + PASSWORD.encode()]
+
+
+async def test_a_refused_login_with_a_confirmed_memo_keeps_its_code() -> None:
+    memo = await learned(CAPA_PIPELINING)
+    mailbox = Mailbox(dict(MESSAGES), capa=CAPA_PIPELINING)
+    mailbox.replies[b"PASS " + PASSWORD.encode()] = b"-ERR [AUTH] Wrong.\r\n"
+    async with scripted_upstream(mailbox) as upstream:
+        with pytest.raises(UpstreamError) as caught:
+            await login(upstream, memo=memo)
+    assert_upstream_error(caught.value, UpstreamFailure.AUTH_REJECTED, ResponseCode.SYS_PERM)
+
+
+async def test_starttls_with_a_memo_sends_credentials_only_over_tls(
+    ca_file: Path, good_server_tls: ssl.SSLContext
+) -> None:
+    capa = (b"UIDL", b"PIPELINING", b"STLS")
+    memo = CapabilityMemo()
+    for _ in range(2):
+        mailbox = Mailbox(dict(MESSAGES), capa=capa, stls=good_server_tls)
+        async with scripted_upstream(mailbox) as upstream:
+            drop = await login(
+                upstream,
+                tls=TlsMode.STARTTLS,
+                tls_context=verifying_context(ca_file, TlsMode.STARTTLS),
+                memo=memo,
+            )
+            await drop.aclose()
+        peer = upstream.peer
+        assert b"".join(data for data, secure in peer.reads if not secure) == b"CAPA\r\nSTLS\r\n"
+    # The second session pipelined CAPA with the login over TLS.
+    secure_reads = [data for data, secure in peer.reads if secure]
+    user_pass = b"USER " + USER.encode() + b"\r\nPASS " + PASSWORD.encode() + b"\r\n"
+    assert secure_reads[0] == b"CAPA\r\n" + user_pass + b"UIDL\r\nLIST\r\n"
 
 
 async def test_auth_plain_initial_response_is_empty_authzid_user_password() -> None:
