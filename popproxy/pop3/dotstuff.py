@@ -154,8 +154,8 @@ class StuffedBodyScanner:
         if hit != -1:
             if buf.find(b"\n" + _BARE_LF_DOT_LINE, 0, hit + 1) != -1:
                 raise _ambiguous_terminator()
-            body = bytes(buf[: hit + 1])
-            del buf[: hit + 1 + len(TERMINATOR)]
+            body = _take(buf, hit + 1)
+            del buf[: len(TERMINATOR)]
             self.done = True
             return body
         end = len(buf)
@@ -165,7 +165,15 @@ class StuffedBodyScanner:
         # A dot line cut after its dot was held back above, so it is checked whole.
         if buf.find(b"\n" + _BARE_LF_DOT_LINE, 0, end) != -1:
             raise _ambiguous_terminator()
-        body = bytes(buf[:end])
-        del buf[:end]
+        body = _take(buf, end)
         self._at_line_start = body[-1] == 0x0A
         return body
+
+
+def _take(buf: bytearray, end: int) -> bytes:
+    """The first ``end`` octets of ``buf`` as bytes, deleted from it: one copy, where
+    ``bytes(buf[:end])`` makes two (the slice of a bytearray is a bytearray)."""
+    with memoryview(buf) as view:
+        taken = bytes(view[:end])
+    del buf[:end]
+    return taken
