@@ -200,7 +200,13 @@ def running(
             tls=tls,
             listeners=["none", "implicit"],
             limits={"max_sessions": PROXY_MAX_SESSIONS},
-            upstreams={"dovecot": Upstream(*dovecot.endpoint("none"))},
+            # Many sessions of one account at once (idle: 50 per account), as Dovecot
+            # itself allows them (pop3_lock_session = no).
+            upstreams={
+                "dovecot": Upstream(
+                    *dovecot.endpoint("none"), settings={"exclusive_sessions": False}
+                )
+            },
         )
         if default_hash_cost:
             data = yaml.safe_load(config.read_text())
