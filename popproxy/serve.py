@@ -64,6 +64,7 @@ from popproxy.maildrop.retention import (
 )
 from popproxy.maildrop.upstream import CapabilityMemo, UpstreamAccount, open_upstream
 from popproxy.metrics import Metrics, serve_metrics
+from popproxy.peer import UNKNOWN_PEER, PeerAddress, socket_peer
 from popproxy.policy import DEFAULT_RULE
 from popproxy.pop3.replies import Err, ResponseCode
 from popproxy.pop3.wire import format_status
@@ -225,12 +226,12 @@ async def upstream_tls_contexts(config: Config) -> dict[str, ssl.SSLContext]:
     return contexts
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
+def _socket_peer(stream: trio.SocketStream) -> PeerAddress:
+    """The TCP peer of an accepted connection (UNKNOWN_PEER if it is already gone)."""
     try:
-        host, port, *_ = stream.socket.getpeername()
+        return socket_peer(stream.socket.getpeername())
     except OSError:
-        return "-"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return UNKNOWN_PEER
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +391,7 @@ class Server:
 
     async def _handle(self, stream: trio.SocketStream, context: SessionContext) -> None:
         try:
-            await run_session(stream, _peer_name(stream), context)
+            await run_session(stream, _socket_peer(stream), context)
         except Exception:
             # A bug in one session must not take the server down; the client sees a
             # closed connection, never an exception name (DESIGN.md, habit 6).

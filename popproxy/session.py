@@ -41,6 +41,7 @@ from popproxy.metrics import (
     TlsResult,
 )
 from popproxy.outcomes import SessionResult
+from popproxy.peer import PeerAddress
 from popproxy.pop3.capabilities import capabilities
 from popproxy.pop3.commands import (
     Apop,
@@ -150,16 +151,18 @@ class SessionSummary:
 class Session:
     """A POP3 server session over one client stream (RFC 1939, 2449, 2595, 5034)."""
 
-    def __init__(self, stream: trio.abc.Stream, peer: str, context: SessionContext) -> None:
+    def __init__(self, stream: trio.abc.Stream, peer: PeerAddress, context: SessionContext) -> None:
+        """``peer`` is the client (behind a PROXY protocol header, the one it names)."""
         self._stream = stream
         self._context = context
+        self.peer = peer
         self._tls_active = False
         self._conn = ServerConnection(self._settings())
         self._out = bytearray()
         self._maildrop: Maildrop | None = None
         self._deleted: set[int] = set()
         self._login_scope = trio.CancelScope()
-        self.summary = SessionSummary(secrets.token_hex(4), context.listener, peer)
+        self.summary = SessionSummary(secrets.token_hex(4), context.listener, str(peer))
         self._metrics = context.metrics
         # Bound once: the per-write byte counts of a RETR cost no label lookup.
         self._traffic: ListenerMetrics | None = (
@@ -594,6 +597,6 @@ class Session:
         )
 
 
-async def run_session(stream: trio.abc.Stream, peer: str, context: SessionContext) -> None:
+async def run_session(stream: trio.abc.Stream, peer: PeerAddress, context: SessionContext) -> None:
     """Serve one client connection to its end (see ``Session``)."""
     await Session(stream, peer, context).run()

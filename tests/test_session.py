@@ -26,6 +26,7 @@ from popproxy.config import LimitsConfig, UserConfig
 from popproxy.maildrop.base import Maildrop
 from popproxy.maildrop.maildir import open_maildir
 from popproxy.outcomes import SessionResult
+from popproxy.peer import PeerAddress
 from popproxy.secret import Secret
 from popproxy.session import Session, SessionContext, SessionSummary
 
@@ -146,7 +147,9 @@ class Starter(Protocol):
 async def start(maildir: Path, nursery: trio.Nursery) -> AsyncIterator[Starter]:
     async def _start(context: SessionContext | None = None) -> Running:
         client_stream, server_stream = trio.testing.memory_stream_pair()
-        session = Session(server_stream, "test:1", context or make_context(maildir))
+        session = Session(
+            server_stream, PeerAddress("192.0.2.1", 1), context or make_context(maildir)
+        )
         done = trio.Event()
 
         async def run() -> None:
@@ -507,7 +510,7 @@ async def test_login_timeout_during_a_tls_handshake_sends_nothing_in_clear(
     trustme.CA().issue_cert("localhost").configure_cert(server_tls)
     context = dataclasses.replace(make_context(maildir), tls_context=server_tls, implicit_tls=True)
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    session = Session(server_stream, "test:1", context)
+    session = Session(server_stream, PeerAddress("192.0.2.1", 1), context)
     nursery.start_soon(session.run)
     with trio.fail_after(LIMITS.login_timeout_seconds + 10):
         received = b""

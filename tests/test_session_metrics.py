@@ -24,6 +24,7 @@ from popproxy.config import UserConfig
 from popproxy.maildrop.base import Maildrop, MaildropError
 from popproxy.metrics import Metrics
 from popproxy.outcomes import SessionResult
+from popproxy.peer import PeerAddress
 from popproxy.pop3.replies import ResponseCode
 from popproxy.session import Session, SessionContext
 
@@ -223,7 +224,7 @@ async def test_client_octets_are_those_on_the_wire(maildir: Path) -> None:
     received = bytearray()
     with trio.fail_after(TEST_DEADLINE_SECONDS):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(Session(server_stream, "test:1", context).run)
+            nursery.start_soon(Session(server_stream, PeerAddress("192.0.2.1", 1), context).run)
             await client_stream.send_all(sent)
             while data := await client_stream.receive_some(65536):
                 received += data

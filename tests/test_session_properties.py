@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from test_session import MESSAGES, make_context, remaining
 
 from popproxy.outcomes import SessionResult
+from popproxy.peer import PeerAddress
 from popproxy.session import Session
 
 NUMBERS = [b"0", b"1", b"2", b"3", b"4", b"-1", b"x", b"01", b"99999999999", b""]
@@ -111,7 +112,7 @@ async def test_any_session_deletes_exactly_what_was_marked_and_only_on_quit(
             (maildir / "new" / name).write_bytes(body)
         names = sorted(MESSAGES)
         client, server = trio.testing.memory_stream_pair()
-        session = Session(server, "test:1", make_context(maildir))
+        session = Session(server, PeerAddress("192.0.2.1", 1), make_context(maildir))
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.run)

@@ -55,6 +55,7 @@ from popproxy.config import LimitsConfig, TlsMode, UpstreamConfig, UserConfig
 from popproxy.maildrop.base import Maildrop
 from popproxy.maildrop.upstream import UpstreamAccount, open_upstream
 from popproxy.outcomes import SessionResult
+from popproxy.peer import PeerAddress
 from popproxy.secret import Secret
 from popproxy.session import Session, SessionContext
 
@@ -887,7 +888,7 @@ async def run_scenario(scenario: Scenario) -> None:
     listener = listeners[0]
     port = listener.socket.getsockname()[1]
     client, server = trio.testing.memory_stream_pair()
-    session = Session(server, "test:1", proxy_context(port))
+    session = Session(server, PeerAddress("192.0.2.1", 1), proxy_context(port))
     with trio.fail_after(EXAMPLE_DEADLINE_SECONDS):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upstream.serve, listener)

@@ -1,0 +1,59 @@
+"""The client's address as a session sees it: a value, not a log string.
+
+Behind a trusted proxy that sends a PROXY protocol header (popproxy/proxy_protocol.py)
+this is the address the header names, not the proxy's; otherwise it is the TCP
+peer of the accepted socket. Logs print it with ``str()``; the per-address session
+limit and login throttling key on ``host``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddress:
+    """An IP address (text, as ``getpeername`` gives it) and a TCP port; ``host`` is
+    empty when the address could not be read (the socket was already reset)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, address: IPAddress, port: int) -> PeerAddress:
+        """The peer at ``address``, written in its compressed form (RFC 5952 §4)."""
+        return cls(str(address), port)
+
+    @property
+    def known(self) -> bool:
+        """Whether there is an address at all."""
+        return bool(self.host)
+
+    @property
+    def ip(self) -> IPAddress | None:
+        """``host`` parsed (a scope such as ``%eth0`` is dropped); None if not an IP address."""
+        try:
+            return ipaddress.ip_address(self.host.split("%", 1)[0])
+        except ValueError:
+            return None
+
+    def __str__(self) -> str:
+        """``192.0.2.1:110``, ``[2001:db8::1]:110`` (RFC 3986 §3.2.2), or ``-`` if unknown."""
+        if not self.host:
+            return "-"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+UNKNOWN_PEER = PeerAddress("", 0)
+
+
+def socket_peer(address: object) -> PeerAddress:
+    """The ``PeerAddress`` of a ``getpeername()`` result (an (host, port, ...) tuple)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        if isinstance(host, str) and isinstance(port, int):
+            return PeerAddress(host, port)
+    return UNKNOWN_PEER

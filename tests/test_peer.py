@@ -1,0 +1,33 @@
+"""PeerAddress: the client's address as a value (logs print it, limits key on it)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from popproxy.peer import UNKNOWN_PEER, PeerAddress, socket_peer
+
+
+def test_str_brackets_an_ipv6_host() -> None:
+    assert str(PeerAddress("192.0.2.7", 110)) == "192.0.2.7:110"
+    assert str(PeerAddress("2001:db8::1", 995)) == "[2001:db8::1]:995"
+    assert str(UNKNOWN_PEER) == "-"
+
+
+def test_of_writes_the_compressed_form() -> None:
+    address = ipaddress.ip_address("2001:0db8:0000:0000:0000:0000:0000:0001")
+    assert PeerAddress.of(address, 1) == PeerAddress("2001:db8::1", 1)
+
+
+def test_ip_parses_the_host_and_drops_a_scope() -> None:
+    assert PeerAddress("fe80::1%lo", 1).ip == ipaddress.IPv6Address("fe80::1")
+    assert PeerAddress("192.0.2.7", 1).ip == ipaddress.IPv4Address("192.0.2.7")
+    assert UNKNOWN_PEER.ip is None
+    assert not UNKNOWN_PEER.known
+    assert PeerAddress("192.0.2.7", 1).known
+
+
+def test_socket_peer_reads_ipv4_and_ipv6_getpeername_tuples() -> None:
+    assert socket_peer(("127.0.0.1", 4000)) == PeerAddress("127.0.0.1", 4000)
+    assert socket_peer(("::1", 4000, 0, 0)) == PeerAddress("::1", 4000)
+    assert socket_peer("/run/popproxy.sock") is UNKNOWN_PEER
+    assert socket_peer(()) is UNKNOWN_PEER
