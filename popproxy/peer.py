@@ -24,7 +24,10 @@ class PeerAddress:
 
     @classmethod
     def of(cls, address: IPAddress, port: int) -> PeerAddress:
-        """The peer at ``address``, written in its compressed form (RFC 5952 §4)."""
+        """The peer at ``address``, written in its compressed form (RFC 5952 §4); an
+        IPv4-mapped IPv6 address (RFC 4291 §2.5.5.2) as the IPv4 address it maps."""
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
         return cls(str(address), port)
 
     @property
@@ -52,8 +55,12 @@ UNKNOWN_PEER = PeerAddress("", 0)
 
 def socket_peer(address: object) -> PeerAddress:
     """The ``PeerAddress`` of a ``getpeername()`` result (an (host, port, ...) tuple)."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        if isinstance(host, str) and isinstance(port, int):
-            return PeerAddress(host, port)
-    return UNKNOWN_PEER
+    if not isinstance(address, tuple) or len(address) < 2:
+        return UNKNOWN_PEER
+    host, port = address[0], address[1]
+    if not isinstance(host, str) or not isinstance(port, int):
+        return UNKNOWN_PEER
+    try:
+        return PeerAddress.of(ipaddress.ip_address(host), port)
+    except ValueError:
+        return PeerAddress(host, port)

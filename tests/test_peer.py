@@ -31,3 +31,14 @@ def test_socket_peer_reads_ipv4_and_ipv6_getpeername_tuples() -> None:
     assert socket_peer(("::1", 4000, 0, 0)) == PeerAddress("::1", 4000)
     assert socket_peer("/run/popproxy.sock") is UNKNOWN_PEER
     assert socket_peer(()) is UNKNOWN_PEER
+
+
+def test_an_ipv4_mapped_address_is_its_ipv4_address() -> None:
+    """A dual-stack listener or a proxy on :: sees IPv4 clients as ::ffff:a.b.c.d."""
+    assert socket_peer(("::ffff:192.0.2.7", 5, 0, 0)) == PeerAddress("192.0.2.7", 5)
+    assert PeerAddress.of(ipaddress.ip_address("::ffff:c000:207"), 5) == PeerAddress("192.0.2.7", 5)
+
+
+def test_socket_peer_keeps_a_scope_and_a_host_that_is_not_an_address() -> None:
+    assert socket_peer(("fe80::1%lo", 5, 0, 1)) == PeerAddress("fe80::1%lo", 5)
+    assert socket_peer(("localhost", 5)) == PeerAddress("localhost", 5)

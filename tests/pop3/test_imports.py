@@ -28,7 +28,8 @@ def package_modules(package: str) -> list[str]:
 
 POP3_MODULES = package_modules("pop3")
 POLICY_MODULES = package_modules("policy")
-PURE_MODULES = POP3_MODULES + POLICY_MODULES
+# Sans-IO modules outside the packages, held to the same rule (the PROXY protocol reader).
+PURE_MODULES = POP3_MODULES + POLICY_MODULES + ["popproxy.proxy_protocol", "popproxy.peer"]
 
 
 def module_path(name: str) -> Path:
