@@ -81,6 +81,7 @@ _STATE_SCHEMES = ("sqlite:///",)
 MAX_STATE_BUSY_TIMEOUT_SECONDS = 3600
 
 _E = TypeVar("_E", bound=enum.Enum)
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class TlsMode(enum.Enum):
@@ -98,6 +99,9 @@ class ListenerConfig:
     address: str
     port: int
     tls: TlsMode
+    # Every connection starts with a PROXY protocol header (v1 or v2) from one of
+    # ``trusted_proxies``; anything else is dropped (docs/operations.md).
+    proxy_protocol: bool = False
 
     @property
     def name(self) -> str:
@@ -205,6 +209,10 @@ class LimitsConfig:
     idle_timeout_seconds: float = 600  # RFC 1939 §3: at least 10 minutes
     login_timeout_seconds: float = 60
     max_sessions: int = 1000
+    # Sessions from one client address (an IPv6 /64) at once, logged in or not: one
+    # host behind NAT runs a few clients polling a few mailboxes each, so 50 is far
+    # above honest use and keeps one address from taking all of max_sessions.
+    max_sessions_per_ip: int = 50
     shutdown_grace_seconds: float = 10
     max_bad_commands: int = 10  # consecutive bad commands before closing
     auth_failure_delay_seconds: float = 2.0  # Dovecot's auth_failure_delay
@@ -235,6 +243,8 @@ class Config:
     limits: LimitsConfig
     # Every rule of rules_dir, loaded with the config and replaced with it on reload.
     policy: Policy = field(default_factory=Policy.empty)
+    # The networks allowed to send a PROXY protocol header (proxy_protocol listeners).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -933,8 +943,9 @@ _TOP_KEYS = (
     "rules_dir",
     "metrics",
     "limits",
+    "trusted_proxies",
 )
-_LISTENER_KEYS = ("address", "port", "tls")
+_LISTENER_KEYS = ("address", "port", "tls", "proxy_protocol")
 _TLS_KEYS = ("cert_file", "key_file")
 _UPSTREAM_KEYS = (
     "host",
@@ -974,6 +985,7 @@ _LIMIT_KEYS = (
     "idle_timeout_seconds",
     "login_timeout_seconds",
     "max_sessions",
+    "max_sessions_per_ip",
     "shutdown_grace_seconds",
     "max_bad_commands",
     "auth_failure_delay_seconds",
@@ -1006,6 +1018,7 @@ def _build(source: Path, data: object, issues: _Issues) -> Config | None:
     metrics = _metrics(top)
     limits = _limits(top)
     rules = _rules(rules_dir, top, issues) if rules_dir is not None else ()
+    trusted_proxies = _trusted_proxies(top, listen)
     if issues.items:
         return None
     accounts = {user.name: user.upstream for user in users.values()}
@@ -1021,6 +1034,7 @@ def _build(source: Path, data: object, issues: _Issues) -> Config | None:
         metrics=metrics,
         limits=limits,
         policy=Policy(rules, accounts),
+        trusted_proxies=trusted_proxies,
     )
 
 
@@ -1043,6 +1057,7 @@ def _listeners(top: _Section) -> list[ListenerConfig]:
         address = section.host("address", required=True)
         port = section.integer("port", lo=0, hi=MAX_PORT, required=True)
         tls = section.tls_mode("tls", required=True)
+        proxy_protocol = section.boolean("proxy_protocol")
         if tls is not None and tls is not TlsMode.NONE and not top.has("tls"):
             section.error(
                 "tls",
@@ -1056,8 +1071,52 @@ def _listeners(top: _Section) -> list[ListenerConfig]:
             )
             continue
         bound[address, port] = index
-        out.append(ListenerConfig(address, port, tls))
+        out.append(ListenerConfig(address, port, tls, proxy_protocol=bool(proxy_protocol)))
     return out
+
+
+def _trusted_proxies(top: _Section, listen: Sequence[ListenerConfig]) -> tuple[IPNetwork, ...]:
+    """``trusted_proxies``: addresses or CIDR networks (``192.0.2.10``, ``10.0.0.0/8``,
+    ``2001:db8::/32``); required, and not empty, when a listener has ``proxy_protocol``."""
+    value = top.raw("trusted_proxies")
+    what = "a list of IP addresses or networks (CIDR, such as 10.0.0.0/8)"
+    networks: list[IPNetwork] = []
+    if value is not None and not isinstance(value, list):
+        top.error("trusted_proxies", f"expected {what}, got {_describe(value)}")
+        return ()
+    bad = False
+    for index, item in enumerate(value or []):
+        network = _network(item)
+        if network is None:
+            hint = ""
+            if isinstance(item, str) and "/" in item:
+                hint = " (host bits set? write the network address, such as 10.0.0.0/8)"
+            top.issues.add(
+                f"trusted_proxies[{index}]",
+                f"expected an IP address or a CIDR network, got {_describe(item)}{hint}",
+            )
+            bad = True
+        else:
+            networks.append(network)
+    if not networks and not bad:
+        for index, listener in enumerate(listen):
+            if listener.proxy_protocol:
+                top.error(
+                    "trusted_proxies",
+                    f"listen[{index}] has proxy_protocol: true, which needs trusted_proxies:"
+                    " the addresses of the load balancers allowed to send the header",
+                )
+                break
+    return tuple(networks)
+
+
+def _network(item: object) -> IPNetwork | None:
+    if not isinstance(item, str) or "%" in item:  # a zone index names no network
+        return None
+    try:
+        return ipaddress.ip_network(item)
+    except ValueError:
+        return None
 
 
 def _is_local_host(host: str) -> bool:
@@ -1385,6 +1444,9 @@ def _limits(top: _Section) -> LimitsConfig:
         idle_timeout_seconds=seconds("idle_timeout_seconds", default.idle_timeout_seconds),
         login_timeout_seconds=seconds("login_timeout_seconds", default.login_timeout_seconds),
         max_sessions=count("max_sessions", default.max_sessions, MAX_SESSIONS_LIMIT),
+        max_sessions_per_ip=count(
+            "max_sessions_per_ip", default.max_sessions_per_ip, MAX_SESSIONS_LIMIT
+        ),
         shutdown_grace_seconds=seconds(
             "shutdown_grace_seconds", default.shutdown_grace_seconds, positive=False
         ),

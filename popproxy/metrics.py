@@ -102,6 +102,14 @@ class TlsResult(enum.Enum):
     FAILED = "failed"
 
 
+class ConnectionRejection(enum.Enum):
+    """Why a connection was closed before it became a session (besides max_sessions)."""
+
+    MAX_SESSIONS_PER_IP = "max_sessions_per_ip"  # its client address had too many sessions
+    UNTRUSTED_PROXY = "untrusted_proxy"  # a proxy_protocol listener, not from trusted_proxies
+    PROXY_HEADER = "proxy_header"  # no valid PROXY protocol header in time
+
+
 class PolicyAction(enum.Enum):
     """What retention policy did with one message at a QUIT (DESIGN.md, Rules)."""
 
@@ -207,6 +215,12 @@ class Metrics:
             "sessions_refused_total",
             "Client connections refused because max_sessions sessions were running.",
             ("listener",),
+        )
+        self._connections_rejected = counter(
+            "connections_rejected_total",
+            "Client connections closed before a session started, by reason"
+            " (max_sessions_per_ip, untrusted_proxy, proxy_header).",
+            ("listener", "reason"),
         )
         self._sessions_limit = gauge(
             "sessions_limit", "The configured limit on concurrent sessions (limits.max_sessions)."
@@ -388,6 +402,10 @@ class Metrics:
         """A connection was refused because ``max_sessions`` sessions were running."""
         self.listener(listener).session_refused()
 
+    def connection_rejected(self, listener: str, reason: ConnectionRejection) -> None:
+        """A connection was closed before it became a session, for ``reason``."""
+        self.listener(listener).connection_rejected(reason)
+
     def tls_handshake(self, listener: str, result: TlsResult) -> None:
         """A client TLS handshake finished (STLS, RFC 2595 §4, or implicit TLS, RFC 8314)."""
         self.listener(listener).tls_handshake(result)
@@ -489,6 +507,7 @@ class ListenerMetrics:
         "_ended",
         "_received",
         "_refused",
+        "_rejected",
         "_sent",
         "_started",
         "_tls",
@@ -500,6 +519,9 @@ class ListenerMetrics:
         self._started = metrics._sessions_started.labels(name)
         self._active = metrics._sessions_active.labels(name)
         self._refused = metrics._sessions_refused.labels(name)
+        self._rejected = {
+            r: metrics._connections_rejected.labels(name, r.value) for r in ConnectionRejection
+        }
         self._sent = metrics._client_sent.labels(name)
         self._received = metrics._client_received.labels(name)
         self._ended = {o: metrics._sessions_ended.labels(name, o.value) for o in SessionResult}
@@ -519,6 +541,10 @@ class ListenerMetrics:
     def session_refused(self) -> None:
         """A connection was refused because ``max_sessions`` sessions were running."""
         self._refused.inc()
+
+    def connection_rejected(self, reason: ConnectionRejection) -> None:
+        """A connection was closed before it became a session, for ``reason``."""
+        self._rejected[_member(reason, ConnectionRejection)].inc()
 
     def tls_handshake(self, result: TlsResult) -> None:
         """A client TLS handshake finished (STLS, RFC 2595 §4, or implicit TLS, RFC 8314)."""

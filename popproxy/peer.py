@@ -12,6 +12,10 @@ import ipaddress
 from dataclasses import dataclass
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# What a per-address limit counts as one client on IPv6: a /64, the size of one
+# subnet (RFC 4291 §2.5.4), which one host or one site routinely gets whole, so
+# counting single addresses would let one machine take as many slots as it likes.
+IPV6_LIMIT_PREFIX = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,17 @@ class PeerAddress:
             return ipaddress.ip_address(self.host.split("%", 1)[0])
         except ValueError:
             return None
+
+    @property
+    def limit_key(self) -> str:
+        """What per-address limits count this peer as: the IPv4 address, or the IPv6
+        /64 it is in (``IPV6_LIMIT_PREFIX``); empty when there is no address."""
+        ip = self.ip
+        if ip is None:
+            return self.host
+        if isinstance(ip, ipaddress.IPv6Address):
+            return str(ipaddress.IPv6Network((ip, IPV6_LIMIT_PREFIX), strict=False))
+        return str(ip)
 
     def __str__(self) -> str:
         """``192.0.2.1:110``, ``[2001:db8::1]:110`` (RFC 3986 §3.2.2), or ``-`` if unknown."""

@@ -2,11 +2,11 @@
 
 A reload replaces everything a *new session* reads: users, upstreams, TLS
 certificates, ``allow_plaintext_auth``, ``rules_dir`` and the rules read from it
-(``policy``), and the limits. What was bound or opened once at start (the listening
-sockets, the metrics exporter, the state store) stays as it is until a restart; a
-reload logs those keys as ``restart_required`` and applies the rest. ``popproxy
-check-config --against`` uses the same functions, so it predicts exactly what a
-reload will do.
+(``policy``), the limits and ``trusted_proxies``. What was bound or opened once at
+start (the listening sockets, the metrics exporter, the state store) stays as it is
+until a restart; a reload logs those keys as ``restart_required`` and applies the
+rest. ``popproxy check-config --against`` uses the same functions, so it predicts
+exactly what a reload will do.
 
 No I/O here: the server (serve.py) loads files and TLS contexts, this module
 only compares values.
@@ -27,7 +27,16 @@ RESTART_KEYS = frozenset({"listen", "metrics", "state"})
 # Top-level keys a reload applies (tests/test_reload.py checks that every Config
 # field is in exactly one of these sets, so a new key needs a decision).
 RELOADABLE_KEYS = frozenset(
-    {"tls", "allow_plaintext_auth", "upstreams", "users", "rules_dir", "policy", "limits"}
+    {
+        "tls",
+        "allow_plaintext_auth",
+        "upstreams",
+        "users",
+        "rules_dir",
+        "policy",
+        "limits",
+        "trusted_proxies",
+    }
 )
 # Not a setting: where the config was read from.
 IGNORED_KEYS = frozenset({"source"})
@@ -126,6 +135,11 @@ def reload_problem(effective: Config) -> str | None:
         return (
             "tls: the running listeners use TLS and need the tls section"
             " (changing listeners needs a restart)"
+        )
+    if any(lst.proxy_protocol for lst in effective.listen) and not effective.trusted_proxies:
+        return (
+            "trusted_proxies: the running listeners take PROXY protocol headers and need"
+            " trusted proxies (changing listeners needs a restart)"
         )
     return None
 

@@ -8,7 +8,19 @@ gives live sessions ``shutdown_grace_seconds`` to finish, and then cancels
 them. A cancelled session never reaches UPDATE, so it deletes nothing.
 
 Over ``max_sessions``, a new connection gets ``-ERR [SYS/TEMP]`` and is closed
-at once instead of waiting in the kernel backlog.
+at once instead of waiting in the kernel backlog; so does one from a client
+address (an IPv6 /64) that already has ``max_sessions_per_ip`` sessions. On an
+implicit TLS listener the refusal is a close without a word: a status line in
+clear would only garble the client's TLS handshake.
+
+PROXY protocol. On a listener with ``proxy_protocol: true`` a connection from
+outside ``trusted_proxies`` is closed at once (as Dovecot's
+``haproxy_trusted_networks``); from a trusted proxy, a v1 or v2 header must
+arrive within ``PROXY_HEADER_TIMEOUT_SECONDS`` (and the login timeout, which
+counts from the accept). The address it names is the session's peer: in the
+logs, for the per-address limit and for login throttling. A v2 LOCAL header
+(a health check) or an UNKNOWN one keeps the proxy's own address. Octets after
+the header are the session's (a TLS handshake on an implicit TLS listener).
 
 Reload. The settings a session reads live in one immutable ``_Runtime`` (config,
 server TLS context, authenticator, maildrop router with the upstream TLS contexts).
@@ -63,11 +75,18 @@ from popproxy.maildrop.retention import (
     utc_now,
 )
 from popproxy.maildrop.upstream import CapabilityMemo, UpstreamAccount, open_upstream
-from popproxy.metrics import Metrics, serve_metrics
+from popproxy.metrics import ConnectionRejection, Metrics, serve_metrics
 from popproxy.peer import UNKNOWN_PEER, PeerAddress, socket_peer
 from popproxy.policy import DEFAULT_RULE
 from popproxy.pop3.replies import Err, ResponseCode
 from popproxy.pop3.wire import format_status
+from popproxy.proxy_protocol import (
+    MAX_HEADER_BYTES,
+    HeaderKind,
+    ProxyHeader,
+    ProxyHeaderReader,
+    ProxyProtocolError,
+)
 from popproxy.reload import (
     ConfigChanges,
     ConfigLoader,
@@ -93,6 +112,10 @@ REFUSAL_SEND_TIMEOUT_SECONDS = 1.0
 # without a word, so a flood cannot hold more tasks and sockets than this.
 MAX_PENDING_REFUSALS = 64
 TOO_MANY_SESSIONS = Err("Too many connections, try again later.", ResponseCode.SYS_TEMP)
+TOO_MANY_FROM_ADDRESS = Err("Too many connections from your address.", ResponseCode.SYS_TEMP)
+# proxy-protocol.txt §2: a receiver may give up on a header not seen "within a few
+# seconds (at least 3 seconds to cover a TCP retransmit)"; the proxy sends it at once.
+PROXY_HEADER_TIMEOUT_SECONDS = 5.0
 # A reload_failed line names at most this many config problems (check-config lists all).
 MAX_REASON_ISSUES = 3
 
@@ -234,6 +257,33 @@ def _socket_peer(stream: trio.SocketStream) -> PeerAddress:
         return UNKNOWN_PEER
 
 
+class _PrefixedStream(trio.abc.Stream):
+    """A stream whose first read returns octets already received (those after a PROXY
+    protocol header), then reads on from the stream it wraps."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if not self._prefix:
+            return await self._stream.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint()
+        size = len(self._prefix) if max_bytes is None else max_bytes
+        data, self._prefix = self._prefix[:size], self._prefix[size:]
+        return data
+
+    async def aclose(self) -> None:
+        self._prefix = b""
+        await self._stream.aclose()
+
+
 @dataclass(frozen=True, slots=True)
 class LoadedTls:
     """A server TLS context and a digest of the files it was loaded from."""
@@ -308,6 +358,9 @@ class Server:
         self._on_reload = on_reload
         self.last_reload = ReloadOutcome(ok=True, at=time.time(), config=config)
         self._active = 0
+        # Sessions per client address (PeerAddress.limit_key); an entry exists only while
+        # its count is above 0, so the table never has more than max_sessions entries.
+        self._per_address: dict[str, int] = {}
         self._refusing = 0
         self._shutting_down = False
         self._drained = trio.Event()
@@ -377,38 +430,149 @@ class Server:
                 log.warning("accept_failed", extra={"fields": {"errno": exc.errno}})
                 await trio.sleep(ACCEPT_RETRY_SECONDS)
                 continue
+            peer = _socket_peer(stream)
             if self._active >= self.config.limits.max_sessions:
                 log.warning("session_refused", extra={"fields": {"reason": "max_sessions"}})
                 self.metrics.listener(listener.name).session_refused()
-                if self._refusing < MAX_PENDING_REFUSALS:
-                    self._refusing += 1
-                    sessions.start_soon(self._refuse, stream)
-                else:
-                    await trio.aclose_forcefully(stream)
+                await self._refuse_soon(stream, listener, TOO_MANY_SESSIONS, sessions)
+            elif not listener.proxy_protocol and not self._take_address_slot(peer):
+                # Counted here, before the next accept, so a burst cannot slip past it.
+                self._address_refused(peer, listener)
+                await self._refuse_soon(stream, listener, TOO_MANY_FROM_ADDRESS, sessions)
             else:
                 self._active += 1
-                sessions.start_soon(self._handle, stream, self.session_context(listener))
+                sessions.start_soon(
+                    self._handle, stream, listener, peer, self.session_context(listener)
+                )
 
-    async def _handle(self, stream: trio.SocketStream, context: SessionContext) -> None:
+    async def _handle(
+        self,
+        stream: trio.SocketStream,
+        listener: ListenerConfig,
+        peer: PeerAddress,
+        context: SessionContext,
+    ) -> None:
+        """Run one session; on a proxy_protocol listener, read the header first."""
+        accepted_at = trio.current_time()
+        counted: PeerAddress | None = None if listener.proxy_protocol else peer
         try:
-            await run_session(stream, _socket_peer(stream), context)
+            if listener.proxy_protocol:
+                proxied = await self._accept_proxied(stream, listener, peer, accepted_at)
+                if proxied is None:
+                    return
+                peer, prefix = proxied
+                if not self._take_address_slot(peer):
+                    self._address_refused(peer, listener)
+                    await self._refuse(stream, _refusal(listener, TOO_MANY_FROM_ADDRESS))
+                    return
+                counted = peer
+                client: trio.abc.Stream = _PrefixedStream(stream, prefix) if prefix else stream
+            else:
+                client = stream
+            await run_session(client, peer, context, accepted_at=accepted_at)
         except Exception:
             # A bug in one session must not take the server down; the client sees a
             # closed connection, never an exception name (DESIGN.md, habit 6).
             log.exception("session_crashed")
         finally:
+            if counted is not None:
+                self._release_address_slot(counted)
             self._active -= 1
             if self._shutting_down and self._active == 0:
                 self._drained.set()
 
-    async def _refuse(self, stream: trio.SocketStream) -> None:
-        try:
-            with trio.move_on_after(REFUSAL_SEND_TIMEOUT_SECONDS):
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await stream.send_all(format_status(TOO_MANY_SESSIONS))
+    async def _accept_proxied(
+        self,
+        stream: trio.SocketStream,
+        listener: ListenerConfig,
+        proxy: PeerAddress,
+        accepted_at: float,
+    ) -> tuple[PeerAddress, bytes] | None:
+        """The client a trusted proxy's header names and the octets after the header, or
+        None once the connection is closed (untrusted source, bad or late header)."""
+        config = self.config
+        ip = proxy.ip
+        fields: dict[str, object] = {"listener": listener.name, "proxy": str(proxy)}
+        if ip is None or not any(ip in network for network in config.trusted_proxies):
+            log.warning("proxy_untrusted", extra={"fields": fields})
+            self._rejected(listener, ConnectionRejection.UNTRUSTED_PROXY)
             await trio.aclose_forcefully(stream)
+            return None
+        wait = min(PROXY_HEADER_TIMEOUT_SECONDS, config.limits.login_timeout_seconds)
+        try:
+            with trio.fail_at(accepted_at + wait):
+                header, prefix = await _read_proxy_header(stream)
+        except ProxyProtocolError as exc:
+            fields["reason"] = str(exc)
+        except trio.TooSlowError:
+            fields["reason"] = "no complete header in time"
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            fields["reason"] = "the connection was reset"
+        else:
+            if header.kind is HeaderKind.PROXIED and header.source is not None:
+                return header.source, prefix
+            return proxy, prefix  # LOCAL (a health check) or UNKNOWN: the proxy's own address
+        log.warning("proxy_header_invalid", extra={"fields": fields})
+        self._rejected(listener, ConnectionRejection.PROXY_HEADER)
+        await trio.aclose_forcefully(stream)
+        return None
+
+    def _take_address_slot(self, peer: PeerAddress) -> bool:
+        """Count a session for ``peer``'s address, unless it has max_sessions_per_ip."""
+        key = peer.limit_key
+        if not key:
+            return True  # no address to count (the connection is already gone)
+        count = self._per_address.get(key, 0)
+        if count >= self.config.limits.max_sessions_per_ip:
+            return False
+        self._per_address[key] = count + 1
+        return True
+
+    def _release_address_slot(self, peer: PeerAddress) -> None:
+        key = peer.limit_key
+        if not key:
+            return
+        count = self._per_address[key] - 1
+        if count:
+            self._per_address[key] = count
+        else:
+            del self._per_address[key]
+
+    def _address_refused(self, peer: PeerAddress, listener: ListenerConfig) -> None:
+        fields = {"reason": "max_sessions_per_ip", "listener": listener.name, "peer": str(peer)}
+        log.warning("session_refused", extra={"fields": fields})
+        self._rejected(listener, ConnectionRejection.MAX_SESSIONS_PER_IP)
+
+    def _rejected(self, listener: ListenerConfig, reason: ConnectionRejection) -> None:
+        self.metrics.listener(listener.name).connection_rejected(reason)
+
+    async def _refuse_soon(
+        self,
+        stream: trio.SocketStream,
+        listener: ListenerConfig,
+        reply: Err,
+        sessions: trio.Nursery,
+    ) -> None:
+        """Refuse in a task of its own, or close at once past MAX_PENDING_REFUSALS."""
+        if self._refusing < MAX_PENDING_REFUSALS:
+            self._refusing += 1
+            sessions.start_soon(self._refuse_counted, stream, _refusal(listener, reply))
+        else:
+            await trio.aclose_forcefully(stream)
+
+    async def _refuse_counted(self, stream: trio.SocketStream, reply: Err | None) -> None:
+        try:
+            await self._refuse(stream, reply)
         finally:
             self._refusing -= 1
+
+    async def _refuse(self, stream: trio.SocketStream, reply: Err | None) -> None:
+        """Send ``reply`` (if any) within REFUSAL_SEND_TIMEOUT_SECONDS, then close."""
+        if reply is not None:
+            with trio.move_on_after(REFUSAL_SEND_TIMEOUT_SECONDS):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(format_status(reply))
+        await trio.aclose_forcefully(stream)
 
     async def reload(self, load: ConfigLoader) -> ReloadOutcome:
         """Load a new config and apply it to new sessions, all or nothing.
@@ -497,6 +661,23 @@ class Server:
         log.info("draining", extra={"fields": {"sessions": self._active}})
         with trio.move_on_after(self.config.limits.shutdown_grace_seconds):
             await self._drained.wait()
+
+
+def _refusal(listener: ListenerConfig, reply: Err) -> Err | None:
+    """The refusal line for ``listener``: none where the client starts with TLS."""
+    return None if listener.tls is TlsMode.IMPLICIT else reply
+
+
+async def _read_proxy_header(stream: trio.abc.Stream) -> tuple[ProxyHeader, bytes]:
+    """Read a PROXY protocol header (v1 or v2); it and the octets received after it."""
+    reader = ProxyHeaderReader()
+    # Bounded: the reader refuses a header longer than MAX_HEADER_BYTES, and each
+    # read adds at least one octet (b"" is EOF, which ends the header or refuses it).
+    while True:
+        event = reader.next_event()
+        if isinstance(event, ProxyHeader):
+            return event, reader.trailing_data
+        reader.receive_data(bytes(await stream.receive_some(MAX_HEADER_BYTES)))
 
 
 def _config_error_reason(exc: ConfigError) -> str:

@@ -151,8 +151,17 @@ class SessionSummary:
 class Session:
     """A POP3 server session over one client stream (RFC 1939, 2449, 2595, 5034)."""
 
-    def __init__(self, stream: trio.abc.Stream, peer: PeerAddress, context: SessionContext) -> None:
-        """``peer`` is the client (behind a PROXY protocol header, the one it names)."""
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        peer: PeerAddress,
+        context: SessionContext,
+        *,
+        accepted_at: float | None = None,
+    ) -> None:
+        """``peer`` is the client (behind a PROXY protocol header, the one it names);
+        ``accepted_at`` (trio time, default now) starts the session's clock, so time
+        spent on a PROXY protocol header counts against the login timeout."""
         self._stream = stream
         self._context = context
         self.peer = peer
@@ -163,6 +172,8 @@ class Session:
         self._deleted: set[int] = set()
         self._login_scope = trio.CancelScope()
         self.summary = SessionSummary(secrets.token_hex(4), context.listener, str(peer))
+        if accepted_at is not None:
+            self.summary.started = accepted_at
         self._metrics = context.metrics
         # Bound once: the per-write byte counts of a RETR cost no label lookup.
         self._traffic: ListenerMetrics | None = (
@@ -188,7 +199,7 @@ class Session:
         """Serve the client until QUIT, EOF, a timeout or a fatal error; never raises
         for the client's behaviour. Cancellation (shutdown) is recorded and re-raised."""
         limits = self._context.limits
-        self._login_scope.deadline = trio.current_time() + limits.login_timeout_seconds
+        self._login_scope.deadline = self.summary.started + limits.login_timeout_seconds
         if self._traffic is not None:
             self._traffic.session_started()
         try:
@@ -597,6 +608,12 @@ class Session:
         )
 
 
-async def run_session(stream: trio.abc.Stream, peer: PeerAddress, context: SessionContext) -> None:
+async def run_session(
+    stream: trio.abc.Stream,
+    peer: PeerAddress,
+    context: SessionContext,
+    *,
+    accepted_at: float | None = None,
+) -> None:
     """Serve one client connection to its end (see ``Session``)."""
-    await Session(stream, peer, context).run()
+    await Session(stream, peer, context, accepted_at=accepted_at).run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import sys
 import textwrap
@@ -789,3 +790,81 @@ def test_upstream_on_another_port_of_this_machine_is_fine() -> None:
         "upstreams:\n  dovecot: {host: 127.0.0.1, port: 2111, tls: none}\n"
     )
     assert load_config(write(text)).upstreams["dovecot"].port == 2111
+
+
+# -- PROXY protocol and per-address limits --------------------------------------------
+
+
+def test_proxy_protocol_listener_and_trusted_proxies_load() -> None:
+    config = load_config(
+        write(
+            with_user(
+                "{password_hash: '" + HASH + "', maildir: m}",
+                extra=(
+                    "  - {address: 127.0.0.1, port: 0, tls: none, proxy_protocol: true}\n"
+                    "trusted_proxies: [10.0.0.0/8, 192.0.2.10, '2001:db8::/32']\n"
+                    "limits: {max_sessions_per_ip: 7}\n"
+                ),
+            )
+        )
+    )
+    assert [listener.proxy_protocol for listener in config.listen] == [False, True]
+    assert config.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("192.0.2.10/32"),
+        ipaddress.ip_network("2001:db8::/32"),
+    )
+    assert config.limits.max_sessions_per_ip == 7
+
+
+def test_proxy_protocol_and_per_address_defaults() -> None:
+    config = load_config(write(MINIMAL))
+    assert config.listen[0].proxy_protocol is False
+    assert config.trusted_proxies == ()
+    assert config.limits.max_sessions_per_ip == 50
+
+
+def test_a_proxy_protocol_listener_needs_trusted_proxies() -> None:
+    key, message = only_issue(
+        "listen:\n  - {address: 127.0.0.1, port: 0, tls: none, proxy_protocol: true}\n"
+    )
+    assert key == "trusted_proxies"
+    assert "listen[0] has proxy_protocol: true" in message
+    key, _ = only_issue(
+        "listen:\n  - {address: 127.0.0.1, port: 0, tls: none, proxy_protocol: true}\n"
+        "trusted_proxies: []\n"
+    )
+    assert key == "trusted_proxies"
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "expected"),
+    [
+        ("[10.0.0.1/8]", "trusted_proxies[0]", "host bits set"),
+        ("[not-an-address]", "trusted_proxies[0]", "expected an IP address or a CIDR network"),
+        ("[10.0.0.0/8, 7]", "trusted_proxies[1]", "got the number 7"),
+        ("10.0.0.0/8", "trusted_proxies", "expected a list"),
+        ("['fe80::1%eth0']", "trusted_proxies[0]", "expected an IP address"),
+    ],
+)
+def test_bad_trusted_proxies(value: str, key: str, expected: str) -> None:
+    found = issues_of(f"{MINIMAL}trusted_proxies: {value}\n")
+    assert len(found) == 1, found
+    assert found[0][0] == key
+    assert expected in found[0][1]
+
+
+@pytest.mark.parametrize("value", ["yes", "1", "'true'"])
+def test_proxy_protocol_is_a_boolean(value: str) -> None:
+    key, message = only_issue(
+        f"listen:\n  - {{address: 127.0.0.1, port: 0, tls: none, proxy_protocol: {value}}}\n"
+        "trusted_proxies: [127.0.0.1]\n"
+    )
+    assert key == "listen[0].proxy_protocol"
+    assert "expected true or false" in message
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "1000001"])
+def test_max_sessions_per_ip_bounds(value: str) -> None:
+    key, _ = only_issue(f"{MINIMAL}limits: {{max_sessions_per_ip: {value}}}\n")
+    assert key == "limits.max_sessions_per_ip"

@@ -34,6 +34,7 @@ from popproxy.metrics import (
     REQUEST_READ_TIMEOUT_SECONDS,
     UNKNOWN_VERB,
     CommandResult,
+    ConnectionRejection,
     LoginMechanism,
     LoginResult,
     Metrics,
@@ -72,6 +73,7 @@ def exercise_every_metric(metrics: Metrics) -> None:
     metrics.session_ended("starttls", SessionResult.QUIT)
     metrics.session_started("implicit")
     metrics.session_refused("none")
+    metrics.connection_rejected("none", ConnectionRejection.MAX_SESSIONS_PER_IP)
     metrics.tls_handshake("starttls", TlsResult.OK)
     metrics.tls_handshake("implicit", TlsResult.FAILED)
     metrics.login(LoginMechanism.USER, LoginResult.OK)
@@ -133,6 +135,7 @@ def test_no_label_carries_personal_data() -> None:
     assert not label_names & FORBIDDEN_LABELS
     assert label_names <= {
         "listener",
+        "reason",
         "result",
         "mechanism",
         "verb",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -205,3 +206,19 @@ def test_a_config_without_tls_cannot_be_applied_to_tls_listeners() -> None:
     assert reload_problem(effective_config(running, base_config())) is None
     plain = base_config(listen=(ListenerConfig("127.0.0.1", 1110, TlsMode.NONE),))
     assert reload_problem(effective_config(plain, replace(plain, tls=None))) is None
+
+
+def test_trusted_proxies_reload_but_cannot_be_emptied_under_proxy_protocol_listeners() -> None:
+    listener = ListenerConfig("127.0.0.1", 1110, TlsMode.NONE, proxy_protocol=True)
+    trusted = (ipaddress.ip_network("10.0.0.0/8"),)
+    running = base_config(listen=(listener,), trusted_proxies=trusted)
+    moved = replace(running, trusted_proxies=(ipaddress.ip_network("192.0.2.0/24"),))
+    assert reload_problem(effective_config(running, moved)) is None
+    assert config_changes(running, moved).reloadable == ("trusted_proxies[0]",)
+    # a new file without the proxy listener or the trusted list: the listener stays
+    emptied = replace(
+        running, listen=(replace(listener, proxy_protocol=False),), trusted_proxies=()
+    )
+    problem = reload_problem(effective_config(running, emptied))
+    assert problem is not None
+    assert problem.startswith("trusted_proxies: ")
