@@ -199,7 +199,8 @@ def running(
             ],
             tls=tls,
             listeners=["none", "implicit"],
-            limits={"max_sessions": PROXY_MAX_SESSIONS},
+            # Every load generator connection comes from 127.0.0.1.
+            limits={"max_sessions": PROXY_MAX_SESSIONS, "max_sessions_per_ip": PROXY_MAX_SESSIONS},
             # Many sessions of one account at once (idle: 50 per account), as Dovecot
             # itself allows them (pop3_lock_session = no).
             upstreams={

@@ -472,6 +472,10 @@ def password_hash(password: str) -> str:
     return _hash_cache[password]
 
 
+# limits.max_sessions_per_ip in the configs written here: one address, many sessions.
+LOOPBACK_MAX_SESSIONS = 1000
+
+
 def write_config(
     path: Path,
     *,
@@ -503,6 +507,8 @@ def write_config(
         # Four slashes: an absolute path (DESIGN.md); the state stays in the test's tmp dir.
         "state": {"url": "sqlite:///" + str(state or path.parent / "state.db")},
         "limits": {
+            # Every test client comes from 127.0.0.1 (the 300-session test opens 300).
+            "max_sessions_per_ip": LOOPBACK_MAX_SESSIONS,
             "shutdown_grace_seconds": SERVER_SHUTDOWN_GRACE_SECONDS,
             "auth_failure_delay_seconds": AUTH_FAILURE_DELAY_SECONDS,
             **(limits or {}),
