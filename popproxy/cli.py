@@ -280,7 +280,11 @@ def summarize(config: Config) -> str:
     lines = [f"{config.source}: ok"]
     lines.append("listen:")
     for listener in config.listen:
-        lines.append(f"  {_host_port(listener.address, listener.port)} tls={listener.tls.value}")
+        proxy = " proxy_protocol=true" if listener.proxy_protocol else ""
+        where = _host_port(listener.address, listener.port)
+        lines.append(f"  {where} tls={listener.tls.value}{proxy}")
+    if config.trusted_proxies:
+        lines.append("trusted_proxies: " + " ".join(str(n) for n in config.trusted_proxies))
     if config.tls is not None:
         lines.append(f"tls: cert_file={config.tls.cert_file} key_file={config.tls.key_file}")
     lines.append(f"allow_plaintext_auth: {'true' if config.allow_plaintext_auth else 'false'}")

@@ -455,26 +455,34 @@ class Server:
         """Run one session; on a proxy_protocol listener, read the header first."""
         accepted_at = trio.current_time()
         counted: PeerAddress | None = None if listener.proxy_protocol else peer
+        session_started = False  # from then on the session closes the stream
         try:
+            client: trio.abc.Stream = stream
             if listener.proxy_protocol:
                 proxied = await self._accept_proxied(stream, listener, peer, accepted_at)
                 if proxied is None:
                     return
-                peer, prefix = proxied
-                if not self._take_address_slot(peer):
-                    self._address_refused(peer, listener)
-                    await self._refuse(stream, _refusal(listener, TOO_MANY_FROM_ADDRESS))
-                    return
-                counted = peer
-                client: trio.abc.Stream = _PrefixedStream(stream, prefix) if prefix else stream
-            else:
-                client = stream
+                header, prefix = proxied
+                if header.kind is HeaderKind.PROXIED and header.source is not None:
+                    peer = header.source
+                    if not self._take_address_slot(peer):
+                        self._address_refused(peer, listener)
+                        await self._refuse(stream, _refusal(listener, TOO_MANY_FROM_ADDRESS))
+                        return
+                    counted = peer
+                # else LOCAL (a health check) or UNKNOWN: the trusted proxy's own
+                # connection, not a client's, so no per-address count.
+                if prefix:
+                    client = _PrefixedStream(stream, prefix)
+            session_started = True
             await run_session(client, peer, context, accepted_at=accepted_at)
         except Exception:
             # A bug in one session must not take the server down; the client sees a
             # closed connection, never an exception name (DESIGN.md, habit 6).
             log.exception("session_crashed")
         finally:
+            if not session_started:  # cancelled (shutdown) or failed before the session
+                await trio.aclose_forcefully(stream)
             if counted is not None:
                 self._release_address_slot(counted)
             self._active -= 1
@@ -487,9 +495,9 @@ class Server:
         listener: ListenerConfig,
         proxy: PeerAddress,
         accepted_at: float,
-    ) -> tuple[PeerAddress, bytes] | None:
-        """The client a trusted proxy's header names and the octets after the header, or
-        None once the connection is closed (untrusted source, bad or late header)."""
+    ) -> tuple[ProxyHeader, bytes] | None:
+        """A trusted proxy's header and the octets after it, or None once the connection
+        is closed (an untrusted source, a bad or late header)."""
         config = self.config
         ip = proxy.ip
         fields: dict[str, object] = {"listener": listener.name, "proxy": str(proxy)}
@@ -509,9 +517,7 @@ class Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             fields["reason"] = "the connection was reset"
         else:
-            if header.kind is HeaderKind.PROXIED and header.source is not None:
-                return header.source, prefix
-            return proxy, prefix  # LOCAL (a health check) or UNKNOWN: the proxy's own address
+            return header, prefix
         log.warning("proxy_header_invalid", extra={"fields": fields})
         self._rejected(listener, ConnectionRejection.PROXY_HEADER)
         await trio.aclose_forcefully(stream)

@@ -285,6 +285,27 @@ def test_a_bad_rule_fails_check_config_and_run_with_exit_2(
     assert (run.returncode, run.stdout, run.stderr) == (2, "", expected)
 
 
+def test_check_config_summary_shows_proxy_protocol_listeners(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Path("cfg.yaml").write_text(
+        textwrap.dedent(f"""\
+        listen:
+          - {{address: 10.0.0.5, port: 1110, tls: none, proxy_protocol: true}}
+          - {{address: 127.0.0.1, port: 1111, tls: none}}
+        trusted_proxies: [10.0.0.2, 10.1.0.0/16]
+        users:
+          demo: {{password_hash: "{HASH}", maildir: m}}
+        """)
+    )
+    assert cli.main(["check-config", "-c", "cfg.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "10.0.0.5:1110 tls=none proxy_protocol=true\n" in out
+    assert "127.0.0.1:1111 tls=none\n" in out
+    assert "trusted_proxies: 10.0.0.2/32 10.1.0.0/16\n" in out
+    assert "max_sessions_per_ip=50" in out
+
+
 # -- hash-password ----------------------------------------------------------------------
 
 

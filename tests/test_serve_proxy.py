@@ -354,3 +354,30 @@ def rejected(metrics: Metrics, listener: str, reason: ConnectionRejection) -> fl
     )
     assert value is not None
     return value
+
+
+async def test_the_proxy_own_connections_are_not_counted_per_address(
+    maildir: Path, tls: Tls, nursery: trio.Nursery
+) -> None:
+    """LOCAL (health checks) and UNKNOWN are the balancer's own connections: with
+    max_sessions_per_ip 1 it still gets as many as it opens."""
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        running = await start(nursery, proxied_config(maildir, tls, max_sessions_per_ip=1))
+        checks = [
+            await proxied(running, header)
+            for header in (encode_v2(None), encode_v2(None), encode_v1(None), encode_v1(None))
+        ]
+        for check in checks:
+            assert (await check.line()).startswith(b"+OK popproxy ready.")
+
+
+async def test_a_shutdown_while_a_header_is_awaited_closes_the_connection(
+    maildir: Path, tls: Tls, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        running = await start(nursery, proxied_config(maildir, tls, shutdown_grace_seconds=0))
+        client = await proxied(running, b"PROXY ")
+        await trio.testing.wait_all_tasks_blocked()
+        running.shutdown.set()
+        await running.stopped.wait()
+        assert await client.at_eof()
