@@ -431,7 +431,11 @@ class Server:
                 await trio.sleep(ACCEPT_RETRY_SECONDS)
                 continue
             peer = _socket_peer(stream)
-            if self._active >= self.config.limits.max_sessions:
+            if not peer.known:
+                # Reset before we got to it (a health check that connects and resets):
+                # nothing to serve, refuse or count.
+                await trio.aclose_forcefully(stream)
+            elif self._active >= self.config.limits.max_sessions:
                 log.warning("session_refused", extra={"fields": {"reason": "max_sessions"}})
                 self.metrics.listener(listener.name).session_refused()
                 await self._refuse_soon(stream, listener, TOO_MANY_SESSIONS, sessions)

@@ -3,7 +3,8 @@
 HAProxy (Debian's `haproxy`, installed by scripts/test) listens on sockets this test
 binds and hands over (`bind fd@N`: dynamic ports, no race for them) and forwards to a
 popproxy listener with `proxy_protocol: true`: one server line with `send-proxy` (v1),
-one with `send-proxy-v2` and health checks (`check-send-proxy`, v2 LOCAL). Python's
+one with `send-proxy-v2` and health checks (`check-send-proxy`, v2 LOCAL, then
+waiting for popproxy's +OK greeting). Python's
 poplib logs in through each from 127.0.0.2, so the client's address differs from
 HAProxy's own (127.0.0.1), and popproxy's session_end line must name the client.
 """
@@ -63,6 +64,8 @@ backend popproxy_v1
     server popproxy {address}:{port} send-proxy
 
 backend popproxy_v2
+    option tcp-check
+    tcp-check expect string +OK
     server popproxy {address}:{port} send-proxy-v2 check check-send-proxy inter {interval}
 """
 
