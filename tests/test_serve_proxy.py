@@ -32,7 +32,7 @@ from test_serve import (
 from popproxy import serve as serve_module
 from popproxy.config import Config, TlsMode
 from popproxy.metrics import ConnectionRejection, Metrics
-from popproxy.peer import PeerAddress
+from popproxy.peer import UNKNOWN_PEER, PeerAddress
 from popproxy.proxy_protocol import encode_v1, encode_v2
 from popproxy.serve import serve
 
@@ -381,3 +381,23 @@ async def test_a_shutdown_while_a_header_is_awaited_closes_the_connection(
         running.shutdown.set()
         await running.stopped.wait()
         assert await client.at_eof()
+
+
+async def test_a_connection_gone_before_it_is_accepted_is_closed_without_a_line(
+    maildir: Path,
+    tls: Tls,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """getpeername fails on a connection the client reset before the accept (a health
+    check that connects and resets): nothing to serve, and no proxy_untrusted line."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(serve_module, "_socket_peer", lambda stream: UNKNOWN_PEER)
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        running = await start(nursery, proxied_config(maildir, tls))
+        client = await proxied(running, encode_v1(CLIENT, LISTENER))
+        assert await client.at_eof()
+    assert not logged(caplog, "proxy_untrusted")
+    assert not logged(caplog, "session_refused")
+    assert not session_ends(caplog)
