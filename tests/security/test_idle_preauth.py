@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from integration import conftest as integration
 from integration.harness import (
     LOOPBACK,
     PASSWORD,
@@ -41,8 +40,6 @@ from popproxy.auth.passwords import hash_password
 from popproxy.config import Config, LimitsConfig, ListenerConfig, StateConfig, TlsMode, UserConfig
 from popproxy.secret import Secret
 from popproxy.serve import serve
-
-tls_files = integration.tls_files
 
 # Issue 6: the idle connections, and the bound on the login made meanwhile.
 IDLE_CONNECTIONS = 1000
