@@ -225,6 +225,25 @@ class LimitsConfig:
     # A second session on an upstream account waits this long for the first one to
     # end, then gets -ERR [IN-USE] (RFC 1939 §4 exclusive access; docs/rules.md).
     account_wait_seconds: float = 10
+    # Throttling and lockout (popproxy/auth/throttle.py, docs/security.md). The penalty
+    # is Dovecot's: 2 s after a failure from an address, doubling, at most 15 s.
+    auth_penalty_initial_seconds: float = 2.0  # Dovecot's AUTH_PENALTY_INIT_SECS
+    auth_penalty_max_seconds: float = 15.0  # Dovecot's AUTH_PENALTY_MAX_SECS
+    # Dovecot has no lockout of its own (it leaves that to fail2ban). NIST SP 800-63B
+    # §5.2.2 allows at most 100 consecutive failures; 10 in 10 minutes is far from what
+    # a person typing or a client with a stale password produces (a retry of the same
+    # wrong password is not counted again).
+    auth_lockout_failures: int = 10  # 0: no lockout
+    auth_lockout_window_seconds: float = 600
+    auth_lockout_seconds: float = 900
+    # Logins waiting for a hash thread beyond those hashing; more get -ERR [SYS/TEMP]
+    # at once. At about 40 default-cost scrypt checks a second on two threads, 100
+    # waiting logins clear in under 3 s, well within login_timeout_seconds.
+    auth_max_pending_verifications: int = 100
+    # The verified-credential cache (popproxy/auth/cache.py): one entry per user that
+    # logged in within the TTL (Dovecot's auth_cache_ttl default); 0 turns it off.
+    auth_cache_size: int = 1000
+    auth_cache_ttl_seconds: float = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -994,10 +1013,23 @@ _LIMIT_KEYS = (
     "max_sasl_line_bytes",
     "max_sasl_payload_bytes",
     "account_wait_seconds",
+    "auth_penalty_initial_seconds",
+    "auth_penalty_max_seconds",
+    "auth_lockout_failures",
+    "auth_lockout_window_seconds",
+    "auth_lockout_seconds",
+    "auth_max_pending_verifications",
+    "auth_cache_size",
+    "auth_cache_ttl_seconds",
 )
 # Sanity bounds: a session count or bad-command budget beyond these is a typo, not a plan.
 MAX_SESSIONS_LIMIT = 1_000_000
 MAX_BAD_COMMANDS_LIMIT = 1000
+# NIST SP 800-63B §5.2.2: no more than 100 consecutive failed attempts on one account;
+# a lockout count above that would not limit anything worth limiting.
+MAX_LOCKOUT_FAILURES_LIMIT = 100
+MAX_PENDING_VERIFICATIONS_LIMIT = 100_000
+MAX_AUTH_CACHE_SIZE_LIMIT = 1_000_000
 # Upstream default ports: RFC 1939 §3 (110) and RFC 8314 §7.3 (995).
 POP3_PORT = 110
 POP3S_PORT = 995
@@ -1440,6 +1472,17 @@ def _limits(top: _Section) -> LimitsConfig:
             " may be as long as any command",
         )
 
+    penalty_initial = seconds(
+        "auth_penalty_initial_seconds", default.auth_penalty_initial_seconds, positive=False
+    )
+    penalty_max = seconds(
+        "auth_penalty_max_seconds", default.auth_penalty_max_seconds, positive=False
+    )
+    if penalty_max < penalty_initial:
+        section.error(
+            "auth_penalty_max_seconds",
+            f"expected at least auth_penalty_initial_seconds ({penalty_initial:g})",
+        )
     return LimitsConfig(
         idle_timeout_seconds=seconds("idle_timeout_seconds", default.idle_timeout_seconds),
         login_timeout_seconds=seconds("login_timeout_seconds", default.login_timeout_seconds),
@@ -1467,5 +1510,29 @@ def _limits(top: _Section) -> LimitsConfig:
         ),
         account_wait_seconds=seconds(
             "account_wait_seconds", default.account_wait_seconds, positive=False
+        ),
+        auth_penalty_initial_seconds=penalty_initial,
+        auth_penalty_max_seconds=penalty_max,
+        auth_lockout_failures=count(
+            "auth_lockout_failures",
+            default.auth_lockout_failures,
+            MAX_LOCKOUT_FAILURES_LIMIT,
+            lo=0,
+        ),
+        auth_lockout_window_seconds=seconds(
+            "auth_lockout_window_seconds", default.auth_lockout_window_seconds
+        ),
+        auth_lockout_seconds=seconds("auth_lockout_seconds", default.auth_lockout_seconds),
+        auth_max_pending_verifications=count(
+            "auth_max_pending_verifications",
+            default.auth_max_pending_verifications,
+            MAX_PENDING_VERIFICATIONS_LIMIT,
+            lo=0,
+        ),
+        auth_cache_size=count(
+            "auth_cache_size", default.auth_cache_size, MAX_AUTH_CACHE_SIZE_LIMIT, lo=0
+        ),
+        auth_cache_ttl_seconds=seconds(
+            "auth_cache_ttl_seconds", default.auth_cache_ttl_seconds, positive=False
         ),
     )

@@ -83,9 +83,10 @@ class LoginResult(enum.Enum):
 
     OK = "ok"
     FAILED = "failed"  # wrong password or unknown user
-    THROTTLED = "throttled"  # refused before hashing: too many recent failures
-    LOCKED_OUT = "locked_out"  # refused: the account is locked out
-    ERROR = "error"  # could not decide (hash unusable, maildrop or upstream unavailable)
+    THROTTLED = "throttled"  # refused before hashing: the client address is locked out
+    LOCKED_OUT = "locked_out"  # refused before hashing: the user name is locked out
+    # could not decide (hash unusable, hash queue full, maildrop or upstream unavailable)
+    ERROR = "error"
 
 
 class CommandResult(enum.Enum):

@@ -54,7 +54,9 @@ from dataclasses import dataclass
 import trio
 from prometheus_client import CollectorRegistry
 
-from popproxy.auth.authenticator import DEFAULT_HASH_THREADS, Authenticator
+from popproxy.auth.authenticator import Authenticator, HashQueue
+from popproxy.auth.cache import CredentialCache
+from popproxy.auth.throttle import ThrottleTable
 from popproxy.config import (
     Config,
     ConfigError,
@@ -340,8 +342,11 @@ class Server:
         metrics: Metrics | None = None,
         clock: Clock = utc_now,
     ) -> None:
-        # Shared by every generation of the authenticator, so a reload never adds threads.
-        self._hash_limiter = trio.CapacityLimiter(DEFAULT_HASH_THREADS)
+        # Shared by every generation of the authenticator, so a reload never adds threads
+        # and never forgets who failed or who was verified (docs/security.md).
+        self._hash_queue = HashQueue()
+        self._credentials = CredentialCache(config.limits.auth_cache_size)
+        self._throttle = ThrottleTable()
         # Random per process: a greeting with it, seen upstream, means a loop.
         self._greeting_token = secrets.token_hex(6)
         # Without one from the caller the server counts into a registry of its own,
@@ -379,7 +384,9 @@ class Server:
         return _Runtime(
             config,
             tls,
-            Authenticator(config.users, limiter=self._hash_limiter),
+            Authenticator(
+                config.users, config.limits, queue=self._hash_queue, cache=self._credentials
+            ),
             MaildropRouter(
                 config,
                 upstream_tls,
@@ -415,6 +422,7 @@ class Server:
             implicit_tls=listener.tls is TlsMode.IMPLICIT,
             allow_plaintext_auth=runtime.config.allow_plaintext_auth,
             metrics=self.metrics,
+            throttle=self._throttle,
         )
 
     async def accept_loop(
@@ -605,6 +613,11 @@ class Server:
         else:
             old = self._runtime
             self._runtime = runtime  # the one step that changes what new sessions get
+            # A changed or removed password_hash invalidates its cached logins at once
+            # (a lookup checks the hash too; this frees their memory).
+            users = runtime.config.users
+            self._credentials.retain({name: user.password_hash for name, user in users.items()})
+            self._credentials.resize(runtime.config.limits.auth_cache_size)
             outcome = ReloadOutcome(ok=True, at=time.time(), config=runtime.config)
             if changes.restart_required:
                 log.warning(

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import trio
 
 from popproxy.auth.authenticator import Authenticator
+from popproxy.auth.throttle import LockScope, ThrottlePolicy, ThrottleTable
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
 from popproxy.metrics import (
@@ -91,7 +92,17 @@ FLUSH_THRESHOLD_BYTES = 64 * 1024
 CLOSE_TIMEOUT_SECONDS = 2.0
 
 GREETING_TEXT = "popproxy ready."
+# Every failed login gets this line: wrong password, unknown user, and a lockout alike
+# (docs/security.md, "Throttling and lockout": RFC 3206 §4 includes "an attempt to
+# authenticate in violation of policy" in [AUTH]; RFC 2449 §8.1.2 [LOGIN-DELAY] is
+# about logging in too often, not failing; Dovecot answers every failure so).
 AUTH_FAILED = Err("Authentication failed.", ResponseCode.AUTH)
+# RFC 3206 §4: [SYS/TEMP] is a temporary problem on the server's side; try again later.
+VERIFICATION_BUSY = Err("Too many logins at once, try again later.", ResponseCode.SYS_TEMP)
+# How much of a login name a log line carries (logfmt escapes the rest of it).
+MAX_LOGGED_USER_CHARS = 64
+# The login result counted for an attempt refused by a lockout.
+LOCKOUT_RESULTS = {LockScope.USER: LoginResult.LOCKED_OUT, LockScope.ADDRESS: LoginResult.THROTTLED}
 NO_SUCH_MESSAGE = Err("There's no message with that number.")
 MESSAGE_DELETED = Err("That message is deleted.")
 
@@ -129,6 +140,9 @@ class SessionContext:
     # Where the session reports (popproxy/metrics.py); ``listener`` must be declared
     # there. None: nothing is counted (tests that do not look at metrics).
     metrics: Metrics | None = None
+    # Failures per client address and user name, one table per process (it outlives
+    # a reload). None: no throttling or lockout (tests that do not look at them).
+    throttle: ThrottleTable | None = None
 
 
 @dataclass(slots=True)
@@ -165,6 +179,7 @@ class Session:
         self._stream = stream
         self._context = context
         self.peer = peer
+        self._source = peer.limit_key  # the throttle's key: the IPv4 address or IPv6 /64
         self._tls_active = False
         self._conn = ServerConnection(self._settings())
         self._out = bytearray()
@@ -335,18 +350,49 @@ class Session:
         await self._login(user, Secret(password), plain)
 
     async def _login(self, user: str, password: Secret, mechanism: LoginMechanism) -> None:
+        """Throttle, verify, open the maildrop (DESIGN.md, session data flow step 2).
+
+        The throttle decides before any hashing: a penalized client waits first, a
+        locked-out attempt is refused without a hash and with the reply any failure
+        gets, after the same failure delay.
+        """
         if login_name_problem(user) is not None:
             # Outside the safe set (pop3/names.py), so no configured user has this name.
             # It goes no further (not to the authenticator, a log or an upstream): the
             # check runs for the empty name, which is never configured, so the login
             # fails as an unknown user's does, after the same hashing work and delay.
             user = ""
+        throttle = self._context.throttle
+        policy = _throttle_policy(self._context.limits)
+        if throttle is not None:
+            decision = throttle.decide(self._source, user, now=trio.current_time(), policy=policy)
+            if decision.delay_seconds > 0:
+                await self._flush()
+                await trio.sleep(decision.delay_seconds)
+            if decision.lockout is not None:
+                self._log_login("login_refused", user, decision.lockout)
+                await self._fail_login(mechanism, LOCKOUT_RESULTS[decision.lockout])
+                return
         verdict = await self._context.authenticator.check(user, password)
+        if verdict.busy:
+            # Nothing was decided, so nothing is recorded against the client.
+            self._count_login(mechanism, LoginResult.ERROR)
+            self._log_login("login_busy", user)
+            self._queue(VERIFICATION_BUSY)
+            return
         account = verdict.user
         if account is None:
+            if throttle is not None and not verdict.hash_unusable:
+                started = throttle.failure(
+                    self._source, user, verdict.credential, now=trio.current_time(), policy=policy
+                )
+                for scope in started:
+                    self._log_login("login_lockout", user, scope, logging.WARNING)
             result = LoginResult.ERROR if verdict.hash_unusable else LoginResult.FAILED
             await self._fail_login(mechanism, result)
             return
+        if throttle is not None:
+            throttle.success(self._source, now=trio.current_time(), policy=policy)
         try:
             maildrop = await self._context.open_maildrop(account, self.summary.session_id)
         except MaildropError as exc:
@@ -361,6 +407,19 @@ class Session:
         self._login_scope.deadline = math.inf
         count, octets = self._totals()
         self._queue(Ok(f"Logged in, {count} messages ({octets} octets)."))
+
+    def _log_login(
+        self, msg: str, user: str, scope: LockScope | None = None, level: int = logging.INFO
+    ) -> None:
+        """A line about a login the throttle or the hash queue refused (never the password)."""
+        fields: dict[str, object] = {
+            "session": self.summary.session_id,
+            "peer": self.summary.peer,
+            "user": user[:MAX_LOGGED_USER_CHARS],
+        }
+        if scope is not None:
+            fields["scope"] = scope.value
+        log.log(level, msg, extra={"fields": fields})
 
     def _count_login(self, mechanism: LoginMechanism, result: LoginResult) -> None:
         if self._metrics is not None:
@@ -606,6 +665,16 @@ class Session:
                 }
             },
         )
+
+
+def _throttle_policy(limits: LimitsConfig) -> ThrottlePolicy:
+    return ThrottlePolicy(
+        penalty_initial_seconds=limits.auth_penalty_initial_seconds,
+        penalty_max_seconds=limits.auth_penalty_max_seconds,
+        lockout_failures=limits.auth_lockout_failures,
+        lockout_window_seconds=limits.auth_lockout_window_seconds,
+        lockout_seconds=limits.auth_lockout_seconds,
+    )
 
 
 async def run_session(

@@ -86,7 +86,10 @@ def make_config(maildir: Path, tls: Tls, **limits: Any) -> Config:
         state=StateConfig(),
         rules_dir=None,
         metrics=None,
-        limits=replace(LimitsConfig(auth_failure_delay_seconds=0.0), **limits),
+        limits=replace(
+            LimitsConfig(auth_failure_delay_seconds=0.0, auth_penalty_initial_seconds=0.0),
+            **limits,
+        ),
     )
 
 

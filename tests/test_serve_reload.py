@@ -13,7 +13,7 @@ import logging
 import os
 import ssl
 import textwrap
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +71,8 @@ def write_config(
     max_sessions: int = 100,
     maildirs: str = "mail",
     upstream_port: int | None = None,
+    limits: Sequence[str] = (),
+    hashes: Mapping[str, str] = HASHES,
 ) -> ConfigLoader:
     """Write a config file serving ``users``; return the loader a SIGHUP would run.
 
@@ -78,7 +80,7 @@ def write_config(
     server at that port (proxy mode).
     """
     user_lines = "".join(
-        f'  {name}: {{password_hash: "{HASHES[name]}", maildir: {maildirs}/{name}}}\n'
+        f'  {name}: {{password_hash: "{hashes[name]}", maildir: {maildirs}/{name}}}\n'
         for name in users
     )
     upstream = ""
@@ -106,8 +108,10 @@ def write_config(
         + textwrap.dedent(f"""\
             limits:
               auth_failure_delay_seconds: 0
+              auth_penalty_initial_seconds: 0
               max_sessions: {max_sessions}
             """)
+        + "".join(f"  {line}\n" for line in limits)
     )
     path.write_text(text)
     return functools.partial(load_config, path)
@@ -535,3 +539,40 @@ async def test_a_failing_reload_hook_is_logged_and_serving_goes_on(
         assert len(logged(caplog, "reload_hook_failed")) == 2  # the initial load, the reload
         bob = await connect(running)
         assert (await bob.login("bob")).startswith(b"+OK")
+
+
+async def test_a_lockout_outlives_a_reload(workdir: Path, nursery: trio.Nursery) -> None:
+    """The throttle table lives in the Server, not in the config a reload replaces."""
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        path = workdir / "popproxy.yaml"
+        lockout = ("auth_lockout_failures: 2",)
+        running = await start(nursery, write_config(path, ("alice", "bob"), limits=lockout)())
+        for guess in (b"guess-1", b"guess-2"):
+            client = await connect(running)
+            assert await client.cmd(b"USER bob") == b"+OK"
+            assert (await client.cmd(b"PASS " + guess)).startswith(b"-ERR [AUTH]")
+        assert (await (await connect(running)).login("bob")).startswith(b"-ERR [AUTH]")
+        reloaded = write_config(path, ("alice", "bob"), limits=(*lockout, "auth_cache_size: 5"))
+        assert (await running.reload(reloaded)).ok
+        assert (await (await connect(running)).login("bob")).startswith(b"-ERR [AUTH]")
+        # The two guesses came from 127.0.0.1, which is locked out as well.
+        assert (await (await connect(running)).login("alice")).startswith(b"-ERR [AUTH]")
+
+
+async def test_a_reload_that_changes_a_password_drops_its_cached_login(
+    workdir: Path, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        path = workdir / "popproxy.yaml"
+        running = await start(nursery, write_config(path, ("alice",))())
+        first = await connect(running)
+        assert (await first.login("alice")).startswith(b"+OK")  # now in the cache
+        assert (await first.cmd(b"QUIT")).startswith(b"+OK")
+        new_hash = hash_password(Secret.from_str("new-pw"), ln=4)
+        changed = write_config(path, ("alice",), hashes={"alice": new_hash})
+        assert (await running.reload(changed)).ok
+        old = await connect(running)
+        assert (await old.login("alice")).startswith(b"-ERR [AUTH]")
+        new = await connect(running)
+        assert await new.cmd(b"USER alice") == b"+OK"
+        assert (await new.cmd(b"PASS new-pw")).startswith(b"+OK")

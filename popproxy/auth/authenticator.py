@@ -1,11 +1,18 @@
 """Local user verification: password hashes checked in worker threads.
 
 Hashing is slow on purpose and blocks, so it runs in ``trio.to_thread.run_sync``
-behind a :class:`trio.CapacityLimiter`: a burst of logins queues for a few hash
-threads instead of starving the trio thread or the machine. An unknown user name
-is checked against a dummy hash with the same cost as the configured users', so
-the time an answer takes does not tell a client whether the user exists. The
-delay after a failure is the session's job (``limits.auth_failure_delay_seconds``).
+behind a :class:`trio.CapacityLimiter` (a :class:`HashQueue`): a burst of logins
+queues for a few hash threads instead of starving the trio thread or the machine,
+and at most ``limits.auth_max_pending_verifications`` logins wait in that queue;
+the next one is told to come back later without any hashing, so a flood queues a
+bounded amount of work. An unknown user name is checked against a dummy hash with
+the same cost as the configured users', so the time an answer takes does not tell
+a client whether the user exists.
+
+A right password is remembered in the verified-credential cache
+(:mod:`popproxy.auth.cache`), so the same client's next login costs an HMAC instead
+of a hash. Throttling and the delay after a failure are the session's job; both
+come before this module is asked anything.
 """
 
 from __future__ import annotations
@@ -13,10 +20,11 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
+from popproxy.auth.cache import CredentialCache
 from popproxy.auth.passwords import (
     HashParams,
     PasswordHashError,
@@ -24,7 +32,7 @@ from popproxy.auth.passwords import (
     parse_hash,
     verify_password,
 )
-from popproxy.config import UserConfig
+from popproxy.config import LimitsConfig, UserConfig
 from popproxy.secret import Secret
 
 log = logging.getLogger(__name__)
@@ -43,26 +51,64 @@ class Verification:
     # The stored hash could not be checked at all (nothing was decided): a login
     # "error" in the metrics rather than a "failed" one. The client sees a failure.
     hash_unusable: bool = False
+    # Too many logins were already waiting for a hash thread: nothing was checked.
+    busy: bool = False
+    # The password matched a fresh entry of the verified-credential cache: no hash ran.
+    cached: bool = False
+    # The keyed digest of user name and password (popproxy.auth.cache), so that the
+    # throttle can tell a retry of the same wrong password from a new guess.
+    credential: bytes = field(default=b"", repr=False)
+
+
+class HashQueue:
+    """The hash threads and the logins waiting for them; one per process, shared by
+    every generation of the :class:`Authenticator` so a reload adds no threads."""
+
+    def __init__(self, threads: int = DEFAULT_HASH_THREADS) -> None:
+        self.limiter = trio.CapacityLimiter(threads)
+        self.in_flight = 0  # logins hashing or waiting for a thread
+
+    @property
+    def waiting(self) -> int:
+        """Logins waiting for a hash thread (not yet hashing)."""
+        return max(self.in_flight - int(self.limiter.borrowed_tokens), 0)
+
+    async def verify(self, phc: str, password: Secret, *, max_waiting: int) -> bool | None:
+        """Run :func:`verify_password` in a worker thread; None, at once, if
+        ``max_waiting`` logins are already waiting for one."""
+        if self.in_flight >= int(self.limiter.total_tokens) + max_waiting:
+            return None
+        self.in_flight += 1
+        try:
+            return await trio.to_thread.run_sync(
+                verify_password, phc, password, limiter=self.limiter
+            )
+        finally:
+            self.in_flight -= 1
 
 
 class Authenticator:
     """Verify local users' passwords from config (DESIGN.md, auth/).
 
-    ``users`` maps a login name to its :class:`UserConfig`. ``limiter`` bounds the
-    hash threads (``DEFAULT_HASH_THREADS`` by default); pass one to share it with
-    other blocking work.
+    ``users`` maps a login name to its :class:`UserConfig`; ``limits`` gives the
+    bound on waiting logins and the cache's TTL. ``queue`` holds the hash threads
+    (``DEFAULT_HASH_THREADS`` of its own by default) and ``cache`` the verified
+    credentials (one of ``limits.auth_cache_size`` of its own by default); the server
+    passes its own, which outlive a reload.
     """
 
     def __init__(
         self,
         users: Mapping[str, UserConfig],
+        limits: LimitsConfig | None = None,
         *,
-        limiter: trio.CapacityLimiter | None = None,
+        queue: HashQueue | None = None,
+        cache: CredentialCache | None = None,
     ) -> None:
         self._users = dict(users)
-        self._limiter = (
-            limiter if limiter is not None else trio.CapacityLimiter(DEFAULT_HASH_THREADS)
-        )
+        self._limits = limits if limits is not None else LimitsConfig()
+        self._queue = queue if queue is not None else HashQueue()
+        self._cache = cache if cache is not None else CredentialCache(self._limits.auth_cache_size)
         self._dummy = _dummy_for(self._users.values())
 
     @property
@@ -86,16 +132,31 @@ class Authenticator:
         """
         user = self._users.get(username)
         phc = user.password_hash if user is not None else self._dummy
+        credential = self._cache.digest(username, password)
+        now = trio.current_time()
+        if user is not None and self._cache.hit(username, credential, phc, now=now):
+            return Verification(user, cached=True, credential=credential)
         try:
-            ok = await trio.to_thread.run_sync(
-                verify_password, phc, password, limiter=self._limiter
+            ok = await self._queue.verify(
+                phc, password, max_waiting=self._limits.auth_max_pending_verifications
             )
         except PasswordHashError as exc:
             # Config validation rejects bad hashes; this is reached only if an optional
             # library went missing after load. The reason is safe to log, the hash is not.
             log.warning("password_hash_unusable", extra={"fields": {"reason": str(exc)}})
-            return Verification(None, hash_unusable=True)
-        return Verification(user if ok and user is not None else None)
+            return Verification(None, hash_unusable=True, credential=credential)
+        if ok is None:
+            return Verification(None, busy=True, credential=credential)
+        if not ok or user is None:
+            return Verification(None, credential=credential)
+        self._cache.store(
+            username,
+            credential,
+            phc,
+            now=trio.current_time(),
+            ttl=self._limits.auth_cache_ttl_seconds,
+        )
+        return Verification(user, credential=credential)
 
 
 def _dummy_for(users: Iterable[UserConfig]) -> str:

@@ -45,6 +45,10 @@ SERVER_SHUTDOWN_GRACE_SECONDS = 2.0
 # The delay after a failed login in test configs (the default, 2 s, would slow the suite;
 # the session tests check the delay itself).
 AUTH_FAILURE_DELAY_SECONDS = 0.25
+# The throttle's penalty stays on in test configs, smaller than the default 2 s to 15 s
+# (tests/security checks the throttle itself with its own settings).
+AUTH_PENALTY_INITIAL_SECONDS = 0.25
+AUTH_PENALTY_MAX_SECONDS = 1.0
 # Any single client subprocess (curl, fetchmail, getmail) must finish within this.
 CLIENT_TIMEOUT_SECONDS = 120.0
 # Socket timeout for the in-process POP3 clients.
@@ -511,6 +515,8 @@ def write_config(
             "max_sessions_per_ip": LOOPBACK_MAX_SESSIONS,
             "shutdown_grace_seconds": SERVER_SHUTDOWN_GRACE_SECONDS,
             "auth_failure_delay_seconds": AUTH_FAILURE_DELAY_SECONDS,
+            "auth_penalty_initial_seconds": AUTH_PENALTY_INITIAL_SECONDS,
+            "auth_penalty_max_seconds": AUTH_PENALTY_MAX_SECONDS,
             **(limits or {}),
         },
     }

@@ -1,6 +1,7 @@
-"""The sans-IO core and the policy import no I/O, TLS, YAML, metrics or database library.
+"""The sans-IO core, the policy and the pure part of auth/ import no I/O, TLS, YAML,
+metrics or database library.
 
-DESIGN.md, Layers: ``pop3/`` and ``policy/`` are pure.
+DESIGN.md, Layers: ``pop3/``, ``policy/`` and the pure part of ``auth/`` are pure.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ def package_modules(package: str) -> list[str]:
 POP3_MODULES = package_modules("pop3")
 POLICY_MODULES = package_modules("policy")
 # Sans-IO modules outside the packages, held to the same rule (the PROXY protocol reader).
-PURE_MODULES = POP3_MODULES + POLICY_MODULES + ["popproxy.proxy_protocol", "popproxy.peer"]
+PROTOCOL_MODULES = ["popproxy.proxy_protocol", "popproxy.peer"]
+# The pure part of auth/: hashes, throttling decisions and the credential cache
+# (authenticator.py, which runs hashes in trio worker threads, is not).
+PURE_AUTH_MODULES = ["popproxy.auth.passwords", "popproxy.auth.throttle", "popproxy.auth.cache"]
+PURE_MODULES = POP3_MODULES + POLICY_MODULES + PROTOCOL_MODULES + PURE_AUTH_MODULES
 
 
 def module_path(name: str) -> Path:
