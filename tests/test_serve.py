@@ -6,6 +6,7 @@ TLS from a throwaway trustme CA. Every test runs under a deadline.
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import struct
@@ -286,9 +287,22 @@ async def test_sessions_still_open_after_the_grace_are_cancelled_and_delete_noth
         assert remaining(maildir) == set(MESSAGES)
 
 
+class SessionEnded(logging.Handler):
+    """Sets ``seen`` when a session logs its summary (sessions log on the trio thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "session_end":
+            self.seen.set()
+
+
 async def test_a_client_resetting_in_the_middle_of_a_retr_leaves_the_server_serving(
-    maildir: Path, tls: Tls, nursery: trio.Nursery
+    maildir: Path, tls: Tls, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="popproxy.session")
     big = b"".join(b"line %07d of a big message\n" % i for i in range(200_000))  # ~5.6 MB
     (maildir / "new" / "1700000003.M3P1.test").write_bytes(b"Subject: big\n\n" + big)
     with trio.fail_after(TEST_DEADLINE_SECONDS):
@@ -301,8 +315,15 @@ async def test_a_client_resetting_in_the_middle_of_a_retr_leaves_the_server_serv
         await client.stream.receive_some(65536)  # the server is now blocked writing to us
         assert isinstance(client.stream, trio.SocketStream)
         client.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        await client.stream.aclose()  # RST
-        await trio.testing.wait_all_tasks_blocked()
+        ended = SessionEnded()
+        logging.getLogger("popproxy.session").addHandler(ended)
+        try:
+            await client.stream.aclose()  # RST
+            # session_end is logged once the session has closed its Maildir (its lock
+            # is released in a worker thread, which a quick next login could overtake).
+            await ended.seen.wait()
+        finally:
+            logging.getLogger("popproxy.session").removeHandler(ended)
         again = await connect(running, TlsMode.NONE)
         await again.login()  # the Maildir lock was released
         assert (await again.cmd(b"STAT")).startswith(b"+OK 3 ")
