@@ -411,7 +411,8 @@ class Session:
     def _log_login(
         self, msg: str, user: str, scope: LockScope | None = None, level: int = logging.INFO
     ) -> None:
-        """A line about a login the throttle or the hash queue refused (never the password)."""
+        """A line about a lockout starting, or a login the throttle or the hash queue
+        refused: session, peer, the start of the name; never the password."""
         fields: dict[str, object] = {
             "session": self.summary.session_id,
             "peer": self.summary.peer,

@@ -412,11 +412,13 @@ def make_tls_files(directory: Path) -> TlsFiles:
 
 @dataclass(frozen=True, slots=True)
 class User:
-    """A local user of the test server: name, password, the Maildir it is served."""
+    """A local user of the test server: name, password, the Maildir it is served, and
+    the scrypt cost of its hash (cheap unless a test needs the hash to take time)."""
 
     name: str
     password: str
     maildir: Path
+    hash_ln: int = 4  # CHEAP_HASH_LN
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,7 +450,8 @@ class Upstream:
 
 
 def _user_entry(user: User | ProxyUser, secrets_dir: Path) -> dict[str, object]:
-    entry: dict[str, object] = {"password_hash": password_hash(user.password)}
+    ln = user.hash_ln if isinstance(user, User) else CHEAP_HASH_LN
+    entry: dict[str, object] = {"password_hash": password_hash(user.password, ln)}
     if isinstance(user, User):
         entry["maildir"] = str(user.maildir)
         return entry
@@ -463,17 +466,19 @@ def _user_entry(user: User | ProxyUser, secrets_dir: Path) -> dict[str, object]:
     return entry
 
 
-_hash_cache: dict[str, str] = {}
+# The scrypt cost of test users' hashes unless a test asks for more: ln=4 keeps tests fast.
+CHEAP_HASH_LN = 4
+_hash_cache: dict[tuple[str, int], str] = {}
 
 
-def password_hash(password: str) -> str:
-    """A PHC scrypt hash made by popproxy itself, at a low cost (ln=4) to keep tests fast."""
-    if password not in _hash_cache:
+def password_hash(password: str, ln: int = CHEAP_HASH_LN) -> str:
+    """A PHC scrypt hash made by popproxy itself, at cost ``ln`` (cheap by default)."""
+    if (password, ln) not in _hash_cache:
         from popproxy.auth.passwords import hash_password
         from popproxy.secret import Secret
 
-        _hash_cache[password] = hash_password(Secret.from_str(password), ln=4)
-    return _hash_cache[password]
+        _hash_cache[password, ln] = hash_password(Secret.from_str(password), ln=ln)
+    return _hash_cache[password, ln]
 
 
 # limits.max_sessions_per_ip in the configs written here: one address, many sessions.
