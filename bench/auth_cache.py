@@ -31,7 +31,12 @@ import trio
 from popproxy.auth.authenticator import Authenticator
 from popproxy.auth.passwords import hash_password
 from popproxy.auth.throttle import MAX_TRACKED_KEYS, ThrottlePolicy, ThrottleTable
-from popproxy.config import MAX_LOCKOUT_FAILURES_LIMIT, LimitsConfig, UserConfig
+from popproxy.config import (
+    MAX_ADDRESS_LOCKOUT_FAILURES_LIMIT,
+    MAX_LOCKOUT_FAILURES_LIMIT,
+    LimitsConfig,
+    UserConfig,
+)
 from popproxy.secret import Secret
 
 PASSWORD = Secret.from_str("correct horse battery staple")
@@ -65,28 +70,42 @@ async def main(rounds: int, checks: int, ln: int) -> None:
     print(f"ratio: {full_median / cached_median:.0f}x")
 
 
-def table_memory(lockout_failures: int) -> float:
-    """Bytes a ThrottleTable holds with every key of both tables at its worst."""
-    policy = ThrottlePolicy(2.0, 15.0, lockout_failures, 600.0, 900.0)
+def table_memory(user_failures: int, address_failures: int, keys: int) -> float:
+    """Bytes a ThrottleTable of ``keys`` keys per table holds when every key is one
+    failure short of its lockout (a lockout clears the failure times kept): first every
+    address fails as one name, then every name from one address."""
+    policy = ThrottlePolicy(2.0, 15.0, user_failures, address_failures, 600.0, 900.0)
     tracemalloc.start()
-    table = ThrottleTable()
-    for n in range(MAX_TRACKED_KEYS):
+    table = ThrottleTable(max_keys=keys)
+    for n in range(keys):
         source = f"2001:db8:{n >> 12:x}:{n & 4095:x}::/64"
+        for k in range(address_failures - 1):
+            table.failure(source, "x", os.urandom(32), now=n / 1000 + k / 1e6, policy=policy)
+    start = keys / 1000
+    for n in range(keys):
         user = "u" * 240 + str(n)
-        for k in range(lockout_failures - 1):  # one short of a lockout, which would clear them
-            table.failure(source, user, os.urandom(32), now=n / 1000 + k / 1e6, policy=policy)
-    assert len(table) == 2 * MAX_TRACKED_KEYS
+        for k in range(user_failures - 1):
+            when = start + n / 1000 + k / 1e6
+            table.failure("2001:db8::/64", user, os.urandom(32), now=when, policy=policy)
+    assert len(table) == 2 * keys
     used, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return float(used)
 
 
 def report_table_memory() -> None:
-    for failures in (LimitsConfig().auth_lockout_failures, MAX_LOCKOUT_FAILURES_LIMIT):
-        used = table_memory(failures)
+    """The default counts on full tables; the largest counts on a tenth of the keys,
+    scaled (filling 10,000 addresses with 499 failures each takes many minutes)."""
+    defaults = LimitsConfig()
+    for user_failures, address_failures, keys in (
+        (defaults.auth_lockout_failures, defaults.auth_lockout_address_failures, MAX_TRACKED_KEYS),
+        (MAX_LOCKOUT_FAILURES_LIMIT, MAX_ADDRESS_LOCKOUT_FAILURES_LIMIT, MAX_TRACKED_KEYS // 10),
+    ):
+        used = table_memory(user_failures, address_failures, keys) * MAX_TRACKED_KEYS / keys
         print(
-            f"throttle table, {2 * MAX_TRACKED_KEYS} keys, lockout_failures={failures}:"
-            f" {used / 1e6:.1f} MB ({used / (2 * MAX_TRACKED_KEYS):.0f} bytes a key)"
+            f"throttle table, {2 * MAX_TRACKED_KEYS} keys, lockout counts {user_failures} (user)"
+            f" and {address_failures} (address): {used / 1e6:.1f} MB"
+            + ("" if keys == MAX_TRACKED_KEYS else f" (measured on {2 * keys} keys, scaled)")
         )
 
 

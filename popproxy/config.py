@@ -233,7 +233,10 @@ class LimitsConfig:
     # §5.2.2 allows at most 100 consecutive failures; 10 in 10 minutes is far from what
     # a person typing or a client with a stale password produces (a retry of the same
     # wrong password is not counted again).
-    auth_lockout_failures: int = 10  # 0: no lockout
+    auth_lockout_failures: int = 10  # per user name; 0: no lockout
+    # Per client address: one address may carry many honest users (a NAT, a webmail
+    # front end), so it takes more; enough to stop one address spraying guesses.
+    auth_lockout_address_failures: int = 100  # 0: no lockout
     auth_lockout_window_seconds: float = 600
     auth_lockout_seconds: float = 900
     # Logins waiting for a hash thread beyond those hashing; more get -ERR [SYS/TEMP]
@@ -1016,6 +1019,7 @@ _LIMIT_KEYS = (
     "auth_penalty_initial_seconds",
     "auth_penalty_max_seconds",
     "auth_lockout_failures",
+    "auth_lockout_address_failures",
     "auth_lockout_window_seconds",
     "auth_lockout_seconds",
     "auth_max_pending_verifications",
@@ -1028,6 +1032,9 @@ MAX_BAD_COMMANDS_LIMIT = 1000
 # NIST SP 800-63B §5.2.2: no more than 100 consecutive failed attempts on one account;
 # a lockout count above that would not limit anything worth limiting.
 MAX_LOCKOUT_FAILURES_LIMIT = 100
+# An address's count is kept as failure times (8 octets each) per tracked address:
+# 500 keeps a full throttle table under about 80 MB (popproxy/auth/throttle.py).
+MAX_ADDRESS_LOCKOUT_FAILURES_LIMIT = 500
 MAX_PENDING_VERIFICATIONS_LIMIT = 100_000
 MAX_AUTH_CACHE_SIZE_LIMIT = 1_000_000
 # Upstream default ports: RFC 1939 §3 (110) and RFC 8314 §7.3 (995).
@@ -1517,6 +1524,12 @@ def _limits(top: _Section) -> LimitsConfig:
             "auth_lockout_failures",
             default.auth_lockout_failures,
             MAX_LOCKOUT_FAILURES_LIMIT,
+            lo=0,
+        ),
+        auth_lockout_address_failures=count(
+            "auth_lockout_address_failures",
+            default.auth_lockout_address_failures,
+            MAX_ADDRESS_LOCKOUT_FAILURES_LIMIT,
             lo=0,
         ),
         auth_lockout_window_seconds=seconds(

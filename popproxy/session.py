@@ -673,6 +673,7 @@ def _throttle_policy(limits: LimitsConfig) -> ThrottlePolicy:
         penalty_initial_seconds=limits.auth_penalty_initial_seconds,
         penalty_max_seconds=limits.auth_penalty_max_seconds,
         lockout_failures=limits.auth_lockout_failures,
+        address_lockout_failures=limits.auth_lockout_address_failures,
         lockout_window_seconds=limits.auth_lockout_window_seconds,
         lockout_seconds=limits.auth_lockout_seconds,
     )

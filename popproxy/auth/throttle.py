@@ -11,17 +11,19 @@ further (Dovecot's ``CHECKSUM_VALUE_PTR_COUNT``).
 
 On top of that, a lockout that Dovecot leaves to fail2ban: ``lockout_failures``
 distinct failures within ``lockout_window_seconds`` lock the *user name* (whether or
-not such a user exists, so a lockout says nothing about which users do) and, counted
-separately, the *client address*, for ``lockout_seconds``. A locked attempt is refused
-without hashing. A success does not clear the lockout counts (they age out of the
-window): otherwise a guesser holding one valid account could reset its address
-between guesses.
+not such a user exists, so a lockout says nothing about which users do), and,
+counted separately, ``address_lockout_failures`` lock the *client address*, both for
+``lockout_seconds``. The address count is higher by default: one address may carry
+many honest users (a NAT, a webmail front end), each of whom may mistype. A locked
+attempt is refused without hashing. A success does not clear the lockout counts
+(they age out of the window): otherwise a guesser holding one valid account could
+reset its address between guesses.
 
 Memory is bounded: each table tracks at most ``MAX_TRACKED_KEYS`` keys, evicting the
 one whose last failure is oldest, and forgets a key once nothing about it matters
 any more. A flood of random user names costs a fixed amount of memory; to evict a
 locked-out entry it would need that many distinct failing keys, which the address
-lockout stops after ``lockout_failures`` per address.
+lockout stops after ``address_lockout_failures`` per address.
 
 No I/O and no clock here: callers pass ``now`` (trio.current_time() in the session).
 """
@@ -35,9 +37,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 # Keys (addresses, or user names) each table tracks. A tracked key costs about 1 KiB
-# with a long user name and the default lockout count, 8 octets more per failure
-# counted (lockout_failures is at most 100), so both tables together stay around
-# 20 to 40 MB whatever a flood sends (docs/security.md has the measurement).
+# with a long user name and the default lockout counts, 8 octets more per failure
+# counted (at most 100 for a name, 500 for an address), so both tables together stay
+# near 29 MB (66 MB at the largest counts) whatever a flood sends (docs/security.md).
 MAX_TRACKED_KEYS = 10_000
 # Retrying one of the last 10 failed credentials adds no penalty and no lockout count
 # (Dovecot's CHECKSUM_VALUE_PTR_COUNT in src/anvil/penalty.c).
@@ -64,7 +66,8 @@ class ThrottlePolicy:
 
     penalty_initial_seconds: float
     penalty_max_seconds: float
-    lockout_failures: int  # 0: no lockout
+    lockout_failures: int  # per user name; 0: no lockout
+    address_lockout_failures: int  # per client address; 0: no lockout
     lockout_window_seconds: float
     lockout_seconds: float
 
@@ -113,7 +116,7 @@ class _Entry:
 
     penalty: int = 0  # distinct failures since the last success (addresses only)
     last_failure: float = -math.inf
-    # Times of distinct failures in the lockout window, at most lockout_failures of them,
+    # Times of distinct failures in the lockout window, fewer than the lockout threshold,
     # as 8-octet doubles (a tuple of floats would take four times the memory).
     failures: array[float] = field(default_factory=lambda: array("d"))
     locked_until: float = -math.inf
@@ -127,7 +130,7 @@ class _Entry:
         if now < self.locked_until:
             return True
         remembered = policy.penalty_timeout_seconds
-        if policy.lockout_failures > 0:
+        if policy.lockout_failures > 0 or policy.address_lockout_failures > 0:
             remembered = max(remembered, policy.lockout_window_seconds)
         return now - self.last_failure < remembered
 
@@ -204,11 +207,12 @@ class ThrottleTable:
     ) -> tuple[LockScope, ...]:
         """Record a failed password check; return the lockouts it just started."""
         started: list[LockScope] = []
-        for table, key, scope in (
-            (self._users, user, LockScope.USER),
-            (self._sources, source, LockScope.ADDRESS),
+        for table, key, scope, threshold in (
+            (self._users, user, LockScope.USER, policy.lockout_failures),
+            (self._sources, source, LockScope.ADDRESS, policy.address_lockout_failures),
         ):
-            if _count_failure(table.touch(key, now, policy), credential, now, policy):
+            entry = table.touch(key, now, policy)
+            if _count_failure(entry, credential, now, policy, threshold):
                 started.append(scope)
         return tuple(started)
 
@@ -220,8 +224,11 @@ class ThrottleTable:
             entry.recent = ()
 
 
-def _count_failure(entry: _Entry, credential: bytes, now: float, policy: ThrottlePolicy) -> bool:
-    """Add one failure to ``entry``; say whether it starts a lockout."""
+def _count_failure(
+    entry: _Entry, credential: bytes, now: float, policy: ThrottlePolicy, threshold: int
+) -> bool:
+    """Add one failure to ``entry``; say whether it reaches ``threshold`` (0: never) and
+    so starts a lockout."""
     penalty = entry.penalty_now(now, policy)
     tag = credential[:CREDENTIAL_TAG_BYTES]
     repeated = tag in entry.recent
@@ -231,11 +238,11 @@ def _count_failure(entry: _Entry, credential: bytes, now: float, policy: Throttl
         return False
     entry.penalty = min(penalty + 1, MAX_PENALTY_DOUBLINGS + 1)
     entry.recent = (*entry.recent, tag)[-RECENT_FAILED_CREDENTIALS:]
-    if policy.lockout_failures <= 0 or now < entry.locked_until:
+    if threshold <= 0 or now < entry.locked_until:
         return False
     horizon = now - policy.lockout_window_seconds
-    kept = [t for t in entry.failures if t > horizon][-(policy.lockout_failures - 1) :]
-    if len(kept) + 1 < policy.lockout_failures:
+    kept = [t for t in entry.failures if t > horizon][-(threshold - 1) :]
+    if len(kept) + 1 < threshold:
         entry.failures = array("d", [*kept, now])
         return False
     entry.locked_until = now + policy.lockout_seconds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 from hypothesis import given, settings
@@ -24,10 +25,11 @@ POLICY = ThrottlePolicy(
     penalty_initial_seconds=DEFAULTS.auth_penalty_initial_seconds,
     penalty_max_seconds=DEFAULTS.auth_penalty_max_seconds,
     lockout_failures=DEFAULTS.auth_lockout_failures,
+    address_lockout_failures=DEFAULTS.auth_lockout_address_failures,
     lockout_window_seconds=DEFAULTS.auth_lockout_window_seconds,
     lockout_seconds=DEFAULTS.auth_lockout_seconds,
 )
-NO_LOCKOUT = ThrottlePolicy(2.0, 15.0, 0, 600.0, 900.0)
+NO_LOCKOUT = dataclasses.replace(POLICY, lockout_failures=0, address_lockout_failures=0)
 
 
 def credential(n: int) -> bytes:
@@ -140,11 +142,13 @@ def test_failures_spread_wider_than_the_window_do_not_lock() -> None:
 def test_address_lockout_against_password_spraying() -> None:
     """One address, a different user name each time: the address is locked out."""
     table = ThrottleTable()
-    n = POLICY.lockout_failures
+    n = POLICY.address_lockout_failures
+    assert n > POLICY.lockout_failures  # one address may carry many honest users
     started = [
         table.failure("192.0.2.1", f"user{i}", credential(i), now=float(i), policy=POLICY)
         for i in range(n)
     ]
+    assert started[:-1] == [()] * (n - 1)
     assert started[-1] == (LockScope.ADDRESS,)
     decision = table.decide("192.0.2.1", "somebody-else", now=float(n), policy=POLICY)
     assert decision.lockout is LockScope.ADDRESS
@@ -155,21 +159,22 @@ def test_address_lockout_against_password_spraying() -> None:
 def test_a_success_does_not_reset_the_lockout_count() -> None:
     """Else a guesser with one valid account could clear its address between guesses."""
     table = ThrottleTable()
-    n = POLICY.lockout_failures
+    n = POLICY.address_lockout_failures
     for i in range(n):
         table.success("192.0.2.1", now=float(i), policy=POLICY)
         table.failure("192.0.2.1", f"user{i}", credential(i), now=float(i), policy=POLICY)
     assert table.decide("192.0.2.1", "mine", now=float(n), policy=POLICY).locked_out
 
 
-def test_one_address_guessing_one_user_locks_both_at_once() -> None:
+def test_with_equal_counts_one_address_guessing_one_user_locks_both_at_once() -> None:
+    policy = dataclasses.replace(POLICY, address_lockout_failures=POLICY.lockout_failures)
     table = ThrottleTable()
     started = [
-        table.failure("192.0.2.1", "alice", credential(i), now=float(i), policy=POLICY)
-        for i in range(POLICY.lockout_failures)
+        table.failure("192.0.2.1", "alice", credential(i), now=float(i), policy=policy)
+        for i in range(policy.lockout_failures)
     ]
     assert started[-1] == (LockScope.USER, LockScope.ADDRESS)
-    decision = table.decide("192.0.2.1", "alice", now=10.0, policy=POLICY)
+    decision = table.decide("192.0.2.1", "alice", now=10.0, policy=policy)
     assert decision.lockout is LockScope.USER  # the user's lockout is named first
 
 
@@ -196,6 +201,7 @@ policies = st.builds(
     penalty_initial_seconds=st.floats(0, 10),
     penalty_max_seconds=st.floats(10, 60),
     lockout_failures=st.integers(0, 20),
+    address_lockout_failures=st.integers(0, 40),
     lockout_window_seconds=st.floats(1, 3600),
     lockout_seconds=st.floats(1, 3600),
 )

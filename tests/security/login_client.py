@@ -33,8 +33,11 @@ def _line(file: BinaryIO) -> bytes:
 
 def login(port: int, user: str, password: str, *, plain: bool = False) -> Attempt:
     """One connection, USER/PASS (or AUTH PLAIN with an initial response), then closed."""
-    with socket.create_connection((LOOPBACK, port), timeout=SOCKET_TIMEOUT_SECONDS) as sock:
-        file = sock.makefile("rb")
+    # The file is closed too: a socket with an open makefile() is not really closed.
+    with (
+        socket.create_connection((LOOPBACK, port), timeout=SOCKET_TIMEOUT_SECONDS) as sock,
+        sock.makefile("rb") as file,
+    ):
         assert _line(file).startswith(b"+OK")
         if plain:
             token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()

@@ -73,7 +73,7 @@ def test_the_lockout_is_logged_and_counted_and_no_password_is(
         limits={
             "auth_failure_delay_seconds": 0,
             "auth_penalty_initial_seconds": 0,
-            "auth_lockout_failures": LOCKOUT_FAILURES,
+            "auth_lockout_address_failures": LOCKOUT_FAILURES,
         },
     )
     port = server.port("none")
