@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from popproxy.auth.authenticator import Authenticator
-from popproxy.auth.throttle import LockScope, ThrottlePolicy, ThrottleTable
+from popproxy.auth.authenticator import Authenticator, throttle_policy
+from popproxy.auth.throttle import LockScope, ThrottleTable
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
 from popproxy.metrics import (
@@ -363,7 +363,7 @@ class Session:
             # fails as an unknown user's does, after the same hashing work and delay.
             user = ""
         throttle = self._context.throttle
-        policy = _throttle_policy(self._context.limits)
+        policy = throttle_policy(self._context.limits)
         if throttle is not None:
             decision = throttle.decide(self._source, user, now=trio.current_time(), policy=policy)
             if decision.delay_seconds > 0:
@@ -666,17 +666,6 @@ class Session:
                 }
             },
         )
-
-
-def _throttle_policy(limits: LimitsConfig) -> ThrottlePolicy:
-    return ThrottlePolicy(
-        penalty_initial_seconds=limits.auth_penalty_initial_seconds,
-        penalty_max_seconds=limits.auth_penalty_max_seconds,
-        lockout_failures=limits.auth_lockout_failures,
-        address_lockout_failures=limits.auth_lockout_address_failures,
-        lockout_window_seconds=limits.auth_lockout_window_seconds,
-        lockout_seconds=limits.auth_lockout_seconds,
-    )
 
 
 async def run_session(

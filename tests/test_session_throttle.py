@@ -82,10 +82,10 @@ def opener(clock: trio.testing.MockClock) -> OpenMaildrop:
     """Open the Maildir with the clock held still: its file work runs in worker threads,
     and a jump meanwhile would reach the test client's read deadline."""
 
-    async def _open(user: UserConfig) -> Maildrop:
+    async def _open(user: UserConfig, session_id: str) -> Maildrop:
         clock.autojump_threshold = math.inf
         try:
-            return await test_session.open_local_maildrop(user)
+            return await test_session.open_local_maildrop(user, session_id)
         finally:
             clock.autojump_threshold = 0
 

@@ -32,6 +32,7 @@ from popproxy.auth.passwords import (
     parse_hash,
     verify_password,
 )
+from popproxy.auth.throttle import ThrottlePolicy
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.secret import Secret
 
@@ -174,3 +175,16 @@ def _dummy_for(users: Iterable[UserConfig]) -> str:
         return dummy_hash()
     most_common, _ = counts.most_common(1)[0]
     return dummy_hash(sample[most_common])
+
+
+def throttle_policy(limits: LimitsConfig) -> ThrottlePolicy:
+    """The throttle's knobs from ``limits.auth_*`` (popproxy.auth.throttle is pure and
+    does not read the config)."""
+    return ThrottlePolicy(
+        penalty_initial_seconds=limits.auth_penalty_initial_seconds,
+        penalty_max_seconds=limits.auth_penalty_max_seconds,
+        lockout_failures=limits.auth_lockout_failures,
+        address_lockout_failures=limits.auth_lockout_address_failures,
+        lockout_window_seconds=limits.auth_lockout_window_seconds,
+        lockout_seconds=limits.auth_lockout_seconds,
+    )

@@ -8,6 +8,7 @@ import hashlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from popproxy.auth.authenticator import throttle_policy
 from popproxy.auth.throttle import (
     ALLOW,
     MAX_TRACKED_KEYS,
@@ -19,16 +20,9 @@ from popproxy.auth.throttle import (
 )
 from popproxy.config import LimitsConfig
 
+# The defaults of the config, as the session reads them (Dovecot's penalty numbers).
 DEFAULTS = LimitsConfig()
-# The defaults of the config, as the session builds them (Dovecot's penalty numbers).
-POLICY = ThrottlePolicy(
-    penalty_initial_seconds=DEFAULTS.auth_penalty_initial_seconds,
-    penalty_max_seconds=DEFAULTS.auth_penalty_max_seconds,
-    lockout_failures=DEFAULTS.auth_lockout_failures,
-    address_lockout_failures=DEFAULTS.auth_lockout_address_failures,
-    lockout_window_seconds=DEFAULTS.auth_lockout_window_seconds,
-    lockout_seconds=DEFAULTS.auth_lockout_seconds,
-)
+POLICY = throttle_policy(DEFAULTS)
 NO_LOCKOUT = dataclasses.replace(POLICY, lockout_failures=0, address_lockout_failures=0)
 
 
