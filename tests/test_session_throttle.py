@@ -30,6 +30,7 @@ from popproxy.auth.throttle import ThrottleTable
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.maildrop.base import Maildrop
 from popproxy.metrics import Metrics
+from popproxy.peer import PeerAddress
 from popproxy.secret import Secret
 from popproxy.session import OpenMaildrop, Session, SessionContext
 
@@ -120,7 +121,7 @@ def world(maildir: Path, autojump_clock: trio.testing.MockClock) -> World:
 async def connect(world: World, nursery: trio.Nursery) -> AsyncIterator[Connect]:
     async def _connect(address: str = "192.0.2.1") -> Client:
         client_stream, server_stream = trio.testing.memory_stream_pair()
-        session = Session(server_stream, f"{address}:1", world.context, address=address)
+        session = Session(server_stream, PeerAddress(address, 1), world.context)
         nursery.start_soon(session.run)
         client = Client(client_stream, bytearray())
         assert (await client.line()).startswith(b"+OK")
@@ -242,7 +243,7 @@ async def test_unknown_user_and_wrong_password_are_alike_in_reply_and_time_into_
         script = []
         for n in range(LIMITS.auth_lockout_failures + 2):
             client_stream, server_stream = trio.testing.memory_stream_pair()
-            session = Session(server_stream, "x", world.context, address=f"10.0.0.{n % 2}")
+            session = Session(server_stream, PeerAddress(f"10.0.0.{n % 2}", 1), world.context)
             nursery.start_soon(session.run)
             client = Client(client_stream, bytearray())
             await client.line()
@@ -301,7 +302,7 @@ async def test_without_a_throttle_table_nothing_is_throttled(
     world = make_world(maildir, autojump_clock)
     context = dataclasses.replace(world.context, throttle=None)
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    nursery.start_soon(Session(server_stream, "x", context, address="192.0.2.1").run)
+    nursery.start_soon(Session(server_stream, PeerAddress("192.0.2.1", 1), context).run)
     client = Client(client_stream, bytearray())
     await client.line()
     for n in range(LIMITS.auth_lockout_failures + 1):

@@ -177,8 +177,9 @@ class ThrottleTable:
     """Failures per client address and per user name; one per process (DESIGN.md, auth/).
 
     ``decide`` before hashing; ``failure`` or ``success`` after. ``source`` is the
-    client's ``PeerAddress.limit_key`` (popproxy/peer.py: an IPv4 address, an IPv6 /64); ``credential`` is a keyed digest of user and password
-    (never the password), used only to recognise a retry of the same wrong one.
+    client's ``PeerAddress.limit_key`` (popproxy/peer.py: an IPv4 address, or the
+    IPv6 /64 it is in); ``credential`` is a keyed digest of user and password (never
+    the password), used only to recognise a retry of the same wrong one.
     """
 
     def __init__(self, *, max_keys: int = MAX_TRACKED_KEYS) -> None:
