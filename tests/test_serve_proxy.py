@@ -401,3 +401,25 @@ async def test_a_connection_gone_before_it_is_accepted_is_closed_without_a_line(
     assert not logged(caplog, "proxy_untrusted")
     assert not logged(caplog, "session_refused")
     assert not session_ends(caplog)
+
+
+async def test_behind_a_proxy_the_login_throttle_keys_on_the_client_address(
+    maildir: Path, tls: Tls, nursery: trio.Nursery
+) -> None:
+    """Guesses from one client behind the proxy lock that client's address out, not
+    the proxy's: another client behind the same proxy still logs in."""
+    config = proxied_config(maildir, tls, auth_lockout_address_failures=2)
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        running = await start(nursery, config)
+        for n in range(2):
+            guesser = await proxied(running, encode_v1(CLIENT, LISTENER))
+            assert (await guesser.line()).startswith(b"+OK")
+            assert await guesser.cmd(f"USER nobody{n}".encode()) == b"+OK"
+            assert (await guesser.cmd(b"PASS guess")).startswith(b"-ERR [AUTH]")
+        locked = await proxied(running, encode_v1(PeerAddress(CLIENT.host, 9), LISTENER))
+        assert (await locked.line()).startswith(b"+OK")
+        assert await locked.cmd(b"USER demo") == b"+OK"
+        assert (await locked.cmd(b"PASS secret")).startswith(b"-ERR [AUTH]")
+        other = await proxied(running, encode_v1(PeerAddress("203.0.113.77", 1), LISTENER))
+        assert (await other.line()).startswith(b"+OK")
+        await other.login()
