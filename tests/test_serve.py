@@ -7,10 +7,11 @@ TLS from a throwaway trustme CA. Every test runs under a deadline.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -134,19 +135,27 @@ class Client:
         assert (await self.cmd(b"PASS secret")).startswith(b"+OK Logged in")
 
 
-OPENED: list[trio.abc.Stream] = []
+# The client streams a test opened; `close_clients` closes them after it, whatever happens.
+OPENED: list[trio.SocketStream] = []
 
 
 @pytest.fixture(autouse=True)
-async def close_clients() -> AsyncIterator[None]:
+def close_clients() -> Iterator[None]:
+    """Synchronous on purpose: pytest-trio runs an async fixture only for a test that
+    names it (directly or through another fixture), never for autouse alone, so an async
+    one here never ran and every stream stayed open until the interpreter exited. The
+    test's trio run is over by now: each socket is taken back from trio and closed."""
     yield
     while OPENED:
-        await trio.aclose_forcefully(OPENED.pop())
+        fd = OPENED.pop().socket.detach()
+        if fd != -1:  # -1: the test closed it itself
+            os.close(fd)
 
 
 async def connect(running: Running, mode: TlsMode, tls: Tls | None = None) -> Client:
-    stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", running.ports[mode])
-    OPENED.append(stream)
+    raw = await trio.open_tcp_stream("127.0.0.1", running.ports[mode])
+    OPENED.append(raw)
+    stream: trio.abc.Stream = raw
     if mode is TlsMode.IMPLICIT:
         assert tls is not None
         stream = trio.SSLStream(stream, tls.client_context(), server_hostname="127.0.0.1")

@@ -13,11 +13,12 @@ import logging
 import os
 import ssl
 import textwrap
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import test_serve
 import trio
 import trustme
 
@@ -199,18 +200,13 @@ class Client:
         return await self.cmd(f"PASS {PASSWORDS[name]}".encode())
 
 
-OPENED: list[trio.abc.Stream] = []
-
-
-@pytest.fixture(autouse=True)
-async def close_clients() -> AsyncIterator[None]:
-    yield
-    while OPENED:
-        await trio.aclose_forcefully(OPENED.pop())
+# test_serve's list of client streams and the fixture that closes them after each test.
+OPENED = test_serve.OPENED
+close_clients = test_serve.close_clients
 
 
 async def connect(running: Running, mode: TlsMode = TlsMode.NONE) -> Client:
-    stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", running.ports[mode])
+    stream = await trio.open_tcp_stream("127.0.0.1", running.ports[mode])
     OPENED.append(stream)
     client = Client(stream)
     if mode is not TlsMode.IMPLICIT:
