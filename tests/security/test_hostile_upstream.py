@@ -145,6 +145,17 @@ def test_an_upstream_that_refuses_stls_gets_no_credentials(
     target.still_serves()
 
 
+def protocol_errors(target: Target) -> list[str]:
+    """The reasons of the server's upstream_protocol_error lines, once there is one: the
+    client's -ERR can overtake the server's log line, so the line is waited for."""
+    target.server.wait_for_log(
+        lambda records: any(r.get("msg") == "upstream_protocol_error" for r in records),
+        timeout=HOSTILE_TIMEOUT_SECONDS,
+        what="an upstream_protocol_error line",
+    )
+    return [r["reason"] for r in target.server.records("upstream_protocol_error")]
+
+
 @pytest.mark.parametrize(
     "after_ok",
     [b"+OK injected\r\n", b"+OK\r\n+OK\r\n+OK 0 0\r\n", b"-ERR"],
@@ -160,8 +171,8 @@ def test_octets_after_the_upstreams_stls_reply_abort_before_the_handshake(
     assert upstream.credentials_in_clear() == []
     # Octets behind the last awaited reply are refused as soon as they are read, before
     # the STLS step's own check for them.
-    errors = target.server.records("upstream_protocol_error")
-    assert [r["reason"] for r in errors] in (["unsolicited reply"], ["data after the STLS reply"])
+    errors = protocol_errors(target)
+    assert errors in (["unsolicited reply"], ["data after the STLS reply"])
     target.still_serves()
 
 
@@ -301,9 +312,7 @@ def test_a_line_sent_unasked_while_the_session_is_idle_is_never_relayed(launch: 
             assert pop.cmd(b"RETR 1") == LOST
             assert pop.cmd(b"QUIT").startswith(b"-ERR [SYS/TEMP]")
     assert b"RETR 1" not in upstream.all_command_lines()
-    assert [r["reason"] for r in target.server.records("upstream_protocol_error")] == [
-        "unsolicited reply"
-    ]
+    assert protocol_errors(target) == ["unsolicited reply"]
     target.still_serves()
 
 
