@@ -206,6 +206,7 @@ def _cmd_explain(path: Path, user: str) -> int:
     from popproxy.explain import ExplainError, explain, format_explanation
     from popproxy.maildrop.base import MaildropError
     from popproxy.maildrop.retention import utc_now
+    from popproxy.serve import ServeError
     from popproxy.state.base import StateError
 
     config = _load(path)
@@ -216,7 +217,7 @@ def _cmd_explain(path: Path, user: str) -> int:
     except ExplainError as exc:
         print(f"popproxy explain: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (MaildropError, StateError) as exc:
+    except (MaildropError, StateError, ServeError) as exc:
         print(f"popproxy explain: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     sys.stdout.write(format_explanation(user, rows))

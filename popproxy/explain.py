@@ -18,9 +18,9 @@ from popproxy.config import Config, StateConfig
 from popproxy.maildrop.retention import Clock, RetentionContext, open_retained
 from popproxy.maildrop.upstream import UpstreamAccount, open_upstream
 from popproxy.policy import Decision, Reason, RetentionPlan
+from popproxy.serve import upstream_tls_contexts
 from popproxy.state import open_store
 from popproxy.state.base import AccountKey, MessageFacts, StateStore, StoredMessage
-from popproxy.tls import client_context
 
 
 class ExplainError(Exception):
@@ -84,7 +84,7 @@ async def explain(config: Config, user_name: str, clock: Clock) -> list[MessageE
     if user.upstream is None or user.upstream_user is None or user.upstream_password is None:
         raise ExplainError(f"user {user_name!r} is served from a Maildir: no rules apply")
     upstream = config.upstreams[user.upstream]
-    tls = client_context(upstream) if upstream.tls.value != "none" else None
+    tls = (await upstream_tls_contexts(config)).get(upstream.name)
     store = await _open_state(config.state)
     try:
         inner = await open_upstream(

@@ -4,7 +4,7 @@ A session talks to a ``Maildrop`` and never to files or upstream servers: the
 listing it takes at login (numbers, exact sizes, UIDLs), a stream of CRLF chunks
 for RETR and TOP, and one ``commit`` of the deletions marked before QUIT. The
 local Maildir (``maildir.py``) and a live upstream (``upstream.py``) are the two
-implementations.
+implementations; ``retention.py`` shows an upstream through the retention policy.
 """
 
 from __future__ import annotations

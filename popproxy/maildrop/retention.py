@@ -86,46 +86,41 @@ class AccountLocks:
 
     def __init__(self) -> None:
         self._locks: dict[Hashable, trio.Lock] = {}
-        self._users: dict[Hashable, int] = {}
 
     async def acquire(self, account: Hashable, *, wait_seconds: float) -> Callable[[], None]:
         """Wait up to ``wait_seconds`` for the account, then return its release function.
 
         Raises ``MaildropInUse`` (``-ERR [IN-USE]``, RFC 2449 §8.1.1) when the wait ends.
         """
-        lock = self._locks.setdefault(account, trio.Lock())
-        self._users[account] = self._users.get(account, 0) + 1
-        acquired = False
+        lock = self._locks.get(account)
+        if lock is None:
+            lock = self._locks[account] = trio.Lock()
         try:
+            lock.acquire_nowait()  # the usual case: nobody else on the account
+        except trio.WouldBlock:
             try:
-                lock.acquire_nowait()  # the usual case: nobody else on the account
-                acquired = True
-            except trio.WouldBlock:
                 with trio.move_on_after(wait_seconds):
                     await lock.acquire()
-                    acquired = True
-        finally:
-            if not acquired:
-                self._forget(account)
-        if not acquired:
-            raise MaildropInUse("Another session is using this mailbox; try again later.")
+            finally:
+                if lock.statistics().owner is not trio.lowlevel.current_task():
+                    self._forget_if_idle(account, lock)  # timed out or cancelled
+            if lock.statistics().owner is not trio.lowlevel.current_task():
+                text = "Another session is using this mailbox; try again later."
+                raise MaildropInUse(text) from None
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                lock.release()
-                self._forget(account)
+                lock.release()  # hands the lock straight to the next waiter, if any
+                self._forget_if_idle(account, lock)
 
         return release
 
-    def _forget(self, account: Hashable) -> None:
-        left = self._users[account] - 1
-        if left:
-            self._users[account] = left
-        else:
-            del self._users[account]
+    def _forget_if_idle(self, account: Hashable, lock: trio.Lock) -> None:
+        """Drop the entry once nobody holds or waits for it (the table stays bounded)."""
+        if not lock.locked() and lock.statistics().tasks_waiting == 0:
             del self._locks[account]
 
     def held(self, account: Hashable) -> bool:
