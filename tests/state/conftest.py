@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from state_backends import BACKENDS, Backend, SqliteBackend
 
 from popproxy.state import StateStore
+from state.state_backends import BACKENDS, Backend, SqliteBackend
 
 
 @pytest.fixture(params=BACKENDS)

@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import record_writer
 import trio
 
 from popproxy.maildrop.upstream import MAX_UPSTREAM_MESSAGES
@@ -37,6 +36,7 @@ from popproxy.state.sqlite import (
     open_sqlite,
     utc_text,
 )
+from state import record_writer
 
 REPO = Path(__file__).resolve().parents[2]
 WRITER = Path(record_writer.__file__)

@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import trio
-from state_backends import Backend
 
 from popproxy.state import StateStore
 from popproxy.state.base import AccountKey, Disposal, SeenMessage, SessionRecord, StoredMessage
+from state.state_backends import Backend
 
 ALICE_BOX = AccountKey("provider", "alice@example.net")
 SHARED_BOX = AccountKey("provider", "team@example.net")

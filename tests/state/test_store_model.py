@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 import hypothesis.strategies as st
 import trio
 from hypothesis import HealthCheck, given, settings
-from state_backends import Backend
 
 from popproxy.state.base import AccountKey, Disposal, SeenMessage, SessionRecord
+from state.state_backends import Backend
 
 ACCOUNTS = (AccountKey("up", "box1"), AccountKey("up", "box2"))
 USERS = ("alice", "bob")
