@@ -1,17 +1,16 @@
 """serve(): listeners, the session limit, STLS rules and graceful shutdown, over loopback.
 
-The server runs in-process on dynamic ports; clients are raw trio streams, with
-TLS from a throwaway trustme CA. Every test runs under a deadline.
+The server runs in-process on dynamic ports; clients are tests/pop3client.py's raw
+clients over loopback, with TLS from a throwaway trustme CA. Every test runs under a deadline.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import ssl
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -21,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from pop3client import Pop3Client, open_loopback
 
 from popproxy import serve as serve_module
 from popproxy.auth.passwords import hash_password
@@ -102,64 +102,11 @@ class Running:
     stopped: trio.Event
 
 
-class Client:
-    """Line-oriented raw POP3 client over a trio stream."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.buf = bytearray()
-
-    async def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            data = await self.stream.receive_some(4096)
-            if not data:
-                raise EOFError(bytes(self.buf))
-            self.buf += data
-        line, _, rest = bytes(self.buf).partition(b"\r\n")
-        self.buf[:] = rest
-        return line
-
-    async def cmd(self, line: bytes) -> bytes:
-        await self.stream.send_all(line + b"\r\n")
-        return await self.line()
-
-    async def at_eof(self) -> bool:
-        try:
-            data = await self.stream.receive_some(4096)
-        except trio.BrokenResourceError:
-            return True
-        return data == b""
-
-    async def login(self) -> None:
-        assert await self.cmd(b"USER demo") == b"+OK"
-        assert (await self.cmd(b"PASS secret")).startswith(b"+OK Logged in")
-
-
-# The client streams a test opened; `close_clients` closes them after it, whatever happens.
-OPENED: list[trio.SocketStream] = []
-
-
-@pytest.fixture(autouse=True)
-def close_clients() -> Iterator[None]:
-    """Synchronous on purpose: pytest-trio runs an async fixture only for a test that
-    names it (directly or through another fixture), never for autouse alone, so an async
-    one here never ran and every stream stayed open until the interpreter exited. The
-    test's trio run is over by now: each socket is taken back from trio and closed."""
-    yield
-    while OPENED:
-        fd = OPENED.pop().socket.detach()
-        if fd != -1:  # -1: the test closed it itself
-            os.close(fd)
-
-
-async def connect(running: Running, mode: TlsMode, tls: Tls | None = None) -> Client:
-    raw = await trio.open_tcp_stream("127.0.0.1", running.ports[mode])
-    OPENED.append(raw)
-    stream: trio.abc.Stream = raw
+async def connect(running: Running, mode: TlsMode, tls: Tls | None = None) -> Pop3Client:
+    client = Pop3Client(await open_loopback(running.ports[mode]), receive_bytes=4096)
     if mode is TlsMode.IMPLICIT:
         assert tls is not None
-        stream = trio.SSLStream(stream, tls.client_context(), server_hostname="127.0.0.1")
-    client = Client(stream)
+        await client.start_tls(tls.client_context())
     greeting = await client.line()
     assert greeting.startswith((b"+OK", b"-ERR")), greeting
     if greeting.startswith(b"-ERR"):
@@ -167,11 +114,13 @@ async def connect(running: Running, mode: TlsMode, tls: Tls | None = None) -> Cl
     return client
 
 
-async def starttls(client: Client, tls: Tls) -> None:
+async def starttls(client: Pop3Client, tls: Tls) -> None:
     assert (await client.cmd(b"STLS")).startswith(b"+OK")
-    tls_stream = trio.SSLStream(client.stream, tls.client_context(), server_hostname="127.0.0.1")
-    await tls_stream.do_handshake()
-    client.stream = tls_stream
+    await client.start_tls(tls.client_context())
+
+
+async def login(client: Pop3Client) -> None:
+    assert (await client.login("demo", "secret")).startswith(b"+OK Logged in")
 
 
 async def start(nursery: trio.Nursery, config: Config) -> Running:
@@ -198,11 +147,11 @@ async def test_each_listener_kind_serves_a_login(
 
         stls = await connect(running, TlsMode.STARTTLS)
         await starttls(stls, tls)
-        await stls.login()
+        await login(stls)
         assert (await stls.cmd(b"QUIT")).startswith(b"+OK")
 
         implicit = await connect(running, TlsMode.IMPLICIT, tls)
-        await implicit.login()
+        await login(implicit)
         assert (await implicit.cmd(b"STLS")).startswith(b"-ERR")
         assert (await implicit.cmd(b"QUIT")).startswith(b"+OK")
         running.shutdown.set()
@@ -221,7 +170,7 @@ async def test_stls_with_a_pipelined_command_is_refused_and_closed(
         # the server goes on serving
         again = await connect(running, TlsMode.STARTTLS)
         await starttls(again, tls)
-        await again.login()
+        await login(again)
 
 
 async def test_user_given_before_stls_is_forgotten_after_the_handshake(
@@ -236,7 +185,7 @@ async def test_user_given_before_stls_is_forgotten_after_the_handshake(
         assert await lan.cmd(b"USER demo") == b"+OK"
         await starttls(lan, tls)
         assert await lan.cmd(b"PASS secret") == b"-ERR No username given"
-        await lan.login()
+        await login(lan)
 
 
 async def test_sessions_over_the_limit_get_sys_temp_and_are_closed(
@@ -267,7 +216,7 @@ async def test_shutdown_stops_accepting_and_lets_a_session_finish_within_the_gra
         )
         running = await start(nursery, config)
         client = await connect(running, TlsMode.NONE)
-        await client.login()
+        await login(client)
         assert (await client.cmd(b"DELE 1")).startswith(b"+OK")
         running.shutdown.set()
         await trio.testing.wait_all_tasks_blocked()
@@ -287,7 +236,7 @@ async def test_sessions_still_open_after_the_grace_are_cancelled_and_delete_noth
         )
         running = await start(nursery, config)
         client = await connect(running, TlsMode.NONE)
-        await client.login()
+        await login(client)
         assert (await client.cmd(b"DELE 1")).startswith(b"+OK")
         assert (await client.cmd(b"DELE 2")).startswith(b"+OK")
         running.shutdown.set()
@@ -318,7 +267,7 @@ async def test_a_client_resetting_in_the_middle_of_a_retr_leaves_the_server_serv
         config = replace(make_config(maildir, tls), allow_plaintext_auth=True)
         running = await start(nursery, config)
         client = await connect(running, TlsMode.NONE)
-        await client.login()
+        await login(client)
         assert (await client.cmd(b"DELE 1")).startswith(b"+OK")
         assert (await client.cmd(b"RETR 3")).startswith(b"+OK")
         await client.stream.receive_some(65536)  # the server is now blocked writing to us
@@ -334,7 +283,7 @@ async def test_a_client_resetting_in_the_middle_of_a_retr_leaves_the_server_serv
         finally:
             logging.getLogger("popproxy.session").removeHandler(ended)
         again = await connect(running, TlsMode.NONE)
-        await again.login()  # the Maildir lock was released
+        await login(again)  # the Maildir lock was released
         assert (await again.cmd(b"STAT")).startswith(b"+OK 3 ")
         assert (await again.cmd(b"QUIT")).startswith(b"+OK")
         assert remaining(maildir) == set(MESSAGES) | {"1700000003.M3P1.test"}
@@ -347,6 +296,5 @@ async def test_refusals_beyond_their_own_limit_are_closed_without_a_word(
     with trio.fail_after(TEST_DEADLINE_SECONDS):
         running = await start(nursery, make_config(maildir, tls, max_sessions=1))
         await connect(running, TlsMode.NONE)
-        stream = await trio.open_tcp_stream("127.0.0.1", running.ports[TlsMode.NONE])
-        OPENED.append(stream)
-        assert await Client(stream).at_eof()
+        stream = await open_loopback(running.ports[TlsMode.NONE])
+        assert await Pop3Client(stream).at_eof()

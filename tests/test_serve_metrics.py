@@ -19,13 +19,13 @@ import pytest
 import test_serve
 import trio
 import trio.testing
+from pop3client import Pop3Client, open_loopback
 from prometheus_client import CollectorRegistry
 from test_serve import (
-    OPENED,
-    Client,
     Running,
     Tls,
     connect,
+    login,
     make_config,
     starttls,
 )
@@ -48,7 +48,6 @@ from popproxy.serve import ServeError, serve
 # The fixtures of test_serve.py, used here by name.
 tls = test_serve.tls
 maildir = test_serve.maildir
-close_clients = test_serve.close_clients
 
 TEST_DEADLINE_SECONDS = 20
 LISTENERS = tuple(mode.value for mode in TlsMode)
@@ -111,7 +110,7 @@ def with_proxy_user(config: Config) -> Config:
     )
 
 
-async def eof(client: Client) -> None:
+async def eof(client: Pop3Client) -> None:
     assert await client.at_eof()
 
 
@@ -143,7 +142,7 @@ async def test_sessions_on_every_listener_are_counted(
 
         stls = await connect(running, TlsMode.STARTTLS)
         await starttls(stls, tls)
-        await stls.login()
+        await login(stls)
         assert (await stls.cmd(b"RETR 1")).startswith(b"+OK")
         while await stls.line() != b".":
             pass
@@ -154,7 +153,7 @@ async def test_sessions_on_every_listener_are_counted(
         implicit = await connect(running, TlsMode.IMPLICIT, tls)
         assert await implicit.cmd(b"USER demo") == b"+OK"
         assert (await implicit.cmd(b"PASS wrong")).startswith(b"-ERR [AUTH]")
-        await implicit.login()
+        await login(implicit)
         assert (await implicit.cmd(b"QUIT")).startswith(b"+OK")
         await eof(implicit)
 
@@ -186,10 +185,9 @@ async def test_a_failed_tls_handshake_is_counted(
     metrics = Metrics(CollectorRegistry())
     with trio.fail_after(TEST_DEADLINE_SECONDS):
         running = await start(nursery, make_config(maildir, tls), metrics)
-        stream = await trio.open_tcp_stream("127.0.0.1", running.ports[TlsMode.IMPLICIT])
-        OPENED.append(stream)
+        stream = await open_loopback(running.ports[TlsMode.IMPLICIT])
         await stream.send_all(b"USER demo\r\n")  # POP3 in clear on the implicit-TLS port
-        assert await Client(stream).at_eof()
+        assert await Pop3Client(stream).at_eof()
         running.shutdown.set()
         await running.stopped.wait()
     assert sample(metrics, "tls_handshakes_total", listener="implicit", result="failed") == 1
@@ -240,7 +238,7 @@ async def test_no_label_holds_a_user_name_or_an_address(
         for user, password in (("demo", "wrong"), ("carol", "carol-pw"), ("mallory", "x")):
             assert await client.cmd(f"USER {user}".encode()) == b"+OK"
             assert (await client.cmd(f"PASS {password}".encode())).startswith(b"-ERR")
-        await client.login()
+        await login(client)
         assert (await client.cmd(b"QUIT")).startswith(b"+OK")
     values = {
         value

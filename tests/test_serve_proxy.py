@@ -18,13 +18,13 @@ import pytest
 import test_serve
 import trio
 import trio.testing
+from pop3client import Pop3Client, open_loopback
 from prometheus_client import CollectorRegistry
 from test_serve import (
-    OPENED,
     TEST_DEADLINE_SECONDS,
-    Client,
     Running,
     Tls,
+    login,
     make_config,
     start,
 )
@@ -39,7 +39,6 @@ from popproxy.serve import serve
 # The fixtures of test_serve.py, used here by name.
 maildir = test_serve.maildir
 tls = test_serve.tls
-close_clients = test_serve.close_clients
 
 CLIENT = PeerAddress("203.0.113.9", 50123)
 LISTENER = PeerAddress("198.51.100.1", 110)
@@ -56,15 +55,14 @@ def proxied_config(maildir: Path, tls: Tls, trusted: str = "127.0.0.0/8", **limi
 
 
 async def open_raw(running: Running, mode: TlsMode = TlsMode.NONE) -> trio.SocketStream:
-    stream = await trio.open_tcp_stream("127.0.0.1", running.ports[mode])
-    OPENED.append(stream)
+    stream = await open_loopback(running.ports[mode])
     return stream
 
 
-async def proxied(running: Running, header: bytes, mode: TlsMode = TlsMode.NONE) -> Client:
+async def proxied(running: Running, header: bytes, mode: TlsMode = TlsMode.NONE) -> Pop3Client:
     stream = await open_raw(running, mode)
     await stream.send_all(header)
-    return Client(stream)
+    return Pop3Client(stream)
 
 
 async def start_before_the_clock_jumps(
@@ -100,7 +98,7 @@ async def test_the_header_names_the_peer_of_the_session(
         running = await start(nursery, proxied_config(maildir, tls))
         client = await proxied(running, encode(CLIENT, LISTENER))
         assert (await client.line()).startswith(b"+OK popproxy ready.")
-        await client.login()
+        await login(client)
         assert (await client.cmd(b"QUIT")).startswith(b"+OK")
         assert await client.at_eof()
         running.shutdown.set()
@@ -132,9 +130,9 @@ async def test_implicit_tls_follows_the_header(
         raw = await open_raw(running, TlsMode.IMPLICIT)
         await raw.send_all(encode_v1(PeerAddress("2001:db8::7", 4444), PeerAddress("::1", 995)))
         stream = trio.SSLStream(raw, tls.client_context(), server_hostname="127.0.0.1")
-        client = Client(stream)
+        client = Pop3Client(stream)
         assert (await client.line()).startswith(b"+OK popproxy ready.")
-        await client.login()
+        await login(client)
         assert (await client.cmd(b"QUIT")).startswith(b"+OK")
         running.shutdown.set()
         await running.stopped.wait()
@@ -157,7 +155,7 @@ async def test_local_and_unknown_headers_keep_the_proxy_address(
         running = await start(nursery, proxied_config(maildir, tls))
         stream = await open_raw(running)
         await stream.send_all(header)
-        client = Client(stream)
+        client = Pop3Client(stream)
         assert (await client.line()).startswith(b"+OK")
         assert (await client.cmd(b"QUIT")).startswith(b"+OK")
         own_port = stream.socket.getsockname()[1]
@@ -177,10 +175,9 @@ async def test_an_untrusted_source_is_closed_without_a_word(
     with trio.fail_after(TEST_DEADLINE_SECONDS):
         shutdown = trio.Event()
         bound = await nursery.start(serve_with(config, shutdown, metrics))
-        stream = await trio.open_tcp_stream("127.0.0.1", bound[0][1])
-        OPENED.append(stream)
+        stream = await open_loopback(bound[0][1])
         await stream.send_all(encode_v1(CLIENT, LISTENER))
-        assert await Client(stream).at_eof()
+        assert await Pop3Client(stream).at_eof()
         shutdown.set()
     [line] = logged(caplog, "proxy_untrusted")
     assert str(line["proxy"]).startswith("127.0.0.1:")
@@ -204,10 +201,9 @@ async def test_a_bad_header_closes_the_connection(
     with trio.fail_after(TEST_DEADLINE_SECONDS):
         shutdown = trio.Event()
         bound = await nursery.start(serve_with(proxied_config(maildir, tls), shutdown, metrics))
-        stream = await trio.open_tcp_stream("127.0.0.1", bound[0][1])
-        OPENED.append(stream)
+        stream = await open_loopback(bound[0][1])
         await stream.send_all(data)
-        assert await Client(stream).at_eof()
+        assert await Pop3Client(stream).at_eof()
         shutdown.set()
     [line] = logged(caplog, "proxy_header_invalid")
     assert line["reason"]
@@ -249,7 +245,7 @@ async def test_the_header_counts_against_the_login_timeout(
         accepted = trio.current_time()
         await trio.sleep(4)
         await stream.send_all(encode_v2(CLIENT, LISTENER))
-        client = Client(stream)
+        client = Pop3Client(stream)
         assert (await client.line()).startswith(b"+OK")
         assert await client.line() == b"-ERR [SYS/TEMP] Disconnected: login timeout."
         assert trio.current_time() - accepted == pytest.approx(6, abs=0.5)
@@ -261,20 +257,20 @@ async def test_sessions_per_address_over_the_limit_are_refused(
     """Without a PROXY header the TCP peer is the address counted."""
     with trio.fail_after(TEST_DEADLINE_SECONDS):
         running = await start(nursery, make_config(maildir, tls, max_sessions_per_ip=2))
-        first = Client(await open_raw(running))
-        second = Client(await open_raw(running))
+        first = Pop3Client(await open_raw(running))
+        second = Pop3Client(await open_raw(running))
         assert (await first.line()).startswith(b"+OK")
         assert (await second.line()).startswith(b"+OK")
-        third = Client(await open_raw(running))
+        third = Pop3Client(await open_raw(running))
         assert await third.line() == b"-ERR [SYS/TEMP] Too many connections from your address."
         assert await third.at_eof()
         # an implicit TLS listener counts the same address, and closes without a line
-        implicit = Client(await open_raw(running, TlsMode.IMPLICIT))
+        implicit = Pop3Client(await open_raw(running, TlsMode.IMPLICIT))
         assert await implicit.at_eof()
         assert (await first.cmd(b"QUIT")).startswith(b"+OK")
         assert await first.at_eof()
         await trio.testing.wait_all_tasks_blocked()
-        fourth = Client(await open_raw(running))
+        fourth = Pop3Client(await open_raw(running))
         assert (await fourth.line()).startswith(b"+OK")
     refusals = logged(caplog, "session_refused")
     assert [r["reason"] for r in refusals] == ["max_sessions_per_ip"] * 2
@@ -422,4 +418,4 @@ async def test_behind_a_proxy_the_login_throttle_keys_on_the_client_address(
         assert (await locked.cmd(b"PASS secret")).startswith(b"-ERR [AUTH]")
         other = await proxied(running, encode_v1(PeerAddress("203.0.113.77", 1), LISTENER))
         assert (await other.line()).startswith(b"+OK")
-        await other.login()
+        await login(other)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import test_serve
 import trio
 import trustme
+from pop3client import Pop3Client, open_loopback
 
 from popproxy.auth.passwords import hash_password
 from popproxy.config import Config, TlsMode, load_config
@@ -166,69 +166,28 @@ async def start(
     return running
 
 
-class Client:
-    """Line-oriented raw POP3 client over a trio stream."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.buf = bytearray()
-
-    async def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            data = await self.stream.receive_some(4096)
-            if not data:
-                raise EOFError(bytes(self.buf))
-            self.buf += data
-        line, _, rest = bytes(self.buf).partition(b"\r\n")
-        self.buf[:] = rest
-        return line
-
-    async def cmd(self, line: bytes) -> bytes:
-        await self.stream.send_all(line + b"\r\n")
-        return await self.line()
-
-    async def multiline(self, line: bytes) -> list[bytes]:
-        status = await self.cmd(line)
-        assert status.startswith(b"+OK"), status
-        lines = []
-        while (item := await self.line()) != b".":
-            lines.append(item)
-        return lines
-
-    async def login(self, name: str) -> bytes:
-        assert await self.cmd(f"USER {name}".encode()) == b"+OK"
-        return await self.cmd(f"PASS {PASSWORDS[name]}".encode())
-
-
-# test_serve's list of client streams and the fixture that closes them after each test.
-OPENED = test_serve.OPENED
-close_clients = test_serve.close_clients
-
-
-async def connect(running: Running, mode: TlsMode = TlsMode.NONE) -> Client:
-    stream = await trio.open_tcp_stream("127.0.0.1", running.ports[mode])
-    OPENED.append(stream)
-    client = Client(stream)
+async def connect(running: Running, mode: TlsMode = TlsMode.NONE) -> Pop3Client:
+    client = Pop3Client(await open_loopback(running.ports[mode]), receive_bytes=4096)
     if mode is not TlsMode.IMPLICIT:
         assert (await client.line()).startswith(b"+OK")
     return client
 
 
-async def tls_connect(running: Running, mode: TlsMode, ca: trustme.CA) -> tuple[Client, bytes]:
+async def tls_connect(running: Running, mode: TlsMode, ca: trustme.CA) -> tuple[Pop3Client, bytes]:
     """A TLS connection (implicit, or plain then STLS); return it and the server's leaf DER."""
     client = await connect(running, mode)
     if mode is TlsMode.STARTTLS:
         assert (await client.cmd(b"STLS")).startswith(b"+OK")
     context = ssl.create_default_context()
     ca.configure_trust(context)
-    tls_stream = trio.SSLStream(client.stream, context, server_hostname="127.0.0.1")
-    await tls_stream.do_handshake()
-    client.stream = tls_stream
+    der = await client.start_tls(context)
     if mode is TlsMode.IMPLICIT:
         assert (await client.line()).startswith(b"+OK")
-    der = tls_stream.getpeercert(binary_form=True)
-    assert der is not None
     return client, der
+
+
+async def login(client: Pop3Client, name: str) -> bytes:
+    return await client.login(name, PASSWORDS[name])
 
 
 def logged(caplog: pytest.LogCaptureFixture, msg: str) -> list[dict[str, object]]:
@@ -244,18 +203,18 @@ async def test_a_new_user_logs_in_after_a_reload_and_a_running_session_carries_o
         path = workdir / "popproxy.yaml"
         running = await start(nursery, write_config(path)())
         before = await connect(running)
-        assert (await before.login("alice")).startswith(b"+OK")
+        assert (await login(before, "alice")).startswith(b"+OK")
         refused = await connect(running)
-        assert (await refused.login("bob")).startswith(b"-ERR [AUTH]")
+        assert (await login(refused, "bob")).startswith(b"-ERR [AUTH]")
 
         outcome = await running.reload(write_config(path, ("bob",)))
         assert outcome.ok
         assert outcome.reason is None
 
         bob = await connect(running)
-        assert (await bob.login("bob")).startswith(b"+OK")
+        assert (await login(bob, "bob")).startswith(b"+OK")
         alice_again = await connect(running)
-        assert (await alice_again.login("alice")).startswith(b"-ERR [AUTH]")
+        assert (await login(alice_again, "alice")).startswith(b"-ERR [AUTH]")
         # The session that logged in before the reload still has its maildrop.
         assert (await before.cmd(b"STAT")).startswith(b"+OK 1 ")
         assert await before.multiline(b"RETR 1") == MESSAGE.rstrip(b"\n").split(b"\n")
@@ -282,7 +241,7 @@ async def test_a_broken_config_leaves_the_running_one(
         assert "users.bob.password_hash: expected a PHC hash string" in outcome.reason
         assert [f["reason"] for f in logged(caplog, "reload_failed")] == [outcome.reason]
         alice = await connect(running)
-        assert (await alice.login("alice")).startswith(b"+OK")
+        assert (await login(alice, "alice")).startswith(b"+OK")
         assert (await alice.cmd(b"QUIT")).startswith(b"+OK")
 
 
@@ -328,7 +287,7 @@ async def test_a_loader_that_crashes_is_a_failed_reload(
         assert not outcome.ok
         assert logged(caplog, "reload_crashed")
         alice = await connect(running)
-        assert (await alice.login("alice")).startswith(b"+OK")
+        assert (await login(alice, "alice")).startswith(b"+OK")
 
 
 async def test_listener_changes_are_logged_as_restart_required_and_the_rest_applied(
@@ -344,7 +303,7 @@ async def test_listener_changes_are_logged_as_restart_required_and_the_rest_appl
         (summary,) = logged(caplog, "reloaded")
         assert summary["restart_required"] == 1
         bob = await connect(running)  # the port bound at start
-        assert (await bob.login("bob")).startswith(b"+OK")
+        assert (await login(bob, "bob")).startswith(b"+OK")
 
 
 async def test_a_config_without_tls_under_tls_listeners_is_refused(
@@ -372,7 +331,7 @@ async def test_a_certificate_replaced_on_disk_is_served_to_new_connections(
         path = workdir / "popproxy.yaml"
         running = await start(nursery, write_config(path)())
         old_session, old_der = await tls_connect(running, mode, ca)
-        assert (await old_session.login("alice")).startswith(b"+OK")
+        assert (await login(old_session, "alice")).startswith(b"+OK")
 
         new_der = issue_certificate(ca, workdir / "server.pem")  # the config file is the same
         assert new_der != old_der
@@ -408,9 +367,8 @@ async def test_a_reloaded_session_limit_applies_to_the_next_connection(
         path = workdir / "popproxy.yaml"
         running = await start(nursery, write_config(path, max_sessions=1)())
         await connect(running)
-        over = await trio.open_tcp_stream("127.0.0.1", running.ports[TlsMode.NONE])
-        OPENED.append(over)
-        assert (await Client(over).line()).startswith(b"-ERR [SYS/TEMP]")
+        over = await open_loopback(running.ports[TlsMode.NONE])
+        assert (await Pop3Client(over).line()).startswith(b"-ERR [SYS/TEMP]")
         assert (await running.reload(write_config(path, max_sessions=2))).ok
         await connect(running)  # greeted with +OK
 
@@ -469,14 +427,14 @@ async def test_new_sessions_use_a_reloaded_upstream_and_a_running_one_keeps_its_
         path = workdir / "popproxy.yaml"
         running = await start(nursery, write_config(path, tls=False, upstream_port=port_a)())
         before = await connect(running)
-        assert (await before.login("carol")).startswith(b"+OK")
+        assert (await login(before, "carol")).startswith(b"+OK")
         assert await before.multiline(b"RETR 1") == [b"Subject: a", b"", b"a"]
 
         outcome = await running.reload(write_config(path, tls=False, upstream_port=port_b))
         assert outcome.ok
 
         after = await connect(running)
-        assert (await after.login("carol")).startswith(b"+OK")
+        assert (await login(after, "carol")).startswith(b"+OK")
         assert await after.multiline(b"RETR 1") == [b"Subject: b", b"", b"b"]
         # The session opened before the reload still talks to upstream A.
         assert await before.multiline(b"TOP 1 0") == [b"Subject: a", b""]
@@ -534,7 +492,7 @@ async def test_a_failing_reload_hook_is_logged_and_serving_goes_on(
         assert (await running.reload(write_config(path, ("alice", "bob")))).ok
         assert len(logged(caplog, "reload_hook_failed")) == 2  # the initial load, the reload
         bob = await connect(running)
-        assert (await bob.login("bob")).startswith(b"+OK")
+        assert (await login(bob, "bob")).startswith(b"+OK")
 
 
 async def test_a_lockout_outlives_a_reload(workdir: Path, nursery: trio.Nursery) -> None:
@@ -547,11 +505,11 @@ async def test_a_lockout_outlives_a_reload(workdir: Path, nursery: trio.Nursery)
             client = await connect(running)
             assert await client.cmd(b"USER bob") == b"+OK"
             assert (await client.cmd(b"PASS " + guess)).startswith(b"-ERR [AUTH]")
-        assert (await (await connect(running)).login("bob")).startswith(b"-ERR [AUTH]")
+        assert (await login(await connect(running), "bob")).startswith(b"-ERR [AUTH]")
         reloaded = write_config(path, ("alice", "bob"), limits=(*lockout, "auth_cache_size: 5"))
         assert (await running.reload(reloaded)).ok
-        assert (await (await connect(running)).login("bob")).startswith(b"-ERR [AUTH]")
-        assert (await (await connect(running)).login("alice")).startswith(b"+OK")
+        assert (await login(await connect(running), "bob")).startswith(b"-ERR [AUTH]")
+        assert (await login(await connect(running), "alice")).startswith(b"+OK")
 
 
 async def test_a_reload_that_changes_a_password_drops_its_cached_login(
@@ -561,13 +519,13 @@ async def test_a_reload_that_changes_a_password_drops_its_cached_login(
         path = workdir / "popproxy.yaml"
         running = await start(nursery, write_config(path, ("alice",))())
         first = await connect(running)
-        assert (await first.login("alice")).startswith(b"+OK")  # now in the cache
+        assert (await login(first, "alice")).startswith(b"+OK")  # now in the cache
         assert (await first.cmd(b"QUIT")).startswith(b"+OK")
         new_hash = hash_password(Secret.from_str("new-pw"), ln=4)
         changed = write_config(path, ("alice",), hashes={"alice": new_hash})
         assert (await running.reload(changed)).ok
         old = await connect(running)
-        assert (await old.login("alice")).startswith(b"-ERR [AUTH]")
+        assert (await login(old, "alice")).startswith(b"-ERR [AUTH]")
         new = await connect(running)
         assert await new.cmd(b"USER alice") == b"+OK"
         assert (await new.cmd(b"PASS new-pw")).startswith(b"+OK")

@@ -1,0 +1,164 @@
+"""The raw POP3 client the in-process tests talk through, over any trio stream.
+
+`Pop3Client` sends exactly the octets a test gives it and reads replies line by line,
+so a test can assert each reply to the byte: `line` is the next line without its CRLF,
+`body` and `body_lines` read a multi-line reply to its terminator and un-stuff it
+(RFC 1939 §3), checking on the way that every line-start dot was stuffed. The stream
+may be one end of a `trio.testing.memory_stream_pair` (session tests) or a loopback
+TCP connection (serve tests); `open_loopback` opens the latter and records it, and the
+synchronous `close_client_streams` fixture in tests/conftest.py closes what is left.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Callable
+
+import trio
+
+LOOPBACK = "127.0.0.1"
+# One receive_some; replies are short, bodies a few kilobytes.
+RECEIVE_BYTES = 65536
+
+# The loopback streams tests opened; closed after each test (see close_opened).
+_OPENED: list[trio.SocketStream] = []
+
+
+async def open_loopback(port: int) -> trio.SocketStream:
+    """A TCP connection to ``port`` on 127.0.0.1, closed after the test if it is not."""
+    stream = await trio.open_tcp_stream(LOOPBACK, port)
+    _OPENED.append(stream)
+    return stream
+
+
+def close_opened() -> None:
+    """Close every stream `open_loopback` opened and the test left open.
+
+    Called after the test's trio run is over, so each socket is taken back from trio
+    (detached) and its descriptor closed directly.
+    """
+    while _OPENED:
+        fd = _OPENED.pop().socket.detach()
+        if fd != -1:  # -1: the test closed it itself
+            os.close(fd)
+
+
+class Pop3Client:
+    """A POP3 client that sends raw octets and reads exact reply lines.
+
+    ``receive_timeout``: each receive waits at most this long (virtual seconds under
+    autojump_clock); None for no limit of its own (the test's deadline applies).
+    ``before_receive`` runs before each receive (a test may raise from it to vanish).
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        receive_bytes: int = RECEIVE_BYTES,
+        receive_timeout: float | None = None,
+        before_receive: Callable[[], None] | None = None,
+    ) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+        self.receive_bytes = receive_bytes
+        self.receive_timeout = receive_timeout
+        self.before_receive = before_receive
+
+    async def receive(self) -> bool:
+        """One receive into the buffer; False at end of stream."""
+        if self.before_receive is not None:
+            self.before_receive()
+        if self.receive_timeout is None:
+            data = await self.stream.receive_some(self.receive_bytes)
+        else:
+            with trio.fail_after(self.receive_timeout):
+                data = await self.stream.receive_some(self.receive_bytes)
+        self.buf += data
+        return bool(data)
+
+    async def next_line(self) -> bytes | None:
+        """The next line without its CRLF; None when the server closed between lines."""
+        while (end := self.buf.find(b"\r\n")) == -1:
+            if not await self.receive():
+                assert not self.buf, f"the server closed inside a line: {bytes(self.buf)!r}"
+                return None
+        line = bytes(self.buf[:end])
+        del self.buf[: end + 2]
+        return line
+
+    async def line(self) -> bytes:
+        """The next line without its CRLF; EOFError if the server closed first."""
+        line = await self.next_line()
+        if line is None:
+            raise EOFError
+        return line
+
+    async def send(self, data: bytes) -> None:
+        """Send octets as they are."""
+        await self.stream.send_all(data)
+
+    async def cmd(self, line: bytes | str) -> bytes:
+        """Send one command line (CRLF added) and return the status line."""
+        await self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return await self.line()
+
+    async def next_body_lines(self) -> list[bytes] | None:
+        """The lines of a multi-line body after its status line, un-stuffed (RFC 1939 §3);
+        None if the server closed before the terminator."""
+        lines = []
+        while (line := await self.next_line()) != b".":
+            if line is None:
+                return None
+            if line.startswith(b"."):
+                assert line.startswith(b".."), f"a line-start dot not stuffed: {line[:60]!r}"
+                line = line[1:]
+            lines.append(line)
+        return lines
+
+    async def body_lines(self) -> list[bytes]:
+        """As `next_body_lines`; EOFError if the server closed before the terminator."""
+        lines = await self.next_body_lines()
+        if lines is None:
+            raise EOFError
+        return lines
+
+    async def body(self) -> bytes:
+        """The rest of a multi-line reply, un-stuffed, each line with its CRLF."""
+        return b"".join(line + b"\r\n" for line in await self.body_lines())
+
+    async def multi(self, line: bytes | str) -> tuple[bytes, bytes]:
+        """A command that must get +OK and a multi-line body: its status line and body."""
+        status = await self.cmd(line)
+        assert status.startswith(b"+OK"), status
+        return status, await self.body()
+
+    async def multiline(self, line: bytes | str) -> list[bytes]:
+        """A command that must get +OK and a multi-line body: the body's lines."""
+        status = await self.cmd(line)
+        assert status.startswith(b"+OK"), status
+        return await self.body_lines()
+
+    async def login(self, user: str, password: str) -> bytes:
+        """USER (which must get a bare +OK) then PASS; the reply to PASS (RFC 1939 §7)."""
+        assert await self.cmd(f"USER {user}") == b"+OK"
+        return await self.cmd(f"PASS {password}")
+
+    async def at_eof(self) -> bool:
+        """Whether the next receive is the server's end of stream (a reset counts too)."""
+        try:
+            return not await self.receive()
+        except trio.BrokenResourceError:
+            return True
+
+    async def start_tls(self, context: ssl.SSLContext, hostname: str = LOOPBACK) -> bytes:
+        """Wrap the stream in TLS and handshake (after +OK to STLS, or at once for implicit
+        TLS); return the server's leaf certificate (DER)."""
+        assert not self.buf, f"octets left before the handshake: {bytes(self.buf)!r}"
+        tls = trio.SSLStream(self.stream, context, server_hostname=hostname)
+        await tls.do_handshake()
+        self.stream = tls
+        der = tls.getpeercert(binary_form=True)
+        assert isinstance(der, bytes), der
+        return der
