@@ -146,11 +146,22 @@ class Pop3Client:
         return await self.cmd(f"PASS {password}")
 
     async def at_eof(self) -> bool:
-        """Whether the next receive is the server's end of stream (a reset counts too)."""
+        """Whether the server has closed with nothing left unread: the buffer is empty and
+        the next receive is its end of stream (a reset counts as closed)."""
+        if self.buf:
+            return False
         try:
             return not await self.receive()
         except trio.BrokenResourceError:
             return True
+
+    async def rest_until_closed(self) -> bytes:
+        """Everything the server still sends, up to its end of stream (which must come)."""
+        while await self.receive():
+            pass
+        rest = bytes(self.buf)
+        self.buf.clear()
+        return rest
 
     async def start_tls(self, context: ssl.SSLContext, hostname: str = LOOPBACK) -> bytes:
         """Wrap the stream in TLS and handshake (after +OK to STLS, or at once for implicit

@@ -1,7 +1,8 @@
 """Session tests over in-memory streams: every command in every phase, deletion rules.
 
 The maildrop is a real Maildir in a temporary directory and the authenticator
-is the real one (with cheap hash parameters); the client side is raw bytes.
+is the real one (with cheap hash parameters); the client side is raw bytes
+(tests/pop3client.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from pop3client import Pop3Client
 
 from popproxy.auth.authenticator import Authenticator, Verification
 from popproxy.auth.passwords import hash_password
@@ -56,63 +58,19 @@ def remaining(maildir: Path) -> set[str]:
     return {p.name.split(":")[0] for sub in ("new", "cur") for p in (maildir / sub).iterdir()}
 
 
-@dataclass
-class Client:
-    """A raw POP3 client on a memory stream, reading exact replies."""
+# Each receive of a session test's client waits at most this long (virtual seconds under
+# autojump_clock): a session that neither answers nor closes fails the test.
+RECEIVE_TIMEOUT_SECONDS = 30
 
-    stream: trio.abc.Stream
-    buf: bytearray
 
-    async def _fill(self) -> None:
-        with trio.fail_after(30):
-            data = await self.stream.receive_some(65536)
-        if not data:
-            raise EOFError(bytes(self.buf))
-        self.buf += data
-
-    async def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            await self._fill()
-        line, _, rest = bytes(self.buf).partition(b"\r\n")
-        self.buf[:] = rest
-        return line
-
-    async def body(self) -> bytes:
-        """The rest of a multi-line reply, un-stuffed, terminator removed."""
-        while not (self.buf.startswith(b".\r\n") or b"\r\n.\r\n" in self.buf):
-            await self._fill()
-        if self.buf.startswith(b".\r\n"):
-            raw, rest = b"", bytes(self.buf[3:])
-        else:
-            raw, _, rest = bytes(self.buf).partition(b"\r\n.\r\n")
-            raw += b"\r\n"
-        self.buf[:] = rest
-        lines = [ln[1:] if ln.startswith(b".") else ln for ln in raw.split(b"\r\n")]
-        return b"\r\n".join(lines)
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def cmd(self, line: str) -> bytes:
-        await self.send(line.encode() + b"\r\n")
-        return await self.line()
-
-    async def multi(self, line: str) -> tuple[bytes, bytes]:
-        status = await self.cmd(line)
-        assert status.startswith(b"+OK"), status
-        return status, await self.body()
-
-    async def closed(self) -> bool:
-        try:
-            await self._fill()
-        except (EOFError, trio.BrokenResourceError):
-            return True
-        return False
+def session_client(stream: trio.abc.Stream) -> Pop3Client:
+    """The raw client a session test talks through (tests/pop3client.py)."""
+    return Pop3Client(stream, receive_timeout=RECEIVE_TIMEOUT_SECONDS)
 
 
 @dataclass
 class Running:
-    client: Client
+    client: Pop3Client
     summary: Callable[[], SessionSummary]
     done: trio.Event
 
@@ -157,14 +115,14 @@ async def start(maildir: Path, nursery: trio.Nursery) -> AsyncIterator[Starter]:
             done.set()
 
         nursery.start_soon(run)
-        client = Client(client_stream, bytearray())
+        client = session_client(client_stream)
         assert (await client.line()).startswith(b"+OK")
         return Running(client, lambda: session.summary, done)
 
     yield _start
 
 
-async def login(client: Client) -> None:
+async def login(client: Pop3Client) -> None:
     assert await client.cmd("USER demo") == b"+OK"
     assert (await client.cmd("PASS secret")).startswith(b"+OK Logged in, 3 messages")
 
@@ -373,7 +331,7 @@ async def test_session_ending_without_quit_deletes_nothing(start: Starter, maild
 async def test_quit_in_authorization_logs_out(start: Starter) -> None:
     running: Running = await start()
     assert (await running.client.cmd("QUIT")).startswith(b"+OK")
-    assert await running.client.closed()
+    assert await running.client.at_eof()
 
 
 async def test_pipelined_commands_are_answered_in_order(start: Starter) -> None:
@@ -394,7 +352,7 @@ async def test_too_many_bad_commands_close_the_session(start: Starter) -> None:
     for _ in range(LIMITS.max_bad_commands - 1):
         assert (await c.cmd("FOO")).startswith(b"-ERR")
     assert (await c.cmd("FOO")).startswith(b"-ERR Too many bad commands")
-    assert await c.closed()
+    assert await c.at_eof()
     await running.done.wait()
     assert running.summary().result is SessionResult.PROTOCOL_ERROR
 

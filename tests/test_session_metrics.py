@@ -121,8 +121,7 @@ async def test_pipelined_commands_each_count(start: Starter, maildir: Path) -> N
     running = await start(context)
     c = running.client
     await c.send(b"USER demo\r\nPASS secret\r\nNOOP\r\nNOOP\r\nUIDL 1\r\nQUIT\r\n")
-    while not await c.closed():
-        pass
+    await c.rest_until_closed()
     await running.done.wait()
     assert commands(metrics) == {
         ("USER", "ok"): 1,

@@ -9,13 +9,13 @@ DELE the client was told succeeded (and RSET did not undo), and only when QUIT g
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 import trio.testing
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pop3client import Pop3Client
 from test_session import MESSAGES, make_context, remaining
 
 from popproxy.outcomes import SessionResult
@@ -64,30 +64,6 @@ def multiline(line: bytes) -> bool:
     )
 
 
-@dataclass
-class Reader:
-    stream: trio.abc.Stream
-    buf: bytearray
-
-    async def line(self) -> bytes | None:
-        while b"\r\n" not in self.buf:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                return None
-            self.buf += data
-        line, _, rest = bytes(self.buf).partition(b"\r\n")
-        self.buf[:] = rest
-        return line
-
-    async def body(self) -> bool:
-        while True:
-            line = await self.line()
-            if line is None:
-                return False
-            if line == b".":
-                return True
-
-
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -116,21 +92,21 @@ async def test_any_session_deletes_exactly_what_was_marked_and_only_on_quit(
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.run)
-                reader = Reader(client, bytearray())
-                assert (await reader.line() or b"").startswith(b"+OK")
+                reader = Pop3Client(client)
+                assert (await reader.next_line() or b"").startswith(b"+OK")
                 await client.send_all(b"".join(line + b"\r\n" for line in lines))
                 if ending == "eof":
                     await client.send_eof()
                 logged_in, marked, quit_ok, answered = False, set(), False, 0
                 for line in lines:
-                    reply = await reader.line()
+                    reply = await reader.next_line()
                     if reply is None:
                         break  # the session closed (bad-command budget, STLS rule)
                     answered += 1
                     ok = reply.startswith(b"+OK")
                     assert ok or reply.startswith(b"-ERR"), (line, reply)
                     if ok and multiline(line):
-                        assert await reader.body(), line
+                        assert await reader.next_body_lines() is not None, line
                     verb, _, arg = line.partition(b" ")
                     match verb.upper(), ok:
                         case b"PASS", True:

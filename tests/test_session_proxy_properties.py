@@ -48,6 +48,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+from pop3client import Pop3Client
 
 from popproxy.auth.authenticator import Authenticator
 from popproxy.auth.passwords import hash_password
@@ -719,46 +720,8 @@ class Got:
     upstream_quit_answered: bool = False  # at the moment a +OK to QUIT was read
 
 
-@dataclass
-class Reader:
-    stream: trio.abc.Stream
-    cut: trio.Event | None  # only when the scenario disconnects
-    buf: bytearray = field(default_factory=bytearray)
-
-    async def _fill(self) -> bool:
-        if self.cut is not None and self.cut.is_set():
-            raise Cut
-        data = await self.stream.receive_some(CLIENT_RECEIVE_BYTES)
-        self.buf += data
-        return bool(data)
-
-    async def line(self) -> bytes | None:
-        while (end := self.buf.find(b"\r\n")) == -1:
-            if not await self._fill():
-                assert not self.buf, f"the session closed inside a line: {bytes(self.buf)!r}"
-                return None
-        line = bytes(self.buf[:end])
-        del self.buf[: end + 2]
-        return line
-
-    async def body(self, got: Got) -> None:
-        """The rest of a multi-line reply, un-stuffed into ``got.body`` (RFC 1939 §3)."""
-        got.body, got.complete = b"", False
-        while (line := await self.line()) is not None:
-            if line == b".":
-                got.complete = True
-                return
-            if line.startswith(b"."):
-                assert line.startswith(b".."), f"a line-start dot not stuffed: {line[:60]!r}"
-                line = line[1:]
-            got.body += line + b"\r\n"
-
-    async def at_eof(self) -> bool:
-        return not self.buf and not await self._fill()
-
-
 async def read_replies(
-    reader: Reader,
+    reader: Pop3Client,
     commands: Sequence[Cmd],
     expects: Sequence[Expect],
     upstream: ScriptedUpstream,
@@ -766,13 +729,16 @@ async def read_replies(
 ) -> None:
     """Read one reply per command into ``got``; stop early at EOF."""
     for cmd, expect in zip(commands, expects, strict=False):
-        status = await reader.line()
+        status = await reader.next_line()
         if status is None:
             return
         reply = Got(status)
         got.append(reply)
         if status.startswith(b"+OK") and expect.multiline:
-            await reader.body(reply)
+            reply.body, reply.complete = b"", False  # until its terminator is read
+            lines = await reader.next_body_lines()
+            if lines is not None:
+                reply.body, reply.complete = b"".join(line + b"\r\n" for line in lines), True
         if cmd.op is Op.QUIT and status.startswith(b"+OK"):
             reply.upstream_quit_answered = any(c.quit_answered for c in upstream.connections)
 
@@ -787,11 +753,19 @@ async def drive_client(
     """
     commands = scenario.commands
     ending = scenario.ending
-    reader = Reader(stream, upstream.cut if ending is Ending.DISCONNECT else None)
+    cut = upstream.cut if ending is Ending.DISCONNECT else None
+
+    def vanish_at_the_cut() -> None:
+        if cut is not None and cut.is_set():
+            raise Cut
+
+    reader = Pop3Client(
+        stream, receive_bytes=CLIENT_RECEIVE_BYTES, before_receive=vanish_at_the_cut
+    )
     got: list[Got] = []
     before_quit: list[bytes] | None = None
     try:
-        greeting = await reader.line()
+        greeting = await reader.next_line()
         assert greeting is not None and greeting.startswith(b"+OK"), greeting
         first = commands[:-1] if ending is Ending.QUIT_AFTER_REPLIES else commands
         await stream.send_all(b"".join(cmd.line + b"\r\n" for cmd in first))

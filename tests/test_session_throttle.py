@@ -21,8 +21,9 @@ import pytest
 import test_session
 import trio
 import trio.testing
+from pop3client import Pop3Client
 from prometheus_client import CollectorRegistry
-from test_session import Client
+from test_session import session_client
 
 from popproxy.auth.authenticator import Authenticator, HashQueue
 from popproxy.auth.passwords import hash_password, verify_password
@@ -76,7 +77,7 @@ class World:
 
 
 class Connect(Protocol):
-    async def __call__(self, address: str = "192.0.2.1") -> Client: ...
+    async def __call__(self, address: str = "192.0.2.1") -> Pop3Client: ...
 
 
 def opener(clock: trio.testing.MockClock) -> OpenMaildrop:
@@ -119,18 +120,18 @@ def world(maildir: Path, autojump_clock: trio.testing.MockClock) -> World:
 
 @pytest.fixture
 async def connect(world: World, nursery: trio.Nursery) -> AsyncIterator[Connect]:
-    async def _connect(address: str = "192.0.2.1") -> Client:
+    async def _connect(address: str = "192.0.2.1") -> Pop3Client:
         client_stream, server_stream = trio.testing.memory_stream_pair()
         session = Session(server_stream, PeerAddress(address, 1), world.context)
         nursery.start_soon(session.run)
-        client = Client(client_stream, bytearray())
+        client = session_client(client_stream)
         assert (await client.line()).startswith(b"+OK")
         return client
 
     yield _connect
 
 
-async def attempt(client: Client, user: str, password: str) -> tuple[bytes, float]:
+async def attempt(client: Pop3Client, user: str, password: str) -> tuple[bytes, float]:
     """USER/PASS; the PASS reply and how long it took on the (mock) clock."""
     assert await client.cmd(f"USER {user}") == b"+OK"
     before = trio.current_time()
@@ -138,12 +139,12 @@ async def attempt(client: Client, user: str, password: str) -> tuple[bytes, floa
     return reply, trio.current_time() - before
 
 
-async def quit_holding_the_clock(client: Client, clock: trio.testing.MockClock) -> None:
+async def quit_holding_the_clock(client: Pop3Client, clock: trio.testing.MockClock) -> None:
     """QUIT, and wait for the session to close its Maildir (worker threads) and the stream."""
     clock.autojump_threshold = math.inf
     try:
         assert (await client.cmd("QUIT")).startswith(b"+OK")
-        assert await client.closed()
+        assert await client.at_eof()
     finally:
         clock.autojump_threshold = 0
 
@@ -245,7 +246,7 @@ async def test_unknown_user_and_wrong_password_are_alike_in_reply_and_time_into_
             client_stream, server_stream = trio.testing.memory_stream_pair()
             session = Session(server_stream, PeerAddress(f"10.0.0.{n % 2}", 1), world.context)
             nursery.start_soon(session.run)
-            client = Client(client_stream, bytearray())
+            client = session_client(client_stream)
             await client.line()
             script.append(await attempt(client, user, f"wrong-{n}"))
         seen.append(script)
@@ -303,7 +304,7 @@ async def test_without_a_throttle_table_nothing_is_throttled(
     context = dataclasses.replace(world.context, throttle=None)
     client_stream, server_stream = trio.testing.memory_stream_pair()
     nursery.start_soon(Session(server_stream, PeerAddress("192.0.2.1", 1), context).run)
-    client = Client(client_stream, bytearray())
+    client = session_client(client_stream)
     await client.line()
     for n in range(LIMITS.auth_lockout_failures + 1):
         assert (await attempt(client, "demo", f"w{n}"))[1] == pytest.approx(FAILURE_DELAY)
