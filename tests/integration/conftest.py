@@ -3,22 +3,20 @@ a real Dovecot upstream."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from .dovecot import DovecotServer, DovecotUser
 from .harness import (
-    LISTENER_KINDS,
     PASSWORD,
     USER,
     Corpus,
-    ProxyUser,
     ServerFailed,
     ServerProcess,
     TlsFiles,
-    Upstream,
     User,
     make_corpus,
     make_tls_files,
@@ -51,31 +49,10 @@ def serve_in(workdir: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
     and must exit 0 (a generator for fixtures of any scope to `yield from`)."""
     servers: list[ServerProcess] = []
 
-    def _start(
-        *,
-        users: Sequence[User | ProxyUser],
-        listeners: Sequence[str] = LISTENER_KINDS,
-        allow_plaintext_auth: bool = True,
-        limits: Mapping[str, float | int] | None = None,
-        log_level: str = "info",
-        upstreams: Mapping[str, Upstream] | None = None,
-        metrics: Mapping[str, object] | None = None,
-        rules: Mapping[str, str] | None = None,
-        state: Path | None = None,
-    ) -> ServerProcess:
-        server = start_server(
-            workdir / f"server{len(servers)}",
-            users=users,
-            tls=tls_files,
-            listeners=listeners,
-            allow_plaintext_auth=allow_plaintext_auth,
-            limits=limits,
-            log_level=log_level,
-            upstreams=upstreams,
-            metrics=metrics,
-            rules=rules,
-            state=state,
-        )
+    def _start(**options: Any) -> ServerProcess:
+        """`harness.start_server` in a directory of its own, with the session's TLS files;
+        ``options`` are its keywords (users, listeners, limits, upstreams, ...)."""
+        server = start_server(workdir / f"server{len(servers)}", tls=tls_files, **options)
         servers.append(server)
         return server
 
