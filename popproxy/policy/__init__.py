@@ -1,8 +1,9 @@
 """Retention policy: rules (``rules/*.yaml``) and the pure decisions made from them.
 
 DESIGN.md, "Rules"; docs/rules.md. No I/O, YAML, trio or metrics here (the import
-walk in tests/pop3/test_imports.py checks it): the loader lives in
-``popproxy/config.py``, and the session carries out what :class:`RetentionPlan` says.
+walk in tests/pop3/test_imports.py checks it): ``schema.py`` builds rules from a rule
+file's parsed content, the config loader (``popproxy/config/``) reads the YAML, and
+the session carries out what :class:`RetentionPlan` says.
 """
 
 from __future__ import annotations

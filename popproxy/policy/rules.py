@@ -1,8 +1,10 @@
 """The rule model: what a rule matches and what it sets (docs/rules.md).
 
-Values only, built by the loader (``popproxy/config.py`` reads ``rules/*.yaml``) or
-by tests. Header patterns are compiled once, when a rule is made, from a pattern of
-bounded length; :func:`compile_header_pattern` says why a pattern is refused.
+Values only, built from a rule file's content by ``schema.py`` (the config loader
+reads ``rules/*.yaml``) or by tests; a rule file's keys are the fields' names unless
+a field's metadata says otherwise. Header patterns are compiled once, when a rule is
+made, from a pattern of bounded length; :func:`compile_header_pattern` says why a
+pattern is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from popproxy.policy.fields import read_from
 from popproxy.policy.headers import Headers
 
 # A rule name is a metrics label value and a log field (DESIGN.md, Metrics): short,
@@ -125,8 +128,8 @@ class Rule:
     action: Action | None = None
     expire_after_days: int | None = None
     max_size_bytes: int | None = None
-    continues: bool = False
-    source: str = ""
+    continues: bool = field(default=False, metadata=read_from("continue"))
+    source: str = field(default="", metadata=read_from())  # not a key of the rule file
 
     def __post_init__(self) -> None:
         problem = rule_name_problem(self.name)

@@ -1,0 +1,223 @@
+"""The config model: frozen values, one dataclass per section (DESIGN.md, "Config").
+
+A section's YAML keys are its dataclass's field names, in field order (what an
+"unknown key" message lists); a field read from other keys, or from none, says so
+in its metadata (``read_from``). So a new key is one new field, plus its check in
+``schema.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from popproxy.policy import Policy
+from popproxy.policy.fields import ConfigIssue, read_from
+from popproxy.pop3.limits import (
+    MAX_COMMAND_LINE_OCTETS,
+    MAX_REPLY_LINE_OCTETS,
+    MAX_SASL_LINE_OCTETS,
+    MAX_SASL_PAYLOAD_OCTETS,
+)
+from popproxy.secret import Secret
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class TlsMode(enum.Enum):
+    """How a listener or upstream connection uses TLS."""
+
+    NONE = "none"  # plain text
+    STARTTLS = "starttls"  # plain, upgraded with STLS (RFC 2595 §4)
+    IMPLICIT = "implicit"  # TLS from the first byte (RFC 8314 §3.3, port 995)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One listening socket. Port 0 asks the OS for a free port (tests)."""
+
+    address: str
+    port: int
+    tls: TlsMode
+    # Every connection starts with a PROXY protocol header (v1 or v2) from one of
+    # ``trusted_proxies``; anything else is dropped (docs/operations.md).
+    proxy_protocol: bool = False
+
+    @property
+    def name(self) -> str:
+        """The listener's metric and log label: its TLS mode ("none", "starttls", "implicit")."""
+        return self.tls.value
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """The server certificate chain and key (PEM files) for STLS and implicit TLS."""
+
+    cert_file: Path
+    key_file: Path
+
+
+class UpstreamLogin(enum.Enum):
+    """How popproxy logs in to an upstream (RFC 1939 §7 USER/PASS, RFC 5034 + 4616 PLAIN)."""
+
+    AUTO = "auto"  # AUTH PLAIN if the upstream's CAPA lists SASL PLAIN, else USER/PASS
+    USER = "user"
+    PLAIN = "plain"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """A POP3 server popproxy logs in to (proxy mode, docs/proxy.md)."""
+
+    name: str = field(metadata=read_from())  # its key in upstreams
+    host: str
+    port: int
+    tls: TlsMode
+    verify: bool = True  # check the certificate and the host name
+    ca_file: Path | None = None  # trust these CAs instead of the system store
+    login: UpstreamLogin = UpstreamLogin.AUTO
+    # TCP connect, TLS handshake excluded.
+    connect_timeout_seconds: float = 15
+    # From connect to the listing taken after login: greeting, CAPA, STLS, login, UIDL, LIST.
+    login_timeout_seconds: float = 30
+    # Each reply afterwards, and each read inside a message body.
+    command_timeout_seconds: float = 60
+    # A NOOP upstream after this long without a command, so a client idling in
+    # TRANSACTION keeps its upstream session; RFC 1939 §3 lets a server log out an
+    # idle client after 10 minutes, some providers do it sooner.
+    keepalive_interval_seconds: float = 120
+    # The longest status or listing line read from this upstream, line end included
+    # (RFC 2449 §4: 512; raise it only for a provider that breaks the RFC).
+    max_reply_line_bytes: int = MAX_REPLY_LINE_OCTETS
+    # One session per upstream account at a time (RFC 1939 §4's exclusive lock): the
+    # next waits up to limits.account_wait_seconds, then gets -ERR [IN-USE]. False lets
+    # sessions on one account overlap, as Dovecot does by default (docs/rules.md).
+    exclusive_sessions: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UserConfig:
+    """A local user: a password hash, and either a local Maildir or an upstream account."""
+
+    name: str = field(metadata=read_from())  # its key in users
+    password_hash: str
+    maildir: Path | None = None
+    upstream: str | None = None
+    upstream_user: str | None = None
+    # Never inline: read at load from a file or an environment variable.
+    upstream_password: Secret | None = field(
+        default=None, metadata=read_from("upstream_password_file", "upstream_password_env")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """Where popproxy keeps per-user state (SQLAlchemy-style URL; docs/state.md)."""
+
+    url: str = "sqlite:///popproxy-state.db"
+    # How long a write waits for another writer (another session's commit, a prune
+    # batch, another process on the same file) before it fails: sqlite's busy_timeout.
+    busy_timeout_seconds: float = 10
+    # Run sqlite's PRAGMA integrity_check at open (reads the whole file) and refuse a
+    # damaged store.
+    integrity_check: bool = False
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The sqlite database file for a ``sqlite:///`` URL (None otherwise, or for :memory:).
+
+        Three slashes then a relative path is relative to the working directory; four
+        slashes is an absolute path.
+        """
+        if not self.url.startswith("sqlite:///"):
+            return None
+        rest = self.url[len("sqlite:///") :]
+        if rest == ":memory:":
+            return None
+        return Path(rest)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus exporter's listening address."""
+
+    address: str = "127.0.0.1"
+    port: int = 9110
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Timeouts and counts that bound every session."""
+
+    idle_timeout_seconds: float = 600  # RFC 1939 §3: at least 10 minutes
+    login_timeout_seconds: float = 60
+    max_sessions: int = 1000
+    # Sessions from one client address (an IPv6 /64) at once, logged in or not: one
+    # host behind NAT runs a few clients polling a few mailboxes each, so 50 is far
+    # above honest use and keeps one address from taking all of max_sessions.
+    max_sessions_per_ip: int = 50
+    shutdown_grace_seconds: float = 10
+    max_bad_commands: int = 10  # consecutive bad commands before closing
+    auth_failure_delay_seconds: float = 2.0  # Dovecot's auth_failure_delay
+    send_timeout_seconds: float = 60  # a client that does not read for this long is dropped
+    # Line and payload bounds of the client leg, in octets with the line end; the
+    # floors and ceilings (and why) are in popproxy/pop3/limits.py.
+    max_command_line_bytes: int = MAX_COMMAND_LINE_OCTETS  # RFC 2449 §4
+    max_sasl_line_bytes: int = MAX_SASL_LINE_OCTETS  # an AUTH line or SASL response
+    max_sasl_payload_bytes: int = MAX_SASL_PAYLOAD_OCTETS  # decoded (RFC 5034 §4)
+    # A second session on an upstream account waits this long for the first one to
+    # end, then gets -ERR [IN-USE] (RFC 1939 §4 exclusive access; docs/rules.md).
+    account_wait_seconds: float = 10
+    # Throttling and lockout (popproxy/auth/throttle.py, docs/security.md). The penalty
+    # is Dovecot's: 2 s after a failure from an address, doubling, at most 15 s.
+    auth_penalty_initial_seconds: float = 2.0  # Dovecot's AUTH_PENALTY_INIT_SECS
+    auth_penalty_max_seconds: float = 15.0  # Dovecot's AUTH_PENALTY_MAX_SECS
+    # Dovecot has no lockout of its own (it leaves that to fail2ban). NIST SP 800-63B
+    # §5.2.2 allows at most 100 consecutive failures; 10 in 10 minutes is far from what
+    # a person typing or a client with a stale password produces (a retry of the same
+    # wrong password is not counted again).
+    auth_lockout_failures: int = 10  # per user name; 0: no lockout
+    # Per client address: one address may carry many honest users (a NAT, a webmail
+    # front end), so it takes more; enough to stop one address spraying guesses.
+    auth_lockout_address_failures: int = 100  # 0: no lockout
+    auth_lockout_window_seconds: float = 600
+    auth_lockout_seconds: float = 900
+    # Logins waiting for a hash thread beyond those hashing; more get -ERR [SYS/TEMP]
+    # at once. At about 40 default-cost scrypt checks a second on two threads, 100
+    # waiting logins clear in under 3 s, well within login_timeout_seconds.
+    auth_max_pending_verifications: int = 100
+    # The verified-credential cache (popproxy/auth/cache.py): one entry per user that
+    # logged in within the TTL (Dovecot's auth_cache_ttl default); 0 turns it off.
+    auth_cache_size: int = 1000
+    auth_cache_ttl_seconds: float = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration. Mappings are read-only."""
+
+    source: Path = field(metadata=read_from())  # the file it was loaded from
+    listen: tuple[ListenerConfig, ...]
+    tls: TlsConfig | None
+    allow_plaintext_auth: bool
+    upstreams: Mapping[str, UpstreamConfig]
+    users: Mapping[str, UserConfig]
+    state: StateConfig
+    rules_dir: Path | None
+    metrics: MetricsConfig | None
+    limits: LimitsConfig
+    # Every rule of rules_dir, loaded with the config and replaced with it on reload.
+    policy: Policy = field(default_factory=Policy.empty, metadata=read_from())
+    # The networks allowed to send a PROXY protocol header (proxy_protocol listeners).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+
+
+class ConfigError(Exception):
+    """A config file or a rule file has problems; ``issues`` holds all of them, in file order."""
+
+    def __init__(self, issues: tuple[ConfigIssue, ...]) -> None:
+        super().__init__("\n".join(str(issue) for issue in issues))
+        self.issues = issues

@@ -1,0 +1,344 @@
+"""The config file's schema: the top level and each section, checked and built.
+
+Every problem is reported, not just the first, each naming the file, the key path
+and what was expected. The ``users`` and ``limits`` sections are built in their own
+modules, the rules of ``rules_dir`` by ``rules.py``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from types import MappingProxyType
+
+from popproxy.config.fields import ConfigSection
+from popproxy.config.limits import build_limits
+from popproxy.config.model import (
+    Config,
+    ConfigError,
+    IPNetwork,
+    ListenerConfig,
+    MetricsConfig,
+    StateConfig,
+    TlsConfig,
+    TlsMode,
+    UpstreamConfig,
+    UpstreamLogin,
+)
+from popproxy.config.reader import read_yaml
+from popproxy.config.rules import load_rules
+from popproxy.config.users import build_users
+from popproxy.policy import Policy
+from popproxy.policy.fields import Issues, describe, keys_of
+from popproxy.pop3.limits import MAX_REPLY_LINE_OCTETS, REPLY_LINE_CEILING_OCTETS
+
+# An upstream's name is a metrics label value and a log field: short and printable
+# (the same bound as popproxy.metrics.MAX_NAME_CHARS; tests/test_config.py keeps them equal).
+MAX_UPSTREAM_NAME_CHARS = 128
+MAX_PORT = 65535
+# Upstream default ports: RFC 1939 §3 (110) and RFC 8314 §7.3 (995).
+POP3_PORT = 110
+POP3S_PORT = 995
+
+_STATE_SCHEMES = ("sqlite:///",)
+# A QUIT waits this long at most for the store's write lock; longer is a typo (and
+# sqlite's busy_timeout is an int of milliseconds).
+MAX_STATE_BUSY_TIMEOUT_SECONDS = 3600
+
+_TOP_KEYS = keys_of(Config)
+_LISTENER_KEYS = keys_of(ListenerConfig)
+_TLS_KEYS = keys_of(TlsConfig)
+_UPSTREAM_KEYS = keys_of(UpstreamConfig)
+_STATE_KEYS = keys_of(StateConfig)
+_METRICS_KEYS = keys_of(MetricsConfig)
+
+
+def load_config(path: Path) -> Config:
+    """Read, parse and validate the YAML config at ``path``.
+
+    Raises :class:`ConfigError` with every problem found. Reads secret files and
+    environment variables named by ``upstream_password_file``/``_env``.
+    """
+    issues = Issues(str(path))
+    data = read_yaml(path, issues)
+    config = None
+    if data is not None:
+        config = _build(path, data, issues)
+    if issues.items or config is None:
+        raise ConfigError(tuple(issues.items))
+    return config
+
+
+def _build(source: Path, data: object, issues: Issues) -> Config | None:
+    top = ConfigSection.of(issues, "", data, _TOP_KEYS)
+    if top is None:
+        return None
+    listen = _listeners(top)
+    tls = _tls(top)
+    allow_plaintext = top.boolean("allow_plaintext_auth")
+    upstreams = _upstreams(top)
+    _refuse_loops(top, listen, upstreams)
+    users = build_users(top)
+    state = _state(top)
+    rules_dir = top.path_value("rules_dir", kind="dir")
+    metrics = _metrics(top)
+    limits = build_limits(top)
+    rules = load_rules(rules_dir, top, issues) if rules_dir is not None else ()
+    trusted_proxies = _trusted_proxies(top, listen)
+    if issues.items:
+        return None
+    accounts = {user.name: user.upstream for user in users.values()}
+    return Config(
+        source=source,
+        listen=tuple(listen),
+        tls=tls,
+        allow_plaintext_auth=bool(allow_plaintext),
+        upstreams=MappingProxyType(upstreams),
+        users=MappingProxyType(users),
+        state=state,
+        rules_dir=rules_dir,
+        metrics=metrics,
+        limits=limits,
+        policy=Policy(rules, accounts),
+        trusted_proxies=trusted_proxies,
+    )
+
+
+def _listeners(top: ConfigSection) -> list[ListenerConfig]:
+    value = top.raw("listen")
+    what = "a list of listeners ({address, port, tls})"
+    if value is None:
+        top.error("listen", f"missing; expected {what}")
+        return []
+    if not isinstance(value, list) or not value:
+        top.error("listen", f"expected {what}, got {describe(value)}")
+        return []
+    out: list[ListenerConfig] = []
+    bound: dict[tuple[str, int], int] = {}
+    for index, item in enumerate(value):
+        path = f"listen[{index}]"
+        section = ConfigSection.of(top.issues, path, item, _LISTENER_KEYS)
+        if section is None:
+            continue
+        address = section.host("address", required=True)
+        port = section.integer("port", lo=0, hi=MAX_PORT, required=True)
+        tls = section.tls_mode("tls", required=True)
+        proxy_protocol = section.boolean("proxy_protocol")
+        if tls is not None and tls is not TlsMode.NONE and not top.has("tls"):
+            section.error(
+                "tls",
+                f"tls: {tls.value} needs the top-level tls section (cert_file and key_file)",
+            )
+        if address is None or port is None or tls is None:
+            continue
+        if port != 0 and (address, port) in bound:
+            section.error(
+                "port", f"{address}:{port} is already used by listen[{bound[address, port]}]"
+            )
+            continue
+        bound[address, port] = index
+        out.append(ListenerConfig(address, port, tls, proxy_protocol=bool(proxy_protocol)))
+    return out
+
+
+def _trusted_proxies(top: ConfigSection, listen: Sequence[ListenerConfig]) -> tuple[IPNetwork, ...]:
+    """``trusted_proxies``: addresses or CIDR networks (``192.0.2.10``, ``10.0.0.0/8``,
+    ``2001:db8::/32``); required, and not empty, when a listener has ``proxy_protocol``."""
+    value = top.raw("trusted_proxies")
+    what = "a list of IP addresses or networks (CIDR, such as 10.0.0.0/8)"
+    networks: list[IPNetwork] = []
+    if value is not None and not isinstance(value, list):
+        top.error("trusted_proxies", f"expected {what}, got {describe(value)}")
+        return ()
+    bad = False
+    for index, item in enumerate(value or []):
+        network = _network(item)
+        if network is None:
+            hint = ""
+            if isinstance(item, str) and "/" in item:
+                hint = " (host bits set? write the network address, such as 10.0.0.0/8)"
+            top.issues.add(
+                f"trusted_proxies[{index}]",
+                f"expected an IP address or a CIDR network, got {describe(item)}{hint}",
+            )
+            bad = True
+        else:
+            networks.append(network)
+    if not networks and not bad:
+        for index, listener in enumerate(listen):
+            if listener.proxy_protocol:
+                top.error(
+                    "trusted_proxies",
+                    f"listen[{index}] has proxy_protocol: true, which needs trusted_proxies:"
+                    " the addresses of the load balancers allowed to send the header",
+                )
+                break
+    return tuple(networks)
+
+
+def _network(item: object) -> IPNetwork | None:
+    if not isinstance(item, str) or "%" in item:  # a zone index names no network
+        return None
+    try:
+        return ipaddress.ip_network(item)
+    except ValueError:
+        return None
+
+
+def _is_local_host(host: str) -> bool:
+    """Whether ``host`` surely names this machine, decided without DNS."""
+    if host.lower().removesuffix(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+def _refuse_loops(
+    top: ConfigSection, listen: Sequence[ListenerConfig], upstreams: Mapping[str, UpstreamConfig]
+) -> None:
+    """An upstream that is one of popproxy's own listeners would make it proxy to itself.
+
+    Caught here where the config shows it; the session also recognizes its own greeting
+    (docs/proxy.md, loop detection), which catches loops through DNS names.
+    """
+    for name, upstream in upstreams.items():
+        for listener in listen:
+            if listener.port != upstream.port or listener.port == 0:
+                continue
+            same = upstream.host == listener.address or (
+                _is_local_host(upstream.host) and _is_local_host(listener.address)
+            )
+            if same:
+                top.issues.add(
+                    f"upstreams.{name}.host",
+                    f"{upstream.host}:{upstream.port} is popproxy's own listener"
+                    f" ({listener.address}:{listener.port}); popproxy would proxy to itself",
+                )
+
+
+def _tls(top: ConfigSection) -> TlsConfig | None:
+    if not top.has("tls"):
+        return None
+    section = ConfigSection.of(top.issues, "tls", top.raw("tls"), _TLS_KEYS)
+    if section is None:
+        return None
+    cert = section.path_value("cert_file", kind="file", required=True)
+    key = section.path_value("key_file", kind="file", required=True)
+    if cert is None or key is None:
+        return None
+    return TlsConfig(cert, key)
+
+
+def _upstreams(top: ConfigSection) -> dict[str, UpstreamConfig]:
+    out: dict[str, UpstreamConfig] = {}
+    for name, item in top.named_sections("upstreams"):
+        if not 0 < len(name) <= MAX_UPSTREAM_NAME_CHARS or not name.isprintable():
+            top.issues.add(
+                f"upstreams.{name}",
+                f"an upstream name must be 1-{MAX_UPSTREAM_NAME_CHARS} printable characters"
+                " (it is a label in the metrics)",
+            )
+            continue
+        section = ConfigSection.of(top.issues, f"upstreams.{name}", item, _UPSTREAM_KEYS)
+        if section is None:
+            continue
+        host = section.host("host", required=True)
+        tls = section.tls_mode("tls")
+        if tls is None and not section.has("tls"):
+            tls = TlsMode.IMPLICIT
+        port = section.integer("port", lo=1, hi=MAX_PORT)
+        if port is None and not section.has("port") and tls is not None:
+            port = POP3S_PORT if tls is TlsMode.IMPLICIT else POP3_PORT
+        verify = section.boolean("verify")
+        ca_file = section.path_value("ca_file", kind="file")
+        login = section.choice("login", UpstreamLogin)
+        default = UpstreamConfig(name, "-", 0, TlsMode.NONE)
+        connect_timeout = section.seconds("connect_timeout_seconds", positive=True)
+        login_timeout = section.seconds("login_timeout_seconds", positive=True)
+        command_timeout = section.seconds("command_timeout_seconds", positive=True)
+        keepalive = section.seconds("keepalive_interval_seconds", positive=True)
+        reply_line = section.integer(
+            "max_reply_line_bytes", lo=MAX_REPLY_LINE_OCTETS, hi=REPLY_LINE_CEILING_OCTETS
+        )
+        exclusive = section.boolean("exclusive_sessions")
+        if tls is TlsMode.NONE and (verify is not None or ca_file is not None):
+            key = "verify" if verify is not None else "ca_file"
+            section.error(key, "only meaningful with tls: starttls or implicit")
+        if host is None or tls is None or port is None:
+            continue
+        out[name] = UpstreamConfig(
+            name=name,
+            host=host,
+            port=port,
+            tls=tls,
+            verify=True if verify is None else verify,
+            ca_file=ca_file,
+            login=login or UpstreamLogin.AUTO,
+            connect_timeout_seconds=connect_timeout or default.connect_timeout_seconds,
+            login_timeout_seconds=login_timeout or default.login_timeout_seconds,
+            command_timeout_seconds=command_timeout or default.command_timeout_seconds,
+            keepalive_interval_seconds=keepalive or default.keepalive_interval_seconds,
+            max_reply_line_bytes=reply_line or default.max_reply_line_bytes,
+            exclusive_sessions=default.exclusive_sessions if exclusive is None else exclusive,
+        )
+    return out
+
+
+def _state(top: ConfigSection) -> StateConfig:
+    if not top.has("state"):
+        return _absolute_state(StateConfig())
+    section = ConfigSection.of(top.issues, "state", top.raw("state"), _STATE_KEYS)
+    if section is None:
+        return StateConfig()
+    default = StateConfig()
+    busy_timeout = section.seconds("busy_timeout_seconds", positive=True)
+    if busy_timeout is not None and busy_timeout > MAX_STATE_BUSY_TIMEOUT_SECONDS:
+        section.error(
+            "busy_timeout_seconds",
+            f"expected at most {MAX_STATE_BUSY_TIMEOUT_SECONDS} seconds, got {busy_timeout:g}",
+        )
+        busy_timeout = None
+    integrity_check = section.boolean("integrity_check")
+    options = StateConfig(
+        busy_timeout_seconds=busy_timeout or default.busy_timeout_seconds,
+        integrity_check=default.integrity_check if integrity_check is None else integrity_check,
+    )
+    what = "a state URL such as sqlite:///var/popproxy-state.db"
+    url = section.string("url", what=what)
+    if url is None:
+        return _absolute_state(options)
+    if url.startswith(("postgresql:", "postgres:")):
+        section.error("url", "the PostgreSQL backend is not implemented yet; use sqlite:///PATH")
+        return options
+    if not url.startswith(_STATE_SCHEMES) or url == "sqlite:///":
+        section.error("url", f"expected {what}, got {url!r} (only sqlite is supported so far)")
+        return options
+    return _absolute_state(replace(options, url=url))
+
+
+def _absolute_state(state: StateConfig) -> StateConfig:
+    """Resolve a relative sqlite path against the working directory (4 slashes = absolute)."""
+    path = state.sqlite_path
+    if path is None or path.is_absolute():
+        return state
+    return replace(state, url="sqlite:///" + str(Path.cwd() / path))
+
+
+def _metrics(top: ConfigSection) -> MetricsConfig | None:
+    if not top.has("metrics"):
+        return None
+    section = ConfigSection.of(top.issues, "metrics", top.raw("metrics"), _METRICS_KEYS)
+    if section is None:
+        return None
+    default = MetricsConfig()
+    address = section.host("address")
+    port = section.integer("port", lo=0, hi=MAX_PORT)
+    return MetricsConfig(
+        address=default.address if address is None else address,
+        port=default.port if port is None else port,
+    )
