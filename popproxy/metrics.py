@@ -1,4 +1,4 @@
-"""Every popproxy metric, declared once on an injected registry, and the /metrics exporter.
+"""Every popproxy metric, declared once on an injected registry.
 
 Theory of operation. :class:`Metrics` owns one ``prometheus_client`` collector per
 metric, all registered on the :class:`~prometheus_client.CollectorRegistry` it is
@@ -16,31 +16,23 @@ label: it is neither an Enum member nor a declared name, so the call raises.
 :meth:`Metrics.declare` also creates every series whose labels are known up front
 at 0, so ``rate()`` and the alert rules work from the first scrape.
 
-:func:`serve_metrics` serves ``GET /metrics`` in the text exposition format over a
-deliberately small HTTP/1.1 server (RFC 9112): one request per connection
-(``Connection: close``), a bounded request head, deadlines on reading and writing.
+This module only declares and counts: it does no I/O and imports no trio, socket, ssl
+or yaml (tests/pop3/test_imports.py). :mod:`popproxy.metrics_exporter` serves the
+registry over HTTP.
 """
 
 from __future__ import annotations
 
 import enum
-import logging
 import platform
-import re
 from collections.abc import Iterable, Set
-from dataclasses import dataclass
 from typing import TypeVar
 
-import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 import popproxy
-from popproxy.config import MetricsConfig
 from popproxy.outcomes import SessionResult, UpstreamFailure
 from popproxy.pop3.commands import Verb
-
-log = logging.getLogger("popproxy.metrics")
 
 PREFIX = "popproxy_"
 
@@ -162,8 +154,10 @@ class Metrics:
 
     Construct one per process with the registry the exporter serves, call
     :meth:`declare` with the configured listener, upstream and rule names (again
-    after a reload that adds some), then report events through the methods below.
-    Durations are seconds as floats (differences of ``trio.current_time()``),
+    after a reload that adds some), then report events through the methods below and
+    through the :class:`ListenerMetrics` and :class:`UpstreamMetrics` that
+    :meth:`listener` and :meth:`upstream` return (sessions and upstream connections
+    keep theirs). Durations are seconds as floats (differences of ``trio.current_time()``),
     sizes are octets.
     """
 
@@ -389,27 +383,7 @@ class Metrics:
         """Publish ``limits.max_sessions`` (for saturation panels and alerts)."""
         self._sessions_limit.set(limit)
 
-    # -- client sessions --------------------------------------------------------------
-
-    def session_started(self, listener: str) -> None:
-        """A connection became a session: started +1, active +1."""
-        self.listener(listener).session_started()
-
-    def session_ended(self, listener: str, result: SessionResult) -> None:
-        """A session ended (pair it with :meth:`session_started` in a ``finally``)."""
-        self.listener(listener).session_ended(result)
-
-    def session_refused(self, listener: str) -> None:
-        """A connection was refused because ``max_sessions`` sessions were running."""
-        self.listener(listener).session_refused()
-
-    def connection_rejected(self, listener: str, reason: ConnectionRejection) -> None:
-        """A connection was closed before it became a session, for ``reason``."""
-        self.listener(listener).connection_rejected(reason)
-
-    def tls_handshake(self, listener: str, result: TlsResult) -> None:
-        """A client TLS handshake finished (STLS, RFC 2595 §4, or implicit TLS, RFC 8314)."""
-        self.listener(listener).tls_handshake(result)
+    # -- client logins and commands (not per listener) ------------------------------
 
     def login(self, mechanism: LoginMechanism, result: LoginResult) -> None:
         """A client login attempt was decided (RFC 1939 §7, RFC 5034 §4)."""
@@ -423,56 +397,6 @@ class Metrics:
             _label(result, CommandResult)
             raise TypeError(f"not a command verb and result: {verb!r}, {result!r}")
         series.inc()
-
-    def client_bytes_sent(self, listener: str, octets: int) -> None:
-        """``octets`` were written to a client."""
-        self.listener(listener).bytes_sent(octets)
-
-    def client_bytes_received(self, listener: str, octets: int) -> None:
-        """``octets`` were read from a client."""
-        self.listener(listener).bytes_received(octets)
-
-    # -- upstreams ----------------------------------------------------------------------
-
-    def upstream_connected(self, upstream: str, seconds: float) -> None:
-        """A connection to ``upstream`` was opened (TCP and TLS) in ``seconds``."""
-        self.upstream(upstream).connected(seconds)
-
-    def upstream_login_succeeded(self, upstream: str, seconds: float) -> None:
-        """A logged-in upstream session was opened; its login took ``seconds``."""
-        self.upstream(upstream).login_succeeded(seconds)
-
-    def upstream_login_failed(self, upstream: str, kind: UpstreamFailure) -> None:
-        """Opening a logged-in upstream session failed (at connect, TLS or login).
-
-        Counts one failed attempt and one error of ``kind``; do not also call
-        :meth:`upstream_error` for the same failure.
-        """
-        self.upstream(upstream).login_failed(kind)
-
-    def upstream_error(self, upstream: str, kind: UpstreamFailure) -> None:
-        """An upstream failed after login (timeout, closed, a refused DELE, ...)."""
-        self.upstream(upstream).error(kind)
-
-    def upstream_command(self, upstream: str, verb: Verb, seconds: float) -> None:
-        """A command sent upstream was answered after ``seconds`` (RFC 1939 §3)."""
-        self.upstream(upstream).command(verb, seconds)
-
-    def upstream_session_opened(self, upstream: str) -> None:
-        """A logged-in upstream session opened (pair with :meth:`upstream_session_closed`)."""
-        self.upstream(upstream).session_opened()
-
-    def upstream_session_closed(self, upstream: str) -> None:
-        """A logged-in upstream session closed, however it ended."""
-        self.upstream(upstream).session_closed()
-
-    def upstream_bytes_received(self, upstream: str, octets: int) -> None:
-        """``octets`` were read from ``upstream``."""
-        self.upstream(upstream).bytes_received(octets)
-
-    def upstream_messages_deleted(self, upstream: str, count: int) -> None:
-        """``count`` messages were deleted upstream: DELEs sent, QUIT answered +OK (RFC 1939 §6)."""
-        self.upstream(upstream).messages_deleted(count)
 
     # -- policy and state ---------------------------------------------------------------
 
@@ -661,158 +585,3 @@ def _declared(kind: str, name: str, declared: Set[str]) -> str:
     if name not in declared:
         raise ValueError(f"{kind} {name!r} was not declared (Metrics.declare)")
     return name
-
-
-# -- the exporter ---------------------------------------------------------------------
-
-# The request line and headers. Prometheus sends about 300 octets; 8 KiB is the
-# common per-line limit of HTTP servers (nginx's large_client_header_buffers).
-MAX_REQUEST_HEAD_BYTES = 8192
-RECEIVE_CHUNK_BYTES = 4096
-# Prometheus's default scrape_timeout is 10 s: a scraper slower than that has given up.
-REQUEST_READ_TIMEOUT_SECONDS = 10.0
-RESPONSE_SEND_TIMEOUT_SECONDS = 10.0
-# Concurrent connections; one more is closed at once. A scraper or two, plus a curl.
-MAX_EXPORTER_CONNECTIONS = 8
-
-_HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
-_REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/1\.[01]")
-_ALLOWED_METHODS = (b"GET", b"HEAD")
-_INDEX_BODY = b"popproxy metrics exporter: scrape /metrics\n"
-_TEXT_PLAIN = "text/plain; charset=utf-8"
-
-
-@dataclass(frozen=True, slots=True)
-class _Response:
-    status: int
-    reason: str
-    content_type: str
-    body: bytes
-    extra_headers: tuple[tuple[str, str], ...] = ()
-
-    def encode(self, *, include_body: bool) -> bytes:
-        headers = [
-            ("Content-Type", self.content_type),
-            ("Content-Length", str(len(self.body))),
-            ("Connection", "close"),
-            *self.extra_headers,
-        ]
-        head = f"HTTP/1.1 {self.status} {self.reason}\r\n" + "".join(
-            f"{name}: {value}\r\n" for name, value in headers
-        )
-        return head.encode("ascii") + b"\r\n" + (self.body if include_body else b"")
-
-
-def _error(status: int, reason: str, *extra: tuple[str, str]) -> _Response:
-    return _Response(status, reason, _TEXT_PLAIN, f"{status} {reason}\n".encode(), extra)
-
-
-class _HeadTooLarge(Exception):
-    pass
-
-
-async def _read_head(stream: trio.abc.ReceiveStream) -> bytes | None:
-    """The request head up to the blank line (RFC 9112 §2.1); None if the peer closed first."""
-    buffer = bytearray()
-    while True:
-        data = await stream.receive_some(RECEIVE_CHUNK_BYTES)
-        if not data:
-            return None
-        buffer += data
-        end = _HEAD_END_RE.search(buffer)
-        if end is not None and end.start() <= MAX_REQUEST_HEAD_BYTES:
-            return bytes(buffer[: end.start()])
-        if len(buffer) > MAX_REQUEST_HEAD_BYTES:
-            raise _HeadTooLarge
-
-
-def _respond(head: bytes, registry: CollectorRegistry) -> tuple[_Response, bool]:
-    """The response to a request head, and whether to send its body (not for HEAD)."""
-    request_line = head.split(b"\n", 1)[0].rstrip(b"\r")
-    match = _REQUEST_LINE_RE.fullmatch(request_line)
-    if match is None:
-        return _error(400, "Bad Request"), True
-    method, target = match.group(1), match.group(2)
-    if method not in _ALLOWED_METHODS:
-        return _error(405, "Method Not Allowed", ("Allow", "GET, HEAD")), True
-    path = target.split(b"?", 1)[0]
-    include_body = method == b"GET"
-    if path == b"/metrics":
-        try:
-            body = generate_latest(registry)
-        except Exception:
-            # A broken collector must not take the proxy down with the exporter.
-            log.exception("metrics_collection_failed")
-            return _error(500, "Internal Server Error"), include_body
-        return _Response(200, "OK", CONTENT_TYPE_LATEST, body), include_body
-    if path == b"/":
-        return _Response(200, "OK", _TEXT_PLAIN, _INDEX_BODY), include_body
-    return _error(404, "Not Found"), include_body
-
-
-async def handle_http_connection(stream: trio.abc.Stream, registry: CollectorRegistry) -> None:
-    """Answer one HTTP/1.1 request on ``stream`` and close it (RFC 9112 §9.6, ``close``).
-
-    ``GET /metrics`` gets the registry in the Prometheus text format; ``GET /`` a
-    pointer to it; other paths 404, other methods 405, a malformed request 400 and
-    a head over ``MAX_REQUEST_HEAD_BYTES`` 431. A client that does not finish its
-    head within ``REQUEST_READ_TIMEOUT_SECONDS`` is disconnected without a reply.
-    """
-    async with stream:
-        try:
-            head: bytes | None = None
-            response: _Response | None = None
-            include_body = True
-            with trio.move_on_after(REQUEST_READ_TIMEOUT_SECONDS):
-                try:
-                    head = await _read_head(stream)
-                except _HeadTooLarge:
-                    response = _error(431, "Request Header Fields Too Large")
-            if response is None:
-                if head is None:
-                    return  # the peer closed or timed out before a whole request
-                response, include_body = _respond(head, registry)
-            with trio.move_on_after(RESPONSE_SEND_TIMEOUT_SECONDS):
-                await stream.send_all(response.encode(include_body=include_body))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-
-
-async def serve_metrics(
-    config: MetricsConfig,
-    registry: CollectorRegistry,
-    *,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``registry`` at ``http://{address}:{port}/metrics`` until cancelled.
-
-    Binds ``config.address`` and ``config.port`` (0 asks the OS for a free port),
-    then reports the bound ``(address, port)`` of the first socket through
-    ``task_status`` (``await nursery.start(serve_metrics, config, registry)``).
-    Each connection carries one request (:func:`handle_http_connection`); at most
-    ``MAX_EXPORTER_CONNECTIONS`` are served at once, more are closed at once.
-    """
-    listeners = await trio.open_tcp_listeners(config.port, host=config.address)
-    limiter = trio.CapacityLimiter(MAX_EXPORTER_CONNECTIONS)
-
-    async def handler(stream: trio.SocketStream) -> None:
-        try:
-            limiter.acquire_nowait()
-        except trio.WouldBlock:
-            await trio.aclose_forcefully(stream)
-            return
-        try:
-            await handle_http_connection(stream, registry)
-        finally:
-            limiter.release()
-
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, handler, listeners)
-            address, port = listeners[0].socket.getsockname()[:2]
-            log.info("metrics_listening", extra={"fields": {"address": address, "port": port}})
-            task_status.started((address, port))
-    finally:
-        with trio.CancelScope(shield=True):
-            for listener in listeners:
-                await listener.aclose()

@@ -77,7 +77,8 @@ from popproxy.maildrop.retention import (
     utc_now,
 )
 from popproxy.maildrop.upstream import CapabilityMemo, UpstreamAccount, open_upstream
-from popproxy.metrics import ConnectionRejection, Metrics, serve_metrics
+from popproxy.metrics import ConnectionRejection, Metrics
+from popproxy.metrics_exporter import serve_metrics
 from popproxy.peer import UNKNOWN_PEER, PeerAddress, socket_peer
 from popproxy.policy import DEFAULT_RULE
 from popproxy.pop3.replies import Err, ResponseCode

@@ -1,9 +1,9 @@
-"""popproxy.metrics: names, closed label sets, pre-created series, promtool, the exporter.
+"""popproxy.metrics: names, closed label sets, pre-created series, promtool.
 
-The exporter is tested in-process: raw requests over loopback TCP on a dynamic port
-and over trio memory streams (whole and byte by byte), and through a real HTTP
-client (urllib in a worker thread). Deadlines are virtual (``autojump_clock``) or
-bound the test as a whole; nothing sleeps.
+Events are reported the way production reports them: client-session series through
+the ``ListenerMetrics`` of ``Metrics.listener``, upstream series through the
+``UpstreamMetrics`` of ``Metrics.upstream``. The exporter that serves the registry is
+tested in tests/test_metrics_exporter.py.
 """
 
 from __future__ import annotations
@@ -12,26 +12,13 @@ import enum
 import platform
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator, Iterable
 
 import pytest
-import trio
-import trio.testing
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 
 import popproxy
-from popproxy import metrics as metrics_module
-from popproxy.config import MetricsConfig
 from popproxy.metrics import (
     LATENCY_BUCKETS_SECONDS,
-    MAX_EXPORTER_CONNECTIONS,
-    MAX_REQUEST_HEAD_BYTES,
-    REQUEST_READ_TIMEOUT_SECONDS,
     UNKNOWN_VERB,
     CommandResult,
     ConnectionRejection,
@@ -41,13 +28,10 @@ from popproxy.metrics import (
     PolicyAction,
     StateOperation,
     TlsResult,
-    handle_http_connection,
-    serve_metrics,
 )
 from popproxy.outcomes import SessionResult, UpstreamFailure
 from popproxy.pop3.commands import Verb
 
-TEST_DEADLINE_SECONDS = 20
 LISTENERS = ("none", "starttls", "implicit")
 UPSTREAMS = ("provider", "backup")
 RULES = ("10-archive", "20-default")
@@ -66,30 +50,30 @@ def value(metrics: Metrics, name: str, **labels: str) -> float | None:
 
 
 def exercise_every_metric(metrics: Metrics) -> None:
-    """Report at least one event through every method, so every metric has activity."""
+    """Report at least one event through every reporting method, so every metric has activity."""
     metrics.config_loaded(successful=True, timestamp=1_700_000_000.0)
     metrics.set_session_limit(1000)
-    metrics.session_started("starttls")
-    metrics.session_ended("starttls", SessionResult.QUIT)
-    metrics.session_started("implicit")
-    metrics.session_refused("none")
-    metrics.connection_rejected("none", ConnectionRejection.MAX_SESSIONS_PER_IP)
-    metrics.tls_handshake("starttls", TlsResult.OK)
-    metrics.tls_handshake("implicit", TlsResult.FAILED)
+    metrics.listener("starttls").session_started()
+    metrics.listener("starttls").session_ended(SessionResult.QUIT)
+    metrics.listener("implicit").session_started()
+    metrics.listener("none").session_refused()
+    metrics.listener("none").connection_rejected(ConnectionRejection.MAX_SESSIONS_PER_IP)
+    metrics.listener("starttls").tls_handshake(TlsResult.OK)
+    metrics.listener("implicit").tls_handshake(TlsResult.FAILED)
     metrics.login(LoginMechanism.USER, LoginResult.OK)
     metrics.login(LoginMechanism.PLAIN, LoginResult.THROTTLED)
     metrics.command(Verb.RETR, CommandResult.OK)
     metrics.command(None, CommandResult.ERR)
-    metrics.client_bytes_sent("starttls", 1234)
-    metrics.client_bytes_received("starttls", 56)
-    metrics.upstream_connected("provider", 0.012)
-    metrics.upstream_login_succeeded("provider", 0.2)
-    metrics.upstream_login_failed("backup", UpstreamFailure.CONNECT)
-    metrics.upstream_error("provider", UpstreamFailure.CLOSED)
-    metrics.upstream_command("provider", Verb.LIST, 0.003)
-    metrics.upstream_session_opened("provider")
-    metrics.upstream_bytes_received("provider", 4096)
-    metrics.upstream_messages_deleted("provider", 2)
+    metrics.listener("starttls").bytes_sent(1234)
+    metrics.listener("starttls").bytes_received(56)
+    metrics.upstream("provider").connected(0.012)
+    metrics.upstream("provider").login_succeeded(0.2)
+    metrics.upstream("backup").login_failed(UpstreamFailure.CONNECT)
+    metrics.upstream("provider").error(UpstreamFailure.CLOSED)
+    metrics.upstream("provider").command(Verb.LIST, 0.003)
+    metrics.upstream("provider").session_opened()
+    metrics.upstream("provider").bytes_received(4096)
+    metrics.upstream("provider").messages_deleted(2)
     metrics.policy_action("10-archive", PolicyAction.EXPIRED, 2)
     metrics.policy_overdue("10-archive", 3)
     metrics.state_operation(StateOperation.COMMIT, 0.004)
@@ -182,7 +166,7 @@ def test_the_metrics_live_only_on_the_injected_registry() -> None:
 
     before = {family.name for family in REGISTRY.collect()}
     first, second = new_metrics(), new_metrics()  # a second one does not clash either
-    first.session_started("none")
+    first.listener("none").session_started()
     assert value(second, "popproxy_sessions_started_total", listener="none") == 0
     assert not any(name.startswith("popproxy_") for name in before)
     assert not any(family.name.startswith("popproxy_") for family in REGISTRY.collect())
@@ -265,7 +249,7 @@ def test_known_series_exist_at_zero_before_any_event() -> None:
 
 def test_declaring_again_adds_names_and_keeps_counts() -> None:
     metrics = new_metrics()
-    metrics.session_started("none")
+    metrics.listener("none").session_started()
     metrics.declare(listeners=["none"], upstreams=["new-provider"], rules=["30-new"])
     assert value(metrics, "popproxy_sessions_started_total", listener="none") == 1
     assert (
@@ -305,10 +289,10 @@ def test_config_reload_gauges() -> None:
 def test_sessions_started_active_ended() -> None:
     metrics = new_metrics()
     metrics.set_session_limit(50)
-    metrics.session_started("starttls")
-    metrics.session_started("starttls")
+    metrics.listener("starttls").session_started()
+    metrics.listener("starttls").session_started()
     assert value(metrics, "popproxy_sessions_active", listener="starttls") == 2
-    metrics.session_ended("starttls", SessionResult.TIMEOUT)
+    metrics.listener("starttls").session_ended(SessionResult.TIMEOUT)
     assert value(metrics, "popproxy_sessions_active", listener="starttls") == 1
     assert value(metrics, "popproxy_sessions_started_total", listener="starttls") == 2
     assert (
@@ -320,8 +304,8 @@ def test_sessions_started_active_ended() -> None:
 def test_every_session_result_is_a_series() -> None:
     metrics = new_metrics()
     for result in SessionResult:
-        metrics.session_started("none")
-        metrics.session_ended("none", result)
+        metrics.listener("none").session_started()
+        metrics.listener("none").session_ended(result)
         assert (
             value(metrics, "popproxy_sessions_ended_total", listener="none", result=result.value)
             == 1
@@ -331,8 +315,8 @@ def test_every_session_result_is_a_series() -> None:
 def test_every_upstream_failure_is_a_series() -> None:
     metrics = new_metrics()
     for failure in UpstreamFailure:
-        metrics.upstream_error("provider", failure)
-        metrics.upstream_login_failed("backup", failure)
+        metrics.upstream("provider").error(failure)
+        metrics.upstream("backup").login_failed(failure)
         assert (
             value(
                 metrics, "popproxy_upstream_errors_total", upstream="provider", kind=failure.value
@@ -349,10 +333,10 @@ def test_logins_commands_tls_and_bytes() -> None:
     metrics.login(LoginMechanism.APOP, LoginResult.LOCKED_OUT)
     metrics.command(Verb.DELE, CommandResult.ERR)
     metrics.command(None, CommandResult.ERR)
-    metrics.tls_handshake("implicit", TlsResult.FAILED)
-    metrics.client_bytes_sent("implicit", 100)
-    metrics.client_bytes_sent("implicit", 23)
-    metrics.client_bytes_received("implicit", 7)
+    metrics.listener("implicit").tls_handshake(TlsResult.FAILED)
+    metrics.listener("implicit").bytes_sent(100)
+    metrics.listener("implicit").bytes_sent(23)
+    metrics.listener("implicit").bytes_received(7)
     assert value(metrics, "popproxy_logins_total", mechanism="apop", result="locked_out") == 1
     assert value(metrics, "popproxy_commands_total", verb="DELE", result="err") == 1
     assert value(metrics, "popproxy_commands_total", verb=UNKNOWN_VERB, result="err") == 1
@@ -365,16 +349,16 @@ def test_logins_commands_tls_and_bytes() -> None:
 
 def test_upstream_logins_errors_and_latency() -> None:
     metrics = new_metrics()
-    metrics.upstream_connected("provider", 0.02)
-    metrics.upstream_login_succeeded("provider", 0.3)
-    metrics.upstream_login_failed("provider", UpstreamFailure.AUTH_REJECTED)
-    metrics.upstream_error("provider", UpstreamFailure.TIMEOUT)
-    metrics.upstream_command("provider", Verb.RETR, 1.5)
-    metrics.upstream_session_opened("provider")
-    metrics.upstream_session_opened("provider")
-    metrics.upstream_session_closed("provider")
-    metrics.upstream_bytes_received("provider", 10)
-    metrics.upstream_messages_deleted("provider", 3)
+    metrics.upstream("provider").connected(0.02)
+    metrics.upstream("provider").login_succeeded(0.3)
+    metrics.upstream("provider").login_failed(UpstreamFailure.AUTH_REJECTED)
+    metrics.upstream("provider").error(UpstreamFailure.TIMEOUT)
+    metrics.upstream("provider").command(Verb.RETR, 1.5)
+    metrics.upstream("provider").session_opened()
+    metrics.upstream("provider").session_opened()
+    metrics.upstream("provider").session_closed()
+    metrics.upstream("provider").bytes_received(10)
+    metrics.upstream("provider").messages_deleted(3)
     up = "popproxy_upstream_"
     assert value(metrics, up + "logins_total", upstream="provider", result="ok") == 1
     assert value(metrics, up + "logins_total", upstream="provider", result="failed") == 1
@@ -438,15 +422,15 @@ def test_a_plain_string_where_an_enum_is_required_is_refused() -> None:
     with pytest.raises(TypeError):
         metrics.command("RETR", CommandResult.OK)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        metrics.upstream_error("provider", "connect")  # type: ignore[arg-type]
+        metrics.upstream("provider").error("connect")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         metrics.policy_action("10-archive", "deleted")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         metrics.state_operation("load", 0.1)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        metrics.tls_handshake("none", "ok")  # type: ignore[arg-type]
+        metrics.listener("none").tls_handshake("ok")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        metrics.session_ended("none", "quit")  # type: ignore[arg-type]
+        metrics.listener("none").session_ended("quit")  # type: ignore[arg-type]
 
 
 def test_a_member_of_the_wrong_enum_is_refused() -> None:
@@ -454,22 +438,22 @@ def test_a_member_of_the_wrong_enum_is_refused() -> None:
     with pytest.raises(TypeError):
         metrics.login(LoginMechanism.USER, TlsResult.OK)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        metrics.upstream_command("provider", Stray.OOPS, 0.1)  # type: ignore[arg-type]
+        metrics.upstream("provider").command(Stray.OOPS, 0.1)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        metrics.session_ended("none", Stray.OOPS)  # type: ignore[arg-type]
+        metrics.listener("none").session_ended(Stray.OOPS)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        metrics.upstream_error("provider", Stray.OOPS)  # type: ignore[arg-type]
+        metrics.upstream("provider").error(Stray.OOPS)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        metrics.upstream_login_failed("provider", Stray.OOPS)  # type: ignore[arg-type]
+        metrics.upstream("provider").login_failed(Stray.OOPS)  # type: ignore[arg-type]
 
 
 def test_names_must_be_declared_first() -> None:
     """A user name or an address cannot become a label: it was never declared."""
     metrics = new_metrics()
     with pytest.raises(ValueError, match="not declared"):
-        metrics.session_started("alice@example.net")
+        metrics.listener("alice@example.net")
     with pytest.raises(ValueError, match="not declared"):
-        metrics.upstream_error("pop.example.net", UpstreamFailure.CONNECT)
+        metrics.upstream("pop.example.net")
     with pytest.raises(ValueError, match="not declared"):
         metrics.policy_overdue("no-such-rule", 1)
     assert value(metrics, "popproxy_sessions_started_total", listener="alice@example.net") is None
@@ -484,224 +468,7 @@ def test_declared_names_are_short_and_printable(bad: str) -> None:
 
 def test_a_failed_label_check_changes_nothing() -> None:
     metrics = new_metrics()
-    metrics.session_started("none")
+    metrics.listener("none").session_started()
     with pytest.raises(TypeError):
-        metrics.session_ended("none", Stray.OOPS)  # type: ignore[arg-type]
+        metrics.listener("none").session_ended(Stray.OOPS)  # type: ignore[arg-type]
     assert value(metrics, "popproxy_sessions_active", listener="none") == 1
-
-
-# -- the exporter ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[Metrics, str, int]]:
-    """A running exporter on a dynamic loopback port."""
-    metrics = new_metrics()
-    exercise_every_metric(metrics)
-    async with trio.open_nursery() as nursery:
-        address, port = await nursery.start(
-            serve_metrics, MetricsConfig(address="127.0.0.1", port=0), metrics.registry
-        )
-        yield metrics, address, port
-        nursery.cancel_scope.cancel()
-
-
-async def tcp_request(address: str, port: int, request: bytes) -> bytes:
-    """Send ``request`` over a new connection and read until the server closes it.
-
-    A connection the server reset (closed without reading) reads as b"".
-    """
-    with trio.fail_after(TEST_DEADLINE_SECONDS):
-        stream = await trio.open_tcp_stream(address, port)
-        async with stream:
-            try:
-                await stream.send_all(request)
-                return await read_to_eof(stream)
-            except trio.BrokenResourceError:
-                return b""
-
-
-async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
-    received = bytearray()
-    while data := await stream.receive_some(65536):
-        received += data
-    return bytes(received)
-
-
-def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, sep, body = raw.partition(b"\r\n\r\n")
-    assert sep, raw
-    status_line, *header_lines = head.decode("ascii").split("\r\n")
-    version, status, _reason = status_line.split(" ", 2)
-    assert version == "HTTP/1.1"
-    headers = {}
-    for line in header_lines:
-        name, _, field = line.partition(":")
-        headers[name.strip().lower()] = field.strip()
-    return int(status), headers, body
-
-
-async def test_exporter_serves_the_registry_over_tcp(served: tuple[Metrics, str, int]) -> None:
-    _, address, port = served
-    assert address == "127.0.0.1"
-    assert port != 0
-    raw = await tcp_request(
-        address, port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\r\n"
-    )
-    status, headers, body = parse_response(raw)
-    assert status == 200
-    assert headers["content-type"] == CONTENT_TYPE_LATEST
-    assert headers["connection"] == "close"
-    assert int(headers["content-length"]) == len(body)
-    assert b"popproxy_build_info{" in body
-    assert b'popproxy_sessions_started_total{listener="starttls"} 1.0' in body
-
-
-async def test_exporter_with_a_real_http_client(served: tuple[Metrics, str, int]) -> None:
-    metrics, address, port = served
-
-    def fetch(path: str, method: str = "GET") -> tuple[int, str, bytes]:
-        request = urllib.request.Request(f"http://{address}:{port}{path}", method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=TEST_DEADLINE_SECONDS) as response:
-                return response.status, response.headers["Content-Type"], response.read()
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, exc.headers["Content-Type"], exc.read()
-
-    status, content_type, body = await trio.to_thread.run_sync(fetch, "/metrics")
-    assert (status, content_type) == (200, CONTENT_TYPE_LATEST)
-    assert body == generate_latest(metrics.registry)
-    status, _, body = await trio.to_thread.run_sync(fetch, "/metrics?name[]=x")
-    assert status == 200
-    status, _, body = await trio.to_thread.run_sync(fetch, "/")
-    assert status == 200
-    assert b"/metrics" in body
-    status, _, _ = await trio.to_thread.run_sync(fetch, "/favicon.ico")
-    assert status == 404
-    status, _, _ = await trio.to_thread.run_sync(fetch, "/metrics", "POST")
-    assert status == 405
-    status, _, body = await trio.to_thread.run_sync(fetch, "/metrics", "HEAD")
-    assert (status, body) == (200, b"")
-
-
-async def exchange(request: bytes, *, byte_by_byte: bool = False) -> bytes:
-    """Run one connection's handler over memory streams; return all it sent."""
-    metrics = new_metrics()
-    exercise_every_metric(metrics)
-    client, server = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(handle_http_connection, server, metrics.registry)
-        if byte_by_byte:
-            for i in range(len(request)):
-                await client.send_all(request[i : i + 1])
-        else:
-            await client.send_all(request)
-        await client.send_eof()
-        raw = await read_to_eof(client)
-    await client.aclose()
-    return raw
-
-
-REQUESTS = {
-    "metrics": (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 200),
-    "bare LF": (b"GET /metrics HTTP/1.0\nHost: x\n\n", 200),
-    "index": (b"GET / HTTP/1.1\r\n\r\n", 200),
-    "not found": (b"GET /metricsx HTTP/1.1\r\n\r\n", 404),
-    "post": (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
-    "delete": (b"DELETE / HTTP/1.1\r\n\r\n", 405),
-    "garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),
-    "http/2": (b"GET /metrics HTTP/2.0\r\n\r\n", 400),
-    "no version": (b"GET /metrics\r\n\r\n", 400),
-}
-
-
-@pytest.mark.parametrize("byte_by_byte", [False, True], ids=["whole", "byte-by-byte"])
-@pytest.mark.parametrize("case", REQUESTS)
-async def test_exporter_requests(case: str, byte_by_byte: bool) -> None:
-    request, expected = REQUESTS[case]
-    status, headers, body = parse_response(await exchange(request, byte_by_byte=byte_by_byte))
-    assert status == expected
-    assert headers["connection"] == "close"
-    assert int(headers["content-length"]) == len(body)
-    if status == 405:
-        assert headers["allow"] == "GET, HEAD"
-
-
-async def test_exporter_head_has_the_length_but_no_body() -> None:
-    status, headers, body = parse_response(await exchange(b"HEAD /metrics HTTP/1.1\r\n\r\n"))
-    assert status == 200
-    assert body == b""
-    assert int(headers["content-length"]) > 1000
-
-
-async def test_exporter_refuses_an_overlong_request_head() -> None:
-    request = b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * MAX_REQUEST_HEAD_BYTES + b"\r\n\r\n"
-    status, _, _ = parse_response(await exchange(request))
-    assert status == 431
-
-
-async def test_exporter_accepts_a_head_just_under_the_limit() -> None:
-    start = b"GET /metrics HTTP/1.1\r\nX-Pad: "
-    request = start + b"a" * (MAX_REQUEST_HEAD_BYTES - len(start)) + b"\r\n\r\n"
-    status, _, _ = parse_response(await exchange(request))
-    assert status == 200
-
-
-async def test_exporter_drops_a_client_that_never_finishes_its_request(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    metrics = new_metrics()
-    client, server = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(handle_http_connection, server, metrics.registry)
-        await client.send_all(b"GET /metrics HTTP/1.1\r\n")
-        started = trio.current_time()
-        assert await read_to_eof(client) == b""
-        assert trio.current_time() - started == pytest.approx(REQUEST_READ_TIMEOUT_SECONDS)
-
-
-@pytest.mark.parametrize("request_head", [b"", b"GET /metrics HTTP/1.1\r\n"])
-async def test_exporter_does_not_answer_a_client_that_closes_before_the_blank_line(
-    request_head: bytes,
-) -> None:
-    assert await exchange(request_head) == b""
-
-
-async def test_a_broken_collector_gives_500_not_a_crash() -> None:
-    metrics = new_metrics()
-
-    class Broken(Collector):
-        def collect(self) -> Iterable[Metric]:
-            raise RuntimeError("collector bug")
-
-    metrics.registry.register(Broken())
-    client, server = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(handle_http_connection, server, metrics.registry)
-        await client.send_all(b"GET /metrics HTTP/1.1\r\n\r\n")
-        status, _, body = parse_response(await read_to_eof(client))
-    assert status == 500
-    assert b"collector bug" not in body
-
-
-async def test_exporter_bounds_concurrent_connections(served: tuple[Metrics, str, int]) -> None:
-    _, address, port = served
-    idle = [await trio.open_tcp_stream(address, port) for _ in range(MAX_EXPORTER_CONNECTIONS)]
-    try:
-        await trio.testing.wait_all_tasks_blocked()
-        # Every slot is held by a client that has not sent its request: one more is
-        # closed at once, without a reply.
-        assert await tcp_request(address, port, b"GET /metrics HTTP/1.1\r\n\r\n") == b""
-    finally:
-        for stream in idle:
-            await stream.aclose()
-    await trio.testing.wait_all_tasks_blocked()
-    status, _, _ = parse_response(await tcp_request(address, port, b"GET / HTTP/1.1\r\n\r\n"))
-    assert status == 200
-
-
-def test_the_exporter_module_has_named_limits() -> None:
-    assert metrics_module.MAX_REQUEST_HEAD_BYTES == 8192
-    assert metrics_module.REQUEST_READ_TIMEOUT_SECONDS > 0
-    assert metrics_module.RESPONSE_SEND_TIMEOUT_SECONDS > 0
