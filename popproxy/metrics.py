@@ -28,7 +28,13 @@ import platform
 from collections.abc import Iterable, Set
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 import popproxy
 from popproxy.outcomes import SessionResult, UpstreamFailure
@@ -162,6 +168,11 @@ class Metrics:
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # No ``_created`` series: prometheus_client would add one (a Unix time) next to
+        # every counter and histogram series, doubling the scrape, and neither the
+        # dashboard nor the alert rules use them (docs/metrics.md, Conventions). The
+        # switch is the library's, for the whole process; popproxy has no other metrics.
+        disable_created_metrics()
         self.registry = registry
         self._listeners: dict[str, ListenerMetrics] = {}
         self._upstreams: dict[str, UpstreamMetrics] = {}

@@ -36,12 +36,13 @@ _STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _POPPROXY_NAME_RE = re.compile(r"\bpopproxy_[A-Za-z0-9_:]*")
 # A popproxy_* selector with its label matchers, if any.
 _SELECTOR_RE = re.compile(r"\b(popproxy_[A-Za-z0-9_:]*)\s*(\{[^}]*\})?")
-# Sample names each metric type exposes, from the family name prometheus_client reports.
+# Sample names each metric type exposes, from the family name prometheus_client reports
+# (no _created: popproxy turns those series off, docs/metrics.md).
 _SUFFIXES = {
-    "counter": ("_total", "_created"),
+    "counter": ("_total",),
     "gauge": ("",),
-    "histogram": ("_bucket", "_count", "_sum", "_created"),
-    "summary": ("", "_count", "_sum", "_created"),
+    "histogram": ("_bucket", "_count", "_sum"),
+    "summary": ("", "_count", "_sum"),
     "info": ("_info",),
 }
 
@@ -172,6 +173,7 @@ def test_the_required_alerts_exist() -> None:
         "SessionsNearLimit",
         "PolicyDeletionsStalled",
         "ExporterDown",
+        "ConnectionsRejected",
     ):
         assert needle in names
 
@@ -202,6 +204,7 @@ def test_names_used_check_is_not_vacuous() -> None:
     assert "popproxy_upstream_login_duration_seconds_bucket" in declared
     assert "popproxy_sessions_started" not in declared  # a counter needs its _total
     assert "popproxy_sessions_active_total" not in declared
+    assert "popproxy_sessions_started_created" not in declared  # no _created series
     assert names_in('rate(popproxy_x_total{job="popproxy_y"}[5m]) / popproxy_z') == {
         "popproxy_x_total",
         "popproxy_z",
@@ -260,6 +263,7 @@ def test_dashboard_covers_the_required_topics() -> None:
         "popproxy_policy_actions_total",
         'result!~"quit|eof"',
         "popproxy_sessions_limit",
+        "sum by (listener, reason) (rate(popproxy_connections_rejected_total",
     ):
         assert needle in exprs, needle
 

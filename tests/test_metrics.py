@@ -13,8 +13,9 @@ import platform
 import shutil
 import subprocess
 
+import prometheus_client
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 import popproxy
 from popproxy.metrics import (
@@ -159,6 +160,29 @@ def test_promtool_check_metrics_is_clean() -> None:
     )
     assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
     assert done.stdout == b"", done.stdout.decode()
+
+
+def test_a_scrape_has_no_created_series() -> None:
+    """prometheus_client's ``_created`` series are off (docs/metrics.md, Conventions).
+
+    The library's switch is process-wide, so it is turned back on first: constructing
+    Metrics must turn it off again, whatever ran before.
+    """
+    prometheus_client.enable_created_metrics()
+    control = CollectorRegistry()
+    Counter(
+        "control_total",
+        "A counter of the library's own, to show the check can fail.",
+        registry=control,
+    ).inc()
+    assert b"control_created" in generate_latest(control)
+    metrics = new_metrics()
+    exercise_every_metric(metrics)
+    scrape = generate_latest(metrics.registry)
+    assert b"popproxy_sessions_started_total{" in scrape
+    assert b"popproxy_upstream_command_duration_seconds_bucket{" in scrape
+    assert [line for line in scrape.splitlines() if b"_created" in line] == []
+    assert b"control_created" not in generate_latest(control)
 
 
 def test_the_metrics_live_only_on_the_injected_registry() -> None:

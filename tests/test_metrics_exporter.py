@@ -110,6 +110,9 @@ async def test_exporter_serves_the_registry_over_tcp(served: tuple[Metrics, str,
     assert int(headers["content-length"]) == len(body)
     assert b"popproxy_build_info{" in body
     assert b'popproxy_sessions_started_total{listener="starttls"} 1.0' in body
+    # A scrape carries no _created series (docs/metrics.md, Conventions).
+    assert b"popproxy_upstream_command_duration_seconds_count{" in body
+    assert b"_created" not in body
 
 
 async def test_exporter_with_a_real_http_client(served: tuple[Metrics, str, int]) -> None:

@@ -330,6 +330,7 @@ def test_promtool_and_prometheus_see_what_popproxy_served(
     )
     assert (checked.returncode, checked.stdout, checked.stderr) == (0, b"", b""), checked
     assert b'popproxy_upstream_logins_total{result="ok",upstream="dovecot"} 1.0' in body
+    assert b"_created" not in body  # prometheus_client's _created series are off
 
     # 2. A real Prometheus scraping the exporter.
     assert server.metrics_port is not None
