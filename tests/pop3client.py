@@ -1,4 +1,5 @@
-"""The raw POP3 client the in-process tests talk through, over any trio stream.
+"""The raw POP3 client the tests talk through: `Pop3Client` over any trio stream, and
+`SocketPop3`, its blocking twin over a real loopback socket.
 
 `Pop3Client` sends exactly the octets a test gives it and reads replies line by line,
 so a test can assert each reply to the byte: `line` is the next line without its CRLF,
@@ -7,11 +8,16 @@ so a test can assert each reply to the byte: `line` is the next line without its
 may be one end of a `trio.testing.memory_stream_pair` (session tests) or a loopback
 TCP connection (serve tests); `open_loopback` opens the latter and records it, and the
 synchronous `close_client_streams` fixture in tests/conftest.py closes what is left.
+
+`SocketPop3` does the same over a blocking socket for the tests that drive a popproxy
+subprocess (tests/integration, tests/security), every read under a socket timeout, so
+a test can also assert whether and when the server closed.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -20,6 +26,18 @@ import trio
 LOOPBACK = "127.0.0.1"
 # One receive_some; replies are short, bodies a few kilobytes.
 RECEIVE_BYTES = 65536
+# A SocketPop3 read waits at most this long: a server that neither answers nor closes
+# fails the test instead of hanging it.
+READ_TIMEOUT_SECONDS = 15.0
+# A reply line longer than this is a failure of the server under test (RFC 2449 §4: 512).
+MAX_REPLY_LINE_BYTES = 512
+# How much a closing server may still send before its end of stream (a goodbye line,
+# the rest of a reply).
+MAX_TAIL_BYTES = 1 << 20
+
+
+class Closed(AssertionError):
+    """The server closed the connection where a reply line was expected."""
 
 # The loopback streams tests opened; closed after each test (see close_opened).
 _OPENED: list[trio.SocketStream] = []
@@ -173,3 +191,114 @@ class Pop3Client:
         der = tls.getpeercert(binary_form=True)
         assert isinstance(der, bytes), der
         return der
+
+
+class SocketPop3:
+    """The blocking twin of `Pop3Client`: raw octets out, exact reply lines in.
+
+    ``tls`` wraps the socket at once (implicit TLS); ``greet=False`` leaves the greeting
+    unread (in ``buf``). ``max_line_bytes`` bounds a line without its CRLF.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        greet: bool = True,
+        timeout: float = READ_TIMEOUT_SECONDS,
+        max_line_bytes: int = MAX_REPLY_LINE_BYTES,
+    ) -> None:
+        sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+        try:
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=LOOPBACK)
+            self.sock = sock
+            self.buf = bytearray()
+            self.max_line_bytes = max_line_bytes
+            self.greeting = self.line() if greet else b""
+        except BaseException:
+            sock.close()  # a refused handshake or a missing greeting leaks no socket
+            raise
+
+    def __enter__(self) -> SocketPop3:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close without QUIT."""
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        """Send octets as they are."""
+        self.sock.sendall(data)
+
+    def receive(self) -> bool:
+        """One recv into the buffer; False at end of stream."""
+        data = self.sock.recv(RECEIVE_BYTES)
+        self.buf += data
+        return bool(data)
+
+    def line(self) -> bytes:
+        """The next line without its CRLF; `Closed` if the server closed first."""
+        while (end := self.buf.find(b"\r\n")) == -1:
+            assert len(self.buf) <= self.max_line_bytes, f"overlong line: {self.buf[:80]!r}"
+            if not self.receive():
+                raise Closed(f"closed; unterminated tail {bytes(self.buf)!r}")
+        line = bytes(self.buf[:end])
+        del self.buf[: end + 2]
+        return line
+
+    def lines(self, count: int) -> list[bytes]:
+        return [self.line() for _ in range(count)]
+
+    def cmd(self, line: bytes | str) -> bytes:
+        """Send one command line (CRLF added), return the status line."""
+        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return self.line()
+
+    def body(self) -> list[bytes]:
+        """The lines of a multi-line body after its status line, un-stuffed (RFC 1939 §3)."""
+        out = []
+        while (raw := self.line()) != b".":
+            out.append(raw[1:] if raw.startswith(b".") else raw)
+        return out
+
+    def login(self, user: str, password: str) -> bytes:
+        """USER (which must get a bare +OK) then PASS; the reply to PASS (RFC 1939 §7)."""
+        assert self.cmd(f"USER {user}") == b"+OK"
+        return self.cmd(f"PASS {password}")
+
+    def start_tls(self, context: ssl.SSLContext) -> bytes:
+        """Wrap the socket in TLS (after +OK to STLS); return the server's leaf (DER)."""
+        assert not self.buf, f"octets left before the handshake: {bytes(self.buf)!r}"
+        plain = self.sock
+        try:
+            self.sock = context.wrap_socket(plain, server_hostname=LOOPBACK)
+        except BaseException:
+            plain.close()
+            raise
+        return self.peer_certificate()
+
+    def peer_certificate(self) -> bytes:
+        """The server's leaf certificate (DER); the socket must be a TLS one."""
+        assert isinstance(self.sock, ssl.SSLSocket), self.sock
+        der = self.sock.getpeercert(binary_form=True)
+        assert der is not None
+        return der
+
+    def rest_until_closed(self) -> bytes:
+        """Everything the server still sends, up to its end of stream (which must come)."""
+        while len(self.buf) <= MAX_TAIL_BYTES:
+            try:
+                if not self.receive():
+                    break
+            except ConnectionResetError:
+                break
+        else:
+            raise AssertionError("the server keeps sending and does not close")
+        rest = bytes(self.buf)
+        self.buf.clear()
+        return rest

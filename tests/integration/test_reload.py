@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pop3client import SocketPop3
 
 from .conftest import StartServer
 from .harness import (
@@ -40,8 +41,6 @@ RELOAD_DEADLINE_SECONDS = 10.0
 # How long the test waits for one sd_notify datagram that the server must have sent.
 NOTIFY_DEADLINE_SECONDS = 10.0
 MAX_DATAGRAM_BYTES = 4096
-# A greeting or +OK line is short; a longer one is a broken server.
-MAX_REPLY_LINE_BYTES = 512
 OUTCOMES = ("reloaded", "reload_failed")
 
 BOB = "bob"
@@ -101,27 +100,15 @@ def leaf_der(tls: TlsFiles) -> bytes:
     return ssl.PEM_cert_to_DER_cert(first + "-----END CERTIFICATE-----\n")
 
 
-def read_line(sock: socket.socket) -> bytes:
-    """One short reply line from a raw socket, read octet by octet (nothing read past it)."""
-    line = b""
-    while not line.endswith(b"\r\n"):
-        octet = sock.recv(1)
-        assert octet and len(line) < MAX_REPLY_LINE_BYTES, line
-        line += octet
-    return line
-
-
 def served_der(port: int, context: ssl.SSLContext, *, stls: bool = False) -> bytes:
     """The certificate a TLS listener presents now (implicit, or after STLS)."""
-    with socket.create_connection((LOOPBACK, port), timeout=SOCKET_TIMEOUT_SECONDS) as sock:
-        if stls:
-            assert read_line(sock).startswith(b"+OK")
-            sock.sendall(b"STLS\r\n")
-            assert read_line(sock).startswith(b"+OK")
-        with context.wrap_socket(sock, server_hostname=LOOPBACK) as tls_sock:
-            der = tls_sock.getpeercert(binary_form=True)
-    assert der is not None
-    return der
+    if not stls:
+        with SocketPop3(port, tls=context, greet=False, timeout=SOCKET_TIMEOUT_SECONDS) as pop:
+            return pop.peer_certificate()
+    with SocketPop3(port, timeout=SOCKET_TIMEOUT_SECONDS) as pop:
+        assert pop.greeting.startswith(b"+OK")
+        assert pop.cmd(b"STLS").startswith(b"+OK")
+        return pop.start_tls(context)
 
 
 def test_sighup_with_a_broken_config_keeps_serving_the_old_one(

@@ -10,8 +10,9 @@ import pytest
 from integration.conftest import StartServer
 from integration.dovecot import DovecotServer, DovecotUser
 from integration.harness import PASSWORD, Corpus, ProxyUser
+from pop3client import SocketPop3
 
-from .probe import LOCAL_USER, UPSTREAM, RawPop3, Target
+from .probe import LOCAL_USER, UPSTREAM, Target
 
 INVALID_CHARACTERS = b"-ERR Invalid characters in command"
 UNKNOWN = b"-ERR Unknown command"
@@ -45,7 +46,7 @@ def test_nul_and_8_bit_octets_in_commands(target: Target) -> None:
         for line, reply in before_login.items():
             assert pop.cmd(line) == reply, line
             assert pop.cmd(b"USER x") == b"+OK"  # a good command between: no budget spent
-        assert pop.login(LOCAL_USER).startswith(b"+OK Logged in")
+        assert pop.login(LOCAL_USER, PASSWORD).startswith(b"+OK Logged in")
         for line, reply in after_login.items():
             assert pop.cmd(line) == reply, line
             assert pop.cmd(b"NOOP") == b"+OK"
@@ -109,8 +110,8 @@ def test_hostile_user_names_fail_alike_and_every_log_line_stays_one_escaped_line
             token = base64.b64encode(f"\0{name}\0{PASSWORD}".encode())
             assert pop.cmd(b"AUTH PLAIN " + token) == AUTH_FAILED, name
         assert pop.cmd(b"QUIT") == b"+OK Logging out."
-    with RawPop3(target.port()) as pop:
-        assert pop.login(ODD_NAME).startswith(b"+OK Logged in")
+    with SocketPop3(target.port()) as pop:
+        assert pop.login(ODD_NAME, PASSWORD).startswith(b"+OK Logged in")
         assert pop.cmd(b"QUIT").startswith(b"+OK")
     ends = target.server.wait_sessions_ended(2)
     assert [r["user"] for r in ends] == ["-", ODD_NAME]
@@ -143,7 +144,7 @@ BAD_NUMBERS = [
 
 def test_bad_message_numbers_for_every_command_that_takes_one(target: Target) -> None:
     with target.connect() as pop:
-        assert pop.login(LOCAL_USER).startswith(b"+OK Logged in")
+        assert pop.login(LOCAL_USER, PASSWORD).startswith(b"+OK Logged in")
         stat = pop.cmd(b"STAT")
         for raw, as_message, as_lines in BAD_NUMBERS:
             for verb in (b"LIST", b"UIDL", b"RETR", b"DELE"):
@@ -190,7 +191,7 @@ def test_commands_in_the_wrong_phase(target: Target) -> None:
         # Inside an AUTH exchange every line is a SASL response (RFC 5034 §4).
         assert pop.cmd(b"AUTH PLAIN") == b"+ "
         assert pop.cmd(b"RETR 1") == b"-ERR Invalid base64 data"
-        assert pop.login(LOCAL_USER).startswith(b"+OK Logged in")
+        assert pop.login(LOCAL_USER, PASSWORD).startswith(b"+OK Logged in")
         for line in AUTHORIZATION_ONLY:  # in TRANSACTION
             assert pop.cmd(line) == WRONG_PHASE, line
             assert pop.cmd(b"NOOP") == b"+OK"

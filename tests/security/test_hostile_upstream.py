@@ -75,7 +75,7 @@ def launch(
 
 def victim_login(target: Target) -> bytes:
     with target.connect() as pop:
-        reply = pop.login(VICTIM)
+        reply = pop.login(VICTIM, PASSWORD)
         assert pop.cmd(b"QUIT") == b"+OK Logging out."
     return reply
 
@@ -253,7 +253,7 @@ def retr_through_the_proxy(target: Target) -> bytes:
     went out, the client gets the mapped -ERR and the session goes on (returns b"");
     otherwise returns everything that came until the proxy closed."""
     with target.connect() as pop:
-        assert pop.login(VICTIM).startswith(b"+OK Logged in, 1 messages")
+        assert pop.login(VICTIM, PASSWORD).startswith(b"+OK Logged in, 1 messages")
         pop.send(b"RETR 1\r\n")
         pop.receive()
         if pop.buf.startswith(b"-ERR"):
@@ -306,7 +306,7 @@ def test_a_line_sent_unasked_while_the_session_is_idle_is_never_relayed(launch: 
     with hostile_upstream(script) as upstream:
         target = launch(upstream, "none")
         with target.connect() as pop:
-            assert pop.login(VICTIM).startswith(b"+OK Logged in, 1 messages")
+            assert pop.login(VICTIM, PASSWORD).startswith(b"+OK Logged in, 1 messages")
             client_logged_in.set()
             assert unasked_sent.wait(HOSTILE_TIMEOUT_SECONDS)
             assert pop.cmd(b"RETR 1") == LOST
@@ -348,7 +348,7 @@ def test_a_10_mb_status_line_is_refused_in_bounded_memory(
     with hostile_upstream(retr_ten_megabytes) as upstream:
         target = launch(upstream, "none")
         with target.connect() as pop:
-            assert pop.login(VICTIM).startswith(b"+OK Logged in, 1 messages")
+            assert pop.login(VICTIM, PASSWORD).startswith(b"+OK Logged in, 1 messages")
             assert pop.cmd(b"RETR 1") == LOST
             assert pop.cmd(b"STAT") == b"+OK 1 %d" % len(MESSAGE)
             assert pop.cmd(b"RETR 1") == LOST

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import resource
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -35,6 +34,7 @@ from integration.harness import (
     User,
     write_config,
 )
+from pop3client import SocketPop3
 
 from popproxy.auth.passwords import hash_password
 from popproxy.config import Config, LimitsConfig, ListenerConfig, StateConfig, TlsMode, UserConfig
@@ -90,30 +90,18 @@ def server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[ServerProcess]:
     assert process.stop() == 0, process.log_text()
 
 
-def read_line(sock: socket.socket) -> bytes:
-    """One CRLF-terminated line, read an octet at a time (nothing is left buffered)."""
-    line = bytearray()
-    while not line.endswith(b"\r\n"):  # bounded by the socket timeout and by EOF
-        octet = sock.recv(1)
-        if not octet:
-            raise EOFError(bytes(line))
-        line += octet
-    return bytes(line)
-
-
 def login_once(port: int) -> float:
     """A whole login session; the seconds it took, from connect to the QUIT's answer."""
     started = time.monotonic()
-    with socket.create_connection((LOOPBACK, port), SOCKET_TIMEOUT_SECONDS) as sock:
-        assert read_line(sock).startswith(b"+OK")
+    with SocketPop3(port, timeout=SOCKET_TIMEOUT_SECONDS) as pop:
+        assert pop.greeting.startswith(b"+OK")
         for command, expected in [
             (f"USER {USER}", b"+OK"),
             (f"PASS {PASSWORD}", b"+OK Logged in"),
             ("STAT", b"+OK 1 "),
             ("QUIT", b"+OK"),
         ]:
-            sock.sendall(command.encode() + b"\r\n")
-            reply = read_line(sock)
+            reply = pop.cmd(command)
             assert reply.startswith(expected), (command, reply)
     return time.monotonic() - started
 
@@ -121,24 +109,22 @@ def login_once(port: int) -> float:
 def test_1000_idle_preauth_connections_do_not_delay_a_login(server: ServerProcess) -> None:
     port = server.port("none")
     baseline = login_once(port)
-    idle: list[socket.socket] = []
+    idle: list[SocketPop3] = []
     try:
         for _ in range(IDLE_CONNECTIONS):
-            sock = socket.create_connection((LOOPBACK, port), SOCKET_TIMEOUT_SECONDS)
-            idle.append(sock)
-            assert read_line(sock).startswith(b"+OK")  # a session, greeted, now idle
+            pop = SocketPop3(port, timeout=SOCKET_TIMEOUT_SECONDS)
+            idle.append(pop)
+            assert pop.greeting.startswith(b"+OK")  # a session, greeted, now idle
         elapsed = login_once(port)
         figures = f"{elapsed:.3f} s with {len(idle)} idle connections, {baseline:.3f} s alone"
         assert elapsed <= LOGIN_BOUND_SECONDS, figures
         step = max(1, len(idle) // PROBED_CONNECTIONS)
-        for sock in [*idle[::step], idle[-1]]:
-            sock.sendall(b"CAPA\r\n")
-            assert read_line(sock).startswith(b"+OK")
-            while read_line(sock) != b".\r\n":  # bounded: the capability list ends
-                pass
+        for pop in [*idle[::step], idle[-1]]:
+            assert pop.cmd(b"CAPA").startswith(b"+OK")
+            pop.body()  # bounded: the capability list ends
     finally:
-        for sock in idle:
-            sock.close()
+        for pop in idle:
+            pop.close()
     assert not server.records("session_crashed"), server.log_text()
     assert not server.records("session_refused"), server.log_text()
 

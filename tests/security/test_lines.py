@@ -3,7 +3,7 @@ the server still serves (RFC 2449 §4, RFC 1939 §3; limits in docs/security.md)
 
 from __future__ import annotations
 
-from integration.harness import RssSampler
+from integration.harness import PASSWORD, RssSampler
 
 from .probe import LOCAL_USER, Target
 
@@ -28,7 +28,7 @@ def test_a_100_kb_line_gets_one_err_and_the_session_goes_on(target: Target) -> N
         # In a SASL exchange and after login too.
         pop.send(b"AUTH PLAIN " + b"A" * (100 * KIB) + b"\r\n")
         assert pop.line() == LINE_TOO_LONG
-        assert pop.login(LOCAL_USER).startswith(b"+OK Logged in")
+        assert pop.login(LOCAL_USER, PASSWORD).startswith(b"+OK Logged in")
         pop.send(b"NOOP " + b"x" * (100 * KIB) + b"\r\nNOOP\r\n")
         assert pop.line() == LINE_TOO_LONG
         assert pop.line() == b"+OK"

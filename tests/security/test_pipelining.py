@@ -15,7 +15,7 @@ PIPELINED_COMMANDS = 500
 def test_500_pipelined_commands_are_answered_in_order(target: Target) -> None:
     with target.connect() as pop:
         # What each reply must be, from a session that sends one command at a time.
-        assert pop.login(LOCAL_USER).startswith(b"+OK Logged in")
+        assert pop.login(LOCAL_USER, PASSWORD).startswith(b"+OK Logged in")
         stat = pop.cmd(b"STAT")
         count = int(stat.split()[1])
         listing = {n: pop.cmd(b"LIST %d" % n) for n in range(1, count + 1)}

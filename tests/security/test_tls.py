@@ -11,9 +11,10 @@ import pytest
 from integration.conftest import StartServer
 from integration.dovecot import DovecotServer, DovecotUser
 from integration.harness import PASSWORD, Corpus, TlsFiles
+from pop3client import SocketPop3
 
 from .hostile import tls_1_1_client, tls_1_1_works_here
-from .probe import LOCAL_USER, RawPop3, Target
+from .probe import LOCAL_USER, Target
 
 PLAINTEXT_DISALLOWED = (
     b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
@@ -38,10 +39,10 @@ def test_a_user_given_before_stls_does_not_survive_the_handshake(
     with target.connect("starttls") as pop:
         assert pop.cmd(b"USER " + LOCAL_USER.encode()) == b"+OK"
         assert pop.cmd(b"STLS") == b"+OK Begin TLS negotiation now."
-        pop.starttls(tls_files.client_context())
+        pop.start_tls(tls_files.client_context())
         # RFC 2595 §4: everything from before is forgotten, the USER included.
         assert pop.cmd(b"PASS " + PASSWORD.encode()) == b"-ERR No username given"
-        assert pop.login(LOCAL_USER).startswith(b"+OK Logged in")
+        assert pop.login(LOCAL_USER, PASSWORD).startswith(b"+OK Logged in")
         assert pop.cmd(b"STLS") == b"-ERR Command not valid in this state"
         assert pop.cmd(b"QUIT").startswith(b"+OK")
     target.still_serves()
@@ -52,15 +53,15 @@ def test_a_tls_1_1_client_is_refused_on_both_tls_listeners(
 ) -> None:
     assert tls_1_1_works_here(tls_files), "this OpenSSL cannot offer TLS 1.1 at all"
     with pytest.raises(ssl.SSLError):
-        RawPop3(target.port("implicit"), tls=tls_1_1_client(tls_files))
+        SocketPop3(target.port("implicit"), tls=tls_1_1_client(tls_files))
     with target.connect("starttls") as pop:
         assert pop.cmd(b"STLS") == b"+OK Begin TLS negotiation now."
         with pytest.raises(ssl.SSLError):
-            pop.starttls(tls_1_1_client(tls_files))
+            pop.start_tls(tls_1_1_client(tls_files))
     # The same client allowed TLS 1.2 gets in: the refusal was the version.
     tls_1_2 = tls_1_1_client(tls_files)
     tls_1_2.maximum_version = ssl.TLSVersion.TLSv1_2
-    with RawPop3(target.port("implicit"), tls=tls_1_2) as pop:
+    with SocketPop3(target.port("implicit"), tls=tls_1_2) as pop:
         assert pop.greeting.startswith(b"+OK")
         assert pop.sock.version() == "TLSv1.2"  # type: ignore[attr-defined]
     target.still_serves()
@@ -93,12 +94,12 @@ def test_no_plaintext_credentials_before_tls_unless_allowed(
         assert pop.body() == []  # no mechanism is offered in clear
         if kind == "starttls":
             assert pop.cmd(b"STLS") == b"+OK Begin TLS negotiation now."
-            pop.starttls(tls_files.client_context())
+            pop.start_tls(tls_files.client_context())
             assert pop.cmd(b"CAPA").startswith(b"+OK")
             capabilities = pop.body()
             assert b"USER" in capabilities and b"SASL PLAIN" in capabilities
             assert pop.cmd(b"AUTH PLAIN " + plain).startswith(b"+OK Logged in")
             assert pop.cmd(b"QUIT").startswith(b"+OK")
     with strict_target.connect("implicit", tls=tls_files.client_context()) as pop:
-        assert pop.login(LOCAL_USER).startswith(b"+OK Logged in")
+        assert pop.login(LOCAL_USER, PASSWORD).startswith(b"+OK Logged in")
         assert pop.cmd(b"QUIT").startswith(b"+OK")
