@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import struct
 from collections.abc import Callable
+from typing import Self
 
 import trio
 
@@ -38,6 +40,7 @@ MAX_TAIL_BYTES = 1 << 20
 
 class Closed(AssertionError):
     """The server closed the connection where a reply line was expected."""
+
 
 # The loopback streams tests opened; closed after each test (see close_opened).
 _OPENED: list[trio.SocketStream] = []
@@ -221,15 +224,20 @@ class SocketPop3:
             sock.close()  # a refused handshake or a missing greeting leaks no socket
             raise
 
-    def __enter__(self) -> SocketPop3:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
-        """Close without QUIT."""
+        """Close without QUIT: a FIN."""
         self.sock.close()
+
+    def reset(self) -> None:
+        """Close with an RST: SO_LINGER on with a zero timeout, then close."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close()
 
     def send(self, data: bytes) -> None:
         """Send octets as they are."""
@@ -288,6 +296,16 @@ class SocketPop3:
         der = self.sock.getpeercert(binary_form=True)
         assert der is not None
         return der
+
+    def at_eof(self) -> bool:
+        """Whether the server has closed with nothing left unread: the buffer is empty and
+        the next read (within the timeout) is its end of stream (a reset counts too)."""
+        if self.buf:
+            return False
+        try:
+            return not self.receive()
+        except ConnectionResetError:
+            return True
 
     def rest_until_closed(self) -> bytes:
         """Everything the server still sends, up to its end of stream (which must come)."""

@@ -16,23 +16,21 @@ import base64
 import hashlib
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from pop3client import SocketPop3
 
 from .conftest import StartServer
 from .harness import (
-    LOOPBACK,
     PASSWORD,
     READ_CHUNK_BYTES,
     SOCKET_TIMEOUT_SECONDS,
     USER,
     Corpus,
     CorpusMessage,
-    Pop3Error,
     RssSampler,
     ServerProcess,
     TlsFiles,
@@ -60,45 +58,21 @@ MAX_FLOOD_RSS_GROWTH_KIB = 5 * 1024
 # A raw POP3 client
 
 
-class Wire:
-    """A blocking POP3 connection that sends raw bytes and reads raw CRLF lines."""
+class Wire(SocketPop3):
+    """A raw client (tests/pop3client.py) that records every status line it reads, for
+    the secret checks, and hashes multi-line bodies as they stream."""
 
     def __init__(self, port: int, *, tls: ssl.SSLContext | None = None) -> None:
-        sock = socket.create_connection((LOOPBACK, port), timeout=SOCKET_TIMEOUT_SECONDS)
-        if tls is not None:
-            sock = tls.wrap_socket(sock, server_hostname=LOOPBACK)
-        self.sock = sock
-        self.file = sock.makefile("rb")
+        super().__init__(
+            port,
+            tls=tls,
+            greet=False,
+            timeout=SOCKET_TIMEOUT_SECONDS,
+            max_line_bytes=MAX_LINE_BYTES,
+        )
         self.replies: list[bytes] = []  # every status line received, for secret checks
         self.greeting = self.status()
         assert self.greeting.startswith(b"+OK"), self.greeting
-
-    def __enter__(self) -> Wire:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close without QUIT: a FIN."""
-        self.file.close()
-        self.sock.close()
-
-    def reset(self) -> None:
-        """Close with an RST: SO_LINGER on with a zero timeout, then close."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.close()
-
-    def send(self, data: bytes) -> None:
-        """Send octets as they are."""
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        """The next line without its CRLF; Pop3Error at EOF or on a line without CRLF."""
-        raw = self.file.readline(MAX_LINE_BYTES)
-        if not raw.endswith(b"\r\n"):
-            raise Pop3Error(f"connection closed or line without CRLF: {raw[:100]!r}")
-        return raw[:-2]
 
     def status(self) -> bytes:
         """The next status line (+OK, -ERR or a SASL "+ " challenge), recorded."""
@@ -107,7 +81,7 @@ class Wire:
         return line
 
     def cmd(self, line: bytes | str) -> bytes:
-        """Send one command line (CRLF added) and return its status line."""
+        """Send one command line (CRLF added) and return its status line, recorded."""
         self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
         return self.status()
 
@@ -123,52 +97,35 @@ class Wire:
         assert reply.startswith(b"-ERR"), (line, reply)
         return reply
 
-    def body(self) -> list[bytes]:
-        """The lines of a multi-line body after its +OK, un-stuffed (RFC 1939 §3)."""
-        lines = []
-        while (raw := self.line()) != b".":
-            lines.append(raw[1:] if raw.startswith(b".") else raw)
-        return lines
-
     def body_digest(self, keep: int = 0) -> tuple[int, str, bytes, int]:
         """A multi-line body read as it streams: (octets, sha256, first `keep` octets,
         number of stuffed lines), all of the un-stuffed CRLF form."""
         h = hashlib.sha256()
         size = stuffed = 0
         prefix = bytearray()
-        while True:
-            raw = self.file.readline(MAX_LINE_BYTES)
-            if not raw.endswith(b"\r\n"):
-                raise Pop3Error(f"body ended without the terminating line: {raw[:100]!r}")
-            if raw == b".\r\n":
-                return size, h.hexdigest(), bytes(prefix), stuffed
+        while (raw := self.line()) != b".":  # `Closed` if the body ends without it
             if raw.startswith(b"."):
                 # RFC 1939 §3: a stuffed line is "." + a line that itself starts with ".".
                 assert raw.startswith(b".."), f"an unstuffed line starting with '.': {raw[:80]!r}"
                 raw = raw[1:]
                 stuffed += 1
+            raw += b"\r\n"
             h.update(raw)
             size += len(raw)
             if len(prefix) < keep:
                 prefix += raw[: keep - len(prefix)]
+        return size, h.hexdigest(), bytes(prefix), stuffed
 
-    def login(self, user: str = USER, password: str = PASSWORD) -> None:
-        """USER/PASS (RFC 1939 §7)."""
+    def login(self, user: str = USER, password: str = PASSWORD) -> bytes:
+        """USER/PASS (RFC 1939 §7), each of which must get +OK; the reply to PASS."""
         self.ok(f"USER {user}")
-        self.ok(f"PASS {password}")
+        return self.ok(f"PASS {password}")
 
     def uidls(self) -> dict[int, str]:
         """UIDL (all): message number -> unique id."""
         self.ok("UIDL")
         pairs = (line.split(b" ") for line in self.body())
         return {int(n): uid.decode("ascii") for n, uid in pairs}
-
-    def at_eof(self) -> bool:
-        """Whether the server has closed: reading gives EOF (or a reset) within the timeout."""
-        try:
-            return self.file.read(1) == b""
-        except ConnectionResetError:
-            return True
 
 
 # ---------------------------------------------------------------------------------------------
