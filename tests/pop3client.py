@@ -200,7 +200,7 @@ class SocketPop3:
     """The blocking twin of `Pop3Client`: raw octets out, exact reply lines in.
 
     ``tls`` wraps the socket at once (implicit TLS); ``greet=False`` leaves the greeting
-    unread (in ``buf``). ``max_line_bytes`` bounds a line without its CRLF.
+    unread. ``max_line_bytes`` bounds a line without its CRLF.
     """
 
     def __init__(
@@ -209,13 +209,15 @@ class SocketPop3:
         *,
         tls: ssl.SSLContext | None = None,
         greet: bool = True,
+        host: str = LOOPBACK,
         timeout: float = READ_TIMEOUT_SECONDS,
         max_line_bytes: int = MAX_REPLY_LINE_BYTES,
     ) -> None:
-        sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+        sock = socket.create_connection((host, port), timeout=timeout)
         try:
             if tls is not None:
-                sock = tls.wrap_socket(sock, server_hostname=LOOPBACK)
+                sock = tls.wrap_socket(sock, server_hostname=host)
+            self.host = host
             self.sock = sock
             self.buf = bytearray()
             self.max_line_bytes = max_line_bytes
@@ -284,7 +286,7 @@ class SocketPop3:
         assert not self.buf, f"octets left before the handshake: {bytes(self.buf)!r}"
         plain = self.sock
         try:
-            self.sock = context.wrap_socket(plain, server_hostname=LOOPBACK)
+            self.sock = context.wrap_socket(plain, server_hostname=self.host)
         except BaseException:
             plain.close()
             raise

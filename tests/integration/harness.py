@@ -22,7 +22,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from pop3client import SocketPop3
 
 LOOPBACK = "127.0.0.1"
 
@@ -785,8 +785,9 @@ class Pop3Error(AssertionError):
     """A POP3 reply that was not +OK, or a broken response."""
 
 
-class StreamingPop3:
-    """A minimal blocking POP3 client (RFC 1939) that hashes multi-line bodies as it reads.
+class StreamingPop3(SocketPop3):
+    """A raw client (tests/pop3client.py) whose commands must get +OK, and that hashes
+    multi-line bodies as it reads them.
 
     poplib collects a whole RETR in a list; this one un-stuffs and hashes line by line,
     so the test process stays small while it reads 50 MB.
@@ -795,69 +796,48 @@ class StreamingPop3:
     def __init__(
         self, port: int, *, tls: ssl.SSLContext | None = None, host: str = LOOPBACK
     ) -> None:
-        sock = socket.create_connection((host, port), timeout=SOCKET_TIMEOUT_SECONDS)
-        if tls is not None:
-            sock = tls.wrap_socket(sock, server_hostname=host)
-        self.sock = sock
-        self.file = sock.makefile("rb", buffering=READ_CHUNK_BYTES)
+        super().__init__(
+            port,
+            tls=tls,
+            greet=False,
+            host=host,
+            timeout=SOCKET_TIMEOUT_SECONDS,
+            max_line_bytes=CLIENT_MAX_LINE_BYTES,
+        )
         self.greeting = self._status()
 
-    def close(self) -> None:
-        """Close without QUIT."""
-        self.file.close()
-        self.sock.close()
-
-    def __enter__(self) -> StreamingPop3:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _line(self) -> bytes:
-        line = self.file.readline()
-        if not line.endswith(b"\r\n"):
-            raise Pop3Error(f"connection closed or line without CRLF: {line[:100]!r}")
-        return line[:-2]
-
     def _status(self) -> bytes:
-        line = self._line()
+        line = self.line()
         if not line.startswith(b"+OK"):
             raise Pop3Error(line.decode("utf-8", "replace"))
         return line
 
     def command(self, line: str) -> bytes:
         """Send one command, return its +OK status line."""
-        self.sock.sendall(line.encode("ascii") + b"\r\n")
+        self.send(line.encode("ascii") + b"\r\n")
         return self._status()
 
-    def login(self, user: str, password: str) -> None:
-        """USER/PASS (RFC 1939 §7)."""
+    def login(self, user: str, password: str) -> bytes:
+        """USER/PASS (RFC 1939 §7), each of which must get +OK; the reply to PASS."""
         self.command(f"USER {user}")
-        self.command(f"PASS {password}")
+        return self.command(f"PASS {password}")
 
     def multiline(self, line: str) -> list[bytes]:
         """Send a command with a small multi-line reply; return its un-stuffed lines."""
         self.command(line)
-        lines = []
-        while (raw := self._line()) != b".":
-            lines.append(raw[1:] if raw.startswith(b".") else raw)
-        return lines
+        return self.body()
 
     def multiline_digest(self, line: str) -> tuple[int, str]:
         """Send a command with a multi-line reply; (octets, sha256) of the un-stuffed body."""
         self.command(line)
         h = hashlib.sha256()
         size = 0
-        while True:
-            raw = self.file.readline()
-            if not raw.endswith(b"\r\n"):
-                raise Pop3Error(f"body ended without the terminating line: {raw[:100]!r}")
-            if raw == b".\r\n":
-                return size, h.hexdigest()
-            if raw.startswith(b"."):
-                raw = raw[1:]  # RFC 1939 §3: remove the stuffed dot
+        while (raw := self.line()) != b".":  # `Closed` if the body ends without it
+            raw = raw[1:] if raw.startswith(b".") else raw  # RFC 1939 §3: the stuffed dot
+            raw += b"\r\n"
             h.update(raw)
             size += len(raw)
+        return size, h.hexdigest()
 
 
 @dataclass
