@@ -3,6 +3,7 @@ a real Dovecot upstream."""
 
 from __future__ import annotations
 
+import poplib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from .dovecot import DovecotServer, DovecotUser
 from .harness import (
+    CLIENT_MAX_LINE_BYTES,
     PASSWORD,
     USER,
     Corpus,
@@ -18,12 +20,29 @@ from .harness import (
     ServerProcess,
     TlsFiles,
     User,
+    close_poplib_connections,
     make_corpus,
     make_tls_files,
     start_server,
 )
 
 StartServer = Callable[..., ServerProcess]
+
+
+@pytest.fixture(autouse=True)
+def poplib_long_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """poplib refuses lines over 2048 octets (poplib._MAXLINE); RFC 1939 sets no limit on
+    message lines and the corpus has one of more than 10,000 characters (getmail6 raises
+    the limit the same way)."""
+    monkeypatch.setattr(poplib, "_MAXLINE", CLIENT_MAX_LINE_BYTES)
+
+
+@pytest.fixture(autouse=True)
+def close_poplib() -> Iterator[None]:
+    """Close the connections `harness.poplib_connection` opened, even when a test failed
+    half-way. Synchronous, so that pytest-trio runs it for every test."""
+    yield
+    close_poplib_connections()
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import os
+import poplib
 import random
 import re
 import shutil
@@ -779,6 +780,32 @@ def start_server(
 
 # ---------------------------------------------------------------------------------------------
 # A small streaming POP3 client
+
+
+# The poplib connections `poplib_connection` opened; the integration conftest closes
+# them after each test, whatever happened.
+_POPLIB_OPENED: list[poplib.POP3] = []
+
+
+def poplib_connection(
+    port: int, *, host: str = LOOPBACK, tls: ssl.SSLContext | None = None
+) -> poplib.POP3:
+    """A poplib connection (implicit TLS with ``tls``), closed after the test whatever
+    happens: a socket left to the garbage collector would surface as a ResourceWarning
+    (an error here) in some later test."""
+    pop: poplib.POP3
+    if tls is None:
+        pop = poplib.POP3(host, port, timeout=SOCKET_TIMEOUT_SECONDS)
+    else:
+        pop = poplib.POP3_SSL(host, port, context=tls, timeout=SOCKET_TIMEOUT_SECONDS)
+    _POPLIB_OPENED.append(pop)
+    return pop
+
+
+def close_poplib_connections() -> None:
+    """Close every connection `poplib_connection` opened."""
+    while _POPLIB_OPENED:
+        _POPLIB_OPENED.pop().close()
 
 
 class Pop3Error(AssertionError):

@@ -35,14 +35,13 @@ from .dovecot import (
     session_pids,
 )
 from .harness import (
-    CLIENT_MAX_LINE_BYTES,
     LISTENER_KINDS,
     LOOPBACK,
-    SOCKET_TIMEOUT_SECONDS,
     Corpus,
     CorpusMessage,
     StreamingPop3,
     TlsFiles,
+    poplib_connection,
 )
 
 # With Dovecot's per-IP auth penalty on, the second failed login from 127.0.0.1 would wait
@@ -52,32 +51,16 @@ FAILED_LOGIN_REPLY_BOUND_SECONDS = 2.0
 Connect = Callable[..., poplib.POP3]
 
 
-@pytest.fixture(autouse=True)
-def _poplib_long_lines(monkeypatch: pytest.MonkeyPatch) -> None:
-    # poplib refuses lines over 2048 octets; the corpus has one of more than 10,000.
-    monkeypatch.setattr(poplib, "_MAXLINE", CLIENT_MAX_LINE_BYTES)
-
-
 @pytest.fixture
-def connect(dovecot: DovecotServer) -> Iterator[Connect]:
+def connect(dovecot: DovecotServer) -> Connect:
     """Open poplib connections to a listener kind (TLS set up as it has it); closed after."""
-    opened: list[poplib.POP3] = []
 
     def _connect(kind: str, *, server: DovecotServer = dovecot) -> poplib.POP3:
         host, port = server.endpoint(kind)
-        pop: poplib.POP3
-        if kind == "implicit":
-            pop = poplib.POP3_SSL(
-                host, port, context=server.ssl_context(), timeout=SOCKET_TIMEOUT_SECONDS
-            )
-        else:
-            pop = poplib.POP3(host, port, timeout=SOCKET_TIMEOUT_SECONDS)
-        opened.append(pop)
-        return pop
+        tls = server.ssl_context() if kind == "implicit" else None
+        return poplib_connection(port, host=host, tls=tls)
 
-    yield _connect
-    for pop in opened:
-        pop.close()
+    return _connect
 
 
 @pytest.fixture

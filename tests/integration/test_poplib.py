@@ -10,7 +10,6 @@ import base64
 import hashlib
 import poplib
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -18,11 +17,8 @@ import pytest
 
 from .conftest import StartServer
 from .harness import (
-    CLIENT_MAX_LINE_BYTES,
     LISTENER_KINDS,
-    LOOPBACK,
     PASSWORD,
-    SOCKET_TIMEOUT_SECONDS,
     USER,
     Corpus,
     CorpusMessage,
@@ -30,36 +26,11 @@ from .harness import (
     TlsFiles,
     User,
     maildir_keys,
+    poplib_connection,
 )
 
 # RFC 1939 §7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
 UIDL_RE = re.compile(rb"[\x21-\x7e]{1,70}")
-
-
-@pytest.fixture(autouse=True)
-def _poplib_long_lines(monkeypatch: pytest.MonkeyPatch) -> None:
-    # poplib refuses lines over 2048 octets; RFC 1939 sets no limit on message lines and
-    # the corpus has one of more than 10,000 characters (getmail6 raises it the same way).
-    monkeypatch.setattr(poplib, "_MAXLINE", CLIENT_MAX_LINE_BYTES)
-
-
-_opened: list[poplib.POP3] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_connections() -> Iterator[None]:
-    # Close what a test opened even when it failed half-way: a socket left to the garbage
-    # collector would surface as a ResourceWarning (an error here) in some later test.
-    yield
-    while _opened:
-        _opened.pop().close()
-
-
-def plain_connection(port: int) -> poplib.POP3:
-    """A poplib connection without TLS, closed after the test whatever happens."""
-    pop = poplib.POP3(LOOPBACK, port, timeout=SOCKET_TIMEOUT_SECONDS)
-    _opened.append(pop)
-    return pop
 
 
 def connect(server: ServerProcess, kind: str, tls: TlsFiles) -> poplib.POP3:
@@ -67,17 +38,13 @@ def connect(server: ServerProcess, kind: str, tls: TlsFiles) -> poplib.POP3:
     port = server.port(kind)
     match kind:
         case "none":
-            return plain_connection(port)
+            return poplib_connection(port)
         case "starttls":
-            pop = plain_connection(port)
+            pop = poplib_connection(port)
             pop.stls(tls.client_context())
             return pop
         case "implicit":
-            pop = poplib.POP3_SSL(
-                LOOPBACK, port, context=tls.client_context(), timeout=SOCKET_TIMEOUT_SECONDS
-            )
-            _opened.append(pop)
-            return pop
+            return poplib_connection(port, tls=tls.client_context())
     raise AssertionError(kind)
 
 
@@ -168,7 +135,7 @@ def test_capa_lists_rfc2449_capabilities_and_stls_only_before_tls(
     assert "STLS" not in caps, caps
     pop.quit()
     if kind == "starttls":
-        plain = plain_connection(server.port(kind))
+        plain = poplib_connection(server.port(kind))
         assert "STLS" in plain.capa()
         plain.quit()
 
@@ -360,12 +327,12 @@ def test_plaintext_login_needs_stls_when_plaintext_auth_is_off(
         listeners=["starttls"],
         allow_plaintext_auth=False,
     )
-    pop = plain_connection(server.port("starttls"))
+    pop = poplib_connection(server.port("starttls"))
     with pytest.raises(poplib.error_proto, match="-ERR"):
         pop.user(USER)
         pop.pass_(PASSWORD)
     pop.close()
-    pop = plain_connection(server.port("starttls"))
+    pop = poplib_connection(server.port("starttls"))
     pop.stls(tls_files.client_context())
     assert pop.user(USER).startswith(b"+OK")
     assert pop.pass_(PASSWORD).startswith(b"+OK")

@@ -14,7 +14,7 @@ import poplib
 import socket
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import cast
 
 import pytest
@@ -22,7 +22,6 @@ import pytest
 from .conftest import StartServer
 from .dovecot import DovecotServer, DovecotUser
 from .harness import (
-    CLIENT_MAX_LINE_BYTES,
     LISTENER_KINDS,
     LOOPBACK,
     PASSWORD,
@@ -33,6 +32,7 @@ from .harness import (
     StreamingPop3,
     TlsFiles,
     Upstream,
+    poplib_connection,
 )
 
 UPSTREAM = "dovecot"
@@ -40,22 +40,6 @@ UPSTREAM = "dovecot"
 LEGS = LISTENER_KINDS
 # Scripted upstreams in these tests answer within this.
 SCRIPT_TIMEOUT_SECONDS = 10.0
-
-
-@pytest.fixture(autouse=True)
-def _poplib_long_lines(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The corpus has lines over poplib's 2048-octet limit (see test_poplib.py).
-    monkeypatch.setattr(poplib, "_MAXLINE", CLIENT_MAX_LINE_BYTES)
-
-
-_opened: list[poplib.POP3] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_connections() -> Iterator[None]:
-    yield
-    while _opened:
-        _opened.pop().close()
 
 
 def upstream_for(dovecot: DovecotServer, leg: str, **settings: object) -> Upstream:
@@ -87,15 +71,10 @@ def start_proxy(
     )
 
 
-def pop_plain(host: str, port: int) -> poplib.POP3:
-    pop = poplib.POP3(host, port, timeout=SOCKET_TIMEOUT_SECONDS)
-    _opened.append(pop)
-    return pop
-
-
 def direct(dovecot: DovecotServer, user: DovecotUser) -> poplib.POP3:
     """poplib logged in to Dovecot itself (its plain listener)."""
-    pop = pop_plain(*dovecot.endpoint("none"))
+    host, port = dovecot.endpoint("none")
+    pop = poplib_connection(port, host=host)
     pop.user(user.name)
     pop.pass_(user.password)
     return pop
@@ -103,7 +82,7 @@ def direct(dovecot: DovecotServer, user: DovecotUser) -> poplib.POP3:
 
 def proxied(server: ServerProcess, user: DovecotUser) -> poplib.POP3:
     """poplib logged in to popproxy as the local user routed to `user`."""
-    pop = pop_plain(LOOPBACK, server.port("none"))
+    pop = poplib_connection(server.port("none"))
     pop.user(local_name(user))
     pop.pass_(PASSWORD)
     return pop
@@ -269,7 +248,7 @@ def test_upstream_down_gives_sys_temp_and_the_proxy_keeps_serving(
         ],
         upstreams={"down": Upstream(LOOPBACK, dead_port), UPSTREAM: upstream_for(dovecot, "none")},
     )
-    pop = pop_plain(LOOPBACK, server.port("none"))
+    pop = poplib_connection(server.port("none"))
     pop.user("down")
     with pytest.raises(poplib.error_proto) as refused:
         pop.pass_(PASSWORD)
@@ -284,7 +263,7 @@ def test_wrong_upstream_password_gives_sys_perm_not_auth(
         users=[ProxyUser("wrong", PASSWORD, UPSTREAM, dovecot_user.name, "not-the-password")],
         upstreams={UPSTREAM: upstream_for(dovecot, "starttls")},
     )
-    pop = pop_plain(LOOPBACK, server.port("none"))
+    pop = poplib_connection(server.port("none"))
     pop.user("wrong")
     with pytest.raises(poplib.error_proto) as refused:
         pop.pass_(PASSWORD)
@@ -511,7 +490,7 @@ def test_an_idle_client_keeps_its_upstream_session_through_the_upstreams_autolog
                 )
             },
         )
-        pop = pop_plain(LOOPBACK, server.port("none"))
+        pop = poplib_connection(server.port("none"))
         pop.user("idle")
         pop.pass_(PASSWORD)
         # The client says nothing while the upstream counts NOOPs that span its autologout.
@@ -575,7 +554,7 @@ def test_popproxy_refuses_to_proxy_to_itself_at_run_time(start: StartServer) -> 
             upstreams={"self": Upstream(LOOPBACK, forwarder.port)},
         )
         forwarder.target_port = server.port("none")
-        pop = pop_plain(LOOPBACK, server.port("none"))
+        pop = poplib_connection(server.port("none"))
         pop.user("loop")
         with pytest.raises(poplib.error_proto) as refused:
             pop.pass_(PASSWORD)
@@ -603,7 +582,7 @@ def test_capa_stls_and_auth_plain_through_the_proxy(
     """poplib's remaining commands: CAPA before and after STLS, and AUTH PLAIN; the
     session behind them is Dovecot's, as direct."""
     server = start_proxy(start, dovecot, [dovecot_user])
-    pop = pop_plain(LOOPBACK, server.port("starttls"))
+    pop = poplib_connection(server.port("starttls"))
     before = pop.capa()
     assert {"TOP", "UIDL", "RESP-CODES", "PIPELINING", "STLS"} <= set(before)
     assert pop.stls(tls_files.client_context()).startswith(b"+OK")
