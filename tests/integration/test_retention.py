@@ -39,6 +39,7 @@ from .harness import (
     TlsFiles,
     Upstream,
     describe,
+    poplib_connection,
 )
 from .relay import Hold, HoldingRelay
 from .test_fetchmail import FETCHMAIL_MAIL_RETRIEVED, FETCHMAIL_NO_MAIL
@@ -92,7 +93,7 @@ def local_user(account: DovecotUser, name: str | None = None) -> ProxyUser:
 
 
 def login(server: ServerProcess, user: str) -> poplib.POP3:
-    pop = poplib.POP3(LOOPBACK, server.port("none"), timeout=SOCKET_TIMEOUT_SECONDS)
+    pop = poplib_connection(server.port("none"))
     pop.user(user)
     pop.pass_(PASSWORD)
     return pop
@@ -401,7 +402,7 @@ def test_a_second_session_on_an_account_waits_then_gets_in_use(
     phone, desk = local_user(account, "phone"), local_user(account, "desk")
     server = proxy(start, dovecot, KEEP, [phone, desk], limits={"account_wait_seconds": 0.5})
     first = login(server, "phone")
-    second = poplib.POP3(LOOPBACK, server.port("none"), timeout=SOCKET_TIMEOUT_SECONDS)
+    second = poplib_connection(server.port("none"))
     second.user("desk")
     with pytest.raises(poplib.error_proto) as refused:
         second.pass_(PASSWORD)

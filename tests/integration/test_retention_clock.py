@@ -4,7 +4,6 @@ worker thread, and the test moves the clock by days between sessions."""
 
 from __future__ import annotations
 
-import poplib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +15,13 @@ from popproxy.config import load_config
 from popproxy.serve import serve
 
 from .dovecot import DovecotServer, DovecotUser
-from .harness import LOOPBACK, PASSWORD, SOCKET_TIMEOUT_SECONDS, Corpus, TlsFiles, write_config
+from .harness import (
+    PASSWORD,
+    Corpus,
+    TlsFiles,
+    poplib_connection,
+    write_config,
+)
 from .test_proxy import UPSTREAM, upstream_for
 from .test_retention import MESSAGES, local_user
 
@@ -50,7 +55,7 @@ def account(dovecot: DovecotServer, corpus: Corpus) -> Iterator[DovecotUser]:
 
 def session(port: int, user: str) -> tuple[list[list[str]], list[str]]:
     """Log in, read CAPA's EXPIRE before and after login, the UIDLs, QUIT."""
-    pop = poplib.POP3(LOOPBACK, port, timeout=SOCKET_TIMEOUT_SECONDS)
+    pop = poplib_connection(port)
     before = pop.capa()["EXPIRE"]
     pop.user(user)
     pop.pass_(PASSWORD)
