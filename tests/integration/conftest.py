@@ -63,6 +63,12 @@ def maildir(corpus: Corpus, tmp_path: Path) -> Path:
     return corpus.copy_to(tmp_path / "Maildir")
 
 
+@pytest.fixture
+def small_maildir(corpus: Corpus, tmp_path: Path) -> Path:
+    """The corpus without the 50 MB message, as hard links: cheap to snapshot and change."""
+    return corpus.copy_to(tmp_path / "small", corpus.small)
+
+
 def serve_in(workdir: Path, tls_files: TlsFiles) -> Iterator[StartServer]:
     """Start popproxy servers under `workdir`; at the end each is stopped with SIGTERM
     and must exit 0 (a generator for fixtures of any scope to `yield from`)."""

@@ -194,15 +194,16 @@ class Corpus:
         """The messages held in memory (all but the big one)."""
         return tuple(m for m in self.messages if m.crlf is not None)
 
-    def copy_to(self, dest: Path) -> Path:
-        """A copy of the Maildir at `dest` made of hard links (instant even for 50 MB).
+    def copy_to(self, dest: Path, messages: Iterable[CorpusMessage] | None = None) -> Path:
+        """A copy of the Maildir (or of just ``messages``) at `dest` made of hard links
+        (instant even for 50 MB).
 
         The server only reads, renames and unlinks message files, never writes into
         them, so a hard-linked copy is as good as a real one and the original stays intact.
         """
         for sub in ("new", "cur", "tmp"):
             (dest / sub).mkdir(parents=True, exist_ok=True)
-        for m in self.messages:
+        for m in self.messages if messages is None else messages:
             src = self.root / m.relpath
             try:
                 os.link(src, dest / m.relpath)

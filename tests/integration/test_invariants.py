@@ -165,17 +165,6 @@ def session_ends(server: ServerProcess, count: int) -> list[dict[str, str]]:
     return server.wait_sessions_ended(count, timeout=SESSION_END_TIMEOUT_SECONDS)
 
 
-@pytest.fixture
-def small_maildir(corpus: Corpus, tmp_path: Path) -> Path:
-    """The corpus without the 50 MB message, as hard links: cheap to snapshot and change."""
-    maildir = tmp_path / "small"
-    for sub in ("new", "cur", "tmp"):
-        (maildir / sub).mkdir(parents=True)
-    for m in corpus.small:
-        (maildir / m.relpath).hardlink_to(corpus.root / m.relpath)
-    return maildir
-
-
 def by_uid(corpus: Corpus) -> dict[str, CorpusMessage]:
     """Corpus messages by the UIDL the Maildir gives them: the unique name (valid as is)."""
     return {m.key: m for m in corpus.messages}

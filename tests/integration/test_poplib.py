@@ -105,17 +105,6 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def small_maildir(corpus: Corpus, tmp_path: Path) -> Path:
-    """A Maildir with the corpus but the 50 MB message (hard links), for the cheap tests."""
-    maildir = tmp_path / "small"
-    for sub in ("new", "cur", "tmp"):
-        (maildir / sub).mkdir(parents=True)
-    for m in corpus.small:
-        (maildir / m.relpath).hardlink_to(corpus.root / m.relpath)
-    return maildir
-
-
-@pytest.fixture
 def small_server(start: StartServer, small_maildir: Path) -> ServerProcess:
     """A server with all three listeners serving USER the `small_maildir`."""
     return start(users=[User(USER, PASSWORD, small_maildir)])
