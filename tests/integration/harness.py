@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pop3client import SocketPop3
@@ -745,36 +746,19 @@ def _proc_status_kib(pid: int, key: str) -> int:
 def start_server(
     workdir: Path,
     *,
-    users: Sequence[User | ProxyUser],
-    tls: TlsFiles,
     listeners: Sequence[str] = LISTENER_KINDS,
-    allow_plaintext_auth: bool = True,
-    limits: Mapping[str, float | int] | None = None,
     log_level: str = "info",
-    upstreams: Mapping[str, Upstream] | None = None,
-    metrics: Mapping[str, object] | None = None,
-    rules: Mapping[str, str] | None = None,
-    state: Path | None = None,
+    **config: Any,
 ) -> ServerProcess:
     """Write a config into `workdir`, start the server there and wait until it is ready.
 
+    ``config`` are `write_config`'s keywords (users, tls, limits, upstreams, ...).
     `log_level` is passed as `popproxy run --log-level` ("debug" to see everything).
     With `metrics` (the config section), `ServerProcess.metrics_port` is the exporter's port.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    config = write_config(
-        workdir / "popproxy.yaml",
-        users=users,
-        tls=tls,
-        listeners=listeners,
-        allow_plaintext_auth=allow_plaintext_auth,
-        limits=limits,
-        upstreams=upstreams,
-        metrics=metrics,
-        rules=rules,
-        state=state,
-    )
-    server = ServerProcess(config, listeners=listeners, cwd=workdir, log_level=log_level)
+    path = write_config(workdir / "popproxy.yaml", listeners=listeners, **config)
+    server = ServerProcess(path, listeners=listeners, cwd=workdir, log_level=log_level)
     server.wait_ready()
     return server
 
