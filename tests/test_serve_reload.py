@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from maildirs import make_maildir
 from pop3client import Pop3Client, open_loopback
 
 from popproxy.auth.passwords import hash_password
@@ -47,9 +48,7 @@ def workdir(tmp_path: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch) -> 
     """A directory with a Maildir per user and a server certificate; the cwd of the test."""
     monkeypatch.chdir(tmp_path)
     for name in ("alice", "bob"):
-        for sub in ("new", "cur", "tmp"):
-            (tmp_path / "mail" / name / sub).mkdir(parents=True)
-        (tmp_path / "mail" / name / "new" / "1700000001.M1P1.test").write_bytes(MESSAGE)
+        make_maildir(tmp_path / "mail" / name, {"1700000001.M1P1.test": MESSAGE})
     issue_certificate(ca, tmp_path / "server.pem")
     return tmp_path
 
@@ -414,12 +413,8 @@ async def test_new_sessions_use_a_reloaded_upstream_and_a_running_one_keeps_its_
         (workdir / "alice.pw").write_text(PASSWORDS["alice"] + "\n")
         upstream_ports = []
         for name in ("a", "b"):
-            maildir = workdir / f"mail-{name}" / "alice"
-            for sub in ("new", "cur", "tmp"):
-                (maildir / sub).mkdir(parents=True)
-            (maildir / "new" / "1700000001.M1P1.test").write_bytes(
-                b"Subject: %b\n\n%b\n" % (name.encode(), name.encode())
-            )
+            message = b"Subject: %b\n\n%b\n" % (name.encode(), name.encode())
+            make_maildir(workdir / f"mail-{name}" / "alice", {"1700000001.M1P1.test": message})
             load = write_config(workdir / f"{name}.yaml", tls=False, maildirs=f"mail-{name}")
             upstream = await start(nursery, load())
             upstream_ports.append(upstream.ports[TlsMode.NONE])

@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from maildirs import make_maildir
 from pop3client import Pop3Client
 
 from popproxy.auth.authenticator import Authenticator, Verification
@@ -46,12 +47,7 @@ def crlf(data: bytes) -> bytes:
 
 @pytest.fixture
 def maildir(tmp_path: Path) -> Path:
-    root = tmp_path / "Maildir"
-    for sub in ("new", "cur", "tmp"):
-        (root / sub).mkdir(parents=True)
-    for name, body in MESSAGES.items():
-        (root / "new" / name).write_bytes(body)
-    return root
+    return make_maildir(tmp_path / "Maildir", MESSAGES)
 
 
 def remaining(maildir: Path) -> set[str]:

@@ -15,6 +15,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from maildirs import make_maildir
 from pop3client import Pop3Client
 from test_session import MESSAGES, make_context, remaining
 
@@ -81,11 +82,7 @@ async def test_any_session_deletes_exactly_what_was_marked_and_only_on_quit(
     if ending == "quit":
         lines.append(b"QUIT")
     with tempfile.TemporaryDirectory() as tmp:
-        maildir = Path(tmp) / "Maildir"
-        for sub in ("new", "cur", "tmp"):
-            (maildir / sub).mkdir(parents=True)
-        for name, body in MESSAGES.items():
-            (maildir / "new" / name).write_bytes(body)
+        maildir = make_maildir(Path(tmp) / "Maildir", MESSAGES)
         names = sorted(MESSAGES)
         client, server = trio.testing.memory_stream_pair()
         session = Session(server, PeerAddress("192.0.2.1", 1), make_context(maildir))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from integration.harness import USER, ServerProcess, User
+from maildirs import make_maildir
 
 from .login_client import login
 
@@ -23,16 +24,13 @@ LOCKOUT_FAILURES = 5
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed."
 
 
-def make_maildir(root: Path) -> Path:
-    for sub in ("new", "cur", "tmp"):
-        (root / sub).mkdir(parents=True)
-    (root / "new" / "1700000001.M1P1.bf").write_bytes(b"Subject: hi\n\nbody\n")
-    return root
+def one_message_maildir(root: Path) -> Path:
+    return make_maildir(root, {"1700000001.M1P1.bf": b"Subject: hi\n\nbody\n"})
 
 
 def start_throttled(start: Callable[..., ServerProcess], tmp_path: Path) -> int:
     server = start(
-        users=[User(USER, PASSWORD, make_maildir(tmp_path / "Maildir"))],
+        users=[User(USER, PASSWORD, one_message_maildir(tmp_path / "Maildir"))],
         listeners=["none"],
         limits={
             "auth_failure_delay_seconds": FAILURE_DELAY,
@@ -68,7 +66,7 @@ def test_the_lockout_is_logged_and_counted_and_no_password_is(
     start: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     server = start(
-        users=[User(USER, PASSWORD, make_maildir(tmp_path / "Maildir"))],
+        users=[User(USER, PASSWORD, one_message_maildir(tmp_path / "Maildir"))],
         listeners=["none"],
         limits={
             "auth_failure_delay_seconds": 0,

@@ -34,6 +34,7 @@ from integration.harness import (
     User,
     write_config,
 )
+from maildirs import make_maildir
 from pop3client import SocketPop3
 
 from popproxy.auth.passwords import hash_password
@@ -69,10 +70,9 @@ def raise_descriptor_limit(needed: int) -> None:
 def server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[ServerProcess]:
     """popproxy with limits high enough for the idle crowd."""
     raise_descriptor_limit(2 * IDLE_CONNECTIONS + SPARE_DESCRIPTORS)
-    maildir = tmp_path / "Maildir"
-    for sub in ("new", "cur", "tmp"):
-        (maildir / sub).mkdir(parents=True)
-    (maildir / "new" / "1700000001.M1P1.test").write_bytes(b"Subject: one\n\nbody\n")
+    maildir = make_maildir(
+        tmp_path / "Maildir", {"1700000001.M1P1.test": b"Subject: one\n\nbody\n"}
+    )
     config = write_config(
         tmp_path / "popproxy.yaml",
         users=[User(USER, PASSWORD, maildir)],
@@ -134,9 +134,7 @@ async def test_the_login_timeout_closes_an_idle_connection(
 ) -> None:
     """RFC 1939 sets no pre-auth timer; Dovecot's is its login_timeout. A client that never
     logs in gets -ERR [SYS/TEMP] and is closed when login_timeout_seconds have passed."""
-    maildir = tmp_path / "Maildir"
-    for sub in ("new", "cur", "tmp"):
-        (maildir / sub).mkdir(parents=True)
+    maildir = make_maildir(tmp_path / "Maildir")
     user = UserConfig("demo", hash_password(Secret.from_str("secret"), ln=4), maildir=maildir)
     config = Config(
         source=tmp_path / "popproxy.yaml",

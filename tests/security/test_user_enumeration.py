@@ -19,7 +19,7 @@ from popproxy.auth.passwords import hash_password, verify_password
 from popproxy.secret import Secret
 
 from .login_client import Attempt, login
-from .test_bruteforce import AUTH_FAILED, PASSWORD, make_maildir
+from .test_bruteforce import AUTH_FAILED, PASSWORD, one_message_maildir
 
 UNKNOWN = "no-such-user"
 FAILURE_DELAY = 0.05
@@ -33,7 +33,7 @@ def start_server(
     start: Callable[..., ServerProcess], tmp_path: Path, hash_ln: int = 4, **limits: float
 ) -> ServerProcess:
     return start(
-        users=[User(USER, PASSWORD, make_maildir(tmp_path / "Maildir"), hash_ln)],
+        users=[User(USER, PASSWORD, one_message_maildir(tmp_path / "Maildir"), hash_ln)],
         listeners=["none"],
         limits={"auth_failure_delay_seconds": FAILURE_DELAY, **limits},
     )
