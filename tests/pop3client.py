@@ -179,7 +179,7 @@ class Pop3Client:
     async def rest_until_closed(self) -> bytes:
         """Everything the server still sends, up to its end of stream (which must come)."""
         while await self.receive():
-            pass
+            assert len(self.buf) <= MAX_TAIL_BYTES, "the server keeps sending and does not close"
         rest = bytes(self.buf)
         self.buf.clear()
         return rest
