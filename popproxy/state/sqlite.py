@@ -35,43 +35,32 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-import trio
-
-from popproxy.metrics import MAX_NAME_CHARS
-from popproxy.pop3.limits import MAX_UIDL_OCTETS
 from popproxy.state.base import (
     AccountKey,
-    Disposal,
     MessageFacts,
     SessionRecord,
     StateError,
     StoredMessage,
 )
+from popproxy.state.checks import (
+    MAX_LISTED_MESSAGES,
+    MAX_USER_OCTETS,
+    PRUNE_BATCH,
+    check_account,
+    check_aware,
+    check_record,
+    check_text,
+    check_uids,
+    split_listing,
+)
+from popproxy.state.workers import Workers
 
 # Worker threads (and so connections) per store: sqlite runs one writer at a time
 # and readers beside it in WAL mode; a few threads keep logins' reads off the
 # writer's queue without tying up trio's thread pool on a small machine.
 SQLITE_THREADS = 4
-# The most UIDLs one ``record`` or ``facts`` call may carry: one session's listing,
-# bounded by popproxy.maildrop.upstream.MAX_UPSTREAM_MESSAGES (tests/state keeps
-# the two equal; state/ sits below maildrop/ and cannot import it).
-MAX_RECORD_MESSAGES = 200_000
-# The most rows ``messages`` returns (``popproxy state show``): more than two full
-# listings is a whole instance's store, to be shown one account at a time.
-MAX_LISTED_MESSAGES = 2 * MAX_RECORD_MESSAGES
 # UIDLs per ``IN (...)`` query; far below SQLITE_MAX_VARIABLE_NUMBER (32766 since 3.32).
 QUERY_CHUNK = 500
-# Rows ``prune`` deletes per transaction, so a prune never holds the write lock for
-# longer than a session's commit would wait (busy_timeout_seconds).
-PRUNE_BATCH = 2000
-# A local user name, as config.MAX_USER_NAME_OCTETS allows (RFC 2449 §4 USER line).
-MAX_USER_OCTETS = 248
-# A rule or upstream name is a metrics label value (popproxy.metrics.MAX_NAME_CHARS);
-# an upstream user is a login name (RFC 2449 §4).
-MAX_RULE_CHARS = MAX_NAME_CHARS
-MAX_UPSTREAM_CHARS = MAX_NAME_CHARS
-# A session id is a short token from session.py (8 hex digits today); this is slack.
-MAX_SESSION_ID_CHARS = 64
 # Lines of ``PRAGMA integrity_check`` quoted in the error when the check fails.
 MAX_INTEGRITY_LINES = 5
 
@@ -164,8 +153,7 @@ SCHEMA_VERSION = MIGRATIONS[-1].version
 
 def utc_text(when: datetime) -> str:
     """``when`` as stored: UTC ISO 8601 with microseconds and a Z (sorts as text)."""
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise ValueError("state store times must be timezone-aware")
+    check_aware(when)
     naive = when.astimezone(UTC).replace(tzinfo=None)
     return naive.isoformat(timespec="microseconds") + "Z"
 
@@ -190,10 +178,8 @@ class SqliteStore:
         self._target = target
         self._busy_timeout = busy_timeout_seconds
         self._migrations = tuple(migrations)
-        threads = SQLITE_THREADS if target is not None else 1
-        self._limiter = trio.CapacityLimiter(threads)
+        self._workers = Workers(SQLITE_THREADS if target is not None else 1)
         self._idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
-        self._closed = False
 
     # -- the StateStore protocol -------------------------------------------------------
 
@@ -201,22 +187,21 @@ class SqliteStore:
         self, account: AccountKey, user: str, uids: Collection[str]
     ) -> Mapping[str, MessageFacts]:
         """The facts for those of ``uids`` the store knows, as seen by local ``user``."""
-        _check_account(account)
-        _check_text("user", user, MAX_USER_OCTETS)
+        check_account(account)
+        check_text("user", user, MAX_USER_OCTETS)
         wanted = list(dict.fromkeys(uids))
-        if len(wanted) > MAX_RECORD_MESSAGES:
-            raise ValueError(f"at most {MAX_RECORD_MESSAGES} UIDLs per call")
+        check_uids(wanted)
         return await self._run(lambda conn: _facts(conn, account, user, wanted))
 
     async def record(self, record: SessionRecord) -> None:
         """Write what one QUIT did in one transaction, durable (WAL, synchronous=FULL)."""
-        _check_record(record)
+        check_record(record)
         await self._run(lambda conn: _record(conn, record))
 
     async def messages(self, account: AccountKey | None = None) -> Sequence[StoredMessage]:
         """Every stored UIDL (of ``account``, or all), at most ``MAX_LISTED_MESSAGES``."""
         if account is not None:
-            _check_account(account)
+            check_account(account)
         return await self._run(lambda conn: _messages(conn, account))
 
     async def prune(self, gone_before: datetime) -> int:
@@ -232,14 +217,7 @@ class SqliteStore:
 
     async def aclose(self) -> None:
         """Wait for running calls, then close every connection."""
-        if self._closed:
-            return
-        self._closed = True
-        holders = [object() for _ in range(int(self._limiter.total_tokens))]
-        with trio.CancelScope(shield=True):
-            for holder in holders:
-                await self._limiter.acquire_on_behalf_of(holder)
-            await trio.to_thread.run_sync(self._close_idle)
+        await self._workers.close(self._close_idle)
 
     # -- opening -----------------------------------------------------------------------
 
@@ -249,9 +227,7 @@ class SqliteStore:
     # -- threads and connections ---------------------------------------------------------
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._closed:
-            raise trio.ClosedResourceError("the state store is closed")
-        return await trio.to_thread.run_sync(self._in_worker, work, limiter=self._limiter)
+        return await self._workers.run(functools.partial(self._in_worker, work))
 
     def _in_worker(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``work`` on an idle connection (a new one if none); a worker thread."""
@@ -504,16 +480,9 @@ def _apply_listing(
             (account_id, *chunk),
         )
         stored.update((uid, (size, last)) for uid, size, last in rows)
-    stale: set[str] = set()
-    reused: list[str] = []
-    for uid, size in sizes.items():
-        known = stored.get(uid)
-        if known is None or known[0] == size:
-            continue
-        if known[1] > at:
-            stale.add(uid)
-        else:
-            reused.append(uid)
+    stale, reused = split_listing(
+        sizes, {uid: (size, last > at) for uid, (size, last) in stored.items()}
+    )
     conn.executemany(
         "DELETE FROM messages WHERE account_id = ? AND uid = ?",
         [(account_id, uid) for uid in reused],
@@ -591,40 +560,3 @@ def _prune_batch(conn: sqlite3.Connection, cutoff: str) -> int:
             (cutoff, PRUNE_BATCH),
         )
         return cursor.rowcount
-
-
-# -- checking what callers pass, before any thread or transaction ----------------------
-
-
-def _check_text(what: str, value: str, limit: int, *, octets: bool = True) -> None:
-    size = len(value.encode("utf-8")) if octets else len(value)
-    if not 0 < size <= limit:
-        raise ValueError(f"{what} must be 1-{limit} {'octets' if octets else 'characters'}")
-
-
-def _check_account(account: AccountKey) -> None:
-    _check_text("upstream", account.upstream, MAX_UPSTREAM_CHARS, octets=False)
-    _check_text("upstream_user", account.upstream_user, MAX_USER_OCTETS)
-
-
-def _check_record(record: SessionRecord) -> None:
-    """Refuse a record that cannot be what a session saw (a caller's bug: ValueError)."""
-    _check_account(record.account)
-    _check_text("user", record.user, MAX_USER_OCTETS)
-    _check_text("session_id", record.session_id, MAX_SESSION_ID_CHARS, octets=False)
-    utc_text(record.at)
-    if len(record.seen) > MAX_RECORD_MESSAGES:
-        raise ValueError(f"at most {MAX_RECORD_MESSAGES} listed messages per record")
-    listed: set[str] = set()
-    for message in record.seen:
-        _check_text("a UIDL", message.uid, MAX_UIDL_OCTETS)
-        if message.uid in listed:
-            raise ValueError("a UIDL is listed twice in one record")
-        if message.size < 0:
-            raise ValueError("a message size must not be negative")
-        listed.add(message.uid)
-    disposed: list[Disposal] = [*record.hidden, *record.deleted_upstream]
-    if not record.retrieved <= listed or any(d.uid not in listed for d in disposed):
-        raise ValueError("a retrieved, hidden or deleted UIDL must be in the record's listing")
-    for disposal in disposed:
-        _check_text("a rule name", disposal.rule, MAX_RULE_CHARS, octets=False)

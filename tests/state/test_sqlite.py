@@ -25,9 +25,9 @@ from popproxy.state.base import (
     StateError,
     StoredMessage,
 )
+from popproxy.state.checks import MAX_RECORD_MESSAGES
 from popproxy.state.sqlite import (
     APPLICATION_ID,
-    MAX_RECORD_MESSAGES,
     MIGRATIONS,
     SCHEMA_VERSION,
     Migration,

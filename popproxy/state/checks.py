@@ -1,0 +1,115 @@
+"""What every state backend checks and decides the same way, before and beside its SQL.
+
+The bounds on what one call may carry, the refusal of a record no session could
+have made (a caller's bug: ``ValueError``, before any thread or transaction), and
+the rule for a UIDL listed again with another size (new content under a reused
+UIDL, RFC 1939 §7). ``sqlite.py`` and ``postgres.py`` both use it, so the two
+backends refuse and decide alike (tests/state runs one contract suite on both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+
+from popproxy.metrics import MAX_NAME_CHARS
+from popproxy.pop3.limits import MAX_UIDL_OCTETS
+from popproxy.state.base import AccountKey, Disposal, SessionRecord
+
+# The most UIDLs one ``record`` or ``facts`` call may carry: one session's listing,
+# bounded by popproxy.maildrop.upstream.MAX_UPSTREAM_MESSAGES (tests/state keeps
+# the two equal; state/ sits below maildrop/ and cannot import it).
+MAX_RECORD_MESSAGES = 200_000
+# The most rows ``messages`` returns (``popproxy state show``): more than two full
+# listings is a whole instance's store, to be shown one account at a time.
+MAX_LISTED_MESSAGES = 2 * MAX_RECORD_MESSAGES
+# Rows ``prune`` deletes per transaction, so a prune never holds the write lock (or,
+# on PostgreSQL, its row locks) for longer than a session's commit would wait.
+PRUNE_BATCH = 2000
+# A local user name, as config.MAX_USER_NAME_OCTETS allows (RFC 2449 §4 USER line).
+MAX_USER_OCTETS = 248
+# A rule or upstream name is a metrics label value (popproxy.metrics.MAX_NAME_CHARS);
+# an upstream user is a login name (RFC 2449 §4).
+MAX_RULE_CHARS = MAX_NAME_CHARS
+MAX_UPSTREAM_CHARS = MAX_NAME_CHARS
+# A session id is a short token from session.py (8 hex digits today); this is slack.
+MAX_SESSION_ID_CHARS = 64
+
+
+def check_text(what: str, value: str, limit: int, *, octets: bool = True) -> None:
+    """Refuse an empty or too long name, a NUL (PostgreSQL text cannot hold one) or a
+    lone surrogate (not UTF-8)."""
+    size = len(value.encode("utf-8")) if octets else len(value)
+    if not 0 < size <= limit:
+        raise ValueError(f"{what} must be 1-{limit} {'octets' if octets else 'characters'}")
+    if "\0" in value:
+        raise ValueError(f"{what} must not contain NUL")
+    if not octets:
+        value.encode("utf-8")  # raises UnicodeEncodeError, a ValueError
+
+
+def check_account(account: AccountKey) -> None:
+    """Refuse an account key no config could name."""
+    check_text("upstream", account.upstream, MAX_UPSTREAM_CHARS, octets=False)
+    check_text("upstream_user", account.upstream_user, MAX_USER_OCTETS)
+
+
+def check_uids(uids: list[str]) -> None:
+    """Refuse a ``facts`` call beyond one listing."""
+    if len(uids) > MAX_RECORD_MESSAGES:
+        raise ValueError(f"at most {MAX_RECORD_MESSAGES} UIDLs per call")
+
+
+def check_record(record: SessionRecord) -> None:
+    """Refuse a record that cannot be what a session saw (a caller's bug: ValueError)."""
+    check_account(record.account)
+    check_text("user", record.user, MAX_USER_OCTETS)
+    check_text("session_id", record.session_id, MAX_SESSION_ID_CHARS, octets=False)
+    check_aware(record.at)
+    if len(record.seen) > MAX_RECORD_MESSAGES:
+        raise ValueError(f"at most {MAX_RECORD_MESSAGES} listed messages per record")
+    listed: set[str] = set()
+    for message in record.seen:
+        check_text("a UIDL", message.uid, MAX_UIDL_OCTETS)
+        if message.uid in listed:
+            raise ValueError("a UIDL is listed twice in one record")
+        if message.size < 0:
+            raise ValueError("a message size must not be negative")
+        listed.add(message.uid)
+    disposed: list[Disposal] = [*record.hidden, *record.deleted_upstream]
+    if not record.retrieved <= listed or any(d.uid not in listed for d in disposed):
+        raise ValueError("a retrieved, hidden or deleted UIDL must be in the record's listing")
+    for disposal in disposed:
+        check_text("a rule name", disposal.rule, MAX_RULE_CHARS, octets=False)
+
+
+def check_aware(when: datetime) -> None:
+    """Refuse a naive time: the store keeps UTC, and a naive time has no offset to convert."""
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError("state store times must be timezone-aware")
+
+
+def split_listing(
+    sizes: Mapping[str, int], stored: Mapping[str, tuple[int, bool]]
+) -> tuple[set[str], list[str]]:
+    """Which UIDLs of a session's listing hold content the store must not touch, and
+    which are new content under a reused UIDL.
+
+    ``sizes`` is the listing (UIDL -> size); ``stored`` the store's rows for those
+    UIDLs (UIDL -> (size, last seen later than this record)). Same size: the same
+    message. Other size: new content, which replaces the stored row and its history
+    (returned second, in listing order) unless the store saw the other content
+    later than this record; such *stale* UIDLs are returned first and left alone,
+    so a commit that arrives late neither resurrects old content nor hides new.
+    """
+    stale: set[str] = set()
+    reused: list[str] = []
+    for uid, size in sizes.items():
+        known = stored.get(uid)
+        if known is None or known[0] == size:
+            continue
+        if known[1]:
+            stale.add(uid)
+        else:
+            reused.append(uid)
+    return stale, reused
