@@ -24,25 +24,44 @@ from popproxy.state.base import (
 )
 from popproxy.state.sqlite import open_sqlite
 
-__all__ = ["StateError", "StateStore", "open_store"]
+__all__ = ["POSTGRES_SCHEMES", "StateError", "StateStore", "open_store"]
+
+# The URL schemes libpq accepts for PostgreSQL.
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 _T = TypeVar("_T")
 
 
 async def open_store(config: StateConfig, *, metrics: Metrics | None = None) -> StateStore:
-    """Open the store ``config.url`` names: ``sqlite:///PATH`` or ``sqlite:///:memory:``.
+    """Open the store ``config.url`` names: ``sqlite:///PATH``, ``sqlite:///:memory:`` or
+    ``postgresql://USER@HOST:PORT/DB``.
 
     Creates and migrates the database as needed. The caller closes it with
     ``aclose``. Raises ``StateError`` when it cannot be opened or used.
     """
-    if not config.url.startswith("sqlite:///"):
+    store: StateStore
+    if config.url.startswith("sqlite:///"):
+        store = await open_sqlite(
+            config.sqlite_path,
+            busy_timeout_seconds=config.busy_timeout_seconds,
+            integrity_check=config.integrity_check,
+        )
+    elif config.url.startswith(POSTGRES_SCHEMES):
+        try:
+            from popproxy.state.postgres import PostgresTarget, open_postgres
+        except ImportError as exc:  # the optional extra is not installed
+            raise StateError(
+                "the PostgreSQL state store needs psycopg: install popproxy[postgres]"
+            ) from exc
+        store = await open_postgres(
+            PostgresTarget(config.url),
+            lock_timeout_seconds=config.busy_timeout_seconds,
+        )
+    else:
         scheme = config.url.partition(":")[0]
-        raise StateError(f"state URL scheme {scheme!r} is not supported (only sqlite:///)")
-    store: StateStore = await open_sqlite(
-        config.sqlite_path,
-        busy_timeout_seconds=config.busy_timeout_seconds,
-        integrity_check=config.integrity_check,
-    )
+        raise StateError(
+            f"state URL scheme {scheme!r} is not supported (sqlite:/// or postgresql://)"
+        )
     return store if metrics is None else MeasuredStore(store, metrics)
 
 

@@ -2,20 +2,35 @@
 
 A backend is a way to open *the same* storage again (``Backend.open``), so a test
 can close a store and reopen it. ``fresh_backend`` makes a new, empty storage per
-call (one per hypothesis example). Only sqlite exists today; a PostgreSQL backend
-adds a ``Backend`` here and a value to ``BACKENDS``.
+call (one per hypothesis example): a sqlite file, or a PostgreSQL schema in the
+test run's own database (``pg_database``, dropped at the end of the run).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from popproxy.state import StateStore
-from state.state_backends import BACKENDS, Backend, SqliteBackend
+from state.state_backends import (
+    BACKENDS,
+    Backend,
+    PostgresBackend,
+    SqliteBackend,
+    create_schema,
+    run_database,
+)
+
+_schemas = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """The URL of a database of this test run's own on the test server."""
+    yield from run_database()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -27,6 +42,11 @@ def fresh_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[]
         match request.param:
             case "sqlite":
                 return SqliteBackend(tmp_path / f"state-{next(counter)}.db")
+            case "postgres":
+                database: str = request.getfixturevalue("pg_database")
+                schema = f"store_{next(_schemas)}"
+                create_schema(database, schema)
+                return PostgresBackend(database, schema)
             case other:
                 raise AssertionError(f"unknown backend {other}")
 
@@ -47,3 +67,11 @@ async def store(backend: Backend) -> AsyncIterator[StateStore]:
         yield opened
     finally:
         await opened.aclose()
+
+
+@pytest.fixture
+def pg_backend(pg_database: str) -> PostgresBackend:
+    """An empty schema of its own on the test PostgreSQL server (for postgres-only tests)."""
+    schema = f"store_{next(_schemas)}"
+    create_schema(pg_database, schema)
+    return PostgresBackend(pg_database, schema)

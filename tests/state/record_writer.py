@@ -1,22 +1,23 @@
-"""A second process writing a state store: ``python record_writer.py DB PREFIX COUNT``.
+"""A second process writing a state store: ``python record_writer.py URL PREFIX COUNT``.
 
-Records COUNT sessions on the account ("proc", PREFIX) into the sqlite store DB,
-one after another, and prints each session's number on its own line once its
-``record`` returned (so the parent knows it is committed). Used by
-tests/state/test_sqlite.py to kill a writer mid-stream and to write the same file
-from two processes at once. ``expected`` says what a session left behind.
+Records COUNT sessions on the account ("proc", PREFIX) into the store that the
+``state.url`` URL names (sqlite or PostgreSQL), one after another, and prints each
+session's number on its own line once its ``record`` returned (so the parent knows
+it is committed). Used by tests/state/test_store_processes.py to kill a writer
+mid-stream and to write the same store from two processes at once. ``session``
+says what a session left behind.
 """
 
 from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import trio
 
+from popproxy.config import StateConfig
+from popproxy.state import open_store
 from popproxy.state.base import AccountKey, Disposal, SeenMessage, SessionRecord
-from popproxy.state.sqlite import open_sqlite
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 UIDS_PER_SESSION = 200
@@ -47,8 +48,8 @@ def session(prefix: str, n: int) -> SessionRecord:
     )
 
 
-async def write(db: Path, prefix: str, count: int) -> None:
-    store = await open_sqlite(db, busy_timeout_seconds=BUSY_TIMEOUT_SECONDS)
+async def write(url: str, prefix: str, count: int) -> None:
+    store = await open_store(StateConfig(url=url, busy_timeout_seconds=BUSY_TIMEOUT_SECONDS))
     try:
         for n in range(count):
             await store.record(session(prefix, n))
@@ -59,4 +60,4 @@ async def write(db: Path, prefix: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(write, Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    trio.run(write, sys.argv[1], sys.argv[2], int(sys.argv[3]))

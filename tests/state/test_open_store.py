@@ -71,5 +71,5 @@ async def test_a_memory_url_needs_no_file(tmp_path: Path) -> None:
 
 
 async def test_another_scheme_is_refused() -> None:
-    with pytest.raises(StateError, match="'postgresql' is not supported"):
-        await open_store(StateConfig(url="postgresql://db.example.net/popproxy"))
+    with pytest.raises(StateError, match="'mysql' is not supported"):
+        await open_store(StateConfig(url="mysql://db.example.net/popproxy"))

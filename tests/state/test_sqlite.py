@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import sqlite3
 import stat
-import subprocess
-import sys
-from collections import defaultdict
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,11 +13,9 @@ import trio
 from popproxy.maildrop.upstream import MAX_UPSTREAM_MESSAGES
 from popproxy.state.base import (
     AccountKey,
-    Disposal,
     SeenMessage,
     SessionRecord,
     StateError,
-    StoredMessage,
 )
 from popproxy.state.checks import MAX_RECORD_MESSAGES
 from popproxy.state.sqlite import (
@@ -36,14 +28,9 @@ from popproxy.state.sqlite import (
     open_sqlite,
     utc_text,
 )
-from state import record_writer
 
-REPO = Path(__file__).resolve().parents[2]
-WRITER = Path(record_writer.__file__)
 BOX = AccountKey("provider", "alice@example.net")
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
-# How long a writer subprocess may take before the test gives up on it.
-PROCESS_DEADLINE_SECONDS = 120
 
 
 def listing(at: datetime, sizes: dict[str, int], session_id: str = "s1") -> SessionRecord:
@@ -54,14 +41,6 @@ def listing(at: datetime, sizes: dict[str, int], session_id: str = "s1") -> Sess
 
 async def pragma(store: SqliteStore, name: str) -> object:
     return await store._run(lambda conn: conn.execute(f"PRAGMA {name}").fetchone()[0])
-
-
-def writer_command(db: Path, prefix: str, count: int) -> list[str]:
-    return [sys.executable, str(WRITER), str(db), prefix, str(count)]
-
-
-def writer_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def test_the_record_bound_is_the_upstream_listing_bound() -> None:
@@ -247,147 +226,6 @@ async def test_a_writer_that_waits_too_long_fails_and_writes_nothing(tmp_path: P
     finally:
         blocker.close()
         await store.aclose()
-
-
-def session_rows(rows: Sequence[StoredMessage]) -> dict[str, list[StoredMessage]]:
-    """Stored messages of record_writer sessions, by session id."""
-    out: dict[str, list[StoredMessage]] = defaultdict(list)
-    for row in rows:
-        prefix, n, _ = row.uid.rsplit("-", 2)
-        out[f"{prefix}-{n}"].append(row)
-    return out
-
-
-async def assert_sessions_whole(path: Path, prefix: str, sessions: range) -> None:
-    """Each of ``sessions`` of ``prefix`` is stored completely, and nothing else of it."""
-    store = await open_sqlite(path, busy_timeout_seconds=5, integrity_check=True)
-    try:
-        rows = await store.messages(record_writer.account(prefix))
-    finally:
-        await store.aclose()
-    by_session = session_rows(rows)
-    assert set(by_session) == {f"{prefix}-{n}" for n in sessions}
-    for n in sessions:
-        expected = record_writer.session(prefix, n)
-        stored = {row.uid: row for row in by_session[f"{prefix}-{n}"]}
-        assert {uid: row.size for uid, row in stored.items()} == {
-            m.uid: m.size for m in expected.seen
-        }
-        assert all(row.retrieved_by == ((expected.user, expected.at),) for row in stored.values())
-        hidden = {uid for uid, row in stored.items() if row.hidden_for}
-        deleted = {uid for uid, row in stored.items() if row.deleted_upstream_at}
-        assert hidden == {d.uid for d in expected.hidden}
-        assert deleted == {d.uid for d in expected.deleted_upstream}
-
-
-async def run_and_kill(path: Path, prefix: str, commits: int) -> int:
-    """Start a writer, SIGKILL it once it reported ``commits`` commits; return how many
-    it reported (the kill lands while it builds or commits the next record)."""
-    reported = 0
-    with trio.fail_after(PROCESS_DEADLINE_SECONDS):
-        process = await trio.lowlevel.open_process(
-            writer_command(path, prefix, 100_000), stdout=subprocess.PIPE, env=writer_env()
-        )
-        assert process.stdout is not None
-        pending = b""
-        try:
-            while reported < commits:
-                chunk = await process.stdout.receive_some()
-                assert chunk, "the writer exited early"
-                *lines, pending = (pending + chunk).split(b"\n")
-                reported += len(lines)
-        finally:
-            process.send_signal(signal.SIGKILL)
-            await process.wait()
-            await process.stdout.aclose()
-    assert process.returncode == -signal.SIGKILL
-    return reported
-
-
-@pytest.mark.parametrize("commits", [1, 6, 15])
-async def test_a_writer_killed_mid_stream_leaves_whole_records(
-    tmp_path: Path, commits: int
-) -> None:
-    """SIGKILL in the middle of a stream of records: the file passes integrity_check,
-    every record the writer reported is there, and each record is whole or absent."""
-    path = tmp_path / "state.db"
-    await (await open_sqlite(path, busy_timeout_seconds=1)).aclose()
-    reported = await run_and_kill(path, "killed", commits)
-    store = await open_sqlite(path, busy_timeout_seconds=5, integrity_check=True)
-    try:
-        rows = await store.messages(record_writer.account("killed"))
-    finally:
-        await store.aclose()
-    stored_sessions = len(session_rows(rows))
-    assert reported <= stored_sessions <= reported + 1
-    await assert_sessions_whole(path, "killed", range(stored_sessions))
-
-
-async def test_100_concurrent_sessions_and_a_second_process(tmp_path: Path) -> None:
-    """Invariant: concurrent commits from tasks on several accounts and from another
-    process on the same file never corrupt the store or lose a record."""
-    path = tmp_path / "state.db"
-    store = await open_sqlite(path, busy_timeout_seconds=30)
-    accounts = [AccountKey("provider", f"box{i}@example.net") for i in range(7)]
-    shared = {f"shared-{i}": 500 + i for i in range(30)}
-    other_sessions = 40
-
-    async def one_session(n: int) -> None:
-        own = {f"own-{n}-{j}": j for j in range(10)}
-        await store.record(
-            SessionRecord(
-                account=accounts[n % len(accounts)],
-                user=f"user{n}",
-                session_id=f"task-{n}",
-                at=T0 + timedelta(seconds=n),
-                seen=tuple(SeenMessage(u, s) for u, s in {**shared, **own}.items()),
-                retrieved=frozenset({f"shared-{n % 30}", f"own-{n}-0"}),
-                hidden=(Disposal(f"shared-{(n + 1) % 30}", "hide-rule"),),
-                deleted_upstream=(Disposal(f"own-{n}-1", "delete-rule"),),
-            )
-        )
-
-    try:
-        with trio.fail_after(PROCESS_DEADLINE_SECONDS):
-            other = await trio.lowlevel.open_process(
-                writer_command(path, "other", other_sessions),
-                stdout=subprocess.PIPE,
-                env=writer_env(),
-            )
-            assert other.stdout is not None
-            try:
-                # The tasks start once the other process is writing, so the two overlap.
-                assert await other.stdout.receive_some(), "the other writer exited early"
-                async with trio.open_nursery() as nursery:
-                    for n in range(100):
-                        nursery.start_soon(one_session, n)
-                assert await other.wait() == 0
-            finally:
-                other.kill()
-                await other.wait()
-                await other.stdout.aclose()
-        for n in range(100):
-            account = accounts[n % len(accounts)]
-            facts = await store.facts(account, f"user{n}", [*shared, f"own-{n}-0", f"own-{n}-1"])
-            assert len(facts) == 32
-            assert {uid for uid, f in facts.items() if f.retrieved_at} == {
-                f"shared-{n % 30}",
-                f"own-{n}-0",
-            }
-            assert {uid for uid, f in facts.items() if f.hidden} == {f"shared-{(n + 1) % 30}"}
-            assert facts[f"own-{n}-1"].deleted_upstream_at == T0 + timedelta(seconds=n)
-            first = min(m for m in range(100) if m % len(accounts) == n % len(accounts))
-            assert facts["shared-0"].first_seen == T0 + timedelta(seconds=first)
-        audit = await store._run(
-            lambda conn: conn.execute(
-                "SELECT action, count(*) FROM disposals WHERE session_id LIKE 'task-%'"
-                " GROUP BY action ORDER BY action"
-            ).fetchall()
-        )
-        assert audit == [("delete_upstream", 100), ("hide", 100)]
-    finally:
-        await store.aclose()
-    await assert_sessions_whole(path, "other", range(other_sessions))
 
 
 async def test_calls_beyond_the_listing_bound_are_refused(tmp_path: Path) -> None:

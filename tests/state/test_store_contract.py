@@ -225,6 +225,9 @@ async def test_facts_for_a_whole_large_listing(store: StateStore) -> None:
         pytest.param(session(T0, {"x" * 71: 1}), id="uid-over-70"),
         pytest.param(session(T0, {"a": -1}), id="negative-size"),
         pytest.param(session(T0, {"a": 1}, hidden={"a": ""}), id="empty-rule"),
+        pytest.param(session(T0, {"a": 1}, user="al\0ice"), id="nul-in-user"),
+        pytest.param(session(T0, {"a": 1}, hidden={"a": "r\0"}), id="nul-in-rule"),
+        pytest.param(session(T0, {"a": 1}, user="\udc80"), id="not-utf8-user"),
     ],
 )
 async def test_a_record_that_no_session_could_make_is_refused_whole(
