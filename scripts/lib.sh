@@ -60,7 +60,7 @@ python_for_venv() {
 }
 
 # Create .venv if it is missing or broken, then `pip install -e "$1"` unless that
-# (or the '.[test]' superset) was installed from the same pyproject.toml already.
+# (or the '.[test,postgres]' superset) was installed from the same pyproject.toml already.
 ensure_venv() {
     local target="$1" py stamp hash have
     if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' >/dev/null 2>&1; then
@@ -72,10 +72,57 @@ ensure_venv() {
     stamp=.venv/.popproxy-installed
     hash="$(sha256sum pyproject.toml | cut -d' ' -f1)"
     have="$(cat "$stamp" 2>/dev/null || true)"
-    if [ "$have" != "$target $hash" ] && [ "$have" != ".[test] $hash" ] ||
+    if [ "$have" != "$target $hash" ] && [ "$have" != ".[test,postgres] $hash" ] ||
         ! .venv/bin/python -c 'import popproxy' >/dev/null 2>&1; then
         step "pip install -e '$target'"
         .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$target" </dev/null
         printf '%s\n' "$target $hash" >"$stamp"
+    fi
+}
+
+# The PostgreSQL server the state store's tests use (tests/state/state_backends.py):
+# exports POPPROXY_TEST_PG_URL. Kept as it is when already set; else the machine's own
+# server on 127.0.0.1:5432 (trust auth, database test) when one listens there and
+# POPPROXY_TEST_PG_OWN is not 1; else a throwaway cluster of our own (Debian's
+# postgresql package, initdb in a temporary directory, a free loopback port, run as
+# a non-root user because postgres refuses root), which stop_test_postgres ends.
+ensure_test_postgres() {
+    if [ -n "${POPPROXY_TEST_PG_URL:-}" ]; then
+        return 0
+    fi
+    if [ "${POPPROXY_TEST_PG_OWN:-0}" != 1 ] && (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+        export POPPROXY_TEST_PG_URL="postgresql://postgres@127.0.0.1:5432/test"
+        return 0
+    fi
+    ensure_debian_packages postgresql
+    local bindir port
+    bindir="$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d | sort -V | tail -n 1)"
+    [ -x "$bindir/initdb" ] || die "no initdb under /usr/lib/postgresql after installing postgresql"
+    TEST_PG_DIR="$(mktemp -d /tmp/popproxy-pg.XXXXXX)"
+    port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    TEST_PG_RUN=()
+    if [ "$(id -u)" -eq 0 ]; then
+        # The Debian package made the postgres system user.
+        chown postgres: "$TEST_PG_DIR"
+        TEST_PG_RUN=(runuser -u postgres --)
+    fi
+    step "starting a throwaway PostgreSQL on 127.0.0.1:$port in $TEST_PG_DIR"
+    "${TEST_PG_RUN[@]}" "$bindir/initdb" -D "$TEST_PG_DIR/data" -U postgres -A trust \
+        -E UTF8 --locale=C --no-sync --no-instructions >"$TEST_PG_DIR/initdb.log" 2>&1 ||
+        die "initdb failed: $(cat "$TEST_PG_DIR/initdb.log")"
+    TEST_PG_CTL="$bindir/pg_ctl"
+    # fsync off: the cluster is thrown away with the run.
+    "${TEST_PG_RUN[@]}" "$TEST_PG_CTL" -D "$TEST_PG_DIR/data" -l "$TEST_PG_DIR/server.log" -w \
+        -t 60 -o "-c listen_addresses=127.0.0.1 -p $port -k $TEST_PG_DIR -c fsync=off" \
+        start >/dev/null || die "PostgreSQL did not start: $(cat "$TEST_PG_DIR/server.log")"
+    export POPPROXY_TEST_PG_URL="postgresql://postgres@127.0.0.1:$port/postgres"
+}
+
+# Stop and remove the cluster ensure_test_postgres started, if it started one.
+stop_test_postgres() {
+    if [ -n "${TEST_PG_DIR:-}" ] && [ -d "$TEST_PG_DIR" ]; then
+        "${TEST_PG_RUN[@]}" "$TEST_PG_CTL" -D "$TEST_PG_DIR/data" -m immediate -w stop \
+            >/dev/null 2>&1 || true
+        rm -rf "$TEST_PG_DIR"
     fi
 }
