@@ -16,7 +16,9 @@ import pytest
 
 import popproxy
 
-FORBIDDEN = frozenset({"trio", "socket", "ssl", "yaml", "prometheus_client", "sqlite3"})
+FORBIDDEN = frozenset(
+    {"trio", "socket", "ssl", "yaml", "prometheus_client", "sqlite3", "psycopg", "psycopg_pool"}
+)
 PACKAGE_ROOT = Path(popproxy.__file__).parent
 
 

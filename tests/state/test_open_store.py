@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+import popproxy
 from popproxy.config import StateConfig
 from popproxy.metrics import Metrics, StateOperation
 from popproxy.state import StateError, open_store
@@ -73,3 +77,29 @@ async def test_a_memory_url_needs_no_file(tmp_path: Path) -> None:
 async def test_another_scheme_is_refused() -> None:
     with pytest.raises(StateError, match="'mysql' is not supported"):
         await open_store(StateConfig(url="mysql://db.example.net/popproxy"))
+
+
+def test_only_the_postgres_backend_imports_psycopg_and_only_when_used() -> None:
+    """psycopg is an optional extra (popproxy[postgres]): the CLI, the server and the
+    sqlite backend load without it, and only state/postgres.py and its schema use it."""
+    code = (
+        "import sys\n"
+        "import popproxy.cli, popproxy.serve, popproxy.explain, popproxy.state\n"
+        "print(sorted(m for m in sys.modules if m.startswith('psycopg')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    importers = {
+        path.name
+        for path in Path(popproxy.__file__).parent.rglob("*.py")
+        if re.search(r"^\s*(import|from) psycopg", path.read_text(encoding="utf-8"), re.M)
+    }
+    assert importers == {"postgres.py", "pg_schema.py"}
+
+
+async def test_a_postgres_url_without_the_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "popproxy.state.postgres", None)  # as if not installed
+    with pytest.raises(StateError, match=r"install popproxy\[postgres\]"):
+        await open_store(StateConfig(url="postgresql://popproxy@127.0.0.1/popproxy"))
