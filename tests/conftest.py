@@ -1,4 +1,5 @@
-"""Fixtures for every test: the loopback client streams are closed after each test."""
+"""Fixtures for every test: the loopback client streams are closed after each test, and
+a PostgreSQL database of the run's own for the tests of the state store on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from pop3client import close_opened
+from state.state_backends import run_database
 
 
 @pytest.fixture(autouse=True)
@@ -19,3 +21,10 @@ def close_client_streams() -> Iterator[None]:
     """
     yield
     close_opened()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """The URL of a database of this test run's own on the test PostgreSQL server
+    (tests/state/state_backends.py), dropped at the end of the run."""
+    yield from run_database()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from state.state_backends import BACKENDS, new_postgres_backend
 
 from popproxy import __version__, cli
 from popproxy.auth.passwords import hash_password, parse_hash, verify_password
@@ -770,8 +771,21 @@ def test_check_config_against_only_reloadable_changes_needs_no_restart() -> None
 STATE_T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
-def state_config(directory: Path) -> Path:
-    """A config whose state store is directory/state.db."""
+@pytest.fixture(params=BACKENDS)
+def state_url(request: pytest.FixtureRequest, in_tmp: Path) -> str:
+    """The state.url of an empty store: a sqlite file in the test's directory, or a
+    schema of its own in the run's PostgreSQL database (tests/state/state_backends.py)."""
+    match request.param:
+        case "sqlite":
+            return f"sqlite:///{in_tmp}/state.db"
+        case "postgres":
+            return new_postgres_backend(request.getfixturevalue("pg_database")).url
+        case other:
+            raise AssertionError(f"unknown backend {other}")
+
+
+def state_config(directory: Path, url: str | None = None) -> Path:
+    """A config whose state store is ``url`` (default directory/state.db)."""
     path = directory / "state.yaml"
     path.write_text(
         textwrap.dedent(f"""\
@@ -779,15 +793,15 @@ def state_config(directory: Path) -> Path:
           - {{address: 127.0.0.1, port: 0, tls: none}}
         users:
           demo: {{password_hash: "{HASH}", maildir: m}}
-        state: {{url: "sqlite:///{directory}/state.db"}}
+        state: {{url: "{url or f"sqlite:///{directory}/state.db"}"}}
         """)
     )
     return path
 
 
-def fill_state(directory: Path, *records: SessionRecord) -> None:
+def fill_state(url: str, *records: SessionRecord) -> None:
     async def write() -> None:
-        store = await open_store(StateConfig(url=f"sqlite:///{directory}/state.db"))
+        store = await open_store(StateConfig(url=url))
         try:
             for record in records:
                 await store.record(record)
@@ -825,10 +839,10 @@ TEAM_ACCOUNT = AccountKey("other", "team@example.net")
 
 
 def test_state_show_prints_a_table_per_account(
-    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+    in_tmp: Path, state_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fill_state(
-        in_tmp,
+        state_url,
         state_session(
             ALICE_ACCOUNT,
             STATE_T0,
@@ -839,7 +853,7 @@ def test_state_show_prints_a_table_per_account(
         ),
         state_session(TEAM_ACCOUNT, STATE_T0 + timedelta(days=1), {"t": 9}, user="bob"),
     )
-    assert cli.main(["state", "show", "-c", str(state_config(in_tmp))]) == 0
+    assert cli.main(["state", "show", "-c", str(state_config(in_tmp, state_url))]) == 0
     out = capsys.readouterr().out
     assert out == textwrap.dedent("""\
         other team@example.net: 1 UIDL(s), last listed 2024-05-02 12:00:00Z
@@ -866,31 +880,35 @@ def test_state_show_prints_a_table_per_account(
     ],
 )
 def test_state_show_filters_accounts(
-    in_tmp: Path, capsys: pytest.CaptureFixture[str], filters: list[str], accounts: list[str]
+    in_tmp: Path,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+    filters: list[str],
+    accounts: list[str],
 ) -> None:
     fill_state(
-        in_tmp,
+        state_url,
         state_session(ALICE_ACCOUNT, STATE_T0, {"a": 1}),
         state_session(TEAM_ACCOUNT, STATE_T0, {"b": 2}),
     )
-    assert cli.main(["state", "show", "-c", str(state_config(in_tmp)), *filters]) == 0
+    assert cli.main(["state", "show", "-c", str(state_config(in_tmp, state_url)), *filters]) == 0
     out = capsys.readouterr().out
     headers = [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")]
     assert [h for h in headers if h] == (accounts or ["no UIDLs stored"])
 
 
 def test_state_prune_forgets_only_what_is_gone(
-    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+    in_tmp: Path, state_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     now = datetime.now(UTC)
     fill_state(
-        in_tmp,
+        state_url,
         state_session(ALICE_ACCOUNT, now - timedelta(days=40), {"gone": 1, "kept": 2}),
         state_session(ALICE_ACCOUNT, now - timedelta(days=1), {"kept": 2}, session_id="s2"),
         # An account nobody listed for 40 days keeps its UIDLs: they are still upstream.
         state_session(TEAM_ACCOUNT, now - timedelta(days=40), {"quiet": 3}),
     )
-    config = str(state_config(in_tmp))
+    config = str(state_config(in_tmp, state_url))
     assert cli.main(["state", "prune", "-c", config, "--gone-days", "30", "--dry-run"]) == 0
     assert capsys.readouterr().out.startswith("would forget 1 UIDL(s) gone from their upstream")
     assert cli.main(["state", "prune", "-c", config, "--gone-days", "50"]) == 0
@@ -929,7 +947,17 @@ def test_state_command_errors(in_tmp: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_state_show_through_python_dash_m(in_tmp: Path) -> None:
-    fill_state(in_tmp, state_session(ALICE_ACCOUNT, STATE_T0, {"a": 1}))
+    fill_state(f"sqlite:///{in_tmp}/state.db", state_session(ALICE_ACCOUNT, STATE_T0, {"a": 1}))
     proc = run_popproxy("state", "show", "-c", str(state_config(in_tmp)), cwd=in_tmp)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("provider alice@example.net: 1 UIDL(s)")
+
+
+def test_state_commands_report_a_postgres_server_they_cannot_reach(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(state_config(in_tmp, "postgresql://popproxy@127.0.0.1:1/popproxy"))
+    assert cli.main(["state", "show", "-c", config]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("popproxy: cannot open the state store postgresql://127.0.0.1:1/")
+    assert cli.main(["state", "prune", "-c", config, "--gone-days", "3"]) == 1

@@ -703,12 +703,36 @@ def test_state_options() -> None:
         ("{busy_timeout_seconds: 0}", "greater than 0"),
         ("{busy_timeout_seconds: 7200}", "at most 3600"),
         ("{integrity_check: 'yes'}", "true or false"),
-        ("{url: 'postgresql://db.example.net/popproxy'}", "PostgreSQL backend is not implemented"),
+        ("{url: 'postgresql://pp:hunter2@db.example.net/pp'}", "must not contain a password"),
+        ("{url: 'postgresql://pp@db.example.net/pp?password=hunter2'}", "state.password_file"),
+        ("{url: 'postgresql://pp@db.example.net:port/pp'}", "does not parse"),
+        ("{url: 'postgresql://pp@db/pp', integrity_check: true}", "sqlite store only"),
+        ("{password_env: PW}", "postgresql:// state URL only"),
+        ("{url: 'postgresql://pp@db/pp', password_env: PW, password_file: pw}", "not both"),
+        ("{url: 'postgresql://pp@db/pp', password_env: POPPROXY_NO_SUCH_VAR}", "not set"),
     ],
 )
 def test_state_option_errors(state: str, expected: str) -> None:
     _, message = only_issue(MINIMAL + f"state: {state}\n")
     assert expected in message
+    assert "hunter2" not in message
+
+
+def test_a_postgres_state_url_with_its_password_from_a_file_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = "postgresql://popproxy@db.example.net:5432/popproxy?sslmode=verify-full"
+    Path("pg-password").write_text("from-file\n", encoding="utf-8")
+    config = load_config(write(MINIMAL + f"state: {{url: '{url}', password_file: pg-password}}\n"))
+    assert config.state.url == url  # as written: libpq reads it, no path to resolve
+    assert config.state.sqlite_path is None
+    assert config.state.password == Secret.from_str("from-file")
+    monkeypatch.setenv("PG_PASSWORD", "from-env")
+    config = load_config(write(MINIMAL + f"state: {{url: '{url}', password_env: PG_PASSWORD}}\n"))
+    assert config.state.password == Secret.from_str("from-env")
+    bare = load_config(write(MINIMAL + "state: {url: 'postgres://popproxy@db/popproxy'}\n"))
+    assert bare.state.password is None  # libpq's own ways (~/.pgpass, certificates)
+    assert "from-env" not in repr(config.state)
 
 
 def test_rules_dir_must_be_a_directory() -> None:

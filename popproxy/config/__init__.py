@@ -53,7 +53,7 @@ from popproxy.config.schema import (
     POP3S_PORT,
     load_config,
 )
-from popproxy.config.users import MAX_SECRET_FILE_BYTES
+from popproxy.config.secrets import MAX_SECRET_FILE_BYTES
 from popproxy.policy.fields import ConfigIssue
 
 __all__ = [

@@ -115,7 +115,8 @@ class UserConfig:
 
 @dataclass(frozen=True, slots=True)
 class StateConfig:
-    """Where popproxy keeps per-user state (SQLAlchemy-style URL; docs/state.md)."""
+    """Where popproxy keeps per-user state (SQLAlchemy-style URL; docs/state.md):
+    ``sqlite:///PATH`` or ``postgresql://USER@HOST:PORT/DB`` with libpq's options."""
 
     url: str = "sqlite:///popproxy-state.db"
     # How long a write waits for another writer (another session's commit, a prune
@@ -124,6 +125,11 @@ class StateConfig:
     # Run sqlite's PRAGMA integrity_check at open (reads the whole file) and refuse a
     # damaged store.
     integrity_check: bool = False
+    # PostgreSQL's password: never in the URL, read at load from a file or an
+    # environment variable (None: libpq's own ways, such as ~/.pgpass).
+    password: Secret | None = field(
+        default=None, metadata=read_from("password_file", "password_env")
+    )
 
     @property
     def sqlite_path(self) -> Path | None:

@@ -7,18 +7,14 @@ or ``upstream_password_env`` and is read here, at load, into a :class:`Secret`.
 from __future__ import annotations
 
 import difflib
-import os
 
 from popproxy.auth.passwords import PasswordHashError, parse_hash
 from popproxy.config.fields import ConfigSection
 from popproxy.config.model import UserConfig
-from popproxy.config.reader import read_bounded
+from popproxy.config.secrets import read_secret
 from popproxy.policy.fields import keys_of
 from popproxy.pop3.names import login_name_problem
 from popproxy.secret import Secret
-
-# A secret file holds one password; anything bigger is the wrong file.
-MAX_SECRET_FILE_BYTES = 64 * 1024
 
 _USER_KEYS = keys_of(UserConfig)
 _USER_HINTS = {
@@ -105,49 +101,11 @@ def _password_hash(section: ConfigSection) -> str | None:
 
 
 def _upstream_secret(section: ConfigSection) -> Secret | None:
-    has_file = section.has("upstream_password_file")
-    has_env = section.has("upstream_password_env")
-    if has_file and has_env:
+    keys = ("upstream_password_file", "upstream_password_env")
+    if not any(section.has(key) for key in keys):
         section.error(
-            "upstream_password_env",
-            "give upstream_password_file or upstream_password_env, not both",
+            "upstream_password_file",
+            "missing; expected upstream_password_file or upstream_password_env",
         )
         return None
-    if has_file:
-        path = section.path_value("upstream_password_file", kind="file")
-        if path is None:
-            return None
-        raw = read_bounded(path, MAX_SECRET_FILE_BYTES)
-        if isinstance(raw, OSError):
-            section.error("upstream_password_file", f"cannot read {path}: {raw.strerror or raw}")
-            return None
-        if raw is None:
-            section.error(
-                "upstream_password_file",
-                f"expected a file holding one password (at most {MAX_SECRET_FILE_BYTES} bytes)",
-            )
-            return None
-        # One trailing newline (as `echo` writes) is not part of the password.
-        raw = raw.removesuffix(b"\n").removesuffix(b"\r")
-        if not raw:
-            section.error("upstream_password_file", f"expected a password in {path}; it is empty")
-            return None
-        return Secret(raw)
-    if has_env:
-        name = section.string("upstream_password_env", what="the name of an environment variable")
-        if name is None:
-            return None
-        value = os.environ.get(name)
-        if not value:
-            section.error(
-                "upstream_password_env",
-                f"expected the environment variable {name} to hold the password; it is"
-                + (" empty" if value == "" else " not set"),
-            )
-            return None
-        return Secret.from_str(value)
-    section.error(
-        "upstream_password_file",
-        "missing; expected upstream_password_file or upstream_password_env",
-    )
-    return None
+    return read_secret(section, *keys)

@@ -34,7 +34,7 @@ _T = TypeVar("_T")
 
 async def open_store(config: StateConfig, *, metrics: Metrics | None = None) -> StateStore:
     """Open the store ``config.url`` names: ``sqlite:///PATH``, ``sqlite:///:memory:`` or
-    ``postgresql://USER@HOST:PORT/DB``.
+    ``postgresql://USER@HOST:PORT/DB`` (password from ``config.password``).
 
     Creates and migrates the database as needed. The caller closes it with
     ``aclose``. Raises ``StateError`` when it cannot be opened or used.
@@ -54,7 +54,7 @@ async def open_store(config: StateConfig, *, metrics: Metrics | None = None) -> 
                 "the PostgreSQL state store needs psycopg: install popproxy[postgres]"
             ) from exc
         store = await open_postgres(
-            PostgresTarget(config.url),
+            PostgresTarget(config.url, config.password),
             lock_timeout_seconds=config.busy_timeout_seconds,
         )
     else:

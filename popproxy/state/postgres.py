@@ -43,6 +43,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
+from popproxy.config.schema import postgres_url_problem
 from popproxy.secret import Secret
 from popproxy.state.base import (
     AccountKey,
@@ -119,16 +120,12 @@ class PostgresTarget:
 
 
 def refuse_password(url: str) -> None:
-    """Raise ``StateError`` if ``url`` carries a password (in the authority or as a
-    ``password`` query option): it belongs in ``state.password_file`` or
-    ``state.password_env``, never in the config's text or a process list."""
-    parts = urlsplit(url)
-    query = [item.partition("=")[0] for item in parts.query.split("&")]
-    if parts.password is not None or "password" in query:
-        raise StateError(
-            "the state URL must not contain a password; use state.password_file"
-            " or state.password_env"
-        )
+    """Raise ``StateError`` for a URL the config would refuse (a password in it belongs
+    in ``state.password_file`` or ``state.password_env``); a second guard for callers
+    that build a ``StateConfig`` themselves."""
+    problem = postgres_url_problem(url)
+    if problem is not None:
+        raise StateError(f"the state URL is refused: {problem}")
 
 
 def first_line(exc: BaseException) -> str:

@@ -3,13 +3,14 @@
 A backend is a way to open *the same* storage again (``Backend.open``), so a test
 can close a store and reopen it. ``fresh_backend`` makes a new, empty storage per
 call (one per hypothesis example): a sqlite file, or a PostgreSQL schema in the
-test run's own database (``pg_database``, dropped at the end of the run).
+test run's own database (``pg_database`` in tests/conftest.py, dropped at the end
+of the run).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -20,17 +21,8 @@ from state.state_backends import (
     Backend,
     PostgresBackend,
     SqliteBackend,
-    create_schema,
-    run_database,
+    new_postgres_backend,
 )
-
-_schemas = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """The URL of a database of this test run's own on the test server."""
-    yield from run_database()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -43,10 +35,7 @@ def fresh_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[]
             case "sqlite":
                 return SqliteBackend(tmp_path / f"state-{next(counter)}.db")
             case "postgres":
-                database: str = request.getfixturevalue("pg_database")
-                schema = f"store_{next(_schemas)}"
-                create_schema(database, schema)
-                return PostgresBackend(database, schema)
+                return new_postgres_backend(request.getfixturevalue("pg_database"))
             case other:
                 raise AssertionError(f"unknown backend {other}")
 
@@ -72,6 +61,4 @@ async def store(backend: Backend) -> AsyncIterator[StateStore]:
 @pytest.fixture
 def pg_backend(pg_database: str) -> PostgresBackend:
     """An empty schema of its own on the test PostgreSQL server (for postgres-only tests)."""
-    schema = f"store_{next(_schemas)}"
-    create_schema(pg_database, schema)
-    return PostgresBackend(pg_database, schema)
+    return new_postgres_backend(pg_database)

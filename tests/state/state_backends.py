@@ -10,6 +10,7 @@ a schema in it, named through the URL's ``search_path`` option.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import sqlite3
@@ -121,7 +122,12 @@ def run_database() -> Iterator[str]:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def create_schema(database_url: str, schema: str) -> None:
-    """An empty schema for one storage."""
+_schemas = itertools.count()
+
+
+def new_postgres_backend(database_url: str) -> PostgresBackend:
+    """A new, empty schema in the run's database, for one storage."""
+    schema = f"store_{next(_schemas)}"
     with admin_connection(database_url) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    return PostgresBackend(database_url, schema)
