@@ -499,7 +499,7 @@ def write_config(
     upstreams: Mapping[str, Upstream] | None = None,
     metrics: Mapping[str, object] | None = None,
     rules: Mapping[str, str] | None = None,
-    state: Path | None = None,
+    state: Path | str | None = None,
 ) -> Path:
     """Write a popproxy config (keys as in DESIGN.md "Config") with `port: 0` listeners.
 
@@ -508,7 +508,7 @@ def write_config(
     by default, so no exporter runs. `rules` maps rule file names (`10-keep.yaml`) to
     their YAML text, written to a `rules/` directory beside the config. `state` is the
     sqlite file (default: `state.db` beside the config; pass one to share it between
-    servers, as a restart does).
+    servers, as a restart does), or a whole `state.url` such as a PostgreSQL one.
     """
     config: dict[str, object] = {
         "listen": [{"address": LOOPBACK, "port": 0, "tls": kind} for kind in listeners],
@@ -517,7 +517,7 @@ def write_config(
         "upstreams": {name: u.as_config() for name, u in (upstreams or {}).items()},
         "users": {u.name: _user_entry(u, path.parent) for u in users},
         # Four slashes: an absolute path (DESIGN.md); the state stays in the test's tmp dir.
-        "state": {"url": "sqlite:///" + str(state or path.parent / "state.db")},
+        "state": {"url": state_url(state or path.parent / "state.db")},
         "limits": {
             # Every test client comes from 127.0.0.1 (the 300-session test opens 300).
             "max_sessions_per_ip": LOOPBACK_MAX_SESSIONS,
@@ -741,6 +741,12 @@ def _proc_status_kib(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])  # "VmRSS:     12345 kB"
     raise KeyError(key)
+
+
+def state_url(state: Path | str) -> str:
+    """The `state.url` for a sqlite file (four slashes: an absolute path), or ``state``
+    itself when it is a URL already."""
+    return state if isinstance(state, str) else "sqlite:///" + str(state)
 
 
 def start_server(

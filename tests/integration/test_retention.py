@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from state.state_backends import BACKENDS, new_postgres_backend
 
 from popproxy.config import StateConfig
 from popproxy.state import open_store
@@ -40,6 +41,7 @@ from .harness import (
     Upstream,
     describe,
     poplib_connection,
+    state_url,
 )
 from .relay import Hold, HoldingRelay
 from .test_fetchmail import FETCHMAIL_MAIL_RETRIEVED, FETCHMAIL_NO_MAIL
@@ -75,7 +77,7 @@ def proxy(
     users: list[ProxyUser],
     *,
     upstream: Upstream | None = None,
-    state: Path | None = None,
+    state: Path | str | None = None,
     limits: dict[str, float | int] | None = None,
 ) -> ServerProcess:
     return start(
@@ -103,11 +105,12 @@ def uidls(pop: poplib.POP3) -> list[str]:
     return [line.split()[1].decode() for line in pop.uidl()[1]]
 
 
-def stored(state: Path) -> list[StoredMessage]:
-    """Every row of popproxy's state store, read with the store's own code."""
+def stored(state: Path | str) -> list[StoredMessage]:
+    """Every row of popproxy's state store (a sqlite file or a URL), read with the
+    store's own code."""
 
     async def read() -> list[StoredMessage]:
-        store = await open_store(StateConfig("sqlite:///" + str(state)))
+        store = await open_store(StateConfig(state_url(state)))
         try:
             return list(await store.messages())
         finally:
@@ -336,15 +339,28 @@ CONCURRENT_ACCOUNTS = 5
 SESSIONS_PER_ACCOUNT = 20
 
 
+@pytest.fixture(params=BACKENDS)
+def shared_state(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """The store of one test, on each backend: a sqlite file, or the URL of a schema of
+    its own in the run's PostgreSQL database (tests/state/state_backends.py)."""
+    match request.param:
+        case "sqlite":
+            return tmp_path / "state.db"
+        case "postgres":
+            return new_postgres_backend(request.getfixturevalue("pg_database")).url
+        case other:
+            raise AssertionError(f"unknown backend {other}")
+
+
 @pytest.mark.slow
 def test_100_concurrent_sessions_on_several_accounts_never_corrupt_the_store(
-    start: StartServer, dovecot: DovecotServer, corpus: Corpus, tmp_path: Path
+    start: StartServer, dovecot: DovecotServer, corpus: Corpus, shared_state: Path | str
 ) -> None:
     accounts = [
         dovecot.add_user(corpus=corpus, messages=corpus.small[:MESSAGES])
         for _ in range(CONCURRENT_ACCOUNTS)
     ]
-    state = tmp_path / "state.db"
+    state = shared_state
     try:
         users = [
             local_user(a, f"u{i}-{j}")
@@ -376,8 +392,9 @@ def test_100_concurrent_sessions_on_several_accounts_never_corrupt_the_store(
             t.join(SOCKET_TIMEOUT_SECONDS * 6)
         assert not any(t.is_alive() for t in threads)
         assert not failures, failures[:5]
-        with sqlite3.connect(state) as db:
-            assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        if isinstance(state, Path):
+            with sqlite3.connect(state) as db:
+                assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         rows = stored(state)
         assert {r.account for r in rows} == {AccountKey(UPSTREAM, a.name) for a in accounts}
         assert len(rows) == CONCURRENT_ACCOUNTS * MESSAGES
