@@ -4,10 +4,11 @@ Theory of operation. psycopg 3's synchronous ``ConnectionPool`` (psycopg-pool)
 holds at most ``PG_THREADS`` connections; each call runs in a worker thread
 behind a ``CapacityLimiter`` of the same size (``workers.Workers``), takes a
 connection from the pool for one transaction and gives it back. psycopg's async
-API would need asyncio, and popproxy runs on trio. The pool checks a connection
-before lending it (one empty round trip), so a PostgreSQL restart costs no
-failed call; a connection that breaks during a call fails that call with
-``StateError`` and is discarded.
+API would need asyncio, and popproxy runs on trio. (The pool also runs three
+threads of its own that open and replace connections in the background.) The
+pool checks a connection before lending it (one empty round trip), so a
+PostgreSQL restart costs no failed call; a connection that breaks during a call
+fails that call with ``StateError`` and is discarded.
 
 Every wait on the server is bounded: libpq's ``connect_timeout`` and TCP user
 timeout for the network, ``statement_timeout`` for one statement, and
@@ -110,7 +111,10 @@ class PostgresTarget:
         }
         kwargs = {key: value for key, value in defaults.items() if key not in given}
         if self.password is not None:
-            kwargs["password"] = self.password.reveal().decode("utf-8")
+            try:
+                kwargs["password"] = self.password.reveal().decode("utf-8")
+            except UnicodeDecodeError:
+                raise StateError("the state store's password is not UTF-8 text") from None
         return kwargs
 
     def describe(self) -> str:

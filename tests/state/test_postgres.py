@@ -209,6 +209,8 @@ def test_the_password_goes_to_libpq_beside_the_url_and_the_url_wins() -> None:
     assert kwargs["tcp_user_timeout"] > 0
     assert target.describe() == "postgresql://db.example.net:6432/state"
     assert "s3cret" not in repr(target)
+    with pytest.raises(StateError, match="not UTF-8"):
+        PostgresTarget(target.url, Secret(b"\xff\xfe")).connection_kwargs()
 
 
 async def test_a_writer_that_waits_too_long_fails_and_writes_nothing(
