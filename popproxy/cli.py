@@ -42,6 +42,7 @@ from popproxy.auth.passwords import (
 )
 from popproxy.config import Config, ConfigError, load_config
 from popproxy.logfmt import JsonFormatter, LogfmtFormatter
+from popproxy.maildrop.route import MaildirRoute, UpstreamRoute, route_of
 from popproxy.policy import EXPIRE_NEVER, AccountPolicy, Action, Setting
 from popproxy.reload import ConfigChanges, ConfigLoader, NamedChanges, config_changes
 from popproxy.sdnotify import Notifier
@@ -206,8 +207,8 @@ def _cmd_explain(path: Path, user: str) -> int:
     from popproxy.explain import ExplainError, explain, format_explanation
     from popproxy.maildrop.base import MaildropError
     from popproxy.maildrop.retention import utc_now
-    from popproxy.serve import ServeError
     from popproxy.state.base import StateError
+    from popproxy.tls import TlsError
 
     config = _load(path)
     if config is None:
@@ -217,7 +218,7 @@ def _cmd_explain(path: Path, user: str) -> int:
     except ExplainError as exc:
         print(f"popproxy explain: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (MaildropError, StateError, ServeError) as exc:
+    except (MaildropError, StateError, TlsError) as exc:
         print(f"popproxy explain: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     sys.stdout.write(format_explanation(user, rows))
@@ -298,11 +299,12 @@ def summarize(config: Config) -> str:
             lines.append(f"  {up.name}: {_host_port(up.host, up.port)} tls={up.tls.value}{extra}")
     lines.append(f"users: {len(config.users)}")
     for user in config.users.values():
-        if user.maildir is not None:
-            missing = "" if user.maildir.is_dir() else " (does not exist yet)"
-            lines.append(f"  {user.name}: maildir {user.maildir}{missing}")
-        else:
-            lines.append(f"  {user.name}: upstream {user.upstream} as {user.upstream_user}")
+        match route_of(user, config.upstreams):
+            case MaildirRoute(path):
+                missing = "" if path.is_dir() else " (does not exist yet)"
+                lines.append(f"  {user.name}: maildir {path}{missing}")
+            case UpstreamRoute(upstream, upstream_user):
+                lines.append(f"  {user.name}: upstream {upstream.name} as {upstream_user}")
     lines.append(f"state: {config.state.url}")
     if config.rules_dir is not None:
         lines.append(f"rules_dir: {config.rules_dir}")
@@ -334,15 +336,17 @@ def describe_policy(config: Config) -> list[str]:
         lines.append(f"  {source}: {names}")
     lines.append(f"policy: EXPIRE before login: {policy.expire_before_login()}")
     for user in config.users.values():
-        if user.upstream is None:
-            lines.append(f"  {user.name}: maildir, no rules; DELE deletes; EXPIRE {EXPIRE_NEVER}")
-            continue
-        account = policy.for_user(user.name, user.upstream)
-        lines.append(f"  {user.name} (upstream {user.upstream}):")
-        lines.append("    rules, in order:" if account.rules else "    rules: none")
-        lines.extend(f"      {r.name} ({r.source}): {r.summary()}" for r in account.rules)
-        lines.extend(f"    {line}" for line in _account_effects(account))
-        lines.append(f"    EXPIRE {account.expire}")
+        match route_of(user, config.upstreams):
+            case MaildirRoute():
+                effects = f"maildir, no rules; DELE deletes; EXPIRE {EXPIRE_NEVER}"
+                lines.append(f"  {user.name}: {effects}")
+            case UpstreamRoute(upstream):
+                account = policy.for_user(user.name, upstream.name)
+                lines.append(f"  {user.name} (upstream {upstream.name}):")
+                lines.append("    rules, in order:" if account.rules else "    rules: none")
+                lines.extend(f"      {r.name} ({r.source}): {r.summary()}" for r in account.rules)
+                lines.extend(f"    {line}" for line in _account_effects(account))
+                lines.append(f"    EXPIRE {account.expire}")
     return lines
 
 

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from popproxy.config import Config, StateConfig
-from popproxy.maildrop.retention import Clock, RetentionContext, open_retained
-from popproxy.maildrop.upstream import UpstreamAccount, open_upstream
+from popproxy.locks import InProcessLocks
+from popproxy.maildrop.retention import Clock
+from popproxy.maildrop.route import MaildirRoute, NoRoute, UpstreamRoute, route_of
+from popproxy.maildrop.router import CapabilityMemos, MaildropRouter, RouterResources
 from popproxy.policy import Decision, Reason, RetentionPlan
-from popproxy.serve import upstream_tls_contexts
 from popproxy.state import open_store
 from popproxy.state.base import AccountKey, MessageFacts, StateStore, StoredMessage
+from popproxy.tls import upstream_tls_contexts
 
 
 class ExplainError(Exception):
@@ -65,6 +67,16 @@ class _NoState:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    """A store already open, as the router asks for one (``StoreSource``)."""
+
+    store: StateStore
+
+    async def get(self) -> StateStore:
+        return self.store
+
+
 async def _open_state(config: StateConfig) -> StateStore:
     path = config.sqlite_path
     if path is not None and not path.exists():
@@ -81,30 +93,33 @@ async def explain(config: Config, user_name: str, clock: Clock) -> list[MessageE
     user = config.users.get(user_name)
     if user is None:
         raise ExplainError(f"no local user {user_name!r} in {config.source}")
-    if user.upstream is None or user.upstream_user is None or user.upstream_password is None:
-        raise ExplainError(f"user {user_name!r} is served from a Maildir: no rules apply")
-    upstream = config.upstreams[user.upstream]
-    tls = (await upstream_tls_contexts(config)).get(upstream.name)
+    maildir = ExplainError(f"user {user_name!r} is served from a Maildir: no rules apply")
+    try:
+        route = route_of(user, config.upstreams)
+    except NoRoute:
+        raise maildir from None
+    match route:
+        case MaildirRoute():
+            raise maildir
+        case UpstreamRoute():
+            pass
+    upstream_tls = await upstream_tls_contexts(config)
     store = await _open_state(config.state)
     try:
-        inner = await open_upstream(
-            UpstreamAccount(upstream, user.upstream_user, user.upstream_password),
-            tls_context=tls,
-            own_greeting_token=secrets.token_hex(6),
-        )
-        policy = config.policy.for_user(user_name, upstream.name)
-        context = RetentionContext(
-            account=AccountKey(upstream.name, user.upstream_user),
-            user=user_name,
-            session_id="explain",
-            policy=policy,
-            store=store,
+        # The session's own routing, with a lock table, memo and greeting token of its own.
+        resources = RouterResources(
+            store=_Opened(store),
+            locks=InProcessLocks(),
+            capabilities=CapabilityMemos(),
+            greeting_token=secrets.token_hex(6),
             clock=clock,
         )
+        router = MaildropRouter(config, upstream_tls, resources)
+        retained = await router.open_upstream(route, user_name, "explain")
         try:
-            retained = await open_retained(inner, context, on_close=lambda: None)
+            policy = config.policy.for_user(user_name, route.upstream.name)
             view = retained.view
-            listing = inner.messages
+            listing = retained.upstream_messages
             now = clock()
             idle = policy.plan(view, frozenset(), frozenset(), now)
             at_quit = {p.index: p for p in idle.delete_upstream}
@@ -132,7 +147,7 @@ async def explain(config: Config, user_name: str, clock: Clock) -> list[MessageE
                     )
                 )
         finally:
-            await inner.aclose()  # without QUIT: the upstream deletes nothing
+            await retained.aclose()  # without QUIT: the upstream deletes nothing
     finally:
         await store.aclose()
     return rows

@@ -22,13 +22,14 @@ logs, for the per-address limit and for login throttling. A v2 LOCAL header
 (a health check) or an UNKNOWN one keeps the proxy's own address. Octets after
 the header are the session's (a TLS handshake on an implicit TLS listener).
 
-Reload. The settings a session reads live in one immutable ``_Runtime`` (config,
-server TLS context, authenticator, maildrop router with the upstream TLS contexts).
+Reload. The settings a session reads live in one immutable ``Runtime`` (config,
+server TLS context, authenticator, maildrop router with the upstream TLS contexts;
+popproxy/runtime.py, which also holds the ``ProcessState`` that outlives reloads).
 Each accepted connection takes the runtime current at that moment, so a session
-keeps the config it started with. ``Server.reload`` loads and checks a new config
-and builds all of these first, and only then swaps the runtime in one assignment;
-on any error the old one stays (popproxy/reload.py says which keys a reload
-applies and which need a restart).
+keeps the config it started with. ``Server.reload`` has a new config loaded and
+checked and all of these built first, and only then swaps the runtime in one
+assignment; on any error the old one stays (popproxy/reload.py says which keys a
+reload applies and which need a restart).
 
 Metrics. One ``popproxy.metrics.Metrics`` per process, built by the caller (the
 CLI) on its own registry and passed in. The server declares the listener and
@@ -43,40 +44,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
-import secrets
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import trio
 from prometheus_client import CollectorRegistry
 
-from popproxy.auth.authenticator import Authenticator, HashQueue
-from popproxy.auth.cache import CredentialCache
-from popproxy.auth.throttle import ThrottleTable
-from popproxy.config import (
-    Config,
-    ConfigError,
-    ListenerConfig,
-    MetricsConfig,
-    StateConfig,
-    TlsConfig,
-    TlsMode,
-    UserConfig,
-)
-from popproxy.maildrop.base import Maildrop, MaildropError
-from popproxy.maildrop.maildir import open_maildir
-from popproxy.maildrop.retention import (
-    AccountLocks,
-    Clock,
-    RetentionContext,
-    open_retained,
-    utc_now,
-)
-from popproxy.maildrop.upstream import CapabilityMemo, UpstreamAccount, open_upstream
+from popproxy.config import Config, ListenerConfig, MetricsConfig, TlsMode
+from popproxy.maildrop.retention import Clock, utc_now
 from popproxy.metrics import ConnectionRejection, Metrics
 from popproxy.metrics_exporter import serve_metrics
 from popproxy.peer import UNKNOWN_PEER, PeerAddress, socket_peer
@@ -90,19 +67,18 @@ from popproxy.proxy_protocol import (
     ProxyHeaderReader,
     ProxyProtocolError,
 )
-from popproxy.reload import (
-    ConfigChanges,
-    ConfigLoader,
-    ReloadOutcome,
-    config_changes,
-    effective_config,
-    reload_problem,
+from popproxy.reload import ConfigLoader, ReloadOutcome
+from popproxy.runtime import (
+    ProcessState,
+    ReloadFailed,
+    Runtime,
+    prepare_runtime,
+    reload_summary,
 )
 from popproxy.sdnotify import Notifier
 from popproxy.session import SessionContext, run_session
-from popproxy.state import open_store
-from popproxy.state.base import AccountKey, StateError, StateStore
-from popproxy.tls import client_context, server_context
+from popproxy.state.base import StateError
+from popproxy.tls import LoadedTls, TlsError, load_server_tls, upstream_tls_contexts
 
 log = logging.getLogger("popproxy.serve")
 
@@ -119,137 +95,12 @@ TOO_MANY_FROM_ADDRESS = Err("Too many connections from your address.", ResponseC
 # proxy-protocol.txt §2: a receiver may give up on a header not seen "within a few
 # seconds (at least 3 seconds to cover a TCP retransmit)"; the proxy sends it at once.
 PROXY_HEADER_TIMEOUT_SECONDS = 5.0
-# A reload_failed line names at most this many config problems (check-config lists all).
-MAX_REASON_ISSUES = 3
 
 OnReload = Callable[[ReloadOutcome], None]
 
 
 class ServeError(Exception):
     """The server cannot start as configured (bad certificate, port in use, ...)."""
-
-
-class StoreOpener:
-    """The state store, opened once on first need and closed at shutdown.
-
-    A config without upstream users never opens it (a Maildir needs no state).
-    """
-
-    def __init__(self, config: StateConfig, metrics: Metrics | None) -> None:
-        self._config = config
-        self._metrics = metrics
-        self._store: StateStore | None = None
-        self._lock = trio.Lock()
-
-    async def get(self) -> StateStore:
-        """The open store; ``StateError`` if it cannot be opened."""
-        async with self._lock:
-            if self._store is None:
-                self._store = await open_store(self._config, metrics=self._metrics)
-            return self._store
-
-    async def aclose(self) -> None:
-        if self._store is not None:
-            await self._store.aclose()
-            self._store = None
-
-
-class MaildropRouter:
-    """Opens each local user's maildrop: its Maildir, or a session with its upstream
-    account seen through retention policy (DESIGN.md, routing). Several local users
-    may share one upstream account; their sessions take turns (``AccountLocks``).
-    """
-
-    def __init__(
-        self,
-        config: Config,
-        upstream_tls: Mapping[str, ssl.SSLContext],
-        *,
-        greeting_token: str,
-        store: StoreOpener,
-        locks: AccountLocks,
-        clock: Clock,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self._upstreams = config.upstreams
-        self._policy = config.policy
-        self._wait_seconds = config.limits.account_wait_seconds
-        self._upstream_tls = upstream_tls
-        self._greeting_token = greeting_token
-        self._store = store
-        self._locks = locks
-        self._clock = clock
-        self._metrics = metrics  # the upstream names of ``config`` are declared in it
-        # Each upstream's last CAPA reply, so that its next logins pipeline CAPA too.
-        self._capabilities = {name: CapabilityMemo() for name in config.upstreams}
-
-    async def open(self, user: UserConfig, session_id: str) -> Maildrop:
-        """The maildrop ``user`` is served from; ``MaildropError`` carries the client's -ERR."""
-        if user.maildir is not None:
-            return await open_maildir(user.maildir)
-        if user.upstream is None or user.upstream_user is None or user.upstream_password is None:
-            raise MaildropError(ResponseCode.SYS_PERM, "This account has no maildrop configured.")
-        upstream = self._upstreams[user.upstream]
-        key = AccountKey(upstream.name, user.upstream_user)
-        mailbox = (upstream.host.lower(), upstream.port, user.upstream_user)
-        release = (
-            await self._locks.acquire(mailbox, wait_seconds=self._wait_seconds)
-            if upstream.exclusive_sessions
-            else _no_lock
-        )
-        try:
-            try:
-                store = await self._store.get()
-            except StateError as exc:
-                log.error(  # noqa: TRY400 (the reason is in the line; a traceback adds nothing)
-                    "state_unavailable", extra={"fields": {"reason": str(exc)}}
-                )
-                raise MaildropError(
-                    ResponseCode.SYS_TEMP, "Mailbox state is unavailable."
-                ) from None
-            account = UpstreamAccount(upstream, user.upstream_user, user.upstream_password)
-            inner = await open_upstream(
-                account,
-                tls_context=self._upstream_tls.get(upstream.name),
-                own_greeting_token=self._greeting_token,
-                metrics=self._metrics.upstream(upstream.name) if self._metrics else None,
-                capabilities=self._capabilities[upstream.name],
-            )
-            retention = RetentionContext(
-                account=key,
-                user=user.name,
-                session_id=session_id,
-                policy=self._policy.for_user(user.name, upstream.name),
-                store=store,
-                clock=self._clock,
-                metrics=self._metrics,
-            )
-            try:
-                return await open_retained(inner, retention, on_close=release)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await inner.aclose()
-                raise
-        except BaseException:
-            release()
-            raise
-
-
-def _no_lock() -> None:
-    """The release of an account whose sessions may overlap (``exclusive_sessions: false``)."""
-
-
-async def upstream_tls_contexts(config: Config) -> dict[str, ssl.SSLContext]:
-    """A client TLS context per upstream that uses TLS, built once (reads CA files)."""
-    contexts: dict[str, ssl.SSLContext] = {}
-    for name, upstream in config.upstreams.items():
-        if upstream.tls is TlsMode.NONE:
-            continue
-        try:
-            contexts[name] = await trio.to_thread.run_sync(client_context, upstream)
-        except (OSError, ssl.SSLError) as exc:
-            raise ServeError(f"cannot load the CA file of upstream {name}: {exc}") from exc
-    return contexts
 
 
 def _socket_peer(stream: trio.SocketStream) -> PeerAddress:
@@ -287,48 +138,6 @@ class _PrefixedStream(trio.abc.Stream):
         await self._stream.aclose()
 
 
-@dataclass(frozen=True, slots=True)
-class LoadedTls:
-    """A server TLS context and a digest of the files it was loaded from."""
-
-    context: ssl.SSLContext
-    digest: bytes  # sha256 over the certificate and key files: did the contents change?
-
-
-def load_tls(tls: TlsConfig) -> LoadedTls:
-    """Load the certificate chain and key (blocking: run it in a worker thread)."""
-    context = server_context(tls)
-    digest = hashlib.sha256()
-    for path in (tls.cert_file, tls.key_file):
-        with path.open("rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return LoadedTls(context, digest.digest())
-
-
-async def _load_tls(tls: TlsConfig | None) -> LoadedTls | None:
-    if tls is None:
-        return None
-    try:
-        return await trio.to_thread.run_sync(load_tls, tls)
-    except (OSError, ssl.SSLError) as exc:
-        raise ServeError(f"cannot load the TLS certificate or key: {exc}") from exc
-
-
-@dataclass(frozen=True, slots=True)
-class _Runtime:
-    """Everything a new session reads, swapped whole by a reload."""
-
-    config: Config
-    tls: LoadedTls | None
-    authenticator: Authenticator
-    router: MaildropRouter
-    expire: str  # CAPA EXPIRE before login (RFC 2449 §6.7)
-
-
-class ReloadFailed(Exception):
-    """A reload was refused; the message is the reason logged (never a secret)."""
-
-
 class Server:
     """The listeners and the sessions of one running server, and its current config."""
 
@@ -343,23 +152,15 @@ class Server:
         metrics: Metrics | None = None,
         clock: Clock = utc_now,
     ) -> None:
-        # Shared by every generation of the authenticator, so a reload never adds threads
-        # and never forgets who failed or who was verified (docs/security.md).
-        self._hash_queue = HashQueue()
-        self._credentials = CredentialCache(config.limits.auth_cache_size)
-        self._throttle = ThrottleTable()
-        # Random per process: a greeting with it, seen upstream, means a loop.
-        self._greeting_token = secrets.token_hex(6)
         # Without one from the caller the server counts into a registry of its own,
         # so every code path is the same with or without an exporter.
         self.metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
-        # Outlive reloads: the store is a restart key, and an account stays locked
-        # across config generations while a session of either one uses it.
-        self.store = StoreOpener(config.state, self.metrics)
-        self._locks = AccountLocks()
-        self._clock = clock
+        # Outlives reloads (popproxy/runtime.py): the store is a restart key, a mailbox
+        # stays locked across config generations while a session of either one uses it.
+        self._process = ProcessState.start(config, metrics=self.metrics, clock=clock)
+        self.store = self._process.store
         self._declare(config)
-        self._runtime = self._new_runtime(config, tls, upstream_tls or {})
+        self._runtime = Runtime.build(config, tls, upstream_tls or {}, self._process)
         self._notifier = notifier if notifier is not None else Notifier(None)
         self._on_reload = on_reload
         self.last_reload = ReloadOutcome(ok=True, at=time.time(), config=config)
@@ -376,29 +177,11 @@ class Server:
         """The config in effect for new sessions (listeners, metrics and state as started)."""
         return self._runtime.config
 
-    def _new_runtime(
-        self,
-        config: Config,
-        tls: LoadedTls | None,
-        upstream_tls: Mapping[str, ssl.SSLContext],
-    ) -> _Runtime:
-        return _Runtime(
-            config,
-            tls,
-            Authenticator(
-                config.users, config.limits, queue=self._hash_queue, cache=self._credentials
-            ),
-            MaildropRouter(
-                config,
-                upstream_tls,
-                greeting_token=self._greeting_token,
-                store=self.store,
-                locks=self._locks,
-                clock=self._clock,
-                metrics=self.metrics,
-            ),
-            config.policy.expire_before_login(),
-        )
+    @property
+    def uses_state(self) -> bool:
+        """Whether the config in effect has a user served from an upstream (the only
+        users whose sessions need the state store)."""
+        return self._runtime.router.uses_state
 
     def _declare(self, config: Config) -> None:
         """Allow the names of ``config`` as metric labels (before any session can use them)."""
@@ -418,12 +201,12 @@ class Server:
             open_maildrop=runtime.router.open,
             expire=runtime.expire,
             tls_context=runtime.tls.context if runtime.tls is not None else None,
-            greeting_token=self._greeting_token,
+            greeting_token=self._process.maildrops.greeting_token,
             stls_available=listener.tls is TlsMode.STARTTLS,
             implicit_tls=listener.tls is TlsMode.IMPLICIT,
             allow_plaintext_auth=runtime.config.allow_plaintext_auth,
             metrics=self.metrics,
-            throttle=self._throttle,
+            throttle=self._process.throttle,
         )
 
     async def accept_loop(
@@ -604,7 +387,11 @@ class Server:
         """
         self._notifier.reloading("reloading the config")
         try:
-            runtime, changes = await self._prepare(load)
+            runtime, changes = await prepare_runtime(self.config, load, self._process)
+            # The last step before the swap, with no checkpoint in between: a session that
+            # gets the new runtime finds its upstream's name declared (a name that cannot
+            # be a label fails the reload here, and the running config stays).
+            self._declare(runtime.config)
         except ReloadFailed as exc:
             outcome = self._reload_failed(str(exc))
         except Exception:
@@ -614,18 +401,14 @@ class Server:
         else:
             old = self._runtime
             self._runtime = runtime  # the one step that changes what new sessions get
-            # A changed or removed password_hash invalidates its cached logins at once
-            # (a lookup checks the hash too; this frees their memory).
-            users = runtime.config.users
-            self._credentials.retain({name: user.password_hash for name, user in users.items()})
-            self._credentials.resize(runtime.config.limits.auth_cache_size)
+            self._process.adopt(runtime.config)
             outcome = ReloadOutcome(ok=True, at=time.time(), config=runtime.config)
             if changes.restart_required:
                 log.warning(
                     "restart_required",
                     extra={"fields": {"keys": ",".join(changes.restart_required)}},
                 )
-            log.info("reloaded", extra={"fields": _reload_summary(changes, old, runtime)})
+            log.info("reloaded", extra={"fields": reload_summary(changes, old, runtime)})
             self._notifier.ready("serving; config reloaded")
         self._record(outcome)
         return outcome
@@ -634,28 +417,6 @@ class Server:
         log.error("reload_failed", extra={"fields": {"reason": reason}})
         self._notifier.ready(f"serving; the last reload failed: {reason}")
         return ReloadOutcome(ok=False, at=time.time(), config=self.config, reason=reason)
-
-    async def _prepare(self, load: ConfigLoader) -> tuple[_Runtime, ConfigChanges]:
-        running = self._runtime.config
-        try:
-            new = await trio.to_thread.run_sync(load)
-        except ConfigError as exc:
-            raise ReloadFailed(_config_error_reason(exc)) from None
-        effective = effective_config(running, new)
-        problem = reload_problem(effective)
-        if problem is not None:
-            raise ReloadFailed(problem)
-        try:
-            tls = await _load_tls(effective.tls)
-            upstream_tls = await upstream_tls_contexts(effective)
-        except ServeError as exc:
-            raise ReloadFailed(str(exc)) from None
-        runtime = self._new_runtime(effective, tls, upstream_tls)
-        # The last step before the swap, with no checkpoint in between: a session that
-        # gets the new runtime finds its upstream's name declared (a name that cannot
-        # be a label fails the reload here, and the running config stays).
-        self._declare(effective)
-        return runtime, config_changes(running, new)
 
     def _record(self, outcome: ReloadOutcome) -> None:
         self.last_reload = outcome
@@ -704,32 +465,6 @@ async def _read_proxy_header(stream: trio.abc.Stream) -> tuple[ProxyHeader, byte
         reader.receive_data(bytes(await stream.receive_some(MAX_HEADER_BYTES)))
 
 
-def _config_error_reason(exc: ConfigError) -> str:
-    """The first few config problems on one line (each names file, key path and what was wrong)."""
-    shown = "; ".join(str(issue) for issue in exc.issues[:MAX_REASON_ISSUES])
-    more = len(exc.issues) - MAX_REASON_ISSUES
-    return shown + (f"; and {more} more (run popproxy check-config)" if more > 0 else "")
-
-
-def _reload_summary(changes: ConfigChanges, old: _Runtime, new: _Runtime) -> dict[str, object]:
-    """The fields of the ``reloaded`` line: what changed, in counts (no user names)."""
-    if new.tls is None:
-        tls = "none"
-    elif old.tls is None or old.tls.digest != new.tls.digest:
-        tls = "changed"
-    else:
-        tls = "unchanged"
-    return {
-        "changed": ",".join(changes.sections) or "none",
-        "users": len(new.config.users),
-        "users_added": len(changes.users.added),
-        "users_removed": len(changes.users.removed),
-        "users_changed": len(changes.users.changed),
-        "tls": tls,
-        "restart_required": len(changes.restart_required),
-    }
-
-
 async def _bind(listener: ListenerConfig) -> list[trio.SocketListener]:
     try:
         return await trio.open_tcp_listeners(listener.port, host=listener.address)
@@ -761,10 +496,15 @@ async def serve(
     With ``config.metrics`` set, its registry is served at ``/metrics`` from before
     ``msg=ready`` until the server has stopped (``msg=metrics_listening`` says where).
     """
+    try:
+        tls = await load_server_tls(config.tls)
+        upstream_tls = await upstream_tls_contexts(config)
+    except TlsError as exc:
+        raise ServeError(str(exc)) from exc
     server = Server(
         config,
-        await _load_tls(config.tls),
-        await upstream_tls_contexts(config),
+        tls,
+        upstream_tls,
         notifier=notifier,
         on_reload=on_reload,
         metrics=metrics,
@@ -772,7 +512,7 @@ async def serve(
     )
     bound: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
     try:
-        if any(user.upstream is not None for user in config.users.values()):
+        if server.uses_state:
             try:  # fail at start, not at the first login
                 await server.store.get()
             except StateError as exc:

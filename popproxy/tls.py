@@ -1,10 +1,19 @@
-"""TLS contexts for the listeners and the upstream leg (RFC 8314, RFC 2595)."""
+"""TLS contexts for the listeners and the upstream leg (RFC 8314, RFC 2595).
+
+The context builders are blocking (they read files); ``load_server_tls`` and
+``upstream_tls_contexts`` run them in worker threads, for the server at start and
+at each reload, and for ``popproxy explain``.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import ssl
+from dataclasses import dataclass
 
-from popproxy.config import TlsConfig, UpstreamConfig
+import trio
+
+from popproxy.config import Config, TlsConfig, TlsMode, UpstreamConfig
 
 
 def server_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -34,3 +43,50 @@ def client_context(upstream: UpstreamConfig) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+class TlsError(Exception):
+    """A certificate, key or CA file cannot be loaded (the text names which, never a secret)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedTls:
+    """A server TLS context and a digest of the files it was loaded from."""
+
+    context: ssl.SSLContext
+    digest: bytes  # sha256 over the certificate and key files: did the contents change?
+
+
+def load_tls(tls: TlsConfig) -> LoadedTls:
+    """Load the certificate chain and key (blocking: run it in a worker thread)."""
+    context = server_context(tls)
+    digest = hashlib.sha256()
+    for path in (tls.cert_file, tls.key_file):
+        with path.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return LoadedTls(context, digest.digest())
+
+
+async def load_server_tls(tls: TlsConfig | None) -> LoadedTls | None:
+    """The listeners' TLS context, loaded in a worker thread (None without ``tls:``);
+    ``TlsError`` if the certificate or key cannot be loaded."""
+    if tls is None:
+        return None
+    try:
+        return await trio.to_thread.run_sync(load_tls, tls)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsError(f"cannot load the TLS certificate or key: {exc}") from exc
+
+
+async def upstream_tls_contexts(config: Config) -> dict[str, ssl.SSLContext]:
+    """A client TLS context per upstream that uses TLS, built once in worker threads
+    (reads CA files); ``TlsError`` naming the upstream whose CA file cannot be loaded."""
+    contexts: dict[str, ssl.SSLContext] = {}
+    for name, upstream in config.upstreams.items():
+        if upstream.tls is TlsMode.NONE:
+            continue
+        try:
+            contexts[name] = await trio.to_thread.run_sync(client_context, upstream)
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsError(f"cannot load the CA file of upstream {name}: {exc}") from exc
+    return contexts

@@ -1,7 +1,10 @@
 """Maildrops: what a POP3 session reads and deletes (RFC 1939 §4-§7).
 
 ``base`` holds the ``Maildrop`` protocol and its errors; ``maildir`` the local
-Maildir implementation, the embedded default.
+Maildir implementation, the embedded default; ``upstream`` a live upstream
+session; ``retention`` an upstream seen through retention policy; ``router`` the
+route of each local user and the opening of its maildrop. The package itself
+re-exports only ``base`` (no I/O library is imported for it).
 """
 
 from popproxy.maildrop.base import (
@@ -11,14 +14,11 @@ from popproxy.maildrop.base import (
     MaildropInUse,
     MessageInfo,
 )
-from popproxy.maildrop.maildir import MaildirMaildrop, open_maildir
 
 __all__ = [
     "RETRIEVE_CHUNK_BYTES",
-    "MaildirMaildrop",
     "Maildrop",
     "MaildropError",
     "MaildropInUse",
     "MessageInfo",
-    "open_maildir",
 ]

@@ -9,7 +9,10 @@ the same when a message moves from ``new/`` to ``cur/`` or its flags change
 (RFC 1939 §7). Files are deleted only by ``commit`` (RFC 1939 §6).
 
 Every file operation runs in ``trio.to_thread.run_sync`` behind a
-``trio.CapacityLimiter``; messages are read in chunks and never held whole.
+``trio.CapacityLimiter``; messages are read in chunks and never held whole; the
+LF→CRLF and TOP transforms are in ``crlf.py``. A session holds the Maildir's
+mailbox lock (``popproxy.locks``) from open to ``aclose``; a second one is refused
+at once.
 """
 
 from __future__ import annotations
@@ -22,19 +25,16 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence, Set
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, TypeVar, TypeVarTuple
 
 import trio
 
-from popproxy.maildrop.base import (
-    RETRIEVE_CHUNK_BYTES,
-    MaildropError,
-    MaildropInUse,
-    MessageInfo,
-)
+from popproxy.locks import MailboxLocks, MaildirMailbox, default_locks
+from popproxy.maildrop.base import RETRIEVE_CHUNK_BYTES, MaildropError, MessageInfo
+from popproxy.maildrop.crlf import CrlfConverter, TopFilter
 from popproxy.pop3.limits import MAX_UIDL_OCTETS
 from popproxy.pop3.replies import ResponseCode
 
@@ -73,104 +73,6 @@ log = logging.getLogger("popproxy.maildrop")
 _R = TypeVar("_R")
 _Args = TypeVarTuple("_Args")
 _LEADING_DIGITS = re.compile(r"[0-9]+")
-_CR = 0x0D
-_LF = 0x0A
-
-
-# -- CRLF conversion (pure) ---------------------------------------------------------------
-
-
-class CrlfConverter:
-    """Streaming LF→CRLF conversion of a message file (RFC 1939 §3).
-
-    Every LF not preceded by CR becomes CRLF, an existing CRLF stays, a bare CR
-    stays, and ``finish`` adds a CRLF if the output did not end with one (an empty
-    file becomes one empty line). A CR that ends a chunk is held back until the
-    next chunk shows whether an LF follows, so a CRLF split across chunks stays CRLF.
-    """
-
-    __slots__ = ("_ends_with_lf", "_pending_cr")
-
-    def __init__(self) -> None:
-        self._pending_cr = False
-        self._ends_with_lf = False
-
-    def feed(self, data: bytes) -> bytes:
-        """Convert the next chunk of the file; may return less (a held-back CR)."""
-        if self._pending_cr:
-            data = b"\r" + data
-            self._pending_cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self._pending_cr = True
-        if not data:
-            return b""
-        out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        self._ends_with_lf = out[-1] == _LF
-        return out
-
-    def finish(self) -> bytes:
-        """The rest of the output at end of file: a held CR and the final CRLF if missing."""
-        out = b""
-        if self._pending_cr:
-            out = b"\r"
-            self._pending_cr = False
-            self._ends_with_lf = False
-        if not self._ends_with_lf:
-            out += b"\r\n"
-            self._ends_with_lf = True
-        return out
-
-
-def crlf_form(data: bytes) -> bytes:
-    """The CRLF form of a whole message held in memory (reference for ``CrlfConverter``)."""
-    conv = CrlfConverter()
-    return conv.feed(data) + conv.finish()
-
-
-class TopFilter:
-    """Streaming cut of CRLF output for TOP (RFC 1939 §7).
-
-    Passes the header, the blank line after it, then ``body_lines`` body lines,
-    and sets ``done``. A message without a blank line is all header and passes whole.
-    """
-
-    __slots__ = ("_in_body", "_remaining", "_tail", "done")
-
-    def __init__(self, body_lines: int) -> None:
-        if body_lines < 0:
-            raise ValueError("body_lines must be >= 0")
-        self._remaining = body_lines
-        self._in_body = False
-        # The last two octets seen in the header; a virtual LF before the message start
-        # lets a blank first line match the same pattern as any other blank line.
-        self._tail = b"\n"
-        self.done = False
-
-    def feed(self, data: bytes) -> bytes:
-        """Return the part of ``data`` TOP sends; nothing once ``done``."""
-        if self.done:
-            return b""
-        start = 0
-        if not self._in_body:
-            hay = self._tail + data
-            hit = hay.find(b"\n\r\n")
-            if hit == -1:
-                self._tail = hay[-2:]
-                return data
-            start = hit + 3 - len(self._tail)
-            self._in_body = True
-        pos = start
-        if self._remaining > 0:
-            lines = data.count(b"\n", start)
-            if lines < self._remaining:
-                self._remaining -= lines
-                return data
-        while self._remaining > 0:
-            pos = data.index(b"\n", pos) + 1
-            self._remaining -= 1
-        self.done = True
-        return data[:pos]
 
 
 # -- the size cache -----------------------------------------------------------------------
@@ -482,11 +384,6 @@ def _delete_entries(root: Path, entries: Iterable[_Entry]) -> int:
 
 # -- the maildrop ---------------------------------------------------------------------------
 
-# Maildirs open in this process, by resolved path: the POP3 maildrop lock (RFC 1939 §4:
-# "the POP3 server acquires an exclusive-access lock on the maildrop"). Only touched
-# from the trio thread, between awaits, so a plain set is race-free.
-_OPEN_MAILDIRS: set[Path] = set()
-
 _DEFAULT_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
     "popproxy_maildir_limiter"
 )
@@ -524,8 +421,10 @@ class MaildirMaildrop:
         *,
         limiter: trio.CapacityLimiter,
         chunk_bytes: int,
+        release: Callable[[], Awaitable[object]],
     ) -> None:
         self._root = root
+        self._release = release  # the maildrop lock
         self._entries = tuple(entries)
         self._messages = tuple(e.info for e in self._entries)
         self._limiter = limiter
@@ -610,7 +509,8 @@ class MaildirMaildrop:
         """Release the maildrop lock; never deletes anything. Idempotent."""
         if not self._closed:
             self._closed = True
-            _OPEN_MAILDIRS.discard(self._root)
+            with trio.CancelScope(shield=True):
+                await self._release()
         await trio.lowlevel.checkpoint()
 
     def _check_open(self) -> None:
@@ -624,32 +524,33 @@ class MaildirMaildrop:
 async def open_maildir(
     path: Path,
     *,
+    locks: MailboxLocks | None = None,
     limiter: trio.CapacityLimiter | None = None,
     chunk_bytes: int = RETRIEVE_CHUNK_BYTES,
 ) -> MaildirMaildrop:
     """Open a Maildir for one POP3 session: lock it and take the listing (RFC 1939 §4).
 
-    ``MaildropInUse`` (``[IN-USE]``, RFC 2449 §8.1.1) if this process has it open
-    already; ``MaildropError`` if it is not a Maildir or cannot be read. File work
-    runs in worker threads behind ``limiter`` (default: ``default_limiter()``).
-    ``chunk_bytes`` bounds reads and retrieved chunks (tests use small values).
+    ``MaildropInUse`` (``[IN-USE]``, RFC 2449 §8.1.1) at once if ``locks`` (default:
+    ``default_locks()``) has it held already; ``MaildropError`` if it is not a Maildir
+    or cannot be read. File work runs in worker threads behind ``limiter`` (default:
+    ``default_limiter()``). ``chunk_bytes`` bounds reads and retrieved chunks (tests
+    use small values).
     """
     if chunk_bytes < 1:
         raise ValueError("chunk_bytes must be >= 1")
     if limiter is None:
         limiter = default_limiter()
+    if locks is None:
+        locks = default_locks()
     root = await trio.to_thread.run_sync(_resolve, path, limiter=limiter)
-    if root in _OPEN_MAILDIRS:
-        raise MaildropInUse()
-    _OPEN_MAILDIRS.add(root)
-    try:
-        entries = await trio.to_thread.run_sync(
-            _scan, root, MaildirMaildrop.size_cache, limiter=limiter
-        )
-    except OSError as exc:
-        _OPEN_MAILDIRS.discard(root)
-        raise MaildropError(ResponseCode.SYS_TEMP, "the maildrop cannot be read") from exc
-    except BaseException:
-        _OPEN_MAILDIRS.discard(root)
-        raise
-    return MaildirMaildrop(root, entries, limiter=limiter, chunk_bytes=chunk_bytes)
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(locks.hold(MaildirMailbox(root), wait_seconds=0))
+        try:
+            entries = await trio.to_thread.run_sync(
+                _scan, root, MaildirMaildrop.size_cache, limiter=limiter
+            )
+        except OSError as exc:
+            raise MaildropError(ResponseCode.SYS_TEMP, "the maildrop cannot be read") from exc
+        # The lock passes to the maildrop, which releases it at aclose.
+        release = stack.pop_all().aclose
+    return MaildirMaildrop(root, entries, limiter=limiter, chunk_bytes=chunk_bytes, release=release)

@@ -19,8 +19,8 @@ recorded make those messages visible again: a message is offered again only
 if it was not deleted upstream.
 
 Sessions on one upstream account are serialized (RFC 1939 §4: the server
-acquires an exclusive-access lock on the maildrop): ``AccountLocks`` makes a
-second session wait, then answers ``-ERR [IN-USE]``.
+acquires an exclusive-access lock on the maildrop): the router holds the
+account's lock (``popproxy.locks``) until the retained maildrop is closed.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncGenerator, Callable, Hashable, Sequence, Set
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import trio
 
-from popproxy.maildrop.base import Maildrop, MaildropError, MaildropInUse, MessageInfo
+from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
 from popproxy.metrics import Metrics, PolicyAction
 from popproxy.policy import (
     MAX_HEADER_OCTETS,
@@ -74,60 +74,6 @@ _ACTIONS = {
 }
 
 
-class AccountLocks:
-    """One session at a time per upstream mailbox (RFC 1939 §4 exclusive access).
-
-    The key names the mailbox itself (the router uses host, port and upstream user,
-    so two upstream entries for one server share it, and a reload that points an
-    upstream name elsewhere does not make the new mailbox wait for the old). Entries
-    exist only while a session holds or waits for one, so the table is bounded by
-    the number of sessions.
-    """
-
-    def __init__(self) -> None:
-        self._locks: dict[Hashable, trio.Lock] = {}
-
-    async def acquire(self, account: Hashable, *, wait_seconds: float) -> Callable[[], None]:
-        """Wait up to ``wait_seconds`` for the account, then return its release function.
-
-        Raises ``MaildropInUse`` (``-ERR [IN-USE]``, RFC 2449 §8.1.1) when the wait ends.
-        """
-        lock = self._locks.get(account)
-        if lock is None:
-            lock = self._locks[account] = trio.Lock()
-        try:
-            lock.acquire_nowait()  # the usual case: nobody else on the account
-        except trio.WouldBlock:
-            try:
-                with trio.move_on_after(wait_seconds):
-                    await lock.acquire()
-            finally:
-                if lock.statistics().owner is not trio.lowlevel.current_task():
-                    self._forget_if_idle(account, lock)  # timed out or cancelled
-            if lock.statistics().owner is not trio.lowlevel.current_task():
-                text = "Another session is using this mailbox; try again later."
-                raise MaildropInUse(text) from None
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                lock.release()  # hands the lock straight to the next waiter, if any
-                self._forget_if_idle(account, lock)
-
-        return release
-
-    def _forget_if_idle(self, account: Hashable, lock: trio.Lock) -> None:
-        """Drop the entry once nobody holds or waits for it (the table stays bounded)."""
-        if not lock.locked() and lock.statistics().tasks_waiting == 0:
-            del self._locks[account]
-
-    def held(self, account: Hashable) -> bool:
-        """True while a session holds or waits for ``account`` (tests, diagnostics)."""
-        return account in self._locks
-
-
 @dataclass(frozen=True, slots=True)
 class RetentionContext:
     """Who the session is and where its decisions go (fixed at login)."""
@@ -142,13 +88,14 @@ class RetentionContext:
 
 
 async def open_retained(
-    inner: Maildrop, context: RetentionContext, *, on_close: Callable[[], None]
+    inner: Maildrop, context: RetentionContext, *, on_close: Callable[[], Awaitable[object]]
 ) -> RetainedMaildrop:
     """Build the client's view of ``inner`` (an upstream session just logged in).
 
-    ``on_close`` runs once the retained maildrop is closed (it releases the
-    account lock). Raises ``MaildropError`` (``[SYS/TEMP]``) when the store cannot
-    be read; the caller then closes ``inner`` and releases the lock itself.
+    ``on_close`` is awaited once the retained maildrop is closed, shielded from
+    cancellation (it releases the account lock). Raises ``MaildropError``
+    (``[SYS/TEMP]``) when the store cannot be read; the caller then closes ``inner``
+    and releases the lock itself.
     """
     listing = inner.messages
     now = context.clock()
@@ -223,7 +170,7 @@ class RetainedMaildrop:
         context: RetentionContext,
         view: View,
         candidates: Sequence[Candidate],
-        on_close: Callable[[], None],
+        on_close: Callable[[], Awaitable[object]],
     ) -> None:
         self._inner = inner
         self._on_close = on_close
@@ -238,6 +185,11 @@ class RetainedMaildrop:
     def view(self) -> View:
         """The policy's decisions for every upstream message (``popproxy explain``)."""
         return self._view
+
+    @property
+    def upstream_messages(self) -> Sequence[MessageInfo]:
+        """The upstream's whole listing, hidden messages too (``popproxy explain``)."""
+        return self._inner.messages
 
     def first_seen(self, index: int) -> datetime:
         """When upstream message ``index`` was first seen (the store's, or this login)."""
@@ -326,7 +278,8 @@ class RetainedMaildrop:
         try:
             await self._inner.aclose()
         finally:
-            self._on_close()
+            with trio.CancelScope(shield=True):
+                await self._on_close()
 
 
 def _fields(context: RetentionContext, **extra: object) -> dict[str, object]:

@@ -22,14 +22,12 @@ from hypothesis import strategies as st
 
 from popproxy.maildrop import (
     RETRIEVE_CHUNK_BYTES,
-    MaildirMaildrop,
     Maildrop,
     MaildropError,
     MaildropInUse,
-    open_maildir,
 )
 from popproxy.maildrop import maildir as maildir_module
-from popproxy.maildrop.maildir import unique_part
+from popproxy.maildrop.maildir import MaildirMaildrop, open_maildir, unique_part
 from popproxy.pop3.replies import ResponseCode
 
 UIDL_RE = re.compile(rb"[\x21-\x7e]{1,70}")

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import trio
 from prometheus_client import CollectorRegistry
 
 from popproxy.config import StateConfig
@@ -97,7 +98,8 @@ class Opener:
         self.released = 0
         self.sessions = 0
 
-    def _release(self) -> None:
+    async def _release(self) -> None:
+        await trio.lowlevel.checkpoint()
         self.released += 1
 
     async def open(self, user: str = "phone") -> RetainedMaildrop:

@@ -1,0 +1,49 @@
+"""Where a local user's mail comes from: one route value per user (DESIGN.md, routing).
+
+The config says it with keys (``maildir``, or ``upstream`` with ``upstream_user`` and
+a password); ``route_of`` turns them into one frozen value, so code that serves,
+explains or describes a user dispatches with ``match`` on the route instead of
+testing keys for None. Pure: no I/O library is imported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from popproxy.config import UpstreamConfig, UserConfig
+from popproxy.secret import Secret
+
+
+@dataclass(frozen=True, slots=True)
+class MaildirRoute:
+    """The user is served from a local Maildir (the embedded default)."""
+
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRoute:
+    """The user is served live from an account on an upstream server (proxy mode)."""
+
+    upstream: UpstreamConfig
+    user: str  # the upstream user name
+    password: Secret
+
+
+Route = MaildirRoute | UpstreamRoute
+
+
+class NoRoute(Exception):
+    """The user has neither a Maildir nor a complete upstream account (a config that
+    did not come through the loader, which refuses such a user)."""
+
+
+def route_of(user: UserConfig, upstreams: Mapping[str, UpstreamConfig]) -> Route:
+    """The route ``user`` is served by; ``NoRoute`` if its config names none."""
+    if user.maildir is not None:
+        return MaildirRoute(user.maildir)
+    if user.upstream is None or user.upstream_user is None or user.upstream_password is None:
+        raise NoRoute(f"user {user.name!r} has no maildrop configured")
+    return UpstreamRoute(upstreams[user.upstream], user.upstream_user, user.upstream_password)

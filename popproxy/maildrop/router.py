@@ -1,0 +1,203 @@
+"""Opening each local user's maildrop, and the process-lifetime state it shares.
+
+``MaildropRouter`` serves one config generation: it turns a user's route
+(``route.py``) into an open ``Maildrop``, either its Maildir or a session with its
+upstream account seen through retention policy (DESIGN.md, routing). A reload
+builds a new router; what must outlive reloads is in ``RouterResources``, made once
+per process and handed to every router: the state store, the mailbox locks (an
+account stays locked across config generations while a session of either uses it),
+the upstream capability memos and the greeting token. Later process-wide caches
+(the OAuth2 tokens) belong there too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from popproxy.config import Config, TlsMode, UpstreamConfig, UserConfig
+from popproxy.locks import MailboxLocks, UpstreamMailbox
+from popproxy.maildrop.base import Maildrop, MaildropError
+from popproxy.maildrop.maildir import open_maildir
+from popproxy.maildrop.retention import (
+    Clock,
+    RetainedMaildrop,
+    RetentionContext,
+    open_retained,
+)
+from popproxy.maildrop.route import MaildirRoute, NoRoute, Route, UpstreamRoute, route_of
+from popproxy.maildrop.upstream import CapabilityMemo, UpstreamAccount, open_upstream
+from popproxy.metrics import Metrics
+from popproxy.pop3.replies import ResponseCode
+from popproxy.state.base import AccountKey, StateError, StateStore
+
+# The logger the state_unavailable line has always had (the router lived in serve.py).
+log = logging.getLogger("popproxy.serve")
+
+_UpstreamServer = tuple[str, int, TlsMode]
+
+
+class StoreSource(Protocol):
+    """The state store, opened when first needed (``popproxy.state.opener.StoreOpener``)."""
+
+    async def get(self) -> StateStore:
+        """The open store; ``StateError`` if it cannot be opened."""
+        ...
+
+
+class CapabilityMemos:
+    """Each upstream server's last CAPA reply (``CapabilityMemo``), so that its next
+    logins pipeline CAPA too. Keyed by host, port and TLS mode, not by the upstream's
+    name, so a reload that points a name elsewhere starts afresh. Bounded by the
+    upstreams configured: ``retain`` drops the others at each reload.
+    """
+
+    def __init__(self) -> None:
+        self._memos: dict[_UpstreamServer, CapabilityMemo] = {}
+
+    def of(self, upstream: UpstreamConfig) -> CapabilityMemo:
+        """The memo of ``upstream``'s server, shared by all of its sessions."""
+        key = _server(upstream)
+        memo = self._memos.get(key)
+        if memo is None:
+            memo = self._memos[key] = CapabilityMemo()
+        return memo
+
+    def retain(self, upstreams: Iterable[UpstreamConfig]) -> None:
+        """Forget the servers no upstream of the running config names."""
+        keep = {_server(upstream) for upstream in upstreams}
+        for key in self._memos.keys() - keep:
+            del self._memos[key]
+
+
+def _server(upstream: UpstreamConfig) -> _UpstreamServer:
+    return (upstream.host.lower(), upstream.port, upstream.tls)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterResources:
+    """What every config generation's router shares: made once per process, it
+    outlives reloads (the values are fixed; the objects they name keep their state)."""
+
+    store: StoreSource
+    locks: MailboxLocks
+    capabilities: CapabilityMemos
+    greeting_token: str  # random per process: a greeting with it, seen upstream, means a loop
+    clock: Clock  # what retention policy reads as now (tests move it)
+    metrics: Metrics | None = None  # the upstream names of each config are declared in it
+
+
+def mailbox_of(route: UpstreamRoute) -> UpstreamMailbox:
+    """The lock key of an upstream account: the mailbox itself (host, port, user)."""
+    return UpstreamMailbox(route.upstream.host.lower(), route.upstream.port, route.user)
+
+
+class MaildropRouter:
+    """Opens each local user's maildrop: its Maildir, or a session with its upstream
+    account seen through retention policy (DESIGN.md, routing). Several local users
+    may share one upstream account; their sessions take turns (``MailboxLocks``).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        upstream_tls: Mapping[str, ssl.SSLContext],
+        shared: RouterResources,
+    ) -> None:
+        self._upstreams = config.upstreams
+        self._policy = config.policy
+        self._wait_seconds = config.limits.account_wait_seconds
+        self._upstream_tls = upstream_tls
+        self._shared = shared
+        self._users = config.users.values()
+
+    def route(self, user: UserConfig) -> Route:
+        """The route ``user`` is served by (``NoRoute`` if its config names none)."""
+        return route_of(user, self._upstreams)
+
+    @property
+    def uses_state(self) -> bool:
+        """Whether some user is served from an upstream: only their sessions read and
+        write the state store (a Maildir needs no state)."""
+        for user in self._users:
+            with contextlib.suppress(NoRoute):
+                match self.route(user):
+                    case UpstreamRoute():
+                        return True
+                    case MaildirRoute():
+                        pass
+        return False
+
+    async def open(self, user: UserConfig, session_id: str) -> Maildrop:
+        """The maildrop ``user`` is served from; ``MaildropError`` carries the client's -ERR."""
+        try:
+            route = self.route(user)
+        except NoRoute:
+            raise MaildropError(
+                ResponseCode.SYS_PERM, "This account has no maildrop configured."
+            ) from None
+        match route:
+            case MaildirRoute(path):
+                # A Maildir is refused at once while another session has it (RFC 1939 §4).
+                return await open_maildir(path, locks=self._shared.locks)
+            case UpstreamRoute():
+                return await self.open_upstream(route, user.name, session_id)
+
+    async def open_upstream(
+        self, route: UpstreamRoute, user: str, session_id: str
+    ) -> RetainedMaildrop:
+        """Log in to ``route``'s account for local user ``user`` and build its view.
+
+        With ``exclusive_sessions`` the account's lock is held until the maildrop is
+        closed: a second session waits ``limits.account_wait_seconds``, then gets
+        ``[IN-USE]``. ``MaildropError`` carries the client's -ERR.
+        """
+        shared = self._shared
+        upstream = route.upstream
+        lock = contextlib.AsyncExitStack()
+        try:
+            if upstream.exclusive_sessions:
+                hold = shared.locks.hold(mailbox_of(route), wait_seconds=self._wait_seconds)
+                await lock.enter_async_context(hold)
+            store = await self._store()
+            inner = await open_upstream(
+                UpstreamAccount(upstream, route.user, route.password),
+                tls_context=self._upstream_tls.get(upstream.name),
+                own_greeting_token=shared.greeting_token,
+                metrics=shared.metrics.upstream(upstream.name) if shared.metrics else None,
+                capabilities=shared.capabilities.of(upstream),
+            )
+            retention = RetentionContext(
+                account=AccountKey(upstream.name, route.user),
+                user=user,
+                session_id=session_id,
+                policy=self._policy.for_user(user, upstream.name),
+                store=store,
+                clock=shared.clock,
+                metrics=shared.metrics,
+            )
+            try:
+                return await open_retained(inner, retention, on_close=lock.aclose)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await inner.aclose()
+                raise
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await lock.aclose()
+            raise
+
+    async def _store(self) -> StateStore:
+        try:
+            return await self._shared.store.get()
+        except StateError as exc:
+            log.error(  # noqa: TRY400 (the reason is in the line; a traceback adds nothing)
+                "state_unavailable", extra={"fields": {"reason": str(exc)}}
+            )
+            raise MaildropError(ResponseCode.SYS_TEMP, "Mailbox state is unavailable.") from None
