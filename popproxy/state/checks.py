@@ -17,8 +17,8 @@ from popproxy.pop3.limits import MAX_UIDL_OCTETS
 from popproxy.state.base import AccountKey, Disposal, SessionRecord
 
 # The most UIDLs one ``record`` or ``facts`` call may carry: one session's listing,
-# bounded by popproxy.maildrop.upstream.MAX_UPSTREAM_MESSAGES (tests/state keeps
-# the two equal; state/ sits below maildrop/ and cannot import it).
+# bounded by popproxy.pop3.client_replies.MAX_UPSTREAM_MESSAGES (tests/state keeps
+# the two equal).
 MAX_RECORD_MESSAGES = 200_000
 # The most rows ``messages`` returns (``popproxy state show``): more than two full
 # listings is a whole instance's store, to be shown one account at a time.

@@ -27,11 +27,9 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from hypothesis import given
-from hypothesis import strategies as st
 
 from popproxy.config import TlsMode, UpstreamConfig, UpstreamLogin
-from popproxy.maildrop import upstream as upstream_module
+from popproxy.maildrop import upstream_login as login_module
 from popproxy.maildrop.base import MaildropError, MessageInfo
 from popproxy.maildrop.upstream import (
     UPSTREAM_RECEIVE_BYTES,
@@ -39,10 +37,10 @@ from popproxy.maildrop.upstream import (
     UpstreamAccount,
     UpstreamError,
     UpstreamMaildrop,
-    build_listing,
     open_upstream,
 )
 from popproxy.outcomes import UpstreamFailure
+from popproxy.pop3.client_replies import MAX_CAPABILITY_LINES
 from popproxy.pop3.replies import ResponseCode
 from popproxy.secret import Secret
 from popproxy.tls import client_context
@@ -769,7 +767,7 @@ async def test_the_uid_length_limit_is_70_octets() -> None:
 
 
 async def test_too_many_listing_lines_is_a_protocol_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(upstream_module, "MAX_UPSTREAM_MESSAGES", 5)
+    monkeypatch.setattr(login_module, "MAX_UPSTREAM_MESSAGES", 5)
     many = {n: (b"u%d" % n, b"x\r\n") for n in range(1, 7)}
     async with scripted_upstream(Mailbox(many)) as upstream:
         with pytest.raises(UpstreamError) as info:
@@ -778,7 +776,7 @@ async def test_too_many_listing_lines_is_a_protocol_error(monkeypatch: pytest.Mo
 
 
 async def test_a_listing_at_the_line_limit_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(upstream_module, "MAX_UPSTREAM_MESSAGES", 5)
+    monkeypatch.setattr(login_module, "MAX_UPSTREAM_MESSAGES", 5)
     five = {n: (b"u%d" % n, b"x\r\n") for n in range(1, 6)}
     async with scripted_upstream(Mailbox(five)) as upstream:
         drop = await login(upstream)
@@ -787,7 +785,7 @@ async def test_a_listing_at_the_line_limit_is_accepted(monkeypatch: pytest.Monke
 
 
 async def test_too_many_capability_lines_is_a_protocol_error() -> None:
-    capa = [b"X-CAP-%d" % i for i in range(upstream_module.MAX_CAPABILITY_LINES + 1)]
+    capa = [b"X-CAP-%d" % i for i in range(MAX_CAPABILITY_LINES + 1)]
     async with scripted_upstream(Mailbox(capa=capa)) as upstream:
         with pytest.raises(UpstreamError) as info:
             await login(upstream)
@@ -1729,110 +1727,3 @@ async def test_password_never_in_logs_of_a_whole_session(caplog: pytest.LogCaptu
     for record in caplog.records:
         assert_no_secret(repr(vars(record)))
     assert "***" in repr(account(1).password)
-
-
-# -- build_listing (RFC 1939 §5, §7) --------------------------------------------------------
-
-uid_octets = st.binary(min_size=1, max_size=70).map(
-    lambda b: bytes(0x21 + (octet % (0x7F - 0x21)) for octet in b)
-)
-
-
-@st.composite
-def valid_listings(
-    draw: st.DrawFn,
-) -> tuple[list[bytes], list[bytes], list[int], list[MessageInfo]]:
-    n = draw(st.integers(0, 12))
-    numbers = draw(st.lists(st.integers(1, 2**31 - 1), min_size=n, max_size=n, unique=True))
-    uids = draw(st.lists(uid_octets, min_size=n, max_size=n, unique=True))
-    sizes = draw(st.lists(st.integers(0, 10**12), min_size=n, max_size=n))
-    uidl = [b"%d %s" % (number, uid) for number, uid in zip(numbers, uids, strict=True)]
-    lst = [b"%d %d" % (number, size) for number, size in zip(numbers, sizes, strict=True)]
-    uidl = draw(st.permutations(uidl))
-    lst = draw(st.permutations(lst))
-    order = sorted(range(n), key=lambda i: numbers[i])
-    expected = [MessageInfo(uids[i].decode(), sizes[i]) for i in order]
-    return uidl, lst, sorted(numbers), expected
-
-
-@given(valid_listings())
-def test_build_listing_round_trips(
-    listing: tuple[list[bytes], list[bytes], list[int], list[MessageInfo]],
-) -> None:
-    uidl, sizes, numbers, expected = listing
-    assert build_listing(uidl, sizes) == (numbers, expected)
-
-
-_LINE = re.compile(rb"\s*([0-9]+)\s+(\S+)\s*")
-
-
-def reference_listing(
-    uidl: Sequence[bytes], sizes: Sequence[bytes]
-) -> tuple[list[int], list[MessageInfo]] | None:
-    """RFC 1939 §5/§7, by regular expression (words separated by ASCII white space)."""
-
-    def parse(lines: Sequence[bytes]) -> dict[int, bytes] | None:
-        out: dict[int, bytes] = {}
-        for line in lines:
-            match = _LINE.fullmatch(line)
-            if match is None or int(match[1]) in out or int(match[1]) == 0:
-                return None
-            out[int(match[1])] = match[2]
-        return out
-
-    uids, lengths = parse(uidl), parse(sizes)
-    if uids is None or lengths is None or set(uids) != set(lengths):
-        return None
-    if len(set(uids.values())) != len(uids):
-        return None
-    for uid in uids.values():
-        if not re.fullmatch(rb"[\x21-\x7e]{1,70}", uid):
-            return None
-    if not all(re.fullmatch(rb"[0-9]+", size) for size in lengths.values()):
-        return None
-    numbers = sorted(uids)
-    return numbers, [MessageInfo(uids[n].decode(), int(lengths[n])) for n in numbers]
-
-
-@given(valid_listings(), st.data())
-def test_build_listing_mutations_are_rejected_or_parsed_consistently(
-    listing: tuple[list[bytes], list[bytes], list[int], list[MessageInfo]], data: st.DataObject
-) -> None:
-    uidl, sizes, _, _ = listing
-    sides = [list(uidl), list(sizes)]
-    for _ in range(data.draw(st.integers(1, 3))):
-        side = sides[data.draw(st.integers(0, 1))]
-        kind = data.draw(
-            st.sampled_from(["drop", "duplicate", "set", "insert", "delete", "swap-values", "add"])
-        )
-        if kind == "add":
-            side.append(data.draw(st.binary(max_size=12)))
-            continue
-        if not side:
-            continue
-        i = data.draw(st.integers(0, len(side) - 1))
-        line = side[i]
-        pos = data.draw(st.integers(0, len(line)))
-        octet = bytes([data.draw(st.integers(0, 255))])
-        match kind:
-            case "drop":
-                del side[i]
-            case "duplicate":
-                side.insert(i, line)
-            case "set":
-                side[i] = line[:pos] + octet + line[pos + 1 :]
-            case "insert":
-                side[i] = line[:pos] + octet + line[pos:]
-            case "delete":
-                side[i] = line[:pos] + line[pos + 1 :]
-            case "swap-values":
-                j = data.draw(st.integers(0, len(side) - 1))
-                a, b = side[i].split(b" ", 1), side[j].split(b" ", 1)
-                if len(a) == len(b) == 2:
-                    side[i], side[j] = a[0] + b" " + b[1], b[0] + b" " + a[1]
-    expected = reference_listing(sides[0], sides[1])
-    if expected is None:
-        with pytest.raises(ValueError):
-            build_listing(sides[0], sides[1])
-    else:
-        assert build_listing(sides[0], sides[1]) == expected

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from popproxy.maildrop.upstream import MAX_UPSTREAM_MESSAGES
+from popproxy.pop3.client_replies import MAX_UPSTREAM_MESSAGES
 from popproxy.state.base import (
     AccountKey,
     SeenMessage,

@@ -1,0 +1,462 @@
+"""One POP3 client connection to an upstream: the stream, the protocol core, the state.
+
+Theory of operation. ``UpstreamConnection.connect`` opens the TCP connection;
+``secure`` (implicit TLS) and ``starttls`` (STLS, RFC 2595 §4) secure it, and
+``logged_in`` records a login. The steps of opening a session (greeting, CAPA,
+the login and the listing, pipelined where the upstream allows) are
+``open_connection`` in ``upstream_login.py``, which drives this class only
+through these methods.
+
+This is the layer both modes drive: the proxy's ``UpstreamMaildrop``
+(``upstream.py``) and the gateway's fetcher. It lives in ``maildrop/`` beside its
+adapter, as DESIGN.md's layers place it, and is not itself a ``Maildrop``. After
+login the caller writes any commands at once with ``send`` (pipelined RETRs are
+``send(Retr(a), Retr(b))``), then reads each reply in order: ``status`` for the
+status line, and ``stream_body(sink)`` or ``event`` for a multi-line body, which
+is never held whole. ``exchange`` wraps each use of a logged-in connection: one
+user at a time, a failure counted once, and a reply left half read (a failure,
+a timeout, a cancel, a caller that stopped early) breaks the connection for good.
+
+Every reply goes through the sans-IO ``ClientConnection``: a reply is matched to
+the command that asked for it, and an unsolicited, overlong or malformed line,
+or an end of stream inside a message, is fatal (logged once, as
+``upstream_protocol_error``, by ``protocol_error``). Every later use then fails
+with ``[SYS/TEMP]``, so a client is never sent a truncated message as if it were
+complete. Before each command on an idle connection, ``check_quiet`` looks for
+octets nobody asked for, so a line the upstream sent on its own is not taken for
+that command's reply. ``commit`` sends the DELEs and QUIT; closing without it
+never sends QUIT, so the upstream deletes nothing (RFC 1939 §6).
+
+Metrics. Given an ``UpstreamMetrics`` (popproxy/metrics.py, bound to the
+upstream's name), the connection reports: its connect time (TCP connect plus
+TLS handshake), the login (login command sent to its +OK) and an attempt ok or
+failed with its ``UpstreamFailure``, each command's time to its status line,
+octets received, the session open while logged in, every failure after login
+once, and the messages deleted once QUIT answered +OK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import ssl
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+
+import trio
+
+from popproxy.config import UpstreamConfig
+from popproxy.maildrop.base import RETRIEVE_CHUNK_BYTES, MaildropError
+from popproxy.metrics import UpstreamMetrics
+from popproxy.outcomes import UpstreamFailure
+from popproxy.pop3.client import ClientConnection, ClientEvent
+from popproxy.pop3.client_replies import (
+    MAX_LISTING_OCTETS,
+    UNAVAILABLE,
+    BodyLines,
+    Capabilities,
+    ListingError,
+)
+from popproxy.pop3.commands import Command, Dele, Quit, SaslLine, Stls, Verb
+from popproxy.pop3.errors import RemoteProtocolError
+from popproxy.pop3.events import NEED_DATA, Data, EndOfData, StuffedData
+from popproxy.pop3.replies import Err, Ok, ResponseCode
+
+log = logging.getLogger("popproxy.upstream")
+
+# One read from the upstream: a RETR chunk passes through the session in pieces of
+# at most this size (the same trade-off as the Maildir's chunks, docs/benchmarks.md).
+UPSTREAM_RECEIVE_BYTES = RETRIEVE_CHUNK_BYTES
+# How long closing the upstream connection (a TLS close_notify) may take.
+UPSTREAM_CLOSE_TIMEOUT_SECONDS = 2.0
+
+_CONNECTION_LOST = "Lost the connection to the mail provider."
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError)
+
+
+class UpstreamError(MaildropError):
+    """An upstream failure, carrying the client's ``-ERR`` (RFC 3206) and why."""
+
+    def __init__(self, failure: UpstreamFailure, code: ResponseCode | None, text: str) -> None:
+        super().__init__(code, text)
+        self.failure = failure
+
+
+def unavailable(failure: UpstreamFailure) -> UpstreamError:
+    """``[SYS/TEMP]``: the upstream cannot be used now (RFC 3206 §4)."""
+    return UpstreamError(failure, ResponseCode.SYS_TEMP, UNAVAILABLE)
+
+
+def lost(failure: UpstreamFailure) -> UpstreamError:
+    """``[SYS/TEMP]``: the connection broke after login (RFC 3206 §4)."""
+    return UpstreamError(failure, ResponseCode.SYS_TEMP, _CONNECTION_LOST)
+
+
+class UpstreamConnection:
+    """A trio stream and a ``ClientConnection`` to one upstream, under deadlines.
+
+    Made by ``open_connection``; its stream, protocol core, timings and state
+    (broken, busy, closed) are its own and change only through its methods.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        upstream: UpstreamConfig,
+        metrics: UpstreamMetrics | None,
+        *,
+        connect_seconds: float,
+    ) -> None:
+        self._stream = stream
+        self._upstream = upstream
+        self._core = ClientConnection(max_reply_line_octets=upstream.max_reply_line_bytes)
+        self._metrics = metrics
+        self._bytes_received = 0
+        self._connect_seconds = connect_seconds  # TCP connect plus TLS handshake
+        self._capabilities: Capabilities = {}
+        self._logged_in = False
+        self._broken = False
+        self._busy = False
+        self._closed = False
+
+    @classmethod
+    async def connect(
+        cls, upstream: UpstreamConfig, metrics: UpstreamMetrics | None = None
+    ) -> UpstreamConnection:
+        """A TCP connection to ``upstream``, within its ``connect_timeout_seconds``;
+        ``[SYS/TEMP]`` if it cannot be made (RFC 3206 §4). Not yet secured or greeted."""
+        started = trio.current_time()
+        try:
+            with trio.fail_after(upstream.connect_timeout_seconds):
+                stream = await trio.open_tcp_stream(upstream.host, upstream.port)
+        except trio.TooSlowError:
+            raise unavailable(UpstreamFailure.TIMEOUT) from None
+        except OSError as exc:
+            log.warning(
+                "upstream_connect_failed",
+                extra={"fields": {"upstream": upstream.name, "reason": exc.strerror or str(exc)}},
+            )
+            raise unavailable(UpstreamFailure.CONNECT) from None
+        return cls(stream, upstream, metrics, connect_seconds=trio.current_time() - started)
+
+    @property
+    def upstream(self) -> UpstreamConfig:
+        """The upstream this connection is to."""
+        return self._upstream
+
+    @property
+    def bytes_received(self) -> int:
+        """Octets received from the upstream so far."""
+        return self._bytes_received
+
+    @property
+    def pipelining(self) -> bool:
+        """Whether this session's CAPA listed PIPELINING (RFC 2449 §6.6)."""
+        return "PIPELINING" in self._capabilities
+
+    @property
+    def idle(self) -> bool:
+        """Usable and not in an exchange: a keep-alive may run."""
+        return not (self._broken or self._closed or self._busy)
+
+    # -- securing and logging in (the steps are in upstream_login.py) ------------------
+
+    def secured(self) -> None:
+        """The connection is secured as configured: report its connect time."""
+        if self._metrics is not None:
+            self._metrics.connected(self._connect_seconds)
+
+    async def secure(self, context: ssl.SSLContext | None) -> None:
+        """The TLS handshake as the client; ``context`` verifies the certificate and the
+        host name (RFC 8314 §4.1). Its time is added to the connect time."""
+        upstream = self._upstream
+        if context is None:
+            raise RuntimeError(f"upstream {upstream.name} uses TLS but has no TLS context")
+        started = trio.current_time()
+        tls = trio.SSLStream(self._stream, context, server_hostname=upstream.host)
+        try:
+            await tls.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            reason = getattr(cause, "reason", None) or type(cause).__name__
+            log.warning(
+                "upstream_tls_failed",
+                extra={"fields": {"upstream": upstream.name, "reason": str(reason)}},
+            )
+            raise unavailable(UpstreamFailure.TLS) from None
+        self._stream = tls
+        self._connect_seconds += trio.current_time() - started
+        self.secured()
+
+    async def starttls(self, context: ssl.SSLContext | None, capabilities: Capabilities) -> None:
+        """STLS, required: not offered or refused means no credential is sent (RFC 2595 §4)."""
+        name = self._upstream.name
+        if "STLS" not in capabilities:
+            log.warning("upstream_stls_unavailable", extra={"fields": {"upstream": name}})
+            raise unavailable(UpstreamFailure.STLS_UNAVAILABLE)
+        await self.send(Stls())
+        if isinstance(await self.status(), Err):
+            log.warning("upstream_stls_refused", extra={"fields": {"upstream": name}})
+            raise unavailable(UpstreamFailure.STLS_UNAVAILABLE)
+        if self._core.buffered:
+            # Octets after "+OK" came before the handshake: plaintext injected into what
+            # would be read as protected (RFC 2595 §4, CVE-2011-0411 class).
+            raise self.protocol_error("data after the STLS reply")
+        await self.secure(context)
+        self._core = ClientConnection(
+            expect_greeting=False, max_reply_line_octets=self._upstream.max_reply_line_bytes
+        )
+
+    def logged_in(self, capabilities: Capabilities, login_seconds: float) -> None:
+        """The login succeeded ``login_seconds`` after it was sent, on an upstream whose
+        CAPA (after any STLS) said ``capabilities``; the session is open until ``aclose``."""
+        self._capabilities = capabilities
+        self._logged_in = True
+        if self._metrics is not None:
+            self._metrics.login_succeeded(login_seconds)
+            self._metrics.session_opened()  # closed in aclose, which every path reaches
+
+    # -- commands and replies ---------------------------------------------------------
+
+    async def send(self, *commands: Command | SaslLine, stuffed_body: bool = False) -> None:
+        """Write ``commands`` in one write (pipelined when there are several, RFC 2449 §6.6).
+
+        With ``stuffed_body`` their multi-line bodies come as ``StuffedData``, still
+        dot-stuffed, for a relay (pop3/client.py).
+        """
+        data = b"".join(self._core.send(c, stuffed_body=stuffed_body) for c in commands)
+        try:
+            await self._stream.send_all(data)
+        except _STREAM_ERRORS:
+            raise lost(UpstreamFailure.CLOSED) from None
+
+    async def event(self, read_seconds: float | None = None) -> ClientEvent:
+        """The next reply event, reading as needed.
+
+        With ``read_seconds``, each read waits at most that long (``trio.TooSlowError``);
+        an event already buffered costs no cancel scope. Without, the caller sets
+        the deadline.
+        """
+        core = self._core
+        while True:
+            try:
+                event = core.next_event()
+            except RemoteProtocolError as exc:
+                raise self.protocol_error(exc.reply.text) from None
+            if event is not NEED_DATA:
+                if not core.outstanding and core.buffered:
+                    # Octets after the last expected reply (RFC 1939 §3: a server only
+                    # answers). Left there, they would be read as the next command's reply.
+                    raise self.protocol_error("unsolicited reply")
+                return event
+            if read_seconds is None:
+                data = await self._receive()
+            else:
+                with trio.move_on_after(read_seconds) as scope:
+                    data = await self._receive()
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError
+            self._bytes_received += len(data)
+            if self._metrics is not None and data:
+                self._metrics.bytes_received(len(data))
+            core.receive_data(data)
+
+    async def _receive(self) -> bytes | bytearray:
+        try:
+            return await self._stream.receive_some(UPSTREAM_RECEIVE_BYTES)
+        except _STREAM_ERRORS:
+            return b""
+
+    async def status(self) -> Ok | Err:
+        """The next status reply; anything else here is a protocol error."""
+        event = await self.event()
+        if isinstance(event, Ok | Err):
+            return event
+        raise self.protocol_error("expected a status line")
+
+    async def request(
+        self, command: Command, *, within: float, stuffed_body: bool = False
+    ) -> Ok | Err:
+        """Send ``command`` and read its status line, all within ``within`` seconds
+        (``trio.TooSlowError``), and report the time it took. A plain cancel scope,
+        not fail_after (a generator context manager): this is every RETR's path."""
+        sent = trio.current_time()
+        with trio.move_on_after(within):
+            await self.send(command, stuffed_body=stuffed_body)
+            reply = await self.status()
+            self.answered(command.verb, sent)
+            return reply
+        raise trio.TooSlowError
+
+    def answered(self, verb: Verb, since: float) -> None:
+        """``verb``'s status line arrived ``since`` (trio time) its command was sent."""
+        if self._metrics is not None:
+            self._metrics.command(verb, trio.current_time() - since)
+
+    async def stream_body(
+        self,
+        sink: Callable[[bytes | bytearray], Awaitable[None]],
+        *,
+        read_seconds: float | None = None,
+    ) -> None:
+        """Pass the body of the multi-line reply whose ``+OK`` was read to ``sink``, chunk
+        by chunk, until its end (RFC 1939 §3). The next chunk is read only once ``sink``
+        has taken the last one (back-pressure). ``read_seconds`` as in ``event``."""
+        while True:
+            match await self.event(read_seconds):
+                case Data(data=data) | StuffedData(data=data):
+                    await sink(data)
+                case EndOfData():
+                    return
+                case _:
+                    raise self.protocol_error("expected a multi-line body")
+
+    async def body_lines(self, max_lines: int) -> list[bytes]:
+        """The body of a multi-line reply whose ``+OK`` was read, as lines without ends:
+        at most ``max_lines`` lines and ``MAX_LISTING_OCTETS`` in all, each no longer
+        than a reply line (``max_reply_line_bytes``, RFC 2449 §4), line end included."""
+        lines = BodyLines(
+            max_lines=max_lines,
+            max_line_octets=self._upstream.max_reply_line_bytes,
+            max_octets=MAX_LISTING_OCTETS,
+        )
+
+        async def feed(data: bytes | bytearray) -> None:
+            lines.feed(data)
+
+        try:
+            await self.stream_body(feed)
+            return lines.finish()
+        except ListingError as exc:
+            raise self.protocol_error(str(exc)) from None
+
+    def check_quiet(self) -> None:
+        """Raise a protocol error if the upstream sent anything since its last awaited
+        reply (RFC 1939 §3: a server only answers). Called before a command on an idle
+        logged-in connection: an unsolicited line that arrived on its own would
+        otherwise be read as that command's reply. Octets still buffered are checked,
+        then, without reading, whether the socket is readable (TLS records after the
+        handshake's session tickets are likewise never sent unasked).
+        """
+        if self._core.buffered:
+            raise self.protocol_error("unsolicited reply")
+        stream = self._stream
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        if not isinstance(transport, trio.SocketStream):
+            return
+        readable, _, _ = select.select([transport.socket.fileno()], [], [], 0)
+        if readable:
+            raise self.protocol_error("unsolicited reply")
+
+    def protocol_error(self, reason: str) -> UpstreamError:
+        """Log the upstream's protocol fault (one shape: ``upstream_protocol_error`` with
+        ``upstream`` and ``reason``) and return the error that drops the connection."""
+        log.warning(
+            "upstream_protocol_error",
+            extra={"fields": {"upstream": self._upstream.name, "reason": reason}},
+        )
+        return lost(UpstreamFailure.PROTOCOL)
+
+    # -- using the logged-in connection -------------------------------------------------
+
+    @contextlib.contextmanager
+    def exchange(self) -> Iterator[None]:
+        """One use of the logged-in connection: a command (or several) and their replies.
+
+        Raises ``[SYS/TEMP]`` at once if the connection is broken or closed, and
+        RuntimeError if it is in use (a caller's bug). A ``trio.TooSlowError`` inside
+        becomes an ``UpstreamError`` (``timeout``); an ``UpstreamError`` is counted once
+        and breaks the connection; so does any other exit but a ``MaildropError`` (an
+        ``-ERR`` read in full): a reply may be half read, so it is never reused.
+        """
+        if self._broken or self._closed:
+            raise lost(UpstreamFailure.CLOSED)
+        if self._busy:
+            raise RuntimeError("the upstream connection is already in use")
+        self._busy = True
+        try:
+            yield
+        except trio.TooSlowError:
+            self._fail(UpstreamFailure.TIMEOUT)
+            raise lost(UpstreamFailure.TIMEOUT) from None
+        except UpstreamError as exc:
+            self._fail(exc.failure)
+            raise
+        except MaildropError:
+            raise
+        except BaseException:
+            self._broken = True
+            raise
+        finally:
+            self._busy = False
+
+    def _fail(self, failure: UpstreamFailure) -> None:
+        """The logged-in connection failed: broken for good, counted once (later uses
+        fail as ``closed`` uncounted)."""
+        self._broken = True
+        if self._metrics is not None:
+            self._metrics.error(failure)
+
+    async def commit(self, numbers: Sequence[int]) -> None:
+        """DELE each of the upstream's message ``numbers``, then QUIT, and close; only
+        QUIT's ``+OK`` confirms the deletions (RFC 1939 §6).
+
+        If a DELE is refused or anything fails before QUIT is sent, the connection
+        is dropped without QUIT, so the upstream deletes nothing.
+        """
+        with self.exchange():
+            self.check_quiet()
+            with trio.fail_after(self._upstream.command_timeout_seconds):
+                await self._dele(numbers)
+                sent = trio.current_time()
+                await self.send(Quit())
+                reply = await self.status()
+            self.answered(Quit.verb, sent)
+        await self.aclose()
+        if isinstance(reply, Err):
+            # RFC 1939 §6: "some deleted messages not removed".
+            self._fail(UpstreamFailure.REJECTED)
+            raise UpstreamError(
+                UpstreamFailure.REJECTED,
+                ResponseCode.SYS_TEMP,
+                "The mail provider did not confirm the deletions.",
+            )
+        if self._metrics is not None and numbers:
+            self._metrics.messages_deleted(len(numbers))
+
+    async def _dele(self, numbers: Sequence[int]) -> None:
+        """DELE each message; pipelined where the upstream allows (RFC 2449 §6.6)."""
+        deles = [Dele(n) for n in numbers]
+        pipelining = self.pipelining
+        if pipelining and deles:
+            await self.send(*deles)
+        # Pipelined, each DELE is timed from the previous reply (the first from the
+        # write): what one more command costs; otherwise from its own write.
+        since = trio.current_time()
+        for dele in deles:
+            if not pipelining:
+                since = trio.current_time()
+                await self.send(dele)
+            reply = await self.status()
+            self.answered(Dele.verb, since)
+            since = trio.current_time()
+            if isinstance(reply, Err):
+                raise UpstreamError(
+                    UpstreamFailure.REJECTED,
+                    ResponseCode.SYS_TEMP,
+                    "The mail provider refused a deletion; nothing was deleted.",
+                )
+
+    async def aclose(self) -> None:
+        """Drop the connection without QUIT: nothing is deleted (RFC 1939 §6)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._logged_in and self._metrics is not None:
+            self._metrics.session_closed()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(UPSTREAM_CLOSE_TIMEOUT_SECONDS) as scope:
+                with contextlib.suppress(*_STREAM_ERRORS):
+                    await self._stream.aclose()
+            if scope.cancelled_caught:
+                await trio.aclose_forcefully(self._stream)

@@ -1,0 +1,320 @@
+"""Logging in upstream: the ``Login`` seam, password logins, and the opening steps.
+
+``open_connection`` connects (``connection.py``), secures the connection as
+configured (implicit TLS, or STLS that must be offered and must succeed before
+any credential is sent; RFC 2595 §4, RFC 8314), checks the greeting, logs in
+through a ``Login`` and takes the listing with UIDL and LIST. Where the
+upstream advertises PIPELINING (RFC 2449 §6.6) the login and both listings go
+out in one write, so a login costs one round trip after CAPA; and once an
+upstream has said so (``CapabilityMemo``, kept per upstream), the next
+connections send CAPA in that same write, so a login costs one round trip
+after the greeting.
+
+A ``Login`` says which commands log in to an upstream with the capabilities its
+CAPA listed, and answers a SASL challenge. ``PasswordLogin`` is USER/PASS or
+AUTH PLAIN with a stored password; token logins (XOAUTH2, OAUTHBEARER) are
+further implementations of the same protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from popproxy.config import TlsMode, UpstreamConfig, UpstreamLogin
+from popproxy.maildrop.connection import UpstreamConnection, UpstreamError, unavailable
+from popproxy.metrics import UpstreamMetrics
+from popproxy.outcomes import UpstreamFailure
+from popproxy.pop3.client_replies import (
+    MAX_CAPABILITY_LINES,
+    MAX_UPSTREAM_MESSAGES,
+    Capabilities,
+    ListedMessage,
+    ListingError,
+    login_refusal,
+    parse_capabilities,
+    parse_listings,
+)
+from popproxy.pop3.commands import Auth, Capa, Command, List, Pass, SaslLine, SaslResponse, Uidl
+from popproxy.pop3.commands import User as UserCommand
+from popproxy.pop3.events import SaslChallenge
+from popproxy.pop3.replies import Err, Ok, ResponseCode
+from popproxy.secret import Secret
+
+log = logging.getLogger("popproxy.upstream")
+
+
+class Login(Protocol):
+    """A way to log in upstream, chosen per connection from the upstream's CAPA."""
+
+    def commands(self, capabilities: Capabilities) -> tuple[Command, ...]:
+        """The login commands for an upstream with ``capabilities`` (RFC 2449 §5), in order.
+
+        The commands chosen for a remembered CAPA are compared with those for the
+        fresh one, so equal inputs must give equal commands.
+        """
+        ...
+
+    def respond(self, challenge: bytes) -> SaslLine:
+        """The answer to a SASL challenge (decoded) to the AUTH sent (RFC 5034 §4)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordLogin:
+    """USER/PASS (RFC 1939 §7) or AUTH PLAIN (RFC 5034 §4, RFC 4616) with a password."""
+
+    user: str
+    password: Secret
+    method: UpstreamLogin = UpstreamLogin.AUTO
+
+    def commands(self, capabilities: Capabilities) -> tuple[Command, ...]:
+        """USER and PASS, or AUTH PLAIN with an initial response; ``auto`` takes PLAIN
+        where CAPA lists it under SASL (RFC 2449 §6.3)."""
+        method = self.method
+        if method is UpstreamLogin.AUTO:
+            sasl = {m.upper() for m in capabilities.get("SASL", ())}
+            method = UpstreamLogin.PLAIN if "PLAIN" in sasl else UpstreamLogin.USER
+        if method is UpstreamLogin.PLAIN:
+            return (Auth("PLAIN", self._plain()),)
+        return (UserCommand(self.user), Pass(self.password, self.user))
+
+    def respond(self, challenge: bytes) -> SaslLine:
+        """An upstream without initial-response support sends an empty challenge: the
+        answer is the PLAIN response (RFC 5034 §4)."""
+        return SaslResponse(self._plain())
+
+    def _plain(self) -> Secret:
+        """SASL PLAIN: empty authzid, authcid, password (RFC 4616 §2)."""
+        return Secret(b"\0" + self.user.encode("utf-8") + b"\0" + self.password.reveal())
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAccount:
+    """Where and as whom one local user logs in upstream (DESIGN.md, routing)."""
+
+    upstream: UpstreamConfig
+    user: str
+    password: Secret
+
+    def login(self) -> Login:
+        """The login this account uses: its password, as the upstream's ``login`` says."""
+        return PasswordLogin(self.user, self.password, self.upstream.login)
+
+
+@dataclass(slots=True)
+class CapabilityMemo:
+    """What one upstream's last CAPA reply said (RFC 2449 §5), kept between sessions.
+
+    Once an upstream has said PIPELINING, the next session sends CAPA, the login
+    and both listings in one write right after the greeting, and checks the fresh
+    CAPA reply as it arrives: a login then costs one round trip. Every session's
+    CAPA reply replaces what is kept, so a change on the upstream is seen at once.
+    Not frozen: shared by the sessions of one upstream (one trio thread).
+    """
+
+    capabilities: Capabilities | None = None  # None: no CAPA seen yet
+
+    @property
+    def pipelining(self) -> bool:
+        """Whether the upstream's last CAPA listed PIPELINING (RFC 2449 §6.6)."""
+        return self.capabilities is not None and "PIPELINING" in self.capabilities
+
+
+async def open_connection(
+    upstream: UpstreamConfig,
+    login: Login,
+    *,
+    tls_context: ssl.SSLContext | None,
+    own_greeting_token: str | None = None,
+    metrics: UpstreamMetrics | None = None,
+    capabilities: CapabilityMemo | None = None,
+) -> tuple[UpstreamConnection, list[ListedMessage]]:
+    """Log in upstream and take the listing (RFC 1939 §4-§7, RFC 2449, RFC 2595, RFC 5034).
+
+    Returns the logged-in connection and the upstream's messages in its order.
+    Raises ``UpstreamError`` carrying the client's reply: ``[SYS/TEMP]`` when the
+    upstream is unreachable, slow, not secured as configured or breaks the
+    protocol; ``[SYS/PERM]`` when it rejects the stored credentials; its
+    ``[IN-USE]`` and ``[LOGIN-DELAY]`` passed through (RFC 3206, RFC 2449 §8.1).
+    An upstream greeting that holds ``own_greeting_token`` is this process itself.
+    After the TCP connect (``connect_timeout_seconds``), TLS, greeting, login and
+    listing all run under the upstream's ``login_timeout_seconds``.
+
+    ``metrics``, bound to this upstream's name, gets the connect and login times,
+    the attempt's outcome (one ``UpstreamFailure`` for a failed one; a cancelled
+    attempt is not counted) and, through the connection, the rest of the session.
+
+    ``capabilities``, one per upstream and shared by its sessions, remembers the
+    upstream's last CAPA reply: where it listed PIPELINING, CAPA, the login and the
+    listings go out in one write after the greeting (see ``CapabilityMemo``).
+    """
+    try:
+        connection = await UpstreamConnection.connect(upstream, metrics)
+        try:
+            with trio.fail_after(upstream.login_timeout_seconds):
+                listing = await _open(
+                    connection, login, tls_context, own_greeting_token, capabilities
+                )
+        except trio.TooSlowError:
+            await connection.aclose()
+            raise unavailable(UpstreamFailure.TIMEOUT) from None
+        except BaseException:
+            await connection.aclose()
+            raise
+    except UpstreamError as exc:
+        if metrics is not None:
+            metrics.login_failed(exc.failure)
+        raise
+    return connection, listing
+
+
+def _login_failure(reply: Err) -> UpstreamError:
+    refusal = login_refusal(reply)
+    return UpstreamError(refusal.failure, refusal.code, refusal.text)
+
+
+async def _open(
+    connection: UpstreamConnection,
+    login: Login,
+    context: ssl.SSLContext | None,
+    own_greeting_token: str | None,
+    memo: CapabilityMemo | None,
+) -> list[ListedMessage]:
+    upstream = connection.upstream
+    if upstream.tls is TlsMode.IMPLICIT:
+        await connection.secure(context)
+    elif upstream.tls is TlsMode.NONE:
+        connection.secured()
+    greeting = await connection.status()
+    if isinstance(greeting, Err):
+        # No credential was sent: only [IN-USE] and [LOGIN-DELAY] say more than "unavailable".
+        if greeting.code in (ResponseCode.IN_USE, ResponseCode.LOGIN_DELAY):
+            raise _login_failure(greeting)
+        raise unavailable(UpstreamFailure.REJECTED)
+    if own_greeting_token and own_greeting_token in greeting.text:
+        log.error("upstream_is_popproxy_itself", extra={"fields": {"upstream": upstream.name}})
+        raise UpstreamError(
+            UpstreamFailure.LOOP,
+            ResponseCode.SYS_PERM,
+            "popproxy is configured to proxy to itself; contact your administrator.",
+        )
+    if upstream.tls is TlsMode.STARTTLS:
+        await connection.starttls(context, await _capa(connection))
+        # RFC 2595 §4: what was said in clear is forgotten; CAPA is asked again below.
+    capabilities, login_seconds, uidl, sizes = await _capa_login_and_list(connection, login, memo)
+    try:
+        listing = parse_listings(uidl, sizes)
+    except ListingError as exc:
+        raise connection.protocol_error(str(exc)) from None
+    connection.logged_in(capabilities, login_seconds)
+    return listing
+
+
+async def _capa(connection: UpstreamConnection) -> Capabilities:
+    """CAPA (RFC 2449 §5); an upstream without it has no capabilities."""
+    await connection.send(Capa())
+    return await _capa_reply(connection)
+
+
+async def _capa_reply(connection: UpstreamConnection) -> Capabilities:
+    """The reply to a CAPA sent: ``-ERR`` means no capabilities (RFC 2449 §5)."""
+    if isinstance(await connection.status(), Err):
+        return {}
+    return parse_capabilities(await connection.body_lines(MAX_CAPABILITY_LINES))
+
+
+async def _capa_login_and_list(
+    connection: UpstreamConnection, login: Login, memo: CapabilityMemo | None
+) -> tuple[Capabilities, float, list[bytes], list[bytes]]:
+    """CAPA, then log in and list: in one write when ``memo`` says the upstream
+    pipelines (a login in one round trip), else CAPA first and the rest as it says.
+
+    The memo is updated from this session's CAPA reply either way; the reply is
+    returned with the login's time and the two listings.
+    """
+    if memo is None or memo.capabilities is None or not memo.pipelining:
+        capabilities = await _capa(connection)
+        if memo is not None:
+            memo.capabilities = capabilities
+        commands = login.commands(capabilities)
+        pipelining = "PIPELINING" in capabilities
+        listed = await _login_and_list(connection, login, commands, pipelining=pipelining)
+        return (capabilities, *listed)
+    commands = login.commands(memo.capabilities)
+    sent_at = trio.current_time()
+    await connection.send(Capa(), *commands, Uidl(), List())
+    capabilities = await _capa_reply(connection)
+    memo.capabilities = capabilities
+    stale = "PIPELINING" not in capabilities or login.commands(capabilities) != commands
+    listed = await _login_and_list(
+        connection, login, commands, pipelining=True, sent_at=sent_at, stale=stale
+    )
+    return (capabilities, *listed)
+
+
+async def _login_and_list(
+    connection: UpstreamConnection,
+    login: Login,
+    commands: Sequence[Command],
+    *,
+    pipelining: bool,
+    sent_at: float | None = None,
+    stale: bool = False,
+) -> tuple[float, list[bytes], list[bytes]]:
+    """Log in, then UIDL and LIST; one write for all of it with PIPELINING (RFC 2449 §6.6).
+    Returns the login's time (sent to its +OK) and the two listings.
+
+    Pipelined, a refused login makes UIDL and LIST fail harmlessly in AUTHORIZATION;
+    their replies are not waited for: a server may close the connection after a refusal,
+    and the refusal (``[IN-USE]``, ``[AUTH]``, ...) is what the client must hear.
+
+    ``sent_at``: the commands already went out (behind a CAPA) at that time. ``stale``:
+    they were chosen from a memo that this session's CAPA reply contradicts, so a
+    refusal may be this popproxy's doing and is reported as temporary (RFC 3206
+    ``[SYS/TEMP]``); the next session goes by the fresh reply.
+    """
+    started = trio.current_time() if sent_at is None else sent_at
+    if pipelining and sent_at is None:
+        await connection.send(*commands, Uidl(), List())
+    for command in commands:
+        if not pipelining:
+            await connection.send(command)
+        reply = await connection.event()
+        if isinstance(reply, SaslChallenge) and not pipelining:
+            # No initial response support: answer the challenge (RFC 5034 §4).
+            await connection.send(login.respond(reply.data))
+            reply = await connection.event()
+        if not isinstance(reply, Ok | Err):
+            raise connection.protocol_error("expected a status line")
+        if isinstance(reply, Err):
+            raise unavailable(UpstreamFailure.REJECTED) if stale else _login_failure(reply)
+    login_seconds = trio.current_time() - started
+    if not pipelining:
+        await connection.send(Uidl())
+    uidl = await _listing(connection)
+    if not pipelining:
+        await connection.send(List())
+    sizes = await _listing(connection)
+    if uidl is None or sizes is None:
+        log.warning(
+            "upstream_without_uidl", extra={"fields": {"upstream": connection.upstream.name}}
+        )
+        raise UpstreamError(
+            UpstreamFailure.UNSUPPORTED,
+            ResponseCode.SYS_PERM,
+            "The mail provider does not support unique ids (UIDL).",
+        )
+    return login_seconds, uidl, sizes
+
+
+async def _listing(connection: UpstreamConnection) -> list[bytes] | None:
+    """The body of the next multi-line reply, or None if it was ``-ERR``."""
+    if isinstance(await connection.status(), Err):
+        return None
+    return await connection.body_lines(MAX_UPSTREAM_MESSAGES)

@@ -1,0 +1,172 @@
+"""Pure parsers of what an upstream server answers the client role (RFC 1939, 2449, 3206).
+
+The client core (``client.py``) frames replies into status lines and body
+chunks; this module gives those bodies and statuses a meaning: the CAPA list
+(RFC 2449 §5), the UIDL and LIST listings (RFC 1939 §5, §7), the multi-line body
+split into bounded lines, and the mapping of a login's ``-ERR`` to what the
+local client hears (RFC 3206). No I/O: the upstream connection module
+(``maildrop/connection.py``) feeds them, and each parser is tested here with
+hypothesis (tests/pop3/test_client_replies.py). A reply that breaks a rule
+raises ``ListingError`` (a ``ValueError``) whose text is the logged reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from popproxy.outcomes import UpstreamFailure
+from popproxy.pop3.limits import MAX_UIDL_OCTETS
+from popproxy.pop3.replies import Err, ResponseCode
+
+# A CAPA listing longer than this many lines is an upstream fault (RFC 2449 §5 lists
+# a dozen capabilities; real servers send fewer than 20).
+MAX_CAPABILITY_LINES = 64
+# A maildrop with more messages than this is refused: its listing alone would hold
+# tens of megabytes per session. Far above any POP3 mailbox in practice.
+MAX_UPSTREAM_MESSAGES = 200_000
+# Bound on the octets of one listing (UIDL or LIST): every message's line at its
+# longest ("NNNNNN " and a 70-octet UID, RFC 1939 §7, with CRLF) fits.
+MAX_LISTING_OCTETS = MAX_UPSTREAM_MESSAGES * 80
+
+# A CAPA reply: each capability's tag, upper-cased, and its arguments (RFC 2449 §5).
+Capabilities = Mapping[str, tuple[str, ...]]
+
+
+class ListingError(ValueError):
+    """A multi-line reply or a listing breaks RFC 1939 or a bound; the text is the reason."""
+
+
+def parse_capabilities(lines: Sequence[bytes]) -> dict[str, tuple[str, ...]]:
+    """CAPA lines as ``{TAG: (arguments...)}``, tags upper-cased (RFC 2449 §5)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for raw in lines:
+        words = raw.decode("ascii", "replace").split()
+        if words:
+            out[words[0].upper()] = tuple(words[1:])
+    return out
+
+
+class BodyLines:
+    """Splits a multi-line reply's body, fed in chunks, into bounded lines (RFC 1939 §3).
+
+    At most ``max_lines`` lines and ``max_octets`` in all, each no longer than
+    ``max_line_octets`` line end included (RFC 2449 §4): checked as chunks arrive,
+    so memory stays bounded whatever the upstream sends.
+    """
+
+    __slots__ = ("_lines", "_max_line_octets", "_max_lines", "_max_octets", "_partial", "_total")
+
+    def __init__(self, *, max_lines: int, max_line_octets: int, max_octets: int) -> None:
+        self._max_lines = max_lines
+        self._max_line_octets = max_line_octets
+        self._max_octets = max_octets
+        self._lines: list[bytes] = []
+        self._partial = bytearray()
+        self._total = 0
+
+    def feed(self, data: bytes | bytearray) -> None:
+        """Take the next chunk of the (un-stuffed) body; raises ``ListingError``."""
+        self._partial += data
+        *complete, rest = self._partial.split(b"\n")
+        for line in complete:
+            if len(line) + 1 > self._max_line_octets:
+                raise ListingError("listing line too long")
+            self._total += len(line) + 1
+            self._lines.append(bytes(line.removesuffix(b"\r")))
+        if len(rest) >= self._max_line_octets:
+            raise ListingError("listing line too long")
+        if len(self._lines) > self._max_lines or self._total > self._max_octets:
+            raise ListingError("listing too long")
+        self._partial = rest
+
+    def finish(self) -> list[bytes]:
+        """The lines without their ends, once the body has ended."""
+        if self._partial:  # the unstuffer ends every body with a line end
+            raise ListingError("listing ends inside a line")
+        return self._lines
+
+
+@dataclass(frozen=True, slots=True)
+class ListedMessage:
+    """One message of an upstream's listing: its number, UID and size (RFC 1939 §5, §7)."""
+
+    number: int
+    uid: str
+    size: int
+
+
+def _parse_listing(lines: Sequence[bytes]) -> dict[int, bytes]:
+    """``n value`` lines of a LIST or UIDL listing (RFC 1939 §5, §7) as ``{n: value}``."""
+    out: dict[int, bytes] = {}
+    for line in lines:
+        words = line.split()
+        if len(words) != 2 or not words[0].isdigit() or int(words[0]) in out:
+            raise ListingError("malformed listing line")
+        out[int(words[0])] = words[1]
+    return out
+
+
+def _valid_uid(uid: bytes) -> bool:
+    """RFC 1939 §7: 1 to 70 octets in 0x21..0x7E."""
+    return 0 < len(uid) <= MAX_UIDL_OCTETS and all(0x21 <= b <= 0x7E for b in uid)
+
+
+def parse_listings(uidl: Sequence[bytes], sizes: Sequence[bytes]) -> list[ListedMessage]:
+    """The messages of a UIDL and a LIST listing together, in upstream order.
+
+    Raises ``ListingError`` when the listings disagree or break RFC 1939 §5/§7:
+    the same numbers in both, positive, each UID valid and unique, each size a number.
+    """
+    uids = _parse_listing(uidl)
+    lengths = _parse_listing(sizes)
+    if uids.keys() != lengths.keys():
+        raise ListingError("UIDL and LIST list different messages")
+    messages: list[ListedMessage] = []
+    seen: set[bytes] = set()
+    for number in sorted(uids):
+        uid, size = uids[number], lengths[number]
+        if number == 0 or not _valid_uid(uid) or uid in seen or not size.isdigit():
+            raise ListingError("invalid listing entry")
+        seen.add(uid)
+        messages.append(ListedMessage(number, uid.decode("ascii"), int(size)))
+    return messages
+
+
+@dataclass(frozen=True, slots=True)
+class ClientReply:
+    """What the local client hears for an upstream failure (RFC 3206), and why."""
+
+    failure: UpstreamFailure
+    code: ResponseCode | None
+    text: str
+
+
+# RFC 3206 mapping, from the client's point of view: its own password was right.
+UNAVAILABLE = "The mail provider is unavailable, try again later."
+CREDENTIALS_REJECTED = (
+    "The mail provider rejected popproxy's stored credentials; contact your administrator."
+)
+
+
+def login_refusal(reply: Err) -> ClientReply:
+    """Map an upstream login ``-ERR`` to the client's reply (RFC 3206, RFC 2449 §8.1)."""
+    match reply.code:
+        case ResponseCode.IN_USE:
+            return ClientReply(
+                UpstreamFailure.IN_USE, ResponseCode.IN_USE, "The mailbox is in use upstream."
+            )
+        case ResponseCode.LOGIN_DELAY:
+            return ClientReply(
+                UpstreamFailure.LOGIN_DELAY,
+                ResponseCode.LOGIN_DELAY,
+                "The mail provider asks to wait before logging in again.",
+            )
+        case ResponseCode.SYS_TEMP:
+            return ClientReply(UpstreamFailure.REJECTED, ResponseCode.SYS_TEMP, UNAVAILABLE)
+        case _:
+            # [AUTH], [SYS/PERM] or no code: the stored credentials do not work, and
+            # asking the client for its own (correct) password again would not help.
+            return ClientReply(
+                UpstreamFailure.AUTH_REJECTED, ResponseCode.SYS_PERM, CREDENTIALS_REJECTED
+            )

@@ -1,0 +1,123 @@
+"""The upstream connection as the gateway drives it (popproxy.maildrop.connection).
+
+The scripted upstreams of test_upstream.py: pipelined RETRs in one write, each
+body streamed to a sink, un-stuffed or still stuffed; ``exchange`` breaking the
+connection when a reply is left half read; the ``Login`` seam answering a SASL
+challenge. No Mock stands in for a peer.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import pytest
+from test_upstream import (
+    CAPA_PIPELINING,
+    MESSAGES,
+    Mailbox,
+    Peer,
+    account,
+    multiline,
+    scripted_upstream,
+    stuff,
+)
+
+from popproxy.maildrop.connection import UpstreamConnection, UpstreamError
+from popproxy.maildrop.upstream_login import open_connection
+from popproxy.outcomes import UpstreamFailure
+from popproxy.pop3.client_replies import Capabilities, ListedMessage
+from popproxy.pop3.commands import Auth, Command, Noop, Retr, SaslLine, SaslResponse, Stat
+from popproxy.pop3.replies import Ok, ResponseCode
+from popproxy.secret import Secret
+
+
+async def open_to(port: int) -> tuple[UpstreamConnection, list[ListedMessage]]:
+    drop_account = account(port)
+    return await open_connection(drop_account.upstream, drop_account.login(), tls_context=None)
+
+
+@pytest.mark.parametrize("stuffed", [False, True], ids=["unstuffed", "stuffed"])
+async def test_pipelined_retrs_go_in_one_write_and_stream_to_a_sink(stuffed: bool) -> None:
+    async with scripted_upstream(Mailbox(MESSAGES, capa=CAPA_PIPELINING)) as upstream:
+        connection, listing = await open_to(upstream.port)
+        assert [m.number for m in listing] == [1, 2, 3]
+        assert connection.pipelining
+        bodies: list[bytes] = []
+        with connection.exchange():
+            await connection.send(Retr(1), Retr(2), Retr(3), stuffed_body=stuffed)
+            for _ in listing:
+                chunks: list[bytes] = []
+
+                async def sink(data: bytes | bytearray, chunks: list[bytes] = chunks) -> None:
+                    chunks.append(bytes(data))
+
+                assert isinstance(await connection.status(), Ok)
+                await connection.stream_body(sink, read_seconds=1.0)
+                bodies.append(b"".join(chunks))
+        await connection.commit([2])
+    expected = [m for _, (_, m) in sorted(MESSAGES.items())]
+    assert bodies == ([stuff(m) for m in expected] if stuffed else expected)
+    retrs = [read for read, _ in upstream.peer.reads if read.startswith(b"RETR")]
+    assert retrs == [b"RETR 1\r\nRETR 2\r\nRETR 3\r\n"]
+    assert upstream.lines[-2:] == [b"DELE 2", b"QUIT"]
+
+
+class StoppedEarly(Exception):
+    """Any stop in the middle of a body: a caller's error, a cancel, a closed generator."""
+
+
+async def test_a_reply_left_half_read_breaks_the_connection() -> None:
+    async with scripted_upstream(Mailbox(MESSAGES)) as upstream:
+        connection, _ = await open_to(upstream.port)
+        with pytest.raises(StoppedEarly), connection.exchange():
+            await connection.send(Retr(1))
+            await connection.status()
+            raise StoppedEarly
+        assert not connection.idle
+        with pytest.raises(UpstreamError) as info, connection.exchange():
+            pytest.fail("a broken connection is never used again")
+        assert info.value.failure is UpstreamFailure.CLOSED
+        await connection.aclose()
+    assert upstream.lines[-1] == b"RETR 1"
+
+
+async def test_an_err_read_in_full_leaves_the_connection_usable() -> None:
+    async with scripted_upstream(Mailbox(MESSAGES)) as upstream:
+        connection, _ = await open_to(upstream.port)
+        with connection.exchange():
+            assert not isinstance(await connection.request(Stat(), within=1.0), Ok)
+        assert connection.idle
+        with connection.exchange():
+            assert isinstance(await connection.request(Noop(), within=1.0), Ok)
+        await connection.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogin:
+    """A ``Login`` that is not a password: the shape an XOAUTH2 login takes (issue 14)."""
+
+    token: bytes
+
+    def commands(self, capabilities: Capabilities) -> tuple[Command, ...]:
+        return (Auth("XOAUTH2", Secret(self.token)),)
+
+    def respond(self, challenge: bytes) -> SaslLine:
+        # An error challenge gets an empty response before the -ERR (RFC 7628 §3.2.3).
+        return SaslResponse(Secret(b""))
+
+
+async def test_another_login_plugs_into_the_seam_and_its_challenge_is_answered() -> None:
+    async def script(peer: Peer) -> None:
+        await peer.send(b"+OK ready\r\n")
+        await peer.reply_after_one_line(b"CAPA", multiline([b"UIDL", b"SASL XOAUTH2"]))
+        await peer.reply_after_one_line(b"AUTH XOAUTH2 " + base64.b64encode(b"tok"), b"+ e30=\r\n")
+        await peer.reply_after_one_line(b"=", b"-ERR [AUTH] Invalid credentials.\r\n")
+        await peer.until_eof()
+
+    async with scripted_upstream(script) as upstream:
+        upstream_config = account(upstream.port).upstream
+        with pytest.raises(UpstreamError) as info:
+            await open_connection(upstream_config, TokenLogin(b"tok"), tls_context=None)
+    assert info.value.failure is UpstreamFailure.AUTH_REJECTED
+    assert info.value.code is ResponseCode.SYS_PERM
