@@ -203,9 +203,7 @@ class UpstreamConnection:
             # would be read as protected (RFC 2595 §4, CVE-2011-0411 class).
             raise self.protocol_error("data after the STLS reply")
         await self.secure(context)
-        self._core = ClientConnection(
-            expect_greeting=False, max_reply_line_octets=self._upstream.max_reply_line_bytes
-        )
+        self._core.tls_established()
 
     def logged_in(self, capabilities: Capabilities, login_seconds: float) -> None:
         """The login succeeded ``login_seconds`` after it was sent, on an upstream whose

@@ -12,6 +12,13 @@ must never pass on a truncated body as if it were complete.
 A command sent with ``stuffed_body=True`` gets its multi-line body as
 ``StuffedData``: the octets as received, still dot-stuffed, with only the
 terminator removed, so a relay can pass them on without decoding them.
+
+The client tracks the session's phase as the server's replies confirm it,
+through the same table as the server role (``state.ON_COMMAND`` and
+``state.ON_REPLY``, applied when a command's reply is complete), plus the two
+moves no command's reply makes (``ON_CLIENT_TRIGGER``: a refused greeting, and
+the end of the TLS handshake after STLS, ``tls_established``). The phase moves
+only through these tables.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import base64
 import binascii
 import enum
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from popproxy.pop3.commands import (
     Auth,
@@ -44,6 +53,7 @@ from popproxy.pop3.events import (
 from popproxy.pop3.limits import MAX_REPLY_LINE_OCTETS
 from popproxy.pop3.lines import LineBuffer, Overlong
 from popproxy.pop3.replies import Err, Ok, ResponseCode
+from popproxy.pop3.state import ON_COMMAND, Outcome, Phase, next_phase
 from popproxy.pop3.wire import parse_status
 
 
@@ -52,6 +62,22 @@ class _Greeting(enum.Enum):
 
 
 GREETING = _Greeting.GREETING
+
+
+class ClientTrigger(enum.Enum):
+    """What moves the client's phase besides a command's reply."""
+
+    GREETING_ERR = "greeting-err"  # RFC 1939 §4: a -ERR greeting; the server closes
+    TLS_ESTABLISHED = "tls-established"  # RFC 2595 §4: the handshake after +OK to STLS is done
+
+
+ON_CLIENT_TRIGGER: Mapping[tuple[Phase, ClientTrigger], Phase] = MappingProxyType(
+    {
+        (Phase.AUTHORIZATION, ClientTrigger.GREETING_ERR): Phase.CLOSED,
+        # RFC 2595 §4: back to AUTHORIZATION, with no new greeting.
+        (Phase.TLS_HANDSHAKE, ClientTrigger.TLS_ESTABLISHED): Phase.AUTHORIZATION,
+    }
+)
 ClientEvent = (
     Ok | Err | SaslChallenge | Data | StuffedData | EndOfData | ConnectionClosed | NeedData
 )
@@ -77,14 +103,20 @@ class ClientConnection:
     def __init__(
         self, *, expect_greeting: bool = True, max_reply_line_octets: int = MAX_REPLY_LINE_OCTETS
     ) -> None:
-        """``expect_greeting=False`` continues a session after a TLS handshake (RFC 2595 §4),
-        where no new greeting comes. A status line longer than ``max_reply_line_octets``,
-        line end included, is fatal (RFC 2449 §4: 512; pop3/limits.py has the ceiling)."""
+        """``expect_greeting=False`` starts on a connection already greeted. A status line
+        longer than ``max_reply_line_octets``, line end included, is fatal (RFC 2449 §4:
+        512; pop3/limits.py has the ceiling)."""
+        self._phase = Phase.AUTHORIZATION
         self._lines = LineBuffer()
         self.max_reply_line_octets = max_reply_line_octets
         self._outstanding: deque[_Sent] = deque([_Sent(GREETING)] if expect_greeting else [])
         self._body: DotUnstuffer | StuffedBodyScanner | None = None
         self._broken = False
+
+    @property
+    def phase(self) -> Phase:
+        """The session's phase as the replies read so far confirm it (pop3/state.py)."""
+        return self._phase
 
     @property
     def outstanding(self) -> int:
@@ -103,9 +135,28 @@ class ClientConnection:
         """
         if self._broken:
             raise LocalProtocolError("the connection is broken")
+        if self._phase in (Phase.TLS_HANDSHAKE, Phase.CLOSED):
+            raise LocalProtocolError(f"no commands are sent in phase {self._phase.name}")
         data = serialize_command(command)
         self._outstanding.append(_Sent(command, stuffed_body))
         return data
+
+    def tls_established(self) -> None:
+        """The TLS handshake after ``+OK`` to STLS is done: forget every octet from before
+        it; no new greeting comes (RFC 2595 §4)."""
+        self._trigger(ClientTrigger.TLS_ESTABLISHED)
+        self._lines = LineBuffer()
+
+    def _trigger(self, trigger: ClientTrigger) -> None:
+        try:
+            self._phase = ON_CLIENT_TRIGGER[(self._phase, trigger)]
+        except KeyError:
+            raise LocalProtocolError(f"{trigger.name} in phase {self._phase.name}") from None
+
+    def _complete(self, command: Command | SaslLine, outcome: Outcome) -> None:
+        """``command``'s reply is complete: the phase moves as the server's did."""
+        phase = ON_COMMAND.get((self._phase, command.verb), self._phase)
+        self._phase = next_phase(phase, command.verb, outcome)
 
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed octets from the server; ``b""`` means it closed."""
@@ -143,18 +194,25 @@ class ClientConnection:
         if line == b"+" or line.startswith(b"+ "):
             if not isinstance(head, Auth | SaslResponse):
                 raise _upstream_error("SASL challenge outside AUTH")
-            self._outstanding.popleft()
             try:
-                return SaslChallenge(base64.b64decode(line[2:], validate=True))
+                challenge = SaslChallenge(base64.b64decode(line[2:], validate=True))
             except binascii.Error:
                 raise _upstream_error("invalid base64 in SASL challenge") from None
+            self._outstanding.popleft()
+            self._complete(head, Outcome.CONTINUE)
+            return challenge
         status = parse_status(line)
         if status is None:
             raise _upstream_error("malformed status line")
-        if isinstance(status, Ok) and head is not GREETING and multiline_on_ok(head):
+        if head is GREETING:
+            self._outstanding.popleft()
+            if isinstance(status, Err):
+                self._trigger(ClientTrigger.GREETING_ERR)
+        elif isinstance(status, Ok) and multiline_on_ok(head):
             self._body = StuffedBodyScanner() if sent.stuffed_body else DotUnstuffer()
         else:
             self._outstanding.popleft()
+            self._complete(head, Outcome.OK if isinstance(status, Ok) else Outcome.ERR)
         return status
 
     def _next_body_event(self, body: DotUnstuffer | StuffedBodyScanner) -> ClientEvent:
@@ -164,7 +222,9 @@ class ClientConnection:
                 return StuffedData(chunk) if isinstance(body, StuffedBodyScanner) else Data(chunk)
         if body.done:
             self._body = None
-            self._outstanding.popleft()
+            sent = self._outstanding.popleft()
+            if not isinstance(sent.command, _Greeting):
+                self._complete(sent.command, Outcome.LISTED)
             return EndOfData()
         if self._lines.eof:
             raise _upstream_error("connection closed inside a multi-line reply")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from pop3_helpers import Broken, run_client
 
-from popproxy.pop3.client import ClientConnection
+from popproxy.pop3.client import ON_CLIENT_TRIGGER, ClientConnection
 from popproxy.pop3.commands import (
     Auth,
     Capa,
@@ -26,6 +26,7 @@ from popproxy.pop3.commands import (
     SaslLine,
     SaslResponse,
     Stat,
+    Stls,
     Top,
     Uidl,
     User,
@@ -41,6 +42,7 @@ from popproxy.pop3.events import (
 )
 from popproxy.pop3.limits import MAX_REPLY_LINE_OCTETS
 from popproxy.pop3.replies import Err, Ok, ResponseCode
+from popproxy.pop3.state import Phase
 from popproxy.secret import Secret
 
 HELLO = b"+OK POP3 ready <1.2@host>\r\n"
@@ -453,3 +455,105 @@ def test_the_reply_line_limit_is_a_setting(limit: int) -> None:
     with pytest.raises(RemoteProtocolError) as caught:
         conn.next_event()
     assert caught.value.fatal
+
+
+# -- the phase, moved only through the tables (pop3/state.py, ON_CLIENT_TRIGGER) ------------
+
+
+def phases(commands: list[Command | SaslLine], data: bytes, *, split: bool) -> list[Phase]:
+    """The client's phase after each event but body data, ``data`` fed whole or byte by byte."""
+    conn = ClientConnection()
+    for command in commands:
+        conn.send(command)
+    seen: list[Phase] = []
+    for chunk in [data[i : i + 1] for i in range(len(data))] if split else [data]:
+        conn.receive_data(chunk)
+        while (event := conn.next_event()) is not NEED_DATA:
+            if not isinstance(event, Data):
+                seen.append(conn.phase)
+    return seen
+
+
+def phase(conn: ClientConnection) -> Phase:
+    """The phase now (a call, so that a type checker does not keep an earlier answer)."""
+    return conn.phase
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "byte-by-byte"])
+def test_a_pipelined_login_moves_to_transaction_at_the_pass_reply_and_quit_closes(
+    split: bool,
+) -> None:
+    commands: list[Command | SaslLine] = [User("a"), Pass(Secret(b"p")), Uidl(), Quit()]
+    data = HELLO + b"+OK\r\n+OK\r\n+OK\r\n1 u\r\n.\r\n+OK bye\r\n"
+    A, T, C = Phase.AUTHORIZATION, Phase.TRANSACTION, Phase.CLOSED
+    # greeting, USER, PASS, UIDL's +OK, its end (LISTED moves nothing), QUIT.
+    assert phases(commands, data, split=split) == [A, A, T, T, T, C]
+
+
+def test_a_refused_login_stays_in_authorization() -> None:
+    data = HELLO + b"+OK\r\n-ERR [AUTH] no\r\n-ERR not logged in\r\n"
+    assert (
+        phases([User("a"), Pass(Secret(b"p")), Stat()], data, split=False)
+        == [Phase.AUTHORIZATION] * 4
+    )
+
+
+def test_a_sasl_challenge_enters_sasl_and_its_answer_decides() -> None:
+    conn = ClientConnection()
+    conn.send(Auth("PLAIN"))
+    conn.receive_data(HELLO + b"+ \r\n")
+    assert drain(conn) == [HELLO_EVENT, SaslChallenge(b"")]
+    assert phase(conn) is Phase.SASL
+    conn.send(SaslResponse(Secret(b"\0a\0p")))
+    conn.receive_data(b"-ERR [AUTH] no\r\n")
+    drain(conn)
+    assert phase(conn) is Phase.AUTHORIZATION
+    conn.send(Auth("PLAIN"))
+    conn.receive_data(b"+ \r\n")
+    drain(conn)
+    conn.send(SaslResponse(Secret(b"\0a\0p")))
+    conn.receive_data(b"+OK\r\n")
+    drain(conn)
+    assert phase(conn) is Phase.TRANSACTION
+
+
+def test_stls_waits_for_the_handshake_then_forgets_what_came_before() -> None:
+    conn = ClientConnection()
+    conn.send(Stls())
+    conn.receive_data(HELLO + b"+OK Begin TLS\r\n")
+    assert drain(conn) == [HELLO_EVENT, Ok("Begin TLS")]
+    assert phase(conn) is Phase.TLS_HANDSHAKE
+    with pytest.raises(LocalProtocolError):
+        conn.send(Capa())  # nothing is sent until the handshake is done (RFC 2595 §4)
+    conn.receive_data(b"+OK injected in clear\r\n")
+    conn.tls_established()
+    assert phase(conn) is Phase.AUTHORIZATION
+    assert conn.buffered == 0
+    assert conn.outstanding == 0  # no new greeting
+    conn.send(Noop())
+    conn.receive_data(b"+OK\r\n")
+    assert drain(conn) == [Ok("")]
+
+
+def test_stls_refused_stays_in_authorization_and_tls_cannot_be_established() -> None:
+    conn = ClientConnection()
+    conn.send(Stls())
+    conn.receive_data(HELLO + b"-ERR not here\r\n")
+    drain(conn)
+    assert phase(conn) is Phase.AUTHORIZATION
+    with pytest.raises(LocalProtocolError):
+        conn.tls_established()
+
+
+def test_a_refused_greeting_closes_and_nothing_more_is_sent() -> None:
+    conn = ClientConnection()
+    conn.receive_data(b"-ERR [IN-USE] busy\r\n")
+    drain(conn)
+    assert phase(conn) is Phase.CLOSED
+    with pytest.raises(LocalProtocolError):
+        conn.send(Capa())
+
+
+def test_every_client_trigger_starts_from_a_phase_the_server_table_has() -> None:
+    assert {phase for phase, _ in ON_CLIENT_TRIGGER} <= set(Phase)
+    assert set(ON_CLIENT_TRIGGER.values()) <= {Phase.AUTHORIZATION, Phase.CLOSED}
