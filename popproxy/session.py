@@ -25,12 +25,14 @@ import math
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
-from popproxy.auth.authenticator import Authenticator, throttle_policy
-from popproxy.auth.throttle import LockScope, ThrottleTable
+from popproxy.auth.authenticator import Authenticator
+from popproxy.auth.credentials import Credentials, plain_credentials
+from popproxy.auth.login import LoginAttempt, LoginClient, LoginOutcome, log_in
+from popproxy.auth.throttle import ThrottleTable
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
 from popproxy.metrics import (
@@ -45,7 +47,6 @@ from popproxy.outcomes import SessionResult
 from popproxy.peer import PeerAddress
 from popproxy.pop3.capabilities import capabilities
 from popproxy.pop3.commands import (
-    Apop,
     Auth,
     Capa,
     Command,
@@ -75,12 +76,12 @@ from popproxy.pop3.events import (
     SaslChallenge,
     StuffedData,
 )
-from popproxy.pop3.names import login_name_problem
 from popproxy.pop3.replies import Err, Ok, ResponseCode
 from popproxy.pop3.server import Reply, ServerConnection, ServerSettings
 from popproxy.pop3.state import Phase
 from popproxy.pop3.wire import format_status
 from popproxy.secret import Secret
+from popproxy.session_summary import SessionSummary
 
 log = logging.getLogger("popproxy.session")
 
@@ -99,10 +100,13 @@ GREETING_TEXT = "popproxy ready."
 AUTH_FAILED = Err("Authentication failed.", ResponseCode.AUTH)
 # RFC 3206 §4: [SYS/TEMP] is a temporary problem on the server's side; try again later.
 VERIFICATION_BUSY = Err("Too many logins at once, try again later.", ResponseCode.SYS_TEMP)
-# How much of a login name a log line carries (logfmt escapes the rest of it).
-MAX_LOGGED_USER_CHARS = 64
-# The login result counted for an attempt refused by a lockout.
-LOCKOUT_RESULTS = {LockScope.USER: LoginResult.LOCKED_OUT, LockScope.ADDRESS: LoginResult.THROTTLED}
+# The login result counted for an attempt that gets AUTH_FAILED.
+FAILURE_RESULTS = {
+    LoginOutcome.FAILED: LoginResult.FAILED,
+    LoginOutcome.HASH_UNUSABLE: LoginResult.ERROR,
+    LoginOutcome.LOCKED_OUT: LoginResult.LOCKED_OUT,
+    LoginOutcome.THROTTLED: LoginResult.THROTTLED,
+}
 NO_SUCH_MESSAGE = Err("There's no message with that number.")
 MESSAGE_DELETED = Err("That message is deleted.")
 
@@ -145,23 +149,6 @@ class SessionContext:
     throttle: ThrottleTable | None = None
 
 
-@dataclass(slots=True)
-class SessionSummary:
-    """The facts of one session, logged once at its end."""
-
-    session_id: str
-    listener: str
-    peer: str
-    user: str | None = None
-    upstream: str | None = None  # the upstream's name from config (proxy mode)
-    result: SessionResult = SessionResult.EOF
-    commands: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    deleted: int = 0
-    started: float = field(default_factory=trio.current_time)
-
-
 class Session:
     """A POP3 server session over one client stream (RFC 1939, 2449, 2595, 5034)."""
 
@@ -179,7 +166,6 @@ class Session:
         self._stream = stream
         self._context = context
         self.peer = peer
-        self._source = peer.limit_key  # the throttle's key: the IPv4 address or IPv6 /64
         self._tls_active = False
         self._conn = ServerConnection(self._settings())
         self._out = bytearray()
@@ -236,7 +222,7 @@ class Session:
             await self._close()
             if self._traffic is not None:
                 self._traffic.session_ended(self.summary.result)
-            self._log_summary()
+            self.summary.log_end()
         return self.summary
 
     async def _serve(self) -> None:
@@ -277,7 +263,7 @@ class Session:
             case User():
                 self._queue(Ok())
             case Pass(user=user, password=password):
-                await self._login(user, password, LoginMechanism.USER)
+                await self._login(Credentials(user, password), LoginMechanism.USER)
             case Auth(mechanism=None):
                 # RFC 1734 §2 style listing, as Dovecot answers a bare AUTH.
                 settings = self._conn.settings
@@ -286,11 +272,9 @@ class Session:
             case Auth(initial_response=None):
                 self._queue(SaslChallenge(b""))
             case Auth(initial_response=Secret() as response) | SaslResponse(data=response):
-                await self._sasl_plain(response)
+                await self._login(plain_credentials(response), LoginMechanism.PLAIN)
             case SaslCancel():
                 self._queue(Err("Authentication cancelled."))
-            case Apop():
-                self._queue(Err("APOP is not supported.", ResponseCode.AUTH))
             case Stls():
                 self._queue(Ok("Begin TLS negotiation now."))
                 await self._flush()
@@ -330,71 +314,34 @@ class Session:
 
     # -- AUTHORIZATION -------------------------------------------------------------
 
-    async def _sasl_plain(self, response: Secret) -> None:
-        """SASL PLAIN: ``authzid NUL authcid NUL passwd`` (RFC 4616 §2)."""
-        plain = LoginMechanism.PLAIN
-        parts = response.reveal().split(b"\0")
-        if len(parts) != 3:
-            await self._fail_login(plain)  # as Dovecot: a malformed response is a failed login
-            return
-        authzid, authcid, password = parts
-        try:
-            user = authcid.decode("utf-8")
-        except UnicodeDecodeError:
-            await self._fail_login(plain)
-            return
-        if authzid and authzid != authcid:
-            # No proxy authorization: a user may only act as itself.
-            await self._fail_login(plain)
-            return
-        await self._login(user, Secret(password), plain)
+    async def _login(self, credentials: Credentials | None, mechanism: LoginMechanism) -> None:
+        """Log in (popproxy/auth/login.py: throttle, verify, record), then open the
+        maildrop (DESIGN.md, session data flow step 2).
 
-    async def _login(self, user: str, password: Secret, mechanism: LoginMechanism) -> None:
-        """Throttle, verify, open the maildrop (DESIGN.md, session data flow step 2).
-
-        The throttle decides before any hashing: a penalized client waits first, a
-        locked-out attempt is refused without a hash and with the reply any failure
-        gets, after the same failure delay.
+        A throttle delay waits after what is queued has been sent; every refusal but
+        a full hash queue gets the reply any failure gets, after the failure delay.
         """
-        if login_name_problem(user) is not None:
-            # Outside the safe set (pop3/names.py), so no configured user has this name.
-            # It goes no further (not to the authenticator, a log or an upstream): the
-            # check runs for the empty name, which is never configured, so the login
-            # fails as an unknown user's does, after the same hashing work and delay.
-            user = ""
-        throttle = self._context.throttle
-        policy = throttle_policy(self._context.limits)
-        if throttle is not None:
-            decision = throttle.decide(self._source, user, now=trio.current_time(), policy=policy)
-            if decision.delay_seconds > 0:
-                await self._flush()
-                await trio.sleep(decision.delay_seconds)
-            if decision.lockout is not None:
-                self._log_login("login_refused", user, decision.lockout)
-                await self._fail_login(mechanism, LOCKOUT_RESULTS[decision.lockout])
+        context = self._context
+        client = LoginClient(self.summary.session_id, self.peer)
+        attempt = await log_in(
+            context.authenticator, context.throttle, client, credentials, before_wait=self._flush
+        )
+        match attempt:
+            case LoginAttempt(user=UserConfig() as account):
+                pass
+            case LoginAttempt(outcome=LoginOutcome.BUSY):
+                self._count_login(mechanism, LoginResult.ERROR)
+                self._queue(VERIFICATION_BUSY)
                 return
-        verdict = await self._context.authenticator.check(user, password)
-        if verdict.busy:
-            # Nothing was decided, so nothing is recorded against the client.
-            self._count_login(mechanism, LoginResult.ERROR)
-            self._log_login("login_busy", user)
-            self._queue(VERIFICATION_BUSY)
-            return
-        account = verdict.user
-        if account is None:
-            if throttle is not None and not verdict.hash_unusable:
-                started = throttle.failure(
-                    self._source, user, verdict.credential, now=trio.current_time(), policy=policy
-                )
-                for scope in started:
-                    self._log_login("login_lockout", user, scope, logging.WARNING)
-            result = LoginResult.ERROR if verdict.hash_unusable else LoginResult.FAILED
-            await self._fail_login(mechanism, result)
-            return
-        if throttle is not None:
-            throttle.success(self._source, now=trio.current_time(), policy=policy)
+            case LoginAttempt(outcome=outcome):
+                self._count_login(mechanism, FAILURE_RESULTS[outcome])
+                # Dovecot's auth_failure_delay: slow down guessing, same reply for every cause.
+                await self._flush()
+                await trio.sleep(context.limits.auth_failure_delay_seconds)
+                self._queue(AUTH_FAILED)
+                return
         try:
-            maildrop = await self._context.open_maildrop(account, self.summary.session_id)
+            maildrop = await context.open_maildrop(account, self.summary.session_id)
         except MaildropError as exc:
             # The password was right, but there is nothing to serve: an error, not a failure.
             self._count_login(mechanism, LoginResult.ERROR)
@@ -408,32 +355,9 @@ class Session:
         count, octets = self._totals()
         self._queue(Ok(f"Logged in, {count} messages ({octets} octets)."))
 
-    def _log_login(
-        self, msg: str, user: str, scope: LockScope | None = None, level: int = logging.INFO
-    ) -> None:
-        """A line about a lockout starting, or a login the throttle or the hash queue
-        refused: session, peer, the start of the name; never the password."""
-        fields: dict[str, object] = {
-            "session": self.summary.session_id,
-            "peer": self.summary.peer,
-            "user": user[:MAX_LOGGED_USER_CHARS],
-        }
-        if scope is not None:
-            fields["scope"] = scope.value
-        log.log(level, msg, extra={"fields": fields})
-
     def _count_login(self, mechanism: LoginMechanism, result: LoginResult) -> None:
         if self._metrics is not None:
             self._metrics.login(mechanism, result)
-
-    async def _fail_login(
-        self, mechanism: LoginMechanism, result: LoginResult = LoginResult.FAILED
-    ) -> None:
-        self._count_login(mechanism, result)
-        # Dovecot's auth_failure_delay: slow down guessing, same reply for every cause.
-        await self._flush()
-        await trio.sleep(self._context.limits.auth_failure_delay_seconds)
-        self._queue(AUTH_FAILED)
 
     async def _start_tls(self) -> None:
         """Handshake as the TLS server (RFC 2595 §4, RFC 8314 §3.3) under the login deadline."""
@@ -645,27 +569,6 @@ class Session:
                 await self._stream.aclose()
             if scope.cancelled_caught:
                 await trio.aclose_forcefully(self._stream)
-
-    def _log_summary(self) -> None:
-        s = self.summary
-        log.info(
-            "session_end",
-            extra={
-                "fields": {
-                    "session": s.session_id,
-                    "listener": s.listener,
-                    "peer": s.peer,
-                    "user": s.user or "-",
-                    "upstream": s.upstream or "-",
-                    "result": s.result.value,
-                    "commands": s.commands,
-                    "bytes_in": s.bytes_in,
-                    "bytes_out": s.bytes_out,
-                    "deleted": s.deleted,
-                    "duration_seconds": round(trio.current_time() - s.started, 3),
-                }
-            },
-        )
 
 
 async def run_session(

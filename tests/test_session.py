@@ -31,7 +31,8 @@ from popproxy.maildrop.maildir import open_maildir
 from popproxy.outcomes import SessionResult
 from popproxy.peer import PeerAddress
 from popproxy.secret import Secret
-from popproxy.session import Session, SessionContext, SessionSummary
+from popproxy.session import Session, SessionContext
+from popproxy.session_summary import SessionSummary
 
 MESSAGES = {
     "1700000001.M1P1.test": b"Subject: one\n\nfirst body\n",

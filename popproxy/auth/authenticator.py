@@ -11,8 +11,8 @@ a client whether the user exists.
 
 A right password is remembered in the verified-credential cache
 (:mod:`popproxy.auth.cache`), so the same client's next login costs an HMAC instead
-of a hash. Throttling and the delay after a failure are the session's job; both
-come before this module is asked anything.
+of a hash. Throttling comes before this module is asked anything; the login
+orchestrator (:mod:`popproxy.auth.login`) asks the throttle first, then this module.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ class Authenticator:
     """Verify local users' passwords from config (DESIGN.md, auth/).
 
     ``users`` maps a login name to its :class:`UserConfig`; ``limits`` gives the
-    bound on waiting logins and the cache's TTL. ``queue`` holds the hash threads
+    bound on waiting logins, the cache's TTL and the throttle's knobs
+    (:attr:`throttle_policy`, built once here). ``queue`` holds the hash threads
     (``DEFAULT_HASH_THREADS`` of its own by default) and ``cache`` the verified
     credentials (one of ``limits.auth_cache_size`` of its own by default); the server
     passes its own, which outlive a reload.
@@ -111,6 +112,12 @@ class Authenticator:
         self._queue = queue if queue is not None else HashQueue()
         self._cache = cache if cache is not None else CredentialCache(self._limits.auth_cache_size)
         self._dummy = _dummy_for(self._users.values())
+        self._policy = throttle_policy(self._limits)
+
+    @property
+    def throttle_policy(self) -> ThrottlePolicy:
+        """The throttle's knobs from ``limits.auth_*``, the same value for every login."""
+        return self._policy
 
     @property
     def dummy_hash(self) -> str:

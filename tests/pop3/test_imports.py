@@ -34,9 +34,17 @@ POP3_MODULES = package_modules("pop3")
 POLICY_MODULES = package_modules("policy")
 # Sans-IO modules outside the packages, held to the same rule (the PROXY protocol reader).
 PROTOCOL_MODULES = ["popproxy.proxy_protocol", "popproxy.peer"]
-# The pure part of auth/: hashes, throttling decisions and the credential cache
-# (authenticator.py, which runs hashes in trio worker threads, is not).
-PURE_AUTH_MODULES = ["popproxy.auth.passwords", "popproxy.auth.throttle", "popproxy.auth.cache"]
+# The pure part of auth/: hashes, throttling decisions, the credential cache and the
+# SASL PLAIN credentials (authenticator.py, which runs hashes in trio worker threads,
+# and login.py, which waits out throttle delays, are not).
+PURE_AUTH_MODULES = [
+    "popproxy.auth",
+    "popproxy.auth.passwords",
+    "popproxy.auth.throttle",
+    "popproxy.auth.cache",
+    "popproxy.auth.credentials",
+]
+IMPURE_AUTH_MODULES = ["popproxy.auth.authenticator", "popproxy.auth.login"]
 PURE_MODULES = POP3_MODULES + POLICY_MODULES + PROTOCOL_MODULES + PURE_AUTH_MODULES
 # The metric definitions: prometheus_client is theirs to use, and nothing else on the
 # list (the HTTP exporter, which does network I/O, is popproxy.metrics_exporter).
@@ -120,6 +128,11 @@ def test_metric_definitions_import_no_io_tls_or_yaml_library() -> None:
     assert "prometheus_client" in graph[METRICS_MODULE]
     assert not forbidden_imports(graph, METRICS_FORBIDDEN)
     assert not any(name.startswith("popproxy.config") for name in graph)
+
+
+def test_every_auth_module_is_placed_on_one_side() -> None:
+    # A new module of auth/ must be listed as pure (and then tested so) or not.
+    assert sorted(PURE_AUTH_MODULES + IMPURE_AUTH_MODULES) == package_modules("auth")
 
 
 def test_transitive_popproxy_imports_are_followed() -> None:

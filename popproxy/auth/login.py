@@ -1,0 +1,143 @@
+"""Login orchestration: throttle, verify, record (DESIGN.md, auth/; session data flow step 2).
+
+One login attempt, in order: the login name is checked against the safe set
+(:mod:`popproxy.pop3.names`); the throttle (:mod:`popproxy.auth.throttle`, pure)
+decides before any hashing, so a penalized client waits first and a locked-out
+attempt is refused without a hash; the :class:`Authenticator` checks the password
+in a worker thread; the throttle records the failure or the success, and a lockout
+that starts is logged. What the client hears and what the metrics count is the
+session's business: it gets a :class:`LoginAttempt` back.
+
+This module waits (``trio.sleep``) and so is not part of the pure ``auth/``
+(tests/pop3/test_imports.py); the decisions it follows are all in ``throttle.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from popproxy.auth.authenticator import Authenticator
+from popproxy.auth.credentials import Credentials
+from popproxy.auth.throttle import LockScope, ThrottleTable
+from popproxy.config import UserConfig
+from popproxy.peer import PeerAddress
+from popproxy.pop3.names import login_name_problem
+
+# The lines below are about one client session and have always carried its logger
+# name (docs/operations.md, "Log lines"), so they keep it.
+log = logging.getLogger("popproxy.session")
+
+# How much of a login name a log line carries (logfmt escapes the rest of it).
+MAX_LOGGED_USER_CHARS = 64
+
+
+class LoginOutcome(enum.Enum):
+    """How one login attempt ended."""
+
+    OK = "ok"
+    FAILED = "failed"  # wrong password or unknown user; recorded by the throttle
+    HASH_UNUSABLE = "hash_unusable"  # the stored hash could not be checked: nothing decided
+    LOCKED_OUT = "locked_out"  # refused before hashing: the user name is locked out
+    THROTTLED = "throttled"  # refused before hashing: the client address is locked out
+    BUSY = "busy"  # too many logins were waiting for a hash thread: nothing checked
+
+
+# The outcome of an attempt a lockout refused, by what the lockout is keyed on.
+LOCKOUT_OUTCOMES = {
+    LockScope.USER: LoginOutcome.LOCKED_OUT,
+    LockScope.ADDRESS: LoginOutcome.THROTTLED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LoginAttempt:
+    """What :func:`log_in` decided; ``user`` is the account, only for ``OK``."""
+
+    outcome: LoginOutcome
+    user: UserConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoginClient:
+    """Who is logging in: the throttle keys on ``peer.limit_key``, log lines carry both."""
+
+    session_id: str
+    peer: PeerAddress
+
+
+async def log_in(
+    authenticator: Authenticator,
+    throttle: ThrottleTable | None,
+    client: LoginClient,
+    credentials: Credentials | None,
+    *,
+    before_wait: Callable[[], Awaitable[None]],
+) -> LoginAttempt:
+    """Throttle, verify and record one USER/PASS or AUTH PLAIN login (RFC 1939 §7, RFC 5034).
+
+    ``credentials`` None (a malformed SASL PLAIN message) fails at once, with no
+    throttle consulted or recorded. ``throttle`` None means no throttling or lockout.
+    ``before_wait`` runs before a throttle delay (the session sends what it has
+    queued, so earlier replies are not held back by the wait). Never logs the password.
+    """
+    if credentials is None:
+        return LoginAttempt(LoginOutcome.FAILED)
+    user, password = credentials.user, credentials.password
+    if login_name_problem(user) is not None:
+        # Outside the safe set (pop3/names.py), so no configured user has this name.
+        # It goes no further (not to the authenticator, a log or an upstream): the
+        # check runs for the empty name, which is never configured, so the login
+        # fails as an unknown user's does, after the same hashing work and delay.
+        user = ""
+    policy = authenticator.throttle_policy
+    source = client.peer.limit_key
+    if throttle is not None:
+        decision = throttle.decide(source, user, now=trio.current_time(), policy=policy)
+        if decision.delay_seconds > 0:
+            await before_wait()
+            await trio.sleep(decision.delay_seconds)
+        if decision.lockout is not None:
+            _log_login(client, "login_refused", user, decision.lockout)
+            return LoginAttempt(LOCKOUT_OUTCOMES[decision.lockout])
+    verdict = await authenticator.check(user, password)
+    if verdict.busy:
+        # Nothing was decided, so nothing is recorded against the client.
+        _log_login(client, "login_busy", user)
+        return LoginAttempt(LoginOutcome.BUSY)
+    if verdict.hash_unusable:
+        return LoginAttempt(LoginOutcome.HASH_UNUSABLE)
+    if verdict.user is None:
+        if throttle is not None:
+            started = throttle.failure(
+                source, user, verdict.credential, now=trio.current_time(), policy=policy
+            )
+            for scope in started:
+                _log_login(client, "login_lockout", user, scope, logging.WARNING)
+        return LoginAttempt(LoginOutcome.FAILED)
+    if throttle is not None:
+        throttle.success(source, now=trio.current_time(), policy=policy)
+    return LoginAttempt(LoginOutcome.OK, verdict.user)
+
+
+def _log_login(
+    client: LoginClient,
+    msg: str,
+    user: str,
+    scope: LockScope | None = None,
+    level: int = logging.INFO,
+) -> None:
+    """A line about a lockout starting, or a login the throttle or the hash queue
+    refused: session, peer, the start of the name; never the password."""
+    fields: dict[str, object] = {
+        "session": client.session_id,
+        "peer": str(client.peer),
+        "user": user[:MAX_LOGGED_USER_CHARS],
+    }
+    if scope is not None:
+        fields["scope"] = scope.value
+    log.log(level, msg, extra={"fields": fields})
