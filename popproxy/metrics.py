@@ -69,11 +69,10 @@ UNKNOWN_VERB = "unknown"
 
 
 class LoginMechanism(enum.Enum):
-    """How a client logged in: RFC 1939 §7 USER/PASS or APOP, RFC 5034 AUTH with RFC 4616 PLAIN."""
+    """How a client logged in: RFC 1939 §7 USER/PASS, RFC 5034 AUTH with RFC 4616 PLAIN."""
 
     USER = "user"
     PLAIN = "plain"
-    APOP = "apop"
 
 
 class LoginResult(enum.Enum):

@@ -354,14 +354,14 @@ def test_every_upstream_failure_is_a_series() -> None:
 
 def test_logins_commands_tls_and_bytes() -> None:
     metrics = new_metrics()
-    metrics.login(LoginMechanism.APOP, LoginResult.LOCKED_OUT)
+    metrics.login(LoginMechanism.PLAIN, LoginResult.LOCKED_OUT)
     metrics.command(Verb.DELE, CommandResult.ERR)
     metrics.command(None, CommandResult.ERR)
     metrics.listener("implicit").tls_handshake(TlsResult.FAILED)
     metrics.listener("implicit").bytes_sent(100)
     metrics.listener("implicit").bytes_sent(23)
     metrics.listener("implicit").bytes_received(7)
-    assert value(metrics, "popproxy_logins_total", mechanism="apop", result="locked_out") == 1
+    assert value(metrics, "popproxy_logins_total", mechanism="plain", result="locked_out") == 1
     assert value(metrics, "popproxy_commands_total", verb="DELE", result="err") == 1
     assert value(metrics, "popproxy_commands_total", verb=UNKNOWN_VERB, result="err") == 1
     assert (

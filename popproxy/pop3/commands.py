@@ -59,7 +59,7 @@ class Pass:
 
 @dataclass(frozen=True, slots=True)
 class Apop:
-    """APOP name digest (RFC 1939 §7); parsed, refused unless enabled."""
+    """APOP name digest (RFC 1939 §7); parsed, and always refused by the server role."""
 
     name: str
     digest: str

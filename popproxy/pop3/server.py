@@ -70,7 +70,6 @@ class ServerSettings:
 
     stls_available: bool = False
     plaintext_auth_allowed: bool = True
-    apop_enabled: bool = False
     sasl_mechanisms: tuple[str, ...] = ("PLAIN",)
     max_bad_commands: int = MAX_BAD_COMMANDS
     # Octets with the line end (RFC 2449 §4); an AUTH line and SASL responses get the
@@ -199,7 +198,9 @@ class ServerConnection:
                 self._reject(Err("No username given"), verb=verb)
             case Pass():
                 return Pass(command.password, user=self._user or "")
-            case Apop() if not self.settings.apop_enabled:
+            case Apop():
+                # Not offered (an MD5 challenge; the greeting carries no timestamp,
+                # RFC 1939 §7): refused as a policy, not counted as a bad command.
                 self._reject(Err("APOP is not enabled"), verb=verb, counts=False)
             case Auth(mechanism=str(mech)) if mech not in self.settings.sasl_mechanisms:
                 self._reject(Err("Unsupported authentication mechanism"), verb=verb, counts=False)

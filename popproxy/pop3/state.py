@@ -66,7 +66,6 @@ ON_COMMAND: Mapping[tuple[Phase, Verb], Phase] = MappingProxyType(
 ON_REPLY: Mapping[tuple[Phase, Verb, Outcome], Phase] = MappingProxyType(
     {
         (Phase.AUTHORIZATION, Verb.PASS, Outcome.OK): Phase.TRANSACTION,
-        (Phase.AUTHORIZATION, Verb.APOP, Outcome.OK): Phase.TRANSACTION,
         (Phase.AUTHORIZATION, Verb.AUTH, Outcome.OK): Phase.TRANSACTION,
         (Phase.AUTHORIZATION, Verb.AUTH, Outcome.CONTINUE): Phase.SASL,
         (Phase.SASL, Verb.AUTH, Outcome.OK): Phase.TRANSACTION,

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 from popproxy.pop3.client import ClientConnection
 from popproxy.pop3.commands import (
-    Apop,
     Auth,
     Capa,
     Command,
@@ -127,8 +126,6 @@ def respond(conn: ServerConnection, command: Command | SaslLine) -> list[Reply]:
                 if password.reveal() == PASSWORD
                 else [Err("Wrong credentials", ResponseCode.AUTH)]
             )
-        case Apop():
-            return [Err("APOP refused", ResponseCode.AUTH)]
         case Auth(mechanism=None):
             return [Ok("Mechanisms follow"), Data(b"PLAIN\r\n"), EndOfData()]
         case Auth(initial_response=None):

@@ -88,7 +88,6 @@ SETTINGS = st.builds(
     ServerSettings,
     stls_available=st.booleans(),
     plaintext_auth_allowed=st.booleans(),
-    apop_enabled=st.booleans(),
     max_bad_commands=st.integers(1, 12),
 )
 

@@ -13,7 +13,7 @@ def test_every_phase_has_an_allowed_set() -> None:
 
 
 def test_login_moves_to_transaction_only_on_ok() -> None:
-    for verb in (Verb.PASS, Verb.APOP, Verb.AUTH):
+    for verb in (Verb.PASS, Verb.AUTH):
         assert next_phase(Phase.AUTHORIZATION, verb, Outcome.OK) is Phase.TRANSACTION
         assert next_phase(Phase.AUTHORIZATION, verb, Outcome.ERR) is Phase.AUTHORIZATION
 
