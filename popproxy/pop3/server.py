@@ -10,8 +10,10 @@ chunks and ``EndOfData``; the core dot-stuffs the data as it streams.
 Input that is not a valid command in the current phase raises
 ``RemoteProtocolError`` whose ``reply`` the session sends with ``send``; the
 session goes on unless ``fatal`` is set (too many bad commands, or STLS with
-pipelined bytes behind it, RFC 2595 §4). Phases move only through
-``state.ON_COMMAND`` and ``state.ON_REPLY``.
+pipelined bytes behind it, RFC 2595 §4). Phases move only through the tables
+of ``pop3/state.py``: ``ON_COMMAND`` and ``ON_REPLY`` for commands and their
+replies, ``ON_TRIGGER`` for a refused greeting, a fatal ``-ERR`` and the end of
+the STLS handshake.
 """
 
 from __future__ import annotations
@@ -54,7 +56,15 @@ from popproxy.pop3.limits import (
 )
 from popproxy.pop3.lines import LineBuffer, Overlong
 from popproxy.pop3.replies import Err, Ok, ResponseCode
-from popproxy.pop3.state import ALLOWED, ON_COMMAND, Outcome, Phase, next_phase
+from popproxy.pop3.state import (
+    ALLOWED,
+    ON_COMMAND,
+    Outcome,
+    Phase,
+    Trigger,
+    next_phase,
+    phase_after,
+)
 from popproxy.pop3.wire import format_challenge, format_status
 from popproxy.secret import Secret
 
@@ -238,7 +248,7 @@ class ServerConnection:
                 case Ok() | Err():
                     self._greeted = True
                     if isinstance(event, Err):
-                        self.phase = Phase.CLOSED
+                        self.phase = phase_after(self.phase, Trigger.GREETING_ERR)
                     return format_status(event)
             raise LocalProtocolError("the greeting must come first")
         due = self._due
@@ -249,7 +259,7 @@ class ServerConnection:
                 raise LocalProtocolError("a rejected command must be answered with Err")
             self._due = None
             if self._close_after_reply:
-                self.phase = Phase.CLOSED
+                self.phase = phase_after(self.phase, Trigger.FATAL_ERR)
             return format_status(event)
         if self._stuffer is not None:
             match event:
@@ -299,4 +309,4 @@ class ServerConnection:
         self._user = None
         self._bad_commands = 0
         self.settings = settings
-        self.phase = Phase.AUTHORIZATION
+        self.phase = phase_after(self.phase, Trigger.TLS_ESTABLISHED)

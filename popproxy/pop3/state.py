@@ -2,7 +2,11 @@
 
 The server role consults ``ALLOWED`` when a command arrives, ``ON_COMMAND``
 for the phase it enters while the reply is due, and ``ON_REPLY`` for the phase
-after the reply has been sent. Anything not listed keeps the phase.
+after the reply has been sent; anything not listed there keeps the phase.
+``ON_TRIGGER`` holds the moves that no command's reply makes (a refused
+greeting, a fatal ``-ERR``, a finished TLS handshake); a trigger not listed for
+the phase is a bug (``LocalProtocolError``). The phase moves only through
+these tables (``next_phase`` and ``phase_after``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from popproxy.pop3.commands import Verb
+from popproxy.pop3.errors import LocalProtocolError
 
 
 class Phase(enum.Enum):
@@ -79,6 +84,35 @@ ON_REPLY: Mapping[tuple[Phase, Verb, Outcome], Phase] = MappingProxyType(
 )
 
 
+class Trigger(enum.Enum):
+    """What moves the phase besides a command and its reply."""
+
+    GREETING_ERR = "greeting-err"  # RFC 1939 §4: a -ERR greeting; the connection closes
+    # A -ERR after which the connection closes: too many bad commands, or STLS with
+    # octets pipelined behind it (RFC 2595 §4).
+    FATAL_ERR = "fatal-err"
+    TLS_ESTABLISHED = "tls-established"  # RFC 2595 §4: the handshake after +OK to STLS is done
+
+
+ON_TRIGGER: Mapping[tuple[Phase, Trigger], Phase] = MappingProxyType(
+    {
+        (Phase.AUTHORIZATION, Trigger.GREETING_ERR): Phase.CLOSED,
+        (Phase.AUTHORIZATION, Trigger.FATAL_ERR): Phase.CLOSED,
+        (Phase.TRANSACTION, Trigger.FATAL_ERR): Phase.CLOSED,
+        # RFC 2595 §4: back to AUTHORIZATION, everything from before the handshake forgotten.
+        (Phase.TLS_HANDSHAKE, Trigger.TLS_ESTABLISHED): Phase.AUTHORIZATION,
+    }
+)
+
+
 def next_phase(phase: Phase, verb: Verb, outcome: Outcome) -> Phase:
     """The phase after answering ``verb`` with ``outcome`` in ``phase``."""
     return ON_REPLY.get((phase, verb, outcome), phase)
+
+
+def phase_after(phase: Phase, trigger: Trigger) -> Phase:
+    """The phase ``trigger`` moves ``phase`` to; LocalProtocolError if it cannot happen there."""
+    try:
+        return ON_TRIGGER[(phase, trigger)]
+    except KeyError:
+        raise LocalProtocolError(f"{trigger.name} in phase {phase.name}") from None

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+
 import pytest
 
+from popproxy.pop3 import server
 from popproxy.pop3.commands import Verb
-from popproxy.pop3.state import ALLOWED, ON_COMMAND, ON_REPLY, Outcome, Phase, next_phase
+from popproxy.pop3.errors import LocalProtocolError
+from popproxy.pop3.state import (
+    ALLOWED,
+    ON_COMMAND,
+    ON_REPLY,
+    ON_TRIGGER,
+    Outcome,
+    Phase,
+    Trigger,
+    next_phase,
+    phase_after,
+)
 
 
 def test_every_phase_has_an_allowed_set() -> None:
@@ -63,3 +78,35 @@ def test_no_commands_in_closing_phases() -> None:
 def test_tables_are_read_only() -> None:
     with pytest.raises(TypeError):
         ALLOWED[Phase.CLOSED] = frozenset({Verb.NOOP})  # type: ignore[index]
+
+
+def test_triggers_move_the_phase_outside_replies() -> None:
+    assert phase_after(Phase.AUTHORIZATION, Trigger.GREETING_ERR) is Phase.CLOSED
+    for phase in (Phase.AUTHORIZATION, Phase.TRANSACTION):
+        assert phase_after(phase, Trigger.FATAL_ERR) is Phase.CLOSED
+    assert phase_after(Phase.TLS_HANDSHAKE, Trigger.TLS_ESTABLISHED) is Phase.AUTHORIZATION
+
+
+@pytest.mark.parametrize("trigger", list(Trigger))
+@pytest.mark.parametrize("phase", list(Phase))
+def test_a_trigger_the_table_does_not_list_is_a_local_error(phase: Phase, trigger: Trigger) -> None:
+    if (phase, trigger) in ON_TRIGGER:
+        return
+    with pytest.raises(LocalProtocolError):
+        phase_after(phase, trigger)
+
+
+def test_the_server_role_moves_the_phase_only_through_the_tables() -> None:
+    # Its docstring and this module's say so: every assignment to its phase but the
+    # first reads a table (ON_COMMAND, or next_phase / phase_after over the others).
+    tree = ast.parse(inspect.getsource(server))
+    assigned = [
+        ast.unparse(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and any(ast.unparse(target) == "self.phase" for target in node.targets)
+    ]
+    assert assigned[0] == "Phase.AUTHORIZATION"  # the constructor
+    assert assigned[1:]
+    for value in assigned[1:]:
+        assert value.startswith(("next_phase(", "phase_after(", "ON_COMMAND.get(")), value
