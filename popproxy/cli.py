@@ -11,7 +11,8 @@ Commands::
     popproxy version
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or config error. This is the only
-module that reads argv, installs signal handlers, configures logging or exits.
+module that reads argv, installs signal handlers, configures logging or exits; what
+``check-config`` and ``state`` print is built in ``popproxy/commands/``.
 
 Signals for ``run``: SIGTERM or SIGINT start a graceful shutdown (a second one
 cancels everything); SIGHUP reloads the config file (popproxy/reload.py).
@@ -29,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 import trio
 
@@ -40,17 +41,12 @@ from popproxy.auth.passwords import (
     PasswordHashError,
     hash_password,
 )
+from popproxy.commands import check_config
 from popproxy.config import Config, ConfigError, load_config
 from popproxy.logfmt import JsonFormatter, LogfmtFormatter
-from popproxy.maildrop.route import MaildirRoute, UpstreamRoute, route_of
-from popproxy.policy import EXPIRE_NEVER, AccountPolicy, Action, Setting
-from popproxy.reload import ConfigChanges, ConfigLoader, NamedChanges, config_changes
+from popproxy.reload import ConfigLoader, config_changes
 from popproxy.sdnotify import Notifier
 from popproxy.secret import Secret
-
-if TYPE_CHECKING:
-    from popproxy.config import StateConfig
-    from popproxy.state.base import AccountKey, StoredMessage
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -243,152 +239,13 @@ def _cmd_check_config(path: Path, against: Path | None = None) -> int:
     config = _load(path)
     if config is None:
         return EXIT_USAGE
-    print(summarize(config))
+    print(check_config.summarize(config))
     if against is not None:
         running = _load(against)
         if running is None:
             return EXIT_USAGE
-        print(describe_changes(config_changes(running, config), against))
+        print(check_config.describe_changes(config_changes(running, config), against))
     return EXIT_OK
-
-
-def describe_changes(changes: ConfigChanges, against: Path) -> str:
-    """What check-config --against prints: the changes a reload applies, those needing a restart."""
-    if not changes:
-        return f"against {against}: no changes"
-    lines = [f"against {against}:"]
-    if changes.reloadable:
-        notes = {
-            **_entry_notes("users", changes.users),
-            **_entry_notes("upstreams", changes.upstreams),
-        }
-        lines.append("  applied by a reload (SIGHUP):")
-        lines.extend(f"    {path}{notes.get(path, '')}" for path in changes.reloadable)
-    if changes.restart_required:
-        lines.append("  restart required (a reload logs these and leaves them as they run):")
-        lines.extend(f"    {path}" for path in changes.restart_required)
-    lines.append(f"restart required: {'yes' if changes.restart_required else 'no'}")
-    return "\n".join(lines)
-
-
-def _entry_notes(section: str, named: NamedChanges) -> dict[str, str]:
-    notes = {f"{section}.{name}": " (added)" for name in named.added}
-    notes.update({f"{section}.{name}": " (removed)" for name in named.removed})
-    return notes
-
-
-def summarize(config: Config) -> str:
-    """A short human summary of the effective config (what check-config prints)."""
-    lines = [f"{config.source}: ok"]
-    lines.append("listen:")
-    for listener in config.listen:
-        proxy = " proxy_protocol=true" if listener.proxy_protocol else ""
-        where = _host_port(listener.address, listener.port)
-        lines.append(f"  {where} tls={listener.tls.value}{proxy}")
-    if config.trusted_proxies:
-        lines.append("trusted_proxies: " + " ".join(str(n) for n in config.trusted_proxies))
-    if config.tls is not None:
-        lines.append(f"tls: cert_file={config.tls.cert_file} key_file={config.tls.key_file}")
-    lines.append(f"allow_plaintext_auth: {'true' if config.allow_plaintext_auth else 'false'}")
-    if config.upstreams:
-        lines.append("upstreams:")
-        for up in config.upstreams.values():
-            extra = "" if up.verify else " verify=false"
-            if up.ca_file is not None:
-                extra += f" ca_file={up.ca_file}"
-            lines.append(f"  {up.name}: {_host_port(up.host, up.port)} tls={up.tls.value}{extra}")
-    lines.append(f"users: {len(config.users)}")
-    for user in config.users.values():
-        match route_of(user, config.upstreams):
-            case MaildirRoute(path):
-                missing = "" if path.is_dir() else " (does not exist yet)"
-                lines.append(f"  {user.name}: maildir {path}{missing}")
-            case UpstreamRoute(upstream, upstream_user):
-                lines.append(f"  {user.name}: upstream {upstream.name} as {upstream_user}")
-    lines.append(f"state: {config.state.url}")
-    if config.rules_dir is not None:
-        lines.append(f"rules_dir: {config.rules_dir}")
-    lines.extend(describe_policy(config))
-    if config.metrics is not None:
-        lines.append(f"metrics: {_host_port(config.metrics.address, config.metrics.port)}")
-    limits = config.limits
-    lines.append(
-        "limits: "
-        + " ".join(
-            f"{name}={getattr(limits, name):g}" for name in type(limits).__dataclass_fields__
-        )
-    )
-    return "\n".join(lines)
-
-
-def describe_policy(config: Config) -> list[str]:
-    """The effective retention policy of each local user (docs/rules.md, Checking rules).
-
-    For each user routed to an upstream: the rules that can apply, in order, then
-    what DELE and RETR do, the expiry and hiding that can apply, each with the rule
-    that says so (``[default]`` when none does), and the EXPIRE value (RFC 2449 §6.7).
-    """
-    policy = config.policy
-    files = sorted({rule.source for rule in policy.rules})
-    lines = [f"rules: {len(policy.rules)} in {len(files)} file(s)"]
-    for source in files:
-        names = ", ".join(rule.name for rule in policy.rules if rule.source == source)
-        lines.append(f"  {source}: {names}")
-    lines.append(f"policy: EXPIRE before login: {policy.expire_before_login()}")
-    for user in config.users.values():
-        match route_of(user, config.upstreams):
-            case MaildirRoute():
-                effects = f"maildir, no rules; DELE deletes; EXPIRE {EXPIRE_NEVER}"
-                lines.append(f"  {user.name}: {effects}")
-            case UpstreamRoute(upstream):
-                account = policy.for_user(user.name, upstream.name)
-                lines.append(f"  {user.name} (upstream {upstream.name}):")
-                lines.append("    rules, in order:" if account.rules else "    rules: none")
-                lines.extend(f"      {r.name} ({r.source}): {r.summary()}" for r in account.rules)
-                lines.extend(f"    {line}" for line in _account_effects(account))
-                lines.append(f"    EXPIRE {account.expire}")
-    return lines
-
-
-def _account_effects(account: AccountPolicy) -> list[str]:
-    """What DELE, RETR, expiry and hiding can do for this account, each with its rule."""
-    actions = account.outcomes(Setting.ACTION)
-    dele: list[str] = []
-    retr: list[str] = []
-    hidden: list[str] = []
-    for outcome in actions:
-        match outcome.value:
-            case Action.KEEP:
-                dele.append(f"hides it for this user [{outcome.rule}]")
-                retr.append(f"left upstream [{outcome.rule}]")
-            case Action.DELETE:
-                dele.append(f"deletes upstream [{outcome.rule}]")
-                retr.append(f"left upstream [{outcome.rule}]")
-            case Action.DELETE_AFTER_RETRIEVE:
-                dele.append(f"deletes upstream [{outcome.rule}]")
-                retr.append(f"deleted upstream at QUIT [{outcome.rule}]")
-            case Action.HIDE:
-                hidden.append(f"hide [{outcome.rule}]")
-    expiry = [
-        f"never [{o.rule}]" if o.value is None else f"after {o.value} days [{o.rule}]"
-        for o in account.outcomes(Setting.EXPIRE_AFTER_DAYS)
-    ]
-    hidden.extend(
-        f"over {o.value} bytes [{o.rule}]"
-        for o in account.outcomes(Setting.MAX_SIZE_BYTES)
-        if o.value is not None
-    )
-    return [
-        "DELE: " + ("; ".join(dele) or "no message is shown"),
-        "RETR without DELE: " + ("; ".join(dict.fromkeys(retr)) or "no message is shown"),
-        "expiry: " + "; ".join(expiry),
-        "not shown: " + ("; ".join(hidden) or "none"),
-        "headers read at login (TOP n 0): " + ("yes" if account.needs_headers else "no"),
-    ]
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # -- hash-password ---------------------------------------------------------------------
@@ -443,122 +300,32 @@ def _cmd_state(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
+    # The state store is imported only when it is needed, as for run.
+    from popproxy.commands import state
     from popproxy.state import StateError
 
     try:
         match args.state_command:
             case "show":
-                rows = trio.run(_stored_messages, config.state, args.upstream, args.upstream_user)
-                print(format_stored(rows))
+                rows = trio.run(
+                    state.stored_messages, config.state, args.upstream, args.upstream_user
+                )
+                print(state.format_stored(rows))
             case "prune":
                 if not 0 <= args.gone_days <= MAX_GONE_DAYS:
                     print(f"popproxy: --gone-days must be 0-{MAX_GONE_DAYS}", file=sys.stderr)
                     return EXIT_USAGE
                 cutoff = datetime.now(UTC) - timedelta(days=args.gone_days)
-                count = trio.run(_prune, config.state, cutoff, args.dry_run)
+                count = trio.run(state.prune, config.state, cutoff, args.dry_run)
                 verb = "would forget" if args.dry_run else "forgot"
                 print(
                     f"{verb} {count} UIDL(s) gone from their upstream and last listed"
-                    f" before {_utc(cutoff)}"
+                    f" before {state.utc(cutoff)}"
                 )
     except StateError as exc:
         print(f"popproxy: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
-
-
-async def _stored_messages(
-    state: StateConfig, upstream: str | None, upstream_user: str | None
-) -> Sequence[StoredMessage]:
-    from popproxy.state import open_store
-    from popproxy.state.base import AccountKey
-
-    store = await open_store(state)
-    try:
-        if upstream is not None and upstream_user is not None:
-            return await store.messages(AccountKey(upstream, upstream_user))
-        rows = await store.messages()
-    finally:
-        await store.aclose()
-    return [
-        row
-        for row in rows
-        if upstream in (None, row.account.upstream)
-        and upstream_user in (None, row.account.upstream_user)
-    ]
-
-
-async def _prune(state: StateConfig, cutoff: datetime, dry_run: bool) -> int:
-    from popproxy.state import open_store
-
-    store = await open_store(state)
-    try:
-        if dry_run:
-            return sum(row.is_gone(cutoff) for row in await store.messages())
-        return await store.prune(cutoff)
-    finally:
-        await store.aclose()
-
-
-_STORED_COLUMNS = (
-    "UIDL",
-    "SIZE",
-    "FIRST SEEN",
-    "LAST SEEN",
-    "RETRIEVED BY",
-    "HIDDEN FOR",
-    "DELETED UPSTREAM",
-)
-
-
-def format_stored(rows: Sequence[StoredMessage]) -> str:
-    """What ``state show`` prints: per account a header line and a table of its UIDLs."""
-    if not rows:
-        return "no UIDLs stored"
-    accounts: dict[AccountKey, list[StoredMessage]] = {}
-    for row in rows:
-        accounts.setdefault(row.account, []).append(row)
-    blocks = []
-    for account, messages in accounts.items():
-        listed = messages[0].account_last_listed
-        header = f"{account.upstream} {account.upstream_user}: {len(messages)} UIDL(s)" + (
-            f", last listed {_utc(listed)}" if listed is not None else ""
-        )
-        table = [_STORED_COLUMNS, *(_stored_cells(m) for m in messages)]
-        widths = [max(len(cells[i]) for cells in table) for i in range(len(_STORED_COLUMNS))]
-        lines = [
-            "  "
-            + "  ".join(
-                cell.rjust(width) if column == 1 else cell.ljust(width)
-                for column, (cell, width) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip()
-            for cells in table
-        ]
-        blocks.append("\n".join([header, *lines]))
-    return "\n\n".join(blocks)
-
-
-def _stored_cells(row: StoredMessage) -> tuple[str, ...]:
-    retrieved = ", ".join(f"{user} {_utc(at)}" for user, at in row.retrieved_by)
-    hidden = ", ".join(f"{user} by {rule} {_utc(at)}" for user, rule, at in row.hidden_for)
-    deleted = (
-        f"{_utc(row.deleted_upstream_at)} by {row.deleted_by_rule}"
-        if row.deleted_upstream_at is not None
-        else ""
-    )
-    return (
-        row.uid,
-        str(row.size),
-        _utc(row.first_seen),
-        _utc(row.last_seen),
-        retrieved or "-",
-        hidden or "-",
-        deleted or "-",
-    )
-
-
-def _utc(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 # -- run -------------------------------------------------------------------------------

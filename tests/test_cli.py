@@ -19,6 +19,7 @@ from state.state_backends import BACKENDS, new_postgres_backend
 
 from popproxy import __version__, cli
 from popproxy.auth.passwords import hash_password, parse_hash, verify_password
+from popproxy.commands import check_config
 from popproxy.config import StateConfig
 from popproxy.secret import Secret
 from popproxy.state import open_store
@@ -756,7 +757,7 @@ def test_check_config_against_only_reloadable_changes_needs_no_restart() -> None
         reloadable=("users.carol", "tls.cert_file"),
         users=NamedChanges(removed=("carol",)),
     )
-    assert cli.describe_changes(changes, Path("old.yaml")).splitlines() == [
+    assert check_config.describe_changes(changes, Path("old.yaml")).splitlines() == [
         "against old.yaml:",
         "  applied by a reload (SIGHUP):",
         "    users.carol (removed)",

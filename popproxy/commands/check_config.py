@@ -1,0 +1,151 @@
+"""What ``popproxy check-config`` prints: the effective config, the retention policy of
+each user, and with ``--against`` what a reload would apply (docs/configuration.md,
+docs/rules.md "Checking rules", docs/operations.md "Reloading")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from popproxy.config import Config
+from popproxy.maildrop.route import MaildirRoute, UpstreamRoute, route_of
+from popproxy.policy import EXPIRE_NEVER, AccountPolicy, Action, Setting
+from popproxy.reload import ConfigChanges, NamedChanges
+
+
+def describe_changes(changes: ConfigChanges, against: Path) -> str:
+    """What check-config --against prints: the changes a reload applies, those needing a restart."""
+    if not changes:
+        return f"against {against}: no changes"
+    lines = [f"against {against}:"]
+    if changes.reloadable:
+        notes = {
+            **_entry_notes("users", changes.users),
+            **_entry_notes("upstreams", changes.upstreams),
+        }
+        lines.append("  applied by a reload (SIGHUP):")
+        lines.extend(f"    {path}{notes.get(path, '')}" for path in changes.reloadable)
+    if changes.restart_required:
+        lines.append("  restart required (a reload logs these and leaves them as they run):")
+        lines.extend(f"    {path}" for path in changes.restart_required)
+    lines.append(f"restart required: {'yes' if changes.restart_required else 'no'}")
+    return "\n".join(lines)
+
+
+def _entry_notes(section: str, named: NamedChanges) -> dict[str, str]:
+    notes = {f"{section}.{name}": " (added)" for name in named.added}
+    notes.update({f"{section}.{name}": " (removed)" for name in named.removed})
+    return notes
+
+
+def summarize(config: Config) -> str:
+    """A short human summary of the effective config (what check-config prints)."""
+    lines = [f"{config.source}: ok"]
+    lines.append("listen:")
+    for listener in config.listen:
+        proxy = " proxy_protocol=true" if listener.proxy_protocol else ""
+        where = _host_port(listener.address, listener.port)
+        lines.append(f"  {where} tls={listener.tls.value}{proxy}")
+    if config.trusted_proxies:
+        lines.append("trusted_proxies: " + " ".join(str(n) for n in config.trusted_proxies))
+    if config.tls is not None:
+        lines.append(f"tls: cert_file={config.tls.cert_file} key_file={config.tls.key_file}")
+    lines.append(f"allow_plaintext_auth: {'true' if config.allow_plaintext_auth else 'false'}")
+    if config.upstreams:
+        lines.append("upstreams:")
+        for up in config.upstreams.values():
+            extra = "" if up.verify else " verify=false"
+            if up.ca_file is not None:
+                extra += f" ca_file={up.ca_file}"
+            lines.append(f"  {up.name}: {_host_port(up.host, up.port)} tls={up.tls.value}{extra}")
+    lines.append(f"users: {len(config.users)}")
+    for user in config.users.values():
+        match route_of(user, config.upstreams):
+            case MaildirRoute(path):
+                missing = "" if path.is_dir() else " (does not exist yet)"
+                lines.append(f"  {user.name}: maildir {path}{missing}")
+            case UpstreamRoute(upstream, upstream_user):
+                lines.append(f"  {user.name}: upstream {upstream.name} as {upstream_user}")
+    lines.append(f"state: {config.state.url}")
+    if config.rules_dir is not None:
+        lines.append(f"rules_dir: {config.rules_dir}")
+    lines.extend(describe_policy(config))
+    if config.metrics is not None:
+        lines.append(f"metrics: {_host_port(config.metrics.address, config.metrics.port)}")
+    limits = config.limits
+    lines.append(
+        "limits: "
+        + " ".join(
+            f"{name}={getattr(limits, name):g}" for name in type(limits).__dataclass_fields__
+        )
+    )
+    return "\n".join(lines)
+
+
+def describe_policy(config: Config) -> list[str]:
+    """The effective retention policy of each local user (docs/rules.md, Checking rules).
+
+    For each user routed to an upstream: the rules that can apply, in order, then
+    what DELE and RETR do, the expiry and hiding that can apply, each with the rule
+    that says so (``[default]`` when none does), and the EXPIRE value (RFC 2449 §6.7).
+    """
+    policy = config.policy
+    files = sorted({rule.source for rule in policy.rules})
+    lines = [f"rules: {len(policy.rules)} in {len(files)} file(s)"]
+    for source in files:
+        names = ", ".join(rule.name for rule in policy.rules if rule.source == source)
+        lines.append(f"  {source}: {names}")
+    lines.append(f"policy: EXPIRE before login: {policy.expire_before_login()}")
+    for user in config.users.values():
+        match route_of(user, config.upstreams):
+            case MaildirRoute():
+                effects = f"maildir, no rules; DELE deletes; EXPIRE {EXPIRE_NEVER}"
+                lines.append(f"  {user.name}: {effects}")
+            case UpstreamRoute(upstream):
+                account = policy.for_user(user.name, upstream.name)
+                lines.append(f"  {user.name} (upstream {upstream.name}):")
+                lines.append("    rules, in order:" if account.rules else "    rules: none")
+                lines.extend(f"      {r.name} ({r.source}): {r.summary()}" for r in account.rules)
+                lines.extend(f"    {line}" for line in _account_effects(account))
+                lines.append(f"    EXPIRE {account.expire}")
+    return lines
+
+
+def _account_effects(account: AccountPolicy) -> list[str]:
+    """What DELE, RETR, expiry and hiding can do for this account, each with its rule."""
+    actions = account.outcomes(Setting.ACTION)
+    dele: list[str] = []
+    retr: list[str] = []
+    hidden: list[str] = []
+    for outcome in actions:
+        match outcome.value:
+            case Action.KEEP:
+                dele.append(f"hides it for this user [{outcome.rule}]")
+                retr.append(f"left upstream [{outcome.rule}]")
+            case Action.DELETE:
+                dele.append(f"deletes upstream [{outcome.rule}]")
+                retr.append(f"left upstream [{outcome.rule}]")
+            case Action.DELETE_AFTER_RETRIEVE:
+                dele.append(f"deletes upstream [{outcome.rule}]")
+                retr.append(f"deleted upstream at QUIT [{outcome.rule}]")
+            case Action.HIDE:
+                hidden.append(f"hide [{outcome.rule}]")
+    expiry = [
+        f"never [{o.rule}]" if o.value is None else f"after {o.value} days [{o.rule}]"
+        for o in account.outcomes(Setting.EXPIRE_AFTER_DAYS)
+    ]
+    hidden.extend(
+        f"over {o.value} bytes [{o.rule}]"
+        for o in account.outcomes(Setting.MAX_SIZE_BYTES)
+        if o.value is not None
+    )
+    return [
+        "DELE: " + ("; ".join(dele) or "no message is shown"),
+        "RETR without DELE: " + ("; ".join(dict.fromkeys(retr)) or "no message is shown"),
+        "expiry: " + "; ".join(expiry),
+        "not shown: " + ("; ".join(hidden) or "none"),
+        "headers read at login (TOP n 0): " + ("yes" if account.needs_headers else "no"),
+    ]
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
