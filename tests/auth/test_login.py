@@ -24,14 +24,8 @@ from popproxy.config import LimitsConfig, UserConfig
 from popproxy.peer import PeerAddress
 from popproxy.secret import Secret
 
-LIMITS = LimitsConfig(
-    auth_penalty_initial_seconds=2.0,
-    auth_penalty_max_seconds=15.0,
-    auth_lockout_failures=3,
-    auth_lockout_address_failures=5,
-    auth_lockout_window_seconds=600,
-    auth_lockout_seconds=900,
-)
+# The defaults otherwise: penalties of 2, 4, 8, 15 s, lockouts in a 600 s window.
+LIMITS = LimitsConfig(auth_lockout_failures=3, auth_lockout_address_failures=5)
 DEMO = UserConfig("demo", hash_password(Secret.from_str("secret"), ln=4), maildir=Path("/m"))
 CLIENT = LoginClient("ab12cd34", PeerAddress("192.0.2.1", 50412))
 
@@ -81,6 +75,18 @@ class Attempts:
         )
         return attempt, trio.current_time() - start
 
+    async def fail(self, user: str, times: int) -> None:
+        """``times`` distinct wrong guesses as ``user``, each a plain failure."""
+        for n in range(times):
+            attempt, _ = await self.login(user, f"guess{n}")
+            assert attempt.outcome is LoginOutcome.FAILED
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="popproxy")
+    return caplog
+
 
 def messages(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, dict[str, object]]]:
     return [(r.name, r.getMessage(), r.__dict__["fields"]) for r in caplog.records]
@@ -110,21 +116,19 @@ async def test_a_failure_delays_the_next_attempt_after_before_wait(
 
 
 async def test_a_user_lockout_starts_is_logged_and_refuses_without_hashing(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    autojump_clock: trio.testing.MockClock, logs: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="popproxy")
     attempts = Attempts()
-    for n in range(LIMITS.auth_lockout_failures):
-        assert (await attempts.login("demo", f"guess{n}"))[0].outcome is LoginOutcome.FAILED
+    await attempts.fail("demo", LIMITS.auth_lockout_failures)
     fields = {"session": "ab12cd34", "peer": "192.0.2.1:50412", "user": "demo"}
-    assert messages(caplog) == [("popproxy.session", "login_lockout", {**fields, "scope": "user"})]
-    assert caplog.records[0].levelno == logging.WARNING
+    assert messages(logs) == [("popproxy.session", "login_lockout", {**fields, "scope": "user"})]
+    assert logs.records[0].levelno == logging.WARNING
     hashes = attempts.queue.hashes
-    caplog.clear()
+    logs.clear()
     attempt, _ = await attempts.login("demo", "secret")
     assert attempt == LoginAttempt(LoginOutcome.LOCKED_OUT)
     assert attempts.queue.hashes == hashes
-    assert messages(caplog) == [("popproxy.session", "login_refused", {**fields, "scope": "user"})]
+    assert messages(logs) == [("popproxy.session", "login_refused", {**fields, "scope": "user"})]
 
 
 async def test_an_address_lockout_is_throttled(autojump_clock: trio.testing.MockClock) -> None:
@@ -139,15 +143,14 @@ async def test_an_address_lockout_is_throttled(autojump_clock: trio.testing.Mock
 
 
 async def test_a_full_hash_queue_is_busy_and_records_nothing(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    autojump_clock: trio.testing.MockClock, logs: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="popproxy")
     attempts = Attempts()
     attempts.queue.full = True
     attempt, _ = await attempts.login("demo", "wrong")
     assert attempt == LoginAttempt(LoginOutcome.BUSY)
     assert len(attempts.throttle) == 0
-    assert [m for _, m, _ in messages(caplog)] == ["login_busy"]
+    assert [m for _, m, _ in messages(logs)] == ["login_busy"]
 
 
 async def test_an_unusable_hash_is_an_error_not_a_recorded_failure(
@@ -172,15 +175,12 @@ async def test_malformed_credentials_fail_without_the_throttle(
 
 
 async def test_a_name_outside_the_safe_set_is_checked_as_the_empty_name(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    autojump_clock: trio.testing.MockClock, logs: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="popproxy")
     attempts = Attempts()
-    for n in range(LIMITS.auth_lockout_failures):
-        attempt, _ = await attempts.login("de\u202emo", f"guess{n}")
-        assert attempt.outcome is LoginOutcome.FAILED
+    await attempts.fail("de\u202emo", LIMITS.auth_lockout_failures)
     assert attempts.queue.hashes == LIMITS.auth_lockout_failures  # the same work as any name
-    ((_, msg, fields),) = messages(caplog)
+    ((_, msg, fields),) = messages(logs)
     assert (msg, fields["user"]) == ("login_lockout", "")
     assert (await attempts.login("", "secret"))[0].outcome is LoginOutcome.LOCKED_OUT
 
