@@ -16,7 +16,7 @@ terminator removed, so a relay can pass them on without decoding them.
 The client tracks the session's phase as the server's replies confirm it,
 through the same table as the server role (``state.ON_COMMAND`` and
 ``state.ON_REPLY``, applied when a command's reply is complete), plus the two
-moves no command's reply makes (``ON_CLIENT_TRIGGER``: a refused greeting, and
+moves no command's reply makes (``state.ON_TRIGGER``: a refused greeting, and
 the end of the TLS handshake after STLS, ``tls_established``). The phase moves
 only through these tables.
 """
@@ -27,9 +27,7 @@ import base64
 import binascii
 import enum
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from popproxy.pop3.commands import (
     Auth,
@@ -53,7 +51,7 @@ from popproxy.pop3.events import (
 from popproxy.pop3.limits import MAX_REPLY_LINE_OCTETS
 from popproxy.pop3.lines import LineBuffer, Overlong
 from popproxy.pop3.replies import Err, Ok, ResponseCode
-from popproxy.pop3.state import ON_COMMAND, Outcome, Phase, next_phase
+from popproxy.pop3.state import ON_COMMAND, Outcome, Phase, Trigger, next_phase, phase_after
 from popproxy.pop3.wire import parse_status
 
 
@@ -64,20 +62,6 @@ class _Greeting(enum.Enum):
 GREETING = _Greeting.GREETING
 
 
-class ClientTrigger(enum.Enum):
-    """What moves the client's phase besides a command's reply."""
-
-    GREETING_ERR = "greeting-err"  # RFC 1939 §4: a -ERR greeting; the server closes
-    TLS_ESTABLISHED = "tls-established"  # RFC 2595 §4: the handshake after +OK to STLS is done
-
-
-ON_CLIENT_TRIGGER: Mapping[tuple[Phase, ClientTrigger], Phase] = MappingProxyType(
-    {
-        (Phase.AUTHORIZATION, ClientTrigger.GREETING_ERR): Phase.CLOSED,
-        # RFC 2595 §4: back to AUTHORIZATION, with no new greeting.
-        (Phase.TLS_HANDSHAKE, ClientTrigger.TLS_ESTABLISHED): Phase.AUTHORIZATION,
-    }
-)
 ClientEvent = (
     Ok | Err | SaslChallenge | Data | StuffedData | EndOfData | ConnectionClosed | NeedData
 )
@@ -144,14 +128,8 @@ class ClientConnection:
     def tls_established(self) -> None:
         """The TLS handshake after ``+OK`` to STLS is done: forget every octet from before
         it; no new greeting comes (RFC 2595 §4)."""
-        self._trigger(ClientTrigger.TLS_ESTABLISHED)
+        self._phase = phase_after(self._phase, Trigger.TLS_ESTABLISHED)
         self._lines = LineBuffer()
-
-    def _trigger(self, trigger: ClientTrigger) -> None:
-        try:
-            self._phase = ON_CLIENT_TRIGGER[(self._phase, trigger)]
-        except KeyError:
-            raise LocalProtocolError(f"{trigger.name} in phase {self._phase.name}") from None
 
     def _complete(self, command: Command | SaslLine, outcome: Outcome) -> None:
         """``command``'s reply is complete: the phase moves as the server's did."""
@@ -207,7 +185,7 @@ class ClientConnection:
         if head is GREETING:
             self._outstanding.popleft()
             if isinstance(status, Err):
-                self._trigger(ClientTrigger.GREETING_ERR)
+                self._phase = phase_after(self._phase, Trigger.GREETING_ERR)
         elif isinstance(status, Ok) and multiline_on_ok(head):
             self._body = StuffedBodyScanner() if sent.stuffed_body else DotUnstuffer()
         else:
