@@ -16,7 +16,7 @@ from popproxy.config import (
     load_config,
 )
 from popproxy.policy import Action, Policy
-from popproxy.policy.rules import MAX_HEADER_PATTERN_CHARS
+from popproxy.policy.patterns import MAX_HEADER_PATTERN_CHARS
 from popproxy.secret import Secret
 
 HASH = hash_password(Secret.from_str("pw"), ln=4)
@@ -91,7 +91,7 @@ def test_rules_load_in_file_name_then_list_order() -> None:
     assert a1.match.older_than_days == 3
     assert (a2.match.newer_than_days, a2.match.larger_than_bytes) == (10, 5)
     assert a2.match.smaller_than_bytes == 100
-    assert [(h.field, h.pattern.pattern) for h in a2.match.headers] == [
+    assert [(h.field, h.pattern.source) for h in a2.match.headers] == [
         ("subject", "(?i)invoice"),
         ("x-spam-flag", "^YES$"),
     ]
@@ -209,8 +209,26 @@ def test_an_empty_rules_dir_is_no_rules() -> None:
         ),
         (
             'rules:\n  - {name: k, action: hide, match: {headers: {Subject: "(unclosed"}}}\n',
-            "rules/10-x.yaml: rules[0] (k).match.headers.Subject: not a valid regular"
-            " expression: missing ), unterminated subpattern at position 0",
+            "rules/10-x.yaml: rules[0] (k).match.headers.Subject: not a valid RE2 regular"
+            " expression: missing ): (unclosed (docs/rules.md, Header patterns)",
+        ),
+        (
+            # Python re syntax that RE2 does not have: a backreference, a lookahead.
+            "rules:\n  - {name: k, action: hide, match: {headers: {Subject: '(a)\\1'}}}\n",
+            "rules/10-x.yaml: rules[0] (k).match.headers.Subject: not a valid RE2 regular"
+            r" expression: invalid escape sequence: \1 (docs/rules.md, Header patterns)",
+        ),
+        (
+            'rules:\n  - {name: k, action: hide, match: {headers: {Subject: "x(?=y)"}}}\n',
+            "rules/10-x.yaml: rules[0] (k).match.headers.Subject: not a valid RE2 regular"
+            " expression: invalid perl operator: (?= (docs/rules.md, Header patterns)",
+        ),
+        (
+            "rules:\n  - {name: k, action: hide,"
+            " match: {headers: {Subject: '[\\p{L}\\p{N}]{1,20}'}}}\n",
+            "rules/10-x.yaml: rules[0] (k).match.headers.Subject: the regular expression"
+            " compiles to 26863 RE2 instructions, more than 2000; use fewer or smaller counted"
+            " repetitions (docs/rules.md, Header patterns)",
         ),
         (
             'rules:\n  - {name: k, action: hide, match: {headers: {Subject: "'

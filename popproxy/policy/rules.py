@@ -2,9 +2,8 @@
 
 Values only, built from a rule file's content by ``schema.py`` (the config loader
 reads ``rules/*.yaml``) or by tests; a rule file's keys are the fields' names unless
-a field's metadata says otherwise. Header patterns are compiled once, when a rule is
-made, from a pattern of bounded length; :func:`compile_header_pattern` says why a
-pattern is refused.
+a field's metadata says otherwise. Header patterns are RE2 expressions compiled once,
+when a rule is made (``patterns.py`` says why, and why a pattern is refused).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from datetime import timedelta
 
 from popproxy.policy.fields import read_from
 from popproxy.policy.headers import Headers
+from popproxy.policy.patterns import HeaderPattern
 
 # A rule name is a metrics label value and a log field (DESIGN.md, Metrics): short,
 # and from a small alphabet so it needs no quoting anywhere.
@@ -25,9 +25,6 @@ MAX_RULE_NAME_CHARS = 64
 RULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The name a decision carries when no rule set its action.
 DEFAULT_RULE = "default"
-# A header pattern is a line in a rule file. Python's re backtracks, so the length of
-# the pattern and of the text (headers.MAX_HEADER_OCTETS) together bound the work.
-MAX_HEADER_PATTERN_CHARS = 512
 # Rules loaded at once, over all files: each login evaluates the ones that can apply
 # to its account for every message, so the bound keeps a login's work small.
 MAX_RULES = 1000
@@ -52,10 +49,11 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class HeaderMatch:
-    """A header field whose body (any of its bodies, unfolded) matches ``pattern`` (re.search)."""
+    """A header field whose body (any of its bodies, unfolded) matches ``pattern`` (an RE2
+    search, linear in the body's length)."""
 
     field: str  # lower-cased field name
-    pattern: re.Pattern[str]
+    pattern: HeaderPattern
 
     def matches(self, headers: Headers) -> bool:
         """Whether some body of ``field`` in ``headers`` matches; a missing field does not."""
@@ -151,7 +149,7 @@ class Rule:
             ("smaller_than_bytes", match.smaller_than_bytes),
         )
         parts.extend(f"{key}={value}" for key, value in bounds if value is not None)
-        parts.extend(f"{h.field}=/{h.pattern.pattern}/" for h in match.headers)
+        parts.extend(f"{h.field}=/{h.pattern.source}/" for h in match.headers)
         conditions = " ".join(parts) or "every message"
         settings = [f"action={self.action.value}"] if self.action is not None else []
         if self.expire_after_days is not None:
@@ -195,16 +193,6 @@ def rule_name_problem(name: str) -> str | None:
             " starting with a letter or digit"
         )
     return None
-
-
-def compile_header_pattern(pattern: str) -> re.Pattern[str] | str:
-    """``pattern`` compiled, or why it cannot be used (too long, or not a regular expression)."""
-    if len(pattern) > MAX_HEADER_PATTERN_CHARS:
-        return f"expected a regular expression of at most {MAX_HEADER_PATTERN_CHARS} characters"
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        return f"not a valid regular expression: {exc}"
 
 
 def glob_problem(glob: str) -> str | None:

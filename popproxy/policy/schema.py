@@ -17,6 +17,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from popproxy.policy.fields import Issues, Section, as_mapping, describe, keys_of
+from popproxy.policy.patterns import compile_header_pattern
 from popproxy.policy.rules import (
     MAX_DAYS,
     MAX_MATCH_ITEMS,
@@ -25,7 +26,6 @@ from popproxy.policy.rules import (
     HeaderMatch,
     Match,
     Rule,
-    compile_header_pattern,
     glob_problem,
     rule_name_problem,
 )

@@ -9,7 +9,6 @@ the upstream case is covered against Dovecot in tests/integration/test_retention
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +23,7 @@ from popproxy.maildrop.maildir import open_maildir
 from popproxy.maildrop.retention import RetainedMaildrop, RetentionContext, open_retained
 from popproxy.metrics import Metrics, PolicyAction
 from popproxy.policy import DEFAULT_RULE, Action, HeaderMatch, Match, Policy, Rule
+from popproxy.policy.patterns import header_pattern
 from popproxy.pop3.replies import ResponseCode
 from popproxy.state import open_store
 from popproxy.state.base import (
@@ -53,7 +53,7 @@ def rule(
 ) -> Rule:
     match = Match(
         headers=tuple(
-            HeaderMatch(field.lower(), re.compile(pattern))
+            HeaderMatch(field.lower(), header_pattern(pattern))
             for field, pattern in (headers or {}).items()
         )
     )

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from popproxy.policy import Action, Candidate, HeaderMatch, Headers, Match, Rule
+from popproxy.policy.patterns import header_pattern
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -39,7 +39,7 @@ def rule(
             larger_than_bytes=larger,
             smaller_than_bytes=smaller,
             headers=tuple(
-                HeaderMatch(field.lower(), re.compile(pattern))
+                HeaderMatch(field.lower(), header_pattern(pattern))
                 for field, pattern in (headers or {}).items()
             ),
         ),

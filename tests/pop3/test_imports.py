@@ -19,6 +19,10 @@ import popproxy
 FORBIDDEN = frozenset(
     {"trio", "socket", "ssl", "yaml", "prometheus_client", "sqlite3", "psycopg", "psycopg_pool"}
 )
+# The one library outside the standard library that policy/ may use, on purpose: RE2
+# (google-re2, a C extension with no I/O) matches header patterns in linear time
+# (policy/patterns.py, docs/dependencies.md).
+POLICY_THIRD_PARTY = frozenset({"re2"})
 PACKAGE_ROOT = Path(popproxy.__file__).parent
 
 
@@ -158,9 +162,16 @@ def test_the_walker_sees_every_form_of_import() -> None:
     assert "popproxy.secret" in names
 
 
-def test_policy_imports_only_policy_and_the_standard_library() -> None:
+def test_policy_imports_only_policy_the_standard_library_and_re2() -> None:
     graph = closure(POLICY_MODULES)
     assert set(graph) <= set(POLICY_MODULES)
+    outside = {
+        imported.split(".")[0]
+        for names in graph.values()
+        for imported in names
+        if imported.split(".")[0] not in ("popproxy", "__future__")
+    }
+    assert outside - sys.stdlib_module_names == POLICY_THIRD_PARTY
 
 
 def test_importing_pure_modules_loads_no_io_library_at_run_time() -> None:
