@@ -1,13 +1,40 @@
-"""Fixtures for every test: the loopback client streams are closed after each test, and
-a PostgreSQL database of the run's own for the tests of the state store on PostgreSQL."""
+"""Fixtures and hooks for every test: the loopback client streams are closed after each
+test, a PostgreSQL database of the run's own for the tests of the state store on
+PostgreSQL, and under CI a skipped test is a failed one."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Generator, Iterator
 
 import pytest
 from pop3client import close_opened
 from state.state_backends import run_database
+
+# Set by CI (.ci/run runs with CI=true). There every tool the suite needs is installed by
+# scripts/test, so a test that skips (a missing tool, a missing directory) hides a gap:
+# it fails instead (docs/testing.md).
+CI_ENV = "CI"
+
+
+def skips_fail() -> bool:
+    """Whether a skipped test counts as failed: CI set to anything but empty or false."""
+    return os.environ.get(CI_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Under CI, turn a skip into a failure that says why it was skipped."""
+    report = yield
+    if report.skipped and skips_fail() and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped under {CI_ENV}={os.environ[CI_ENV]}, where nothing may skip: {reason}"
+        )
+    return report
 
 
 @pytest.fixture(autouse=True)

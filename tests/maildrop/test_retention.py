@@ -50,12 +50,14 @@ def rule(
     action: Action,
     expire: int | None = None,
     headers: dict[str, str] | None = None,
+    older: int | None = None,
 ) -> Rule:
     match = Match(
+        older_than_days=older,
         headers=tuple(
             HeaderMatch(field.lower(), header_pattern(pattern))
             for field, pattern in (headers or {}).items()
-        )
+        ),
     )
     return Rule(name=name, match=match, action=action, expire_after_days=expire)
 
@@ -240,6 +242,21 @@ async def test_headers_are_read_only_when_a_rule_needs_them(
     await session.aclose()
 
 
+# Other content under message 1's unique name, of another size (a UIDL reused).
+REUSED = b"Subject: other content\r\n\r\nlonger than the first one was\r\n"
+
+
+def reuse_first_uidl(maildir: Path) -> None:
+    """Message 1's file now holds other content under the same unique name (UIDL)."""
+    target = next(p for p in maildir.glob("*/*") if p.name.startswith("1700000001."))
+    assert len(REUSED) != len(MESSAGES[0])
+    target.write_bytes(REUSED)
+
+
+def contents(maildir: Path) -> list[bytes]:
+    return sorted(p.read_bytes() for sub in ("new", "cur") for p in (maildir / sub).iterdir())
+
+
 async def test_a_uidl_reused_for_other_content_is_a_new_message(
     maildir: Path, store: StateStore
 ) -> None:
@@ -247,12 +264,86 @@ async def test_a_uidl_reused_for_other_content_is_a_new_message(
     first = await opener.open()
     await first.commit({0})
     await first.aclose()
-    # The file of message 1 now holds other content under the same unique name.
-    target = next(p for p in maildir.glob("*/*") if p.name.startswith("1700000001."))  # noqa: ASYNC240
-    target.write_bytes(b"Subject: other content\r\n\r\nlonger than the first one was\r\n")
+    reuse_first_uidl(maildir)
     again = await opener.open()
     assert len(again.messages) == len(MESSAGES)  # not hidden: it is not the message hidden
     await again.aclose()
+
+
+async def test_a_reused_uidl_is_first_seen_anew_so_expiry_spares_the_new_content(
+    maildir: Path, store: StateStore
+) -> None:
+    """Invariant 3 and the age rules: the new content under a reused UIDL is first seen
+    when it is first listed, not when the old content was, so an expiry rule does not
+    delete it at the first QUIT after it arrived."""
+    opener = Opener(maildir, store, Policy(rules=(rule("keep-30", action=Action.KEEP, expire=30),)))
+    first = await opener.open()
+    uids = subjects(first)
+    await first.commit(set())  # all three recorded, first seen NOW
+    await first.aclose()
+    reuse_first_uidl(maildir)
+    later = NOW + timedelta(days=31)
+    opener.clock.now = later
+    again = await opener.open()
+    assert subjects(again) == uids
+    assert again.view.decisions[0].expires_at == later + timedelta(days=30)
+    await again.commit(set())  # messages 2 and 3 have expired; the new content has not
+    await again.aclose()
+    assert contents(maildir) == [REUSED]
+    rows = {row.uid: row for row in await store.messages(ACCOUNT)}
+    assert (rows[uids[0]].size, rows[uids[0]].first_seen) == (len(REUSED), later)
+    assert rows[uids[0]].deleted_upstream_at is None
+    assert opener.action_count("keep-30", PolicyAction.EXPIRED) == 2
+
+
+async def test_a_reused_uidl_is_not_older_than_the_old_content(
+    maildir: Path, store: StateStore
+) -> None:
+    """An ``older_than_days`` rule sees the new content under a reused UIDL as new."""
+    policy = Policy(rules=(rule("hide-old", action=Action.HIDE, older=30),))
+    opener = Opener(maildir, store, policy)
+    first = await opener.open()
+    uids = subjects(first)
+    await first.commit(set())
+    await first.aclose()
+    reuse_first_uidl(maildir)
+    opener.clock.now = NOW + timedelta(days=31)
+    again = await opener.open()
+    assert subjects(again) == [uids[0]]  # the old two are hidden; the new content is not
+    assert await body(again, 0) == REUSED
+    await again.aclose()
+
+
+async def test_age_bounds_are_strict_over_the_store_and_the_clock(
+    maildir: Path, store: StateStore
+) -> None:
+    """Exactly 30 days after it was first seen a message is neither older than 30 days
+    nor expired after 30; a second later it is both (docs/rules.md: bounds are strict)."""
+    policy = Policy(
+        rules=(
+            rule("hide-old", action=Action.HIDE, older=30, expire=30),
+            rule("keep-30", action=Action.KEEP, expire=30),
+        )
+    )
+    opener = Opener(maildir, store, policy)
+    first = await opener.open()
+    uids = subjects(first)
+    await first.commit(set())
+    await first.aclose()
+    opener.clock.now = NOW + timedelta(days=30)
+    exactly = await opener.open()
+    assert subjects(exactly) == uids  # not older than 30 days: nothing hidden
+    assert {d.rule for d in exactly.view.decisions} == {"keep-30"}
+    await exactly.commit(set())  # not expired: nothing deleted
+    await exactly.aclose()
+    assert files(maildir) == len(MESSAGES)
+    opener.clock.now = NOW + timedelta(days=30, seconds=1)
+    after = await opener.open()
+    assert subjects(after) == []  # older than 30 days: hidden
+    await after.commit(set())  # and expired: deleted at this QUIT
+    await after.aclose()
+    assert files(maildir) == 0
+    assert opener.action_count("hide-old", PolicyAction.EXPIRED) == len(MESSAGES)
 
 
 class FullDisk:

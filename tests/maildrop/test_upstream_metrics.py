@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
+import prometheus_client
 import pytest
 import test_upstream
 import trio
@@ -29,6 +30,7 @@ from test_upstream import (
     collect,
     scripted_upstream,
     server_tls,
+    stuff,
 )
 
 from popproxy.config import TlsMode, UpstreamConfig
@@ -257,9 +259,31 @@ async def test_a_cancelled_login_is_not_counted() -> None:
     assert errors(metrics) == {}
 
 
+def global_popproxy_samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every popproxy sample in prometheus_client's global registry, where a metric made
+    without an explicit registry would report."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in prometheus_client.REGISTRY.collect()
+        for sample in family.samples
+        if sample.name.startswith("popproxy_")
+    }
+
+
 async def test_without_metrics_nothing_is_reported_and_all_works() -> None:
+    """``metrics=None``: no metric anywhere moves (not in the global registry either),
+    and the session still retrieves, keeps alive, deletes and quits."""
+    before = global_popproxy_samples()
     async with scripted_upstream(Mailbox(dict(MESSAGES))) as upstream:
         drop = await open_upstream(account(upstream.port), tls_context=None)
-        await collect(drop, 0)
+        assert await collect(drop, 1) == stuff(MESSAGES[2][1])
         await drop.keep_alive()
         await drop.commit({1})
+    assert [
+        line for line in upstream.lines if line.split()[0] in (b"NOOP", b"DELE", b"QUIT")
+    ] == [
+        b"NOOP",
+        b"DELE 2",
+        b"QUIT",
+    ]
+    assert global_popproxy_samples() == before

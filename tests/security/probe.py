@@ -12,6 +12,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from integration.conftest import StartServer
 from integration.dovecot import DovecotServer, DovecotUser
@@ -42,6 +43,7 @@ class Target:
         allow_plaintext_auth: bool = True,
         users: tuple[ProxyUser, ...] = (),
         upstreams: Mapping[str, Upstream] | None = None,
+        state: Path | None = None,
     ) -> Target:
         host, port = dovecot.endpoint("starttls")
         server = start(
@@ -55,6 +57,7 @@ class Target:
             },
             allow_plaintext_auth=allow_plaintext_auth,
             limits=limits,
+            state=state,
         )
         keys = mailbox.keys()
         expected = frozenset(m.crlf or b"" for m in corpus.small if m.key in keys)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ssl
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from integration.conftest import StartServer
@@ -21,6 +22,7 @@ from integration.harness import (
     TlsFiles,
     Upstream,
 )
+from integration.test_retention import stored
 
 from .hostile import (
     HOSTILE_TIMEOUT_SECONDS,
@@ -284,6 +286,63 @@ def test_a_bad_message_is_never_relayed_as_complete(
     assert not received.endswith(b"\r\n.\r\n"), received
     assert b"FAKE" not in received and b"unsolicited" not in received
     assert b".\n" not in received
+    target.still_serves()
+
+
+def test_an_upstream_quit_answering_err_records_nothing_as_deleted(
+    start: StartServer,
+    dovecot: DovecotServer,
+    mailbox: DovecotUser,
+    corpus: Corpus,
+    tmp_path: Path,
+) -> None:
+    """The upstream takes the DELE, then answers QUIT with -ERR: it did not delete (RFC
+    1939 §6, the UPDATE state did not complete). The client hears -ERR, and the state
+    store records nothing, so nothing is counted as deleted and the message is offered
+    again at the next login (invariants 1 and 2)."""
+
+    def script(conn: HostileConnection) -> None:
+        if exchange(
+            conn,
+            *LOGIN_AND_LISTING,
+            (b"RETR", b"+OK\r\n" + MESSAGE + b".\r\n"),
+            (b"DELE", b"+OK marked\r\n"),
+            (b"QUIT", b"-ERR [SYS/TEMP] could not expunge\r\n"),
+        ):
+            conn.drain()
+
+    state = tmp_path / "state.db"
+    with hostile_upstream(script) as upstream:
+        target = Target.start(
+            start,
+            dovecot,
+            mailbox,
+            corpus,
+            users=(ProxyUser(VICTIM, PASSWORD, HOSTILE, "victim@hostile", "upstream-secret"),),
+            upstreams={HOSTILE: Upstream(LOOPBACK, upstream.port, "none")},
+            state=state,
+        )
+        with target.connect() as pop:
+            assert pop.login(VICTIM, PASSWORD).startswith(b"+OK Logged in, 1 messages")
+            assert pop.cmd(b"RETR 1").startswith(b"+OK")
+            assert b"".join(line + b"\r\n" for line in pop.body()) == MESSAGE
+            assert pop.cmd(b"DELE 1").startswith(b"+OK")
+            assert pop.cmd(b"QUIT").startswith(b"-ERR [SYS/TEMP]")
+        target.server.wait_for_log(
+            lambda records: any(
+                r.get("msg") == "session_end" and r.get("user") == VICTIM for r in records
+            ),
+            timeout=HOSTILE_TIMEOUT_SECONDS,
+            what="the victim's session_end line",
+        )
+    assert [line for line in upstream.all_command_lines() if line in (b"DELE 1", b"QUIT")] == [
+        b"DELE 1",
+        b"QUIT",
+    ]
+    assert stored(state) == []  # no listing, retrieval or deletion recorded
+    assert not target.server.records("policy_deleted")
+    (end,) = [r for r in target.server.records("session_end") if r.get("user") == VICTIM]
+    assert end.get("deleted") == "0", end
     target.still_serves()
 
 
