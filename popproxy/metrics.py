@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import platform
-from collections.abc import Iterable, Set
+from collections.abc import Iterable
 from typing import TypeVar
 
 from prometheus_client import (
@@ -176,6 +176,8 @@ class Metrics:
         self._listeners: dict[str, ListenerMetrics] = {}
         self._upstreams: dict[str, UpstreamMetrics] = {}
         self._rules: set[str] = set()
+        # Only for an unexported Metrics: a name is declared at its first use.
+        self._names_open = False
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(PREFIX + name, doc, labels, registry=registry)
@@ -322,6 +324,20 @@ class Metrics:
             self._state_duration.labels(operation.value)
             self._state_errors.labels(operation.value)
 
+    @classmethod
+    def unexported(cls) -> Metrics:
+        """A Metrics on a registry of its own, which no exporter serves and nobody reads.
+
+        For code run without the server's Metrics: ``popproxy explain``, and tests that
+        do not look at metrics. It takes the same calls and checks the same Enums as the
+        server's, so every code path is the one the server runs, and no caller has to
+        ask whether there is a Metrics at all. Its names are open: a listener, upstream
+        or rule name is declared at its first use (none of its labels reaches a scrape).
+        """
+        metrics = cls(CollectorRegistry())
+        metrics._names_open = True
+        return metrics
+
     # -- closed sets of names ---------------------------------------------------------
 
     def declare(
@@ -336,7 +352,8 @@ class Metrics:
         Call it at startup with every listener name (``ListenerConfig.name``), upstream
         name and rule name, and again after a reload (declaring a name twice is
         harmless; names dropped by a reload keep their series, as counters should).
-        Every method that takes a name raises ValueError for a name not declared.
+        Every method that takes a name raises ValueError for a name not declared
+        (except on an :meth:`unexported` Metrics).
         """
         for listener in listeners:
             _check_name(listener)
@@ -359,23 +376,29 @@ class Metrics:
         A session keeps the returned object, so its per-write byte counts cost one
         ``inc`` and no label lookup.
         """
-        found = self._listeners.get(name)
-        if found is None:
-            raise ValueError(f"listener {name!r} was not declared (Metrics.declare)")
-        return found
+        if name not in self._listeners:
+            self._undeclared("listener", name, listeners=[name])
+        return self._listeners[name]
 
     def upstream(self, name: str) -> UpstreamMetrics:
         """The series of the declared upstream ``name``, bound once (ValueError if undeclared).
 
         ``popproxy.maildrop.upstream.open_upstream`` reports through it.
         """
-        found = self._upstreams.get(name)
-        if found is None:
-            raise ValueError(f"upstream {name!r} was not declared (Metrics.declare)")
-        return found
+        if name not in self._upstreams:
+            self._undeclared("upstream", name, upstreams=[name])
+        return self._upstreams[name]
 
     def _rule(self, name: str) -> str:
-        return _declared("rule", name, self._rules)
+        if name not in self._rules:
+            self._undeclared("rule", name, rules=[name])
+        return name
+
+    def _undeclared(self, kind: str, name: str, **names: Iterable[str]) -> None:
+        """``name`` was not declared: a ValueError, or on an unexported Metrics, declare it."""
+        if not self._names_open:
+            raise ValueError(f"{kind} {name!r} was not declared (Metrics.declare)")
+        self.declare(**names)
 
     # -- process ----------------------------------------------------------------------
 
@@ -589,9 +612,3 @@ def _check_name(name: str) -> None:
         raise TypeError(f"expected a configured name (str), got {type(name).__name__}")
     if not 0 < len(name) <= MAX_NAME_CHARS or not name.isprintable():
         raise ValueError(f"a name used as a label must be 1-{MAX_NAME_CHARS} printable characters")
-
-
-def _declared(kind: str, name: str, declared: Set[str]) -> str:
-    if name not in declared:
-        raise ValueError(f"{kind} {name!r} was not declared (Metrics.declare)")
-    return name

@@ -483,6 +483,34 @@ def test_names_must_be_declared_first() -> None:
     assert value(metrics, "popproxy_sessions_started_total", listener="alice@example.net") is None
 
 
+# -- the unexported Metrics ----------------------------------------------------------------
+
+
+def test_an_unexported_metrics_counts_on_a_registry_of_its_own() -> None:
+    from prometheus_client import REGISTRY
+
+    first, second = Metrics.unexported(), Metrics.unexported()
+    exercise_every_metric(first)  # every name in it undeclared: declared at first use
+    assert value(first, "popproxy_sessions_started_total", listener="starttls") == 1
+    assert value(first, "popproxy_policy_actions_total", rule="10-archive", action="expired") == 2
+    assert value(first, "popproxy_upstream_logins_total", upstream="backup", result="failed") == 1
+    # A name declared at its first use gets all its series, as declare() gives them.
+    assert value(first, "popproxy_upstream_errors_total", upstream="backup", kind="tls") == 0
+    assert value(second, "popproxy_sessions_started_total", listener="starttls") is None
+    assert not any(family.name.startswith("popproxy_") for family in REGISTRY.collect())
+
+
+def test_an_unexported_metrics_checks_what_the_exported_one_checks() -> None:
+    metrics = Metrics.unexported()
+    with pytest.raises(TypeError):
+        metrics.listener("none").session_ended(Stray.OOPS)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        metrics.login(LoginMechanism.USER, "ok")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="printable"):
+        metrics.upstream("two\nlines")
+    assert metrics.listener("none") is metrics.listener("none")  # bound once, as declared ones
+
+
 @pytest.mark.parametrize("bad", ["", "two\nlines", "tab\there", "x" * 129])
 def test_declared_names_are_short_and_printable(bad: str) -> None:
     metrics = Metrics(CollectorRegistry())
