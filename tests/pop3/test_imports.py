@@ -2,7 +2,8 @@
 metrics or database library; the metric definitions import no I/O, TLS or YAML library.
 
 DESIGN.md, Layers: ``pop3/``, ``policy/`` and the pure part of ``auth/`` are pure;
-``metrics.py`` declares metrics with no I/O (the exporter lives apart).
+``metrics.py`` declares metrics with no I/O (the exporter lives apart); ``explain.py``
+does not reach ``serve.py``.
 """
 
 from __future__ import annotations
@@ -172,6 +173,14 @@ def test_policy_imports_only_policy_the_standard_library_and_re2() -> None:
         if imported.split(".")[0] not in ("popproxy", "__future__")
     }
     assert outside - sys.stdlib_module_names == POLICY_THIRD_PARTY
+
+
+def test_explain_does_not_import_serve() -> None:
+    """``popproxy explain`` routes through maildrop/router.py, not through the server."""
+    graph = closure(["popproxy.explain"])
+    assert "popproxy.maildrop.router" in graph  # the walk reaches the modules it uses
+    reached = set(graph) | {name for names in graph.values() for name in names}
+    assert not {name for name in reached if name.split(".")[:2] == ["popproxy", "serve"]}
 
 
 def test_importing_pure_modules_loads_no_io_library_at_run_time() -> None:
