@@ -16,7 +16,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
@@ -90,7 +90,9 @@ class RouterResources:
     capabilities: CapabilityMemos
     greeting_token: str  # random per process: a greeting with it, seen upstream, means a loop
     clock: Clock  # what retention policy reads as now (tests move it)
-    metrics: Metrics | None = None  # the upstream names of each config are declared in it
+    # The upstream names of each config are declared in it; by default a Metrics nobody
+    # reads (explain, tests).
+    metrics: Metrics = field(default_factory=Metrics.unexported)
 
 
 def mailbox_of(route: UpstreamRoute) -> UpstreamMailbox:
@@ -170,7 +172,7 @@ class MaildropRouter:
                 UpstreamAccount(upstream, route.user, route.password),
                 tls_context=self._upstream_tls.get(upstream.name),
                 own_greeting_token=shared.greeting_token,
-                metrics=shared.metrics.upstream(upstream.name) if shared.metrics else None,
+                metrics=shared.metrics.upstream(upstream.name),
                 capabilities=shared.capabilities.of(upstream),
             )
             retention = RetentionContext(

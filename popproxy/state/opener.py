@@ -17,7 +17,7 @@ class StoreOpener:
     It outlives reloads: the store is a restart key (popproxy/reload.py).
     """
 
-    def __init__(self, config: StateConfig, metrics: Metrics | None) -> None:
+    def __init__(self, config: StateConfig, metrics: Metrics) -> None:
         self._config = config
         self._metrics = metrics
         self._store: StateStore | None = None

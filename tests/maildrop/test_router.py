@@ -20,6 +20,7 @@ from popproxy.maildrop.router import (
     RouterResources,
     mailbox_of,
 )
+from popproxy.metrics import Metrics
 from popproxy.pop3.replies import ResponseCode
 from popproxy.secret import Secret
 from popproxy.state.opener import StoreOpener
@@ -73,7 +74,7 @@ def test_a_user_without_a_complete_route_has_none(route: dict[str, object]) -> N
 
 @pytest.fixture
 async def resources() -> AsyncIterator[RouterResources]:
-    store = StoreOpener(StateConfig("sqlite:///:memory:"), None)
+    store = StoreOpener(StateConfig("sqlite:///:memory:"), Metrics.unexported())
     yield RouterResources(
         store=store,
         locks=InProcessLocks(),
