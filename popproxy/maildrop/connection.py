@@ -27,8 +27,8 @@ octets nobody asked for, so a line the upstream sent on its own is not taken for
 that command's reply. ``commit`` sends the DELEs and QUIT; closing without it
 never sends QUIT, so the upstream deletes nothing (RFC 1939 §6).
 
-Metrics. Given an ``UpstreamMetrics`` (popproxy/metrics.py, bound to the
-upstream's name), the connection reports: its connect time (TCP connect plus
+Metrics. Through the ``UpstreamMetrics`` it is given (popproxy/metrics.py, bound
+to the upstream's name), the connection reports: its connect time (TCP connect plus
 TLS handshake), the login (login command sent to its +OK) and an attempt ok or
 failed with its ``UpstreamFailure``, each command's time to its status line,
 octets received, the session open while logged in, every failure after login
@@ -103,7 +103,7 @@ class UpstreamConnection:
         self,
         stream: trio.abc.Stream,
         upstream: UpstreamConfig,
-        metrics: UpstreamMetrics | None,
+        metrics: UpstreamMetrics,
         *,
         connect_seconds: float,
     ) -> None:
@@ -121,7 +121,7 @@ class UpstreamConnection:
 
     @classmethod
     async def connect(
-        cls, upstream: UpstreamConfig, metrics: UpstreamMetrics | None = None
+        cls, upstream: UpstreamConfig, metrics: UpstreamMetrics
     ) -> UpstreamConnection:
         """A TCP connection to ``upstream``, within its ``connect_timeout_seconds``;
         ``[SYS/TEMP]`` if it cannot be made (RFC 3206 §4). Not yet secured or greeted."""
@@ -163,8 +163,7 @@ class UpstreamConnection:
 
     def secured(self) -> None:
         """The connection is secured as configured: report its connect time."""
-        if self._metrics is not None:
-            self._metrics.connected(self._connect_seconds)
+        self._metrics.connected(self._connect_seconds)
 
     async def secure(self, context: ssl.SSLContext | None) -> None:
         """The TLS handshake as the client; ``context`` verifies the certificate and the
@@ -210,9 +209,8 @@ class UpstreamConnection:
         CAPA (after any STLS) said ``capabilities``; the session is open until ``aclose``."""
         self._capabilities = capabilities
         self._logged_in = True
-        if self._metrics is not None:
-            self._metrics.login_succeeded(login_seconds)
-            self._metrics.session_opened()  # closed in aclose, which every path reaches
+        self._metrics.login_succeeded(login_seconds)
+        self._metrics.session_opened()  # closed in aclose, which every path reaches
 
     # -- commands and replies ---------------------------------------------------------
 
@@ -255,8 +253,7 @@ class UpstreamConnection:
                 if scope.cancelled_caught:
                     raise trio.TooSlowError
             self._bytes_received += len(data)
-            if self._metrics is not None and data:
-                self._metrics.bytes_received(len(data))
+            self._metrics.bytes_received(len(data))
             core.receive_data(data)
 
     async def _receive(self) -> bytes | bytearray:
@@ -288,8 +285,7 @@ class UpstreamConnection:
 
     def answered(self, verb: Verb, since: float) -> None:
         """``verb``'s status line arrived ``since`` (trio time) its command was sent."""
-        if self._metrics is not None:
-            self._metrics.command(verb, trio.current_time() - since)
+        self._metrics.command(verb, trio.current_time() - since)
 
     async def stream_body(
         self,
@@ -392,8 +388,7 @@ class UpstreamConnection:
         """The logged-in connection failed: broken for good, counted once (later uses
         fail as ``closed`` uncounted)."""
         self._broken = True
-        if self._metrics is not None:
-            self._metrics.error(failure)
+        self._metrics.error(failure)
 
     async def commit(self, numbers: Sequence[int]) -> None:
         """DELE each of the upstream's message ``numbers``, then QUIT, and close; only
@@ -419,8 +414,7 @@ class UpstreamConnection:
                 ResponseCode.SYS_TEMP,
                 "The mail provider did not confirm the deletions.",
             )
-        if self._metrics is not None and numbers:
-            self._metrics.messages_deleted(len(numbers))
+        self._metrics.messages_deleted(len(numbers))
 
     async def _dele(self, numbers: Sequence[int]) -> None:
         """DELE each message; pipelined where the upstream allows (RFC 2449 §6.6)."""
@@ -450,7 +444,7 @@ class UpstreamConnection:
         if self._closed:
             return
         self._closed = True
-        if self._logged_in and self._metrics is not None:
+        if self._logged_in:
             self._metrics.session_closed()
         with trio.CancelScope(shield=True):
             with trio.move_on_after(UPSTREAM_CLOSE_TIMEOUT_SECONDS) as scope:

@@ -28,7 +28,7 @@ import trio
 
 from popproxy.config import TlsMode, UpstreamConfig, UpstreamLogin
 from popproxy.maildrop.connection import UpstreamConnection, UpstreamError, unavailable
-from popproxy.metrics import UpstreamMetrics
+from popproxy.metrics import Metrics, UpstreamMetrics
 from popproxy.outcomes import UpstreamFailure
 from popproxy.pop3.client_replies import (
     MAX_CAPABILITY_LINES,
@@ -149,13 +149,16 @@ async def open_connection(
     ``metrics``, bound to this upstream's name, gets the connect and login times,
     the attempt's outcome (one ``UpstreamFailure`` for a failed one; a cancelled
     attempt is not counted) and, through the connection, the rest of the session.
+    Without it (tests) they go to an unexported Metrics, which nobody reads.
 
     ``capabilities``, one per upstream and shared by its sessions, remembers the
     upstream's last CAPA reply: where it listed PIPELINING, CAPA, the login and the
     listings go out in one write after the greeting (see ``CapabilityMemo``).
     """
+    # Without the server's, a Metrics nobody reads: every path below counts the same.
+    counted = metrics if metrics is not None else Metrics.unexported().upstream(upstream.name)
     try:
-        connection = await UpstreamConnection.connect(upstream, metrics)
+        connection = await UpstreamConnection.connect(upstream, counted)
         try:
             with trio.fail_after(upstream.login_timeout_seconds):
                 listing = await _open(
@@ -168,8 +171,7 @@ async def open_connection(
             await connection.aclose()
             raise
     except UpstreamError as exc:
-        if metrics is not None:
-            metrics.login_failed(exc.failure)
+        counted.login_failed(exc.failure)
         raise
     return connection, listing
 
