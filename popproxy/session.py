@@ -25,7 +25,7 @@ import math
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -37,7 +37,6 @@ from popproxy.config import LimitsConfig, UserConfig
 from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
 from popproxy.metrics import (
     CommandResult,
-    ListenerMetrics,
     LoginMechanism,
     LoginResult,
     Metrics,
@@ -142,8 +141,8 @@ class SessionContext:
     implicit_tls: bool = False
     allow_plaintext_auth: bool = False
     # Where the session reports (popproxy/metrics.py); ``listener`` must be declared
-    # there. None: nothing is counted (tests that do not look at metrics).
-    metrics: Metrics | None = None
+    # there. By default a Metrics nobody reads (tests that do not look at metrics).
+    metrics: Metrics = field(default_factory=Metrics.unexported)
     # Failures per client address and user name, one table per process (it outlives
     # a reload). None: no throttling or lockout (tests that do not look at them).
     throttle: ThrottleTable | None = None
@@ -177,9 +176,7 @@ class Session:
             self.summary.started = accepted_at
         self._metrics = context.metrics
         # Bound once: the per-write byte counts of a RETR cost no label lookup.
-        self._traffic: ListenerMetrics | None = (
-            context.metrics.listener(context.listener) if context.metrics is not None else None
-        )
+        self._traffic = context.metrics.listener(context.listener)
         # The command whose status line is due (commands metric): its verb, None for
         # a line that did not parse. Counted when _queue sends the +OK or -ERR.
         self._verb: Verb | None = None
@@ -201,8 +198,7 @@ class Session:
         for the client's behaviour. Cancellation (shutdown) is recorded and re-raised."""
         limits = self._context.limits
         self._login_scope.deadline = self.summary.started + limits.login_timeout_seconds
-        if self._traffic is not None:
-            self._traffic.session_started()
+        self._traffic.session_started()
         try:
             with self._login_scope:
                 await self._serve()
@@ -220,8 +216,7 @@ class Session:
             raise
         finally:
             await self._close()
-            if self._traffic is not None:
-                self._traffic.session_ended(self.summary.result)
+            self._traffic.session_ended(self.summary.result)
             self.summary.log_end()
         return self.summary
 
@@ -356,8 +351,7 @@ class Session:
         self._queue(Ok(f"Logged in, {count} messages ({octets} octets)."))
 
     def _count_login(self, mechanism: LoginMechanism, result: LoginResult) -> None:
-        if self._metrics is not None:
-            self._metrics.login(mechanism, result)
+        self._metrics.login(mechanism, result)
 
     async def _start_tls(self) -> None:
         """Handshake as the TLS server (RFC 2595 §4, RFC 8314 §3.3) under the login deadline."""
@@ -373,8 +367,7 @@ class Session:
             raise _SessionEnd(SessionResult.TLS_ERROR) from None
         finally:
             # Not done also when the login deadline or a shutdown cut the handshake off.
-            if self._traffic is not None:
-                self._traffic.tls_handshake(TlsResult.OK if done else TlsResult.FAILED)
+            self._traffic.tls_handshake(TlsResult.OK if done else TlsResult.FAILED)
         self._stream = tls
         self._tls_active = True
 
@@ -479,9 +472,8 @@ class Session:
             # A multi-line reply counts by its status line; an AUTH by its final
             # answer (SASL challenges in between are not status lines).
             self._status_due = False
-            if self._metrics is not None:
-                result = CommandResult.OK if isinstance(reply, Ok) else CommandResult.ERR
-                self._metrics.command(self._verb, result)
+            result = CommandResult.OK if isinstance(reply, Ok) else CommandResult.ERR
+            self._metrics.command(self._verb, result)
 
     async def _send_now(self, reply: Reply) -> None:
         """Send what is queued and ``reply`` in one write (the RETR hot path: a
@@ -512,8 +504,7 @@ class Session:
         else:
             data = await self._receive_logged_in(maildrop)
         self.summary.bytes_in += len(data)
-        if self._traffic is not None:
-            self._traffic.bytes_received(len(data))
+        self._traffic.bytes_received(len(data))
         self._conn.receive_data(data)
 
     async def _receive_some(self) -> bytes | bytearray:
@@ -558,8 +549,7 @@ class Session:
 
     def _sent(self, octets: int) -> None:
         self.summary.bytes_out += octets
-        if self._traffic is not None:
-            self._traffic.bytes_sent(octets)
+        self._traffic.bytes_sent(octets)
 
     async def _close(self) -> None:
         with trio.CancelScope(shield=True):

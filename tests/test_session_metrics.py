@@ -16,7 +16,7 @@ import pytest
 import test_session
 import trio
 import trio.testing
-from prometheus_client import CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry
 from test_session import LIMITS, Starter, login, make_context
 
 from popproxy.auth.authenticator import Authenticator
@@ -232,11 +232,19 @@ async def test_client_octets_are_those_on_the_wire(maildir: Path) -> None:
     assert sample(metrics, "client_sent_bytes_total", listener=LISTENER) == len(received)
 
 
-async def test_a_session_without_metrics_counts_nothing_and_works(
+async def test_a_session_given_no_metrics_works_and_counts_where_nobody_reads(
     start: Starter, maildir: Path
 ) -> None:
-    running = await start(make_context(maildir))
+    """Without a Metrics the context holds an unexported one (Metrics.unexported): the
+    session takes the same paths, and nothing reaches prometheus_client's global registry."""
+    context = make_context(maildir)
+    running = await start(context)
     await login(running.client)
     assert (await running.client.cmd("QUIT")).startswith(b"+OK")
     await running.done.wait()
     assert running.summary().result is SessionResult.QUIT
+    registry = context.metrics.registry
+    assert registry is not REGISTRY
+    ok_logins = {"mechanism": "user", "result": "ok"}
+    assert registry.get_sample_value("popproxy_logins_total", ok_logins) == 1
+    assert not any(family.name.startswith("popproxy_") for family in REGISTRY.collect())
