@@ -271,8 +271,9 @@ def global_popproxy_samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 
 async def test_without_metrics_nothing_is_reported_and_all_works() -> None:
-    """``metrics=None``: no metric anywhere moves (not in the global registry either),
-    and the session still retrieves, keeps alive, deletes and quits."""
+    """``metrics=None``: the counts go to an unexported Metrics nobody reads, nothing
+    reaches the global registry, and the session still retrieves, keeps alive, deletes
+    and quits."""
     before = global_popproxy_samples()
     async with scripted_upstream(Mailbox(dict(MESSAGES))) as upstream:
         drop = await open_upstream(account(upstream.port), tls_context=None)
