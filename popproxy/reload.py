@@ -36,6 +36,7 @@ RELOADABLE_KEYS = frozenset(
         "policy",
         "limits",
         "trusted_proxies",
+        "gateway",
     }
 )
 # Not a setting: where the config was read from.

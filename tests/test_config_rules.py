@@ -186,14 +186,14 @@ def test_an_empty_rules_dir_is_no_rules() -> None:
         (
             "rules:\n  - {name: k, action: keep, match: {users: [demo]}}\n",
             "rules/10-x.yaml: rules[0] (k).match: the rule applies to no configured user: no"
-            " user routed to an upstream matches both users and upstreams (Maildir users are"
-            " not subject to rules)",
+            " user routed to an upstream or fetching from one matches both users and upstreams"
+            " (plain Maildir users are not subject to rules)",
         ),
         (
             "rules:\n  - {name: k, action: keep, match: {users: [alice], upstreams: [office]}}\n",
             "rules/10-x.yaml: rules[0] (k).match: the rule applies to no configured user: no"
-            " user routed to an upstream matches both users and upstreams (Maildir users are"
-            " not subject to rules)",
+            " user routed to an upstream or fetching from one matches both users and upstreams"
+            " (plain Maildir users are not subject to rules)",
         ),
         (
             "rules:\n  - {name: k, action: keep,"

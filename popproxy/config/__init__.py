@@ -32,6 +32,8 @@ from popproxy.config.limits import (
 from popproxy.config.model import (
     Config,
     ConfigError,
+    FetchSource,
+    GatewayConfig,
     IPNetwork,
     LimitsConfig,
     ListenerConfig,
@@ -77,6 +79,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigIssue",
+    "FetchSource",
+    "GatewayConfig",
     "IPNetwork",
     "LimitsConfig",
     "ListenerConfig",

@@ -99,8 +99,32 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchSource:
+    """One upstream account the gateway polls into a user's Maildir (docs/gateway.md).
+
+    The same account keys as a proxy-mode user's; the store keys what it fetched by
+    (local user, ``upstream``, ``upstream_user``).
+    """
+
+    upstream: str
+    upstream_user: str
+    # Never inline: read at load from a file or an environment variable.
+    upstream_password: Secret = field(
+        metadata=read_from("upstream_password_file", "upstream_password_env")
+    )
+
+    @property
+    def label(self) -> str:
+        """How logs and ``check-config`` name the source: ``upstream/upstream_user``."""
+        return f"{self.upstream}/{self.upstream_user}"
+
+
+@dataclass(frozen=True, slots=True)
 class UserConfig:
-    """A local user: a password hash, and either a local Maildir or an upstream account."""
+    """A local user: a password hash, and either a local Maildir or an upstream account.
+
+    A Maildir user may list ``fetch`` sources: the gateway fills the Maildir from them.
+    """
 
     name: str = field(metadata=read_from())  # its key in users
     password_hash: str
@@ -111,6 +135,31 @@ class UserConfig:
     upstream_password: Secret | None = field(
         default=None, metadata=read_from("upstream_password_file", "upstream_password_env")
     )
+    fetch: tuple[FetchSource, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """How the gateway schedules its polls (docs/gateway.md, Scheduling)."""
+
+    # Each source is polled this long after its last poll ended, plus a random share
+    # of jitter_seconds, so that sources configured together do not poll together.
+    interval_seconds: float = 300
+    jitter_seconds: float = 30
+    # Polls running at once over all sources, and connections to one upstream at once
+    # (providers limit concurrent POP3 logins per client address; Gmail allows 15).
+    max_concurrent_polls: int = 4
+    max_connections_per_upstream: int = 2
+    # RETRs sent ahead of the one being read, on one connection (RFC 2449 §6.6
+    # PIPELINING; without it one at a time). Bodies are streamed whatever the depth.
+    pipelining_depth: int = 8
+    # After a failed poll the next waits backoff_initial_seconds, doubling per failure
+    # up to backoff_max_seconds. A rejected login starts at auth_backoff_seconds: a
+    # provider locks an account that keeps failing (Gmail after a few attempts).
+    backoff_initial_seconds: float = 60
+    backoff_max_seconds: float = 3600
+    auth_backoff_seconds: float = 3600
+    auth_backoff_max_seconds: float = 86400
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +268,12 @@ class Config:
     policy: Policy = field(default_factory=Policy.empty, metadata=read_from())
     # The networks allowed to send a PROXY protocol header (proxy_protocol listeners).
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+
+    @property
+    def gateway_users(self) -> tuple[UserConfig, ...]:
+        """The users with ``fetch`` sources, in config order."""
+        return tuple(user for user in self.users.values() if user.fetch)
 
 
 class ConfigError(Exception):

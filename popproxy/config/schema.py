@@ -15,6 +15,7 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from popproxy.config.fields import ConfigSection
+from popproxy.config.gateway import build_gateway
 from popproxy.config.limits import build_limits
 from popproxy.config.model import (
     Config,
@@ -91,6 +92,7 @@ def _build(source: Path, data: object, issues: Issues) -> Config | None:
     limits = build_limits(top)
     rules = load_rules(rules_dir, top, issues) if rules_dir is not None else ()
     trusted_proxies = _trusted_proxies(top, listen)
+    gateway = build_gateway(top)
     if issues.items:
         return None
     accounts = {user.name: user.upstream for user in users.values()}
@@ -107,6 +109,7 @@ def _build(source: Path, data: object, issues: Issues) -> Config | None:
         limits=limits,
         policy=Policy(rules, accounts),
         trusted_proxies=trusted_proxies,
+        gateway=gateway,
     )
 
 

@@ -10,13 +10,17 @@ import difflib
 
 from popproxy.auth.passwords import PasswordHashError, parse_hash
 from popproxy.config.fields import ConfigSection
-from popproxy.config.model import UserConfig
+from popproxy.config.model import FetchSource, UserConfig
 from popproxy.config.secrets import read_secret
-from popproxy.policy.fields import keys_of
+from popproxy.policy.fields import describe, keys_of
 from popproxy.pop3.names import login_name_problem
 from popproxy.secret import Secret
 
 _USER_KEYS = keys_of(UserConfig)
+_SOURCE_KEYS = keys_of(FetchSource)
+# Sources per user: a person merges a few accounts; hundreds is a mistake, and each
+# is a poll and a connection per interval.
+MAX_FETCH_SOURCES = 32
 _USER_HINTS = {
     "upstream_password": (
         "secrets are never inline: put the password in a file and name it with"
@@ -36,6 +40,7 @@ def build_users(top: ConfigSection) -> dict[str, UserConfig]:
     # second, misleading "no such upstream" error.
     declared = top.raw("upstreams")
     declared_names = {str(k) for k in declared} if isinstance(declared, dict) else set()
+    fetched_by: dict[tuple[str, str], str] = {}
     for name, item in top.named_sections("users"):
         path = f"users.{name}"
         problem = login_name_problem(name)
@@ -52,13 +57,7 @@ def build_users(top: ConfigSection) -> dict[str, UserConfig]:
             section.error(
                 "maildir", f"expected the path of a Maildir directory; {maildir} is a file"
             )
-        upstream = section.string("upstream", what="the name of an entry in upstreams")
-        if upstream is not None and upstream not in declared_names:
-            close = difflib.get_close_matches(upstream, sorted(declared_names), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            section.error(
-                "upstream", f"expected the name of an entry in upstreams, got {upstream!r}{hint}"
-            )
+        upstream = _upstream_name(section, "upstream", declared_names)
         has_maildir = section.has("maildir")
         has_upstream = section.has("upstream")
         if has_maildir and has_upstream:
@@ -71,6 +70,7 @@ def build_users(top: ConfigSection) -> dict[str, UserConfig]:
             for key in ("upstream_user", "upstream_password_file", "upstream_password_env"):
                 if section.has(key):
                     section.error(key, "only meaningful with upstream")
+        fetch = _fetch_sources(section, name, declared_names, fetched_by)
         if password_hash is None or len(top.issues.items) > errors_before:
             continue
         out[name] = UserConfig(
@@ -80,8 +80,75 @@ def build_users(top: ConfigSection) -> dict[str, UserConfig]:
             upstream=upstream,
             upstream_user=(upstream_user or name) if upstream is not None else None,
             upstream_password=secret,
+            fetch=fetch,
         )
     return out
+
+
+def _upstream_name(section: ConfigSection, key: str, declared: set[str]) -> str | None:
+    """The name of an entry in ``upstreams`` at ``key``, with a hint for a near miss."""
+    upstream = section.string(key, what="the name of an entry in upstreams")
+    if upstream is not None and upstream not in declared:
+        close = difflib.get_close_matches(upstream, sorted(declared), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        section.error(key, f"expected the name of an entry in upstreams, got {upstream!r}{hint}")
+        return None
+    return upstream
+
+
+def _fetch_sources(
+    section: ConfigSection,
+    user: str,
+    declared: set[str],
+    fetched_by: dict[tuple[str, str], str],
+) -> tuple[FetchSource, ...]:
+    """``users.NAME.fetch``: the gateway's sources for this user (docs/gateway.md).
+
+    Each names an upstream, an upstream user (default: the local name) and its
+    password, like a proxy-mode user. A source needs the user's ``maildir`` (where
+    its mail goes), and one upstream account is fetched for one local user only:
+    two pollers would each fetch the mail, and one's deletions would take it from
+    the other.
+    """
+    value = section.raw("fetch")
+    if value is None:
+        return ()
+    what = "a list of sources ({upstream, upstream_user, upstream_password_file})"
+    if not isinstance(value, list) or not value:
+        section.error("fetch", f"expected {what}, got {describe(value)}")
+        return ()
+    if len(value) > MAX_FETCH_SOURCES:
+        section.error("fetch", f"expected at most {MAX_FETCH_SOURCES} sources, got {len(value)}")
+        return ()
+    if not section.has("maildir"):
+        section.error(
+            "fetch", "fetch needs maildir: the local Maildir the sources are fetched into"
+        )
+    out: list[FetchSource] = []
+    for index, item in enumerate(value):
+        path = section.at(f"fetch[{index}]")
+        source = ConfigSection.of(section.issues, path, item, _SOURCE_KEYS, hints=_USER_HINTS)
+        if source is None:
+            continue
+        upstream = _upstream_name(source, "upstream", declared)
+        if not source.has("upstream"):
+            source.missing("upstream", "the name of an entry in upstreams")
+        upstream_user = source.string("upstream_user") or user
+        secret = _upstream_secret(source)
+        if upstream is None or secret is None:
+            continue
+        owner = fetched_by.get((upstream, upstream_user))
+        if owner is not None:
+            whose = "this user" if owner == user else f"user {owner!r}"
+            source.error(
+                "upstream_user",
+                f"{upstream}/{upstream_user} is already fetched by {whose};"
+                " an upstream account is fetched for one local user only",
+            )
+            continue
+        fetched_by[upstream, upstream_user] = user
+        out.append(FetchSource(upstream, upstream_user, secret))
+    return tuple(out)
 
 
 def _password_hash(section: ConfigSection) -> str | None:

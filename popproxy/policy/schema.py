@@ -38,9 +38,10 @@ _MATCH_KEYS = keys_of(Match)
 
 @dataclass(frozen=True, slots=True)
 class DeclaredAccounts:
-    """Users (with their upstream as written, None for Maildir users) and upstream names."""
+    """Users (with the upstreams each reaches as written: its proxy upstream or its
+    gateway sources' upstreams; none for a plain Maildir user) and upstream names."""
 
-    users: Mapping[str, str | None]
+    users: Mapping[str, tuple[str, ...]]
     upstreams: frozenset[str]
 
     @classmethod
@@ -51,11 +52,15 @@ class DeclaredAccounts:
             if isinstance(raw_upstreams, dict)
             else frozenset()
         )
-        users: dict[str, str | None] = {}
+        users: dict[str, tuple[str, ...]] = {}
         if isinstance(raw_users, dict):
             for user, item in raw_users.items():
-                upstream = item.get("upstream") if isinstance(item, dict) else None
-                users[str(user)] = upstream if isinstance(upstream, str) else None
+                entry = item if isinstance(item, dict) else {}
+                sources = entry.get("fetch")
+                reached = [entry.get("upstream")]
+                if isinstance(sources, list):
+                    reached += [s.get("upstream") for s in sources if isinstance(s, dict)]
+                users[str(user)] = tuple(up for up in reached if isinstance(up, str))
         return cls(users, upstreams)
 
 
@@ -147,12 +152,14 @@ def _rule_match(rule: Section, known: DeclaredAccounts) -> Match | None:
         _refuse_empty_ranges(section, match)
         if len(rule.issues.items) > errors_before:
             return None
-    routed = {user: up for user, up in known.users.items() if up is not None}
-    if not any(match.applies_to(user, up) for user, up in routed.items()):
+    if not any(
+        match.applies_to(user, up) for user, reached in known.users.items() for up in reached
+    ):
         rule.error(
             "match",
-            "the rule applies to no configured user: no user routed to an upstream matches"
-            " both users and upstreams (Maildir users are not subject to rules)",
+            "the rule applies to no configured user: no user routed to an upstream or"
+            " fetching from one matches both users and upstreams (plain Maildir users are"
+            " not subject to rules)",
         )
     return match
 

@@ -40,6 +40,6 @@ def test_globs_are_checked_against_the_accounts_as_written() -> None:
     assert RuleSchema(KNOWN).rules_of(data, issues, "10-x.yaml") == []
     assert [str(issue) for issue in issues.items] == [
         "10-x.yaml: rules[0] (x).match: the rule applies to no configured user: no user routed"
-        " to an upstream matches both users and upstreams (Maildir users are not subject to"
-        " rules)"
+        " to an upstream or fetching from one matches both users and upstreams (plain Maildir"
+        " users are not subject to rules)"
     ]
