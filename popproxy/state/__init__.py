@@ -16,8 +16,15 @@ from popproxy.config import StateConfig
 from popproxy.metrics import Metrics, StateOperation
 from popproxy.state.base import (
     AccountKey,
+    Disposal,
+    FetchFacts,
     MessageFacts,
+    PollSummary,
+    SeenMessage,
     SessionRecord,
+    SourceKey,
+    SourceStatus,
+    StagedMessage,
     StateError,
     StateStore,
     StoredMessage,
@@ -91,6 +98,52 @@ class MeasuredStore:
     async def prune(self, gone_before: datetime) -> int:
         """See ``StateStore.prune``."""
         return await self._measure(StateOperation.PRUNE, self._inner.prune(gone_before))
+
+    async def gateway_listing(
+        self, source: SourceKey, listing: Sequence[SeenMessage], at: datetime
+    ) -> Mapping[str, FetchFacts]:
+        """See ``StateStore.gateway_listing``."""
+        return await self._measure(
+            StateOperation.COMMIT, self._inner.gateway_listing(source, listing, at)
+        )
+
+    async def gateway_staged(self, source: SourceKey) -> Sequence[FetchFacts]:
+        """See ``StateStore.gateway_staged``."""
+        return await self._measure(StateOperation.LOAD, self._inner.gateway_staged(source))
+
+    async def gateway_stage(
+        self, source: SourceKey, staged: Sequence[StagedMessage], at: datetime
+    ) -> None:
+        """See ``StateStore.gateway_stage``."""
+        await self._measure(StateOperation.COMMIT, self._inner.gateway_stage(source, staged, at))
+
+    async def gateway_settle(
+        self,
+        source: SourceKey,
+        delivered: Collection[str],
+        returned: Collection[str],
+        at: datetime,
+    ) -> None:
+        """See ``StateStore.gateway_settle``."""
+        await self._measure(
+            StateOperation.COMMIT, self._inner.gateway_settle(source, delivered, returned, at)
+        )
+
+    async def gateway_deleted(
+        self, source: SourceKey, deleted: Sequence[Disposal], at: datetime
+    ) -> None:
+        """See ``StateStore.gateway_deleted``."""
+        await self._measure(StateOperation.COMMIT, self._inner.gateway_deleted(source, deleted, at))
+
+    async def gateway_poll_finished(self, source: SourceKey, summary: PollSummary) -> None:
+        """See ``StateStore.gateway_poll_finished``."""
+        await self._measure(
+            StateOperation.COMMIT, self._inner.gateway_poll_finished(source, summary)
+        )
+
+    async def gateway_sources(self) -> Sequence[SourceStatus]:
+        """See ``StateStore.gateway_sources``."""
+        return await self._measure(StateOperation.LOAD, self._inner.gateway_sources())
 
     async def aclose(self) -> None:
         """See ``StateStore.aclose``."""

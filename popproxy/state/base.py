@@ -8,6 +8,12 @@ did in one transaction, after the upstream has answered its QUIT with ``+OK``
 (DESIGN.md, "Session data flow", step 6). A session that ends any other way
 writes nothing (DESIGN.md, invariant 2).
 
+The gateway (``popproxy/gateway/``) keeps its own facts per source (local user,
+upstream, upstream user): each listed (UIDL, size) with its first-seen time and how
+far its delivery into the user's Maildir got (``FetchState``), the deletions its
+polls made upstream, and each source's last poll. docs/gateway.md has the crash
+table these states serve.
+
 Backends: sqlite (``sqlite.py``, the embedded default). A shared PostgreSQL
 backend follows later; nothing here is specific to sqlite, and the store's test
 suite (``tests/state``) runs against every backend it is given.
@@ -15,6 +21,7 @@ suite (``tests/state``) runs against every backend it is given.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -116,6 +123,77 @@ class StoredMessage:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class SourceKey:
+    """One gateway source: the local user whose Maildir it fills, and the upstream account."""
+
+    user: str
+    upstream: str
+    upstream_user: str
+
+    @property
+    def label(self) -> str:
+        """How logs name it (never a metric label: it holds a user name)."""
+        return f"{self.upstream}/{self.upstream_user}"
+
+
+class FetchState(enum.Enum):
+    """How far the gateway got with one (UIDL, size) of a source (docs/gateway.md, crash table)."""
+
+    LISTED = "listed"  # seen in a listing, not in the Maildir (new, or skipped by policy)
+    STAGED = "staged"  # its file is in the Maildir's tmp/, fsync'ed; being moved to new/
+    DELIVERED = "delivered"  # in new/ (a client may have moved or deleted it since), fsync'ed
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFacts:
+    """What the store knows about one UIDL of a gateway source.
+
+    ``file_name`` is the Maildir file name it is (being) delivered under, set from
+    STAGED on; ``deleted_upstream_at`` is when a poll's QUIT deleted it upstream.
+    """
+
+    uid: str
+    size: int
+    first_seen: datetime
+    state: FetchState
+    file_name: str | None = None
+    deleted_upstream_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StagedMessage:
+    """A message whose file is durable in ``tmp/`` under ``file_name``, about to be published."""
+
+    uid: str
+    size: int
+    file_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class PollSummary:
+    """One finished poll of a source, for ``popproxy state show`` (``result``: a PollResult)."""
+
+    at: datetime
+    result: str
+    fetched: int = 0
+    skipped: int = 0
+    deleted: int = 0
+    fetched_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStatus:
+    """A gateway source as the store knows it: its last poll and its messages by state."""
+
+    source: SourceKey
+    last_poll: PollSummary | None
+    last_success_at: datetime | None
+    listed: int
+    delivered: int
+    deleted_upstream: int
+
+
 class StateError(Exception):
     """The store could not be read or written; the text is safe for logs, no secrets."""
 
@@ -147,6 +225,54 @@ class StateStore(Protocol):
     async def prune(self, gone_before: datetime) -> int:
         """Forget UIDLs last seen upstream before ``gone_before`` and missing from their
         account's latest listing (``StoredMessage.is_gone``); returns how many."""
+        ...
+
+    async def gateway_listing(
+        self, source: SourceKey, listing: Sequence[SeenMessage], at: datetime
+    ) -> Mapping[str, FetchFacts]:
+        """Record a poll's listing and return the facts of every listed UIDL.
+
+        A new (UIDL, size) is LISTED with ``first_seen = at``; a UIDL listed with
+        another size than stored is new content (RFC 1939 §7 lets a server reuse a
+        UIDL) and starts over as LISTED. The source's STAGED rows must have been
+        settled before (``gateway_staged``). Raises ``StateError``.
+        """
+        ...
+
+    async def gateway_staged(self, source: SourceKey) -> Sequence[FetchFacts]:
+        """The source's STAGED messages: what a poll that died left to settle."""
+        ...
+
+    async def gateway_stage(
+        self, source: SourceKey, staged: Sequence[StagedMessage], at: datetime
+    ) -> None:
+        """Mark these LISTED messages STAGED under their file names, durably, in one
+        transaction (the intent written before their files are moved to ``new/``)."""
+        ...
+
+    async def gateway_settle(
+        self,
+        source: SourceKey,
+        delivered: Collection[str],
+        returned: Collection[str],
+        at: datetime,
+    ) -> None:
+        """STAGED -> DELIVERED for ``delivered``, STAGED -> LISTED for ``returned``
+        (their file is nowhere: fetch again), in one durable transaction."""
+        ...
+
+    async def gateway_deleted(
+        self, source: SourceKey, deleted: Sequence[Disposal], at: datetime
+    ) -> None:
+        """Record the deletions a poll's QUIT made upstream (after its ``+OK``)."""
+        ...
+
+    async def gateway_poll_finished(self, source: SourceKey, summary: PollSummary) -> None:
+        """Record the source's last poll (and, if it succeeded, its last success)."""
+        ...
+
+    async def gateway_sources(self) -> Sequence[SourceStatus]:
+        """Every gateway source the store knows, for ``popproxy state show``."""
         ...
 
     async def aclose(self) -> None:

@@ -9,12 +9,12 @@ backends refuse and decide alike (tests/state runs one contract suite on both).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from popproxy.metrics import MAX_NAME_CHARS
 from popproxy.pop3.limits import MAX_UIDL_OCTETS
-from popproxy.state.base import AccountKey, Disposal, SessionRecord
+from popproxy.state.base import AccountKey, Disposal, SeenMessage, SessionRecord, SourceKey
 
 # The most UIDLs one ``record`` or ``facts`` call may carry: one session's listing,
 # bounded by popproxy.pop3.client_replies.MAX_UPSTREAM_MESSAGES (tests/state keeps
@@ -52,6 +52,26 @@ def check_account(account: AccountKey) -> None:
     """Refuse an account key no config could name."""
     check_text("upstream", account.upstream, MAX_UPSTREAM_CHARS, octets=False)
     check_text("upstream_user", account.upstream_user, MAX_USER_OCTETS)
+
+
+def check_source(source: SourceKey) -> None:
+    """Refuse a gateway source key no config could name."""
+    check_text("user", source.user, MAX_USER_OCTETS)
+    check_account(AccountKey(source.upstream, source.upstream_user))
+
+
+def check_listing(listing: Sequence[SeenMessage]) -> None:
+    """Refuse a gateway listing that no upstream could have sent (a caller's bug)."""
+    if len(listing) > MAX_RECORD_MESSAGES:
+        raise ValueError(f"at most {MAX_RECORD_MESSAGES} listed messages per call")
+    listed: set[str] = set()
+    for message in listing:
+        check_text("a UIDL", message.uid, MAX_UIDL_OCTETS)
+        if message.uid in listed:
+            raise ValueError("a UIDL is listed twice in one listing")
+        if message.size < 0:
+            raise ValueError("a message size must not be negative")
+        listed.add(message.uid)
 
 
 def check_uids(uids: list[str]) -> None:

@@ -37,8 +37,16 @@ from typing import TypeVar
 
 from popproxy.state.base import (
     AccountKey,
+    Disposal,
+    FetchFacts,
+    FetchState,
     MessageFacts,
+    PollSummary,
+    SeenMessage,
     SessionRecord,
+    SourceKey,
+    SourceStatus,
+    StagedMessage,
     StateError,
     StoredMessage,
 )
@@ -48,7 +56,9 @@ from popproxy.state.checks import (
     PRUNE_BATCH,
     check_account,
     check_aware,
+    check_listing,
     check_record,
+    check_source,
     check_text,
     check_uids,
     split_listing,
@@ -147,6 +157,43 @@ MIGRATIONS: tuple[Migration, ...] = (
             " (SELECT max(last_seen) FROM messages WHERE account_id = accounts.id)",
         ),
     ),
+    # The gateway: per source (local user, upstream account) each listed (UIDL, size),
+    # how far its delivery got (popproxy.state.base.FetchState) and its deletion
+    # upstream; and each source's last poll, for `popproxy state show`.
+    Migration(
+        3,
+        (
+            """CREATE TABLE gateway_sources (
+                id INTEGER PRIMARY KEY,
+                user TEXT NOT NULL,
+                upstream TEXT NOT NULL,
+                upstream_user TEXT NOT NULL,
+                last_listed TEXT,
+                last_poll_at TEXT,
+                last_result TEXT,
+                last_fetched INTEGER,
+                last_skipped INTEGER,
+                last_deleted INTEGER,
+                last_fetched_bytes INTEGER,
+                last_success_at TEXT,
+                UNIQUE (user, upstream, upstream_user)
+            ) STRICT""",
+            """CREATE TABLE gateway_messages (
+                source_id INTEGER NOT NULL REFERENCES gateway_sources (id),
+                uid TEXT NOT NULL,
+                size INTEGER NOT NULL CHECK (size >= 0),
+                first_seen TEXT NOT NULL,
+                last_seen TEXT NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('listed', 'staged', 'delivered')),
+                file_name TEXT,
+                state_at TEXT NOT NULL,
+                deleted_upstream_at TEXT,
+                deleted_by_rule TEXT,
+                PRIMARY KEY (source_id, uid)
+            ) STRICT, WITHOUT ROWID""",
+            "CREATE INDEX gateway_messages_state ON gateway_messages (source_id, state)",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -214,6 +261,61 @@ class SqliteStore:
             total += deleted
             if deleted < PRUNE_BATCH:
                 return total
+
+    async def gateway_listing(
+        self, source: SourceKey, listing: Sequence[SeenMessage], at: datetime
+    ) -> Mapping[str, FetchFacts]:
+        """See ``StateStore.gateway_listing``."""
+        check_source(source)
+        check_listing(listing)
+        when = utc_text(at)
+        return await self._run(lambda conn: _gateway_listing(conn, source, listing, when))
+
+    async def gateway_staged(self, source: SourceKey) -> Sequence[FetchFacts]:
+        """See ``StateStore.gateway_staged``."""
+        check_source(source)
+        return await self._run(lambda conn: _gateway_staged(conn, source))
+
+    async def gateway_stage(
+        self, source: SourceKey, staged: Sequence[StagedMessage], at: datetime
+    ) -> None:
+        """See ``StateStore.gateway_stage``."""
+        check_source(source)
+        when = utc_text(at)
+        rows = [("staged", m.file_name, when, m.uid, m.size, "listed") for m in staged]
+        await self._run(lambda conn: _gateway_transition(conn, source, rows))
+
+    async def gateway_settle(
+        self,
+        source: SourceKey,
+        delivered: Collection[str],
+        returned: Collection[str],
+        at: datetime,
+    ) -> None:
+        """See ``StateStore.gateway_settle``."""
+        check_source(source)
+        when = utc_text(at)
+        rows = [("delivered", None, when, uid, None, "staged") for uid in delivered]
+        rows += [("listed", None, when, uid, None, "staged") for uid in returned]
+        await self._run(lambda conn: _gateway_transition(conn, source, rows))
+
+    async def gateway_deleted(
+        self, source: SourceKey, deleted: Sequence[Disposal], at: datetime
+    ) -> None:
+        """See ``StateStore.gateway_deleted``."""
+        check_source(source)
+        when = utc_text(at)
+        await self._run(lambda conn: _gateway_deleted(conn, source, deleted, when))
+
+    async def gateway_poll_finished(self, source: SourceKey, summary: PollSummary) -> None:
+        """See ``StateStore.gateway_poll_finished``."""
+        check_source(source)
+        utc_text(summary.at)
+        await self._run(lambda conn: _gateway_poll_finished(conn, source, summary))
+
+    async def gateway_sources(self) -> Sequence[SourceStatus]:
+        """See ``StateStore.gateway_sources``."""
+        return await self._run(_gateway_sources)
 
     async def aclose(self) -> None:
         """Wait for running calls, then close every connection."""
@@ -559,4 +661,198 @@ def _prune_batch(conn: sqlite3.Connection, cutoff: str) -> int:
             " WHERE m.last_seen < ? AND m.last_seen < a.last_listed LIMIT ?)",
             (cutoff, PRUNE_BATCH),
         )
-        return cursor.rowcount
+        deleted = cursor.rowcount
+        # The gateway's rows the same way; a STAGED row is never forgotten (its file
+        # is still to be settled by the next poll).
+        cursor = conn.execute(
+            "DELETE FROM gateway_messages WHERE (source_id, uid) IN"
+            " (SELECT m.source_id, m.uid FROM gateway_messages AS m"
+            " JOIN gateway_sources AS s ON s.id = m.source_id"
+            " WHERE m.last_seen < ? AND m.last_seen < s.last_listed AND m.state != 'staged'"
+            " LIMIT ?)",
+            (cutoff, max(0, PRUNE_BATCH - deleted)),
+        )
+        return deleted + cursor.rowcount
+
+
+# -- the gateway's facts ------------------------------------------------------------------
+
+
+def _source_id(conn: sqlite3.Connection, source: SourceKey, *, create: bool) -> int | None:
+    key = (source.user, source.upstream, source.upstream_user)
+    row = conn.execute(
+        "SELECT id FROM gateway_sources WHERE user = ? AND upstream = ? AND upstream_user = ?",
+        key,
+    ).fetchone()
+    if row is not None:
+        return int(row[0])
+    if not create:
+        return None
+    cursor = conn.execute(
+        "INSERT INTO gateway_sources (user, upstream, upstream_user) VALUES (?, ?, ?)", key
+    )
+    return cursor.lastrowid
+
+
+def _fetch_facts(row: Sequence[object]) -> FetchFacts:
+    uid, size, first, state, name, deleted = row
+    assert isinstance(uid, str) and isinstance(size, int) and isinstance(first, str)
+    assert isinstance(state, str) and (name is None or isinstance(name, str))
+    assert deleted is None or isinstance(deleted, str)
+    return FetchFacts(
+        uid=uid,
+        size=size,
+        first_seen=from_utc_text(first),
+        state=FetchState(state),
+        file_name=name,
+        deleted_upstream_at=None if deleted is None else from_utc_text(deleted),
+    )
+
+
+_FACT_COLUMNS = "uid, size, first_seen, state, file_name, deleted_upstream_at"
+
+
+def _gateway_listing(
+    conn: sqlite3.Connection, source: SourceKey, listing: Sequence[SeenMessage], at: str
+) -> dict[str, FetchFacts]:
+    sizes = {m.uid: m.size for m in listing}
+    with _transaction(conn, write=True):
+        source_id = _source_id(conn, source, create=True)
+        conn.execute(
+            "UPDATE gateway_sources SET last_listed = max(coalesce(last_listed, ?), ?)"
+            " WHERE id = ?",
+            (at, at, source_id),
+        )
+        stored: dict[str, int] = {}
+        for chunk in _chunks(list(sizes)):
+            rows = conn.execute(
+                "SELECT uid, size FROM gateway_messages"
+                f" WHERE source_id = ? AND uid IN ({_marks(len(chunk))})",
+                (source_id, *chunk),
+            )
+            stored.update((uid, size) for uid, size in rows)
+        # Another size under a known UIDL: new content (RFC 1939 §7), history dropped.
+        conn.executemany(
+            "DELETE FROM gateway_messages WHERE source_id = ? AND uid = ? AND state != 'staged'",
+            [(source_id, uid) for uid, size in sizes.items() if stored.get(uid, size) != size],
+        )
+        conn.executemany(
+            "INSERT INTO gateway_messages"
+            " (source_id, uid, size, first_seen, last_seen, state, state_at)"
+            " VALUES (?, ?, ?, ?, ?, 'listed', ?)"
+            " ON CONFLICT (source_id, uid) DO UPDATE SET last_seen = excluded.last_seen",
+            [(source_id, uid, size, at, at, at) for uid, size in sizes.items()],
+        )
+        out: dict[str, FetchFacts] = {}
+        for chunk in _chunks(list(sizes)):
+            for row in conn.execute(
+                f"SELECT {_FACT_COLUMNS} FROM gateway_messages"
+                f" WHERE source_id = ? AND uid IN ({_marks(len(chunk))})",
+                (source_id, *chunk),
+            ):
+                out[row[0]] = _fetch_facts(row)
+    return out
+
+
+def _gateway_staged(conn: sqlite3.Connection, source: SourceKey) -> list[FetchFacts]:
+    with _transaction(conn, write=False):
+        source_id = _source_id(conn, source, create=False)
+        if source_id is None:
+            return []
+        rows = conn.execute(
+            f"SELECT {_FACT_COLUMNS} FROM gateway_messages"
+            " WHERE source_id = ? AND state = 'staged' ORDER BY uid",
+            (source_id,),
+        ).fetchall()
+    return [_fetch_facts(row) for row in rows]
+
+
+def _gateway_transition(
+    conn: sqlite3.Connection,
+    source: SourceKey,
+    rows: Sequence[tuple[str, str | None, str, str, int | None, str]],
+) -> None:
+    """Move rows (new state, file name or None to keep it, at, uid, size or None, from
+    state) in one transaction; a row not in the from state is a caller's bug."""
+    with _transaction(conn, write=True):
+        source_id = _source_id(conn, source, create=False)
+        for state, name, at, uid, size, before in rows:
+            cursor = conn.execute(
+                "UPDATE gateway_messages SET state = ?, file_name = coalesce(?, file_name),"
+                " state_at = ? WHERE source_id = ? AND uid = ? AND size = coalesce(?, size)"
+                " AND state = ?",
+                (state, name, at, source_id, uid, size, before),
+            )
+            if cursor.rowcount != 1:
+                raise StateError(f"gateway message not {before}: cannot make it {state}")
+
+
+def _gateway_deleted(
+    conn: sqlite3.Connection, source: SourceKey, deleted: Sequence[Disposal], at: str
+) -> None:
+    with _transaction(conn, write=True):
+        source_id = _source_id(conn, source, create=False)
+        conn.executemany(
+            "UPDATE gateway_messages SET deleted_upstream_at = ?, deleted_by_rule = ?"
+            " WHERE source_id = ? AND uid = ?",
+            [(at, d.rule, source_id, d.uid) for d in deleted],
+        )
+
+
+def _gateway_poll_finished(
+    conn: sqlite3.Connection, source: SourceKey, summary: PollSummary
+) -> None:
+    at = utc_text(summary.at)
+    with _transaction(conn, write=True):
+        source_id = _source_id(conn, source, create=True)
+        conn.execute(
+            "UPDATE gateway_sources SET last_poll_at = ?, last_result = ?, last_fetched = ?,"
+            " last_skipped = ?, last_deleted = ?, last_fetched_bytes = ?,"
+            " last_success_at = CASE WHEN ? THEN ? ELSE last_success_at END WHERE id = ?",
+            (
+                at,
+                summary.result,
+                summary.fetched,
+                summary.skipped,
+                summary.deleted,
+                summary.fetched_bytes,
+                summary.result == "ok",
+                at,
+                source_id,
+            ),
+        )
+
+
+def _gateway_sources(conn: sqlite3.Connection) -> list[SourceStatus]:
+    with _transaction(conn, write=False):
+        rows = conn.execute(
+            "SELECT s.user, s.upstream, s.upstream_user, s.last_poll_at, s.last_result,"
+            " s.last_fetched, s.last_skipped, s.last_deleted, s.last_fetched_bytes,"
+            " s.last_success_at,"
+            " (SELECT count(*) FROM gateway_messages AS m"
+            "  WHERE m.source_id = s.id AND m.state != 'delivered'),"
+            " (SELECT count(*) FROM gateway_messages AS m"
+            "  WHERE m.source_id = s.id AND m.state = 'delivered'),"
+            " (SELECT count(*) FROM gateway_messages AS m"
+            "  WHERE m.source_id = s.id AND m.deleted_upstream_at IS NOT NULL)"
+            " FROM gateway_sources AS s ORDER BY s.user, s.upstream, s.upstream_user"
+        ).fetchall()
+    out: list[SourceStatus] = []
+    for (
+        user, upstream, upstream_user, poll_at, result, fetched, skipped, deleted, nbytes,
+        success, listed, delivered, gone,
+    ) in rows:  # fmt: skip
+        last = None
+        if poll_at is not None:
+            last = PollSummary(from_utc_text(poll_at), result, fetched, skipped, deleted, nbytes)
+        out.append(
+            SourceStatus(
+                source=SourceKey(user, upstream, upstream_user),
+                last_poll=last,
+                last_success_at=None if success is None else from_utc_text(success),
+                listed=listed,
+                delivered=delivered,
+                deleted_upstream=gone,
+            )
+        )
+    return out

@@ -1,0 +1,132 @@
+"""The gateway's part of the ``StateStore`` contract, run against every backend."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from popproxy.state import StateStore
+from popproxy.state.base import (
+    Disposal,
+    FetchState,
+    PollSummary,
+    SeenMessage,
+    SourceKey,
+    StagedMessage,
+    StateError,
+)
+from state.state_backends import Backend
+
+CAROL = SourceKey("carol", "provider", "carol@example.net")
+OTHER = SourceKey("carol", "gmail", "carol@gmail.com")
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+
+def listing(**sizes: int) -> list[SeenMessage]:
+    return [SeenMessage(uid, size) for uid, size in sizes.items()]
+
+
+async def test_a_new_listing_is_listed_with_its_first_seen_time(store: StateStore) -> None:
+    facts = await store.gateway_listing(CAROL, listing(a=10, b=20), T0)
+    assert {uid: (f.size, f.first_seen, f.state) for uid, f in facts.items()} == {
+        "a": (10, T0, FetchState.LISTED),
+        "b": (20, T0, FetchState.LISTED),
+    }
+    later = await store.gateway_listing(CAROL, listing(a=10, c=5), T0 + DAY)
+    assert later["a"].first_seen == T0
+    assert later["c"].first_seen == T0 + DAY
+    assert set(later) == {"a", "c"}
+
+
+async def test_staged_then_delivered_survives_a_reopen(backend: Backend) -> None:
+    store = await backend.open()
+    try:
+        await store.gateway_listing(CAROL, listing(a=10, b=20), T0)
+        await store.gateway_stage(CAROL, [StagedMessage("a", 10, "1.Ga.popproxy")], T0)
+    finally:
+        await store.aclose()
+    store = await backend.open()
+    try:
+        (staged,) = await store.gateway_staged(CAROL)
+        assert (staged.uid, staged.state, staged.file_name) == (
+            "a",
+            FetchState.STAGED,
+            "1.Ga.popproxy",
+        )
+        await store.gateway_settle(CAROL, ["a"], (), T0)
+        assert await store.gateway_staged(CAROL) == []
+        facts = await store.gateway_listing(CAROL, listing(a=10, b=20), T0 + DAY)
+        assert facts["a"].state is FetchState.DELIVERED
+        assert facts["a"].file_name == "1.Ga.popproxy"
+        assert facts["b"].state is FetchState.LISTED
+    finally:
+        await store.aclose()
+
+
+async def test_a_staged_message_can_go_back_to_listed(store: StateStore) -> None:
+    await store.gateway_listing(CAROL, listing(a=10), T0)
+    await store.gateway_stage(CAROL, [StagedMessage("a", 10, "n")], T0)
+    await store.gateway_settle(CAROL, (), ["a"], T0)
+    facts = await store.gateway_listing(CAROL, listing(a=10), T0)
+    assert facts["a"].state is FetchState.LISTED
+
+
+async def test_only_a_listed_message_can_be_staged(store: StateStore) -> None:
+    await store.gateway_listing(CAROL, listing(a=10), T0)
+    with pytest.raises(StateError):
+        await store.gateway_stage(CAROL, [StagedMessage("a", 11, "n")], T0)  # another size
+    with pytest.raises(StateError):
+        await store.gateway_settle(CAROL, ["a"], (), T0)  # not staged
+    assert (await store.gateway_listing(CAROL, listing(a=10), T0))["a"].state is (FetchState.LISTED)
+
+
+async def test_a_reused_uidl_with_another_size_is_a_new_message(store: StateStore) -> None:
+    await store.gateway_listing(CAROL, listing(a=10), T0)
+    await store.gateway_stage(CAROL, [StagedMessage("a", 10, "n")], T0)
+    await store.gateway_settle(CAROL, ["a"], (), T0)
+    await store.gateway_deleted(CAROL, [Disposal("a", "default")], T0)
+    facts = await store.gateway_listing(CAROL, listing(a=99), T0 + DAY)
+    assert (facts["a"].size, facts["a"].state, facts["a"].first_seen) == (
+        99,
+        FetchState.LISTED,
+        T0 + DAY,
+    )
+    assert facts["a"].deleted_upstream_at is None
+
+
+async def test_sources_are_apart(store: StateStore) -> None:
+    await store.gateway_listing(CAROL, listing(a=10), T0)
+    await store.gateway_stage(CAROL, [StagedMessage("a", 10, "n")], T0)
+    await store.gateway_settle(CAROL, ["a"], (), T0)
+    facts = await store.gateway_listing(OTHER, listing(a=10), T0 + DAY)
+    assert facts["a"].state is FetchState.LISTED
+    assert facts["a"].first_seen == T0 + DAY
+
+
+async def test_poll_summaries_and_counts(store: StateStore) -> None:
+    await store.gateway_listing(CAROL, listing(a=10, b=20), T0)
+    await store.gateway_stage(CAROL, [StagedMessage("a", 10, "n")], T0)
+    await store.gateway_settle(CAROL, ["a"], (), T0)
+    await store.gateway_deleted(CAROL, [Disposal("a", "default")], T0)
+    ok = PollSummary(T0, "ok", fetched=1, skipped=1, deleted=1, fetched_bytes=10)
+    await store.gateway_poll_finished(CAROL, ok)
+    failed = PollSummary(T0 + DAY, "auth_failed")
+    await store.gateway_poll_finished(CAROL, failed)
+    (status,) = await store.gateway_sources()
+    assert status.source == CAROL
+    assert status.last_poll == failed
+    assert status.last_success_at == T0
+    assert (status.listed, status.delivered, status.deleted_upstream) == (1, 1, 1)
+
+
+async def test_prune_forgets_gone_gateway_rows_but_never_a_staged_one(store: StateStore) -> None:
+    await store.gateway_listing(CAROL, listing(a=10, b=20, c=30), T0)
+    await store.gateway_stage(CAROL, [StagedMessage("c", 30, "n")], T0)
+    await store.gateway_listing(CAROL, listing(b=20), T0 + 10 * DAY)  # a and c are gone
+    assert await store.prune(T0 + DAY) == 1  # a; c is staged
+    (status,) = await store.gateway_sources()
+    assert status.listed == 2  # b, and the staged c
+    (staged,) = await store.gateway_staged(CAROL)
+    assert staged.uid == "c"
