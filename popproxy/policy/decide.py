@@ -52,6 +52,8 @@ class Reason(enum.Enum):
     RETRIEVED = "retrieved"  # RETR'd under delete_after_retrieve, without DELE
     EXPIRED = "expired"  # first seen more than expire_after_days ago
     HIDDEN = "hidden"  # the client's DELE under keep: hidden for this user only
+    FETCHED = "fetched"  # a gateway source's message, durable in the Maildir, under delete
+    SKIPPED = "skipped"  # a gateway source's message left upstream unfetched (size, hide)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,21 @@ class RetentionPlan:
     def overruled(self) -> int:
         """How many of the client's DELEs a keep rule turned into a hide."""
         return sum(1 for item in self.hide if item.reason is Reason.HIDDEN)
+
+
+@dataclass(frozen=True, slots=True)
+class PollPlan:
+    """What a gateway poll does with a source's listing (docs/rules.md, Gateway sources).
+
+    ``fetch``: candidate indexes to download, in upstream order. ``skip``: messages
+    left upstream unfetched, with the max_size_bytes or hide rule that says so.
+    ``delete_upstream``: messages to DELE at the poll's QUIT, only ever among those
+    already durable in the Maildir (DESIGN.md, invariant 1).
+    """
+
+    fetch: tuple[int, ...] = ()
+    skip: tuple[Planned, ...] = ()
+    delete_upstream: tuple[Planned, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +247,36 @@ class AccountPolicy:
             elif index in retrieved and decision.delete_after_retrieve:
                 delete.append(Planned(index, uid, decision.rule, Reason.RETRIEVED))
         return RetentionPlan(tuple(delete), tuple(hide))
+
+    def poll_plan(self, view: View, durable: Set[int], now: datetime) -> PollPlan:
+        """What a gateway poll at ``now`` does, given the candidates already ``durable``.
+
+        The same rules as a session, read for the provider side of a gateway source:
+        a visible message not yet durable is fetched; one a hide or max_size_bytes
+        rule hides is skipped (left upstream). A durable message is deleted upstream
+        when it is past its ``expires_at``, or at once under delete and
+        delete_after_retrieve (download and delete); under keep it stays. A message
+        that is not durable is never deleted. ``durable`` holds candidate indexes.
+        """
+        _require_aware(now, "now")
+        fetch: list[int] = []
+        skip: list[Planned] = []
+        delete: list[Planned] = []
+        pairs = sorted(zip(view.candidates, view.decisions, strict=True), key=_by_index)
+        for candidate, decision in pairs:
+            index, uid = candidate.index, candidate.uid
+            if index not in durable:
+                if decision.visible:
+                    fetch.append(index)
+                else:
+                    rule = decision.hidden_rule or decision.rule
+                    skip.append(Planned(index, uid, rule, Reason.SKIPPED))
+            elif decision.expires_at is not None and now > decision.expires_at:
+                rule = decision.expire_rule or DEFAULT_RULE
+                delete.append(Planned(index, uid, rule, Reason.EXPIRED))
+            elif decision.action in (Action.DELETE, Action.DELETE_AFTER_RETRIEVE):
+                delete.append(Planned(index, uid, decision.rule, Reason.FETCHED))
+        return PollPlan(tuple(fetch), tuple(skip), tuple(delete))
 
     def _decide(self, candidate: Candidate, now: datetime) -> Decision:
         age = max(now - candidate.first_seen, timedelta(0))
