@@ -5,6 +5,7 @@ Commands::
     popproxy run -c FILE [--log-format logfmt|json] [--log-level info]
     popproxy check-config -c FILE [--against RUNNING_FILE]
     popproxy explain -c FILE --user USER
+    popproxy fetch --once -c FILE [--user USER] [--log-format logfmt|json] [--log-level info]
     popproxy hash-password [--ln 15]
     popproxy state show -c FILE [--upstream NAME] [--upstream-user USER]
     popproxy state prune -c FILE --gone-days N [--dry-run]
@@ -15,7 +16,8 @@ module that reads argv, installs signal handlers, configures logging or exits; w
 ``check-config`` and ``state`` print is built in ``popproxy/commands/``.
 
 Signals for ``run``: SIGTERM or SIGINT start a graceful shutdown (a second one
-cancels everything); SIGHUP reloads the config file (popproxy/reload.py).
+cancels everything); SIGHUP reloads the config file (popproxy/reload.py); SIGUSR1
+polls every gateway source now (docs/gateway.md).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ MAX_GONE_DAYS = 36_500
 # Reloads waiting to run: one is enough, as it reads the file as it is when it runs;
 # a SIGHUP while one is already waiting is folded into it.
 MAX_PENDING_RELOADS = 1
+# SIGUSR1 requests waiting for the gateway: one polls every source; more add nothing.
+MAX_PENDING_POLL_REQUESTS = 1
 
 log = logging.getLogger("popproxy")
 
@@ -84,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_check_config(Path(args.config), against)
         case "explain":
             return _cmd_explain(Path(args.config), args.user)
+        case "fetch":
+            return _cmd_fetch(Path(args.config), args.user, args.log_format, args.log_level)
         case "hash-password":
             return _cmd_hash_password(args.ln, sys.stdin, sys.stdout, sys.stderr)
         case "state":
@@ -146,6 +152,22 @@ def _parser() -> argparse.ArgumentParser:
         "-c", "--config", required=True, metavar="FILE", help="YAML config file"
     )
     explain_cmd.add_argument("--user", required=True, help="the local user name")
+
+    fetch = commands.add_parser(
+        "fetch",
+        help="poll the gateway's fetch sources once and exit (for cron and systemd timers)",
+        description=(
+            "Poll every fetch source of every gateway user (or of USER) once, as a running"
+            " server would, and exit: 0 if every poll succeeded, 1 if any failed."
+        ),
+    )
+    fetch.add_argument("--once", action="store_true", required=True, help="one poll per source")
+    fetch.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    fetch.add_argument("--user", help="only this local user's sources")
+    fetch.add_argument(
+        "--log-format", choices=("logfmt", "json"), default="logfmt", help="default: logfmt"
+    )
+    fetch.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default: info")
 
     hashpw = commands.add_parser(
         "hash-password",
@@ -219,6 +241,51 @@ def _cmd_explain(path: Path, user: str) -> int:
         return EXIT_FAILURE
     sys.stdout.write(format_explanation(user, rows))
     return EXIT_OK
+
+
+# -- fetch --once ----------------------------------------------------------------------
+
+
+def _cmd_fetch(path: Path, user: str | None, log_format: str, log_level: str) -> int:
+    config = _load(path)
+    if config is None:
+        return EXIT_USAGE
+    names = [u.name for u in config.gateway_users]
+    if user is not None and user not in names:
+        print(f"popproxy fetch: {user!r} is not a user with fetch sources", file=sys.stderr)
+        return EXIT_USAGE
+    if not names:
+        print("popproxy fetch: no user has fetch sources", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(log_format, log_level)
+    from popproxy.state import StateError
+
+    try:
+        results = trio.run(_fetch_once, config, None if user is None else [user])
+    except StateError as exc:
+        log.error("state_unavailable", extra={"fields": {"reason": str(exc)}})  # noqa: TRY400
+        return EXIT_FAILURE
+    return EXIT_OK if all(ok for ok in results) else EXIT_FAILURE
+
+
+async def _fetch_once(config: Config, users: list[str] | None) -> list[bool]:
+    from popproxy.gateway.fetcher import Fetcher
+    from popproxy.gateway.schedule import poll_once
+    from popproxy.maildrop.retention import utc_now
+    from popproxy.outcomes import PollResult
+    from popproxy.state import open_store
+    from popproxy.state.base import GatewayStore
+
+    store = await open_store(config.state)
+
+    async def get() -> GatewayStore:
+        return store
+
+    try:
+        reports = await poll_once(Fetcher(get, clock=utc_now), config, users)
+    finally:
+        await store.aclose()
+    return [report.result is PollResult.OK for report in reports]
 
 
 # -- check-config ----------------------------------------------------------------------
@@ -384,10 +451,16 @@ async def _run(config: Config, path: Path, notifier: Notifier) -> None:
     metrics = Metrics(CollectorRegistry())
     shutdown = trio.Event()
     send_reload, receive_reload = trio.open_memory_channel[ConfigLoader](MAX_PENDING_RELOADS)
+    send_poll, receive_poll = trio.open_memory_channel[None](MAX_PENDING_POLL_REQUESTS)
     reload_config = functools.partial(load_config, path)  # the same file, read afresh each time
-    async with trio.open_nursery() as nursery, send_reload:
+    async with trio.open_nursery() as nursery, send_reload, send_poll:
         await nursery.start(
-            _watch_signals, shutdown, nursery.cancel_scope, send_reload, reload_config
+            _watch_signals,
+            shutdown,
+            nursery.cancel_scope,
+            send_reload,
+            reload_config,
+            send_poll,
         )
         await serve(
             config,
@@ -395,6 +468,7 @@ async def _run(config: Config, path: Path, notifier: Notifier) -> None:
             reloads=receive_reload,
             notifier=notifier,
             metrics=metrics,
+            poll_requests=receive_poll,
         )
         nursery.cancel_scope.cancel()
 
@@ -404,20 +478,30 @@ async def _watch_signals(
     cancel_scope: trio.CancelScope,
     reloads: trio.MemorySendChannel[ConfigLoader],
     reload_config: ConfigLoader,
+    polls: trio.MemorySendChannel[None],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """SIGTERM/SIGINT: the first starts a graceful shutdown, a second cancels everything.
 
     SIGHUP asks the server to reload the config (``reload_config``), unless a reload
-    is already waiting or the server is shutting down.
+    is already waiting or the server is shutting down. SIGUSR1 asks the gateway to
+    poll every source now (folded into one that is already waiting).
     """
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+    with trio.open_signal_receiver(*watched) as signals:
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
                 _request_reload(shutdown, reloads, reload_config)
+            elif signum == signal.SIGUSR1:
+                action = "poll_now"
+                try:
+                    polls.send_nowait(None)
+                except trio.WouldBlock:
+                    action = "poll_already_pending"
+                log.info("signal", extra={"fields": {"signal": name, "action": action}})
             elif not shutdown.is_set():
                 log.info("signal", extra={"fields": {"signal": name, "action": "shutdown"}})
                 shutdown.set()

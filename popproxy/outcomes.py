@@ -36,3 +36,14 @@ class UpstreamFailure(enum.Enum):
     LOOP = "loop"  # the upstream is this popproxy itself
     UNSUPPORTED = "unsupported"  # the upstream lacks something required (UIDL, RFC 1939 §7)
     REJECTED = "rejected"  # -ERR to a greeting, DELE, QUIT or NOOP, or [SYS/TEMP] (RFC 3206 §4)
+
+
+class PollResult(enum.Enum):
+    """How one gateway poll of a source ended (logs, metrics, ``popproxy state show``)."""
+
+    OK = "ok"  # listed, fetched what was new, deleted what the rules allowed, QUIT +OK
+    AUTH_FAILED = "auth_failed"  # the upstream refused the stored credentials
+    UPSTREAM_ERROR = "upstream_error"  # unreachable, slow, broke the protocol, or closed
+    MAILDIR_FULL = "maildir_full"  # ENOSPC or EDQUOT writing the Maildir
+    MAILDIR_ERROR = "maildir_error"  # another write failure: read-only, permissions
+    STATE_ERROR = "state_error"  # the state store could not be read or written

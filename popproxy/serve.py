@@ -48,11 +48,14 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import trio
 from prometheus_client import CollectorRegistry
 
 from popproxy.config import Config, ListenerConfig, MetricsConfig, TlsMode
+from popproxy.gateway.fetcher import Fetcher
+from popproxy.gateway.schedule import Scheduler
 from popproxy.maildrop.retention import Clock, utc_now
 from popproxy.metrics import ConnectionRejection, Metrics
 from popproxy.metrics_exporter import serve_metrics
@@ -481,6 +484,7 @@ async def serve(
     on_reload: OnReload | None = None,
     metrics: Metrics | None = None,
     clock: Clock = utc_now,
+    poll_requests: trio.abc.ReceiveChannel[None] | None = None,
     task_status: trio.TaskStatus[Sequence[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the configured listeners until ``shutdown`` is set, then drain and return.
@@ -492,6 +496,10 @@ async def serve(
     :class:`ReloadOutcome` for the initial load and after every reload.
 
     ``clock`` is what retention policy reads as now (tests move it).
+    The fetch gateway (popproxy/gateway/) runs beside the listeners, polling the
+    ``fetch`` sources of the current config; each item received on ``poll_requests``
+    (SIGUSR1) polls every source at once. It stops when the shutdown begins: a poll
+    cut short deletes nothing upstream (docs/gateway.md).
     Everything is counted in ``metrics`` (one per process; a private one if None).
     With ``config.metrics`` set, its registry is served at ``/metrics`` from before
     ``msg=ready`` until the server has stopped (``msg=metrics_listening`` says where).
@@ -512,8 +520,8 @@ async def serve(
     )
     bound: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
     try:
-        if server.uses_state:
-            try:  # fail at start, not at the first login
+        if server.uses_state or config.gateway_users:
+            try:  # fail at start, not at the first login or poll
                 await server.store.get()
             except StateError as exc:
                 raise ServeError(f"cannot open the state store: {exc}") from exc
@@ -522,7 +530,12 @@ async def serve(
         async with trio.open_nursery() as exporter:
             if config.metrics is not None:
                 await _start_exporter(exporter, config.metrics, server.metrics.registry)
-            await _run(server, bound, shutdown, reloads, task_status)
+            gateway = Scheduler(
+                Fetcher(server.store.get, clock=clock, metrics=server.metrics),
+                lambda: server.config,
+            )
+            background = _Background(reloads, gateway, poll_requests)
+            await _run(server, bound, shutdown, background, task_status)
             exporter.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -542,17 +555,36 @@ async def _start_exporter(
         raise ServeError(f"cannot serve metrics on {config.address}:{config.port}: {exc}") from exc
 
 
-async def _apply_reloads(server: Server, reloads: trio.abc.ReceiveChannel[ConfigLoader]) -> None:
-    async with reloads:
-        async for load in reloads:
-            await server.reload(load)
+@dataclass(frozen=True, slots=True)
+class _Background:
+    """What runs beside the listeners until the shutdown begins: reloads and the gateway."""
+
+    reloads: trio.abc.ReceiveChannel[ConfigLoader] | None
+    gateway: Scheduler
+    poll_requests: trio.abc.ReceiveChannel[None] | None
+
+    async def apply_reloads(self, server: Server) -> None:
+        if self.reloads is None:
+            return
+        async with self.reloads:
+            async for load in self.reloads:
+                await server.reload(load)
+                self.gateway.reloaded()
+
+    async def forward_poll_requests(self) -> None:
+        if self.poll_requests is None:
+            return
+        async with self.poll_requests:
+            async for _ in self.poll_requests:
+                log.info("gateway_poll_now")
+                self.gateway.poll_now()
 
 
 async def _run(
     server: Server,
     bound: Sequence[tuple[ListenerConfig, Sequence[trio.SocketListener]]],
     shutdown: trio.Event,
-    reloads: trio.abc.ReceiveChannel[ConfigLoader] | None,
+    background: _Background,
     task_status: trio.TaskStatus[Sequence[tuple[str, int]]],
 ) -> None:
     ports: list[tuple[str, int]] = []
@@ -568,8 +600,9 @@ async def _run(
                     extra={"fields": {"listener": listener.name, "address": address, "port": port}},
                 )
             server.started(ports)
-            if reloads is not None:
-                acceptors.start_soon(_apply_reloads, server, reloads)
+            acceptors.start_soon(background.apply_reloads, server)
+            acceptors.start_soon(background.forward_poll_requests)
+            await acceptors.start(background.gateway.run)
             task_status.started(ports)
             await shutdown.wait()
             log.info("shutting_down")

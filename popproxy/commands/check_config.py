@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from popproxy.config import Config
+from popproxy.config import Config, FetchSource
 from popproxy.maildrop.route import MaildirRoute, UpstreamRoute, route_of
 from popproxy.policy import EXPIRE_NEVER, AccountPolicy, Action, Setting
 from popproxy.reload import ConfigChanges, NamedChanges
@@ -63,6 +63,7 @@ def summarize(config: Config) -> str:
             case MaildirRoute(path):
                 missing = "" if path.is_dir() else " (does not exist yet)"
                 lines.append(f"  {user.name}: maildir {path}{missing}")
+                lines.extend(f"    fetch: {source.label}" for source in user.fetch)
             case UpstreamRoute(upstream, upstream_user):
                 lines.append(f"  {user.name}: upstream {upstream.name} as {upstream_user}")
     lines.append(f"state: {config.state.url}")
@@ -71,6 +72,14 @@ def summarize(config: Config) -> str:
     lines.extend(describe_policy(config))
     if config.metrics is not None:
         lines.append(f"metrics: {_host_port(config.metrics.address, config.metrics.port)}")
+    gateway = config.gateway
+    if config.gateway_users:
+        lines.append(
+            "gateway: "
+            + " ".join(
+                f"{name}={getattr(gateway, name):g}" for name in type(gateway).__dataclass_fields__
+            )
+        )
     limits = config.limits
     lines.append(
         "limits: "
@@ -87,6 +96,7 @@ def describe_policy(config: Config) -> list[str]:
     For each user routed to an upstream: the rules that can apply, in order, then
     what DELE and RETR do, the expiry and hiding that can apply, each with the rule
     that says so (``[default]`` when none does), and the EXPIRE value (RFC 2449 §6.7).
+    For each gateway source: its rules and what a poll does upstream.
     """
     policy = config.policy
     files = sorted({rule.source for rule in policy.rules})
@@ -100,6 +110,9 @@ def describe_policy(config: Config) -> list[str]:
             case MaildirRoute():
                 effects = f"maildir, no rules; DELE deletes; EXPIRE {EXPIRE_NEVER}"
                 lines.append(f"  {user.name}: {effects}")
+                for fetched in user.fetch:
+                    account = policy.for_user(user.name, fetched.upstream)
+                    lines.extend(_source_effects(account, fetched))
             case UpstreamRoute(upstream):
                 account = policy.for_user(user.name, upstream.name)
                 lines.append(f"  {user.name} (upstream {upstream.name}):")
@@ -145,6 +158,37 @@ def _account_effects(account: AccountPolicy) -> list[str]:
         "not shown: " + ("; ".join(hidden) or "none"),
         "headers read at login (TOP n 0): " + ("yes" if account.needs_headers else "no"),
     ]
+
+
+def _source_effects(account: AccountPolicy, source: FetchSource) -> list[str]:
+    """What a poll of a gateway source does upstream, with the rule that says so."""
+    lines = [f"    fetch {source.label}:"]
+    lines.append("      rules, in order:" if account.rules else "      rules: none")
+    lines.extend(f"        {r.name} ({r.source}): {r.summary()}" for r in account.rules)
+    after: list[str] = []
+    for outcome in account.outcomes(Setting.ACTION):
+        match outcome.value:
+            case Action.KEEP:
+                after.append(f"kept upstream [{outcome.rule}]")
+            case Action.DELETE | Action.DELETE_AFTER_RETRIEVE:
+                after.append(f"deleted upstream at that poll's QUIT [{outcome.rule}]")
+            case Action.HIDE:
+                after.append(f"not fetched, left upstream [{outcome.rule}]")
+    expiry = [
+        f"never [{o.rule}]"
+        if o.value is None
+        else f"deleted upstream after {o.value} days [{o.rule}]"
+        for o in account.outcomes(Setting.EXPIRE_AFTER_DAYS)
+    ]
+    skipped = [
+        f"over {o.value} bytes [{o.rule}]"
+        for o in account.outcomes(Setting.MAX_SIZE_BYTES)
+        if o.value is not None
+    ]
+    lines.append("      after the download: " + "; ".join(dict.fromkeys(after)))
+    lines.append("      expiry: " + "; ".join(expiry))
+    lines.append("      left upstream unfetched: " + ("; ".join(skipped) or "none"))
+    return lines
 
 
 def _host_port(host: str, port: int) -> str:

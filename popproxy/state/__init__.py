@@ -27,11 +27,12 @@ from popproxy.state.base import (
     StagedMessage,
     StateError,
     StateStore,
+    StoreBackend,
     StoredMessage,
 )
 from popproxy.state.sqlite import open_sqlite
 
-__all__ = ["POSTGRES_SCHEMES", "StateError", "StateStore", "open_store"]
+__all__ = ["POSTGRES_SCHEMES", "StateError", "StateStore", "StoreBackend", "open_store"]
 
 # The URL schemes libpq accepts for PostgreSQL.
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -39,14 +40,14 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _T = TypeVar("_T")
 
 
-async def open_store(config: StateConfig, *, metrics: Metrics | None = None) -> StateStore:
+async def open_store(config: StateConfig, *, metrics: Metrics | None = None) -> StoreBackend:
     """Open the store ``config.url`` names: ``sqlite:///PATH``, ``sqlite:///:memory:`` or
     ``postgresql://USER@HOST:PORT/DB`` (password from ``config.password``).
 
     Creates and migrates the database as needed. The caller closes it with
     ``aclose``. Raises ``StateError`` when it cannot be opened or used.
     """
-    store: StateStore
+    store: StoreBackend
     if config.url.startswith("sqlite:///"):
         store = await open_sqlite(
             config.sqlite_path,
@@ -76,7 +77,7 @@ class MeasuredStore:
     """A ``StateStore`` that reports each call to ``Metrics``: facts and messages as
     LOAD, record as COMMIT, prune as PRUNE (time includes waiting for a thread)."""
 
-    def __init__(self, inner: StateStore, metrics: Metrics) -> None:
+    def __init__(self, inner: StoreBackend, metrics: Metrics) -> None:
         """Wrap ``inner``; it is closed with this store."""
         self._inner = inner
         self._metrics = metrics
@@ -102,19 +103,19 @@ class MeasuredStore:
     async def gateway_listing(
         self, source: SourceKey, listing: Sequence[SeenMessage], at: datetime
     ) -> Mapping[str, FetchFacts]:
-        """See ``StateStore.gateway_listing``."""
+        """See ``GatewayStore.gateway_listing``."""
         return await self._measure(
             StateOperation.COMMIT, self._inner.gateway_listing(source, listing, at)
         )
 
     async def gateway_staged(self, source: SourceKey) -> Sequence[FetchFacts]:
-        """See ``StateStore.gateway_staged``."""
+        """See ``GatewayStore.gateway_staged``."""
         return await self._measure(StateOperation.LOAD, self._inner.gateway_staged(source))
 
     async def gateway_stage(
         self, source: SourceKey, staged: Sequence[StagedMessage], at: datetime
     ) -> None:
-        """See ``StateStore.gateway_stage``."""
+        """See ``GatewayStore.gateway_stage``."""
         await self._measure(StateOperation.COMMIT, self._inner.gateway_stage(source, staged, at))
 
     async def gateway_settle(
@@ -124,7 +125,7 @@ class MeasuredStore:
         returned: Collection[str],
         at: datetime,
     ) -> None:
-        """See ``StateStore.gateway_settle``."""
+        """See ``GatewayStore.gateway_settle``."""
         await self._measure(
             StateOperation.COMMIT, self._inner.gateway_settle(source, delivered, returned, at)
         )
@@ -132,17 +133,17 @@ class MeasuredStore:
     async def gateway_deleted(
         self, source: SourceKey, deleted: Sequence[Disposal], at: datetime
     ) -> None:
-        """See ``StateStore.gateway_deleted``."""
+        """See ``GatewayStore.gateway_deleted``."""
         await self._measure(StateOperation.COMMIT, self._inner.gateway_deleted(source, deleted, at))
 
     async def gateway_poll_finished(self, source: SourceKey, summary: PollSummary) -> None:
-        """See ``StateStore.gateway_poll_finished``."""
+        """See ``GatewayStore.gateway_poll_finished``."""
         await self._measure(
             StateOperation.COMMIT, self._inner.gateway_poll_finished(source, summary)
         )
 
     async def gateway_sources(self) -> Sequence[SourceStatus]:
-        """See ``StateStore.gateway_sources``."""
+        """See ``GatewayStore.gateway_sources``."""
         return await self._measure(StateOperation.LOAD, self._inner.gateway_sources())
 
     async def aclose(self) -> None:

@@ -227,6 +227,15 @@ class StateStore(Protocol):
         account's latest listing (``StoredMessage.is_gone``); returns how many."""
         ...
 
+    async def aclose(self) -> None:
+        """Release connections and threads; the store is unusable afterwards."""
+        ...
+
+
+class GatewayStore(Protocol):
+    """The gateway's facts per source (docs/gateway.md, docs/state.md): what is new,
+    what a poll left STAGED, what is DELIVERED, what was deleted upstream."""
+
     async def gateway_listing(
         self, source: SourceKey, listing: Sequence[SeenMessage], at: datetime
     ) -> Mapping[str, FetchFacts]:
@@ -275,6 +284,6 @@ class StateStore(Protocol):
         """Every gateway source the store knows, for ``popproxy state show``."""
         ...
 
-    async def aclose(self) -> None:
-        """Release connections and threads; the store is unusable afterwards."""
-        ...
+
+class StoreBackend(StateStore, GatewayStore, Protocol):
+    """A backend of the state store: the facts of proxy-mode sessions and of the gateway."""

@@ -7,23 +7,24 @@ import trio
 from popproxy.config import StateConfig
 from popproxy.metrics import Metrics
 from popproxy.state import open_store
-from popproxy.state.base import StateStore
+from popproxy.state.base import StoreBackend
 
 
 class StoreOpener:
     """The state store, opened once on first need and closed at shutdown.
 
-    A config without upstream users never opens it (a Maildir needs no state).
+    A config without upstream users or gateway sources never opens it (a Maildir
+    needs no state).
     It outlives reloads: the store is a restart key (popproxy/reload.py).
     """
 
     def __init__(self, config: StateConfig, metrics: Metrics) -> None:
         self._config = config
         self._metrics = metrics
-        self._store: StateStore | None = None
+        self._store: StoreBackend | None = None
         self._lock = trio.Lock()
 
-    async def get(self) -> StateStore:
+    async def get(self) -> StoreBackend:
         """The open store; ``StateError`` if it cannot be opened."""
         async with self._lock:
             if self._store is None:

@@ -436,6 +436,25 @@ class ProxyUser:
 
 
 @dataclass(frozen=True, slots=True)
+class Source:
+    """One `fetch:` source of a gateway user: an upstream account and its password."""
+
+    upstream: str
+    upstream_user: str
+    upstream_password: str
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayUser:
+    """A local user whose Maildir the gateway fills from `sources` (docs/gateway.md)."""
+
+    name: str
+    password: str
+    maildir: Path
+    sources: tuple[Source, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     """An `upstreams:` entry: where the upstream listens and how to reach it."""
 
@@ -452,11 +471,27 @@ class Upstream:
         return {**entry, **self.settings}
 
 
-def _user_entry(user: User | ProxyUser, secrets_dir: Path) -> dict[str, object]:
+def _user_entry(user: User | ProxyUser | GatewayUser, secrets_dir: Path) -> dict[str, object]:
     ln = user.hash_ln if isinstance(user, User) else CHEAP_HASH_LN
     entry: dict[str, object] = {"password_hash": password_hash(user.password, ln)}
     if isinstance(user, User):
         entry["maildir"] = str(user.maildir)
+        return entry
+    if isinstance(user, GatewayUser):
+        entry["maildir"] = str(user.maildir)
+        fetch: list[dict[str, str]] = []
+        for index, source in enumerate(user.sources):
+            secret = secrets_dir / f"{user.name}.source{index}-password"
+            secret.write_text(source.upstream_password + "\n", encoding="utf-8")
+            secret.chmod(0o600)
+            fetch.append(
+                {
+                    "upstream": source.upstream,
+                    "upstream_user": source.upstream_user,
+                    "upstream_password_file": str(secret),
+                }
+            )
+        entry["fetch"] = fetch
         return entry
     secret = secrets_dir / f"{user.name}.upstream-password"
     secret.write_text(user.upstream_password + "\n", encoding="utf-8")
@@ -491,7 +526,7 @@ LOOPBACK_MAX_SESSIONS = 1000
 def write_config(
     path: Path,
     *,
-    users: Sequence[User | ProxyUser],
+    users: Sequence[User | ProxyUser | GatewayUser],
     tls: TlsFiles,
     listeners: Sequence[str] = LISTENER_KINDS,
     allow_plaintext_auth: bool = True,
@@ -500,6 +535,7 @@ def write_config(
     metrics: Mapping[str, object] | None = None,
     rules: Mapping[str, str] | None = None,
     state: Path | str | None = None,
+    gateway: Mapping[str, object] | None = None,
 ) -> Path:
     """Write a popproxy config (keys as in DESIGN.md "Config") with `port: 0` listeners.
 
@@ -530,6 +566,8 @@ def write_config(
     }
     if metrics is not None:
         config["metrics"] = dict(metrics)
+    if gateway is not None:
+        config["gateway"] = dict(gateway)
     if rules is not None:
         rules_dir = path.parent / "rules"
         rules_dir.mkdir(exist_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from popproxy.state import StateStore
+from popproxy.state import StoreBackend
 from state.state_backends import (
     BACKENDS,
     Backend,
@@ -49,7 +49,7 @@ def backend(fresh_backend: Callable[[], Backend]) -> Backend:
 
 
 @pytest.fixture
-async def store(backend: Backend) -> AsyncIterator[StateStore]:
+async def store(backend: Backend) -> AsyncIterator[StoreBackend]:
     """The store on ``backend``, closed after the test."""
     opened = await backend.open()
     try:

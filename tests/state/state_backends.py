@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 
 from popproxy.config import StateConfig
-from popproxy.state import StateStore, open_store
+from popproxy.state import StoreBackend, open_store
 
 PG_URL_VARIABLE = "POPPROXY_TEST_PG_URL"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -40,7 +40,7 @@ class Backend(Protocol):
         """The ``state.url`` that names this storage."""
         ...
 
-    async def open(self) -> StateStore: ...
+    async def open(self) -> StoreBackend: ...
 
     def query(self, statement: str) -> list[tuple[Any, ...]]:
         """Rows of one SQL statement without parameters (portable SQL only)."""
@@ -57,7 +57,7 @@ class SqliteBackend:
     def url(self) -> str:
         return f"sqlite:///{self.path}"
 
-    async def open(self) -> StateStore:
+    async def open(self) -> StoreBackend:
         return await open_store(StateConfig(url=self.url))
 
     def query(self, statement: str) -> list[tuple[Any, ...]]:
@@ -76,7 +76,7 @@ class PostgresBackend:
     def url(self) -> str:
         return with_query(self.database_url, f"options={quote(f'-csearch_path={self.schema}')}")
 
-    async def open(self) -> StateStore:
+    async def open(self) -> StoreBackend:
         return await open_store(StateConfig(url=self.url))
 
     def query(self, statement: str) -> list[tuple[Any, ...]]:

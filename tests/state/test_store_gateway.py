@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from popproxy.state import StateStore
+from popproxy.state import StoreBackend
 from popproxy.state.base import (
     Disposal,
     FetchState,
@@ -28,7 +28,7 @@ def listing(**sizes: int) -> list[SeenMessage]:
     return [SeenMessage(uid, size) for uid, size in sizes.items()]
 
 
-async def test_a_new_listing_is_listed_with_its_first_seen_time(store: StateStore) -> None:
+async def test_a_new_listing_is_listed_with_its_first_seen_time(store: StoreBackend) -> None:
     facts = await store.gateway_listing(CAROL, listing(a=10, b=20), T0)
     assert {uid: (f.size, f.first_seen, f.state) for uid, f in facts.items()} == {
         "a": (10, T0, FetchState.LISTED),
@@ -65,7 +65,7 @@ async def test_staged_then_delivered_survives_a_reopen(backend: Backend) -> None
         await store.aclose()
 
 
-async def test_a_staged_message_can_go_back_to_listed(store: StateStore) -> None:
+async def test_a_staged_message_can_go_back_to_listed(store: StoreBackend) -> None:
     await store.gateway_listing(CAROL, listing(a=10), T0)
     await store.gateway_stage(CAROL, [StagedMessage("a", 10, "n")], T0)
     await store.gateway_settle(CAROL, (), ["a"], T0)
@@ -73,7 +73,7 @@ async def test_a_staged_message_can_go_back_to_listed(store: StateStore) -> None
     assert facts["a"].state is FetchState.LISTED
 
 
-async def test_only_a_listed_message_can_be_staged(store: StateStore) -> None:
+async def test_only_a_listed_message_can_be_staged(store: StoreBackend) -> None:
     await store.gateway_listing(CAROL, listing(a=10), T0)
     with pytest.raises(StateError):
         await store.gateway_stage(CAROL, [StagedMessage("a", 11, "n")], T0)  # another size
@@ -82,7 +82,7 @@ async def test_only_a_listed_message_can_be_staged(store: StateStore) -> None:
     assert (await store.gateway_listing(CAROL, listing(a=10), T0))["a"].state is (FetchState.LISTED)
 
 
-async def test_a_reused_uidl_with_another_size_is_a_new_message(store: StateStore) -> None:
+async def test_a_reused_uidl_with_another_size_is_a_new_message(store: StoreBackend) -> None:
     await store.gateway_listing(CAROL, listing(a=10), T0)
     await store.gateway_stage(CAROL, [StagedMessage("a", 10, "n")], T0)
     await store.gateway_settle(CAROL, ["a"], (), T0)
@@ -96,7 +96,7 @@ async def test_a_reused_uidl_with_another_size_is_a_new_message(store: StateStor
     assert facts["a"].deleted_upstream_at is None
 
 
-async def test_sources_are_apart(store: StateStore) -> None:
+async def test_sources_are_apart(store: StoreBackend) -> None:
     await store.gateway_listing(CAROL, listing(a=10), T0)
     await store.gateway_stage(CAROL, [StagedMessage("a", 10, "n")], T0)
     await store.gateway_settle(CAROL, ["a"], (), T0)
@@ -105,7 +105,7 @@ async def test_sources_are_apart(store: StateStore) -> None:
     assert facts["a"].first_seen == T0 + DAY
 
 
-async def test_poll_summaries_and_counts(store: StateStore) -> None:
+async def test_poll_summaries_and_counts(store: StoreBackend) -> None:
     await store.gateway_listing(CAROL, listing(a=10, b=20), T0)
     await store.gateway_stage(CAROL, [StagedMessage("a", 10, "n")], T0)
     await store.gateway_settle(CAROL, ["a"], (), T0)
@@ -121,7 +121,7 @@ async def test_poll_summaries_and_counts(store: StateStore) -> None:
     assert (status.listed, status.delivered, status.deleted_upstream) == (1, 1, 1)
 
 
-async def test_prune_forgets_gone_gateway_rows_but_never_a_staged_one(store: StateStore) -> None:
+async def test_prune_forgets_gone_gateway_rows_but_never_a_staged_one(store: StoreBackend) -> None:
     await store.gateway_listing(CAROL, listing(a=10, b=20, c=30), T0)
     await store.gateway_stage(CAROL, [StagedMessage("c", 30, "n")], T0)
     await store.gateway_listing(CAROL, listing(b=20), T0 + 10 * DAY)  # a and c are gone

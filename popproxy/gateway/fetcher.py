@@ -1,0 +1,494 @@
+"""One poll of one gateway source: log in, list, fetch what is new, delete per policy.
+
+Theory of operation (DESIGN.md, "Gateway data flow"; docs/gateway.md):
+
+1. Settle what a poll that died left STAGED (``_recover``): a staged file still in
+   ``tmp/`` is published, one in ``new/`` or ``cur/`` is delivered, one that is
+   nowhere goes back to LISTED and is fetched again. This needs no upstream.
+2. Log in and take the listing with UIDL and LIST (the upstream connection code of
+   proxy mode, pipelined where the upstream allows). The store records the listing
+   and says, per (UIDL, size), whether it is new; a UIDL listed with another size is
+   new content (RFC 1939 §7).
+3. The policy (``AccountPolicy.poll_plan``) says what to fetch, what to skip.
+4. Each message is streamed, un-stuffed, into ``tmp/`` and fsync'ed; never held
+   whole. Every ``BATCH_MESSAGES`` messages (or ``BATCH_BYTES``): ``tmp/`` is
+   fsync'ed, the store records the batch STAGED, the files move to ``new/``,
+   ``new/`` is fsync'ed, the store records them DELIVERED.
+5. The policy, given what is now DELIVERED, says what to delete upstream; the DELEs
+   go at QUIT, whose ``+OK`` is needed before the store records the deletions. A
+   poll that fails anywhere drops the connection without QUIT: nothing is deleted.
+
+Every file operation runs in a worker thread behind the gateway's limiter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import secrets
+import ssl
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TypeVar, TypeVarTuple
+
+import trio
+
+from popproxy.config import Config, FetchSource, UpstreamConfig, UserConfig
+from popproxy.gateway import delivery
+from popproxy.gateway.delivery import DeliveryError, TmpFile, Where
+from popproxy.maildrop.base import MaildropError, MessageInfo
+from popproxy.maildrop.upstream import (
+    CapabilityMemo,
+    UpstreamAccount,
+    UpstreamError,
+    UpstreamMaildrop,
+    open_upstream,
+)
+from popproxy.metrics import Metrics
+from popproxy.outcomes import PollResult, UpstreamFailure
+from popproxy.policy import AccountPolicy, Candidate, Headers, Planned, View, parse_headers
+from popproxy.policy.headers import MAX_HEADER_OCTETS
+from popproxy.pop3.dotstuff import TERMINATOR, DotUnstuffer
+from popproxy.state.base import (
+    Disposal,
+    FetchFacts,
+    FetchState,
+    GatewayStore,
+    PollSummary,
+    SeenMessage,
+    SourceKey,
+    StagedMessage,
+    StateError,
+)
+from popproxy.tls import client_context
+
+log = logging.getLogger("popproxy.gateway")
+
+_R = TypeVar("_R")
+_Args = TypeVarTuple("_Args")
+
+# Messages (or octets) fetched before their batch is made durable and recorded: one
+# fsync of tmp/ and of new/ and two store commits per batch instead of per message.
+# 64 messages of mail's median size (a few KB) is a fraction of a second of work; a
+# crash loses at most one batch of downloading, never a message.
+BATCH_MESSAGES = 64
+BATCH_BYTES = 16 * 1024 * 1024
+# Un-stuffed octets gathered before a write to the tmp file: a typical message is one
+# write (one worker-thread round trip), a large one is written in pieces of this size.
+WRITE_BYTES = 1024 * 1024
+# Worker threads doing gateway file work at once (writes, fsyncs, renames).
+GATEWAY_FILE_THREADS = 4
+
+Clock = Callable[[], datetime]
+# How the fetcher gets the state store: the server's opener (opened on first need).
+StoreGetter = Callable[[], Awaitable[GatewayStore]]
+
+
+class Step(enum.Enum):
+    """Points of a poll between two durable steps, where a test may kill the process."""
+
+    LISTED = "listed"  # the store recorded the listing
+    WRITTEN = "written"  # one message's tmp file is written and fsync'ed
+    TMP_SYNCED = "tmp_synced"  # tmp/ fsync'ed for a batch
+    STAGED = "staged"  # the store recorded the batch STAGED
+    PUBLISHED = "published"  # the batch is in new/ and new/ fsync'ed
+    DELIVERED = "delivered"  # the store recorded the batch DELIVERED
+    QUIT_SENT = "quit_sent"  # the DELEs and QUIT answered +OK upstream
+    DELETIONS_RECORDED = "deletions_recorded"  # the store recorded the deletions
+
+
+StepHook = Callable[[Step], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class PollReport:
+    """How one poll of one source went: the poll's log line and metrics come from it."""
+
+    source: SourceKey
+    poll_id: str
+    result: PollResult
+    fetched: int = 0
+    skipped: int = 0
+    deleted: int = 0
+    fetched_bytes: int = 0
+    seconds: float = 0.0
+    reason: str = ""  # why it failed, safe for logs (no secret, no message content)
+    deleted_by_rule: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Counts:
+    fetched: int = 0
+    skipped: int = 0
+    deleted: int = 0
+    fetched_bytes: int = 0
+    deleted_by_rule: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Session:
+    """One logged-in poll: the connection, the listing and what the store knows of it."""
+
+    maildrop: UpstreamMaildrop
+    key: SourceKey
+    root: Path
+    listing: Sequence[MessageInfo]
+    facts: Mapping[str, FetchFacts]
+    policy: AccountPolicy
+    counts: _Counts
+
+
+class Fetcher:
+    """Polls gateway sources; one per trio run, shared by every poll (and reloads).
+
+    ``clock`` is what retention reads as now (tests move it by days); ``on_step``
+    is awaited at each ``Step`` (the crash tests kill the process there).
+    """
+
+    def __init__(
+        self,
+        store: StoreGetter,
+        *,
+        clock: Clock,
+        metrics: Metrics | None = None,
+        on_step: StepHook | None = None,
+    ) -> None:
+        self._get_store = store
+        # The store once opened: every poll gets the same one from the getter.
+        self._opened: GatewayStore | None = None
+        self._clock = clock
+        self._metrics = metrics
+        self._on_step = on_step
+        self._limiter = trio.CapacityLimiter(GATEWAY_FILE_THREADS)
+        self._memos: dict[str, CapabilityMemo] = {}
+        self._tls: dict[UpstreamConfig, ssl.SSLContext] = {}
+
+    async def poll(self, config: Config, user: UserConfig, source: FetchSource) -> PollReport:
+        """Poll ``source`` into ``user``'s Maildir once; never raises for a failed poll."""
+        key = SourceKey(user.name, source.upstream, source.upstream_user)
+        poll_id = secrets.token_hex(4)
+        started = trio.current_time()
+        counts = _Counts()
+        result, reason = PollResult.OK, ""
+        store: GatewayStore | None = None
+        try:
+            store = self._opened = await self._get_store()
+            await self._poll(config, user, source, key, counts)
+        except UpstreamError as exc:
+            auth = exc.failure is UpstreamFailure.AUTH_REJECTED
+            result = PollResult.AUTH_FAILED if auth else PollResult.UPSTREAM_ERROR
+            reason = f"{exc.failure.value}: {exc.text}"
+        except MaildropError as exc:
+            result, reason = PollResult.UPSTREAM_ERROR, exc.text
+        except DeliveryError as exc:
+            result = PollResult.MAILDIR_FULL if exc.disk_full else PollResult.MAILDIR_ERROR
+            reason = str(exc)
+        except StateError as exc:
+            result, reason = PollResult.STATE_ERROR, str(exc)
+        report = PollReport(
+            source=key,
+            poll_id=poll_id,
+            result=result,
+            fetched=counts.fetched,
+            skipped=counts.skipped,
+            deleted=counts.deleted,
+            fetched_bytes=counts.fetched_bytes,
+            seconds=trio.current_time() - started,
+            reason=reason,
+            deleted_by_rule=dict(counts.deleted_by_rule),
+        )
+        summary = PollSummary(
+            self._clock(),
+            result.value,
+            counts.fetched,
+            counts.skipped,
+            counts.deleted,
+            counts.fetched_bytes,
+        )
+        if store is not None:
+            with contextlib.suppress(StateError):  # the poll's own line says what failed
+                await store.gateway_poll_finished(key, summary)
+        _log_poll(report)
+        return report
+
+    # -- the poll ------------------------------------------------------------------------
+
+    async def _poll(
+        self,
+        config: Config,
+        user: UserConfig,
+        source: FetchSource,
+        key: SourceKey,
+        counts: _Counts,
+    ) -> None:
+        if user.maildir is None:  # the config refuses it; a caller's bug otherwise
+            raise ValueError("a gateway user needs a maildir")
+        root = user.maildir
+        await self._run(delivery.ensure_maildir, root)
+        await self._recover(key, root)
+        upstream = config.upstreams[source.upstream]
+        account = UpstreamAccount(upstream, source.upstream_user, source.upstream_password)
+        maildrop = await open_upstream(
+            account,
+            tls_context=await self._tls_context(upstream),
+            metrics=self._metrics.upstream(upstream.name) if self._metrics else None,
+            capabilities=self._memos.setdefault(upstream.name, CapabilityMemo()),
+        )
+        try:
+            listing = maildrop.messages
+            now = self._clock()
+            seen = [SeenMessage(m.uid, m.size) for m in listing]
+            facts = await self._store().gateway_listing(key, seen, now)
+            await self._step(Step.LISTED)
+            policy = config.policy.for_user(user.name, source.upstream)
+            candidates = [
+                Candidate(
+                    index,
+                    message.uid,
+                    message.size,
+                    facts[message.uid].first_seen,
+                    headers=(await _top_headers(maildrop, index) if policy.needs_headers else None),
+                )
+                for index, message in enumerate(listing)
+            ]
+            view = policy.view(candidates, now)
+            durable = {
+                index
+                for index, message in enumerate(listing)
+                if facts[message.uid].state is FetchState.DELIVERED
+            }
+            plan = policy.poll_plan(view, durable, now)
+            counts.skipped = len(plan.skip)
+            _log_skips(key, plan.skip, listing, facts, now)
+            session = _Session(maildrop, key, root, listing, facts, policy, counts)
+            durable |= await self._fetch(session, plan.fetch)
+            await self._delete(session, view, durable)
+        finally:
+            with trio.CancelScope(shield=True):
+                await maildrop.aclose()
+
+    async def _fetch(self, session: _Session, indexes: Sequence[int]) -> set[int]:
+        """Fetch ``indexes`` into the Maildir in durable batches; the indexes delivered.
+
+        A failure (upstream or local) first makes the messages fully received so far
+        durable and recorded, then propagates: they are not fetched again.
+        """
+        key, root, counts = session.key, session.root, session.counts
+        source = (key.user, key.upstream, key.upstream_user)
+        delivered: set[int] = set()
+        batch: list[tuple[int, StagedMessage]] = []
+        batch_bytes = 0
+        try:
+            for index in indexes:
+                message = session.listing[index]
+                first_seen = session.facts[message.uid].first_seen
+                name = delivery.message_name(first_seen, source, uid=message.uid, size=message.size)
+                written = await self._receive(session.maildrop, index, root, name)
+                await self._step(Step.WRITTEN)
+                batch.append((index, StagedMessage(message.uid, message.size, name)))
+                batch_bytes += written
+                counts.fetched_bytes += written
+                if len(batch) >= BATCH_MESSAGES or batch_bytes >= BATCH_BYTES:
+                    delivered |= await self._deliver(key, root, batch)
+                    counts.fetched += len(batch)
+                    batch, batch_bytes = [], 0
+        finally:
+            if batch:
+                with trio.CancelScope(shield=True):
+                    delivered |= await self._deliver(key, root, batch)
+                    counts.fetched += len(batch)
+        return delivered
+
+    async def _receive(self, maildrop: UpstreamMaildrop, index: int, root: Path, name: str) -> int:
+        """Stream message ``index`` (RFC 1939 §7 RETR) un-stuffed into ``tmp/name``,
+        fsync'ed and closed; the octets written. Nothing stays in tmp/ on failure."""
+        unstuffer = DotUnstuffer()
+        wire = bytearray()
+        pending: list[bytes] = []
+        pending_bytes = 0
+        tmp: TmpFile | None = None
+        try:
+            async with contextlib.aclosing(maildrop.retrieve(index)) as chunks:
+                async for chunk in chunks:
+                    wire += chunk
+                    out = unstuffer.feed(wire)
+                    if out:
+                        pending.append(out)
+                        pending_bytes += len(out)
+                    if pending_bytes >= WRITE_BYTES:
+                        tmp = await self._run(_write, tmp, root, name, pending, False)
+                        pending, pending_bytes = [], 0
+            _check_body_end(wire)
+            tmp = await self._run(_write, tmp, root, name, pending, True)
+        except BaseException:
+            if tmp is not None:
+                with trio.CancelScope(shield=True):
+                    await self._run(tmp.discard)
+            raise
+        return tmp.written
+
+    async def _deliver(
+        self, key: SourceKey, root: Path, batch: Sequence[tuple[int, StagedMessage]]
+    ) -> set[int]:
+        """Make a batch of fsync'ed tmp files durable and recorded (docs/gateway.md)."""
+        staged = [item for _, item in batch]
+        names = [item.file_name for item in staged]
+        try:
+            await self._run(delivery.sync_dir, root / delivery.TMP)
+            await self._step(Step.TMP_SYNCED)
+            await self._store().gateway_stage(key, staged, self._clock())
+        except BaseException:
+            # Not staged: nothing refers to the files; they would be fetched again.
+            with trio.CancelScope(shield=True):
+                for name in names:
+                    with contextlib.suppress(DeliveryError):
+                        await self._run(delivery.discard_tmp, root, name)
+            raise
+        await self._step(Step.STAGED)
+        # From here a failure leaves the batch STAGED: the next poll settles it.
+        await self._run(delivery.publish, root, names)
+        await self._step(Step.PUBLISHED)
+        await self._store().gateway_settle(key, [m.uid for m in staged], (), self._clock())
+        await self._step(Step.DELIVERED)
+        return {index for index, _ in batch}
+
+    async def _delete(self, session: _Session, view: View, durable: set[int]) -> None:
+        """DELE what the policy allows among the durable messages, then QUIT (RFC 1939
+        §6); record the deletions only after QUIT's +OK."""
+        key, counts = session.key, session.counts
+        plan = session.policy.poll_plan(view, durable, self._clock())
+        deletes = plan.delete_upstream
+        await session.maildrop.commit({item.index for item in deletes})
+        await self._step(Step.QUIT_SENT)
+        if not deletes:
+            return
+        counts.deleted = len(deletes)
+        for item in deletes:
+            counts.deleted_by_rule[item.rule] = counts.deleted_by_rule.get(item.rule, 0) + 1
+        disposals = [Disposal(item.uid, item.rule) for item in deletes]
+        await self._store().gateway_deleted(key, disposals, self._clock())
+        await self._step(Step.DELETIONS_RECORDED)
+
+    async def _recover(self, key: SourceKey, root: Path) -> None:
+        """Settle the STAGED messages a poll that died left (docs/gateway.md, crash table)."""
+        staged = await self._store().gateway_staged(key)
+        if not staged:
+            return
+        names = {fact.uid: fact.file_name or "" for fact in staged}
+        where = await self._run(delivery.locate, root, list(names.values()))
+        in_tmp = [name for name in names.values() if where[name] is Where.TMP]
+        await self._run(delivery.publish, root, in_tmp)
+        returned = [uid for uid, name in names.items() if where[name] is Where.NOWHERE]
+        delivered = [uid for uid in names if uid not in returned]
+        await self._store().gateway_settle(key, delivered, returned, self._clock())
+        log.warning(
+            "gateway_recovered",
+            extra={
+                "fields": {
+                    "user": key.user,
+                    "source": key.label,
+                    "published": len(in_tmp),
+                    "delivered": len(delivered),
+                    "refetch": len(returned),
+                }
+            },
+        )
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _tls_context(self, upstream: UpstreamConfig) -> ssl.SSLContext | None:
+        if upstream.tls.value == "none":
+            return None
+        context = self._tls.get(upstream)
+        if context is None:
+            context = await trio.to_thread.run_sync(client_context, upstream)
+            self._tls[upstream] = context
+        return context
+
+    def _store(self) -> GatewayStore:
+        if self._opened is None:
+            raise RuntimeError("the store is opened at the start of each poll")
+        return self._opened
+
+    async def _step(self, step: Step) -> None:
+        if self._on_step is not None:
+            await self._on_step(step)
+
+    async def _run(self, fn: Callable[[*_Args], _R], *args: *_Args) -> _R:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+
+def _check_body_end(rest: bytearray) -> None:
+    """Octets left undecoded at a body's end: the body ended inside a line's first
+    octets, which the scanner that found the end should have made impossible."""
+    if rest:
+        raise MaildropError(None, "a message body ended inside a dot-stuffed line")
+
+
+def _write(tmp: TmpFile | None, root: Path, name: str, chunks: list[bytes], last: bool) -> TmpFile:
+    """Create ``tmp/name`` if needed, append ``chunks``, and if ``last`` fsync and close."""
+    if tmp is None:
+        tmp = TmpFile.create(root, name)
+    tmp.write(chunks)
+    if last:
+        tmp.finish()
+    return tmp
+
+
+async def _top_headers(maildrop: UpstreamMaildrop, index: int) -> Headers:
+    """The header of message ``index`` from ``TOP n 0`` (RFC 1939 §7), at most
+    ``MAX_HEADER_OCTETS``; the reply is read to its end so the connection stays usable."""
+    wire = bytearray()
+    async with contextlib.aclosing(maildrop.retrieve(index, body_lines=0)) as chunks:
+        async for chunk in chunks:
+            wire += chunk[: max(0, MAX_HEADER_OCTETS - len(wire))]
+    if not wire.endswith(b"\r\n"):
+        wire += b"\r\n"
+    wire += TERMINATOR
+    return parse_headers(DotUnstuffer().feed(wire))
+
+
+def _log_skips(
+    key: SourceKey,
+    skips: Sequence[Planned],
+    listing: Sequence[MessageInfo],
+    facts: Mapping[str, FetchFacts],
+    now: datetime,
+) -> None:
+    """One line per skipped message the first time a poll sees it (not at every poll)."""
+    for item in skips:
+        if facts[item.uid].first_seen != now:
+            continue
+        log.info(
+            "gateway_skipped",
+            extra={
+                "fields": {
+                    "user": key.user,
+                    "source": key.label,
+                    "uid": item.uid,
+                    "size": listing[item.index].size,
+                    "rule": item.rule,
+                }
+            },
+        )
+
+
+def _log_poll(report: PollReport) -> None:
+    fields: dict[str, object] = {
+        "session": report.poll_id,
+        "user": report.source.user,
+        "source": report.source.label,
+        "result": report.result.value,
+        "fetched": report.fetched,
+        "skipped": report.skipped,
+        "deleted": report.deleted,
+        "bytes": report.fetched_bytes,
+        "duration": f"{report.seconds:.3f}",
+    }
+    if report.reason:
+        fields["reason"] = report.reason
+    level = logging.INFO if report.result is PollResult.OK else logging.WARNING
+    log.log(level, "gateway_poll", extra={"fields": fields})

@@ -1,0 +1,405 @@
+"""The gateway against the suite's real Dovecot, in this process (issue 17).
+
+Each test writes a config with ``fetch:`` sources pointing at Dovecot users, opens the
+state store and runs ``Fetcher.poll`` for each source, then compares the local Maildir
+with the corpus by sha256 and looks at what is left upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import trio
+
+from popproxy.config import Config, load_config
+from popproxy.gateway.fetcher import Fetcher, PollReport, StoreGetter
+from popproxy.maildrop.maildir import open_maildir
+from popproxy.outcomes import PollResult
+from popproxy.secret import Secret
+from popproxy.state import open_store
+from popproxy.state.base import GatewayStore
+
+from .dovecot import DovecotServer, DovecotUser
+from .harness import PASSWORD, Corpus, GatewayUser, Source, TlsFiles, write_config
+from .test_proxy import UPSTREAM, upstream_for
+
+KEEP = {"10-keep.yaml": "rules:\n  - name: keep-all\n    action: keep\n"}
+START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+# One test's polls, Dovecot included; generous for a loaded 2-core machine.
+TEST_DEADLINE_SECONDS = 60
+
+
+class MovableClock:
+    """What the gateway reads as now; tests move it by days."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def local_files(maildir: Path) -> dict[str, bytes]:
+    """The messages in new/ and cur/ of a local Maildir, by unique name."""
+    out: dict[str, bytes] = {}
+    for sub in ("new", "cur"):
+        for path in (maildir / sub).iterdir():
+            key = path.name.split(":", 1)[0]
+            assert key not in out
+            out[key] = path.read_bytes()
+    return out
+
+
+def digests(contents: Sequence[bytes]) -> list[str]:
+    return sorted(hashlib.sha256(data).hexdigest() for data in contents)
+
+
+@pytest.fixture
+def account(dovecot: DovecotServer, corpus: Corpus) -> Iterator[DovecotUser]:
+    user = dovecot.add_user(corpus=corpus, messages=corpus.small)
+    yield user
+    dovecot.remove_user(user)
+
+
+def gateway_config(
+    tmp_path: Path,
+    dovecot: DovecotServer,
+    tls_files: TlsFiles,
+    accounts: Sequence[DovecotUser],
+    *,
+    rules: dict[str, str] | None = None,
+    leg: str = "none",
+) -> Config:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    user = GatewayUser(
+        "carol",
+        PASSWORD,
+        tmp_path / "carol-mail",
+        tuple(Source(UPSTREAM, a.name, a.password) for a in accounts),
+    )
+    return load_config(
+        write_config(
+            tmp_path / "popproxy.yaml",
+            users=[user],
+            tls=tls_files,
+            listeners=["none"],
+            upstreams={UPSTREAM: upstream_for(dovecot, leg)},
+            rules=rules,
+        )
+    )
+
+
+def given(store: GatewayStore) -> StoreGetter:
+    async def get() -> GatewayStore:
+        return store
+
+    return get
+
+
+async def poll_all(config: Config, fetcher: Fetcher) -> list[PollReport]:
+    reports = []
+    for user in config.gateway_users:
+        for source in user.fetch:
+            reports.append(await fetcher.poll(config, user, source))
+    return reports
+
+
+async def test_first_poll_fetches_everything_byte_exact_then_nothing_then_new_mail(
+    dovecot: DovecotServer,
+    account: DovecotUser,
+    corpus: Corpus,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+) -> None:
+    config = gateway_config(tmp_path, dovecot, tls_files, [account], rules=KEEP, leg="implicit")
+    mail = tmp_path / "carol-mail"
+    store = await open_store(config.state)
+    try:
+        fetcher = Fetcher(given(store), clock=MovableClock(START))
+        with trio.fail_after(TEST_DEADLINE_SECONDS):
+            (first,) = await poll_all(config, fetcher)
+            assert first.result is PollResult.OK, first
+            assert first.fetched == len(corpus.small)
+            got = local_files(mail)
+            expected = [m.crlf for m in corpus.small if m.crlf is not None]
+            assert digests(list(got.values())) == digests(expected)
+            assert first.fetched_bytes == sum(len(data) for data in expected)
+            assert not any((mail / "tmp").iterdir())
+            assert account.count() == len(corpus.small), "keep: nothing deleted upstream"
+
+            (second,) = await poll_all(config, fetcher)
+            assert (second.result, second.fetched, second.deleted) == (PollResult.OK, 0, 0)
+            assert local_files(mail) == got
+
+            new = b"Subject: new\r\n\r\n.starts with a dot\r\nend\r\n"
+            account.deliver(new)
+            (third,) = await poll_all(config, fetcher)
+            assert (third.result, third.fetched) == (PollResult.OK, 1)
+            now = local_files(mail)
+            assert set(now) - set(got) and now[next(iter(set(now) - set(got)))] == new
+    finally:
+        await store.aclose()
+
+
+DELETE_EXPIRE = {
+    "10-expire.yaml": (
+        "rules:\n  - name: keep-a-week\n    action: keep\n    expire_after_days: 7\n"
+    )
+}
+
+
+async def test_default_delete_keep_and_expire_after_days_with_the_clock(
+    dovecot: DovecotServer, corpus: Corpus, tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    deleting = dovecot.add_user(corpus=corpus, messages=corpus.small[:3])
+    expiring = dovecot.add_user(corpus=corpus, messages=corpus.small[3:])
+    try:
+        clock = MovableClock(START)
+        # No rules: download and delete.
+        config = gateway_config(tmp_path / "a", dovecot, tls_files, [deleting])
+        store = await open_store(config.state)
+        try:
+            (report,) = await poll_all(config, Fetcher(given(store), clock=clock))
+        finally:
+            await store.aclose()
+        assert (report.result, report.fetched, report.deleted) == (PollResult.OK, 3, 3)
+        assert dict(report.deleted_by_rule) == {"default": 3}
+        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, deleting, 1)
+        assert deleting.count() == 0
+        assert len(local_files(tmp_path / "a" / "carol-mail")) == 3
+
+        # keep with expire_after_days: kept for 7 days after the first listing.
+        config = gateway_config(tmp_path / "b", dovecot, tls_files, [expiring], rules=DELETE_EXPIRE)
+        store = await open_store(config.state)
+        try:
+            fetcher = Fetcher(given(store), clock=clock)
+            first = await poll_all(config, fetcher)
+            assert [(r.result, r.fetched, r.deleted) for r in first] == [
+                (PollResult.OK, len(corpus.small) - 3, 0)
+            ]
+            clock.now = START + timedelta(days=6)
+            young = expiring.deliver(b"Subject: young\r\n\r\nx\r\n")
+            second = await poll_all(config, fetcher)
+            assert [(r.fetched, r.deleted) for r in second] == [(1, 0)]
+            clock.now = START + timedelta(days=7, hours=1)
+            third = await poll_all(config, fetcher)
+            assert [(r.fetched, r.deleted) for r in third] == [(0, len(corpus.small) - 3)]
+            assert dict(third[0].deleted_by_rule) == {"keep-a-week": len(corpus.small) - 3}
+        finally:
+            await store.aclose()
+        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, expiring, 3)
+        assert expiring.keys() == {young}, "only the message first seen on day 6 is left"
+        assert len(local_files(tmp_path / "b" / "carol-mail")) == len(corpus.small) - 3 + 1
+    finally:
+        dovecot.remove_user(deleting)
+        dovecot.remove_user(expiring)
+
+
+async def test_two_sources_merge_into_one_maildir_and_a_bad_password_fails_alone(
+    dovecot: DovecotServer, corpus: Corpus, tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    first = dovecot.add_user(corpus=corpus, messages=corpus.small[:2])
+    second = dovecot.add_user(corpus=corpus, messages=corpus.small[2:])
+    try:
+        config = gateway_config(tmp_path, dovecot, tls_files, [first, second], rules=KEEP)
+        store = await open_store(config.state)
+        try:
+            fetcher = Fetcher(given(store), clock=MovableClock(START))
+            reports = await poll_all(config, fetcher)
+            assert [(r.result, r.fetched) for r in reports] == [
+                (PollResult.OK, 2),
+                (PollResult.OK, len(corpus.small) - 2),
+            ]
+            got = local_files(tmp_path / "carol-mail")
+            assert digests(list(got.values())) == sorted(m.sha256 for m in corpus.small)
+            # The same message in both sources would be two messages: names differ.
+            second.deliver(corpus.small[0].crlf or b"")
+            (_, again) = await poll_all(config, fetcher)
+            assert again.fetched == 1
+            assert len(local_files(tmp_path / "carol-mail")) == len(corpus.small) + 1
+        finally:
+            await store.aclose()
+        wrong = gateway_config(tmp_path / "w", dovecot, tls_files, [first], rules=KEEP)
+        user = wrong.users["carol"]
+        bad = replace(user.fetch[0], upstream_password=Secret(b"not-the-password"))
+        store = await open_store(wrong.state)
+        try:
+            report = await Fetcher(given(store), clock=MovableClock(START)).poll(wrong, user, bad)
+        finally:
+            await store.aclose()
+        assert report.result is PollResult.AUTH_FAILED
+        assert "not-the-password" not in report.reason
+    finally:
+        dovecot.remove_user(first)
+        dovecot.remove_user(second)
+
+
+async def test_a_session_open_during_a_poll_keeps_its_listing_and_does_not_block_it(
+    dovecot: DovecotServer,
+    account: DovecotUser,
+    corpus: Corpus,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+) -> None:
+    config = gateway_config(tmp_path, dovecot, tls_files, [account], rules=KEEP)
+    mail = tmp_path / "carol-mail"
+    mail.mkdir()
+    for sub in ("tmp", "new", "cur"):
+        (mail / sub).mkdir()
+    (mail / "new" / "1.local.host").write_bytes(b"Subject: local\r\n\r\nlocal\r\n")
+    session = await open_maildir(mail)  # a client holds the mailbox (RFC 1939 §4 lock)
+    store = await open_store(config.state)
+    try:
+        (report,) = await poll_all(config, Fetcher(given(store), clock=MovableClock(START)))
+        assert (report.result, report.fetched) == (PollResult.OK, len(corpus.small))
+        assert [m.uid for m in session.messages] == ["1.local.host"], "a snapshot at login"
+        chunks = [chunk async for chunk in session.retrieve(0)]
+        assert b"".join(chunks) == b"Subject: local\r\n\r\nlocal\r\n"
+        await session.commit({0})
+    finally:
+        await session.aclose()
+        await store.aclose()
+    later = await open_maildir(mail)
+    try:
+        assert len(later.messages) == len(corpus.small), "new mail shows at the next login"
+    finally:
+        await later.aclose()
+
+
+class CuttingRelay:
+    """A relay to ``target`` that closes both sides once ``cut_after`` octets came back."""
+
+    def __init__(self, target: tuple[str, int], cut_after: int) -> None:
+        self.target = target
+        self.cut_after = cut_after
+        self.port = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listener.socket.getsockname()[1]
+        task_status.started()
+        async with listener:
+            while True:
+                client = await listener.accept()
+                upstream = await trio.open_tcp_stream(*self.target)
+                async with client, upstream, trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump, client, upstream, None, nursery)
+                    nursery.start_soon(self._pump, upstream, client, self.cut_after, nursery)
+
+    @staticmethod
+    async def _pump(
+        source: trio.abc.Stream, sink: trio.abc.Stream, limit: int | None, nursery: trio.Nursery
+    ) -> None:
+        sent = 0
+        while data := await source.receive_some(65536):
+            if limit is not None and sent + len(data) >= limit:
+                await sink.send_all(data[: limit - sent])
+                nursery.cancel_scope.cancel()
+                return
+            await sink.send_all(data)
+            sent += len(data)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_upstream_dying_mid_retr_loses_and_deletes_nothing(
+    dovecot: DovecotServer,
+    account: DovecotUser,
+    corpus: Corpus,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+) -> None:
+    before = account.digests()
+    total = sum(m.size for m in corpus.small)
+    config = gateway_config(tmp_path, dovecot, tls_files, [account])  # delete after fetch
+    relay = CuttingRelay(dovecot.endpoint("none"), cut_after=total // 2)
+    mail = tmp_path / "carol-mail"
+    store = await open_store(config.state)
+    try:
+        fetcher = Fetcher(given(store), clock=MovableClock(START))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.run)
+            cut = replace(
+                config,
+                upstreams={
+                    UPSTREAM: replace(config.upstreams[UPSTREAM], host="127.0.0.1", port=relay.port)
+                },
+            )
+            (broken,) = await poll_all(cut, fetcher)
+            nursery.cancel_scope.cancel()
+        assert broken.result is PollResult.UPSTREAM_ERROR, broken
+        assert broken.deleted == 0
+        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 1)
+        assert account.digests() == before, "nothing deleted upstream"
+        partial = local_files(mail)
+        assert 0 < len(partial) < len(corpus.small)
+        assert set(digests(list(partial.values()))) <= {m.sha256 for m in corpus.small}
+        assert not any((mail / "tmp").iterdir()), "nothing half-written stays"
+
+        (whole,) = await poll_all(config, fetcher)
+        assert (whole.result, whole.fetched) == (PollResult.OK, len(corpus.small) - len(partial))
+        assert digests(list(local_files(mail).values())) == sorted(m.sha256 for m in corpus.small)
+        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 2)
+        assert account.count() == 0
+    finally:
+        await store.aclose()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of SMALL_DISK_BYTES at tmp_path/disk (the suite runs as root, as CI does)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={SMALL_DISK_BYTES}", "tmpfs", str(disk)]
+    result = subprocess.run(mount, capture_output=True, check=False)
+    assert result.returncode == 0, f"cannot mount a tmpfs: {result.stderr.decode()}"
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)
+
+
+# Room for a few of the small corpus messages but not all (the long-line one is 25 KB).
+SMALL_DISK_BYTES = 32 * 1024
+
+
+async def test_a_full_disk_loses_and_deletes_nothing_and_the_next_poll_finishes(  # noqa: PLR0917 (pytest passes fixtures positionally)
+    dovecot: DovecotServer,
+    account: DovecotUser,
+    corpus: Corpus,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+    small_disk: Path,
+) -> None:
+    before = account.digests()
+    config = gateway_config(tmp_path, dovecot, tls_files, [account])  # delete after fetch
+    user = config.users["carol"]
+    config = replace(config, users={"carol": replace(user, maildir=small_disk / "Maildir")})
+    mail = small_disk / "Maildir"
+    store = await open_store(config.state)
+    try:
+        fetcher = Fetcher(given(store), clock=MovableClock(START))
+        (full,) = await poll_all(config, fetcher)
+        assert full.result is PollResult.MAILDIR_FULL, full
+        assert "No space left on device" in full.reason
+        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 1)
+        assert account.digests() == before, "nothing deleted upstream"
+        partial = local_files(mail)
+        assert len(partial) < len(corpus.small)
+        assert set(digests(list(partial.values()))) <= {m.sha256 for m in corpus.small}
+        assert not any((mail / "tmp").iterdir()), "nothing half-written stays"
+
+        remount = ["mount", "-o", "remount,size=4m", str(small_disk)]
+        await trio.run_process(remount, capture_stdout=True, capture_stderr=True)
+        (whole,) = await poll_all(config, fetcher)
+        assert whole.result is PollResult.OK, whole
+        assert digests(list(local_files(mail).values())) == sorted(m.sha256 for m in corpus.small)
+        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 2)
+        assert account.count() == 0
+    finally:
+        await store.aclose()

@@ -1,0 +1,218 @@
+"""The gateway inside ``popproxy run`` and ``popproxy fetch --once``, against the real
+Dovecot, with real clients (curl, fetchmail, getmail6) reading what it fetched through
+popproxy's own POP3 listener (issue 17)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import StartServer
+from .dovecot import DovecotServer, DovecotUser
+from .harness import (
+    LOOPBACK,
+    PASSWORD,
+    Corpus,
+    GatewayUser,
+    ServerProcess,
+    Source,
+    TlsFiles,
+    describe,
+    run_client,
+    write_config,
+)
+from .test_fetchmail import FETCHMAIL_MAIL_RETRIEVED, FETCHMAIL_NO_MAIL, Fetchmail, match_delivered
+from .test_fetchmail import TRANSPORTS as FETCHMAIL_TRANSPORTS
+from .test_getmail import RETURN_PATH_LINE, getmailrc
+from .test_proxy import UPSTREAM, upstream_for
+
+LOCAL = "carol"
+# Long enough that no second scheduled poll runs during a test: polls come from the
+# start, from SIGUSR1, or from fetch --once.
+INTERVAL = {"interval_seconds": 3600, "jitter_seconds": 0}
+POLL_WAIT_SECONDS = 60
+
+
+@pytest.fixture
+def account(dovecot: DovecotServer, corpus: Corpus) -> Iterator[DovecotUser]:
+    user = dovecot.add_user(corpus=corpus, messages=corpus.small)
+    yield user
+    dovecot.remove_user(user)
+
+
+def gateway_user(
+    tmp_path: Path, *accounts: DovecotUser, password: str | None = None
+) -> GatewayUser:
+    sources = tuple(Source(UPSTREAM, a.name, password or a.password) for a in accounts)
+    return GatewayUser(LOCAL, PASSWORD, tmp_path / "carol-mail", sources)
+
+
+def wait_polls(server: ServerProcess, count: int) -> list[dict[str, str]]:
+    server.wait_for_log(
+        lambda rs: sum(r.get("msg") == "gateway_poll" for r in rs) >= count,
+        timeout=POLL_WAIT_SECONDS,
+        what=f"{count} gateway_poll lines",
+    )
+    return server.records("gateway_poll")
+
+
+def curl(server: ServerProcess, path: str = "") -> bytes:
+    url = f"pop3://{LOCAL}:{PASSWORD}@{LOOPBACK}:{server.port('none')}/{path}"
+    result = run_client(["curl", "--silent", "--show-error", "--max-time", "60", url])
+    assert result.returncode == 0, describe(result)
+    return result.stdout
+
+
+def curl_digests(server: ServerProcess) -> list[str]:
+    numbers = [int(line.split()[0]) for line in curl(server).splitlines() if line.strip()]
+    return sorted(hashlib.sha256(curl(server, str(n))).hexdigest() for n in numbers)
+
+
+def test_run_polls_at_start_and_on_sigusr1_and_curl_reads_every_message_byte_exact(
+    start: StartServer,
+    dovecot: DovecotServer,
+    account: DovecotUser,
+    corpus: Corpus,
+    tmp_path: Path,
+) -> None:
+    server = start(
+        users=[gateway_user(tmp_path, account)],
+        listeners=["none"],
+        upstreams={UPSTREAM: upstream_for(dovecot, "starttls")},
+        gateway=INTERVAL,
+    )
+    (first,) = wait_polls(server, 1)
+    assert first["result"] == "ok", first
+    assert first["fetched"] == str(len(corpus.small))
+    assert first["deleted"] == str(len(corpus.small)), "no rules: download and delete"
+    assert first["user"] == LOCAL and first["source"] == f"{UPSTREAM}/{account.name}"
+    dovecot.wait_sessions_ended(account, 1)
+    assert account.count() == 0
+    expected = sorted(m.sha256 for m in corpus.small)
+    assert curl_digests(server) == expected
+
+    account.deliver(b"Subject: later\r\n\r\nbody\r\n")
+    os.kill(server.pid, signal.SIGUSR1)
+    second = wait_polls(server, 2)[1]
+    assert (second["result"], second["fetched"], second["deleted"]) == ("ok", "1", "1")
+    later = hashlib.sha256(b"Subject: later\r\n\r\nbody\r\n").hexdigest()
+    assert curl_digests(server) == sorted([*expected, later])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["stls"])
+def test_fetchmail_reads_the_gateway_maildir_then_finds_nothing_new(  # noqa: PLR0917 (pytest passes fixtures positionally)
+    start: StartServer,
+    dovecot: DovecotServer,
+    account: DovecotUser,
+    corpus: Corpus,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+    transport: str,
+) -> None:
+    server = start(
+        users=[gateway_user(tmp_path, account)],
+        upstreams={UPSTREAM: upstream_for(dovecot, "implicit")},
+        gateway=INTERVAL,
+    )
+    assert wait_polls(server, 1)[0]["result"] == "ok"
+    kind, tls_options = FETCHMAIL_TRANSPORTS[transport]
+    (tmp_path / "fm").mkdir()
+    fetchmail = Fetchmail.setup(
+        tmp_path / "fm",
+        server.port(kind),
+        LOCAL,
+        PASSWORD,
+        tls_options.format(ca=tls_files.ca_cert),
+    )
+    first = fetchmail.run()
+    assert first.returncode == FETCHMAIL_MAIL_RETRIEVED, describe(first)
+    got = match_delivered(fetchmail.delivered(), corpus.small)
+    assert len(got) == len(corpus.small)
+    second = fetchmail.run()
+    assert second.returncode == FETCHMAIL_NO_MAIL, describe(second)
+
+
+@pytest.mark.slow
+def test_getmail_reads_the_gateway_maildir_byte_exact(  # noqa: PLR0917 (pytest passes fixtures positionally)
+    start: StartServer,
+    dovecot: DovecotServer,
+    account: DovecotUser,
+    corpus: Corpus,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+) -> None:
+    getmail = shutil.which("getmail")
+    assert getmail is not None, "getmail6 is not installed (scripts/test installs it)"
+    server = start(
+        users=[gateway_user(tmp_path, account)],
+        upstreams={UPSTREAM: upstream_for(dovecot, "none")},
+        gateway=INTERVAL,
+    )
+    assert wait_polls(server, 1)[0]["result"] == "ok"
+    state, out = tmp_path / "getmaildir", tmp_path / "delivered"
+    state.mkdir()
+    out.mkdir()
+    rc = tmp_path / "getmailrc"
+    rc.write_text(getmailrc(server, "implicit-tls", tls_files, out, read_all=True, username=LOCAL))
+    env = {"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+    result = run_client([getmail, f"--rcfile={rc}", f"--getmaildir={state}"], env=env)
+    assert result.returncode == 0, describe(result)
+    digests = set()
+    for path in out.iterdir():
+        data = path.read_bytes()
+        assert data.startswith(RETURN_PATH_LINE)
+        crlf = data[len(RETURN_PATH_LINE) :].replace(b"\n", b"\r\n")
+        digests.add(hashlib.sha256(crlf).hexdigest())
+    assert digests == {m.sha256 for m in corpus.small}
+
+
+def fetch_once(config: Path, *extra: str) -> subprocess.CompletedProcess[bytes]:
+    return run_client(
+        [sys.executable, "-m", "popproxy", "fetch", "--once", "-c", str(config), *extra],
+        cwd=config.parent,
+    )
+
+
+def test_fetch_once_exits_0_when_every_source_succeeds_and_1_when_one_fails(
+    dovecot: DovecotServer,
+    account: DovecotUser,
+    corpus: Corpus,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+) -> None:
+    upstreams = {UPSTREAM: upstream_for(dovecot, "none")}
+    good = write_config(
+        tmp_path / "good.yaml",
+        users=[gateway_user(tmp_path, account)],
+        tls=tls_files,
+        listeners=["none"],
+        upstreams=upstreams,
+    )
+    result = fetch_once(good, "--user", LOCAL)
+    assert result.returncode == 0, describe(result)
+    assert b"msg=gateway_poll" in result.stderr and b"result=ok" in result.stderr
+    assert len(list((tmp_path / "carol-mail" / "new").iterdir())) == len(corpus.small)
+
+    bad = write_config(
+        tmp_path / "bad.yaml",
+        users=[gateway_user(tmp_path, account, password="wrong")],
+        tls=tls_files,
+        listeners=["none"],
+        upstreams=upstreams,
+    )
+    result = fetch_once(bad)
+    assert result.returncode == 1, describe(result)
+    assert b"result=auth_failed" in result.stderr
+    assert b"wrong" not in result.stderr
+
+    result = fetch_once(good, "--user", "nobody")
+    assert result.returncode == 2, describe(result)
