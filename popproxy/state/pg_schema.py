@@ -37,7 +37,15 @@ APPLICATION_ID = 0x506F5078
 SCHEMA_TABLE = "popproxy_schema"
 # The tables of MIGRATIONS; a schema holding one of them but no SCHEMA_TABLE is
 # another program's and is refused.
-TABLES = ("accounts", "messages", "retrievals", "hides", "disposals")
+TABLES = (
+    "accounts",
+    "messages",
+    "retrievals",
+    "hides",
+    "disposals",
+    "gateway_sources",
+    "gateway_messages",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +113,44 @@ MIGRATIONS: tuple[Migration, ...] = (
                 session_id text NOT NULL
             )""",
             "CREATE INDEX disposals_account_uid ON disposals (account_id, uid)",
+        ),
+        oldest_reader=1,
+    ),
+    # The gateway (docs/gateway.md): per source each listed (UIDL, size), how far its
+    # delivery got and its deletion upstream, and each source's last poll. Additive:
+    # a popproxy of version 1 never reads these tables and may go on using the store.
+    Migration(
+        2,
+        (
+            """CREATE TABLE gateway_sources (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                local_user text COLLATE "C" NOT NULL,
+                upstream text COLLATE "C" NOT NULL,
+                upstream_user text COLLATE "C" NOT NULL,
+                last_listed timestamptz,
+                last_poll_at timestamptz,
+                last_result text,
+                last_fetched bigint,
+                last_skipped bigint,
+                last_deleted bigint,
+                last_fetched_bytes bigint,
+                last_success_at timestamptz,
+                UNIQUE (local_user, upstream, upstream_user)
+            )""",
+            """CREATE TABLE gateway_messages (
+                source_id bigint NOT NULL REFERENCES gateway_sources (id),
+                uid text COLLATE "C" NOT NULL,
+                size bigint NOT NULL CHECK (size >= 0),
+                first_seen timestamptz NOT NULL,
+                last_seen timestamptz NOT NULL,
+                state text NOT NULL CHECK (state IN ('listed', 'staged', 'delivered')),
+                file_name text,
+                state_at timestamptz NOT NULL,
+                deleted_upstream_at timestamptz,
+                deleted_by_rule text,
+                PRIMARY KEY (source_id, uid)
+            )""",
+            "CREATE INDEX gateway_messages_state ON gateway_messages (source_id, state)",
         ),
         oldest_reader=1,
     ),

@@ -48,8 +48,16 @@ from popproxy.config.schema import postgres_url_problem
 from popproxy.secret import Secret
 from popproxy.state.base import (
     AccountKey,
+    Disposal,
+    FetchFacts,
+    FetchState,
     MessageFacts,
+    PollSummary,
+    SeenMessage,
     SessionRecord,
+    SourceKey,
+    SourceStatus,
+    StagedMessage,
     StateError,
     StoredMessage,
 )
@@ -59,7 +67,9 @@ from popproxy.state.checks import (
     PRUNE_BATCH,
     check_account,
     check_aware,
+    check_listing,
     check_record,
+    check_source,
     check_text,
     check_uids,
     split_listing,
@@ -198,6 +208,63 @@ class PostgresStore:
             total += deleted
             if deleted < PRUNE_BATCH:
                 return total
+
+    # -- the GatewayStore protocol -----------------------------------------------------
+
+    async def gateway_listing(
+        self, source: SourceKey, listing: Sequence[SeenMessage], at: datetime
+    ) -> Mapping[str, FetchFacts]:
+        """See ``GatewayStore.gateway_listing``."""
+        check_source(source)
+        check_listing(listing)
+        check_aware(at)
+        return await self._run(lambda conn: _gateway_listing(conn, source, listing, at))
+
+    async def gateway_staged(self, source: SourceKey) -> Sequence[FetchFacts]:
+        """See ``GatewayStore.gateway_staged``."""
+        check_source(source)
+        return await self._run(lambda conn: _gateway_staged(conn, source))
+
+    async def gateway_stage(
+        self, source: SourceKey, staged: Sequence[StagedMessage], at: datetime
+    ) -> None:
+        """See ``GatewayStore.gateway_stage``."""
+        check_source(source)
+        check_aware(at)
+        moves = [_Move("staged", m.file_name, m.uid, m.size, "listed") for m in staged]
+        await self._run(lambda conn: _gateway_transition(conn, source, moves, at))
+
+    async def gateway_settle(
+        self,
+        source: SourceKey,
+        delivered: Collection[str],
+        returned: Collection[str],
+        at: datetime,
+    ) -> None:
+        """See ``GatewayStore.gateway_settle``."""
+        check_source(source)
+        check_aware(at)
+        moves = [_Move("delivered", None, uid, None, "staged") for uid in delivered]
+        moves += [_Move("listed", None, uid, None, "staged") for uid in returned]
+        await self._run(lambda conn: _gateway_transition(conn, source, moves, at))
+
+    async def gateway_deleted(
+        self, source: SourceKey, deleted: Sequence[Disposal], at: datetime
+    ) -> None:
+        """See ``GatewayStore.gateway_deleted``."""
+        check_source(source)
+        check_aware(at)
+        await self._run(lambda conn: _gateway_deleted(conn, source, deleted, at))
+
+    async def gateway_poll_finished(self, source: SourceKey, summary: PollSummary) -> None:
+        """See ``GatewayStore.gateway_poll_finished``."""
+        check_source(source)
+        check_aware(summary.at)
+        await self._run(lambda conn: _gateway_poll_finished(conn, source, summary))
+
+    async def gateway_sources(self) -> Sequence[SourceStatus]:
+        """See ``GatewayStore.gateway_sources``."""
+        return await self._run(_gateway_sources)
 
     async def aclose(self) -> None:
         """Wait for running calls, then close the pool and its connections."""
@@ -478,4 +545,211 @@ def _prune_batch(conn: psycopg.Connection[Any], cutoff: datetime) -> int:
             " AND m.last_seen < a.last_listed",
             {"cutoff": cutoff, "batch": PRUNE_BATCH},
         )
-        return cursor.rowcount
+        deleted = cursor.rowcount
+        # The gateway's rows the same way; a staged row is never forgotten (its file
+        # is still to be settled by the next poll).
+        cursor = conn.execute(
+            "DELETE FROM gateway_messages AS m USING gateway_sources AS s"
+            " WHERE (m.source_id, m.uid) IN (SELECT m2.source_id, m2.uid"
+            " FROM gateway_messages AS m2 JOIN gateway_sources AS s2 ON s2.id = m2.source_id"
+            " WHERE m2.last_seen < %(cutoff)s AND m2.last_seen < s2.last_listed"
+            " AND m2.state != 'staged' LIMIT %(batch)s)"
+            " AND s.id = m.source_id AND m.last_seen < %(cutoff)s"
+            " AND m.last_seen < s.last_listed AND m.state != 'staged'",
+            {"cutoff": cutoff, "batch": max(0, PRUNE_BATCH - deleted)},
+        )
+        return deleted + cursor.rowcount
+
+
+# -- the gateway's facts ------------------------------------------------------------------
+
+_FACT_COLUMNS = "uid, size, first_seen, state, file_name, deleted_upstream_at"
+
+
+@dataclass(frozen=True, slots=True)
+class _Move:
+    """One state change of a gateway message: to ``state`` (with a file name, or None
+    to keep it) from ``before``; ``size`` None matches any size."""
+
+    state: str
+    file_name: str | None
+    uid: str
+    size: int | None
+    before: str
+
+
+def _fetch_facts(row: Sequence[Any]) -> FetchFacts:
+    uid, size, first, state, name, deleted = row
+    return FetchFacts(
+        uid=uid,
+        size=size,
+        first_seen=_utc(first),
+        state=FetchState(state),
+        file_name=name,
+        deleted_upstream_at=_maybe_utc(deleted),
+    )
+
+
+def _source_id(conn: psycopg.Connection[Any], source: SourceKey) -> int | None:
+    row = conn.execute(
+        "SELECT id FROM gateway_sources"
+        " WHERE local_user = %s AND upstream = %s AND upstream_user = %s",
+        (source.user, source.upstream, source.upstream_user),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _upsert_source(conn: psycopg.Connection[Any], source: SourceKey) -> int:
+    """The source's id, created if new; holds its row lock until COMMIT, so the writes
+    of one source (from any process) apply one after another."""
+    row = conn.execute(
+        "INSERT INTO gateway_sources (local_user, upstream, upstream_user)"
+        " VALUES (%s, %s, %s) ON CONFLICT (local_user, upstream, upstream_user)"
+        " DO UPDATE SET local_user = excluded.local_user RETURNING id",
+        (source.user, source.upstream, source.upstream_user),
+    ).fetchone()
+    assert row is not None  # RETURNING of an upsert always has its row
+    return int(row[0])
+
+
+def _gateway_listing(
+    conn: psycopg.Connection[Any],
+    source: SourceKey,
+    listing: Sequence[SeenMessage],
+    at: datetime,
+) -> dict[str, FetchFacts]:
+    sizes = {m.uid: m.size for m in listing}
+    uids = list(sizes)
+    with conn.transaction():
+        source_id = _upsert_source(conn, source)
+        conn.execute(
+            "UPDATE gateway_sources SET last_listed = greatest(last_listed, %s) WHERE id = %s",
+            (at, source_id),
+        )
+        # Another size under a known UIDL: new content (RFC 1939 §7), history dropped.
+        conn.execute(
+            "DELETE FROM gateway_messages AS m"
+            " USING unnest(%(uids)s::text[], %(sizes)s::bigint[]) AS t (uid, size)"
+            " WHERE m.source_id = %(source)s AND m.uid = t.uid AND m.size != t.size"
+            " AND m.state != 'staged'",
+            {"source": source_id, "uids": uids, "sizes": [sizes[u] for u in uids]},
+        )
+        conn.execute(
+            "INSERT INTO gateway_messages"
+            " (source_id, uid, size, first_seen, last_seen, state, state_at)"
+            " SELECT %(source)s, t.uid, t.size, %(at)s, %(at)s, 'listed', %(at)s"
+            " FROM unnest(%(uids)s::text[], %(sizes)s::bigint[]) AS t (uid, size)"
+            " ON CONFLICT (source_id, uid) DO UPDATE SET"
+            " last_seen = greatest(gateway_messages.last_seen, excluded.last_seen)",
+            {"source": source_id, "at": at, "uids": uids, "sizes": [sizes[u] for u in uids]},
+        )
+        rows = conn.execute(
+            f"SELECT {_FACT_COLUMNS} FROM gateway_messages"
+            " WHERE source_id = %s AND uid = ANY(%s::text[])",
+            (source_id, uids),
+        ).fetchall()
+    return {row[0]: _fetch_facts(row) for row in rows}
+
+
+def _gateway_staged(conn: psycopg.Connection[Any], source: SourceKey) -> list[FetchFacts]:
+    rows = conn.execute(
+        f"SELECT {_FACT_COLUMNS} FROM gateway_messages AS m"
+        " JOIN gateway_sources AS s ON s.id = m.source_id"
+        " WHERE s.local_user = %s AND s.upstream = %s AND s.upstream_user = %s"
+        " AND m.state = 'staged' ORDER BY m.uid",
+        (source.user, source.upstream, source.upstream_user),
+    ).fetchall()
+    return [_fetch_facts(row) for row in rows]
+
+
+def _gateway_transition(
+    conn: psycopg.Connection[Any], source: SourceKey, moves: Sequence[_Move], at: datetime
+) -> None:
+    """Apply ``moves`` in one transaction; a row not in its ``before`` state is a
+    caller's bug, and then nothing is changed."""
+    with conn.transaction():
+        source_id = _upsert_source(conn, source)
+        for move in moves:
+            cursor = conn.execute(
+                "UPDATE gateway_messages SET state = %s, file_name = coalesce(%s, file_name),"
+                " state_at = %s WHERE source_id = %s AND uid = %s"
+                " AND size = coalesce(%s, size) AND state = %s",
+                (move.state, move.file_name, at, source_id, move.uid, move.size, move.before),
+            )
+            if cursor.rowcount != 1:
+                raise StateError(f"gateway message not {move.before}: cannot make it {move.state}")
+
+
+def _gateway_deleted(
+    conn: psycopg.Connection[Any], source: SourceKey, deleted: Sequence[Disposal], at: datetime
+) -> None:
+    with conn.transaction():
+        source_id = _upsert_source(conn, source)
+        conn.execute(
+            "UPDATE gateway_messages AS m SET deleted_upstream_at = %(at)s,"
+            " deleted_by_rule = t.rule"
+            " FROM unnest(%(uids)s::text[], %(rules)s::text[]) AS t (uid, rule)"
+            " WHERE m.source_id = %(source)s AND m.uid = t.uid",
+            {
+                "at": at,
+                "source": source_id,
+                "uids": [d.uid for d in deleted],
+                "rules": [d.rule for d in deleted],
+            },
+        )
+
+
+def _gateway_poll_finished(
+    conn: psycopg.Connection[Any], source: SourceKey, summary: PollSummary
+) -> None:
+    with conn.transaction():
+        source_id = _upsert_source(conn, source)
+        conn.execute(
+            "UPDATE gateway_sources SET last_poll_at = %(at)s, last_result = %(result)s,"
+            " last_fetched = %(fetched)s, last_skipped = %(skipped)s,"
+            " last_deleted = %(deleted)s, last_fetched_bytes = %(bytes)s,"
+            " last_success_at = CASE WHEN %(ok)s THEN %(at)s ELSE last_success_at END"
+            " WHERE id = %(source)s",
+            {
+                "at": summary.at,
+                "result": summary.result,
+                "fetched": summary.fetched,
+                "skipped": summary.skipped,
+                "deleted": summary.deleted,
+                "bytes": summary.fetched_bytes,
+                "ok": summary.result == "ok",
+                "source": source_id,
+            },
+        )
+
+
+def _gateway_sources(conn: psycopg.Connection[Any]) -> list[SourceStatus]:
+    rows = conn.execute(
+        "SELECT s.local_user, s.upstream, s.upstream_user, s.last_poll_at, s.last_result,"
+        " s.last_fetched, s.last_skipped, s.last_deleted, s.last_fetched_bytes,"
+        " s.last_success_at,"
+        " count(m.uid) FILTER (WHERE m.state != 'delivered'),"
+        " count(m.uid) FILTER (WHERE m.state = 'delivered'),"
+        " count(m.uid) FILTER (WHERE m.deleted_upstream_at IS NOT NULL)"
+        " FROM gateway_sources AS s LEFT JOIN gateway_messages AS m ON m.source_id = s.id"
+        " GROUP BY s.id ORDER BY s.local_user, s.upstream, s.upstream_user"
+    ).fetchall()
+    out: list[SourceStatus] = []
+    for (
+        user, upstream, upstream_user, poll_at, result, fetched, skipped, deleted, nbytes,
+        success, listed, delivered, gone,
+    ) in rows:  # fmt: skip
+        last = None
+        if poll_at is not None:
+            last = PollSummary(_utc(poll_at), result, fetched, skipped, deleted, nbytes)
+        out.append(
+            SourceStatus(
+                source=SourceKey(user, upstream, upstream_user),
+                last_poll=last,
+                last_success_at=_maybe_utc(success),
+                listed=listed,
+                delivered=delivered,
+                deleted_upstream=gone,
+            )
+        )
+    return out
