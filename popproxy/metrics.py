@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 import platform
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
 from prometheus_client import (
@@ -39,7 +39,7 @@ from prometheus_client import (
 )
 
 import popproxy
-from popproxy.outcomes import SessionResult, UpstreamFailure
+from popproxy.outcomes import PollResult, SessionResult, UpstreamFailure
 from popproxy.pop3.commands import Verb
 
 PREFIX = "popproxy_"
@@ -64,6 +64,25 @@ LATENCY_BUCKETS_SECONDS = (
     5.0,
     10.0,
     30.0,
+)
+
+# Gateway poll durations, 50 ms to 30 min: an empty poll on loopback is a few round
+# trips; the first poll of a large mailbox downloads for minutes.
+POLL_BUCKETS_SECONDS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
 )
 
 # The ``verb`` label of a client command that did not parse to a known verb.
@@ -312,6 +331,51 @@ class Metrics:
             "state_errors_total", "State store operations that failed.", ("operation",)
         )
 
+        # The fetch gateway (docs/gateway.md): per upstream, never per user or source.
+        self._gateway_polls = counter(
+            "gateway_polls_total",
+            "Gateway polls of sources on an upstream, by result (ok, auth_failed,"
+            " upstream_error, maildir_full, maildir_error, state_error).",
+            ("upstream", "result"),
+        )
+        self._gateway_fetched = counter(
+            "gateway_fetched_messages_total",
+            "Messages the gateway delivered durably into a Maildir, by upstream.",
+            ("upstream",),
+        )
+        self._gateway_fetched_bytes = counter(
+            "gateway_fetched_bytes_total",
+            "Octets of the messages the gateway delivered into a Maildir, by upstream.",
+            ("upstream",),
+        )
+        self._gateway_deleted = counter(
+            "gateway_deleted_messages_total",
+            "Messages the gateway deleted upstream after their local copy was durable"
+            " (QUIT answered +OK), by upstream and the rule that said so.",
+            ("upstream", "rule"),
+        )
+        self._gateway_duration = Histogram(
+            PREFIX + "gateway_poll_duration_seconds",
+            "Time one gateway poll of a source took, from its start to its log line.",
+            ("upstream",),
+            registry=registry,
+            buckets=POLL_BUCKETS_SECONDS,
+        )
+        self._gateway_last_success = gauge(
+            "gateway_last_success_timestamp_seconds",
+            "Unix time of the last successful gateway poll of a source on the upstream.",
+            ("upstream",),
+        )
+        self._gateway_backoff = gauge(
+            "gateway_sources_in_backoff",
+            "Gateway sources on the upstream whose last poll failed (waiting out a backoff).",
+            ("upstream",),
+        )
+        self._gateway_interval = gauge(
+            "gateway_poll_interval_seconds",
+            "The configured time between two polls of a source (gateway.interval_seconds).",
+        )
+
         # Series whose labels are all known now exist from the first scrape.
         for mechanism in LoginMechanism:
             for login_result in LoginResult:
@@ -365,6 +429,12 @@ class Metrics:
             _check_name(upstream)
             if upstream not in self._upstreams:
                 self._upstreams[upstream] = UpstreamMetrics(self, upstream)
+                for poll_result in PollResult:
+                    self._gateway_polls.labels(upstream, poll_result.value)
+                self._gateway_fetched.labels(upstream)
+                self._gateway_fetched_bytes.labels(upstream)
+                self._gateway_duration.labels(upstream)
+                self._gateway_backoff.labels(upstream)
         for rule in rules:
             _check_name(rule)
             self._rules.add(rule)
@@ -446,6 +516,43 @@ class Metrics:
     def policy_overdue(self, rule: str, count: int) -> None:
         """A login's listing had ``count`` messages past ``rule``'s ``expire_after_days``."""
         self._policy_overdue.labels(self._rule(rule)).inc(count)
+
+    # -- the fetch gateway ----------------------------------------------------------------
+
+    def gateway_poll(
+        self,
+        upstream: str,
+        result: PollResult,
+        *,
+        seconds: float,
+        fetched: int,
+        fetched_bytes: int,
+        deleted_by_rule: Mapping[str, int],
+        timestamp: float,
+    ) -> None:
+        """One gateway poll of a source on ``upstream`` ended with ``result``.
+
+        ``deleted_by_rule`` counts the messages deleted upstream per rule (QUIT +OK);
+        ``timestamp`` is the Unix time it ended (the last-success gauge, if ok).
+        """
+        name = self.upstream(upstream).name
+        self._gateway_polls.labels(name, _label(result, PollResult)).inc()
+        self._gateway_duration.labels(name).observe(seconds)
+        self._gateway_fetched.labels(name).inc(fetched)
+        self._gateway_fetched_bytes.labels(name).inc(fetched_bytes)
+        for rule, count in deleted_by_rule.items():
+            self._gateway_deleted.labels(name, self._rule(rule)).inc(count)
+        if result is PollResult.OK:
+            self._gateway_last_success.labels(name).set(timestamp)
+
+    def gateway_backoff(self, in_backoff: Mapping[str, int]) -> None:
+        """How many sources of each declared upstream are in backoff now (absent: none)."""
+        for upstream in self._upstreams:
+            self._gateway_backoff.labels(upstream).set(in_backoff.get(upstream, 0))
+
+    def gateway_interval(self, seconds: float) -> None:
+        """Publish ``gateway.interval_seconds`` (the FetchStalled alert counts in it)."""
+        self._gateway_interval.set(seconds)
 
     def state_operation(self, operation: StateOperation, seconds: float) -> None:
         """A state store operation finished in ``seconds`` (worker-thread wait included)."""

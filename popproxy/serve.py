@@ -533,6 +533,7 @@ async def serve(
             gateway = Scheduler(
                 Fetcher(server.store.get, clock=clock, metrics=server.metrics),
                 lambda: server.config,
+                metrics=server.metrics,
             )
             background = _Background(reloads, gateway, poll_requests)
             await _run(server, bound, shutdown, background, task_status)

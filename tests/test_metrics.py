@@ -30,7 +30,7 @@ from popproxy.metrics import (
     StateOperation,
     TlsResult,
 )
-from popproxy.outcomes import SessionResult, UpstreamFailure
+from popproxy.outcomes import PollResult, SessionResult, UpstreamFailure
 from popproxy.pop3.commands import Verb
 
 LISTENERS = ("none", "starttls", "implicit")
@@ -79,6 +79,17 @@ def exercise_every_metric(metrics: Metrics) -> None:
     metrics.policy_overdue("10-archive", 3)
     metrics.state_operation(StateOperation.COMMIT, 0.004)
     metrics.state_error(StateOperation.LOAD)
+    metrics.gateway_poll(
+        "provider",
+        PollResult.OK,
+        seconds=0.4,
+        fetched=3,
+        fetched_bytes=12_000,
+        deleted_by_rule={"20-default": 3},
+        timestamp=1_700_000_000.0,
+    )
+    metrics.gateway_backoff({"backup": 1})
+    metrics.gateway_interval(300)
 
 
 def samples_by_family(registry: CollectorRegistry) -> dict[str, list[tuple[str, dict[str, str]]]]:
@@ -524,3 +535,46 @@ def test_a_failed_label_check_changes_nothing() -> None:
     with pytest.raises(TypeError):
         metrics.listener("none").session_ended(Stray.OOPS)  # type: ignore[arg-type]
     assert value(metrics, "popproxy_sessions_active", listener="none") == 1
+
+
+def test_gateway_metrics_take_declared_names_and_closed_results_only() -> None:
+    metrics = new_metrics()
+    with pytest.raises(ValueError, match="not declared"):
+        metrics.gateway_poll(
+            "carol",  # a user name is never a label
+            PollResult.OK,
+            seconds=1,
+            fetched=0,
+            fetched_bytes=0,
+            deleted_by_rule={},
+            timestamp=1.0,
+        )
+    with pytest.raises(TypeError):
+        metrics.gateway_poll(
+            "provider",
+            "ok",  # type: ignore[arg-type]
+            seconds=1,
+            fetched=0,
+            fetched_bytes=0,
+            deleted_by_rule={},
+            timestamp=1.0,
+        )
+    metrics.gateway_poll(
+        "provider",
+        PollResult.AUTH_FAILED,
+        seconds=2,
+        fetched=0,
+        fetched_bytes=0,
+        deleted_by_rule={},
+        timestamp=5.0,
+    )
+    value = metrics.registry.get_sample_value
+    assert (
+        value("popproxy_gateway_polls_total", {"upstream": "provider", "result": "auth_failed"})
+        == 1
+    )
+    assert value("popproxy_gateway_polls_total", {"upstream": "backup", "result": "ok"}) == 0
+    # No success yet: no last-success series (a 0 would read as 1970 to the alert).
+    assert (
+        value("popproxy_gateway_last_success_timestamp_seconds", {"upstream": "provider"}) is None
+    )

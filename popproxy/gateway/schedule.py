@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,6 +28,7 @@ import trio
 
 from popproxy.config import Config, FetchSource, GatewayConfig, UserConfig
 from popproxy.gateway.fetcher import PollReport
+from popproxy.metrics import Metrics
 from popproxy.outcomes import PollResult
 from popproxy.state.base import SourceKey
 
@@ -133,8 +135,9 @@ class Scheduler:
     """Polls every gateway source of the current config, forever (see the module doc).
 
     ``current_config`` is called at every decision: the server passes the config
-    of its current runtime, so a reload applies without a restart. ``on_report`` gets
-    each finished poll (metrics). ``rng`` draws the jitter (tests seed it).
+    of its current runtime, so a reload applies without a restart. ``metrics`` counts
+    each finished poll and the sources in backoff; ``on_report`` gets each finished
+    poll too (tests). ``rng`` draws the jitter (tests seed it).
     """
 
     def __init__(
@@ -142,11 +145,13 @@ class Scheduler:
         fetcher: Poller,
         current_config: Callable[[], Config],
         *,
+        metrics: Metrics | None = None,
         on_report: Callable[[PollReport, Backoff], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._fetcher = fetcher
         self._current_config = current_config
+        self._metrics = metrics
         self._on_report = on_report
         self._rng = rng or random.Random()
         self._limits = _Limits(current_config().gateway)
@@ -176,6 +181,8 @@ class Scheduler:
             while True:  # ends: cancelled with the server
                 config = self._current_config()
                 self._limits.apply(config.gateway)
+                if self._metrics is not None:
+                    self._metrics.gateway_interval(config.gateway.interval_seconds)
                 sources = sources_of(config)
                 now = trio.current_time()
                 for key in sources.keys() - self._schedules.keys():
@@ -209,6 +216,21 @@ class Scheduler:
         schedule.backoff = schedule.backoff.after(report.result)
         delay = schedule.backoff.delay(self._current_config().gateway, self._rng.random())
         schedule.due = trio.current_time() + delay
+        if self._metrics is not None:
+            self._metrics.gateway_poll(
+                source.upstream,
+                report.result,
+                seconds=report.seconds,
+                fetched=report.fetched,
+                fetched_bytes=report.fetched_bytes,
+                deleted_by_rule=report.deleted_by_rule,
+                timestamp=time.time(),
+            )
+            in_backoff: dict[str, int] = {}
+            for other, state in self._schedules.items():
+                if state.backoff.active:
+                    in_backoff[other.upstream] = in_backoff.get(other.upstream, 0) + 1
+            self._metrics.gateway_backoff(in_backoff)
         if self._on_report is not None:
             self._on_report(report, schedule.backoff)
         self._changed.set()

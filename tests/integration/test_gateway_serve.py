@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import StartServer
 from .dovecot import DovecotServer, DovecotUser
@@ -32,6 +33,7 @@ from .harness import (
 from .test_fetchmail import FETCHMAIL_MAIL_RETRIEVED, FETCHMAIL_NO_MAIL, Fetchmail, match_delivered
 from .test_fetchmail import TRANSPORTS as FETCHMAIL_TRANSPORTS
 from .test_getmail import RETURN_PATH_LINE, getmailrc
+from .test_metrics_live import scrape
 from .test_proxy import UPSTREAM, upstream_for
 
 LOCAL = "carol"
@@ -88,6 +90,7 @@ def test_run_polls_at_start_and_on_sigusr1_and_curl_reads_every_message_byte_exa
         listeners=["none"],
         upstreams={UPSTREAM: upstream_for(dovecot, "starttls")},
         gateway=INTERVAL,
+        metrics={"address": LOOPBACK, "port": 0},
     )
     (first,) = wait_polls(server, 1)
     assert first["result"] == "ok", first
@@ -105,6 +108,21 @@ def test_run_polls_at_start_and_on_sigusr1_and_curl_reads_every_message_byte_exa
     assert (second["result"], second["fetched"], second["deleted"]) == ("ok", "1", "1")
     later = hashlib.sha256(b"Subject: later\r\n\r\nbody\r\n").hexdigest()
     assert curl_digests(server) == sorted([*expected, later])
+
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(scrape(server).decode())
+        for s in family.samples
+    }
+    up = (("upstream", UPSTREAM),)
+    assert samples["popproxy_gateway_polls_total", (("result", "ok"), *up)] == 2
+    assert samples["popproxy_gateway_fetched_messages_total", up] == len(corpus.small) + 1
+    deleted = (("rule", "default"), *up)
+    assert samples["popproxy_gateway_deleted_messages_total", deleted] == len(corpus.small) + 1
+    assert samples["popproxy_gateway_poll_duration_seconds_count", up] == 2
+    assert samples["popproxy_gateway_last_success_timestamp_seconds", up] > 0
+    assert samples["popproxy_gateway_sources_in_backoff", up] == 0
+    assert samples["popproxy_gateway_poll_interval_seconds", ()] == INTERVAL["interval_seconds"]
 
 
 @pytest.mark.slow
