@@ -23,6 +23,7 @@ Every file operation runs in a worker thread behind the gateway's limiter.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import logging
@@ -39,19 +40,16 @@ import trio
 from popproxy.config import Config, FetchSource, UpstreamConfig, UserConfig
 from popproxy.gateway import delivery
 from popproxy.gateway.delivery import DeliveryError, TmpFile, Where
-from popproxy.maildrop.base import MaildropError, MessageInfo
-from popproxy.maildrop.upstream import (
-    CapabilityMemo,
-    UpstreamAccount,
-    UpstreamError,
-    UpstreamMaildrop,
-    open_upstream,
-)
+from popproxy.maildrop.base import MaildropError
+from popproxy.maildrop.connection import UpstreamConnection, UpstreamError
+from popproxy.maildrop.upstream_login import CapabilityMemo, UpstreamAccount, open_connection
 from popproxy.metrics import Metrics
 from popproxy.outcomes import PollResult, UpstreamFailure
 from popproxy.policy import AccountPolicy, Candidate, Headers, Planned, View, parse_headers
 from popproxy.policy.headers import MAX_HEADER_OCTETS
-from popproxy.pop3.dotstuff import TERMINATOR, DotUnstuffer
+from popproxy.pop3.client_replies import ListedMessage
+from popproxy.pop3.commands import Retr, Top
+from popproxy.pop3.replies import Err
 from popproxy.state.base import (
     Disposal,
     FetchFacts,
@@ -132,13 +130,14 @@ class _Counts:
 class _Session:
     """One logged-in poll: the connection, the listing and what the store knows of it."""
 
-    maildrop: UpstreamMaildrop
+    connection: UpstreamConnection
     key: SourceKey
     root: Path
-    listing: Sequence[MessageInfo]
+    listing: Sequence[ListedMessage]
     facts: Mapping[str, FetchFacts]
     policy: AccountPolicy
     counts: _Counts
+    depth: int  # RETRs in flight at once
 
 
 class Fetcher:
@@ -231,14 +230,14 @@ class Fetcher:
         await self._recover(key, root)
         upstream = config.upstreams[source.upstream]
         account = UpstreamAccount(upstream, source.upstream_user, source.upstream_password)
-        maildrop = await open_upstream(
-            account,
+        connection, listing = await open_connection(
+            upstream,
+            account.login(),
             tls_context=await self._tls_context(upstream),
             metrics=self._metrics.upstream(upstream.name) if self._metrics else None,
             capabilities=self._memos.setdefault(upstream.name, CapabilityMemo()),
         )
         try:
-            listing = maildrop.messages
             now = self._clock()
             seen = [SeenMessage(m.uid, m.size) for m in listing]
             facts = await self._store().gateway_listing(key, seen, now)
@@ -250,7 +249,11 @@ class Fetcher:
                     message.uid,
                     message.size,
                     facts[message.uid].first_seen,
-                    headers=(await _top_headers(maildrop, index) if policy.needs_headers else None),
+                    headers=(
+                        await _top_headers(connection, message.number)
+                        if policy.needs_headers
+                        else None
+                    ),
                 )
                 for index, message in enumerate(listing)
             ]
@@ -263,65 +266,112 @@ class Fetcher:
             plan = policy.poll_plan(view, durable, now)
             counts.skipped = len(plan.skip)
             _log_skips(key, plan.skip, listing, facts, now)
-            session = _Session(maildrop, key, root, listing, facts, policy, counts)
+            # RFC 2449 §6.6: several commands in flight only where the upstream says so.
+            depth = config.gateway.pipelining_depth if connection.pipelining else 1
+            session = _Session(connection, key, root, listing, facts, policy, counts, depth)
             durable |= await self._fetch(session, plan.fetch)
             await self._delete(session, view, durable)
         finally:
-            with trio.CancelScope(shield=True):
-                await maildrop.aclose()
+            await connection.aclose()
 
     async def _fetch(self, session: _Session, indexes: Sequence[int]) -> set[int]:
         """Fetch ``indexes`` into the Maildir in durable batches; the indexes delivered.
 
-        A failure (upstream or local) first makes the messages fully received so far
-        durable and recorded, then propagates: they are not fetched again.
+        ``session.depth`` RETRs are kept in flight (RFC 2449 §6.6): the next one is sent
+        as soon as a reply's status line is read, so the upstream never waits for a
+        round trip between messages; each body still streams to its file in order,
+        never held whole. A message the upstream refuses (``-ERR``: deleted meanwhile
+        by another client) is skipped. A failure (upstream or local) first makes the
+        messages fully received so far durable and recorded, then propagates: they are
+        not fetched again.
         """
         key, root, counts = session.key, session.root, session.counts
+        connection = session.connection
+        timeout = connection.upstream.command_timeout_seconds
         source = (key.user, key.upstream, key.upstream_user)
         delivered: set[int] = set()
         batch: list[tuple[int, StagedMessage]] = []
         batch_bytes = 0
+        waiting = collections.deque(indexes)
+        in_flight: collections.deque[tuple[int, float]] = collections.deque()
+
+        async def send_more() -> None:
+            commands = []
+            now = trio.current_time()
+            while waiting and len(in_flight) < session.depth:
+                index = waiting.popleft()
+                in_flight.append((index, now))
+                commands.append(Retr(session.listing[index].number))
+            if commands:
+                await connection.send(*commands)
+
         try:
-            for index in indexes:
-                message = session.listing[index]
-                first_seen = session.facts[message.uid].first_seen
-                name = delivery.message_name(first_seen, source, uid=message.uid, size=message.size)
-                written = await self._receive(session.maildrop, index, root, name)
-                await self._step(Step.WRITTEN)
-                batch.append((index, StagedMessage(message.uid, message.size, name)))
-                batch_bytes += written
-                counts.fetched_bytes += written
-                if len(batch) >= BATCH_MESSAGES or batch_bytes >= BATCH_BYTES:
-                    delivered |= await self._deliver(key, root, batch)
-                    counts.fetched += len(batch)
-                    batch, batch_bytes = [], 0
-        finally:
+            with connection.exchange():
+                connection.check_quiet()
+                await send_more()
+                while in_flight:  # ends: each pass takes one reply off in_flight
+                    index, sent = in_flight.popleft()
+                    with trio.fail_after(timeout):
+                        reply = await connection.status()
+                    connection.answered(Retr.verb, sent)
+                    await send_more()
+                    message = session.listing[index]
+                    if isinstance(reply, Err):
+                        _log_vanished(key, message)
+                        continue
+                    first_seen = session.facts[message.uid].first_seen
+                    name = delivery.message_name(
+                        first_seen, source, uid=message.uid, size=message.size
+                    )
+                    written = await self._receive(connection, root, name)
+                    await self._step(Step.WRITTEN)
+                    batch.append((index, StagedMessage(message.uid, message.size, name)))
+                    batch_bytes += written
+                    counts.fetched_bytes += written
+                    if len(batch) >= BATCH_MESSAGES or batch_bytes >= BATCH_BYTES:
+                        full, batch, batch_bytes = batch, [], 0
+                        delivered |= await self._deliver(key, root, full)
+                        counts.fetched += len(full)
+        except BaseException:
+            # Keep what arrived whole; the failure that stopped the poll is what it reports.
             if batch:
                 with trio.CancelScope(shield=True):
-                    delivered |= await self._deliver(key, root, batch)
-                    counts.fetched += len(batch)
+                    try:
+                        delivered |= await self._deliver(key, root, batch)
+                        counts.fetched += len(batch)
+                    except (DeliveryError, StateError) as exc:
+                        log.warning(
+                            "gateway_batch_not_kept",
+                            extra={"fields": {"source": key.label, "reason": str(exc)}},
+                        )
+            raise
+        if batch:
+            delivered |= await self._deliver(key, root, batch)
+            counts.fetched += len(batch)
         return delivered
 
-    async def _receive(self, maildrop: UpstreamMaildrop, index: int, root: Path, name: str) -> int:
-        """Stream message ``index`` (RFC 1939 §7 RETR) un-stuffed into ``tmp/name``,
-        fsync'ed and closed; the octets written. Nothing stays in tmp/ on failure."""
-        unstuffer = DotUnstuffer()
-        wire = bytearray()
+    async def _receive(self, connection: UpstreamConnection, root: Path, name: str) -> int:
+        """Stream the body of the RETR whose ``+OK`` was read (RFC 1939 §5), un-stuffed by
+        the protocol core, into ``tmp/name``, fsync'ed and closed; the octets written.
+        Nothing stays in tmp/ on failure."""
         pending: list[bytes] = []
         pending_bytes = 0
         tmp: TmpFile | None = None
+
+        async def sink(data: bytes | bytearray) -> None:
+            nonlocal pending_bytes, tmp
+            pending.append(bytes(data))
+            pending_bytes += len(data)
+            if pending_bytes >= WRITE_BYTES:
+                chunks = pending.copy()
+                pending.clear()
+                pending_bytes = 0
+                tmp = await self._run(_write, tmp, root, name, chunks, False)
+
         try:
-            async with contextlib.aclosing(maildrop.retrieve(index)) as chunks:
-                async for chunk in chunks:
-                    wire += chunk
-                    out = unstuffer.feed(wire)
-                    if out:
-                        pending.append(out)
-                        pending_bytes += len(out)
-                    if pending_bytes >= WRITE_BYTES:
-                        tmp = await self._run(_write, tmp, root, name, pending, False)
-                        pending, pending_bytes = [], 0
-            _check_body_end(wire)
+            await connection.stream_body(
+                sink, read_seconds=connection.upstream.command_timeout_seconds
+            )
             tmp = await self._run(_write, tmp, root, name, pending, True)
         except BaseException:
             if tmp is not None:
@@ -361,7 +411,7 @@ class Fetcher:
         key, counts = session.key, session.counts
         plan = session.policy.poll_plan(view, durable, self._clock())
         deletes = plan.delete_upstream
-        await session.maildrop.commit({item.index for item in deletes})
+        await session.connection.commit([session.listing[item.index].number for item in deletes])
         await self._step(Step.QUIT_SENT)
         if not deletes:
             return
@@ -421,13 +471,6 @@ class Fetcher:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
 
-def _check_body_end(rest: bytearray) -> None:
-    """Octets left undecoded at a body's end: the body ended inside a line's first
-    octets, which the scanner that found the end should have made impossible."""
-    if rest:
-        raise MaildropError(None, "a message body ended inside a dot-stuffed line")
-
-
 def _write(tmp: TmpFile | None, root: Path, name: str, chunks: list[bytes], last: bool) -> TmpFile:
     """Create ``tmp/name`` if needed, append ``chunks``, and if ``last`` fsync and close."""
     if tmp is None:
@@ -438,23 +481,37 @@ def _write(tmp: TmpFile | None, root: Path, name: str, chunks: list[bytes], last
     return tmp
 
 
-async def _top_headers(maildrop: UpstreamMaildrop, index: int) -> Headers:
-    """The header of message ``index`` from ``TOP n 0`` (RFC 1939 §7), at most
-    ``MAX_HEADER_OCTETS``; the reply is read to its end so the connection stays usable."""
-    wire = bytearray()
-    async with contextlib.aclosing(maildrop.retrieve(index, body_lines=0)) as chunks:
-        async for chunk in chunks:
-            wire += chunk[: max(0, MAX_HEADER_OCTETS - len(wire))]
-    if not wire.endswith(b"\r\n"):
-        wire += b"\r\n"
-    wire += TERMINATOR
-    return parse_headers(DotUnstuffer().feed(wire))
+async def _top_headers(connection: UpstreamConnection, number: int) -> Headers:
+    """The header of message ``number`` from ``TOP n 0`` (RFC 1939 §7), at most
+    ``MAX_HEADER_OCTETS``; the reply is read to its end so the connection stays usable.
+    A message the upstream refuses has no headers (an empty header)."""
+    head = bytearray()
+
+    async def sink(data: bytes | bytearray) -> None:
+        head.extend(data[: max(0, MAX_HEADER_OCTETS - len(head))])
+
+    timeout = connection.upstream.command_timeout_seconds
+    with connection.exchange():
+        connection.check_quiet()
+        reply = await connection.request(Top(number, 0), within=timeout)
+        if isinstance(reply, Err):
+            return parse_headers(b"")
+        await connection.stream_body(sink, read_seconds=timeout)
+    return parse_headers(bytes(head))
+
+
+def _log_vanished(key: SourceKey, message: ListedMessage) -> None:
+    """A listed message the upstream refused to RETR (gone meanwhile): skipped."""
+    log.info(
+        "gateway_message_gone",
+        extra={"fields": {"user": key.user, "source": key.label, "uid": message.uid}},
+    )
 
 
 def _log_skips(
     key: SourceKey,
     skips: Sequence[Planned],
-    listing: Sequence[MessageInfo],
+    listing: Sequence[ListedMessage],
     facts: Mapping[str, FetchFacts],
     now: datetime,
 ) -> None:
