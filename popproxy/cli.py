@@ -378,6 +378,12 @@ def _cmd_state(args: argparse.Namespace) -> int:
                     state.stored_messages, config.state, args.upstream, args.upstream_user
                 )
                 print(state.format_stored(rows))
+                sources = trio.run(
+                    state.gateway_sources, config.state, args.upstream, args.upstream_user
+                )
+                if sources:
+                    print()
+                    print(state.format_sources(sources))
             case "prune":
                 if not 0 <= args.gone_days <= MAX_GONE_DAYS:
                     print(f"popproxy: --gone-days must be 0-{MAX_GONE_DAYS}", file=sys.stderr)

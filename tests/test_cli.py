@@ -23,7 +23,15 @@ from popproxy.commands import check_config
 from popproxy.config import StateConfig
 from popproxy.secret import Secret
 from popproxy.state import open_store
-from popproxy.state.base import AccountKey, Disposal, SeenMessage, SessionRecord
+from popproxy.state.base import (
+    AccountKey,
+    Disposal,
+    PollSummary,
+    SeenMessage,
+    SessionRecord,
+    SourceKey,
+    StagedMessage,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 HASH = hash_password(Secret.from_str("pw"), ln=4)
@@ -962,3 +970,33 @@ def test_state_commands_report_a_postgres_server_they_cannot_reach(
     err = capsys.readouterr().err
     assert err.startswith("popproxy: cannot open the state store postgresql://127.0.0.1:1/")
     assert cli.main(["state", "prune", "-c", config, "--gone-days", "3"]) == 1
+
+
+def test_state_show_lists_gateway_sources_with_their_last_poll(
+    in_tmp: Path, state_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    carol = SourceKey("carol", "provider", "carol@example.net")
+
+    async def write() -> None:
+        store = await open_store(StateConfig(url=state_url))
+        try:
+            await store.gateway_listing(
+                carol, [SeenMessage("a", 10), SeenMessage("b", 20)], STATE_T0
+            )
+            await store.gateway_stage(carol, [StagedMessage("a", 10, "n")], STATE_T0)
+            await store.gateway_settle(carol, ["a"], (), STATE_T0)
+            await store.gateway_poll_finished(
+                carol, PollSummary(STATE_T0, "ok", fetched=1, skipped=1, fetched_bytes=10)
+            )
+        finally:
+            await store.aclose()
+
+    trio.run(write)
+    assert cli.main(["state", "show", "-c", str(state_config(in_tmp, state_url))]) == 0
+    out = capsys.readouterr().out
+    assert out == textwrap.dedent("""\
+        no UIDLs stored
+
+        gateway sources:
+          carol <- provider/carol@example.net: last poll 2024-05-01 12:00:00Z ok fetched=1 skipped=1 deleted=0 bytes=10; last success 2024-05-01 12:00:00Z; known UIDLs: 1 delivered, 1 not, 0 deleted upstream
+        """)  # noqa: E501

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from popproxy.config import StateConfig
 from popproxy.state import open_store
-from popproxy.state.base import AccountKey, StoredMessage
+from popproxy.state.base import AccountKey, SourceStatus, StoredMessage
 
 
 async def stored_messages(
@@ -30,6 +30,46 @@ async def stored_messages(
         if upstream in (None, row.account.upstream)
         and upstream_user in (None, row.account.upstream_user)
     ]
+
+
+async def gateway_sources(
+    state: StateConfig, upstream: str | None, upstream_user: str | None
+) -> Sequence[SourceStatus]:
+    """The gateway's sources the store knows, of ``upstream`` and ``upstream_user`` (None: any)."""
+    store = await open_store(state)
+    try:
+        rows = await store.gateway_sources()
+    finally:
+        await store.aclose()
+    return [
+        row
+        for row in rows
+        if upstream in (None, row.source.upstream)
+        and upstream_user in (None, row.source.upstream_user)
+    ]
+
+
+def format_sources(rows: Sequence[SourceStatus]) -> str:
+    """What ``state show`` prints for the gateway: one line per source, its last poll."""
+    lines = ["gateway sources:"]
+    for row in rows:
+        source = row.source
+        line = f"  {source.user} <- {source.upstream}/{source.upstream_user}:"
+        last = row.last_poll
+        if last is None:
+            line += " never polled"
+        else:
+            line += (
+                f" last poll {utc(last.at)} {last.result} fetched={last.fetched}"
+                f" skipped={last.skipped} deleted={last.deleted} bytes={last.fetched_bytes}"
+            )
+        success = "never" if row.last_success_at is None else utc(row.last_success_at)
+        line += (
+            f"; last success {success}; known UIDLs: {row.delivered} delivered,"
+            f" {row.listed} not, {row.deleted_upstream} deleted upstream"
+        )
+        lines.append(line)
+    return "\n".join(lines)
 
 
 async def prune(state: StateConfig, cutoff: datetime, dry_run: bool) -> int:
