@@ -231,6 +231,17 @@ def _cmd_explain(path: Path, user: str) -> int:
     config = _load(path)
     if config is None:
         return EXIT_USAGE
+    gateway_user = config.users.get(user)
+    if gateway_user is not None and gateway_user.fetch:
+        from popproxy.gateway.dryrun import explain_user, format_sources
+
+        try:
+            explained = trio.run(explain_user, config, gateway_user, utc_now)
+        except (MaildropError, StateError, TlsError) as exc:
+            print(f"popproxy explain: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        sys.stdout.write(format_sources(user, explained))
+        return EXIT_OK
     try:
         rows = trio.run(explain, config, user, utc_now)
     except ExplainError as exc:

@@ -40,15 +40,15 @@ import trio
 from popproxy.config import Config, FetchSource, UpstreamConfig, UserConfig
 from popproxy.gateway import delivery
 from popproxy.gateway.delivery import DeliveryError, TmpFile, Where
+from popproxy.gateway.dryrun import top_headers
 from popproxy.maildrop.base import MaildropError
 from popproxy.maildrop.connection import UpstreamConnection, UpstreamError
 from popproxy.maildrop.upstream_login import CapabilityMemo, UpstreamAccount, open_connection
 from popproxy.metrics import Metrics
 from popproxy.outcomes import PollResult, UpstreamFailure
-from popproxy.policy import AccountPolicy, Candidate, Headers, Planned, View, parse_headers
-from popproxy.policy.headers import MAX_HEADER_OCTETS
+from popproxy.policy import AccountPolicy, Candidate, Planned, View
 from popproxy.pop3.client_replies import ListedMessage
-from popproxy.pop3.commands import Retr, Top
+from popproxy.pop3.commands import Retr
 from popproxy.pop3.replies import Err
 from popproxy.state.base import (
     Disposal,
@@ -250,7 +250,7 @@ class Fetcher:
                     message.size,
                     facts[message.uid].first_seen,
                     headers=(
-                        await _top_headers(connection, message.number)
+                        await top_headers(connection, message.number)
                         if policy.needs_headers
                         else None
                     ),
@@ -479,25 +479,6 @@ def _write(tmp: TmpFile | None, root: Path, name: str, chunks: list[bytes], last
     if last:
         tmp.finish()
     return tmp
-
-
-async def _top_headers(connection: UpstreamConnection, number: int) -> Headers:
-    """The header of message ``number`` from ``TOP n 0`` (RFC 1939 §7), at most
-    ``MAX_HEADER_OCTETS``; the reply is read to its end so the connection stays usable.
-    A message the upstream refuses has no headers (an empty header)."""
-    head = bytearray()
-
-    async def sink(data: bytes | bytearray) -> None:
-        head.extend(data[: max(0, MAX_HEADER_OCTETS - len(head))])
-
-    timeout = connection.upstream.command_timeout_seconds
-    with connection.exchange():
-        connection.check_quiet()
-        reply = await connection.request(Top(number, 0), within=timeout)
-        if isinstance(reply, Err):
-            return parse_headers(b"")
-        await connection.stream_body(sink, read_seconds=timeout)
-    return parse_headers(bytes(head))
 
 
 def _log_vanished(key: SourceKey, message: ListedMessage) -> None:

@@ -108,6 +108,12 @@ class MeasuredStore:
             StateOperation.COMMIT, self._inner.gateway_listing(source, listing, at)
         )
 
+    async def gateway_facts(
+        self, source: SourceKey, uids: Collection[str]
+    ) -> Mapping[str, FetchFacts]:
+        """See ``GatewayStore.gateway_facts``."""
+        return await self._measure(StateOperation.LOAD, self._inner.gateway_facts(source, uids))
+
     async def gateway_staged(self, source: SourceKey) -> Sequence[FetchFacts]:
         """See ``GatewayStore.gateway_staged``."""
         return await self._measure(StateOperation.LOAD, self._inner.gateway_staged(source))

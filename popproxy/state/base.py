@@ -248,6 +248,13 @@ class GatewayStore(Protocol):
         """
         ...
 
+    async def gateway_facts(
+        self, source: SourceKey, uids: Collection[str]
+    ) -> Mapping[str, FetchFacts]:
+        """The facts of those of ``uids`` the store knows for ``source``, without
+        writing anything (``popproxy explain``). Unknown UIDLs are absent."""
+        ...
+
     async def gateway_staged(self, source: SourceKey) -> Sequence[FetchFacts]:
         """The source's STAGED messages: what a poll that died left to settle."""
         ...

@@ -220,6 +220,15 @@ class PostgresStore:
         check_aware(at)
         return await self._run(lambda conn: _gateway_listing(conn, source, listing, at))
 
+    async def gateway_facts(
+        self, source: SourceKey, uids: Collection[str]
+    ) -> Mapping[str, FetchFacts]:
+        """See ``GatewayStore.gateway_facts``."""
+        check_source(source)
+        wanted = list(dict.fromkeys(uids))
+        check_uids(wanted)
+        return await self._run(lambda conn: _gateway_facts(conn, source, wanted))
+
     async def gateway_staged(self, source: SourceKey) -> Sequence[FetchFacts]:
         """See ``GatewayStore.gateway_staged``."""
         check_source(source)
@@ -648,6 +657,19 @@ def _gateway_listing(
             " WHERE source_id = %s AND uid = ANY(%s::text[])",
             (source_id, uids),
         ).fetchall()
+    return {row[0]: _fetch_facts(row) for row in rows}
+
+
+def _gateway_facts(
+    conn: psycopg.Connection[Any], source: SourceKey, uids: list[str]
+) -> dict[str, FetchFacts]:
+    rows = conn.execute(  # one statement: one snapshot
+        "SELECT m.uid, m.size, m.first_seen, m.state, m.file_name, m.deleted_upstream_at"
+        " FROM gateway_messages AS m JOIN gateway_sources AS s ON s.id = m.source_id"
+        " WHERE s.local_user = %s AND s.upstream = %s AND s.upstream_user = %s"
+        " AND m.uid = ANY(%s::text[])",
+        (source.user, source.upstream, source.upstream_user, uids),
+    ).fetchall()
     return {row[0]: _fetch_facts(row) for row in rows}
 
 

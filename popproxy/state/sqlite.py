@@ -271,6 +271,15 @@ class SqliteStore:
         when = utc_text(at)
         return await self._run(lambda conn: _gateway_listing(conn, source, listing, when))
 
+    async def gateway_facts(
+        self, source: SourceKey, uids: Collection[str]
+    ) -> Mapping[str, FetchFacts]:
+        """See ``GatewayStore.gateway_facts``."""
+        check_source(source)
+        wanted = list(dict.fromkeys(uids))
+        check_uids(wanted)
+        return await self._run(lambda conn: _gateway_facts(conn, source, wanted))
+
     async def gateway_staged(self, source: SourceKey) -> Sequence[FetchFacts]:
         """See ``StateStore.gateway_staged``."""
         check_source(source)
@@ -745,6 +754,24 @@ def _gateway_listing(
         )
         out: dict[str, FetchFacts] = {}
         for chunk in _chunks(list(sizes)):
+            for row in conn.execute(
+                f"SELECT {_FACT_COLUMNS} FROM gateway_messages"
+                f" WHERE source_id = ? AND uid IN ({_marks(len(chunk))})",
+                (source_id, *chunk),
+            ):
+                out[row[0]] = _fetch_facts(row)
+    return out
+
+
+def _gateway_facts(
+    conn: sqlite3.Connection, source: SourceKey, uids: Sequence[str]
+) -> dict[str, FetchFacts]:
+    out: dict[str, FetchFacts] = {}
+    with _transaction(conn, write=False):  # one snapshot for every chunk
+        source_id = _source_id(conn, source, create=False)
+        if source_id is None:
+            return out
+        for chunk in _chunks(uids):
             for row in conn.execute(
                 f"SELECT {_FACT_COLUMNS} FROM gateway_messages"
                 f" WHERE source_id = ? AND uid IN ({_marks(len(chunk))})",

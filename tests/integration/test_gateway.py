@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from popproxy.config import Config, load_config
+from popproxy.gateway.dryrun import explain_sources
 from popproxy.gateway.fetcher import Fetcher, PollReport, StoreGetter
 from popproxy.maildrop.maildir import open_maildir
 from popproxy.outcomes import PollResult
@@ -403,3 +404,38 @@ async def test_a_full_disk_loses_and_deletes_nothing_and_the_next_poll_finishes(
         assert account.count() == 0
     finally:
         await store.aclose()
+
+
+async def test_explain_says_what_the_next_poll_would_do_and_changes_nothing(
+    dovecot: DovecotServer,
+    account: DovecotUser,
+    corpus: Corpus,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+) -> None:
+    config = gateway_config(tmp_path, dovecot, tls_files, [account], rules=DELETE_EXPIRE)
+    user = config.users["carol"]
+    clock = MovableClock(START)
+    store = await open_store(config.state)
+    try:
+        before = await explain_sources(config, user, clock, store.gateway_facts)
+        ((source, rows),) = [(e.source, e.messages) for e in before]
+        assert source.label == f"{UPSTREAM}/{account.name}"
+        assert len(rows) == len(corpus.small)
+        assert {(r.known, r.next_poll) for r in rows} == {
+            ("new", "fetch, keep upstream [keep-a-week]")
+        }
+        assert await store.gateway_sources() == [], "a dry run writes nothing"
+        assert not (tmp_path / "carol-mail").exists()
+
+        await poll_all(config, Fetcher(given(store), clock=clock))
+        clock.now = START + timedelta(days=8)
+        (after,) = await explain_sources(config, user, clock, store.gateway_facts)
+        assert {(r.known, r.next_poll) for r in after.messages} == {
+            ("delivered", "delete upstream at QUIT (expired) [keep-a-week]")
+        }
+        assert all(r.expires_at == START + timedelta(days=7) for r in after.messages)
+    finally:
+        await store.aclose()
+    await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 3)
+    assert account.count() == len(corpus.small), "explain deleted nothing upstream"

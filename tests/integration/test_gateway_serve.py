@@ -215,6 +215,17 @@ def test_fetch_once_exits_0_when_every_source_succeeds_and_1_when_one_fails(
         listeners=["none"],
         upstreams=upstreams,
     )
+    explained = run_client(
+        [sys.executable, "-m", "popproxy", "explain", "-c", str(good), "--user", LOCAL],
+        cwd=good.parent,
+    )
+    assert explained.returncode == 0, describe(explained)
+    assert f"source {UPSTREAM}/{account.name}: {len(corpus.small)} messages".encode() in (
+        explained.stdout
+    )
+    assert explained.stdout.count(b"fetch, then delete upstream at QUIT [default]") == len(
+        corpus.small
+    )
     result = fetch_once(good, "--user", LOCAL)
     assert result.returncode == 0, describe(result)
     assert b"msg=gateway_poll" in result.stderr and b"result=ok" in result.stderr

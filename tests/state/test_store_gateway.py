@@ -130,3 +130,17 @@ async def test_prune_forgets_gone_gateway_rows_but_never_a_staged_one(store: Sto
     assert status.listed == 2  # b, and the staged c
     (staged,) = await store.gateway_staged(CAROL)
     assert staged.uid == "c"
+
+
+async def test_gateway_facts_read_without_writing(store: StoreBackend) -> None:
+    assert await store.gateway_facts(CAROL, ["a"]) == {}
+    await store.gateway_listing(CAROL, listing(a=10, b=20), T0)
+    await store.gateway_stage(CAROL, [StagedMessage("a", 10, "n")], T0)
+    facts = await store.gateway_facts(CAROL, ["a", "b", "unknown"])
+    assert {uid: (f.size, f.state, f.first_seen) for uid, f in facts.items()} == {
+        "a": (10, FetchState.STAGED, T0),
+        "b": (20, FetchState.LISTED, T0),
+    }
+    assert await store.gateway_facts(OTHER, ["a"]) == {}
+    assert await store.gateway_sources() != []  # CAROL only: the reads created nothing
+    assert [s.source for s in await store.gateway_sources()] == [CAROL]
