@@ -439,3 +439,32 @@ async def test_explain_says_what_the_next_poll_would_do_and_changes_nothing(
         await store.aclose()
     await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 3)
     assert account.count() == len(corpus.small), "explain deleted nothing upstream"
+
+
+@pytest.mark.slow
+async def test_the_whole_corpus_with_the_50_mb_message_is_fetched_byte_exact(
+    dovecot: DovecotServer,
+    dovecot_user: DovecotUser,
+    corpus: Corpus,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+) -> None:
+    config = gateway_config(tmp_path, dovecot, tls_files, [dovecot_user], rules=KEEP)
+    mail = tmp_path / "carol-mail"
+    store = await open_store(config.state)
+    try:
+        with trio.fail_after(TEST_DEADLINE_SECONDS):
+            (report,) = await poll_all(config, Fetcher(given(store), clock=MovableClock(START)))
+    finally:
+        await store.aclose()
+    assert (report.result, report.fetched) == (PollResult.OK, len(corpus.messages))
+    got = []
+    for sub in ("new", "cur"):
+        for path in (mail / sub).iterdir():
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            got.append(digest.hexdigest())
+    assert sorted(got) == sorted(m.sha256 for m in corpus.messages)
+    assert report.fetched_bytes == sum(m.size for m in corpus.messages)
