@@ -78,10 +78,11 @@ class Run:
 
 
 def message(index: int, size: int) -> bytes:
-    """A deterministic message of about ``size`` octets, with a dot line (dot-stuffing)."""
+    """A deterministic message of about ``size`` octets: lines of 78 characters as mail
+    has, and one line starting with a dot, so dot-stuffing is exercised too."""
     head = f"From: bench@example.net\r\nSubject: bench {index}\r\n\r\n".encode()
-    line = (f".{index:08d} " + "abcdefghij" * 7 + "\r\n").encode()
-    body = line * max(1, (size - len(head)) // len(line))
+    line = (f"{index:08d} " + "abcdefghij" * 7 + "\r\n").encode()
+    body = b".a line that starts with a dot\r\n" + line * max(1, (size - len(head)) // len(line))
     return head + body
 
 
