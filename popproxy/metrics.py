@@ -335,7 +335,7 @@ class Metrics:
         self._gateway_polls = counter(
             "gateway_polls_total",
             "Gateway polls of sources on an upstream, by result (ok, auth_failed,"
-            " upstream_error, maildir_full, maildir_error, state_error).",
+            " upstream_error, maildir_full, maildir_error, state_error, internal_error).",
             ("upstream", "result"),
         )
         self._gateway_fetched = counter(

@@ -47,3 +47,4 @@ class PollResult(enum.Enum):
     MAILDIR_FULL = "maildir_full"  # ENOSPC or EDQUOT writing the Maildir
     MAILDIR_ERROR = "maildir_error"  # another write failure: read-only, permissions
     STATE_ERROR = "state_error"  # the state store could not be read or written
+    INTERNAL_ERROR = "internal_error"  # a bug in popproxy (logged with its traceback)

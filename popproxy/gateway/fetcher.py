@@ -42,7 +42,7 @@ from popproxy.gateway import delivery
 from popproxy.gateway.delivery import DeliveryError, TmpFile, Where
 from popproxy.gateway.dryrun import top_headers
 from popproxy.maildrop.base import MaildropError
-from popproxy.maildrop.connection import UpstreamConnection, UpstreamError
+from popproxy.maildrop.connection import UpstreamConnection, UpstreamError, unavailable
 from popproxy.maildrop.upstream_login import CapabilityMemo, UpstreamAccount, open_connection
 from popproxy.metrics import Metrics
 from popproxy.outcomes import PollResult, UpstreamFailure
@@ -187,6 +187,12 @@ class Fetcher:
             reason = str(exc)
         except StateError as exc:
             result, reason = PollResult.STATE_ERROR, str(exc)
+        except Exception:
+            # A bug must not take the listeners (and the other sources' polls) down.
+            log.exception(
+                "gateway_poll_crashed", extra={"fields": {"user": key.user, "source": key.label}}
+            )
+            result, reason = PollResult.INTERNAL_ERROR, "internal error (see gateway_poll_crashed)"
         report = PollReport(
             source=key,
             poll_id=poll_id,
@@ -454,7 +460,14 @@ class Fetcher:
             return None
         context = self._tls.get(upstream)
         if context is None:
-            context = await trio.to_thread.run_sync(client_context, upstream)
+            try:
+                context = await trio.to_thread.run_sync(client_context, upstream)
+            except (OSError, ssl.SSLError) as exc:
+                log.warning(
+                    "gateway_tls_context_failed",
+                    extra={"fields": {"upstream": upstream.name, "reason": str(exc)}},
+                )
+                raise unavailable(UpstreamFailure.TLS) from exc
             self._tls[upstream] = context
         return context
 

@@ -468,3 +468,26 @@ async def test_the_whole_corpus_with_the_50_mb_message_is_fetched_byte_exact(
             got.append(digest.hexdigest())
     assert sorted(got) == sorted(m.sha256 for m in corpus.messages)
     assert report.fetched_bytes == sum(m.size for m in corpus.messages)
+
+
+async def test_an_unusable_ca_file_fails_the_poll_not_the_fetcher(
+    dovecot: DovecotServer,
+    account: DovecotUser,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+) -> None:
+    config = gateway_config(tmp_path, dovecot, tls_files, [account], rules=KEEP, leg="implicit")
+    garbage = tmp_path / "garbage-ca.pem"
+    garbage.write_text("not a certificate\n")
+    upstream = replace(config.upstreams[UPSTREAM], ca_file=garbage)
+    broken = replace(config, upstreams={UPSTREAM: upstream})
+    store = await open_store(config.state)
+    try:
+        fetcher = Fetcher(given(store), clock=MovableClock(START))
+        (report,) = await poll_all(broken, fetcher)
+        assert (report.result, report.fetched) == (PollResult.UPSTREAM_ERROR, 0)
+        assert report.reason.startswith("tls:")
+        (fine,) = await poll_all(config, fetcher)
+        assert fine.result is PollResult.OK
+    finally:
+        await store.aclose()
