@@ -1000,3 +1000,51 @@ def test_state_show_lists_gateway_sources_with_their_last_poll(
         gateway sources:
           carol <- provider/carol@example.net: last poll 2024-05-01 12:00:00Z ok fetched=1 skipped=1 deleted=0 bytes=10; last success 2024-05-01 12:00:00Z; known UIDLs: 1 delivered, 1 not, 0 deleted upstream
         """)  # noqa: E501
+
+
+def test_check_config_prints_gateway_sources_and_what_the_rules_do_to_them(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PW", "secret-value")
+    (in_tmp / "rules").mkdir()
+    (in_tmp / "rules" / "10-keep.yaml").write_text(
+        "rules:\n  - {name: keep-gmail, match: {upstreams: [gmail]}, action: keep,"
+        " expire_after_days: 30}\n"
+    )
+    (in_tmp / "cfg.yaml").write_text(
+        textwrap.dedent(f"""\
+        listen: [{{address: 127.0.0.1, port: 0, tls: none}}]
+        upstreams:
+          prov: {{host: pop.example.net}}
+          gmail: {{host: pop.gmail.com}}
+        users:
+          carol:
+            password_hash: "{HASH}"
+            maildir: mail/carol
+            fetch:
+              - {{upstream: prov, upstream_user: carol@example.net, upstream_password_env: PW}}
+              - {{upstream: gmail, upstream_user: carol@gmail.com, upstream_password_env: PW}}
+        rules_dir: rules
+        gateway: {{interval_seconds: 120}}
+        """)
+    )
+    assert cli.main(["check-config", "-c", "cfg.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "    fetch: prov/carol@example.net\n    fetch: gmail/carol@gmail.com\n" in out
+    assert "gateway: interval_seconds=120 jitter_seconds=30 max_concurrent_polls=4" in out
+    expected = [
+        "  carol: maildir, no rules; DELE deletes; EXPIRE NEVER",
+        "    fetch prov/carol@example.net:",
+        "      rules: none",
+        "      after the download: deleted upstream at that poll's QUIT [default]",
+        "      expiry: never [default]",
+        "      left upstream unfetched: none",
+        "    fetch gmail/carol@gmail.com:",
+        "      rules, in order:",
+        "        keep-gmail (10-keep.yaml): upstreams=gmail -> action=keep expire_after_days=30",
+        "      after the download: kept upstream [keep-gmail]",
+        "      expiry: deleted upstream after 30 days [keep-gmail]",
+        "      left upstream unfetched: none",
+    ]
+    assert "\n".join(expected) + "\n" in out
+    assert "secret-value" not in out
