@@ -77,8 +77,12 @@ BATCH_BYTES = 16 * 1024 * 1024
 # Un-stuffed octets gathered before a write to the tmp file: a typical message is one
 # write (one worker-thread round trip), a large one is written in pieces of this size.
 WRITE_BYTES = 1024 * 1024
-# Worker threads doing gateway file work at once (writes, fsyncs, renames).
+# Worker threads doing gateway file work at once (writes, fsyncs, renames): several
+# fsyncs in flight let the file system commit them together.
 GATEWAY_FILE_THREADS = 4
+# Messages whose last write and fsync may be pending at once while the next ones
+# arrive; each holds at most WRITE_BYTES until written.
+MAX_PENDING_WRITES = 16
 
 Clock = Callable[[], datetime]
 # How the fetcher gets the state store: the server's opener (opened on first need).
@@ -286,22 +290,29 @@ class Fetcher:
         ``session.depth`` RETRs are kept in flight (RFC 2449 §6.6): the next one is sent
         as soon as a reply's status line is read, so the upstream never waits for a
         round trip between messages; each body still streams to its file in order,
-        never held whole. A message the upstream refuses (``-ERR``: deleted meanwhile
-        by another client) is skipped. A failure (upstream or local) first makes the
-        messages fully received so far durable and recorded, then propagates: they are
-        not fetched again.
+        never held whole. A message's last write and its fsync run in a worker thread
+        while the next messages arrive (at most ``MAX_PENDING_WRITES`` at once, so at
+        most that many final pieces of ``WRITE_BYTES`` are held); a batch is delivered
+        once all of its files are written. A message the upstream refuses (``-ERR``:
+        deleted meanwhile by another client) is skipped. A failure (upstream or local)
+        first makes the messages whose files were written durable and recorded, then
+        propagates: they are not fetched again.
         """
         key, root, counts = session.key, session.root, session.counts
         connection = session.connection
         timeout = connection.upstream.command_timeout_seconds
         source = (key.user, key.upstream, key.upstream_user)
         delivered: set[int] = set()
-        batch: list[tuple[int, StagedMessage]] = []
-        batch_bytes = 0
+        written: list[tuple[int, StagedMessage]] = []  # files written, not yet delivered
         waiting = collections.deque(indexes)
         in_flight: collections.deque[tuple[int, float]] = collections.deque()
+        pending_writes = trio.Semaphore(MAX_PENDING_WRITES)
 
         async def send_more() -> None:
+            # Refilled by halves: one write carries several RETRs (fewer send calls),
+            # and the upstream still always has commands queued.
+            if len(in_flight) > session.depth // 2:
+                return
             commands = []
             now = trio.current_time()
             while waiting and len(in_flight) < session.depth:
@@ -311,63 +322,92 @@ class Fetcher:
             if commands:
                 await connection.send(*commands)
 
+        async def finish(index: int, tmp: TmpFile | None, name: str, rest: list[bytes]) -> None:
+            message = session.listing[index]
+            try:
+                done = await self._run(_write, tmp, root, name, rest, True)
+            except BaseException:
+                # Cancelled before its thread ran, a part may be on disk: remove it.
+                if tmp is not None:
+                    with trio.CancelScope(shield=True):
+                        await self._run(tmp.discard)
+                raise
+            finally:
+                pending_writes.release()
+            counts.fetched_bytes += done.written
+            written.append((index, StagedMessage(message.uid, message.size, name)))
+            await self._step(Step.WRITTEN)
+
         try:
             with connection.exchange():
                 connection.check_quiet()
                 await send_more()
-                while in_flight:  # ends: each pass takes one reply off in_flight
-                    index, sent = in_flight.popleft()
-                    with trio.fail_after(timeout):
-                        reply = await connection.status()
-                    connection.answered(Retr.verb, sent)
-                    await send_more()
-                    message = session.listing[index]
-                    if isinstance(reply, Err):
-                        _log_vanished(key, message)
-                        continue
-                    first_seen = session.facts[message.uid].first_seen
-                    name = delivery.message_name(
-                        first_seen, source, uid=message.uid, size=message.size
-                    )
-                    written = await self._receive(connection, root, name)
-                    await self._step(Step.WRITTEN)
-                    batch.append((index, StagedMessage(message.uid, message.size, name)))
-                    batch_bytes += written
-                    counts.fetched_bytes += written
-                    if len(batch) >= BATCH_MESSAGES or batch_bytes >= BATCH_BYTES:
-                        full, batch, batch_bytes = batch, [], 0
-                        delivered |= await self._deliver(key, root, full)
-                        counts.fetched += len(full)
+                while in_flight:  # ends: each batch takes at least one reply off in_flight
+                    batch_messages = batch_bytes = 0
+                    try:
+                        async with trio.open_nursery() as writes:
+                            while in_flight and (
+                                batch_messages < BATCH_MESSAGES and batch_bytes < BATCH_BYTES
+                            ):
+                                index, sent = in_flight.popleft()
+                                with trio.fail_after(timeout):
+                                    reply = await connection.status()
+                                connection.answered(Retr.verb, sent)
+                                await send_more()
+                                message = session.listing[index]
+                                if isinstance(reply, Err):
+                                    _log_vanished(key, message)
+                                    continue
+                                first_seen = session.facts[message.uid].first_seen
+                                name = delivery.message_name(
+                                    first_seen, source, uid=message.uid, size=message.size
+                                )
+                                await pending_writes.acquire()
+                                try:
+                                    tmp, rest, size = await self._receive(connection, root, name)
+                                except BaseException:
+                                    pending_writes.release()
+                                    raise
+                                writes.start_soon(finish, index, tmp, name, rest)
+                                batch_messages += 1
+                                batch_bytes += size
+                    except BaseExceptionGroup as group:
+                        raise _first_failure(group) from None
+                    full, written[:] = list(written), []
+                    delivered |= await self._deliver(key, root, full)
+                    counts.fetched += len(full)
         except BaseException:
             # Keep what arrived whole; the failure that stopped the poll is what it reports.
-            if batch:
+            if written:
                 with trio.CancelScope(shield=True):
                     try:
-                        delivered |= await self._deliver(key, root, batch)
-                        counts.fetched += len(batch)
+                        delivered |= await self._deliver(key, root, written)
+                        counts.fetched += len(written)
                     except (DeliveryError, StateError) as exc:
                         log.warning(
                             "gateway_batch_not_kept",
                             extra={"fields": {"source": key.label, "reason": str(exc)}},
                         )
             raise
-        if batch:
-            delivered |= await self._deliver(key, root, batch)
-            counts.fetched += len(batch)
         return delivered
 
-    async def _receive(self, connection: UpstreamConnection, root: Path, name: str) -> int:
+    async def _receive(
+        self, connection: UpstreamConnection, root: Path, name: str
+    ) -> tuple[TmpFile | None, list[bytes], int]:
         """Stream the body of the RETR whose ``+OK`` was read (RFC 1939 §5), un-stuffed by
-        the protocol core, into ``tmp/name``, fsync'ed and closed; the octets written.
-        Nothing stays in tmp/ on failure."""
+        the protocol core, towards ``tmp/name``: every ``WRITE_BYTES`` are written as
+        they come; the rest is returned for the last write (the file, None if nothing was
+        written yet, the rest, and the body's size). A failure removes the file."""
         pending: list[bytes] = []
         pending_bytes = 0
+        total = 0
         tmp: TmpFile | None = None
 
         async def sink(data: bytes | bytearray) -> None:
-            nonlocal pending_bytes, tmp
+            nonlocal pending_bytes, tmp, total
             pending.append(bytes(data))
             pending_bytes += len(data)
+            total += len(data)
             if pending_bytes >= WRITE_BYTES:
                 chunks = pending.copy()
                 pending.clear()
@@ -378,13 +418,12 @@ class Fetcher:
             await connection.stream_body(
                 sink, read_seconds=connection.upstream.command_timeout_seconds
             )
-            tmp = await self._run(_write, tmp, root, name, pending, True)
         except BaseException:
             if tmp is not None:
                 with trio.CancelScope(shield=True):
                     await self._run(tmp.discard)
             raise
-        return tmp.written
+        return tmp, pending, total
 
     async def _deliver(
         self, key: SourceKey, root: Path, batch: Sequence[tuple[int, StagedMessage]]
@@ -482,6 +521,23 @@ class Fetcher:
 
     async def _run(self, fn: Callable[[*_Args], _R], *args: *_Args) -> _R:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+
+def _first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception a batch's writes and receive failed with: the first leaf that is not
+    a cancellation (the others were cancelled because of it)."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            stack[:0] = list(exc.exceptions)
+        else:
+            leaves.append(exc)
+    for leaf in leaves:
+        if not isinstance(leaf, trio.Cancelled):
+            return leaf
+    return leaves[0]
 
 
 def _write(tmp: TmpFile | None, root: Path, name: str, chunks: list[bytes], last: bool) -> TmpFile:
