@@ -81,6 +81,7 @@ from popproxy.pop3.state import Phase
 from popproxy.pop3.wire import format_status
 from popproxy.secret import Secret
 from popproxy.session_summary import SessionSummary
+from popproxy.tls import AlpnGuard, AlpnRefused
 
 log = logging.getLogger("popproxy.session")
 
@@ -358,12 +359,29 @@ class Session:
         context = self._context.tls_context
         if context is None:  # the config loader makes this impossible for TLS listeners
             raise _SessionEnd(SessionResult.TLS_ERROR)
-        tls = trio.SSLStream(self._stream, context, server_side=True)
+        # The guard refuses a ClientHello offering ALPN without pop3 (ALPACA, RFC 7301).
+        guard = AlpnGuard(self._stream)
+        tls = trio.SSLStream(guard, context, server_side=True)
         done = False
         try:
             await tls.do_handshake()
             done = True
-        except (trio.BrokenResourceError, ssl.SSLError, OSError):
+        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            if isinstance(exc, AlpnRefused) or isinstance(exc.__cause__, AlpnRefused):
+                offered = guard.hello.offered or ()
+                log.info(
+                    "tls_alpn_refused",
+                    extra={
+                        "fields": {
+                            "session": self.summary.session_id,
+                            "peer": str(self.peer),
+                            # At most a few names, each cut short; logfmt escapes them.
+                            "offered": ",".join(
+                                name[:32].decode("ascii", "replace") for name in offered[:4]
+                            ),
+                        }
+                    },
+                )
             raise _SessionEnd(SessionResult.TLS_ERROR) from None
         finally:
             # Not done also when the login deadline or a shutdown cut the handshake off.

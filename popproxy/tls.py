@@ -7,6 +7,7 @@ at each reload, and for ``popproxy explain``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ssl
 from dataclasses import dataclass
@@ -14,6 +15,13 @@ from dataclasses import dataclass
 import trio
 
 from popproxy.config import Config, TlsConfig, TlsMode, UpstreamConfig
+from popproxy.tls_hello import (
+    NO_APPLICATION_PROTOCOL_ALERT,
+    POP3_ALPN,
+    Hello,
+    HelloVerdict,
+    read_client_hello,
+)
 
 
 def server_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -25,6 +33,8 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8996 retires TLS 1.0 and 1.1
     context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    # ALPACA: selected when offered; an offer without it is refused by AlpnGuard.
+    context.set_alpn_protocols([POP3_ALPN])
     return context
 
 
@@ -39,10 +49,76 @@ def client_context(upstream: UpstreamConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    # ALPACA: an ALPN-aware upstream can refuse us if it is not a POP3 server; if it
+    # selects anything else, upstream_alpn_problem says so and the login stops.
+    context.set_alpn_protocols([POP3_ALPN])
     if not upstream.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+# The refusal's alert is one small write; a client that does not read it does not hold
+# the session up for longer than this.
+ALERT_SECONDS = 5.0
+
+
+def upstream_alpn_problem(selected: str | None) -> str | None:
+    """Why an upstream's ALPN answer is refused, or None: no answer (a server without
+    ALPN) or ``pop3`` is fine, anything else is another protocol (RFC 7301 §3.2)."""
+    if selected is None or selected == POP3_ALPN:
+        return None
+    return f"the upstream selected ALPN protocol {selected[:40]!r}, not {POP3_ALPN!r}"
+
+
+class AlpnRefused(trio.BrokenResourceError):
+    """The client offered ALPN protocols and none was ``pop3``: the handshake was refused."""
+
+
+class AlpnGuard(trio.abc.Stream):
+    """The transport under a listener's TLS handshake (RFC 7301 §3.2, ALPACA): it passes
+    every octet through, reads the client's ClientHello on the way
+    (:mod:`popproxy.tls_hello`), and if it offers ALPN without ``pop3`` sends the fatal
+    ``no_application_protocol`` alert and raises ``AlpnRefused`` instead of passing it
+    to OpenSSL. ``hello`` holds the verdict once it is known."""
+
+    def __init__(self, transport: trio.abc.Stream) -> None:
+        self.transport = transport
+        self.hello = Hello(HelloVerdict.PENDING)
+        self._seen = bytearray()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Receive from the transport; the ClientHello is judged as it passes."""
+        data = await self.transport.receive_some(max_bytes)
+        if self.hello.verdict is not HelloVerdict.PENDING or not data:
+            return data
+        self._seen += data
+        if len(self._seen) < self.hello.need:
+            return data  # parsing again could not get further yet
+        self.hello = read_client_hello(bytes(self._seen))
+        if self.hello.verdict is HelloVerdict.PENDING:
+            return data
+        self._seen = bytearray()
+        if self.hello.verdict is HelloVerdict.REFUSE:
+            with (
+                trio.move_on_after(ALERT_SECONDS),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+            ):
+                await self.transport.send_all(NO_APPLICATION_PROTOCOL_ALERT)
+            raise AlpnRefused("the client offered ALPN protocols, none of them pop3")
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send through the transport."""
+        await self.transport.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """As the transport's."""
+        await self.transport.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        """Close the transport."""
+        await self.transport.aclose()
 
 
 class TlsError(Exception):

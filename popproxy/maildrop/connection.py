@@ -61,6 +61,7 @@ from popproxy.pop3.commands import Command, Dele, Quit, SaslLine, Stls, Verb
 from popproxy.pop3.errors import RemoteProtocolError
 from popproxy.pop3.events import NEED_DATA, Data, EndOfData, StuffedData
 from popproxy.pop3.replies import Err, Ok, ResponseCode
+from popproxy.tls import upstream_alpn_problem
 
 log = logging.getLogger("popproxy.upstream")
 
@@ -183,6 +184,15 @@ class UpstreamConnection:
                 extra={"fields": {"upstream": upstream.name, "reason": str(reason)}},
             )
             raise unavailable(UpstreamFailure.TLS) from None
+        # ALPACA: we offered pop3; an upstream answering another protocol is not the
+        # POP3 server it should be (RFC 7301 §3.2). No answer is fine.
+        problem = upstream_alpn_problem(tls.selected_alpn_protocol())
+        if problem is not None:
+            log.warning(
+                "upstream_tls_failed",
+                extra={"fields": {"upstream": upstream.name, "reason": problem}},
+            )
+            raise unavailable(UpstreamFailure.TLS)  # the caller closes the stream
         self._stream = tls
         self._connect_seconds += trio.current_time() - started
         self.secured()
