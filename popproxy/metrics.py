@@ -90,10 +90,12 @@ UNKNOWN_VERB = "unknown"
 
 
 class LoginMechanism(enum.Enum):
-    """How a client logged in: RFC 1939 §7 USER/PASS, RFC 5034 AUTH with RFC 4616 PLAIN."""
+    """How a client logged in: RFC 1939 §7 USER/PASS, RFC 5034 AUTH with RFC 4616 PLAIN
+    or with LOGIN (draft-murchison-sasl-login)."""
 
     USER = "user"
     PLAIN = "plain"
+    LOGIN = "login"
 
 
 class LoginResult(enum.Enum):

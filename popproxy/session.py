@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import trio
 
 from popproxy.auth.authenticator import Authenticator
-from popproxy.auth.credentials import Credentials, plain_credentials
+from popproxy.auth.credentials import Credentials, login_credentials, plain_credentials
 from popproxy.auth.login import LoginAttempt, LoginClient, LoginOutcome, log_in
 from popproxy.auth.throttle import ThrottleTable
 from popproxy.config import LimitsConfig, UserConfig
@@ -44,6 +44,7 @@ from popproxy.metrics import (
 )
 from popproxy.outcomes import SessionResult
 from popproxy.peer import PeerAddress
+from popproxy.pop3 import sasl
 from popproxy.pop3.capabilities import capabilities
 from popproxy.pop3.commands import (
     Auth,
@@ -76,6 +77,7 @@ from popproxy.pop3.events import (
     StuffedData,
 )
 from popproxy.pop3.replies import Err, Ok, ResponseCode
+from popproxy.pop3.sasl import LOGIN_PASSWORD_PROMPT, LOGIN_USERNAME_PROMPT
 from popproxy.pop3.server import Reply, ServerConnection, ServerSettings
 from popproxy.pop3.state import Phase
 from popproxy.pop3.wire import format_status
@@ -254,7 +256,7 @@ class Session:
         match command:
             case Capa():
                 expire = self._context.expire if self._maildrop is None else self._maildrop.expire
-                lines = capabilities(self._conn.settings, expire=expire)
+                lines = capabilities(self._conn.settings, phase=self._conn.phase, expire=expire)
                 await self._queue_multiline("Capability list follows", lines)
             case User():
                 self._queue(Ok())
@@ -265,6 +267,12 @@ class Session:
                 settings = self._conn.settings
                 mechanisms = settings.sasl_mechanisms if settings.plaintext_auth_allowed else ()
                 await self._queue_multiline("Supported SASL mechanisms follow", mechanisms)
+            case Auth(mechanism=sasl.LOGIN, initial_response=None):
+                self._queue(SaslChallenge(LOGIN_USERNAME_PROMPT))
+            case Auth(mechanism=sasl.LOGIN) | SaslResponse(mechanism=sasl.LOGIN, earlier=()):
+                self._queue(SaslChallenge(LOGIN_PASSWORD_PROMPT))
+            case SaslResponse(mechanism=sasl.LOGIN, earlier=(name, *_), data=password):
+                await self._login(login_credentials(name, password), LoginMechanism.LOGIN)
             case Auth(initial_response=None):
                 self._queue(SaslChallenge(b""))
             case Auth(initial_response=Secret() as response) | SaslResponse(data=response):

@@ -200,7 +200,8 @@ class SocketPop3:
     """The blocking twin of `Pop3Client`: raw octets out, exact reply lines in.
 
     ``tls`` wraps the socket at once (implicit TLS); ``greet=False`` leaves the greeting
-    unread. ``max_line_bytes`` bounds a line without its CRLF.
+    unread; ``source`` is the local address to connect from (e.g. 127.0.0.2, another
+    client as the server sees it). ``max_line_bytes`` bounds a line without its CRLF.
     """
 
     def __init__(
@@ -212,8 +213,10 @@ class SocketPop3:
         host: str = LOOPBACK,
         timeout: float = READ_TIMEOUT_SECONDS,
         max_line_bytes: int = MAX_REPLY_LINE_BYTES,
+        source: str | None = None,
     ) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        source_address = (source, 0) if source is not None else None
+        sock = socket.create_connection((host, port), timeout, source_address)
         try:
             if tls is not None:
                 sock = tls.wrap_socket(sock, server_hostname=host)

@@ -270,6 +270,52 @@ async def test_auth_plain_rejects_other_authzid_and_malformed_responses(start: S
         assert reply == b"-ERR [AUTH] Authentication failed.", raw
 
 
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode() or "="
+
+
+async def test_auth_login_prompts_for_the_name_then_the_password(start: Starter) -> None:
+    """draft-murchison-sasl-login: "Username:" and "Password:" as base64 challenges."""
+    running: Running = await start()
+    c = running.client
+    assert await c.cmd("AUTH LOGIN") == b"+ VXNlcm5hbWU6"
+    assert await c.cmd(b64(b"demo")) == b"+ UGFzc3dvcmQ6"
+    assert (await c.cmd(b64(b"secret"))).startswith(b"+OK Logged in, 3 messages")
+    _, capa = await c.multi("CAPA")
+    # Once logged in, CAPA lists what TRANSACTION allows: no USER, SASL or STLS.
+    assert b"USER" not in capa and b"SASL" not in capa and b"STLS" not in capa
+    assert b"UIDL\r\n" in capa
+
+
+async def test_auth_login_with_the_name_as_initial_response(start: Starter) -> None:
+    running: Running = await start()
+    c = running.client
+    assert await c.cmd(f"AUTH LOGIN {b64(b'demo')}") == b"+ UGFzc3dvcmQ6"
+    assert (await c.cmd(b64(b"secret"))).startswith(b"+OK Logged in")
+
+
+async def test_auth_login_fails_as_every_login_fails_and_can_be_cancelled(
+    start: Starter,
+) -> None:
+    running: Running = await start()
+    c = running.client
+    for name, password in (
+        (b"demo", b"wrong"),
+        (b"nobody", b"secret"),
+        (b"\xffdemo", b"secret"),
+        (b"", b"secret"),
+        (b"demo", b""),
+    ):
+        assert await c.cmd("AUTH LOGIN") == b"+ VXNlcm5hbWU6"
+        assert await c.cmd(b64(name)) == b"+ UGFzc3dvcmQ6"
+        assert await c.cmd(b64(password)) == b"-ERR [AUTH] Authentication failed.", name
+    assert await c.cmd("AUTH LOGIN") == b"+ VXNlcm5hbWU6"
+    assert await c.cmd("*") == b"-ERR Authentication cancelled."
+    assert await c.cmd(f"AUTH LOGIN {b64(b'demo')}") == b"+ UGFzc3dvcmQ6"
+    assert await c.cmd("*") == b"-ERR Authentication cancelled."
+    assert (await c.cmd("STAT")).startswith(b"-ERR")  # still not logged in
+
+
 async def test_dele_then_retr_of_the_same_message_is_an_error(
     start: Starter,
 ) -> None:
@@ -363,6 +409,8 @@ async def test_plaintext_auth_refused_without_tls_when_not_allowed(
     assert b"USER" not in capa and b"SASL" not in capa
     reply = await c.cmd("USER demo")
     assert reply.startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
+    reply = await c.cmd("AUTH LOGIN")
+    assert reply.startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
     assert (await c.cmd("STLS")).startswith(b"-ERR")  # this listener has no STLS
 
 
@@ -416,7 +464,7 @@ async def test_bare_auth_lists_mechanisms_only_where_credentials_may_be_sent(
     allowed = await start()
     assert await allowed.client.multi("AUTH") == (
         b"+OK Supported SASL mechanisms follow",
-        b"PLAIN\r\n",
+        b"PLAIN\r\nLOGIN\r\n",
     )
     assert (await allowed.client.cmd("STAT")).startswith(b"-ERR")  # still not logged in
     await allowed.client.stream.aclose()

@@ -148,6 +148,21 @@ async def test_an_auth_exchange_counts_once_by_its_final_answer(
     assert logins(metrics) == {("plain", "failed"): 2, ("plain", "ok"): 1}
 
 
+async def test_an_auth_login_exchange_counts_once_as_login(start: Starter, maildir: Path) -> None:
+    context, metrics = counted(make_context(maildir))
+    c = (await start(context)).client
+    user, right, wrong = (base64.b64encode(raw).decode() for raw in (b"demo", b"secret", b"x"))
+    assert await c.cmd("AUTH LOGIN") == b"+ VXNlcm5hbWU6"
+    assert await c.cmd("*") == b"-ERR Authentication cancelled."  # not a login attempt
+    assert await c.cmd(f"AUTH LOGIN {user}") == b"+ UGFzc3dvcmQ6"
+    assert (await c.cmd(wrong)).startswith(b"-ERR [AUTH]")
+    assert await c.cmd("AUTH LOGIN") == b"+ VXNlcm5hbWU6"
+    assert await c.cmd(user) == b"+ UGFzc3dvcmQ6"
+    assert (await c.cmd(right)).startswith(b"+OK Logged in")
+    assert commands(metrics) == {("AUTH", "err"): 2, ("AUTH", "ok"): 1}
+    assert logins(metrics) == {("login", "failed"): 1, ("login", "ok"): 1}
+
+
 async def test_logins_by_mechanism_and_result(start: Starter, maildir: Path) -> None:
     context, metrics = counted(make_context(maildir))
     c = (await start(context)).client

@@ -266,6 +266,23 @@ async def test_auth_plain_goes_through_the_same_throttle(
     assert await (await connect("192.0.2.50")).cmd(f"AUTH PLAIN {token}") == AUTH_FAILED
 
 
+async def test_auth_login_goes_through_the_same_throttle(
+    world: World, connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Wrong AUTH LOGIN passwords count as any failure: they lock the name out, and
+    then the right password by AUTH LOGIN (or USER/PASS) is refused without a hash."""
+    client = await connect()
+    for n in range(LIMITS.auth_lockout_failures):
+        assert await client.cmd("AUTH LOGIN") == b"+ VXNlcm5hbWU6"
+        assert await client.cmd(base64.b64encode(b"demo").decode()) == b"+ UGFzc3dvcmQ6"
+        assert await client.cmd(base64.b64encode(f"guess-{n}".encode()).decode()) == AUTH_FAILED
+    hashes = world.queue.hashes
+    other = await connect("192.0.2.50")
+    assert await other.cmd("AUTH LOGIN " + base64.b64encode(b"demo").decode()) == b"+ UGFzc3dvcmQ6"
+    assert await other.cmd(base64.b64encode(b"secret").decode()) == AUTH_FAILED
+    assert world.queue.hashes == hashes
+
+
 async def test_a_cached_login_still_goes_through_the_throttle(
     world: World, connect: Connect, autojump_clock: trio.testing.MockClock
 ) -> None:

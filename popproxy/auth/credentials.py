@@ -1,4 +1,5 @@
-"""A client's login name and password, from USER/PASS or a SASL PLAIN message.
+"""A client's login name and password, from USER/PASS, a SASL PLAIN message or the
+two responses of a SASL LOGIN exchange.
 
 Pure (no I/O): the sans-IO core hands the session a ``Pass`` or the decoded SASL
 data, and this module says which credentials they carry.
@@ -38,3 +39,14 @@ def plain_credentials(message: Secret) -> Credentials | None:
     if authzid and authzid != authcid:
         return None
     return Credentials(user, Secret(password))
+
+
+def login_credentials(name: Secret, password: Secret) -> Credentials | None:
+    """The credentials of a SASL LOGIN exchange: the responses to ``Username:`` and
+    ``Password:`` (draft-murchison-sasl-login §2); None when the name is not UTF-8,
+    a failed login as a malformed PLAIN message is."""
+    try:
+        user = name.reveal().decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return Credentials(user, password)

@@ -81,9 +81,16 @@ class Auth:
 
 @dataclass(frozen=True, slots=True)
 class SaslResponse:
-    """A client's base64 line during a SASL exchange, decoded (RFC 5034 §4)."""
+    """A client's base64 line during a SASL exchange, decoded (RFC 5034 §4).
+
+    The server role fills in the exchange's ``mechanism`` and the ``earlier``
+    responses of the same exchange (an initial response included), so a LOGIN
+    exchange's password line comes with its user name; a parsed line has neither.
+    """
 
     data: Secret
+    mechanism: str | None = None
+    earlier: tuple[Secret, ...] = ()
     verb: ClassVar[Verb] = Verb.AUTH
 
 

@@ -56,6 +56,7 @@ from popproxy.pop3.limits import (
 )
 from popproxy.pop3.lines import LineBuffer, Overlong
 from popproxy.pop3.replies import Err, Ok, ResponseCode
+from popproxy.pop3.sasl import MAX_SASL_RESPONSES, PLAINTEXT_MECHANISMS, SERVER_MECHANISMS
 from popproxy.pop3.state import (
     ALLOWED,
     ON_COMMAND,
@@ -80,7 +81,7 @@ class ServerSettings:
 
     stls_available: bool = False
     plaintext_auth_allowed: bool = True
-    sasl_mechanisms: tuple[str, ...] = ("PLAIN",)
+    sasl_mechanisms: tuple[str, ...] = SERVER_MECHANISMS
     max_bad_commands: int = MAX_BAD_COMMANDS
     # Octets with the line end (RFC 2449 §4); an AUTH line and SASL responses get the
     # longer bound, their decoded data the payload bound (RFC 5034 §4). Floors and
@@ -98,6 +99,16 @@ class _Rejected(enum.Enum):
 
 _REJECTED = _Rejected.REJECTED
 ServerEvent = Command | SaslLine | ConnectionClosed | NeedData
+
+
+@dataclass(frozen=True, slots=True)
+class _Exchange:
+    """The AUTH exchange in progress: its mechanism and the client's responses so far."""
+
+    mechanism: str
+    responses: tuple[Secret, ...]
+
+
 Reply = Ok | Err | SaslChallenge | Data | StuffedData | EndOfData
 
 
@@ -115,6 +126,7 @@ class ServerConnection:
         self._user: str | None = None
         self._bad_commands = 0
         self._rejected_verb: Verb | None = None
+        self._exchange: _Exchange | None = None
 
     @property
     def user(self) -> str | None:
@@ -166,7 +178,7 @@ class ServerConnection:
         if isinstance(line, Overlong):
             if in_sasl:
                 # RFC 5034 §4: an -ERR ends the AUTH exchange; the next line is a command.
-                self.phase = next_phase(Phase.SASL, Verb.AUTH, Outcome.ERR)
+                self._end_exchange()
             self._reject(Err("Line too long"), verb=Verb.AUTH if in_sasl else None)
         if in_sasl:
             return self._accept(self._parse_sasl(line))
@@ -183,12 +195,23 @@ class ServerConnection:
             sasl = parse_sasl_line(line)
         except RemoteProtocolError as exc:
             # RFC 5034 §4: a malformed response rejects the AUTH command.
-            self.phase = next_phase(Phase.SASL, Verb.AUTH, Outcome.ERR)
+            self._end_exchange()
             self._reject(exc.reply, verb=Verb.AUTH)
-        if isinstance(sasl, SaslResponse) and self._too_long(sasl.data):
-            self.phase = next_phase(Phase.SASL, Verb.AUTH, Outcome.ERR)
-            self._reject(SASL_TOO_LONG, verb=Verb.AUTH)
+        if isinstance(sasl, SaslResponse):
+            if self._too_long(sasl.data):
+                self._end_exchange()
+                self._reject(SASL_TOO_LONG, verb=Verb.AUTH)
+            exchange = self._exchange
+            if exchange is None:
+                raise LocalProtocolError("a SASL line outside an AUTH exchange")
+            self._exchange = _Exchange(exchange.mechanism, (*exchange.responses, sasl.data))
+            return SaslResponse(sasl.data, exchange.mechanism, exchange.responses)
         return sasl
+
+    def _end_exchange(self) -> None:
+        """An -ERR ends the AUTH exchange (RFC 5034 §4)."""
+        self.phase = next_phase(Phase.SASL, Verb.AUTH, Outcome.ERR)
+        self._exchange = None
 
     def _too_long(self, payload: Secret | None) -> bool:
         """Whether decoded SASL data is over the payload bound (RFC 5034 §4)."""
@@ -199,11 +222,12 @@ class ServerConnection:
         verb = command.verb
         if verb not in ALLOWED[self.phase]:
             self._reject(Err("Command not valid in this state"), verb=verb)
+        plaintext = isinstance(command, User | Pass) or (
+            isinstance(command, Auth) and command.mechanism in PLAINTEXT_MECHANISMS
+        )
+        if plaintext and not self.settings.plaintext_auth_allowed:
+            self._reject(PLAINTEXT_DISALLOWED, verb=verb, counts=False)
         match command:
-            case User() | Pass() | Auth(mechanism="PLAIN") if (
-                not self.settings.plaintext_auth_allowed
-            ):
-                self._reject(PLAINTEXT_DISALLOWED, verb=verb, counts=False)
             case Pass() if self._user is None:
                 self._reject(Err("No username given"), verb=verb)
             case Pass():
@@ -288,6 +312,11 @@ class ServerConnection:
             case SaslChallenge(data=data) if isinstance(due, SaslResponse) or (
                 isinstance(due, Auth) and due.mechanism is not None
             ):
+                if isinstance(due, Auth) and due.mechanism is not None:
+                    initial = due.initial_response
+                    self._exchange = _Exchange(due.mechanism, () if initial is None else (initial,))
+                elif self._exchange is None or len(self._exchange.responses) >= MAX_SASL_RESPONSES:
+                    raise LocalProtocolError("no AUTH exchange takes this many responses")
                 self._complete(due, Outcome.CONTINUE)
                 return format_challenge(data)
         raise LocalProtocolError(f"{type(event).__name__} does not answer {due.verb.name}")
@@ -299,6 +328,8 @@ class ServerConnection:
             case User() | Pass(), _:
                 self._user = None
         self.phase = next_phase(self.phase, command.verb, outcome)
+        if self.phase is not Phase.SASL:
+            self._exchange = None
         self._due = None
 
     def tls_established(self, settings: ServerSettings) -> None:

@@ -12,6 +12,7 @@ form of the Maildir file as is.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -145,3 +146,38 @@ def test_curl_top_through_x_gives_header_and_requested_body_lines(
             out = curl(server, tls_files, transport, extra=["--request", f"TOP {n} 2"])
             assert out == message.top(2), message.kind
     assert seen == {m.key for m in corpus.messages}
+
+
+@pytest.mark.parametrize("initial_response", [False, True], ids=["prompts", "sasl-ir"])
+def test_curl_logs_in_with_auth_login(
+    server: ServerProcess,
+    corpus: Corpus,
+    tls_files: TlsFiles,
+    transport: str,
+    initial_response: bool,
+) -> None:
+    """curl forced to AUTH LOGIN (draft-murchison-sasl-login): with the two prompts, or
+    with the name as an initial response (--sasl-ir); a wrong password is refused
+    (curl's exit 67, "login denied")."""
+    kind, scheme, options = TRANSPORTS[transport]
+    ir = ["--sasl-ir"] if initial_response else []
+
+    def run(password: str) -> subprocess.CompletedProcess[bytes]:
+        url = f"{scheme}://{USER}:{password}@{LOOPBACK}:{server.port(kind)}/"
+        return run_client(
+            [
+                *("curl", "--silent", "--show-error", "--verbose", "--max-time", "60"),
+                *("--cacert", str(tls_files.ca_cert), *options, *ir),
+                *("--login-options", "AUTH=LOGIN", url),
+            ]
+        )
+
+    result = run(PASSWORD)
+    assert result.returncode == 0, describe(result)
+    sent = b"> AUTH LOGIN " if initial_response else b"> AUTH LOGIN\r\n"
+    assert sent in result.stderr, describe(result)
+    assert b"< + UGFzc3dvcmQ6" in result.stderr  # the "Password:" prompt
+    assert [n for n, _ in listing(result.stdout)] == list(range(1, len(corpus.messages) + 1))
+    refused = run("not-" + PASSWORD)
+    assert refused.returncode == 67, describe(refused)
+    assert b"< -ERR [AUTH] Authentication failed." in refused.stderr

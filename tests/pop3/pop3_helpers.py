@@ -127,7 +127,15 @@ def respond(conn: ServerConnection, command: Command | SaslLine) -> list[Reply]:
                 else [Err("Wrong credentials", ResponseCode.AUTH)]
             )
         case Auth(mechanism=None):
-            return [Ok("Mechanisms follow"), Data(b"PLAIN\r\n"), EndOfData()]
+            return [Ok("Mechanisms follow"), Data(b"PLAIN\r\nLOGIN\r\n"), EndOfData()]
+        case Auth(mechanism="LOGIN", initial_response=None):
+            return [SaslChallenge(b"Username:")]
+        case Auth(mechanism="LOGIN") | SaslResponse(mechanism="LOGIN", earlier=()):
+            return [SaslChallenge(b"Password:")]
+        case SaslResponse(mechanism="LOGIN", earlier=(name, *_), data=password):
+            if (name.reveal(), password.reveal()) == (b"alice", PASSWORD):
+                return [Ok("Logged in")]
+            return [Err("Wrong credentials", ResponseCode.AUTH)]
         case Auth(initial_response=None):
             return [SaslChallenge()]
         case Auth(initial_response=data) | SaslResponse(data=data):

@@ -9,6 +9,7 @@ from popproxy.pop3.commands import Capa, Command, SaslLine
 from popproxy.pop3.events import Data, EndOfData
 from popproxy.pop3.replies import Ok
 from popproxy.pop3.server import Reply, ServerConnection, ServerSettings
+from popproxy.pop3.state import Phase
 
 BASE = ["CAPA", "TOP", "UIDL", "RESP-CODES", "PIPELINING", "AUTH-RESP-CODE"]
 
@@ -17,7 +18,7 @@ def test_defaults() -> None:
     assert capabilities(ServerSettings()) == [
         *BASE,
         "USER",
-        "SASL PLAIN",
+        "SASL PLAIN LOGIN",
         f"IMPLEMENTATION {IMPLEMENTATION}",
     ]
 
@@ -42,8 +43,19 @@ def test_expire_and_implementation() -> None:
 
 
 def test_several_mechanisms() -> None:
-    caps = capabilities(ServerSettings(sasl_mechanisms=("PLAIN", "LOGIN")))
-    assert "SASL PLAIN LOGIN" in caps
+    caps = capabilities(ServerSettings(sasl_mechanisms=("PLAIN",)))
+    assert "SASL PLAIN" in caps
+
+
+def test_after_login_only_what_transaction_allows() -> None:
+    """No USER, SASL or STLS once logged in (RFC 2449 §6.3, §6.8, RFC 2595 §4), as
+    Dovecot; EXPIRE and IMPLEMENTATION stay."""
+    settings = ServerSettings(stls_available=True, plaintext_auth_allowed=True)
+    for phase in (Phase.TRANSACTION, Phase.UPDATE):
+        caps = capabilities(settings, phase=phase, expire="NEVER")
+        assert caps == [*BASE, "EXPIRE NEVER", f"IMPLEMENTATION {IMPLEMENTATION}"]
+    before = capabilities(settings, expire="NEVER")
+    assert {"STLS", "USER", "SASL PLAIN LOGIN"} <= set(before)
 
 
 def test_capa_reply_on_the_wire() -> None:

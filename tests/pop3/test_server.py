@@ -10,6 +10,8 @@ import base64
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pop3_helpers import PLAIN_OK, Rejected, run_server
 
 from popproxy.pop3.commands import (
@@ -59,6 +61,8 @@ GREETING = b"+OK POP3 ready\r\n"
 LOGIN = b"USER alice\r\nPASS secret\r\n"
 LOGIN_EVENTS: list[object] = [User("alice"), Pass(Secret(b"secret"), user="alice")]
 PLAIN_B64 = base64.b64encode(PLAIN_OK)
+USER_B64 = base64.b64encode(b"alice")
+PASS_B64 = base64.b64encode(b"secret")
 DIGEST = b"c4c9334bac560ecc979e58001b3e22fb"
 ALL_ON = ServerSettings(stls_available=True)
 NO_PLAINTEXT = ServerSettings(stls_available=True, plaintext_auth_allowed=False)
@@ -133,7 +137,7 @@ CASES = [
     Case(
         "auth-plain-continuation",
         b"AUTH PLAIN\r\n" + PLAIN_B64 + b"\r\nSTAT\r\n",
-        [Auth("PLAIN"), SaslResponse(Secret(PLAIN_OK)), Stat()],
+        [Auth("PLAIN"), SaslResponse(Secret(PLAIN_OK), "PLAIN"), Stat()],
         Phase.TRANSACTION,
         output=b"+ \r\n+OK Logged in\r\n+OK 2 79\r\n",
     ),
@@ -155,7 +159,7 @@ CASES = [
     Case(
         "auth-empty-continuation",
         b"AUTH PLAIN\r\n=\r\n",
-        [Auth("PLAIN"), SaslResponse(Secret(b""))],
+        [Auth("PLAIN"), SaslResponse(Secret(b""), "PLAIN")],
         Phase.AUTHORIZATION,
     ),
     Case(
@@ -171,6 +175,86 @@ CASES = [
         Phase.AUTHORIZATION,
         output=b"+ \r\n-ERR Invalid base64 data\r\n"
         b"+OK Capability list follows\r\nUSER\r\nTOP\r\n.\r\n",
+    ),
+    # AUTH LOGIN (draft-murchison-sasl-login): "Username:" and "Password:" prompts.
+    Case(
+        "auth-login",
+        b"AUTH LOGIN\r\n" + USER_B64 + b"\r\n" + PASS_B64 + b"\r\nSTAT\r\n",
+        [
+            Auth("LOGIN"),
+            SaslResponse(Secret(b"alice"), "LOGIN"),
+            SaslResponse(Secret(b"secret"), "LOGIN", (Secret(b"alice"),)),
+            Stat(),
+        ],
+        Phase.TRANSACTION,
+        output=b"+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n+OK Logged in\r\n+OK 2 79\r\n",
+    ),
+    Case(
+        "auth-login-lowercase",
+        b"auth login\r\n" + USER_B64 + b"\r\n" + PASS_B64 + b"\r\n",
+        [
+            Auth("LOGIN"),
+            SaslResponse(Secret(b"alice"), "LOGIN"),
+            SaslResponse(Secret(b"secret"), "LOGIN", (Secret(b"alice"),)),
+        ],
+        Phase.TRANSACTION,
+    ),
+    Case(
+        "auth-login-user-as-initial-response",
+        b"AUTH LOGIN " + USER_B64 + b"\r\n" + PASS_B64 + b"\r\n",
+        [
+            Auth("LOGIN", Secret(b"alice")),
+            SaslResponse(Secret(b"secret"), "LOGIN", (Secret(b"alice"),)),
+        ],
+        Phase.TRANSACTION,
+        output=b"+ UGFzc3dvcmQ6\r\n+OK Logged in\r\n",
+    ),
+    Case(
+        "auth-login-wrong-password",
+        b"AUTH LOGIN\r\n" + USER_B64 + b"\r\nd3Jvbmc=\r\nCAPA\r\n",
+        [
+            Auth("LOGIN"),
+            SaslResponse(Secret(b"alice"), "LOGIN"),
+            SaslResponse(Secret(b"wrong"), "LOGIN", (Secret(b"alice"),)),
+            Capa(),
+        ],
+        Phase.AUTHORIZATION,
+        output=b"+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n-ERR [AUTH] Wrong credentials\r\n"
+        b"+OK Capability list follows\r\nUSER\r\nTOP\r\n.\r\n",
+    ),
+    Case(
+        "auth-login-cancel-at-the-user-name",
+        b"AUTH LOGIN\r\n*\r\nCAPA\r\n",
+        [Auth("LOGIN"), SaslCancel(), Capa()],
+        Phase.AUTHORIZATION,
+        output=b"+ VXNlcm5hbWU6\r\n-ERR Authentication cancelled\r\n"
+        b"+OK Capability list follows\r\nUSER\r\nTOP\r\n.\r\n",
+    ),
+    Case(
+        "auth-login-cancel-at-the-password",
+        b"AUTH LOGIN\r\n" + USER_B64 + b"\r\n*\r\nCAPA\r\n",
+        [Auth("LOGIN"), SaslResponse(Secret(b"alice"), "LOGIN"), SaslCancel(), Capa()],
+        Phase.AUTHORIZATION,
+        output=b"+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n-ERR Authentication cancelled\r\n"
+        b"+OK Capability list follows\r\nUSER\r\nTOP\r\n.\r\n",
+    ),
+    Case(
+        "auth-login-invalid-base64-password",
+        b"AUTH LOGIN\r\n" + USER_B64 + b"\r\nnot base64!\r\nCAPA\r\n",
+        [
+            Auth("LOGIN"),
+            SaslResponse(Secret(b"alice"), "LOGIN"),
+            rejected("Invalid base64 data"),
+            Capa(),
+        ],
+        Phase.AUTHORIZATION,
+    ),
+    Case(
+        "auth-login-refused-in-plaintext",
+        b"AUTH LOGIN\r\nCAPA\r\n",
+        [Rejected(PLAINTEXT_DISALLOWED, False), Capa()],
+        Phase.AUTHORIZATION,
+        settings=ServerSettings(plaintext_auth_allowed=False),
     ),
     Case(
         "auth-unsupported-mechanism",
@@ -195,7 +279,8 @@ CASES = [
         b"AUTH\r\nSTAT\r\n",
         [Auth(), WRONG_PHASE],
         Phase.AUTHORIZATION,
-        output=b"+OK Mechanisms follow\r\nPLAIN\r\n.\r\n-ERR Command not valid in this state\r\n",
+        output=b"+OK Mechanisms follow\r\nPLAIN\r\nLOGIN\r\n.\r\n"
+        b"-ERR Command not valid in this state\r\n",
     ),
     Case(
         "apop-always-refused",
@@ -426,7 +511,7 @@ def test_every_line_inside_sasl_is_a_sasl_response(name: str) -> None:
     run = run_server(b"AUTH PLAIN\r\n" + line + b"\r\n")
     assert run.events[0] == Auth("PLAIN")
     try:
-        expected: object = SaslResponse(Secret(base64.b64decode(line, validate=True)))
+        expected: object = SaslResponse(Secret(base64.b64decode(line, validate=True)), "PLAIN")
     except ValueError:
         expected = rejected("Invalid base64 data")
     assert run.events[1:] == [expected]
@@ -679,7 +764,7 @@ def test_sasl_continuation_may_reach_the_sasl_limit() -> None:
     response = base64.b64encode(b"p" * ((MAX_SASL_LINE_OCTETS - 2) // 4 * 3))
     assert MAX_SASL_LINE_OCTETS - 4 < len(response) + 2 <= MAX_SASL_LINE_OCTETS
     run = run_server(b"AUTH PLAIN\r\n" + response + b"\r\n")
-    assert run.events[1] == SaslResponse(Secret(base64.b64decode(response)))
+    assert run.events[1] == SaslResponse(Secret(base64.b64decode(response)), "PLAIN")
 
 
 def test_sasl_continuation_past_the_sasl_limit_is_overlong() -> None:
@@ -917,7 +1002,7 @@ def test_buffered_counts_unconsumed_octets() -> None:
 
 
 def test_pipelined_sasl_lines_are_parsed_in_order() -> None:
-    sasl: list[SaslLine] = [SaslResponse(Secret(b"x"))]
+    sasl: list[SaslLine] = [SaslResponse(Secret(b"x"), "PLAIN")]
     run = run_server(b"AUTH PLAIN\r\neA==\r\nCAPA\r\n")
     assert run.events == [Auth("PLAIN"), *sasl, Capa()]
 
@@ -959,3 +1044,49 @@ def test_stuffed_data_is_passed_on_unchanged_and_terminated() -> None:
     assert conn.send(StuffedData(b"a\r\n")) == b"a\r\n"
     assert conn.send(EndOfData()) == b".\r\n"
     assert conn.phase is Phase.TRANSACTION
+
+
+# -- AUTH LOGIN (draft-murchison-sasl-login) -------------------------------------------
+
+
+@given(
+    st.binary(min_size=1, max_size=300),
+    st.binary(min_size=1, max_size=300),
+    st.booleans(),
+)
+def test_a_login_exchange_hands_over_the_user_name_with_the_password(
+    name: bytes, password: bytes, initial: bool
+) -> None:
+    """Any octets, whole and octet by octet: the password line comes with the name."""
+    user = base64.b64encode(name)
+    first = b"AUTH LOGIN " + user + b"\r\n" if initial else b"AUTH LOGIN\r\n" + user + b"\r\n"
+    run = run_server(first + base64.b64encode(password) + b"\r\nCAPA\r\n")
+    last = SaslResponse(Secret(password), "LOGIN", (Secret(name),))
+    assert run.events[-2:] == [last, Capa()]
+    assert run.conn.phase is Phase.AUTHORIZATION  # the responder knows only alice/secret
+
+
+def test_a_login_exchange_is_forgotten_once_it_ends() -> None:
+    """After a finished, failed or cancelled LOGIN exchange the next AUTH starts afresh."""
+    for ending in (b"d3Jvbmc=\r\n", b"*\r\n", b"!!\r\n"):
+        run = run_server(b"AUTH LOGIN\r\nYQ==\r\n" + ending + b"AUTH PLAIN\r\neA==\r\n")
+        assert run.events[-1] == SaslResponse(Secret(b"x"), "PLAIN")
+
+
+def test_no_exchange_takes_a_third_response() -> None:
+    conn, event = _server_after(b"AUTH LOGIN\r\nYQ==\r\ncA==\r\n")
+    assert event == Auth("LOGIN")
+    conn.send(SaslChallenge(b"Username:"))
+    assert conn.next_event() == SaslResponse(Secret(b"a"), "LOGIN")
+    conn.send(SaslChallenge(b"Password:"))
+    assert conn.next_event() == SaslResponse(Secret(b"p"), "LOGIN", (Secret(b"a"),))
+    with pytest.raises(LocalProtocolError):
+        conn.send(SaslChallenge(b"More:"))
+
+
+def test_a_login_response_past_the_payload_bound_ends_the_exchange() -> None:
+    settings = ServerSettings(max_sasl_payload_octets=767)
+    long_password = base64.b64encode(b"p" * 768)
+    run = run_server(b"AUTH LOGIN\r\nYQ==\r\n" + long_password + b"\r\nCAPA\r\n", settings)
+    assert run.events[-2:] == [rejected("Authentication data too long"), Capa()]
+    assert run.conn.phase is Phase.AUTHORIZATION

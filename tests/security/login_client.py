@@ -25,11 +25,26 @@ class Attempt:
     seconds: float
 
 
-def login(port: int, user: str, password: str, *, plain: bool = False) -> Attempt:
-    """One connection, USER/PASS (or AUTH PLAIN with an initial response), then closed."""
-    with SocketPop3(port, timeout=SOCKET_TIMEOUT_SECONDS) as pop:
+def login(
+    port: int,
+    user: str,
+    password: str,
+    *,
+    plain: bool = False,
+    sasl_login: bool = False,
+    source: str | None = None,
+) -> Attempt:
+    """One connection, USER/PASS (or AUTH PLAIN with an initial response, or AUTH LOGIN
+    through its two prompts), then closed; from ``source`` (a loopback address) if given."""
+    with SocketPop3(port, timeout=SOCKET_TIMEOUT_SECONDS, source=source) as pop:
         assert pop.greeting.startswith(b"+OK")
-        if plain:
+        if sasl_login:
+            assert pop.cmd(b"AUTH LOGIN") == b"+ VXNlcm5hbWU6"  # "Username:"
+            user_reply = pop.cmd(base64.b64encode(user.encode()))
+            assert user_reply == b"+ UGFzc3dvcmQ6"  # "Password:"
+            start = time.monotonic()
+            pop.send(base64.b64encode(password.encode()) + b"\r\n")
+        elif plain:
             token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
             user_reply = b""
             start = time.monotonic()

@@ -97,7 +97,7 @@ def test_no_plaintext_credentials_before_tls_unless_allowed(
             pop.start_tls(tls_files.client_context())
             assert pop.cmd(b"CAPA").startswith(b"+OK")
             capabilities = pop.body()
-            assert b"USER" in capabilities and b"SASL PLAIN" in capabilities
+            assert b"USER" in capabilities and b"SASL PLAIN LOGIN" in capabilities
             assert pop.cmd(b"AUTH PLAIN " + plain).startswith(b"+OK Logged in")
             assert pop.cmd(b"QUIT").startswith(b"+OK")
     with strict_target.connect("implicit", tls=tls_files.client_context()) as pop:
