@@ -63,6 +63,14 @@ class _NoState:
     async def prune(self, gone_before: datetime) -> int:
         return 0
 
+    async def known_source(self, user: str, source: str, since: datetime) -> datetime | None:
+        return None
+
+    async def remember_source(
+        self, user: str, source: str, at: datetime, *, keep: int, forget_before: datetime
+    ) -> None:
+        raise AssertionError("explain never records")
+
     async def aclose(self) -> None:
         return None
 

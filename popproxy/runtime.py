@@ -24,6 +24,7 @@ from popproxy.auth.authenticator import Authenticator, HashQueue
 from popproxy.auth.cache import CredentialCache
 from popproxy.auth.throttle import ThrottleTable
 from popproxy.config import Config, ConfigError
+from popproxy.known_sources import KnownSourcePolicy, KnownSources
 from popproxy.locks import InProcessLocks
 from popproxy.maildrop.retention import Clock
 from popproxy.maildrop.router import CapabilityMemos, MaildropRouter, RouterResources
@@ -52,6 +53,7 @@ class ProcessState:
     throttle: ThrottleTable
     store: StoreOpener  # opened on first need, closed when the server stops
     maildrops: RouterResources
+    known_sources: KnownSources  # in the store; this process's memory of it
 
     @classmethod
     def start(cls, config: Config, *, metrics: Metrics, clock: Clock) -> ProcessState:
@@ -62,6 +64,7 @@ class ProcessState:
             credentials=CredentialCache(config.limits.auth_cache_size),
             throttle=ThrottleTable(),
             store=store,
+            known_sources=KnownSources(store, KnownSourcePolicy.of(config.limits), clock),
             maildrops=RouterResources(
                 store=store,
                 locks=InProcessLocks(),
@@ -80,6 +83,7 @@ class ProcessState:
         users = config.users
         self.credentials.retain({name: user.password_hash for name, user in users.items()})
         self.credentials.resize(config.limits.auth_cache_size)
+        self.known_sources.adopt(config.limits)
         self.maildrops.capabilities.retain(config.upstreams.values())
 
 

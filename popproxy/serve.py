@@ -210,6 +210,7 @@ class Server:
             allow_plaintext_auth=runtime.config.allow_plaintext_auth,
             metrics=self.metrics,
             throttle=self._process.throttle,
+            known_sources=self._process.known_sources,
         )
 
     async def accept_loop(

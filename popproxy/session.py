@@ -31,7 +31,7 @@ import trio
 
 from popproxy.auth.authenticator import Authenticator
 from popproxy.auth.credentials import Credentials, login_credentials, plain_credentials
-from popproxy.auth.login import LoginAttempt, LoginClient, LoginOutcome, log_in
+from popproxy.auth.login import LoginAttempt, LoginClient, LoginOutcome, SourceMemory, log_in
 from popproxy.auth.throttle import ThrottleTable
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
@@ -149,6 +149,9 @@ class SessionContext:
     # Failures per client address and user name, one table per process (it outlives
     # a reload). None: no throttling or lockout (tests that do not look at them).
     throttle: ThrottleTable | None = None
+    # The known-good sources of each user (popproxy/known_sources.py), one per process;
+    # spared the user-name lockout. None: no source is known.
+    known_sources: SourceMemory | None = None
 
 
 class Session:
@@ -328,7 +331,12 @@ class Session:
         context = self._context
         client = LoginClient(self.summary.session_id, self.peer)
         attempt = await log_in(
-            context.authenticator, context.throttle, client, credentials, before_wait=self._flush
+            context.authenticator,
+            context.throttle,
+            client,
+            credentials,
+            before_wait=self._flush,
+            known=context.known_sources,
         )
         match attempt:
             case LoginAttempt(user=UserConfig() as account):

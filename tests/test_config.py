@@ -892,3 +892,22 @@ def test_proxy_protocol_is_a_boolean(value: str) -> None:
 def test_max_sessions_per_ip_bounds(value: str) -> None:
     key, _ = only_issue(f"{MINIMAL}limits: {{max_sessions_per_ip: {value}}}\n")
     assert key == "limits.max_sessions_per_ip"
+
+
+def test_known_sources_limits() -> None:
+    """limits.auth_known_source_days (0 turns it off) and auth_known_sources_per_user."""
+    assert (LimitsConfig().auth_known_source_days, LimitsConfig().auth_known_sources_per_user) == (
+        30,
+        10,
+    )
+    config = load_config(
+        write(MINIMAL + "limits: {auth_known_source_days: 0, auth_known_sources_per_user: 3}\n")
+    )
+    assert config.limits.auth_known_source_days == 0
+    assert config.limits.auth_known_sources_per_user == 3
+    key, _ = only_issue(MINIMAL + "limits: {auth_known_source_days: 3651}\n")
+    assert key == "limits.auth_known_source_days"
+    key, _ = only_issue(MINIMAL + "limits: {auth_known_sources_per_user: 0}\n")
+    assert key == "limits.auth_known_sources_per_user"
+    key, _ = only_issue(MINIMAL + "limits: {auth_known_sources_per_user: 1001}\n")
+    assert key == "limits.auth_known_sources_per_user"

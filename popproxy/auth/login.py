@@ -18,6 +18,7 @@ import enum
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -54,6 +55,19 @@ LOCKOUT_OUTCOMES = {
 }
 
 
+class SourceMemory(Protocol):
+    """The known-good sources of each user (``popproxy.known_sources.KnownSources``,
+    above the state store): a known source is spared its user name's lockout."""
+
+    async def knows(self, user: str, source: str, *, session: str) -> bool:
+        """Whether ``user`` lately logged in successfully from ``source``."""
+        ...
+
+    async def logged_in(self, user: str, source: str, *, session: str) -> None:
+        """``user`` just logged in from ``source``."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class LoginAttempt:
     """What :func:`log_in` decided; ``user`` is the account, only for ``OK``."""
@@ -77,13 +91,17 @@ async def log_in(
     credentials: Credentials | None,
     *,
     before_wait: Callable[[], Awaitable[None]],
+    known: SourceMemory | None = None,
 ) -> LoginAttempt:
     """Throttle, verify and record one USER/PASS or AUTH PLAIN login (RFC 1939 §7, RFC 5034).
 
     ``credentials`` None (a malformed SASL PLAIN message) fails at once, with no
     throttle consulted or recorded. ``throttle`` None means no throttling or lockout.
     ``before_wait`` runs before a throttle delay (the session sends what it has
-    queued, so earlier replies are not held back by the wait). Never logs the password.
+    queued, so earlier replies are not held back by the wait). ``known`` (None: no
+    source is known) spares a user's known-good sources its name's lockout, never
+    the address penalty or lockout; it is read only when the name is locked out and
+    told of each success. Never logs the password.
     """
     if credentials is None:
         return LoginAttempt(LoginOutcome.FAILED)
@@ -98,6 +116,15 @@ async def log_in(
     source = client.peer.limit_key
     if throttle is not None:
         decision = throttle.decide(source, user, now=trio.current_time(), policy=policy)
+        if (
+            decision.lockout is LockScope.USER
+            and known is not None
+            and await known.knows(user, source, session=client.session_id)
+        ):
+            # Someone else locked this name out; its owner's own address stays in
+            # (DESIGN.md invariant 8), with the same penalty and address lockout.
+            _log_login(client, "login_spared", user, LockScope.USER)
+            decision = decision.sparing_user()
         if decision.delay_seconds > 0:
             await before_wait()
             await trio.sleep(decision.delay_seconds)
@@ -121,6 +148,8 @@ async def log_in(
         return LoginAttempt(LoginOutcome.FAILED)
     if throttle is not None:
         throttle.success(source, now=trio.current_time(), policy=policy)
+    if known is not None:
+        await known.logged_in(verdict.user.name, source, session=client.session_id)
     return LoginAttempt(LoginOutcome.OK, verdict.user)
 
 

@@ -96,15 +96,28 @@ class ThrottleDecision:
     """What to do with a login attempt, decided before any password is hashed.
 
     Wait ``delay_seconds`` first; then, if ``lockout`` is set, refuse without hashing.
+    ``address_locked``: the client address is locked out too (a user-name lockout is
+    reported first; a source exempt from it is still refused for its address).
     """
 
     delay_seconds: float
     lockout: LockScope | None = None
+    address_locked: bool = False
 
     @property
     def locked_out(self) -> bool:
         """The attempt is refused without checking the password."""
         return self.lockout is not None
+
+    def sparing_user(self) -> ThrottleDecision:
+        """The decision for a source exempt from the user-name lockout (a known-good
+        source of the user, popproxy/known_sources.py): the same delay, and the
+        address lockout if there is one."""
+        if self.lockout is not LockScope.USER:
+            return self
+        return ThrottleDecision(
+            self.delay_seconds, LockScope.ADDRESS if self.address_locked else None
+        )
 
 
 ALLOW = ThrottleDecision(0.0)
@@ -197,10 +210,11 @@ class ThrottleTable:
         by_source = self._sources.get(source, now, policy)
         by_user = self._users.get(user, now, policy)
         delay = policy.penalty_seconds(by_source.penalty_now(now, policy)) if by_source else 0.0
+        address_locked = by_source is not None and now < by_source.locked_until
         if by_user is not None and now < by_user.locked_until:
-            return ThrottleDecision(delay, LockScope.USER)
-        if by_source is not None and now < by_source.locked_until:
-            return ThrottleDecision(delay, LockScope.ADDRESS)
+            return ThrottleDecision(delay, LockScope.USER, address_locked)
+        if address_locked:
+            return ThrottleDecision(delay, LockScope.ADDRESS, True)
         return ThrottleDecision(delay) if delay > 0 else ALLOW
 
     def failure(

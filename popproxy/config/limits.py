@@ -24,6 +24,10 @@ MAX_LOCKOUT_FAILURES_LIMIT = 100
 MAX_ADDRESS_LOCKOUT_FAILURES_LIMIT = 500
 MAX_PENDING_VERIFICATIONS_LIMIT = 100_000
 MAX_AUTH_CACHE_SIZE_LIMIT = 1_000_000
+# A known source older than ten years is not "lately"; the per-user count is the state
+# store's bound (popproxy/state/checks.py MAX_KNOWN_SOURCES).
+MAX_KNOWN_SOURCE_DAYS_LIMIT = 3650
+MAX_KNOWN_SOURCES_PER_USER_LIMIT = 1000
 
 _LIMIT_KEYS = keys_of(LimitsConfig)
 
@@ -121,6 +125,17 @@ def build_limits(top: ConfigSection) -> LimitsConfig:
             "auth_lockout_window_seconds", default.auth_lockout_window_seconds
         ),
         auth_lockout_seconds=seconds("auth_lockout_seconds", default.auth_lockout_seconds),
+        auth_known_source_days=count(
+            "auth_known_source_days",
+            default.auth_known_source_days,
+            MAX_KNOWN_SOURCE_DAYS_LIMIT,
+            lo=0,
+        ),
+        auth_known_sources_per_user=count(
+            "auth_known_sources_per_user",
+            default.auth_known_sources_per_user,
+            MAX_KNOWN_SOURCES_PER_USER_LIMIT,
+        ),
         auth_max_pending_verifications=count(
             "auth_max_pending_verifications",
             default.auth_max_pending_verifications,

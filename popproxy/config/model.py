@@ -240,6 +240,13 @@ class LimitsConfig:
     auth_lockout_address_failures: int = 100  # 0: no lockout
     auth_lockout_window_seconds: float = 600
     auth_lockout_seconds: float = 900
+    # Known-good sources (popproxy/known_sources.py, docs/security.md): the client
+    # addresses (IPv6: /64) a user logged in from within this many days are spared the
+    # user-name lockout (not the address penalty or the address lockout), so a stranger
+    # who locks a name out does not lock its owner out (OWASP's lockout advice). 0: off.
+    auth_known_source_days: int = 30
+    # The most recent sources remembered per user (a laptop, a phone, home and work).
+    auth_known_sources_per_user: int = 10
     # Logins waiting for a hash thread beyond those hashing; more get -ERR [SYS/TEMP]
     # at once. At about 40 default-cost scrypt checks a second on two threads, 100
     # waiting logins clear in under 3 s, well within login_timeout_seconds.

@@ -74,8 +74,9 @@ async def open_store(config: StateConfig, *, metrics: Metrics | None = None) -> 
 
 
 class MeasuredStore:
-    """A ``StateStore`` that reports each call to ``Metrics``: facts and messages as
-    LOAD, record as COMMIT, prune as PRUNE (time includes waiting for a thread)."""
+    """A ``StateStore`` that reports each call to ``Metrics``: facts, messages and
+    known_source as LOAD, record and remember_source as COMMIT, prune as PRUNE (time
+    includes waiting for a thread)."""
 
     def __init__(self, inner: StoreBackend, metrics: Metrics) -> None:
         """Wrap ``inner``; it is closed with this store."""
@@ -151,6 +152,21 @@ class MeasuredStore:
     async def gateway_sources(self) -> Sequence[SourceStatus]:
         """See ``GatewayStore.gateway_sources``."""
         return await self._measure(StateOperation.LOAD, self._inner.gateway_sources())
+
+    async def known_source(self, user: str, source: str, since: datetime) -> datetime | None:
+        """See ``StateStore.known_source``."""
+        return await self._measure(
+            StateOperation.LOAD, self._inner.known_source(user, source, since)
+        )
+
+    async def remember_source(
+        self, user: str, source: str, at: datetime, *, keep: int, forget_before: datetime
+    ) -> None:
+        """See ``StateStore.remember_source``."""
+        await self._measure(
+            StateOperation.COMMIT,
+            self._inner.remember_source(user, source, at, keep=keep, forget_before=forget_before),
+        )
 
     async def aclose(self) -> None:
         """See ``StateStore.aclose``."""

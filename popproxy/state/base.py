@@ -2,7 +2,9 @@
 
 Per upstream account and UIDL the store keeps when popproxy first saw the message
 and its size, when each local user retrieved it, for which local users it is
-hidden, and when (and by which rule) it was deleted upstream. Retention policy
+hidden, and when (and by which rule) it was deleted upstream. Per local user it
+also keeps the client addresses the user lately logged in from (the known-good
+sources that the user-name lockout spares, popproxy/auth/known_sources.py). Retention policy
 (``popproxy/policy``) reads these facts at login; a session writes what its QUIT
 did in one transaction, after the upstream has answered its QUIT with ``+OK``
 (DESIGN.md, "Session data flow", step 6). A session that ends any other way
@@ -225,6 +227,20 @@ class StateStore(Protocol):
     async def prune(self, gone_before: datetime) -> int:
         """Forget UIDLs last seen upstream before ``gone_before`` and missing from their
         account's latest listing (``StoredMessage.is_gone``); returns how many."""
+        ...
+
+    async def known_source(self, user: str, source: str, since: datetime) -> datetime | None:
+        """When local ``user`` last logged in successfully from ``source`` (a client
+        address key, ``PeerAddress.limit_key``), if that was at or after ``since``;
+        None otherwise. Raises ``StateError``."""
+        ...
+
+    async def remember_source(
+        self, user: str, source: str, at: datetime, *, keep: int, forget_before: datetime
+    ) -> None:
+        """Record, in one transaction, that ``user`` logged in from ``source`` at ``at``
+        (a later time already stored stays), then forget the user's sources last used
+        before ``forget_before`` and all but the ``keep`` most recent. Raises ``StateError``."""
         ...
 
     async def aclose(self) -> None:

@@ -133,3 +133,19 @@ def split_listing(
         else:
             reused.append(uid)
     return stale, reused
+
+
+# A client address key (PeerAddress.limit_key): an IPv4 address, or an IPv6 /64 in
+# CIDR form (at most 43 characters); this is slack.
+MAX_SOURCE_CHARS = 64
+# The most known sources a store keeps per user (limits.auth_known_sources_per_user
+# is bounded by this).
+MAX_KNOWN_SOURCES = 1000
+
+
+def check_login_source(user: str, source: str, keep: int | None = None) -> None:
+    """Refuse a known-source call no session could make (a caller's bug)."""
+    check_text("user", user, MAX_USER_OCTETS)
+    check_text("source", source, MAX_SOURCE_CHARS, octets=False)
+    if keep is not None and not 1 <= keep <= MAX_KNOWN_SOURCES:
+        raise ValueError(f"keep must be 1-{MAX_KNOWN_SOURCES}")

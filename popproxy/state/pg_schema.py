@@ -9,6 +9,9 @@ newer than this popproxy knows is used when its ``oldest_reader`` says this
 version still understands it (an additive migration), so instances can be
 upgraded one at a time; otherwise it is refused.
 
+Version 3 adds ``known_sources``: the client addresses each local user lately
+logged in from (popproxy/known_sources.py).
+
 Room to grow: the cross-process mailbox locks come as a later migration (a lease
 table keyed by mailbox, with holder and expiry), and advisory locks whose first
 key is ``APPLICATION_ID`` are popproxy's; the second key of the migration lock
@@ -45,6 +48,7 @@ TABLES = (
     "disposals",
     "gateway_sources",
     "gateway_messages",
+    "known_sources",
 )
 
 
@@ -151,6 +155,21 @@ MIGRATIONS: tuple[Migration, ...] = (
                 PRIMARY KEY (source_id, uid)
             )""",
             "CREATE INDEX gateway_messages_state ON gateway_messages (source_id, state)",
+        ),
+        oldest_reader=1,
+    ),
+    # The client addresses each local user lately logged in from (known-good sources,
+    # spared by the user-name lockout; popproxy/known_sources.py). Additive: an older
+    # popproxy never reads this table.
+    Migration(
+        3,
+        (
+            """CREATE TABLE known_sources (
+                local_user text COLLATE "C" NOT NULL,
+                source text COLLATE "C" NOT NULL,
+                last_login timestamptz NOT NULL,
+                PRIMARY KEY (local_user, source)
+            )""",
         ),
         oldest_reader=1,
     ),

@@ -68,6 +68,7 @@ from popproxy.state.checks import (
     check_account,
     check_aware,
     check_listing,
+    check_login_source,
     check_record,
     check_source,
     check_text,
@@ -274,6 +275,24 @@ class PostgresStore:
     async def gateway_sources(self) -> Sequence[SourceStatus]:
         """See ``GatewayStore.gateway_sources``."""
         return await self._run(_gateway_sources)
+
+    async def known_source(self, user: str, source: str, since: datetime) -> datetime | None:
+        """When ``user`` last logged in from ``source``, if at or after ``since``."""
+        check_login_source(user, source)
+        check_aware(since)
+        return await self._run(lambda conn: _known_source(conn, user, source, since))
+
+    async def remember_source(
+        self, user: str, source: str, at: datetime, *, keep: int, forget_before: datetime
+    ) -> None:
+        """Record a login of ``user`` from ``source``; keep the ``keep`` latest (one
+        transaction; the user's rows are locked by the upsert's row, then trimmed)."""
+        check_login_source(user, source, keep)
+        check_aware(at)
+        check_aware(forget_before)
+        await self._run(
+            lambda conn: _remember_source(conn, user, source, at, keep=keep, cutoff=forget_before)
+        )
 
     async def aclose(self) -> None:
         """Wait for running calls, then close the pool and its connections."""
@@ -775,3 +794,38 @@ def _gateway_sources(conn: psycopg.Connection[Any]) -> list[SourceStatus]:
             )
         )
     return out
+
+
+def _known_source(
+    conn: psycopg.Connection[Any], user: str, source: str, since: datetime
+) -> datetime | None:
+    row = conn.execute(
+        "SELECT last_login FROM known_sources"
+        " WHERE local_user = %s AND source = %s AND last_login >= %s",
+        (user, source, since),
+    ).fetchone()
+    return None if row is None else _utc(row[0])
+
+
+def _remember_source(
+    conn: psycopg.Connection[Any],
+    user: str,
+    source: str,
+    at: datetime,
+    *,
+    keep: int,
+    cutoff: datetime,
+) -> None:
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO known_sources (local_user, source, last_login) VALUES (%s, %s, %s)"
+            " ON CONFLICT (local_user, source) DO UPDATE"
+            " SET last_login = greatest(known_sources.last_login, excluded.last_login)",
+            (user, source, at),
+        )
+        conn.execute(
+            "DELETE FROM known_sources WHERE local_user = %(user)s AND (last_login < %(cutoff)s"
+            " OR source NOT IN (SELECT source FROM known_sources WHERE local_user = %(user)s"
+            " ORDER BY last_login DESC, source LIMIT %(keep)s))",
+            {"user": user, "cutoff": cutoff, "keep": keep},
+        )

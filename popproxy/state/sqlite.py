@@ -57,6 +57,7 @@ from popproxy.state.checks import (
     check_account,
     check_aware,
     check_listing,
+    check_login_source,
     check_record,
     check_source,
     check_text,
@@ -194,6 +195,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX gateway_messages_state ON gateway_messages (source_id, state)",
         ),
     ),
+    # The client addresses each local user lately logged in from (known-good sources,
+    # spared by the user-name lockout; popproxy/known_sources.py).
+    Migration(
+        4,
+        (
+            """CREATE TABLE known_sources (
+                user TEXT NOT NULL,
+                source TEXT NOT NULL,
+                last_login TEXT NOT NULL,
+                PRIMARY KEY (user, source)
+            ) STRICT, WITHOUT ROWID""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -325,6 +339,23 @@ class SqliteStore:
     async def gateway_sources(self) -> Sequence[SourceStatus]:
         """See ``StateStore.gateway_sources``."""
         return await self._run(_gateway_sources)
+
+    async def known_source(self, user: str, source: str, since: datetime) -> datetime | None:
+        """When ``user`` last logged in from ``source``, if at or after ``since``."""
+        check_login_source(user, source)
+        cutoff = utc_text(since)
+        return await self._run(lambda conn: _known_source(conn, user, source, cutoff))
+
+    async def remember_source(
+        self, user: str, source: str, at: datetime, *, keep: int, forget_before: datetime
+    ) -> None:
+        """Record a login of ``user`` from ``source``; keep the ``keep`` latest (one
+        transaction)."""
+        check_login_source(user, source, keep)
+        when, cutoff = utc_text(at), utc_text(forget_before)
+        await self._run(
+            lambda conn: _remember_source(conn, user, source, when, keep=keep, cutoff=cutoff)
+        )
 
     async def aclose(self) -> None:
         """Wait for running calls, then close every connection."""
@@ -883,3 +914,29 @@ def _gateway_sources(conn: sqlite3.Connection) -> list[SourceStatus]:
             )
         )
     return out
+
+
+def _known_source(conn: sqlite3.Connection, user: str, source: str, cutoff: str) -> datetime | None:
+    row = conn.execute(
+        "SELECT last_login FROM known_sources WHERE user = ? AND source = ? AND last_login >= ?",
+        (user, source, cutoff),
+    ).fetchone()
+    return None if row is None else from_utc_text(row[0])
+
+
+def _remember_source(
+    conn: sqlite3.Connection, user: str, source: str, when: str, *, keep: int, cutoff: str
+) -> None:
+    with _transaction(conn, write=True):
+        conn.execute(
+            "INSERT INTO known_sources (user, source, last_login) VALUES (?, ?, ?)"
+            " ON CONFLICT (user, source) DO UPDATE"
+            " SET last_login = max(last_login, excluded.last_login)",
+            (user, source, when),
+        )
+        conn.execute(
+            "DELETE FROM known_sources WHERE user = ? AND (last_login < ? OR source NOT IN"
+            " (SELECT source FROM known_sources WHERE user = ?"
+            " ORDER BY last_login DESC, source LIMIT ?))",
+            (user, cutoff, user, keep),
+        )

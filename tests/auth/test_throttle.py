@@ -265,3 +265,27 @@ def test_existing_and_unknown_users_are_treated_alike(
                 seen.append(table.decide(source, user, now=now, policy=policy))
         outcomes.append(seen)
     assert outcomes[0] == outcomes[1]
+
+
+def test_a_user_lockout_says_whether_the_address_is_locked_too() -> None:
+    """A known-good source is spared the name's lockout (popproxy/known_sources.py),
+    never its address's: the decision carries both."""
+    table = ThrottleTable()
+    now = fail_distinct(table, DEFAULTS.auth_lockout_failures, source="192.0.2.7")
+    decision = table.decide("192.0.2.7", "alice", now=now, policy=POLICY)
+    assert (decision.lockout, decision.address_locked) == (LockScope.USER, False)
+    spared = decision.sparing_user()
+    assert spared == ThrottleDecision(decision.delay_seconds)  # the penalty stays
+    assert spared.delay_seconds > 0
+    # The same address locked out as well (many names): spared the name, not the address.
+    policy = dataclasses.replace(POLICY, address_lockout_failures=DEFAULTS.auth_lockout_failures)
+    table = ThrottleTable()
+    now = fail_distinct(table, DEFAULTS.auth_lockout_failures, source="192.0.2.8", policy=policy)
+    decision = table.decide("192.0.2.8", "alice", now=now, policy=policy)
+    assert (decision.lockout, decision.address_locked) == (LockScope.USER, True)
+    assert decision.sparing_user().lockout is LockScope.ADDRESS
+    # Anything but a user lockout is left as it is.
+    address_only = table.decide("192.0.2.8", "bob", now=now, policy=policy)
+    assert address_only.lockout is LockScope.ADDRESS
+    assert address_only.sparing_user() is address_only
+    assert ALLOW.sparing_user() is ALLOW

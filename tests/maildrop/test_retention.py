@@ -366,6 +366,14 @@ class FullDisk:
     async def prune(self, gone_before: datetime) -> int:
         return await self.inner.prune(gone_before)
 
+    async def known_source(self, user: str, source: str, since: datetime) -> datetime | None:
+        return await self.inner.known_source(user, source, since)
+
+    async def remember_source(
+        self, user: str, source: str, at: datetime, *, keep: int, forget_before: datetime
+    ) -> None:
+        raise StateError("database or disk is full")
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 

@@ -340,3 +340,62 @@ async def test_concurrent_sessions_on_one_store(store: StateStore) -> None:
         assert {uid: fact.size for uid, fact in facts.items()} == listing
         assert [uid for uid, fact in facts.items() if fact.retrieved_at] == [f"m{n % 20}"]
         assert [uid for uid, fact in facts.items() if fact.hidden] == [f"m{(n + 1) % 20}"]
+
+
+# -- known-good sources (popproxy/auth/known_sources.py) --------------------------------
+
+
+async def test_a_remembered_source_is_known_since_its_login(store: StateStore) -> None:
+    assert await store.known_source("alice", "192.0.2.1", T0 - DAY) is None
+    await store.remember_source("alice", "192.0.2.1", T0, keep=10, forget_before=T0 - 30 * DAY)
+    assert await store.known_source("alice", "192.0.2.1", T0 - DAY) == T0
+    assert await store.known_source("alice", "192.0.2.1", T0) == T0  # at `since`: known
+    assert await store.known_source("alice", "192.0.2.1", T0 + DAY) is None  # too long ago
+    # Per user and per source: no one else's login makes a source known.
+    assert await store.known_source("bob", "192.0.2.1", T0 - DAY) is None
+    assert await store.known_source("alice", "192.0.2.2", T0 - DAY) is None
+    assert await store.known_source("alice", "2001:db8::/64", T0 - DAY) is None
+
+
+async def test_a_later_login_moves_the_time_and_an_earlier_one_does_not(
+    store: StateStore,
+) -> None:
+    forget = T0 - 30 * DAY
+    await store.remember_source("alice", "2001:db8::/64", T0, keep=10, forget_before=forget)
+    await store.remember_source("alice", "2001:db8::/64", T0 + DAY, keep=10, forget_before=forget)
+    await store.remember_source("alice", "2001:db8::/64", T0, keep=10, forget_before=forget)
+    assert await store.known_source("alice", "2001:db8::/64", T0) == T0 + DAY
+
+
+async def test_a_user_keeps_only_the_most_recent_sources(store: StateStore) -> None:
+    forget = T0 - 30 * DAY
+    for n in range(5):
+        await store.remember_source(
+            "alice", f"192.0.2.{n}", T0 + n * DAY, keep=3, forget_before=forget
+        )
+    known = [await store.known_source("alice", f"192.0.2.{n}", forget) for n in range(5)]
+    assert known == [None, None, T0 + 2 * DAY, T0 + 3 * DAY, T0 + 4 * DAY]
+    # Another user's sources are not counted against alice's, nor trimmed with them.
+    await store.remember_source("bob", "192.0.2.0", T0, keep=1, forget_before=forget)
+    assert await store.known_source("bob", "192.0.2.0", forget) == T0
+    assert await store.known_source("alice", "192.0.2.4", forget) == T0 + 4 * DAY
+
+
+async def test_sources_older_than_the_window_are_forgotten(store: StateStore) -> None:
+    await store.remember_source("alice", "192.0.2.1", T0, keep=10, forget_before=T0 - DAY)
+    later = T0 + 40 * DAY
+    await store.remember_source("alice", "192.0.2.2", later, keep=10, forget_before=later - DAY)
+    # Gone from the store, not only too old for this question.
+    assert await store.known_source("alice", "192.0.2.1", T0 - 100 * DAY) is None
+    assert await store.known_source("alice", "192.0.2.2", later) == later
+
+
+async def test_a_known_source_call_no_session_could_make_is_refused(store: StateStore) -> None:
+    with pytest.raises(ValueError):
+        await store.known_source("", "192.0.2.1", T0)
+    with pytest.raises(ValueError):
+        await store.known_source("alice", "x" * 65, T0)
+    with pytest.raises(ValueError):
+        await store.remember_source("alice", "192.0.2.1", T0, keep=0, forget_before=T0)
+    with pytest.raises(ValueError):
+        await store.remember_source("alice", "192.0.2.1", T0, keep=1001, forget_before=T0)
