@@ -2,8 +2,12 @@
 
 Theory of operation. The file is in WAL mode with ``synchronous=FULL``, so a
 committed transaction is on disk when ``record`` returns and readers never wait
-for the writer. Each call runs in ``trio.to_thread.run_sync`` behind a
-``CapacityLimiter`` of ``SQLITE_THREADS``; a worker takes an idle connection from
+for the writer. ``record`` calls that arrive while a commit is in flight are
+committed together, one transaction and one fsync per group, each record in a
+savepoint of its own (group commit); a QUIT whose listing equals the account's
+latest one writes no message row (``_record``: lazy last_seen; docs/state.md).
+Each call runs in ``trio.to_thread.run_sync`` behind a ``CapacityLimiter`` of
+``SQLITE_THREADS``; a worker takes an idle connection from
 a pool (at most one per limiter token), so a connection is only ever used by one
 thread at a time, as sqlite's threading rules ask. Writers take the database lock
 at ``BEGIN IMMEDIATE`` and wait up to ``busy_timeout_seconds`` for another writer
@@ -26,14 +30,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import queue
 import sqlite3
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import trio
 
 from popproxy.state.base import (
     AccountKey,
@@ -74,6 +81,14 @@ SQLITE_THREADS = 4
 QUERY_CHUNK = 500
 # Lines of ``PRAGMA integrity_check`` quoted in the error when the check fails.
 MAX_INTEGRITY_LINES = 5
+
+# From this many UIDLs on, facts and record read all of the account's rows in one scan
+# and pick the wanted ones here, instead of one ``IN (...)`` query per QUERY_CHUNK.
+WHOLE_ACCOUNT_FROM = 8 * QUERY_CHUNK
+# The last_seen of a message row in SQL (lazy last_seen, see ``_record``).
+EFFECTIVE_LAST_SEEN = (
+    "CASE WHEN m.last_seen >= a.listing_since THEN a.last_listed ELSE m.last_seen END"
+)
 
 # Stored times kept parsed: every UIDL a session first saw shares that session's time,
 # so a listing of MAX_RECORD_MESSAGES has few distinct times; this bounds the cache.
@@ -208,6 +223,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             ) STRICT, WITHOUT ROWID""",
         ),
     ),
+    # A QUIT whose listing equals the account's latest one writes no message row:
+    # listing_digest names that listing, and listing_since is when it was last
+    # written out. A row with last_seen >= listing_since is in the latest listing and
+    # was last seen at accounts.last_listed (see "Lazy last_seen" in the module text).
+    Migration(
+        5,
+        (
+            "ALTER TABLE accounts ADD COLUMN listing_digest BLOB",
+            "ALTER TABLE accounts ADD COLUMN listing_since TEXT",
+            "UPDATE accounts SET listing_since = last_listed",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -223,6 +250,15 @@ def utc_text(when: datetime) -> str:
 def from_utc_text(text: str) -> datetime:
     """A stored time back as an aware UTC datetime (cached: one session's rows share it)."""
     return datetime.fromisoformat(text)
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    """One ``record`` call waiting for a group commit (mutable: filled in by the committer)."""
+
+    record: SessionRecord
+    done: bool = False
+    error: str | None = None
 
 
 class SqliteStore:
@@ -241,6 +277,8 @@ class SqliteStore:
         self._migrations = tuple(migrations)
         self._workers = Workers(SQLITE_THREADS if target is not None else 1)
         self._idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._queue: list[_Pending] = []  # records waiting for the next group commit
+        self._committing: trio.Event | None = None  # set when the commit in flight ends
 
     # -- the StateStore protocol -------------------------------------------------------
 
@@ -255,9 +293,51 @@ class SqliteStore:
         return await self._run(lambda conn: _facts(conn, account, user, wanted))
 
     async def record(self, record: SessionRecord) -> None:
-        """Write what one QUIT did in one transaction, durable (WAL, synchronous=FULL)."""
+        """Write what one QUIT did in one transaction, durable (WAL, synchronous=FULL).
+
+        Group commit: records that arrive while a commit is in flight wait for it,
+        then the first of them commits all of them in one transaction (one fsync).
+        Each returns only once its own transaction is committed.
+        """
         check_record(record)
-        await self._run(lambda conn: _record(conn, record))
+        pending = _Pending(record)
+        self._queue.append(pending)
+        try:
+            while not pending.done:  # ends: each pass commits a batch or waits for one
+                if self._committing is not None:
+                    await self._committing.wait()
+                    continue
+                batch, self._queue = self._queue, []
+                done = self._committing = trio.Event()
+                try:
+                    await self._commit(batch)
+                except BaseException:
+                    # Cancelled before its thread started (or a bug): the others wait on.
+                    self._queue[:0] = [p for p in batch if p is not pending and not p.done]
+                    raise
+                finally:
+                    self._committing = None
+                    done.set()
+        except BaseException:
+            if pending in self._queue:  # cancelled while waiting: never committed
+                self._queue.remove(pending)
+            raise
+        if pending.error is not None:
+            raise StateError(pending.error)
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        """Commit ``batch`` in one transaction; mark each record done with its outcome."""
+        records = [p.record for p in batch]
+        try:
+            outcomes = await self._run(lambda conn: _record_batch(conn, records))
+            errors = [
+                None if e is None else f"state store {self._describe()}: {e}" for e in outcomes
+            ]
+        except StateError as exc:  # BEGIN or COMMIT failed: none of them is stored
+            errors = [str(exc)] * len(batch)
+        for pending, error in zip(batch, errors, strict=True):
+            pending.done = True
+            pending.error = error
 
     async def messages(self, account: AccountKey | None = None) -> Sequence[StoredMessage]:
         """Every stored UIDL (of ``account``, or all), at most ``MAX_LISTED_MESSAGES``."""
@@ -527,29 +607,75 @@ def _marks(count: int) -> str:
     return ", ".join("?" * count)
 
 
+def _account_row(
+    conn: sqlite3.Connection, account: AccountKey
+) -> tuple[int, str | None, str | None, bytes | None] | None:
+    """(id, last_listed, listing_since, listing_digest) of ``account``, None if unknown."""
+    row = conn.execute(
+        "SELECT id, last_listed, listing_since, listing_digest FROM accounts"
+        " WHERE upstream = ? AND upstream_user = ?",
+        (account.upstream, account.upstream_user),
+    ).fetchone()
+    return None if row is None else (int(row[0]), row[1], row[2], row[3])
+
+
+def _effective_last_seen(last_seen: str, last_listed: str | None, since: str | None) -> str:
+    """A row in the account's latest listing was last seen when that listing was."""
+    if since is not None and last_listed is not None and last_seen >= since:
+        return last_listed
+    return last_seen
+
+
+def listing_digest(seen: Sequence[SeenMessage]) -> bytes:
+    """What names one listing (UIDLs, sizes and their order): equal listings, equal digests."""
+    text = "".join(f"{m.uid}\0{m.size}\n" for m in seen)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def _whole_account(wanted: int) -> bool:
+    """Whether one scan of the account's rows beats ``wanted`` UIDLs in chunks."""
+    return wanted > WHOLE_ACCOUNT_FROM
+
+
 def _facts(
     conn: sqlite3.Connection, account: AccountKey, user: str, uids: Sequence[str]
 ) -> dict[str, MessageFacts]:
     out: dict[str, MessageFacts] = {}
     with _transaction(conn, write=False):  # one snapshot for every chunk
-        account_id = _account_id(conn, account, create=False)
-        if account_id is None:
+        known = _account_row(conn, account)
+        if known is None:
             return out
-        for chunk in _chunks(uids):
-            rows = conn.execute(
-                "SELECT m.uid, m.size, m.first_seen, m.last_seen, r.at, h.user IS NOT NULL,"
-                " m.deleted_upstream_at FROM messages AS m"
-                " LEFT JOIN retrievals AS r ON r.message_id = m.id AND r.user = ?"
-                " LEFT JOIN hides AS h ON h.message_id = m.id AND h.user = ?"
-                f" WHERE m.account_id = ? AND m.uid IN ({_marks(len(chunk))})",
-                (user, user, account_id, *chunk),
+        account_id, last_listed, since, _ = known
+        select = (
+            "SELECT m.uid, m.size, m.first_seen, m.last_seen, r.at, h.user IS NOT NULL,"
+            " m.deleted_upstream_at FROM messages AS m"
+            " LEFT JOIN retrievals AS r ON r.message_id = m.id AND r.user = ?"
+            " LEFT JOIN hides AS h ON h.message_id = m.id AND h.user = ?"
+            " WHERE m.account_id = ?"
+        )
+        if _whole_account(len(uids)):  # a big listing: one scan, filtered here
+            wanted = set(uids)
+            batches: Iterator[Iterable[tuple[Any, ...]]] = iter(
+                [conn.execute(select, (user, user, account_id))]
             )
+        else:
+            wanted = None
+            batches = (
+                conn.execute(
+                    f"{select} AND m.uid IN ({_marks(len(chunk))})",
+                    (user, user, account_id, *chunk),
+                )
+                for chunk in _chunks(uids)
+            )
+        for rows in batches:
             for uid, size, first, last, retrieved, hidden, deleted in rows:
+                if wanted is not None and uid not in wanted:
+                    continue
                 out[uid] = MessageFacts(
                     uid=uid,
                     size=size,
                     first_seen=from_utc_text(first),
-                    last_seen=from_utc_text(last),
+                    last_seen=from_utc_text(_effective_last_seen(last, last_listed, since)),
                     retrieved_at=None if retrieved is None else from_utc_text(retrieved),
                     hidden=bool(hidden),
                     deleted_upstream_at=None if deleted is None else from_utc_text(deleted),
@@ -557,30 +683,89 @@ def _facts(
     return out
 
 
+def _record_batch(conn: sqlite3.Connection, records: Sequence[SessionRecord]) -> list[str | None]:
+    """Write ``records`` in one transaction (one fsync), each inside a savepoint so that
+    one failing record leaves the others; returns each record's error text or None.
+    If the COMMIT fails, sqlite3.Error propagates and none of them is stored."""
+    errors: list[str | None] = []
+    with _transaction(conn, write=True):
+        for record in records:
+            conn.execute("SAVEPOINT one_record")
+            try:
+                _record(conn, record)
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK TO one_record")
+                errors.append(str(exc))
+            else:
+                errors.append(None)
+            conn.execute("RELEASE one_record")
+    return errors
+
+
 def _record(conn: sqlite3.Connection, record: SessionRecord) -> None:
+    """What one QUIT changes, inside the caller's transaction.
+
+    Lazy last_seen: a listing equal to the account's latest (same digest) writes no
+    message row, only accounts.last_listed; a different one is written out whole and
+    becomes the latest (listing_since). A record older than the latest listing (a
+    late commit from another process) is applied row by row as before and leaves the
+    latest listing alone.
+    """
     at = utc_text(record.at)
     sizes = {m.uid: m.size for m in record.seen}
-    with _transaction(conn, write=True):
-        account_id = _account_id(conn, record.account, create=True)
-        conn.execute(
-            "UPDATE accounts SET last_listed = max(coalesce(last_listed, ?), ?) WHERE id = ?",
-            (at, at, account_id),
+    digest = listing_digest(record.seen)
+    known = _account_row(conn, record.account)
+    if known is None:
+        cursor = conn.execute(
+            "INSERT INTO accounts (upstream, upstream_user) VALUES (?, ?)",
+            (record.account.upstream, record.account.upstream_user),
         )
-        stale = _apply_listing(conn, account_id, sizes, at)
-        current = set(sizes) - stale
-        who = (record.user, at, record.session_id)
+        assert cursor.lastrowid is not None  # an INSERT always sets it
+        known = (cursor.lastrowid, None, None, None)
+    account_id, last_listed, since, stored_digest = known
+    newest = last_listed is None or at >= last_listed
+    if newest and stored_digest == digest:
+        stale: set[str] = set()  # the same listing: every row is current, none rewritten
+        conn.execute("UPDATE accounts SET last_listed = ? WHERE id = ?", (at, account_id))
+    else:
+        if since is not None and last_listed is not None and since < last_listed:
+            # The latest listing's rows were last seen at last_listed, not at their
+            # stored last_seen: write that out first, so that a row this record does
+            # not list keeps its true last_seen and one only this (late) record lists
+            # is not taken for a row of the latest listing.
+            conn.execute(
+                "UPDATE messages SET last_seen = ?"
+                " WHERE account_id = ? AND last_seen >= ? AND last_seen < ?",
+                (last_listed, account_id, since, last_listed),
+            )
+            conn.execute(
+                "UPDATE accounts SET listing_since = last_listed WHERE id = ?", (account_id,)
+            )
+            since = last_listed
+        stale = _apply_listing(conn, account_id, sizes, at, last_listed=last_listed, since=since)
+        if newest:
+            conn.execute(
+                "UPDATE accounts SET last_listed = ?, listing_since = ?, listing_digest = ?"
+                " WHERE id = ?",
+                (at, at, digest, account_id),
+            )
+    current = set(sizes) - stale
+    who = (record.user, at, record.session_id)
+    if record.retrieved:
         conn.executemany(
             "INSERT INTO retrievals (message_id, user, at, session_id)"
             " SELECT id, ?, ?, ? FROM messages WHERE account_id = ? AND uid = ?"
             " ON CONFLICT DO NOTHING",  # the first complete RETR is the one kept
             [(*who, account_id, uid) for uid in sorted(record.retrieved & current)],
         )
+    if record.hidden:
         conn.executemany(
             "INSERT INTO hides (message_id, user, at, session_id, rule)"
             " SELECT id, ?, ?, ?, ? FROM messages WHERE account_id = ? AND uid = ?"
             " ON CONFLICT DO NOTHING",  # hidden for good since the first hide
             [(*who, d.rule, account_id, d.uid) for d in record.hidden if d.uid in current],
         )
+    if record.deleted_upstream:
         conn.executemany(
             "UPDATE messages SET deleted_upstream_at = ?, deleted_session_id = ?,"
             " deleted_by_rule = ? WHERE account_id = ? AND uid = ?",
@@ -590,6 +775,7 @@ def _record(conn: sqlite3.Connection, record: SessionRecord) -> None:
                 if d.uid in current
             ],
         )
+    if record.hidden or record.deleted_upstream:
         conn.executemany(
             "INSERT INTO disposals (user, at, session_id, account_id, uid, size, action, rule)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -605,25 +791,42 @@ def _record(conn: sqlite3.Connection, record: SessionRecord) -> None:
 
 
 def _apply_listing(
-    conn: sqlite3.Connection, account_id: int | None, sizes: Mapping[str, int], at: str
+    conn: sqlite3.Connection,
+    account_id: int,
+    sizes: Mapping[str, int],
+    at: str,
+    *,
+    last_listed: str | None,
+    since: str | None,
 ) -> set[str]:
     """Upsert the session's listing; return the UIDLs whose stored content is newer.
 
     Same size: ``first_seen`` takes the earlier, ``last_seen`` the later time (so
     commits out of order agree). Other size: new content under a reused UIDL, which
     replaces the stored row (and its history) unless the store saw the other content
-    later than ``at``; such stale UIDLs are returned and left alone.
+    later than ``at``; such stale UIDLs are returned and left alone. A row of the
+    latest listing counts as seen at ``last_listed`` (lazy last_seen).
     """
     stored: dict[str, tuple[int, str]] = {}
-    for chunk in _chunks(list(sizes)):
-        rows = conn.execute(
-            "SELECT uid, size, last_seen FROM messages"
-            f" WHERE account_id = ? AND uid IN ({_marks(len(chunk))})",
-            (account_id, *chunk),
+    if _whole_account(len(sizes)):
+        rows: Iterable[tuple[Any, ...]] = conn.execute(
+            "SELECT uid, size, last_seen FROM messages WHERE account_id = ?", (account_id,)
         )
-        stored.update((uid, (size, last)) for uid, size, last in rows)
+        stored.update((uid, (size, last)) for uid, size, last in rows if uid in sizes)
+    else:
+        for chunk in _chunks(list(sizes)):
+            rows = conn.execute(
+                "SELECT uid, size, last_seen FROM messages"
+                f" WHERE account_id = ? AND uid IN ({_marks(len(chunk))})",
+                (account_id, *chunk),
+            )
+            stored.update((uid, (size, last)) for uid, size, last in rows)
     stale, reused = split_listing(
-        sizes, {uid: (size, last > at) for uid, (size, last) in stored.items()}
+        sizes,
+        {
+            uid: (size, _effective_last_seen(last, last_listed, since) > at)
+            for uid, (size, last) in stored.items()
+        },
     )
     conn.executemany(
         "DELETE FROM messages WHERE account_id = ? AND uid = ?",
@@ -650,7 +853,7 @@ def _messages(conn: sqlite3.Connection, account: AccountKey | None) -> list[Stor
             where, args = " WHERE m.account_id = ?", (account_id,)
         rows = conn.execute(
             "SELECT m.id, a.upstream, a.upstream_user, m.uid, m.size, m.first_seen,"
-            " m.last_seen, m.deleted_upstream_at, m.deleted_by_rule, a.last_listed"
+            f" {EFFECTIVE_LAST_SEEN}, m.deleted_upstream_at, m.deleted_by_rule, a.last_listed"
             " FROM messages AS m JOIN accounts AS a ON a.id = m.account_id"
             f"{where} ORDER BY a.upstream, a.upstream_user, m.first_seen, m.uid LIMIT ?",
             (*args, MAX_LISTED_MESSAGES + 1),
@@ -698,7 +901,7 @@ def _prune_batch(conn: sqlite3.Connection, cutoff: str) -> int:
         cursor = conn.execute(  # the SQL form of StoredMessage.is_gone
             "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages AS m"
             " JOIN accounts AS a ON a.id = m.account_id"
-            " WHERE m.last_seen < ? AND m.last_seen < a.last_listed LIMIT ?)",
+            " WHERE m.last_seen < ? AND m.last_seen < a.listing_since LIMIT ?)",
             (cutoff, PRUNE_BATCH),
         )
         deleted = cursor.rowcount

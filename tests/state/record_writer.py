@@ -48,16 +48,24 @@ def session(prefix: str, n: int) -> SessionRecord:
     )
 
 
-async def write(url: str, prefix: str, count: int) -> None:
+async def write(url: str, prefix: str, count: int, concurrency: int = 1) -> None:
+    """Record sessions 0..count-1, ``concurrency`` at a time (each task its own share),
+    so that with more than one the store commits them in groups."""
     store = await open_store(StateConfig(url=url, busy_timeout_seconds=BUSY_TIMEOUT_SECONDS))
-    try:
-        for n in range(count):
+
+    async def task(first: int) -> None:
+        for n in range(first, count, concurrency):
             await store.record(session(prefix, n))
             sys.stdout.write(f"{n}\n")
             sys.stdout.flush()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for first in range(concurrency):
+                nursery.start_soon(task, first)
     finally:
         await store.aclose()
 
 
 if __name__ == "__main__":
-    trio.run(write, sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    trio.run(write, sys.argv[1], sys.argv[2], int(sys.argv[3]), int((sys.argv[4:5] or ["1"])[0]))

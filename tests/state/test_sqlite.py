@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sqlite3
 import stat
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from popproxy.pop3.client_replies import MAX_UPSTREAM_MESSAGES
+from popproxy.state import sqlite as sqlite_module
 from popproxy.state.base import (
     AccountKey,
     SeenMessage,
@@ -239,5 +244,144 @@ async def test_calls_beyond_the_listing_bound_are_refused(tmp_path: Path) -> Non
         with pytest.raises(ValueError, match="at most"):
             await store.facts(BOX, "alice", uids)
         assert await store.messages() == []
+    finally:
+        await store.aclose()
+
+
+def count_message_writes(path: Path) -> None:
+    """Count every INSERT, UPDATE and DELETE of a message row into a table ``writes``
+    (triggers live in the file, so they see the store's own connections)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("CREATE TABLE writes (n INTEGER NOT NULL)")
+        conn.execute("INSERT INTO writes VALUES (0)")
+        for event in ("INSERT", "UPDATE", "DELETE"):
+            conn.execute(
+                f"CREATE TRIGGER count_{event.lower()} AFTER {event} ON messages"
+                " BEGIN UPDATE writes SET n = n + 1; END"
+            )
+
+
+def message_writes(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return int(conn.execute("SELECT n FROM writes").fetchone()[0])
+
+
+async def test_an_unchanged_listing_writes_no_message_row(tmp_path: Path) -> None:
+    """A QUIT that lists what the latest QUIT listed, retrieving nothing new, writes
+    only the account's row; its listing still counts as seen at its time."""
+    path = tmp_path / "state.db"
+    store = await open_sqlite(path, busy_timeout_seconds=1)
+    try:
+        sizes = {f"u{i}": i for i in range(50)}
+        await store.record(dataclasses.replace(listing(T0, sizes), retrieved=frozenset({"u1"})))
+        count_message_writes(path)
+        later = T0 + timedelta(hours=1)
+        await store.record(
+            dataclasses.replace(listing(later, sizes, "s2"), retrieved=frozenset({"u1"}))
+        )
+        assert message_writes(path) == 0
+        facts = await store.facts(BOX, "alice", list(sizes))
+        assert facts["u7"].last_seen == later
+        assert facts["u1"].retrieved_at == T0
+        await store.record(listing(later + timedelta(hours=1), {**sizes, "new": 1}, "s3"))
+        # A changed listing: the latest listing's 50 rows get their last_seen written
+        # out, then the new listing's 51 rows are written.
+        assert message_writes(path) == 50 + 51
+    finally:
+        await store.aclose()
+
+
+async def test_concurrent_records_share_transactions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records arriving while a commit is in flight are committed together (one
+    transaction, one fsync each group), and every one of them is stored."""
+    batches: list[int] = []
+    original = sqlite_module._record_batch
+
+    def counting(conn: sqlite3.Connection, records: Sequence[SessionRecord]) -> list[str | None]:
+        batches.append(len(records))
+        return original(conn, records)
+
+    monkeypatch.setattr(sqlite_module, "_record_batch", counting)
+    store = await open_sqlite(tmp_path / "state.db", busy_timeout_seconds=5)
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                account = AccountKey("provider", f"box{n}")
+                record = SessionRecord(
+                    account, "alice", f"s{n}", T0, seen=(SeenMessage(f"m{n}", n),)
+                )
+                nursery.start_soon(store.record, record)
+        assert sum(batches) == 20
+        assert len(batches) < 20
+        rows = await store.messages()
+        assert sorted(row.uid for row in rows) == sorted(f"m{n}" for n in range(20))
+    finally:
+        await store.aclose()
+
+
+async def test_a_failing_record_leaves_the_rest_of_its_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One record of a group that sqlite refuses fails alone (its savepoint is rolled
+    back); the others of the group are committed."""
+    original = sqlite_module._record
+
+    def refusing(conn: sqlite3.Connection, record: SessionRecord) -> None:
+        original(conn, record)
+        if record.session_id == "bad":
+            conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    monkeypatch.setattr(sqlite_module, "_record", refusing)
+    store = await open_sqlite(tmp_path / "state.db", busy_timeout_seconds=5)
+    failed: list[str] = []
+
+    async def one(session_id: str, uid: str) -> None:
+        try:
+            await store.record(
+                SessionRecord(
+                    AccountKey("provider", uid),
+                    "alice",
+                    session_id,
+                    T0,
+                    seen=(SeenMessage(uid, 1),),
+                )
+            )
+        except StateError as exc:
+            failed.append(f"{session_id}: {exc}")
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in range(6):
+                nursery.start_soon(one, "bad" if n == 3 else f"s{n}", f"m{n}")
+        assert len(failed) == 1
+        assert failed[0].startswith("bad: state store ")
+        assert "no_such_table" in failed[0]
+        rows = await store.messages()
+        assert sorted(row.uid for row in rows) == ["m0", "m1", "m2", "m4", "m5"]
+    finally:
+        await store.aclose()
+
+
+async def test_a_cancelled_waiter_is_not_committed_later(tmp_path: Path) -> None:
+    """A record cancelled while it waits for the commit in flight leaves the queue:
+    the next group does not commit it behind its caller's back."""
+    store = await open_sqlite(tmp_path / "state.db", busy_timeout_seconds=5)
+    try:
+        first = SessionRecord(BOX, "alice", "s1", T0, seen=(SeenMessage("a", 1),))
+        second = SessionRecord(
+            AccountKey("provider", "bob"), "bob", "s2", T0, seen=(SeenMessage("b", 1),)
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.record, first)
+            await trio.testing.wait_all_tasks_blocked()  # the first commit is in flight
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                with pytest.raises(trio.Cancelled):
+                    await store.record(second)
+                    await trio.sleep_forever()  # pragma: no cover (cancelled above)
+        await store.record(listing(T0 + timedelta(seconds=1), {"a": 1}, "s3"))
+        assert [row.uid for row in await store.messages()] == ["a"]
     finally:
         await store.aclose()

@@ -399,3 +399,42 @@ async def test_a_known_source_call_no_session_could_make_is_refused(store: State
         await store.remember_source("alice", "192.0.2.1", T0, keep=0, forget_before=T0)
     with pytest.raises(ValueError):
         await store.remember_source("alice", "192.0.2.1", T0, keep=1001, forget_before=T0)
+
+
+async def test_a_late_record_inside_an_unchanged_listing_span_keeps_prune_exact(
+    store: StateStore,
+) -> None:
+    """The same listing twice (the second QUIT writes no message row on sqlite), then a
+    late commit from between them listing one more UIDL: that UIDL is gone from the
+    latest listing and pruned, the latest listing's UIDLs are last seen at its time."""
+    await store.record(session(T0, {"a": 1, "b": 2}, session_id="s1"))
+    await store.record(session(T0 + 2 * DAY, {"a": 1, "b": 2}, session_id="s2"))
+    await store.record(session(T0 + DAY, {"a": 1, "x": 3}, session_id="late"))
+    rows = by_uid(await store.messages(ALICE_BOX))
+    assert {uid: row.last_seen for uid, row in rows.items()} == {
+        "a": T0 + 2 * DAY,
+        "b": T0 + 2 * DAY,
+        "x": T0 + DAY,
+    }
+    facts = await store.facts(ALICE_BOX, "alice", ["a", "b", "x"])
+    assert {uid: f.last_seen for uid, f in facts.items()} == {
+        "a": T0 + 2 * DAY,
+        "b": T0 + 2 * DAY,
+        "x": T0 + DAY,
+    }
+    assert await store.prune(T0 + 3 * DAY) == 1
+    assert set(by_uid(await store.messages(ALICE_BOX))) == {"a", "b"}
+
+
+async def test_a_big_listing_reads_and_writes_like_a_small_one(store: StateStore) -> None:
+    """Listings past the size where a backend scans the whole account at once."""
+    sizes = {f"u{i}": i for i in range(6000)}
+    await store.record(session(T0, sizes, retrieved={"u1"}))
+    await store.record(session(T0 + DAY, {**sizes, "new": 7}, retrieved={"u2"}))
+    facts = await store.facts(ALICE_BOX, "alice", [*sizes, "new", "unknown"])
+    assert len(facts) == 6001
+    assert facts["u1"].retrieved_at == T0
+    assert facts["u2"].retrieved_at == T0 + DAY
+    assert facts["new"].first_seen == T0 + DAY
+    assert facts["u5999"].size == 5999
+    assert (facts["u3"].first_seen, facts["u3"].last_seen) == (T0, T0 + DAY)

@@ -30,8 +30,8 @@ T0 = datetime(2024, 5, 1, tzinfo=UTC)
 PROCESS_DEADLINE_SECONDS = 120
 
 
-def writer_command(url: str, prefix: str, count: int) -> list[str]:
-    return [sys.executable, str(WRITER), url, prefix, str(count)]
+def writer_command(url: str, prefix: str, count: int, concurrency: int = 1) -> list[str]:
+    return [sys.executable, str(WRITER), url, prefix, str(count), str(concurrency)]
 
 
 def writer_env() -> dict[str, str]:
@@ -110,6 +110,55 @@ async def test_a_writer_killed_mid_stream_leaves_whole_records(
     stored_sessions = len(session_rows(await stored_rows(backend, "killed")))
     assert reported <= stored_sessions <= reported + 1
     await assert_sessions_whole(backend, "killed", range(stored_sessions))
+
+
+async def test_a_writer_killed_during_group_commits_acknowledged_only_durable(
+    backend: Backend,
+) -> None:
+    """SIGKILL while 8 tasks' records are committed in groups (sqlite: one transaction
+    per group): every record whose ``record`` returned is stored whole, the others of
+    the groups in flight are whole or absent (invariant: no QUIT gets +OK for state
+    that is not durable)."""
+    concurrency = 8
+    await (await backend.open()).aclose()
+    acknowledged: set[int] = set()
+    with trio.fail_after(PROCESS_DEADLINE_SECONDS):
+        process = await trio.lowlevel.open_process(
+            writer_command(backend.url, "grouped", 100_000, concurrency),
+            stdout=subprocess.PIPE,
+            env=writer_env(),
+        )
+        assert process.stdout is not None
+        pending = b""
+        try:
+            while len(acknowledged) < 40:
+                chunk = await process.stdout.receive_some()
+                assert chunk, "the writer exited early"
+                *lines, pending = (pending + chunk).split(b"\n")
+                acknowledged.update(int(line) for line in lines)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+            await process.stdout.aclose()
+    assert process.returncode == -signal.SIGKILL
+    by_session = session_rows(await stored_rows(backend, "grouped"))
+    stored = {int(name.rsplit("-", 1)[1]) for name in by_session}
+    assert acknowledged <= stored
+    # At most one record per task was in flight beyond what was acknowledged.
+    assert len(stored - acknowledged) <= concurrency
+    for n in stored:
+        expected = record_writer.session("grouped", n)
+        rows = {row.uid: row for row in by_session[f"grouped-{n}"]}
+        assert {uid: row.size for uid, row in rows.items()} == {
+            m.uid: m.size for m in expected.seen
+        }
+        assert all(row.retrieved_by == ((expected.user, expected.at),) for row in rows.values())
+        assert {uid for uid, row in rows.items() if row.hidden_for} == {
+            d.uid for d in expected.hidden
+        }
+        assert {uid for uid, row in rows.items() if row.deleted_upstream_at} == {
+            d.uid for d in expected.deleted_upstream
+        }
 
 
 async def test_100_concurrent_sessions_and_a_second_process(backend: Backend) -> None:
