@@ -12,7 +12,7 @@ the network; docs/rules.md describes the semantics tested here.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
@@ -178,10 +178,36 @@ class AccountPolicy:
     rules: tuple[Rule, ...] = ()
     needs_headers: bool = field(init=False)
     expire: str = field(init=False)
+    # Which candidate fields a decision reads besides ``hidden``: the age (first_seen)
+    # when a rule matches on it or sets an expiry, the size when a rule matches on it
+    # or sets max_size_bytes. ``view`` shares one Decision among candidates alike in
+    # those (a 100,000-message listing under the defaults needs two).
+    reads_age: bool = field(init=False)
+    reads_size: bool = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "needs_headers", any(rule.match.headers for rule in self.rules))
         object.__setattr__(self, "expire", self._expire())
+        object.__setattr__(
+            self,
+            "reads_age",
+            any(
+                rule.match.older_than_days is not None
+                or rule.match.newer_than_days is not None
+                or rule.expire_after_days is not None
+                for rule in self.rules
+            ),
+        )
+        object.__setattr__(
+            self,
+            "reads_size",
+            any(
+                rule.match.larger_than_bytes is not None
+                or rule.match.smaller_than_bytes is not None
+                or rule.max_size_bytes is not None
+                for rule in self.rules
+            ),
+        )
 
     def outcomes(self, setting: Setting) -> tuple[Outcome, ...]:
         """Every value ``setting`` can take for some message of this account, in rule order.
@@ -209,7 +235,7 @@ class AccountPolicy:
         indexes = [candidate.index for candidate in candidates]
         if len(set(indexes)) != len(indexes):
             raise ValueError("two candidates share an index")
-        decisions = tuple(self._decide(candidate, now) for candidate in candidates)
+        decisions = tuple(self._decide_alike(candidates, now))
         visible = tuple(
             sorted(c.index for c, d in zip(candidates, decisions, strict=True) if d.visible)
         )
@@ -234,7 +260,15 @@ class AccountPolicy:
             raise ValueError(f"marked or retrieved indexes not in the view: {stray[:10]}")
         delete: list[Planned] = []
         hide: list[Planned] = []
-        pairs = sorted(zip(view.candidates, view.decisions, strict=True), key=_by_index)
+        touched = set(marked) | set(retrieved)
+        # Only expiring, marked and retrieved messages can be planned: one pass picks
+        # them, so a QUIT on a big listing sorts a few, not all.
+        pairs = [
+            (candidate, decision)
+            for candidate, decision in zip(view.candidates, view.decisions, strict=True)
+            if decision.expires_at is not None or candidate.index in touched
+        ]
+        pairs.sort(key=_by_index)
         for candidate, decision in pairs:
             index, uid = candidate.index, candidate.uid
             if decision.expires_at is not None and now > decision.expires_at:
@@ -277,6 +311,25 @@ class AccountPolicy:
             elif decision.action in (Action.DELETE, Action.DELETE_AFTER_RETRIEVE):
                 delete.append(Planned(index, uid, decision.rule, Reason.FETCHED))
         return PollPlan(tuple(fetch), tuple(skip), tuple(delete))
+
+    def _decide_alike(self, candidates: Sequence[Candidate], now: datetime) -> Iterator[Decision]:
+        """``_decide`` for each candidate, computed once per kind of candidate: those
+        equal in what the rules read (see ``reads_age``, ``reads_size``) and without
+        headers get the same (immutable) Decision."""
+        decided: dict[tuple[datetime | None, int | None, bool], Decision] = {}
+        for candidate in candidates:
+            if candidate.headers is not None:
+                yield self._decide(candidate, now)
+                continue
+            key = (
+                candidate.first_seen if self.reads_age else None,
+                candidate.size if self.reads_size else None,
+                candidate.hidden,
+            )
+            decision = decided.get(key)
+            if decision is None:
+                decision = decided[key] = self._decide(candidate, now)
+            yield decision
 
     def _decide(self, candidate: Candidate, now: datetime) -> Decision:
         age = max(now - candidate.first_seen, timedelta(0))

@@ -107,9 +107,13 @@ def _parse_listing(lines: Sequence[bytes]) -> dict[int, bytes]:
     return out
 
 
+# The octets a unique-id may hold (RFC 1939 §7: 0x21..0x7E).
+_UID_OCTETS = bytes(range(0x21, 0x7F))
+
+
 def _valid_uid(uid: bytes) -> bool:
-    """RFC 1939 §7: 1 to 70 octets in 0x21..0x7E."""
-    return 0 < len(uid) <= MAX_UIDL_OCTETS and all(0x21 <= b <= 0x7E for b in uid)
+    """RFC 1939 §7: 1 to 70 octets in 0x21..0x7E (deleting those leaves nothing)."""
+    return 0 < len(uid) <= MAX_UIDL_OCTETS and not uid.translate(None, _UID_OCTETS)
 
 
 def parse_listings(uidl: Sequence[bytes], sizes: Sequence[bytes]) -> list[ListedMessage]:

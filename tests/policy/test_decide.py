@@ -432,3 +432,25 @@ def test_times_must_be_timezone_aware_and_indexes_unique() -> None:
     view = policy.view([candidate(0)], NOW)
     with pytest.raises(ValueError, match="timezone"):
         policy.plan(view, set(), set(), naive)
+
+
+def test_candidates_alike_share_one_decision_and_others_do_not() -> None:
+    """view() decides once per kind of candidate: under the defaults every visible
+    message shares a Decision, and the hidden ones another; with rules on age, expiry
+    or size each distinct age or size is decided on its own, as one by one."""
+    plain = account()
+    many = [candidate(i, days_old=i % 7, size=100 + i) for i in range(50)]
+    many.append(candidate(50, hidden=True))
+    view = plain.view(many, NOW)
+    assert len({id(d) for d in view.decisions}) == 2
+    assert view.decisions[50].hidden is not None
+    ruled = account(
+        rule("old", action=KEEP, older=3, continues=True),
+        rule("expiring", expire=10, continues=True),
+        rule("big", action=HIDE, larger=120),
+    )
+    view = ruled.view(many, NOW)
+    for one, decision in zip(many, view.decisions, strict=True):
+        assert decision == ruled.view([one], NOW).decisions[0]
+    assert {d.rule for d in view.decisions} >= {"old", "big", "default"}
+    assert len({d.expires_at for d in view.decisions}) == 7
