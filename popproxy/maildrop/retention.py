@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 import trio
 
 from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
+from popproxy.maildrop.upstream import UpstreamMaildrop
 from popproxy.metrics import Metrics, PolicyAction
 from popproxy.policy import (
     MAX_HEADER_OCTETS,
@@ -107,12 +108,14 @@ async def open_retained(
             "state_unavailable", extra={"fields": _fields(context, reason=str(exc))}
         )
         raise MaildropError(ResponseCode.SYS_TEMP, "Mailbox state is unavailable.") from None
+    headers: Sequence[Headers | None] = ()
+    if context.policy.needs_headers:
+        headers = await _all_headers(inner)
     candidates: list[Candidate] = []
     for index, message in enumerate(listing):
         known = facts.get(message.uid)
         if known is not None and known.size != message.size:
             known = None  # a UIDL reused for other content is a new message (invariant 3)
-        headers = await _headers(inner, index) if context.policy.needs_headers else None
         candidates.append(
             Candidate(
                 index=index,
@@ -120,7 +123,7 @@ async def open_retained(
                 size=message.size,
                 first_seen=known.first_seen if known is not None else now,
                 hidden=known.hidden if known is not None else False,
-                headers=headers,
+                headers=headers[index] if headers else None,
             )
         )
     view = context.policy.view(candidates, now)
@@ -140,9 +143,23 @@ def _count_overdue(view: View, now: datetime, metrics: Metrics) -> None:
         metrics.policy_overdue(rule, count)
 
 
+async def _all_headers(inner: Maildrop) -> list[Headers | None]:
+    """Every message's header (``TOP n 0``, RFC 1939 §7, at most ``MAX_HEADER_OCTETS``),
+    None where the upstream no longer has the message. From an upstream maildrop the
+    TOPs are pipelined (``UpstreamMaildrop.headers``); otherwise one at a time."""
+    count = len(inner.messages)
+    if isinstance(inner, UpstreamMaildrop):
+        out: list[Headers | None] = [None] * count
+        async with contextlib.aclosing(inner.headers(range(count), MAX_HEADER_OCTETS)) as replies:
+            async for index, wire in replies:
+                out[index] = None if wire is None else _parse_header(wire, stuffed=True)
+        return out
+    return [await _headers(inner, index) for index in range(count)]
+
+
 async def _headers(inner: Maildrop, index: int) -> Headers | None:
     """The header of message ``index`` from ``TOP n 0`` (RFC 1939 §7), at most
-    ``MAX_HEADER_OCTETS``; None if the upstream no longer has the message."""
+    ``MAX_HEADER_OCTETS``; None if the maildrop no longer has the message."""
     wire = bytearray()
     try:
         async with contextlib.aclosing(inner.retrieve(index, body_lines=0)) as chunks:
@@ -153,12 +170,18 @@ async def _headers(inner: Maildrop, index: int) -> Headers | None:
                     break
     except MaildropError:
         return None
-    if not inner.dot_stuffed:
-        return parse_headers(bytes(wire))
-    if not wire.endswith(b"\r\n"):
-        wire += b"\r\n"
-    wire += TERMINATOR
-    return parse_headers(DotUnstuffer().feed(wire))
+    return _parse_header(bytes(wire), stuffed=inner.dot_stuffed)
+
+
+def _parse_header(wire: bytes, *, stuffed: bool) -> Headers:
+    """Headers from the first octets of a TOP reply (dot-stuffed from an upstream)."""
+    if not stuffed:
+        return parse_headers(wire)
+    text = bytearray(wire)
+    if not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    text += TERMINATOR
+    return parse_headers(DotUnstuffer().feed(text))
 
 
 class RetainedMaildrop:

@@ -21,6 +21,8 @@ import logging
 import ssl
 from collections.abc import AsyncGenerator, Sequence, Set
 
+import trio
+
 from popproxy.config import UpstreamConfig
 from popproxy.maildrop.base import MaildropError, MessageInfo
 from popproxy.maildrop.connection import UPSTREAM_RECEIVE_BYTES, UpstreamConnection, UpstreamError
@@ -43,6 +45,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("popproxy.upstream")
+
+# TOP n 0 commands in flight at once when the header rules read every message's header
+# from an upstream that said PIPELINING (RFC 2449 §6.6): one write and one round trip
+# per window instead of per message, and a bounded number of replies owed.
+HEADER_WINDOW = 32
 
 # An upstream's -ERR to RETR or TOP keeps only a code that still applies (RFC 3206 §4).
 _PASSED_CODES = (ResponseCode.SYS_TEMP, ResponseCode.SYS_PERM)
@@ -108,6 +115,46 @@ class UpstreamMaildrop:
                         return
                     case _:
                         raise connection.protocol_error("expected message data")
+
+    async def headers(
+        self, indexes: Sequence[int], limit: int
+    ) -> AsyncGenerator[tuple[int, bytes | None], None]:
+        """``TOP n 0`` of each of ``indexes`` in order, as (index, header): the octets
+        still dot-stuffed, at most ``limit`` of them kept (the rest is read and
+        dropped), or None where the upstream answered ``-ERR`` (RFC 1939 §7).
+
+        Pipelined ``HEADER_WINDOW`` at a time when the upstream said PIPELINING
+        (RFC 2449 §6.6), else one at a time. Each reply is timed from the previous one
+        (the first from the write) and waits at most the command timeout.
+        """
+        connection = self._connection
+        timeout = self._upstream.command_timeout_seconds
+        window = HEADER_WINDOW if connection.pipelining else 1
+        with connection.exchange():
+            connection.check_quiet()
+            for start in range(0, len(indexes), window):
+                batch = indexes[start : start + window]
+                await connection.send(*(Top(self._numbers[i], 0) for i in batch), stuffed_body=True)
+                since = trio.current_time()
+                for index in batch:
+                    with trio.fail_after(timeout):
+                        reply = await connection.status()
+                    connection.answered(Top.verb, since)
+                    since = trio.current_time()
+                    if isinstance(reply, Err):
+                        yield index, None
+                        continue
+                    wire = bytearray()
+                    while True:  # ends: EndOfData, or an error raised
+                        match await connection.event(timeout):
+                            case StuffedData(data=data):
+                                if len(wire) < limit:
+                                    wire += data[: limit - len(wire)]
+                            case EndOfData():
+                                break
+                            case _:
+                                raise connection.protocol_error("expected message data")
+                    yield index, bytes(wire)
 
     async def keep_alive(self) -> None:
         """NOOP, so the upstream does not log an idle session out (RFC 1939 §3, §5).

@@ -21,6 +21,7 @@ import ssl
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,9 @@ import trustme
 from popproxy.config import TlsMode, UpstreamConfig, UpstreamLogin
 from popproxy.maildrop import upstream_login as login_module
 from popproxy.maildrop.base import MaildropError, MessageInfo
+from popproxy.maildrop.retention import RetentionContext, open_retained
 from popproxy.maildrop.upstream import (
+    HEADER_WINDOW,
     UPSTREAM_RECEIVE_BYTES,
     CapabilityMemo,
     UpstreamAccount,
@@ -40,9 +43,13 @@ from popproxy.maildrop.upstream import (
     open_upstream,
 )
 from popproxy.outcomes import UpstreamFailure
+from popproxy.policy import Action, HeaderMatch, Match, Policy, Rule
+from popproxy.policy.patterns import header_pattern
 from popproxy.pop3.client_replies import MAX_CAPABILITY_LINES
 from popproxy.pop3.replies import ResponseCode
 from popproxy.secret import Secret
+from popproxy.state.base import AccountKey
+from popproxy.state.sqlite import open_sqlite
 from popproxy.tls import client_context
 
 USER = "alice@example.net"
@@ -1727,3 +1734,91 @@ async def test_password_never_in_logs_of_a_whole_session(caplog: pytest.LogCaptu
     for record in caplog.records:
         assert_no_secret(repr(vars(record)))
     assert "***" in repr(account(1).password)
+
+
+# -- headers for header rules (TOP n 0, pipelined) -------------------------------------
+
+
+def top_reads(peer: Peer) -> list[int]:
+    """How many TOP commands each read of the upstream's socket carried (those with any)."""
+    counts = [data.count(b"TOP ") for data, _ in peer.reads]
+    return [n for n in counts if n]
+
+
+async def all_headers(drop: UpstreamMaildrop, limit: int = 1000) -> list[bytes | None]:
+    got: list[bytes | None] = []
+    indexes = list(range(len(drop.messages)))
+    async with contextlib.aclosing(drop.headers(indexes, limit)) as replies:
+        async for index, wire in replies:
+            assert index == len(got)
+            got.append(wire)
+    return got
+
+
+async def test_headers_are_pipelined_a_window_at_a_time() -> None:
+    """From a PIPELINING upstream, TOP n 0 goes HEADER_WINDOW commands to a write; a
+    -ERR gives None and the others follow; the connection stays usable."""
+    many = {n: (b"u%d" % n, b"Subject: s%d\r\n\r\nbody %d\r\n" % (n, n)) for n in range(1, 41)}
+    mailbox = Mailbox(many, replies={b"TOP 7 0": b"-ERR [SYS/PERM] gone\r\n"})
+    async with scripted_upstream(mailbox) as upstream:
+        drop = await login(upstream)
+        got = await all_headers(drop)
+        assert await collect(drop, 0) == many[1][1]
+        await drop.commit(set())
+    assert top_reads(upstream.peer) == [HEADER_WINDOW, 40 - HEADER_WINDOW]
+    assert got[6] is None
+    assert got[0] == b"Subject: s1\r\n\r\n"
+    assert got[39] == b"Subject: s40\r\n\r\n"
+    assert sum(wire is not None for wire in got) == 39
+
+
+async def test_headers_without_pipelining_go_one_per_reply() -> None:
+    async with scripted_upstream(Mailbox(dict(MESSAGES), capa=CAPA_PLAIN)) as upstream:
+        drop = await login(upstream)
+        got = await all_headers(drop)
+        await drop.commit(set())
+    assert top_reads(upstream.peer) == [1, 1, 1]
+    assert got == [b"Subject: one\r\n\r\n", b"Subject: two\r\n\r\n", b"Subject: three\r\n\r\n"]
+
+
+async def test_a_header_over_the_limit_is_cut_and_its_reply_read_to_the_end() -> None:
+    long_header = b"Subject: " + b"x" * 5000 + b"\r\n\r\nbody\r\n"
+    messages = {1: (b"big", long_header), 2: (b"small", b"Subject: s\r\n\r\nb\r\n")}
+    async with scripted_upstream(Mailbox(messages)) as upstream:
+        drop = await login(upstream)
+        got = await all_headers(drop, limit=100)
+        assert await collect(drop, 1) == messages[2][1]  # nothing of the long reply is left
+        await drop.commit(set())
+    assert got[0] == long_header[:100]
+    assert got[1] == b"Subject: s\r\n\r\n"
+
+
+async def test_header_rules_over_an_upstream_read_pipelined_headers() -> None:
+    """open_retained with a header rule: every header comes from pipelined TOPs, and the
+    rule hides the messages whose header matches."""
+    listed = b"List-Id: <l.example>\r\n"
+    messages = {
+        n: (b"u%d" % n, b"Subject: s%d\r\n%s\r\nbody\r\n" % (n, listed * (n % 2)))
+        for n in range(1, 6)
+    }
+    hide_lists = Rule(
+        name="no-lists",
+        match=Match(headers=(HeaderMatch("list-id", header_pattern(".")),)),
+        action=Action.HIDE,
+    )
+    store = await open_sqlite(None, busy_timeout_seconds=1)
+    async with scripted_upstream(Mailbox(messages)) as upstream:
+        drop = await login(upstream)
+        context = RetentionContext(
+            account=AccountKey("scripted", "user"),
+            user="alice",
+            session_id="s1",
+            policy=Policy(rules=(hide_lists,)).for_user("alice", "scripted"),
+            store=store,
+            clock=lambda: datetime(2026, 3, 1, tzinfo=UTC),
+        )
+        retained = await open_retained(drop, context, on_close=trio.lowlevel.checkpoint)
+        assert [m.uid for m in retained.messages] == ["u2", "u4"]
+        await retained.aclose()
+    await store.aclose()
+    assert top_reads(upstream.peer) == [5]
