@@ -55,3 +55,19 @@ def pg_database() -> Iterator[str]:
     """The URL of a database of this test run's own on the test PostgreSQL server
     (tests/state/state_backends.py), dropped at the end of the run."""
     yield from run_database()
+
+
+# The default state.url, relative to the working directory (the checkout when pytest runs
+# from it): a test that builds a Config without a state URL of its own would write here.
+DEFAULT_STATE_FILE = "popproxy-state.db"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_state_file_in_working_directory() -> Iterator[None]:
+    """Fail the run if a test created the default state file in the working directory:
+    every test keeps its store under its own tmp_path (a file left in the checkout
+    outlives the run and carries one test's migrations into the next run)."""
+    before = os.path.exists(DEFAULT_STATE_FILE)
+    yield
+    if not before and os.path.exists(DEFAULT_STATE_FILE):
+        pytest.fail(f"a test wrote {DEFAULT_STATE_FILE} in {os.getcwd()}", pytrace=False)

@@ -81,7 +81,8 @@ def make_config(maildir: Path, tls: Tls, **limits: Any) -> Config:
         allow_plaintext_auth=False,
         upstreams=MappingProxyType({}),
         users=MappingProxyType({"demo": user}),
-        state=StateConfig(),
+        # Beside the Maildir (a tmp_path), never the default file in the working directory.
+        state=StateConfig(url=f"sqlite:///{maildir.parent / 'popproxy-state.db'}"),
         rules_dir=None,
         metrics=None,
         limits=replace(

@@ -143,7 +143,7 @@ async def test_the_login_timeout_closes_an_idle_connection(
         allow_plaintext_auth=True,
         upstreams={},
         users={"demo": user},
-        state=StateConfig(),
+        state=StateConfig(url=f"sqlite:///{tmp_path / 'popproxy-state.db'}"),
         rules_dir=None,
         metrics=None,
         limits=replace(LimitsConfig(), login_timeout_seconds=SHORT_LOGIN_TIMEOUT_SECONDS),
