@@ -11,7 +11,10 @@ must never pass on a truncated body as if it were complete.
 
 A command sent with ``stuffed_body=True`` gets its multi-line body as
 ``StuffedData``: the octets as received, still dot-stuffed, with only the
-terminator removed, so a relay can pass them on without decoding them.
+terminator removed, so a relay can pass them on without decoding them. The
+one exception is a poisoned dot line (a single ``.`` ended by a bare LF): it is
+content, stuffed so that no client takes it for the end, and reported once per
+reply as ``PoisonedDotLines`` before the ``EndOfData`` (pop3/dotstuff.py).
 
 The client tracks the session's phase as the server's replies confirm it,
 through the same table as the server role (``state.ON_COMMAND`` and
@@ -45,6 +48,7 @@ from popproxy.pop3.events import (
     Data,
     EndOfData,
     NeedData,
+    PoisonedDotLines,
     SaslChallenge,
     StuffedData,
 )
@@ -63,7 +67,15 @@ GREETING = _Greeting.GREETING
 
 
 ClientEvent = (
-    Ok | Err | SaslChallenge | Data | StuffedData | EndOfData | ConnectionClosed | NeedData
+    Ok
+    | Err
+    | SaslChallenge
+    | Data
+    | StuffedData
+    | PoisonedDotLines
+    | EndOfData
+    | ConnectionClosed
+    | NeedData
 )
 
 
@@ -95,6 +107,7 @@ class ClientConnection:
         self.max_reply_line_octets = max_reply_line_octets
         self._outstanding: deque[_Sent] = deque([_Sent(GREETING)] if expect_greeting else [])
         self._body: DotUnstuffer | StuffedBodyScanner | None = None
+        self._poison_reported = False  # PoisonedDotLines given for the body being read
         self._broken = False
 
     @property
@@ -199,7 +212,11 @@ class ClientConnection:
             if chunk:
                 return StuffedData(chunk) if isinstance(body, StuffedBodyScanner) else Data(chunk)
         if body.done:
+            if body.poisoned_dot_lines and not self._poison_reported:
+                self._poison_reported = True
+                return PoisonedDotLines(body.poisoned_dot_lines)
             self._body = None
+            self._poison_reported = False
             sent = self._outstanding.popleft()
             if not isinstance(sent.command, _Greeting):
                 self._complete(sent.command, Outcome.LISTED)

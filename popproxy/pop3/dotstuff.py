@@ -5,28 +5,41 @@ A multi-line body is sent with a ``.`` added before every line that starts with
 and carry "at start of line" across chunk boundaries, so a dot that starts a
 chunk is handled like any other, and no body is ever held whole.
 
-The hot path is two C-level passes per chunk (``bytes.replace`` or ``find`` for
-``\\n.``), not a Python loop over lines.
+The relay's scanner makes one C-level pass per chunk (a compiled pattern for a
+line-initial dot ended by a line end), not a Python loop over lines.
+
+A poisoned dot line. A line that is a single ``.`` ended by a bare LF cannot occur
+in a body a server keeps to RFC 1939 §3 (a line starting with ``.`` is stuffed,
+every line ends with CRLF): it comes from a server that stuffs nothing, or only
+after CRLF. Strictly it is not the terminator (that is ``.CRLF``), but a client
+that ends lines at LF, as many do, would take it for one, so passing it on as it
+came would let the upstream end a message early for such a client and inject what
+follows as replies. Both decoders therefore take it as content, a dot and a line
+end, never as the end of the body: ``DotUnstuffer`` hands out ``.\n`` (the octets
+the upstream sent, so a size the upstream counted on what it sends stays exact), and
+``StuffedBodyScanner`` hands out ``..\n``, stuffed, which every client un-stuffs to
+that same ``.\n`` and none can read as the terminator. Each counts such lines in
+``poisoned_dot_lines``; ``ClientConnection`` reports them once per reply. A store
+that keeps a decoded copy (the gateway's Maildir) gets the same ``.\n`` content and
+stuffs it again when serving it.
 """
 
 from __future__ import annotations
 
-from popproxy.pop3.errors import LocalProtocolError, RemoteProtocolError
-from popproxy.pop3.replies import Err
+import re
+
+from popproxy.pop3.errors import LocalProtocolError
 
 TERMINATOR = b".\r\n"
-# A line that is a dot and a bare LF. It cannot occur in a body a server keeps to
-# RFC 1939 §3 (a line starting with "." is stuffed, every line ends with CRLF), and a
-# client that ends lines at LF, as many do, would take it for the terminator: a relay
-# that passed it on would let the upstream end the message early for the client and
-# inject what follows as replies. Both decoders refuse it.
-_BARE_LF_DOT_LINE = b".\n"
-
-
-def _ambiguous_terminator() -> RemoteProtocolError:
-    return RemoteProtocolError(
-        Err("A line of a multi-line reply is a dot and a bare LF"), fatal=True
-    )
+_DOT = 0x2E
+_LF = 0x0A
+# A line-initial dot followed by a line end: the terminator (".\r\n") or a poisoned dot
+# line (".\n"). One search for both is the scanner's single pass over a chunk.
+_DOT_LINE = re.compile(rb"\n\.\r?\n")
+# Tails that may be the start of a terminator or a poisoned dot line once more
+# octets arrive.
+_UNDECIDED = (b".", b".\r")
+_STUFFING_DOT = b"."
 
 
 class DotStuffer:
@@ -76,13 +89,16 @@ class DotUnstuffer:
     ``feed`` consumes from the front of a buffer owned by the caller and
     returns the content it could decode; ``done`` turns true once the
     terminator has been consumed. Bytes after the terminator stay in the buffer.
+    A poisoned dot line (module docstring) is content ``.\n``, counted in
+    ``poisoned_dot_lines``.
     """
 
-    __slots__ = ("_at_line_start", "done")
+    __slots__ = ("_at_line_start", "done", "poisoned_dot_lines")
 
     def __init__(self) -> None:
         self._at_line_start = True
         self.done = False
+        self.poisoned_dot_lines = 0
 
     def feed(self, buf: bytearray) -> bytes:
         """Decode as much of ``buf`` as can be decided, deleting what was consumed."""
@@ -90,20 +106,21 @@ class DotUnstuffer:
         pos = 0
         end = len(buf)
         while pos < end:
-            if self._at_line_start and buf[pos] == 0x2E:
+            if self._at_line_start and buf[pos] == _DOT:
                 if end - pos < 3 and (end - pos < 2 or buf[pos + 1] == 0x0D):
                     break  # ".", ".\r": cannot tell the terminator from a stuffed line yet
                 if buf[pos : pos + 3] == TERMINATOR:
                     pos += 3
                     self.done = True
                     break
-                if buf[pos + 1] == 0x0A:
-                    raise _ambiguous_terminator()
-                pos += 1  # RFC 1939 §3: drop the stuffed dot
+                if buf[pos + 1] == _LF:
+                    self.poisoned_dot_lines += 1  # content: the dot stays
+                else:
+                    pos += 1  # RFC 1939 §3: drop the stuffed dot
             hit = buf.find(b"\n.", pos)
             if hit == -1:
                 out += buf[pos:end]
-                self._at_line_start = buf[end - 1] == 0x0A
+                self._at_line_start = buf[end - 1] == _LF
                 pos = end
             else:
                 out += buf[pos : hit + 1]
@@ -113,13 +130,6 @@ class DotUnstuffer:
         return bytes(out)
 
 
-# The end of a multi-line body as seen from anywhere but its first line: a line
-# that is exactly ``.`` (RFC 1939 §3).
-_LINE_END_TERMINATOR = b"\n" + TERMINATOR
-# Tails that may be the start of a terminator once more octets arrive.
-_TERMINATOR_PREFIXES = (b".", b".\r")
-
-
 class StuffedBodyScanner:
     """Finds the end of a multi-line body without decoding it (client role, relays).
 
@@ -127,53 +137,77 @@ class StuffedBodyScanner:
     the body octets still dot-stuffed, exactly as received, up to but not
     including the terminator line; ``done`` turns true once the terminator has
     been consumed. A tail that may begin the terminator is held back until it can
-    be decided. The terminator rule is the same as ``DotUnstuffer``'s, so both
-    agree on where every body ends (RFC 1939 §3).
+    be decided. The one change to the octets: a poisoned dot line (module
+    docstring) gets a stuffing dot, ``..\n``, and is counted in
+    ``poisoned_dot_lines``. The terminator rule is the same as ``DotUnstuffer``'s,
+    and un-stuffing the scanner's output gives the unstuffer's content, so both
+    agree on where every body ends and what it holds (RFC 1939 §3).
     """
 
-    __slots__ = ("_at_line_start", "done")
+    __slots__ = ("_at_line_start", "done", "poisoned_dot_lines")
 
     def __init__(self) -> None:
         self._at_line_start = True
         self.done = False
+        self.poisoned_dot_lines = 0
 
     def feed(self, buf: bytearray) -> bytes:
-        """Return the stuffed body octets that can be decided, deleting what was consumed."""
+        """Return the stuffed body octets that can be decided, deleting what was consumed.
+
+        One pass of ``_DOT_LINE`` over the buffer finds both the terminator and every
+        poisoned dot line; the octets between them are handed out with one copy.
+        """
         if self.done or not buf:
             return b""
-        if self._at_line_start and buf[:1] == b".":
-            if buf[:3] == TERMINATOR:
+        # Cuts: where a stuffing dot goes in before a poisoned dot line (rare).
+        cuts: list[int] = []
+        search_from = 0
+        if self._at_line_start and buf[0] == _DOT:
+            head = bytes(buf[:3])
+            if head == TERMINATOR:
                 del buf[:3]
                 self.done = True
                 return b""
-            if bytes(buf[:3]) in _TERMINATOR_PREFIXES:
+            if head in _UNDECIDED:
                 return b""  # ".", ".\r": wait for the next octet
-            if buf[:2] == _BARE_LF_DOT_LINE:
-                raise _ambiguous_terminator()
-        hit = buf.find(_LINE_END_TERMINATOR)
-        if hit != -1:
-            if buf.find(b"\n" + _BARE_LF_DOT_LINE, 0, hit + 1) != -1:
-                raise _ambiguous_terminator()
-            body = _take(buf, hit + 1)
-            del buf[: len(TERMINATOR)]
-            self.done = True
-            return body
+            if head[1] == _LF:
+                cuts.append(0)
+                search_from = 1
+        while (found := _DOT_LINE.search(buf, search_from)) is not None:
+            dot = found.start() + 1
+            if found.end() - dot == len(TERMINATOR):
+                self.poisoned_dot_lines += len(cuts)
+                body = _take(buf, dot, cuts)
+                del buf[: len(TERMINATOR)]
+                self.done = True
+                return body
+            cuts.append(dot)
+            search_from = dot + 1  # the LF that ends it may begin the next dot line
         end = len(buf)
         last_newline = buf.rfind(b"\n", max(0, end - len(TERMINATOR)))
-        if last_newline != -1 and bytes(buf[last_newline + 1 :]) in _TERMINATOR_PREFIXES:
+        if last_newline != -1 and bytes(buf[last_newline + 1 :]) in _UNDECIDED:
             end = last_newline + 1
-        # A dot line cut after its dot was held back above, so it is checked whole.
-        if buf.find(b"\n" + _BARE_LF_DOT_LINE, 0, end) != -1:
-            raise _ambiguous_terminator()
-        body = _take(buf, end)
-        self._at_line_start = body[-1] == 0x0A
+        self.poisoned_dot_lines += len(cuts)
+        body = _take(buf, end, cuts)
+        self._at_line_start = body[-1] == _LF
         return body
 
 
-def _take(buf: bytearray, end: int) -> bytes:
-    """The first ``end`` octets of ``buf`` as bytes, deleted from it: one copy, where
-    ``bytes(buf[:end])`` makes two (the slice of a bytearray is a bytearray)."""
+def _take(buf: bytearray, end: int, cuts: list[int]) -> bytes:
+    """The first ``end`` octets of ``buf`` as bytes, deleted from it, with a stuffing
+    dot inserted at each of ``cuts`` (ascending). One copy, where ``bytes(buf[:end])``
+    makes two (the slice of a bytearray is a bytearray)."""
     with memoryview(buf) as view:
-        taken = bytes(view[:end])
+        if not cuts:
+            taken = bytes(view[:end])
+        else:
+            pieces: list[bytes | memoryview] = []
+            start = 0
+            for cut in cuts:
+                pieces += (view[start:cut], _STUFFING_DOT)
+                start = cut
+            pieces.append(view[start:end])
+            taken = b"".join(pieces)
+            pieces.clear()  # release the slices before the buffer shrinks
     del buf[:end]
     return taken

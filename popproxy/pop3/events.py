@@ -31,6 +31,17 @@ class EndOfData:
 
 
 @dataclass(frozen=True, slots=True)
+class PoisonedDotLines:
+    """The multi-line reply being read held ``count`` lines of a single ``.`` ended by a
+    bare LF. They were delivered as content (``.\n`` in ``Data``, stuffed ``..\n`` in
+    ``StuffedData``), never as the end (RFC 1939 §3; pop3/dotstuff.py says why). Comes
+    once per reply, just before its ``EndOfData``.
+    """
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class SaslChallenge:
     """A ``+ base64`` server challenge in an AUTH exchange (RFC 5034 §4), decoded."""
 

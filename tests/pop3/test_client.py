@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from pop3_helpers import Broken, run_client
+from pop3_helpers import Broken, byte_chunks, run_client
 
 from popproxy.pop3.client import ClientConnection
 from popproxy.pop3.commands import (
@@ -37,6 +37,7 @@ from popproxy.pop3.events import (
     ConnectionClosed,
     Data,
     EndOfData,
+    PoisonedDotLines,
     SaslChallenge,
     StuffedData,
 )
@@ -141,6 +142,21 @@ CASES = [
         [Retr(1)],
         HELLO + b"+OK 30 octets\r\n..dot\r\n...two\r\n..\r\nend\r\n.\r\n",
         [HELLO_EVENT, Ok("30 octets"), Data(b".dot\r\n..two\r\n.\r\nend\r\n"), EndOfData()],
+    ),
+    Case(
+        # A dot and a bare LF is content, not the end: what follows is not a reply
+        # (RFC 1939 §3; pop3/dotstuff.py). Reported once, with the count, at the end.
+        "retr-poisoned-dot-lines",
+        [Retr(1), Noop()],
+        HELLO + b"+OK\r\na\r\n.\n+OK FAKE\r\n.\n.\r\n+OK\r\n",
+        [
+            HELLO_EVENT,
+            Ok(""),
+            Data(b"a\r\n.\n+OK FAKE\r\n.\n"),
+            PoisonedDotLines(2),
+            EndOfData(),
+            Ok(""),
+        ],
     ),
     Case(
         "retr-empty-body",
@@ -415,6 +431,33 @@ def test_stuffed_body_is_relayed_as_received_and_others_are_decoded() -> None:
         Data(b".h\r\n\r\n"),
         EndOfData(),
     ]
+
+
+def test_a_poisoned_dot_line_in_a_stuffed_body_is_relayed_stuffed() -> None:
+    """The relay passes a dot and a bare LF on as ``..\\n``, hears of it once per reply
+    just before the end, and the next reply is read as usual (RFC 1939 §3)."""
+    wire = HELLO + b"+OK\r\n.\nFAKE\r\n.\r\n+OK\r\nx\r\n.\r\n+OK\r\n.\n.\r\n"
+    for chunks in ([wire], list(byte_chunks(wire))):
+        conn = ClientConnection()
+        for msg in (1, 2, 3):
+            conn.send(Retr(msg), stuffed_body=True)
+        events: list[object] = []
+        for chunk in chunks:
+            conn.receive_data(chunk)
+            events += drain(conn)
+        relayed = [e.data if isinstance(e, StuffedData) else e for e in events]
+        assert b"".join(d for d in relayed if isinstance(d, bytes)) == b"..\nFAKE\r\nx\r\n..\n"
+        assert [e for e in relayed if not isinstance(e, bytes)] == [
+            HELLO_EVENT,
+            Ok(""),
+            PoisonedDotLines(1),
+            EndOfData(),
+            Ok(""),
+            EndOfData(),
+            Ok(""),
+            PoisonedDotLines(1),
+            EndOfData(),
+        ]
 
 
 def test_stuffed_body_cut_by_eof_is_fatal() -> None:

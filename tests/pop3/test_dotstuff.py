@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from pop3_helpers import CONTENT, FAST, byte_chunks, expected_content, split_at
 
 from popproxy.pop3.dotstuff import TERMINATOR, DotStuffer, DotUnstuffer, StuffedBodyScanner
-from popproxy.pop3.errors import LocalProtocolError, RemoteProtocolError
+from popproxy.pop3.errors import LocalProtocolError
 
 
 def stuff(chunks: list[bytes]) -> bytes:
@@ -189,25 +189,40 @@ def test_scanner_passes_the_stuffed_body_unchanged_under_any_chunking(
     assert bytes(rest) == trailer
 
 
+# Hostile wire: random octets, and pieces that make poisoned dot lines (a dot and a bare
+# LF at a line start) and undecided tails often, with a terminator now and then.
+POISONED_WIRE = st.lists(
+    st.sampled_from([b".\n", b"\n", b".", b"\r", b"a\r\n", b"..", b"x", b".\r\n"]),
+    max_size=40,
+).map(b"".join)
+WIRE = st.binary(max_size=300) | CONTENT | POISONED_WIRE
+
+
 @FAST
-@given(wire=st.binary(max_size=300), wire_cuts=st.lists(st.integers(0, 300)))
+@given(wire=WIRE, wire_cuts=st.lists(st.integers(0, 300)))
 def test_scanner_and_unstuffer_agree_on_where_any_body_ends(
     wire: bytes, wire_cuts: list[int]
 ) -> None:
-    """Even on hostile input, relaying and decoding end the body at the same octet, or
-    both refuse it."""
+    """Even on hostile input, relaying and decoding end the body at the same octet, and
+    un-stuffing what the relay passes on gives what decoding gives."""
     chunks = split_at(wire, wire_cuts)
-    try:
-        body, scan_rest, scan_done = scan(chunks)
-    except RemoteProtocolError:
-        with pytest.raises(RemoteProtocolError):
-            unstuff(chunks)
-        return
+    body, scan_rest, scan_done = scan(chunks)
     decoded, unstuff_rest, unstuff_done = unstuff(chunks)
     assert scan_done == unstuff_done
     if scan_done:
         assert scan_rest == unstuff_rest
         assert unstuff([body + TERMINATOR])[0] == decoded
+
+
+@FAST
+@given(wire=POISONED_WIRE, wire_cuts=st.lists(st.integers(0, 300)))
+def test_no_client_can_end_a_relayed_body_early(wire: bytes, wire_cuts: list[int]) -> None:
+    """Whatever the upstream sends, no line the relay passes on is a dot followed by a
+    line end, whether a client ends lines at CRLF or at LF (RFC 1939 §3): the only end
+    a client can see is the terminator the relay adds."""
+    body, _, _ = scan(split_at(wire, wire_cuts))
+    lines = (b"\n" + body).split(b"\n")[1:]
+    assert not [line for line in lines[:-1] if line in (b".", b".\r")]
 
 
 @pytest.mark.parametrize(
@@ -244,24 +259,80 @@ def test_stuffer_tracks_line_start_through_stuffed_chunks() -> None:
         stuffer.pass_stuffed(b"late")
 
 
-BARE_LF_DOT_LINES = [
-    b".\n",  # the body's first line
-    b"a\r\n.\nFAKE\r\n.\r\n",  # a lenient client's terminator, then an injected reply
-    b"a\n.\n.\r\n",
-    b"a\r\n..\r\n.\n",
+POISONED_DOT_LINES = [
+    # (wire, what the relay passes on, what decoding gives, poisoned dot lines)
+    (b".\n.\r\n", b"..\n", b".\n", 1),  # the body's first line
+    # A lenient client's terminator, then an injected reply, then the real end:
+    (b"a\r\n.\nFAKE\r\n.\r\n", b"a\r\n..\nFAKE\r\n", b"a\r\n.\nFAKE\r\n", 1),
+    (b"a\n.\n.\r\n", b"a\n..\n", b"a\n.\n", 1),
+    (b"a\r\n..\r\n.\n.\r\n", b"a\r\n..\r\n..\n", b"a\r\n.\r\n.\n", 1),
+    (b".\n.\n.\n.\r\n", b"..\n..\n..\n", b".\n.\n.\n", 3),  # back to back
+    (b"x\r\n.\n\r\n.\r\n", b"x\r\n..\n\r\n", b"x\r\n.\n\r\n", 1),
 ]
 
 
-@pytest.mark.parametrize("wire", BARE_LF_DOT_LINES)
-def test_a_dot_and_bare_lf_line_is_refused_whole_and_byte_by_byte(wire: bytes) -> None:
-    """RFC 1939 §3 has no such line; a client that ends lines at LF would read it as the
-    terminator, so a relay must not pass it on."""
-    for chunks in ([wire], list(byte_chunks(wire))):
-        with pytest.raises(RemoteProtocolError) as scanned:
-            scan(chunks)
-        assert scanned.value.fatal
-        with pytest.raises(RemoteProtocolError):
-            unstuff(chunks)
+@pytest.mark.parametrize(("wire", "relayed", "content", "count"), POISONED_DOT_LINES)
+def test_a_poisoned_dot_line_is_stuffed_content_whole_and_byte_by_byte(
+    wire: bytes, relayed: bytes, content: bytes, count: int
+) -> None:
+    """A line of a single dot ended by a bare LF is not in RFC 1939 §3, and a client
+    that ends lines at LF would read it as the terminator. It is content: the relay
+    stuffs it (``..\n``), so no client reads it as the end, and decoding keeps the
+    octets the upstream sent (``.\n``). The body ends at the real terminator."""
+    trailer = b"+OK next\r\n"
+    for chunks in ([wire + trailer], list(byte_chunks(wire + trailer))):
+        scanner = StuffedBodyScanner()
+        buf = bytearray()
+        out = bytearray()
+        for chunk in chunks:
+            buf += chunk
+            out += scanner.feed(buf)
+        assert (bytes(out), scanner.done, bytes(buf)) == (relayed, True, trailer)
+        assert scanner.poisoned_dot_lines == count
+        unstuffer = DotUnstuffer()
+        buf = bytearray()
+        out = bytearray()
+        for chunk in chunks:
+            buf += chunk
+            if not unstuffer.done:
+                out += unstuffer.feed(buf)
+        assert (bytes(out), unstuffer.done, bytes(buf)) == (content, True, trailer)
+        assert unstuffer.poisoned_dot_lines == count
+        # Every client un-stuffs what the relay passes on to the same content.
+        assert unstuff([relayed + TERMINATOR])[0] == content
+
+
+@pytest.mark.parametrize(
+    ("wire", "body", "rest"),
+    [
+        (b"a\r\n.", b"a\r\n", b"."),  # a dot line cut after its dot waits
+        (b"a\r\n.\n", b"a\r\n..\n", b""),
+        (b"a\r\n.\n.", b"a\r\n..\n", b"."),
+        (b".\n", b"..\n", b""),
+        (b"a\n.\r", b"a\n", b".\r"),
+    ],
+)
+def test_scanner_hands_out_a_poisoned_dot_line_once_it_is_whole(
+    wire: bytes, body: bytes, rest: bytes
+) -> None:
+    scanner = StuffedBodyScanner()
+    buf = bytearray(wire)
+    assert scanner.feed(buf) == body
+    assert not scanner.done
+    assert bytes(buf) == rest
+
+
+def test_a_poisoned_dot_line_that_starts_a_feed_is_stuffed() -> None:
+    """The line start is carried across feeds: a ``.\n`` at the front of a later buffer
+    is a poisoned line after an LF, and not one after other octets."""
+    scanner = StuffedBodyScanner()
+    buf = bytearray(b"a\r\n")
+    assert scanner.feed(buf) == b"a\r\n"
+    buf += b".\nb"
+    assert scanner.feed(buf) == b"..\nb"
+    buf += b".\n"
+    assert scanner.feed(buf) == b".\n"  # inside a line: not a dot line
+    assert scanner.poisoned_dot_lines == 1
 
 
 @pytest.mark.parametrize("wire", [b"..\n.\r\n", b"a\n..\n.\r\n", b".x\n.\r\n", b"a.\n.\r\n"])
