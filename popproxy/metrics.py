@@ -312,6 +312,11 @@ class Metrics:
             "Messages deleted upstream (DELE, then QUIT answered +OK).",
             ("upstream",),
         )
+        self._upstream_poisoned = counter(
+            "upstream_poisoned_dot_lines_total",
+            "Lines of a single dot ended by a bare LF in upstream messages, relayed stuffed.",
+            ("upstream",),
+        )
 
         # Policy and state.
         self._policy_actions = counter(
@@ -645,6 +650,7 @@ class UpstreamMetrics:
         "_login",
         "_login_failed",
         "_login_ok",
+        "_poisoned",
         "_received",
         "name",
     )
@@ -656,6 +662,7 @@ class UpstreamMetrics:
         self._active = metrics._upstream_sessions_active.labels(name)
         self._received = metrics._upstream_received.labels(name)
         self._deleted = metrics._upstream_deleted.labels(name)
+        self._poisoned = metrics._upstream_poisoned.labels(name)
         self._login_ok = metrics._upstream_logins.labels(name, _UpstreamLoginResult.OK.value)
         self._login_failed = metrics._upstream_logins.labels(
             name, _UpstreamLoginResult.FAILED.value
@@ -710,6 +717,11 @@ class UpstreamMetrics:
     def messages_deleted(self, count: int) -> None:
         """``count`` messages were deleted: DELEs sent, QUIT answered +OK (RFC 1939 §6)."""
         self._deleted.inc(count)
+
+    def poisoned_dot_lines(self, count: int) -> None:
+        """A RETR or TOP reply held ``count`` lines of a single dot ended by a bare LF,
+        relayed as content, dot-stuffed (RFC 1939 §3; pop3/dotstuff.py)."""
+        self._poisoned.inc(count)
 
 
 # A configured name used as a label value: non-empty, printable (no control characters

@@ -75,6 +75,7 @@ def exercise_every_metric(metrics: Metrics) -> None:
     metrics.upstream("provider").session_opened()
     metrics.upstream("provider").bytes_received(4096)
     metrics.upstream("provider").messages_deleted(2)
+    metrics.upstream("provider").poisoned_dot_lines(1)
     metrics.policy_action("10-archive", PolicyAction.EXPIRED, 2)
     metrics.policy_overdue("10-archive", 3)
     metrics.state_operation(StateOperation.COMMIT, 0.004)
@@ -250,6 +251,7 @@ def test_known_series_exist_at_zero_before_any_event() -> None:
                 == 0
             )
         assert value(metrics, "popproxy_upstream_messages_deleted_total", upstream=upstream) == 0
+        assert value(metrics, "popproxy_upstream_poisoned_dot_lines_total", upstream=upstream) == 0
         assert (
             value(metrics, "popproxy_upstream_connect_duration_seconds_count", upstream=upstream)
             == 0
@@ -394,6 +396,7 @@ def test_upstream_logins_errors_and_latency() -> None:
     metrics.upstream("provider").session_closed()
     metrics.upstream("provider").bytes_received(10)
     metrics.upstream("provider").messages_deleted(3)
+    metrics.upstream("provider").poisoned_dot_lines(2)
     up = "popproxy_upstream_"
     assert value(metrics, up + "logins_total", upstream="provider", result="ok") == 1
     assert value(metrics, up + "logins_total", upstream="provider", result="failed") == 1
@@ -424,6 +427,7 @@ def test_upstream_logins_errors_and_latency() -> None:
     assert value(metrics, up + "sessions_active", upstream="provider") == 1
     assert value(metrics, up + "received_bytes_total", upstream="provider") == 10
     assert value(metrics, up + "messages_deleted_total", upstream="provider") == 3
+    assert value(metrics, up + "poisoned_dot_lines_total", upstream="provider") == 2
 
 
 def test_policy_and_state() -> None:

@@ -59,7 +59,7 @@ from popproxy.pop3.client_replies import (
 )
 from popproxy.pop3.commands import Command, Dele, Quit, SaslLine, Stls, Verb
 from popproxy.pop3.errors import RemoteProtocolError
-from popproxy.pop3.events import NEED_DATA, Data, EndOfData, StuffedData
+from popproxy.pop3.events import NEED_DATA, Data, EndOfData, PoisonedDotLines, StuffedData
 from popproxy.pop3.replies import Err, Ok, ResponseCode
 from popproxy.tls import upstream_alpn_problem
 
@@ -310,6 +310,8 @@ class UpstreamConnection:
             match await self.event(read_seconds):
                 case Data(data=data) | StuffedData(data=data):
                     await sink(data)
+                case PoisonedDotLines(count=count):
+                    self.poisoned_dot_lines(count)
                 case EndOfData():
                     return
                 case _:
@@ -351,6 +353,18 @@ class UpstreamConnection:
         readable, _, _ = select.select([transport.socket.fileno()], [], [], 0)
         if readable:
             raise self.protocol_error("unsolicited reply")
+
+    def poisoned_dot_lines(self, count: int, **fields: object) -> None:
+        """The multi-line reply just read held ``count`` lines of a single dot ended by a
+        bare LF, passed on as content (``Data``: ``.`` LF; ``StuffedData``: stuffed, ``..``
+        LF), never as its end (RFC 1939 §3, pop3/dotstuff.py). One log line per reply,
+        ``upstream_poisoned_dot_line`` with ``fields`` (the session, the UIDL), and the
+        count."""
+        log.warning(
+            "upstream_poisoned_dot_line",
+            extra={"fields": {**fields, "upstream": self._upstream.name, "lines": count}},
+        )
+        self._metrics.poisoned_dot_lines(count)
 
     def protocol_error(self, reason: str) -> UpstreamError:
         """Log the upstream's protocol fault (one shape: ``upstream_protocol_error`` with

@@ -174,6 +174,7 @@ class MaildropRouter:
                 own_greeting_token=shared.greeting_token,
                 metrics=shared.metrics.upstream(upstream.name),
                 capabilities=shared.capabilities.of(upstream),
+                session_id=session_id,
             )
             retention = RetentionContext(
                 account=AccountKey(upstream.name, route.user),

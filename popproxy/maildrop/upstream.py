@@ -31,7 +31,7 @@ from popproxy.metrics import UpstreamMetrics
 from popproxy.outcomes import UpstreamFailure
 from popproxy.pop3.client_replies import UNAVAILABLE
 from popproxy.pop3.commands import Command, Noop, Retr, Top
-from popproxy.pop3.events import EndOfData, StuffedData
+from popproxy.pop3.events import EndOfData, PoisonedDotLines, StuffedData
 from popproxy.pop3.replies import Err, ResponseCode
 
 # Re-exported: serve.py, explain.py and the tests name them here.
@@ -63,12 +63,18 @@ class UpstreamMaildrop:
     expire = "NEVER"
 
     def __init__(
-        self, connection: UpstreamConnection, numbers: list[int], messages: list[MessageInfo]
+        self,
+        connection: UpstreamConnection,
+        numbers: list[int],
+        messages: list[MessageInfo],
+        *,
+        session_id: str | None = None,
     ) -> None:
         self._connection = connection
         self._upstream: UpstreamConfig = connection.upstream
         self._numbers = numbers
         self._messages = messages
+        self._session_id = session_id  # the client session served, for log lines
 
     @property
     def messages(self) -> Sequence[MessageInfo]:
@@ -111,6 +117,10 @@ class UpstreamMaildrop:
                 match await connection.event(timeout):
                     case StuffedData(data=data):
                         yield data
+                    case PoisonedDotLines(count=count):
+                        connection.poisoned_dot_lines(
+                            count, session=self._session_id or "-", uid=self._messages[index].uid
+                        )
                     case EndOfData():
                         return
                     case _:
@@ -198,9 +208,11 @@ async def open_upstream(
     own_greeting_token: str | None = None,
     metrics: UpstreamMetrics | None = None,
     capabilities: CapabilityMemo | None = None,
+    session_id: str | None = None,
 ) -> UpstreamMaildrop:
     """Log in upstream as ``account`` and take the listing (``upstream_login.open_connection``
-    has the errors, RFC 3206, and what ``metrics`` and ``capabilities`` are for)."""
+    has the errors, RFC 3206, and what ``metrics`` and ``capabilities`` are for).
+    ``session_id`` names the client session in the maildrop's log lines."""
     connection, listing = await open_connection(
         account.upstream,
         account.login(),
@@ -211,4 +223,4 @@ async def open_upstream(
     )
     numbers = [m.number for m in listing]
     messages = [MessageInfo(m.uid, m.size) for m in listing]
-    return UpstreamMaildrop(connection, numbers, messages)
+    return UpstreamMaildrop(connection, numbers, messages, session_id=session_id)

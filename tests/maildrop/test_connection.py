@@ -9,9 +9,11 @@ challenge. No Mock stands in for a peer.
 from __future__ import annotations
 
 import base64
+import logging
 from dataclasses import dataclass
 
 import pytest
+from prometheus_client import CollectorRegistry
 from test_upstream import (
     CAPA_PIPELINING,
     MESSAGES,
@@ -25,6 +27,7 @@ from test_upstream import (
 
 from popproxy.maildrop.connection import UpstreamConnection, UpstreamError
 from popproxy.maildrop.upstream_login import open_connection
+from popproxy.metrics import Metrics
 from popproxy.outcomes import UpstreamFailure
 from popproxy.pop3.client_replies import Capabilities, ListedMessage
 from popproxy.pop3.commands import Auth, Command, Noop, Retr, SaslLine, SaslResponse, Stat
@@ -61,6 +64,55 @@ async def test_pipelined_retrs_go_in_one_write_and_stream_to_a_sink(stuffed: boo
     retrs = [read for read, _ in upstream.peer.reads if read.startswith(b"RETR")]
     assert retrs == [b"RETR 1\r\nRETR 2\r\nRETR 3\r\n"]
     assert upstream.lines[-2:] == [b"DELE 2", b"QUIT"]
+
+
+# As an upstream that does not dot-stuff sends it: a line of a single dot ended by a bare
+# LF, then text a lenient client would take for a reply (RFC 1939 §3 has no such line).
+POISONED = b"Subject: poisoned\r\n\r\n.\n+OK FAKE\r\n"
+
+
+@pytest.mark.parametrize("stuffed", [False, True], ids=["unstuffed", "stuffed"])
+async def test_a_poisoned_dot_line_streams_as_content_counted_and_logged(
+    stuffed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the gateway's local copy needs: the body is the upstream's octets (``.`` LF
+    kept, or stuffed to ``..`` LF for a relay), the connection stays usable, and the line
+    is counted and logged once for the reply."""
+    caplog.set_level(logging.INFO)
+    metrics = Metrics(CollectorRegistry())
+    metrics.declare(upstreams=["provider"])
+    mailbox = Mailbox(
+        {1: (b"uid-poisoned", POISONED)}, replies={b"RETR 1": b"+OK\r\n" + POISONED + b".\r\n"}
+    )
+    async with scripted_upstream(mailbox) as upstream:
+        drop_account = account(upstream.port)
+        connection, _ = await open_connection(
+            drop_account.upstream,
+            drop_account.login(),
+            tls_context=None,
+            metrics=metrics.upstream("provider"),
+        )
+        chunks: list[bytes] = []
+
+        async def sink(data: bytes | bytearray) -> None:
+            chunks.append(bytes(data))
+
+        with connection.exchange():
+            await connection.send(Retr(1), stuffed_body=stuffed)
+            assert isinstance(await connection.status(), Ok)
+            await connection.stream_body(sink, read_seconds=1.0)
+        assert connection.idle
+        with connection.exchange():
+            assert isinstance(await connection.request(Noop(), within=1.0), Ok)
+        await connection.commit([])
+    expected = b"Subject: poisoned\r\n\r\n..\n+OK FAKE\r\n" if stuffed else POISONED
+    assert b"".join(chunks) == expected
+    sample = metrics.registry.get_sample_value(
+        "popproxy_upstream_poisoned_dot_lines_total", {"upstream": "provider"}
+    )
+    assert sample == 1
+    logged = [r for r in caplog.records if r.getMessage() == "upstream_poisoned_dot_line"]
+    assert [getattr(r, "fields", None) for r in logged] == [{"upstream": "provider", "lines": 1}]
 
 
 class StoppedEarly(Exception):

@@ -6,6 +6,7 @@ are a real ``Metrics`` on a fresh registry, read back as Prometheus samples.
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 from collections.abc import Sequence
@@ -280,11 +281,43 @@ async def test_without_metrics_nothing_is_reported_and_all_works() -> None:
         assert await collect(drop, 1) == stuff(MESSAGES[2][1])
         await drop.keep_alive()
         await drop.commit({1})
-    assert [
-        line for line in upstream.lines if line.split()[0] in (b"NOOP", b"DELE", b"QUIT")
-    ] == [
+    assert [line for line in upstream.lines if line.split()[0] in (b"NOOP", b"DELE", b"QUIT")] == [
         b"NOOP",
         b"DELE 2",
         b"QUIT",
     ]
     assert global_popproxy_samples() == before
+
+
+# A message as an upstream that does not dot-stuff sends it: two lines of a single dot
+# ended by a bare LF (RFC 1939 §3 has none; pop3/dotstuff.py).
+POISONED = b"Subject: poisoned\r\n\r\n.\nafter\r\n.\n"
+
+
+async def test_a_poisoned_dot_line_is_relayed_stuffed_counted_and_logged_once_per_reply(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    metrics = new_metrics()
+    mailbox = Mailbox(
+        {1: (b"uid-poisoned", POISONED), 2: MESSAGES[2]},
+        replies={b"RETR 1": b"+OK\r\n" + POISONED + b".\r\n"},
+    )
+    async with scripted_upstream(mailbox) as upstream:
+        drop = await open_upstream(
+            account(upstream.port),
+            tls_context=None,
+            metrics=metrics.upstream(NAME),
+            session_id="s1",
+        )
+        for _ in range(2):  # the message stays retrievable on the same connection
+            assert await collect(drop, 0) == b"Subject: poisoned\r\n\r\n..\nafter\r\n..\n"
+        assert await collect(drop, 1) == stuff(MESSAGES[2][1])
+        await drop.commit(set())
+    assert len(upstream.peers) == 1
+    assert value(metrics, "poisoned_dot_lines_total") == 4
+    assert errors(metrics) == {}
+    logged = [r for r in caplog.records if r.getMessage() == "upstream_poisoned_dot_line"]
+    assert [getattr(r, "fields", None) for r in logged] == [
+        {"session": "s1", "upstream": NAME, "uid": "uid-poisoned", "lines": 2}
+    ] * 2

@@ -8,21 +8,34 @@ from __future__ import annotations
 import ssl
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import trio
 from integration.conftest import StartServer
 from integration.dovecot import DovecotServer, DovecotUser
 from integration.harness import (
     LOOPBACK,
     PASSWORD,
     Corpus,
+    GatewayUser,
     ProxyUser,
     RssSampler,
+    Source,
     TlsFiles,
     Upstream,
+    write_config,
 )
 from integration.test_retention import stored
+
+from popproxy.config import load_config
+from popproxy.gateway.fetcher import Fetcher
+from popproxy.maildrop.maildir import open_maildir
+from popproxy.outcomes import PollResult
+from popproxy.pop3.dotstuff import DotStuffer
+from popproxy.state import open_store
+from popproxy.state.base import GatewayStore
 
 from .hostile import (
     HOSTILE_TIMEOUT_SECONDS,
@@ -145,6 +158,11 @@ def test_an_upstream_that_refuses_stls_gets_no_credentials(
     assert upstream.all_command_lines() == [b"CAPA", b"STLS"]
     assert upstream.credentials_in_clear() == []
     target.still_serves()
+
+
+def protocol_errors_now(target: Target) -> list[str]:
+    """The reasons of the upstream_protocol_error lines logged so far."""
+    return [r["reason"] for r in target.server.records("upstream_protocol_error")]
 
 
 def protocol_errors(target: Target) -> list[str]:
@@ -270,11 +288,11 @@ def retr_through_the_proxy(target: Target) -> bytes:
     "answer",
     [
         b"+OK\r\n" + MESSAGE + b".\r\n+OK unsolicited\r\n",  # a line nobody asked for
-        b"+OK\r\n" + MESSAGE + b".\nFAKE reply\r\n.\r\n",  # a terminator for lenient clients
         b"+OK\r\n" + MESSAGE[:-2] + b"\r\n.",  # dies on what could begin a terminator
+        b"+OK\r\n" + MESSAGE + b".\n",  # dies after a dot and a bare LF (content, no end)
         b"+OK\r\n" + MESSAGE[:10],  # dies in the middle of a line
     ],
-    ids=["unsolicited-line", "dot-bare-lf", "dies-after-a-dot", "dies-mid-line"],
+    ids=["unsolicited-line", "dies-after-a-dot", "dies-after-a-poisoned-dot", "dies-mid-line"],
 )
 def test_a_bad_message_is_never_relayed_as_complete(
     launch: Launch,
@@ -284,8 +302,104 @@ def test_a_bad_message_is_never_relayed_as_complete(
         target = launch(upstream, "none")
         received = retr_through_the_proxy(target)
     assert not received.endswith(b"\r\n.\r\n"), received
-    assert b"FAKE" not in received and b"unsolicited" not in received
-    assert b".\n" not in received
+    assert b"unsolicited" not in received
+    assert not lenient_lines(received)[1], received  # no LF-ended line reads as the end
+    target.still_serves()
+
+
+# A message as an upstream that does not dot-stuff holds and sends it: two lines of a
+# single dot ended by a bare LF. A client that ends lines at LF would read the first as
+# the end of the message and "+OK FAKE reply" as the reply to its next command.
+POISONED = b"Subject: poisoned\r\n\r\nbefore\r\n.\n+OK FAKE reply\r\n.\nafter\r\n"
+# What popproxy relays: each such line dot-stuffed, every other octet as it came.
+RELAYED = b"Subject: poisoned\r\n\r\nbefore\r\n..\n+OK FAKE reply\r\n..\nafter\r\n"
+
+
+def strict_lines(wire: bytes) -> tuple[bytes, bool]:
+    """``wire`` as a client that ends lines at CRLF reads a body (RFC 1939 §3): the
+    un-stuffed content before the first terminator line, and whether there was one."""
+    out: list[bytes] = []
+    for line in wire.split(b"\r\n")[:-1]:
+        if line == b".":
+            return b"".join(out), True
+        out.append((line[1:] if line.startswith(b".") else line) + b"\r\n")
+    return b"".join(out), False
+
+
+def lenient_lines(wire: bytes) -> tuple[bytes, bool]:
+    """The same for a client that ends lines at LF and drops one CR before it."""
+    out: list[bytes] = []
+    for line in wire.split(b"\n")[:-1]:
+        if line in (b".", b".\r"):
+            return b"".join(out), True
+        out.append((line[1:] if line.startswith(b".") else line) + b"\n")
+    return b"".join(out), False
+
+
+def test_a_poisoned_dot_line_is_relayed_stuffed_and_the_session_goes_on(
+    launch: Launch,
+) -> None:
+    """RFC 1939 §3 has no line of a single dot ended by a bare LF. popproxy relays it as
+    content, dot-stuffed, so no client (ending lines at CRLF or at LF) reads it as the
+    end: the message is retrievable, every client gets the upstream's octets (the LIST
+    size, invariant 4), the other message and the session stay usable and the upstream
+    connection is kept. Each such reply is logged once, with the session."""
+
+    def script(conn: HostileConnection) -> None:
+        listed = exchange(
+            conn,
+            (b"CAPA", CAPA_NO_STLS),
+            (b"USER", b"+OK\r\n"),
+            (b"PASS", b"+OK\r\n"),
+            (b"UIDL", b"+OK\r\n1 poisoned\r\n2 plain\r\n.\r\n"),
+            (b"LIST", b"+OK\r\n1 %d\r\n2 %d\r\n.\r\n" % (len(POISONED), len(MESSAGE))),
+        )
+        while listed and (line := conn.line()) is not None:
+            match line:
+                case b"RETR 1":
+                    conn.send(b"+OK\r\n" + POISONED + b".\r\n")
+                case b"RETR 2":
+                    conn.send(b"+OK\r\n" + MESSAGE + b".\r\n")
+                case b"QUIT":
+                    conn.send(b"+OK bye\r\n")
+                    return
+                case _:
+                    conn.send(b"-ERR unexpected\r\n")
+
+    with hostile_upstream(script) as upstream:
+        target = launch(upstream, "none")
+        with target.connect() as pop:
+            assert pop.login(VICTIM, PASSWORD).startswith(b"+OK Logged in, 2 messages")
+            assert pop.cmd(b"LIST 1") == b"+OK 1 %d" % len(POISONED)
+            for _ in range(2):  # retrievable, again and again, on one upstream connection
+                pop.send(b"RETR 1\r\n")
+                while not pop.buf.endswith(b"\r\n.\r\n"):
+                    assert pop.receive(), bytes(pop.buf)
+                wire = bytes(pop.buf)
+                pop.buf.clear()
+                assert wire == b"+OK %d octets\r\n" % len(POISONED) + RELAYED + b".\r\n"
+                body = wire.split(b"\r\n", 1)[1]
+                assert strict_lines(body) == (POISONED, True)
+                assert lenient_lines(body) == (POISONED, True)
+            assert pop.cmd(b"RETR 2") == b"+OK %d octets" % len(MESSAGE)
+            assert b"".join(line + b"\r\n" for line in pop.body()) == MESSAGE
+            assert pop.cmd(b"NOOP") == b"+OK"
+            assert pop.cmd(b"QUIT") == b"+OK Logging out, 0 messages deleted."
+        target.server.wait_for_log(
+            lambda records: any(
+                r.get("msg") == "session_end" and r.get("user") == VICTIM for r in records
+            ),
+            timeout=HOSTILE_TIMEOUT_SECONDS,
+            what="the victim's session_end line",
+        )
+    assert len(upstream.connections) == 1
+    (end,) = [r for r in target.server.records("session_end") if r.get("user") == VICTIM]
+    assert end.get("result") == "quit", end
+    logged = target.server.records("upstream_poisoned_dot_line")
+    assert [(r.get("session"), r.get("upstream"), r.get("lines")) for r in logged] == [
+        (end["session"], HOSTILE, "2")
+    ] * 2
+    assert protocol_errors_now(target) == []
     target.still_serves()
 
 
@@ -344,6 +458,80 @@ def test_an_upstream_quit_answering_err_records_nothing_as_deleted(
     (end,) = [r for r in target.server.records("session_end") if r.get("user") == VICTIM]
     assert end.get("deleted") == "0", end
     target.still_serves()
+
+
+def gateway_upstream(conn: HostileConnection) -> None:
+    """Serves the gateway: POISONED as the only message, kept (no DELE), then QUIT."""
+    if not exchange(
+        conn,
+        (b"CAPA", CAPA_NO_STLS),
+        (b"USER", b"+OK\r\n"),
+        (b"PASS", b"+OK\r\n"),
+        (b"UIDL", b"+OK\r\n1 poisoned\r\n.\r\n"),
+        (b"LIST", b"+OK\r\n1 %d\r\n.\r\n" % len(POISONED)),
+    ):
+        return
+    while (line := conn.line()) is not None:
+        match line:
+            case b"RETR 1":
+                conn.send(b"+OK\r\n" + POISONED + b".\r\n")
+            case b"QUIT":
+                conn.send(b"+OK bye\r\n")
+                return
+            case _:
+                conn.send(b"-ERR unexpected\r\n")
+
+
+async def test_the_gateway_keeps_a_poisoned_dot_line_as_content_and_serves_it_stuffed(
+    tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    """The gateway's local copy of a message with poisoned dot lines holds the octets the
+    upstream sent (the lines are content, not the end), and serving it from the Maildir
+    stuffs them, so no client reads one as the end of the message."""
+    mail = tmp_path / "carol-mail"
+    with hostile_upstream(gateway_upstream) as upstream:
+        config = load_config(
+            write_config(
+                tmp_path / "popproxy.yaml",
+                users=[
+                    GatewayUser(
+                        "carol", PASSWORD, mail, (Source(HOSTILE, "carol@hostile", "secret"),)
+                    )
+                ],
+                tls=tls_files,
+                listeners=["none"],
+                upstreams={HOSTILE: Upstream(LOOPBACK, upstream.port, "none")},
+                rules={"10-keep.yaml": "rules:\n  - name: keep-all\n    action: keep\n"},
+            )
+        )
+        store = await open_store(config.state)
+        try:
+
+            async def get() -> GatewayStore:
+                return store
+
+            fetcher = Fetcher(get, clock=lambda: datetime.now(UTC))
+            with trio.fail_after(HOSTILE_TIMEOUT_SECONDS):
+                (user,) = config.gateway_users
+                report = await fetcher.poll(config, user, user.fetch[0])
+        finally:
+            await store.aclose()
+    assert (report.result, report.fetched, report.deleted) == (PollResult.OK, 1, 0), report
+    (path,) = [p for sub in ("new", "cur") for p in (mail / sub).iterdir()]
+    assert path.read_bytes() == POISONED  # byte exact: the lines are the upstream's content
+    local = await open_maildir(mail)
+    try:
+        crlf = POISONED.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        assert [m.size for m in local.messages] == [len(crlf)]
+        stuffer = DotStuffer()
+        chunks = [c async for c in local.retrieve(0)]
+        wire = b"".join(stuffer.stuff(c) for c in chunks) + stuffer.finish()
+    finally:
+        await local.aclose()
+    assert wire == crlf.replace(b"\r\n.\r\n", b"\r\n..\r\n") + b".\r\n"
+    assert strict_lines(wire) == (crlf, True)
+    assert lenient_lines(wire) == (crlf, True)
+    assert [line for line in upstream.all_command_lines() if line.startswith(b"DELE")] == []
 
 
 def test_a_line_sent_unasked_while_the_session_is_idle_is_never_relayed(launch: Launch) -> None:
