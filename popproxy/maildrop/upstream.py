@@ -160,6 +160,12 @@ class UpstreamMaildrop:
                             case StuffedData(data=data):
                                 if len(wire) < limit:
                                     wire += data[: limit - len(wire)]
+                            case PoisonedDotLines(count=count):
+                                connection.poisoned_dot_lines(
+                                    count,
+                                    session=self._session_id or "-",
+                                    uid=self._messages[index].uid,
+                                )
                             case EndOfData():
                                 break
                             case _:

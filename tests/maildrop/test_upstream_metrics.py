@@ -6,6 +6,7 @@ are a real ``Metrics`` on a fresh registry, read back as Prometheus samples.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -321,3 +322,35 @@ async def test_a_poisoned_dot_line_is_relayed_stuffed_counted_and_logged_once_pe
     assert [getattr(r, "fields", None) for r in logged] == [
         {"session": "s1", "upstream": NAME, "uid": "uid-poisoned", "lines": 2}
     ] * 2
+
+
+async def test_a_poisoned_dot_line_in_a_header_is_content_for_the_rules(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """TOP n 0 for header rules: a header with such a line is read whole (stuffed, as
+    relayed), counted and logged once, and the next header follows on the same
+    connection."""
+    caplog.set_level(logging.INFO)
+    metrics = new_metrics()
+    header = b"Subject: poisoned\r\n.\nX-After: yes\r\n\r\n"
+    mailbox = Mailbox(
+        {1: (b"uid-poisoned", header + b"body\r\n"), 2: MESSAGES[2]},
+        replies={b"TOP 1 0": b"+OK\r\n" + header + b".\r\n"},
+    )
+    async with scripted_upstream(mailbox) as upstream:
+        drop = await open_upstream(
+            account(upstream.port),
+            tls_context=None,
+            metrics=metrics.upstream(NAME),
+            session_id="s2",
+        )
+        async with contextlib.aclosing(drop.headers([0, 1], 1000)) as replies:
+            got = [wire async for _, wire in replies]
+        await drop.commit(set())
+    assert got[0] == b"Subject: poisoned\r\n..\nX-After: yes\r\n\r\n"
+    assert got[1] is not None and got[1].startswith(b"Subject: two")
+    assert value(metrics, "poisoned_dot_lines_total") == 1
+    logged = [r for r in caplog.records if r.getMessage() == "upstream_poisoned_dot_line"]
+    assert [getattr(r, "fields", None) for r in logged] == [
+        {"session": "s2", "upstream": NAME, "uid": "uid-poisoned", "lines": 1}
+    ]
