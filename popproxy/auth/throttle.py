@@ -25,7 +25,13 @@ any more. A flood of random user names costs a fixed amount of memory; to evict 
 locked-out entry it would need that many distinct failing keys, which the address
 lockout stops after ``address_lockout_failures`` per address.
 
-No I/O and no clock here: callers pass ``now`` (trio.current_time() in the session).
+The rules work on ``Failures`` values (``decide``, ``Failures.failed``,
+``Failures.succeeded``); ``ThrottleTable`` keeps one process's, and a shared store
+keeps every instance's (``popproxy/auth/throttling.py``, docs/scaling.md) with the
+same rules.
+
+No I/O and no clock here: callers pass ``now`` (trio.current_time() in one process,
+the database's clock for shared counts).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import enum
 import math
 from array import array
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Keys (addresses, or user names) each table tracks. A tracked key costs about 1 KiB
 # with a long user name and the default lockout counts, 8 octets more per failure
@@ -123,29 +129,103 @@ class ThrottleDecision:
 ALLOW = ThrottleDecision(0.0)
 
 
-@dataclass(slots=True)
-class _Entry:
-    """What one table remembers about one key (mutable, private to the table)."""
+@dataclass(frozen=True, slots=True)
+class Failures:
+    """What is known about one key's failed logins, as a value (a shared store keeps
+    one per row; ``ThrottleTable`` keeps the same fields in a mutable entry).
+
+    Times are seconds on whatever clock ``now`` comes from (trio's clock in one
+    process, the database's in a shared store); ``-inf``: never.
+    """
 
     penalty: int = 0  # distinct failures since the last success (addresses only)
     last_failure: float = -math.inf
-    # Times of distinct failures in the lockout window, fewer than the lockout threshold,
-    # as 8-octet doubles (a tuple of floats would take four times the memory).
-    failures: array[float] = field(default_factory=lambda: array("d"))
+    # Times of distinct failures in the lockout window, fewer than the lockout threshold.
+    failures: tuple[float, ...] = ()
     locked_until: float = -math.inf
-    recent: tuple[bytes, ...] = ()  # the last failed credentials' digests, shortened
 
     def penalty_now(self, now: float, policy: ThrottlePolicy) -> int:
+        """The penalty count that still applies at ``now``."""
         lapsed = now - self.last_failure >= policy.penalty_timeout_seconds
         return 0 if lapsed else self.penalty
 
     def matters(self, now: float, policy: ThrottlePolicy) -> bool:
+        """Whether anything about this key still changes a decision at ``now``."""
         if now < self.locked_until:
             return True
-        remembered = policy.penalty_timeout_seconds
-        if policy.lockout_failures > 0 or policy.address_lockout_failures > 0:
-            remembered = max(remembered, policy.lockout_window_seconds)
+        remembered = remembered_seconds(policy)
         return now - self.last_failure < remembered
+
+    def failed(
+        self, *, repeated: bool, now: float, policy: ThrottlePolicy, threshold: int
+    ) -> tuple[Failures, bool]:
+        """One more failure at ``now`` (``repeated``: a retry of one of the last few failed
+        credentials, which adds no penalty and no lockout count); the new value, and
+        whether it reaches ``threshold`` (0: never) and so starts a lockout."""
+        penalty = self.penalty_now(now, policy)
+        if repeated:
+            return replace(self, penalty=penalty, last_failure=now), False
+        penalty = min(penalty + 1, MAX_PENALTY_DOUBLINGS + 1)
+        if threshold <= 0 or now < self.locked_until:
+            return replace(self, penalty=penalty, last_failure=now), False
+        horizon = now - policy.lockout_window_seconds
+        kept = tuple(t for t in self.failures if t > horizon)[-(threshold - 1) :]
+        if len(kept) + 1 < threshold:
+            return Failures(penalty, now, (*kept, now), self.locked_until), False
+        return Failures(penalty, now, (), now + policy.lockout_seconds), True
+
+    def succeeded(self) -> Failures:
+        """A right password from this key: its penalty is lifted (not its lockout count)."""
+        return replace(self, penalty=0)
+
+
+def remembered_seconds(policy: ThrottlePolicy) -> float:
+    """How long after its last failure a key stops mattering (unless locked out)."""
+    remembered = policy.penalty_timeout_seconds
+    if policy.lockout_failures > 0 or policy.address_lockout_failures > 0:
+        remembered = max(remembered, policy.lockout_window_seconds)
+    return remembered
+
+
+def decide(
+    by_source: Failures | None, by_user: Failures | None, *, now: float, policy: ThrottlePolicy
+) -> ThrottleDecision:
+    """The delay and lockout for an attempt, from what is known about its client address
+    and its user name."""
+    delay = policy.penalty_seconds(by_source.penalty_now(now, policy)) if by_source else 0.0
+    address_locked = by_source is not None and now < by_source.locked_until
+    if by_user is not None and now < by_user.locked_until:
+        return ThrottleDecision(delay, LockScope.USER, address_locked)
+    if address_locked:
+        return ThrottleDecision(delay, LockScope.ADDRESS, True)
+    return ThrottleDecision(delay) if delay > 0 else ALLOW
+
+
+@dataclass(slots=True)
+class _Entry:
+    """What one table remembers about one key (mutable, private to the table): the
+    fields of ``Failures``, the failure times packed as 8-octet doubles (a tuple of
+    floats would take four times the memory), and the recent failed credentials."""
+
+    penalty: int = 0
+    last_failure: float = -math.inf
+    failures: array[float] = field(default_factory=lambda: array("d"))
+    locked_until: float = -math.inf
+    recent: tuple[bytes, ...] = ()  # the last failed credentials' digests, shortened
+
+    def value(self) -> Failures:
+        return Failures(self.penalty, self.last_failure, tuple(self.failures), self.locked_until)
+
+    def set(self, value: Failures) -> None:
+        self.penalty = value.penalty
+        self.last_failure = value.last_failure
+        self.failures = array("d", value.failures)
+        self.locked_until = value.locked_until
+
+    def matters(self, now: float, policy: ThrottlePolicy) -> bool:
+        if now < self.locked_until:
+            return True
+        return now - self.last_failure < remembered_seconds(policy)
 
 
 class _Table:
@@ -209,13 +289,12 @@ class ThrottleTable:
         """The delay and lockout for an attempt by ``source`` as ``user`` at ``now``."""
         by_source = self._sources.get(source, now, policy)
         by_user = self._users.get(user, now, policy)
-        delay = policy.penalty_seconds(by_source.penalty_now(now, policy)) if by_source else 0.0
-        address_locked = by_source is not None and now < by_source.locked_until
-        if by_user is not None and now < by_user.locked_until:
-            return ThrottleDecision(delay, LockScope.USER, address_locked)
-        if address_locked:
-            return ThrottleDecision(delay, LockScope.ADDRESS, True)
-        return ThrottleDecision(delay) if delay > 0 else ALLOW
+        return decide(
+            by_source.value() if by_source is not None else None,
+            by_user.value() if by_user is not None else None,
+            now=now,
+            policy=policy,
+        )
 
     def failure(
         self, source: str, user: str, credential: bytes, *, now: float, policy: ThrottlePolicy
@@ -231,6 +310,19 @@ class ThrottleTable:
                 started.append(scope)
         return tuple(started)
 
+    def repeats(
+        self, source: str, user: str, credential: bytes, *, now: float, policy: ThrottlePolicy
+    ) -> tuple[bool, bool]:
+        """Whether ``credential`` is one of the last few failed ones of ``user`` and of
+        ``source`` (a retry: no penalty and no lockout count; for a shared count)."""
+        tag = credential[:CREDENTIAL_TAG_BYTES]
+        by_user = self._users.get(user, now, policy)
+        by_source = self._sources.get(source, now, policy)
+        return (
+            by_user is not None and tag in by_user.recent,
+            by_source is not None and tag in by_source.recent,
+        )
+
     def success(self, source: str, *, now: float, policy: ThrottlePolicy) -> None:
         """A password was right: the address's penalty is lifted (not its lockout count)."""
         entry = self._sources.get(source, now, policy)
@@ -244,22 +336,12 @@ def _count_failure(
 ) -> bool:
     """Add one failure to ``entry``; say whether it reaches ``threshold`` (0: never) and
     so starts a lockout."""
-    penalty = entry.penalty_now(now, policy)
     tag = credential[:CREDENTIAL_TAG_BYTES]
     repeated = tag in entry.recent
-    entry.last_failure = now
-    if repeated:
-        entry.penalty = penalty
-        return False
-    entry.penalty = min(penalty + 1, MAX_PENALTY_DOUBLINGS + 1)
-    entry.recent = (*entry.recent, tag)[-RECENT_FAILED_CREDENTIALS:]
-    if threshold <= 0 or now < entry.locked_until:
-        return False
-    horizon = now - policy.lockout_window_seconds
-    kept = [t for t in entry.failures if t > horizon][-(threshold - 1) :]
-    if len(kept) + 1 < threshold:
-        entry.failures = array("d", [*kept, now])
-        return False
-    entry.locked_until = now + policy.lockout_seconds
-    entry.failures = array("d")
-    return True
+    value, started = entry.value().failed(
+        repeated=repeated, now=now, policy=policy, threshold=threshold
+    )
+    entry.set(value)
+    if not repeated:
+        entry.recent = (*entry.recent, tag)[-RECENT_FAILED_CREDENTIALS:]
+    return started
