@@ -10,13 +10,12 @@ version still understands it (an additive migration), so instances can be
 upgraded one at a time; otherwise it is refused.
 
 Version 3 adds ``known_sources``: the client addresses each local user lately
-logged in from (popproxy/known_sources.py).
-
-Room to grow: the cross-process mailbox locks come as a later migration (a lease
-table keyed by mailbox, with holder and expiry), and advisory locks whose first
-key is ``APPLICATION_ID`` are popproxy's; the second key of the migration lock
-is the schema's hash, so stores in several schemas of one database do not wait
-for each other.
+logged in from (popproxy/known_sources.py). Version 4 adds what several instances
+share beside the store (``pg_shared.py``): the ``leases`` of the cross-process
+mailbox locks and the ``login_failures`` of the shared login throttle. Advisory
+locks whose first key is ``APPLICATION_ID`` are popproxy's; the second key of the
+migration lock is the schema's hash, so stores in several schemas of one database
+do not wait for each other.
 
 Names and UIDLs are ``text COLLATE "C"``: they compare and sort by their bytes,
 as in sqlite, whatever the database's default collation.
@@ -49,6 +48,8 @@ TABLES = (
     "gateway_sources",
     "gateway_messages",
     "known_sources",
+    "leases",
+    "login_failures",
 )
 
 
@@ -170,6 +171,37 @@ MIGRATIONS: tuple[Migration, ...] = (
                 last_login timestamptz NOT NULL,
                 PRIMARY KEY (local_user, source)
             )""",
+        ),
+        oldest_reader=1,
+    ),
+    # What several instances share beside the store (pg_shared.py, docs/scaling.md):
+    # leases (one session or poll per mailbox across processes) and login failures
+    # (throttling and lockouts). Additive: an older popproxy never reads these tables.
+    Migration(
+        4,
+        (
+            # One row per held (or lapsed, not yet retaken) lease; expires_at is the
+            # database's clock, so instances' clocks never have to agree.
+            """CREATE TABLE leases (
+                name text COLLATE "C" PRIMARY KEY,
+                holder text NOT NULL,
+                token text NOT NULL,
+                taken_at timestamptz NOT NULL,
+                expires_at timestamptz NOT NULL
+            )""",
+            "CREATE INDEX leases_holder ON leases (holder)",
+            # Failure counts per user name and per client address, in seconds of the
+            # database's clock (epoch); -infinity: never.
+            """CREATE TABLE login_failures (
+                scope text NOT NULL CHECK (scope IN ('user', 'address')),
+                key text COLLATE "C" NOT NULL,
+                penalty integer NOT NULL,
+                last_failure double precision NOT NULL,
+                failures double precision[] NOT NULL,
+                locked_until double precision NOT NULL,
+                PRIMARY KEY (scope, key)
+            )""",
+            "CREATE INDEX login_failures_last ON login_failures (last_failure)",
         ),
         oldest_reader=1,
     ),

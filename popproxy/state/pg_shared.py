@@ -1,0 +1,316 @@
+"""What several popproxy instances share in PostgreSQL beside the store: leases and
+login failures (docs/scaling.md).
+
+Theory of operation. ``PostgresShared`` has a connection pool of its own (at most
+``SHARED_THREADS`` connections, used from as many worker threads), apart from the
+store's: a QUIT's record of a large listing may take seconds, and a lease's renewal
+must not queue behind it. Every call is one short transaction, bounded by
+``SHARED_STATEMENT_TIMEOUT_SECONDS`` and ``SHARED_LOCK_TIMEOUT_SECONDS``; a server
+that cannot be reached fails a call after at most ``SHARED_CONNECT_TIMEOUT_SECONDS``.
+Every failure is a ``StateError``; for the login throttle a ``ThrottleUnavailable``.
+
+Leases (table ``leases``, one row per name): a row is held while its
+``expires_at`` (the database's clock) is in the future. ``take_lease`` inserts the
+row or takes over one that expired; ``renew_leases`` moves the expiry of a holder's
+live rows and says which are still held; ``confirm_lease`` does the same for one
+row before an irreversible step; ``release_lease`` deletes the row. Holding a lease
+costs no connection: 10,000 idle sessions hold 10,000 rows, renewed by one
+statement per process (``popproxy/shared_locks.py``).
+
+Login failures (table ``login_failures``, one row per user name or client address
+with failures that still matter): a change reads the rows of its keys ``FOR UPDATE``
+(in key order, so two changes never deadlock), applies the pure rules of
+``popproxy/auth/throttle.py`` with the database's clock as ``now``, and writes them
+back in the same transaction: N instances count as one.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from popproxy.auth.throttle import Failures, LockScope
+from popproxy.auth.throttling import FailureChange, FailureKey, ThrottleUnavailable
+from popproxy.state.base import StateError
+from popproxy.state.pg_schema import MIGRATIONS, Migration, migrate
+from popproxy.state.postgres import PostgresTarget, first_line
+from popproxy.state.workers import Workers
+
+# Connections and worker threads for leases and login failures, per process: one for
+# the renewer and confirmations, one for logins' takes and throttle changes.
+SHARED_THREADS = 2
+# How long a call waits for a connection (a server that is down fails a login's
+# lease or throttle call after this long: the client gets -ERR [SYS/TEMP]).
+SHARED_CONNECT_TIMEOUT_SECONDS = 5
+# The longest one statement may run, and may wait for another's row lock: each is
+# one row (or two) by primary key, so anything near this means trouble.
+SHARED_STATEMENT_TIMEOUT_SECONDS = 5
+SHARED_LOCK_TIMEOUT_SECONDS = 5
+# A lease that lapsed this long ago and was not taken again is deleted (it kept the
+# name of a mailbox nobody uses now).
+STALE_LEASE_SECONDS = 3600
+# Rows deleted per pruning statement, so a prune never holds many locks.
+PRUNE_ROWS = 1000
+
+_T = TypeVar("_T")
+
+
+class PostgresShared:
+    """Leases and login failures on PostgreSQL, shared by every instance of one store."""
+
+    def __init__(self, target: PostgresTarget) -> None:
+        """Use ``open_shared``; this only builds the (not yet open) pool."""
+        self._target = target
+        self._workers = Workers(SHARED_THREADS)
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            target.url,
+            kwargs=target.connection_kwargs(),
+            min_size=1,
+            max_size=SHARED_THREADS,
+            open=False,
+            configure=_configure,
+            check=ConnectionPool.check_connection,
+            timeout=SHARED_CONNECT_TIMEOUT_SECONDS,
+            name="popproxy-shared",
+        )
+
+    @property
+    def where(self) -> str:
+        """The server and database, for log lines (never a password)."""
+        return self._target.describe()
+
+    # -- leases --------------------------------------------------------------------------
+
+    async def take_lease(self, name: str, holder: str, token: str, seconds: float) -> bool:
+        """Take lease ``name`` for ``seconds`` as ``token`` of ``holder`` if nobody holds it."""
+        row = await self._run(
+            lambda conn: conn.execute(
+                "INSERT INTO leases AS l (name, holder, token, taken_at, expires_at)"
+                " VALUES (%(name)s, %(holder)s, %(token)s, now(),"
+                " now() + %(seconds)s * interval '1 second')"
+                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
+                " token = excluded.token, taken_at = excluded.taken_at,"
+                " expires_at = excluded.expires_at WHERE l.expires_at <= now()"
+                " RETURNING l.token",
+                {"name": name, "holder": holder, "token": token, "seconds": seconds},
+            ).fetchone()
+        )
+        return row is not None
+
+    async def renew_leases(
+        self, holder: str, tokens: Sequence[str], seconds: float
+    ) -> frozenset[str]:
+        """Move the expiry of ``holder``'s live leases among ``tokens`` to ``seconds`` from
+        now; return the tokens still held (one that lapsed is lost for good)."""
+        rows = await self._run(
+            lambda conn: conn.execute(
+                "UPDATE leases SET expires_at = now() + %s * interval '1 second'"
+                " WHERE holder = %s AND token = ANY(%s::text[]) AND expires_at > now()"
+                " RETURNING token",
+                (seconds, holder, list(tokens)),
+            ).fetchall()
+        )
+        return frozenset(str(row[0]) for row in rows)
+
+    async def confirm_lease(self, name: str, token: str, seconds: float) -> bool:
+        """Whether ``token`` still holds ``name``; if so its expiry moves to ``seconds``
+        from now."""
+        row = await self._run(
+            lambda conn: conn.execute(
+                "UPDATE leases SET expires_at = now() + %s * interval '1 second'"
+                " WHERE name = %s AND token = %s AND expires_at > now() RETURNING token",
+                (seconds, name, token),
+            ).fetchone()
+        )
+        return row is not None
+
+    async def release_lease(self, name: str, token: str) -> None:
+        """Give lease ``name`` up (nothing happens unless ``token`` holds it)."""
+        await self._run(
+            lambda conn: conn.execute(
+                "DELETE FROM leases WHERE name = %s AND token = %s", (name, token)
+            )
+        )
+
+    async def prune_leases(self) -> int:
+        """Delete leases that lapsed ``STALE_LEASE_SECONDS`` ago; return how many."""
+        return await self._run(
+            lambda conn: (
+                conn.execute(
+                    "DELETE FROM leases WHERE name IN (SELECT name FROM leases"
+                    " WHERE expires_at < now() - %s * interval '1 second' LIMIT %s)",
+                    (STALE_LEASE_SECONDS, PRUNE_ROWS),
+                ).rowcount
+            )
+        )
+
+    # -- login failures ------------------------------------------------------------------
+
+    async def change_failures(
+        self, keys: Sequence[FailureKey], change: FailureChange[_T], *, writes: bool
+    ) -> _T:
+        """Apply ``change`` to the rows of ``keys`` in one transaction (see the module doc);
+        ``writes`` False reads without locking and must write nothing.
+
+        Raises ``ThrottleUnavailable`` when the database cannot be used.
+        """
+        ordered = sorted(set(keys), key=_key_order)
+        try:
+            return await self._run(lambda conn: _change_failures(conn, ordered, change, writes))
+        except StateError as exc:
+            raise ThrottleUnavailable(str(exc)) from exc
+
+    async def prune_failures(self, remembered_seconds: float) -> int:
+        """Forget rows whose last failure is ``remembered_seconds`` old and that lock
+        nothing now; return how many."""
+        try:
+            return await self._run(
+                lambda conn: (
+                    conn.execute(
+                        "DELETE FROM login_failures WHERE (scope, key) IN (SELECT scope, key"
+                        " FROM login_failures WHERE last_failure < %(cutoff)s"
+                        " AND locked_until < %(now)s LIMIT %(rows)s)",
+                        _prune_bounds(conn, remembered_seconds),
+                    ).rowcount
+                )
+            )
+        except StateError as exc:
+            raise ThrottleUnavailable(str(exc)) from exc
+
+    # -- opening and closing -------------------------------------------------------------
+
+    async def _open(self, migrations: Sequence[Migration]) -> None:
+        await self._workers.run(functools.partial(self._migrate, migrations))
+        await self._workers.run(functools.partial(self._pool.open, wait=False))
+
+    def _migrate(self, migrations: Sequence[Migration]) -> None:
+        try:
+            with psycopg.connect(self._target.url, **self._target.connection_kwargs()) as conn:
+                _configure(conn)
+                migrate(conn, migrations)
+        except psycopg.Error as exc:
+            raise StateError(
+                f"cannot open the state store {self._target.describe()}: {first_line(exc)}"
+            ) from exc
+
+    async def aclose(self) -> None:
+        """Wait for running calls, then close the pool."""
+        await self._workers.close(self._pool.close)
+
+    async def _run(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        return await self._workers.run(functools.partial(self._in_worker, work))
+
+    def _in_worker(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        try:
+            with self._pool.connection() as conn:
+                return work(conn)
+        except psycopg.Error as exc:  # the pool's PoolTimeout too
+            raise StateError(f"state store {self._target.describe()}: {first_line(exc)}") from exc
+
+
+async def open_shared(
+    target: PostgresTarget, *, migrations: Sequence[Migration] = MIGRATIONS
+) -> PostgresShared:
+    """Connect to ``target`` for leases and login failures (migrating, as the store does).
+
+    Raises ``StateError``.
+    """
+    shared = PostgresShared(target)
+    try:
+        await shared._open(migrations)
+    except BaseException:
+        await shared.aclose()
+        raise
+    return shared
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(
+        "SELECT set_config('statement_timeout', %s, false),"
+        " set_config('lock_timeout', %s, false), set_config('TimeZone', 'UTC', false)",
+        (f"{SHARED_STATEMENT_TIMEOUT_SECONDS}s", f"{SHARED_LOCK_TIMEOUT_SECONDS}s"),
+    )
+    conn.commit()
+
+
+def _now(conn: psycopg.Connection[Any]) -> float:
+    row = conn.execute("SELECT extract(epoch FROM clock_timestamp())::double precision").fetchone()
+    assert row is not None
+    return float(row[0])
+
+
+def _prune_bounds(conn: psycopg.Connection[Any], remembered_seconds: float) -> dict[str, Any]:
+    now = _now(conn)
+    return {"now": now, "cutoff": now - remembered_seconds, "rows": PRUNE_ROWS}
+
+
+def _key_order(key: FailureKey) -> tuple[str, str]:
+    return (key[0].value, key[1])
+
+
+def _change_failures(
+    conn: psycopg.Connection[Any],
+    keys: Sequence[FailureKey],
+    change: FailureChange[_T],
+    writes: bool,
+) -> _T:
+    keyed = {"scopes": [scope.value for scope, _ in keys], "keys": [name for _, name in keys]}
+    with conn.transaction():
+        now = _now(conn)
+        if writes:
+            # A row for each key first, so that FOR UPDATE has rows to lock: two
+            # instances counting a new key's first failures at once count both.
+            conn.execute(
+                "INSERT INTO login_failures"
+                " (scope, key, penalty, last_failure, failures, locked_until)"
+                " SELECT t.scope, t.key, 0, '-infinity', '{}', '-infinity'"
+                " FROM unnest(%(scopes)s::text[], %(keys)s::text[]) AS t (scope, key)"
+                " ORDER BY t.scope, t.key ON CONFLICT DO NOTHING",
+                keyed,
+            )
+        rows = conn.execute(
+            "SELECT scope, key, penalty, last_failure, failures, locked_until"
+            " FROM login_failures WHERE (scope, key) IN"
+            " (SELECT * FROM unnest(%(scopes)s::text[], %(keys)s::text[]))"
+            " ORDER BY scope, key" + (" FOR UPDATE" if writes else ""),
+            keyed,
+        ).fetchall()
+        known = {
+            (LockScope(scope), str(key)): Failures(
+                penalty=int(penalty),
+                last_failure=float(last),
+                failures=tuple(float(t) for t in failures),
+                locked_until=float(locked),
+            )
+            for scope, key, penalty, last, failures, locked in rows
+        }
+        result, changed = change(now, known)
+        if changed and not writes:
+            raise ValueError("a read of login failures may not write")
+        for (scope, key), value in sorted(changed.items(), key=lambda i: _key_order(i[0])):
+            if value is None:
+                conn.execute(
+                    "DELETE FROM login_failures WHERE scope = %s AND key = %s", (scope.value, key)
+                )
+                continue
+            conn.execute(
+                "INSERT INTO login_failures"
+                " (scope, key, penalty, last_failure, failures, locked_until)"
+                " VALUES (%s, %s, %s, %s, %s::double precision[], %s)"
+                " ON CONFLICT (scope, key) DO UPDATE SET penalty = excluded.penalty,"
+                " last_failure = excluded.last_failure, failures = excluded.failures,"
+                " locked_until = excluded.locked_until",
+                (
+                    scope.value,
+                    key,
+                    value.penalty,
+                    value.last_failure,
+                    list(value.failures),
+                    value.locked_until,
+                ),
+            )
+        return result
