@@ -10,8 +10,9 @@ name elsewhere does not make the new mailbox wait for the old).
 mailbox, then refuses with ``MaildropInUse`` (``-ERR [IN-USE]``, RFC 2449 §8.1.1).
 A Maildir is opened with no wait (a second session is refused at once); an upstream
 account waits ``limits.account_wait_seconds``. ``InProcessLocks`` serves one process;
-a lock shared across processes (through the state store) implements the same
-interface.
+``popproxy.shared_locks.SharedLocks`` (leases in the PostgreSQL store) implements the
+same interface across processes, and its ``Hold.confirm`` says whether the mailbox is
+still held before an upstream deletion.
 """
 
 from __future__ import annotations
@@ -50,13 +51,35 @@ MailboxKey = MaildirMailbox | UpstreamMailbox
 WAITED_TEXT = "Another session is using this mailbox; try again later."
 
 
+class Hold(Protocol):
+    """A mailbox held: what the holder may ask of its lock while it holds it."""
+
+    async def confirm(self) -> None:
+        """Before an irreversible step (an upstream ``DELE``): make sure the mailbox is
+        still this holder's. A lock shared across processes may lose a mailbox whose
+        lease it could not renew in time; then this raises ``MaildropError``
+        (``[SYS/TEMP]``) and the step must not be taken."""
+        ...
+
+
 class MailboxLocks(Protocol):
     """One holder per mailbox at a time (RFC 1939 §4 exclusive access)."""
 
-    def hold(self, key: MailboxKey, *, wait_seconds: float) -> AbstractAsyncContextManager[None]:
+    def hold(self, key: MailboxKey, *, wait_seconds: float) -> AbstractAsyncContextManager[Hold]:
         """Hold ``key`` for the body of the ``async with``, waiting up to ``wait_seconds``
-        (0: not at all) for its holder to leave; ``MaildropInUse`` when the wait ends."""
+        (0: not at all) for its holder to leave; ``MaildropInUse`` when the wait ends.
+        ``MaildropError`` (``[SYS/TEMP]``) when a shared lock cannot be asked."""
         ...
+
+
+class _LocalHold:
+    """A mailbox held in this process: it cannot be lost while held."""
+
+    async def confirm(self) -> None:
+        """See ``Hold.confirm``: always still held."""
+
+
+HELD_HERE: Hold = _LocalHold()
 
 
 class InProcessLocks:
@@ -73,7 +96,7 @@ class InProcessLocks:
         self._slots: dict[MailboxKey, trio.Semaphore] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, key: MailboxKey, *, wait_seconds: float) -> AsyncIterator[None]:
+    async def hold(self, key: MailboxKey, *, wait_seconds: float) -> AsyncIterator[Hold]:
         """See ``MailboxLocks.hold``."""
         slot = self._slots.get(key)
         if slot is None:
@@ -83,7 +106,7 @@ class InProcessLocks:
         else:
             await self._wait(key, slot, wait_seconds)
         try:
-            yield
+            yield HELD_HERE
         finally:
             slot.release()  # hands the mailbox straight to the next waiter, if any
             self._forget_if_idle(key, slot)

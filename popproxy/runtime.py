@@ -7,7 +7,9 @@ assignment; on any error the old one stays. Whatever must survive a reload lives
 ``ProcessState`` instead, made once at start: the password-hash queue, the credential
 cache and the login-failure table (a reload never adds threads and never forgets who
 failed or who was verified, docs/security.md), and the router's resources (the state
-store, the mailbox locks, the upstream capability memos, the greeting token). A new
+store, the mailbox locks, the upstream capability memos, the greeting token). With a
+PostgreSQL store, also what every instance shares beside it (leases, login failures;
+docs/scaling.md): the mailbox locks are then leases there. A new
 process-wide cache (the OAuth2 tokens) belongs there too.
 """
 
@@ -25,7 +27,7 @@ from popproxy.auth.cache import CredentialCache
 from popproxy.auth.throttle import ThrottleTable
 from popproxy.config import Config, ConfigError
 from popproxy.known_sources import KnownSourcePolicy, KnownSources
-from popproxy.locks import InProcessLocks
+from popproxy.locks import InProcessLocks, MailboxLocks
 from popproxy.maildrop.retention import Clock
 from popproxy.maildrop.router import CapabilityMemos, MaildropRouter, RouterResources
 from popproxy.metrics import Metrics
@@ -36,7 +38,9 @@ from popproxy.reload import (
     effective_config,
     reload_problem,
 )
-from popproxy.state.opener import StoreOpener
+from popproxy.shared_locks import SharedLocks
+from popproxy.state import POSTGRES_SCHEMES
+from popproxy.state.opener import SharedOpener, StoreOpener
 from popproxy.tls import LoadedTls, TlsError, load_server_tls, upstream_tls_contexts
 
 # A reload_failed line names at most this many config problems (check-config lists all).
@@ -54,20 +58,32 @@ class ProcessState:
     store: StoreOpener  # opened on first need, closed when the server stops
     maildrops: RouterResources
     known_sources: KnownSources  # in the store; this process's memory of it
+    # With a PostgreSQL store: the leases and login failures shared by every instance
+    # (docs/scaling.md), and the mailbox locks on those leases (also in ``maildrops``).
+    shared: SharedOpener | None = None
+    shared_locks: SharedLocks | None = None
 
     @classmethod
     def start(cls, config: Config, *, metrics: Metrics, clock: Clock) -> ProcessState:
         """The process state of a server started with ``config``."""
         store = StoreOpener(config.state, metrics)
+        shared: SharedOpener | None = None
+        shared_locks: SharedLocks | None = None
+        locks: MailboxLocks = InProcessLocks()
+        if config.state.url.startswith(POSTGRES_SCHEMES):
+            shared = SharedOpener(config.state)
+            locks = shared_locks = SharedLocks(shared, lease_seconds=config.state.lease_seconds)
         return cls(
             hash_queue=HashQueue(),
             credentials=CredentialCache(config.limits.auth_cache_size),
             throttle=ThrottleTable(),
             store=store,
             known_sources=KnownSources(store, KnownSourcePolicy.of(config.limits), clock),
+            shared=shared,
+            shared_locks=shared_locks,
             maildrops=RouterResources(
                 store=store,
-                locks=InProcessLocks(),
+                locks=locks,
                 capabilities=CapabilityMemos(),
                 # Random per process: a greeting with it, seen upstream, means a loop.
                 greeting_token=secrets.token_hex(6),
@@ -75,6 +91,12 @@ class ProcessState:
                 metrics=metrics,
             ),
         )
+
+    async def start_background(self, nursery: trio.Nursery) -> None:
+        """Start the tasks of the process state in ``nursery`` (cancelled with the
+        server): with a PostgreSQL store, the renewal of this process's leases."""
+        if self.shared_locks is not None:
+            await nursery.start(self.shared_locks.run)
 
     def adopt(self, config: Config) -> None:
         """Fit the caches to the config just swapped in: a changed or removed

@@ -162,6 +162,7 @@ class Server:
         # stays locked across config generations while a session of either one uses it.
         self._process = ProcessState.start(config, metrics=self.metrics, clock=clock)
         self.store = self._process.store
+        self.shared = self._process.shared  # PostgreSQL only: leases, login failures
         self._declare(config)
         self._runtime = Runtime.build(config, tls, upstream_tls or {}, self._process)
         self._notifier = notifier if notifier is not None else Notifier(None)
@@ -185,6 +186,12 @@ class Server:
         """Whether the config in effect has a user served from an upstream (the only
         users whose sessions need the state store)."""
         return self._runtime.router.uses_state
+
+    async def start_background(self, nursery: trio.Nursery) -> None:
+        """Start what runs beside the sessions for the whole life of the server: with a
+        PostgreSQL store, the renewal of this process's leases and the pruning of the
+        shared login failures (docs/scaling.md)."""
+        await self._process.start_background(nursery)
 
     def _declare(self, config: Config) -> None:
         """Allow the names of ``config`` as metric labels (before any session can use them)."""
@@ -524,6 +531,8 @@ async def serve(
         if server.uses_state or config.gateway_users:
             try:  # fail at start, not at the first login or poll
                 await server.store.get()
+                if server.shared is not None:
+                    await server.shared.get()
             except StateError as exc:
                 raise ServeError(f"cannot open the state store: {exc}") from exc
         for listener in config.listen:
@@ -537,6 +546,8 @@ async def serve(
                 metrics=server.metrics,
             )
             background = _Background(reloads, gateway, poll_requests)
+            # Beside the sessions, until they have drained: the lease renewer.
+            await server.start_background(exporter)
             await _run(server, bound, shutdown, background, task_status)
             exporter.cancel_scope.cancel()
     finally:
@@ -545,6 +556,8 @@ async def serve(
                 for sock in sockets:
                     await sock.aclose()
             await server.store.aclose()
+            if server.shared is not None:
+                await server.shared.aclose()
 
 
 async def _start_exporter(

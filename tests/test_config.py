@@ -708,6 +708,9 @@ def test_state_options() -> None:
         ("{url: 'postgresql://pp@db.example.net:port/pp'}", "does not parse"),
         ("{url: 'postgresql://pp@db/pp', integrity_check: true}", "sqlite store only"),
         ("{password_env: PW}", "postgresql:// state URL only"),
+        ("{lease_seconds: 10}", "postgresql:// state URL only"),
+        ("{url: 'postgresql://pp@db/pp', lease_seconds: 2}", "3 to 3600 seconds"),
+        ("{url: 'postgresql://pp@db/pp', lease_seconds: 7200}", "3 to 3600 seconds"),
         ("{url: 'postgresql://pp@db/pp', password_env: PW, password_file: pw}", "not both"),
         ("{url: 'postgresql://pp@db/pp', password_env: POPPROXY_NO_SUCH_VAR}", "not set"),
     ],
@@ -732,6 +735,9 @@ def test_a_postgres_state_url_with_its_password_from_a_file_or_the_environment(
     assert config.state.password == Secret.from_str("from-env")
     bare = load_config(write(MINIMAL + "state: {url: 'postgres://popproxy@db/popproxy'}\n"))
     assert bare.state.password is None  # libpq's own ways (~/.pgpass, certificates)
+    assert bare.state.lease_seconds == 30
+    short = load_config(write(MINIMAL + f"state: {{url: '{url}', lease_seconds: 6}}\n"))
+    assert short.state.lease_seconds == 6
     assert "from-env" not in repr(config.state)
 
 

@@ -174,6 +174,10 @@ class StateConfig:
     # Run sqlite's PRAGMA integrity_check at open (reads the whole file) and refuse a
     # damaged store.
     integrity_check: bool = False
+    # PostgreSQL only: how long a lease (one session or poll per mailbox across
+    # instances) outlives its holder's last renewal; an instance that dies frees its
+    # mailboxes within this bound (docs/scaling.md). Renewed every third of it.
+    lease_seconds: float = 30
     # PostgreSQL's password: never in the URL, read at load from a file or an
     # environment variable (None: libpq's own ways, such as ~/.pgpass).
     password: Secret | None = field(

@@ -51,6 +51,11 @@ _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # A QUIT waits this long at most for the store's write lock; longer is a typo (and
 # sqlite's busy_timeout is an int of milliseconds).
 MAX_STATE_BUSY_TIMEOUT_SECONDS = 3600
+# state.lease_seconds: at least 3 s (renewed every third, each renewal a round trip
+# that may take a second on a busy network), at most an hour (a dead instance's
+# mailboxes wait this long).
+MIN_LEASE_SECONDS = 3
+MAX_LEASE_SECONDS = 3600
 
 _TOP_KEYS = keys_of(Config)
 _LISTENER_KEYS = keys_of(ListenerConfig)
@@ -311,9 +316,17 @@ def _state(top: ConfigSection) -> StateConfig:
         )
         busy_timeout = None
     integrity_check = section.boolean("integrity_check")
+    lease = section.seconds("lease_seconds", positive=True)
+    if lease is not None and not MIN_LEASE_SECONDS <= lease <= MAX_LEASE_SECONDS:
+        section.error(
+            "lease_seconds",
+            f"expected {MIN_LEASE_SECONDS} to {MAX_LEASE_SECONDS} seconds, got {lease:g}",
+        )
+        lease = None
     options = StateConfig(
         busy_timeout_seconds=busy_timeout or default.busy_timeout_seconds,
         integrity_check=default.integrity_check if integrity_check is None else integrity_check,
+        lease_seconds=lease or default.lease_seconds,
     )
     what = (
         "a state URL such as sqlite:///var/popproxy-state.db"
@@ -329,7 +342,7 @@ def _state(top: ConfigSection) -> StateConfig:
         if integrity_check:
             section.error("integrity_check", "applies to a sqlite store only")
         return replace(options, url=url, password=password)
-    for key in ("password_file", "password_env"):
+    for key in ("password_file", "password_env", "lease_seconds"):
         if section.has(key):
             section.error(key, "applies to a postgresql:// state URL only")
     if not url.startswith(_SQLITE_SCHEME) or url == _SQLITE_SCHEME:

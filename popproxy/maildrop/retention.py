@@ -90,12 +90,18 @@ class RetentionContext:
 
 
 async def open_retained(
-    inner: Maildrop, context: RetentionContext, *, on_close: Callable[[], Awaitable[object]]
+    inner: Maildrop,
+    context: RetentionContext,
+    *,
+    on_close: Callable[[], Awaitable[object]],
+    confirm: Callable[[], Awaitable[None]] | None = None,
 ) -> RetainedMaildrop:
     """Build the client's view of ``inner`` (an upstream session just logged in).
 
     ``on_close`` is awaited once the retained maildrop is closed, shielded from
-    cancellation (it releases the account lock). Raises ``MaildropError``
+    cancellation (it releases the account lock). ``confirm`` (the lock's
+    ``Hold.confirm``) runs at QUIT before anything is deleted upstream; its
+    ``MaildropError`` stops the QUIT with nothing deleted. Raises ``MaildropError``
     (``[SYS/TEMP]``) when the store cannot be read; the caller then closes ``inner``
     and releases the lock itself.
     """
@@ -128,7 +134,7 @@ async def open_retained(
         )
     view = context.policy.view(candidates, now)
     _count_overdue(view, now, context.metrics)
-    return RetainedMaildrop(inner, context, view, tuple(candidates), on_close)
+    return RetainedMaildrop(inner, context, view, tuple(candidates), on_close, confirm=confirm)
 
 
 def _count_overdue(view: View, now: datetime, metrics: Metrics) -> None:
@@ -194,9 +200,12 @@ class RetainedMaildrop:
         view: View,
         candidates: Sequence[Candidate],
         on_close: Callable[[], Awaitable[object]],
+        *,
+        confirm: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._inner = inner
         self._on_close = on_close
+        self._confirm = confirm
         self._context = context
         self._view = view
         self._candidates = candidates
@@ -261,6 +270,10 @@ class RetainedMaildrop:
         now = context.clock()
         marked = {self._view.visible[i] for i in deleted}
         plan = context.policy.plan(self._view, marked, frozenset(self._retrieved), now)
+        if self._confirm is not None:
+            # The mailbox must still be this session's (a lock shared across instances
+            # can be lost); if not, nothing is deleted and nothing recorded.
+            await self._confirm()
         await self._inner.commit({p.index for p in plan.delete_upstream})
         listing = self._inner.messages
         record = SessionRecord(

@@ -22,7 +22,7 @@ from typing import Protocol
 import trio
 
 from popproxy.config import Config, TlsMode, UpstreamConfig, UserConfig
-from popproxy.locks import MailboxLocks, UpstreamMailbox
+from popproxy.locks import Hold, MailboxLocks, UpstreamMailbox
 from popproxy.maildrop.base import Maildrop, MaildropError
 from popproxy.maildrop.maildir import open_maildir
 from popproxy.maildrop.retention import (
@@ -163,10 +163,11 @@ class MaildropRouter:
         shared = self._shared
         upstream = route.upstream
         lock = contextlib.AsyncExitStack()
+        held: Hold | None = None
         try:
             if upstream.exclusive_sessions:
                 hold = shared.locks.hold(mailbox_of(route), wait_seconds=self._wait_seconds)
-                await lock.enter_async_context(hold)
+                held = await lock.enter_async_context(hold)
             store = await self._store()
             inner = await open_upstream(
                 UpstreamAccount(upstream, route.user, route.password),
@@ -186,7 +187,12 @@ class MaildropRouter:
                 metrics=shared.metrics,
             )
             try:
-                return await open_retained(inner, retention, on_close=lock.aclose)
+                return await open_retained(
+                    inner,
+                    retention,
+                    on_close=lock.aclose,
+                    confirm=held.confirm if held is not None else None,
+                )
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await inner.aclose()

@@ -9,7 +9,7 @@ the upstream case is covered against Dovecot in tests/integration/test_retention
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -99,6 +99,7 @@ class Opener:
         self.metrics.declare(listeners=(), upstreams=(), rules=(*policy.rule_names, DEFAULT_RULE))
         self.released = 0
         self.sessions = 0
+        self.confirm: Callable[[], Awaitable[None]] | None = None
 
     async def _release(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -116,7 +117,7 @@ class Opener:
             metrics=self.metrics,
         )
         inner = await open_maildir(self.maildir)
-        return await open_retained(inner, context, on_close=self._release)
+        return await open_retained(inner, context, on_close=self._release, confirm=self.confirm)
 
     def action_count(self, rule_name: str, action: PolicyAction) -> float:
         value = self.metrics.registry.get_sample_value(
@@ -390,3 +391,29 @@ async def test_a_store_failure_at_quit_is_a_temporary_error_after_the_deletions(
     # The deletion was done (the upstream confirmed it) and is gone from the next listing.
     assert files(maildir) == len(MESSAGES) - 1
     assert opener.action_count(DEFAULT_RULE, PolicyAction.DELETED) == 1
+
+
+async def test_a_lock_lost_before_quit_deletes_and_records_nothing(
+    maildir: Path, store: StateStore
+) -> None:
+    """The mailbox lock (a lease shared across instances) is not confirmed at QUIT:
+    the QUIT fails with [SYS/TEMP] before anything is deleted or recorded (invariant 2)."""
+    opener = Opener(maildir, store, Policy.empty())
+    confirmed = 0
+
+    async def lost() -> None:
+        nonlocal confirmed
+        confirmed += 1
+        raise MaildropError(ResponseCode.SYS_TEMP, "The mailbox lock was lost.")
+
+    opener.confirm = lost
+    session = await opener.open()
+    assert await body(session, 0) == MESSAGES[0]
+    with pytest.raises(MaildropError) as failed:
+        await session.commit({0, 1})
+    assert failed.value.code is ResponseCode.SYS_TEMP
+    await session.aclose()
+    assert confirmed == 1
+    assert files(maildir) == len(MESSAGES)
+    assert await store.messages(ACCOUNT) == []
+    assert opener.action_count(DEFAULT_RULE, PolicyAction.DELETED) == 0
