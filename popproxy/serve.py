@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import trio
 from prometheus_client import CollectorRegistry
 
+from popproxy.binding import bind_listener
 from popproxy.config import Config, ListenerConfig, MetricsConfig, TlsMode
 from popproxy.gateway.fetcher import Fetcher
 from popproxy.gateway.schedule import Scheduler
@@ -478,7 +479,7 @@ async def _read_proxy_header(stream: trio.abc.Stream) -> tuple[ProxyHeader, byte
 
 async def _bind(listener: ListenerConfig) -> list[trio.SocketListener]:
     try:
-        return await trio.open_tcp_listeners(listener.port, host=listener.address)
+        return await bind_listener(listener)
     except OSError as exc:
         raise ServeError(f"cannot listen on {listener.address}:{listener.port}: {exc}") from exc
 

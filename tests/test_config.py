@@ -741,6 +741,14 @@ def test_a_postgres_state_url_with_its_password_from_a_file_or_the_environment(
     assert "from-env" not in repr(config.state)
 
 
+def test_reuse_port_is_a_listener_option() -> None:
+    text = MINIMAL.replace("tls: none}", "tls: none, reuse_port: true}", 1)
+    assert text != MINIMAL
+    config = load_config(write(text))
+    assert config.listen[0].reuse_port
+    assert not load_config(write(MINIMAL)).listen[0].reuse_port
+
+
 def test_rules_dir_must_be_a_directory() -> None:
     key, message = only_issue(MINIMAL + "rules_dir: nowhere/\n")
     assert key == "rules_dir"

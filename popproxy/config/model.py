@@ -45,6 +45,9 @@ class ListenerConfig:
     # Every connection starts with a PROXY protocol header (v1 or v2) from one of
     # ``trusted_proxies``; anything else is dropped (docs/operations.md).
     proxy_protocol: bool = False
+    # SO_REUSEPORT (Linux, BSD): several popproxy processes bind this same address and
+    # port, and the kernel spreads new connections over them (docs/scaling.md).
+    reuse_port: bool = False
 
     @property
     def name(self) -> str:

@@ -8,6 +8,7 @@ modules, the rules of ``rules_dir`` by ``rules.py``.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -138,6 +139,9 @@ def _listeners(top: ConfigSection) -> list[ListenerConfig]:
         port = section.integer("port", lo=0, hi=MAX_PORT, required=True)
         tls = section.tls_mode("tls", required=True)
         proxy_protocol = section.boolean("proxy_protocol")
+        reuse_port = section.boolean("reuse_port")
+        if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+            section.error("reuse_port", "SO_REUSEPORT is not available on this system")
         if tls is not None and tls is not TlsMode.NONE and not top.has("tls"):
             section.error(
                 "tls",
@@ -151,7 +155,15 @@ def _listeners(top: ConfigSection) -> list[ListenerConfig]:
             )
             continue
         bound[address, port] = index
-        out.append(ListenerConfig(address, port, tls, proxy_protocol=bool(proxy_protocol)))
+        out.append(
+            ListenerConfig(
+                address,
+                port,
+                tls,
+                proxy_protocol=bool(proxy_protocol),
+                reuse_port=bool(reuse_port),
+            )
+        )
     return out
 
 
