@@ -23,7 +23,7 @@ polls every gateway source now (docs/gateway.md).
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import getpass
 import logging
 import os
@@ -44,7 +44,7 @@ from popproxy.auth.passwords import (
     hash_password,
 )
 from popproxy.commands import check_config
-from popproxy.config import Config, ConfigError, load_config
+from popproxy.config import MAX_PORT, Config, ConfigError, MetricsConfig, load_config
 from popproxy.logfmt import JsonFormatter, LogfmtFormatter
 from popproxy.reload import ConfigLoader, config_changes
 from popproxy.sdnotify import Notifier
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     match args.command:
         case "run":
-            return _cmd_run(Path(args.config), args.log_format, args.log_level)
+            return _cmd_run(Path(args.config), args.log_format, args.log_level, args.metrics_port)
         case "check-config":
             against = Path(args.against) if args.against is not None else None
             return _cmd_check_config(Path(args.config), against)
@@ -124,6 +124,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=LOG_LEVELS,
         default="info",
         help="lowest level logged (default: info)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve /metrics on this port instead of metrics.port (one per instance of"
+        " several sharing a config; docs/scaling.md)",
     )
 
     check = commands.add_parser(
@@ -427,15 +434,35 @@ def configure_logging(log_format: str, level: str, stream: TextIO | None = None)
     root.propagate = False
 
 
-def _cmd_run(path: Path, log_format: str, log_level: str) -> int:
-    config = _load(path)
-    if config is None:
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-{MAX_PORT}, got {text!r}")
+    return port
+
+
+def _with_metrics_port(config: Config, port: int | None) -> Config:
+    """``config`` with its exporter on ``port`` (``--metrics-port``), if one is given."""
+    if port is None:
+        return config
+    return dataclasses.replace(
+        config, metrics=dataclasses.replace(config.metrics or MetricsConfig(), port=port)
+    )
+
+
+def _cmd_run(path: Path, log_format: str, log_level: str, metrics_port: int | None = None) -> int:
+    loaded = _load(path)
+    if loaded is None:
         return EXIT_USAGE
+    config = _with_metrics_port(loaded, metrics_port)
     configure_logging(log_format, log_level)
     from popproxy import serve  # the server stack is imported only when it is needed
 
     try:
-        trio.run(_run, config, path, Notifier.from_environ(os.environ))
+        trio.run(_run, config, path, Notifier.from_environ(os.environ), metrics_port)
     except Exception as exc:
         # Errors from inside nurseries arrive wrapped in ExceptionGroups.
         group = exc if isinstance(exc, ExceptionGroup) else ExceptionGroup("run", [exc])
@@ -457,7 +484,9 @@ def _leaves(group: BaseExceptionGroup[BaseException] | None) -> list[BaseExcepti
     return out
 
 
-async def _run(config: Config, path: Path, notifier: Notifier) -> None:
+async def _run(
+    config: Config, path: Path, notifier: Notifier, metrics_port: int | None = None
+) -> None:
     from prometheus_client import CollectorRegistry
 
     from popproxy.metrics import Metrics
@@ -469,7 +498,10 @@ async def _run(config: Config, path: Path, notifier: Notifier) -> None:
     shutdown = trio.Event()
     send_reload, receive_reload = trio.open_memory_channel[ConfigLoader](MAX_PENDING_RELOADS)
     send_poll, receive_poll = trio.open_memory_channel[None](MAX_PENDING_POLL_REQUESTS)
-    reload_config = functools.partial(load_config, path)  # the same file, read afresh each time
+
+    def reload_config() -> Config:  # the same file, read afresh each time
+        return _with_metrics_port(load_config(path), metrics_port)
+
     async with trio.open_nursery() as nursery, send_reload, send_poll:
         await nursery.start(
             _watch_signals,

@@ -655,6 +655,41 @@ def test_run_sighup_hands_the_server_a_loader_for_the_same_file(
     assert "msg=signal signal=SIGHUP action=ignored_shutting_down" in err
 
 
+def test_run_metrics_port_overrides_the_config_at_start_and_at_every_reload(
+    fake_serve: Callable[..., Path],
+) -> None:
+    """One config file for several instances (popproxy@.service): each gets its own
+    exporter port from --metrics-port, and a reload keeps it."""
+    import signal
+
+    import trio
+
+    from popproxy.config import Config
+    from popproxy.reload import ConfigLoader
+
+    seen: list[Config] = []
+
+    async def serve(
+        config: Config,
+        *,
+        shutdown: trio.Event,
+        reloads: trio.abc.ReceiveChannel[ConfigLoader],
+        **_: object,
+    ) -> None:
+        seen.append(config)
+        signal.raise_signal(signal.SIGHUP)
+        seen.append(await trio.to_thread.run_sync(await reloads.receive()))
+        signal.raise_signal(signal.SIGTERM)
+        await shutdown.wait()
+
+    path = fake_serve(serve)
+    assert cli.main(["run", "-c", str(path), "--metrics-port", "9112"]) == 0
+    assert [(c.metrics.address, c.metrics.port) for c in seen if c.metrics] == [
+        ("127.0.0.1", 9112)
+    ] * 2
+    assert cli.main(["run", "-c", str(path), "--metrics-port", "70000"]) == 2
+
+
 def test_run_folds_a_sighup_into_a_reload_already_waiting(
     fake_serve: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -101,16 +101,8 @@ def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
         f"no {SYSTEM_UNITS} to verify the unit's dependencies against (Debian's systemd"
         " package has it; scripts/test installs it)"
     )
-    root = tmp_path / "root"
-    (root / "usr" / "bin").mkdir(parents=True)
-    (root / "bin").symlink_to("usr/bin")
-    shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
-    for name in ("popproxy", "kill"):  # verify checks that each Exec command exists
-        stand_in = root / "usr" / "bin" / name
-        stand_in.write_text("#!/bin/sh\n")
-        stand_in.chmod(0o755)
+    root = _analyze_root(tmp_path)
     installed = root / "etc" / "systemd" / "system" / UNIT.name
-    installed.parent.mkdir(parents=True)
     shutil.copyfile(UNIT, installed)
     proc = subprocess.run(
         [tool, "verify", f"--root={root}", str(installed)],
@@ -134,3 +126,72 @@ def test_systemd_analyze_security_rates_the_sandbox_ok() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Overall exposure level for popproxy.service" in proc.stdout
+
+
+TEMPLATE = REPO / "contrib" / "systemd" / "popproxy@.service"
+TARGET = REPO / "contrib" / "systemd" / "popproxy.target"
+INSTANCE = "popproxy@9111.service"
+
+
+def test_the_template_runs_one_instance_per_metrics_port_as_one_user() -> None:
+    """popproxy@PORT: the same config, /metrics on PORT; one user for all instances
+    (SO_REUSEPORT shares a port only between sockets of one user); the rest as the
+    single unit."""
+    template = unit_settings(TEMPLATE)
+    single = unit_settings(UNIT)
+    service = template["Service"]
+    assert service["ExecStart"] == [single["Service"]["ExecStart"][0] + " --metrics-port %i"]
+    argv = shlex.split(service["ExecStart"][0].replace("%i", "9111"))
+    args = cli._parser().parse_args(argv[1:])
+    assert (args.config, args.metrics_port) == ("/etc/popproxy/popproxy.yaml", 9111)
+    assert (service["DynamicUser"], service["User"]) == (["yes"], ["popproxy"])
+    assert template["Unit"]["PartOf"] == ["popproxy.target"]
+    shared = {k: v for k, v in single["Service"].items() if k != "ExecStart"}
+    assert {k: service[k] for k in shared} == shared
+
+
+def test_systemd_analyze_verifies_an_instance_and_the_target(tmp_path: Path) -> None:
+    tool = systemd_analyze()
+    assert SYSTEM_UNITS.is_dir(), f"no {SYSTEM_UNITS} (scripts/test installs systemd)"
+    root = _analyze_root(tmp_path)
+    units = root / "etc" / "systemd" / "system"
+    for source in (TEMPLATE, TARGET):
+        shutil.copyfile(source, units / source.name)
+    (units / INSTANCE).symlink_to(TEMPLATE.name)
+    proc = subprocess.run(
+        [tool, "verify", f"--root={root}", str(units / INSTANCE), str(units / TARGET.name)],
+        capture_output=True,
+        text=True,
+        timeout=ANALYZE_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    proc = subprocess.run(
+        [
+            tool,
+            "security",
+            "--offline=yes",
+            f"--threshold={MAX_EXPOSURE_TENTHS}",
+            str(units / INSTANCE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=ANALYZE_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"Overall exposure level for {INSTANCE}" in proc.stdout
+
+
+def _analyze_root(tmp_path: Path) -> Path:
+    """A throwaway root with the host's units and stand-ins for the executables."""
+    root = tmp_path / "root"
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "bin").symlink_to("usr/bin")
+    shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
+    for name in ("popproxy", "kill"):  # verify checks that each Exec command exists
+        stand_in = root / "usr" / "bin" / name
+        stand_in.write_text("#!/bin/sh\n")
+        stand_in.chmod(0o755)
+    (root / "etc" / "systemd" / "system").mkdir(parents=True)
+    return root
