@@ -8,10 +8,11 @@ renews every lease the process holds with one statement every ``lease_seconds / 
 So holding a mailbox costs a row, not a connection: 10,000 idle sessions hold
 10,000 rows and the process still uses its few pooled connections.
 
-Inside one process the in-process lock (``InProcessLocks``) comes first: sessions of
-one process on one mailbox queue there in turn, and only the one at its head asks
-the database. Across processes a waiter asks again every ``LEASE_POLL_SECONDS``
-until its wait (``limits.account_wait_seconds``) ends, then gets ``[IN-USE]``.
+Inside one process, sessions on one mailbox queue in turn (as ``InProcessLocks``),
+and only the one at the head asks the database; when a session leaves and another
+of the process waits, the lease passes to it without a round trip. Across processes
+a waiter asks again every ``LEASE_POLL_SECONDS`` until its wait
+(``limits.account_wait_seconds``) ends, then gets ``[IN-USE]``.
 
 An instance that dies (``SIGKILL``, a lost machine) stops renewing: its leases
 lapse at most ``lease_seconds`` after their last renewal, and any other instance
@@ -44,7 +45,6 @@ import trio
 from popproxy.locks import (
     WAITED_TEXT,
     Hold,
-    InProcessLocks,
     MailboxKey,
     MaildirMailbox,
     UpstreamMailbox,
@@ -101,6 +101,15 @@ def holder_name() -> str:
 
 
 @dataclass(slots=True)
+class _Slot:
+    """One mailbox in use in this process: its local queue, and the lease while held."""
+
+    semaphore: trio.Semaphore
+    users: int = 0  # sessions holding or waiting for it here
+    lease: _Lease | None = None
+
+
+@dataclass(slots=True)
 class _Lease:
     """A lease this process holds (mutable; touched only from the trio thread)."""
 
@@ -136,7 +145,7 @@ class SharedLocks:
         self._backend = backend
         self._lease_seconds = lease_seconds
         self.holder = holder if holder is not None else holder_name()
-        self._local = InProcessLocks()
+        self._slots: dict[str, _Slot] = {}  # by lease name, while used here
         self._held: dict[str, _Lease] = {}  # by token
         self._renew_failing = False
 
@@ -149,15 +158,58 @@ class SharedLocks:
     async def hold(self, key: MailboxKey, *, wait_seconds: float) -> AsyncIterator[Hold]:
         """See ``MailboxLocks.hold``."""
         deadline = trio.current_time() + wait_seconds
-        async with self._local.hold(key, wait_seconds=wait_seconds):
-            lease = await self._take(lease_name(key), deadline, waited=wait_seconds > 0)
-            self._held[lease.token] = lease
+        name = lease_name(key)
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = self._slots[name] = _Slot(trio.Semaphore(1, max_value=1))
+        slot.users += 1
+        try:
+            await self._wait_here(slot, deadline, wait_seconds)
+            try:
+                lease = slot.lease
+                if lease is None or lease.lost:
+                    lease = await self._take(name, deadline, waited=wait_seconds > 0)
+                    slot.lease = lease
+                    self._held[lease.token] = lease
+            except BaseException:
+                slot.semaphore.release()
+                raise
             try:
                 yield SharedHold(self, lease)
             finally:
-                del self._held[lease.token]
-                with trio.CancelScope(shield=True):
-                    await self._release(lease)
+                await self._leave(slot, lease)
+        finally:
+            slot.users -= 1
+            if slot.users == 0:
+                del self._slots[name]
+                if slot.lease is not None:  # handed to a waiter that gave up meanwhile
+                    self._held.pop(slot.lease.token, None)
+                    with trio.CancelScope(shield=True):
+                        await self._release(slot.lease)
+
+    async def _wait_here(self, slot: _Slot, deadline: float, wait_seconds: float) -> None:
+        """Wait in this process's queue for the mailbox (trio's parking lot is FIFO)."""
+        if slot.semaphore.value:
+            slot.semaphore.acquire_nowait()  # the usual case: nobody else here
+            return
+        if wait_seconds <= 0:
+            raise MaildropInUse()
+        with trio.move_on_at(deadline):
+            await slot.semaphore.acquire()
+            return
+        raise MaildropInUse(WAITED_TEXT)
+
+    async def _leave(self, slot: _Slot, lease: _Lease) -> None:
+        """Hand the lease to the next session of this process waiting for the mailbox
+        (no round trip), or give it back to the database."""
+        if slot.users > 1 and not lease.lost:
+            slot.semaphore.release()  # the next one here holds the lease now
+            return
+        slot.lease = None
+        self._held.pop(lease.token, None)
+        slot.semaphore.release()  # first: a database that is down must not hold this up
+        with trio.CancelScope(shield=True):
+            await self._release(lease)
 
     async def _take(self, name: str, deadline: float, *, waited: bool) -> _Lease:
         token = secrets.token_hex(8)

@@ -153,7 +153,8 @@ async def test_sessions_of_one_instance_queue_locally_and_only_one_asks_the_data
         for _ in range(5):
             nursery.start_soon(session)
     assert most == 1
-    assert backend.takes == 5  # one take per session, none while queued here
+    assert backend.takes == 1  # the lease passed from session to session here
+    assert backend.rows == {}  # and went back when the last one left
 
 
 async def test_renewal_keeps_a_lease_past_its_time_and_a_dead_holders_lapses(
@@ -245,7 +246,7 @@ async def test_an_unreachable_database_refuses_a_hold_with_sys_temp(
         async with one.hold(ALICE, wait_seconds=10):
             pytest.fail("held without the database")
     assert refused.value.code is ResponseCode.SYS_TEMP
-    assert not one._local.held(ALICE)  # the local slot was given back
+    assert not one._slots  # the local slot was given back
     backend.down = False
     async with one.hold(ALICE, wait_seconds=0):
         backend.down = True  # the release fails: logged, and the lease lapses by itself
@@ -261,3 +262,25 @@ def test_lease_names_tell_mailboxes_apart() -> None:
         lease_name(MaildirMailbox(Path("/var/mail/alice"))),
     }
     assert len(names) == 5
+
+
+async def test_a_lease_handed_to_a_waiter_that_gives_up_goes_back_to_the_database(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The holder leaves just as the only waiter here gives up: the lease is not kept
+    (and renewed) for nobody."""
+    backend = TableBackend()
+    (one,) = instances(backend, 1)
+    async with trio.open_nursery() as nursery:
+
+        async def waiter() -> None:
+            with pytest.raises(MaildropInUse):
+                async with one.hold(ALICE, wait_seconds=1):
+                    pytest.fail("got the mailbox after its wait")
+
+        async with one.hold(ALICE, wait_seconds=0):
+            nursery.start_soon(waiter)
+            await trio.sleep(1)  # the waiter's deadline and this release coincide
+    assert backend.rows == {}
+    assert not one._slots
+    assert not one._held
