@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import secrets
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
 
 from popproxy.auth.authenticator import Authenticator, HashQueue
 from popproxy.auth.cache import CredentialCache
-from popproxy.auth.throttle import ThrottleTable
+from popproxy.auth.throttle import ThrottlePolicy, ThrottleTable
+from popproxy.auth.throttling import LocalThrottle, LoginThrottle, SharedThrottle
 from popproxy.config import Config, ConfigError
 from popproxy.known_sources import KnownSourcePolicy, KnownSources
 from popproxy.locks import InProcessLocks, MailboxLocks
@@ -54,7 +55,7 @@ class ProcessState:
 
     hash_queue: HashQueue
     credentials: CredentialCache
-    throttle: ThrottleTable
+    throttle: LoginThrottle  # this process's counts, or (PostgreSQL) every instance's
     store: StoreOpener  # opened on first need, closed when the server stops
     maildrops: RouterResources
     known_sources: KnownSources  # in the store; this process's memory of it
@@ -70,13 +71,15 @@ class ProcessState:
         shared: SharedOpener | None = None
         shared_locks: SharedLocks | None = None
         locks: MailboxLocks = InProcessLocks()
+        throttle: LoginThrottle = LocalThrottle(ThrottleTable())
         if config.state.url.startswith(POSTGRES_SCHEMES):
             shared = SharedOpener(config.state)
             locks = shared_locks = SharedLocks(shared, lease_seconds=config.state.lease_seconds)
+            throttle = SharedThrottle(shared)
         return cls(
             hash_queue=HashQueue(),
             credentials=CredentialCache(config.limits.auth_cache_size),
-            throttle=ThrottleTable(),
+            throttle=throttle,
             store=store,
             known_sources=KnownSources(store, KnownSourcePolicy.of(config.limits), clock),
             shared=shared,
@@ -92,11 +95,16 @@ class ProcessState:
             ),
         )
 
-    async def start_background(self, nursery: trio.Nursery) -> None:
+    async def start_background(
+        self, nursery: trio.Nursery, policy: Callable[[], ThrottlePolicy]
+    ) -> None:
         """Start the tasks of the process state in ``nursery`` (cancelled with the
-        server): with a PostgreSQL store, the renewal of this process's leases."""
+        server): with a PostgreSQL store, the renewal of this process's leases and the
+        pruning of the shared login failures (``policy``: the current knobs)."""
         if self.shared_locks is not None:
             await nursery.start(self.shared_locks.run)
+        if isinstance(self.throttle, SharedThrottle):
+            await nursery.start(self.throttle.run, policy)
 
     def adopt(self, config: Config) -> None:
         """Fit the caches to the config just swapped in: a changed or removed

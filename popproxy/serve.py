@@ -192,7 +192,9 @@ class Server:
         """Start what runs beside the sessions for the whole life of the server: with a
         PostgreSQL store, the renewal of this process's leases and the pruning of the
         shared login failures (docs/scaling.md)."""
-        await self._process.start_background(nursery)
+        await self._process.start_background(
+            nursery, lambda: self._runtime.authenticator.throttle_policy
+        )
 
     def _declare(self, config: Config) -> None:
         """Allow the names of ``config`` as metric labels (before any session can use them)."""

@@ -32,7 +32,7 @@ import trio
 from popproxy.auth.authenticator import Authenticator
 from popproxy.auth.credentials import Credentials, login_credentials, plain_credentials
 from popproxy.auth.login import LoginAttempt, LoginClient, LoginOutcome, SourceMemory, log_in
-from popproxy.auth.throttle import ThrottleTable
+from popproxy.auth.throttling import LoginThrottle
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
 from popproxy.metrics import (
@@ -102,6 +102,8 @@ GREETING_TEXT = "popproxy ready."
 AUTH_FAILED = Err("Authentication failed.", ResponseCode.AUTH)
 # RFC 3206 §4: [SYS/TEMP] is a temporary problem on the server's side; try again later.
 VERIFICATION_BUSY = Err("Too many logins at once, try again later.", ResponseCode.SYS_TEMP)
+# The shared login-failure counts cannot be read (docs/scaling.md): refused, no hash run.
+LOGIN_UNAVAILABLE = Err("Logins are unavailable for now, try again later.", ResponseCode.SYS_TEMP)
 # The login result counted for an attempt that gets AUTH_FAILED.
 FAILURE_RESULTS = {
     LoginOutcome.FAILED: LoginResult.FAILED,
@@ -148,7 +150,7 @@ class SessionContext:
     metrics: Metrics = field(default_factory=Metrics.unexported)
     # Failures per client address and user name, one table per process (it outlives
     # a reload). None: no throttling or lockout (tests that do not look at them).
-    throttle: ThrottleTable | None = None
+    throttle: LoginThrottle | None = None
     # The known-good sources of each user (popproxy/known_sources.py), one per process;
     # spared the user-name lockout. None: no source is known.
     known_sources: SourceMemory | None = None
@@ -344,6 +346,10 @@ class Session:
             case LoginAttempt(outcome=LoginOutcome.BUSY):
                 self._count_login(mechanism, LoginResult.ERROR)
                 self._queue(VERIFICATION_BUSY)
+                return
+            case LoginAttempt(outcome=LoginOutcome.UNAVAILABLE):
+                self._count_login(mechanism, LoginResult.ERROR)
+                self._queue(LOGIN_UNAVAILABLE)
                 return
             case LoginAttempt(outcome=outcome):
                 self._count_login(mechanism, FAILURE_RESULTS[outcome])

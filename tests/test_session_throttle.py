@@ -28,6 +28,7 @@ from test_session import session_client
 from popproxy.auth.authenticator import Authenticator, HashQueue
 from popproxy.auth.passwords import hash_password, verify_password
 from popproxy.auth.throttle import ThrottleTable
+from popproxy.auth.throttling import LocalThrottle
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.maildrop.base import Maildrop
 from popproxy.metrics import Metrics
@@ -108,7 +109,7 @@ def make_world(
         open_maildrop=opener(clock),
         allow_plaintext_auth=True,
         metrics=metrics,
-        throttle=ThrottleTable(),
+        throttle=LocalThrottle(ThrottleTable()),
     )
     return World(context, queue, metrics)
 

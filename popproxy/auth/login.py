@@ -14,6 +14,7 @@ This module waits (``trio.sleep``) and so is not part of the pure ``auth/``
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,8 @@ import trio
 
 from popproxy.auth.authenticator import Authenticator
 from popproxy.auth.credentials import Credentials
-from popproxy.auth.throttle import LockScope, ThrottleTable
+from popproxy.auth.throttle import LockScope
+from popproxy.auth.throttling import LoginThrottle, ThrottleUnavailable
 from popproxy.config import UserConfig
 from popproxy.peer import PeerAddress
 from popproxy.pop3.names import login_name_problem
@@ -46,6 +48,9 @@ class LoginOutcome(enum.Enum):
     LOCKED_OUT = "locked_out"  # refused before hashing: the user name is locked out
     THROTTLED = "throttled"  # refused before hashing: the client address is locked out
     BUSY = "busy"  # too many logins were waiting for a hash thread: nothing checked
+    # The shared failure counts (several instances, docs/scaling.md) cannot be read:
+    # refused before hashing, so no instance guesses on counts of its own.
+    UNAVAILABLE = "unavailable"
 
 
 # The outcome of an attempt a lockout refused, by what the lockout is keyed on.
@@ -86,7 +91,7 @@ class LoginClient:
 
 async def log_in(
     authenticator: Authenticator,
-    throttle: ThrottleTable | None,
+    throttle: LoginThrottle | None,
     client: LoginClient,
     credentials: Credentials | None,
     *,
@@ -96,7 +101,9 @@ async def log_in(
     """Throttle, verify and record one USER/PASS or AUTH PLAIN login (RFC 1939 §7, RFC 5034).
 
     ``credentials`` None (a malformed SASL PLAIN message) fails at once, with no
-    throttle consulted or recorded. ``throttle`` None means no throttling or lockout.
+    throttle consulted or recorded. ``throttle`` None means no throttling or lockout;
+    a shared throttle that cannot be asked refuses the attempt before any hashing
+    (``UNAVAILABLE``).
     ``before_wait`` runs before a throttle delay (the session sends what it has
     queued, so earlier replies are not held back by the wait). ``known`` (None: no
     source is known) spares a user's known-good sources its name's lockout, never
@@ -115,7 +122,11 @@ async def log_in(
     policy = authenticator.throttle_policy
     source = client.peer.limit_key
     if throttle is not None:
-        decision = throttle.decide(source, user, now=trio.current_time(), policy=policy)
+        try:
+            decision = await throttle.decide(source, user, policy)
+        except ThrottleUnavailable as exc:
+            _log_login(client, "login_unavailable", user, reason=str(exc), level=logging.ERROR)
+            return LoginAttempt(LoginOutcome.UNAVAILABLE)
         if (
             decision.lockout is LockScope.USER
             and known is not None
@@ -140,14 +151,20 @@ async def log_in(
         return LoginAttempt(LoginOutcome.HASH_UNUSABLE)
     if verdict.user is None:
         if throttle is not None:
-            started = throttle.failure(
-                source, user, verdict.credential, now=trio.current_time(), policy=policy
-            )
+            try:
+                started = await throttle.failure(source, user, verdict.credential, policy)
+            except ThrottleUnavailable as exc:
+                # The answer stands (the password was wrong); this guess is not counted,
+                # and the next attempt's decision fails closed while the store is down.
+                _log_login(client, "login_not_counted", user, reason=str(exc), level=logging.ERROR)
+                started = ()
             for scope in started:
                 _log_login(client, "login_lockout", user, scope, logging.WARNING)
         return LoginAttempt(LoginOutcome.FAILED)
     if throttle is not None:
-        throttle.success(source, now=trio.current_time(), policy=policy)
+        # Only a penalty would have been lifted; it lapses by itself.
+        with contextlib.suppress(ThrottleUnavailable):
+            await throttle.success(source, policy)
     if known is not None:
         await known.logged_in(verdict.user.name, source, session=client.session_id)
     return LoginAttempt(LoginOutcome.OK, verdict.user)
@@ -159,6 +176,8 @@ def _log_login(
     user: str,
     scope: LockScope | None = None,
     level: int = logging.INFO,
+    *,
+    reason: str | None = None,
 ) -> None:
     """A line about a lockout starting, or a login the throttle or the hash queue
     refused: session, peer, the start of the name; never the password."""
@@ -169,4 +188,6 @@ def _log_login(
     }
     if scope is not None:
         fields["scope"] = scope.value
+    if reason is not None:
+        fields["reason"] = reason
     log.log(level, msg, extra={"fields": fields})

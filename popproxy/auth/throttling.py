@@ -22,7 +22,8 @@ hashing: no instance guesses on its own while the counts cannot be shared.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 import trio
@@ -36,6 +37,10 @@ from popproxy.auth.throttle import (
     decide,
     remembered_seconds,
 )
+
+# How often an instance deletes the shared rows that no longer matter (every instance
+# does; a prune is one bounded statement, cheap when there is nothing to delete).
+PRUNE_INTERVAL_SECONDS = 300
 
 # One row of the shared counts: what it is keyed by, and the user name or address.
 FailureKey = tuple[LockScope, str]
@@ -186,3 +191,18 @@ class SharedThrottle:
     async def prune(self, policy: ThrottlePolicy) -> int:
         """Forget shared rows that no longer matter (run now and then; see pg_shared)."""
         return await self._backend.prune_failures(remembered_seconds(policy))
+
+    async def run(
+        self,
+        policy: Callable[[], ThrottlePolicy],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Prune every ``PRUNE_INTERVAL_SECONDS`` with the knobs ``policy()`` gives then
+        (a reload may change them), until cancelled; a store that is down is tried
+        again at the next turn."""
+        task_status.started()
+        while True:  # ends: cancelled with the server
+            await trio.sleep(PRUNE_INTERVAL_SECONDS)
+            with contextlib.suppress(ThrottleUnavailable):
+                await self.prune(policy())

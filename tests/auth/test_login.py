@@ -19,7 +19,8 @@ from popproxy.auth.authenticator import Authenticator, HashQueue, throttle_polic
 from popproxy.auth.credentials import Credentials
 from popproxy.auth.login import LoginAttempt, LoginClient, LoginOutcome, log_in
 from popproxy.auth.passwords import PasswordHashError, hash_password, verify_password
-from popproxy.auth.throttle import ThrottleTable
+from popproxy.auth.throttle import ALLOW, LockScope, ThrottleDecision, ThrottlePolicy, ThrottleTable
+from popproxy.auth.throttling import LocalThrottle, LoginThrottle, ThrottleUnavailable
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.peer import PeerAddress
 from popproxy.secret import Secret
@@ -56,6 +57,7 @@ class Attempts:
         self.queue = InlineQueue()
         self.authenticator = Authenticator({"demo": DEMO}, LIMITS, queue=self.queue)
         self.throttle = throttle if throttle is not None else ThrottleTable()
+        self.login_throttle: LoginThrottle = LocalThrottle(self.throttle)
         self.waits: list[float] = []
 
     async def _before_wait(self) -> None:
@@ -68,7 +70,7 @@ class Attempts:
         start = trio.current_time()
         attempt = await log_in(
             self.authenticator,
-            self.throttle,
+            self.login_throttle,
             client,
             Credentials(user, Secret.from_str(password)),
             before_wait=self._before_wait,
@@ -167,7 +169,11 @@ async def test_malformed_credentials_fail_without_the_throttle(
 ) -> None:
     attempts = Attempts()
     attempt = await log_in(
-        attempts.authenticator, attempts.throttle, CLIENT, None, before_wait=attempts._before_wait
+        attempts.authenticator,
+        attempts.login_throttle,
+        CLIENT,
+        None,
+        before_wait=attempts._before_wait,
     )
     assert attempt == LoginAttempt(LoginOutcome.FAILED)
     assert attempts.queue.hashes == 0
@@ -206,3 +212,48 @@ def test_the_authenticator_builds_its_throttle_policy_once() -> None:
     authenticator = Authenticator({"demo": DEMO}, LIMITS)
     assert authenticator.throttle_policy == throttle_policy(LIMITS)
     assert authenticator.throttle_policy is authenticator.throttle_policy
+
+
+class DownThrottle:
+    """A shared throttle whose store is down (as PostgreSQL stopped would make it)."""
+
+    def __init__(self, *, down_after_decide: bool = False) -> None:
+        self.down_after_decide = down_after_decide
+
+    async def decide(self, source: str, user: str, policy: ThrottlePolicy) -> ThrottleDecision:
+        if self.down_after_decide:
+            return ALLOW
+        raise ThrottleUnavailable("state store postgresql://db:5432/pp: connection refused")
+
+    async def failure(
+        self, source: str, user: str, credential: bytes, policy: ThrottlePolicy
+    ) -> tuple[LockScope, ...]:
+        raise ThrottleUnavailable("state store postgresql://db:5432/pp: connection refused")
+
+    async def success(self, source: str, policy: ThrottlePolicy) -> None:
+        raise ThrottleUnavailable("state store postgresql://db:5432/pp: connection refused")
+
+
+async def test_a_shared_throttle_that_cannot_be_asked_refuses_before_any_hash(
+    autojump_clock: trio.testing.MockClock, logs: pytest.LogCaptureFixture
+) -> None:
+    attempts = Attempts()
+    attempts.login_throttle = DownThrottle()
+    for password in ("secret", "wrong"):
+        attempt, _ = await attempts.login("demo", password)
+        assert attempt == LoginAttempt(LoginOutcome.UNAVAILABLE)
+    assert attempts.queue.hashes == 0
+    assert [m for _, m, _ in messages(logs)] == ["login_unavailable"] * 2
+    assert all("connection refused" in str(f["reason"]) for _, _, f in messages(logs))
+
+
+async def test_a_store_lost_after_the_decision_still_answers_the_login(
+    autojump_clock: trio.testing.MockClock, logs: pytest.LogCaptureFixture
+) -> None:
+    """A wrong password is still refused (the guess is logged as not counted); a right
+    one still logs in (only a penalty would have been lifted)."""
+    attempts = Attempts()
+    attempts.login_throttle = DownThrottle(down_after_decide=True)
+    assert (await attempts.login("demo", "wrong"))[0].outcome is LoginOutcome.FAILED
+    assert (await attempts.login("demo", "secret"))[0].outcome is LoginOutcome.OK
+    assert [m for _, m, _ in messages(logs)] == ["login_not_counted"]
