@@ -146,6 +146,9 @@ class StateOperation(enum.Enum):
     LOAD = "load"  # read an account's first-seen times and hidden/deleted UIDLs
     COMMIT = "commit"  # record what a QUIT saw, retrieved, hid and deleted (one transaction)
     PRUNE = "prune"  # forget messages no longer in the upstream listing
+    # PostgreSQL only (docs/scaling.md): what instances share beside the store.
+    LEASE = "lease"  # take, renew, confirm or give back a mailbox lease
+    LOGIN_FAILURES = "login_failures"  # read or count shared login failures and lockouts
 
 
 _E = TypeVar("_E", bound=enum.Enum)

@@ -73,7 +73,7 @@ class ProcessState:
         locks: MailboxLocks = InProcessLocks()
         throttle: LoginThrottle = LocalThrottle(ThrottleTable())
         if config.state.url.startswith(POSTGRES_SCHEMES):
-            shared = SharedOpener(config.state)
+            shared = SharedOpener(config.state, metrics)
             locks = shared_locks = SharedLocks(shared, lease_seconds=config.state.lease_seconds)
             throttle = SharedThrottle(shared)
         return cls(

@@ -3,14 +3,16 @@ opened once, on first need, closed at shutdown."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
 from popproxy.auth.throttling import FailureChange, FailureKey, ThrottleUnavailable
 from popproxy.config import StateConfig
-from popproxy.metrics import Metrics
+from popproxy.metrics import Metrics, StateOperation
 from popproxy.state import open_store
 from popproxy.state.base import StateError, StoreBackend
 
@@ -62,8 +64,9 @@ class SharedOpener:
     of its own, so logins during an outage are refused quickly.
     """
 
-    def __init__(self, config: StateConfig) -> None:
+    def __init__(self, config: StateConfig, metrics: Metrics | None = None) -> None:
         self._config = config
+        self._metrics = metrics
         self._shared: PostgresShared | None = None
         self._lock = trio.Lock()
         self._failed: tuple[float, str] | None = None  # when, and why
@@ -76,9 +79,13 @@ class SharedOpener:
             now = trio.current_time()
             if self._failed is not None and now < self._failed[0] + REOPEN_SECONDS:
                 raise StateError(self._failed[1])
-            from popproxy.state.pg_shared import open_shared  # needs the postgres extra
-            from popproxy.state.postgres import PostgresTarget
-
+            try:
+                from popproxy.state.pg_shared import open_shared  # the postgres extra
+                from popproxy.state.postgres import PostgresTarget
+            except ImportError as exc:
+                raise StateError(
+                    "the PostgreSQL state store needs psycopg: install popproxy[postgres]"
+                ) from exc
             try:
                 self._shared = await open_shared(
                     PostgresTarget(self._config.url, self._config.password)
@@ -91,41 +98,60 @@ class SharedOpener:
 
     async def take_lease(self, name: str, holder: str, token: str, seconds: float) -> bool:
         """See ``PostgresShared.take_lease``."""
-        return await (await self.get()).take_lease(name, holder, token, seconds)
+        async with self._measure(StateOperation.LEASE) as shared:
+            return await shared.take_lease(name, holder, token, seconds)
 
     async def renew_leases(
         self, holder: str, tokens: Sequence[str], seconds: float
     ) -> frozenset[str]:
         """See ``PostgresShared.renew_leases``."""
-        return await (await self.get()).renew_leases(holder, tokens, seconds)
+        async with self._measure(StateOperation.LEASE) as shared:
+            return await shared.renew_leases(holder, tokens, seconds)
 
     async def confirm_lease(self, name: str, token: str, seconds: float) -> bool:
         """See ``PostgresShared.confirm_lease``."""
-        return await (await self.get()).confirm_lease(name, token, seconds)
+        async with self._measure(StateOperation.LEASE) as shared:
+            return await shared.confirm_lease(name, token, seconds)
 
     async def release_lease(self, name: str, token: str) -> None:
         """See ``PostgresShared.release_lease``."""
-        await (await self.get()).release_lease(name, token)
+        async with self._measure(StateOperation.LEASE) as shared:
+            await shared.release_lease(name, token)
 
     async def prune_leases(self) -> int:
         """See ``PostgresShared.prune_leases``."""
-        return await (await self.get()).prune_leases()
+        async with self._measure(StateOperation.LEASE) as shared:
+            return await shared.prune_leases()
 
     async def change_failures(
         self, keys: Sequence[FailureKey], change: FailureChange[_T], *, writes: bool
     ) -> _T:
         """See ``PostgresShared.change_failures``."""
-        return await (await self._get_for_throttle()).change_failures(keys, change, writes=writes)
+        async with self._measure(StateOperation.LOGIN_FAILURES) as shared:
+            return await shared.change_failures(keys, change, writes=writes)
 
     async def prune_failures(self, remembered_seconds: float) -> int:
         """See ``PostgresShared.prune_failures``."""
-        return await (await self._get_for_throttle()).prune_failures(remembered_seconds)
+        async with self._measure(StateOperation.LOGIN_FAILURES) as shared:
+            return await shared.prune_failures(remembered_seconds)
 
-    async def _get_for_throttle(self) -> PostgresShared:
+    @contextlib.asynccontextmanager
+    async def _measure(self, operation: StateOperation) -> AsyncIterator[PostgresShared]:
+        """The opened shared state for one call, timed and its failure counted
+        (``popproxy_state_*{operation=lease|login_failures}``). A throttle's call fails
+        with ``ThrottleUnavailable``, a lease's with ``StateError``."""
+        started = time.monotonic()  # wall time: the work runs in a real thread
         try:
-            return await self.get()
-        except StateError as exc:
-            raise ThrottleUnavailable(str(exc)) from exc
+            yield await self.get()
+        except (StateError, ThrottleUnavailable) as exc:
+            if self._metrics is not None:
+                self._metrics.state_error(operation)
+            if operation is StateOperation.LOGIN_FAILURES and isinstance(exc, StateError):
+                raise ThrottleUnavailable(str(exc)) from exc
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.state_operation(operation, time.monotonic() - started)
 
     async def aclose(self) -> None:
         """Close it if it was opened; it opens again on the next call."""

@@ -41,7 +41,8 @@ POLICY_MODULES = package_modules("policy")
 PROTOCOL_MODULES = ["popproxy.proxy_protocol", "popproxy.peer"]
 # The pure part of auth/: hashes, throttling decisions, the credential cache and the
 # SASL PLAIN credentials (authenticator.py, which runs hashes in trio worker threads,
-# and login.py, which waits out throttle delays, are not).
+# login.py, which waits out throttle delays, and throttling.py, which reads trio's
+# clock and awaits a shared store, are not).
 PURE_AUTH_MODULES = [
     "popproxy.auth",
     "popproxy.auth.passwords",
@@ -49,7 +50,11 @@ PURE_AUTH_MODULES = [
     "popproxy.auth.cache",
     "popproxy.auth.credentials",
 ]
-IMPURE_AUTH_MODULES = ["popproxy.auth.authenticator", "popproxy.auth.login"]
+IMPURE_AUTH_MODULES = [
+    "popproxy.auth.authenticator",
+    "popproxy.auth.login",
+    "popproxy.auth.throttling",
+]
 PURE_MODULES = POP3_MODULES + POLICY_MODULES + PROTOCOL_MODULES + PURE_AUTH_MODULES
 # The metric definitions: prometheus_client is theirs to use, and nothing else on the
 # list (the HTTP exporter, which does network I/O, is popproxy.metrics_exporter).

@@ -81,7 +81,8 @@ async def test_another_scheme_is_refused() -> None:
 
 def test_only_the_postgres_backend_imports_psycopg_and_only_when_used() -> None:
     """psycopg is an optional extra (popproxy[postgres]): the CLI, the server and the
-    sqlite backend load without it, and only state/postgres.py and its schema use it."""
+    sqlite backend load without it, and only state/postgres.py, its schema and the
+    shared leases and login failures (pg_shared.py) use it."""
     code = (
         "import sys\n"
         "import popproxy.cli, popproxy.serve, popproxy.explain, popproxy.state\n"
@@ -94,7 +95,7 @@ def test_only_the_postgres_backend_imports_psycopg_and_only_when_used() -> None:
         for path in Path(popproxy.__file__).parent.rglob("*.py")
         if re.search(r"^\s*(import|from) psycopg", path.read_text(encoding="utf-8"), re.M)
     }
-    assert importers == {"postgres.py", "pg_schema.py"}
+    assert importers == {"postgres.py", "pg_schema.py", "pg_shared.py"}
 
 
 async def test_a_postgres_url_without_the_extra_says_what_to_install(
