@@ -121,6 +121,7 @@ async def log_in(
         user = ""
     policy = authenticator.throttle_policy
     source = client.peer.limit_key
+    penalized = False
     if throttle is not None:
         try:
             decision = await throttle.decide(source, user, policy)
@@ -137,6 +138,7 @@ async def log_in(
             _log_login(client, "login_spared", user, LockScope.USER)
             decision = decision.sparing_user()
         if decision.delay_seconds > 0:
+            penalized = True
             await before_wait()
             await trio.sleep(decision.delay_seconds)
         if decision.lockout is not None:
@@ -164,7 +166,7 @@ async def log_in(
     if throttle is not None:
         # Only a penalty would have been lifted; it lapses by itself.
         with contextlib.suppress(ThrottleUnavailable):
-            await throttle.success(source, policy)
+            await throttle.success(source, policy, penalized=penalized)
     if known is not None:
         await known.logged_in(verdict.user.name, source, session=client.session_id)
     return LoginAttempt(LoginOutcome.OK, verdict.user)

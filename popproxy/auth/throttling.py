@@ -67,8 +67,10 @@ class LoginThrottle(Protocol):
         """Record a failed password check; return the lockouts it just started."""
         ...
 
-    async def success(self, source: str, policy: ThrottlePolicy) -> None:
-        """A password was right: lift the address's penalty (not its lockout count)."""
+    async def success(self, source: str, policy: ThrottlePolicy, *, penalized: bool) -> None:
+        """A password was right: lift the address's penalty (not its lockout count).
+        ``penalized``: the attempt's decision carried a delay (without one there is no
+        penalty to lift, and a shared store is not asked)."""
         ...
 
 
@@ -88,8 +90,9 @@ class LocalThrottle:
         """See ``LoginThrottle.failure``."""
         return self.table.failure(source, user, credential, now=trio.current_time(), policy=policy)
 
-    async def success(self, source: str, policy: ThrottlePolicy) -> None:
-        """See ``LoginThrottle.success``."""
+    async def success(self, source: str, policy: ThrottlePolicy, *, penalized: bool) -> None:
+        """See ``LoginThrottle.success`` (the table forgets the recent failed passwords
+        of the address too, penalized or not)."""
         self.table.success(source, now=trio.current_time(), policy=policy)
 
 
@@ -167,26 +170,21 @@ class SharedThrottle:
 
         return await self._backend.change_failures([k for k, _, _ in counted], count, writes=True)
 
-    async def success(self, source: str, policy: ThrottlePolicy) -> None:
-        """See ``LoginThrottle.success``."""
+    async def success(self, source: str, policy: ThrottlePolicy, *, penalized: bool) -> None:
+        """See ``LoginThrottle.success``: the store is written only for an address that
+        had a penalty (most logins write nothing and make no row)."""
         self._local.success(source, now=trio.current_time(), policy=policy)
+        if not penalized:
+            return
         key = (LockScope.ADDRESS, source)
-
-        def penalized(
-            now: float, rows: Mapping[FailureKey, Failures]
-        ) -> tuple[bool, Mapping[FailureKey, Failures | None]]:
-            known = rows.get(key)
-            return known is not None and known.penalty_now(now, policy) > 0, {}
 
         def lift(
             now: float, rows: Mapping[FailureKey, Failures]
         ) -> tuple[None, Mapping[FailureKey, Failures | None]]:
-            return None, {key: rows.get(key, Failures()).succeeded()}
+            known = rows.get(key)
+            return None, {} if known is None else {key: known.succeeded()}
 
-        # Read first: most logins come from an address without a penalty, and writing
-        # nothing for them keeps a row from being made for every address that logs in.
-        if await self._backend.change_failures([key], penalized, writes=False):
-            await self._backend.change_failures([key], lift, writes=True)
+        await self._backend.change_failures([key], lift, writes=True)
 
     async def prune(self, policy: ThrottlePolicy) -> int:
         """Forget shared rows that no longer matter (run now and then; see pg_shared)."""

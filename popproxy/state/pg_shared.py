@@ -40,9 +40,10 @@ from popproxy.state.pg_schema import MIGRATIONS, Migration, migrate
 from popproxy.state.postgres import PostgresTarget, first_line
 from popproxy.state.workers import Workers
 
-# Connections and worker threads for leases and login failures, per process: one for
-# the renewer and confirmations, one for logins' takes and throttle changes.
-SHARED_THREADS = 2
+# Connections and worker threads for leases and login failures, per process: each
+# login and QUIT makes a few short calls here (throttle, take, confirm, give back),
+# as many as the store's own pool serves beside them.
+SHARED_THREADS = 4
 # How long a call waits for a connection (a server that is down fails a login's
 # lease or throttle call after this long: the client gets -ERR [SYS/TEMP]).
 SHARED_CONNECT_TIMEOUT_SECONDS = 5

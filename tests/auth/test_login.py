@@ -230,7 +230,7 @@ class DownThrottle:
     ) -> tuple[LockScope, ...]:
         raise ThrottleUnavailable("state store postgresql://db:5432/pp: connection refused")
 
-    async def success(self, source: str, policy: ThrottlePolicy) -> None:
+    async def success(self, source: str, policy: ThrottlePolicy, *, penalized: bool) -> None:
         raise ThrottleUnavailable("state store postgresql://db:5432/pp: connection refused")
 
 

@@ -88,7 +88,7 @@ async def replay(
         if decision.locked_out:
             continue
         if right:
-            await throttle.success(source, POLICY)
+            await throttle.success(source, POLICY, penalized=decision.delay_seconds > 0)
         else:
             seen.append(await throttle.failure(source, name, bytes([password]), POLICY))
     return seen
@@ -130,9 +130,9 @@ async def test_a_retry_counts_once_per_instance_that_sees_it() -> None:
     assert (await one.decide("192.0.2.1", "alice", POLICY)).lockout is None
 
 
-async def test_a_success_without_a_penalty_writes_nothing() -> None:
+async def test_a_success_without_a_penalty_asks_nothing() -> None:
     backend = DictBackend()
-    await SharedThrottle(backend).success("192.0.2.1", POLICY)
+    await SharedThrottle(backend).success("192.0.2.1", POLICY, penalized=False)
     assert backend.writes == 0 and backend.rows == {}
 
 

@@ -142,11 +142,11 @@ async def test_a_success_lifts_the_shared_penalty_and_writes_nothing_without_one
 ) -> None:
     policy = ThrottlePolicy(2, 15, 0, 0, 600, 900)
     throttle = SharedThrottle(shared)
-    await throttle.success("203.0.113.5", policy)
+    await throttle.success("203.0.113.5", policy, penalized=False)  # nothing asked
     assert pg_backend.query("SELECT count(*) FROM login_failures") == [(0,)]
     await throttle.failure("192.0.2.1", "alice", b"wrong", policy)
     assert (await throttle.decide("192.0.2.1", "bob", policy)).delay_seconds == 2
-    await SharedThrottle(shared).success("192.0.2.1", policy)  # through another instance
+    await SharedThrottle(shared).success("192.0.2.1", policy, penalized=True)  # another one
     assert (await throttle.decide("192.0.2.1", "bob", policy)).delay_seconds == 0
 
 
