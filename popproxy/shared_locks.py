@@ -168,6 +168,9 @@ class SharedLocks:
             try:
                 lease = slot.lease
                 if lease is None or lease.lost:
+                    if lease is not None:  # lost while it was being handed over
+                        slot.lease = None
+                        self._held.pop(lease.token, None)
                     lease = await self._take(name, deadline, waited=wait_seconds > 0)
                     slot.lease = lease
                     self._held[lease.token] = lease
