@@ -23,6 +23,7 @@ from popproxy.auth.credentials import Credentials
 from popproxy.auth.login import LoginClient, LoginOutcome, log_in
 from popproxy.auth.passwords import hash_password
 from popproxy.auth.throttle import ThrottleTable
+from popproxy.auth.throttling import LocalThrottle
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.known_sources import REFRESH, KnownSourcePolicy, KnownSources
 from popproxy.peer import PeerAddress
@@ -204,7 +205,7 @@ class Logins:
         start = trio.current_time()
         attempt = await log_in(
             self.authenticator,
-            self.throttle,
+            LocalThrottle(self.throttle),
             LoginClient("ab12cd34", peer),
             Credentials("demo", Secret.from_str(password)),
             before_wait=trio.lowlevel.checkpoint,
