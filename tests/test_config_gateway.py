@@ -235,3 +235,14 @@ def test_bad_gateway_values(section: str, where: str, message: str) -> None:
     assert len(found) == 1, found
     assert found[0][0] == where
     assert message in found[0][1]
+
+
+def test_max_maildir_bytes_goes_with_fetch() -> None:
+    source = "fetch: [{upstream: provider, upstream_password_env: CAROL_OTHER}]\n"
+    config = load(user(source + "max_maildir_bytes: 1000000000\n"))
+    assert config.users["carol"].max_maildir_bytes == 10**9  # type: ignore[attr-defined]
+    ((where, message),) = issues(user("max_maildir_bytes: 1000000000\n"))
+    assert (where, message) == ("users.carol.max_maildir_bytes", "only meaningful with fetch")
+    ((where, message),) = issues(user(source + "max_maildir_bytes: 1000\n"))
+    assert where == "users.carol.max_maildir_bytes"
+    assert "an integer 1048576.." in message

@@ -139,6 +139,9 @@ class UserConfig:
         default=None, metadata=read_from("upstream_password_file", "upstream_password_env")
     )
     fetch: tuple[FetchSource, ...] = ()
+    # Over this many octets in the Maildir (new/, cur/ and tmp/), the gateway stops
+    # fetching for this user (docs/gateway.md); None: no limit of its own.
+    max_maildir_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

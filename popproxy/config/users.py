@@ -21,6 +21,9 @@ _SOURCE_KEYS = keys_of(FetchSource)
 # Sources per user: a person merges a few accounts; hundreds is a mistake, and each
 # is a poll and a connection per interval.
 MAX_FETCH_SOURCES = 32
+# max_maildir_bytes: below 1 MiB no mail would arrive at all; a petabyte is a typo.
+MIN_MAILDIR_LIMIT_BYTES = 1024 * 1024
+MAX_MAILDIR_LIMIT_BYTES = 10**15
 _USER_HINTS = {
     "upstream_password": (
         "secrets are never inline: put the password in a file and name it with"
@@ -71,6 +74,11 @@ def build_users(top: ConfigSection) -> dict[str, UserConfig]:
                 if section.has(key):
                     section.error(key, "only meaningful with upstream")
         fetch = _fetch_sources(section, name, declared_names, fetched_by)
+        max_maildir = section.integer(
+            "max_maildir_bytes", lo=MIN_MAILDIR_LIMIT_BYTES, hi=MAX_MAILDIR_LIMIT_BYTES
+        )
+        if max_maildir is not None and not section.has("fetch"):
+            section.error("max_maildir_bytes", "only meaningful with fetch")
         if password_hash is None or len(top.issues.items) > errors_before:
             continue
         out[name] = UserConfig(
@@ -81,6 +89,7 @@ def build_users(top: ConfigSection) -> dict[str, UserConfig]:
             upstream_user=(upstream_user or name) if upstream is not None else None,
             upstream_password=secret,
             fetch=fetch,
+            max_maildir_bytes=max_maildir,
         )
     return out
 

@@ -189,6 +189,24 @@ def locate(root: Path, names: Iterable[str]) -> dict[str, Where]:
     return found
 
 
+def maildir_bytes(root: Path) -> int:
+    """The octets of the files in ``new/``, ``cur/`` and ``tmp/`` (a file that vanishes
+    while this looks is not counted)."""
+    total = 0
+    for sub in (NEW, CUR, TMP):
+        try:
+            with os.scandir(root / sub) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        continue
+        except FileNotFoundError:
+            continue
+    return total
+
+
 def discard_tmp(root: Path, name: str) -> None:
     """Remove ``tmp/name`` if it is there (a message that will be fetched again)."""
     try:

@@ -105,6 +105,15 @@ class Step(enum.Enum):
 StepHook = Callable[[Step], Awaitable[None]]
 
 
+class MaildirOverLimit(Exception):
+    """The user's Maildir holds ``max_maildir_bytes`` or more: the poll does not start."""
+
+    def __init__(self, held: int, limit: int) -> None:
+        super().__init__(
+            f"the Maildir holds {held} bytes, max_maildir_bytes is {limit}; not fetching"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class PollReport:
     """How one poll of one source went: the poll's log line and metrics come from it."""
@@ -189,6 +198,8 @@ class Fetcher:
         except DeliveryError as exc:
             result = PollResult.MAILDIR_FULL if exc.disk_full else PollResult.MAILDIR_ERROR
             reason = str(exc)
+        except MaildirOverLimit as exc:
+            result, reason = PollResult.MAILDIR_FULL, str(exc)
         except StateError as exc:
             result, reason = PollResult.STATE_ERROR, str(exc)
         except Exception:
@@ -238,6 +249,10 @@ class Fetcher:
         root = user.maildir
         await self._run(delivery.ensure_maildir, root)
         await self._recover(key, root)
+        if user.max_maildir_bytes is not None:
+            held = await self._run(delivery.maildir_bytes, root)
+            if held >= user.max_maildir_bytes:
+                raise MaildirOverLimit(held, user.max_maildir_bytes)
         upstream = config.upstreams[source.upstream]
         account = UpstreamAccount(upstream, source.upstream_user, source.upstream_password)
         connection, listing = await open_connection(

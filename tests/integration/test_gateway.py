@@ -491,3 +491,31 @@ async def test_an_unusable_ca_file_fails_the_poll_not_the_fetcher(
         assert fine.result is PollResult.OK
     finally:
         await store.aclose()
+
+
+async def test_max_maildir_bytes_pauses_fetching_and_deletes_nothing(
+    dovecot: DovecotServer,
+    account: DovecotUser,
+    corpus: Corpus,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+) -> None:
+    config = gateway_config(tmp_path, dovecot, tls_files, [account])  # delete after fetch
+    mail = tmp_path / "carol-mail"
+    for sub in ("tmp", "new", "cur"):
+        (mail / sub).mkdir(parents=True)
+    (mail / "cur" / "1.big.host:2,S").write_bytes(b"x" * (2 * 1024 * 1024))
+    user = replace(config.users["carol"], max_maildir_bytes=2 * 1024 * 1024)
+    limited = replace(config, users={"carol": user})
+    store = await open_store(config.state)
+    try:
+        fetcher = Fetcher(given(store), clock=MovableClock(START))
+        (paused,) = await poll_all(limited, fetcher)
+        assert (paused.result, paused.fetched, paused.deleted) == (PollResult.MAILDIR_FULL, 0, 0)
+        assert "max_maildir_bytes is 2097152" in paused.reason
+        assert account.count() == len(corpus.small)
+        (mail / "cur" / "1.big.host:2,S").unlink()  # the user made room
+        (resumed,) = await poll_all(limited, fetcher)
+        assert (resumed.result, resumed.fetched) == (PollResult.OK, len(corpus.small))
+    finally:
+        await store.aclose()

@@ -26,7 +26,11 @@ def test_config_sections_take_their_keys_from_their_fields() -> None:
     assert limits[0] == "idle_timeout_seconds"
     assert limits[-1] == "auth_cache_ttl_seconds"
     assert "name" not in keys_of(UpstreamConfig)
-    assert keys_of(UserConfig)[-3:] == ("upstream_password_file", "upstream_password_env", "fetch")
+    assert keys_of(UserConfig)[-4:-1] == (
+        "upstream_password_file",
+        "upstream_password_env",
+        "fetch",
+    )
 
 
 def test_rule_keys_name_continue_and_not_the_source_file() -> None:
