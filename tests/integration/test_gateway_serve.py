@@ -245,3 +245,39 @@ def test_fetch_once_exits_0_when_every_source_succeeds_and_1_when_one_fails(
 
     result = fetch_once(good, "--user", "nobody")
     assert result.returncode == 2, describe(result)
+
+
+def test_a_reload_adds_a_source_and_polls_it_without_a_restart(  # noqa: PLR0917 (pytest passes fixtures positionally)
+    start: StartServer,
+    dovecot: DovecotServer,
+    account: DovecotUser,
+    corpus: Corpus,
+    tmp_path: Path,
+    tls_files: TlsFiles,
+) -> None:
+    second = dovecot.add_user(corpus=corpus, messages=corpus.small[:2])
+    try:
+        upstreams = {UPSTREAM: upstream_for(dovecot, "none")}
+        server = start(
+            users=[gateway_user(tmp_path, account)],
+            listeners=["none"],
+            upstreams=upstreams,
+            gateway=INTERVAL,
+        )
+        (first,) = wait_polls(server, 1)
+        assert first["source"] == f"{UPSTREAM}/{account.name}"
+        write_config(
+            server.config,
+            users=[gateway_user(tmp_path, account, second)],
+            tls=tls_files,
+            listeners=["none"],
+            upstreams=upstreams,
+            gateway=INTERVAL,
+        )
+        server.proc.send_signal(signal.SIGHUP)
+        polls = wait_polls(server, 2)
+        assert polls[1]["source"] == f"{UPSTREAM}/{second.name}"
+        assert (polls[1]["result"], polls[1]["fetched"]) == ("ok", "2")
+        assert server.records("reloaded"), "the reload was applied"
+    finally:
+        dovecot.remove_user(second)
