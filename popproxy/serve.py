@@ -537,7 +537,7 @@ async def serve(
                 if server.shared is not None:
                     await server.shared.get()
             except StateError as exc:
-                raise ServeError(f"cannot open the state store: {exc}") from exc
+                raise ServeError(str(exc)) from exc  # it names the store already
         for listener in config.listen:
             bound.append((listener, await _bind(listener)))
         async with trio.open_nursery() as exporter:

@@ -286,7 +286,8 @@ def test_a_bad_rule_fails_check_config_and_run_with_exit_2(
     rules_config({"10-x.yaml": "rules:\n  - {name: x, action: kep}\n"})
     expected = (
         "rules/10-x.yaml: rules[0] (x).action: expected one of keep, delete,"
-        " delete_after_retrieve, hide, got the string 'kep'\ncfg.yaml: 1 problem(s) found\n"
+        " delete_after_retrieve, hide, got the string 'kep'; did you mean 'keep'?\n"
+        "cfg.yaml: 1 problem(s) found\n"
     )
     check = run_popproxy("check-config", "-c", "cfg.yaml", cwd=in_tmp)
     assert (check.returncode, check.stdout, check.stderr) == (2, "", expected)

@@ -128,7 +128,7 @@ def test_an_empty_rules_dir_is_no_rules() -> None:
         (
             "rules:\n  - {name: k, action: kept}\n",
             "rules/10-x.yaml: rules[0] (k).action: expected one of keep, delete,"
-            " delete_after_retrieve, hide, got the string 'kept'",
+            " delete_after_retrieve, hide, got the string 'kept'; did you mean 'keep'?",
         ),
         (
             "rules:\n  - {name: k, expire_after_days: 0}\n",
@@ -262,7 +262,10 @@ def test_an_empty_rules_dir_is_no_rules() -> None:
         ("rules: []\n", "rules/10-x.yaml: rules: expected a non-empty list of rules, got a list"),
         (
             "- {name: k, action: keep}\n",
-            "rules/10-x.yaml: (top level): expected a mapping, got a list",
+            "rules/10-x.yaml: (top level): expected a mapping with the key rules, got a list"
+            " (the rules need rules: above them); expected a rule file's top level to be the"
+            " single key rules, holding a list of rules: 'rules:' then one '- name: ...'"
+            " item per rule",
         ),
         ("", "rules/10-x.yaml: (top level): expected a mapping of settings, got an empty file"),
         (
@@ -358,3 +361,75 @@ def test_rule_files_and_rules_dir_entries_are_bounded() -> None:
 def test_an_unreadable_rule_file_is_reported() -> None:
     Path("rules", "10-dir.yaml").mkdir()
     assert only_problem().startswith("rules/10-dir.yaml: (file): cannot read the rule file")
+
+
+# -- issue 16, item 6: messages that say how to fix the mistake ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("written", "meant"),
+    [
+        ("kep", "keep"),
+        ("delete-after-retrieve", "delete_after_retrieve"),
+        ("Delete", "delete"),
+        ("hidde", "hide"),
+    ],
+)
+def test_a_mistyped_action_gets_a_did_you_mean(written: str, meant: str) -> None:
+    rules_file("10-x.yaml", f"rules:\n  - {{name: k, action: {written}}}\n")
+    assert only_problem() == (
+        "rules/10-x.yaml: rules[0] (k).action: expected one of keep, delete,"
+        f" delete_after_retrieve, hide, got the string {written!r}; did you mean {meant!r}?"
+    )
+
+
+def test_an_action_far_from_any_gets_no_guess() -> None:
+    rules_file("10-x.yaml", "rules:\n  - {name: k, action: archive}\n")
+    assert only_problem().endswith("got the string 'archive'")
+
+
+def test_a_rule_at_the_top_level_says_what_the_top_level_must_look_like() -> None:
+    rules_file("10-x.yaml", "name: k\naction: keep\n")
+    assert only_problem() == (
+        "rules/10-x.yaml: (top level): missing rules: the top level holds the keys of a rule"
+        " (action, name) instead of a list of rules under rules; expected a rule file's top"
+        " level to be the single key rules, holding a list of rules: 'rules:' then one"
+        " '- name: ...' item per rule"
+    )
+
+
+def test_a_misspelt_rules_key_gets_a_did_you_mean_and_the_shape() -> None:
+    rules_file("10-x.yaml", "rulez:\n  - {name: k, action: keep}\n")
+    assert problems() == [
+        "rules/10-x.yaml: rulez: unknown key; did you mean 'rules'? (expected one of: rules)",
+        "rules/10-x.yaml: rules: missing; expected a rule file's top level to be the single"
+        " key rules, holding a list of rules: 'rules:' then one '- name: ...' item per rule",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (  # a key indented less than its siblings: PyYAML's mark is on that line
+            "rules:\n  - name: k\n    action: keep\n   match: {users: [alice]}\n",
+            "rules/10-x.yaml: line 4, column 4: not valid YAML: expected <block end>, but found"
+            " '<block mapping start>' (hint: this line is indented differently from the lines"
+            " above it: the keys of one mapping, and the '- ' items of one list, start in the"
+            " same column)",
+        ),
+        (  # a key indented deeper than its siblings
+            "rules:\n  - name: k\n     action: keep\n",
+            "rules/10-x.yaml: line 3, column 12: not valid YAML: mapping values are not allowed"
+            " here (hint: a 'key:' where a value was expected: this line is indented deeper"
+            " than the key above it, or a value that holds ': ' needs quotes)",
+        ),
+        (
+            "rules:\n\t- name: k\n",
+            "rules/10-x.yaml: line 2, column 1: not valid YAML: found character '\\t' that"
+            " cannot start any token (hint: indent with spaces: YAML does not allow tabs there)",
+        ),
+    ],
+)
+def test_a_yaml_indentation_error_points_at_the_line_with_a_hint(text: str, expected: str) -> None:
+    rules_file("10-x.yaml", text)
+    assert only_problem() == expected

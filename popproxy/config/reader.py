@@ -104,7 +104,8 @@ def read_yaml(
     except yaml.MarkedYAMLError as exc:
         where = exc.problem_mark or exc.context_mark
         place = f"line {where.line + 1}, column {where.column + 1}" if where else "(file)"
-        issues.add(place, f"not valid YAML: {exc.problem or exc.context}")
+        problem = exc.problem or exc.context or ""
+        issues.add(place, f"not valid YAML: {problem}{_yaml_hint(problem)}")
         return None
     except yaml.YAMLError as exc:
         issues.add("(file)", f"not valid YAML: {exc}")
@@ -113,6 +114,35 @@ def read_yaml(
         return data
     finally:
         loader.dispose()
+
+
+# PyYAML's wording of the mistakes people make most (its problem texts), and a hint for each.
+_YAML_HINTS = (
+    (
+        "expected <block end>",
+        "this line is indented differently from the lines above it: the keys of one"
+        " mapping, and the '- ' items of one list, start in the same column",
+    ),
+    (
+        "mapping values are not allowed here",
+        "a 'key:' where a value was expected: this line is indented deeper than the key"
+        " above it, or a value that holds ': ' needs quotes",
+    ),
+    (
+        "could not find expected ':'",
+        "a line inside a mapping without 'key:' (or indented less than the key above it)",
+    ),
+    ("found character '\\t'", "indent with spaces: YAML does not allow tabs there"),
+    ("found undefined alias", "an '*' starts an alias: quote a value that begins with '*'"),
+)
+
+
+def _yaml_hint(problem: str) -> str:
+    """A hint for PyYAML's ``problem`` text ("" if there is none)."""
+    for start, hint in _YAML_HINTS:
+        if problem.startswith(start):
+            return f" (hint: {hint})"
+    return ""
 
 
 def _check_duplicates(node: yaml.Node, path: str, issues: Issues, seen: set[int]) -> None:

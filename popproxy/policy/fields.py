@@ -218,7 +218,7 @@ class Section:
             for member in enum_type:
                 if member.value == value:
                     return member
-        self.error(key, f"expected {what}, got {describe(value)}")
+        self.error(key, f"expected {what}, got {describe(value)}{_choice_hint(value, enum_type)}")
         return None
 
     def boolean(self, key: str) -> bool | None:
@@ -236,6 +236,18 @@ class Section:
             self.error(key, f"expected true or false, got {describe(value)}{hint}")
             return None
         return value
+
+
+def _choice_hint(value: object, enum_type: type[enum.Enum]) -> str:
+    """``; did you mean 'keep'?`` for a near miss (a typo, dashes for underscores, case)."""
+    if not isinstance(value, str):
+        return ""
+    values = [str(member.value) for member in enum_type]
+    normal = value.strip().lower().replace("-", "_").replace(" ", "_")
+    if normal in values:
+        return f"; did you mean {normal!r}?"
+    close = difflib.get_close_matches(normal, values, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _number_hint(value: object) -> str:

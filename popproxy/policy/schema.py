@@ -33,6 +33,11 @@ from popproxy.policy.rules import (
 # RFC 5322 §3.6.8: a header field name is printable US-ASCII without ":".
 _FIELD_NAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 _RULE_KEYS = keys_of(Rule)
+# What every rule file's top level looks like, for the messages of a wrong one.
+RULE_FILE_SHAPE = (
+    "a rule file's top level to be the single key rules, holding a list of rules:"
+    " 'rules:' then one '- name: ...' item per rule"
+)
 _MATCH_KEYS = keys_of(Match)
 
 
@@ -76,10 +81,17 @@ class RuleSchema:
 
     def rules_of(self, data: object, issues: Issues, file_name: str) -> list[Rule]:
         """The rules of one file's parsed content (problems go to ``issues``)."""
+        shape = _top_level_problem(data)
+        if shape is not None:
+            issues.add("(top level)", f"{shape}; expected {RULE_FILE_SHAPE}")
+            return []
         section = Section.of(issues, "", data, ("rules",))
         if section is None:
             return []
         items = section.raw("rules")
+        if items is None:
+            section.missing("rules", RULE_FILE_SHAPE)
+            return []
         if not isinstance(items, list) or not items:
             section.error("rules", f"expected a non-empty list of rules, got {describe(items)}")
             return []
@@ -127,6 +139,25 @@ class RuleSchema:
             continues=bool(continues),
             source=file_name,
         )
+
+
+def _top_level_problem(data: object) -> str | None:
+    """What is wrong with a rule file's top level when it lacks ``rules:``, or None.
+
+    A list of rules without ``rules:`` above it, and a single rule's keys at the top
+    level, are the two shapes people write by mistake; each gets its own wording.
+    """
+    if isinstance(data, list):
+        return "expected a mapping with the key rules, got a list (the rules need rules: above them)"
+    if not isinstance(data, dict) or "rules" in data:
+        return None
+    rule_keys = sorted(str(key) for key in data if str(key) in _RULE_KEYS)
+    if rule_keys:
+        return (
+            f"missing rules: the top level holds the keys of a rule ({', '.join(rule_keys)})"
+            " instead of a list of rules under rules"
+        )
+    return None  # unknown keys (a misspelt rules) are named, with a "did you mean", below
 
 
 def _rule_match(rule: Section, known: DeclaredAccounts) -> Match | None:
