@@ -137,7 +137,7 @@ class PolicyAction(enum.Enum):
     HIDDEN = "hidden"  # hidden for this user, left on the upstream
     DELETED = "deleted"  # deleted upstream after the client's DELE
     EXPIRED = "expired"  # deleted upstream because its rule's expiry passed
-    KEPT = "kept"  # the client's DELE was overruled: left visible on the upstream
+    KEPT = "kept"  # a keep rule overruled the client's DELE: left on the upstream (and hidden)
 
 
 class StateOperation(enum.Enum):

@@ -9,6 +9,7 @@ re-exports only ``base`` (no I/O library is imported for it).
 
 from popproxy.maildrop.base import (
     RETRIEVE_CHUNK_BYTES,
+    Committed,
     Maildrop,
     MaildropError,
     MaildropInUse,
@@ -17,6 +18,7 @@ from popproxy.maildrop.base import (
 
 __all__ = [
     "RETRIEVE_CHUNK_BYTES",
+    "Committed",
     "Maildrop",
     "MaildropError",
     "MaildropInUse",

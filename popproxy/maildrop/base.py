@@ -37,19 +37,42 @@ class MessageInfo:
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What a QUIT's commit did (RFC 1939 §6 UPDATE): the ``session_end`` counts and the
+    QUIT reply's text come from it, never from the client's DELE marks alone.
+
+    ``deleted_upstream`` counts every message the upstream deleted at its QUIT (client
+    DELEs under delete, retrievals under delete_after_retrieve, expiries); ``expired``
+    and ``retrieved`` say how many of those the client never marked.
+    """
+
+    deleted_local: int = 0  # message files removed from a local Maildir
+    deleted_upstream: int = 0  # deleted by the upstream (its QUIT answered +OK)
+    hidden: int = 0  # client DELEs a keep rule overruled: left upstream, hidden for this user
+    expired: int = 0  # of deleted_upstream: past their rule's expire_after_days
+    retrieved: int = 0  # of deleted_upstream: RETR'd under delete_after_retrieve, no DELE
+
+
 class MaildropError(Exception):
     """A maildrop failure the client hears about as ``-ERR [code] text`` (RFC 2449 §8).
 
     ``text`` is safe to send to a client: no paths, no exception class names.
+    ``committed`` is what a failed commit did nevertheless (the upstream deleted, the
+    store then failed), so that the session's log line stays true; None when nothing.
     """
 
     code: ResponseCode | None
     text: str
+    committed: Committed | None
 
-    def __init__(self, code: ResponseCode | None, text: str) -> None:
+    def __init__(
+        self, code: ResponseCode | None, text: str, *, committed: Committed | None = None
+    ) -> None:
         super().__init__(code, text)
         self.code = code
         self.text = text
+        self.committed = committed
 
     def __str__(self) -> str:
         return self.text if self.code is None else f"[{self.code.value}] {self.text}"
@@ -102,9 +125,10 @@ class Maildrop(Protocol):
         """Keep the maildrop usable while the client is idle (an upstream NOOP); never raises."""
         ...
 
-    async def commit(self, deleted: Set[int]) -> None:
-        """Delete the messages at these indexes; called only on QUIT, also with none
-        marked, and it must succeed before the client gets ``+OK`` (RFC 1939 §6)."""
+    async def commit(self, deleted: Set[int]) -> Committed:
+        """Apply the client's DELE marks at these indexes; called only on QUIT, also with
+        none marked, and it must succeed before the client gets ``+OK`` (RFC 1939 §6).
+        Returns what was done, which under retention policy is not what was marked."""
         ...
 
     async def aclose(self) -> None:

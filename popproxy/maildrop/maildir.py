@@ -33,7 +33,7 @@ from typing import ClassVar, TypeVar, TypeVarTuple
 import trio
 
 from popproxy.locks import MailboxLocks, MaildirMailbox, default_locks
-from popproxy.maildrop.base import RETRIEVE_CHUNK_BYTES, MaildropError, MessageInfo
+from popproxy.maildrop.base import RETRIEVE_CHUNK_BYTES, Committed, MaildropError, MessageInfo
 from popproxy.maildrop.crlf import CrlfConverter, TopFilter
 from popproxy.pop3.limits import MAX_UIDL_OCTETS
 from popproxy.pop3.replies import ResponseCode
@@ -490,7 +490,7 @@ class MaildirMaildrop:
         """Nothing to keep alive in a local Maildir."""
         await trio.lowlevel.checkpoint()
 
-    async def commit(self, deleted: Set[int]) -> None:
+    async def commit(self, deleted: Set[int]) -> Committed:
         """Delete the files of these message indexes, then fsync (RFC 1939 §6 UPDATE).
 
         Files already gone count as deleted. ``MaildropError`` (``[SYS/TEMP]``) if
@@ -500,10 +500,11 @@ class MaildirMaildrop:
         entries = [self._entries[i] for i in sorted(deleted)]
         if not entries:
             await trio.lowlevel.checkpoint()
-            return
+            return Committed()
         failed = await self._run(_delete_entries, self._root, entries)
         if failed:
             raise MaildropError(ResponseCode.SYS_TEMP, "some deleted messages were not removed")
+        return Committed(deleted_local=len(entries))
 
     async def aclose(self) -> None:
         """Release the maildrop lock; never deletes anything. Idempotent."""

@@ -29,12 +29,12 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import trio
 
-from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
+from popproxy.maildrop.base import Committed, Maildrop, MaildropError, MessageInfo
 from popproxy.maildrop.upstream import UpstreamMaildrop
 from popproxy.metrics import Metrics, PolicyAction
 from popproxy.policy import (
@@ -260,11 +260,12 @@ class RetainedMaildrop:
     async def keep_alive(self) -> None:
         await self._inner.keep_alive()
 
-    async def commit(self, deleted: Set[int]) -> None:
+    async def commit(self, deleted: Set[int]) -> Committed:
         """QUIT: carry out the retention plan, then record it (RFC 1939 §6).
 
         The upstream deletes only what the plan says; the store is written only
-        after the upstream's QUIT answered ``+OK``.
+        after the upstream's QUIT answered ``+OK``. Returns what was deleted and hidden;
+        if the store then fails, the ``MaildropError`` carries the deletions.
         """
         context = self._context
         now = context.clock()
@@ -288,6 +289,12 @@ class RetainedMaildrop:
         )
         for planned in plan.delete_upstream:  # done upstream: logged even if the store fails
             self._audit(planned.uid, planned.rule, _ACTIONS[planned.reason])
+        reasons = Counter(planned.reason for planned in plan.delete_upstream)
+        deletions = Committed(
+            deleted_upstream=len(plan.delete_upstream),
+            expired=reasons[Reason.EXPIRED],
+            retrieved=reasons[Reason.RETRIEVED],
+        )
         try:
             await context.store.record(record)
         except StateError as exc:
@@ -295,10 +302,15 @@ class RetainedMaildrop:
                 "state_not_recorded", extra={"fields": _fields(context, reason=str(exc))}
             )
             raise MaildropError(
-                ResponseCode.SYS_TEMP, "Deletions done, but the mailbox state was not saved."
+                ResponseCode.SYS_TEMP,
+                "Deletions done, but the mailbox state was not saved.",
+                committed=deletions,
             ) from None
         for planned in plan.hide:
             self._audit(planned.uid, planned.rule, _ACTIONS[planned.reason])
+            # The same DELE, seen from the upstream: the keep rule left the message there.
+            context.metrics.policy_action(planned.rule, PolicyAction.KEPT)
+        return replace(deletions, hidden=len(plan.hide))
 
     def _audit(self, uid: str, rule: str, action: PolicyAction) -> None:
         """One log line and one count per upstream deletion or hide (issue: audit)."""

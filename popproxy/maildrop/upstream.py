@@ -24,7 +24,7 @@ from collections.abc import AsyncGenerator, Sequence, Set
 import trio
 
 from popproxy.config import UpstreamConfig
-from popproxy.maildrop.base import MaildropError, MessageInfo
+from popproxy.maildrop.base import Committed, MaildropError, MessageInfo
 from popproxy.maildrop.connection import UPSTREAM_RECEIVE_BYTES, UpstreamConnection, UpstreamError
 from popproxy.maildrop.upstream_login import CapabilityMemo, UpstreamAccount, open_connection
 from popproxy.metrics import UpstreamMetrics
@@ -194,13 +194,14 @@ class UpstreamMaildrop:
             if isinstance(await connection.request(Noop(), within=timeout), Err):
                 raise UpstreamError(UpstreamFailure.REJECTED, ResponseCode.SYS_TEMP, UNAVAILABLE)
 
-    async def commit(self, deleted: Set[int]) -> None:
+    async def commit(self, deleted: Set[int]) -> Committed:
         """DELE each marked message, then QUIT; only QUIT's ``+OK`` confirms (RFC 1939 §6).
 
         If a DELE is refused or anything fails before QUIT is sent, the
         connection is dropped without QUIT, so the upstream deletes nothing.
         """
         await self._connection.commit([self._numbers[i] for i in sorted(deleted)])
+        return Committed(deleted_upstream=len(deleted))
 
     async def aclose(self) -> None:
         """Drop the upstream connection without QUIT: nothing is deleted (RFC 1939 §6)."""

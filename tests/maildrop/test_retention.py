@@ -18,7 +18,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from popproxy.config import StateConfig
-from popproxy.maildrop.base import MaildropError
+from popproxy.maildrop.base import Committed, MaildropError
 from popproxy.maildrop.maildir import open_maildir
 from popproxy.maildrop.retention import RetainedMaildrop, RetentionContext, open_retained
 from popproxy.metrics import Metrics, PolicyAction
@@ -150,7 +150,7 @@ async def test_no_rules_a_dele_deletes_and_the_quit_is_recorded(
     uids = subjects(first)
     assert len(uids) == len(MESSAGES)
     assert await body(first, 0) == MESSAGES[0]
-    await first.commit({1})
+    assert await first.commit({1}) == Committed(deleted_upstream=1)
     await first.aclose()
     assert files(maildir) == len(MESSAGES) - 1
     rows = {row.uid: row for row in await store.messages(ACCOUNT)}
@@ -168,7 +168,7 @@ async def test_keep_a_dele_hides_for_this_user_only_and_for_good(
     opener = Opener(maildir, store, keep_policy())
     first = await opener.open("phone")
     uids = subjects(first)
-    await first.commit({0, 2})
+    assert await first.commit({0, 2}) == Committed(hidden=2)  # nothing deleted: 2 hidden
     await first.aclose()
     assert files(maildir) == len(MESSAGES)  # nothing deleted
     again = await opener.open("phone")
@@ -179,6 +179,9 @@ async def test_keep_a_dele_hides_for_this_user_only_and_for_good(
     assert subjects(desk) == uids  # another local user of the account sees everything
     await desk.aclose()
     assert opener.action_count("keep-all", PolicyAction.HIDDEN) == 2
+    # The rule kept the two messages the client marked (issue 16, item 7).
+    assert opener.action_count("keep-all", PolicyAction.KEPT) == 2
+    assert opener.action_count("keep-all", PolicyAction.DELETED) == 0
 
 
 async def test_no_quit_no_record_and_no_deletion(maildir: Path, store: StateStore) -> None:
@@ -204,7 +207,8 @@ async def test_delete_after_retrieve_counts_complete_retrs_only(
     chunks = session.retrieve(2)
     async with contextlib.aclosing(chunks):
         await anext(chunks)  # stopped half way (the client went away mid-RETR)
-    await session.commit(set())
+    # Nothing marked, one message deleted upstream: the one retrieved to its end.
+    assert await session.commit(set()) == Committed(deleted_upstream=1, retrieved=1)
     await session.aclose()
     rows = {row.uid: row for row in await store.messages(ACCOUNT)}
     assert [uid for uid, row in rows.items() if row.deleted_upstream_at] == [uids[0]]
@@ -226,7 +230,8 @@ async def test_expiry_deletes_old_messages_at_any_quit_even_hidden_ones(
         "popproxy_policy_overdue_messages_total", {"rule": "keep-30"}
     )
     assert overdue == len(MESSAGES)
-    await desk.commit(set())  # desk asked for nothing: the rule deletes all three
+    # desk asked for nothing: the rule deletes all three
+    assert await desk.commit(set()) == Committed(deleted_upstream=3, expired=3)
     await desk.aclose()
     assert files(maildir) == 0
     assert opener.action_count("keep-30", PolicyAction.EXPIRED) == len(MESSAGES)
@@ -387,6 +392,7 @@ async def test_a_store_failure_at_quit_is_a_temporary_error_after_the_deletions(
     with pytest.raises(MaildropError) as failed:
         await session.commit({0})
     assert failed.value.code is ResponseCode.SYS_TEMP
+    assert failed.value.committed == Committed(deleted_upstream=1)
     await session.aclose()
     # The deletion was done (the upstream confirmed it) and is gone from the next listing.
     assert files(maildir) == len(MESSAGES) - 1
