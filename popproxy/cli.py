@@ -45,6 +45,7 @@ from popproxy.auth.passwords import (
 )
 from popproxy.commands import check_config
 from popproxy.config import MAX_PORT, Config, ConfigError, MetricsConfig, load_config
+from popproxy.config.host_checks import host_problems
 from popproxy.logfmt import JsonFormatter, LogfmtFormatter
 from popproxy.reload import ConfigLoader, config_changes
 from popproxy.sdnotify import Notifier
@@ -309,19 +310,28 @@ async def _fetch_once(config: Config, users: list[str] | None) -> list[bool]:
 # -- check-config ----------------------------------------------------------------------
 
 
-def _load(path: Path) -> Config | None:
-    """Load the config, printing every problem to stderr as FILE: key.path: message."""
+def _load(path: Path, *, on_this_host: bool = False) -> Config | None:
+    """Load the config, printing every problem to stderr as FILE: key.path: message.
+
+    ``on_this_host``: also what ``run`` would meet at start here (``check-config`` and
+    ``run`` itself; see popproxy/config/host_checks.py).
+    """
     try:
-        return load_config(path)
+        config = load_config(path)
+        issues = host_problems(config) if on_this_host else ()
     except ConfigError as exc:
-        for issue in exc.issues:
-            print(issue, file=sys.stderr)
-        print(f"{path}: {len(exc.issues)} problem(s) found", file=sys.stderr)
-        return None
+        issues = exc.issues
+    else:
+        if not issues:
+            return config
+    for issue in issues:
+        print(issue, file=sys.stderr)
+    print(f"{path}: {len(issues)} problem(s) found", file=sys.stderr)
+    return None
 
 
 def _cmd_check_config(path: Path, against: Path | None = None) -> int:
-    config = _load(path)
+    config = _load(path, on_this_host=True)
     if config is None:
         return EXIT_USAGE
     print(check_config.summarize(config))
@@ -454,7 +464,7 @@ def _with_metrics_port(config: Config, port: int | None) -> Config:
 
 
 def _cmd_run(path: Path, log_format: str, log_level: str, metrics_port: int | None = None) -> int:
-    loaded = _load(path)
+    loaded = _load(path, on_this_host=True)
     if loaded is None:
         return EXIT_USAGE
     config = _with_metrics_port(loaded, metrics_port)

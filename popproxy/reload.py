@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from popproxy.config import Config, TlsMode
+from popproxy.policy import Rule
 from popproxy.secret import Secret
 
 # Top-level config keys that only take effect at start: sockets bound, the exporter
@@ -159,6 +161,8 @@ def _diff(path: str, old: object, new: object) -> list[str]:
             name = attribute.name
             out += _diff(f"{path}.{name}", getattr(old, name), getattr(new, name))
         return out or [path]
+    if _all_rules(old) and _all_rules(new):
+        return _diff_rules(path, old, new)
     if isinstance(old, tuple) and isinstance(new, tuple):
         out = []
         for index in range(max(len(old), len(new))):
@@ -178,6 +182,36 @@ def _diff(path: str, old: object, new: object) -> list[str]:
                 out += _diff(item, old[key], new[key])
         return out
     return [path]
+
+
+def _all_rules(value: object) -> TypeGuard[tuple[Rule, ...]]:
+    return isinstance(value, tuple) and all(isinstance(item, Rule) for item in value)
+
+
+def _diff_rules(path: str, old: tuple[Rule, ...], new: tuple[Rule, ...]) -> list[str]:
+    """Rules matched by name, each written as check-config writes it: ``rules[0] (erp-drain)``.
+
+    A rule's position is the one in ``new`` (in ``old`` for a removed rule); a rule that
+    moved is a change of its own, as the order decides which rule applies.
+    """
+    old_at = {rule.name: index for index, rule in enumerate(old)}
+    new_at = {rule.name: index for index, rule in enumerate(new)}
+    out: list[str] = []
+    for index, rule in enumerate(new):
+        label = f"{path}[{index}] ({rule.name})"
+        before = old_at.get(rule.name)
+        if before is None:
+            out.append(f"{label} (added)")
+            continue
+        if before != index:
+            out.append(f"{label} (was rules[{before}])")
+        out += _diff(label, old[before], rule)
+    out += [
+        f"{path}[{i}] ({rule.name}) (removed)"
+        for i, rule in enumerate(old)
+        if rule.name not in new_at
+    ]
+    return out
 
 
 def _named_changes(old: Mapping[str, object], new: Mapping[str, object]) -> NamedChanges:

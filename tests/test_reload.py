@@ -105,7 +105,10 @@ def test_limits_are_reloadable_field_by_field() -> None:
     [
         ({"allow_plaintext_auth": True}, ("allow_plaintext_auth",)),
         ({"rules_dir": Path("/etc/popproxy/rules")}, ("rules_dir",)),
-        ({"policy": Policy((Rule("scanners", action=Action.KEEP),))}, ("policy.rules[0]",)),
+        (
+            {"policy": Policy((Rule("scanners", action=Action.KEEP),))},
+            ("policy.rules[0] (scanners) (added)",),
+        ),
         ({"tls": TlsConfig(Path("/tls/new.pem"), Path("/tls/key.pem"))}, ("tls.cert_file",)),
         ({"tls": None}, ("tls",)),
         (
@@ -123,6 +126,32 @@ def test_reloadable_keys(new_fields: dict[str, Any], paths: tuple[str, ...]) -> 
     changes = config_changes(base_config(), base_config(**new_fields))
     assert changes.reloadable == paths
     assert changes.restart_required == ()
+
+
+def test_rules_are_named_as_check_config_names_them() -> None:
+    """A reload's changed= and check-config --against name rules, not positions (issue 16)."""
+    scan = Rule("scanners", action=Action.KEEP, source="10-scanners.yaml")
+    erp = Rule("erp-drain", action=Action.DELETE_AFTER_RETRIEVE, source="20-erp.yaml")
+    old_rule = Rule("old", action=Action.HIDE, source="90-old.yaml")
+    old = base_config(policy=Policy((scan, erp, old_rule)))
+    new = base_config(
+        policy=Policy(
+            (
+                Rule("new", action=Action.KEEP, source="05-new.yaml"),
+                scan,
+                Rule("erp-drain", action=Action.KEEP, source="20-erp.yaml"),
+            )
+        )
+    )
+    changes = config_changes(old, new)
+    assert changes.reloadable == (
+        "policy.rules[0] (new) (added)",
+        "policy.rules[1] (scanners) (was rules[0])",
+        "policy.rules[2] (erp-drain) (was rules[1])",
+        "policy.rules[2] (erp-drain).action",
+        "policy.rules[2] (old) (removed)",
+    )
+    assert changes.sections == changes.reloadable
 
 
 @pytest.mark.parametrize(

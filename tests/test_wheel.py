@@ -175,6 +175,9 @@ def test_check_config_loads_the_installed_rules(installed: Installed, tmp_path: 
     config["users"]["demo"]["maildir"] = str(installed.share / "examples/maildir/demo")
     path = tmp_path / "popproxy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+    # The example's sqlite file is under var/: check-config checks that its directory
+    # exists once users are served from an upstream, as here.
+    (tmp_path / "var").mkdir()
     result = run(
         [installed.popproxy, "check-config", "-c", path],
         cwd=tmp_path,

@@ -148,7 +148,9 @@ def _top_level_problem(data: object) -> str | None:
     level, are the two shapes people write by mistake; each gets its own wording.
     """
     if isinstance(data, list):
-        return "expected a mapping with the key rules, got a list (the rules need rules: above them)"
+        return (
+            "expected a mapping with the key rules, got a list (the rules need rules: above them)"
+        )
     if not isinstance(data, dict) or "rules" in data:
         return None
     rule_keys = sorted(str(key) for key in data if str(key) in _RULE_KEYS)
