@@ -46,7 +46,7 @@ from popproxy.auth.passwords import (
 from popproxy.commands import check_config
 from popproxy.config import MAX_PORT, Config, ConfigError, MetricsConfig, load_config
 from popproxy.config.host_checks import host_problems
-from popproxy.logfmt import JsonFormatter, LogfmtFormatter
+from popproxy.logfmt import JsonFormatter, LogfmtFormatter, SessionFilter
 from popproxy.reload import ConfigLoader, config_changes
 from popproxy.sdnotify import Notifier
 from popproxy.secret import Secret
@@ -230,7 +230,7 @@ def _state_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 
 def _cmd_explain(path: Path, user: str) -> int:
     # The upstream client stack is imported only when it is needed, as for run.
-    from popproxy.explain import ExplainError, explain, format_explanation
+    from popproxy.explain import ExplainError, describe_failure, explain, format_explanation
     from popproxy.maildrop.base import MaildropError
     from popproxy.maildrop.retention import utc_now
     from popproxy.state.base import StateError
@@ -239,6 +239,7 @@ def _cmd_explain(path: Path, user: str) -> int:
     config = _load(path)
     if config is None:
         return EXIT_USAGE
+    configure_logging("logfmt", "warning")  # the upstream's own lines, as run writes them
     gateway_user = config.users.get(user)
     if gateway_user is not None and gateway_user.fetch:
         from popproxy.gateway.dryrun import explain_user, format_sources
@@ -256,7 +257,7 @@ def _cmd_explain(path: Path, user: str) -> int:
         print(f"popproxy explain: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (MaildropError, StateError, TlsError) as exc:
-        print(f"popproxy explain: {exc}", file=sys.stderr)
+        print(f"popproxy explain: {describe_failure(exc, config, user)}", file=sys.stderr)
         return EXIT_FAILURE
     sys.stdout.write(format_explanation(user, rows))
     return EXIT_OK
@@ -436,6 +437,7 @@ def configure_logging(log_format: str, level: str, stream: TextIO | None = None)
     """Send the ``popproxy`` loggers to ``stream`` (stderr) as logfmt or JSON lines."""
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else LogfmtFormatter())
+    handler.addFilter(SessionFilter())
     root = logging.getLogger("popproxy")
     for old in list(root.handlers):
         root.removeHandler(old)

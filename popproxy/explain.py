@@ -16,6 +16,7 @@ from datetime import datetime
 
 from popproxy.config import Config, StateConfig
 from popproxy.locks import InProcessLocks
+from popproxy.maildrop.connection import UpstreamError
 from popproxy.maildrop.retention import Clock
 from popproxy.maildrop.route import MaildirRoute, NoRoute, UpstreamRoute, route_of
 from popproxy.maildrop.router import CapabilityMemos, MaildropRouter, RouterResources
@@ -159,6 +160,17 @@ async def explain(config: Config, user_name: str, clock: Clock) -> list[MessageE
     finally:
         await store.aclose()
     return rows
+
+
+def describe_failure(exc: Exception, config: Config, user_name: str) -> str:
+    """What ``popproxy explain`` prints when it cannot explain: for an upstream failure
+    its cause (``TLS handshake ... failed: CERTIFICATE_VERIFY_FAILED``), then what the
+    user's client would be told; otherwise the error's own text."""
+    if not isinstance(exc, UpstreamError):
+        return str(exc)
+    user = config.users.get(user_name)
+    upstream = user.upstream if user is not None else None
+    return f"upstream {upstream}: {exc.detail} (a client is told: -ERR {exc})"
 
 
 def _why_hidden(decision: Decision) -> str | None:

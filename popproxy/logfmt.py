@@ -25,6 +25,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import PurePath
 
 from popproxy.secret import Secret
@@ -68,6 +69,27 @@ def record_fields(record: logging.LogRecord) -> dict[str, object]:
     if record.stack_info:
         out["stack"] = record.stack_info
     return out
+
+
+# The session a line is about, for every line logged while that session's task runs
+# (the upstream connection, the login, the retention steps it drives): set by
+# ``Session.run``, inherited by nothing but that task and the worker threads it waits
+# on (trio copies the context into both).
+SESSION_ID: ContextVar[str | None] = ContextVar("popproxy_session_id", default=None)
+
+
+class SessionFilter(logging.Filter):
+    """Adds ``session=`` to every line logged on a session's behalf that lacks one, so a
+    line of a lower layer (``upstream_tls_failed``) is traced to its session and user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        session = SESSION_ID.get()
+        if session is not None:
+            fields = getattr(record, "fields", None)
+            fields = fields if isinstance(fields, Mapping) else {}
+            if "session" not in fields:
+                record.fields = {"session": session, **fields}
+        return True
 
 
 class LogfmtFormatter(logging.Formatter):

@@ -18,6 +18,9 @@ class SessionResult(enum.Enum):
     PROTOCOL_ERROR = "protocol_error"
     TLS_ERROR = "tls_error"
     MAILDROP_ERROR = "maildrop_error"
+    # The local login succeeded but its upstream could not be opened (connect, TLS,
+    # login, [IN-USE]), and no later login of the session did better.
+    UPSTREAM_ERROR = "upstream_error"
     SHUTDOWN = "shutdown"
 
 

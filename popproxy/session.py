@@ -20,6 +20,7 @@ end of the session (EOF, reset, timeout, shutdown, error) commits nothing.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import math
 import secrets
@@ -34,7 +35,8 @@ from popproxy.auth.credentials import Credentials, login_credentials, plain_cred
 from popproxy.auth.login import LoginAttempt, LoginClient, LoginOutcome, SourceMemory, log_in
 from popproxy.auth.throttling import LoginThrottle
 from popproxy.config import LimitsConfig, UserConfig
-from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
+from popproxy.logfmt import SESSION_ID
+from popproxy.maildrop.base import Committed, Maildrop, MaildropError, MessageInfo
 from popproxy.metrics import (
     CommandResult,
     LoginMechanism,
@@ -111,8 +113,41 @@ FAILURE_RESULTS = {
     LoginOutcome.LOCKED_OUT: LoginResult.LOCKED_OUT,
     LoginOutcome.THROTTLED: LoginResult.THROTTLED,
 }
+
+
+class LoginFailure(enum.Enum):
+    """Why a login failed: ``reason=`` of the ``login_failed`` line (docs/operations.md)."""
+
+    BAD_CREDENTIALS = "bad_credentials"  # a wrong password, or a name no user has
+    MALFORMED = "malformed"  # SASL credentials that decode but do not parse (RFC 4616 §2)
+    THROTTLED = "throttled"  # refused unchecked: this client address is locked out
+    LOCKED_OUT = "locked_out"  # refused unchecked: the user name is locked out (by anyone)
+    BUSY = "busy"  # too many logins were waiting for a hash: nothing was checked
+    HASH_UNUSABLE = "hash_unusable"  # the user's stored hash could not be used (config)
+
+
+FAILURE_REASONS = {
+    LoginOutcome.FAILED: LoginFailure.BAD_CREDENTIALS,
+    LoginOutcome.HASH_UNUSABLE: LoginFailure.HASH_UNUSABLE,
+    LoginOutcome.LOCKED_OUT: LoginFailure.LOCKED_OUT,
+    LoginOutcome.THROTTLED: LoginFailure.THROTTLED,
+}
 NO_SUCH_MESSAGE = Err("There's no message with that number.")
 MESSAGE_DELETED = Err("That message is deleted.")
+
+
+def quit_text(committed: Committed) -> str:
+    """The QUIT reply's text: what was done, never what was only marked (RFC 1939 §6
+    leaves the text free). Under a keep rule a DELE deletes nothing: it hides."""
+    deleted = committed.deleted_local + committed.deleted_upstream
+    text = f"Logging out, {deleted} messages deleted"
+    if committed.hidden:
+        text += f", {committed.hidden} kept on the server and hidden from this mailbox"
+    return text + "."
+
+
+# The ends that follow an upstream failure when the client gives up: it closes, or QUITs.
+_ENDS_AFTER_A_FAILURE = frozenset({SessionResult.EOF, SessionResult.QUIT})
 
 
 class _SessionEnd(Exception):
@@ -178,6 +213,8 @@ class Session:
         self._out = bytearray()
         self._maildrop: Maildrop | None = None
         self._deleted: set[int] = set()
+        # The last local login's upstream could not be opened (result upstream_error).
+        self._upstream_failed = False
         self._login_scope = trio.CancelScope()
         self.summary = SessionSummary(secrets.token_hex(4), context.listener, str(peer))
         if accepted_at is not None:
@@ -205,6 +242,7 @@ class Session:
         """Serve the client until QUIT, EOF, a timeout or a fatal error; never raises
         for the client's behaviour. Cancellation (shutdown) is recorded and re-raised."""
         limits = self._context.limits
+        logging_as = SESSION_ID.set(self.summary.session_id)
         self._login_scope.deadline = self.summary.started + limits.login_timeout_seconds
         self._traffic.session_started()
         try:
@@ -223,9 +261,14 @@ class Session:
             self.summary.result = SessionResult.SHUTDOWN
             raise
         finally:
+            self.summary.marked = len(self._deleted)
+            if self._upstream_failed and self.summary.result in _ENDS_AFTER_A_FAILURE:
+                # What ended it was the upstream: the client only gave up after the -ERR.
+                self.summary.result = SessionResult.UPSTREAM_ERROR
             await self._close()
             self._traffic.session_ended(self.summary.result)
             self.summary.log_end()
+            SESSION_ID.reset(logging_as)
         return self.summary
 
     async def _serve(self) -> None:
@@ -345,6 +388,7 @@ class Session:
                 pass
             case LoginAttempt(outcome=LoginOutcome.BUSY):
                 self._count_login(mechanism, LoginResult.ERROR)
+                self._log_failure(mechanism, LoginFailure.BUSY)
                 self._queue(VERIFICATION_BUSY)
                 return
             case LoginAttempt(outcome=LoginOutcome.UNAVAILABLE):
@@ -353,25 +397,46 @@ class Session:
                 return
             case LoginAttempt(outcome=outcome):
                 self._count_login(mechanism, FAILURE_RESULTS[outcome])
+                reason = FAILURE_REASONS[outcome] if credentials is not None else None
+                self._log_failure(mechanism, reason or LoginFailure.MALFORMED)
                 # Dovecot's auth_failure_delay: slow down guessing, same reply for every cause.
                 await self._flush()
                 await trio.sleep(context.limits.auth_failure_delay_seconds)
                 self._queue(AUTH_FAILED)
                 return
+        # The local login succeeded: the session is this user's from here on, also if
+        # its upstream then fails (the session_end line names who it failed for).
+        self.summary.user = account.name
+        self.summary.upstream = account.upstream
         try:
             maildrop = await context.open_maildrop(account, self.summary.session_id)
         except MaildropError as exc:
             # The password was right, but there is nothing to serve: an error, not a failure.
             self._count_login(mechanism, LoginResult.ERROR)
+            self._upstream_failed = account.upstream is not None
             self._queue(Err(exc.text, exc.code))
             return
         self._count_login(mechanism, LoginResult.OK)
+        self._upstream_failed = False
         self._maildrop = maildrop
-        self.summary.user = account.name
-        self.summary.upstream = account.upstream
         self._login_scope.deadline = math.inf
         count, octets = self._totals()
         self._queue(Ok(f"Logged in, {count} messages ({octets} octets)."))
+
+    def _log_failure(self, mechanism: LoginMechanism, reason: LoginFailure) -> None:
+        """The one ``login_failed`` line of a failed login (docs/operations.md has a fail2ban
+        filter for it): the client's address, never the name it tried or its password."""
+        log.info(
+            "login_failed",
+            extra={
+                "fields": {
+                    "session": self.summary.session_id,
+                    "peer": str(self.peer),
+                    "mechanism": mechanism.value,
+                    "reason": reason.value,
+                }
+            },
+        )
 
     def _count_login(self, mechanism: LoginMechanism, result: LoginResult) -> None:
         self._metrics.login(mechanism, result)
@@ -492,12 +557,14 @@ class Session:
             return
         try:
             # Also with nothing marked: an upstream's QUIT must answer +OK first.
-            await self._maildrop.commit(frozenset(self._deleted))
+            committed = await self._maildrop.commit(frozenset(self._deleted))
         except MaildropError as exc:
+            if exc.committed is not None:  # done upstream before the failure: say so in the log
+                self.summary.committed = exc.committed
             self._queue(Err(exc.text, exc.code))  # RFC 1939 §6: "some deleted messages not removed"
             return
-        self.summary.deleted = len(self._deleted)
-        self._queue(Ok(f"Logging out, {len(self._deleted)} messages deleted."))
+        self.summary.committed = committed
+        self._queue(Ok(quit_text(committed)))
 
     # -- I/O -----------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The facts of one client session, counted as it runs and logged once at its end.
 
-The ``session_end`` line (docs/operations.md, "Log lines") is the session's audit
-record: who logged in, to which upstream, how it ended and how much it moved.
+The ``session_end`` line (docs/operations.md, "Logs") is the session's audit
+record: who logged in, to which upstream, how it ended, how much it moved, what the
+client marked and what was really deleted or hidden.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from popproxy.maildrop.base import Committed
 from popproxy.outcomes import SessionResult
 
 # The session's own logger (popproxy/session.py logs under the same name).
@@ -30,7 +32,11 @@ class SessionSummary:
     commands: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    deleted: int = 0
+    # The client's DELE marks when the session ended (at QUIT: those it committed).
+    marked: int = 0
+    # What the QUIT did (popproxy.maildrop.base.Committed), which under retention
+    # policy is not what was marked; nothing for a session that ended without QUIT.
+    committed: Committed = field(default_factory=Committed)
     started: float = field(default_factory=trio.current_time)
 
     def log_end(self) -> None:
@@ -48,7 +54,11 @@ class SessionSummary:
                     "commands": self.commands,
                     "bytes_in": self.bytes_in,
                     "bytes_out": self.bytes_out,
-                    "deleted": self.deleted,
+                    "marked": self.marked,
+                    "deleted_upstream": self.committed.deleted_upstream,
+                    "deleted_local": self.committed.deleted_local,
+                    "hidden": self.committed.hidden,
+                    "expired": self.committed.expired,
                     "duration_seconds": round(trio.current_time() - self.started, 3),
                 }
             },

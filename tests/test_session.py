@@ -26,7 +26,7 @@ from pop3client import Pop3Client
 from popproxy.auth.authenticator import Authenticator, Verification
 from popproxy.auth.passwords import hash_password
 from popproxy.config import LimitsConfig, UserConfig
-from popproxy.maildrop.base import Maildrop
+from popproxy.maildrop.base import Committed, Maildrop
 from popproxy.maildrop.maildir import open_maildir
 from popproxy.outcomes import SessionResult
 from popproxy.peer import PeerAddress
@@ -354,7 +354,8 @@ async def test_quit_commits_the_deletions(start: Starter, maildir: Path) -> None
     assert await c.cmd("QUIT") == b"+OK Logging out, 2 messages deleted."
     await running.done.wait()
     assert remaining(maildir) == {"1700000002.M2P1.test"}
-    assert running.summary().deleted == 2
+    assert running.summary().marked == 2
+    assert running.summary().committed == Committed(deleted_local=2)
 
 
 async def test_session_ending_without_quit_deletes_nothing(start: Starter, maildir: Path) -> None:
@@ -503,7 +504,8 @@ async def test_quit_that_cannot_delete_says_so_once(
     monkeypatch.setattr("os.unlink", refuse)
     assert await c.cmd("QUIT") == b"-ERR [SYS/TEMP] some deleted messages were not removed"
     await running.done.wait()
-    assert running.summary().deleted == 0
+    assert running.summary().marked == 1  # marked, and nothing deleted
+    assert running.summary().committed == Committed()
 
 
 async def test_login_timeout_during_a_tls_handshake_sends_nothing_in_clear(

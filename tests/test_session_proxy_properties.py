@@ -53,7 +53,7 @@ from pop3client import Pop3Client
 from popproxy.auth.authenticator import Authenticator
 from popproxy.auth.passwords import hash_password
 from popproxy.config import LimitsConfig, TlsMode, UpstreamConfig, UserConfig
-from popproxy.maildrop.base import Maildrop
+from popproxy.maildrop.base import Committed, Maildrop
 from popproxy.maildrop.upstream import UpstreamAccount, open_upstream
 from popproxy.outcomes import SessionResult
 from popproxy.peer import PeerAddress
@@ -920,7 +920,7 @@ async def run_scenario(scenario: Scenario) -> None:
         assert tail == [], f"upstream commands of a session without QUIT: {tail}"
         event("logged in, no QUIT upstream")
         assert upstream.mailbox == original
-        assert session.summary.deleted == 0
+        assert session.summary.committed == Committed()
         if scenario.ending is Ending.EOF:
             assert session.summary.result is SessionResult.EOF
         return
@@ -933,7 +933,7 @@ async def run_scenario(scenario: Scenario) -> None:
     assert tail[-1] == b"QUIT", tail
     assert sorted(deles) == sorted(b"DELE %d" % n for n in numbers), (deles, numbers)
     assert upstream.mailbox == {n: m for n, m in original.items() if n not in numbers}
-    assert session.summary.deleted == len(numbers)
+    assert session.summary.committed.deleted_upstream == len(numbers)
     event(f"upstream QUIT with {min(len(numbers), 2)}{'+' if len(numbers) >= 2 else ''} DELE")
     if scenario.ending is not Ending.DISCONNECT:
         assert session.summary.result is SessionResult.QUIT

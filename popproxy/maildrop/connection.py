@@ -76,21 +76,33 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLErr
 
 
 class UpstreamError(MaildropError):
-    """An upstream failure, carrying the client's ``-ERR`` (RFC 3206) and why."""
+    """An upstream failure, carrying the client's ``-ERR`` (RFC 3206) and why.
 
-    def __init__(self, failure: UpstreamFailure, code: ResponseCode | None, text: str) -> None:
+    ``detail`` is the cause for an operator (``popproxy explain``, log lines):
+    ``TLS handshake failed: CERTIFICATE_VERIFY_FAILED (...)``. The client hears only
+    ``text``; neither ever holds a credential.
+    """
+
+    def __init__(
+        self,
+        failure: UpstreamFailure,
+        code: ResponseCode | None,
+        text: str,
+        detail: str | None = None,
+    ) -> None:
         super().__init__(code, text)
         self.failure = failure
+        self.detail = detail or failure.value
 
 
-def unavailable(failure: UpstreamFailure) -> UpstreamError:
+def unavailable(failure: UpstreamFailure, detail: str | None = None) -> UpstreamError:
     """``[SYS/TEMP]``: the upstream cannot be used now (RFC 3206 §4)."""
-    return UpstreamError(failure, ResponseCode.SYS_TEMP, UNAVAILABLE)
+    return UpstreamError(failure, ResponseCode.SYS_TEMP, UNAVAILABLE, detail)
 
 
-def lost(failure: UpstreamFailure) -> UpstreamError:
+def lost(failure: UpstreamFailure, detail: str | None = None) -> UpstreamError:
     """``[SYS/TEMP]``: the connection broke after login (RFC 3206 §4)."""
-    return UpstreamError(failure, ResponseCode.SYS_TEMP, _CONNECTION_LOST)
+    return UpstreamError(failure, ResponseCode.SYS_TEMP, _CONNECTION_LOST, detail)
 
 
 class UpstreamConnection:
@@ -131,13 +143,21 @@ class UpstreamConnection:
             with trio.fail_after(upstream.connect_timeout_seconds):
                 stream = await trio.open_tcp_stream(upstream.host, upstream.port)
         except trio.TooSlowError:
-            raise unavailable(UpstreamFailure.TIMEOUT) from None
+            raise unavailable(
+                UpstreamFailure.TIMEOUT,
+                f"no TCP connection to {upstream.host}:{upstream.port}"
+                f" within {upstream.connect_timeout_seconds:g} s",
+            ) from None
         except OSError as exc:
+            reason = exc.strerror or str(exc)
             log.warning(
                 "upstream_connect_failed",
-                extra={"fields": {"upstream": upstream.name, "reason": exc.strerror or str(exc)}},
+                extra={"fields": {"upstream": upstream.name, "reason": reason}},
             )
-            raise unavailable(UpstreamFailure.CONNECT) from None
+            raise unavailable(
+                UpstreamFailure.CONNECT,
+                f"cannot connect to {upstream.host}:{upstream.port}: {reason}",
+            ) from None
         return cls(stream, upstream, metrics, connect_seconds=trio.current_time() - started)
 
     @property
@@ -179,11 +199,17 @@ class UpstreamConnection:
         except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
             cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
             reason = getattr(cause, "reason", None) or type(cause).__name__
+            # ssl.SSLCertVerificationError says why the chain or the name did not verify.
+            verify = getattr(cause, "verify_message", None)
             log.warning(
                 "upstream_tls_failed",
                 extra={"fields": {"upstream": upstream.name, "reason": str(reason)}},
             )
-            raise unavailable(UpstreamFailure.TLS) from None
+            raise unavailable(
+                UpstreamFailure.TLS,
+                f"TLS handshake with {upstream.host}:{upstream.port} failed: {reason}"
+                + (f" ({verify})" if verify else ""),
+            ) from None
         # ALPACA: we offered pop3; an upstream answering another protocol is not the
         # POP3 server it should be (RFC 7301 §3.2). No answer is fine.
         problem = upstream_alpn_problem(tls.selected_alpn_protocol())
@@ -192,7 +218,9 @@ class UpstreamConnection:
                 "upstream_tls_failed",
                 extra={"fields": {"upstream": upstream.name, "reason": problem}},
             )
-            raise unavailable(UpstreamFailure.TLS)  # the caller closes the stream
+            raise unavailable(  # the caller closes the stream
+                UpstreamFailure.TLS, f"TLS with {upstream.host}:{upstream.port}: {problem}"
+            )
         self._stream = tls
         self._connect_seconds += trio.current_time() - started
         self.secured()
@@ -202,11 +230,13 @@ class UpstreamConnection:
         name = self._upstream.name
         if "STLS" not in capabilities:
             log.warning("upstream_stls_unavailable", extra={"fields": {"upstream": name}})
-            raise unavailable(UpstreamFailure.STLS_UNAVAILABLE)
+            raise unavailable(
+                UpstreamFailure.STLS_UNAVAILABLE, "tls: starttls, but CAPA does not list STLS"
+            )
         await self.send(Stls())
         if isinstance(await self.status(), Err):
             log.warning("upstream_stls_refused", extra={"fields": {"upstream": name}})
-            raise unavailable(UpstreamFailure.STLS_UNAVAILABLE)
+            raise unavailable(UpstreamFailure.STLS_UNAVAILABLE, "the upstream refused STLS")
         if self._core.buffered:
             # Octets after "+OK" came before the handshake: plaintext injected into what
             # would be read as protected (RFC 2595 §4, CVE-2011-0411 class).
@@ -373,7 +403,7 @@ class UpstreamConnection:
             "upstream_protocol_error",
             extra={"fields": {"upstream": self._upstream.name, "reason": reason}},
         )
-        return lost(UpstreamFailure.PROTOCOL)
+        return lost(UpstreamFailure.PROTOCOL, f"protocol error: {reason}")
 
     # -- using the logged-in connection -------------------------------------------------
 

@@ -166,19 +166,52 @@ async def open_connection(
                 )
         except trio.TooSlowError:
             await connection.aclose()
-            raise unavailable(UpstreamFailure.TIMEOUT) from None
+            raise unavailable(
+                UpstreamFailure.TIMEOUT,
+                f"the login did not finish within {upstream.login_timeout_seconds:g} s",
+            ) from None
         except BaseException:
             await connection.aclose()
             raise
     except UpstreamError as exc:
         counted.login_failed(exc.failure)
+        if exc.failure in _NOT_LOGGED_YET:
+            log.warning(
+                "upstream_login_failed",
+                extra={
+                    "fields": {
+                        "upstream": upstream.name,
+                        "kind": exc.failure.value,
+                        "reason": exc.detail,
+                    }
+                },
+            )
         raise
     return connection, listing
 
 
+# Failures that no line of their own has logged by the time open_connection sees them
+# (connect, TLS, STLS, protocol errors, a loop and a missing UIDL each have one).
+_NOT_LOGGED_YET = frozenset(
+    {
+        UpstreamFailure.TIMEOUT,
+        UpstreamFailure.REJECTED,
+        UpstreamFailure.AUTH_REJECTED,
+        UpstreamFailure.IN_USE,
+        UpstreamFailure.LOGIN_DELAY,
+    }
+)
+
+
 def _login_failure(reply: Err) -> UpstreamError:
     refusal = login_refusal(reply)
-    return UpstreamError(refusal.failure, refusal.code, refusal.text)
+    code = f"[{reply.code.value}] " if reply.code is not None else ""
+    return UpstreamError(
+        refusal.failure,
+        refusal.code,
+        refusal.text,
+        f"the upstream answered -ERR {code}to the login",
+    )
 
 
 async def _open(
@@ -198,7 +231,7 @@ async def _open(
         # No credential was sent: only [IN-USE] and [LOGIN-DELAY] say more than "unavailable".
         if greeting.code in (ResponseCode.IN_USE, ResponseCode.LOGIN_DELAY):
             raise _login_failure(greeting)
-        raise unavailable(UpstreamFailure.REJECTED)
+        raise unavailable(UpstreamFailure.REJECTED, "the upstream's greeting was -ERR")
     if own_greeting_token and own_greeting_token in greeting.text:
         log.error("upstream_is_popproxy_itself", extra={"fields": {"upstream": upstream.name}})
         raise UpstreamError(
@@ -295,7 +328,12 @@ async def _login_and_list(
         if not isinstance(reply, Ok | Err):
             raise connection.protocol_error("expected a status line")
         if isinstance(reply, Err):
-            raise unavailable(UpstreamFailure.REJECTED) if stale else _login_failure(reply)
+            if stale:
+                raise unavailable(
+                    UpstreamFailure.REJECTED,
+                    "the upstream refused a login its last CAPA reply had offered",
+                )
+            raise _login_failure(reply)
     login_seconds = trio.current_time() - started
     if not pipelining:
         await connection.send(Uidl())

@@ -272,7 +272,11 @@ def test_invariant_2_a_session_without_quit_records_nothing_deleted(
 ) -> None:
     server, end = end_session_without_quit(start, small_maildir, ending, tls_files)
     assert end.get("result") == ENDINGS[ending], end
-    assert end.get("deleted") == "0", end
+    assert (end.get("deleted_local"), end.get("deleted_upstream"), end.get("hidden")) == (
+        "0",
+        "0",
+        "0",
+    ), end
     assert end.get("user") == USER, end
     if ending == "sigterm":
         assert server.records("stopped"), server.log_text()
@@ -339,7 +343,11 @@ def test_invariant_1_dele_then_quit_deletes_exactly_the_marked_messages(
     # Deleted before +OK to QUIT (RFC 1939 §6): no waiting.
     assert snapshot(small_maildir) == {k: v for k, v in before.items() if k not in gone}
     (end,) = session_ends(server, 1)
-    assert (end.get("result"), end.get("deleted")) == ("quit", str(len(marked))), end
+    assert (end.get("result"), end.get("marked"), end.get("deleted_local")) == (
+        "quit",
+        str(len(marked)),
+        str(len(marked)),
+    ), end
 
 
 def test_invariant_1_a_second_session_cannot_delete_behind_the_first(
@@ -677,7 +685,7 @@ def test_invariant_5_pipelined_bad_commands_spend_the_budget_then_the_session_cl
         assert replies[-1] == b"-ERR Too many bad commands, closing"
         assert pop.at_eof()
     (end,) = session_ends(flood_server, 2)[1:]
-    assert (end.get("result"), end.get("deleted")) == ("protocol_error", "0"), end
+    assert (end.get("result"), end.get("deleted_local")) == ("protocol_error", "0"), end
     assert snapshot(small_maildir) == before
     fresh_session_retrieves(flood_server, corpus)
 

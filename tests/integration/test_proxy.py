@@ -176,11 +176,11 @@ def test_dele_then_quit_deletes_exactly_those_messages_in_dovecot(
         set(uids.values()) - {uids[2], uids[4]}
     )
     ends = server.wait_for_log(
-        lambda records: any(r.get("deleted") == "2" for r in records),
+        lambda records: any(r.get("deleted_upstream") == "2" for r in records),
         timeout=SOCKET_TIMEOUT_SECONDS,
         what="the deleting session's end",
     )
-    summary = next(r for r in ends if r.get("deleted") == "2")
+    summary = next(r for r in ends if r.get("deleted_upstream") == "2")
     assert (summary["msg"], summary["result"]) == ("session_end", "quit")
     assert (summary["user"], summary["upstream"]) == (local_name(dovecot_user), UPSTREAM)
 

@@ -456,7 +456,7 @@ def test_an_upstream_quit_answering_err_records_nothing_as_deleted(
     assert stored(state) == []  # no listing, retrieval or deletion recorded
     assert not target.server.records("policy_deleted")
     (end,) = [r for r in target.server.records("session_end") if r.get("user") == VICTIM]
-    assert end.get("deleted") == "0", end
+    assert (end.get("deleted_upstream"), end.get("hidden")) == ("0", "0"), end
     target.still_serves()
 
 
