@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(Path(args.config), args.log_format, args.log_level, args.metrics_port)
         case "check-config":
             against = Path(args.against) if args.against is not None else None
-            return _cmd_check_config(Path(args.config), against)
+            return _cmd_check_config(Path(args.config), against, running=args.against_running)
         case "explain":
             return _cmd_explain(Path(args.config), args.user)
         case "fetch":
@@ -138,12 +138,22 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate a config file and print what it sets up"
     )
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
-    check.add_argument(
+    against = check.add_mutually_exclusive_group()
+    against.add_argument(
         "--against",
-        metavar="RUNNING_FILE",
+        metavar="OLD_FILE",
         help=(
-            "also compare with the config popproxy runs with (a copy of it): say what a"
-            " reload (SIGHUP) would apply and which changes need a restart"
+            "also compare with another config file: say what a reload (SIGHUP) from it"
+            " would apply and which changes need a restart (its rules are read from its"
+            " own rules_dir)"
+        ),
+    )
+    against.add_argument(
+        "--against-running",
+        action="store_true",
+        help=(
+            "compare with the files popproxy run last loaded (the copy it keeps in"
+            " snapshot_dir): what a reload now would change, rules included"
         ),
     )
 
@@ -331,16 +341,45 @@ def _load(path: Path, *, on_this_host: bool = False) -> Config | None:
     return None
 
 
-def _cmd_check_config(path: Path, against: Path | None = None) -> int:
+def _cmd_check_config(path: Path, against: Path | None = None, *, running: bool = False) -> int:
     config = _load(path, on_this_host=True)
     if config is None:
         return EXIT_USAGE
     print(check_config.summarize(config))
     if against is not None:
-        running = _load(against)
-        if running is None:
+        old = _load(against)
+        if old is None:
             return EXIT_USAGE
-        print(check_config.describe_changes(config_changes(running, config), against))
+        print(check_config.describe_changes(config_changes(old, config), str(against)))
+    if running:
+        return _against_running(config)
+    return EXIT_OK
+
+
+def _against_running(config: Config) -> int:
+    """check-config --against-running: compare with what ``run`` last loaded."""
+    from popproxy.config.snapshot import SnapshotError, load_snapshot, snapshot_dir_of
+
+    directory = snapshot_dir_of(config)
+    if directory is None:
+        print(
+            "popproxy check-config: no snapshot to compare with: set snapshot_dir (a"
+            " PostgreSQL state has no directory of its own for it)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    try:
+        snapshot = load_snapshot(directory)
+    except SnapshotError as exc:
+        print(f"popproxy check-config: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        print(f"{directory}: the running config's copy no longer loads", file=sys.stderr)
+        return EXIT_FAILURE
+    label = f"the running config (loaded {snapshot.loaded_at}, copy in {directory})"
+    print(check_config.describe_changes(config_changes(snapshot.config, config), label))
     return EXIT_OK
 
 

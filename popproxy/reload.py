@@ -39,10 +39,11 @@ RELOADABLE_KEYS = frozenset(
         "limits",
         "trusted_proxies",
         "gateway",
+        "snapshot_dir",
     }
 )
-# Not a setting: where the config was read from.
-IGNORED_KEYS = frozenset({"source"})
+# Not settings: where the config was read from, and the files as read.
+IGNORED_KEYS = frozenset({"source", "sources"})
 
 # A blocking function that reads and validates the config (raises ConfigError); the
 # server runs it in a worker thread on each reload.

@@ -49,12 +49,15 @@ import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 
 import trio
 from prometheus_client import CollectorRegistry
 
 from popproxy.binding import bind_listener
 from popproxy.config import Config, ListenerConfig, MetricsConfig, TlsMode
+from popproxy.config.snapshot import snapshot_dir_of, write_snapshot
 from popproxy.gateway.fetcher import Fetcher
 from popproxy.gateway.schedule import Scheduler
 from popproxy.maildrop.retention import Clock, utc_now
@@ -425,7 +428,30 @@ class Server:
             log.info("reloaded", extra={"fields": reload_summary(changes, old, runtime)})
             self._notifier.ready("serving; config reloaded")
         self._record(outcome)
+        if outcome.ok:
+            await self.keep_snapshot()
         return outcome
+
+    async def keep_snapshot(self) -> None:
+        """Keep a copy of the files the running config was loaded from, for
+        ``check-config --against-running`` (popproxy/config/snapshot.py). A copy that
+        cannot be written is logged; serving goes on."""
+        config = self.config
+        directory = snapshot_dir_of(config)
+        if directory is None:
+            return
+        try:
+            written = await trio.to_thread.run_sync(
+                write_snapshot, config, directory, Path.cwd(), datetime.now(UTC)
+            )
+        except OSError as exc:
+            log.warning(
+                "snapshot_not_written",
+                extra={"fields": {"directory": directory, "reason": exc.strerror or str(exc)}},
+            )
+            return
+        if written:
+            log.info("snapshot_written", extra={"fields": {"directory": directory}})
 
     def _reload_failed(self, reason: str) -> ReloadOutcome:
         log.error("reload_failed", extra={"fields": {"reason": reason}})
@@ -618,6 +644,7 @@ async def _run(
                     extra={"fields": {"listener": listener.name, "address": address, "port": port}},
                 )
             server.started(ports)
+            await server.keep_snapshot()
             acceptors.start_soon(background.apply_reloads, server)
             acceptors.start_soon(background.forward_poll_requests)
             await acceptors.start(background.gateway.run)

@@ -801,7 +801,7 @@ def test_check_config_against_only_reloadable_changes_needs_no_restart() -> None
         reloadable=("users.carol", "tls.cert_file"),
         users=NamedChanges(removed=("carol",)),
     )
-    assert check_config.describe_changes(changes, Path("old.yaml")).splitlines() == [
+    assert check_config.describe_changes(changes, "old.yaml").splitlines() == [
         "against old.yaml:",
         "  applied by a reload (SIGHUP):",
         "    users.carol (removed)",

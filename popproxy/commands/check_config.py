@@ -4,15 +4,13 @@ docs/rules.md "Checking rules", docs/operations.md "Reloading")."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from popproxy.config import Config, FetchSource
 from popproxy.maildrop.route import MaildirRoute, UpstreamRoute, route_of
 from popproxy.policy import EXPIRE_NEVER, AccountPolicy, Action, Setting
 from popproxy.reload import ConfigChanges, NamedChanges
 
 
-def describe_changes(changes: ConfigChanges, against: Path) -> str:
+def describe_changes(changes: ConfigChanges, against: str) -> str:
     """What check-config --against prints: the changes a reload applies, those needing a restart."""
     if not changes:
         return f"against {against}: no changes"

@@ -16,6 +16,8 @@ The package, by job:
   generic ones are shared with the rule files, in ``popproxy/policy/fields.py``.
 - ``schema.py`` (with ``users.py`` and ``limits.py``): each section checked and built.
 - ``rules.py``: the files of ``rules_dir``; ``popproxy/policy/schema.py`` builds their rules.
+- ``snapshot.py``: the copy of the loaded files ``run`` keeps (``check-config
+  --against-running``); ``host_checks.py``: what ``run`` needs of this host.
 """
 
 from __future__ import annotations

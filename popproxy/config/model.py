@@ -268,6 +268,15 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SourceFile:
+    """A file a config was loaded from, as it was read: the config file, each rule file
+    (``popproxy run`` keeps a copy of them, popproxy/config/snapshot.py)."""
+
+    path: Path
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration. Mappings are read-only."""
 
@@ -286,6 +295,13 @@ class Config:
     # The networks allowed to send a PROXY protocol header (proxy_protocol listeners).
     trusted_proxies: tuple[IPNetwork, ...] = ()
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    # Where ``popproxy run`` keeps a copy of the files it loaded, for ``check-config
+    # --against-running`` (None: beside a sqlite state file, else none).
+    snapshot_dir: Path | None = None
+    # The files read to build this config, as read (not a setting).
+    sources: tuple[SourceFile, ...] = field(
+        default=(), compare=False, repr=False, metadata=read_from()
+    )
 
     @property
     def gateway_users(self) -> tuple[UserConfig, ...]:

@@ -21,6 +21,7 @@ import yaml
 import yaml.constructor
 import yaml.nodes
 
+from popproxy.config.model import SourceFile
 from popproxy.policy.fields import Issues, join
 
 # A config file is a few kilobytes; this bound keeps a wrong path (a log, a disk
@@ -78,9 +79,17 @@ def read_bounded(path: Path, limit: int) -> bytes | OSError | None:
 
 
 def read_yaml(
-    path: Path, issues: Issues, what: str = "config file", limit: int = MAX_CONFIG_BYTES
+    path: Path,
+    issues: Issues,
+    what: str = "config file",
+    limit: int = MAX_CONFIG_BYTES,
+    *,
+    sources: list[SourceFile] | None = None,
 ) -> object | None:
-    """The parsed content of the YAML file at ``path``, or None (its problems in ``issues``)."""
+    """The parsed content of the YAML file at ``path``, or None (its problems in ``issues``).
+
+    The octets read are added to ``sources`` (what ``popproxy run`` keeps a copy of).
+    """
     raw = read_bounded(path, limit)
     if isinstance(raw, OSError):
         issues.add("(file)", f"cannot read the {what}: {raw.strerror or raw}")
@@ -88,6 +97,8 @@ def read_yaml(
     if raw is None:
         issues.add("(file)", f"expected a {what} of at most {limit} bytes")
         return None
+    if sources is not None:
+        sources.append(SourceFile(path, raw))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

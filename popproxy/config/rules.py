@@ -11,6 +11,7 @@ import itertools
 import re
 from pathlib import Path
 
+from popproxy.config.model import SourceFile
 from popproxy.config.reader import read_yaml
 from popproxy.policy import Rule
 from popproxy.policy.fields import Issues, Section
@@ -29,7 +30,9 @@ MAX_RULE_FILE_BYTES = 256 * 1024
 MAX_RULES_DIR_ENTRIES = 10 * MAX_RULE_FILES
 
 
-def load_rules(rules_dir: Path, top: Section, issues: Issues) -> tuple[Rule, ...]:
+def load_rules(
+    rules_dir: Path, top: Section, issues: Issues, sources: list[SourceFile] | None = None
+) -> tuple[Rule, ...]:
     """Every rule of every ``NN-name.yaml`` in ``rules_dir``, in file-name then list order.
 
     Problems are added to ``issues``, each naming the rule file, the rule (index and
@@ -64,7 +67,13 @@ def load_rules(rules_dir: Path, top: Section, issues: Issues) -> tuple[Rule, ...
     out: list[Rule] = []
     for name in files:
         file_issues = Issues(str(shown_dir / name), issues.items)
-        data = read_yaml(rules_dir / name, file_issues, what="rule file", limit=MAX_RULE_FILE_BYTES)
+        data = read_yaml(
+            rules_dir / name,
+            file_issues,
+            what="rule file",
+            limit=MAX_RULE_FILE_BYTES,
+            sources=sources,
+        )
         if data is not None:
             out.extend(schema.rules_of(data, file_issues, name))
     if len(out) > MAX_RULES:

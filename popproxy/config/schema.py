@@ -24,6 +24,7 @@ from popproxy.config.model import (
     IPNetwork,
     ListenerConfig,
     MetricsConfig,
+    SourceFile,
     StateConfig,
     TlsConfig,
     TlsMode,
@@ -66,23 +67,32 @@ _STATE_KEYS = keys_of(StateConfig)
 _METRICS_KEYS = keys_of(MetricsConfig)
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, *, rules_from: Path | None = None) -> Config:
     """Read, parse and validate the YAML config at ``path``.
 
     Raises :class:`ConfigError` with every problem found. Reads secret files and
-    environment variables named by ``upstream_password_file``/``_env``.
+    environment variables named by ``upstream_password_file``/``_env``. ``rules_from``
+    reads the rule files from another directory than the config's ``rules_dir`` (a
+    snapshot's copy of them), which stays the config's value.
     """
     issues = Issues(str(path))
-    data = read_yaml(path, issues)
+    sources: list[SourceFile] = []
+    data = read_yaml(path, issues, sources=sources)
     config = None
     if data is not None:
-        config = _build(path, data, issues)
+        config = _build(path, data, issues, sources, rules_from)
     if issues.items or config is None:
         raise ConfigError(tuple(issues.items))
     return config
 
 
-def _build(source: Path, data: object, issues: Issues) -> Config | None:
+def _build(
+    source: Path,
+    data: object,
+    issues: Issues,
+    sources: list[SourceFile],
+    rules_from: Path | None,
+) -> Config | None:
     top = ConfigSection.of(issues, "", data, _TOP_KEYS)
     if top is None:
         return None
@@ -96,9 +106,12 @@ def _build(source: Path, data: object, issues: Issues) -> Config | None:
     rules_dir = top.path_value("rules_dir", kind="dir")
     metrics = _metrics(top)
     limits = build_limits(top)
-    rules = load_rules(rules_dir, top, issues) if rules_dir is not None else ()
+    rules = (
+        load_rules(rules_from or rules_dir, top, issues, sources) if rules_dir is not None else ()
+    )
     trusted_proxies = _trusted_proxies(top, listen)
     gateway = build_gateway(top)
+    snapshot_dir = top.path_value("snapshot_dir", kind=None)
     if issues.items:
         return None
     accounts = {user.name: user.upstream for user in users.values()}
@@ -116,6 +129,8 @@ def _build(source: Path, data: object, issues: Issues) -> Config | None:
         policy=Policy(rules, accounts),
         trusted_proxies=trusted_proxies,
         gateway=gateway,
+        snapshot_dir=snapshot_dir,
+        sources=tuple(sources),
     )
 
 
