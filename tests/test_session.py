@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import logging
 import math
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -523,3 +524,60 @@ async def test_login_timeout_during_a_tls_handshake_sends_nothing_in_clear(
             received += chunk
     assert received == b""  # no "-ERR" written into what should be a TLS handshake
     assert session.summary.result is SessionResult.TIMEOUT
+
+
+class UnusableHashAuthenticator(Authenticator):
+    """A stored hash that cannot be checked (an optional library gone after load)."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+
+    async def check(self, username: str, password: Secret) -> Verification:
+        await trio.lowlevel.checkpoint()
+        return Verification(None, hash_unusable=True)
+
+
+@dataclass(frozen=True)
+class FailedLogin:
+    authenticator: Callable[[], Authenticator] | None
+    commands: tuple[str, ...]
+    reason: str
+    mechanism: str
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        FailedLogin(None, ("USER demo", "PASS wrong"), "bad_credentials", "user"),
+        FailedLogin(None, ("USER nobody", "PASS secret"), "bad_credentials", "user"),
+        FailedLogin(
+            None,
+            ("AUTH PLAIN " + base64.b64encode(b"no separators").decode(),),
+            "malformed",
+            "plain",
+        ),
+        FailedLogin(
+            UnusableHashAuthenticator, ("USER demo", "PASS secret"), "hash_unusable", "user"
+        ),
+    ],
+)
+async def test_each_failed_login_logs_one_login_failed_line_without_the_name(
+    start: Starter, maildir: Path, caplog: pytest.LogCaptureFixture, case: FailedLogin
+) -> None:
+    """Issue 16, item 3: the line fail2ban reads (docs/operations.md); the tests of
+    tests/integration/test_fail2ban.py cover lockouts and a busy hash queue."""
+    caplog.set_level(logging.INFO, "popproxy")
+    context = make_context(maildir)
+    if case.authenticator is not None:
+        context = dataclasses.replace(context, authenticator=case.authenticator())
+    running = await start(context)
+    for command in case.commands:
+        reply = await running.client.cmd(command)
+    assert reply.startswith(b"-ERR [AUTH]")
+    [line] = [r for r in caplog.records if r.getMessage() == "login_failed"]
+    assert line.fields == {  # type: ignore[attr-defined]
+        "session": running.summary().session_id,
+        "peer": "192.0.2.1:1",
+        "mechanism": case.mechanism,
+        "reason": case.reason,
+    }
