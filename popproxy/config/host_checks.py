@@ -15,10 +15,12 @@ def host_problems(config: Config) -> tuple[ConfigIssue, ...]:
     """The problems ``run`` would meet at start on this host, each as a config issue.
 
     Today: the directory of a sqlite state file, which sqlite does not create (the
-    store is opened only when some user is served from an upstream).
+    store is opened only when some user is served from an upstream or has ``fetch``
+    sources).
     """
     path = config.state.sqlite_path
-    uses_state = any(user.upstream is not None for user in config.users.values())
+    # Sessions of users served from an upstream, and gateway polls, use the store.
+    uses_state = any(user.upstream is not None or user.fetch for user in config.users.values())
     if not uses_state or path is None or path.parent.is_dir():
         return ()
     return (
