@@ -22,7 +22,14 @@ from popproxy.maildrop.route import MaildirRoute, NoRoute, UpstreamRoute, route_
 from popproxy.maildrop.router import CapabilityMemos, MaildropRouter, RouterResources
 from popproxy.policy import Decision, Reason, RetentionPlan
 from popproxy.state import open_store
-from popproxy.state.base import AccountKey, MessageFacts, StateStore, StoredMessage
+from popproxy.state.base import (
+    AccountKey,
+    AuditEntry,
+    AuditQuery,
+    MessageFacts,
+    StateStore,
+    StoredMessage,
+)
 from popproxy.tls import upstream_tls_contexts
 
 
@@ -71,6 +78,12 @@ class _NoState:
         self, user: str, source: str, at: datetime, *, keep: int, forget_before: datetime
     ) -> None:
         raise AssertionError("explain never records")
+
+    async def audit(self, query: AuditQuery) -> Sequence[AuditEntry]:
+        return ()
+
+    async def trim_audit(self, before: datetime, *, dry_run: bool = False) -> int:
+        return 0
 
     async def aclose(self) -> None:
         return None

@@ -30,6 +30,8 @@ from popproxy.peer import PeerAddress
 from popproxy.secret import Secret
 from popproxy.state.base import (
     AccountKey,
+    AuditEntry,
+    AuditQuery,
     MessageFacts,
     SessionRecord,
     StateError,
@@ -89,6 +91,12 @@ class Counted:
     ) -> None:
         self.writes += 1
         await self.inner.remember_source(user, source, at, keep=keep, forget_before=forget_before)
+
+    async def audit(self, query: AuditQuery) -> Sequence[AuditEntry]:
+        return await self.inner.audit(query)
+
+    async def trim_audit(self, before: datetime, *, dry_run: bool = False) -> int:
+        return await self.inner.trim_audit(before, dry_run=dry_run)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

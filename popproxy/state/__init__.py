@@ -16,6 +16,8 @@ from popproxy.config import StateConfig
 from popproxy.metrics import Metrics, StateOperation
 from popproxy.state.base import (
     AccountKey,
+    AuditEntry,
+    AuditQuery,
     Disposal,
     FetchFacts,
     MessageFacts,
@@ -40,19 +42,24 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _T = TypeVar("_T")
 
 
-async def open_store(config: StateConfig, *, metrics: Metrics | None = None) -> StoreBackend:
+async def open_store(
+    config: StateConfig, *, metrics: Metrics | None = None, read_only: bool = False
+) -> StoreBackend:
     """Open the store ``config.url`` names: ``sqlite:///PATH``, ``sqlite:///:memory:`` or
     ``postgresql://USER@HOST:PORT/DB`` (password from ``config.password``).
 
-    Creates and migrates the database as needed. The caller closes it with
-    ``aclose``. Raises ``StateError`` when it cannot be opened or used.
+    Creates and migrates the database as needed; with ``read_only`` it creates,
+    migrates and writes nothing, and only the reads work (``popproxy audit``). The
+    caller closes it with ``aclose``. Raises ``StateError`` when it cannot be opened
+    or used.
     """
     store: StoreBackend
     if config.url.startswith("sqlite:///"):
         store = await open_sqlite(
             config.sqlite_path,
             busy_timeout_seconds=config.busy_timeout_seconds,
-            integrity_check=config.integrity_check,
+            integrity_check=config.integrity_check and not read_only,
+            read_only=read_only,
         )
     elif config.url.startswith(POSTGRES_SCHEMES):
         try:
@@ -64,6 +71,7 @@ async def open_store(config: StateConfig, *, metrics: Metrics | None = None) -> 
         store = await open_postgres(
             PostgresTarget(config.url, config.password),
             lock_timeout_seconds=config.busy_timeout_seconds,
+            read_only=read_only,
         )
     else:
         scheme = config.url.partition(":")[0]
@@ -74,9 +82,10 @@ async def open_store(config: StateConfig, *, metrics: Metrics | None = None) -> 
 
 
 class MeasuredStore:
-    """A ``StateStore`` that reports each call to ``Metrics``: facts, messages and
-    known_source as LOAD, record and remember_source as COMMIT, prune as PRUNE (time
-    includes waiting for a thread)."""
+    """A ``StateStore`` that reports each call to ``Metrics``: facts, messages,
+    known_source and the audit log's reads as LOAD, record and remember_source as
+    COMMIT, prune and the audit log's trim as PRUNE (time includes waiting for a
+    thread)."""
 
     def __init__(self, inner: StoreBackend, metrics: Metrics) -> None:
         """Wrap ``inner``; it is closed with this store."""
@@ -166,6 +175,16 @@ class MeasuredStore:
         await self._measure(
             StateOperation.COMMIT,
             self._inner.remember_source(user, source, at, keep=keep, forget_before=forget_before),
+        )
+
+    async def audit(self, query: AuditQuery) -> Sequence[AuditEntry]:
+        """See ``StateStore.audit``."""
+        return await self._measure(StateOperation.LOAD, self._inner.audit(query))
+
+    async def trim_audit(self, before: datetime, *, dry_run: bool = False) -> int:
+        """See ``StateStore.trim_audit``."""
+        return await self._measure(
+            StateOperation.PRUNE, self._inner.trim_audit(before, dry_run=dry_run)
         )
 
     async def aclose(self) -> None:

@@ -196,6 +196,49 @@ class SourceStatus:
     deleted_upstream: int
 
 
+class AuditAction(enum.Enum):
+    """What a row of the audit log (table ``disposals``) says was done to a message."""
+
+    HIDE = "hide"  # hidden for good for the row's local user
+    DELETE_UPSTREAM = "delete_upstream"  # deleted on the upstream account
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One row of the audit log: a hide or an upstream deletion and the rule that said so.
+
+    ``session_id`` is the ``session=`` of the log lines of the session (or gateway
+    poll) that did it; ``size`` is the size of the content it applied to (a reused
+    UIDL keeps the old content's rows).
+    """
+
+    at: datetime
+    session_id: str
+    user: str
+    account: AccountKey
+    uid: str
+    size: int
+    rule: str
+    action: AuditAction
+
+
+# Rows one ``audit`` call returns at most (``popproxy audit --limit`` is bounded by it).
+MAX_AUDIT_ROWS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """Which audit rows ``StateStore.audit`` returns: each field given narrows it
+    (exact matches; ``since`` is inclusive), newest first, at most ``limit``."""
+
+    user: str | None = None
+    upstream: str | None = None
+    rule: str | None = None
+    uid: str | None = None
+    since: datetime | None = None
+    limit: int = 100
+
+
 class StateError(Exception):
     """The store could not be read or written; the text is safe for logs, no secrets."""
 
@@ -241,6 +284,16 @@ class StateStore(Protocol):
         """Record, in one transaction, that ``user`` logged in from ``source`` at ``at``
         (a later time already stored stays), then forget the user's sources last used
         before ``forget_before`` and all but the ``keep`` most recent. Raises ``StateError``."""
+        ...
+
+    async def audit(self, query: AuditQuery) -> Sequence[AuditEntry]:
+        """The audit log's rows that ``query`` selects, newest first (by time, then by
+        the order they were written), at most ``query.limit``. Reads only."""
+        ...
+
+    async def trim_audit(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Delete the audit rows older than ``before`` (``state.audit_retention_days``);
+        returns how many (with ``dry_run``, only counts them)."""
         ...
 
     async def aclose(self) -> None:

@@ -14,7 +14,15 @@ from datetime import datetime
 
 from popproxy.metrics import MAX_NAME_CHARS
 from popproxy.pop3.limits import MAX_UIDL_OCTETS
-from popproxy.state.base import AccountKey, Disposal, SeenMessage, SessionRecord, SourceKey
+from popproxy.state.base import (
+    MAX_AUDIT_ROWS,
+    AccountKey,
+    AuditQuery,
+    Disposal,
+    SeenMessage,
+    SessionRecord,
+    SourceKey,
+)
 
 # The most UIDLs one ``record`` or ``facts`` call may carry: one session's listing,
 # bounded by popproxy.pop3.client_replies.MAX_UPSTREAM_MESSAGES (tests/state keeps
@@ -101,6 +109,22 @@ def check_record(record: SessionRecord) -> None:
         raise ValueError("a retrieved, hidden or deleted UIDL must be in the record's listing")
     for disposal in disposed:
         check_text("a rule name", disposal.rule, MAX_RULE_CHARS, octets=False)
+
+
+def check_audit_query(query: AuditQuery) -> None:
+    """Refuse an audit query no config could name, or beyond ``MAX_AUDIT_ROWS`` rows."""
+    if not 1 <= query.limit <= MAX_AUDIT_ROWS:
+        raise ValueError(f"an audit query returns 1-{MAX_AUDIT_ROWS} rows")
+    if query.user is not None:
+        check_text("user", query.user, MAX_USER_OCTETS)
+    if query.upstream is not None:
+        check_text("upstream", query.upstream, MAX_UPSTREAM_CHARS, octets=False)
+    if query.rule is not None:
+        check_text("a rule name", query.rule, MAX_RULE_CHARS, octets=False)
+    if query.uid is not None:
+        check_text("a UIDL", query.uid, MAX_UIDL_OCTETS)
+    if query.since is not None:
+        check_aware(query.since)
 
 
 def check_aware(when: datetime) -> None:

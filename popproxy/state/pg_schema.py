@@ -205,8 +205,35 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         oldest_reader=1,
     ),
+    # The audit log by time: `popproxy audit` reads it newest first, and the trim to
+    # state.audit_retention_days deletes its oldest rows. Additive: version 1 reads on.
+    Migration(5, ("CREATE INDEX disposals_at ON disposals (at)",), oldest_reader=1),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def check_readable(conn: psycopg.Connection[Any], migrations: Sequence[Migration]) -> None:
+    """For a read-only open: the schema holds a popproxy store this code can read (its
+    latest version's ``oldest_reader`` is at most this code's latest). Migrates nothing."""
+    latest = migrations[-1].version
+    with conn.transaction():
+        present = _scalar(
+            conn,
+            "SELECT count(*) FROM pg_tables"
+            f" WHERE schemaname = current_schema() AND tablename = '{SCHEMA_TABLE}'",
+        )
+        if not present:
+            raise StateError("the database holds no popproxy state store (nothing to read)")
+        row = conn.execute(
+            f"SELECT version, oldest_reader FROM {SCHEMA_TABLE} ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+    if row is None:
+        raise StateError("the database holds no popproxy state store (nothing to read)")
+    if int(row[0]) > latest and int(row[1]) > latest:
+        raise StateError(
+            f"the state store has schema version {row[0]}, written by a newer popproxy that"
+            f" needs version {row[1]} or newer to read it; this one knows up to {latest}"
+        )
 
 
 def migrate(conn: psycopg.Connection[Any], migrations: Sequence[Migration]) -> None:

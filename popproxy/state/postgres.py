@@ -48,6 +48,9 @@ from popproxy.config.schema import postgres_url_problem
 from popproxy.secret import Secret
 from popproxy.state.base import (
     AccountKey,
+    AuditAction,
+    AuditEntry,
+    AuditQuery,
     Disposal,
     FetchFacts,
     FetchState,
@@ -66,6 +69,7 @@ from popproxy.state.checks import (
     MAX_USER_OCTETS,
     PRUNE_BATCH,
     check_account,
+    check_audit_query,
     check_aware,
     check_listing,
     check_login_source,
@@ -75,7 +79,7 @@ from popproxy.state.checks import (
     check_uids,
     split_listing,
 )
-from popproxy.state.pg_schema import MIGRATIONS, Migration, migrate
+from popproxy.state.pg_schema import MIGRATIONS, Migration, check_readable, migrate
 from popproxy.state.workers import Workers
 
 # Worker threads, and so pooled connections, per process: enough for logins' reads
@@ -158,8 +162,10 @@ class PostgresStore:
         *,
         lock_timeout_seconds: float,
         migrations: Sequence[Migration] = MIGRATIONS,
+        read_only: bool = False,
     ) -> None:
         """Use ``open_postgres``; this only builds the (not yet open) pool."""
+        self._read_only = read_only
         self._target = target
         self._lock_timeout = lock_timeout_seconds
         self._migrations = tuple(migrations)
@@ -294,6 +300,24 @@ class PostgresStore:
             lambda conn: _remember_source(conn, user, source, at, keep=keep, cutoff=forget_before)
         )
 
+    async def audit(self, query: AuditQuery) -> Sequence[AuditEntry]:
+        """The audit rows ``query`` selects, newest first (``StateStore.audit``)."""
+        check_audit_query(query)
+        return await self._run(lambda conn: _audit(conn, query))
+
+    async def trim_audit(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Delete audit rows older than ``before``, ``PRUNE_BATCH`` rows a transaction
+        (with ``dry_run``, count them)."""
+        check_aware(before)
+        if dry_run:
+            return await self._run(lambda conn: _count_audit(conn, before))
+        total = 0
+        while True:  # ends: each pass deletes at least one row or stops
+            deleted = await self._run(lambda conn: _trim_audit_batch(conn, before))
+            total += deleted
+            if deleted < PRUNE_BATCH:
+                return total
+
     async def aclose(self) -> None:
         """Wait for running calls, then close the pool and its connections."""
         await self._workers.close(self._pool.close)
@@ -310,7 +334,10 @@ class PostgresStore:
         try:
             with psycopg.connect(self._target.url, **self._target.connection_kwargs()) as conn:
                 self._configure(conn)
-                migrate(conn, self._migrations)
+                if self._read_only:
+                    check_readable(conn, self._migrations)
+                else:
+                    migrate(conn, self._migrations)
         except psycopg.Error as exc:
             raise StateError(
                 f"cannot open the state store {self._target.describe()}: {first_line(exc)}"
@@ -320,8 +347,13 @@ class PostgresStore:
         """Each new connection's session settings (run by the pool, in its thread)."""
         conn.execute(
             "SELECT set_config('statement_timeout', %s, false),"
-            " set_config('lock_timeout', %s, false), set_config('TimeZone', 'UTC', false)",
-            (f"{PG_STATEMENT_TIMEOUT_SECONDS}s", f"{int(self._lock_timeout * 1000)}ms"),
+            " set_config('lock_timeout', %s, false), set_config('TimeZone', 'UTC', false),"
+            " set_config('default_transaction_read_only', %s, false)",
+            (
+                f"{PG_STATEMENT_TIMEOUT_SECONDS}s",
+                f"{int(self._lock_timeout * 1000)}ms",
+                "on" if self._read_only else "off",
+            ),
         )
         conn.commit()
 
@@ -344,13 +376,21 @@ async def open_postgres(
     *,
     lock_timeout_seconds: float,
     migrations: Sequence[Migration] = MIGRATIONS,
+    read_only: bool = False,
 ) -> PostgresStore:
     """Connect to ``target`` and bring its schema up to date (see the module docstring).
 
     The tables live in the first schema of the connection's ``search_path`` (set one
-    with ``?options=-csearch_path%3Dname`` in the URL). Raises ``StateError``.
+    with ``?options=-csearch_path%3Dname`` in the URL). With ``read_only`` nothing is
+    created or migrated and every transaction is read-only
+    (``default_transaction_read_only``): ``popproxy audit``. Raises ``StateError``.
     """
-    store = PostgresStore(target, lock_timeout_seconds=lock_timeout_seconds, migrations=migrations)
+    store = PostgresStore(
+        target,
+        lock_timeout_seconds=lock_timeout_seconds,
+        migrations=migrations,
+        read_only=read_only,
+    )
     try:
         await store._open()
     except BaseException:
@@ -446,28 +486,76 @@ def _record(conn: psycopg.Connection[Any], record: SessionRecord) -> None:
             " WHERE m.account_id = %(account)s AND m.uid = t.uid",
             {**who, "uids": list(deleted), "rules": list(deleted.values())},
         )
-        audit = [
-            (d.uid, sizes[d.uid], action, d.rule)
-            for action, items in (
-                ("hide", record.hidden),
-                ("delete_upstream", record.deleted_upstream),
-            )
-            for d in items
-        ]
-        conn.execute(
-            "INSERT INTO disposals (local_user, at, session_id, account_id, uid, size, action,"
-            " rule) SELECT %(user)s, %(at)s, %(session)s, %(account)s, t.uid, t.size,"
-            " t.action, t.rule FROM unnest(%(uids)s::text[], %(sizes)s::bigint[],"
-            " %(actions)s::text[], %(rules)s::text[]) WITH ORDINALITY"
-            " AS t (uid, size, action, rule, n) ORDER BY t.n",
-            {
-                **who,
-                "uids": [a[0] for a in audit],
-                "sizes": [a[1] for a in audit],
-                "actions": [a[2] for a in audit],
-                "rules": [a[3] for a in audit],
-            },
+        append_audit(
+            conn,
+            [
+                AuditEntry(
+                    at=at,
+                    session_id=record.session_id,
+                    user=record.user,
+                    account=record.account,
+                    uid=d.uid,
+                    size=sizes[d.uid],
+                    rule=d.rule,
+                    action=action,
+                )
+                for action, items in (
+                    (AuditAction.HIDE, record.hidden),
+                    (AuditAction.DELETE_UPSTREAM, record.deleted_upstream),
+                )
+                for d in items
+            ],
+            account_ids={record.account: account_id},
         )
+
+
+def append_audit(
+    conn: psycopg.Connection[Any],
+    entries: Sequence[AuditEntry],
+    *,
+    account_ids: Mapping[AccountKey, int] | None = None,
+) -> None:
+    """Add ``entries`` to the audit log (table ``disposals``) in the caller's open
+    transaction, in their order; creates an account row a row names if missing
+    (``account_ids``: ids the caller already holds).
+
+    Every writer of a hide or an upstream deletion calls this in the transaction that
+    records it: a session's QUIT (``record``), and a gateway poll's deletions.
+    """
+    if not entries:
+        return
+    ids = dict(account_ids or {})
+    for account in {e.account for e in entries} - set(ids):
+        conn.execute(
+            "INSERT INTO accounts (upstream, upstream_user) VALUES (%s, %s)"
+            " ON CONFLICT (upstream, upstream_user) DO NOTHING",
+            (account.upstream, account.upstream_user),
+        )
+        row = conn.execute(
+            "SELECT id FROM accounts WHERE upstream = %s AND upstream_user = %s",
+            (account.upstream, account.upstream_user),
+        ).fetchone()
+        assert row is not None  # inserted above, and accounts rows are never deleted
+        ids[account] = int(row[0])
+    conn.execute(
+        "INSERT INTO disposals (local_user, at, session_id, account_id, uid, size, action,"
+        " rule) SELECT t.local_user, t.at, t.session_id, t.account_id, t.uid, t.size,"
+        " t.action, t.rule FROM unnest(%(users)s::text[], %(ats)s::timestamptz[],"
+        " %(sessions)s::text[], %(accounts)s::bigint[], %(uids)s::text[],"
+        " %(sizes)s::bigint[], %(actions)s::text[], %(rules)s::text[]) WITH ORDINALITY"
+        " AS t (local_user, at, session_id, account_id, uid, size, action, rule, n)"
+        " ORDER BY t.n",
+        {
+            "users": [e.user for e in entries],
+            "ats": [e.at for e in entries],
+            "sessions": [e.session_id for e in entries],
+            "accounts": [ids[e.account] for e in entries],
+            "uids": [e.uid for e in entries],
+            "sizes": [e.size for e in entries],
+            "actions": [e.action.value for e in entries],
+            "rules": [e.rule for e in entries],
+        },
+    )
 
 
 def _apply_listing(
@@ -829,3 +917,58 @@ def _remember_source(
             " ORDER BY last_login DESC, source LIMIT %(keep)s))",
             {"user": user, "cutoff": cutoff, "keep": keep},
         )
+
+
+# -- the audit log -------------------------------------------------------------------------
+
+
+def _audit(conn: psycopg.Connection[Any], query: AuditQuery) -> list[AuditEntry]:
+    conditions: list[str] = []
+    args: list[object] = []
+    for column, value in (
+        ("d.local_user = %s", query.user),
+        ("a.upstream = %s", query.upstream),
+        ("d.rule = %s", query.rule),
+        ("d.uid = %s", query.uid),
+        ("d.at >= %s", query.since),
+    ):
+        if value is not None:
+            conditions.append(column)
+            args.append(value)
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION READ ONLY")
+        rows = conn.execute(
+            "SELECT d.at, d.session_id, d.local_user, a.upstream, a.upstream_user, d.uid,"
+            " d.size, d.rule, d.action FROM disposals AS d"
+            f" JOIN accounts AS a ON a.id = d.account_id{where}"
+            " ORDER BY d.at DESC, d.id DESC LIMIT %s",
+            (*args, query.limit),
+        ).fetchall()
+    return [
+        AuditEntry(
+            at=_utc(at),
+            session_id=session_id,
+            user=user,
+            account=AccountKey(upstream, upstream_user),
+            uid=uid,
+            size=size,
+            rule=rule,
+            action=AuditAction(action),
+        )
+        for at, session_id, user, upstream, upstream_user, uid, size, rule, action in rows
+    ]
+
+
+def _count_audit(conn: psycopg.Connection[Any], cutoff: datetime) -> int:
+    row = conn.execute("SELECT count(*) FROM disposals WHERE at < %s", (cutoff,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _trim_audit_batch(conn: psycopg.Connection[Any], cutoff: datetime) -> int:
+    with conn.transaction():
+        cursor = conn.execute(
+            "DELETE FROM disposals WHERE id IN (SELECT id FROM disposals WHERE at < %s LIMIT %s)",
+            (cutoff, PRUNE_BATCH),
+        )
+        return cursor.rowcount

@@ -44,6 +44,9 @@ import trio
 
 from popproxy.state.base import (
     AccountKey,
+    AuditAction,
+    AuditEntry,
+    AuditQuery,
     Disposal,
     FetchFacts,
     FetchState,
@@ -62,6 +65,7 @@ from popproxy.state.checks import (
     MAX_USER_OCTETS,
     PRUNE_BATCH,
     check_account,
+    check_audit_query,
     check_aware,
     check_listing,
     check_login_source,
@@ -235,6 +239,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             "UPDATE accounts SET listing_since = last_listed",
         ),
     ),
+    # The audit log by time: `popproxy audit` reads it newest first, and the trim to
+    # state.audit_retention_days deletes its oldest rows.
+    Migration(6, ("CREATE INDEX disposals_at ON disposals (at)",)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -270,8 +277,12 @@ class SqliteStore:
         *,
         busy_timeout_seconds: float,
         migrations: Sequence[Migration] = MIGRATIONS,
+        read_only: bool = False,
     ) -> None:
         """Use ``open_sqlite``; this only sets fields."""
+        if read_only and target is None:
+            raise ValueError("a read-only store needs a file")
+        self._read_only = read_only
         self._target = target
         self._busy_timeout = busy_timeout_seconds
         self._migrations = tuple(migrations)
@@ -437,6 +448,24 @@ class SqliteStore:
             lambda conn: _remember_source(conn, user, source, when, keep=keep, cutoff=cutoff)
         )
 
+    async def audit(self, query: AuditQuery) -> Sequence[AuditEntry]:
+        """The audit rows ``query`` selects, newest first (``StateStore.audit``)."""
+        check_audit_query(query)
+        return await self._run(lambda conn: _audit(conn, query))
+
+    async def trim_audit(self, before: datetime, *, dry_run: bool = False) -> int:
+        """Delete audit rows older than ``before``, ``PRUNE_BATCH`` rows a transaction
+        (with ``dry_run``, count them)."""
+        cutoff = utc_text(before)
+        if dry_run:
+            return await self._run(lambda conn: _count_audit(conn, cutoff))
+        total = 0
+        while True:  # ends: each pass deletes at least one row or stops
+            deleted = await self._run(lambda conn: _trim_audit_batch(conn, cutoff))
+            total += deleted
+            if deleted < PRUNE_BATCH:
+                return total
+
     async def aclose(self) -> None:
         """Wait for running calls, then close every connection."""
         await self._workers.close(self._close_idle)
@@ -444,6 +473,9 @@ class SqliteStore:
     # -- opening -----------------------------------------------------------------------
 
     async def _open(self, *, integrity_check: bool) -> None:
+        if self._read_only:
+            await self._run(lambda conn: _check_version(conn, self._migrations))
+            return
         await self._run(lambda conn: _prepare(conn, self._migrations, integrity_check))
 
     # -- threads and connections ---------------------------------------------------------
@@ -469,6 +501,16 @@ class SqliteStore:
 
     def _connect(self) -> sqlite3.Connection:
         try:
+            if self._target is not None and self._read_only:
+                conn = sqlite3.connect(
+                    self._target.absolute().as_uri() + "?mode=ro",
+                    uri=True,
+                    timeout=self._busy_timeout,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+                return conn
             if self._target is not None:
                 _create_private(self._target)
             conn = sqlite3.connect(
@@ -506,13 +548,21 @@ async def open_sqlite(
     busy_timeout_seconds: float,
     integrity_check: bool = False,
     migrations: Sequence[Migration] = MIGRATIONS,
+    read_only: bool = False,
 ) -> SqliteStore:
     """Open (creating if needed) the store at ``target``, None for ``:memory:``.
 
     Sets WAL mode, applies pending ``migrations`` in one transaction and, with
-    ``integrity_check``, runs ``PRAGMA integrity_check``. Raises ``StateError``.
+    ``integrity_check``, runs ``PRAGMA integrity_check``. With ``read_only`` the file
+    must exist and is opened read-only (``mode=ro``): nothing is created or migrated,
+    and only reads work (``popproxy audit``). Raises ``StateError``.
     """
-    store = SqliteStore(target, busy_timeout_seconds=busy_timeout_seconds, migrations=migrations)
+    store = SqliteStore(
+        target,
+        busy_timeout_seconds=busy_timeout_seconds,
+        migrations=migrations,
+        read_only=read_only,
+    )
     try:
         await store._open(integrity_check=integrity_check)
     except BaseException:
@@ -556,6 +606,21 @@ def _prepare(conn: sqlite3.Connection, migrations: Sequence[Migration], check: b
         if [tuple(row) for row in rows] != [("ok",)]:
             found = "; ".join(str(row[0]) for row in rows)
             raise StateError(f"the state store failed its integrity check: {found}")
+
+
+def _check_version(conn: sqlite3.Connection, migrations: Sequence[Migration]) -> None:
+    """For a read-only open: the file is popproxy's and its schema is one this code reads
+    (any version from 1, whose tables the reads need, to the latest)."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    if app_id != APPLICATION_ID or version < 1:
+        raise StateError("the file is not a popproxy state store")
+    latest = migrations[-1].version
+    if version > latest:
+        raise StateError(
+            f"the state store has schema version {version}, written by a newer popproxy;"
+            f" this one knows up to {latest}"
+        )
 
 
 def _migrate(conn: sqlite3.Connection, migrations: Sequence[Migration]) -> None:
@@ -776,18 +841,56 @@ def _record(conn: sqlite3.Connection, record: SessionRecord) -> None:
             ],
         )
     if record.hidden or record.deleted_upstream:
-        conn.executemany(
-            "INSERT INTO disposals (user, at, session_id, account_id, uid, size, action, rule)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        append_audit(
+            conn,
             [
-                (*who, account_id, d.uid, sizes[d.uid], action, d.rule)
+                AuditEntry(
+                    at=record.at,
+                    session_id=record.session_id,
+                    user=record.user,
+                    account=record.account,
+                    uid=d.uid,
+                    size=sizes[d.uid],
+                    rule=d.rule,
+                    action=action,
+                )
                 for action, items in (
-                    ("hide", record.hidden),
-                    ("delete_upstream", record.deleted_upstream),
+                    (AuditAction.HIDE, record.hidden),
+                    (AuditAction.DELETE_UPSTREAM, record.deleted_upstream),
                 )
                 for d in items
             ],
         )
+
+
+def append_audit(conn: sqlite3.Connection, entries: Sequence[AuditEntry]) -> None:
+    """Add ``entries`` to the audit log (table ``disposals``) in the caller's open write
+    transaction, in their order; creates an account row a row names if missing.
+
+    Every writer of a hide or an upstream deletion calls this in the transaction that
+    records it: a session's QUIT (``record``), and a gateway poll's deletions.
+    """
+    ids: dict[AccountKey, int | None] = {}
+    for e in entries:
+        if e.account not in ids:
+            ids[e.account] = _account_id(conn, e.account, create=True)
+    conn.executemany(
+        "INSERT INTO disposals (user, at, session_id, account_id, uid, size, action, rule)"
+        " VALUES (:user, :at, :session, :account, :uid, :size, :action, :rule)",
+        [
+            {
+                "user": e.user,
+                "at": utc_text(e.at),
+                "session": e.session_id,
+                "account": ids[e.account],
+                "uid": e.uid,
+                "size": e.size,
+                "action": e.action.value,
+                "rule": e.rule,
+            }
+            for e in entries
+        ],
+    )
 
 
 def _apply_listing(
@@ -1143,3 +1246,58 @@ def _remember_source(
             " ORDER BY last_login DESC, source LIMIT ?))",
             (user, cutoff, user, keep),
         )
+
+
+# -- the audit log -------------------------------------------------------------------------
+
+
+def _audit(conn: sqlite3.Connection, query: AuditQuery) -> list[AuditEntry]:
+    conditions: list[str] = []
+    args: list[object] = []
+    for column, value in (
+        ("d.user = ?", query.user),
+        ("a.upstream = ?", query.upstream),
+        ("d.rule = ?", query.rule),
+        ("d.uid = ?", query.uid),
+        ("d.at >= ?", None if query.since is None else utc_text(query.since)),
+    ):
+        if value is not None:
+            conditions.append(column)
+            args.append(value)
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    with _transaction(conn, write=False):
+        rows = conn.execute(
+            "SELECT d.at, d.session_id, d.user, a.upstream, a.upstream_user, d.uid, d.size,"
+            " d.rule, d.action FROM disposals AS d JOIN accounts AS a ON a.id = d.account_id"
+            f"{where} ORDER BY d.at DESC, d.id DESC LIMIT ?",
+            (*args, query.limit),
+        ).fetchall()
+    return [
+        AuditEntry(
+            at=from_utc_text(at),
+            session_id=session_id,
+            user=user,
+            account=AccountKey(upstream, upstream_user),
+            uid=uid,
+            size=size,
+            rule=rule,
+            action=AuditAction(action),
+        )
+        for at, session_id, user, upstream, upstream_user, uid, size, rule, action in rows
+    ]
+
+
+def _count_audit(conn: sqlite3.Connection, cutoff: str) -> int:
+    with _transaction(conn, write=False):
+        return int(
+            conn.execute("SELECT count(*) FROM disposals WHERE at < ?", (cutoff,)).fetchone()[0]
+        )
+
+
+def _trim_audit_batch(conn: sqlite3.Connection, cutoff: str) -> int:
+    with _transaction(conn, write=True):
+        cursor = conn.execute(
+            "DELETE FROM disposals WHERE id IN (SELECT id FROM disposals WHERE at < ? LIMIT ?)",
+            (cutoff, PRUNE_BATCH),
+        )
+        return cursor.rowcount

@@ -28,6 +28,8 @@ from popproxy.pop3.replies import ResponseCode
 from popproxy.state import open_store
 from popproxy.state.base import (
     AccountKey,
+    AuditEntry,
+    AuditQuery,
     MessageFacts,
     SessionRecord,
     StateError,
@@ -379,6 +381,12 @@ class FullDisk:
         self, user: str, source: str, at: datetime, *, keep: int, forget_before: datetime
     ) -> None:
         raise StateError("database or disk is full")
+
+    async def audit(self, query: AuditQuery) -> Sequence[AuditEntry]:
+        return await self.inner.audit(query)
+
+    async def trim_audit(self, before: datetime, *, dry_run: bool = False) -> int:
+        return await self.inner.trim_audit(before, dry_run=dry_run)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
