@@ -9,11 +9,13 @@ Commands::
     popproxy hash-password [--ln 15]
     popproxy state show -c FILE [--upstream NAME] [--upstream-user USER]
     popproxy state prune -c FILE --gone-days N [--dry-run]
+    popproxy audit -c FILE [--user U] [--upstream NAME] [--rule R] [--uid UIDL]
+                   [--since DATE] [--limit N] [--json]
     popproxy version
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or config error. This is the only
 module that reads argv, installs signal handlers, configures logging or exits; what
-``check-config`` and ``state`` print is built in ``popproxy/commands/``.
+``check-config``, ``state`` and ``audit`` print is built in ``popproxy/commands/``.
 
 Signals for ``run``: SIGTERM or SIGINT start a graceful shutdown (a second one
 cancels everything); SIGHUP reloads the config file (popproxy/reload.py); SIGUSR1
@@ -65,6 +67,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # cutoff a valid datetime.
 MAX_GONE_DAYS = 36_500
 
+# `audit --limit`: a screenful of the newest decisions by default; at most one row less
+# than a store call returns (popproxy.state.base.MAX_AUDIT_ROWS; tests/commands keeps
+# them so), as one more row is read to tell whether the limit cut the list.
+DEFAULT_AUDIT_LIMIT = 100
+MAX_AUDIT_LIMIT = 99_999
+
 # Reloads waiting to run: one is enough, as it reads the file as it is when it runs;
 # a SIGHUP while one is already waiting is folded into it.
 MAX_PENDING_RELOADS = 1
@@ -95,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_hash_password(args.ln, sys.stdin, sys.stdout, sys.stderr)
         case "state":
             return _cmd_state(args)
+        case "audit":
+            return _cmd_audit(args)
         case "version":
             print(f"popproxy {__version__}")
             return EXIT_OK
@@ -204,6 +214,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     _state_parser(commands)
+    _audit_parser(commands)
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -233,6 +244,48 @@ def _state_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         help=f"forget UIDLs last listed more than N days ago (0-{MAX_GONE_DAYS})",
     )
     prune.add_argument("--dry-run", action="store_true", help="only count what would be forgotten")
+
+
+def _audit_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = commands.add_parser(
+        "audit",
+        help="list the hides and upstream deletions and the rules behind them",
+        description=(
+            "List the audit log of the state store named by state.url: every message a"
+            " QUIT hid for its user or deleted upstream, with the time, session, user,"
+            " upstream account, UIDL, size, rule and action, newest first. Reads only."
+        ),
+    )
+    audit.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    audit.add_argument("--user", metavar="U", help="only this local user's rows")
+    audit.add_argument("--upstream", metavar="NAME", help="only rows of this upstream")
+    audit.add_argument("--rule", metavar="R", help="only rows of this rule")
+    audit.add_argument("--uid", metavar="UIDL", help="only rows of this UIDL")
+    audit.add_argument(
+        "--since",
+        type=_since,
+        metavar="DATE",
+        help="only rows at or after DATE: 2024-05-01 (UTC), 2024-05-01T12:00:00Z, or 7d (days ago)",
+    )
+    audit.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_AUDIT_LIMIT,
+        metavar="N",
+        help=f"at most N rows, the newest (default: {DEFAULT_AUDIT_LIMIT}, at most"
+        f" {MAX_AUDIT_LIMIT})",
+    )
+    audit.add_argument("--json", action="store_true", help="one JSON object per line (JSON Lines)")
+
+
+def _since(text: str) -> datetime:
+    """``--since`` for argparse: a bad value is a usage error (exit 2) saying what fits."""
+    from popproxy.commands.audit import parse_since
+
+    try:
+        return parse_since(text, datetime.now(UTC))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -- explain ---------------------------------------------------------------------------
@@ -424,16 +477,23 @@ def _cmd_hash_password(ln: int, stdin: TextIO, stdout: TextIO, stderr: TextIO) -
 # -- state -----------------------------------------------------------------------------
 
 
-def _cmd_state(args: argparse.Namespace) -> int:
-    config = _load(Path(args.config))
-    if config is None:
-        return EXIT_USAGE
+def _state_missing(config: Config) -> bool:
+    """Whether the config names a sqlite file that does not exist (and say so)."""
     path = config.state.sqlite_path
     if path is not None and not path.exists():
         print(
             f"popproxy: no state store at {path} (popproxy creates it when it first runs)",
             file=sys.stderr,
         )
+        return True
+    return False
+
+
+def _cmd_state(args: argparse.Namespace) -> int:
+    config = _load(Path(args.config))
+    if config is None:
+        return EXIT_USAGE
+    if _state_missing(config):
         return EXIT_FAILURE
     # The state store is imported only when it is needed, as for run.
     from popproxy.commands import state
@@ -456,16 +516,73 @@ def _cmd_state(args: argparse.Namespace) -> int:
                 if not 0 <= args.gone_days <= MAX_GONE_DAYS:
                     print(f"popproxy: --gone-days must be 0-{MAX_GONE_DAYS}", file=sys.stderr)
                     return EXIT_USAGE
-                cutoff = datetime.now(UTC) - timedelta(days=args.gone_days)
-                count = trio.run(state.prune, config.state, cutoff, args.dry_run)
+                now = datetime.now(UTC)
+                cutoff = now - timedelta(days=args.gone_days)
+                retention = config.state.audit_retention_days
+                audit_cutoff = now - timedelta(days=retention)
+                count, trimmed = trio.run(
+                    state.prune, config.state, cutoff, audit_cutoff, args.dry_run
+                )
                 verb = "would forget" if args.dry_run else "forgot"
                 print(
                     f"{verb} {count} UIDL(s) gone from their upstream and last listed"
                     f" before {state.utc(cutoff)}"
                 )
+                verb = "would delete" if args.dry_run else "deleted"
+                print(
+                    f"{verb} {trimmed} audit row(s) from before {state.utc(audit_cutoff)}"
+                    f" (state.audit_retention_days: {retention})"
+                )
     except StateError as exc:
         print(f"popproxy: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    return EXIT_OK
+
+
+# -- audit -----------------------------------------------------------------------------
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= MAX_AUDIT_LIMIT:
+        print(f"popproxy audit: --limit must be 1-{MAX_AUDIT_LIMIT}", file=sys.stderr)
+        return EXIT_USAGE
+    config = _load(Path(args.config))
+    if config is None:
+        return EXIT_USAGE
+    if _state_missing(config):
+        return EXIT_FAILURE
+    # The state store is imported only when it is needed, as for run.
+    from popproxy.commands import audit
+    from popproxy.state import StateError
+    from popproxy.state.base import AuditQuery
+
+    query = AuditQuery(
+        user=args.user,
+        upstream=args.upstream,
+        rule=args.rule,
+        uid=args.uid,
+        since=args.since,
+        limit=args.limit + 1,  # one more tells whether the limit cut the list
+    )
+    try:
+        rows = trio.run(audit.audit_entries, config.state, query)
+    except ValueError as exc:  # a filter no config could name (empty, too long, NUL)
+        print(f"popproxy audit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StateError as exc:
+        print(f"popproxy audit: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    shown = rows[: args.limit]
+    if args.json:
+        sys.stdout.write(audit.format_json_lines(shown))
+    else:
+        print(audit.format_table(shown))
+    if len(rows) > args.limit:
+        print(
+            f"popproxy audit: showing the newest {args.limit} rows; narrow with --user,"
+            " --upstream, --rule, --uid or --since, or raise --limit",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

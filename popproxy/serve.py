@@ -84,6 +84,7 @@ from popproxy.runtime import (
 )
 from popproxy.sdnotify import Notifier
 from popproxy.session import SessionContext, run_session
+from popproxy.state.audit_trim import trim_audit_periodically
 from popproxy.state.base import StateError
 from popproxy.tls import LoadedTls, TlsError, load_server_tls, upstream_tls_contexts
 
@@ -162,6 +163,7 @@ class Server:
         # Without one from the caller the server counts into a registry of its own,
         # so every code path is the same with or without an exporter.
         self.metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
+        self.clock = clock  # what retention reads as now, and the audit trim's
         # Outlives reloads (popproxy/runtime.py): the store is a restart key, a mailbox
         # stays locked across config generations while a session of either one uses it.
         self._process = ProcessState.start(config, metrics=self.metrics, clock=clock)
@@ -648,6 +650,10 @@ async def _run(
             acceptors.start_soon(background.apply_reloads, server)
             acceptors.start_soon(background.forward_poll_requests)
             await acceptors.start(background.gateway.run)
+            if server.uses_state or server.config.gateway_users:
+                # state is a restart key: the retention stays as the server started
+                retention = server.config.state.audit_retention_days
+                acceptors.start_soon(trim_audit_periodically, server.store, retention, server.clock)
             task_status.started(ports)
             await shutdown.wait()
             log.info("shutting_down")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import io
+import json
 import os
 import subprocess
 import sys
@@ -965,6 +966,38 @@ def test_state_prune_forgets_only_what_is_gone(
     assert "kept" in out
     assert "quiet" in out
     assert "gone" not in out
+
+
+def test_state_prune_trims_the_audit_log_to_its_retention(
+    in_tmp: Path, state_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = datetime.now(UTC)
+    fill_state(
+        state_url,
+        state_session(
+            ALICE_ACCOUNT, now - timedelta(days=45), {"old": 1}, hidden=(Disposal("old", "r"),)
+        ),
+        state_session(
+            ALICE_ACCOUNT,
+            now - timedelta(days=5),
+            {"new": 2},
+            session_id="s2",
+            deleted_upstream=(Disposal("new", "r"),),
+        ),
+    )
+    path = state_config(in_tmp, state_url)
+    path.write_text(path.read_text().replace("state: {", "state: {audit_retention_days: 30, "))
+    config = str(path)
+    assert cli.main(["state", "prune", "-c", config, "--gone-days", "90", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("would delete 1 audit row(s) from before ")
+    assert lines[1].endswith(" (state.audit_retention_days: 30)")
+    assert cli.main(["state", "prune", "-c", config, "--gone-days", "90"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("deleted 1 audit row(s)")
+    assert cli.main(["audit", "-c", config, "--json"]) == 0
+    assert [json.loads(line)["uid"] for line in capsys.readouterr().out.splitlines()] == ["new"]
+    assert cli.main(["state", "prune", "-c", config, "--gone-days", "90"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("deleted 0 audit row(s)")
 
 
 def test_state_commands_need_an_existing_store(

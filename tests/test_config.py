@@ -697,12 +697,22 @@ def test_state_options() -> None:
     assert (default.state.busy_timeout_seconds, default.state.integrity_check) == (10, False)
 
 
+def test_state_audit_retention_days() -> None:
+    assert load_config(write(MINIMAL)).state.audit_retention_days == 400
+    config = load_config(write(MINIMAL + "state: {audit_retention_days: 30}\n"))
+    assert config.state.audit_retention_days == 30
+
+
 @pytest.mark.parametrize(
     ("state", "expected"),
     [
         ("{busy_timeout_seconds: 0}", "greater than 0"),
         ("{busy_timeout_seconds: 7200}", "at most 3600"),
         ("{integrity_check: 'yes'}", "true or false"),
+        ("{audit_retention_days: 0}", "an integer 1..36500, got 0"),
+        ("{audit_retention_days: 36501}", "an integer 1..36500, got 36501"),
+        ("{audit_retention_days: 1.5}", "an integer 1..36500"),
+        ("{audit_retention_days: true}", "an integer 1..36500"),
         ("{url: 'postgresql://pp:hunter2@db.example.net/pp'}", "must not contain a password"),
         ("{url: 'postgresql://pp@db.example.net/pp?password=hunter2'}", "state.password_file"),
         ("{url: 'postgresql://pp@db.example.net:port/pp'}", "does not parse"),

@@ -72,14 +72,19 @@ def format_sources(rows: Sequence[SourceStatus]) -> str:
     return "\n".join(lines)
 
 
-async def prune(state: StateConfig, cutoff: datetime, dry_run: bool) -> int:
-    """Forget the UIDLs gone from their upstream's listing since before ``cutoff``; how
-    many (with ``dry_run``, only count them)."""
+async def prune(
+    state: StateConfig, cutoff: datetime, audit_cutoff: datetime, dry_run: bool
+) -> tuple[int, int]:
+    """Forget the UIDLs gone from their upstream's listing since before ``cutoff`` and
+    delete the audit rows from before ``audit_cutoff``; how many of each (with
+    ``dry_run``, only count them)."""
     store = await open_store(state)
     try:
         if dry_run:
-            return sum(row.is_gone(cutoff) for row in await store.messages())
-        return await store.prune(cutoff)
+            gone = sum(row.is_gone(cutoff) for row in await store.messages())
+        else:
+            gone = await store.prune(cutoff)
+        return gone, await store.trim_audit(audit_cutoff, dry_run=dry_run)
     finally:
         await store.aclose()
 

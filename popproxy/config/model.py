@@ -184,6 +184,9 @@ class StateConfig:
     # instances) outlives its holder's last renewal; an instance that dies frees its
     # mailboxes within this bound (docs/scaling.md). Renewed every third of it.
     lease_seconds: float = 30
+    # How long the audit log (every hide and upstream deletion, `popproxy audit`) keeps
+    # a row: `state prune` and a periodic task of `popproxy run` delete older ones.
+    audit_retention_days: int = 400
     # PostgreSQL's password: never in the URL, read at load from a file or an
     # environment variable (None: libpq's own ways, such as ~/.pgpass).
     password: Secret | None = field(

@@ -58,6 +58,9 @@ MAX_STATE_BUSY_TIMEOUT_SECONDS = 3600
 # mailboxes wait this long).
 MIN_LEASE_SECONDS = 3
 MAX_LEASE_SECONDS = 3600
+# state.audit_retention_days: a century is more than any retention; the bound keeps the
+# trim's cutoff a valid datetime (as `state prune --gone-days`).
+MAX_AUDIT_RETENTION_DAYS = 36_500
 
 _TOP_KEYS = keys_of(Config)
 _LISTENER_KEYS = keys_of(ListenerConfig)
@@ -350,10 +353,12 @@ def _state(top: ConfigSection) -> StateConfig:
             f"expected {MIN_LEASE_SECONDS} to {MAX_LEASE_SECONDS} seconds, got {lease:g}",
         )
         lease = None
+    retention = section.integer("audit_retention_days", lo=1, hi=MAX_AUDIT_RETENTION_DAYS)
     options = StateConfig(
         busy_timeout_seconds=busy_timeout or default.busy_timeout_seconds,
         integrity_check=default.integrity_check if integrity_check is None else integrity_check,
         lease_seconds=lease or default.lease_seconds,
+        audit_retention_days=retention or default.audit_retention_days,
     )
     what = (
         "a state URL such as sqlite:///var/popproxy-state.db"

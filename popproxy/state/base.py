@@ -16,6 +16,10 @@ far its delivery into the user's Maildir got (``FetchState``), the deletions its
 polls made upstream, and each source's last poll. docs/gateway.md has the crash
 table these states serve.
 
+Every hide and upstream deletion is also a row of the audit log (``AuditEntry``),
+which ``audit`` reads for ``popproxy audit`` and ``trim_audit`` bounds to
+``state.audit_retention_days`` (docs/state.md, "What is kept for how long").
+
 Backends: sqlite (``sqlite.py``, the embedded default). A shared PostgreSQL
 backend follows later; nothing here is specific to sqlite, and the store's test
 suite (``tests/state``) runs against every backend it is given.
