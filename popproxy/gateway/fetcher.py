@@ -151,6 +151,7 @@ class _Session:
     policy: AccountPolicy
     counts: _Counts
     depth: int  # RETRs in flight at once
+    poll_id: str  # the session= of the poll's log lines, and of its audit log rows
 
 
 class Fetcher:
@@ -188,7 +189,7 @@ class Fetcher:
         store: GatewayStore | None = None
         try:
             store = self._opened = await self._get_store()
-            await self._poll(config, user, source, key, counts)
+            await self._poll(config, user, source, key, counts, poll_id=poll_id)
         except UpstreamError as exc:
             auth = exc.failure is UpstreamFailure.AUTH_REJECTED
             result = PollResult.AUTH_FAILED if auth else PollResult.UPSTREAM_ERROR
@@ -243,6 +244,8 @@ class Fetcher:
         source: FetchSource,
         key: SourceKey,
         counts: _Counts,
+        *,
+        poll_id: str,
     ) -> None:
         if user.maildir is None:  # the config refuses it; a caller's bug otherwise
             raise ValueError("a gateway user needs a maildir")
@@ -293,7 +296,9 @@ class Fetcher:
             _log_skips(key, plan.skip, listing, facts, now)
             # RFC 2449 §6.6: several commands in flight only where the upstream says so.
             depth = config.gateway.pipelining_depth if connection.pipelining else 1
-            session = _Session(connection, key, root, listing, facts, policy, counts, depth)
+            session = _Session(
+                connection, key, root, listing, facts, policy, counts, depth, poll_id
+            )
             durable |= await self._fetch(session, plan.fetch)
             await self._delete(session, view, durable)
         finally:
@@ -479,7 +484,9 @@ class Fetcher:
         for item in deletes:
             counts.deleted_by_rule[item.rule] = counts.deleted_by_rule.get(item.rule, 0) + 1
         disposals = [Disposal(item.uid, item.rule) for item in deletes]
-        await self._store().gateway_deleted(key, disposals, self._clock())
+        await self._store().gateway_deleted(
+            key, disposals, self._clock(), session_id=session.poll_id
+        )
         await self._step(Step.DELETIONS_RECORDED)
 
     async def _recover(self, key: SourceKey, root: Path) -> None:

@@ -147,10 +147,13 @@ class MeasuredStore:
         )
 
     async def gateway_deleted(
-        self, source: SourceKey, deleted: Sequence[Disposal], at: datetime
+        self, source: SourceKey, deleted: Sequence[Disposal], at: datetime, *, session_id: str
     ) -> None:
         """See ``GatewayStore.gateway_deleted``."""
-        await self._measure(StateOperation.COMMIT, self._inner.gateway_deleted(source, deleted, at))
+        await self._measure(
+            StateOperation.COMMIT,
+            self._inner.gateway_deleted(source, deleted, at, session_id=session_id),
+        )
 
     async def gateway_poll_finished(self, source: SourceKey, summary: PollSummary) -> None:
         """See ``GatewayStore.gateway_poll_finished``."""

@@ -351,9 +351,10 @@ class GatewayStore(Protocol):
         ...
 
     async def gateway_deleted(
-        self, source: SourceKey, deleted: Sequence[Disposal], at: datetime
+        self, source: SourceKey, deleted: Sequence[Disposal], at: datetime, *, session_id: str
     ) -> None:
-        """Record the deletions a poll's QUIT made upstream (after its ``+OK``)."""
+        """Record the deletions a poll's QUIT made upstream (after its ``+OK``), and each
+        in the audit log (``StateStore.audit``) under the poll's ``session_id``."""
         ...
 
     async def gateway_poll_finished(self, source: SourceKey, summary: PollSummary) -> None:

@@ -17,6 +17,8 @@ from popproxy.pop3.limits import MAX_UIDL_OCTETS
 from popproxy.state.base import (
     MAX_AUDIT_ROWS,
     AccountKey,
+    AuditAction,
+    AuditEntry,
     AuditQuery,
     Disposal,
     SeenMessage,
@@ -125,6 +127,42 @@ def check_audit_query(query: AuditQuery) -> None:
         check_text("a UIDL", query.uid, MAX_UIDL_OCTETS)
     if query.since is not None:
         check_aware(query.since)
+
+
+def check_disposals(disposals: Sequence[Disposal], session_id: str) -> None:
+    """Refuse a gateway poll's deletions no poll could report (a caller's bug)."""
+    check_text("session_id", session_id, MAX_SESSION_ID_CHARS, octets=False)
+    if len(disposals) > MAX_RECORD_MESSAGES:
+        raise ValueError(f"at most {MAX_RECORD_MESSAGES} deletions per call")
+    for disposal in disposals:
+        check_text("a UIDL", disposal.uid, MAX_UIDL_OCTETS)
+        check_text("a rule name", disposal.rule, MAX_RULE_CHARS, octets=False)
+
+
+def gateway_audit(
+    source: SourceKey,
+    deleted: Sequence[Disposal],
+    sizes: Mapping[str, int],
+    at: datetime,
+    session_id: str,
+) -> list[AuditEntry]:
+    """The audit rows of a gateway poll's upstream deletions: one per deleted UIDL the
+    store knows for ``source`` (``sizes``), under the poll's id, for the source's user."""
+    account = AccountKey(source.upstream, source.upstream_user)
+    return [
+        AuditEntry(
+            at=at,
+            session_id=session_id,
+            user=source.user,
+            account=account,
+            uid=d.uid,
+            size=sizes[d.uid],
+            rule=d.rule,
+            action=AuditAction.DELETE_UPSTREAM,
+        )
+        for d in deleted
+        if d.uid in sizes
+    ]
 
 
 def check_aware(when: datetime) -> None:

@@ -71,12 +71,14 @@ from popproxy.state.checks import (
     check_account,
     check_audit_query,
     check_aware,
+    check_disposals,
     check_listing,
     check_login_source,
     check_record,
     check_source,
     check_text,
     check_uids,
+    gateway_audit,
     split_listing,
 )
 from popproxy.state.pg_schema import MIGRATIONS, Migration, check_readable, migrate
@@ -265,12 +267,13 @@ class PostgresStore:
         await self._run(lambda conn: _gateway_transition(conn, source, moves, at))
 
     async def gateway_deleted(
-        self, source: SourceKey, deleted: Sequence[Disposal], at: datetime
+        self, source: SourceKey, deleted: Sequence[Disposal], at: datetime, *, session_id: str
     ) -> None:
         """See ``GatewayStore.gateway_deleted``."""
         check_source(source)
+        check_disposals(deleted, session_id)
         check_aware(at)
-        await self._run(lambda conn: _gateway_deleted(conn, source, deleted, at))
+        await self._run(lambda conn: _gateway_deleted(conn, source, deleted, at, session_id))
 
     async def gateway_poll_finished(self, source: SourceKey, summary: PollSummary) -> None:
         """See ``GatewayStore.gateway_poll_finished``."""
@@ -810,7 +813,11 @@ def _gateway_transition(
 
 
 def _gateway_deleted(
-    conn: psycopg.Connection[Any], source: SourceKey, deleted: Sequence[Disposal], at: datetime
+    conn: psycopg.Connection[Any],
+    source: SourceKey,
+    deleted: Sequence[Disposal],
+    at: datetime,
+    session_id: str,
 ) -> None:
     with conn.transaction():
         source_id = _upsert_source(conn, source)
@@ -826,6 +833,15 @@ def _gateway_deleted(
                 "rules": [d.rule for d in deleted],
             },
         )
+        sizes = {
+            str(uid): int(size)
+            for uid, size in conn.execute(
+                "SELECT uid, size FROM gateway_messages"
+                " WHERE source_id = %s AND uid = ANY(%s::text[])",
+                (source_id, [d.uid for d in deleted]),
+            )
+        }
+        append_audit(conn, gateway_audit(source, deleted, sizes, at, session_id))
 
 
 def _gateway_poll_finished(

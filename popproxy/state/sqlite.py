@@ -67,12 +67,14 @@ from popproxy.state.checks import (
     check_account,
     check_audit_query,
     check_aware,
+    check_disposals,
     check_listing,
     check_login_source,
     check_record,
     check_source,
     check_text,
     check_uids,
+    gateway_audit,
     split_listing,
 )
 from popproxy.state.workers import Workers
@@ -414,12 +416,13 @@ class SqliteStore:
         await self._run(lambda conn: _gateway_transition(conn, source, rows))
 
     async def gateway_deleted(
-        self, source: SourceKey, deleted: Sequence[Disposal], at: datetime
+        self, source: SourceKey, deleted: Sequence[Disposal], at: datetime, *, session_id: str
     ) -> None:
-        """See ``StateStore.gateway_deleted``."""
+        """See ``GatewayStore.gateway_deleted``."""
         check_source(source)
-        when = utc_text(at)
-        await self._run(lambda conn: _gateway_deleted(conn, source, deleted, when))
+        check_disposals(deleted, session_id)
+        check_aware(at)
+        await self._run(lambda conn: _gateway_deleted(conn, source, deleted, at, session_id))
 
     async def gateway_poll_finished(self, source: SourceKey, summary: PollSummary) -> None:
         """See ``StateStore.gateway_poll_finished``."""
@@ -1152,15 +1155,29 @@ def _gateway_transition(
 
 
 def _gateway_deleted(
-    conn: sqlite3.Connection, source: SourceKey, deleted: Sequence[Disposal], at: str
+    conn: sqlite3.Connection,
+    source: SourceKey,
+    deleted: Sequence[Disposal],
+    at: datetime,
+    session_id: str,
 ) -> None:
+    when = utc_text(at)
     with _transaction(conn, write=True):
         source_id = _source_id(conn, source, create=False)
         conn.executemany(
             "UPDATE gateway_messages SET deleted_upstream_at = ?, deleted_by_rule = ?"
             " WHERE source_id = ? AND uid = ?",
-            [(at, d.rule, source_id, d.uid) for d in deleted],
+            [(when, d.rule, source_id, d.uid) for d in deleted],
         )
+        sizes: dict[str, int] = {}
+        for chunk in _chunks([d.uid for d in deleted]):
+            rows = conn.execute(
+                "SELECT uid, size FROM gateway_messages"
+                f" WHERE source_id = ? AND uid IN ({_marks(len(chunk))})",
+                (source_id, *chunk),
+            )
+            sizes.update((uid, size) for uid, size in rows)
+        append_audit(conn, gateway_audit(source, deleted, sizes, at, session_id))
 
 
 def _gateway_poll_finished(

@@ -8,7 +8,9 @@ with the corpus by sha256 and looks at what is left upstream.
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -103,6 +105,19 @@ def given(store: GatewayStore) -> StoreGetter:
     return get
 
 
+async def audit_rows(config: Path, *arguments: str) -> list[dict[str, object]]:
+    """What ``popproxy audit --json`` (a process of its own, as an operator runs it)
+    prints for ``config``, one dict per row."""
+    proc = await trio.run_process(
+        [sys.executable, "-m", "popproxy", "audit", "-c", str(config), "--json", *arguments],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.decode().splitlines()]
+
+
 async def poll_all(config: Config, fetcher: Fetcher) -> list[PollReport]:
     reports = []
     for user in config.gateway_users:
@@ -174,6 +189,12 @@ async def test_default_delete_keep_and_expire_after_days_with_the_clock(
         await trio.to_thread.run_sync(dovecot.wait_sessions_ended, deleting, 1)
         assert deleting.count() == 0
         assert len(local_files(tmp_path / "a" / "carol-mail")) == 3
+        # Each deletion is in the audit log under the poll's id (popproxy audit, issue 18).
+        audit = await audit_rows(tmp_path / "a" / "popproxy.yaml")
+        assert {(r["session"], r["user"], r["upstream"], r["upstream_user"]) for r in audit} == {
+            (report.poll_id, "carol", UPSTREAM, deleting.name)
+        }
+        assert [(r["rule"], r["action"]) for r in audit] == [("default", "delete_upstream")] * 3
 
         # keep with expire_after_days: kept for 7 days after the first listing.
         config = gateway_config(tmp_path / "b", dovecot, tls_files, [expiring], rules=DELETE_EXPIRE)
@@ -192,6 +213,9 @@ async def test_default_delete_keep_and_expire_after_days_with_the_clock(
             third = await poll_all(config, fetcher)
             assert [(r.fetched, r.deleted) for r in third] == [(0, len(corpus.small) - 3)]
             assert dict(third[0].deleted_by_rule) == {"keep-a-week": len(corpus.small) - 3}
+            expired = await audit_rows(tmp_path / "b" / "popproxy.yaml", "--rule", "keep-a-week")
+            assert {r["session"] for r in expired} == {third[0].poll_id}
+            assert len(expired) == len(corpus.small) - 3
         finally:
             await store.aclose()
         await trio.to_thread.run_sync(dovecot.wait_sessions_ended, expiring, 3)

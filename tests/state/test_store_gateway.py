@@ -8,6 +8,10 @@ import pytest
 
 from popproxy.state import StoreBackend
 from popproxy.state.base import (
+    AccountKey,
+    AuditAction,
+    AuditEntry,
+    AuditQuery,
     Disposal,
     FetchState,
     PollSummary,
@@ -86,7 +90,7 @@ async def test_a_reused_uidl_with_another_size_is_a_new_message(store: StoreBack
     await store.gateway_listing(CAROL, listing(a=10), T0)
     await store.gateway_stage(CAROL, [StagedMessage("a", 10, "n")], T0)
     await store.gateway_settle(CAROL, ["a"], (), T0)
-    await store.gateway_deleted(CAROL, [Disposal("a", "default")], T0)
+    await store.gateway_deleted(CAROL, [Disposal("a", "default")], T0, session_id="p1")
     facts = await store.gateway_listing(CAROL, listing(a=99), T0 + DAY)
     assert (facts["a"].size, facts["a"].state, facts["a"].first_seen) == (
         99,
@@ -109,7 +113,7 @@ async def test_poll_summaries_and_counts(store: StoreBackend) -> None:
     await store.gateway_listing(CAROL, listing(a=10, b=20), T0)
     await store.gateway_stage(CAROL, [StagedMessage("a", 10, "n")], T0)
     await store.gateway_settle(CAROL, ["a"], (), T0)
-    await store.gateway_deleted(CAROL, [Disposal("a", "default")], T0)
+    await store.gateway_deleted(CAROL, [Disposal("a", "default")], T0, session_id="p1")
     ok = PollSummary(T0, "ok", fetched=1, skipped=1, deleted=1, fetched_bytes=10)
     await store.gateway_poll_finished(CAROL, ok)
     failed = PollSummary(T0 + DAY, "auth_failed")
@@ -144,3 +148,40 @@ async def test_gateway_facts_read_without_writing(store: StoreBackend) -> None:
     assert await store.gateway_facts(OTHER, ["a"]) == {}
     assert await store.gateway_sources() != []  # CAROL only: the reads created nothing
     assert [s.source for s in await store.gateway_sources()] == [CAROL]
+
+
+async def test_a_polls_deletions_are_in_the_audit_log_under_its_id(store: StoreBackend) -> None:
+    await store.gateway_listing(CAROL, listing(a=10, b=20), T0)
+    await store.gateway_stage(
+        CAROL, [StagedMessage("a", 10, "n1"), StagedMessage("b", 20, "n2")], T0
+    )
+    await store.gateway_settle(CAROL, ["a", "b"], (), T0)
+    await store.gateway_deleted(
+        CAROL, [Disposal("a", "old-mail"), Disposal("b", "default")], T0 + DAY, session_id="p7"
+    )
+    account = AccountKey("provider", "carol@example.net")
+    delete = AuditAction.DELETE_UPSTREAM
+    assert await store.audit(AuditQuery(user="carol")) == [
+        AuditEntry(T0 + DAY, "p7", "carol", account, "b", 20, "default", delete),
+        AuditEntry(T0 + DAY, "p7", "carol", account, "a", 10, "old-mail", delete),
+    ]
+    assert [row.uid for row in await store.audit(AuditQuery(rule="old-mail"))] == ["a"]
+    # The trim and the gateway's own pruning are apart: the rows go by their age only.
+    assert await store.trim_audit(T0 + DAY) == 0
+    assert await store.trim_audit(T0 + 2 * DAY) == 2
+    assert (await store.gateway_facts(CAROL, ["a"]))["a"].deleted_upstream_at == T0 + DAY
+
+
+async def test_a_deletion_of_a_uidl_the_store_does_not_know_is_not_audited(
+    store: StoreBackend,
+) -> None:
+    await store.gateway_listing(CAROL, listing(a=10), T0)
+    await store.gateway_deleted(CAROL, [Disposal("zz", "default")], T0, session_id="p1")
+    assert await store.audit(AuditQuery()) == []
+
+
+async def test_a_deletion_no_poll_could_report_is_refused(store: StoreBackend) -> None:
+    with pytest.raises(ValueError):
+        await store.gateway_deleted(CAROL, [Disposal("a", "")], T0, session_id="p1")
+    with pytest.raises(ValueError):
+        await store.gateway_deleted(CAROL, [Disposal("a", "r")], T0, session_id="")
