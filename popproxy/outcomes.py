@@ -38,6 +38,8 @@ class UpstreamFailure(enum.Enum):
     STLS_UNAVAILABLE = "stls_unavailable"  # tls: starttls, but no STLS in CAPA (RFC 2595 §4)
     LOOP = "loop"  # the upstream is this popproxy itself
     UNSUPPORTED = "unsupported"  # the upstream lacks something required (UIDL, RFC 1939 §7)
+    TOKEN_REJECTED = "token_rejected"  # the OAuth2 access token or its grant was refused
+    TOKEN_UNAVAILABLE = "token_unavailable"  # no access token: the token endpoint failed
     REJECTED = "rejected"  # -ERR to a greeting, DELE, QUIT or NOOP, or [SYS/TEMP] (RFC 3206 §4)
 
 

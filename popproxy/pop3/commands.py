@@ -95,6 +95,15 @@ class SaslResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class SaslEmpty:
+    """An empty line during a SASL exchange (client role): how XOAUTH2 acknowledges an
+    error challenge (Google's and Microsoft's documentation). ``SaslResponse`` with no
+    data is ``=`` instead."""
+
+    verb: ClassVar[Verb] = Verb.AUTH
+
+
+@dataclass(frozen=True, slots=True)
 class SaslCancel:
     """A ``*`` line: the client cancels the SASL exchange (RFC 5034 §4)."""
 
@@ -201,7 +210,7 @@ Command = (
     | Top
     | Uidl
 )
-SaslLine = SaslResponse | SaslCancel
+SaslLine = SaslResponse | SaslEmpty | SaslCancel
 
 
 def multiline_on_ok(command: Command | SaslLine) -> bool:
@@ -384,6 +393,8 @@ def serialize_command(command: Command | SaslLine) -> bytes:
             words = [_b64(data)]
         case SaslCancel():
             words = [b"*"]
+        case SaslEmpty():
+            words = [b""]
         case List(msg=msg) | Uidl(msg=msg):
             words = [command.verb.value.encode()] + ([] if msg is None else [b"%d" % msg])
         case Retr(msg=msg) | Dele(msg=msg):

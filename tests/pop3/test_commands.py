@@ -20,6 +20,7 @@ from popproxy.pop3.commands import (
     Retr,
     Rset,
     SaslCancel,
+    SaslEmpty,
     SaslLine,
     SaslResponse,
     Stat,
@@ -80,6 +81,13 @@ SASL: list[tuple[SaslLine, bytes]] = [
     (SaslResponse(Secret(b"x")), b"eA==\r\n"),
     (SaslCancel(), b"*\r\n"),
 ]
+
+
+def test_an_empty_sasl_line_is_sent_as_an_empty_line() -> None:
+    # The client role's XOAUTH2 acknowledgement; the server role reads it as an empty
+    # response, as it reads "=".
+    assert serialize_command(SaslEmpty()) == b"\r\n"
+    assert parse_sasl_line(b"") == SaslResponse(Secret(b""))
 
 
 @pytest.mark.parametrize(("line", "wire"), SASL)
