@@ -54,6 +54,14 @@ def summarize(config: Config) -> str:
             extra = "" if up.verify else " verify=false"
             if up.ca_file is not None:
                 extra += f" ca_file={up.ca_file}"
+            if up.oauth2 is not None:
+                oauth2 = up.oauth2
+                provider = f" provider={oauth2.provider.value}" if oauth2.provider else ""
+                secret = " client_secret=set" if oauth2.client_secret else ""
+                extra += (
+                    f" auth={up.auth.value}{provider} client_id={oauth2.client_id}{secret}"
+                    f" token_url={oauth2.token_url} scope={oauth2.scope!r}"
+                )
             lines.append(f"  {up.name}: {_host_port(up.host, up.port)} tls={up.tls.value}{extra}")
     lines.append(f"users: {len(config.users)}")
     for user in config.users.values():
@@ -63,7 +71,9 @@ def summarize(config: Config) -> str:
                 lines.append(f"  {user.name}: maildir {path}{missing}")
                 lines.extend(f"    fetch: {source.label}" for source in user.fetch)
             case UpstreamRoute(upstream, upstream_user):
-                lines.append(f"  {user.name}: upstream {upstream.name} as {upstream_user}")
+                token = user.upstream_refresh_token_file
+                how = f" with the refresh token in {token}" if token is not None else ""
+                lines.append(f"  {user.name}: upstream {upstream.name} as {upstream_user}{how}")
     lines.append(f"state: {config.state.url}")
     if config.rules_dir is not None:
         lines.append(f"rules_dir: {config.rules_dir}")

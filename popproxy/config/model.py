@@ -71,6 +71,44 @@ class UpstreamLogin(enum.Enum):
     PLAIN = "plain"
 
 
+class UpstreamAuth(enum.Enum):
+    """What popproxy logs in upstream with: a stored password, or an OAuth2 access token
+    (docs/oauth2.md) in the XOAUTH2 or OAUTHBEARER (RFC 7628) SASL mechanism."""
+
+    PASS = "pass"
+    XOAUTH2 = "xoauth2"
+    OAUTHBEARER = "oauthbearer"
+
+
+class OAuth2Provider(enum.Enum):
+    """A provider whose endpoints and scope popproxy knows (``oauth2.provider``)."""
+
+    GOOGLE = "google"
+    MICROSOFT = "microsoft"
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2Config:
+    """Where and as which client popproxy gets access tokens for an upstream (RFC 6749).
+
+    ``provider`` fills in the endpoints and the scope (config/oauth2.py has the
+    presets); keys given override it. The authorization and device endpoints are
+    only for ``popproxy oauth-login``.
+    """
+
+    client_id: str
+    token_url: str
+    scope: str
+    provider: OAuth2Provider | None = None
+    # Microsoft's directory: "common" (work and personal accounts), "organizations",
+    # "consumers", or the tenant's id or domain.
+    tenant: str | None = None
+    # Public clients (a native app) have none; read at load, never inline.
+    client_secret: Secret | None = field(default=None, metadata=read_from("client_secret_file"))
+    authorization_url: str | None = None  # RFC 6749 §3.1, for the code flow
+    device_authorization_url: str | None = None  # RFC 8628 §3.1, for the device flow
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     """A POP3 server popproxy logs in to (proxy mode, docs/proxy.md)."""
@@ -81,7 +119,9 @@ class UpstreamConfig:
     tls: TlsMode
     verify: bool = True  # check the certificate and the host name
     ca_file: Path | None = None  # trust these CAs instead of the system store
-    login: UpstreamLogin = UpstreamLogin.AUTO
+    login: UpstreamLogin = UpstreamLogin.AUTO  # with auth: pass
+    auth: UpstreamAuth = UpstreamAuth.PASS
+    oauth2: OAuth2Config | None = None  # with auth: xoauth2 or oauthbearer
     # TCP connect, TLS handshake excluded.
     connect_timeout_seconds: float = 15
     # From connect to the listing taken after login: greeting, CAPA, STLS, login, UIDL, LIST.
@@ -138,6 +178,9 @@ class UserConfig:
     upstream_password: Secret | None = field(
         default=None, metadata=read_from("upstream_password_file", "upstream_password_env")
     )
+    # For an upstream with auth: xoauth2 or oauthbearer, instead of a password: the file
+    # holding the refresh token (`popproxy oauth-login` writes it; rotation rewrites it).
+    upstream_refresh_token_file: Path | None = None
     fetch: tuple[FetchSource, ...] = ()
     # Over this many octets in the Maildir (new/, cur/ and tmp/), the gateway stops
     # fetching for this user (docs/gateway.md); None: no limit of its own.

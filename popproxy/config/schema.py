@@ -28,9 +28,11 @@ from popproxy.config.model import (
     StateConfig,
     TlsConfig,
     TlsMode,
+    UpstreamAuth,
     UpstreamConfig,
     UpstreamLogin,
 )
+from popproxy.config.oauth2 import build_oauth2
 from popproxy.config.reader import read_yaml
 from popproxy.config.rules import load_rules
 from popproxy.config.secrets import read_secret
@@ -104,7 +106,7 @@ def _build(
     allow_plaintext = top.boolean("allow_plaintext_auth")
     upstreams = _upstreams(top)
     _refuse_loops(top, listen, upstreams)
-    users = build_users(top)
+    users = build_users(top, upstreams)
     state = _state(top)
     rules_dir = top.path_value("rules_dir", kind="dir")
     metrics = _metrics(top)
@@ -299,6 +301,13 @@ def _upstreams(top: ConfigSection) -> dict[str, UpstreamConfig]:
         verify = section.boolean("verify")
         ca_file = section.path_value("ca_file", kind="file")
         login = section.choice("login", UpstreamLogin)
+        auth = section.choice("auth", UpstreamAuth)
+        if section.has("auth") and auth is None:
+            oauth2 = None  # the choice was reported; its oauth2 section would mislead
+        else:
+            oauth2 = build_oauth2(section, auth or UpstreamAuth.PASS)
+        if auth not in (None, UpstreamAuth.PASS) and section.has("login"):
+            section.error("login", "only meaningful with auth: pass")
         default = UpstreamConfig(name, "-", 0, TlsMode.NONE)
         connect_timeout = section.seconds("connect_timeout_seconds", positive=True)
         login_timeout = section.seconds("login_timeout_seconds", positive=True)
@@ -313,6 +322,10 @@ def _upstreams(top: ConfigSection) -> dict[str, UpstreamConfig]:
             section.error(key, "only meaningful with tls: starttls or implicit")
         if host is None or tls is None or port is None:
             continue
+        if (auth is None and section.has("auth")) or (
+            auth not in (None, UpstreamAuth.PASS) and oauth2 is None
+        ):
+            continue
         out[name] = UpstreamConfig(
             name=name,
             host=host,
@@ -321,6 +334,8 @@ def _upstreams(top: ConfigSection) -> dict[str, UpstreamConfig]:
             verify=True if verify is None else verify,
             ca_file=ca_file,
             login=login or UpstreamLogin.AUTO,
+            auth=auth or UpstreamAuth.PASS,
+            oauth2=oauth2,
             connect_timeout_seconds=connect_timeout or default.connect_timeout_seconds,
             login_timeout_seconds=login_timeout or default.login_timeout_seconds,
             command_timeout_seconds=command_timeout or default.command_timeout_seconds,

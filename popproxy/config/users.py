@@ -7,11 +7,15 @@ or ``upstream_password_env`` and is read here, at load, into a :class:`Secret`.
 from __future__ import annotations
 
 import difflib
+import stat
+from collections.abc import Mapping
+from pathlib import Path
 
 from popproxy.auth.passwords import PasswordHashError, parse_hash
 from popproxy.config.fields import ConfigSection
-from popproxy.config.model import FetchSource, UserConfig
-from popproxy.config.secrets import read_secret
+from popproxy.config.model import FetchSource, UpstreamAuth, UpstreamConfig, UserConfig
+from popproxy.config.reader import read_bounded
+from popproxy.config.secrets import MAX_SECRET_FILE_BYTES, read_secret
 from popproxy.policy.fields import describe, keys_of
 from popproxy.pop3.names import login_name_problem
 from popproxy.secret import Secret
@@ -36,8 +40,14 @@ _USER_HINTS = {
 }
 
 
-def build_users(top: ConfigSection) -> dict[str, UserConfig]:
-    """The ``users`` mapping: each valid user by name (problems go to ``top.issues``)."""
+def build_users(
+    top: ConfigSection, upstreams: Mapping[str, UpstreamConfig]
+) -> dict[str, UserConfig]:
+    """The ``users`` mapping: each valid user by name (problems go to ``top.issues``).
+
+    ``upstreams`` are those built without problems: a user's credential keys are checked
+    against its upstream's ``auth`` (a password, or a refresh-token file).
+    """
     out: dict[str, UserConfig] = {}
     # Names as written, so that a user naming an upstream with its own errors gets no
     # second, misleading "no such upstream" error.
@@ -68,9 +78,27 @@ def build_users(top: ConfigSection) -> dict[str, UserConfig]:
         elif not has_maildir and not has_upstream:
             top.issues.add(path, "missing; expected maildir (a local Maildir) or upstream")
         upstream_user = section.string("upstream_user")
-        secret = _upstream_secret(section) if has_upstream else None
+        target = upstreams.get(upstream) if upstream is not None else None
+        secret: Secret | None = None
+        token_file: Path | None = None
+        if target is not None and target.auth is not UpstreamAuth.PASS:
+            token_file = _refresh_token_file(section, target.auth)
+        elif target is None and upstream in declared_names:
+            pass  # the upstream has problems of its own: which credential it takes is unknown
+        elif has_upstream:
+            if section.has("upstream_refresh_token_file"):
+                section.error(
+                    "upstream_refresh_token_file",
+                    "only meaningful with an upstream whose auth is xoauth2 or oauthbearer",
+                )
+            secret = _upstream_secret(section)
         if not has_upstream:
-            for key in ("upstream_user", "upstream_password_file", "upstream_password_env"):
+            for key in (
+                "upstream_user",
+                "upstream_password_file",
+                "upstream_password_env",
+                "upstream_refresh_token_file",
+            ):
                 if section.has(key):
                     section.error(key, "only meaningful with upstream")
         fetch = _fetch_sources(section, name, declared_names, fetched_by)
@@ -88,6 +116,7 @@ def build_users(top: ConfigSection) -> dict[str, UserConfig]:
             upstream=upstream,
             upstream_user=(upstream_user or name) if upstream is not None else None,
             upstream_password=secret,
+            upstream_refresh_token_file=token_file,
             fetch=fetch,
             max_maildir_bytes=max_maildir,
         )
@@ -174,6 +203,56 @@ def _password_hash(section: ConfigSection) -> str | None:
         section.error("password_hash", reason)
         return None
     return value
+
+
+def _refresh_token_file(section: ConfigSection, auth: UpstreamAuth) -> Path | None:
+    """The refresh-token file of a user of a token upstream: it must exist, and be readable
+    by its owner only (it is a long-lived credential; `popproxy oauth-login` writes it 0600).
+    """
+    for key in ("upstream_password_file", "upstream_password_env"):
+        if section.has(key):
+            section.error(
+                key,
+                f"the upstream logs in with auth: {auth.value}; give"
+                " upstream_refresh_token_file (from `popproxy oauth-login`) instead",
+            )
+    path = section.path_value("upstream_refresh_token_file", kind="file")
+    if path is None:
+        if not section.has("upstream_refresh_token_file"):
+            section.missing(
+                "upstream_refresh_token_file",
+                f"the file holding the refresh token for auth: {auth.value}"
+                " (write it with `popproxy oauth-login`)",
+            )
+        return None
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        section.error("upstream_refresh_token_file", f"cannot read {path}: {exc.strerror}")
+        return None
+    if mode & 0o077:
+        section.error(
+            "upstream_refresh_token_file",
+            f"{path} is open to other users (mode {stat.S_IMODE(mode):04o});"
+            " a refresh token is a long-lived credential: chmod 600 it",
+        )
+        return None
+    problem = refresh_token_problem(path)
+    if problem is not None:
+        section.error("upstream_refresh_token_file", problem)
+        return None
+    return path
+
+
+def refresh_token_problem(path: Path) -> str | None:
+    """Why ``path`` does not hold a refresh token, or None (read now; the token itself is
+    read again at each refresh, since rotation rewrites the file)."""
+    raw = read_bounded(path, MAX_SECRET_FILE_BYTES)
+    if isinstance(raw, OSError):
+        return f"cannot read {path}: {raw.strerror or raw}"
+    if raw is None or not raw.strip():
+        return f"expected a refresh token in {path} (at most {MAX_SECRET_FILE_BYTES} bytes)"
+    return None
 
 
 def _upstream_secret(section: ConfigSection) -> Secret | None:
