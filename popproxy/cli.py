@@ -7,6 +7,8 @@ Commands::
     popproxy explain -c FILE --user USER
     popproxy fetch --once -c FILE [--user USER] [--log-format logfmt|json] [--log-level info]
     popproxy hash-password [--ln 15]
+    popproxy oauth-login (--provider google|microsoft | -c FILE --upstream NAME) --client-id ID
+                         --out FILE [--device]
     popproxy state show -c FILE [--upstream NAME] [--upstream-user USER]
     popproxy state prune -c FILE --gone-days N [--dry-run]
     popproxy audit -c FILE [--user U] [--upstream NAME] [--rule R] [--uid UIDL]
@@ -46,7 +48,15 @@ from popproxy.auth.passwords import (
     hash_password,
 )
 from popproxy.commands import check_config
-from popproxy.config import MAX_PORT, Config, ConfigError, MetricsConfig, load_config
+from popproxy.config import (
+    MAX_PORT,
+    Config,
+    ConfigError,
+    MetricsConfig,
+    OAuth2Config,
+    OAuth2Provider,
+    load_config,
+)
 from popproxy.config.host_checks import host_problems
 from popproxy.logfmt import JsonFormatter, LogfmtFormatter, SessionFilter
 from popproxy.reload import ConfigLoader, config_changes
@@ -101,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_fetch(Path(args.config), args.user, args.log_format, args.log_level)
         case "hash-password":
             return _cmd_hash_password(args.ln, sys.stdin, sys.stdout, sys.stderr)
+        case "oauth-login":
+            return _cmd_oauth_login(args)
         case "state":
             return _cmd_state(args)
         case "audit":
@@ -166,6 +178,33 @@ def _parser() -> argparse.ArgumentParser:
             " snapshot_dir): what a reload now would change, rules included"
         ),
     )
+
+    login = commands.add_parser(
+        "oauth-login",
+        help="get an upstream account's OAuth2 refresh token (docs/oauth2.md)",
+        description=(
+            "Sign in to the mail provider as the account's owner and write the refresh"
+            " token to --out (mode 0600), for upstream_refresh_token_file. The settings come"
+            " from --provider and the options, or from an upstream of a config (-c, --upstream);"
+            " options given override them."
+        ),
+    )
+    login.add_argument("--provider", choices=[p.value for p in OAuth2Provider])
+    login.add_argument("-c", "--config", metavar="FILE", help="take the settings from this config")
+    login.add_argument("--upstream", metavar="NAME", help="the config's upstream (with -c)")
+    login.add_argument("--client-id", metavar="ID")
+    login.add_argument("--client-secret-file", metavar="FILE")
+    login.add_argument("--tenant", metavar="TENANT", help="Microsoft directory (default: common)")
+    login.add_argument("--scope", metavar="SCOPES")
+    login.add_argument("--token-url", metavar="URL")
+    login.add_argument("--authorization-url", metavar="URL")
+    login.add_argument("--device-authorization-url", metavar="URL")
+    login.add_argument(
+        "--device",
+        action="store_true",
+        help="the device flow: enter a code on any device (default: a browser on this machine)",
+    )
+    login.add_argument("--out", required=True, metavar="FILE", help="the refresh-token file")
 
     explain_cmd = commands.add_parser(
         "explain",
@@ -392,6 +431,96 @@ def _load(path: Path, *, on_this_host: bool = False) -> Config | None:
         print(issue, file=sys.stderr)
     print(f"{path}: {len(issues)} problem(s) found", file=sys.stderr)
     return None
+
+
+def _cmd_oauth_login(args: argparse.Namespace) -> int:
+    from popproxy.oauth2.flows import LoginFailed, code_flow, device_flow
+    from popproxy.oauth2.token_file import TokenFileError
+
+    oauth2 = _oauth_login_settings(args)
+    if oauth2 is None:
+        return EXIT_USAGE
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    flow = device_flow if args.device else code_flow
+    try:
+        flow(oauth2, Path(args.out), say)
+    except (LoginFailed, TokenFileError) as exc:
+        print(f"popproxy oauth-login: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _oauth_login_settings(args: argparse.Namespace) -> OAuth2Config | None:
+    """The OAuth2 settings for oauth-login: a config's upstream, or the preset, with the
+    options given on top (checked as the config's keys are)."""
+    from popproxy.config.oauth2 import endpoint_problem, preset
+
+    def usage(text: str) -> None:
+        print(f"popproxy oauth-login: {text}", file=sys.stderr)
+
+    base: OAuth2Config | None = None
+    if args.config is not None:
+        if args.upstream is None:
+            usage("-c needs --upstream NAME")
+            return None
+        try:
+            config = load_config(Path(args.config))
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return None
+        upstream = config.upstreams.get(args.upstream)
+        if upstream is None or upstream.oauth2 is None:
+            usage(f"{args.config} has no upstream {args.upstream!r} with an oauth2 section")
+            return None
+        base = upstream.oauth2
+    provider = OAuth2Provider(args.provider) if args.provider else None
+    if base is None and provider is None and args.token_url is None:
+        usage("give --provider, or -c and --upstream, or --token-url and --scope")
+        return None
+    defaults = preset(provider, args.tenant) if provider is not None else None
+    client_secret = base.client_secret if base is not None else None
+    if args.client_secret_file is not None:
+        try:
+            raw = Path(args.client_secret_file).read_bytes().strip()
+        except OSError as exc:
+            usage(f"cannot read {args.client_secret_file}: {exc.strerror}")
+            return None
+        client_secret = Secret(raw) if raw else None
+
+    def pick(option: str | None, key: str) -> str | None:
+        # The option, else the config's upstream, else the provider's preset.
+        if option is not None:
+            return option
+        if base is not None and getattr(base, key) is not None:
+            return str(getattr(base, key))
+        return str(getattr(defaults, key)) if defaults is not None else None
+
+    client_id = args.client_id or (base.client_id if base is not None else None)
+    token_url = pick(args.token_url, "token_url")
+    scope = pick(args.scope, "scope")
+    if client_id is None or token_url is None or scope is None:
+        usage("--client-id, and a token URL and scope (from --provider or the options), are needed")
+        return None
+    oauth2 = OAuth2Config(
+        client_id=client_id,
+        token_url=token_url,
+        scope=scope,
+        provider=provider or (base.provider if base is not None else None),
+        tenant=args.tenant,
+        client_secret=client_secret,
+        authorization_url=pick(args.authorization_url, "authorization_url"),
+        device_authorization_url=pick(args.device_authorization_url, "device_authorization_url"),
+    )
+    for url in (oauth2.token_url, oauth2.authorization_url, oauth2.device_authorization_url):
+        if url is not None and (problem := endpoint_problem(url)) is not None:
+            usage(problem)
+            return None
+    return oauth2
 
 
 def _cmd_check_config(path: Path, against: Path | None = None, *, running: bool = False) -> int:
