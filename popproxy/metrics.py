@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 import platform
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 from prometheus_client import (
@@ -39,7 +39,7 @@ from prometheus_client import (
 )
 
 import popproxy
-from popproxy.outcomes import PollResult, SessionResult, UpstreamFailure
+from popproxy.outcomes import PollResult, SessionResult, TokenRefreshResult, UpstreamFailure
 from popproxy.pop3.commands import Verb
 
 PREFIX = "popproxy_"
@@ -321,6 +321,21 @@ class Metrics:
             ("upstream",),
         )
 
+        # OAuth2 tokens of upstreams with auth: xoauth2 or oauthbearer.
+        self._oauth2_refreshes = counter(
+            "oauth2_token_refreshes_total",
+            "OAuth2 access-token refreshes at the token endpoint, by outcome"
+            " (ok, revoked, rejected, unavailable).",
+            ("upstream", "result"),
+        )
+        self._oauth2_token_age = gauge(
+            "oauth2_token_age_seconds",
+            "Age of the oldest cached OAuth2 access token of the upstream: grows past a"
+            " token's lifetime only while its refreshes fail.",
+            ("upstream",),
+        )
+        self._oauth2_upstreams: set[str] = set()
+
         # Policy and state.
         self._policy_actions = counter(
             "policy_actions_total",
@@ -422,6 +437,7 @@ class Metrics:
         listeners: Iterable[str] = (),
         upstreams: Iterable[str] = (),
         rules: Iterable[str] = (),
+        oauth2_upstreams: Iterable[str] = (),
     ) -> None:
         """Allow these configured names as label values and create their series at 0.
 
@@ -445,6 +461,12 @@ class Metrics:
                 self._gateway_fetched_bytes.labels(upstream)
                 self._gateway_duration.labels(upstream)
                 self._gateway_backoff.labels(upstream)
+        for upstream in oauth2_upstreams:
+            _check_name(upstream)
+            self._oauth2_upstreams.add(upstream)
+            for refresh_result in TokenRefreshResult:
+                self._oauth2_refreshes.labels(upstream, refresh_result.value)
+            self._oauth2_token_age.labels(upstream)
         for rule in rules:
             _check_name(rule)
             self._rules.add(rule)
@@ -470,6 +492,21 @@ class Metrics:
         if name not in self._upstreams:
             self._undeclared("upstream", name, upstreams=[name])
         return self._upstreams[name]
+
+    def oauth2_refresh(self, upstream: str, result: TokenRefreshResult) -> None:
+        """One access-token refresh of a declared token upstream ended with ``result``."""
+        name = self._oauth2_upstream(upstream)
+        self._oauth2_refreshes.labels(name, _member(result, TokenRefreshResult).value).inc()
+
+    def track_oauth2_token_age(self, upstream: str, age: Callable[[], float]) -> None:
+        """Read the oldest token age of a declared token upstream from ``age`` at each
+        scrape (seconds; the token cache outlives reloads, so it stays the source)."""
+        self._oauth2_token_age.labels(self._oauth2_upstream(upstream)).set_function(age)
+
+    def _oauth2_upstream(self, name: str) -> str:
+        if name not in self._oauth2_upstreams:
+            self._undeclared("oauth2 upstream", name, oauth2_upstreams=[name])
+        return name
 
     def _rule(self, name: str) -> str:
         if name not in self._rules:

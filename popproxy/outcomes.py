@@ -53,3 +53,12 @@ class PollResult(enum.Enum):
     MAILDIR_ERROR = "maildir_error"  # another write failure: read-only, permissions
     STATE_ERROR = "state_error"  # the state store could not be read or written
     INTERNAL_ERROR = "internal_error"  # a bug in popproxy (logged with its traceback)
+
+
+class TokenRefreshResult(enum.Enum):
+    """How an OAuth2 access-token refresh ended (popproxy/oauth2/cache.py, docs/oauth2.md)."""
+
+    OK = "ok"
+    REVOKED = "revoked"  # invalid_grant: the refresh token is dead; run oauth-login again
+    REJECTED = "rejected"  # the provider refuses the client (id, secret, scope)
+    UNAVAILABLE = "unavailable"  # the token endpoint is down, slow or answers nonsense

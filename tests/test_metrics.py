@@ -30,7 +30,7 @@ from popproxy.metrics import (
     StateOperation,
     TlsResult,
 )
-from popproxy.outcomes import PollResult, SessionResult, UpstreamFailure
+from popproxy.outcomes import PollResult, SessionResult, TokenRefreshResult, UpstreamFailure
 from popproxy.pop3.commands import Verb
 
 LISTENERS = ("none", "starttls", "implicit")
@@ -42,7 +42,9 @@ FORBIDDEN_LABELS = frozenset({"user", "username", "address", "peer", "uidl", "ho
 
 def new_metrics() -> Metrics:
     metrics = Metrics(CollectorRegistry())
-    metrics.declare(listeners=LISTENERS, upstreams=UPSTREAMS, rules=RULES)
+    metrics.declare(
+        listeners=LISTENERS, upstreams=UPSTREAMS, rules=RULES, oauth2_upstreams=("provider",)
+    )
     return metrics
 
 
@@ -91,6 +93,9 @@ def exercise_every_metric(metrics: Metrics) -> None:
     )
     metrics.gateway_backoff({"backup": 1})
     metrics.gateway_interval(300)
+    metrics.oauth2_refresh("provider", TokenRefreshResult.OK)
+    metrics.oauth2_refresh("provider", TokenRefreshResult.REVOKED)
+    metrics.track_oauth2_token_age("provider", lambda: 42.0)
 
 
 def samples_by_family(registry: CollectorRegistry) -> dict[str, list[tuple[str, dict[str, str]]]]:
@@ -582,3 +587,30 @@ def test_gateway_metrics_take_declared_names_and_closed_results_only() -> None:
     assert (
         value("popproxy_gateway_last_success_timestamp_seconds", {"upstream": "provider"}) is None
     )
+
+
+def test_oauth2_series_exist_at_zero_and_count() -> None:
+    metrics = new_metrics()
+    for result in TokenRefreshResult:
+        name = "popproxy_oauth2_token_refreshes_total"
+        assert value(metrics, name, upstream="provider", result=result.value) == 0
+    assert (
+        value(metrics, "popproxy_oauth2_token_refreshes_total", upstream="backup", result="ok")
+        is None
+    )
+    metrics.oauth2_refresh("provider", TokenRefreshResult.UNAVAILABLE)
+    assert (
+        value(
+            metrics,
+            "popproxy_oauth2_token_refreshes_total",
+            upstream="provider",
+            result="unavailable",
+        )
+        == 1
+    )
+    ages = iter([5.0, 7.5])
+    metrics.track_oauth2_token_age("provider", lambda: next(ages))
+    assert value(metrics, "popproxy_oauth2_token_age_seconds", upstream="provider") == 5.0
+    assert value(metrics, "popproxy_oauth2_token_age_seconds", upstream="provider") == 7.5
+    with pytest.raises(ValueError, match="not declared"):
+        metrics.oauth2_refresh("backup", TokenRefreshResult.OK)

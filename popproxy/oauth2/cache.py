@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from popproxy.config import OAuth2Config
 from popproxy.oauth2.grants import TokenError, TokenErrorKind, TokenGrant, parse_token_answer
 from popproxy.oauth2.http import HttpUnavailable, post_form
 from popproxy.oauth2.token_file import TokenFileError, read_refresh_token, write_refresh_token
+from popproxy.outcomes import TokenRefreshResult
 from popproxy.secret import Secret
 
 log = logging.getLogger("popproxy.oauth2")
@@ -117,13 +119,23 @@ class TokenEndpoint:
 
 
 Refresher = Callable[[TokenAccount, Secret], Awaitable[TokenGrant]]
-RefreshObserver = Callable[[str, str], None]  # (upstream, result)
+RefreshObserver = Callable[[str, TokenRefreshResult], None]  # (upstream, result)
+
+
+_RESULTS = {
+    TokenErrorKind.REVOKED: TokenRefreshResult.REVOKED,
+    TokenErrorKind.REJECTED: TokenRefreshResult.REJECTED,
+    TokenErrorKind.UNAVAILABLE: TokenRefreshResult.UNAVAILABLE,
+    TokenErrorKind.PENDING: TokenRefreshResult.UNAVAILABLE,  # no answer to a refresh: nonsense
+}
 
 
 class _Entry:
     """One account's cached token, lock and failure state (mutable; one trio thread)."""
 
     __slots__ = ("backoff", "error", "expires_at", "lock", "obtained_at", "retry_at", "token")
+
+    # obtained_at is on the ``age_clock`` (monotonic), expires_at and retry_at on trio's.
 
     def __init__(self) -> None:
         self.lock = trio.Lock()
@@ -143,19 +155,24 @@ class TokenCache:
         refresher: Refresher | None = None,
         *,
         on_refresh: RefreshObserver | None = None,
+        age_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._refresher = refresher or TokenEndpoint().refresh
+        # Token ages are read at scrape time, outside trio: a clock of their own.
+        self._age_clock = age_clock
         # File reads and the rotation's fsyncs: short, but blocking.
         self._file_limiter = trio.CapacityLimiter(MAX_CONCURRENT_TOKEN_REQUESTS)
         self._entries: dict[tuple[str, str], _Entry] = {}
         self.on_refresh = on_refresh
 
-    def oldest_token_age(self, upstream: str, now: float) -> float:
+    def oldest_token_age(self, upstream: str) -> float:
         """Seconds since the oldest cached access token of ``upstream`` was obtained (0 with
-        none): it grows past a token's lifetime only while refreshes fail."""
+        none): it grows past a token's lifetime only while refreshes fail. Safe to call
+        from the exporter's thread (it only reads)."""
+        now = self._age_clock()
         ages = [
             now - entry.obtained_at
-            for (name, _), entry in self._entries.items()
+            for (name, _), entry in list(self._entries.items())
             if name == upstream and entry.token is not None
         ]
         return max(ages, default=0.0)
@@ -201,7 +218,7 @@ class TokenCache:
             raise
         now = trio.current_time()
         entry.token = grant.access_token
-        entry.obtained_at = now
+        entry.obtained_at = self._age_clock()
         entry.expires_at = now + grant.expires_in - refresh_margin(grant.expires_in)
         entry.error = None
         entry.backoff = 0.0
@@ -211,7 +228,7 @@ class TokenCache:
             extra={"fields": {**fields, "expires_in_seconds": round(grant.expires_in)}},
         )
         if self.on_refresh is not None:
-            self.on_refresh(account.upstream, "ok")
+            self.on_refresh(account.upstream, TokenRefreshResult.OK)
         return grant.access_token
 
     async def _grant(self, account: TokenAccount, fields: dict[str, object]) -> TokenGrant:
@@ -249,7 +266,10 @@ class TokenCache:
         )
         entry.retry_at = trio.current_time() + entry.backoff
         entry.error = error
-        entry.token = None  # a refused refresh token may mean the grant is gone
+        # Kept for the age metric (an expired token is never handed out: expires_at).
+        # A revoked grant's token may still be unexpired: it is dropped.
+        if error.kind is TokenErrorKind.REVOKED:
+            entry.token = None
         fields = {**fields, "reason": error.code, "retry_in_seconds": entry.backoff}
         match error.kind:
             case TokenErrorKind.REVOKED:
@@ -267,7 +287,4 @@ class TokenCache:
             case _:
                 log.warning("oauth2_refresh_failed", extra={"fields": fields})
         if self.on_refresh is not None:
-            kind = error.kind
-            if kind is TokenErrorKind.PENDING:  # not an answer to a refresh: nonsense
-                kind = TokenErrorKind.UNAVAILABLE
-            self.on_refresh(account.upstream, kind.value)
+            self.on_refresh(account.upstream, _RESULTS[error.kind])

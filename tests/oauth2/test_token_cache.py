@@ -26,6 +26,7 @@ from popproxy.oauth2.cache import (
     refresh_margin,
 )
 from popproxy.oauth2.grants import TokenError, TokenErrorKind, TokenGrant
+from popproxy.outcomes import TokenRefreshResult
 from popproxy.secret import Secret
 
 OAUTH2 = OAuth2Config(client_id="c", token_url="https://t.example/token", scope="s")
@@ -136,12 +137,12 @@ async def test_revoked_refresh_token_says_to_run_oauth_login(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     endpoint = Endpoint(error=TokenError(TokenErrorKind.REVOKED, "invalid_grant"))
-    seen: list[tuple[str, str]] = []
+    seen: list[tuple[str, TokenRefreshResult]] = []
     cache = TokenCache(endpoint.refresh, on_refresh=lambda up, result: seen.append((up, result)))
     with caplog.at_level(logging.INFO, logger="popproxy.oauth2"), pytest.raises(TokenError) as info:
         await cache.access_token(account, session="s1")
     assert info.value.kind is TokenErrorKind.REVOKED
-    assert seen == [("gmail", "revoked")]
+    assert seen == [("gmail", TokenRefreshResult.REVOKED)]
     [record] = [r for r in caplog.records if r.msg == "oauth2_refresh_token_revoked"]
     fields = record.fields  # type: ignore[attr-defined]
     assert "popproxy oauth-login" in fields["action"]
@@ -188,12 +189,12 @@ async def test_an_unreadable_token_file_is_unavailable(
 async def test_oldest_token_age(
     account: TokenAccount, autojump_clock: trio.testing.MockClock
 ) -> None:
-    cache = TokenCache(Endpoint(delay=0).refresh)
-    assert cache.oldest_token_age("gmail", trio.current_time()) == 0.0
+    cache = TokenCache(Endpoint(delay=0).refresh, age_clock=trio.current_time)
+    assert cache.oldest_token_age("gmail") == 0.0
     await cache.access_token(account)
     await trio.sleep(30)
     other = TokenAccount("gmail", "bob", account.token_file, OAUTH2)
     await cache.access_token(other)
     await trio.sleep(5)
-    assert cache.oldest_token_age("gmail", trio.current_time()) == pytest.approx(35)
-    assert cache.oldest_token_age("outlook", trio.current_time()) == 0.0
+    assert cache.oldest_token_age("gmail") == pytest.approx(35)
+    assert cache.oldest_token_age("outlook") == 0.0
