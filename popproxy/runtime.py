@@ -9,8 +9,8 @@ cache and the login-failure table (a reload never adds threads and never forgets
 failed or who was verified, docs/security.md), and the router's resources (the state
 store, the mailbox locks, the upstream capability memos, the greeting token). With a
 PostgreSQL store, also what every instance shares beside it (leases, login failures;
-docs/scaling.md): the mailbox locks are then leases there. A new
-process-wide cache (the OAuth2 tokens) belongs there too.
+docs/scaling.md): the mailbox locks are then leases there. The OAuth2
+access tokens live there too, so a reload never makes every account refresh its token.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from popproxy.locks import InProcessLocks, MailboxLocks
 from popproxy.maildrop.retention import Clock
 from popproxy.maildrop.router import CapabilityMemos, MaildropRouter, RouterResources
 from popproxy.metrics import Metrics
+from popproxy.oauth2.cache import TokenCache
 from popproxy.reload import (
     ConfigChanges,
     ConfigLoader,
@@ -76,6 +77,7 @@ class ProcessState:
             shared = SharedOpener(config.state, metrics)
             locks = shared_locks = SharedLocks(shared, lease_seconds=config.state.lease_seconds)
             throttle = SharedThrottle(shared)
+        tokens = TokenCache(on_refresh=metrics.oauth2_refresh)
         return cls(
             hash_queue=HashQueue(),
             credentials=CredentialCache(config.limits.auth_cache_size),
@@ -92,6 +94,7 @@ class ProcessState:
                 greeting_token=secrets.token_hex(6),
                 clock=clock,
                 metrics=metrics,
+                tokens=tokens,
             ),
         )
 

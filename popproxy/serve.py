@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import ssl
 import time
@@ -203,11 +204,18 @@ class Server:
 
     def _declare(self, config: Config) -> None:
         """Allow the names of ``config`` as metric labels (before any session can use them)."""
+        token_upstreams = [up.name for up in config.upstreams.values() if up.oauth2 is not None]
         self.metrics.declare(
             listeners=[listener.name for listener in config.listen],
             upstreams=config.upstreams.keys(),
             rules=(*config.policy.rule_names, DEFAULT_RULE),
+            oauth2_upstreams=token_upstreams,
         )
+        tokens = self._process.maildrops.tokens
+        for name in token_upstreams:
+            self.metrics.track_oauth2_token_age(
+                name, functools.partial(tokens.oldest_token_age, name)
+            )
 
     def session_context(self, listener: ListenerConfig) -> SessionContext:
         """The context of a session accepted now on ``listener`` (a listener bound at start)."""

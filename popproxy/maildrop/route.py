@@ -1,9 +1,9 @@
 """Where a local user's mail comes from: one route value per user (DESIGN.md, routing).
 
 The config says it with keys (``maildir``, or ``upstream`` with ``upstream_user`` and
-a password); ``route_of`` turns them into one frozen value, so code that serves,
-explains or describes a user dispatches with ``match`` on the route instead of
-testing keys for None. Pure: no I/O library is imported here.
+a password or a refresh-token file); ``route_of`` turns them into one frozen value,
+so code that serves, explains or describes a user dispatches with ``match`` on the
+route instead of testing keys for None. Pure: no I/O library is imported here.
 """
 
 from __future__ import annotations
@@ -24,12 +24,24 @@ class MaildirRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class RefreshTokenFile:
+    """An upstream account that logs in with OAuth2 access tokens (``auth: xoauth2`` or
+    ``oauthbearer``): the file holding its refresh token (docs/oauth2.md)."""
+
+    path: Path
+
+
+# What popproxy logs in upstream with: the stored password, or the refresh-token file.
+UpstreamCredential = Secret | RefreshTokenFile
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamRoute:
     """The user is served live from an account on an upstream server (proxy mode)."""
 
     upstream: UpstreamConfig
     user: str  # the upstream user name
-    password: Secret
+    credential: UpstreamCredential
 
 
 Route = MaildirRoute | UpstreamRoute
@@ -44,6 +56,13 @@ def route_of(user: UserConfig, upstreams: Mapping[str, UpstreamConfig]) -> Route
     """The route ``user`` is served by; ``NoRoute`` if its config names none."""
     if user.maildir is not None:
         return MaildirRoute(user.maildir)
-    if user.upstream is None or user.upstream_user is None or user.upstream_password is None:
+    if user.upstream is None or user.upstream_user is None:
         raise NoRoute(f"user {user.name!r} has no maildrop configured")
-    return UpstreamRoute(upstreams[user.upstream], user.upstream_user, user.upstream_password)
+    credential: UpstreamCredential
+    if user.upstream_refresh_token_file is not None:
+        credential = RefreshTokenFile(user.upstream_refresh_token_file)
+    elif user.upstream_password is not None:
+        credential = user.upstream_password
+    else:
+        raise NoRoute(f"user {user.name!r} has no maildrop configured (no upstream credential)")
+    return UpstreamRoute(upstreams[user.upstream], user.upstream_user, credential)

@@ -6,8 +6,7 @@ upstream account seen through retention policy (DESIGN.md, routing). A reload
 builds a new router; what must outlive reloads is in ``RouterResources``, made once
 per process and handed to every router: the state store, the mailbox locks (an
 account stays locked across config generations while a session of either uses it),
-the upstream capability memos and the greeting token. Later process-wide caches
-(the OAuth2 tokens) belong there too.
+the upstream capability memos, the greeting token and the OAuth2 access tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from popproxy.maildrop.retention import (
 from popproxy.maildrop.route import MaildirRoute, NoRoute, Route, UpstreamRoute, route_of
 from popproxy.maildrop.upstream import CapabilityMemo, UpstreamAccount, open_upstream
 from popproxy.metrics import Metrics
+from popproxy.oauth2.cache import TokenCache
 from popproxy.pop3.replies import ResponseCode
 from popproxy.state.base import AccountKey, StateError, StateStore
 
@@ -93,6 +93,8 @@ class RouterResources:
     # The upstream names of each config are declared in it; by default a Metrics nobody
     # reads (explain, tests).
     metrics: Metrics = field(default_factory=Metrics.unexported)
+    # OAuth2 access tokens of the token upstreams' accounts (a reload keeps them).
+    tokens: TokenCache = field(default_factory=TokenCache)
 
 
 def mailbox_of(route: UpstreamRoute) -> UpstreamMailbox:
@@ -170,12 +172,13 @@ class MaildropRouter:
                 held = await lock.enter_async_context(hold)
             store = await self._store()
             inner = await open_upstream(
-                UpstreamAccount(upstream, route.user, route.password),
+                UpstreamAccount(upstream, route.user, route.credential),
                 tls_context=self._upstream_tls.get(upstream.name),
                 own_greeting_token=shared.greeting_token,
                 metrics=shared.metrics.upstream(upstream.name),
                 capabilities=shared.capabilities.of(upstream),
                 session_id=session_id,
+                tokens=shared.tokens,
             )
             retention = RetentionContext(
                 account=AccountKey(upstream.name, route.user),

@@ -26,8 +26,9 @@ import trio
 from popproxy.config import UpstreamConfig
 from popproxy.maildrop.base import Committed, MaildropError, MessageInfo
 from popproxy.maildrop.connection import UPSTREAM_RECEIVE_BYTES, UpstreamConnection, UpstreamError
-from popproxy.maildrop.upstream_login import CapabilityMemo, UpstreamAccount, open_connection
+from popproxy.maildrop.upstream_login import CapabilityMemo, UpstreamAccount, open_account
 from popproxy.metrics import UpstreamMetrics
+from popproxy.oauth2.cache import TokenCache
 from popproxy.outcomes import UpstreamFailure
 from popproxy.pop3.client_replies import UNAVAILABLE
 from popproxy.pop3.commands import Command, Noop, Retr, Top
@@ -216,17 +217,20 @@ async def open_upstream(
     metrics: UpstreamMetrics | None = None,
     capabilities: CapabilityMemo | None = None,
     session_id: str | None = None,
+    tokens: TokenCache | None = None,
 ) -> UpstreamMaildrop:
     """Log in upstream as ``account`` and take the listing (``upstream_login.open_connection``
-    has the errors, RFC 3206, and what ``metrics`` and ``capabilities`` are for).
+    has the errors, RFC 3206, and what ``metrics`` and ``capabilities`` are for; a token
+    account's access token comes from ``tokens``, ``upstream_login.open_account``).
     ``session_id`` names the client session in the maildrop's log lines."""
-    connection, listing = await open_connection(
-        account.upstream,
-        account.login(),
+    connection, listing = await open_account(
+        account,
         tls_context=tls_context,
+        tokens=tokens,
         own_greeting_token=own_greeting_token,
         metrics=metrics,
         capabilities=capabilities,
+        session=session_id or "",
     )
     numbers = [m.number for m in listing]
     messages = [MessageInfo(m.uid, m.size) for m in listing]

@@ -28,7 +28,10 @@ import trio
 
 from popproxy.config import TlsMode, UpstreamConfig, UpstreamLogin
 from popproxy.maildrop.connection import UpstreamConnection, UpstreamError, unavailable
+from popproxy.maildrop.route import UpstreamCredential
+from popproxy.maildrop.token_login import open_token_connection
 from popproxy.metrics import Metrics, UpstreamMetrics
+from popproxy.oauth2.cache import TokenAccount, TokenCache
 from popproxy.outcomes import UpstreamFailure
 from popproxy.pop3.client_replies import (
     MAX_CAPABILITY_LINES,
@@ -48,9 +51,21 @@ from popproxy.secret import Secret
 
 log = logging.getLogger("popproxy.upstream")
 
+# SASL challenges one login answers: an empty one asking for the response, then an error
+# (RFC 7628 §3.2.2); more is an upstream looping.
+MAX_LOGIN_CHALLENGES = 2
+
 
 class Login(Protocol):
     """A way to log in upstream, chosen per connection from the upstream's CAPA."""
+
+    # Whether UIDL and LIST may follow the login commands in the same write (RFC 2449
+    # §6.6). Not for a SASL exchange that may need a challenge answered: the server would
+    # read the next command as the answer.
+    @property
+    def pipelined(self) -> bool:
+        """True: the listing may be sent behind the login commands."""
+        ...
 
     def commands(self, capabilities: Capabilities) -> tuple[Command, ...]:
         """The login commands for an upstream with ``capabilities`` (RFC 2449 §5), in order.
@@ -61,7 +76,14 @@ class Login(Protocol):
         ...
 
     def respond(self, challenge: bytes) -> SaslLine:
-        """The answer to a SASL challenge (decoded) to the AUTH sent (RFC 5034 §4)."""
+        """The answer to a SASL challenge (decoded) to the AUTH sent (RFC 5034 §4).
+
+        ``ValueError``: a challenge this login has no answer for (a protocol error).
+        """
+        ...
+
+    def refused(self, reply: Err) -> UpstreamError:
+        """What a ``-ERR`` to the login means for the local client (RFC 3206)."""
         ...
 
 
@@ -72,6 +94,7 @@ class PasswordLogin:
     user: str
     password: Secret
     method: UpstreamLogin = UpstreamLogin.AUTO
+    pipelined: bool = True  # USER/PASS and AUTH PLAIN with an initial response: one write
 
     def commands(self, capabilities: Capabilities) -> tuple[Command, ...]:
         """USER and PASS, or AUTH PLAIN with an initial response; ``auto`` takes PLAIN
@@ -89,6 +112,10 @@ class PasswordLogin:
         answer is the PLAIN response (RFC 5034 §4)."""
         return SaslResponse(self._plain())
 
+    def refused(self, reply: Err) -> UpstreamError:
+        """The stored password was refused, or the upstream says why not (RFC 3206)."""
+        return _login_failure(reply)
+
     def _plain(self) -> Secret:
         """SASL PLAIN: empty authzid, authcid, password (RFC 4616 §2)."""
         return Secret(b"\0" + self.user.encode("utf-8") + b"\0" + self.password.reveal())
@@ -96,15 +123,27 @@ class PasswordLogin:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamAccount:
-    """Where and as whom one local user logs in upstream (DESIGN.md, routing)."""
+    """Where and as whom one local user logs in upstream (DESIGN.md, routing): with a
+    password, or with OAuth2 access tokens got with the refresh token in a file."""
 
     upstream: UpstreamConfig
     user: str
-    password: Secret
+    credential: UpstreamCredential
 
     def login(self) -> Login:
-        """The login this account uses: its password, as the upstream's ``login`` says."""
-        return PasswordLogin(self.user, self.password, self.upstream.login)
+        """The password login of this account, as the upstream's ``login`` says (a token
+        account logs in through ``open_account``, which gets its token first)."""
+        if not isinstance(self.credential, Secret):
+            raise TypeError("a token account logs in through open_account")
+        return PasswordLogin(self.user, self.credential, self.upstream.login)
+
+    def token_account(self) -> TokenAccount | None:
+        """The account's identity in the token cache, if it logs in with tokens."""
+        credential = self.credential
+        oauth2 = self.upstream.oauth2
+        if isinstance(credential, Secret) or oauth2 is None:
+            return None
+        return TokenAccount(self.upstream.name, self.user, credential.path, oauth2)
 
 
 @dataclass(slots=True)
@@ -124,6 +163,47 @@ class CapabilityMemo:
     def pipelining(self) -> bool:
         """Whether the upstream's last CAPA listed PIPELINING (RFC 2449 §6.6)."""
         return self.capabilities is not None and "PIPELINING" in self.capabilities
+
+
+async def open_account(
+    account: UpstreamAccount,
+    *,
+    tls_context: ssl.SSLContext | None,
+    tokens: TokenCache | None = None,
+    own_greeting_token: str | None = None,
+    metrics: UpstreamMetrics | None = None,
+    capabilities: CapabilityMemo | None = None,
+    session: str = "",
+) -> tuple[UpstreamConnection, list[ListedMessage]]:
+    """``open_connection`` with the account's own login: its password, or an OAuth2 access
+    token from ``tokens`` (one refresh and one retry when the upstream says the token is
+    no longer good; ``token_login.py``). ``session`` goes into the token log lines."""
+
+    async def connect(login: Login) -> tuple[UpstreamConnection, list[ListedMessage]]:
+        return await open_connection(
+            account.upstream,
+            login,
+            tls_context=tls_context,
+            own_greeting_token=own_greeting_token,
+            metrics=metrics,
+            capabilities=capabilities,
+        )
+
+    token_account = account.token_account()
+    if token_account is None:
+        return await connect(account.login())
+    if tokens is None:
+        raise RuntimeError(f"upstream {account.upstream.name} logs in with tokens: pass tokens")
+    return await open_token_connection(
+        token_account,
+        mechanism=account.upstream.auth,
+        host=account.upstream.host,
+        port=account.upstream.port,
+        tokens=tokens,
+        metrics=metrics,
+        session=session,
+        connect=connect,
+    )
 
 
 async def open_connection(
@@ -283,7 +363,8 @@ async def _capa_login_and_list(
         return (capabilities, *listed)
     commands = login.commands(memo.capabilities)
     sent_at = trio.current_time()
-    await connection.send(Capa(), *commands, Uidl(), List())
+    listing = (Uidl(), List()) if login.pipelined else ()
+    await connection.send(Capa(), *commands, *listing)
     capabilities = await _capa_reply(connection)
     memo.capabilities = capabilities
     stale = "PIPELINING" not in capabilities or login.commands(capabilities) != commands
@@ -315,15 +396,27 @@ async def _login_and_list(
     ``[SYS/TEMP]``); the next session goes by the fresh reply.
     """
     started = trio.current_time() if sent_at is None else sent_at
-    if pipelining and sent_at is None:
-        await connection.send(*commands, Uidl(), List())
+    # The listing goes in the login's write only for a login that allows it (a password
+    # login: one round trip); after a SASL exchange that may be challenged, it waits.
+    listing_sent = pipelining and login.pipelined
+    if sent_at is None and pipelining:
+        await connection.send(*commands, *((Uidl(), List()) if listing_sent else ()))
     for command in commands:
         if not pipelining:
             await connection.send(command)
         reply = await connection.event()
-        if isinstance(reply, SaslChallenge) and not pipelining:
-            # No initial response support: answer the challenge (RFC 5034 §4).
-            await connection.send(login.respond(reply.data))
+        challenges = 0
+        while isinstance(reply, SaslChallenge) and not listing_sent:
+            # A challenge to the AUTH sent (RFC 5034 §4): the empty one of an exchange
+            # without an initial response, or a token login's error (RFC 7628 §3.2.2).
+            challenges += 1
+            if challenges > MAX_LOGIN_CHALLENGES:
+                raise connection.protocol_error("too many SASL challenges")
+            try:
+                answer = login.respond(reply.data)
+            except ValueError as exc:
+                raise connection.protocol_error(str(exc)) from None
+            await connection.send(answer)
             reply = await connection.event()
         if not isinstance(reply, Ok | Err):
             raise connection.protocol_error("expected a status line")
@@ -333,9 +426,11 @@ async def _login_and_list(
                     UpstreamFailure.REJECTED,
                     "the upstream refused a login its last CAPA reply had offered",
                 )
-            raise _login_failure(reply)
+            raise login.refused(reply)
     login_seconds = trio.current_time() - started
-    if not pipelining:
+    if pipelining and not listing_sent:
+        await connection.send(Uidl(), List())
+    elif not pipelining:
         await connection.send(Uidl())
     uidl = await _listing(connection)
     if not pipelining:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import logging
-from dataclasses import dataclass
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -26,11 +25,13 @@ from test_upstream import (
 )
 
 from popproxy.maildrop.connection import UpstreamConnection, UpstreamError
+from popproxy.maildrop.token_login import TokenLogin, TokenRefused
 from popproxy.maildrop.upstream_login import open_connection
 from popproxy.metrics import Metrics
 from popproxy.outcomes import UpstreamFailure
-from popproxy.pop3.client_replies import Capabilities, ListedMessage
-from popproxy.pop3.commands import Auth, Command, Noop, Retr, SaslLine, SaslResponse, Stat
+from popproxy.pop3.client_replies import ListedMessage
+from popproxy.pop3.commands import Noop, Retr, Stat
+from popproxy.pop3.oauth import OAuthMechanism
 from popproxy.pop3.replies import Ok, ResponseCode
 from popproxy.secret import Secret
 
@@ -145,31 +146,37 @@ async def test_an_err_read_in_full_leaves_the_connection_usable() -> None:
         await connection.aclose()
 
 
-@dataclass(frozen=True, slots=True)
-class TokenLogin:
-    """A ``Login`` that is not a password: the shape an XOAUTH2 login takes (issue 14)."""
-
-    token: bytes
-
-    def commands(self, capabilities: Capabilities) -> tuple[Command, ...]:
-        return (Auth("XOAUTH2", Secret(self.token)),)
-
-    def respond(self, challenge: bytes) -> SaslLine:
-        # An error challenge gets an empty response before the -ERR (RFC 7628 §3.2.3).
-        return SaslResponse(Secret(b""))
+GOOGLE_401 = b'{"status":"401","schemes":"Bearer","scope":"https://mail.google.com/"}'
 
 
-async def test_another_login_plugs_into_the_seam_and_its_challenge_is_answered() -> None:
+async def test_a_token_login_plugs_into_the_seam_and_its_error_challenge_is_answered() -> None:
+    """The XOAUTH2 login (maildrop/token_login.py) through the Login seam: its error
+    challenge gets the empty line before the -ERR, which asks for a retry."""
+    token = Secret(b"ya29.token")
+    response = b"user=" + b"someone@example.net\x01auth=Bearer ya29.token\x01\x01"
+
     async def script(peer: Peer) -> None:
         await peer.send(b"+OK ready\r\n")
         await peer.reply_after_one_line(b"CAPA", multiline([b"UIDL", b"SASL XOAUTH2"]))
-        await peer.reply_after_one_line(b"AUTH XOAUTH2 " + base64.b64encode(b"tok"), b"+ e30=\r\n")
-        await peer.reply_after_one_line(b"=", b"-ERR [AUTH] Invalid credentials.\r\n")
+        await peer.reply_after_one_line(
+            b"AUTH XOAUTH2 " + base64.b64encode(response),
+            b"+ " + base64.b64encode(GOOGLE_401) + b"\r\n",
+        )
+        await peer.reply_after_one_line(b"", b"-ERR [AUTH] Invalid credentials.\r\n")
         await peer.until_eof()
 
     async with scripted_upstream(script) as upstream:
         upstream_config = account(upstream.port).upstream
-        with pytest.raises(UpstreamError) as info:
-            await open_connection(upstream_config, TokenLogin(b"tok"), tls_context=None)
-    assert info.value.failure is UpstreamFailure.AUTH_REJECTED
-    assert info.value.code is ResponseCode.SYS_PERM
+        login = TokenLogin(
+            OAuthMechanism.XOAUTH2,
+            "someone@example.net",
+            token,
+            upstream="provider",
+            host="127.0.0.1",
+            port=upstream.port,
+        )
+        with pytest.raises(TokenRefused) as info:
+            await open_connection(upstream_config, login, tls_context=None)
+    assert info.value.retry
+    assert info.value.failure is UpstreamFailure.TOKEN_REJECTED
+    assert info.value.code is ResponseCode.AUTH

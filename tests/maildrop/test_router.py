@@ -13,7 +13,7 @@ from popproxy.locks import InProcessLocks, MaildirMailbox, UpstreamMailbox
 from popproxy.maildrop.base import MaildropError, MaildropInUse
 from popproxy.maildrop.maildir import MaildirMaildrop
 from popproxy.maildrop.retention import utc_now
-from popproxy.maildrop.route import MaildirRoute, NoRoute, UpstreamRoute, route_of
+from popproxy.maildrop.route import MaildirRoute, NoRoute, RefreshTokenFile, UpstreamRoute, route_of
 from popproxy.maildrop.router import (
     CapabilityMemos,
     MaildropRouter,
@@ -61,6 +61,18 @@ def test_an_upstream_user_has_an_upstream_route() -> None:
     # The lock names the mailbox, not the upstream's name: host in lower case.
     assert isinstance(route, UpstreamRoute)
     assert mailbox_of(route) == UpstreamMailbox("pop.example.net", 995, "a@example.net")
+
+
+def test_a_token_user_has_an_upstream_route_with_its_refresh_token_file(tmp_path: Path) -> None:
+    token = tmp_path / "a.token"
+    alice = user(
+        "alice",
+        upstream="provider",
+        upstream_user="a@example.net",
+        upstream_refresh_token_file=token,
+    )
+    route = route_of(alice, {"provider": PROVIDER})
+    assert route == UpstreamRoute(PROVIDER, "a@example.net", RefreshTokenFile(token))
 
 
 @pytest.mark.parametrize(

@@ -1158,14 +1158,14 @@ async def test_max_reply_line_bytes_admits_a_long_greeting_and_still_bounds_it()
     async with scripted_upstream(Mailbox(greeting=long_greeting)) as upstream:
         acct = account(upstream.port)
         wide = UpstreamAccount(
-            dataclasses.replace(config, port=upstream.port), acct.user, acct.password
+            dataclasses.replace(config, port=upstream.port), acct.user, acct.credential
         )
         drop = await open_upstream(wide, tls_context=None)
         await drop.aclose()
     async with scripted_upstream(Mailbox(greeting=b"+OK " + b"x" * 2100 + b"\r\n")) as upstream:
         acct = account(upstream.port)
         wide = UpstreamAccount(
-            dataclasses.replace(config, port=upstream.port), acct.user, acct.password
+            dataclasses.replace(config, port=upstream.port), acct.user, acct.credential
         )
         with pytest.raises(UpstreamError) as info:
             await open_upstream(wide, tls_context=None)
@@ -1733,7 +1733,7 @@ async def test_password_never_in_logs_of_a_whole_session(caplog: pytest.LogCaptu
         assert_no_secret(text)
     for record in caplog.records:
         assert_no_secret(repr(vars(record)))
-    assert "***" in repr(account(1).password)
+    assert "***" in repr(account(1).credential)
 
 
 # -- headers for header rules (TOP n 0, pipelined) -------------------------------------
