@@ -98,6 +98,12 @@ class FakeProvider:
             self.access_tokens[token] = (user, time.monotonic() + self.lifetime)
         return token
 
+    def expire_access_tokens(self) -> None:
+        """Every access token issued so far stops working now (as a provider may end a
+        token before its expires_in)."""
+        with self.lock:
+            self.access_tokens.clear()
+
     def approve_code(self, user: str, challenge: str, redirect_uri: str) -> str:
         """The code a browser would carry to ``redirect_uri`` after ``user`` consented."""
         code = f"code-{next(self._ids)}"

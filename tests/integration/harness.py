@@ -432,7 +432,9 @@ class ProxyUser:
     password: str
     upstream: str
     upstream_user: str
-    upstream_password: str
+    upstream_password: str  # ignored with refresh_token_file
+    # For an upstream with auth: xoauth2 or oauthbearer: the refresh-token file (0600).
+    refresh_token_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,14 +495,14 @@ def _user_entry(user: User | ProxyUser | GatewayUser, secrets_dir: Path) -> dict
             )
         entry["fetch"] = fetch
         return entry
+    entry.update(upstream=user.upstream, upstream_user=user.upstream_user)
+    if user.refresh_token_file is not None:
+        entry["upstream_refresh_token_file"] = str(user.refresh_token_file)
+        return entry
     secret = secrets_dir / f"{user.name}.upstream-password"
     secret.write_text(user.upstream_password + "\n", encoding="utf-8")
     secret.chmod(0o600)
-    entry.update(
-        upstream=user.upstream,
-        upstream_user=user.upstream_user,
-        upstream_password_file=str(secret),
-    )
+    entry["upstream_password_file"] = str(secret)
     return entry
 
 
