@@ -53,7 +53,6 @@ from popproxy.config import (
     Config,
     ConfigError,
     MetricsConfig,
-    OAuth2Config,
     OAuth2Provider,
     load_config,
 )
@@ -434,11 +433,29 @@ def _load(path: Path, *, on_this_host: bool = False) -> Config | None:
 
 
 def _cmd_oauth_login(args: argparse.Namespace) -> int:
+    from popproxy.commands.oauth_login import LoginOptions, UsageError, login_settings
     from popproxy.oauth2.flows import LoginFailed, code_flow, device_flow
     from popproxy.oauth2.token_file import TokenFileError
 
-    oauth2 = _oauth_login_settings(args)
-    if oauth2 is None:
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value is not None else None
+
+    options = LoginOptions(
+        provider=OAuth2Provider(args.provider) if args.provider else None,
+        config=path(args.config),
+        upstream=args.upstream,
+        client_id=args.client_id,
+        client_secret_file=path(args.client_secret_file),
+        tenant=args.tenant,
+        scope=args.scope,
+        token_url=args.token_url,
+        authorization_url=args.authorization_url,
+        device_authorization_url=args.device_authorization_url,
+    )
+    try:
+        oauth2 = login_settings(options)
+    except UsageError as exc:
+        print(f"popproxy oauth-login: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
     def say(text: str) -> None:
@@ -453,74 +470,6 @@ def _cmd_oauth_login(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_FAILURE
     return EXIT_OK
-
-
-def _oauth_login_settings(args: argparse.Namespace) -> OAuth2Config | None:
-    """The OAuth2 settings for oauth-login: a config's upstream, or the preset, with the
-    options given on top (checked as the config's keys are)."""
-    from popproxy.config.oauth2 import endpoint_problem, preset
-
-    def usage(text: str) -> None:
-        print(f"popproxy oauth-login: {text}", file=sys.stderr)
-
-    base: OAuth2Config | None = None
-    if args.config is not None:
-        if args.upstream is None:
-            usage("-c needs --upstream NAME")
-            return None
-        try:
-            config = load_config(Path(args.config))
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
-            return None
-        upstream = config.upstreams.get(args.upstream)
-        if upstream is None or upstream.oauth2 is None:
-            usage(f"{args.config} has no upstream {args.upstream!r} with an oauth2 section")
-            return None
-        base = upstream.oauth2
-    provider = OAuth2Provider(args.provider) if args.provider else None
-    if base is None and provider is None and args.token_url is None:
-        usage("give --provider, or -c and --upstream, or --token-url and --scope")
-        return None
-    defaults = preset(provider, args.tenant) if provider is not None else None
-    client_secret = base.client_secret if base is not None else None
-    if args.client_secret_file is not None:
-        try:
-            raw = Path(args.client_secret_file).read_bytes().strip()
-        except OSError as exc:
-            usage(f"cannot read {args.client_secret_file}: {exc.strerror}")
-            return None
-        client_secret = Secret(raw) if raw else None
-
-    def pick(option: str | None, key: str) -> str | None:
-        # The option, else the config's upstream, else the provider's preset.
-        if option is not None:
-            return option
-        if base is not None and getattr(base, key) is not None:
-            return str(getattr(base, key))
-        return str(getattr(defaults, key)) if defaults is not None else None
-
-    client_id = args.client_id or (base.client_id if base is not None else None)
-    token_url = pick(args.token_url, "token_url")
-    scope = pick(args.scope, "scope")
-    if client_id is None or token_url is None or scope is None:
-        usage("--client-id, and a token URL and scope (from --provider or the options), are needed")
-        return None
-    oauth2 = OAuth2Config(
-        client_id=client_id,
-        token_url=token_url,
-        scope=scope,
-        provider=provider or (base.provider if base is not None else None),
-        tenant=args.tenant,
-        client_secret=client_secret,
-        authorization_url=pick(args.authorization_url, "authorization_url"),
-        device_authorization_url=pick(args.device_authorization_url, "device_authorization_url"),
-    )
-    for url in (oauth2.token_url, oauth2.authorization_url, oauth2.device_authorization_url):
-        if url is not None and (problem := endpoint_problem(url)) is not None:
-            usage(problem)
-            return None
-    return oauth2
 
 
 def _cmd_check_config(path: Path, against: Path | None = None, *, running: bool = False) -> int:
