@@ -26,9 +26,10 @@ def test_config_sections_take_their_keys_from_their_fields() -> None:
     assert limits[0] == "idle_timeout_seconds"
     assert limits[-1] == "auth_cache_ttl_seconds"
     assert "name" not in keys_of(UpstreamConfig)
-    assert keys_of(UserConfig)[-4:-1] == (
+    assert keys_of(UserConfig)[-5:-1] == (
         "upstream_password_file",
         "upstream_password_env",
+        "upstream_refresh_token_file",
         "fetch",
     )
 
