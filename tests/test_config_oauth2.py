@@ -254,3 +254,18 @@ def test_check_config_shows_the_token_login(capsys: pytest.CaptureFixture[str]) 
     assert "token_url=https://oauth2.googleapis.com/token" in out
     assert "alice: upstream gmail as alice@gmail.com with the refresh token in" in out
     assert "1//refresh-token" not in out
+
+
+def test_a_gateway_source_on_a_token_upstream_is_refused_for_now() -> None:
+    Path("mail").mkdir()
+    path = config_with(GMAIL, "upstream_refresh_token_file: alice.token\n")
+    text = path.read_text() + (
+        f'  carol:\n    password_hash: "{HASH}"\n    maildir: mail\n'
+        "    fetch:\n      - {upstream: gmail, upstream_password_file: alice.token}\n"
+    )
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [issue] = info.value.issues
+    assert issue.key_path == "users.carol.fetch[0].upstream"
+    assert "does not fetch from token upstreams yet" in issue.message
