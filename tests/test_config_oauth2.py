@@ -150,7 +150,8 @@ def test_bad_values_are_named() -> None:
     auth: xoauth3
     """)
     assert found == [
-        "upstreams.gmail.auth: expected one of pass, xoauth2, oauthbearer, got the string 'xoauth3'"
+        "upstreams.gmail.auth: expected one of pass, xoauth2, oauthbearer, got the string"
+        " 'xoauth3'; did you mean 'xoauth2'?"
     ]
     found = issues("""\
     host: pop.gmail.com
