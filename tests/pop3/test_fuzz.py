@@ -57,6 +57,7 @@ from popproxy.pop3.limits import (
     MAX_SASL_LINE_OCTETS,
 )
 from popproxy.pop3.replies import Err, Ok, ResponseCode
+from popproxy.pop3.sasl import MAX_SASL_RESPONSES
 from popproxy.pop3.server import Reply, ServerConnection, ServerSettings
 from popproxy.pop3.state import Phase
 from popproxy.pop3.wire import format_status
@@ -99,7 +100,10 @@ def plausible_replies(command: Command | SaslLine, rnd: random.Random) -> list[R
         choices.append([Ok(), Data(b"a\r\n.b"), EndOfData()])
     else:
         choices.append([Ok()])
-    if isinstance(command, SaslResponse) or (
+    # Another challenge only where the exchange may take another response: after an AUTH
+    # with a mechanism, or a response short of MAX_SASL_RESPONSES (a session that
+    # challenged once more would be our bug, a LocalProtocolError, not the peer's).
+    if (isinstance(command, SaslResponse) and len(command.earlier) + 1 < MAX_SASL_RESPONSES) or (
         isinstance(command, Auth) and command.mechanism is not None
     ):
         choices.append([SaslChallenge(b"x")])
