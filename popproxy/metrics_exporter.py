@@ -175,3 +175,20 @@ async def serve_metrics(
         with trio.CancelScope(shield=True):
             for listener in listeners:
                 await listener.aclose()
+
+
+class ExporterBindError(Exception):
+    """The exporter cannot listen where the config says (the address is in use, ...)."""
+
+
+async def start_exporter(
+    nursery: trio.Nursery, config: MetricsConfig, registry: CollectorRegistry
+) -> None:
+    """Start ``serve_metrics`` in ``nursery``, listening when this returns; an address it
+    cannot bind raises ExporterBindError, naming the address."""
+    try:
+        await nursery.start(serve_metrics, config, registry)
+    except OSError as exc:
+        raise ExporterBindError(
+            f"cannot serve metrics on {config.address}:{config.port}: {exc}"
+        ) from exc

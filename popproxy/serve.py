@@ -36,7 +36,7 @@ CLI) on its own registry and passed in. The server declares the listener and
 upstream names in it before any session can use them (at start, and before a
 reload swaps the runtime in), publishes the session limit and the reload gauges,
 counts refusals, and hands it to every session and upstream connection. With
-``metrics:`` configured, ``serve`` also runs the exporter (``serve_metrics``),
+``metrics:`` configured, ``serve`` also runs the exporter (``start_exporter``),
 which stays up through the drain and stops with the server.
 """
 
@@ -49,32 +49,27 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
 from prometheus_client import CollectorRegistry
 
+from popproxy.background import Background
 from popproxy.binding import bind_listener
-from popproxy.config import Config, ListenerConfig, MetricsConfig, TlsMode
+from popproxy.config import Config, ListenerConfig, TlsMode
 from popproxy.config.snapshot import snapshot_dir_of, write_snapshot
 from popproxy.gateway.fetcher import Fetcher
 from popproxy.gateway.schedule import Scheduler
 from popproxy.maildrop.retention import Clock, utc_now
 from popproxy.metrics import ConnectionRejection, Metrics
-from popproxy.metrics_exporter import serve_metrics
+from popproxy.metrics_exporter import ExporterBindError, start_exporter
 from popproxy.peer import UNKNOWN_PEER, PeerAddress, socket_peer
 from popproxy.policy import DEFAULT_RULE
 from popproxy.pop3.replies import Err, ResponseCode
 from popproxy.pop3.wire import format_status
-from popproxy.proxy_protocol import (
-    MAX_HEADER_BYTES,
-    HeaderKind,
-    ProxyHeader,
-    ProxyHeaderReader,
-    ProxyProtocolError,
-)
+from popproxy.proxy_protocol import HeaderKind, ProxyHeader, ProxyProtocolError
+from popproxy.proxy_stream import PrefixedStream, read_proxy_header
 from popproxy.reload import ConfigLoader, ReloadOutcome
 from popproxy.runtime import (
     ProcessState,
@@ -118,33 +113,6 @@ def _socket_peer(stream: trio.SocketStream) -> PeerAddress:
         return socket_peer(stream.socket.getpeername())
     except OSError:
         return UNKNOWN_PEER
-
-
-class _PrefixedStream(trio.abc.Stream):
-    """A stream whose first read returns octets already received (those after a PROXY
-    protocol header), then reads on from the stream it wraps."""
-
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
-        self._stream = stream
-        self._prefix = prefix
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if not self._prefix:
-            return await self._stream.receive_some(max_bytes)
-        await trio.lowlevel.checkpoint()
-        size = len(self._prefix) if max_bytes is None else max_bytes
-        data, self._prefix = self._prefix[:size], self._prefix[size:]
-        return data
-
-    async def aclose(self) -> None:
-        self._prefix = b""
-        await self._stream.aclose()
 
 
 class Server:
@@ -296,7 +264,7 @@ class Server:
                 # else LOCAL (a health check) or UNKNOWN: the trusted proxy's own
                 # connection, not a client's, so no per-address count.
                 if prefix:
-                    client = _PrefixedStream(stream, prefix)
+                    client = PrefixedStream(stream, prefix)
             session_started = True
             await run_session(client, peer, context, accepted_at=accepted_at)
         except Exception:
@@ -332,7 +300,7 @@ class Server:
         wait = min(PROXY_HEADER_TIMEOUT_SECONDS, config.limits.login_timeout_seconds)
         try:
             with trio.fail_at(accepted_at + wait):
-                header, prefix = await _read_proxy_header(stream)
+                header, prefix = await read_proxy_header(stream)
         except ProxyProtocolError as exc:
             fields["reason"] = str(exc)
         except trio.TooSlowError:
@@ -503,18 +471,6 @@ def _refusal(listener: ListenerConfig, reply: Err) -> Err | None:
     return None if listener.tls is TlsMode.IMPLICIT else reply
 
 
-async def _read_proxy_header(stream: trio.abc.Stream) -> tuple[ProxyHeader, bytes]:
-    """Read a PROXY protocol header (v1 or v2); it and the octets received after it."""
-    reader = ProxyHeaderReader()
-    # Bounded: the reader refuses a header longer than MAX_HEADER_BYTES, and each
-    # read adds at least one octet (b"" is EOF, which ends the header or refuses it).
-    while True:
-        event = reader.next_event()
-        if isinstance(event, ProxyHeader):
-            return event, reader.trailing_data
-        reader.receive_data(bytes(await stream.receive_some(MAX_HEADER_BYTES)))
-
-
 async def _bind(listener: ListenerConfig) -> list[trio.SocketListener]:
     try:
         return await bind_listener(listener)
@@ -578,13 +534,16 @@ async def serve(
             bound.append((listener, await _bind(listener)))
         async with trio.open_nursery() as exporter:
             if config.metrics is not None:
-                await _start_exporter(exporter, config.metrics, server.metrics.registry)
+                try:
+                    await start_exporter(exporter, config.metrics, server.metrics.registry)
+                except ExporterBindError as exc:
+                    raise ServeError(str(exc)) from exc
             gateway = Scheduler(
                 Fetcher(server.store.get, clock=clock, metrics=server.metrics),
                 lambda: server.config,
                 metrics=server.metrics,
             )
-            background = _Background(reloads, gateway, poll_requests)
+            background = Background(reloads, gateway, poll_requests)
             # Beside the sessions, until they have drained: the lease renewer.
             await server.start_background(exporter)
             await _run(server, bound, shutdown, background, task_status)
@@ -599,46 +558,11 @@ async def serve(
                 await server.shared.aclose()
 
 
-async def _start_exporter(
-    nursery: trio.Nursery, config: MetricsConfig, registry: CollectorRegistry
-) -> None:
-    """Start ``serve_metrics`` in ``nursery``; an address it cannot bind is a ServeError."""
-    try:
-        await nursery.start(serve_metrics, config, registry)
-    except OSError as exc:
-        raise ServeError(f"cannot serve metrics on {config.address}:{config.port}: {exc}") from exc
-
-
-@dataclass(frozen=True, slots=True)
-class _Background:
-    """What runs beside the listeners until the shutdown begins: reloads and the gateway."""
-
-    reloads: trio.abc.ReceiveChannel[ConfigLoader] | None
-    gateway: Scheduler
-    poll_requests: trio.abc.ReceiveChannel[None] | None
-
-    async def apply_reloads(self, server: Server) -> None:
-        if self.reloads is None:
-            return
-        async with self.reloads:
-            async for load in self.reloads:
-                await server.reload(load)
-                self.gateway.reloaded()
-
-    async def forward_poll_requests(self) -> None:
-        if self.poll_requests is None:
-            return
-        async with self.poll_requests:
-            async for _ in self.poll_requests:
-                log.info("gateway_poll_now")
-                self.gateway.poll_now()
-
-
 async def _run(
     server: Server,
     bound: Sequence[tuple[ListenerConfig, Sequence[trio.SocketListener]]],
     shutdown: trio.Event,
-    background: _Background,
+    background: Background,
     task_status: trio.TaskStatus[Sequence[tuple[str, int]]],
 ) -> None:
     ports: list[tuple[str, int]] = []
