@@ -18,14 +18,14 @@ Theory of operation (DESIGN.md, "Gateway data flow"; docs/gateway.md):
    go at QUIT, whose ``+OK`` is needed before the store records the deletions. A
    poll that fails anywhere drops the connection without QUIT: nothing is deleted.
 
-Every file operation runs in a worker thread behind the gateway's limiter.
+Steps 1 and 4 are ``durable.py`` (receiving into ``tmp/``, publishing, recovery),
+which runs every file operation in a worker thread behind the gateway's limiter.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import enum
 import logging
 import secrets
 import ssl
@@ -33,14 +33,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar, TypeVarTuple
 
 import trio
 
 from popproxy.config import Config, FetchSource, UpstreamConfig, UserConfig
 from popproxy.gateway import delivery
-from popproxy.gateway.delivery import DeliveryError, TmpFile, Where
+from popproxy.gateway.delivery import DeliveryError, TmpFile
 from popproxy.gateway.dryrun import top_headers
+from popproxy.gateway.durable import Clock, DurableDelivery, Step, StepHook
 from popproxy.maildrop.base import MaildropError
 from popproxy.maildrop.connection import UpstreamConnection, UpstreamError, unavailable
 from popproxy.maildrop.upstream_login import CapabilityMemo, UpstreamAccount, open_connection
@@ -65,44 +65,18 @@ from popproxy.tls import client_context
 
 log = logging.getLogger("popproxy.gateway")
 
-_R = TypeVar("_R")
-_Args = TypeVarTuple("_Args")
-
 # Messages (or octets) fetched before their batch is made durable and recorded: one
 # fsync of tmp/ and of new/ and two store commits per batch instead of per message.
 # 64 messages of mail's median size (a few KB) is a fraction of a second of work; a
 # crash loses at most one batch of downloading, never a message.
 BATCH_MESSAGES = 64
 BATCH_BYTES = 16 * 1024 * 1024
-# Un-stuffed octets gathered before a write to the tmp file: a typical message is one
-# write (one worker-thread round trip), a large one is written in pieces of this size.
-WRITE_BYTES = 1024 * 1024
-# Worker threads doing gateway file work at once (writes, fsyncs, renames): several
-# fsyncs in flight let the file system commit them together.
-GATEWAY_FILE_THREADS = 4
 # Messages whose last write and fsync may be pending at once while the next ones
-# arrive; each holds at most WRITE_BYTES until written.
+# arrive; each holds at most durable.WRITE_BYTES until written.
 MAX_PENDING_WRITES = 16
 
-Clock = Callable[[], datetime]
 # How the fetcher gets the state store: the server's opener (opened on first need).
 StoreGetter = Callable[[], Awaitable[GatewayStore]]
-
-
-class Step(enum.Enum):
-    """Points of a poll between two durable steps, where a test may kill the process."""
-
-    LISTED = "listed"  # the store recorded the listing
-    WRITTEN = "written"  # one message's tmp file is written and fsync'ed
-    TMP_SYNCED = "tmp_synced"  # tmp/ fsync'ed for a batch
-    STAGED = "staged"  # the store recorded the batch STAGED
-    PUBLISHED = "published"  # the batch is in new/ and new/ fsync'ed
-    DELIVERED = "delivered"  # the store recorded the batch DELIVERED
-    QUIT_SENT = "quit_sent"  # the DELEs and QUIT answered +OK upstream
-    DELETIONS_RECORDED = "deletions_recorded"  # the store recorded the deletions
-
-
-StepHook = Callable[[Step], Awaitable[None]]
 
 
 class MaildirOverLimit(Exception):
@@ -174,8 +148,7 @@ class Fetcher:
         self._opened: GatewayStore | None = None
         self._clock = clock
         self._metrics = metrics
-        self._on_step = on_step
-        self._limiter = trio.CapacityLimiter(GATEWAY_FILE_THREADS)
+        self._durable = DurableDelivery(clock=clock, on_step=on_step)
         self._memos: dict[str, CapabilityMemo] = {}
         self._tls: dict[UpstreamConfig, ssl.SSLContext] = {}
 
@@ -250,10 +223,10 @@ class Fetcher:
         if user.maildir is None:  # the config refuses it; a caller's bug otherwise
             raise ValueError("a gateway user needs a maildir")
         root = user.maildir
-        await self._run(delivery.ensure_maildir, root)
-        await self._recover(key, root)
+        await self._durable.run(delivery.ensure_maildir, root)
+        await self._durable.recover(self._store(), key, root)
         if user.max_maildir_bytes is not None:
-            held = await self._run(delivery.maildir_bytes, root)
+            held = await self._durable.run(delivery.maildir_bytes, root)
             if held >= user.max_maildir_bytes:
                 raise MaildirOverLimit(held, user.max_maildir_bytes)
         upstream = config.upstreams[source.upstream]
@@ -269,7 +242,7 @@ class Fetcher:
             now = self._clock()
             seen = [SeenMessage(m.uid, m.size) for m in listing]
             facts = await self._store().gateway_listing(key, seen, now)
-            await self._step(Step.LISTED)
+            await self._durable.step(Step.LISTED)
             policy = config.policy.for_user(user.name, source.upstream)
             candidates = [
                 Candidate(
@@ -345,18 +318,12 @@ class Fetcher:
         async def finish(index: int, tmp: TmpFile | None, name: str, rest: list[bytes]) -> None:
             message = session.listing[index]
             try:
-                done = await self._run(_write, tmp, root, name, rest, True)
-            except BaseException:
-                # Cancelled before its thread ran, a part may be on disk: remove it.
-                if tmp is not None:
-                    with trio.CancelScope(shield=True):
-                        await self._run(tmp.discard)
-                raise
+                size = await self._durable.finish(tmp, root, name, rest)
             finally:
                 pending_writes.release()
-            counts.fetched_bytes += done.written
+            counts.fetched_bytes += size
             written.append((index, StagedMessage(message.uid, message.size, name)))
-            await self._step(Step.WRITTEN)
+            await self._durable.step(Step.WRITTEN)
 
         try:
             with connection.exchange():
@@ -384,7 +351,9 @@ class Fetcher:
                                 )
                                 await pending_writes.acquire()
                                 try:
-                                    tmp, rest, size = await self._receive(connection, root, name)
+                                    tmp, rest, size = await self._durable.receive(
+                                        connection, root, name
+                                    )
                                 except BaseException:
                                     pending_writes.release()
                                     raise
@@ -394,14 +363,14 @@ class Fetcher:
                     except BaseExceptionGroup as group:
                         raise _first_failure(group) from None
                     full, written[:] = list(written), []
-                    delivered |= await self._deliver(key, root, full)
+                    delivered |= await self._durable.deliver(self._store(), key, root, full)
                     counts.fetched += len(full)
         except BaseException:
             # Keep what arrived whole; the failure that stopped the poll is what it reports.
             if written:
                 with trio.CancelScope(shield=True):
                     try:
-                        delivered |= await self._deliver(key, root, written)
+                        delivered |= await self._durable.deliver(self._store(), key, root, written)
                         counts.fetched += len(written)
                     except (DeliveryError, StateError) as exc:
                         log.warning(
@@ -411,65 +380,6 @@ class Fetcher:
             raise
         return delivered
 
-    async def _receive(
-        self, connection: UpstreamConnection, root: Path, name: str
-    ) -> tuple[TmpFile | None, list[bytes], int]:
-        """Stream the body of the RETR whose ``+OK`` was read (RFC 1939 §5), un-stuffed by
-        the protocol core, towards ``tmp/name``: every ``WRITE_BYTES`` are written as
-        they come; the rest is returned for the last write (the file, None if nothing was
-        written yet, the rest, and the body's size). A failure removes the file."""
-        pending: list[bytes] = []
-        pending_bytes = 0
-        total = 0
-        tmp: TmpFile | None = None
-
-        async def sink(data: bytes | bytearray) -> None:
-            nonlocal pending_bytes, tmp, total
-            pending.append(bytes(data))
-            pending_bytes += len(data)
-            total += len(data)
-            if pending_bytes >= WRITE_BYTES:
-                chunks = pending.copy()
-                pending.clear()
-                pending_bytes = 0
-                tmp = await self._run(_write, tmp, root, name, chunks, False)
-
-        try:
-            await connection.stream_body(
-                sink, read_seconds=connection.upstream.command_timeout_seconds
-            )
-        except BaseException:
-            if tmp is not None:
-                with trio.CancelScope(shield=True):
-                    await self._run(tmp.discard)
-            raise
-        return tmp, pending, total
-
-    async def _deliver(
-        self, key: SourceKey, root: Path, batch: Sequence[tuple[int, StagedMessage]]
-    ) -> set[int]:
-        """Make a batch of fsync'ed tmp files durable and recorded (docs/gateway.md)."""
-        staged = [item for _, item in batch]
-        names = [item.file_name for item in staged]
-        try:
-            await self._run(delivery.sync_dir, root / delivery.TMP)
-            await self._step(Step.TMP_SYNCED)
-            await self._store().gateway_stage(key, staged, self._clock())
-        except BaseException:
-            # Not staged: nothing refers to the files; they would be fetched again.
-            with trio.CancelScope(shield=True):
-                for name in names:
-                    with contextlib.suppress(DeliveryError):
-                        await self._run(delivery.discard_tmp, root, name)
-            raise
-        await self._step(Step.STAGED)
-        # From here a failure leaves the batch STAGED: the next poll settles it.
-        await self._run(delivery.publish, root, names)
-        await self._step(Step.PUBLISHED)
-        await self._store().gateway_settle(key, [m.uid for m in staged], (), self._clock())
-        await self._step(Step.DELIVERED)
-        return {index for index, _ in batch}
-
     async def _delete(self, session: _Session, view: View, durable: set[int]) -> None:
         """DELE what the policy allows among the durable messages, then QUIT (RFC 1939
         §6); record the deletions only after QUIT's +OK."""
@@ -477,7 +387,7 @@ class Fetcher:
         plan = session.policy.poll_plan(view, durable, self._clock())
         deletes = plan.delete_upstream
         await session.connection.commit([session.listing[item.index].number for item in deletes])
-        await self._step(Step.QUIT_SENT)
+        await self._durable.step(Step.QUIT_SENT)
         if not deletes:
             return
         counts.deleted = len(deletes)
@@ -487,32 +397,7 @@ class Fetcher:
         await self._store().gateway_deleted(
             key, disposals, self._clock(), session_id=session.poll_id
         )
-        await self._step(Step.DELETIONS_RECORDED)
-
-    async def _recover(self, key: SourceKey, root: Path) -> None:
-        """Settle the STAGED messages a poll that died left (docs/gateway.md, crash table)."""
-        staged = await self._store().gateway_staged(key)
-        if not staged:
-            return
-        names = {fact.uid: fact.file_name or "" for fact in staged}
-        where = await self._run(delivery.locate, root, list(names.values()))
-        in_tmp = [name for name in names.values() if where[name] is Where.TMP]
-        await self._run(delivery.publish, root, in_tmp)
-        returned = [uid for uid, name in names.items() if where[name] is Where.NOWHERE]
-        delivered = [uid for uid in names if uid not in returned]
-        await self._store().gateway_settle(key, delivered, returned, self._clock())
-        log.warning(
-            "gateway_recovered",
-            extra={
-                "fields": {
-                    "user": key.user,
-                    "source": key.label,
-                    "published": len(in_tmp),
-                    "delivered": len(delivered),
-                    "refetch": len(returned),
-                }
-            },
-        )
+        await self._durable.step(Step.DELETIONS_RECORDED)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -537,13 +422,6 @@ class Fetcher:
             raise RuntimeError("the store is opened at the start of each poll")
         return self._opened
 
-    async def _step(self, step: Step) -> None:
-        if self._on_step is not None:
-            await self._on_step(step)
-
-    async def _run(self, fn: Callable[[*_Args], _R], *args: *_Args) -> _R:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-
 
 def _first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The exception a batch's writes and receive failed with: the first leaf that is not
@@ -560,16 +438,6 @@ def _first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException:
         if not isinstance(leaf, trio.Cancelled):
             return leaf
     return leaves[0]
-
-
-def _write(tmp: TmpFile | None, root: Path, name: str, chunks: list[bytes], last: bool) -> TmpFile:
-    """Create ``tmp/name`` if needed, append ``chunks``, and if ``last`` fsync and close."""
-    if tmp is None:
-        tmp = TmpFile.create(root, name)
-    tmp.write(chunks)
-    if last:
-        tmp.finish()
-    return tmp
 
 
 def _log_vanished(key: SourceKey, message: ListedMessage) -> None:

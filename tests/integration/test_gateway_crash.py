@@ -32,7 +32,8 @@ import trio
 
 from popproxy.config import load_config
 from popproxy.gateway import fetcher as fetcher_module
-from popproxy.gateway.fetcher import Fetcher, Step
+from popproxy.gateway.durable import Step
+from popproxy.gateway.fetcher import Fetcher
 from popproxy.gateway.schedule import poll_once
 from popproxy.maildrop.retention import utc_now
 from popproxy.state import open_store
