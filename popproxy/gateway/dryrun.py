@@ -18,6 +18,7 @@ import trio
 
 from popproxy.config import Config, FetchSource, UpstreamConfig, UserConfig
 from popproxy.maildrop.connection import UpstreamConnection
+from popproxy.maildrop.retention import decide_view
 from popproxy.maildrop.upstream_login import UpstreamAccount, open_connection
 from popproxy.policy import Candidate, Headers, Planned, parse_headers
 from popproxy.policy.headers import MAX_HEADER_OCTETS
@@ -108,7 +109,7 @@ async def _explain_source(
             headers = await top_headers(connection, m.number) if policy.needs_headers else None
             first_seen = now if fact is None else fact.first_seen
             candidates.append(Candidate(index, m.uid, m.size, first_seen, headers=headers))
-        view = policy.view(candidates, now)
+        view = await decide_view(policy, candidates, now)
         durable = {
             i
             for i, m in enumerate(listing)

@@ -43,6 +43,7 @@ from popproxy.gateway.dryrun import top_headers
 from popproxy.gateway.durable import Clock, DurableDelivery, Step, StepHook
 from popproxy.maildrop.base import MaildropError
 from popproxy.maildrop.connection import UpstreamConnection, UpstreamError, unavailable
+from popproxy.maildrop.retention import decide_view
 from popproxy.maildrop.upstream_login import CapabilityMemo, UpstreamAccount, open_connection
 from popproxy.metrics import Metrics
 from popproxy.outcomes import PollResult, UpstreamFailure
@@ -258,7 +259,7 @@ class Fetcher:
                 )
                 for index, message in enumerate(listing)
             ]
-            view = policy.view(candidates, now)
+            view = await decide_view(policy, candidates, now)
             durable = {
                 index
                 for index, message in enumerate(listing)

@@ -59,6 +59,16 @@ from popproxy.state.base import (
 
 log = logging.getLogger("popproxy.retention")
 
+# Worker threads that match header rules at once, for the whole process. RE2 releases
+# the GIL while it matches, so the event loop goes on serving every other session; a
+# pattern that defeats RE2's DFA can take about a second per 100 KiB header here
+# (policy/patterns.py), and one thread per core keeps such logins from taking every
+# worker thread the process has.
+HEADER_MATCH_THREADS = 2
+_HEADER_MATCH_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
+    "header_match_limiter"
+)
+
 Clock = Callable[[], datetime]
 
 
@@ -132,9 +142,29 @@ async def open_retained(
                 headers=headers[index] if headers else None,
             )
         )
-    view = context.policy.view(candidates, now)
+    view = await decide_view(context.policy, candidates, now)
     _count_overdue(view, now, context.metrics)
     return RetainedMaildrop(inner, context, view, tuple(candidates), on_close, confirm=confirm)
+
+
+async def decide_view(
+    policy: AccountPolicy, candidates: Sequence[Candidate], now: datetime
+) -> View:
+    """``policy.view`` of ``candidates``: in a worker thread when a header rule applies
+    (RE2 over up to ``MAX_HEADER_OCTETS`` per message), on the event loop otherwise
+    (no header is matched, and a thread hand-off would cost more than the decisions)."""
+    if not policy.needs_headers:
+        return policy.view(candidates, now)
+    try:
+        limiter = _HEADER_MATCH_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(HEADER_MATCH_THREADS)
+        _HEADER_MATCH_LIMITER.set(limiter)
+    # abandon_on_cancel: a session cancelled meanwhile (drain, client gone) does not
+    # wait for the match; the thread keeps its limiter slot until it ends.
+    return await trio.to_thread.run_sync(
+        policy.view, candidates, now, limiter=limiter, abandon_on_cancel=True
+    )
 
 
 def _count_overdue(view: View, now: datetime, metrics: Metrics) -> None:

@@ -9,6 +9,7 @@ the upstream case is covered against Dovecot in tests/integration/test_retention
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,10 +21,15 @@ from prometheus_client import CollectorRegistry
 from popproxy.config import StateConfig
 from popproxy.maildrop.base import Committed, MaildropError
 from popproxy.maildrop.maildir import open_maildir
-from popproxy.maildrop.retention import RetainedMaildrop, RetentionContext, open_retained
+from popproxy.maildrop.retention import (
+    RetainedMaildrop,
+    RetentionContext,
+    decide_view,
+    open_retained,
+)
 from popproxy.metrics import Metrics, PolicyAction
-from popproxy.policy import DEFAULT_RULE, Action, HeaderMatch, Match, Policy, Rule
-from popproxy.policy.patterns import header_pattern
+from popproxy.policy import DEFAULT_RULE, Action, Candidate, HeaderMatch, Match, Policy, Rule
+from popproxy.policy.patterns import HeaderPattern, header_pattern
 from popproxy.pop3.replies import ResponseCode
 from popproxy.state import open_store
 from popproxy.state.base import (
@@ -431,3 +437,52 @@ async def test_a_lock_lost_before_quit_deletes_and_records_nothing(
     assert files(maildir) == len(MESSAGES)
     assert await store.messages(ACCOUNT) == []
     assert opener.action_count(DEFAULT_RULE, PolicyAction.DELETED) == 0
+
+
+class _MatchInWorker:
+    """A compiled pattern that says where it runs: its search tells the event loop it
+    has started (only a worker thread of trio can), then waits until the loop, still
+    free, lets it finish."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.finish = threading.Event()
+
+    def search(self, text: bytes) -> None:
+        trio.from_thread.run_sync(self.started.set)
+        assert self.finish.wait(timeout=60), "the event loop never let the match finish"
+
+
+async def test_header_rules_match_in_a_worker_thread_while_the_loop_serves_others(
+    maildir: Path, store: StateStore
+) -> None:
+    """RE2 can take about a second on a 100 KiB header for the heaviest admitted pattern
+    (policy/patterns.py); the match must not stop every other session meanwhile."""
+    regex = _MatchInWorker()
+    match = Match(headers=(HeaderMatch("subject", HeaderPattern("slow", regex)),))
+    opener = Opener(maildir, store, Policy(rules=(Rule("slow", match, Action.HIDE),)))
+    opened: list[RetainedMaildrop] = []
+
+    async def login() -> None:
+        opened.append(await opener.open())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(login)
+        with trio.fail_after(60):
+            await regex.started.wait()
+        assert not opened  # the login is matching headers, and this task runs meanwhile
+        regex.finish.set()
+    assert len(opened[0].messages) == len(MESSAGES)  # the pattern matched nothing
+    await opened[0].aclose()
+
+
+async def test_without_header_rules_the_view_is_decided_on_the_event_loop(
+    maildir: Path, store: StateStore
+) -> None:
+    policy = keep_policy().for_user("phone", ACCOUNT.upstream)
+    candidates = [Candidate(0, "u1", 10, NOW)]
+    # No checkpoint: nothing was handed to a thread (a hand-off costs more than deciding).
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        view = await decide_view(policy, candidates, NOW)
+    assert view.visible == (0,)
