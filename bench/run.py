@@ -7,7 +7,7 @@ first on the path so that the popproxy under test is this checkout's:
         [--tls plain,implicit] [--rounds 3] [--json results.json] [--profile DIR]
 
 Scenarios (each alternates direct and proxied within every round, the order
-swapped from one round to the next, and reports proxied/direct ratios):
+rotated from one round to the next, and reports proxied/direct ratios):
 
 - bulk: RETR of a 10 MiB message, repeated on one connection, in MB/s;
 - sessions: whole sessions (connect, USER, PASS, STAT, LIST, UIDL, RETR 1, QUIT)
@@ -18,6 +18,11 @@ swapped from one round to the next, and reports proxied/direct ratios):
 - big: popproxy's RSS growth while relaying a 50 MB message (VmHWM), and MB/s;
 - mailbox: a mailbox of 100,000 messages (``--mailbox-messages``): login and a QUIT after
   one RETR, in ms.
+
+Peers (``--peers``, bench/peers.py): nginx's mail proxy and perdition, when installed,
+run in front of the same Dovecot and take their turn in the bulk, sessions, latency,
+big and mailbox scenarios as further sides, with their ratios to direct; a peer that
+is not installed is skipped with a line saying what to install.
 
 The load generator (bench/loadgen.py) uses raw sockets and 1 MiB reads, checks
 replies (status lines, sha256 of every body) after the timed part, and its own CPU
@@ -50,7 +55,10 @@ from integration.dovecot import DovecotUser
 from integration.harness import Corpus, CorpusMessage, TlsFiles, make_corpus, make_tls_files
 
 from bench.loadgen import MAX_CONNECTING, BenchError, Client, Conn, Driver, close_all
+from bench.peers import PEERS, Installed, find
 from bench.servers import (
+    DIRECT,
+    POPPROXY,
     REPO,
     Bench,
     Mailbox,
@@ -95,7 +103,9 @@ BIG_GROWTH_GOAL = Goal(2048.0, Better.LOWER, on_ratio=False)  # "< 2 MB" (KiB)
 IDLE_POP3_CLIENTS = 100
 # How long py-spy may take to write its profile after SIGINT.
 PROFILER_STOP_SECONDS = 30.0
-SIDES = (False, True)  # direct, proxied
+# The scenarios peers take part in (idle measures memory the peers do not report
+# alike; floor is socat's).
+PEER_SCENARIOS = frozenset({"bulk", "sessions", "latency", "big", "mailbox"})
 # Opening (or NOOPing) 10,000 sessions may take this long on a loaded machine.
 IDLE_TIMEOUT_SECONDS = 600.0
 
@@ -117,6 +127,9 @@ class Options:
     default_hash_cost: bool
     profile: Path | None
     json: Path | None
+    peers: list[str] = field(default_factory=list)  # asked for
+    nginx_workers: int = 1
+    installed: list[Installed] = field(default_factory=list)  # of those, the ones found
     cpu: dict[str, float] = field(default_factory=dict)  # generator CPU share per scenario
     load: dict[str, float] = field(default_factory=dict)  # 1-minute load average at its start
 
@@ -195,6 +208,15 @@ class Case:
         return self.context is not None
 
     @property
+    def sides(self) -> tuple[str, ...]:
+        """direct, popproxy and the peers running for this client leg."""
+        return self.bench.sides(self.tls)
+
+    def rounds(self) -> Iterator[str]:
+        """Every side once per round, in the order of ``rounds_order``."""
+        return rounds_order(self.options.rounds, self.sides)
+
+    @property
     def label(self) -> str:
         return "tls" if self.tls else "plain"
 
@@ -203,30 +225,46 @@ class Case:
         scenario: str,
         name: str,
         unit: str,
-        samples: dict[bool, list[float]],
+        samples: dict[str, list[float]],
         *,
         summary: Callable[[Sequence[float]], float],
         goal: Goal | None = None,
     ) -> Figure:
-        """A row: ``summary`` of each side's samples (NaN for a side without any)."""
-        direct, proxied = (summary(samples.get(side, [])) for side in SIDES)
-        return Figure(scenario, name, unit, direct, proxied, goal, self.tls)
+        """A row: ``summary`` of each side's samples (NaN for a side without any); the
+        peers' values only where some peer has samples."""
+        direct, proxied = (summary(samples.get(side, [])) for side in (DIRECT, POPPROXY))
+        peers = tuple(
+            (side, summary(samples.get(side, [])))
+            for side in self.sides[2:]
+            if any(samples.get(peer) for peer in self.sides[2:])
+        )
+        return Figure(scenario, name, unit, direct, proxied, goal, self.tls, peers)
 
-    def profiling(self, scenario: str, proxied: bool) -> contextlib.AbstractContextManager[None]:
-        """py-spy over popproxy for a proxied phase when ``--profile`` is set."""
-        if not proxied:
+    def profiling(self, scenario: str, side: str) -> contextlib.AbstractContextManager[None]:
+        """py-spy over popproxy for a popproxy phase when ``--profile`` is set."""
+        if side != POPPROXY:
             return contextlib.nullcontext()
         return profiling(self.bench, self.options, f"{scenario}-{self.label}")
 
+    def cpu_seconds(self, side: str) -> float:
+        """CPU time a proxy side has used so far (NaN for direct: not measured)."""
+        if side == DIRECT:
+            return math.nan
+        if side == POPPROXY:
+            return self.bench.proxy_cpu_seconds()
+        return self.bench.peers[side].cpu_seconds()
 
-def rounds_order(rounds: int) -> Iterator[bool]:
-    """Sides in the order they run: direct first in even rounds, proxied first in odd."""
+
+def rounds_order(rounds: int, sides: Sequence[str]) -> Iterator[str]:
+    """Sides in the order they run: round r starts r places further along, so each side
+    takes each place in turn (two sides: direct first in even rounds, proxied in odd)."""
     for r in range(rounds):
-        yield from (SIDES if r % 2 == 0 else SIDES[::-1])
+        start = r % len(sides)
+        yield from (*sides[start:], *sides[:start])
 
 
-def side_name(proxied: bool) -> str:
-    return "proxied" if proxied else "direct"
+def _samples(sides: Sequence[str]) -> dict[str, list[float]]:
+    return {side: [] for side in sides}
 
 
 # -- scenarios ------------------------------------------------------------------
@@ -235,93 +273,90 @@ def side_name(proxied: bool) -> str:
 def bulk(case: Case, expected: tuple[int, str]) -> list[Figure]:
     """RETR of the 10 MiB message, ``--bulk-retrs`` times per round on one connection."""
     o, bench = case.options, case.bench
-    rates: dict[bool, list[float]] = {False: [], True: []}
-    proxy_cpu: dict[bool, list[float]] = {True: []}
-    for proxied in rounds_order(o.rounds):
-        client = Client(bench.address(proxied, case.tls), case.context)
-        client.login(*bench.accounts[0].login(proxied))
+    rates = _samples(case.sides)
+    proxy_cpu = _samples(case.sides[1:])
+    for side in case.rounds():
+        client = Client(bench.address(side, case.tls), case.context)
+        client.login(*bench.login(0, side))
         client.retr_chunks(1)  # warm-up: page cache, buffers
-        cpu, octets = bench.proxy_cpu_seconds(), 0
-        with case.profiling("bulk", proxied):
+        cpu, octets = case.cpu_seconds(side), 0
+        with case.profiling("bulk", side):
             for _ in range(o.bulk_retrs):
                 with case.meter.timed():
                     started = time.perf_counter()
                     chunks = client.retr_chunks(1)
                     seconds = time.perf_counter() - started
                 reply = b"".join(chunks)
-                _check(body_digest(reply), expected, "bulk", proxied)
-                rates[proxied].append(len(reply) / seconds / MB)
+                _check(body_digest(reply), expected, "bulk", side)
+                rates[side].append(len(reply) / seconds / MB)
                 octets += len(reply)
-        if proxied:
-            proxy_cpu[True].append((bench.proxy_cpu_seconds() - cpu) / (octets / MB) * 1000)
+        if side != DIRECT:
+            proxy_cpu[side].append((case.cpu_seconds(side) - cpu) / (octets / MB) * 1000)
         client.close()
     return [
         case.figure("bulk", "10 MiB RETR", "MB/s", rates, summary=median, goal=BULK_GOAL),
-        case.figure("bulk", "popproxy CPU per MB", "ms", proxy_cpu, summary=median),
+        case.figure("bulk", "proxy CPU per MB", "ms", proxy_cpu, summary=median),
     ]
 
 
 def latency(case: Case, expected: tuple[int, str]) -> list[Figure]:
     """RETR of a small message, one round trip at a time, ``--latency-retrs`` per round."""
     o, bench = case.options, case.bench
-    times: dict[bool, list[float]] = {False: [], True: []}
-    proxy_cpu: dict[bool, list[float]] = {True: []}
+    times = _samples(case.sides)
+    proxy_cpu = _samples(case.sides[1:])
     retr = Step(b"RETR 1\r\n", multiline=True)
-    for proxied in rounds_order(o.rounds):
-        client = Client(bench.address(proxied, case.tls), case.context)
-        client.login(*bench.accounts[0].login(proxied))
+    for side in case.rounds():
+        client = Client(bench.address(side, case.tls), case.context)
+        client.login(*bench.login(0, side))
         client.call(retr)  # warm-up
         replies = []
-        cpu = bench.proxy_cpu_seconds()
-        with case.profiling("latency", proxied), case.meter.timed():
+        cpu = case.cpu_seconds(side)
+        with case.profiling("latency", side), case.meter.timed():
             for _ in range(o.latency_retrs):
                 started = time.perf_counter()
                 replies.append(client.call(retr))
-                times[proxied].append((time.perf_counter() - started) * 1e6)
-        if proxied:
-            proxy_cpu[True].append((bench.proxy_cpu_seconds() - cpu) / o.latency_retrs * 1e6)
+                times[side].append((time.perf_counter() - started) * 1e6)
+        if side != DIRECT:
+            proxy_cpu[side].append((case.cpu_seconds(side) - cpu) / o.latency_retrs * 1e6)
         for reply in replies:
-            _check(body_digest(reply), expected, "latency", proxied)
+            _check(body_digest(reply), expected, "latency", side)
         client.close()
     return [
         case.figure("latency", "small RETR p50", "µs", times, summary=_p50, goal=LATENCY_P50_GOAL),
         case.figure("latency", "small RETR p99", "µs", times, summary=_p99),
-        case.figure("latency", "popproxy CPU per RETR", "µs", proxy_cpu, summary=median),
+        case.figure("latency", "proxy CPU per RETR", "µs", proxy_cpu, summary=median),
     ]
 
 
 def sessions(case: Case, expected: tuple[int, str]) -> list[Figure]:
     """Whole sessions over ``--users`` accounts, ``--concurrency`` at a time."""
     o, bench = case.options, case.bench
-    rates: dict[bool, list[float]] = {False: [], True: []}
-    millis: dict[bool, list[float]] = {False: [], True: []}
-    proxy_cpu: dict[bool, list[float]] = {True: []}
-    for proxied in rounds_order(o.rounds):
-        address = bench.address(proxied, case.tls)
-        conns = [
-            Conn(address, session_steps(*bench.accounts[i % len(bench.accounts)].login(proxied)))
-            for i in range(o.sessions)
-        ]
+    rates = _samples(case.sides)
+    millis = _samples(case.sides)
+    proxy_cpu = _samples(case.sides[1:])
+    for side in case.rounds():
+        address = bench.address(side, case.tls)
+        conns = [Conn(address, session_steps(*bench.login(i, side))) for i in range(o.sessions)]
         driver = Driver(case.context)
-        cpu = bench.proxy_cpu_seconds()
-        with case.profiling("sessions", proxied), case.meter.timed():
+        cpu = case.cpu_seconds(side)
+        with case.profiling("sessions", side), case.meter.timed():
             started = time.perf_counter()
             driver.run(conns, concurrency=o.concurrency)
             wall = time.perf_counter() - started
-        if proxied:
-            proxy_cpu[True].append((bench.proxy_cpu_seconds() - cpu) / len(conns) * 1000)
+        if side != DIRECT:
+            proxy_cpu[side].append((case.cpu_seconds(side) - cpu) / len(conns) * 1000)
         driver.close()
         close_all(conns)
-        _no_errors(conns, f"sessions, {side_name(proxied)}")
+        _no_errors(conns, f"sessions, {side}")
         for conn in conns:
-            _check(body_digest(conn.replies[5]), expected, "sessions", proxied)
-        rates[proxied].append(len(conns) / wall)
-        millis[proxied] += [c.seconds * 1000 for c in conns]
+            _check(body_digest(conn.replies[5]), expected, "sessions", side)
+        rates[side].append(len(conns) / wall)
+        millis[side] += [c.seconds * 1000 for c in conns]
     return [
         case.figure("sessions", "sessions/s", "1/s", rates, summary=median, goal=SESSIONS_GOAL),
         case.figure("sessions", "session p50", "ms", millis, summary=_p50),
         case.figure("sessions", "session p99", "ms", millis, summary=_p99),
-        case.figure("sessions", "popproxy CPU per session", "ms", proxy_cpu, summary=median),
+        case.figure("sessions", "proxy CPU per session", "ms", proxy_cpu, summary=median),
     ]
 
 
@@ -329,32 +364,29 @@ def idle(case: Case, count: int) -> list[Figure]:
     """Memory per logged-in idle session (popproxy's PSS; Dovecot's, all processes, for
     the direct side); then every session must answer a NOOP."""
     bench = case.bench
-    per_session: dict[bool, list[float]] = {}
-    for proxied in SIDES:
-        measure = bench.proxy_pss_kib if proxied else bench.dovecot_pss_kib
+    per_session: dict[str, list[float]] = {}
+    for side in (DIRECT, POPPROXY):
+        measure = bench.proxy_pss_kib if side == POPPROXY else bench.dovecot_pss_kib
         before = measure()
-        address = bench.address(proxied, case.tls)
-        conns = [
-            Conn(address, login_steps(*bench.accounts[i % len(bench.accounts)].login(proxied)))
-            for i in range(count)
-        ]
+        address = bench.address(side, case.tls)
+        conns = [Conn(address, login_steps(*bench.login(i, side))) for i in range(count)]
         driver = Driver(case.context)
         try:
             with case.meter.timed():
                 driver.run(conns, concurrency=MAX_CONNECTING, timeout=IDLE_TIMEOUT_SECONDS)
-            _no_errors(conns, f"idle {count}, {side_name(proxied)}, login")
+            _no_errors(conns, f"idle {count}, {side}, login")
             after = measure()
             for conn in conns:
                 conn.extend([Step(b"NOOP\r\n")])
             driver.run(conns, concurrency=MAX_CONNECTING, timeout=IDLE_TIMEOUT_SECONDS)
-            _no_errors(conns, f"idle {count}, {side_name(proxied)}, NOOP")
+            _no_errors(conns, f"idle {count}, {side}, NOOP")
         finally:
             driver.close()
             close_all(conns)
-        per_session[proxied] = [(after - before) / count]
+        per_session[side] = [(after - before) / count]
         print(
-            f"  idle {count} {case.label} {side_name(proxied)}: PSS {before} -> {after} KiB,"
-            f" {per_session[proxied][0]:.1f} KiB per session; all {count} answered NOOP"
+            f"  idle {count} {case.label} {side}: PSS {before} -> {after} KiB,"
+            f" {per_session[side][0]:.1f} KiB per session; all {count} answered NOOP"
         )
     goal = None if case.tls else IDLE_KIB_GOAL
     return [
@@ -370,27 +402,27 @@ def idle(case: Case, count: int) -> list[Figure]:
 
 
 def big(case: Case, expected: tuple[int, str]) -> list[Figure]:
-    """popproxy's RSS growth (VmHWM after a reset) over a 50 MB RETR; both sides' MB/s."""
-    o, bench = case.options, case.bench
-    growth: dict[bool, list[float]] = {False: [], True: []}
-    rates: dict[bool, list[float]] = {False: [], True: []}
-    for proxied in rounds_order(o.rounds):
-        client = Client(bench.address(proxied, case.tls), case.context)
-        client.login(*bench.accounts[0].login(proxied))
+    """popproxy's RSS growth (VmHWM after a reset) over a 50 MB RETR; every side's MB/s."""
+    bench = case.bench
+    growth = _samples([POPPROXY])
+    rates = _samples(case.sides)
+    for side in case.rounds():
+        client = Client(bench.address(side, case.tls), case.context)
+        client.login(*bench.login(0, side))
         client.call(Step(b"RETR 1\r\n", multiline=True))  # warm-up on the small message
         before = bench.proxy.rss_kib()
         peak_reset = bench.proxy.reset_peak_rss()
-        with case.profiling("big", proxied), case.meter.timed():
+        with case.profiling("big", side), case.meter.timed():
             started = time.perf_counter()
             chunks = client.retr_chunks(2)
             seconds = time.perf_counter() - started
-        if proxied:
+        if side == POPPROXY:
             peak = bench.proxy.peak_rss_kib() if peak_reset else bench.proxy.rss_kib()
-            growth[proxied].append(float(peak - before))
+            growth[side].append(float(peak - before))
         reply = b"".join(chunks)
         del chunks
-        _check(body_digest(reply), expected, "big", proxied)
-        rates[proxied].append(len(reply) / seconds / MB)
+        _check(body_digest(reply), expected, "big", side)
+        rates[side].append(len(reply) / seconds / MB)
         client.close()
     return [
         case.figure("big", "50 MB RETR", "MB/s", rates, summary=median),
@@ -402,32 +434,32 @@ def big(case: Case, expected: tuple[int, str]) -> list[Figure]:
 
 def floor(case: Case, small: tuple[int, str], large: tuple[int, str]) -> list[Figure]:
     """The same small RETR round trips and 10 MiB RETRs through socat instead of
-    popproxy: what one more hop costs on this machine whatever the relay does."""
+    popproxy: what one more hop costs on this machine whatever the relay does.
+    socat's figures are in the proxied column."""
     o, bench = case.options, case.bench
-    times: dict[bool, list[float]] = {False: [], True: []}
-    rates: dict[bool, list[float]] = {False: [], True: []}
-    direct = bench.address(False, False)
+    times = _samples((DIRECT, POPPROXY))
+    rates = _samples((DIRECT, POPPROXY))
+    direct = bench.address(DIRECT, False)
     retr = Step(b"RETR 1\r\n", multiline=True)
     with socat_relay(direct) as relay:
-        for relayed in rounds_order(o.rounds):
-            client = Client(relay if relayed else direct)
-            client.login(*bench.accounts[0].login(False))
+        for side in rounds_order(o.rounds, (DIRECT, POPPROXY)):
+            client = Client(relay if side == POPPROXY else direct)
+            client.login(*bench.login(0, DIRECT))
             client.call(retr)  # warm-up
             replies = []
             with case.meter.timed():
                 for _ in range(o.latency_retrs):
                     started = time.perf_counter()
                     replies.append(client.call(retr))
-                    times[relayed].append((time.perf_counter() - started) * 1e6)
+                    times[side].append((time.perf_counter() - started) * 1e6)
                 for _ in range(o.bulk_retrs):
                     started = time.perf_counter()
                     chunks = client.retr_chunks(2)
-                    rates[relayed].append(
-                        sum(map(len, chunks)) / (time.perf_counter() - started) / MB
-                    )
+                    rates[side].append(sum(map(len, chunks)) / (time.perf_counter() - started) / MB)
+            which = "socat" if side == POPPROXY else DIRECT
             for reply in replies:
-                _check(body_digest(reply), small, "floor", relayed)
-            _check(body_digest(b"".join(chunks)), large, "floor", relayed)
+                _check(body_digest(reply), small, "floor", which)
+            _check(body_digest(b"".join(chunks)), large, "floor", which)
             client.close()
     return [
         case.figure("floor", "small RETR p50 via socat", "µs", times, summary=_p50),
@@ -461,36 +493,36 @@ def mailbox(case: Case, count: int) -> list[Figure]:
     a QUIT after RETR of one message (another one each round, so each proxied QUIT
     records a new retrieval). One unmeasured session per side first: Dovecot indexes
     the Maildir, popproxy's store learns the listing."""
-    o, bench = case.options, case.bench
-    login_ms: dict[bool, list[float]] = {False: [], True: []}
-    quit_ms: dict[bool, list[float]] = {False: [], True: []}
+    bench = case.bench
+    login_ms = _samples(case.sides)
+    quit_ms = _samples(case.sides)
     retr = Step(b"RETR 1\r\n", multiline=True)
     expected: tuple[int, str] | None = None
-    for proxied in SIDES:  # warm-up
-        client = Client(bench.address(proxied, case.tls), case.context)
-        client.login(*bench.accounts[0].login(proxied))
+    for side in case.sides:  # warm-up
+        client = Client(bench.address(side, case.tls), case.context)
+        client.login(*bench.login(0, side))
         got = body_digest(client.call(retr))
         if expected is None:
             expected = got
-        _check(got, expected, "mailbox", proxied)
+        _check(got, expected, "mailbox", side)
         client.close()
     assert expected is not None
-    for n, proxied in enumerate(rounds_order(o.rounds)):
-        with case.profiling("mailbox-login", proxied):
+    for n, side in enumerate(case.rounds()):
+        with case.profiling("mailbox-login", side):
             started = time.perf_counter()
-            client = Client(bench.address(proxied, case.tls), case.context)
-            client.login(*bench.accounts[0].login(proxied))
-            login_ms[proxied].append((time.perf_counter() - started) * 1000)
+            client = Client(bench.address(side, case.tls), case.context)
+            client.login(*bench.login(0, side))
+            login_ms[side].append((time.perf_counter() - started) * 1000)
         reply = client.call(Step(b"RETR %d\r\n" % (n + 2), multiline=True))
-        _check(body_digest(reply), expected, "mailbox", proxied)
-        with case.profiling("mailbox-quit", proxied):
+        _check(body_digest(reply), expected, "mailbox", side)
+        with case.profiling("mailbox-quit", side):
             started = time.perf_counter()
             reply = client.call(Step(b"QUIT\r\n"))
-            quit_ms[proxied].append((time.perf_counter() - started) * 1000)
+            quit_ms[side].append((time.perf_counter() - started) * 1000)
         if not reply.startswith(b"+OK"):
-            raise BenchError(f"mailbox, {side_name(proxied)}: QUIT {reply[:80]!r}")
+            raise BenchError(f"mailbox, {side}: QUIT {reply[:80]!r}")
         client.close(quit_first=False)
-    slack = median(login_ms[True]) - median(login_ms[False])
+    slack = median(login_ms[POPPROXY]) - median(login_ms[DIRECT])
     met = "yes" if slack <= MAILBOX_LOGIN_SLACK_SECONDS * 1000 else "**no**"
     print(f"   login through popproxy {slack:.0f} ms slower than direct (goal <= 1 s: {met})")
     return [
@@ -518,9 +550,9 @@ def _max(values: Sequence[float]) -> float:
     return max(values) if values else math.nan
 
 
-def _check(got: tuple[int, str], expected: tuple[int, str], scenario: str, proxied: bool) -> None:
+def _check(got: tuple[int, str], expected: tuple[int, str], scenario: str, side: str) -> None:
     if got != expected:
-        raise BenchError(f"{scenario}, {side_name(proxied)}: body {got}, expected {expected}")
+        raise BenchError(f"{scenario}, {side}: body {got}, expected {expected}")
 
 
 def _no_errors(conns: Sequence[Conn], what: str) -> None:
@@ -540,7 +572,21 @@ def run_scenario(
     figures: list[Figure] = []
     small = corpora["small"]
     first_small = min(small.small, key=lambda m: m.key)  # Dovecot numbers in key order
-    hashes = {"default_hash_cost": o.default_hash_cost}
+    peers = o.installed if name in PEER_SCENARIOS else []
+
+    def start(
+        work: Path, boxes: Sequence[Mailbox], pop3_clients: int = 1
+    ) -> contextlib.AbstractContextManager[Bench]:
+        return running(
+            work,
+            tls,
+            boxes,
+            pop3_clients=pop3_clients,
+            default_hash_cost=o.default_hash_cost,
+            peers=peers,
+            nginx_workers=o.nginx_workers,
+        )
+
     for use_tls in o.tls:
         meter = Meter()
         context = tls.client_context() if use_tls else None
@@ -552,21 +598,19 @@ def run_scenario(
             case "bulk":
                 message = corpora["bulk"].by_kind("big")
                 boxes: list[Mailbox] = [("bulk", corpora["bulk"], [message])]
-                with running(work, tls, boxes, **hashes) as bench:
+                with start(work, boxes) as bench:
                     figures += bulk(Case(bench, o, context, meter), _expected(message))
             case "latency":
-                with running(work, tls, [("small", small, [first_small])], **hashes) as bench:
+                with start(work, [("small", small, [first_small])]) as bench:
                     figures += latency(Case(bench, o, context, meter), _expected(first_small))
             case "sessions":
                 boxes = [(f"user{i}", small, small.small) for i in range(o.users)]
-                with running(work, tls, boxes, **hashes) as bench:
+                with start(work, boxes) as bench:
                     figures += sessions(Case(bench, o, context, meter), _expected(first_small))
             case "idle":
                 boxes = [(f"user{i}", small, [first_small]) for i in range(o.users)]
                 for count in o.idle:
-                    with running(
-                        work / str(count), tls, boxes, pop3_clients=IDLE_POP3_CLIENTS, **hashes
-                    ) as bench:
+                    with start(work / str(count), boxes, IDLE_POP3_CLIENTS) as bench:
                         figures += idle(Case(bench, o, context, meter), count)
             case "big":
                 corpus = corpora["big"]
@@ -574,10 +618,10 @@ def run_scenario(
                 # The small message sorts first (Dovecot numbers by key): RETR 1 warms
                 # up, RETR 2 is the 50 MB one.
                 warm_up = min(corpus.small, key=lambda m: m.key)
-                with running(work, tls, [("big", corpus, [warm_up, message])], **hashes) as bench:
+                with start(work, [("big", corpus, [warm_up, message])]) as bench:
                     figures += big(Case(bench, o, context, meter), _expected(message))
             case "mailbox":
-                with running(work, tls, [("mailbox", small, [])], **hashes) as bench:
+                with start(work, [("mailbox", small, [])]) as bench:
                     seed_mailbox(bench.accounts[0].dovecot, o.mailbox_messages)
                     figures += mailbox(Case(bench, o, context, meter), o.mailbox_messages)
             case "floor":
@@ -585,7 +629,7 @@ def run_scenario(
                     continue  # the relay floor is about the hop, measured in clear
                 message = corpora["bulk"].by_kind("big")
                 boxes = [("floor", corpora["bulk"], [first_small, message])]
-                with running(work, tls, boxes, **hashes) as bench:
+                with start(work, boxes) as bench:
                     figures += floor(
                         Case(bench, o, context, meter), _expected(first_small), _expected(message)
                     )
@@ -636,7 +680,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         default="plain,implicit",
         help="client legs to run: plain, implicit or both (comma-separated)",
     )
-    parser.add_argument("--rounds", type=int, default=3, help="direct/proxied pairs per scenario")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of every side per scenario")
     parser.add_argument("--bulk-retrs", type=int, default=5, help="timed RETRs per bulk round")
     parser.add_argument("--latency-retrs", type=int, default=500, help="RETRs per latency round")
     parser.add_argument("--users", type=int, default=200, help="accounts of the sessions scenario")
@@ -651,7 +695,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         action="store_true",
         help="popproxy users get scrypt at the default cost (else ln=4)",
     )
-    parser.add_argument("--profile", type=Path, help="py-spy every proxied phase into this dir")
+    parser.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help="other proxies run beside popproxy when installed (comma-separated, of: "
+        + ", ".join(PEERS)
+        + "; empty for none)",
+    )
+    parser.add_argument(
+        "--nginx-workers", type=int, default=1, help="nginx worker processes (popproxy has one)"
+    )
+    parser.add_argument("--profile", type=Path, help="py-spy every popproxy phase into this dir")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
@@ -660,6 +714,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         parser.error(f"unknown scenarios: {unknown}")
     if unknown := [t for t in tls_modes if t not in ("plain", "implicit")]:
         parser.error(f"unknown TLS modes: {unknown}")
+    peers = [p for p in args.peers.split(",") if p]
+    if unknown := [p for p in peers if p not in PEERS]:
+        parser.error(f"unknown peers: {unknown}")
     options = Options(
         scenarios=scenarios,
         tls=[t == "implicit" for t in tls_modes],
@@ -674,6 +731,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         default_hash_cost=args.default_hash_cost,
         profile=args.profile,
         json=args.json,
+        peers=peers,
+        nginx_workers=args.nginx_workers,
     )
     return options
 
@@ -691,6 +750,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if o.profile is not None:
         o.profile.mkdir(parents=True, exist_ok=True)
+    peers = {name: find(name) for name in o.peers}
+    for found in peers.values():
+        if found.command is None:
+            print(f"peer {found.name} skipped: {found.note}", flush=True)
+        else:
+            print(f"peer {found.name}: {found.note}", flush=True)
+            if not found.tls:
+                print(f"peer {found.name}: no mail TLS module, plain only", flush=True)
+    o.installed = [found for found in peers.values() if found.command is not None]
     figures: list[Figure] = []
     started = datetime.datetime.now(datetime.UTC)
     with tempfile.TemporaryDirectory(prefix="popproxy-bench-") as tmp_name:
@@ -715,6 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fd_limit": fd_limit,
         "hash_cost": "default" if o.default_hash_cost else "scrypt ln=4",
         "profiled": o.profile is not None,
+        "peers": {f.name: f.note if f.command else f"skipped: {f.note}" for f in peers.values()},
+        "nginx_workers": o.nginx_workers,
         "repo": str(REPO),
     }
     print("load generator CPU (cores): " + ", ".join(f"{k} {v:.2f}" for k, v in o.cpu.items()))

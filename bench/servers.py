@@ -6,7 +6,8 @@ gives for throughput appended: long-lived login *and* mail processes, loopback
 trusted, an auth cache. popproxy is ``python -m popproxy run`` with a config written
 by the suite's harness (tests/integration/harness.py): a plain and an implicit-TLS
 listener, proxy mode, every local user mapped to its own Dovecot account over the
-plain upstream leg.
+plain upstream leg. Peers (bench/peers.py: nginx's mail proxy, perdition) run in
+front of the same Dovecot when asked for, as further sides.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -35,6 +35,7 @@ from integration.harness import (
     write_config,
 )
 
+from bench.peers import Installed, Peer, PeerUser, running_peer, wait_listening
 from bench.stats import parse_proc_stat_ticks, parse_smaps_rollup
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,6 +111,10 @@ def tuned_dovecot(tls: TlsFiles, *, pop3_clients: int = 1, cores: int = 2) -> Do
 # A Dovecot account to create: its name, and the corpus messages its Maildir holds.
 Mailbox = tuple[str, Corpus, Sequence[CorpusMessage]]
 
+# The sides every scenario has; peers add theirs (their names, bench/peers.py).
+DIRECT = "direct"
+POPPROXY = "popproxy"
+
 
 @dataclass(frozen=True, slots=True)
 class Account:
@@ -118,26 +123,45 @@ class Account:
     dovecot: DovecotUser
     proxy_user: str  # popproxy's local user mapped to it; its password is PASSWORD
 
-    def login(self, proxied: bool) -> tuple[str, str]:
-        """(user, password) to log in with on one side."""
-        return (
-            (self.proxy_user, PASSWORD) if proxied else (self.dovecot.name, self.dovecot.password)
-        )
+    def login(self, proxy_user: bool) -> tuple[str, str]:
+        """(user, password): popproxy's user, or the Dovecot account's own."""
+        if proxy_user:
+            return self.proxy_user, PASSWORD
+        return self.dovecot.name, self.dovecot.password
 
 
 class Bench:
-    """A running Dovecot and popproxy, and the accounts both serve."""
+    """A running Dovecot, popproxy and peers, and the accounts all of them serve."""
 
-    def __init__(self, dovecot: DovecotServer, proxy: ServerProcess, accounts: list[Account]):
+    def __init__(
+        self,
+        dovecot: DovecotServer,
+        proxy: ServerProcess,
+        accounts: list[Account],
+        peers: Sequence[Peer] = (),
+    ):
         self.dovecot = dovecot
         self.proxy = proxy
         self.accounts = accounts
+        self.peers = {peer.name: peer for peer in peers}
 
-    def address(self, proxied: bool, tls: bool) -> tuple[str, int]:
-        """Where a client connects: Dovecot's plain-only or pop3s listener, or popproxy's."""
-        if proxied:
+    def sides(self, tls: bool) -> tuple[str, ...]:
+        """direct, popproxy, then every peer that listens on this client leg."""
+        return (DIRECT, POPPROXY, *(n for n, p in self.peers.items() if tls in p.ports))
+
+    def address(self, side: str, tls: bool) -> tuple[str, int]:
+        """Where a client connects: Dovecot's plain-only or pop3s listener, popproxy's,
+        or a peer's."""
+        if side == POPPROXY:
             return LOOPBACK, self.proxy.port("implicit" if tls else "none")
-        return self.dovecot.endpoint("implicit" if tls else "none")
+        if side == DIRECT:
+            return self.dovecot.endpoint("implicit" if tls else "none")
+        return self.peers[side].address(tls)
+
+    def login(self, account: int, side: str) -> tuple[str, str]:
+        """(user, password) of ``accounts[account]`` on ``side``."""
+        proxy_user = side == POPPROXY or (side in self.peers and self.peers[side].proxy_logins)
+        return self.accounts[account % len(self.accounts)].login(proxy_user)
 
     def proxy_pss_kib(self) -> int:
         """popproxy's proportional set size (its own share of shared pages), in KiB."""
@@ -177,8 +201,11 @@ def running(
     *,
     pop3_clients: int = 1,
     default_hash_cost: bool = False,
+    peers: Sequence[Installed] = (),
+    nginx_workers: int = 1,
 ) -> Iterator[Bench]:
-    """Dovecot with one account per ``(name, corpus, messages)`` and popproxy in front.
+    """Dovecot with one account per ``(name, corpus, messages)``, popproxy in front,
+    and each of ``peers`` in front as well.
 
     popproxy's users are ``p-NAME``, password ``PASSWORD``; their hashes are the
     suite's cheap ones (scrypt ln=4) unless ``default_hash_cost``.
@@ -217,7 +244,24 @@ def running(
             config.write_text(yaml.safe_dump(data, sort_keys=False))
         proxy = ServerProcess(config, listeners=["none", "implicit"], cwd=workdir)
         proxy.wait_ready()
-        yield Bench(dovecot, proxy, accounts)
+        users = [
+            PeerUser(a.proxy_user, PASSWORD, a.dovecot.name, a.dovecot.password) for a in accounts
+        ]
+        with contextlib.ExitStack() as stack:
+            running_peers = [
+                stack.enter_context(
+                    running_peer(
+                        found,
+                        workdir,
+                        tls,
+                        dovecot.endpoint("none"),
+                        users,
+                        nginx_workers=nginx_workers,
+                    )
+                )
+                for found in peers
+            ]
+            yield Bench(dovecot, proxy, accounts, running_peers)
     finally:
         if proxy is not None:
             stopping = time.monotonic()
@@ -226,9 +270,8 @@ def running(
         dovecot.stop(check=False)
 
 
-# socat as the relay floor: how long socat may take to come up, and how often to look.
-RELAY_START_DEADLINE_SECONDS = 10.0
-RELAY_POLL_SECONDS = 0.02
+# socat as the relay floor: how long socat may take to exit.
+RELAY_STOP_DEADLINE_SECONDS = 10.0
 
 
 @contextlib.contextmanager
@@ -247,16 +290,8 @@ def socat_relay(target: tuple[str, int]) -> Iterator[tuple[str, int]]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + RELAY_START_DEADLINE_SECONDS
-        while True:
-            try:
-                socket.create_connection((LOOPBACK, port), RELAY_START_DEADLINE_SECONDS).close()
-                break
-            except OSError:
-                if relay.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(RELAY_POLL_SECONDS)
+        wait_listening(port, relay, "socat")
         yield LOOPBACK, port
     finally:
         relay.terminate()
-        relay.wait(RELAY_START_DEADLINE_SECONDS)
+        relay.wait(RELAY_STOP_DEADLINE_SECONDS)

@@ -2,7 +2,8 @@
 
 No I/O here (the harness's tests import this module alone). A figure is measured
 on both sides, ``direct`` (Dovecot alone) and ``proxied`` (popproxy in front of the
-same Dovecot), in one run; its ratio is proxied over direct.
+same Dovecot), in one run; its ratio is proxied over direct. Peers (other proxies in
+front of the same Dovecot, bench/peers.py) may add their own value and ratio.
 """
 
 from __future__ import annotations
@@ -80,11 +81,16 @@ class Figure:
     proxied: float
     goal: Goal | None = None
     tls: bool = False  # implicit TLS on the client leg (both sides)
+    peers: tuple[tuple[str, float], ...] = ()  # (peer, its value), in the run's order
 
     @property
     def ratio(self) -> float:
         """proxied / direct (NaN when a side is missing)."""
         return ratio(self.direct, self.proxied)
+
+    def peer(self, name: str) -> float:
+        """A peer's value (NaN if it has none here)."""
+        return dict(self.peers).get(name, math.nan)
 
     @property
     def met(self) -> bool | None:
@@ -97,6 +103,10 @@ class Figure:
         out["goal"] = None if self.goal is None else self.goal.describe()
         out["ratio"] = self.ratio
         out["met"] = self.met
+        out["peers"] = {
+            name: {"value": _json_number(value), "ratio": _json_number(ratio(self.direct, value))}
+            for name, value in self.peers
+        }
         return {k: _json_number(v) for k, v in out.items()}
 
 
@@ -113,18 +123,30 @@ def _number(value: float) -> str:
 
 
 def format_table(figures: Iterable[Figure]) -> str:
-    """The figures as a Markdown table: direct, proxied, ratio, goal and whether it is met."""
-    header = "| scenario | figure | TLS | direct | proxied | ratio | goal | met |"
-    rows = [header, "|---|---|---|---:|---:|---:|---|---|"]
+    """The figures as a Markdown table: direct, proxied, ratio, then each peer's value and
+    ratio (columns only for peers some figure has), goal and whether popproxy meets it."""
+    figures = list(figures)
+    peers = list(dict.fromkeys(name for f in figures for name, _ in f.peers))
+    header = "| scenario | figure | TLS | direct | proxied | ratio |"
+    header += "".join(f" {name} | ratio |" for name in peers)
+    rows = [header + " goal | met |", "|---|---|---|---:|---:|---:|" + "---:|---:|" * len(peers)]
+    rows[1] += "---|---|"
     for f in figures:
         met = {True: "yes", False: "**no**", None: ""}[f.met]
-        ratio_text = "-" if math.isnan(f.ratio) else f"{f.ratio:.2f}x"
+        cells = f"| {_number(f.direct)} | {_number(f.proxied)} | {_ratio(f.ratio)} "
+        cells += "".join(
+            f"| {_number(f.peer(name))} | {_ratio(ratio(f.direct, f.peer(name)))} "
+            for name in peers
+        )
         rows.append(
             f"| {f.scenario} | {f.name} ({f.unit}) | {'implicit' if f.tls else 'plain'} "
-            f"| {_number(f.direct)} | {_number(f.proxied)} | {ratio_text} "
-            f"| {f.goal.describe() if f.goal else ''} | {met} |"
+            f"{cells}| {f.goal.describe() if f.goal else ''} | {met} |"
         )
     return "\n".join(rows)
+
+
+def _ratio(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}x"
 
 
 def results_json(figures: Iterable[Figure], meta: Mapping[str, object]) -> str:
@@ -147,14 +169,16 @@ def parse_smaps_rollup(text: str) -> dict[str, int]:
     return fields
 
 
-def parse_proc_stat_ticks(text: str) -> int:
-    """utime + stime of /proc/PID/stat, in clock ticks (proc(5): fields 14 and 15).
+def parse_proc_stat_ticks(text: str, *, children: bool = False) -> int:
+    """utime + stime of /proc/PID/stat, in clock ticks (proc(5): fields 14 and 15), and
+    with ``children`` cutime + cstime as well (16 and 17: the children it waited for).
 
     The command name (field 2) may hold spaces and parentheses: fields are counted
     after its closing parenthesis.
     """
     fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])
+    own = int(fields[11]) + int(fields[12])
+    return own + int(fields[13]) + int(fields[14]) if children else own
 
 
 # Innermost frames of a profile sample that is waiting, not working: trio's I/O wait.

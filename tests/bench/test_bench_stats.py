@@ -128,3 +128,39 @@ def test_top_frames_ranks_own_time_and_merges_line_numbers() -> None:
 def test_proc_stat_cpu_ticks_after_a_command_name_with_spaces() -> None:
     text = "4242 (python -m (x)) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 567 0 0 20 0 3 0"
     assert parse_proc_stat_ticks(text) == 1234 + 567
+
+
+def test_proc_stat_ticks_with_children_add_cutime_and_cstime() -> None:
+    text = "4242 (nginx) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 567 89 10 20 0 3 0"
+    assert parse_proc_stat_ticks(text, children=True) == 1234 + 567 + 89 + 10
+
+
+def test_peers_get_a_value_and_a_ratio_column_each_where_any_figure_has_them() -> None:
+    figures = [
+        Figure(
+            "sessions",
+            "sessions/s",
+            "1/s",
+            600.0,
+            200.0,
+            Goal(0.75, Better.HIGHER),
+            peers=(("nginx", 450.0), ("perdition", math.nan)),
+        ),
+        Figure("big", "RSS growth", "KiB", math.nan, 700.0),
+    ]
+    lines = format_table(figures).splitlines()
+    assert lines[0] == (
+        "| scenario | figure | TLS | direct | proxied | ratio | nginx | ratio | perdition"
+        " | ratio | goal | met |"
+    )
+    assert lines[1].count("|") == lines[0].count("|")
+    assert lines[2] == (
+        "| sessions | sessions/s (1/s) | plain | 600 | 200 | 0.33x | 450 | 0.75x | - | - "
+        "| >= 0.75x | **no** |"
+    )
+    assert lines[3] == "| big | RSS growth (KiB) | plain | - | 700 | - | - | - | - | - |  |  |"
+    row = json.loads(results_json(figures, {}))["figures"][0]
+    assert row["peers"] == {
+        "nginx": {"value": 450.0, "ratio": 0.75},
+        "perdition": {"value": None, "ratio": None},
+    }
