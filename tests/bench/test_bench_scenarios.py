@@ -1,8 +1,8 @@
-"""bench/run.py: the order in which the sides take their turns."""
+"""bench/scenarios.py: the order in which the sides take their turns."""
 
 from __future__ import annotations
 
-from bench.run import rounds_order
+from bench.scenarios import rounds_order
 
 
 def test_two_sides_swap_every_round() -> None:
