@@ -98,6 +98,7 @@ def run_scenario(
             default_hash_cost=o.default_hash_cost,
             peers=peers,
             nginx_workers=o.nginx_workers,
+            baseline=o.baseline if name != "floor" else None,
         )
 
     for use_tls in o.tls:
@@ -152,6 +153,18 @@ def run_scenario(
         print(f"   load generator CPU: {meter.share:.0%} of one core over {meter.wall:.1f} s")
         print(format_table(f for f in figures if f.tls == use_tls))
     return figures
+
+
+def _revision(checkout: Path) -> str:
+    """``checkout`` and the commit it has checked out."""
+    head = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    ).stdout.strip()
+    return f"{checkout} at {head or 'an unknown commit'}"
 
 
 def machine_facts() -> dict[str, object]:
@@ -218,6 +231,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--nginx-workers", type=int, default=1, help="nginx worker processes (popproxy has one)"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout of popproxy (such as a git worktree of an older commit), run"
+        " as the side 'baseline' beside this one in every scenario but floor",
+    )
     parser.add_argument("--profile", type=Path, help="py-spy every popproxy phase into this dir")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -246,6 +265,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         json=args.json,
         peers=peers,
         nginx_workers=args.nginx_workers,
+        baseline=args.baseline.resolve() if args.baseline else None,
     )
     return options
 
@@ -272,6 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not found.tls:
                 print(f"peer {found.name}: no mail TLS module, plain only", flush=True)
     o.installed = [found for found in peers.values() if found.command is not None]
+    if o.baseline is not None:
+        if not (o.baseline / "popproxy" / "__main__.py").exists():
+            print(f"--baseline {o.baseline}: no popproxy checkout there", file=sys.stderr)
+            return 2
+        print(f"baseline: popproxy from {_revision(o.baseline)}", flush=True)
     figures: list[Figure] = []
     started = datetime.datetime.now(datetime.UTC)
     with tempfile.TemporaryDirectory(prefix="popproxy-bench-") as tmp_name:
@@ -298,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "profiled": o.profile is not None,
         "peers": {f.name: f.note if f.command else f"skipped: {f.note}" for f in peers.values()},
         "nginx_workers": o.nginx_workers,
+        "baseline": _revision(o.baseline) if o.baseline else None,
         "repo": str(REPO),
     }
     print("load generator CPU (cores): " + ", ".join(f"{k} {v:.2f}" for k, v in o.cpu.items()))

@@ -19,13 +19,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from integration.dovecot import DovecotUser
 
 from bench.loadgen import MAX_CONNECTING, BenchError, Client, Conn, Driver, close_all
 from bench.peers import Installed
-from bench.servers import DIRECT, POPPROXY, Bench, socat_relay
+from bench.servers import BASELINE, DIRECT, POPPROXY, Bench, socat_relay
 from bench.stats import Better, Figure, Goal, median, percentile, top_frames
 from bench.wire import Step, body_digest, first_error, login_steps, session_steps
 
@@ -71,6 +72,7 @@ class Options:
     json: Path | None
     peers: list[str] = field(default_factory=list)  # asked for
     nginx_workers: int = 1
+    baseline: Path | None = None  # another popproxy checkout, run as a side of its own
     installed: list[Installed] = field(default_factory=list)  # of those, the ones found
     cpu: dict[str, float] = field(default_factory=dict)  # generator CPU share per scenario
     load: dict[str, float] = field(default_factory=dict)  # 1-minute load average at its start
@@ -192,9 +194,7 @@ class Case:
         """CPU time a proxy side has used so far (NaN for direct: not measured)."""
         if side == DIRECT:
             return math.nan
-        if side == POPPROXY:
-            return self.bench.proxy_cpu_seconds()
-        return self.bench.peers[side].cpu_seconds()
+        return self.bench.proxy_cpu_seconds(side)
 
 
 def rounds_order(rounds: int, sides: Sequence[str]) -> Iterator[str]:
@@ -303,12 +303,12 @@ def sessions(case: Case, expected: tuple[int, str]) -> list[Figure]:
 
 
 def idle(case: Case, count: int) -> list[Figure]:
-    """Memory per logged-in idle session (popproxy's PSS; Dovecot's, all processes, for
-    the direct side); then every session must answer a NOOP."""
+    """Memory per logged-in idle session (popproxy's PSS, and the baseline's; Dovecot's,
+    all processes, for the direct side); then every session must answer a NOOP."""
     bench = case.bench
     per_session: dict[str, list[float]] = {}
-    for side in (DIRECT, POPPROXY):
-        measure = bench.proxy_pss_kib if side == POPPROXY else bench.dovecot_pss_kib
+    for side in case.sides:  # no peers here: direct, popproxy, the baseline
+        measure = bench.dovecot_pss_kib if side == DIRECT else partial(bench.proxy_pss_kib, side)
         before = measure()
         address = bench.address(side, case.tls)
         conns = [Conn(address, login_steps(*bench.login(i, side))) for i in range(count)]
@@ -344,22 +344,24 @@ def idle(case: Case, count: int) -> list[Figure]:
 
 
 def big(case: Case, expected: tuple[int, str]) -> list[Figure]:
-    """popproxy's RSS growth (VmHWM after a reset) over a 50 MB RETR; every side's MB/s."""
+    """popproxy's RSS growth (VmHWM after a reset) over a 50 MB RETR (and the baseline's);
+    every side's MB/s."""
     bench = case.bench
-    growth = _samples([POPPROXY])
+    growth = _samples([s for s in case.sides if s in (POPPROXY, BASELINE)])
     rates = _samples(case.sides)
     for side in case.rounds():
         client = Client(bench.address(side, case.tls), case.context)
         client.login(*bench.login(0, side))
         client.call(Step(b"RETR 1\r\n", multiline=True))  # warm-up on the small message
-        before = bench.proxy.rss_kib()
-        peak_reset = bench.proxy.reset_peak_rss()
+        server = bench.popproxy(side) if side in growth else None
+        before = server.rss_kib() if server else 0
+        peak_reset = server.reset_peak_rss() if server else False
         with case.profiling("big", side), case.meter.timed():
             started = time.perf_counter()
             chunks = client.retr_chunks(2)
             seconds = time.perf_counter() - started
-        if side == POPPROXY:
-            peak = bench.proxy.peak_rss_kib() if peak_reset else bench.proxy.rss_kib()
+        if server:
+            peak = server.peak_rss_kib() if peak_reset else server.rss_kib()
             growth[side].append(float(peak - before))
         reply = b"".join(chunks)
         del chunks

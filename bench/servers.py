@@ -114,6 +114,8 @@ Mailbox = tuple[str, Corpus, Sequence[CorpusMessage]]
 # The sides every scenario has; peers add theirs (their names, bench/peers.py).
 DIRECT = "direct"
 POPPROXY = "popproxy"
+# popproxy from another checkout (``--baseline``), a side of its own beside popproxy.
+BASELINE = "baseline"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,37 +141,52 @@ class Bench:
         proxy: ServerProcess,
         accounts: list[Account],
         peers: Sequence[Peer] = (),
+        baseline: ServerProcess | None = None,
     ):
         self.dovecot = dovecot
         self.proxy = proxy
         self.accounts = accounts
         self.peers = {peer.name: peer for peer in peers}
+        self.baseline = baseline
 
     def sides(self, tls: bool) -> tuple[str, ...]:
-        """direct, popproxy, then every peer that listens on this client leg."""
-        return (DIRECT, POPPROXY, *(n for n, p in self.peers.items() if tls in p.ports))
+        """direct, popproxy, the baseline if any, then every peer that listens on this
+        client leg."""
+        baseline = (BASELINE,) if self.baseline else ()
+        peers = (n for n, p in self.peers.items() if tls in p.ports)
+        return (DIRECT, POPPROXY, *baseline, *peers)
+
+    def popproxy(self, side: str) -> ServerProcess:
+        """The popproxy process of a side: popproxy's or the baseline's."""
+        if side == BASELINE and self.baseline is not None:
+            return self.baseline
+        if side == POPPROXY:
+            return self.proxy
+        raise ValueError(f"{side} is not a popproxy")
 
     def address(self, side: str, tls: bool) -> tuple[str, int]:
-        """Where a client connects: Dovecot's plain-only or pop3s listener, popproxy's,
-        or a peer's."""
-        if side == POPPROXY:
-            return LOOPBACK, self.proxy.port("implicit" if tls else "none")
+        """Where a client connects: Dovecot's plain-only or pop3s listener, popproxy's
+        (or the baseline's), or a peer's."""
         if side == DIRECT:
             return self.dovecot.endpoint("implicit" if tls else "none")
-        return self.peers[side].address(tls)
+        if side in self.peers:
+            return self.peers[side].address(tls)
+        return LOOPBACK, self.popproxy(side).port("implicit" if tls else "none")
 
     def login(self, account: int, side: str) -> tuple[str, str]:
         """(user, password) of ``accounts[account]`` on ``side``."""
-        proxy_user = side == POPPROXY or (side in self.peers and self.peers[side].proxy_logins)
+        proxy_user = self.peers[side].proxy_logins if side in self.peers else side != DIRECT
         return self.accounts[account % len(self.accounts)].login(proxy_user)
 
-    def proxy_pss_kib(self) -> int:
+    def proxy_pss_kib(self, side: str = POPPROXY) -> int:
         """popproxy's proportional set size (its own share of shared pages), in KiB."""
-        return pss_kib(self.proxy.pid)
+        return pss_kib(self.popproxy(side).pid)
 
-    def proxy_cpu_seconds(self) -> float:
-        """CPU time popproxy has used so far (user and system)."""
-        text = Path(f"/proc/{self.proxy.pid}/stat").read_text()
+    def proxy_cpu_seconds(self, side: str = POPPROXY) -> float:
+        """CPU time popproxy (or a peer) has used so far (user and system)."""
+        if side in self.peers:
+            return self.peers[side].cpu_seconds()
+        text = Path(f"/proc/{self.popproxy(side).pid}/stat").read_text()
         return parse_proc_stat_ticks(text) / os.sysconf("SC_CLK_TCK")
 
     def dovecot_pss_kib(self) -> int:
@@ -203,47 +220,29 @@ def running(
     default_hash_cost: bool = False,
     peers: Sequence[Installed] = (),
     nginx_workers: int = 1,
+    baseline: Path | None = None,
 ) -> Iterator[Bench]:
     """Dovecot with one account per ``(name, corpus, messages)``, popproxy in front,
-    and each of ``peers`` in front as well.
+    and each of ``peers`` in front as well; with ``baseline``, a second popproxy from
+    that checkout, with a config and state store of its own.
 
     popproxy's users are ``p-NAME``, password ``PASSWORD``; their hashes are the
     suite's cheap ones (scrypt ln=4) unless ``default_hash_cost``.
     """
     dovecot = tuned_dovecot(tls, pop3_clients=pop3_clients)
     proxy: ServerProcess | None = None
+    before: ServerProcess | None = None
     try:
         accounts = []
         for name, corpus, messages in mailboxes:
             user = dovecot.add_user(name, f"pw-{name}", corpus=corpus, messages=messages)
             accounts.append(Account(user, f"p-{name}"))
-        workdir.mkdir(parents=True, exist_ok=True)
-        config = write_config(
-            workdir / "popproxy.yaml",
-            users=[
-                ProxyUser(a.proxy_user, PASSWORD, "dovecot", a.dovecot.name, a.dovecot.password)
-                for a in accounts
-            ],
-            tls=tls,
-            listeners=["none", "implicit"],
-            # Every load generator connection comes from 127.0.0.1.
-            limits={"max_sessions": PROXY_MAX_SESSIONS, "max_sessions_per_ip": PROXY_MAX_SESSIONS},
-            # Many sessions of one account at once (idle: 50 per account), as Dovecot
-            # itself allows them (pop3_lock_session = no).
-            upstreams={
-                "dovecot": Upstream(
-                    *dovecot.endpoint("none"), settings={"exclusive_sessions": False}
+        proxy = _start_popproxy(workdir, tls, dovecot, accounts, default_hash_cost)
+        if baseline is not None:
+            with _python_path(baseline):
+                before = _start_popproxy(
+                    workdir / BASELINE, tls, dovecot, accounts, default_hash_cost
                 )
-            },
-        )
-        if default_hash_cost:
-            data = yaml.safe_load(config.read_text())
-            phc = _default_cost_hash()
-            for entry in data["users"].values():
-                entry["password_hash"] = phc
-            config.write_text(yaml.safe_dump(data, sort_keys=False))
-        proxy = ServerProcess(config, listeners=["none", "implicit"], cwd=workdir)
-        proxy.wait_ready()
         users = [
             PeerUser(a.proxy_user, PASSWORD, a.dovecot.name, a.dovecot.password) for a in accounts
         ]
@@ -261,13 +260,69 @@ def running(
                 )
                 for found in peers
             ]
-            yield Bench(dovecot, proxy, accounts, running_peers)
+            yield Bench(dovecot, proxy, accounts, running_peers, before)
     finally:
-        if proxy is not None:
-            stopping = time.monotonic()
-            proxy.stop(PROXY_STOP_DEADLINE_SECONDS)
-            print(f"   popproxy exited {time.monotonic() - stopping:.1f} s after SIGTERM")
+        for name, server in ((POPPROXY, proxy), (BASELINE, before)):
+            if server is not None:
+                stopping = time.monotonic()
+                server.stop(PROXY_STOP_DEADLINE_SECONDS)
+                print(f"   {name} exited {time.monotonic() - stopping:.1f} s after SIGTERM")
         dovecot.stop(check=False)
+
+
+@contextlib.contextmanager
+def _python_path(checkout: Path) -> Iterator[None]:
+    """Processes started in the block import popproxy from ``checkout`` (first on
+    PYTHONPATH, ahead of the venv's editable install)."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(checkout), *([old] if old else [])])
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def _start_popproxy(
+    workdir: Path,
+    tls: TlsFiles,
+    dovecot: DovecotServer,
+    accounts: Sequence[Account],
+    default_hash_cost: bool,
+) -> ServerProcess:
+    """``popproxy run`` in ``workdir`` (its config and sqlite store there), ready."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = write_config(
+        workdir / "popproxy.yaml",
+        users=[
+            ProxyUser(a.proxy_user, PASSWORD, "dovecot", a.dovecot.name, a.dovecot.password)
+            for a in accounts
+        ],
+        tls=tls,
+        listeners=["none", "implicit"],
+        # Every load generator connection comes from 127.0.0.1.
+        limits={"max_sessions": PROXY_MAX_SESSIONS, "max_sessions_per_ip": PROXY_MAX_SESSIONS},
+        # Many sessions of one account at once (idle: 50 per account), as Dovecot
+        # itself allows them (pop3_lock_session = no).
+        upstreams={
+            "dovecot": Upstream(*dovecot.endpoint("none"), settings={"exclusive_sessions": False})
+        },
+    )
+    if default_hash_cost:
+        data = yaml.safe_load(config.read_text())
+        phc = _default_cost_hash()
+        for entry in data["users"].values():
+            entry["password_hash"] = phc
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+    proxy = ServerProcess(config, listeners=["none", "implicit"], cwd=workdir)
+    try:
+        proxy.wait_ready()
+    except BaseException:
+        proxy.stop(PROXY_STOP_DEADLINE_SECONDS)
+        raise
+    return proxy
 
 
 # socat as the relay floor: how long socat may take to exit.
