@@ -20,8 +20,6 @@ end of the session (EOF, reset, timeout, shutdown, error) commits nothing.
 from __future__ import annotations
 
 import contextlib
-import enum
-import logging
 import math
 import secrets
 import ssl
@@ -36,14 +34,8 @@ from popproxy.auth.login import LoginAttempt, LoginClient, LoginOutcome, SourceM
 from popproxy.auth.throttling import LoginThrottle
 from popproxy.config import LimitsConfig, UserConfig
 from popproxy.logfmt import SESSION_ID
-from popproxy.maildrop.base import Committed, Maildrop, MaildropError, MessageInfo
-from popproxy.metrics import (
-    CommandResult,
-    LoginMechanism,
-    LoginResult,
-    Metrics,
-    TlsResult,
-)
+from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
+from popproxy.metrics import CommandResult, LoginMechanism, LoginResult, Metrics, TlsResult
 from popproxy.outcomes import SessionResult
 from popproxy.peer import PeerAddress
 from popproxy.pop3 import sasl
@@ -84,10 +76,14 @@ from popproxy.pop3.server import Reply, ServerConnection, ServerSettings
 from popproxy.pop3.state import Phase
 from popproxy.pop3.wire import format_status
 from popproxy.secret import Secret
-from popproxy.session_summary import SessionSummary
+from popproxy.session_summary import (
+    FAILURE_REASONS,
+    FAILURE_RESULTS,
+    LoginFailure,
+    SessionSummary,
+    quit_text,
+)
 from popproxy.tls import AlpnGuard, AlpnRefused
-
-log = logging.getLogger("popproxy.session")
 
 # One read from the client; commands are tiny, so this only bounds a flood.
 RECEIVE_CHUNK_BYTES = 16 * 1024
@@ -106,48 +102,8 @@ AUTH_FAILED = Err("Authentication failed.", ResponseCode.AUTH)
 VERIFICATION_BUSY = Err("Too many logins at once, try again later.", ResponseCode.SYS_TEMP)
 # The shared login-failure counts cannot be read (docs/scaling.md): refused, no hash run.
 LOGIN_UNAVAILABLE = Err("Logins are unavailable for now, try again later.", ResponseCode.SYS_TEMP)
-# The login result counted for an attempt that gets AUTH_FAILED.
-FAILURE_RESULTS = {
-    LoginOutcome.FAILED: LoginResult.FAILED,
-    LoginOutcome.HASH_UNUSABLE: LoginResult.ERROR,
-    LoginOutcome.LOCKED_OUT: LoginResult.LOCKED_OUT,
-    LoginOutcome.THROTTLED: LoginResult.THROTTLED,
-}
-
-
-class LoginFailure(enum.Enum):
-    """Why a login failed: ``reason=`` of the ``login_failed`` line (docs/operations.md)."""
-
-    BAD_CREDENTIALS = "bad_credentials"  # a wrong password, or a name no user has
-    MALFORMED = "malformed"  # SASL credentials that decode but do not parse (RFC 4616 §2)
-    THROTTLED = "throttled"  # refused unchecked: this client address is locked out
-    LOCKED_OUT = "locked_out"  # refused unchecked: the user name is locked out (by anyone)
-    BUSY = "busy"  # too many logins were waiting for a hash: nothing was checked
-    HASH_UNUSABLE = "hash_unusable"  # the user's stored hash could not be used (config)
-
-
-FAILURE_REASONS = {
-    LoginOutcome.FAILED: LoginFailure.BAD_CREDENTIALS,
-    LoginOutcome.HASH_UNUSABLE: LoginFailure.HASH_UNUSABLE,
-    LoginOutcome.LOCKED_OUT: LoginFailure.LOCKED_OUT,
-    LoginOutcome.THROTTLED: LoginFailure.THROTTLED,
-}
 NO_SUCH_MESSAGE = Err("There's no message with that number.")
 MESSAGE_DELETED = Err("That message is deleted.")
-
-
-def quit_text(committed: Committed) -> str:
-    """The QUIT reply's text: what was done, never what was only marked (RFC 1939 §6
-    leaves the text free). Under a keep rule a DELE deletes nothing: it hides."""
-    deleted = committed.deleted_local + committed.deleted_upstream
-    text = f"Logging out, {deleted} messages deleted"
-    if committed.hidden:
-        text += f", {committed.hidden} kept on the server and hidden from this mailbox"
-    return text + "."
-
-
-# The ends that follow an upstream failure when the client gives up: it closes, or QUITs.
-_ENDS_AFTER_A_FAILURE = frozenset({SessionResult.EOF, SessionResult.QUIT})
 
 
 class _SessionEnd(Exception):
@@ -261,10 +217,7 @@ class Session:
             self.summary.result = SessionResult.SHUTDOWN
             raise
         finally:
-            self.summary.marked = len(self._deleted)
-            if self._upstream_failed and self.summary.result in _ENDS_AFTER_A_FAILURE:
-                # What ended it was the upstream: the client only gave up after the -ERR.
-                self.summary.result = SessionResult.UPSTREAM_ERROR
+            self.summary.settle(len(self._deleted), upstream_failed=self._upstream_failed)
             await self._close()
             self._traffic.session_ended(self.summary.result)
             self.summary.log_end()
@@ -387,18 +340,18 @@ class Session:
             case LoginAttempt(user=UserConfig() as account):
                 pass
             case LoginAttempt(outcome=LoginOutcome.BUSY):
-                self._count_login(mechanism, LoginResult.ERROR)
-                self._log_failure(mechanism, LoginFailure.BUSY)
+                self._metrics.login(mechanism, LoginResult.ERROR)
+                self.summary.login_failed(mechanism, LoginFailure.BUSY)
                 self._queue(VERIFICATION_BUSY)
                 return
             case LoginAttempt(outcome=LoginOutcome.UNAVAILABLE):
-                self._count_login(mechanism, LoginResult.ERROR)
+                self._metrics.login(mechanism, LoginResult.ERROR)
                 self._queue(LOGIN_UNAVAILABLE)
                 return
             case LoginAttempt(outcome=outcome):
-                self._count_login(mechanism, FAILURE_RESULTS[outcome])
+                self._metrics.login(mechanism, FAILURE_RESULTS[outcome])
                 reason = FAILURE_REASONS[outcome] if credentials is not None else None
-                self._log_failure(mechanism, reason or LoginFailure.MALFORMED)
+                self.summary.login_failed(mechanism, reason or LoginFailure.MALFORMED)
                 # Dovecot's auth_failure_delay: slow down guessing, same reply for every cause.
                 await self._flush()
                 await trio.sleep(context.limits.auth_failure_delay_seconds)
@@ -412,34 +365,16 @@ class Session:
             maildrop = await context.open_maildrop(account, self.summary.session_id)
         except MaildropError as exc:
             # The password was right, but there is nothing to serve: an error, not a failure.
-            self._count_login(mechanism, LoginResult.ERROR)
+            self._metrics.login(mechanism, LoginResult.ERROR)
             self._upstream_failed = account.upstream is not None
             self._queue(Err(exc.text, exc.code))
             return
-        self._count_login(mechanism, LoginResult.OK)
+        self._metrics.login(mechanism, LoginResult.OK)
         self._upstream_failed = False
         self._maildrop = maildrop
         self._login_scope.deadline = math.inf
         count, octets = self._totals()
         self._queue(Ok(f"Logged in, {count} messages ({octets} octets)."))
-
-    def _log_failure(self, mechanism: LoginMechanism, reason: LoginFailure) -> None:
-        """The one ``login_failed`` line of a failed login (docs/operations.md has a fail2ban
-        filter for it): the client's address, never the name it tried or its password."""
-        log.info(
-            "login_failed",
-            extra={
-                "fields": {
-                    "session": self.summary.session_id,
-                    "peer": str(self.peer),
-                    "mechanism": mechanism.value,
-                    "reason": reason.value,
-                }
-            },
-        )
-
-    def _count_login(self, mechanism: LoginMechanism, result: LoginResult) -> None:
-        self._metrics.login(mechanism, result)
 
     async def _start_tls(self) -> None:
         """Handshake as the TLS server (RFC 2595 §4, RFC 8314 §3.3) under the login deadline."""
@@ -455,20 +390,7 @@ class Session:
             done = True
         except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
             if isinstance(exc, AlpnRefused) or isinstance(exc.__cause__, AlpnRefused):
-                offered = guard.hello.offered or ()
-                log.info(
-                    "tls_alpn_refused",
-                    extra={
-                        "fields": {
-                            "session": self.summary.session_id,
-                            "peer": str(self.peer),
-                            # At most a few names, each cut short; logfmt escapes them.
-                            "offered": ",".join(
-                                name[:32].decode("ascii", "replace") for name in offered[:4]
-                            ),
-                        }
-                    },
-                )
+                self.summary.alpn_refused(guard.hello.offered or ())
             raise _SessionEnd(SessionResult.TLS_ERROR) from None
         finally:
             # Not done also when the login deadline or a shutdown cut the handshake off.
@@ -543,10 +465,7 @@ class Session:
                     pending = chunk
                 self._queue(wrap(pending))
         except MaildropError:
-            log.warning(
-                "retrieve_failed",
-                extra={"fields": {"session": self.summary.session_id, "msg": msg}},
-            )
+            self.summary.retrieve_failed(msg)
             raise _SessionEnd(SessionResult.MAILDROP_ERROR) from None
         self._queue(EndOfData())
 

@@ -27,7 +27,7 @@ from popproxy.auth.authenticator import Authenticator
 from popproxy.auth.passwords import hash_password
 from popproxy.config import LimitsConfig, StateConfig, UserConfig
 from popproxy.logfmt import SessionFilter
-from popproxy.maildrop.base import Maildrop, MaildropError
+from popproxy.maildrop.base import Committed, Maildrop, MaildropError
 from popproxy.maildrop.maildir import open_maildir
 from popproxy.maildrop.retention import RetentionContext, open_retained
 from popproxy.outcomes import SessionResult
@@ -36,6 +36,7 @@ from popproxy.policy import Action, Policy, Rule
 from popproxy.pop3.replies import ResponseCode
 from popproxy.secret import Secret
 from popproxy.session import Session, SessionContext
+from popproxy.session_summary import SessionSummary, quit_text
 from popproxy.state import open_store
 from popproxy.state.base import AccountKey, StateError, StateStore
 
@@ -239,3 +240,35 @@ async def test_an_upstream_failure_after_the_local_login_is_the_sessions_end_and
     fields = end.fields  # type: ignore[attr-defined]
     assert (fields["session"], fields["user"], fields["upstream"]) == (sid, "erp", "provider")
     assert fields["result"] == "upstream_error"
+
+
+def test_the_quit_text_counts_what_was_done_not_what_was_marked() -> None:
+    """RFC 1939 §6 leaves the text free; it says deletions and hides, never marks."""
+    assert quit_text(Committed()) == "Logging out, 0 messages deleted."
+    assert quit_text(Committed(deleted_local=1, deleted_upstream=2)) == (
+        "Logging out, 3 messages deleted."
+    )
+    assert quit_text(Committed(deleted_upstream=1, hidden=4)) == (
+        "Logging out, 1 messages deleted, 4 kept on the server and hidden from this mailbox."
+    )
+
+
+@pytest.mark.parametrize(
+    ("result", "upstream_failed", "settled"),
+    [
+        (SessionResult.EOF, True, SessionResult.UPSTREAM_ERROR),
+        (SessionResult.QUIT, True, SessionResult.UPSTREAM_ERROR),
+        (SessionResult.TIMEOUT, True, SessionResult.TIMEOUT),
+        (SessionResult.SHUTDOWN, True, SessionResult.SHUTDOWN),
+        (SessionResult.EOF, False, SessionResult.EOF),
+        (SessionResult.QUIT, False, SessionResult.QUIT),
+    ],
+)
+async def test_settle_takes_the_marks_and_blames_the_upstream_only_when_the_client_gave_up(
+    result: SessionResult, upstream_failed: bool, settled: SessionResult
+) -> None:
+    """After an upstream failure the client closes or QUITs: the end is upstream_error;
+    a timeout or a shutdown stays what it was."""
+    summary = SessionSummary("ab12cd34", "plain", "192.0.2.1:1", result=result)
+    summary.settle(3, upstream_failed=upstream_failed)
+    assert (summary.marked, summary.result) == (3, settled)
