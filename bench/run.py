@@ -47,6 +47,7 @@ from pathlib import Path
 
 from integration.harness import Corpus, CorpusMessage, TlsFiles, make_corpus, make_tls_files
 
+from bench.loadgen import BenchError
 from bench.peers import PEERS, find
 from bench.scenarios import (
     Case,
@@ -108,47 +109,53 @@ def run_scenario(
         o.load[label] = os.getloadavg()[0]
         print(f"\n== {label} (load average {o.load[label]:.1f})", flush=True)
         work = tmp / label
-        match name:
-            case "bulk":
-                message = corpora["bulk"].by_kind("big")
-                boxes: list[Mailbox] = [("bulk", corpora["bulk"], [message])]
-                with start(work, boxes) as bench:
-                    figures += bulk(Case(bench, o, context, meter), _expected(message))
-            case "latency":
-                with start(work, [("small", small, [first_small])]) as bench:
-                    figures += latency(Case(bench, o, context, meter), _expected(first_small))
-            case "sessions":
-                boxes = [(f"user{i}", small, small.small) for i in range(o.users)]
-                with start(work, boxes) as bench:
-                    figures += sessions(Case(bench, o, context, meter), _expected(first_small))
-            case "idle":
-                boxes = [(f"user{i}", small, [first_small]) for i in range(o.users)]
-                for count in o.idle:
-                    with start(work / str(count), boxes, IDLE_POP3_CLIENTS) as bench:
-                        figures += idle(Case(bench, o, context, meter), count)
-            case "big":
-                corpus = corpora["big"]
-                message = corpus.by_kind("big")
-                # The small message sorts first (Dovecot numbers by key): RETR 1 warms
-                # up, RETR 2 is the 50 MB one.
-                warm_up = min(corpus.small, key=lambda m: m.key)
-                with start(work, [("big", corpus, [warm_up, message])]) as bench:
-                    figures += big(Case(bench, o, context, meter), _expected(message))
-            case "mailbox":
-                with start(work, [("mailbox", small, [])]) as bench:
-                    seed_mailbox(bench.accounts[0].dovecot, o.mailbox_messages)
-                    figures += mailbox(Case(bench, o, context, meter), o.mailbox_messages)
-            case "floor":
-                if use_tls:
-                    continue  # the relay floor is about the hop, measured in clear
-                message = corpora["bulk"].by_kind("big")
-                boxes = [("floor", corpora["bulk"], [first_small, message])]
-                with start(work, boxes) as bench:
-                    figures += floor(
-                        Case(bench, o, context, meter), _expected(first_small), _expected(message)
-                    )
-            case _:
-                raise ValueError(name)
+        try:
+            match name:
+                case "bulk":
+                    message = corpora["bulk"].by_kind("big")
+                    boxes: list[Mailbox] = [("bulk", corpora["bulk"], [message])]
+                    with start(work, boxes) as bench:
+                        figures += bulk(Case(bench, o, context, meter), _expected(message))
+                case "latency":
+                    with start(work, [("small", small, [first_small])]) as bench:
+                        figures += latency(Case(bench, o, context, meter), _expected(first_small))
+                case "sessions":
+                    boxes = [(f"user{i}", small, small.small) for i in range(o.users)]
+                    with start(work, boxes) as bench:
+                        figures += sessions(Case(bench, o, context, meter), _expected(first_small))
+                case "idle":
+                    boxes = [(f"user{i}", small, [first_small]) for i in range(o.users)]
+                    for count in o.idle:
+                        with start(work / str(count), boxes, IDLE_POP3_CLIENTS) as bench:
+                            figures += idle(Case(bench, o, context, meter), count)
+                case "big":
+                    corpus = corpora["big"]
+                    message = corpus.by_kind("big")
+                    # The small message sorts first (Dovecot numbers by key): RETR 1 warms
+                    # up, RETR 2 is the 50 MB one.
+                    warm_up = min(corpus.small, key=lambda m: m.key)
+                    with start(work, [("big", corpus, [warm_up, message])]) as bench:
+                        figures += big(Case(bench, o, context, meter), _expected(message))
+                case "mailbox":
+                    with start(work, [("mailbox", small, [])]) as bench:
+                        seed_mailbox(bench.accounts[0].dovecot, o.mailbox_messages)
+                        figures += mailbox(Case(bench, o, context, meter), o.mailbox_messages)
+                case "floor":
+                    if use_tls:
+                        continue  # the relay floor is about the hop, measured in clear
+                    message = corpora["bulk"].by_kind("big")
+                    boxes = [("floor", corpora["bulk"], [first_small, message])]
+                    with start(work, boxes) as bench:
+                        figures += floor(
+                            Case(bench, o, context, meter),
+                            _expected(first_small),
+                            _expected(message),
+                        )
+                case _:
+                    raise ValueError(name)
+        except BenchError as exc:  # a wrong or missing reply: the other legs still run
+            o.failed[label] = str(exc)
+            print(f"   FAILED: {exc}", flush=True)
         o.cpu[label] = meter.share
         print(f"   load generator CPU: {meter.share:.0%} of one core over {meter.wall:.1f} s")
         print(format_table(f for f in figures if f.tls == use_tls))
@@ -324,13 +331,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "peers": {f.name: f.note if f.command else f"skipped: {f.note}" for f in peers.values()},
         "nginx_workers": o.nginx_workers,
         "baseline": _revision(o.baseline) if o.baseline else None,
+        "failed": o.failed,
         "repo": str(REPO),
     }
     print("load generator CPU (cores): " + ", ".join(f"{k} {v:.2f}" for k, v in o.cpu.items()))
     if o.json is not None:
         o.json.write_text(results_json(figures, meta) + "\n")
         print(f"results: {o.json}")
-    return 0
+    for label, error in o.failed.items():
+        print(f"{label} FAILED (no figures): {error}", file=sys.stderr)
+    return 1 if o.failed else 0
 
 
 if __name__ == "__main__":
