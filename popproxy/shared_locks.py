@@ -1,7 +1,7 @@
 """One session (or poll) per mailbox across processes: ``MailboxLocks`` on leases.
 
 Theory of operation. A mailbox held across instances is a *lease*: a row in the
-shared store (``popproxy/state/pg_shared.py``) naming the mailbox, its holder (this
+shared store (``popproxy/state/postgres/shared.py``) naming the mailbox, its holder (this
 process) and an expiry on the database's clock. Taking it is one statement; giving
 it back is one statement; in between, one task per process (``SharedLocks.run``)
 renews every lease the process holds with one statement every ``lease_seconds / 3``.
@@ -63,12 +63,12 @@ RENEWALS_PER_LEASE = 3
 # A holder counts its lease as lost this share of lease_seconds early: its clock and
 # the database's may run at slightly different rates.
 LEASE_MARGIN_SHARE = 0.1
-# Lapsed leases are deleted (pg_shared.STALE_LEASE_SECONDS old) this often.
+# Lapsed leases are deleted (postgres.shared.STALE_LEASE_SECONDS old) this often.
 PRUNE_INTERVAL_SECONDS = 600
 
 
 class LeaseBackend(Protocol):
-    """Where leases live (``popproxy.state.pg_shared.PostgresShared``); each call raises
+    """Where leases live (``popproxy.state.postgres.shared.PostgresShared``); each call raises
     ``StateError`` when the store cannot be used."""
 
     async def take_lease(self, name: str, holder: str, token: str, seconds: float) -> bool: ...

@@ -1,7 +1,7 @@
 """SharedLocks (popproxy/shared_locks.py): one holder per mailbox across processes, on
 leases. Here each "process" is a SharedLocks of its own over one lease table kept in
 a dict with the database's contract (expiry on the table's clock: trio's, so the
-bounds are checked with autojump_clock); tests/state/test_pg_shared.py runs the
+bounds are checked with autojump_clock); tests/state/postgres/test_shared.py runs the
 same calls on PostgreSQL, and tests/integration/test_scale_out.py two real
 instances."""
 

@@ -5,7 +5,7 @@ before it hashes and tells afterwards. ``LocalThrottle`` keeps the counts in thi
 process (:class:`popproxy.auth.throttle.ThrottleTable`, trio's clock): right for one
 process, the embedded default. ``SharedThrottle`` keeps the failure counts and
 lockouts of every user name and client address in a shared store (PostgreSQL,
-``popproxy/state/pg_shared.py``) with the store's clock, so N instances behind a
+``popproxy/state/postgres/shared.py``) with the store's clock, so N instances behind a
 load balancer allow an attacker the guesses of one, not N times as many
 (docs/scaling.md). The decisions are the same pure rules (``throttle.py``) either way.
 
@@ -106,7 +106,7 @@ class FailureChange(Protocol[_R_co]):
 
 
 class FailureBackend(Protocol):
-    """Where shared counts live (``popproxy.state.pg_shared.PostgresShared``)."""
+    """Where shared counts live (``popproxy.state.postgres.shared.PostgresShared``)."""
 
     async def change_failures(
         self, keys: Sequence[FailureKey], change: FailureChange[_T], *, writes: bool
@@ -187,7 +187,7 @@ class SharedThrottle:
         await self._backend.change_failures([key], lift, writes=True)
 
     async def prune(self, policy: ThrottlePolicy) -> int:
-        """Forget shared rows that no longer matter (run now and then; see pg_shared)."""
+        """Forget shared rows that no longer matter (run now and then; see postgres/shared.py)."""
         return await self._backend.prune_failures(remembered_seconds(policy))
 
     async def run(

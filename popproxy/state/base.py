@@ -20,9 +20,10 @@ Every hide and upstream deletion is also a row of the audit log (``AuditEntry``)
 which ``audit`` reads for ``popproxy audit`` and ``trim_audit`` bounds to
 ``state.audit_retention_days`` (docs/state.md, "What is kept for how long").
 
-Backends: sqlite (``sqlite.py``, the embedded default). A shared PostgreSQL
-backend follows later; nothing here is specific to sqlite, and the store's test
-suite (``tests/state``) runs against every backend it is given.
+Backends: sqlite (``sqlite/``, the embedded default) and PostgreSQL (``postgres/``,
+shared by several processes), each split by the same jobs and sharing the calls'
+checks (``frontend.py``, ``checks.py``). Nothing here is specific to a backend, and
+the store's test suite (``tests/state``) runs against every backend it is given.
 """
 
 from __future__ import annotations

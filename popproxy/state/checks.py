@@ -1,10 +1,11 @@
 """What every state backend checks and decides the same way, before and beside its SQL.
 
 The bounds on what one call may carry, the refusal of a record no session could
-have made (a caller's bug: ``ValueError``, before any thread or transaction), and
-the rule for a UIDL listed again with another size (new content under a reused
-UIDL, RFC 1939 §7). ``sqlite.py`` and ``postgres.py`` both use it, so the two
-backends refuse and decide alike (tests/state runs one contract suite on both).
+have made (a caller's bug: ``ValueError``, before any thread or transaction), the
+rule for a UIDL listed again with another size (new content under a reused UIDL,
+RFC 1939 §7), and the audit rows a QUIT or a poll's deletions add. Both backends
+(``sqlite/``, ``postgres/``) use it, so the two refuse and decide alike
+(tests/state runs one contract suite on both).
 """
 
 from __future__ import annotations
@@ -137,6 +138,28 @@ def check_disposals(disposals: Sequence[Disposal], session_id: str) -> None:
     for disposal in disposals:
         check_text("a UIDL", disposal.uid, MAX_UIDL_OCTETS)
         check_text("a rule name", disposal.rule, MAX_RULE_CHARS, octets=False)
+
+
+def session_audit(record: SessionRecord, sizes: Mapping[str, int]) -> list[AuditEntry]:
+    """The audit rows of what one QUIT did: its hides, then its upstream deletions, each
+    with the listed size (``sizes``: the record's listing) of the content it applied to."""
+    return [
+        AuditEntry(
+            at=record.at,
+            session_id=record.session_id,
+            user=record.user,
+            account=record.account,
+            uid=d.uid,
+            size=sizes[d.uid],
+            rule=d.rule,
+            action=action,
+        )
+        for action, items in (
+            (AuditAction.HIDE, record.hidden),
+            (AuditAction.DELETE_UPSTREAM, record.deleted_upstream),
+        )
+        for d in items
+    ]
 
 
 def gateway_audit(

@@ -17,7 +17,7 @@ from popproxy.state import open_store
 from popproxy.state.base import StateError, StoreBackend
 
 if TYPE_CHECKING:
-    from popproxy.state.pg_shared import PostgresShared
+    from popproxy.state.postgres.shared import PostgresShared
 
 # After the shared state failed to open, calls fail at once for this long (one
 # connection attempt per this interval, not one per login, while the database is down).
@@ -56,7 +56,7 @@ class StoreOpener:
 
 class SharedOpener:
     """What instances share beside the store (leases, login failures; PostgreSQL only,
-    ``pg_shared.py``), opened once on first need and closed at shutdown.
+    ``postgres/shared.py``), opened once on first need and closed at shutdown.
 
     It stands in for the opened ``PostgresShared`` (a ``LeaseBackend`` and a
     ``FailureBackend``): each call opens it first if needed. After a failed open,
@@ -80,8 +80,8 @@ class SharedOpener:
             if self._failed is not None and now < self._failed[0] + REOPEN_SECONDS:
                 raise StateError(self._failed[1])
             try:
-                from popproxy.state.pg_shared import open_shared  # the postgres extra
                 from popproxy.state.postgres import PostgresTarget
+                from popproxy.state.postgres.shared import open_shared  # the postgres extra
             except ImportError as exc:
                 raise StateError(
                     "the PostgreSQL state store needs psycopg: install popproxy[postgres]"

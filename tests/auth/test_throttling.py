@@ -1,7 +1,7 @@
 """LocalThrottle and SharedThrottle (popproxy/auth/throttling.py): one instance with
 shared counts decides exactly as one process with its own table; N instances share
 their counts. The shared store here is a dict with the store's contract (one
-change at a time, its own clock); tests/state/test_pg_shared.py runs PostgreSQL."""
+change at a time, its own clock); tests/state/postgres/test_shared.py runs PostgreSQL."""
 
 from __future__ import annotations
 

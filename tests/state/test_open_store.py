@@ -81,8 +81,8 @@ async def test_another_scheme_is_refused() -> None:
 
 def test_only_the_postgres_backend_imports_psycopg_and_only_when_used() -> None:
     """psycopg is an optional extra (popproxy[postgres]): the CLI, the server and the
-    sqlite backend load without it, and only state/postgres.py, its schema and the
-    shared leases and login failures (pg_shared.py) use it."""
+    sqlite backend load without it, and only the modules of state/postgres/ (the store,
+    its schema and the shared leases and login failures) use it."""
     code = (
         "import sys\n"
         "import popproxy.cli, popproxy.serve, popproxy.explain, popproxy.state\n"
@@ -90,12 +90,16 @@ def test_only_the_postgres_backend_imports_psycopg_and_only_when_used() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+    package = Path(popproxy.__file__).parent
     importers = {
-        path.name
-        for path in Path(popproxy.__file__).parent.rglob("*.py")
+        path.relative_to(package).as_posix()
+        for path in package.rglob("*.py")
         if re.search(r"^\s*(import|from) psycopg", path.read_text(encoding="utf-8"), re.M)
     }
-    assert importers == {"postgres.py", "pg_schema.py", "pg_shared.py"}
+    assert {"state/postgres/store.py", "state/postgres/schema.py", "state/postgres/shared.py"} <= (
+        importers
+    )
+    assert all(name.startswith("state/postgres/") for name in importers)
 
 
 async def test_a_postgres_url_without_the_extra_says_what_to_install(

@@ -1,4 +1,4 @@
-"""Leases and login failures in PostgreSQL (popproxy/state/pg_shared.py): what several
+"""Leases and login failures in PostgreSQL (popproxy/state/postgres/shared.py): what several
 instances share beside the store."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import trio
 
 from popproxy.auth.throttle import Failures, LockScope, ThrottlePolicy
 from popproxy.auth.throttling import FailureKey, SharedThrottle
-from popproxy.state.pg_shared import PostgresShared, open_shared
 from popproxy.state.postgres import PostgresTarget
+from popproxy.state.postgres.shared import PostgresShared, open_shared
 from state.state_backends import PostgresBackend, admin_connection
 
 POLICY = ThrottlePolicy(

@@ -1,4 +1,4 @@
-"""The PostgreSQL store's schema and its migrations (``postgres.py`` uses them).
+"""The PostgreSQL store's schema and its migrations (``store.py`` uses them).
 
 ``popproxy_schema`` holds one row per applied version. Opening takes a
 transaction-scoped advisory lock (``pg_advisory_xact_lock(APPLICATION_ID,
@@ -11,7 +11,7 @@ upgraded one at a time; otherwise it is refused.
 
 Version 3 adds ``known_sources``: the client addresses each local user lately
 logged in from (popproxy/known_sources.py). Version 4 adds what several instances
-share beside the store (``pg_shared.py``): the ``leases`` of the cross-process
+share beside the store (``shared.py``): the ``leases`` of the cross-process
 mailbox locks and the ``login_failures`` of the shared login throttle. Advisory
 locks whose first key is ``APPLICATION_ID`` are popproxy's; the second key of the
 migration lock is the schema's hash, so stores in several schemas of one database
@@ -174,7 +174,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         oldest_reader=1,
     ),
-    # What several instances share beside the store (pg_shared.py, docs/scaling.md):
+    # What several instances share beside the store (shared.py, docs/scaling.md):
     # leases (one session or poll per mailbox across processes) and login failures
     # (throttling and lockouts). Additive: an older popproxy never reads these tables.
     Migration(

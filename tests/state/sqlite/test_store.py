@@ -1,4 +1,5 @@
-"""What only the sqlite backend promises: pragmas, migrations, crashes, two processes."""
+"""What only the sqlite backend (popproxy/state/sqlite/) promises: pragmas, migrations,
+crashes, group commit, two processes."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import trio
 import trio.testing
 
 from popproxy.pop3.client_replies import MAX_UPSTREAM_MESSAGES
-from popproxy.state import sqlite as sqlite_module
 from popproxy.state.base import (
     AccountKey,
     SeenMessage,
@@ -31,8 +31,10 @@ from popproxy.state.sqlite import (
     SqliteStore,
     from_utc_text,
     open_sqlite,
+    retention,
     utc_text,
 )
+from popproxy.state.sqlite import store as store_module
 
 BOX = AccountKey("provider", "alice@example.net")
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
@@ -297,13 +299,13 @@ async def test_concurrent_records_share_transactions(
     """Records arriving while a commit is in flight are committed together (one
     transaction, one fsync each group), and every one of them is stored."""
     batches: list[int] = []
-    original = sqlite_module._record_batch
+    original = retention.record_batch
 
     def counting(conn: sqlite3.Connection, records: Sequence[SessionRecord]) -> list[str | None]:
         batches.append(len(records))
         return original(conn, records)
 
-    monkeypatch.setattr(sqlite_module, "_record_batch", counting)
+    monkeypatch.setattr(store_module, "record_batch", counting)
     store = await open_sqlite(tmp_path / "state.db", busy_timeout_seconds=5)
     try:
         async with trio.open_nursery() as nursery:
@@ -326,14 +328,14 @@ async def test_a_failing_record_leaves_the_rest_of_its_group(
 ) -> None:
     """One record of a group that sqlite refuses fails alone (its savepoint is rolled
     back); the others of the group are committed."""
-    original = sqlite_module._record
+    original = retention.record_session
 
     def refusing(conn: sqlite3.Connection, record: SessionRecord) -> None:
         original(conn, record)
         if record.session_id == "bad":
             conn.execute("INSERT INTO no_such_table VALUES (1)")
 
-    monkeypatch.setattr(sqlite_module, "_record", refusing)
+    monkeypatch.setattr(retention, "record_session", refusing)
     store = await open_sqlite(tmp_path / "state.db", busy_timeout_seconds=5)
     failed: list[str] = []
 

@@ -36,8 +36,8 @@ from psycopg_pool import ConnectionPool
 from popproxy.auth.throttle import Failures, LockScope
 from popproxy.auth.throttling import FailureChange, FailureKey, ThrottleUnavailable
 from popproxy.state.base import StateError
-from popproxy.state.pg_schema import MIGRATIONS, Migration, migrate
-from popproxy.state.postgres import PostgresTarget, first_line
+from popproxy.state.postgres.schema import MIGRATIONS, Migration, migrate
+from popproxy.state.postgres.target import PostgresTarget, run_connected, run_pooled
 from popproxy.state.workers import Workers
 
 # Connections and worker threads for leases and login failures, per process: each
@@ -189,14 +189,11 @@ class PostgresShared:
         await self._workers.run(functools.partial(self._pool.open, wait=False))
 
     def _migrate(self, migrations: Sequence[Migration]) -> None:
-        try:
-            with psycopg.connect(self._target.url, **self._target.connection_kwargs()) as conn:
-                _configure(conn)
-                migrate(conn, migrations)
-        except psycopg.Error as exc:
-            raise StateError(
-                f"cannot open the state store {self._target.describe()}: {first_line(exc)}"
-            ) from exc
+        def work(conn: psycopg.Connection[Any]) -> None:
+            _configure(conn)
+            migrate(conn, migrations)
+
+        run_connected(self._target, work)
 
     async def aclose(self) -> None:
         """Wait for running calls, then close the pool."""
@@ -206,11 +203,7 @@ class PostgresShared:
         return await self._workers.run(functools.partial(self._in_worker, work))
 
     def _in_worker(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
-        try:
-            with self._pool.connection() as conn:
-                return work(conn)
-        except psycopg.Error as exc:  # the pool's PoolTimeout too
-            raise StateError(f"state store {self._target.describe()}: {first_line(exc)}") from exc
+        return run_pooled(self._pool, self._target, work)
 
 
 async def open_shared(

@@ -11,13 +11,13 @@ import trio
 
 from popproxy.secret import Secret
 from popproxy.state.base import AccountKey, SeenMessage, SessionRecord, StateError
-from popproxy.state.pg_schema import MIGRATIONS, SCHEMA_TABLE, SCHEMA_VERSION, Migration
 from popproxy.state.postgres import (
     PG_CONNECT_TIMEOUT_SECONDS,
     PostgresStore,
     PostgresTarget,
     open_postgres,
 )
+from popproxy.state.postgres.schema import MIGRATIONS, SCHEMA_TABLE, SCHEMA_VERSION, Migration
 from state.state_backends import PostgresBackend, admin_connection
 
 BOX = AccountKey("provider", "alice@example.net")

@@ -1,0 +1,239 @@
+"""The PostgreSQL store's proxy-mode facts: per upstream account and UIDL, its first-
+and last-seen times and size, each local user's retrievals and hides, and its
+deletion upstream (``facts`` at login, ``record`` at QUIT, ``messages`` and
+``prune`` for ``popproxy state``).
+
+Concurrency. Transactions run at READ COMMITTED. ``record`` first upserts its
+account row and so holds that row's lock until it commits: the records of one
+account (from any process) apply one after another, those of different accounts
+in parallel. ``prune`` deletes in batches and re-checks each row against the
+committed listing it would remove (so a record that lists a UIDL again wins).
+``messages`` reads one REPEATABLE READ snapshot.
+
+A UIDL listed with a size other than the stored one is new content under a reused
+UIDL (RFC 1939 §7): the store forgets the old content's history
+(``checks.split_listing``); the audit log (``audit.py``) keeps every hide and
+upstream deletion with the size it applied to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from popproxy.state.base import (
+    AccountKey,
+    MessageFacts,
+    SessionRecord,
+    StateError,
+    StoredMessage,
+)
+from popproxy.state.checks import (
+    MAX_LISTED_MESSAGES,
+    PRUNE_BATCH,
+    session_audit,
+    split_listing,
+)
+from popproxy.state.postgres.audit import append_audit
+from popproxy.state.postgres.sql import maybe_utc, utc
+
+
+def facts(
+    conn: psycopg.Connection[Any], account: AccountKey, user: str, uids: list[str]
+) -> dict[str, MessageFacts]:
+    rows = conn.execute(  # one statement: one snapshot
+        "SELECT m.uid, m.size, m.first_seen, m.last_seen, r.at, h.local_user IS NOT NULL,"
+        " m.deleted_upstream_at FROM accounts AS a JOIN messages AS m ON m.account_id = a.id"
+        " LEFT JOIN retrievals AS r ON r.message_id = m.id AND r.local_user = %(user)s"
+        " LEFT JOIN hides AS h ON h.message_id = m.id AND h.local_user = %(user)s"
+        " WHERE a.upstream = %(upstream)s AND a.upstream_user = %(upstream_user)s"
+        " AND m.uid = ANY(%(uids)s::text[])",
+        {
+            "user": user,
+            "upstream": account.upstream,
+            "upstream_user": account.upstream_user,
+            "uids": uids,
+        },
+    )
+    return {
+        uid: MessageFacts(
+            uid=uid,
+            size=size,
+            first_seen=utc(first),
+            last_seen=utc(last),
+            retrieved_at=maybe_utc(retrieved),
+            hidden=hidden,
+            deleted_upstream_at=maybe_utc(deleted),
+        )
+        for uid, size, first, last, retrieved, hidden, deleted in rows
+    }
+
+
+def record_session(conn: psycopg.Connection[Any], record: SessionRecord) -> None:
+    at = record.at
+    sizes = {m.uid: m.size for m in record.seen}
+    with conn.transaction():
+        # Creates the account or moves its last listing, and holds its row lock until
+        # COMMIT: records of one account apply one after another.
+        row = conn.execute(
+            "INSERT INTO accounts (upstream, upstream_user, last_listed) VALUES (%s, %s, %s)"
+            " ON CONFLICT (upstream, upstream_user) DO UPDATE"
+            " SET last_listed = greatest(accounts.last_listed, excluded.last_listed)"
+            " RETURNING id",
+            (record.account.upstream, record.account.upstream_user, at),
+        ).fetchone()
+        assert row is not None  # RETURNING of an upsert always has its row
+        account_id = int(row[0])
+        stale = _apply_listing(conn, account_id, sizes, at)
+        current = set(sizes) - stale
+        who = {"user": record.user, "at": at, "session": record.session_id, "account": account_id}
+        conn.execute(
+            "INSERT INTO retrievals (message_id, local_user, at, session_id)"
+            " SELECT id, %(user)s, %(at)s, %(session)s FROM messages"
+            " WHERE account_id = %(account)s AND uid = ANY(%(uids)s::text[])"
+            " ON CONFLICT DO NOTHING",  # the first complete RETR is the one kept
+            {**who, "uids": sorted(record.retrieved & current)},
+        )
+        hidden: dict[str, str] = {}
+        for d in record.hidden:
+            if d.uid in current:
+                hidden.setdefault(d.uid, d.rule)  # as sqlite: the first hide of a UIDL wins
+        conn.execute(
+            "INSERT INTO hides (message_id, local_user, at, session_id, rule)"
+            " SELECT m.id, %(user)s, %(at)s, %(session)s, t.rule"
+            " FROM unnest(%(uids)s::text[], %(rules)s::text[]) AS t (uid, rule)"
+            " JOIN messages AS m ON m.account_id = %(account)s AND m.uid = t.uid"
+            " ON CONFLICT DO NOTHING",  # hidden for good since the first hide
+            {**who, "uids": list(hidden), "rules": list(hidden.values())},
+        )
+        deleted = {d.uid: d.rule for d in record.deleted_upstream if d.uid in current}
+        conn.execute(
+            "UPDATE messages AS m SET deleted_upstream_at = %(at)s,"
+            " deleted_session_id = %(session)s, deleted_by_rule = t.rule"
+            " FROM unnest(%(uids)s::text[], %(rules)s::text[]) AS t (uid, rule)"
+            " WHERE m.account_id = %(account)s AND m.uid = t.uid",
+            {**who, "uids": list(deleted), "rules": list(deleted.values())},
+        )
+        append_audit(conn, session_audit(record, sizes), account_ids={record.account: account_id})
+
+
+def _apply_listing(
+    conn: psycopg.Connection[Any], account_id: int, sizes: Mapping[str, int], at: datetime
+) -> set[str]:
+    """Upsert the session's listing; return the UIDLs whose stored content is newer
+    (``checks.split_listing``). Same size: ``first_seen`` takes the earlier,
+    ``last_seen`` the later time (so commits out of order agree)."""
+    uids = list(sizes)
+    stored = {
+        uid: (size, later)
+        for uid, size, later in conn.execute(
+            "SELECT uid, size, last_seen > %s FROM messages"
+            " WHERE account_id = %s AND uid = ANY(%s::text[])",
+            (at, account_id, uids),
+        )
+    }
+    stale, reused = split_listing(sizes, stored)
+    if reused:
+        conn.execute(
+            "DELETE FROM messages WHERE account_id = %s AND uid = ANY(%s::text[])",
+            (account_id, reused),
+        )
+    kept = [uid for uid in uids if uid not in stale]
+    conn.execute(
+        "INSERT INTO messages (account_id, uid, size, first_seen, last_seen)"
+        " SELECT %(account)s, t.uid, t.size, %(at)s, %(at)s"
+        " FROM unnest(%(uids)s::text[], %(sizes)s::bigint[]) AS t (uid, size)"
+        " ON CONFLICT (account_id, uid) DO UPDATE SET"
+        " first_seen = least(messages.first_seen, excluded.first_seen),"
+        " last_seen = greatest(messages.last_seen, excluded.last_seen)",
+        {"account": account_id, "at": at, "uids": kept, "sizes": [sizes[uid] for uid in kept]},
+    )
+    return stale
+
+
+def messages(conn: psycopg.Connection[Any], account: AccountKey | None) -> list[StoredMessage]:
+    where = ""
+    args: tuple[str, ...] = ()
+    if account is not None:
+        where = " WHERE a.upstream = %s AND a.upstream_user = %s"
+        args = (account.upstream, account.upstream_user)
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        rows = conn.execute(
+            "SELECT m.id, a.upstream, a.upstream_user, m.uid, m.size, m.first_seen,"
+            " m.last_seen, m.deleted_upstream_at, m.deleted_by_rule, a.last_listed"
+            " FROM messages AS m JOIN accounts AS a ON a.id = m.account_id"
+            f"{where} ORDER BY a.upstream, a.upstream_user, m.first_seen, m.uid LIMIT %s",
+            (*args, MAX_LISTED_MESSAGES + 1),
+        ).fetchall()
+        if len(rows) > MAX_LISTED_MESSAGES:
+            raise StateError(
+                f"more than {MAX_LISTED_MESSAGES} stored messages; show one account at a time"
+            )
+        retrieved: dict[int, list[tuple[str, datetime]]] = {}
+        hidden: dict[int, list[tuple[str, str, datetime]]] = {}
+        join = (
+            " JOIN messages AS m ON m.id = x.message_id JOIN accounts AS a ON a.id = m.account_id"
+        )
+        for message_id, user, when in conn.execute(
+            f"SELECT x.message_id, x.local_user, x.at FROM retrievals AS x{join}{where}"
+            " ORDER BY x.at, x.local_user",
+            args,
+        ):
+            retrieved.setdefault(message_id, []).append((user, utc(when)))
+        for message_id, user, rule, when in conn.execute(
+            f"SELECT x.message_id, x.local_user, x.rule, x.at FROM hides AS x{join}{where}"
+            " ORDER BY x.at, x.local_user",
+            args,
+        ):
+            hidden.setdefault(message_id, []).append((user, rule, utc(when)))
+    return [
+        StoredMessage(
+            account=AccountKey(upstream, upstream_user),
+            uid=uid,
+            size=size,
+            first_seen=utc(first),
+            last_seen=utc(last),
+            retrieved_by=tuple(retrieved.get(message_id, ())),
+            hidden_for=tuple(hidden.get(message_id, ())),
+            deleted_upstream_at=maybe_utc(deleted),
+            deleted_by_rule=rule,
+            account_last_listed=maybe_utc(listed),
+        )
+        for message_id, upstream, upstream_user, uid, size, first, last, deleted, rule, listed in (
+            rows
+        )
+    ]
+
+
+def prune_batch(conn: psycopg.Connection[Any], cutoff: datetime) -> int:
+    with conn.transaction():
+        # The SQL form of StoredMessage.is_gone, stated twice: once to pick the batch,
+        # once on the joined rows, which PostgreSQL re-checks against a row a concurrent
+        # record changed (a UIDL listed again is no longer gone and stays).
+        cursor = conn.execute(
+            "DELETE FROM messages AS m USING accounts AS a"
+            " WHERE m.id IN (SELECT m2.id FROM messages AS m2"
+            " JOIN accounts AS a2 ON a2.id = m2.account_id"
+            " WHERE m2.last_seen < %(cutoff)s AND m2.last_seen < a2.last_listed LIMIT %(batch)s)"
+            " AND a.id = m.account_id AND m.last_seen < %(cutoff)s"
+            " AND m.last_seen < a.last_listed",
+            {"cutoff": cutoff, "batch": PRUNE_BATCH},
+        )
+        deleted = cursor.rowcount
+        # The gateway's rows the same way; a staged row is never forgotten (its file
+        # is still to be settled by the next poll).
+        cursor = conn.execute(
+            "DELETE FROM gateway_messages AS m USING gateway_sources AS s"
+            " WHERE (m.source_id, m.uid) IN (SELECT m2.source_id, m2.uid"
+            " FROM gateway_messages AS m2 JOIN gateway_sources AS s2 ON s2.id = m2.source_id"
+            " WHERE m2.last_seen < %(cutoff)s AND m2.last_seen < s2.last_listed"
+            " AND m2.state != 'staged' LIMIT %(batch)s)"
+            " AND s.id = m.source_id AND m.last_seen < %(cutoff)s"
+            " AND m.last_seen < s.last_listed AND m.state != 'staged'",
+            {"cutoff": cutoff, "batch": max(0, PRUNE_BATCH - deleted)},
+        )
+        return deleted + cursor.rowcount

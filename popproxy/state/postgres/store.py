@@ -1,0 +1,175 @@
+"""The PostgreSQL store itself: its connection pool and worker threads, opening (the
+migrations), and ``record``; the other calls are ``StoreFrontend``'s over this
+backend's ``QUERIES``.
+
+psycopg 3's synchronous ``ConnectionPool`` (psycopg-pool) holds at most
+``PG_THREADS`` connections; each call runs in a worker thread behind a
+``CapacityLimiter`` of the same size (``workers.Workers``), takes a connection from
+the pool for one transaction and gives it back. psycopg's async API would need
+asyncio, and popproxy runs on trio. (The pool also runs three threads of its own
+that open and replace connections in the background.) The pool checks a
+connection before lending it (one empty round trip), so a PostgreSQL restart costs
+no failed call; a connection that breaks during a call fails that call with
+``StateError`` and is discarded.
+
+Every wait on the server is bounded: libpq's ``connect_timeout`` and TCP user
+timeout for the network (``target.py``), ``statement_timeout`` for one statement,
+and ``lock_timeout`` (``state.busy_timeout_seconds``) for waiting on another
+writer's row locks.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from popproxy.state.base import SessionRecord
+from popproxy.state.checks import check_record
+from popproxy.state.frontend import Queries, StoreFrontend
+from popproxy.state.postgres import audit, gateway, known_sources, retention, sql
+from popproxy.state.postgres.schema import MIGRATIONS, Migration, check_readable, migrate
+from popproxy.state.postgres.target import (
+    PG_CONNECT_TIMEOUT_SECONDS,
+    PostgresTarget,
+    run_connected,
+    run_pooled,
+)
+
+# Worker threads, and so pooled connections, per process: enough for logins' reads
+# beside commits; a fleet of N instances holds at most N * PG_THREADS connections
+# (PostgreSQL's default max_connections is 100).
+PG_THREADS = 4
+# Connections the pool keeps open when idle (it grows to PG_THREADS under load).
+PG_MIN_CONNECTIONS = 1
+# The longest one statement may run: a record of a whole listing (MAX_RECORD_MESSAGES
+# rows) takes a few seconds on a slow server; this bounds a stuck one.
+PG_STATEMENT_TIMEOUT_SECONDS = 60
+
+_T = TypeVar("_T")
+
+# The work of each call but ``record``, in a worker thread; times as aware datetimes.
+QUERIES: Queries[psycopg.Connection[Any], datetime] = Queries(
+    stored=sql.stored,
+    facts=retention.facts,
+    messages=retention.messages,
+    prune_batch=retention.prune_batch,
+    gateway_listing=gateway.gateway_listing,
+    gateway_facts=gateway.gateway_facts,
+    gateway_staged=gateway.gateway_staged,
+    gateway_transition=gateway.gateway_transition,
+    gateway_deleted=gateway.gateway_deleted,
+    gateway_poll_finished=gateway.gateway_poll_finished,
+    gateway_sources=gateway.gateway_sources,
+    known_source=known_sources.known_source,
+    remember_source=known_sources.remember_source,
+    audit=audit.audit,
+    count_audit=audit.count_audit,
+    trim_audit_batch=audit.trim_audit_batch,
+)
+
+
+class PostgresStore(StoreFrontend[psycopg.Connection[Any], datetime]):
+    """``StateStore`` on a PostgreSQL database, shared by any number of processes."""
+
+    def __init__(
+        self,
+        target: PostgresTarget,
+        *,
+        lock_timeout_seconds: float,
+        migrations: Sequence[Migration] = MIGRATIONS,
+        read_only: bool = False,
+    ) -> None:
+        """Use ``open_postgres``; this only builds the (not yet open) pool."""
+        super().__init__(QUERIES, threads=PG_THREADS)
+        self._read_only = read_only
+        self._target = target
+        self._lock_timeout = lock_timeout_seconds
+        self._migrations = tuple(migrations)
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            target.url,
+            kwargs=target.connection_kwargs(),
+            min_size=PG_MIN_CONNECTIONS,
+            max_size=PG_THREADS,
+            open=False,
+            configure=self._configure,
+            check=ConnectionPool.check_connection,
+            timeout=PG_CONNECT_TIMEOUT_SECONDS,
+            name="popproxy-state",
+        )
+
+    async def record(self, record: SessionRecord) -> None:
+        """Write what one QUIT did in one transaction; committed when this returns."""
+        check_record(record)
+        await self._run(lambda conn: retention.record_session(conn, record))
+
+    # -- opening -----------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        """Migrate over a connection of its own (so a server that cannot be reached
+        fails at once, with libpq's reason), then let the pool connect."""
+        await self._workers.run(functools.partial(run_connected, self._target, self._migrate))
+        await self._workers.run(functools.partial(self._pool.open, wait=False))
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        self._configure(conn)
+        if self._read_only:
+            check_readable(conn, self._migrations)
+        else:
+            migrate(conn, self._migrations)
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        """Each new connection's session settings (run by the pool, in its thread)."""
+        conn.execute(
+            "SELECT set_config('statement_timeout', %s, false),"
+            " set_config('lock_timeout', %s, false), set_config('TimeZone', 'UTC', false),"
+            " set_config('default_transaction_read_only', %s, false)",
+            (
+                f"{PG_STATEMENT_TIMEOUT_SECONDS}s",
+                f"{int(self._lock_timeout * 1000)}ms",
+                "on" if self._read_only else "off",
+            ),
+        )
+        conn.commit()
+
+    # -- threads and connections -------------------------------------------------------
+
+    def _in_worker(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        """Run ``work`` on a pooled connection (committed on return); a worker thread."""
+        return run_pooled(self._pool, self._target, work)
+
+    def _release(self) -> None:
+        """Close the pool and its connections."""
+        self._pool.close()
+
+
+async def open_postgres(
+    target: PostgresTarget,
+    *,
+    lock_timeout_seconds: float,
+    migrations: Sequence[Migration] = MIGRATIONS,
+    read_only: bool = False,
+) -> PostgresStore:
+    """Connect to ``target`` and bring its schema up to date (see the module docstring).
+
+    The tables live in the first schema of the connection's ``search_path`` (set one
+    with ``?options=-csearch_path%3Dname`` in the URL). With ``read_only`` nothing is
+    created or migrated and every transaction is read-only
+    (``default_transaction_read_only``): ``popproxy audit``. Raises ``StateError``.
+    """
+    store = PostgresStore(
+        target,
+        lock_timeout_seconds=lock_timeout_seconds,
+        migrations=migrations,
+        read_only=read_only,
+    )
+    try:
+        await store._open()
+    except BaseException:
+        await store.aclose()
+        raise
+    return store
