@@ -15,9 +15,10 @@ from typing import Any
 
 import psycopg
 
-from popproxy.state.base import AccountKey, AuditAction, AuditEntry, AuditQuery
+from popproxy.state.base import AccountKey, AuditEntry, AuditQuery
 from popproxy.state.checks import PRUNE_BATCH
 from popproxy.state.postgres.sql import utc
+from popproxy.state.rows import audit_entries
 
 
 def append_audit(
@@ -92,19 +93,7 @@ def audit(conn: psycopg.Connection[Any], query: AuditQuery) -> list[AuditEntry]:
             " ORDER BY d.at DESC, d.id DESC LIMIT %s",
             (*args, query.limit),
         ).fetchall()
-    return [
-        AuditEntry(
-            at=utc(at),
-            session_id=session_id,
-            user=user,
-            account=AccountKey(upstream, upstream_user),
-            uid=uid,
-            size=size,
-            rule=rule,
-            action=AuditAction(action),
-        )
-        for at, session_id, user, upstream, upstream_user, uid, size, rule, action in rows
-    ]
+    return audit_entries(rows, utc)
 
 
 def count_audit(conn: psycopg.Connection[Any], cutoff: datetime) -> int:

@@ -21,7 +21,6 @@ import psycopg
 from popproxy.state.base import (
     Disposal,
     FetchFacts,
-    FetchState,
     PollSummary,
     SeenMessage,
     SourceKey,
@@ -31,21 +30,8 @@ from popproxy.state.base import (
 from popproxy.state.checks import gateway_audit
 from popproxy.state.frontend import Move
 from popproxy.state.postgres.audit import append_audit
-from popproxy.state.postgres.sql import maybe_utc, utc
-
-_FACT_COLUMNS = "uid, size, first_seen, state, file_name, deleted_upstream_at"
-
-
-def _fetch_facts(row: Sequence[Any]) -> FetchFacts:
-    uid, size, first, state, name, deleted = row
-    return FetchFacts(
-        uid=uid,
-        size=size,
-        first_seen=utc(first),
-        state=FetchState(state),
-        file_name=name,
-        deleted_upstream_at=maybe_utc(deleted),
-    )
+from popproxy.state.postgres.sql import utc
+from popproxy.state.rows import FACT_COLUMNS, fetch_facts, source_statuses
 
 
 def _upsert_source(conn: psycopg.Connection[Any], source: SourceKey) -> int:
@@ -93,11 +79,11 @@ def gateway_listing(
             {"source": source_id, "at": at, "uids": uids, "sizes": [sizes[u] for u in uids]},
         )
         rows = conn.execute(
-            f"SELECT {_FACT_COLUMNS} FROM gateway_messages"
+            f"SELECT {FACT_COLUMNS} FROM gateway_messages"
             " WHERE source_id = %s AND uid = ANY(%s::text[])",
             (source_id, uids),
         ).fetchall()
-    return {row[0]: _fetch_facts(row) for row in rows}
+    return {row[0]: fetch_facts(row, utc) for row in rows}
 
 
 def gateway_facts(
@@ -110,18 +96,18 @@ def gateway_facts(
         " AND m.uid = ANY(%s::text[])",
         (source.user, source.upstream, source.upstream_user, uids),
     ).fetchall()
-    return {row[0]: _fetch_facts(row) for row in rows}
+    return {row[0]: fetch_facts(row, utc) for row in rows}
 
 
 def gateway_staged(conn: psycopg.Connection[Any], source: SourceKey) -> list[FetchFacts]:
     rows = conn.execute(
-        f"SELECT {_FACT_COLUMNS} FROM gateway_messages AS m"
+        f"SELECT {FACT_COLUMNS} FROM gateway_messages AS m"
         " JOIN gateway_sources AS s ON s.id = m.source_id"
         " WHERE s.local_user = %s AND s.upstream = %s AND s.upstream_user = %s"
         " AND m.state = 'staged' ORDER BY m.uid",
         (source.user, source.upstream, source.upstream_user),
     ).fetchall()
-    return [_fetch_facts(row) for row in rows]
+    return [fetch_facts(row, utc) for row in rows]
 
 
 def gateway_transition(
@@ -209,22 +195,4 @@ def gateway_sources(conn: psycopg.Connection[Any]) -> list[SourceStatus]:
         " FROM gateway_sources AS s LEFT JOIN gateway_messages AS m ON m.source_id = s.id"
         " GROUP BY s.id ORDER BY s.local_user, s.upstream, s.upstream_user"
     ).fetchall()
-    out: list[SourceStatus] = []
-    for (
-        user, upstream, upstream_user, poll_at, result, fetched, skipped, deleted, nbytes,
-        success, listed, delivered, gone,
-    ) in rows:  # fmt: skip
-        last = None
-        if poll_at is not None:
-            last = PollSummary(utc(poll_at), result, fetched, skipped, deleted, nbytes)
-        out.append(
-            SourceStatus(
-                source=SourceKey(user, upstream, upstream_user),
-                last_poll=last,
-                last_success_at=maybe_utc(success),
-                listed=listed,
-                delivered=delivered,
-                deleted_upstream=gone,
-            )
-        )
-    return out
+    return source_statuses(rows, utc)

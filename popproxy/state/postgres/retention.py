@@ -39,6 +39,7 @@ from popproxy.state.checks import (
 )
 from popproxy.state.postgres.audit import append_audit
 from popproxy.state.postgres.sql import maybe_utc, utc
+from popproxy.state.rows import stored_messages
 
 
 def facts(
@@ -173,40 +174,23 @@ def messages(conn: psycopg.Connection[Any], account: AccountKey | None) -> list[
             raise StateError(
                 f"more than {MAX_LISTED_MESSAGES} stored messages; show one account at a time"
             )
-        retrieved: dict[int, list[tuple[str, datetime]]] = {}
-        hidden: dict[int, list[tuple[str, str, datetime]]] = {}
         join = (
             " JOIN messages AS m ON m.id = x.message_id JOIN accounts AS a ON a.id = m.account_id"
         )
-        for message_id, user, when in conn.execute(
-            f"SELECT x.message_id, x.local_user, x.at FROM retrievals AS x{join}{where}"
-            " ORDER BY x.at, x.local_user",
-            args,
-        ):
-            retrieved.setdefault(message_id, []).append((user, utc(when)))
-        for message_id, user, rule, when in conn.execute(
-            f"SELECT x.message_id, x.local_user, x.rule, x.at FROM hides AS x{join}{where}"
-            " ORDER BY x.at, x.local_user",
-            args,
-        ):
-            hidden.setdefault(message_id, []).append((user, rule, utc(when)))
-    return [
-        StoredMessage(
-            account=AccountKey(upstream, upstream_user),
-            uid=uid,
-            size=size,
-            first_seen=utc(first),
-            last_seen=utc(last),
-            retrieved_by=tuple(retrieved.get(message_id, ())),
-            hidden_for=tuple(hidden.get(message_id, ())),
-            deleted_upstream_at=maybe_utc(deleted),
-            deleted_by_rule=rule,
-            account_last_listed=maybe_utc(listed),
+        return stored_messages(
+            rows,
+            conn.execute(
+                f"SELECT x.message_id, x.local_user, x.at FROM retrievals AS x{join}{where}"
+                " ORDER BY x.at, x.local_user",
+                args,
+            ),
+            conn.execute(
+                f"SELECT x.message_id, x.local_user, x.rule, x.at FROM hides AS x{join}{where}"
+                " ORDER BY x.at, x.local_user",
+                args,
+            ),
+            utc,
         )
-        for message_id, upstream, upstream_user, uid, size, first, last, deleted, rule, listed in (
-            rows
-        )
-    ]
 
 
 def prune_batch(conn: psycopg.Connection[Any], cutoff: datetime) -> int:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from popproxy.state.base import AccountKey, AuditAction, AuditEntry, AuditQuery
+from popproxy.state.base import AccountKey, AuditEntry, AuditQuery
 from popproxy.state.checks import PRUNE_BATCH
+from popproxy.state.rows import audit_entries
 from popproxy.state.sqlite.sql import from_utc_text, lookup_account, transaction, utc_text
 
 
@@ -68,19 +69,7 @@ def audit(conn: sqlite3.Connection, query: AuditQuery) -> list[AuditEntry]:
             f"{where} ORDER BY d.at DESC, d.id DESC LIMIT ?",
             (*args, query.limit),
         ).fetchall()
-    return [
-        AuditEntry(
-            at=from_utc_text(at),
-            session_id=session_id,
-            user=user,
-            account=AccountKey(upstream, upstream_user),
-            uid=uid,
-            size=size,
-            rule=rule,
-            action=AuditAction(action),
-        )
-        for at, session_id, user, upstream, upstream_user, uid, size, rule, action in rows
-    ]
+    return audit_entries(rows, from_utc_text)
 
 
 def count_audit(conn: sqlite3.Connection, cutoff: str) -> int:

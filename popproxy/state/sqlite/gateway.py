@@ -18,7 +18,6 @@ from datetime import datetime
 from popproxy.state.base import (
     Disposal,
     FetchFacts,
-    FetchState,
     PollSummary,
     SeenMessage,
     SourceKey,
@@ -27,12 +26,12 @@ from popproxy.state.base import (
 )
 from popproxy.state.checks import gateway_audit
 from popproxy.state.frontend import Move
+from popproxy.state.rows import FACT_COLUMNS, fetch_facts, source_statuses
 from popproxy.state.sqlite.audit import append_audit
 from popproxy.state.sqlite.sql import (
     chunks,
     from_utc_text,
     marks,
-    maybe_from_utc_text,
     transaction,
     utc_text,
 )
@@ -52,24 +51,6 @@ def _source_id(conn: sqlite3.Connection, source: SourceKey, *, create: bool) -> 
         "INSERT INTO gateway_sources (user, upstream, upstream_user) VALUES (?, ?, ?)", key
     )
     return cursor.lastrowid
-
-
-def _fetch_facts(row: Sequence[object]) -> FetchFacts:
-    uid, size, first, state, name, deleted = row
-    assert isinstance(uid, str) and isinstance(size, int) and isinstance(first, str)
-    assert isinstance(state, str) and (name is None or isinstance(name, str))
-    assert deleted is None or isinstance(deleted, str)
-    return FetchFacts(
-        uid=uid,
-        size=size,
-        first_seen=from_utc_text(first),
-        state=FetchState(state),
-        file_name=name,
-        deleted_upstream_at=maybe_from_utc_text(deleted),
-    )
-
-
-_FACT_COLUMNS = "uid, size, first_seen, state, file_name, deleted_upstream_at"
 
 
 def gateway_listing(
@@ -122,11 +103,11 @@ def _facts_of(
     out: dict[str, FetchFacts] = {}
     for chunk in chunks(uids):
         for row in conn.execute(
-            f"SELECT {_FACT_COLUMNS} FROM gateway_messages"
+            f"SELECT {FACT_COLUMNS} FROM gateway_messages"
             f" WHERE source_id = ? AND uid IN ({marks(len(chunk))})",
             (source_id, *chunk),
         ):
-            out[row[0]] = _fetch_facts(row)
+            out[row[0]] = fetch_facts(row, from_utc_text)
     return out
 
 
@@ -136,11 +117,11 @@ def gateway_staged(conn: sqlite3.Connection, source: SourceKey) -> list[FetchFac
         if source_id is None:
             return []
         rows = conn.execute(
-            f"SELECT {_FACT_COLUMNS} FROM gateway_messages"
+            f"SELECT {FACT_COLUMNS} FROM gateway_messages"
             " WHERE source_id = ? AND state = 'staged' ORDER BY uid",
             (source_id,),
         ).fetchall()
-    return [_fetch_facts(row) for row in rows]
+    return [fetch_facts(row, from_utc_text) for row in rows]
 
 
 def gateway_transition(
@@ -225,22 +206,4 @@ def gateway_sources(conn: sqlite3.Connection) -> list[SourceStatus]:
             "  WHERE m.source_id = s.id AND m.deleted_upstream_at IS NOT NULL)"
             " FROM gateway_sources AS s ORDER BY s.user, s.upstream, s.upstream_user"
         ).fetchall()
-    out: list[SourceStatus] = []
-    for (
-        user, upstream, upstream_user, poll_at, result, fetched, skipped, deleted, nbytes,
-        success, listed, delivered, gone,
-    ) in rows:  # fmt: skip
-        last = None
-        if poll_at is not None:
-            last = PollSummary(from_utc_text(poll_at), result, fetched, skipped, deleted, nbytes)
-        out.append(
-            SourceStatus(
-                source=SourceKey(user, upstream, upstream_user),
-                last_poll=last,
-                last_success_at=maybe_from_utc_text(success),
-                listed=listed,
-                delivered=delivered,
-                deleted_upstream=gone,
-            )
-        )
-    return out
+    return source_statuses(rows, from_utc_text)

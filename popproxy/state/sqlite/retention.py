@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 from popproxy.state.base import (
@@ -38,6 +37,7 @@ from popproxy.state.checks import (
     session_audit,
     split_listing,
 )
+from popproxy.state.rows import stored_messages
 from popproxy.state.sqlite.audit import append_audit
 from popproxy.state.sqlite.sql import (
     QUERY_CHUNK,
@@ -303,38 +303,21 @@ def messages(conn: sqlite3.Connection, account: AccountKey | None) -> list[Store
             raise StateError(
                 f"more than {MAX_LISTED_MESSAGES} stored messages; show one account at a time"
             )
-        retrieved: dict[int, list[tuple[str, datetime]]] = {}
-        hidden: dict[int, list[tuple[str, str, datetime]]] = {}
         join = " JOIN messages AS m ON m.id = x.message_id"
-        for message_id, user, when in conn.execute(
-            f"SELECT x.message_id, x.user, x.at FROM retrievals AS x{join}{where}"
-            " ORDER BY x.at, x.user",
-            args,
-        ):
-            retrieved.setdefault(message_id, []).append((user, from_utc_text(when)))
-        for message_id, user, rule, when in conn.execute(
-            f"SELECT x.message_id, x.user, x.rule, x.at FROM hides AS x{join}{where}"
-            " ORDER BY x.at, x.user",
-            args,
-        ):
-            hidden.setdefault(message_id, []).append((user, rule, from_utc_text(when)))
-    return [
-        StoredMessage(
-            account=AccountKey(upstream, upstream_user),
-            uid=uid,
-            size=size,
-            first_seen=from_utc_text(first),
-            last_seen=from_utc_text(last),
-            retrieved_by=tuple(retrieved.get(message_id, ())),
-            hidden_for=tuple(hidden.get(message_id, ())),
-            deleted_upstream_at=maybe_from_utc_text(deleted),
-            deleted_by_rule=rule,
-            account_last_listed=from_utc_text(listed),
+        return stored_messages(
+            rows,
+            conn.execute(
+                f"SELECT x.message_id, x.user, x.at FROM retrievals AS x{join}{where}"
+                " ORDER BY x.at, x.user",
+                args,
+            ),
+            conn.execute(
+                f"SELECT x.message_id, x.user, x.rule, x.at FROM hides AS x{join}{where}"
+                " ORDER BY x.at, x.user",
+                args,
+            ),
+            from_utc_text,
         )
-        for message_id, upstream, upstream_user, uid, size, first, last, deleted, rule, listed in (
-            rows
-        )
-    ]
 
 
 def prune_batch(conn: sqlite3.Connection, cutoff: str) -> int:
