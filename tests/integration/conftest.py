@@ -13,6 +13,7 @@ import pytest
 from .dovecot import DovecotServer, DovecotUser
 from .harness import (
     CLIENT_MAX_LINE_BYTES,
+    MESSAGES,
     PASSWORD,
     USER,
     Corpus,
@@ -125,5 +126,22 @@ def dovecot(tls_files: TlsFiles) -> Iterator[DovecotServer]:
 def dovecot_user(dovecot: DovecotServer, corpus: Corpus) -> Iterator[DovecotUser]:
     """A fresh Dovecot user whose Maildir holds a copy of the whole corpus; removed after."""
     user = dovecot.add_user(corpus=corpus)
+    yield user
+    dovecot.remove_user(user)
+
+
+@pytest.fixture
+def account(dovecot: DovecotServer, corpus: Corpus) -> Iterator[DovecotUser]:
+    """A fresh Dovecot user holding the first MESSAGES small messages of the corpus."""
+    user = dovecot.add_user(corpus=corpus, messages=corpus.small[:MESSAGES])
+    yield user
+    dovecot.remove_user(user)
+
+
+@pytest.fixture
+def small_account(dovecot: DovecotServer, corpus: Corpus) -> Iterator[DovecotUser]:
+    """A fresh Dovecot user holding every small message of the corpus (all but the 50 MB
+    one): what the gateway tests fetch."""
+    user = dovecot.add_user(corpus=corpus, messages=corpus.small)
     yield user
     dovecot.remove_user(user)

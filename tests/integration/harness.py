@@ -70,6 +70,9 @@ PASSWORD = "s3cret-pass_word.x"
 
 # The three listener kinds of the config contract (config.TlsMode values).
 LISTENER_KINDS = ("none", "starttls", "implicit")
+# Messages of the seeded Dovecot accounts (`account`): small ones, so each test takes a
+# moment only.
+MESSAGES = 5
 
 
 # ---------------------------------------------------------------------------------------------

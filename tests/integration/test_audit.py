@@ -25,9 +25,7 @@ from .conftest import StartServer
 from .dovecot import DovecotServer, DovecotUser
 from .harness import state_url
 from .test_proxy import UPSTREAM, local_name
-from .test_retention import KEEP, account, local_user, login, proxy, uidls
-
-__all__ = ["account"]  # a fixture, used by name
+from .test_retention import KEEP, local_user, login, proxy, uidls
 
 DELETE = {"10-delete.yaml": "rules:\n  - name: purge-on-dele\n    action: delete\n"}
 # How long the audit command may take (a cold Python start and one query).

@@ -14,48 +14,27 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import trio
 import trustme
 
-from popproxy.config import load_config
-from popproxy.serve import serve
-
+from .clocked import EXPIRE_DAYS, START, MovableClock, expiring_proxy
 from .conftest import StartServer
 from .dovecot import DovecotServer, DovecotUser
 from .harness import (
+    MESSAGES,
     PASSWORD,
     SOCKET_TIMEOUT_SECONDS,
-    Corpus,
     TlsFiles,
     Upstream,
     parse_logfmt,
     poplib_connection,
-    write_config,
 )
-from .test_proxy import UPSTREAM, local_name, upstream_for
-from .test_retention import DELETE_AFTER_RETRIEVE, KEEP, MESSAGES, local_user, login, proxy
-
-START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-EXPIRE_DAYS = 3
-EXPIRE = {
-    "50-expire.yaml": (
-        f"rules:\n  - name: expire-old\n    action: keep\n    expire_after_days: {EXPIRE_DAYS}\n"
-    )
-}
-# The whole in-process expiry test: two sessions against Dovecot and a clean shutdown.
-TEST_DEADLINE_SECONDS = 60
-
-
-@pytest.fixture
-def account(dovecot: DovecotServer, corpus: Corpus) -> Iterator[DovecotUser]:
-    user = dovecot.add_user(corpus=corpus, messages=corpus.small[:MESSAGES])
-    yield user
-    dovecot.remove_user(user)
+from .test_proxy import UPSTREAM, local_name
+from .test_retention import DELETE_AFTER_RETRIEVE, KEEP, local_user, login, proxy
 
 
 def counts(end: dict[str, str]) -> tuple[int, ...]:
@@ -94,14 +73,6 @@ def test_delete_after_retrieve_session_end_and_quit_reply_count_the_deletions(
     assert counts(end) == (0, 2, 0, 0)
 
 
-class MovableClock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 def quit_reply(port: int, user: str, marks: int) -> bytes:
     pop = poplib_connection(port)
     pop.user(user)
@@ -120,37 +91,18 @@ async def test_expiry_session_end_and_quit_reply_count_what_nobody_marked(
 ) -> None:
     caplog.set_level(logging.INFO, "popproxy.session")
     user = local_user(account)
-    config = load_config(
-        write_config(
-            tmp_path / "popproxy.yaml",
-            users=[user],
-            tls=tls_files,
-            listeners=["none"],
-            upstreams={UPSTREAM: upstream_for(dovecot, "none")},
-            rules=EXPIRE,
-        )
-    )
     clock = MovableClock(START)
-    shutdown = trio.Event()
-    with trio.fail_after(TEST_DEADLINE_SECONDS):
-        async with trio.open_nursery() as nursery:
-            ports = await nursery.start(
-                lambda task_status: serve(
-                    config, shutdown=shutdown, clock=clock, task_status=task_status
-                )
-            )
-            port = ports[0][1]
-            first = await trio.to_thread.run_sync(quit_reply, port, user.name, 1)
-            assert first == (
-                b"+OK Logging out, 0 messages deleted, 1 kept on the server and hidden"
-                b" from this mailbox."
-            )
-            clock.now = START + timedelta(days=EXPIRE_DAYS, hours=1)
-            second = await trio.to_thread.run_sync(quit_reply, port, user.name, 0)
-            assert second == b"+OK Logging out, 5 messages deleted."
-            await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 2)
-            assert account.keys() == set()
-            shutdown.set()
+    async with expiring_proxy(tmp_path, tls_files, dovecot, user, clock) as port:
+        first = await trio.to_thread.run_sync(quit_reply, port, user.name, 1)
+        assert first == (
+            b"+OK Logging out, 0 messages deleted, 1 kept on the server and hidden"
+            b" from this mailbox."
+        )
+        clock.now = START + timedelta(days=EXPIRE_DAYS, hours=1)
+        second = await trio.to_thread.run_sync(quit_reply, port, user.name, 0)
+        assert second == b"+OK Logging out, 5 messages deleted."
+        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 2)
+        assert account.keys() == set()
     ends = [r.fields for r in caplog.records if r.getMessage() == "session_end"]  # type: ignore[attr-defined]
     assert [
         tuple(end[key] for key in ("marked", "deleted_upstream", "hidden", "expired"))

@@ -15,7 +15,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,8 +28,8 @@ from popproxy.state.base import AccountKey, StoredMessage
 from .conftest import StartServer
 from .dovecot import DovecotServer, DovecotUser
 from .harness import (
-    CLIENT_MAX_LINE_BYTES,
     LOOPBACK,
+    MESSAGES,
     PASSWORD,
     SOCKET_TIMEOUT_SECONDS,
     Corpus,
@@ -52,22 +51,6 @@ KEEP = {"10-keep.yaml": ("rules:\n  - name: keep-on-server\n    action: keep\n")
 DELETE_AFTER_RETRIEVE = {
     "10-dar.yaml": ("rules:\n  - name: delete-retrieved\n    action: delete_after_retrieve\n")
 }
-# Messages of the seeded mailboxes: small ones, so each test takes a moment only.
-MESSAGES = 5
-
-
-@pytest.fixture(autouse=True)
-def _poplib_long_lines(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The corpus has a line of more than 10,000 characters; poplib refuses over 2048.
-    monkeypatch.setattr(poplib, "_MAXLINE", CLIENT_MAX_LINE_BYTES)
-
-
-@pytest.fixture
-def account(dovecot: DovecotServer, corpus: Corpus) -> Iterator[DovecotUser]:
-    """A Dovecot user holding the first MESSAGES small messages of the corpus."""
-    user = dovecot.add_user(corpus=corpus, messages=corpus.small[:MESSAGES])
-    yield user
-    dovecot.remove_user(user)
 
 
 def proxy(

@@ -35,6 +35,7 @@ from state.state_backends import new_postgres_backend
 from .dovecot import DovecotServer, DovecotUser
 from .harness import (
     LOOPBACK,
+    MESSAGES,
     PASSWORD,
     SERVER_STOP_DEADLINE_SECONDS,
     SOCKET_TIMEOUT_SECONDS,
@@ -47,7 +48,7 @@ from .harness import (
 )
 from .test_haproxy import _listening_socket
 from .test_proxy import UPSTREAM, upstream_for
-from .test_retention import KEEP, MESSAGES, stored, uidls
+from .test_retention import KEEP, stored, uidls
 
 # state.lease_seconds of the fleet: the shortest allowed, so a dead instance's
 # mailboxes are free again within about 3 s.
