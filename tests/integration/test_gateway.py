@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -28,24 +28,16 @@ from popproxy.secret import Secret
 from popproxy.state import open_store
 from popproxy.state.base import GatewayStore
 
+from .clocked import START, MovableClock
 from .dovecot import DovecotServer, DovecotUser
 from .harness import PASSWORD, Corpus, GatewayUser, Source, TlsFiles, write_config
 from .test_proxy import UPSTREAM, upstream_for
 
 KEEP = {"10-keep.yaml": "rules:\n  - name: keep-all\n    action: keep\n"}
-START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 # One test's polls, Dovecot included; generous for a loaded 2-core machine.
 TEST_DEADLINE_SECONDS = 60
-
-
-class MovableClock:
-    """What the gateway reads as now; tests move it by days."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
+# The gateway user of every test here and in test_gateway_serve.
+LOCAL = "carol"
 
 
 def local_files(maildir: Path) -> dict[str, bytes]:
@@ -63,11 +55,13 @@ def digests(contents: Sequence[bytes]) -> list[str]:
     return sorted(hashlib.sha256(data).hexdigest() for data in contents)
 
 
-@pytest.fixture
-def account(dovecot: DovecotServer, corpus: Corpus) -> Iterator[DovecotUser]:
-    user = dovecot.add_user(corpus=corpus, messages=corpus.small)
-    yield user
-    dovecot.remove_user(user)
+def gateway_user(
+    tmp_path: Path, *accounts: DovecotUser, password: str | None = None
+) -> GatewayUser:
+    """LOCAL, whose Maildir tmp_path/carol-mail the gateway fills from ``accounts`` (with
+    ``password`` instead of theirs, if given)."""
+    sources = tuple(Source(UPSTREAM, a.name, password or a.password) for a in accounts)
+    return GatewayUser(LOCAL, PASSWORD, tmp_path / "carol-mail", sources)
 
 
 def gateway_config(
@@ -80,16 +74,10 @@ def gateway_config(
     leg: str = "none",
 ) -> Config:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    user = GatewayUser(
-        "carol",
-        PASSWORD,
-        tmp_path / "carol-mail",
-        tuple(Source(UPSTREAM, a.name, a.password) for a in accounts),
-    )
     return load_config(
         write_config(
             tmp_path / "popproxy.yaml",
-            users=[user],
+            users=[gateway_user(tmp_path, *accounts)],
             tls=tls_files,
             listeners=["none"],
             upstreams={UPSTREAM: upstream_for(dovecot, leg)},
@@ -128,12 +116,14 @@ async def poll_all(config: Config, fetcher: Fetcher) -> list[PollReport]:
 
 async def test_first_poll_fetches_everything_byte_exact_then_nothing_then_new_mail(
     dovecot: DovecotServer,
-    account: DovecotUser,
+    small_account: DovecotUser,
     corpus: Corpus,
     tls_files: TlsFiles,
     tmp_path: Path,
 ) -> None:
-    config = gateway_config(tmp_path, dovecot, tls_files, [account], rules=KEEP, leg="implicit")
+    config = gateway_config(
+        tmp_path, dovecot, tls_files, [small_account], rules=KEEP, leg="implicit"
+    )
     mail = tmp_path / "carol-mail"
     store = await open_store(config.state)
     try:
@@ -147,14 +137,14 @@ async def test_first_poll_fetches_everything_byte_exact_then_nothing_then_new_ma
             assert digests(list(got.values())) == digests(expected)
             assert first.fetched_bytes == sum(len(data) for data in expected)
             assert not any((mail / "tmp").iterdir())
-            assert account.count() == len(corpus.small), "keep: nothing deleted upstream"
+            assert small_account.count() == len(corpus.small), "keep: nothing deleted upstream"
 
             (second,) = await poll_all(config, fetcher)
             assert (second.result, second.fetched, second.deleted) == (PollResult.OK, 0, 0)
             assert local_files(mail) == got
 
             new = b"Subject: new\r\n\r\n.starts with a dot\r\nend\r\n"
-            account.deliver(new)
+            small_account.deliver(new)
             (third,) = await poll_all(config, fetcher)
             assert (third.result, third.fetched) == (PollResult.OK, 1)
             now = local_files(mail)
@@ -267,12 +257,12 @@ async def test_two_sources_merge_into_one_maildir_and_a_bad_password_fails_alone
 
 async def test_a_session_open_during_a_poll_keeps_its_listing_and_does_not_block_it(
     dovecot: DovecotServer,
-    account: DovecotUser,
+    small_account: DovecotUser,
     corpus: Corpus,
     tls_files: TlsFiles,
     tmp_path: Path,
 ) -> None:
-    config = gateway_config(tmp_path, dovecot, tls_files, [account], rules=KEEP)
+    config = gateway_config(tmp_path, dovecot, tls_files, [small_account], rules=KEEP)
     mail = tmp_path / "carol-mail"
     mail.mkdir()
     for sub in ("tmp", "new", "cur"):
@@ -334,14 +324,14 @@ class CuttingRelay:
 
 async def test_an_upstream_dying_mid_retr_loses_and_deletes_nothing(
     dovecot: DovecotServer,
-    account: DovecotUser,
+    small_account: DovecotUser,
     corpus: Corpus,
     tls_files: TlsFiles,
     tmp_path: Path,
 ) -> None:
-    before = account.digests()
+    before = small_account.digests()
     total = sum(m.size for m in corpus.small)
-    config = gateway_config(tmp_path, dovecot, tls_files, [account])  # delete after fetch
+    config = gateway_config(tmp_path, dovecot, tls_files, [small_account])  # delete after fetch
     relay = CuttingRelay(dovecot.endpoint("none"), cut_after=total // 2)
     mail = tmp_path / "carol-mail"
     store = await open_store(config.state)
@@ -359,8 +349,8 @@ async def test_an_upstream_dying_mid_retr_loses_and_deletes_nothing(
             nursery.cancel_scope.cancel()
         assert broken.result is PollResult.UPSTREAM_ERROR, broken
         assert broken.deleted == 0
-        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 1)
-        assert account.digests() == before, "nothing deleted upstream"
+        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, small_account, 1)
+        assert small_account.digests() == before, "nothing deleted upstream"
         partial = local_files(mail)
         assert 0 < len(partial) < len(corpus.small)
         assert set(digests(list(partial.values()))) <= {m.sha256 for m in corpus.small}
@@ -369,8 +359,8 @@ async def test_an_upstream_dying_mid_retr_loses_and_deletes_nothing(
         (whole,) = await poll_all(config, fetcher)
         assert (whole.result, whole.fetched) == (PollResult.OK, len(corpus.small) - len(partial))
         assert digests(list(local_files(mail).values())) == sorted(m.sha256 for m in corpus.small)
-        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 2)
-        assert account.count() == 0
+        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, small_account, 2)
+        assert small_account.count() == 0
     finally:
         await store.aclose()
 
@@ -395,14 +385,14 @@ SMALL_DISK_BYTES = 32 * 1024
 
 async def test_a_full_disk_loses_and_deletes_nothing_and_the_next_poll_finishes(  # noqa: PLR0917 (pytest passes fixtures positionally)
     dovecot: DovecotServer,
-    account: DovecotUser,
+    small_account: DovecotUser,
     corpus: Corpus,
     tls_files: TlsFiles,
     tmp_path: Path,
     small_disk: Path,
 ) -> None:
-    before = account.digests()
-    config = gateway_config(tmp_path, dovecot, tls_files, [account])  # delete after fetch
+    before = small_account.digests()
+    config = gateway_config(tmp_path, dovecot, tls_files, [small_account])  # delete after fetch
     user = config.users["carol"]
     config = replace(config, users={"carol": replace(user, maildir=small_disk / "Maildir")})
     mail = small_disk / "Maildir"
@@ -412,8 +402,8 @@ async def test_a_full_disk_loses_and_deletes_nothing_and_the_next_poll_finishes(
         (full,) = await poll_all(config, fetcher)
         assert full.result is PollResult.MAILDIR_FULL, full
         assert "No space left on device" in full.reason
-        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 1)
-        assert account.digests() == before, "nothing deleted upstream"
+        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, small_account, 1)
+        assert small_account.digests() == before, "nothing deleted upstream"
         partial = local_files(mail)
         assert len(partial) < len(corpus.small)
         assert set(digests(list(partial.values()))) <= {m.sha256 for m in corpus.small}
@@ -424,27 +414,27 @@ async def test_a_full_disk_loses_and_deletes_nothing_and_the_next_poll_finishes(
         (whole,) = await poll_all(config, fetcher)
         assert whole.result is PollResult.OK, whole
         assert digests(list(local_files(mail).values())) == sorted(m.sha256 for m in corpus.small)
-        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 2)
-        assert account.count() == 0
+        await trio.to_thread.run_sync(dovecot.wait_sessions_ended, small_account, 2)
+        assert small_account.count() == 0
     finally:
         await store.aclose()
 
 
 async def test_explain_says_what_the_next_poll_would_do_and_changes_nothing(
     dovecot: DovecotServer,
-    account: DovecotUser,
+    small_account: DovecotUser,
     corpus: Corpus,
     tls_files: TlsFiles,
     tmp_path: Path,
 ) -> None:
-    config = gateway_config(tmp_path, dovecot, tls_files, [account], rules=DELETE_EXPIRE)
+    config = gateway_config(tmp_path, dovecot, tls_files, [small_account], rules=DELETE_EXPIRE)
     user = config.users["carol"]
     clock = MovableClock(START)
     store = await open_store(config.state)
     try:
         before = await explain_sources(config, user, clock, store.gateway_facts)
         ((source, rows),) = [(e.source, e.messages) for e in before]
-        assert source.label == f"{UPSTREAM}/{account.name}"
+        assert source.label == f"{UPSTREAM}/{small_account.name}"
         assert len(rows) == len(corpus.small)
         assert {(r.known, r.next_poll) for r in rows} == {
             ("new", "fetch, keep upstream [keep-a-week]")
@@ -461,8 +451,8 @@ async def test_explain_says_what_the_next_poll_would_do_and_changes_nothing(
         assert all(r.expires_at == START + timedelta(days=7) for r in after.messages)
     finally:
         await store.aclose()
-    await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 3)
-    assert account.count() == len(corpus.small), "explain deleted nothing upstream"
+    await trio.to_thread.run_sync(dovecot.wait_sessions_ended, small_account, 3)
+    assert small_account.count() == len(corpus.small), "explain deleted nothing upstream"
 
 
 @pytest.mark.slow
@@ -496,11 +486,13 @@ async def test_the_whole_corpus_with_the_50_mb_message_is_fetched_byte_exact(
 
 async def test_an_unusable_ca_file_fails_the_poll_not_the_fetcher(
     dovecot: DovecotServer,
-    account: DovecotUser,
+    small_account: DovecotUser,
     tls_files: TlsFiles,
     tmp_path: Path,
 ) -> None:
-    config = gateway_config(tmp_path, dovecot, tls_files, [account], rules=KEEP, leg="implicit")
+    config = gateway_config(
+        tmp_path, dovecot, tls_files, [small_account], rules=KEEP, leg="implicit"
+    )
     garbage = tmp_path / "garbage-ca.pem"
     garbage.write_text("not a certificate\n")
     upstream = replace(config.upstreams[UPSTREAM], ca_file=garbage)
@@ -519,12 +511,12 @@ async def test_an_unusable_ca_file_fails_the_poll_not_the_fetcher(
 
 async def test_max_maildir_bytes_pauses_fetching_and_deletes_nothing(
     dovecot: DovecotServer,
-    account: DovecotUser,
+    small_account: DovecotUser,
     corpus: Corpus,
     tls_files: TlsFiles,
     tmp_path: Path,
 ) -> None:
-    config = gateway_config(tmp_path, dovecot, tls_files, [account])  # delete after fetch
+    config = gateway_config(tmp_path, dovecot, tls_files, [small_account])  # delete after fetch
     mail = tmp_path / "carol-mail"
     for sub in ("tmp", "new", "cur"):
         (mail / sub).mkdir(parents=True)
@@ -537,7 +529,7 @@ async def test_max_maildir_bytes_pauses_fetching_and_deletes_nothing(
         (paused,) = await poll_all(limited, fetcher)
         assert (paused.result, paused.fetched, paused.deleted) == (PollResult.MAILDIR_FULL, 0, 0)
         assert "max_maildir_bytes is 2097152" in paused.reason
-        assert account.count() == len(corpus.small)
+        assert small_account.count() == len(corpus.small)
         (mail / "cur" / "1.big.host:2,S").unlink()  # the user made room
         (resumed,) = await poll_all(limited, fetcher)
         assert (resumed.result, resumed.fetched) == (PollResult.OK, len(corpus.small))

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,7 @@ from .harness import (
     LOOPBACK,
     PASSWORD,
     Corpus,
-    GatewayUser,
     ServerProcess,
-    Source,
     TlsFiles,
     describe,
     run_client,
@@ -32,29 +29,15 @@ from .harness import (
 )
 from .test_fetchmail import FETCHMAIL_MAIL_RETRIEVED, FETCHMAIL_NO_MAIL, Fetchmail, match_delivered
 from .test_fetchmail import TRANSPORTS as FETCHMAIL_TRANSPORTS
+from .test_gateway import LOCAL, gateway_user
 from .test_getmail import RETURN_PATH_LINE, getmailrc
 from .test_metrics_live import scrape
 from .test_proxy import UPSTREAM, upstream_for
 
-LOCAL = "carol"
 # Long enough that no second scheduled poll runs during a test: polls come from the
 # start, from SIGUSR1, or from fetch --once.
 INTERVAL = {"interval_seconds": 3600, "jitter_seconds": 0}
 POLL_WAIT_SECONDS = 60
-
-
-@pytest.fixture
-def account(dovecot: DovecotServer, corpus: Corpus) -> Iterator[DovecotUser]:
-    user = dovecot.add_user(corpus=corpus, messages=corpus.small)
-    yield user
-    dovecot.remove_user(user)
-
-
-def gateway_user(
-    tmp_path: Path, *accounts: DovecotUser, password: str | None = None
-) -> GatewayUser:
-    sources = tuple(Source(UPSTREAM, a.name, password or a.password) for a in accounts)
-    return GatewayUser(LOCAL, PASSWORD, tmp_path / "carol-mail", sources)
 
 
 def wait_polls(server: ServerProcess, count: int) -> list[dict[str, str]]:
@@ -81,12 +64,12 @@ def curl_digests(server: ServerProcess) -> list[str]:
 def test_run_polls_at_start_and_on_sigusr1_and_curl_reads_every_message_byte_exact(
     start: StartServer,
     dovecot: DovecotServer,
-    account: DovecotUser,
+    small_account: DovecotUser,
     corpus: Corpus,
     tmp_path: Path,
 ) -> None:
     server = start(
-        users=[gateway_user(tmp_path, account)],
+        users=[gateway_user(tmp_path, small_account)],
         listeners=["none"],
         upstreams={UPSTREAM: upstream_for(dovecot, "starttls")},
         gateway=INTERVAL,
@@ -96,13 +79,13 @@ def test_run_polls_at_start_and_on_sigusr1_and_curl_reads_every_message_byte_exa
     assert first["result"] == "ok", first
     assert first["fetched"] == str(len(corpus.small))
     assert first["deleted"] == str(len(corpus.small)), "no rules: download and delete"
-    assert first["user"] == LOCAL and first["source"] == f"{UPSTREAM}/{account.name}"
-    dovecot.wait_sessions_ended(account, 1)
-    assert account.count() == 0
+    assert first["user"] == LOCAL and first["source"] == f"{UPSTREAM}/{small_account.name}"
+    dovecot.wait_sessions_ended(small_account, 1)
+    assert small_account.count() == 0
     expected = sorted(m.sha256 for m in corpus.small)
     assert curl_digests(server) == expected
 
-    account.deliver(b"Subject: later\r\n\r\nbody\r\n")
+    small_account.deliver(b"Subject: later\r\n\r\nbody\r\n")
     os.kill(server.pid, signal.SIGUSR1)
     second = wait_polls(server, 2)[1]
     assert (second["result"], second["fetched"], second["deleted"]) == ("ok", "1", "1")
@@ -130,14 +113,14 @@ def test_run_polls_at_start_and_on_sigusr1_and_curl_reads_every_message_byte_exa
 def test_fetchmail_reads_the_gateway_maildir_then_finds_nothing_new(  # noqa: PLR0917 (pytest passes fixtures positionally)
     start: StartServer,
     dovecot: DovecotServer,
-    account: DovecotUser,
+    small_account: DovecotUser,
     corpus: Corpus,
     tls_files: TlsFiles,
     tmp_path: Path,
     transport: str,
 ) -> None:
     server = start(
-        users=[gateway_user(tmp_path, account)],
+        users=[gateway_user(tmp_path, small_account)],
         upstreams={UPSTREAM: upstream_for(dovecot, "implicit")},
         gateway=INTERVAL,
     )
@@ -163,7 +146,7 @@ def test_fetchmail_reads_the_gateway_maildir_then_finds_nothing_new(  # noqa: PL
 def test_getmail_reads_the_gateway_maildir_byte_exact(  # noqa: PLR0917 (pytest passes fixtures positionally)
     start: StartServer,
     dovecot: DovecotServer,
-    account: DovecotUser,
+    small_account: DovecotUser,
     corpus: Corpus,
     tls_files: TlsFiles,
     tmp_path: Path,
@@ -171,7 +154,7 @@ def test_getmail_reads_the_gateway_maildir_byte_exact(  # noqa: PLR0917 (pytest 
     getmail = shutil.which("getmail")
     assert getmail is not None, "getmail6 is not installed (scripts/test installs it)"
     server = start(
-        users=[gateway_user(tmp_path, account)],
+        users=[gateway_user(tmp_path, small_account)],
         upstreams={UPSTREAM: upstream_for(dovecot, "none")},
         gateway=INTERVAL,
     )
@@ -202,7 +185,7 @@ def fetch_once(config: Path, *extra: str) -> subprocess.CompletedProcess[bytes]:
 
 def test_fetch_once_exits_0_when_every_source_succeeds_and_1_when_one_fails(
     dovecot: DovecotServer,
-    account: DovecotUser,
+    small_account: DovecotUser,
     corpus: Corpus,
     tls_files: TlsFiles,
     tmp_path: Path,
@@ -210,7 +193,7 @@ def test_fetch_once_exits_0_when_every_source_succeeds_and_1_when_one_fails(
     upstreams = {UPSTREAM: upstream_for(dovecot, "none")}
     good = write_config(
         tmp_path / "good.yaml",
-        users=[gateway_user(tmp_path, account)],
+        users=[gateway_user(tmp_path, small_account)],
         tls=tls_files,
         listeners=["none"],
         upstreams=upstreams,
@@ -220,7 +203,7 @@ def test_fetch_once_exits_0_when_every_source_succeeds_and_1_when_one_fails(
         cwd=good.parent,
     )
     assert explained.returncode == 0, describe(explained)
-    assert f"source {UPSTREAM}/{account.name}: {len(corpus.small)} messages".encode() in (
+    assert f"source {UPSTREAM}/{small_account.name}: {len(corpus.small)} messages".encode() in (
         explained.stdout
     )
     assert explained.stdout.count(b"fetch, then delete upstream at QUIT [default]") == len(
@@ -233,7 +216,7 @@ def test_fetch_once_exits_0_when_every_source_succeeds_and_1_when_one_fails(
 
     bad = write_config(
         tmp_path / "bad.yaml",
-        users=[gateway_user(tmp_path, account, password="wrong")],
+        users=[gateway_user(tmp_path, small_account, password="wrong")],
         tls=tls_files,
         listeners=["none"],
         upstreams=upstreams,
@@ -250,7 +233,7 @@ def test_fetch_once_exits_0_when_every_source_succeeds_and_1_when_one_fails(
 def test_a_reload_adds_a_source_and_polls_it_without_a_restart(  # noqa: PLR0917 (pytest passes fixtures positionally)
     start: StartServer,
     dovecot: DovecotServer,
-    account: DovecotUser,
+    small_account: DovecotUser,
     corpus: Corpus,
     tmp_path: Path,
     tls_files: TlsFiles,
@@ -259,16 +242,16 @@ def test_a_reload_adds_a_source_and_polls_it_without_a_restart(  # noqa: PLR0917
     try:
         upstreams = {UPSTREAM: upstream_for(dovecot, "none")}
         server = start(
-            users=[gateway_user(tmp_path, account)],
+            users=[gateway_user(tmp_path, small_account)],
             listeners=["none"],
             upstreams=upstreams,
             gateway=INTERVAL,
         )
         (first,) = wait_polls(server, 1)
-        assert first["source"] == f"{UPSTREAM}/{account.name}"
+        assert first["source"] == f"{UPSTREAM}/{small_account.name}"
         write_config(
             server.config,
-            users=[gateway_user(tmp_path, account, second)],
+            users=[gateway_user(tmp_path, small_account, second)],
             tls=tls_files,
             listeners=["none"],
             upstreams=upstreams,
