@@ -1,7 +1,6 @@
 """A real HAProxy in TCP mode in front of popproxy, sending PROXY protocol headers.
 
-HAProxy (Debian's `haproxy`, installed by scripts/test) listens on sockets this test
-binds and hands over (`bind fd@N`: dynamic ports, no race for them) and forwards to a
+HAProxy (haproxy.py: Debian's `haproxy` on sockets this test binds) forwards to a
 popproxy listener with `proxy_protocol: true`: one server line with `send-proxy` (v1),
 one with `send-proxy-v2` and health checks (`check-send-proxy`, v2 LOCAL, then
 waiting for popproxy's +OK greeting). Python's
@@ -12,9 +11,7 @@ HAProxy's own (127.0.0.1), and popproxy's session_end line must name the client.
 from __future__ import annotations
 
 import poplib
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +20,10 @@ from typing import Any
 import pytest
 import yaml
 
+from .haproxy import HAProxy
 from .harness import (
     LOOPBACK,
     PASSWORD,
-    SERVER_STOP_DEADLINE_SECONDS,
     SOCKET_TIMEOUT_SECONDS,
     USER,
     ServerProcess,
@@ -70,66 +67,6 @@ backend popproxy_v2
 """
 
 
-class HAProxy:
-    """`haproxy -db -f CONFIG` with its two frontends on sockets bound here."""
-
-    def __init__(self, workdir: Path, backend_port: int) -> None:
-        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        assert Path(haproxy).exists(), "haproxy is not installed (scripts/test installs it)"
-        self.frontends = {version: _listening_socket() for version in ("v1", "v2")}
-        config = workdir / "haproxy.cfg"
-        config.write_text(
-            HAPROXY_CONFIG.format(
-                v1_fd=self.frontends["v1"].fileno(),
-                v2_fd=self.frontends["v2"].fileno(),
-                address=LOOPBACK,
-                port=backend_port,
-                interval=CHECK_INTERVAL_MS,
-            )
-        )
-        check = subprocess.run(
-            [haproxy, "-c", "-f", str(config)],
-            capture_output=True,
-            timeout=SOCKET_TIMEOUT_SECONDS,
-            check=False,
-            pass_fds=[s.fileno() for s in self.frontends.values()],
-        )
-        assert check.returncode == 0, check.stderr.decode(errors="replace")
-        self._log = (workdir / "haproxy.log").open("wb")
-        self.proc = subprocess.Popen(
-            [haproxy, "-db", "-f", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            pass_fds=[s.fileno() for s in self.frontends.values()],
-        )
-        self.log_path = workdir / "haproxy.log"
-
-    def port(self, version: str) -> int:
-        port: int = self.frontends[version].getsockname()[1]
-        return port
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(SERVER_STOP_DEADLINE_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(SERVER_STOP_DEADLINE_SECONDS)
-        for sock in self.frontends.values():
-            sock.close()
-        self._log.close()
-
-
-def _listening_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((LOOPBACK, 0))
-    sock.listen(16)
-    sock.set_inheritable(True)
-    return sock
-
-
 class SourcedPop3(poplib.POP3):
     """poplib from a chosen source address (poplib itself always lets the OS choose)."""
 
@@ -167,7 +104,13 @@ def popproxy(tmp_path: Path, tls_files: TlsFiles, maildir: Path) -> Iterator[Ser
 
 @pytest.fixture
 def haproxy(tmp_path: Path, popproxy: ServerProcess) -> Iterator[HAProxy]:
-    proxy = HAProxy(tmp_path, popproxy.port("none"))
+    proxy = HAProxy(
+        tmp_path,
+        HAPROXY_CONFIG,
+        ("v1", "v2"),
+        port=popproxy.port("none"),
+        interval=CHECK_INTERVAL_MS,
+    )
     yield proxy
     proxy.stop()
 

@@ -33,11 +33,11 @@ import yaml
 from state.state_backends import new_postgres_backend
 
 from .dovecot import DovecotServer, DovecotUser
+from .haproxy import HAProxy
 from .harness import (
     LOOPBACK,
     MESSAGES,
     PASSWORD,
-    SERVER_STOP_DEADLINE_SECONDS,
     SOCKET_TIMEOUT_SECONDS,
     Corpus,
     ProxyUser,
@@ -46,7 +46,6 @@ from .harness import (
     poplib_connection,
     write_config,
 )
-from .test_haproxy import _listening_socket
 from .test_proxy import UPSTREAM, upstream_for
 from .test_retention import KEEP, stored, uidls
 
@@ -97,50 +96,6 @@ backend both
 """
 
 
-class FleetProxy:
-    """HAProxy with the fleet's three frontends on sockets bound here (``bind fd@N``)."""
-
-    def __init__(self, workdir: Path, port_a: int, port_b: int) -> None:
-        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        assert Path(haproxy).exists(), "haproxy is not installed (scripts/test installs it)"
-        self.frontends = {name: _listening_socket() for name in ("a", "b", "both")}
-        config = workdir / "haproxy.cfg"
-        config.write_text(
-            FLEET_HAPROXY.format(
-                a_fd=self.frontends["a"].fileno(),
-                b_fd=self.frontends["b"].fileno(),
-                both_fd=self.frontends["both"].fileno(),
-                address=LOOPBACK,
-                port_a=port_a,
-                port_b=port_b,
-            )
-        )
-        self._log = (workdir / "haproxy.log").open("wb")
-        self.proc = subprocess.Popen(
-            [haproxy, "-db", "-f", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            pass_fds=[s.fileno() for s in self.frontends.values()],
-        )
-
-    def port(self, frontend: str) -> int:
-        port: int = self.frontends[frontend].getsockname()[1]
-        return port
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(SERVER_STOP_DEADLINE_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(SERVER_STOP_DEADLINE_SECONDS)
-        for sock in self.frontends.values():
-            sock.close()
-        self._log.close()
-
-
 def instance(
     workdir: Path,
     tls: TlsFiles,
@@ -182,7 +137,7 @@ def instance(
 class Fleet:
     a: ServerProcess
     b: ServerProcess
-    haproxy: FleetProxy
+    haproxy: HAProxy
     accounts: dict[str, DovecotUser]
     state_url: str
 
@@ -216,12 +171,13 @@ def fleet(
     users = [u for tag, account in accounts.items() for u in users_of(account, tag)]
     url = new_postgres_backend(pg_database).url
     servers: list[ServerProcess] = []
-    proxy: FleetProxy | None = None
+    proxy: HAProxy | None = None
     try:
         for name in ("a", "b"):
             servers.append(instance(workdir / name, tls_files, dovecot, users, url))
         a, b = servers
-        proxy = FleetProxy(workdir, a.port("none"), b.port("none"))
+        ports = {"port_a": a.port("none"), "port_b": b.port("none")}
+        proxy = HAProxy(workdir, FLEET_HAPROXY, ("a", "b", "both"), **ports)
         yield Fleet(a, b, proxy, accounts, url)
     finally:
         if proxy is not None:
