@@ -160,19 +160,17 @@ class _UpstreamLoginResult(enum.Enum):
     FAILED = "failed"
 
 
-def _label(value: enum.Enum, kind: type[enum.Enum]) -> str:
-    """The label value of an Enum member of ``kind``; anything else is a TypeError."""
-    if not isinstance(value, kind):
-        raise TypeError(f"expected a {kind.__name__} member, got {type(value).__name__}")
-    label: str = value.value
-    return label
-
-
 def _member(value: _E, kind: type[_E]) -> _E:
     """``value`` itself if it is a member of ``kind``; anything else is a TypeError."""
     if not isinstance(value, kind):
         raise TypeError(f"expected a {kind.__name__} member, got {type(value).__name__}")
     return value
+
+
+def _label(value: enum.Enum, kind: type[enum.Enum]) -> str:
+    """The label value of an Enum member of ``kind``; anything else is a TypeError."""
+    label: str = _member(value, kind).value
+    return label
 
 
 def _verb_label(verb: Verb | None) -> str:
@@ -497,7 +495,7 @@ class Metrics:
     def oauth2_refresh(self, upstream: str, result: TokenRefreshResult) -> None:
         """One access-token refresh of a declared token upstream ended with ``result``."""
         name = self._oauth2_upstream(upstream)
-        self._oauth2_refreshes.labels(name, _member(result, TokenRefreshResult).value).inc()
+        self._oauth2_refreshes.labels(name, _label(result, TokenRefreshResult)).inc()
 
     def track_oauth2_token_age(self, upstream: str, age: Callable[[], float]) -> None:
         """Read the oldest token age of a declared token upstream from ``age`` at each
