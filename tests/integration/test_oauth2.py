@@ -15,7 +15,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -96,43 +96,51 @@ def mailbox(oauth_dovecot: DovecotServer, corpus: Corpus) -> Iterator[DovecotUse
     oauth_dovecot.remove_user(user)
 
 
-def token_file(directory: Path, provider: FakeProvider, user: DovecotUser) -> Path:
-    """The refresh-token file oauth-login would write for ``user`` (0600)."""
-    path = directory / f"{user.name}.token"
-    path.write_text(provider.grant(user.name) + "\n")
+@pytest.fixture
+def tokens(tmp_path: Path, provider: FakeProvider, mailbox: DovecotUser) -> Path:
+    """The refresh-token file oauth-login would write for ``mailbox`` (0600)."""
+    path = tmp_path / f"{mailbox.name}.token"
+    path.write_text(provider.grant(mailbox.name) + "\n")
     path.chmod(0o600)
     return path
 
 
-def start_oauth_proxy(
+OAuthProxy = Callable[..., ServerProcess]
+
+
+@pytest.fixture
+def oauth_proxy(
     start: StartServer,
-    dovecot: DovecotServer,
+    oauth_dovecot: DovecotServer,
     provider: FakeProvider,
-    user: DovecotUser,
+    mailbox: DovecotUser,
     tokens: Path,
-    *,
-    mechanism: str = "xoauth2",
-) -> ServerProcess:
-    """popproxy with one token upstream (Dovecot over implicit TLS) and the local user
-    ``local-NAME`` routed to ``user``."""
-    host, port = dovecot.endpoint("implicit")
-    upstream = Upstream(
-        host,
-        port,
-        "implicit",
-        dovecot.ca_file,
-        settings={
-            "auth": mechanism,
-            "oauth2": {
-                "client_id": provider.client_id,
-                "token_url": provider.token_url,
-                "scope": "mail",
+) -> OAuthProxy:
+    """Starts popproxy with one token upstream (Dovecot over implicit TLS, ``auth:``
+    ``mechanism``, xoauth2 unless given) and the local user ``local-NAME`` routed to
+    ``mailbox`` with ``tokens``; a test sets up the provider first, then calls it."""
+
+    def _start(*, mechanism: str = "xoauth2") -> ServerProcess:
+        host, port = oauth_dovecot.endpoint("implicit")
+        upstream = Upstream(
+            host,
+            port,
+            "implicit",
+            oauth_dovecot.ca_file,
+            settings={
+                "auth": mechanism,
+                "oauth2": {
+                    "client_id": provider.client_id,
+                    "token_url": provider.token_url,
+                    "scope": "mail",
+                },
+                "exclusive_sessions": False,
             },
-            "exclusive_sessions": False,
-        },
-    )
-    local = ProxyUser(f"local-{user.name}", PASSWORD, "oauth", user.name, "", tokens)
-    return start(users=[local], upstreams={"oauth": upstream})
+        )
+        local = ProxyUser(f"local-{mailbox.name}", PASSWORD, "oauth", mailbox.name, "", tokens)
+        return start(users=[local], upstreams={"oauth": upstream})
+
+    return _start
 
 
 def login(server: ServerProcess, user: DovecotUser) -> tuple[int, int]:
@@ -179,16 +187,14 @@ def concurrent_logins(
 
 @pytest.mark.parametrize("mechanism", ["xoauth2", "oauthbearer"])
 def test_curl_and_fetchmail_through_a_token_login(  # noqa: PLR0917 (fixtures)
-    start: StartServer,
-    oauth_dovecot: DovecotServer,
-    provider: FakeProvider,
+    oauth_proxy: OAuthProxy,
     mailbox: DovecotUser,
+    tokens: Path,
     tls_files: TlsFiles,
     tmp_path: Path,
     mechanism: str,
 ) -> None:
-    tokens = token_file(tmp_path, provider, mailbox)
-    server = start_oauth_proxy(start, oauth_dovecot, provider, mailbox, tokens, mechanism=mechanism)
+    server = oauth_proxy(mechanism=mechanism)
     local = f"local-{mailbox.name}"
     target = CurlTarget(
         LOOPBACK, server.port("starttls"), "stls", local, PASSWORD, tls_files.ca_cert
@@ -214,15 +220,9 @@ def test_curl_and_fetchmail_through_a_token_login(  # noqa: PLR0917 (fixtures)
 
 
 def test_expired_tokens_a_long_session_and_later_sessions(
-    start: StartServer,
-    oauth_dovecot: DovecotServer,
-    provider: FakeProvider,
-    mailbox: DovecotUser,
-    tmp_path: Path,
+    oauth_proxy: OAuthProxy, provider: FakeProvider, mailbox: DovecotUser
 ) -> None:
-    server = start_oauth_proxy(
-        start, oauth_dovecot, provider, mailbox, token_file(tmp_path, provider, mailbox)
-    )
+    server = oauth_proxy()
     before = provider.refreshes
     pop = poplib_connection(server.port("none"))
     pop.user(f"local-{mailbox.name}")
@@ -239,15 +239,9 @@ def test_expired_tokens_a_long_session_and_later_sessions(
 
 
 def test_one_refresh_per_expiry_under_concurrent_logins(
-    start: StartServer,
-    oauth_dovecot: DovecotServer,
-    provider: FakeProvider,
-    mailbox: DovecotUser,
-    tmp_path: Path,
+    oauth_proxy: OAuthProxy, provider: FakeProvider, mailbox: DovecotUser
 ) -> None:
-    server = start_oauth_proxy(
-        start, oauth_dovecot, provider, mailbox, token_file(tmp_path, provider, mailbox)
-    )
+    server = oauth_proxy()
     for _ in range(2):  # the first token, then the one after it expired
         before = provider.refreshes
         results, failures = concurrent_logins(server, mailbox, CONCURRENT_LOGINS)
@@ -258,16 +252,10 @@ def test_one_refresh_per_expiry_under_concurrent_logins(
 
 
 def test_a_token_refused_upstream_is_refreshed_once_and_the_login_retried(
-    start: StartServer,
-    oauth_dovecot: DovecotServer,
-    provider: FakeProvider,
-    mailbox: DovecotUser,
-    tmp_path: Path,
+    oauth_proxy: OAuthProxy, provider: FakeProvider, mailbox: DovecotUser
 ) -> None:
     provider.lifetime = 3600  # popproxy would keep its token for an hour ...
-    server = start_oauth_proxy(
-        start, oauth_dovecot, provider, mailbox, token_file(tmp_path, provider, mailbox)
-    )
+    server = oauth_proxy()
     assert login(server, mailbox)[0] == MESSAGES
     before = provider.refreshes
     provider.expire_access_tokens()  # ... but the provider ends it early: invalid_token
@@ -281,15 +269,10 @@ def test_a_token_refused_upstream_is_refreshed_once_and_the_login_retried(
 
 
 def test_a_revoked_refresh_token_gives_auth_and_says_to_run_oauth_login(
-    start: StartServer,
-    oauth_dovecot: DovecotServer,
-    provider: FakeProvider,
-    mailbox: DovecotUser,
-    tmp_path: Path,
+    oauth_proxy: OAuthProxy, provider: FakeProvider, mailbox: DovecotUser, tokens: Path
 ) -> None:
-    tokens = token_file(tmp_path, provider, mailbox)
     provider.revoke(tokens.read_text().strip())
-    server = start_oauth_proxy(start, oauth_dovecot, provider, mailbox, tokens)
+    server = oauth_proxy()
     reply = refused(server, mailbox)
     assert "-ERR [AUTH]" in reply
     records = server.wait_for_log(
@@ -307,16 +290,15 @@ def test_a_revoked_refresh_token_gives_auth_and_says_to_run_oauth_login(
 
 
 def test_a_rotated_refresh_token_is_written_back_0600(
-    start: StartServer,
-    oauth_dovecot: DovecotServer,
+    oauth_proxy: OAuthProxy,
     provider: FakeProvider,
     mailbox: DovecotUser,
+    tokens: Path,
     tmp_path: Path,
 ) -> None:
     provider.rotate = True
-    tokens = token_file(tmp_path, provider, mailbox)
     old = tokens.read_text().strip()
-    server = start_oauth_proxy(start, oauth_dovecot, provider, mailbox, tokens)
+    server = oauth_proxy()
     assert login(server, mailbox)[0] == MESSAGES
     new = tokens.read_text().strip()
     assert new != old and provider.refresh_tokens.get(new) == mailbox.name
@@ -329,15 +311,9 @@ def test_a_rotated_refresh_token_is_written_back_0600(
 
 
 def test_a_token_endpoint_that_is_down_gives_sys_temp(
-    start: StartServer,
-    oauth_dovecot: DovecotServer,
-    provider: FakeProvider,
-    mailbox: DovecotUser,
-    tmp_path: Path,
+    oauth_proxy: OAuthProxy, provider: FakeProvider, mailbox: DovecotUser
 ) -> None:
-    server = start_oauth_proxy(
-        start, oauth_dovecot, provider, mailbox, token_file(tmp_path, provider, mailbox)
-    )
+    server = oauth_proxy()
     provider.down = True
     try:
         assert "-ERR [SYS/TEMP]" in refused(server, mailbox)
