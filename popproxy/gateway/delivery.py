@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from popproxy.fsync import fsync_dir
+
 # maildir(5): where messages are written, where new mail appears, where read mail goes.
 TMP, NEW, CUR = "tmp", "new", "cur"
 # maildir(5): "unique:info"; a client moving a message to cur/ appends ":2,FLAGS".
@@ -83,11 +85,7 @@ def ensure_maildir(root: Path) -> None:
 def sync_dir(path: Path) -> None:
     """fsync a directory, so the names created or moved in it survive a crash."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path)
     except OSError as exc:
         raise DeliveryError(f"cannot sync {path}", exc) from exc
 

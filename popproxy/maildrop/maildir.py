@@ -32,6 +32,7 @@ from typing import ClassVar, TypeVar, TypeVarTuple
 
 import trio
 
+from popproxy.fsync import fsync_dir
 from popproxy.locks import MailboxLocks, MaildirMailbox, default_locks
 from popproxy.maildrop.base import RETRIEVE_CHUNK_BYTES, Committed, MaildropError, MessageInfo
 from popproxy.maildrop.crlf import CrlfConverter, TopFilter
@@ -372,11 +373,7 @@ def _delete_entries(root: Path, entries: Iterable[_Entry]) -> int:
             failed += 1
     for subdir in sorted(touched):
         try:
-            fd = os.open(root / subdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)  # make the unlinks durable before the client hears +OK
-            finally:
-                os.close(fd)
+            fsync_dir(root / subdir)  # make the unlinks durable before the client hears +OK
         except OSError:
             failed += 1
     return failed

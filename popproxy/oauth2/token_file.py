@@ -17,6 +17,7 @@ import os
 import secrets
 from pathlib import Path
 
+from popproxy.fsync import fsync_dir
 from popproxy.secret import Secret
 
 # A refresh token is at most a few KiB (Microsoft's are about 1.5 KiB); more is the wrong file.
@@ -61,11 +62,7 @@ def write_refresh_token(path: Path, token: Secret) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(directory)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
