@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,6 +41,25 @@ INTERVAL = {"interval_seconds": 3600, "jitter_seconds": 0}
 POLL_WAIT_SECONDS = 60
 
 
+@pytest.fixture
+def start_gateway(
+    start: StartServer, dovecot: DovecotServer, small_account: DovecotUser, tmp_path: Path
+) -> StartServer:
+    """Starts ``popproxy run`` with LOCAL fetching from ``small_account`` over Dovecot's
+    ``leg`` (its one argument), polling at the start only (INTERVAL); keywords go to
+    ``start``."""
+
+    def _start(leg: str, **options: Any) -> ServerProcess:
+        return start(
+            users=[gateway_user(tmp_path, small_account)],
+            upstreams={UPSTREAM: upstream_for(dovecot, leg)},
+            gateway=INTERVAL,
+            **options,
+        )
+
+    return _start
+
+
 def wait_polls(server: ServerProcess, count: int) -> list[dict[str, str]]:
     server.wait_for_log(
         lambda rs: sum(r.get("msg") == "gateway_poll" for r in rs) >= count,
@@ -62,19 +82,9 @@ def curl_digests(server: ServerProcess) -> list[str]:
 
 
 def test_run_polls_at_start_and_on_sigusr1_and_curl_reads_every_message_byte_exact(
-    start: StartServer,
-    dovecot: DovecotServer,
-    small_account: DovecotUser,
-    corpus: Corpus,
-    tmp_path: Path,
+    start_gateway: StartServer, dovecot: DovecotServer, small_account: DovecotUser, corpus: Corpus
 ) -> None:
-    server = start(
-        users=[gateway_user(tmp_path, small_account)],
-        listeners=["none"],
-        upstreams={UPSTREAM: upstream_for(dovecot, "starttls")},
-        gateway=INTERVAL,
-        metrics={"address": LOOPBACK, "port": 0},
-    )
+    server = start_gateway("starttls", listeners=["none"], metrics={"address": LOOPBACK, "port": 0})
     (first,) = wait_polls(server, 1)
     assert first["result"] == "ok", first
     assert first["fetched"] == str(len(corpus.small))
@@ -110,20 +120,10 @@ def test_run_polls_at_start_and_on_sigusr1_and_curl_reads_every_message_byte_exa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["stls"])
-def test_fetchmail_reads_the_gateway_maildir_then_finds_nothing_new(  # noqa: PLR0917 (pytest passes fixtures positionally)
-    start: StartServer,
-    dovecot: DovecotServer,
-    small_account: DovecotUser,
-    corpus: Corpus,
-    tls_files: TlsFiles,
-    tmp_path: Path,
-    transport: str,
+def test_fetchmail_reads_the_gateway_maildir_then_finds_nothing_new(
+    start_gateway: StartServer, corpus: Corpus, tls_files: TlsFiles, tmp_path: Path, transport: str
 ) -> None:
-    server = start(
-        users=[gateway_user(tmp_path, small_account)],
-        upstreams={UPSTREAM: upstream_for(dovecot, "implicit")},
-        gateway=INTERVAL,
-    )
+    server = start_gateway("implicit")
     assert wait_polls(server, 1)[0]["result"] == "ok"
     kind, tls_options = FETCHMAIL_TRANSPORTS[transport]
     (tmp_path / "fm").mkdir()
@@ -143,21 +143,12 @@ def test_fetchmail_reads_the_gateway_maildir_then_finds_nothing_new(  # noqa: PL
 
 
 @pytest.mark.slow
-def test_getmail_reads_the_gateway_maildir_byte_exact(  # noqa: PLR0917 (pytest passes fixtures positionally)
-    start: StartServer,
-    dovecot: DovecotServer,
-    small_account: DovecotUser,
-    corpus: Corpus,
-    tls_files: TlsFiles,
-    tmp_path: Path,
+def test_getmail_reads_the_gateway_maildir_byte_exact(
+    start_gateway: StartServer, corpus: Corpus, tls_files: TlsFiles, tmp_path: Path
 ) -> None:
     getmail = shutil.which("getmail")
     assert getmail is not None, "getmail6 is not installed (scripts/test installs it)"
-    server = start(
-        users=[gateway_user(tmp_path, small_account)],
-        upstreams={UPSTREAM: upstream_for(dovecot, "none")},
-        gateway=INTERVAL,
-    )
+    server = start_gateway("none")
     assert wait_polls(server, 1)[0]["result"] == "ok"
     state, out = tmp_path / "getmaildir", tmp_path / "delivered"
     state.mkdir()
@@ -231,7 +222,7 @@ def test_fetch_once_exits_0_when_every_source_succeeds_and_1_when_one_fails(
 
 
 def test_a_reload_adds_a_source_and_polls_it_without_a_restart(  # noqa: PLR0917 (pytest passes fixtures positionally)
-    start: StartServer,
+    start_gateway: StartServer,
     dovecot: DovecotServer,
     small_account: DovecotUser,
     corpus: Corpus,
@@ -241,12 +232,7 @@ def test_a_reload_adds_a_source_and_polls_it_without_a_restart(  # noqa: PLR0917
     second = dovecot.add_user(corpus=corpus, messages=corpus.small[:2])
     try:
         upstreams = {UPSTREAM: upstream_for(dovecot, "none")}
-        server = start(
-            users=[gateway_user(tmp_path, small_account)],
-            listeners=["none"],
-            upstreams=upstreams,
-            gateway=INTERVAL,
-        )
+        server = start_gateway("none", listeners=["none"])
         (first,) = wait_polls(server, 1)
         assert first["source"] == f"{UPSTREAM}/{small_account.name}"
         write_config(
