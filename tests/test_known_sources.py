@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from clocks import MovableClock
 
 from popproxy.auth.authenticator import Authenticator
 from popproxy.auth.credentials import Credentials
@@ -102,14 +103,6 @@ class Counted:
         await self.inner.aclose()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest.fixture
 async def store() -> AsyncIterator[Counted]:
     inner = await open_sqlite(None, busy_timeout_seconds=5)
@@ -119,7 +112,7 @@ async def store() -> AsyncIterator[Counted]:
 
 
 async def test_a_source_is_known_after_a_login_and_for_the_window_only(store: Counted) -> None:
-    clock = Clock()
+    clock = MovableClock(T0)
     known = KnownSources(store, POLICY, clock)
     assert not await known.knows("demo", "192.0.2.1", session="s1")
     await known.logged_in("demo", "192.0.2.1", session="s1")
@@ -134,7 +127,7 @@ async def test_a_source_is_known_after_a_login_and_for_the_window_only(store: Co
 
 
 async def test_the_store_is_written_once_per_new_source_not_per_login(store: Counted) -> None:
-    clock = Clock()
+    clock = MovableClock(T0)
     known = KnownSources(store, POLICY, clock)
     for _ in range(5):
         await known.logged_in("demo", "192.0.2.1", session="s")
@@ -157,7 +150,7 @@ async def test_the_store_is_written_once_per_new_source_not_per_login(store: Cou
 
 
 async def test_only_the_most_recent_sources_of_a_user_are_kept(store: Counted) -> None:
-    clock = Clock()
+    clock = MovableClock(T0)
     known = KnownSources(store, POLICY, clock)
     for n in range(5):
         clock.now = T0 + timedelta(hours=n)
@@ -168,7 +161,7 @@ async def test_only_the_most_recent_sources_of_a_user_are_kept(store: Counted) -
 
 
 async def test_a_process_remembers_a_bounded_number_of_pairs(store: Counted) -> None:
-    known = KnownSources(store, POLICY, Clock(), max_pairs=2)
+    known = KnownSources(store, POLICY, MovableClock(T0), max_pairs=2)
     for n in range(3):
         await known.logged_in(f"user{n}", "192.0.2.1", session="s")
     reads = store.reads
@@ -180,11 +173,11 @@ async def test_off_and_unusable_stores_know_nothing(
     store: Counted, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="popproxy")
-    off = KnownSources(store, KnownSourcePolicy(days=0, per_user=3), Clock())
+    off = KnownSources(store, KnownSourcePolicy(days=0, per_user=3), MovableClock(T0))
     await off.logged_in("demo", "192.0.2.1", session="s")
     assert not await off.knows("demo", "192.0.2.1", session="s")
     assert (store.reads, store.writes) == (0, 0)
-    known = KnownSources(store, POLICY, Clock())
+    known = KnownSources(store, POLICY, MovableClock(T0))
     assert not await known.knows("", "192.0.2.1", session="s")  # a name outside the safe set
     store.down = True
     await known.logged_in("demo", "192.0.2.1", session="s9")  # the login goes on
@@ -194,7 +187,7 @@ async def test_off_and_unusable_stores_know_nothing(
 
 
 async def test_a_reload_applies_new_limits(store: Counted) -> None:
-    known = KnownSources(store, POLICY, Clock())
+    known = KnownSources(store, POLICY, MovableClock(T0))
     known.adopt(LimitsConfig(auth_known_source_days=0))
     await known.logged_in("demo", "192.0.2.1", session="s")
     assert store.writes == 0
@@ -225,7 +218,7 @@ class Logins:
 async def test_a_locked_name_spares_its_known_source_only(
     store: Counted, autojump_clock: trio.testing.MockClock
 ) -> None:
-    logins = Logins(KnownSources(store, POLICY, Clock()))
+    logins = Logins(KnownSources(store, POLICY, MovableClock(T0)))
     assert (await logins.login(HOME, "secret"))[0] is LoginOutcome.OK
     for n in range(LIMITS.auth_lockout_failures):
         assert (await logins.login(ATTACKER, f"guess{n}"))[0] is LoginOutcome.FAILED
@@ -240,7 +233,7 @@ async def test_a_locked_name_spares_its_known_source_only(
 async def test_a_known_source_keeps_its_penalty_and_its_address_lockout(
     store: Counted, autojump_clock: trio.testing.MockClock
 ) -> None:
-    logins = Logins(KnownSources(store, POLICY, Clock()))
+    logins = Logins(KnownSources(store, POLICY, MovableClock(T0)))
     assert (await logins.login(HOME, "secret"))[0] is LoginOutcome.OK
     waits = []
     for n in range(LIMITS.auth_lockout_address_failures):

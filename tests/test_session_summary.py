@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from clocks import MovableClock
 from maildirs import make_maildir
 from pop3client import Pop3Client
 
@@ -72,18 +73,10 @@ def policy(action: Action, expire_after_days: int | None = None) -> Policy:
 
 
 @dataclass
-class Clock:
-    now: datetime = NOW
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@dataclass
 class Fixture:
     maildir: Path
     store: StateStore
-    clock: Clock
+    clock: MovableClock
 
     def files(self) -> int:
         return sum(1 for sub in ("new", "cur") for _ in (self.maildir / sub).iterdir())
@@ -92,7 +85,7 @@ class Fixture:
 @pytest.fixture
 async def fx(tmp_path: Path) -> AsyncIterator[Fixture]:
     store = await open_store(StateConfig("sqlite:///" + str(tmp_path / "state.db")))
-    yield Fixture(make_maildir(tmp_path / "Maildir", MESSAGES), store, Clock())
+    yield Fixture(make_maildir(tmp_path / "Maildir", MESSAGES), store, MovableClock(NOW))
     await store.aclose()
 
 

@@ -2,7 +2,7 @@
 
 The retention and operator-log tests run ``serve`` in front of the suite's Dovecot with
 an ``expire_after_days`` rule, drive it with poplib from worker threads, and move
-`MovableClock.now` between sessions; the gateway tests give the same clock to the
+`MovableClock.now` (tests/clocks.py) between sessions; the gateway tests give the same clock to the
 fetcher.
 """
 
@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
+from clocks import MovableClock
 
 from popproxy.config import load_config
 from popproxy.serve import serve
@@ -31,16 +32,6 @@ EXPIRE = {
 }
 # One whole in-process test: its sessions against Dovecot and a clean shutdown.
 TEST_DEADLINE_SECONDS = 60
-
-
-class MovableClock:
-    """What popproxy reads as now; the test moves it forward by days."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @asynccontextmanager

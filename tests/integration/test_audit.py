@@ -24,8 +24,8 @@ from popproxy.state.base import AccountKey, Disposal, SeenMessage, SessionRecord
 from .conftest import StartServer
 from .dovecot import DovecotServer, DovecotUser
 from .harness import state_url
-from .test_proxy import UPSTREAM, local_name
-from .test_retention import KEEP, local_user, login, proxy, uidls
+from .test_proxy import UPSTREAM, local_name, local_user
+from .test_retention import KEEP, login, proxy, uidls
 
 DELETE = {"10-delete.yaml": "rules:\n  - name: purge-on-dele\n    action: delete\n"}
 # How long the audit command may take (a cold Python start and one query).

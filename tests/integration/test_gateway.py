@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from clocks import MovableClock
+from maildirs import make_maildir
 
 from popproxy.config import Config, load_config
 from popproxy.gateway.dryrun import explain_sources
@@ -28,7 +30,7 @@ from popproxy.secret import Secret
 from popproxy.state import open_store
 from popproxy.state.base import GatewayStore
 
-from .clocked import START, MovableClock
+from .clocked import START
 from .dovecot import DovecotServer, DovecotUser
 from .harness import PASSWORD, Corpus, GatewayUser, Source, TlsFiles, write_config
 from .test_proxy import UPSTREAM, upstream_for
@@ -263,11 +265,9 @@ async def test_a_session_open_during_a_poll_keeps_its_listing_and_does_not_block
     tmp_path: Path,
 ) -> None:
     config = gateway_config(tmp_path, dovecot, tls_files, [small_account], rules=KEEP)
-    mail = tmp_path / "carol-mail"
-    mail.mkdir()
-    for sub in ("tmp", "new", "cur"):
-        (mail / sub).mkdir()
-    (mail / "new" / "1.local.host").write_bytes(b"Subject: local\r\n\r\nlocal\r\n")
+    mail = make_maildir(
+        tmp_path / "carol-mail", {"1.local.host": b"Subject: local\r\n\r\nlocal\r\n"}
+    )
     session = await open_maildir(mail)  # a client holds the mailbox (RFC 1939 §4 lock)
     store = await open_store(config.state)
     try:
@@ -517,9 +517,7 @@ async def test_max_maildir_bytes_pauses_fetching_and_deletes_nothing(
     tmp_path: Path,
 ) -> None:
     config = gateway_config(tmp_path, dovecot, tls_files, [small_account])  # delete after fetch
-    mail = tmp_path / "carol-mail"
-    for sub in ("tmp", "new", "cur"):
-        (mail / sub).mkdir(parents=True)
+    mail = make_maildir(tmp_path / "carol-mail")
     (mail / "cur" / "1.big.host:2,S").write_bytes(b"x" * (2 * 1024 * 1024))
     user = replace(config.users["carol"], max_maildir_bytes=2 * 1024 * 1024)
     limited = replace(config, users={"carol": user})

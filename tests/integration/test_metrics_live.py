@@ -43,18 +43,16 @@ from .harness import (
     USER,
     Corpus,
     Pop3Error,
-    ProxyUser,
     ServerProcess,
     StreamingPop3,
     TlsFiles,
-    Upstream,
     User,
 )
+from .test_proxy import UPSTREAM, local_name, local_user, upstream_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERT_RULES = ROOT / "grafana" / "alerts.yaml"
 
-UPSTREAM = "dovecot"
 # Prometheus scrapes and evaluates the rules this often (its default is 1m).
 SCRAPE_INTERVAL = "1s"
 # From exec to /-/ready (a cold TSDB start takes about a second).
@@ -296,17 +294,15 @@ def served(
 ) -> tuple[ServerProcess, str]:
     """popproxy with its exporter, serving USER from a Maildir and a user proxied to
     Dovecot (over STLS); the server and the proxied user's local name."""
-    host, port = dovecot.endpoint("starttls")
-    proxied_user = f"local-{dovecot_user.name}"
     server = start(
         users=[
             User(USER, PASSWORD, maildir),
-            ProxyUser(proxied_user, PASSWORD, UPSTREAM, dovecot_user.name, dovecot_user.password),
+            local_user(dovecot_user),
         ],
-        upstreams={UPSTREAM: Upstream(host, port, "starttls", ca_file=dovecot.ca_file)},
+        upstreams={UPSTREAM: upstream_for(dovecot, "starttls")},
         metrics={"address": LOOPBACK, "port": 0},
     )
-    return server, proxied_user
+    return server, local_name(dovecot_user)
 
 
 def test_promtool_and_prometheus_see_what_popproxy_served(

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from clocks import MovableClock
 
-from .clocked import EXPIRE_DAYS, START, MovableClock, expiring_proxy
+from .clocked import EXPIRE_DAYS, START, expiring_proxy
 from .conftest import StartServer
 from .dovecot import DovecotServer, DovecotUser
 from .harness import (
@@ -33,8 +34,8 @@ from .harness import (
     parse_logfmt,
     poplib_connection,
 )
-from .test_proxy import UPSTREAM, local_name
-from .test_retention import DELETE_AFTER_RETRIEVE, KEEP, local_user, login, proxy
+from .test_proxy import UPSTREAM, local_name, local_user
+from .test_retention import DELETE_AFTER_RETRIEVE, KEEP, login, proxy
 
 
 def counts(end: dict[str, str]) -> tuple[int, ...]:

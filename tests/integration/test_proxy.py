@@ -53,6 +53,14 @@ def local_name(user: DovecotUser) -> str:
     return f"local-{user.name}"
 
 
+def local_user(account: DovecotUser, name: str | None = None) -> ProxyUser:
+    """The local user (``local-NAME`` unless ``name``, password PASSWORD) routed to
+    ``account`` on UPSTREAM."""
+    return ProxyUser(
+        name or local_name(account), PASSWORD, UPSTREAM, account.name, account.password
+    )
+
+
 def start_proxy(
     start: StartServer,
     dovecot: DovecotServer,
@@ -63,9 +71,8 @@ def start_proxy(
     limits: dict[str, float | int] | None = None,
 ) -> ServerProcess:
     """popproxy with one local user per Dovecot account (`local-NAME`, password PASSWORD)."""
-    users = [ProxyUser(local_name(u), PASSWORD, UPSTREAM, u.name, u.password) for u in accounts]
     return start(
-        users=users,
+        users=[local_user(u) for u in accounts],
         upstreams={UPSTREAM: upstream or upstream_for(dovecot, leg)},
         limits=limits,
     )
@@ -238,13 +245,7 @@ def test_upstream_down_gives_sys_temp_and_the_proxy_keeps_serving(
     server = start(
         users=[
             ProxyUser("down", PASSWORD, "down", "x", "x"),
-            ProxyUser(
-                local_name(dovecot_user),
-                PASSWORD,
-                UPSTREAM,
-                dovecot_user.name,
-                dovecot_user.password,
-            ),
+            local_user(dovecot_user),
         ],
         upstreams={"down": Upstream(LOOPBACK, dead_port), UPSTREAM: upstream_for(dovecot, "none")},
     )
@@ -347,13 +348,7 @@ def test_upstream_dying_mid_retr_closes_the_client_without_a_terminator(
         server = start(
             users=[
                 ProxyUser("cut", PASSWORD, "dying", "x", "x"),
-                ProxyUser(
-                    local_name(dovecot_user),
-                    PASSWORD,
-                    UPSTREAM,
-                    dovecot_user.name,
-                    dovecot_user.password,
-                ),
+                local_user(dovecot_user),
             ],
             upstreams={
                 "dying": Upstream(LOOPBACK, dying.port),

@@ -44,7 +44,7 @@ from .harness import (
 )
 from .relay import Hold, HoldingRelay
 from .test_fetchmail import FETCHMAIL_MAIL_RETRIEVED, FETCHMAIL_NO_MAIL
-from .test_proxy import UPSTREAM, local_name, upstream_for
+from .test_proxy import UPSTREAM, local_name, local_user, upstream_for
 from .test_proxy_clients import proxied_fetchmail
 
 KEEP = {"10-keep.yaml": ("rules:\n  - name: keep-on-server\n    action: keep\n")}
@@ -70,11 +70,6 @@ def proxy(
         state=state,
         limits=limits,
     )
-
-
-def local_user(account: DovecotUser, name: str | None = None) -> ProxyUser:
-    name = name or local_name(account)
-    return ProxyUser(name, PASSWORD, UPSTREAM, account.name, account.password)
 
 
 def login(server: ServerProcess, user: str) -> poplib.POP3:

@@ -8,11 +8,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import trio
+from clocks import MovableClock
 
-from .clocked import EXPIRE_DAYS, START, MovableClock, expiring_proxy
+from .clocked import EXPIRE_DAYS, START, expiring_proxy
 from .dovecot import DovecotServer, DovecotUser
 from .harness import MESSAGES, PASSWORD, TlsFiles, poplib_connection
-from .test_retention import local_user
+from .test_proxy import local_user
 
 
 def session(port: int, user: str) -> tuple[list[list[str]], list[str]]:

@@ -46,7 +46,7 @@ from .harness import (
     poplib_connection,
     write_config,
 )
-from .test_proxy import UPSTREAM, upstream_for
+from .test_proxy import UPSTREAM, local_user, upstream_for
 from .test_retention import KEEP, stored, uidls
 
 # state.lease_seconds of the fleet: the shortest allowed, so a dead instance's
@@ -150,10 +150,7 @@ class Fleet:
 
 def users_of(account: DovecotUser, tag: str) -> list[ProxyUser]:
     """Two local users, phone and desk, on one Dovecot account."""
-    return [
-        ProxyUser(f"{who}-{tag}", PASSWORD, UPSTREAM, account.name, account.password)
-        for who in ("phone", "desk")
-    ]
+    return [local_user(account, f"{who}-{tag}") for who in ("phone", "desk")]
 
 
 @pytest.fixture(scope="module")

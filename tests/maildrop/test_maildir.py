@@ -19,6 +19,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from maildirs import make_maildir
 
 from popproxy.maildrop import (
     RETRIEVE_CHUNK_BYTES,
@@ -53,12 +54,6 @@ def ref_top(data: bytes, body_lines: int) -> bytes:
 # -- helpers --------------------------------------------------------------------------------
 
 _names = itertools.count(1)
-
-
-def make_maildir(root: Path) -> Path:
-    for sub in ("new", "cur", "tmp"):
-        (root / sub).mkdir(parents=True)
-    return root
 
 
 def deliver(root: Path, data: bytes, *, subdir: str = "new", name: str | None = None) -> Path:

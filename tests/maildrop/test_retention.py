@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from clocks import MovableClock
+from maildirs import make_maildir
 from prometheus_client import CollectorRegistry
 
 from popproxy.config import StateConfig
@@ -70,22 +72,10 @@ def rule(
     return Rule(name=name, match=match, action=action, expire_after_days=expire)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest.fixture
 def maildir(tmp_path: Path) -> Path:
-    root = tmp_path / "Maildir"
-    for sub in ("new", "cur", "tmp"):
-        (root / sub).mkdir(parents=True)
-    for n, data in enumerate(MESSAGES, start=1):
-        (root / "new" / f"{1_700_000_000 + n}.M{n}P1.test").write_bytes(data)
-    return root
+    names = (f"{1_700_000_000 + n}.M{n}P1.test" for n in range(1, len(MESSAGES) + 1))
+    return make_maildir(tmp_path / "Maildir", dict(zip(names, MESSAGES, strict=True)))
 
 
 @pytest.fixture
@@ -102,7 +92,7 @@ class Opener:
         self.maildir = maildir
         self.store = store
         self.policy = policy
-        self.clock = Clock()
+        self.clock = MovableClock(NOW)
         self.metrics = Metrics(CollectorRegistry())
         self.metrics.declare(listeners=(), upstreams=(), rules=(*policy.rule_names, DEFAULT_RULE))
         self.released = 0
