@@ -56,8 +56,8 @@ def markdown_files() -> list[Path]:
     return files
 
 
-def prose_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """The lines outside fenced code blocks, code spans blanked out, numbered from 1."""
+def unfenced_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The lines outside fenced code blocks, numbered from 1."""
     fence: str | None = None
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         match = _FENCE.match(line)
@@ -68,6 +68,12 @@ def prose_lines(path: Path) -> Iterator[tuple[int, str]]:
             if line.strip().startswith(fence):
                 fence = None
             continue
+        yield number, line
+
+
+def prose_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The lines outside fenced code blocks, code spans blanked out, numbered from 1."""
+    for number, line in unfenced_lines(path):
         yield number, _CODE_SPAN.sub("", line)
 
 
@@ -95,16 +101,7 @@ def anchors(path: Path) -> set[str]:
     """Every heading anchor of a Markdown file, repeats numbered as GitHub does."""
     seen: dict[str, int] = {}
     result: set[str] = set()
-    fence: str | None = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        match = _FENCE.match(line)
-        if fence is None and match:
-            fence = match.group(1)[0] * 3
-            continue
-        if fence is not None:
-            if line.strip().startswith(fence):
-                fence = None
-            continue
+    for _number, line in unfenced_lines(path):
         heading = _HEADING.match(line)
         if heading is None:
             continue

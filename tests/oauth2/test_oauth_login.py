@@ -173,37 +173,25 @@ def test_the_written_token_refreshes(provider: FakeProvider, tmp_path: Path) -> 
     assert provider.user_of(str(answer["access_token"])) == "carol"
 
 
-def test_usage_errors(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "popproxy", "oauth-login", "--out", str(tmp_path / "x")],
+def run_oauth_login(*args: str) -> subprocess.CompletedProcess[str]:
+    """``popproxy oauth-login ARGS`` run to its end, under COMMAND_DEADLINE_SECONDS."""
+    return subprocess.run(
+        [sys.executable, "-m", "popproxy", "oauth-login", *args],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         timeout=COMMAND_DEADLINE_SECONDS,
         check=False,
     )
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    proc = run_oauth_login("--out", str(tmp_path / "x"))
     assert proc.returncode == 2
     assert "give --provider" in proc.stderr
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "popproxy",
-            "oauth-login",
-            "--client-id",
-            "x",
-            "--token-url",
-            "http://example.net/token",
-            "--scope",
-            "s",
-            "--out",
-            str(tmp_path / "x"),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=COMMAND_DEADLINE_SECONDS,
-        check=False,
+    proc = run_oauth_login(
+        *("--client-id", "x", "--token-url", "http://example.net/token", "--scope", "s"),
+        *("--out", str(tmp_path / "x")),
     )
     assert proc.returncode == 2
     assert "expected an https URL" in proc.stderr
