@@ -378,6 +378,18 @@ async def login(
     )
 
 
+async def starttls_login(
+    upstream: Upstream, ca_file: Path, *, memo: CapabilityMemo | None = None
+) -> UpstreamMaildrop:
+    """``login`` with STLS (RFC 2595 §4), verifying the upstream against ``ca_file``."""
+    return await login(
+        upstream,
+        tls=TlsMode.STARTTLS,
+        tls_context=verifying_context(ca_file, TlsMode.STARTTLS),
+        memo=memo,
+    )
+
+
 async def collect(drop: UpstreamMaildrop, index: int, body_lines: int | None = None) -> bytes:
     async with contextlib.aclosing(drop.retrieve(index, body_lines=body_lines)) as chunks:
         return b"".join([chunk async for chunk in chunks])
@@ -582,12 +594,7 @@ async def test_starttls_with_a_memo_sends_credentials_only_over_tls(
     for _ in range(2):
         mailbox = Mailbox(dict(MESSAGES), capa=capa, stls=good_server_tls)
         async with scripted_upstream(mailbox) as upstream:
-            drop = await login(
-                upstream,
-                tls=TlsMode.STARTTLS,
-                tls_context=verifying_context(ca_file, TlsMode.STARTTLS),
-                memo=memo,
-            )
+            drop = await starttls_login(upstream, ca_file, memo=memo)
             await drop.aclose()
         peer = upstream.peer
         assert b"".join(data for data, secure in peer.reads if not secure) == b"CAPA\r\nSTLS\r\n"
@@ -841,11 +848,7 @@ async def test_uidl_or_list_err_is_unsupported_sys_perm(
 async def test_starttls_not_offered_sends_no_credential(ca_file: Path) -> None:
     async with scripted_upstream(Mailbox(capa=CAPA_SASL)) as upstream:
         with pytest.raises(UpstreamError) as info:
-            await login(
-                upstream,
-                tls=TlsMode.STARTTLS,
-                tls_context=verifying_context(ca_file, TlsMode.STARTTLS),
-            )
+            await starttls_login(upstream, ca_file)
     assert_upstream_error(info.value, UpstreamFailure.STLS_UNAVAILABLE, ResponseCode.SYS_TEMP)
     assert upstream.lines == [b"CAPA"]
     assert_no_credentials(upstream)
@@ -855,11 +858,7 @@ async def test_starttls_refused_sends_no_credential(ca_file: Path) -> None:
     mailbox = Mailbox(capa=(*CAPA_SASL, b"STLS"), replies={b"STLS": b"-ERR not now\r\n"})
     async with scripted_upstream(mailbox) as upstream:
         with pytest.raises(UpstreamError) as info:
-            await login(
-                upstream,
-                tls=TlsMode.STARTTLS,
-                tls_context=verifying_context(ca_file, TlsMode.STARTTLS),
-            )
+            await starttls_login(upstream, ca_file)
     assert_upstream_error(info.value, UpstreamFailure.STLS_UNAVAILABLE, ResponseCode.SYS_TEMP)
     assert upstream.lines == [b"CAPA", b"STLS"]
     assert_no_credentials(upstream)
@@ -876,11 +875,7 @@ async def test_octets_after_the_stls_reply_abort_before_the_handshake(ca_file: P
 
     async with scripted_upstream(script) as upstream:
         with pytest.raises(UpstreamError) as info:
-            await login(
-                upstream,
-                tls=TlsMode.STARTTLS,
-                tls_context=verifying_context(ca_file, TlsMode.STARTTLS),
-            )
+            await starttls_login(upstream, ca_file)
     assert_upstream_error(info.value, UpstreamFailure.PROTOCOL, ResponseCode.SYS_TEMP)
     assert upstream.lines == [b"CAPA", b"STLS"]
     assert upstream.peer.raw() == b"CAPA\r\nSTLS\r\n"  # not even a ClientHello followed
@@ -907,11 +902,7 @@ async def test_starttls_reissues_capa_and_logs_in_over_tls(
         assert secure_reads[:4] == [b"CAPA\r\n", auth, b"UIDL\r\n", b"LIST\r\n"]
 
     async with scripted_upstream(script) as upstream:
-        drop = await login(
-            upstream,
-            tls=TlsMode.STARTTLS,
-            tls_context=verifying_context(ca_file, TlsMode.STARTTLS),
-        )
+        drop = await starttls_login(upstream, ca_file)
         assert drop.messages == listing_of(MESSAGES)
         assert await collect(drop, 1) == stuff(MESSAGES[2][1])
         await drop.commit({0})
