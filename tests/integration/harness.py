@@ -125,6 +125,17 @@ def crlf_form(data: bytes) -> bytes:
     return out
 
 
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a file as it is, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(READ_CHUNK_BYTES):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
 def crlf_digest_of_file(path: Path, *, skip_prefix: bytes = b"") -> tuple[int, str]:
     """(size, sha256) of the CRLF form of a file, read in chunks.
 

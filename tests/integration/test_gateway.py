@@ -32,7 +32,7 @@ from popproxy.state.base import GatewayStore
 
 from .clocked import START
 from .dovecot import DovecotServer, DovecotUser
-from .harness import PASSWORD, Corpus, GatewayUser, Source, TlsFiles, write_config
+from .harness import PASSWORD, Corpus, GatewayUser, Source, TlsFiles, file_digest, write_config
 from .test_proxy import UPSTREAM, upstream_for
 
 KEEP = {"10-keep.yaml": "rules:\n  - name: keep-all\n    action: keep\n"}
@@ -472,14 +472,7 @@ async def test_the_whole_corpus_with_the_50_mb_message_is_fetched_byte_exact(
     finally:
         await store.aclose()
     assert (report.result, report.fetched) == (PollResult.OK, len(corpus.messages))
-    got = []
-    for sub in ("new", "cur"):
-        for path in (mail / sub).iterdir():
-            digest = hashlib.sha256()
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-            got.append(digest.hexdigest())
+    got = [file_digest(path)[1] for sub in ("new", "cur") for path in (mail / sub).iterdir()]
     assert sorted(got) == sorted(m.sha256 for m in corpus.messages)
     assert report.fetched_bytes == sum(m.size for m in corpus.messages)
 

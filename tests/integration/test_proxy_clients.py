@@ -20,7 +20,6 @@ has it. What "directly" means per client:
 from __future__ import annotations
 
 import filecmp
-import hashlib
 import os
 import re
 import shutil
@@ -35,12 +34,12 @@ from .dovecot import DovecotServer, DovecotUser, expected_digests
 from .harness import (
     LOOPBACK,
     PASSWORD,
-    READ_CHUNK_BYTES,
     Corpus,
     ServerProcess,
     TlsFiles,
     crlf_digest_of_file,
     describe,
+    file_digest,
     run_client,
 )
 from .test_curl import listing
@@ -117,17 +116,6 @@ class CurlTarget:
         result = run_client(argv)
         assert result.returncode == 0, describe(result)
         return result.stdout
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    """(size, sha256) of a file as it is, read in chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(READ_CHUNK_BYTES):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
 
 
 @curl_cases
