@@ -11,7 +11,8 @@ import hashlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +29,7 @@ from popproxy.maildrop.maildir import open_maildir
 from popproxy.outcomes import PollResult
 from popproxy.secret import Secret
 from popproxy.state import open_store
-from popproxy.state.base import GatewayStore
+from popproxy.state.base import GatewayStore, StoreBackend
 
 from .clocked import START
 from .dovecot import DovecotServer, DovecotUser
@@ -88,6 +89,16 @@ def gateway_config(
     )
 
 
+@asynccontextmanager
+async def opened_store(config: Config) -> AsyncIterator[StoreBackend]:
+    """The store ``config.state`` names, open for the block and closed after it."""
+    store = await open_store(config.state)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
 def given(store: GatewayStore) -> StoreGetter:
     async def get() -> GatewayStore:
         return store
@@ -127,8 +138,7 @@ async def test_first_poll_fetches_everything_byte_exact_then_nothing_then_new_ma
         tmp_path, dovecot, tls_files, [small_account], rules=KEEP, leg="implicit"
     )
     mail = tmp_path / "carol-mail"
-    store = await open_store(config.state)
-    try:
+    async with opened_store(config) as store:
         fetcher = Fetcher(given(store), clock=MovableClock(START))
         with trio.fail_after(TEST_DEADLINE_SECONDS):
             (first,) = await poll_all(config, fetcher)
@@ -151,8 +161,6 @@ async def test_first_poll_fetches_everything_byte_exact_then_nothing_then_new_ma
             assert (third.result, third.fetched) == (PollResult.OK, 1)
             now = local_files(mail)
             assert set(now) - set(got) and now[next(iter(set(now) - set(got)))] == new
-    finally:
-        await store.aclose()
 
 
 DELETE_EXPIRE = {
@@ -171,11 +179,8 @@ async def test_default_delete_keep_and_expire_after_days_with_the_clock(
         clock = MovableClock(START)
         # No rules: download and delete.
         config = gateway_config(tmp_path / "a", dovecot, tls_files, [deleting])
-        store = await open_store(config.state)
-        try:
+        async with opened_store(config) as store:
             (report,) = await poll_all(config, Fetcher(given(store), clock=clock))
-        finally:
-            await store.aclose()
         assert (report.result, report.fetched, report.deleted) == (PollResult.OK, 3, 3)
         assert dict(report.deleted_by_rule) == {"default": 3}
         await trio.to_thread.run_sync(dovecot.wait_sessions_ended, deleting, 1)
@@ -190,8 +195,7 @@ async def test_default_delete_keep_and_expire_after_days_with_the_clock(
 
         # keep with expire_after_days: kept for 7 days after the first listing.
         config = gateway_config(tmp_path / "b", dovecot, tls_files, [expiring], rules=DELETE_EXPIRE)
-        store = await open_store(config.state)
-        try:
+        async with opened_store(config) as store:
             fetcher = Fetcher(given(store), clock=clock)
             first = await poll_all(config, fetcher)
             assert [(r.result, r.fetched, r.deleted) for r in first] == [
@@ -208,8 +212,6 @@ async def test_default_delete_keep_and_expire_after_days_with_the_clock(
             expired = await audit_rows(tmp_path / "b" / "popproxy.yaml", "--rule", "keep-a-week")
             assert {r["session"] for r in expired} == {third[0].poll_id}
             assert len(expired) == len(corpus.small) - 3
-        finally:
-            await store.aclose()
         await trio.to_thread.run_sync(dovecot.wait_sessions_ended, expiring, 3)
         assert expiring.keys() == {young}, "only the message first seen on day 6 is left"
         assert len(local_files(tmp_path / "b" / "carol-mail")) == len(corpus.small) - 3 + 1
@@ -225,8 +227,7 @@ async def test_two_sources_merge_into_one_maildir_and_a_bad_password_fails_alone
     second = dovecot.add_user(corpus=corpus, messages=corpus.small[2:])
     try:
         config = gateway_config(tmp_path, dovecot, tls_files, [first, second], rules=KEEP)
-        store = await open_store(config.state)
-        try:
+        async with opened_store(config) as store:
             fetcher = Fetcher(given(store), clock=MovableClock(START))
             reports = await poll_all(config, fetcher)
             assert [(r.result, r.fetched) for r in reports] == [
@@ -240,16 +241,11 @@ async def test_two_sources_merge_into_one_maildir_and_a_bad_password_fails_alone
             (_, again) = await poll_all(config, fetcher)
             assert again.fetched == 1
             assert len(local_files(tmp_path / "carol-mail")) == len(corpus.small) + 1
-        finally:
-            await store.aclose()
         wrong = gateway_config(tmp_path / "w", dovecot, tls_files, [first], rules=KEEP)
         user = wrong.users["carol"]
         bad = replace(user.fetch[0], upstream_password=Secret(b"not-the-password"))
-        store = await open_store(wrong.state)
-        try:
+        async with opened_store(wrong) as store:
             report = await Fetcher(given(store), clock=MovableClock(START)).poll(wrong, user, bad)
-        finally:
-            await store.aclose()
         assert report.result is PollResult.AUTH_FAILED
         assert "not-the-password" not in report.reason
     finally:
@@ -334,8 +330,7 @@ async def test_an_upstream_dying_mid_retr_loses_and_deletes_nothing(
     config = gateway_config(tmp_path, dovecot, tls_files, [small_account])  # delete after fetch
     relay = CuttingRelay(dovecot.endpoint("none"), cut_after=total // 2)
     mail = tmp_path / "carol-mail"
-    store = await open_store(config.state)
-    try:
+    async with opened_store(config) as store:
         fetcher = Fetcher(given(store), clock=MovableClock(START))
         async with trio.open_nursery() as nursery:
             await nursery.start(relay.run)
@@ -361,8 +356,6 @@ async def test_an_upstream_dying_mid_retr_loses_and_deletes_nothing(
         assert digests(list(local_files(mail).values())) == sorted(m.sha256 for m in corpus.small)
         await trio.to_thread.run_sync(dovecot.wait_sessions_ended, small_account, 2)
         assert small_account.count() == 0
-    finally:
-        await store.aclose()
 
 
 @pytest.fixture
@@ -396,8 +389,7 @@ async def test_a_full_disk_loses_and_deletes_nothing_and_the_next_poll_finishes(
     user = config.users["carol"]
     config = replace(config, users={"carol": replace(user, maildir=small_disk / "Maildir")})
     mail = small_disk / "Maildir"
-    store = await open_store(config.state)
-    try:
+    async with opened_store(config) as store:
         fetcher = Fetcher(given(store), clock=MovableClock(START))
         (full,) = await poll_all(config, fetcher)
         assert full.result is PollResult.MAILDIR_FULL, full
@@ -416,8 +408,6 @@ async def test_a_full_disk_loses_and_deletes_nothing_and_the_next_poll_finishes(
         assert digests(list(local_files(mail).values())) == sorted(m.sha256 for m in corpus.small)
         await trio.to_thread.run_sync(dovecot.wait_sessions_ended, small_account, 2)
         assert small_account.count() == 0
-    finally:
-        await store.aclose()
 
 
 async def test_explain_says_what_the_next_poll_would_do_and_changes_nothing(
@@ -430,8 +420,7 @@ async def test_explain_says_what_the_next_poll_would_do_and_changes_nothing(
     config = gateway_config(tmp_path, dovecot, tls_files, [small_account], rules=DELETE_EXPIRE)
     user = config.users["carol"]
     clock = MovableClock(START)
-    store = await open_store(config.state)
-    try:
+    async with opened_store(config) as store:
         before = await explain_sources(config, user, clock, store.gateway_facts)
         ((source, rows),) = [(e.source, e.messages) for e in before]
         assert source.label == f"{UPSTREAM}/{small_account.name}"
@@ -449,8 +438,6 @@ async def test_explain_says_what_the_next_poll_would_do_and_changes_nothing(
             ("delivered", "delete upstream at QUIT (expired) [keep-a-week]")
         }
         assert all(r.expires_at == START + timedelta(days=7) for r in after.messages)
-    finally:
-        await store.aclose()
     await trio.to_thread.run_sync(dovecot.wait_sessions_ended, small_account, 3)
     assert small_account.count() == len(corpus.small), "explain deleted nothing upstream"
 
@@ -465,12 +452,9 @@ async def test_the_whole_corpus_with_the_50_mb_message_is_fetched_byte_exact(
 ) -> None:
     config = gateway_config(tmp_path, dovecot, tls_files, [dovecot_user], rules=KEEP)
     mail = tmp_path / "carol-mail"
-    store = await open_store(config.state)
-    try:
+    async with opened_store(config) as store:
         with trio.fail_after(TEST_DEADLINE_SECONDS):
             (report,) = await poll_all(config, Fetcher(given(store), clock=MovableClock(START)))
-    finally:
-        await store.aclose()
     assert (report.result, report.fetched) == (PollResult.OK, len(corpus.messages))
     got = [file_digest(path)[1] for sub in ("new", "cur") for path in (mail / sub).iterdir()]
     assert sorted(got) == sorted(m.sha256 for m in corpus.messages)
@@ -490,16 +474,13 @@ async def test_an_unusable_ca_file_fails_the_poll_not_the_fetcher(
     garbage.write_text("not a certificate\n")
     upstream = replace(config.upstreams[UPSTREAM], ca_file=garbage)
     broken = replace(config, upstreams={UPSTREAM: upstream})
-    store = await open_store(config.state)
-    try:
+    async with opened_store(config) as store:
         fetcher = Fetcher(given(store), clock=MovableClock(START))
         (report,) = await poll_all(broken, fetcher)
         assert (report.result, report.fetched) == (PollResult.UPSTREAM_ERROR, 0)
         assert report.reason.startswith("tls:")
         (fine,) = await poll_all(config, fetcher)
         assert fine.result is PollResult.OK
-    finally:
-        await store.aclose()
 
 
 async def test_max_maildir_bytes_pauses_fetching_and_deletes_nothing(
@@ -514,8 +495,7 @@ async def test_max_maildir_bytes_pauses_fetching_and_deletes_nothing(
     (mail / "cur" / "1.big.host:2,S").write_bytes(b"x" * (2 * 1024 * 1024))
     user = replace(config.users["carol"], max_maildir_bytes=2 * 1024 * 1024)
     limited = replace(config, users={"carol": user})
-    store = await open_store(config.state)
-    try:
+    async with opened_store(config) as store:
         fetcher = Fetcher(given(store), clock=MovableClock(START))
         (paused,) = await poll_all(limited, fetcher)
         assert (paused.result, paused.fetched, paused.deleted) == (PollResult.MAILDIR_FULL, 0, 0)
@@ -524,5 +504,3 @@ async def test_max_maildir_bytes_pauses_fetching_and_deletes_nothing(
         (mail / "cur" / "1.big.host:2,S").unlink()  # the user made room
         (resumed,) = await poll_all(limited, fetcher)
         assert (resumed.result, resumed.fetched) == (PollResult.OK, len(corpus.small))
-    finally:
-        await store.aclose()
