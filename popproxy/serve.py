@@ -138,6 +138,9 @@ class Server:
         self._process = ProcessState.start(config, metrics=self.metrics, clock=clock)
         self.store = self._process.store
         self.shared = self._process.shared  # PostgreSQL only: leases, login failures
+        # The OAuth2 access tokens, shared by proxy sessions and gateway polls; a reload
+        # keeps them.
+        self.tokens = self._process.maildrops.tokens
         self._declare(config)
         self._runtime = Runtime.build(config, tls, upstream_tls or {}, self._process)
         self._notifier = notifier if notifier is not None else Notifier(None)
@@ -539,7 +542,9 @@ async def serve(
                 except ExporterBindError as exc:
                     raise ServeError(str(exc)) from exc
             gateway = Scheduler(
-                Fetcher(server.store.get, clock=clock, metrics=server.metrics),
+                Fetcher(
+                    server.store.get, clock=clock, metrics=server.metrics, tokens=server.tokens
+                ),
                 lambda: server.config,
                 metrics=server.metrics,
             )

@@ -69,8 +69,11 @@ def test_sources_load_with_their_secrets(tmp_path: Path) -> None:
         "carol@example.net",
         "provider/carol@example.net",
     )
+    assert first.upstream_password is not None
     assert first.upstream_password.reveal() == b"carol-pass"
+    assert first.upstream_refresh_token_file is None
     assert (second.upstream, second.upstream_user) == ("other", "carol")  # the local name
+    assert second.upstream_password is not None
     assert second.upstream_password.reveal() == b"other-pass"
     assert config.gateway == GatewayConfig()  # type: ignore[attr-defined]
     assert config.gateway_users == (carol,)  # type: ignore[attr-defined]

@@ -257,16 +257,76 @@ def test_check_config_shows_the_token_login(capsys: pytest.CaptureFixture[str]) 
     assert "1//refresh-token" not in out
 
 
-def test_a_gateway_source_on_a_token_upstream_is_refused_for_now() -> None:
-    Path("mail").mkdir()
+def gateway_config(source: str) -> Path:
+    """``config_with(GMAIL)`` plus a gateway user carol with one ``fetch`` source."""
+    Path("mail").mkdir(exist_ok=True)
     path = config_with(GMAIL, "upstream_refresh_token_file: alice.token\n")
-    text = path.read_text() + (
-        f'  carol:\n    password_hash: "{HASH}"\n    maildir: mail\n'
-        "    fetch:\n      - {upstream: gmail, upstream_password_file: alice.token}\n"
+    path.write_text(
+        path.read_text()
+        + f'  carol:\n    password_hash: "{HASH}"\n    maildir: mail\n'
+        + f"    fetch:\n      - {{upstream: gmail, upstream_user: carol@gmail.com, {source}}}\n"
     )
-    path.write_text(text)
+    return path
+
+
+def gateway_issues(source: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(gateway_config(source))
+    return [f"{i.key_path}: {i.message}" for i in info.value.issues]
+
+
+def test_a_gateway_source_on_a_token_upstream_takes_a_refresh_token_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = tmp_path / "carol.token"
+    token.write_text("1//carol-refresh\n")
+    token.chmod(0o600)
+    config = load_config(gateway_config("upstream_refresh_token_file: carol.token"))
+    (source,) = config.users["carol"].fetch
+    assert source.upstream_refresh_token_file == token
+    assert source.upstream_password is None
+    assert cli.main(["check-config", "-c", "popproxy.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert f"fetch: gmail/carol@gmail.com with the refresh token in {token}" in out
+    assert "1//carol-refresh" not in out
+
+
+def test_a_gateway_source_is_checked_like_a_proxy_user() -> None:
+    Path("pw").write_text("pw\n")
+    assert gateway_issues("upstream_password_file: pw") == [
+        "users.carol.fetch[0].upstream_password_file: the upstream logs in with auth: xoauth2;"
+        " give upstream_refresh_token_file (from `popproxy oauth-login`) instead",
+        "users.carol.fetch[0].upstream_refresh_token_file: missing; expected the file holding"
+        " the refresh token for auth: xoauth2 (write it with `popproxy oauth-login`)",
+    ]
+    # Mutually exclusive: a password beside the token file is refused, not ignored.
+    both = "upstream_refresh_token_file: alice.token, upstream_password_file: pw"
+    assert gateway_issues(both) == [
+        "users.carol.fetch[0].upstream_password_file: the upstream logs in with auth: xoauth2;"
+        " give upstream_refresh_token_file (from `popproxy oauth-login`) instead",
+    ]
+    Path("open.token").write_text("1//x\n")
+    os.chmod("open.token", 0o644)
+    [found] = gateway_issues("upstream_refresh_token_file: open.token")
+    assert found.startswith("users.carol.fetch[0].upstream_refresh_token_file: ")
+    assert "mode 0644" in found and "chmod 600" in found
+    [found] = gateway_issues("upstream_refresh_token_file: nope.token")
+    assert "does not exist" in found
+
+
+def test_a_gateway_source_on_a_password_upstream_cannot_have_a_refresh_token_file() -> None:
+    Path("pw").write_text("pw\n")
+    path = config_with("host: pop.example.net\n", "upstream_password_file: pw\n")
+    Path("mail").mkdir()
+    path.write_text(
+        path.read_text()
+        + f'  carol:\n    password_hash: "{HASH}"\n    maildir: mail\n'
+        + "    fetch:\n      - {upstream: gmail, upstream_password_file: pw,"
+        " upstream_refresh_token_file: alice.token}\n"
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    [issue] = info.value.issues
-    assert issue.key_path == "users.carol.fetch[0].upstream"
-    assert "does not fetch from token upstreams yet" in issue.message
+    assert [f"{i.key_path}: {i.message}" for i in info.value.issues] == [
+        "users.carol.fetch[0].upstream_refresh_token_file: only meaningful with an upstream"
+        " whose auth is xoauth2 or oauthbearer"
+    ]

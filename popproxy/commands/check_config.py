@@ -69,7 +69,10 @@ def summarize(config: Config) -> str:
             case MaildirRoute(path):
                 missing = "" if path.is_dir() else " (does not exist yet)"
                 lines.append(f"  {user.name}: maildir {path}{missing}")
-                lines.extend(f"    fetch: {source.label}" for source in user.fetch)
+                for source in user.fetch:
+                    token = source.upstream_refresh_token_file
+                    how = f" with the refresh token in {token}" if token is not None else ""
+                    lines.append(f"    fetch: {source.label}{how}")
             case UpstreamRoute(upstream, upstream_user):
                 token = user.upstream_refresh_token_file
                 how = f" with the refresh token in {token}" if token is not None else ""

@@ -145,16 +145,20 @@ class UpstreamConfig:
 class FetchSource:
     """One upstream account the gateway polls into a user's Maildir (docs/gateway.md).
 
-    The same account keys as a proxy-mode user's; the store keys what it fetched by
-    (local user, ``upstream``, ``upstream_user``).
+    The same account keys as a proxy-mode user's: a password, or for an upstream with
+    ``auth: xoauth2`` or ``oauthbearer`` a refresh-token file (exactly one of the two).
+    The store keys what it fetched by (local user, ``upstream``, ``upstream_user``).
     """
 
     upstream: str
     upstream_user: str
     # Never inline: read at load from a file or an environment variable.
-    upstream_password: Secret = field(
-        metadata=read_from("upstream_password_file", "upstream_password_env")
+    upstream_password: Secret | None = field(
+        default=None, metadata=read_from("upstream_password_file", "upstream_password_env")
     )
+    # For a token upstream, instead of a password: the file holding the refresh token
+    # (`popproxy oauth-login` writes it; rotation rewrites it).
+    upstream_refresh_token_file: Path | None = None
 
     @property
     def label(self) -> str:

@@ -81,17 +81,8 @@ def build_users(
         target = upstreams.get(upstream) if upstream is not None else None
         secret: Secret | None = None
         token_file: Path | None = None
-        if target is not None and target.auth is not UpstreamAuth.PASS:
-            token_file = _refresh_token_file(section, target.auth)
-        elif target is None and upstream in declared_names:
-            pass  # the upstream has problems of its own: which credential it takes is unknown
-        elif has_upstream:
-            if section.has("upstream_refresh_token_file"):
-                section.error(
-                    "upstream_refresh_token_file",
-                    "only meaningful with an upstream whose auth is xoauth2 or oauthbearer",
-                )
-            secret = _upstream_secret(section)
+        if has_upstream:
+            secret, token_file = _credential(section, upstream, target, declared_names)
         if not has_upstream:
             for key in (
                 "upstream_user",
@@ -144,15 +135,18 @@ def _fetch_sources(
     """``users.NAME.fetch``: the gateway's sources for this user (docs/gateway.md).
 
     Each names an upstream, an upstream user (default: the local name) and its
-    password, like a proxy-mode user. A source needs the user's ``maildir`` (where
-    its mail goes), and one upstream account is fetched for one local user only:
-    two pollers would each fetch the mail, and one's deletions would take it from
-    the other.
+    password or (token upstream) refresh-token file, like a proxy-mode user. A source
+    needs the user's ``maildir`` (where its mail goes), and one upstream account is
+    fetched for one local user only: two pollers would each fetch the mail, and one's
+    deletions would take it from the other.
     """
     value = section.raw("fetch")
     if value is None:
         return ()
-    what = "a list of sources ({upstream, upstream_user, upstream_password_file})"
+    what = (
+        "a list of sources ({upstream, upstream_user, upstream_password_file"
+        " or upstream_refresh_token_file})"
+    )
     if not isinstance(value, list) or not value:
         section.error("fetch", f"expected {what}, got {describe(value)}")
         return ()
@@ -174,16 +168,8 @@ def _fetch_sources(
             source.missing("upstream", "the name of an entry in upstreams")
         upstream_user = source.string("upstream_user") or user
         target = upstreams.get(upstream) if upstream is not None else None
-        if target is not None and target.auth is not UpstreamAuth.PASS:
-            # Not yet: the fetcher logs in with a password only (docs/oauth2.md).
-            source.error(
-                "upstream",
-                f"upstream {upstream!r} logs in with auth: {target.auth.value}; the gateway"
-                " does not fetch from token upstreams yet (proxy mode does)",
-            )
-            continue
-        secret = _upstream_secret(source)
-        if upstream is None or secret is None:
+        secret, token_file = _credential(source, upstream, target, declared)
+        if upstream is None or (secret is None and token_file is None):
             continue
         owner = fetched_by.get((upstream, upstream_user))
         if owner is not None:
@@ -195,8 +181,29 @@ def _fetch_sources(
             )
             continue
         fetched_by[upstream, upstream_user] = user
-        out.append(FetchSource(upstream, upstream_user, secret))
+        out.append(FetchSource(upstream, upstream_user, secret, token_file))
     return tuple(out)
+
+
+def _credential(
+    section: ConfigSection,
+    upstream: str | None,
+    target: UpstreamConfig | None,
+    declared: set[str],
+) -> tuple[Secret | None, Path | None]:
+    """The upstream credential of a proxy-mode user or a fetch source: a password, or
+    for a token upstream the refresh-token file (the other kind's keys are errors)."""
+    if target is not None and target.auth is not UpstreamAuth.PASS:
+        return None, _refresh_token_file(section, target.auth)
+    if target is None and upstream in declared:
+        # The upstream has problems of its own: which credential it takes is unknown.
+        return None, None
+    if section.has("upstream_refresh_token_file"):
+        section.error(
+            "upstream_refresh_token_file",
+            "only meaningful with an upstream whose auth is xoauth2 or oauthbearer",
+        )
+    return _upstream_secret(section), None
 
 
 def _password_hash(section: ConfigSection) -> str | None:

@@ -4,7 +4,9 @@ For each source it logs in as a poll would, reads the store's facts without writ
 (``GatewayStore.gateway_facts``), builds the same view and plan as a poll
 (``AccountPolicy.poll_plan``) and says per upstream message: fetched or not, and
 what happens upstream after the download. It leaves without QUIT, so the upstream
-changes nothing (RFC 1939 §6), and it writes nothing to the Maildir or the store.
+changes nothing (RFC 1939 §6), and it writes nothing to the Maildir or the store. A
+source on a token upstream logs in with an access token refreshed for the dry run
+(a provider that rotates refresh tokens gets the new one written back, as a poll does).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import trio
 from popproxy.config import Config, FetchSource, UpstreamConfig, UserConfig
 from popproxy.maildrop.connection import UpstreamConnection
 from popproxy.maildrop.retention import decide_view
-from popproxy.maildrop.upstream_login import UpstreamAccount, open_connection
+from popproxy.maildrop.route import source_route
+from popproxy.maildrop.upstream_login import UpstreamAccount, open_account
+from popproxy.oauth2.cache import TokenCache
 from popproxy.policy import Candidate, Headers, Planned, parse_headers
 from popproxy.policy.headers import MAX_HEADER_OCTETS
 from popproxy.pop3.commands import Top
@@ -72,27 +76,41 @@ async def explain_user(config: Config, user: UserConfig, clock: Clock) -> list[S
 
 
 async def explain_sources(
-    config: Config, user: UserConfig, clock: Clock, read_facts: FactsReader
+    config: Config,
+    user: UserConfig,
+    clock: Clock,
+    read_facts: FactsReader,
+    *,
+    tokens: TokenCache | None = None,
 ) -> list[SourceExplanation]:
     """Dry-run the next poll of each of ``user``'s sources (see the module docstring).
 
-    Lets ``MaildropError`` (upstream unreachable, login refused) and ``StateError``
-    through.
+    ``tokens``: where token upstreams' access tokens come from (default: a cache of the
+    dry run's own). Lets ``MaildropError`` (upstream unreachable, login refused, no
+    access token) and ``StateError`` through.
     """
+    tokens = tokens if tokens is not None else TokenCache()
     out = []
     for source in user.fetch:
-        out.append(await _explain_source(config, user, source, clock, read_facts))
+        out.append(await _explain_source(config, user, source, clock, read_facts, tokens))
     return out
 
 
-async def _explain_source(
-    config: Config, user: UserConfig, source: FetchSource, clock: Clock, read_facts: FactsReader
+async def _explain_source(  # noqa: PLR0917 (one dry run's parts)
+    config: Config,
+    user: UserConfig,
+    source: FetchSource,
+    clock: Clock,
+    read_facts: FactsReader,
+    tokens: TokenCache,
 ) -> SourceExplanation:
     key = SourceKey(user.name, source.upstream, source.upstream_user)
-    upstream = config.upstreams[source.upstream]
-    account = UpstreamAccount(upstream, source.upstream_user, source.upstream_password)
-    connection, listing = await open_connection(
-        upstream, account.login(), tls_context=await _tls(upstream)
+    route = source_route(source, config.upstreams)
+    upstream = route.upstream
+    connection, listing = await open_account(
+        UpstreamAccount(upstream, route.user, route.credential),
+        tls_context=await _tls(upstream),
+        tokens=tokens,
     )
     try:
         now = clock()

@@ -6,9 +6,11 @@ Theory of operation (DESIGN.md, "Gateway data flow"; docs/gateway.md):
    ``tmp/`` is published, one in ``new/`` or ``cur/`` is delivered, one that is
    nowhere goes back to LISTED and is fetched again. This needs no upstream.
 2. Log in and take the listing with UIDL and LIST (the upstream connection code of
-   proxy mode, pipelined where the upstream allows). The store records the listing
-   and says, per (UIDL, size), whether it is new; a UIDL listed with another size is
-   new content (RFC 1939 §7).
+   proxy mode, pipelined where the upstream allows): with the source's password, or
+   with an OAuth2 access token (XOAUTH2, OAUTHBEARER; RFC 7628) from the process's
+   token cache, which proxy sessions share and a reload keeps (docs/oauth2.md). The
+   store records the listing and says, per (UIDL, size), whether it is new; a UIDL
+   listed with another size is new content (RFC 1939 §7).
 3. The policy (``AccountPolicy.poll_plan``) says what to fetch, what to skip.
 4. Each message is streamed, un-stuffed, into ``tmp/`` and fsync'ed; never held
    whole. Every ``BATCH_MESSAGES`` messages (or ``BATCH_BYTES``): ``tmp/`` is
@@ -44,8 +46,10 @@ from popproxy.gateway.durable import Clock, DurableDelivery, Step, StepHook
 from popproxy.maildrop.base import MaildropError
 from popproxy.maildrop.connection import UpstreamConnection, UpstreamError, unavailable
 from popproxy.maildrop.retention import decide_view
-from popproxy.maildrop.upstream_login import CapabilityMemo, UpstreamAccount, open_connection
+from popproxy.maildrop.route import source_route
+from popproxy.maildrop.upstream_login import CapabilityMemo, UpstreamAccount, open_account
 from popproxy.metrics import Metrics
+from popproxy.oauth2.cache import TokenCache
 from popproxy.outcomes import PollResult, UpstreamFailure
 from popproxy.policy import AccountPolicy, Candidate, Planned, View
 from popproxy.pop3.client_replies import ListedMessage
@@ -78,6 +82,16 @@ MAX_PENDING_WRITES = 16
 
 # How the fetcher gets the state store: the server's opener (opened on first need).
 StoreGetter = Callable[[], Awaitable[GatewayStore]]
+
+
+# The login failures that back a source off as a rejected login (GatewayConfig's
+# auth_backoff_seconds): a password refused, or (RFC 6749 §5.2 invalid_grant, RFC 7628
+# §3.2.2) a refresh token revoked or an access token refused after one refresh. Every
+# other failure, a token endpoint that is down among them, is temporary.
+_LOGIN_REFUSED = {
+    UpstreamFailure.AUTH_REJECTED: PollResult.AUTH_FAILED,
+    UpstreamFailure.TOKEN_REJECTED: PollResult.AUTH_FAILED,
+}
 
 
 class MaildirOverLimit(Exception):
@@ -133,7 +147,9 @@ class Fetcher:
     """Polls gateway sources; one per trio run, shared by every poll (and reloads).
 
     ``clock`` is what retention reads as now (tests move it by days); ``on_step``
-    is awaited at each ``Step`` (the crash tests kill the process there).
+    is awaited at each ``Step`` (the crash tests kill the process there). ``tokens``:
+    the process's OAuth2 access tokens (the server's, shared with proxy sessions); by
+    default a cache of this fetcher's own (``fetch --once``).
     """
 
     def __init__(
@@ -143,6 +159,7 @@ class Fetcher:
         clock: Clock,
         metrics: Metrics | None = None,
         on_step: StepHook | None = None,
+        tokens: TokenCache | None = None,
     ) -> None:
         self._get_store = store
         # The store once opened: every poll gets the same one from the getter.
@@ -150,6 +167,7 @@ class Fetcher:
         self._clock = clock
         self._metrics = metrics
         self._durable = DurableDelivery(clock=clock, on_step=on_step)
+        self._tokens = tokens if tokens is not None else TokenCache()
         self._memos: dict[str, CapabilityMemo] = {}
         self._tls: dict[UpstreamConfig, ssl.SSLContext] = {}
 
@@ -165,9 +183,10 @@ class Fetcher:
             store = self._opened = await self._get_store()
             await self._poll(config, user, source, key, counts, poll_id=poll_id)
         except UpstreamError as exc:
-            auth = exc.failure is UpstreamFailure.AUTH_REJECTED
-            result = PollResult.AUTH_FAILED if auth else PollResult.UPSTREAM_ERROR
+            result = _LOGIN_REFUSED.get(exc.failure, PollResult.UPSTREAM_ERROR)
             reason = f"{exc.failure.value}: {exc.text}"
+            if exc.failure is UpstreamFailure.TOKEN_REJECTED:
+                reason += f"; run `popproxy oauth-login` again for {key.label}"
         except MaildropError as exc:
             result, reason = PollResult.UPSTREAM_ERROR, exc.text
         except DeliveryError as exc:
@@ -230,14 +249,15 @@ class Fetcher:
             held = await self._durable.run(delivery.maildir_bytes, root)
             if held >= user.max_maildir_bytes:
                 raise MaildirOverLimit(held, user.max_maildir_bytes)
-        upstream = config.upstreams[source.upstream]
-        account = UpstreamAccount(upstream, source.upstream_user, source.upstream_password)
-        connection, listing = await open_connection(
-            upstream,
-            account.login(),
+        route = source_route(source, config.upstreams)
+        upstream = route.upstream
+        connection, listing = await open_account(
+            UpstreamAccount(upstream, route.user, route.credential),
             tls_context=await self._tls_context(upstream),
+            tokens=self._tokens,
             metrics=self._metrics.upstream(upstream.name) if self._metrics else None,
             capabilities=self._memos.setdefault(upstream.name, CapabilityMemo()),
+            session=poll_id,
         )
         try:
             now = self._clock()

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from popproxy.config import UpstreamConfig, UserConfig
+from popproxy.config import FetchSource, UpstreamConfig, UserConfig
 from popproxy.secret import Secret
 
 
@@ -58,11 +58,22 @@ def route_of(user: UserConfig, upstreams: Mapping[str, UpstreamConfig]) -> Route
         return MaildirRoute(user.maildir)
     if user.upstream is None or user.upstream_user is None:
         raise NoRoute(f"user {user.name!r} has no maildrop configured")
-    credential: UpstreamCredential
-    if user.upstream_refresh_token_file is not None:
-        credential = RefreshTokenFile(user.upstream_refresh_token_file)
-    elif user.upstream_password is not None:
-        credential = user.upstream_password
-    else:
+    credential = _credential(user.upstream_password, user.upstream_refresh_token_file)
+    if credential is None:
         raise NoRoute(f"user {user.name!r} has no maildrop configured (no upstream credential)")
     return UpstreamRoute(upstreams[user.upstream], user.upstream_user, credential)
+
+
+def source_route(source: FetchSource, upstreams: Mapping[str, UpstreamConfig]) -> UpstreamRoute:
+    """The upstream account a gateway source is fetched from, with its password or its
+    refresh-token file; ``NoRoute`` if the source has no credential."""
+    credential = _credential(source.upstream_password, source.upstream_refresh_token_file)
+    if credential is None:
+        raise NoRoute(f"source {source.label!r} has no upstream credential")
+    return UpstreamRoute(upstreams[source.upstream], source.upstream_user, credential)
+
+
+def _credential(password: Secret | None, token_file: Path | None) -> UpstreamCredential | None:
+    if token_file is not None:
+        return RefreshTokenFile(token_file)
+    return password
