@@ -457,7 +457,9 @@ class Source:
 
     upstream: str
     upstream_user: str
-    upstream_password: str
+    upstream_password: str  # ignored with refresh_token_file
+    # For an upstream with auth: xoauth2 or oauthbearer: the refresh-token file (0600).
+    refresh_token_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,16 +499,16 @@ def _user_entry(user: User | ProxyUser | GatewayUser, secrets_dir: Path) -> dict
         entry["maildir"] = str(user.maildir)
         fetch: list[dict[str, str]] = []
         for index, source in enumerate(user.sources):
+            account = {"upstream": source.upstream, "upstream_user": source.upstream_user}
+            if source.refresh_token_file is not None:
+                fetch.append(
+                    {**account, "upstream_refresh_token_file": str(source.refresh_token_file)}
+                )
+                continue
             secret = secrets_dir / f"{user.name}.source{index}-password"
             secret.write_text(source.upstream_password + "\n", encoding="utf-8")
             secret.chmod(0o600)
-            fetch.append(
-                {
-                    "upstream": source.upstream,
-                    "upstream_user": source.upstream_user,
-                    "upstream_password_file": str(secret),
-                }
-            )
+            fetch.append({**account, "upstream_password_file": str(secret)})
         entry["fetch"] = fetch
         return entry
     entry.update(upstream=user.upstream, upstream_user=user.upstream_user)

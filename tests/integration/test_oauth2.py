@@ -121,26 +121,22 @@ def oauth_proxy(
     ``mailbox`` with ``tokens``; a test sets up the provider first, then calls it."""
 
     def _start(*, mechanism: str = "xoauth2") -> ServerProcess:
-        host, port = oauth_dovecot.endpoint("implicit")
-        upstream = Upstream(
-            host,
-            port,
-            "implicit",
-            oauth_dovecot.ca_file,
-            settings={
-                "auth": mechanism,
-                "oauth2": {
-                    "client_id": provider.client_id,
-                    "token_url": provider.token_url,
-                    "scope": "mail",
-                },
-                "exclusive_sessions": False,
-            },
-        )
+        upstream = oauth_upstream(oauth_dovecot, provider, mechanism)
         local = ProxyUser(f"local-{mailbox.name}", PASSWORD, "oauth", mailbox.name, "", tokens)
         return start(users=[local], upstreams={"oauth": upstream})
 
     return _start
+
+
+def oauth_upstream(
+    dovecot: DovecotServer, provider: FakeProvider, mechanism: str = "xoauth2"
+) -> Upstream:
+    """The token upstream: ``dovecot`` over implicit TLS, ``auth: mechanism``, tokens from
+    ``provider``'s endpoint; sessions of one account may overlap."""
+    host, port = dovecot.endpoint("implicit")
+    oauth2 = {"client_id": provider.client_id, "token_url": provider.token_url, "scope": "mail"}
+    settings = {"auth": mechanism, "oauth2": oauth2, "exclusive_sessions": False}
+    return Upstream(host, port, "implicit", dovecot.ca_file, settings=settings)
 
 
 def login(server: ServerProcess, user: DovecotUser) -> tuple[int, int]:
