@@ -264,6 +264,8 @@ def test_dashboard_covers_the_required_topics() -> None:
         'result!~"quit|eof"',
         "popproxy_sessions_limit",
         "sum by (listener, reason) (rate(popproxy_connections_rejected_total",
+        "sum by (upstream, result) (rate(popproxy_oauth2_token_refreshes_total",
+        "max by (upstream) (popproxy_oauth2_token_age_seconds",
     ):
         assert needle in exprs, needle
 
