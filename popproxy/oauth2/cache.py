@@ -21,8 +21,9 @@ Failures are remembered per account with a backoff (``BACKOFF_*``): until it
 passes, logins get the same error at once and the endpoint is not asked again. A
 revoked refresh token (``invalid_grant``) is ``[AUTH]`` with a log line telling the
 operator to run ``popproxy oauth-login`` again; an endpoint that is down or
-answers nonsense is ``[SYS/TEMP]``; a client the provider refuses is
-``[SYS/PERM]`` (RFC 3206).
+answers nonsense is ``[SYS/TEMP]``, and so is a client the provider refuses
+(``invalid_client``: a configuration fault the operator fixes, not the user; RFC 3206
+§4).
 
 The cache lives as long as the process, not the config: a SIGHUP reload keeps
 every token (``serve.py`` hands the same cache to the new runtime). Tokens are
