@@ -391,6 +391,7 @@ def _cmd_fetch(path: Path, user: str | None, log_format: str, log_level: str) ->
 
 async def _fetch_once(config: Config, users: list[str] | None) -> list[bool]:
     from popproxy.gateway.fetcher import Fetcher
+    from popproxy.gateway.leases import LeasedPoller, poll_locks
     from popproxy.gateway.schedule import poll_once
     from popproxy.maildrop.retention import utc_now
     from popproxy.outcomes import PollResult
@@ -402,11 +403,15 @@ async def _fetch_once(config: Config, users: list[str] | None) -> list[bool]:
     async def get() -> GatewayStore:
         return store
 
+    wait = config.limits.account_wait_seconds
     try:
-        reports = await poll_once(Fetcher(get, clock=utc_now), config, users)
+        async with poll_locks(config.state) as locks:
+            poller = LeasedPoller(Fetcher(get, clock=utc_now), locks, wait_seconds=wait)
+            reports = await poll_once(poller, config, users)
     finally:
         await store.aclose()
-    return [report.result is PollResult.OK for report in reports]
+    # busy: another instance (a running server) was polling the source meanwhile
+    return [report.result in {PollResult.OK, PollResult.BUSY} for report in reports]
 
 
 # -- check-config ----------------------------------------------------------------------

@@ -12,7 +12,8 @@ A Maildir is opened with no wait (a second session is refused at once); an upstr
 account waits ``limits.account_wait_seconds``. ``InProcessLocks`` serves one process;
 ``popproxy.shared_locks.SharedLocks`` (leases in the PostgreSQL store) implements the
 same interface across processes, and its ``Hold.confirm`` says whether the mailbox is
-still held before an upstream deletion.
+still held before an upstream deletion; ``Hold.wait_lost`` returns once the holder
+knows it lost the mailbox (a gateway poll then stops at once).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Protocol
 
 import trio
 
-from popproxy.maildrop.base import MaildropInUse
+from popproxy.maildrop.base import MaildropError, MaildropInUse
+from popproxy.pop3.replies import ResponseCode
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,20 @@ class UpstreamMailbox:
 
 MailboxKey = MaildirMailbox | UpstreamMailbox
 
+
+def upstream_mailbox(host: str, port: int, user: str) -> UpstreamMailbox:
+    """The key of an upstream account, whoever uses it (a proxy session, a gateway poll)."""
+    return UpstreamMailbox(host.lower(), port, user)
+
+
+class MailboxLost(MaildropError):
+    """``Hold.confirm`` found the mailbox no longer held (or could not ask): the
+    irreversible step must not be taken (``[SYS/TEMP]``, RFC 3206 §4)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(ResponseCode.SYS_TEMP, text)
+
+
 # The refusal after a wait ran out; one refused at once has MaildropInUse's own text.
 WAITED_TEXT = "Another session is using this mailbox; try again later."
 
@@ -57,8 +73,13 @@ class Hold(Protocol):
     async def confirm(self) -> None:
         """Before an irreversible step (an upstream ``DELE``): make sure the mailbox is
         still this holder's. A lock shared across processes may lose a mailbox whose
-        lease it could not renew in time; then this raises ``MaildropError``
+        lease it could not renew in time; then this raises ``MailboxLost``
         (``[SYS/TEMP]``) and the step must not be taken."""
+        ...
+
+    async def wait_lost(self) -> None:
+        """Return once this holder knows the mailbox lost (its lease lapsed or was
+        taken over); a lock that cannot lose a held mailbox never returns."""
         ...
 
 
@@ -77,6 +98,10 @@ class _LocalHold:
 
     async def confirm(self) -> None:
         """See ``Hold.confirm``: always still held."""
+
+    async def wait_lost(self) -> None:
+        """See ``Hold.wait_lost``: never lost."""
+        await trio.sleep_forever()
 
 
 HELD_HERE: Hold = _LocalHold()

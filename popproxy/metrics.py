@@ -359,7 +359,8 @@ class Metrics:
         self._gateway_polls = counter(
             "gateway_polls_total",
             "Gateway polls of sources on an upstream, by result (ok, auth_failed,"
-            " upstream_error, maildir_full, maildir_error, state_error, internal_error).",
+            " upstream_error, maildir_full, maildir_error, state_error, internal_error,"
+            " busy: skipped while another held the mailbox, lease_lost).",
             ("upstream", "result"),
         )
         self._gateway_fetched = counter(
@@ -579,11 +580,13 @@ class Metrics:
         """One gateway poll of a source on ``upstream`` ended with ``result``.
 
         ``deleted_by_rule`` counts the messages deleted upstream per rule (QUIT +OK);
-        ``timestamp`` is the Unix time it ended (the last-success gauge, if ok).
+        ``timestamp`` is the Unix time it ended (the last-success gauge, if ok). A
+        ``busy`` poll (skipped: another holds the mailbox) is counted, not timed.
         """
         name = self.upstream(upstream).name
         self._gateway_polls.labels(name, _label(result, PollResult)).inc()
-        self._gateway_duration.labels(name).observe(seconds)
+        if result is not PollResult.BUSY:
+            self._gateway_duration.labels(name).observe(seconds)
         self._gateway_fetched.labels(name).inc(fetched)
         self._gateway_fetched_bytes.labels(name).inc(fetched_bytes)
         for rule, count in deleted_by_rule.items():

@@ -53,6 +53,12 @@ class PollResult(enum.Enum):
     MAILDIR_ERROR = "maildir_error"  # another write failure: read-only, permissions
     STATE_ERROR = "state_error"  # the state store could not be read or written
     INTERNAL_ERROR = "internal_error"  # a bug in popproxy (logged with its traceback)
+    # Not polled this round: another poll or session (of any instance sharing the
+    # store) holds the upstream mailbox. Not a failure: no backoff.
+    BUSY = "busy"
+    # Stopped: the mailbox's lease was lost mid-poll (renewal failed, or taken over);
+    # nothing deleted upstream.
+    LEASE_LOST = "lease_lost"
 
 
 class TokenRefreshResult(enum.Enum):

@@ -59,7 +59,7 @@ from popproxy.background import Background
 from popproxy.binding import bind_listener
 from popproxy.config import Config, ListenerConfig, TlsMode
 from popproxy.config.snapshot import snapshot_dir_of, write_snapshot
-from popproxy.gateway.fetcher import Fetcher
+from popproxy.gateway.leases import LeasedPoller
 from popproxy.gateway.schedule import Scheduler
 from popproxy.maildrop.retention import Clock, utc_now
 from popproxy.metrics import ConnectionRejection, Metrics
@@ -138,9 +138,9 @@ class Server:
         self._process = ProcessState.start(config, metrics=self.metrics, clock=clock)
         self.store = self._process.store
         self.shared = self._process.shared  # PostgreSQL only: leases, login failures
-        # The OAuth2 access tokens, shared by proxy sessions and gateway polls; a reload
-        # keeps them.
+        # OAuth2 access tokens and mailbox locks: shared by sessions and gateway polls.
         self.tokens = self._process.maildrops.tokens
+        self.locks = self._process.maildrops.locks
         self._declare(config)
         self._runtime = Runtime.build(config, tls, upstream_tls or {}, self._process)
         self._notifier = notifier if notifier is not None else Notifier(None)
@@ -542,8 +542,8 @@ async def serve(
                 except ExporterBindError as exc:
                     raise ServeError(str(exc)) from exc
             gateway = Scheduler(
-                Fetcher(
-                    server.store.get, clock=clock, metrics=server.metrics, tokens=server.tokens
+                LeasedPoller.fetching(
+                    server.store.get, server.locks, clock, server.metrics, server.tokens
                 ),
                 lambda: server.config,
                 metrics=server.metrics,

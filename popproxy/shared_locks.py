@@ -25,7 +25,13 @@ successful renewal (its own clock, so no later than the database's expiry).
 ``Hold.confirm``, called before any upstream deletion, asks the database whether
 the lease is still this holder's and renews it; when it is not, or the database
 cannot say, the deletion is not made (``[SYS/TEMP]``). A session whose lease is
-lost so deletes nothing, whatever its client does next.
+lost so deletes nothing, whatever its client does next. ``Hold.wait_lost`` returns
+once the holder knows its lease lost (a renewal found it taken, or its validity
+passed unrenewed): a gateway poll stops there.
+
+Each lease remembers the session (or gateway poll) that took it, from the log
+context (``logfmt.SESSION_ID``), so that its ``lease_*`` lines logged by the renewal
+task name it too.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
@@ -46,9 +52,11 @@ from popproxy.locks import (
     WAITED_TEXT,
     Hold,
     MailboxKey,
+    MailboxLost,
     MaildirMailbox,
     UpstreamMailbox,
 )
+from popproxy.logfmt import SESSION_ID
 from popproxy.maildrop.base import MaildropError, MaildropInUse
 from popproxy.pop3.replies import ResponseCode
 from popproxy.state.base import StateError
@@ -116,7 +124,13 @@ class _Lease:
     name: str
     token: str
     valid_until: float  # trio time; past it the lease counts as lost here
+    session: str | None = None  # the session or poll holding it now (log lines)
     lost: bool = False
+    gone: trio.Event = field(default_factory=trio.Event)  # set when found lost
+
+    def fields(self, **more: object) -> dict[str, object]:
+        """The fields of a ``lease_*`` line about this lease."""
+        return {"session": self.session or "-", "lease": self.name, **more}
 
 
 class SharedHold:
@@ -134,6 +148,14 @@ class SharedHold:
     async def confirm(self) -> None:
         """See ``Hold.confirm``."""
         await self._locks.confirm(self._lease)
+
+    async def wait_lost(self) -> None:
+        """See ``Hold.wait_lost``: a renewal found the lease lost, or its validity
+        passed without one (the database may then let another holder in)."""
+        lease = self._lease
+        while not self.lost:  # ends: lost, or valid_until passes unmoved
+            with trio.move_on_at(lease.valid_until):
+                await lease.gone.wait()
 
 
 class SharedLocks:
@@ -174,6 +196,7 @@ class SharedLocks:
                     lease = await self._take(name, deadline, waited=wait_seconds > 0)
                     slot.lease = lease
                     self._held[lease.token] = lease
+                lease.session = SESSION_ID.get()  # handed over here: the new holder's
             except BaseException:
                 slot.semaphore.release()
                 raise
@@ -243,11 +266,11 @@ class SharedLocks:
             await self._backend.release_lease(lease.name, lease.token)
         except StateError as exc:
             # It lapses by itself within lease_seconds (nobody renews it now).
-            log.warning("lease_not_released", extra={"fields": {"reason": str(exc)}})
+            log.warning("lease_not_released", extra={"fields": lease.fields(reason=str(exc))})
 
     async def confirm(self, lease: _Lease) -> None:
         """Ask the database whether ``lease`` is still held (and renew it); raise
-        ``MaildropError`` ``[SYS/TEMP]`` if it is not or the database cannot say."""
+        ``MailboxLost`` ``[SYS/TEMP]`` if it is not or the database cannot say."""
         started = trio.current_time()
         if not lease.lost:
             try:
@@ -256,7 +279,7 @@ class SharedLocks:
                 )
             except StateError as exc:
                 log.error(  # noqa: TRY400 (the reason is in the line)
-                    "lease_unconfirmed", extra={"fields": {"reason": str(exc)}}
+                    "lease_unconfirmed", extra={"fields": lease.fields(reason=str(exc))}
                 )
                 held = None
             if held:
@@ -264,9 +287,7 @@ class SharedLocks:
                 return
             if held is False:
                 self._lose(lease)
-        raise MaildropError(
-            ResponseCode.SYS_TEMP, "The mailbox lock was lost; nothing was deleted."
-        )
+        raise MailboxLost("The mailbox lock was lost; nothing was deleted.")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Renew this process's leases every ``lease_seconds / RENEWALS_PER_LEASE`` and
@@ -314,7 +335,8 @@ class SharedLocks:
     def _lose(self, lease: _Lease) -> None:
         if not lease.lost:
             lease.lost = True
-            log.warning("lease_lost", extra={"fields": {"lease": lease.name}})
+            lease.gone.set()
+            log.warning("lease_lost", extra={"fields": lease.fields()})
 
     def _valid_until(self, started: float) -> float:
         """Until when a lease (re)newed by a call that started at ``started`` is surely

@@ -14,7 +14,8 @@ import pytest
 import trio
 import trio.testing
 
-from popproxy.locks import MaildirMailbox, UpstreamMailbox
+from popproxy.locks import MailboxLost, MaildirMailbox, UpstreamMailbox
+from popproxy.logfmt import SESSION_ID
 from popproxy.maildrop.base import MaildropError, MaildropInUse
 from popproxy.pop3.replies import ResponseCode
 from popproxy.shared_locks import (
@@ -210,6 +211,52 @@ async def test_confirm_renews_and_a_taken_over_lease_is_lost(
             assert lost.value.code is ResponseCode.SYS_TEMP
             assert hold.lost
         assert backend.rows == {}  # two released its own; one had nothing to release
+
+
+async def test_wait_lost_returns_when_a_renewal_finds_the_lease_taken_over_and_logs_its_session(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The renewal task, not the holder's, finds the lease gone: its lease_lost line
+    names the holder's session all the same, and wait_lost returns at once."""
+    backend = TableBackend()
+    (one,) = instances(backend, 1)
+    logging_as = SESSION_ID.set("sess1234")
+    try:
+        async with one.hold(ALICE, wait_seconds=0) as hold:
+            SESSION_ID.reset(logging_as)
+            name = lease_name(ALICE)
+            backend.rows[name] = ("thief", "other-token", trio.current_time() + LEASE)
+            with trio.move_on_after(1) as waiting:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(hold.wait_lost)
+                    await trio.sleep(0.1)
+                    await one.renew()
+            assert not waiting.cancelled_caught  # wait_lost returned
+            with pytest.raises(MailboxLost):
+                await hold.confirm()
+    finally:
+        if SESSION_ID.get() is not None:
+            SESSION_ID.reset(logging_as)
+    [line] = [r for r in caplog.records if r.getMessage() == "lease_lost"]
+    assert line.fields == {"session": "sess1234", "lease": name}  # type: ignore[attr-defined]
+    assert backend.rows[name][0] == "thief"  # one deleted nothing of the thief's
+
+
+async def test_wait_lost_returns_once_the_validity_passes_unrenewed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = TableBackend()
+    (one,) = instances(backend, 1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(one.run)
+        async with one.hold(ALICE, wait_seconds=0) as hold:
+            await trio.sleep(3 * LEASE)  # renewed all along: not lost
+            backend.down = True
+            started = trio.current_time()
+            await hold.wait_lost()
+            assert trio.current_time() - started <= LEASE
+            backend.down = False
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_lease_not_renewed_for_want_of_the_database_is_lost_here_in_time(

@@ -19,6 +19,8 @@ Theory of operation (DESIGN.md, "Gateway data flow"; docs/gateway.md):
 5. The policy, given what is now DELIVERED, says what to delete upstream; the DELEs
    go at QUIT, whose ``+OK`` is needed before the store records the deletions. A
    poll that fails anywhere drops the connection without QUIT: nothing is deleted.
+   Just before the DELEs the poll confirms that it still holds the upstream
+   mailbox (``Hold.confirm``; its lease, across instances: ``gateway/leases.py``).
 
 Steps 1 and 4 are ``durable.py`` (receiving into ``tmp/``, publishing, recovery),
 which runs every file operation in a worker thread behind the gateway's limiter.
@@ -43,6 +45,7 @@ from popproxy.gateway import delivery
 from popproxy.gateway.delivery import DeliveryError, TmpFile
 from popproxy.gateway.dryrun import top_headers
 from popproxy.gateway.durable import Clock, DurableDelivery, Step, StepHook
+from popproxy.locks import HELD_HERE, Hold, MailboxLost
 from popproxy.maildrop.base import MaildropError
 from popproxy.maildrop.connection import UpstreamConnection, UpstreamError, unavailable
 from popproxy.maildrop.retention import decide_view
@@ -141,6 +144,7 @@ class _Session:
     counts: _Counts
     depth: int  # RETRs in flight at once
     poll_id: str  # the session= of the poll's log lines, and of its audit log rows
+    hold: Hold  # the upstream mailbox, confirmed before any DELE
 
 
 class Fetcher:
@@ -171,22 +175,36 @@ class Fetcher:
         self._memos: dict[str, CapabilityMemo] = {}
         self._tls: dict[UpstreamConfig, ssl.SSLContext] = {}
 
-    async def poll(self, config: Config, user: UserConfig, source: FetchSource) -> PollReport:
-        """Poll ``source`` into ``user``'s Maildir once; never raises for a failed poll."""
+    async def poll(
+        self,
+        config: Config,
+        user: UserConfig,
+        source: FetchSource,
+        *,
+        hold: Hold = HELD_HERE,
+        poll_id: str | None = None,
+    ) -> PollReport:
+        """Poll ``source`` into ``user``'s Maildir once; never raises for a failed poll.
+
+        ``hold`` is the caller's hold of the upstream mailbox, confirmed before any
+        DELE; ``poll_id`` names the poll in log lines (a new one if None).
+        """
         key = SourceKey(user.name, source.upstream, source.upstream_user)
-        poll_id = secrets.token_hex(4)
+        poll_id = poll_id or new_poll_id()
         started = trio.current_time()
         counts = _Counts()
         result, reason = PollResult.OK, ""
         store: GatewayStore | None = None
         try:
             store = self._opened = await self._get_store()
-            await self._poll(config, user, source, key, counts, poll_id=poll_id)
+            await self._poll(config, user, source, key, counts, poll_id=poll_id, hold=hold)
         except UpstreamError as exc:
             result = _LOGIN_REFUSED.get(exc.failure, PollResult.UPSTREAM_ERROR)
             reason = f"{exc.failure.value}: {exc.text}"
             if exc.failure is UpstreamFailure.TOKEN_REJECTED:
                 reason += f"; run `popproxy oauth-login` again for {key.label}"
+        except MailboxLost as exc:
+            result, reason = PollResult.LEASE_LOST, exc.text
         except MaildropError as exc:
             result, reason = PollResult.UPSTREAM_ERROR, exc.text
         except DeliveryError as exc:
@@ -225,7 +243,7 @@ class Fetcher:
         if store is not None:
             with contextlib.suppress(StateError):  # the poll's own line says what failed
                 await store.gateway_poll_finished(key, summary)
-        _log_poll(report)
+        log_poll(report)
         return report
 
     # -- the poll ------------------------------------------------------------------------
@@ -239,6 +257,7 @@ class Fetcher:
         counts: _Counts,
         *,
         poll_id: str,
+        hold: Hold,
     ) -> None:
         if user.maildir is None:  # the config refuses it; a caller's bug otherwise
             raise ValueError("a gateway user needs a maildir")
@@ -291,7 +310,7 @@ class Fetcher:
             # RFC 2449 §6.6: several commands in flight only where the upstream says so.
             depth = config.gateway.pipelining_depth if connection.pipelining else 1
             session = _Session(
-                connection, key, root, listing, facts, policy, counts, depth, poll_id
+                connection, key, root, listing, facts, policy, counts, depth, poll_id, hold
             )
             durable |= await self._fetch(session, plan.fetch)
             await self._delete(session, view, durable)
@@ -407,6 +426,9 @@ class Fetcher:
         key, counts = session.key, session.counts
         plan = session.policy.poll_plan(view, durable, self._clock())
         deletes = plan.delete_upstream
+        if deletes:
+            # Still this poll's mailbox (a lease can be lost): if not, no DELE.
+            await session.hold.confirm()
         await session.connection.commit([session.listing[item.index].number for item in deletes])
         await self._durable.step(Step.QUIT_SENT)
         if not deletes:
@@ -494,7 +516,16 @@ def _log_skips(
         )
 
 
-def _log_poll(report: PollReport) -> None:
+_POLL_LEVELS = {PollResult.OK: logging.INFO, PollResult.BUSY: logging.DEBUG}
+
+
+def new_poll_id() -> str:
+    """A poll's id: its log lines' ``session=`` and its audit rows' session."""
+    return secrets.token_hex(4)
+
+
+def log_poll(report: PollReport) -> None:
+    """The poll's ``gateway_poll`` line: info if ok, debug if busy (skipped), else a warning."""
     fields: dict[str, object] = {
         "session": report.poll_id,
         "user": report.source.user,
@@ -508,5 +539,5 @@ def _log_poll(report: PollReport) -> None:
     }
     if report.reason:
         fields["reason"] = report.reason
-    level = logging.INFO if report.result is PollResult.OK else logging.WARNING
+    level = _POLL_LEVELS.get(report.result, logging.WARNING)
     log.log(level, "gateway_poll", extra={"fields": fields})

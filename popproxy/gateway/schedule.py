@@ -6,6 +6,9 @@ failed one it waits ``backoff_initial_seconds``, doubling per consecutive failur
 up to ``backoff_max_seconds``; after a rejected login it waits
 ``auth_backoff_seconds``, doubling up to ``auth_backoff_max_seconds``, because a
 provider locks an account whose logins keep failing (docs/gateway.md, Scheduling).
+A poll that did not run because another holds the mailbox (``busy``), or that
+stopped because its lease was lost (``lease_lost``), changes no backoff: the source
+is tried again after its usual wait.
 
 :class:`Scheduler` runs one poll per source at a time, at most
 ``max_concurrent_polls`` at once and ``max_connections_per_upstream`` per upstream,
@@ -62,6 +65,8 @@ class Backoff:
         match result:
             case PollResult.OK:
                 return Backoff()
+            case PollResult.BUSY | PollResult.LEASE_LOST:
+                return self  # says nothing about the source (gateway/leases.py)
             case PollResult.AUTH_FAILED:
                 failures = self.failures + 1 if self.auth else 1
                 return Backoff(failures, auth=True)

@@ -21,7 +21,7 @@ from typing import Protocol
 import trio
 
 from popproxy.config import Config, TlsMode, UpstreamConfig, UserConfig
-from popproxy.locks import Hold, MailboxLocks, UpstreamMailbox
+from popproxy.locks import Hold, MailboxLocks, UpstreamMailbox, upstream_mailbox
 from popproxy.maildrop.base import Maildrop, MaildropError
 from popproxy.maildrop.maildir import open_maildir
 from popproxy.maildrop.retention import (
@@ -99,7 +99,7 @@ class RouterResources:
 
 def mailbox_of(route: UpstreamRoute) -> UpstreamMailbox:
     """The lock key of an upstream account: the mailbox itself (host, port, user)."""
-    return UpstreamMailbox(route.upstream.host.lower(), route.upstream.port, route.user)
+    return upstream_mailbox(route.upstream.host, route.upstream.port, route.user)
 
 
 class MaildropRouter:

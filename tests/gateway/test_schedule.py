@@ -58,6 +58,15 @@ def test_auth_failures_back_off_much_longer() -> None:
     assert delays([auth, auth, PollResult.MAILDIR_FULL, auth]) == [1000, 2000, 60, 1000]
 
 
+def test_a_busy_or_lease_lost_poll_changes_no_backoff() -> None:
+    """Skipped (another holds the mailbox) or stopped (its lease lost): nothing said
+    about the source, so neither a backoff nor a reset of one."""
+    failed, busy, lost = PollResult.UPSTREAM_ERROR, PollResult.BUSY, PollResult.LEASE_LOST
+    assert delays([busy, lost, busy]) == [300, 300, 300]
+    assert delays([failed, failed, busy, lost, failed]) == [60, 120, 120, 120, 240]
+    assert Backoff(3, auth=True).after(busy) == Backoff(3, auth=True)
+
+
 def test_jitter_adds_a_share_of_jitter_seconds() -> None:
     gateway = dataclasses.replace(GATEWAY, jitter_seconds=30)
     assert Backoff().delay(gateway, 0.5) == 315
