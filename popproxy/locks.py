@@ -78,8 +78,9 @@ class Hold(Protocol):
         ...
 
     async def wait_lost(self) -> None:
-        """Return once this holder knows the mailbox lost (its lease lapsed or was
-        taken over); a lock that cannot lose a held mailbox never returns."""
+        """Return once the mailbox is known lost (its lease lapsed or was taken over)
+        other than through ``confirm`` (which raises); a lock that cannot lose a held
+        mailbox never returns."""
         ...
 
 

@@ -126,7 +126,7 @@ class _Lease:
     valid_until: float  # trio time; past it the lease counts as lost here
     session: str | None = None  # the session or poll holding it now (log lines)
     lost: bool = False
-    gone: trio.Event = field(default_factory=trio.Event)  # set when found lost
+    gone: trio.Event = field(default_factory=trio.Event)  # set when a renewal found it lost
 
     def fields(self, **more: object) -> dict[str, object]:
         """The fields of a ``lease_*`` line about this lease."""
@@ -151,7 +151,8 @@ class SharedHold:
 
     async def wait_lost(self) -> None:
         """See ``Hold.wait_lost``: a renewal found the lease lost, or its validity
-        passed without one (the database may then let another holder in)."""
+        passed without one (the database may then let another holder in). A loss that
+        the holder's own ``confirm`` found is told by its ``MailboxLost`` instead."""
         lease = self._lease
         while not self.lost:  # ends: lost, or valid_until passes unmoved
             with trio.move_on_at(lease.valid_until):
@@ -331,11 +332,11 @@ class SharedLocks:
                 lease.valid_until = max(lease.valid_until, valid_until)
             else:
                 self._lose(lease)
+                lease.gone.set()  # its holder learns it from wait_lost
 
     def _lose(self, lease: _Lease) -> None:
         if not lease.lost:
             lease.lost = True
-            lease.gone.set()
             log.warning("lease_lost", extra={"fields": lease.fields()})
 
     def _valid_until(self, started: float) -> float:

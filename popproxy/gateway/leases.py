@@ -15,7 +15,10 @@ several instances (``popproxy/shared_locks.py``, docs/scaling.md).
   not be renewed in time) stops the poll at once: like a shutdown, nothing is
   deleted and what arrived whole is kept (docs/gateway.md, the crash table).
 - The poll's id is the log context's session (``logfmt.SESSION_ID``), so the
-  ``lease_*`` lines of its lease name it as the ``gateway_poll`` line does.
+  ``lease_*`` lines of its lease name it as the ``gateway_poll`` line does. A debug
+  ``gateway_poll_started`` line is logged once the mailbox is held, so a poll's
+  ``gateway_poll_started`` and ``gateway_poll`` lines bracket its upstream session
+  (``gateway_poll_cancelled`` instead of the latter for a poll a shutdown cut short).
 """
 
 from __future__ import annotations
@@ -98,7 +101,13 @@ class LeasedPoller:
         try:
             mailbox = source_mailbox(config, source)
             async with self._locks.hold(mailbox, wait_seconds=self._wait_seconds) as hold:
-                report = await self._poll_holding(hold, config, user, source, poll_id)
+                fields = {"session": poll_id, "user": key.user, "source": key.label}
+                log.debug("gateway_poll_started", extra={"fields": fields})
+                try:
+                    report = await self._poll_holding(hold, config, user, source, poll_id)
+                except BaseException:  # cancelled from outside (a shutdown): nothing deleted
+                    log.info("gateway_poll_cancelled", extra={"fields": fields})
+                    raise
                 if report is None:  # cancelled when the lease was lost
                     report = PollReport(
                         key,

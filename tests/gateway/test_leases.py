@@ -242,3 +242,18 @@ async def test_a_database_that_cannot_be_asked_is_a_state_error(
     report = await LeasedPoller(fetcher, locks).poll(*setup)
     assert report.result is PollResult.STATE_ERROR
     assert not fetcher.calls
+
+
+async def test_a_poll_cut_short_by_a_shutdown_logs_its_end_and_gives_the_mailbox_back(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="popproxy")
+    locks = InProcessLocks()
+    fetcher = ScriptedPoller(forever=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(LeasedPoller(fetcher, locks).poll, *setup)
+        await fetcher.started.wait()
+        nursery.cancel_scope.cancel()
+    assert not locks.held(MAILBOX)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("gateway")]
+    assert lines == ["gateway_poll_started", "gateway_poll_cancelled"]

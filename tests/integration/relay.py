@@ -91,6 +91,11 @@ class HoldingRelay:
         except OSError:
             return
 
+    def pass_quits(self) -> None:
+        """Hold nothing more: a connection's QUIT from now on reaches the upstream (one
+        already held stays held)."""
+        self._hold = Hold.NOTHING
+
     def close(self) -> None:
         self._closed = True
         self._listener.close()
