@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import sys
 import threading
 import time
 from collections import Counter
@@ -37,7 +38,7 @@ from state.state_backends import PostgresBackend, new_postgres_backend
 from popproxy.config import load_config
 from popproxy.gateway.durable import Step
 from popproxy.gateway.fetcher import Fetcher
-from popproxy.gateway.leases import LeasedPoller
+from popproxy.gateway.leases import LeasedPoller, source_mailbox
 from popproxy.maildrop.retention import utc_now
 from popproxy.outcomes import PollResult
 from popproxy.shared_locks import SharedLocks
@@ -404,5 +405,61 @@ async def test_a_lease_lost_before_the_deletions_deletes_nothing(
         await trio.to_thread.run_sync(dovecot.wait_sessions_ended, account, 2)
         assert account.count() == 0
         assert local_digests(user.maildir) == expected
+    finally:
+        dovecot.remove_user(account)
+
+
+async def fetch_once(config: Path) -> tuple[int, str]:
+    """``popproxy fetch --once`` as a process of its own (its exit code and log)."""
+    proc = await trio.run_process(
+        [
+            *(sys.executable, "-m", "popproxy", "fetch", "--once", "-c", str(config)),
+            *("--log-level", "debug"),
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    return proc.returncode, proc.stderr.decode()
+
+
+async def test_fetch_once_waits_for_a_source_another_instance_holds_then_polls_it(
+    tmp_path: Path, tls_files: TlsFiles, dovecot: DovecotServer, pg_database: str
+) -> None:
+    """While another instance holds the source's lease, ``popproxy fetch --once`` on the
+    same PostgreSQL store waits account_wait_seconds, leaves the source alone (busy,
+    exit 0); once the lease is given back it polls it."""
+    account = dovecot.add_user()
+    expected: Counter[str] = Counter()
+    backend = new_postgres_backend(pg_database)
+    try:
+        deliver([account], 0, expected)
+        user = gateway_user(tmp_path, [account])
+        path = write_config(
+            tmp_path / "popproxy.yaml",
+            users=[user],
+            tls=tls_files,
+            listeners=["none"],
+            upstreams={UPSTREAM: upstream_for(dovecot, "none")},
+            state=backend.url,
+            limits={"account_wait_seconds": 0.5},
+        )
+        config = load_config(path)
+        shared = SharedOpener(config.state)
+        try:
+            other = SharedLocks(shared, lease_seconds=config.state.lease_seconds)
+            mailbox = source_mailbox(config, config.users[user.name].fetch[0])
+            async with other.hold(mailbox, wait_seconds=0):
+                code, log = await fetch_once(path)
+                assert code == 0, log
+                assert "result=busy" in log, log
+                assert account.count() == len(expected)
+                assert not local_digests(user.maildir)
+        finally:
+            await shared.aclose()
+        code, log = await fetch_once(path)
+        assert code == 0, log
+        assert local_digests(user.maildir) == expected
+        assert account.count() == 0
     finally:
         dovecot.remove_user(account)
