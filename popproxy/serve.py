@@ -49,16 +49,13 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
-from pathlib import Path
 
 import trio
 from prometheus_client import CollectorRegistry
 
-from popproxy.background import Background
+from popproxy.background import Background, keep_snapshot
 from popproxy.binding import bind_listener
 from popproxy.config import Config, ListenerConfig, TlsMode
-from popproxy.config.snapshot import snapshot_dir_of, write_snapshot
 from popproxy.gateway.leases import LeasedPoller
 from popproxy.gateway.schedule import Scheduler
 from popproxy.maildrop.retention import Clock, utc_now
@@ -414,25 +411,8 @@ class Server:
         return outcome
 
     async def keep_snapshot(self) -> None:
-        """Keep a copy of the files the running config was loaded from, for
-        ``check-config --against-running`` (popproxy/config/snapshot.py). A copy that
-        cannot be written is logged; serving goes on."""
-        config = self.config
-        directory = snapshot_dir_of(config)
-        if directory is None:
-            return
-        try:
-            written = await trio.to_thread.run_sync(
-                write_snapshot, config, directory, Path.cwd(), datetime.now(UTC)
-            )
-        except OSError as exc:
-            log.warning(
-                "snapshot_not_written",
-                extra={"fields": {"directory": directory, "reason": exc.strerror or str(exc)}},
-            )
-            return
-        if written:
-            log.info("snapshot_written", extra={"fields": {"directory": directory}})
+        """Keep a copy of the files the running config was loaded from."""
+        await keep_snapshot(self.config)
 
     def _reload_failed(self, reason: str) -> ReloadOutcome:
         log.error("reload_failed", extra={"fields": {"reason": reason}})
