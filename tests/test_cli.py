@@ -21,6 +21,7 @@ from state.state_backends import BACKENDS, new_postgres_backend
 from popproxy import __version__, cli
 from popproxy.auth.passwords import hash_password, parse_hash, verify_password
 from popproxy.commands import check_config
+from popproxy.commands import hash_password as hash_command
 from popproxy.config import StateConfig
 from popproxy.secret import Secret
 from popproxy.state import open_store
@@ -350,7 +351,7 @@ def test_hash_password_default_cost() -> None:
 def test_hash_password_reads_one_line(
     data: bytes, password: bytes, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli._cmd_hash_password(4, FakeStdin(data), sys.stdout, sys.stderr) == 0
+    assert hash_command.hash_from(4, FakeStdin(data), sys.stdout, sys.stderr) == 0
     phc = capsys.readouterr().out.strip()
     assert verify_password(phc, Secret(password))
 
@@ -359,15 +360,15 @@ def test_hash_password_reads_one_line(
 def test_hash_password_refuses_an_empty_password(
     data: bytes, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli._cmd_hash_password(4, FakeStdin(data), sys.stdout, sys.stderr) == 2
+    assert hash_command.hash_from(4, FakeStdin(data), sys.stdout, sys.stderr) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "empty password" in captured.err
 
 
 def test_hash_password_refuses_a_huge_password(capsys: pytest.CaptureFixture[str]) -> None:
-    data = b"x" * (cli.MAX_PASSWORD_BYTES + 1) + b"\n"
-    assert cli._cmd_hash_password(4, FakeStdin(data), sys.stdout, sys.stderr) == 2
+    data = b"x" * (hash_command.MAX_PASSWORD_BYTES + 1) + b"\n"
+    assert hash_command.hash_from(4, FakeStdin(data), sys.stdout, sys.stderr) == 2
     assert "longer than" in capsys.readouterr().err
 
 
@@ -382,7 +383,7 @@ def test_hash_password_on_a_tty_asks_twice(
 ) -> None:
     answers = iter(["tty-pw", "tty-pw"])
     monkeypatch.setattr(getpass, "getpass", lambda prompt="": next(answers))
-    assert cli._cmd_hash_password(4, FakeStdin(b"", tty=True), sys.stdout, sys.stderr) == 0
+    assert hash_command.hash_from(4, FakeStdin(b"", tty=True), sys.stdout, sys.stderr) == 0
     assert verify_password(capsys.readouterr().out.strip(), Secret.from_str("tty-pw"))
 
 
@@ -391,7 +392,7 @@ def test_hash_password_on_a_tty_mismatch(
 ) -> None:
     answers = iter(["one", "two"])
     monkeypatch.setattr(getpass, "getpass", lambda prompt="": next(answers))
-    assert cli._cmd_hash_password(4, FakeStdin(b"", tty=True), sys.stdout, sys.stderr) == 2
+    assert hash_command.hash_from(4, FakeStdin(b"", tty=True), sys.stdout, sys.stderr) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "do not match" in captured.err

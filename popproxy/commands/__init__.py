@@ -1,8 +1,8 @@
-"""What the ``popproxy`` subcommands print, and the work behind it.
+"""The ``popproxy`` subcommands but ``run`` and ``version``, one module each.
 
-``popproxy/cli.py`` keeps argv, logging setup, signals, ``trio.run`` and exit codes
-(DESIGN.md, Layers); the modules here build the text a subcommand prints
-(``check_config``), read or prune the state store (``state``) and settle the
-settings ``oauth-login`` signs in with (``oauth_login``), so they can be
-tested without a process around them.
+Every module is wired the same way: ``add_parser(commands)`` declares the subcommand
+and its options on the top-level parser of ``popproxy/cli.py``, and ``run(args)`` does
+its work, prints, and returns the exit code to ``cli.py`` (which alone reads argv, sets
+up logging, handles signals and exits). ``common`` holds what they share. The work and
+the text are plain functions beside ``run``, tested without a process around them.
 """

@@ -1,13 +1,88 @@
-"""What ``popproxy check-config`` prints: the effective config, the retention policy of
-each user, and with ``--against`` what a reload would apply (docs/configuration.md,
-docs/rules.md "Checking rules", docs/operations.md "Reloading")."""
+"""``popproxy check-config``: its options, and what it prints: the effective config, the
+retention policy of each user, and with ``--against`` what a reload would apply
+(docs/configuration.md, docs/rules.md "Checking rules", docs/operations.md "Reloading")."""
 
 from __future__ import annotations
 
-from popproxy.config import Config, FetchSource
+import argparse
+import sys
+from pathlib import Path
+
+from popproxy.commands.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Subcommands, load
+from popproxy.config import Config, ConfigError, FetchSource
 from popproxy.maildrop.route import MaildirRoute, UpstreamRoute, route_of
 from popproxy.policy import EXPIRE_NEVER, AccountPolicy, Action, Setting
-from popproxy.reload import ConfigChanges, NamedChanges
+from popproxy.reload import ConfigChanges, NamedChanges, config_changes
+
+
+def add_parser(commands: Subcommands) -> None:
+    """Declare ``popproxy check-config`` and its options."""
+    check = commands.add_parser(
+        "check-config", help="validate a config file and print what it sets up"
+    )
+    check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    against = check.add_mutually_exclusive_group()
+    against.add_argument(
+        "--against",
+        metavar="OLD_FILE",
+        help=(
+            "also compare with another config file: say what a reload (SIGHUP) from it"
+            " would apply and which changes need a restart (its rules are read from its"
+            " own rules_dir)"
+        ),
+    )
+    against.add_argument(
+        "--against-running",
+        action="store_true",
+        help=(
+            "compare with the files popproxy run last loaded (the copy it keeps in"
+            " snapshot_dir): what a reload now would change, rules included"
+        ),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the summary, and the changes against the other config or the running one."""
+    config = load(Path(args.config), on_this_host=True)
+    if config is None:
+        return EXIT_USAGE
+    print(summarize(config))
+    if args.against is not None:
+        against = Path(args.against)
+        old = load(against)
+        if old is None:
+            return EXIT_USAGE
+        print(describe_changes(config_changes(old, config), str(against)))
+    if args.against_running:
+        return _against_running(config)
+    return EXIT_OK
+
+
+def _against_running(config: Config) -> int:
+    """check-config --against-running: compare with what ``run`` last loaded."""
+    from popproxy.config.snapshot import SnapshotError, load_snapshot, snapshot_dir_of
+
+    directory = snapshot_dir_of(config)
+    if directory is None:
+        print(
+            "popproxy check-config: no snapshot to compare with: set snapshot_dir (a"
+            " PostgreSQL state has no directory of its own for it)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    try:
+        snapshot = load_snapshot(directory)
+    except SnapshotError as exc:
+        print(f"popproxy check-config: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        print(f"{directory}: the running config's copy no longer loads", file=sys.stderr)
+        return EXIT_FAILURE
+    label = f"the running config (loaded {snapshot.loaded_at}, copy in {directory})"
+    print(describe_changes(config_changes(snapshot.config, config), label))
+    return EXIT_OK
 
 
 def describe_changes(changes: ConfigChanges, against: str) -> str:

@@ -21,7 +21,7 @@ from test_cli import (  # the state commands' fixtures and helpers
 )
 
 from popproxy import cli
-from popproxy.commands.audit import parse_since
+from popproxy.commands.audit import MAX_AUDIT_LIMIT, parse_since
 from popproxy.state.base import MAX_AUDIT_ROWS, Disposal
 
 __all__ = ["in_tmp", "state_url"]  # fixtures, used by name
@@ -176,7 +176,7 @@ def test_audit_usage_errors(
 
 
 def test_the_largest_limit_is_one_row_less_than_a_store_call() -> None:
-    assert cli.MAX_AUDIT_LIMIT == MAX_AUDIT_ROWS - 1
+    assert MAX_AUDIT_LIMIT == MAX_AUDIT_ROWS - 1
 
 
 def test_since_days_ago_counts_from_now() -> None:
