@@ -8,21 +8,21 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from test_cli import (  # the state commands' fixtures and helpers
-    ALICE_ACCOUNT,
-    STATE_T0,
-    TEAM_ACCOUNT,
-    fill_state,
-    in_tmp,
-    run_popproxy,
-    state_config,
-    state_session,
-    state_url,
-)
+from test_cli import in_tmp, run_popproxy
 
 from popproxy import cli
 from popproxy.commands.audit import MAX_AUDIT_LIMIT, parse_since
 from popproxy.state.base import MAX_AUDIT_ROWS, Disposal
+
+from .test_state import (  # the state commands' fixtures and helpers
+    ALICE_ACCOUNT,
+    STATE_T0,
+    TEAM_ACCOUNT,
+    fill_state,
+    state_config,
+    state_session,
+    state_url,
+)
 
 __all__ = ["in_tmp", "state_url"]  # fixtures, used by name
 
