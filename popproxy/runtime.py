@@ -42,6 +42,7 @@ from popproxy.reload import (
 )
 from popproxy.shared_locks import SharedLocks
 from popproxy.state import POSTGRES_SCHEMES
+from popproxy.state.facts_cache import FactsCache
 from popproxy.state.opener import SharedOpener, StoreOpener
 from popproxy.tls import LoadedTls, TlsError, load_server_tls, upstream_tls_contexts
 
@@ -95,6 +96,8 @@ class ProcessState:
                 clock=clock,
                 metrics=metrics,
                 tokens=tokens,
+                # sqlite: one process writes the file, so it can keep the facts coherent.
+                facts=FactsCache() if config.state.url.startswith("sqlite:///") else None,
             ),
         )
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence, Set
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -56,6 +56,7 @@ from popproxy.state.base import (
     StateError,
     StateStore,
 )
+from popproxy.state.facts_cache import FactsCache, KnownMessage
 
 log = logging.getLogger("popproxy.retention")
 
@@ -97,6 +98,9 @@ class RetentionContext:
     clock: Clock
     # Where policy actions are counted; by default a Metrics nobody reads (explain, tests).
     metrics: Metrics = field(default_factory=Metrics.unexported)
+    # The store's facts kept in memory (sqlite only: state/facts_cache.py); None reads
+    # the store at every login.
+    facts_cache: FactsCache | None = None
 
 
 async def open_retained(
@@ -117,8 +121,14 @@ async def open_retained(
     """
     listing = inner.messages
     now = context.clock()
+    uids = [m.uid for m in listing]
+    cache = context.facts_cache
     try:
-        facts = await context.store.facts(context.account, context.user, [m.uid for m in listing])
+        facts: Mapping[str, KnownMessage]
+        if cache is not None:
+            facts = await cache.facts(context.store, context.account, context.user, uids)
+        else:
+            facts = await context.store.facts(context.account, context.user, uids)
     except StateError as exc:
         log.error(  # noqa: TRY400 (the reason is in the line; a traceback adds nothing)
             "state_unavailable", extra={"fields": _fields(context, reason=str(exc))}
@@ -325,8 +335,10 @@ class RetainedMaildrop:
             expired=reasons[Reason.EXPIRED],
             retrieved=reasons[Reason.RETRIEVED],
         )
+        stored = False
         try:
             await context.store.record(record)
+            stored = True
         except StateError as exc:
             log.error(  # noqa: TRY400 (the reason is in the line; a traceback adds nothing)
                 "state_not_recorded", extra={"fields": _fields(context, reason=str(exc))}
@@ -336,6 +348,13 @@ class RetainedMaildrop:
                 "Deletions done, but the mailbox state was not saved.",
                 committed=deletions,
             ) from None
+        finally:
+            if context.facts_cache is not None:
+                # Failed or cancelled, the record may or may not be in the store.
+                if stored:
+                    context.facts_cache.recorded(record)
+                else:
+                    context.facts_cache.forget(context.account)
         for planned in plan.hide:
             self._audit(planned.uid, planned.rule, _ACTIONS[planned.reason])
             # The same DELE, seen from the upstream: the keep rule left the message there.

@@ -36,6 +36,7 @@ from popproxy.metrics import Metrics
 from popproxy.oauth2.cache import TokenCache
 from popproxy.pop3.replies import ResponseCode
 from popproxy.state.base import AccountKey, StateError, StateStore
+from popproxy.state.facts_cache import FactsCache
 
 # The logger the state_unavailable line has always had (the router lived in serve.py).
 log = logging.getLogger("popproxy.serve")
@@ -95,6 +96,9 @@ class RouterResources:
     metrics: Metrics = field(default_factory=Metrics.unexported)
     # OAuth2 access tokens of the token upstreams' accounts (a reload keeps them).
     tokens: TokenCache = field(default_factory=TokenCache)
+    # The store's facts kept in memory, where this process is the store's one writer
+    # (sqlite); None reads the store at every login.
+    facts: FactsCache | None = None
 
 
 def mailbox_of(route: UpstreamRoute) -> UpstreamMailbox:
@@ -188,6 +192,7 @@ class MaildropRouter:
                 store=store,
                 clock=shared.clock,
                 metrics=shared.metrics,
+                facts_cache=shared.facts,
             )
             try:
                 return await open_retained(

@@ -44,6 +44,7 @@ from popproxy.state.base import (
     StateStore,
     StoredMessage,
 )
+from popproxy.state.facts_cache import FactsCache
 
 ACCOUNT = AccountKey("provider", "shared@example.net")
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -88,7 +89,14 @@ async def store(tmp_path: Path) -> AsyncIterator[StateStore]:
 class Opener:
     """Opens sessions of one local user on the Maildir, as the router does upstream."""
 
-    def __init__(self, maildir: Path, store: StateStore, policy: Policy) -> None:
+    def __init__(
+        self,
+        maildir: Path,
+        store: StateStore,
+        policy: Policy,
+        facts_cache: FactsCache | None = None,
+    ) -> None:
+        self.facts_cache = facts_cache
         self.maildir = maildir
         self.store = store
         self.policy = policy
@@ -113,6 +121,7 @@ class Opener:
             store=self.store,
             clock=self.clock,
             metrics=self.metrics,
+            facts_cache=self.facts_cache,
         )
         inner = await open_maildir(self.maildir)
         return await open_retained(inner, context, on_close=self._release, confirm=self.confirm)
@@ -180,6 +189,63 @@ async def test_keep_a_dele_hides_for_this_user_only_and_for_good(
     # The rule kept the two messages the client marked (issue 16, item 7).
     assert opener.action_count("keep-all", PolicyAction.KEPT) == 2
     assert opener.action_count("keep-all", PolicyAction.DELETED) == 0
+
+
+class Reads:
+    """The real store; the logins' reads of it are counted."""
+
+    def __init__(self, inner: StateStore) -> None:
+        self.inner = inner
+        self.reads = 0
+
+    async def facts(
+        self, account: AccountKey, user: str, uids: Collection[str]
+    ) -> Mapping[str, MessageFacts]:
+        self.reads += 1
+        return await self.inner.facts(account, user, uids)
+
+
+async def test_with_the_facts_cache_a_hide_holds_and_a_returning_login_reads_nothing(
+    maildir: Path, store: StateStore
+) -> None:
+    cache = FactsCache()
+    opener = Opener(maildir, store, keep_policy(), cache)
+    reads = Reads(store)
+    first = await opener.open("phone")
+    uids = subjects(first)
+    await first.commit(set())  # the store knows the listing from now on
+    await first.aclose()
+    second = await opener.open("phone")  # reads it (the store did not know it before)
+    assert await second.commit({0, 2}) == Committed(hidden=2)
+    await second.aclose()
+    cached = await cache.facts(reads, ACCOUNT, "phone", uids)
+    assert [uid for uid in uids if cached[uid].hidden] == [uids[0], uids[2]]
+    assert reads.reads == 0  # the QUIT's record updated the entry the login made
+    again = await opener.open("phone")
+    assert subjects(again) == [uids[1]]
+    await again.aclose()
+    desk = await opener.open("desk")
+    assert subjects(desk) == uids
+    await desk.aclose()
+
+
+async def test_with_the_facts_cache_a_failed_record_drops_the_account(
+    maildir: Path, store: StateStore
+) -> None:
+    cache = FactsCache()
+    session = await Opener(maildir, store, keep_policy(), cache).open("phone")
+    await session.commit(set())
+    await session.aclose()
+    failing = await Opener(maildir, FullDisk(store), keep_policy(), cache).open("phone")
+    with pytest.raises(MaildropError):
+        await failing.commit({0})
+    await failing.aclose()
+    reads = Reads(store)
+    uids = [m.uid for m in session.messages]
+    await cache.facts(reads, ACCOUNT, "phone", uids)
+    assert reads.reads == 1  # read again: the entry went with the failed record
+    await cache.facts(reads, ACCOUNT, "phone", uids)
+    assert reads.reads == 1
 
 
 async def test_no_quit_no_record_and_no_deletion(maildir: Path, store: StateStore) -> None:

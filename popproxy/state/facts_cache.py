@@ -1,0 +1,198 @@
+"""What retention rules read at login (size, first seen, hidden), kept in memory.
+
+A login asks the state store what it knows of every UIDL of the listing
+(``StateStore.facts``): for a mailbox of 100,000 messages that is most of the
+login's time, and for every login a thread hand-off. ``FactsCache`` keeps the
+answer per (account, local user) and updates it from this process's own QUIT
+records, so that a returning user's login asks the store only about UIDLs it has
+not seen before, and nothing at all when the listing is the same.
+
+Coherent only where this process is the store's one writer: a sqlite file serves
+one process (docs/scaling.md), and every write to what is kept here is a
+``SessionRecord`` of this process's sessions. With PostgreSQL other instances
+write behind it, so the server makes no cache there. What the cache keeps after a
+record mirrors the store's rules (docs/state.md): a listed UIDL of the same size
+keeps the earlier first-seen time; another size is new content, asked of the store
+again; a UIDL the store did not know is known after the record, so it is asked
+again too; a hide is this user's for good. A record that fails or is cancelled
+may or may not be stored: the account's entries are dropped. A read of the store
+that a record of the same account overtook is used for that login and not kept.
+Entries live at most ``FACTS_CACHE_SECONDS`` (trio's clock), which also bounds
+how stale an entry can be after ``popproxy state prune`` ran in another process.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+import trio
+
+from popproxy.state.base import AccountKey, MessageFacts, SessionRecord
+
+# Messages kept over all entries (about 200 bytes each: 40 MB at most); a listing
+# longer than this is never kept. Least recently used entries go first.
+FACTS_CACHE_MESSAGES = 200_000
+# How long an entry is used before it is read from the store again.
+FACTS_CACHE_SECONDS = 600.0
+
+
+class FactsSource(Protocol):
+    """Where the facts come from: ``StateStore.facts``."""
+
+    async def facts(
+        self, account: AccountKey, user: str, uids: Collection[str]
+    ) -> Mapping[str, MessageFacts]: ...
+
+
+class KnownMessage(Protocol):
+    """What a rule reads of a UIDL the store knows (``MessageFacts`` is one)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def first_seen(self) -> datetime: ...
+
+    @property
+    def hidden(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RuleFacts:
+    """A ``KnownMessage`` the cache changed after a record."""
+
+    size: int
+    first_seen: datetime
+    hidden: bool
+
+
+class _Entry:
+    """One (account, user): ``known`` as the store would answer, for every UIDL of
+    ``asked`` (a UIDL of ``asked`` not in ``known`` is one the store does not know)."""
+
+    __slots__ = ("asked", "expires", "known")
+
+    def __init__(self, known: dict[str, KnownMessage], asked: set[str], expires: float) -> None:
+        self.known = known
+        self.asked = asked
+        self.expires = expires
+
+
+class FactsCache:
+    """Per (account, local user), the store's facts of the UIDLs last listed."""
+
+    def __init__(
+        self,
+        *,
+        max_messages: int = FACTS_CACHE_MESSAGES,
+        ttl_seconds: float = FACTS_CACHE_SECONDS,
+    ) -> None:
+        self._max_messages = max_messages
+        self._ttl_seconds = ttl_seconds
+        self._entries: OrderedDict[tuple[AccountKey, str], _Entry] = OrderedDict()
+        self._messages = 0  # len(entry.asked) over all entries
+        # Writes seen while a read of the store was in flight: account -> write number.
+        # Emptied whenever no read is in flight (one key per account at most).
+        self._writes = 0
+        self._written: dict[AccountKey, int] = {}
+        self._reads = 0
+
+    @property
+    def messages(self) -> int:
+        """How many UIDLs the cache holds facts (or the store's not knowing) of."""
+        return self._messages
+
+    async def facts(
+        self, store: FactsSource, account: AccountKey, user: str, uids: Sequence[str]
+    ) -> Mapping[str, KnownMessage]:
+        """``store.facts(account, user, uids)`` as far as rules read it; the store is
+        asked only about UIDLs the entry does not cover. The mapping may hold UIDLs
+        beyond ``uids``; the caller must not change it."""
+        key = (account, user)
+        now = trio.current_time()
+        entry = self._entries.get(key)
+        if entry is not None and entry.expires <= now:
+            self._drop(key)
+            entry = None
+        if entry is None:
+            missing: Sequence[str] = uids
+        else:
+            asked = entry.asked
+            missing = [uid for uid in uids if uid not in asked]
+            if not missing:
+                self._entries.move_to_end(key)
+                return entry.known
+        started = self._writes
+        self._reads += 1
+        try:
+            read = await store.facts(account, user, missing)
+        finally:
+            self._reads -= 1
+            overtaken = self._written.get(account, -1) > started
+            if not self._reads:
+                self._written.clear()
+        known: dict[str, KnownMessage] = {}
+        cached = entry.known if entry is not None else {}
+        for uid in uids:
+            fact: KnownMessage | None = read.get(uid)
+            if fact is None:
+                fact = cached.get(uid)
+            if fact is not None:
+                known[uid] = fact
+        if not overtaken and len(uids) <= self._max_messages:
+            entry = self._entries.get(key)  # another login of this user may have filled it
+            expires = entry.expires if entry is not None else now + self._ttl_seconds
+            self._store(key, _Entry(known, set(uids), expires))
+        return known
+
+    def recorded(self, record: SessionRecord) -> None:
+        """``record`` was committed: bring the account's entries up to date."""
+        self._wrote(record.account)
+        entries = [(key, e) for key, e in self._entries.items() if key[0] == record.account]
+        if not entries:
+            return
+        at = record.at
+        for (_, user), entry in entries:
+            known, asked = entry.known, entry.asked
+            for seen in record.seen:
+                fact = known.get(seen.uid)
+                if fact is None:
+                    asked.discard(seen.uid)  # the store knows it now: ask it next time
+                elif fact.size != seen.size:
+                    del known[seen.uid]  # other content under the UIDL: the store decides
+                    asked.discard(seen.uid)
+                elif at < fact.first_seen:  # a late record: the store keeps the earlier
+                    known[seen.uid] = RuleFacts(fact.size, at, fact.hidden)
+            if user == record.user:
+                for hidden in record.hidden:
+                    fact = known.get(hidden.uid)
+                    if fact is not None and not fact.hidden:
+                        known[hidden.uid] = RuleFacts(fact.size, fact.first_seen, True)
+        self._messages = sum(len(e.asked) for e in self._entries.values())
+
+    def forget(self, account: AccountKey) -> None:
+        """A record of ``account`` may or may not be stored: drop its entries."""
+        self._wrote(account)
+        for key in [key for key in self._entries if key[0] == account]:
+            self._drop(key)
+
+    def _wrote(self, account: AccountKey) -> None:
+        if self._reads:
+            self._writes += 1
+            self._written[account] = self._writes
+
+    def _store(self, key: tuple[AccountKey, str], entry: _Entry) -> None:
+        self._drop(key)
+        self._entries[key] = entry
+        self._messages += len(entry.asked)
+        while self._messages > self._max_messages:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: tuple[AccountKey, str]) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._messages -= len(entry.asked)

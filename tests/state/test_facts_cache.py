@@ -1,0 +1,260 @@
+"""FactsCache: a login's facts from memory, always what the sqlite store would answer.
+
+The store is the real sqlite store in a temporary file; ``Asked`` only counts what
+the cache asks of it. The property test runs sequences of records (in and out of
+time order, with hides, reused UIDLs and new ones) and logins, and compares every
+cached answer with the store's own.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import hypothesis.strategies as st
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+
+from popproxy.config import StateConfig
+from popproxy.state import StoreBackend, open_store
+from popproxy.state.base import AccountKey, Disposal, MessageFacts, SeenMessage, SessionRecord
+from popproxy.state.facts_cache import FACTS_CACHE_SECONDS, FactsCache, KnownMessage
+
+ACCOUNTS = (AccountKey("up", "box1"), AccountKey("up", "box2"))
+USERS = ("alice", "bob")
+UIDS = ("u1", "u2", "u3", "u4", "u5")
+T0 = datetime(2024, 5, 1, tzinfo=UTC)
+STEP = timedelta(hours=1)
+
+
+class Asked:
+    """The real store; ``facts`` calls are counted with the UIDLs asked. ``hold``
+    makes the next read wait until the test lets it finish."""
+
+    def __init__(self, inner: StoreBackend) -> None:
+        self.inner = inner
+        self.asked: list[list[str]] = []
+        self.hold: trio.Event | None = None
+        self.reading = trio.Event()
+
+    async def facts(
+        self, account: AccountKey, user: str, uids: Collection[str]
+    ) -> Mapping[str, MessageFacts]:
+        self.asked.append(list(uids))
+        answer = await self.inner.facts(account, user, uids)
+        if self.hold is not None:
+            self.reading.set()
+            await self.hold.wait()
+        return answer
+
+
+def rules_read(
+    facts: Mapping[str, KnownMessage], uids: Sequence[str]
+) -> dict[str, tuple[object, ...]]:
+    return {
+        uid: (fact.size, fact.first_seen, fact.hidden)
+        for uid in uids
+        if (fact := facts.get(uid)) is not None
+    }
+
+
+def record(
+    at: datetime,
+    listing: Mapping[str, int],
+    *,
+    account: AccountKey = ACCOUNTS[0],
+    user: str = "alice",
+    hidden: Sequence[str] = (),
+) -> SessionRecord:
+    return SessionRecord(
+        account=account,
+        user=user,
+        session_id="s",
+        at=at,
+        seen=tuple(SeenMessage(uid, size) for uid, size in listing.items()),
+        hidden=tuple(Disposal(uid, "keep") for uid in hidden),
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Asked]:
+    opened = await open_store(StateConfig(url=f"sqlite:///{tmp_path / 'state.db'}"))
+    try:
+        yield Asked(opened)
+    finally:
+        await opened.aclose()
+
+
+async def recorded(store: Asked, cache: FactsCache, one: SessionRecord) -> None:
+    """A QUIT's record, as retention writes it: the store, then the cache."""
+    await store.inner.record(one)
+    cache.recorded(one)
+
+
+async def test_a_returning_login_asks_the_store_only_about_new_uidls(store: Asked) -> None:
+    cache = FactsCache()
+    listing = {"u1": 10, "u2": 20}
+    await recorded(store, cache, record(T0, listing))
+    first = await cache.facts(store, ACCOUNTS[0], "alice", ["u1", "u2"])
+    assert rules_read(first, ["u1", "u2"]) == {"u1": (10, T0, False), "u2": (20, T0, False)}
+    await recorded(store, cache, record(T0 + STEP, listing, hidden=["u2"]))
+    again = await cache.facts(store, ACCOUNTS[0], "alice", ["u1", "u2"])
+    assert rules_read(again, ["u1", "u2"]) == {"u1": (10, T0, False), "u2": (20, T0, True)}
+    more = await cache.facts(store, ACCOUNTS[0], "alice", ["u1", "u2", "u3"])
+    assert "u3" not in more  # new mail: the store does not know it yet
+    assert store.asked == [["u1", "u2"], ["u3"]]
+    # Another user of the account has an entry of its own; alice's hide is not bob's.
+    bobs = await cache.facts(store, ACCOUNTS[0], "bob", ["u1", "u2"])
+    assert rules_read(bobs, ["u2"]) == {"u2": (20, T0, False)}
+    assert len(store.asked) == 3
+
+
+async def test_a_record_updates_each_entry_of_its_account_as_the_store(store: Asked) -> None:
+    cache = FactsCache()
+    await recorded(store, cache, record(T0 + 2 * STEP, {"u1": 10, "u2": 20}))
+    for user in USERS:
+        await cache.facts(store, ACCOUNTS[0], user, ["u1", "u2"])
+    # A late commit (another session's QUIT at an earlier time): the earlier first-seen
+    # time stays; alice hides u2, which bob still sees; u2's size changed.
+    await recorded(store, cache, record(T0, {"u1": 10, "u2": 21}, hidden=["u1"]))
+    alices = await cache.facts(store, ACCOUNTS[0], "alice", ["u1", "u2"])
+    bobs = await cache.facts(store, ACCOUNTS[0], "bob", ["u1", "u2"])
+    assert rules_read(alices, ["u1"]) == {"u1": (10, T0, True)}
+    assert rules_read(bobs, ["u1"]) == {"u1": (10, T0, False)}
+    for facts in (alices, bobs):
+        direct = await store.inner.facts(ACCOUNTS[0], "bob", ["u2"])
+        assert rules_read(facts, ["u2"]) == rules_read(direct, ["u2"])
+    assert store.asked == [["u1", "u2"], ["u1", "u2"], ["u2"], ["u2"]]
+
+
+async def test_a_read_overtaken_by_a_record_is_used_once_and_not_kept(store: Asked) -> None:
+    cache = FactsCache()
+    await recorded(store, cache, record(T0, {"u1": 10}))
+    store.hold = trio.Event()
+    async with trio.open_nursery() as nursery:
+        answers: list[Mapping[str, KnownMessage]] = []
+
+        async def login() -> None:
+            answers.append(await cache.facts(store, ACCOUNTS[0], "alice", ["u1"]))
+
+        nursery.start_soon(login)
+        await store.reading.wait()
+        # Another session's QUIT hides u1 while the read is in flight.
+        await recorded(store, cache, record(T0 + STEP, {"u1": 10}, hidden=["u1"]))
+        store.hold.set()
+    assert rules_read(answers[0], ["u1"]) == {"u1": (10, T0, False)}  # read before the hide
+    store.hold = None
+    after = await cache.facts(store, ACCOUNTS[0], "alice", ["u1"])
+    assert rules_read(after, ["u1"]) == {"u1": (10, T0, True)}
+    assert len(store.asked) == 2
+
+
+async def test_a_record_that_may_not_be_stored_drops_the_account(store: Asked) -> None:
+    cache = FactsCache()
+    await recorded(store, cache, record(T0, {"u1": 10}))
+    await cache.facts(store, ACCOUNTS[0], "alice", ["u1"])
+    await cache.facts(store, ACCOUNTS[1], "alice", ["u1"])
+    cache.forget(ACCOUNTS[0])
+    await cache.facts(store, ACCOUNTS[0], "alice", ["u1"])
+    await cache.facts(store, ACCOUNTS[1], "alice", ["u1"])
+    assert store.asked == [["u1"], ["u1"], ["u1"]]
+
+
+async def test_entries_are_read_again_after_their_time(
+    store: Asked, mock_clock: trio.testing.MockClock
+) -> None:
+    cache = FactsCache()
+    await cache.facts(store, ACCOUNTS[0], "alice", ["u1"])
+    mock_clock.jump(FACTS_CACHE_SECONDS - 1)
+    await cache.facts(store, ACCOUNTS[0], "alice", ["u1", "u2"])  # u2 only; same expiry
+    mock_clock.jump(1)
+    await cache.facts(store, ACCOUNTS[0], "alice", ["u1", "u2"])
+    assert store.asked == [["u1"], ["u2"], ["u1", "u2"]]
+
+
+async def test_the_cache_holds_at_most_its_bound_of_messages(store: Asked) -> None:
+    cache = FactsCache(max_messages=3)
+    await cache.facts(store, ACCOUNTS[0], "alice", ["u1", "u2", "u3", "u4"])  # too long to keep
+    assert cache.messages == 0
+    await cache.facts(store, ACCOUNTS[0], "alice", ["u1", "u2"])
+    await cache.facts(store, ACCOUNTS[1], "alice", ["u1", "u2"])  # evicts the older entry
+    assert cache.messages == 2
+    await cache.facts(store, ACCOUNTS[1], "alice", ["u1", "u2"])
+    await cache.facts(store, ACCOUNTS[0], "alice", ["u1", "u2"])
+    assert len(store.asked) == 4
+
+
+# -- the property: the cache answers as the store does ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    account: AccountKey
+    user: str
+    uids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    record: SessionRecord
+    steps_back: int  # recorded this many steps before now (a late commit)
+
+
+@st.composite
+def quits(draw: st.DrawFn) -> Quit:
+    sizes = draw(st.dictionaries(st.sampled_from(UIDS), st.sampled_from((10, 20)), max_size=5))
+    listed = sorted(sizes)
+    hidden = draw(st.lists(st.sampled_from(listed), unique=True)) if listed else []
+    one = record(
+        T0,
+        sizes,
+        account=draw(st.sampled_from(ACCOUNTS)),
+        user=draw(st.sampled_from(USERS)),
+        hidden=hidden,
+    )
+    return Quit(one, draw(st.sampled_from((0, 0, 0, 2))))
+
+
+logins = st.builds(
+    Login,
+    st.sampled_from(ACCOUNTS),
+    st.sampled_from(USERS),
+    st.lists(st.sampled_from(UIDS), unique=True).map(tuple),
+)
+
+
+async def agree(path: Path, ops: list[Login | Quit]) -> None:
+    store = await open_store(StateConfig(url=f"sqlite:///{path}"))
+    cache = FactsCache()
+    try:
+        for step, op in enumerate(ops):
+            match op:
+                case Quit(one, steps_back):
+                    at = T0 + (step - steps_back) * STEP
+                    dated = SessionRecord(
+                        one.account, one.user, "s", at, one.seen, hidden=one.hidden
+                    )
+                    await store.record(dated)
+                    cache.recorded(dated)
+                case Login(account, user, uids):
+                    cached = await cache.facts(store, account, user, uids)
+                    direct = await store.facts(account, user, uids)
+                    assert rules_read(cached, uids) == rules_read(direct, uids)
+    finally:
+        await store.aclose()
+
+
+_paths = itertools.count()
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=st.lists(st.one_of(quits(), logins), min_size=1, max_size=16))
+def test_the_cache_answers_what_the_store_answers(tmp_path: Path, ops: list[Login | Quit]) -> None:
+    trio.run(agree, tmp_path / f"state-{next(_paths)}.db", ops)
