@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 
 import trio
 
+from popproxy import gc_pause
 from popproxy.maildrop.base import Committed, Maildrop, MaildropError, MessageInfo
 from popproxy.maildrop.upstream import UpstreamMaildrop
 from popproxy.metrics import Metrics, PolicyAction
@@ -138,20 +139,23 @@ async def open_retained(
     if context.policy.needs_headers:
         headers = await _all_headers(inner)
     candidates: list[Candidate] = []
-    for index, message in enumerate(listing):
-        known = facts.get(message.uid)
-        if known is not None and known.size != message.size:
-            known = None  # a UIDL reused for other content is a new message (invariant 3)
-        candidates.append(
-            Candidate(
-                index=index,
-                uid=message.uid,
-                size=message.size,
-                first_seen=known.first_seen if known is not None else now,
-                hidden=known.hidden if known is not None else False,
-                headers=headers[index] if headers else None,
+    with gc_pause.paused():  # one per listed message, up to 100,000
+        for index, message in enumerate(listing):
+            known = facts.get(message.uid)
+            if known is not None and known.size != message.size:
+                known = None  # a UIDL reused for other content is a new message (invariant 3)
+            # Positional: one per listed message (100,000 on a big mailbox), and keywords
+            # cost a sixth more. (index, uid, size, first_seen, hidden, headers)
+            candidates.append(
+                Candidate(
+                    index,
+                    message.uid,
+                    message.size,
+                    known.first_seen if known is not None else now,
+                    known.hidden if known is not None else False,
+                    headers[index] if headers else None,
+                )
             )
-        )
     view = await decide_view(context.policy, candidates, now)
     _count_overdue(view, now, context.metrics)
     return RetainedMaildrop(inner, context, view, tuple(candidates), on_close, confirm=confirm)
@@ -164,7 +168,8 @@ async def decide_view(
     (RE2 over up to ``MAX_HEADER_OCTETS`` per message), on the event loop otherwise
     (no header is matched, and a thread hand-off would cost more than the decisions)."""
     if not policy.needs_headers:
-        return policy.view(candidates, now)
+        with gc_pause.paused():
+            return policy.view(candidates, now)
     try:
         limiter = _HEADER_MATCH_LIMITER.get()
     except LookupError:
@@ -317,12 +322,14 @@ class RetainedMaildrop:
             await self._confirm()
         await self._inner.commit({p.index for p in plan.delete_upstream})
         listing = self._inner.messages
+        with gc_pause.paused():  # the whole listing again, up to 100,000 messages
+            seen = tuple(SeenMessage(m.uid, m.size) for m in listing)
         record = SessionRecord(
             account=context.account,
             user=context.user,
             session_id=context.session_id,
             at=now,
-            seen=tuple(SeenMessage(m.uid, m.size) for m in listing),
+            seen=seen,
             retrieved=frozenset(listing[i].uid for i in self._retrieved),
             hidden=tuple(Disposal(p.uid, p.rule) for p in plan.hide),
             deleted_upstream=tuple(Disposal(p.uid, p.rule) for p in plan.delete_upstream),

@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator, Sequence, Set
 
 import trio
 
+from popproxy import gc_pause
 from popproxy.config import UpstreamConfig
 from popproxy.maildrop.base import Committed, MaildropError, MessageInfo
 from popproxy.maildrop.connection import UPSTREAM_RECEIVE_BYTES, UpstreamConnection, UpstreamError
@@ -232,6 +233,7 @@ async def open_upstream(
         capabilities=capabilities,
         session=session_id or "",
     )
-    numbers = [m.number for m in listing]
-    messages = [MessageInfo(m.uid, m.size) for m in listing]
+    with gc_pause.paused():  # up to 100,000 messages
+        numbers = [m.number for m in listing]
+        messages = [MessageInfo(m.uid, m.size) for m in listing]
     return UpstreamMaildrop(connection, numbers, messages, session_id=session_id)

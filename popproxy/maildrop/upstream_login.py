@@ -26,6 +26,7 @@ from typing import Protocol
 
 import trio
 
+from popproxy import gc_pause
 from popproxy.config import TlsMode, UpstreamConfig, UpstreamLogin
 from popproxy.maildrop.connection import UpstreamConnection, UpstreamError, unavailable
 from popproxy.maildrop.route import UpstreamCredential
@@ -324,7 +325,8 @@ async def _open(
         # RFC 2595 §4: what was said in clear is forgotten; CAPA is asked again below.
     capabilities, login_seconds, uidl, sizes = await _capa_login_and_list(connection, login, memo)
     try:
-        listing = parse_listings(uidl, sizes)
+        with gc_pause.paused():  # up to 100,000 entries
+            listing = parse_listings(uidl, sizes)
     except ListingError as exc:
         raise connection.protocol_error(str(exc)) from None
     connection.logged_in(capabilities, login_seconds)

@@ -75,9 +75,11 @@ class Candidate:
     headers: Headers | None = None
 
     def __post_init__(self) -> None:
+        # One candidate per listed message (100,000 on a big mailbox): checked inline.
         if self.index < 0 or self.size < 0:
             raise ValueError("a candidate's index and size are 0 or more")
-        _require_aware(self.first_seen, "first_seen")
+        if self.first_seen.utcoffset() is None:  # naive, or a tzinfo without an offset
+            raise ValueError("first_seen must be a timezone-aware datetime")
 
 
 @dataclass(frozen=True, slots=True)

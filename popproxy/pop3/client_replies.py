@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from popproxy.outcomes import UpstreamFailure
 from popproxy.pop3.limits import MAX_UIDL_OCTETS
@@ -87,9 +88,12 @@ class BodyLines:
         return self._lines
 
 
-@dataclass(frozen=True, slots=True)
-class ListedMessage:
-    """One message of an upstream's listing: its number, UID and size (RFC 1939 §5, §7)."""
+class ListedMessage(NamedTuple):
+    """One message of an upstream's listing: its number, UID and size (RFC 1939 §5, §7).
+
+    A named tuple, not a frozen dataclass: a listing may have 100,000 of them, and a
+    tuple is built in C (about half the time of a frozen dataclass here).
+    """
 
     number: int
     uid: str
@@ -101,9 +105,11 @@ def _parse_listing(lines: Sequence[bytes]) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
     for line in lines:
         words = line.split()
-        if len(words) != 2 or not words[0].isdigit() or int(words[0]) in out:
+        if len(words) != 2 or not words[0].isdigit():
             raise ListingError("malformed listing line")
         out[int(words[0])] = words[1]
+    if len(out) != len(lines):  # a number listed twice
+        raise ListingError("malformed listing line")
     return out
 
 
@@ -126,15 +132,25 @@ def parse_listings(uidl: Sequence[bytes], sizes: Sequence[bytes]) -> list[Listed
     lengths = _parse_listing(sizes)
     if uids.keys() != lengths.keys():
         raise ListingError("UIDL and LIST list different messages")
-    messages: list[ListedMessage] = []
-    seen: set[bytes] = set()
-    for number in sorted(uids):
-        uid, size = uids[number], lengths[number]
-        if number == 0 or not _valid_uid(uid) or uid in seen or not size.isdigit():
-            raise ListingError("invalid listing entry")
-        seen.add(uid)
-        messages.append(ListedMessage(number, uid.decode("ascii"), int(size)))
-    return messages
+    if not uids:
+        return []
+    numbers = sorted(uids)
+    values = [uids[number] for number in numbers]
+    octets = [lengths[number] for number in numbers]
+    # Checked over the whole listing at once (a listing may have 100,000 entries):
+    # joined by spaces, which a UID cannot hold, so deleting the octets a UID may hold
+    # leaves the spaces alone.
+    joined = b" ".join(values)
+    if (
+        numbers[0] == 0
+        or max(map(len, values)) > MAX_UIDL_OCTETS
+        or len(joined.translate(None, _UID_OCTETS)) != len(values) - 1
+        or len(set(values)) != len(values)
+        or not all(map(bytes.isdigit, octets))
+    ):
+        raise ListingError("invalid listing entry")
+    texts = joined.decode("ascii").split(" ")
+    return list(map(ListedMessage, numbers, texts, map(int, octets)))
 
 
 @dataclass(frozen=True, slots=True)
