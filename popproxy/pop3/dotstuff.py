@@ -192,6 +192,25 @@ class StuffedBodyScanner:
         self._at_line_start = body[-1] == _LF
         return body
 
+    def take_whole(self, data: bytes) -> bool:
+        """Whether ``data``, the next octets after all that was fed, is body to pass on
+        exactly as received: all of it decided now, no terminator, no poisoned dot
+        line, no undecided tail. Then it counts as consumed (``feed`` would have
+        returned it whole) and the caller hands ``data`` itself on, without copying it
+        through a buffer; otherwise nothing changes and the caller feeds it.
+        """
+        if self.done or not data:
+            return False
+        if self._at_line_start and data[0] == _DOT:
+            return False  # a dot line, stuffed or not, at the start: ``feed`` decides
+        if _DOT_LINE.search(data) is not None:
+            return False
+        last_newline = data.rfind(b"\n", max(0, len(data) - len(TERMINATOR)))
+        if last_newline != -1 and data[last_newline + 1 :] in _UNDECIDED:
+            return False
+        self._at_line_start = data[-1] == _LF
+        return True
+
 
 def _take(buf: bytearray, end: int, cuts: list[int]) -> bytes:
     """The first ``end`` octets of ``buf`` as bytes, deleted from it, with a stuffing

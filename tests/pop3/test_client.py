@@ -6,9 +6,12 @@ and byte by byte and asserts both give the same events.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import given, settings
 from pop3_helpers import Broken, byte_chunks, run_client
 
 from popproxy.pop3.client import ClientConnection
@@ -601,3 +604,65 @@ def test_the_client_moves_through_the_shared_trigger_table() -> None:
     # The triggers the client role uses are in the one table both roles share.
     assert ON_TRIGGER[(Phase.AUTHORIZATION, Trigger.GREETING_ERR)] is Phase.CLOSED
     assert ON_TRIGGER[(Phase.TLS_HANDSHAKE, Trigger.TLS_ESTABLISHED)] is Phase.AUTHORIZATION
+
+
+def test_a_relayed_chunk_that_is_all_body_is_handed_on_as_received() -> None:
+    """No copy through the line buffer for the common chunk of a big RETR; a chunk
+    with a dot line, or arriving behind buffered octets, goes the buffered way."""
+    conn = ClientConnection()
+    conn.send(Retr(1), stuffed_body=True)
+    conn.receive_data(HELLO + b"+OK\r\n")
+    assert drain(conn) == [HELLO_EVENT, Ok("")]
+    chunk = b"line one\r\nline two\r\n" * 100
+    conn.receive_data(chunk)
+    assert conn.buffered == len(chunk)
+    (event,) = drain(conn)
+    assert isinstance(event, StuffedData)
+    assert event.data is chunk
+    dotted = b"..a stuffed dot\r\nx\r\n"
+    conn.receive_data(dotted)
+    assert drain(conn) == [StuffedData(dotted)]
+    conn.receive_data(b"ends here\r\n.")  # the terminator, cut after its dot
+    assert drain(conn) == [StuffedData(b"ends here\r\n")]
+    conn.receive_data(b"\r\n")
+    assert drain(conn) == [EndOfData()]
+
+
+# Lines of a stuffed body as an upstream may send them: stuffed dots, poisoned dot
+# lines (a dot and a bare LF), bare LFs and CRs; none is the terminator.
+_BODY_LINES = st.sampled_from(
+    [b"text\r\n", b"..\r\n", b"..x\r\n", b".\n", b"x\n", b"\r\n", b"\n", b"x\r", b"\r"]
+)
+
+
+@settings(max_examples=300)
+@given(
+    bodies=st.lists(st.lists(_BODY_LINES, max_size=12).map(b"".join), min_size=1, max_size=3),
+    cuts=st.lists(st.integers(0, 400), max_size=12),
+)
+def test_relayed_bodies_are_the_same_whether_taken_as_received_or_buffered(
+    bodies: list[bytes], cuts: list[int]
+) -> None:
+    """The same wire, cut the same way, fed as bytes (which may be handed on as received)
+    and as bytearray (always buffered): the same events, chunk boundaries aside."""
+    wire = HELLO + b"".join(b"+OK\r\n" + body + b"\r\n.\r\n" for body in bodies)
+    edges = sorted({0, len(wire), *(c for c in cuts if c < len(wire))})
+    pieces = [wire[a:b] for a, b in itertools.pairwise(edges)]
+    outcomes = []
+    for kind in (bytes, bytearray):
+        conn = ClientConnection()
+        for n in range(len(bodies)):
+            conn.send(Retr(n + 1), stuffed_body=True)
+        events: list[object] = []
+        for piece in pieces:
+            conn.receive_data(kind(piece))
+            events += drain(conn)
+        joined: list[object] = []
+        for event in events:
+            if isinstance(event, StuffedData) and joined and isinstance(joined[-1], StuffedData):
+                joined[-1] = StuffedData(joined[-1].data + event.data)
+            else:
+                joined.append(event)
+        outcomes.append(joined)
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][-1] == EndOfData()
