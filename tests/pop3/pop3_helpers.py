@@ -38,7 +38,14 @@ from popproxy.pop3.commands import (
     User,
 )
 from popproxy.pop3.errors import RemoteProtocolError
-from popproxy.pop3.events import NEED_DATA, ConnectionClosed, Data, EndOfData, SaslChallenge
+from popproxy.pop3.events import (
+    NEED_DATA,
+    ConnectionClosed,
+    Data,
+    EndOfData,
+    SaslChallenge,
+    StuffedData,
+)
 from popproxy.pop3.replies import Err, Ok, ResponseCode
 from popproxy.pop3.server import Reply, ServerConnection, ServerSettings
 from popproxy.pop3.state import Phase
@@ -91,11 +98,15 @@ def byte_chunks(data: bytes) -> Iterator[bytes]:
 
 
 def merge_data(events: list[object]) -> list[object]:
-    """Join adjacent Data events: their boundaries depend only on how input was chunked."""
+    """Join adjacent Data (or StuffedData) events: their boundaries depend only on how
+    input was chunked."""
     merged: list[object] = []
     for event in events:
-        if isinstance(event, Data) and merged and isinstance(merged[-1], Data):
-            merged[-1] = Data(merged[-1].data + event.data)
+        last = merged[-1] if merged else None
+        if isinstance(event, Data) and isinstance(last, Data):
+            merged[-1] = Data(last.data + event.data)
+        elif isinstance(event, StuffedData) and isinstance(last, StuffedData):
+            merged[-1] = StuffedData(last.data + event.data)
         else:
             merged.append(event)
     return merged

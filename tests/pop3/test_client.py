@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
-from pop3_helpers import Broken, byte_chunks, run_client
+from pop3_helpers import Broken, byte_chunks, merge_data, run_client
 
 from popproxy.pop3.client import ClientConnection
 from popproxy.pop3.commands import (
@@ -657,12 +657,6 @@ def test_relayed_bodies_are_the_same_whether_taken_as_received_or_buffered(
         for piece in pieces:
             conn.receive_data(kind(piece))
             events += drain(conn)
-        joined: list[object] = []
-        for event in events:
-            if isinstance(event, StuffedData) and joined and isinstance(joined[-1], StuffedData):
-                joined[-1] = StuffedData(joined[-1].data + event.data)
-            else:
-                joined.append(event)
-        outcomes.append(joined)
+        outcomes.append(merge_data(events))
     assert outcomes[0] == outcomes[1]
     assert outcomes[0][-1] == EndOfData()
