@@ -438,3 +438,118 @@ async def test_a_big_listing_reads_and_writes_like_a_small_one(store: StateStore
     assert facts["new"].first_seen == T0 + DAY
     assert facts["u5999"].size == 5999
     assert (facts["u3"].first_seen, facts["u3"].last_seen) == (T0, T0 + DAY)
+
+
+MINUTE = timedelta(minutes=1)
+
+
+async def test_every_quit_that_changes_something_is_stored_when_it_returns(
+    backend: Backend,
+) -> None:
+    """Quick QUITs on the same listing (sqlite answers the unchanged ones without a
+    write): each that retrieves, hides or deletes something new, or lists something
+    else, is read back by another store on the same storage as soon as it returns."""
+    store = await backend.open()
+    try:
+        listed = {"a": 1, "b": 2, "c": 3, "d": 4}
+        await store.record(session(T0, listed, retrieved={"a"}))
+        await store.record(session(T0 + MINUTE, listed, retrieved={"a"}, session_id="s2"))
+        steps = [
+            session(T0 + 2 * MINUTE, listed, retrieved={"a", "b"}, session_id="s3"),
+            session(T0 + 3 * MINUTE, listed, user="bob", retrieved={"a"}, session_id="s4"),
+            session(T0 + 4 * MINUTE, listed, hidden={"c": "keep"}, session_id="s5"),
+            session(T0 + 5 * MINUTE, listed, deleted={"d": "gone"}, session_id="s6"),
+            session(T0 + 6 * MINUTE, {**listed, "e": 5}, session_id="s7"),
+            session(T0 + 7 * MINUTE, {**listed, "e": 6}, session_id="s8"),
+        ]
+        for step in steps:
+            await store.record(step)
+            other = await backend.open()
+            try:
+                alice = await other.facts(ALICE_BOX, "alice", ["a", "b", "c", "d", "e"])
+                bob = await other.facts(ALICE_BOX, "bob", ["a"])
+            finally:
+                await other.aclose()
+            match step.session_id:
+                case "s3":
+                    assert alice["b"].retrieved_at == step.at
+                case "s4":
+                    assert bob["a"].retrieved_at == step.at
+                case "s5":
+                    assert alice["c"].hidden
+                case "s6":
+                    assert alice["d"].deleted_upstream_at == step.at
+                case "s7":
+                    assert (alice["e"].first_seen, alice["e"].size) == (step.at, 5)
+                case "s8":
+                    assert (alice["e"].first_seen, alice["e"].size) == (step.at, 6)
+            assert alice["a"].retrieved_at == T0
+    finally:
+        await store.aclose()
+
+
+async def test_prune_near_the_last_listed_refresh_bound_is_exact(backend: Backend) -> None:
+    """The same listing at T0, +30 and +50 minutes (sqlite writes only the first), then
+    one without ``x``: ``x`` was last seen at +50 minutes, to the microsecond, for
+    this store, for another store on the same storage and for prune; first seen
+    (what expire_after_days reads) never moves."""
+    store = await backend.open()
+    try:
+        await store.record(session(T0, {"a": 1, "x": 2}, hidden={"x": "r"}))
+        await store.record(session(T0 + 30 * MINUTE, {"a": 1, "x": 2}, session_id="s2"))
+        last = T0 + 50 * MINUTE
+        await store.record(session(last, {"a": 1, "x": 2}, session_id="s3"))
+        facts = await store.facts(ALICE_BOX, "alice", ["a", "x"])
+        assert {u: (f.first_seen, f.last_seen) for u, f in facts.items()} == {
+            "a": (T0, last),
+            "x": (T0, last),
+        }
+        assert [r.account_last_listed for r in await store.messages()] == [last, last]
+        assert await store.prune(T0 + 365 * DAY) == 0  # x is still listed
+        await store.record(session(T0 + 2 * 60 * MINUTE, {"a": 1}, session_id="s4"))
+        assert by_uid(await store.messages())["x"].last_seen == last
+        other = await backend.open()
+        try:
+            assert by_uid(await other.messages())["x"].last_seen == last
+            assert await other.prune(last) == 0
+        finally:
+            await other.aclose()
+        assert await store.prune(last + timedelta(microseconds=1)) == 1
+        assert set(by_uid(await store.messages())) == {"a"}
+    finally:
+        await store.aclose()
+
+
+async def test_a_late_record_after_unchanged_quits_stays_late(backend: Backend) -> None:
+    """A late commit (its time before the latest QUIT's, which sqlite did not write)
+    leaves the latest listing as it is: its extra UIDL is the one gone."""
+    store = await backend.open()
+    try:
+        await store.record(session(T0, {"a": 1, "b": 2}))
+        await store.record(session(T0 + 40 * MINUTE, {"a": 1, "b": 2}, session_id="s2"))
+        await store.record(session(T0 + 20 * MINUTE, {"a": 1, "x": 3}, session_id="late"))
+        rows = by_uid(await store.messages(ALICE_BOX))
+        assert {uid: row.last_seen for uid, row in rows.items()} == {
+            "a": T0 + 40 * MINUTE,
+            "b": T0 + 40 * MINUTE,
+            "x": T0 + 20 * MINUTE,
+        }
+        assert await store.prune(T0 + 30 * MINUTE) == 1
+        assert set(by_uid(await store.messages(ALICE_BOX))) == {"a", "b"}
+    finally:
+        await store.aclose()
+
+
+async def test_the_last_listing_time_survives_close_and_reopen(backend: Backend) -> None:
+    first = await backend.open()
+    try:
+        await first.record(session(T0, {"a": 1}))
+        await first.record(session(T0 + 10 * MINUTE, {"a": 1}, session_id="s2"))
+    finally:
+        await first.aclose()
+    second = await backend.open()
+    try:
+        [row] = await second.messages()
+        assert (row.last_seen, row.account_last_listed) == (T0 + 10 * MINUTE, T0 + 10 * MINUTE)
+    finally:
+        await second.aclose()

@@ -5,7 +5,8 @@ committed transaction is on disk when ``record`` returns and readers never wait
 for the writer. Calls run in worker threads, each on a connection of its own;
 concurrent records share one transaction and one fsync (group commit), and a QUIT
 whose listing equals the account's latest one writes no message row (lazy
-last_seen; docs/state.md). Times are stored as sortable UTC text.
+last_seen; docs/state.md), and one that changes nothing else writes nothing
+(``unchanged.py``). Times are stored as sortable UTC text.
 
 The modules, one job each:
 
@@ -13,6 +14,7 @@ The modules, one job each:
   the other calls come from ``popproxy/state/frontend.py`` over its ``QUERIES``.
 - ``schema.py``: the migrations (``PRAGMA user_version``) and the checks at open.
 - ``retention.py``: proxy mode's facts, records, listing and pruning.
+- ``unchanged.py``: which QUITs change nothing and need no write.
 - ``gateway.py``: the gateway's facts per source and its polls.
 - ``audit.py``: the audit log of hides and upstream deletions.
 - ``known_sources.py``: the addresses each user lately logged in from.

@@ -21,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from popproxy.state.base import (
     AccountKey,
@@ -49,6 +50,9 @@ from popproxy.state.sqlite.sql import (
     transaction,
     utc_text,
 )
+
+if TYPE_CHECKING:
+    from popproxy.state.sqlite.unchanged import CatchUp
 
 # From this many UIDLs on, facts and record read all of the account's rows in one scan
 # and pick the wanted ones here, instead of one ``IN (...)`` query per QUERY_CHUNK.
@@ -135,27 +139,54 @@ def facts(
     return out
 
 
-def record_batch(conn: sqlite3.Connection, records: Sequence[SessionRecord]) -> list[str | None]:
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One record of a batch: its error text, or the digest of the listing it made
+    the account's latest (None for a late record, which leaves the latest alone)."""
+
+    error: str | None
+    latest: bytes | None
+
+
+def record_batch(
+    conn: sqlite3.Connection,
+    records: Sequence[SessionRecord],
+    catch_ups: Sequence[CatchUp] = (),
+) -> list[Outcome]:
     """Write ``records`` in one transaction (one fsync), each inside a savepoint so that
-    one failing record leaves the others; returns each record's error text or None.
-    If the COMMIT fails, sqlite3.Error propagates and none of them is stored."""
-    errors: list[str | None] = []
+    one failing record leaves the others; returns each record's ``Outcome``. First
+    the ``catch_ups``: QUITs answered without a write (``unchanged.py``) move their
+    account's ``last_listed`` if it still has their listing. If the COMMIT fails,
+    sqlite3.Error propagates and none of it is stored."""
+    outcomes: list[Outcome] = []
     with transaction(conn, write=True):
+        if catch_ups:
+            conn.executemany(
+                "UPDATE accounts SET last_listed = ?"
+                " WHERE upstream = ? AND upstream_user = ? AND listing_digest = ?"
+                " AND last_listed < ?",
+                [
+                    (at, c.account.upstream, c.account.upstream_user, c.digest, at)
+                    for c in catch_ups
+                    for at in (utc_text(c.at),)
+                ],
+            )
         for record in records:
             conn.execute("SAVEPOINT one_record")
             try:
-                record_session(conn, record)
+                latest = record_session(conn, record)
             except sqlite3.Error as exc:
                 conn.execute("ROLLBACK TO one_record")
-                errors.append(str(exc))
+                outcomes.append(Outcome(str(exc), None))
             else:
-                errors.append(None)
+                outcomes.append(Outcome(None, latest))
             conn.execute("RELEASE one_record")
-    return errors
+    return outcomes
 
 
-def record_session(conn: sqlite3.Connection, record: SessionRecord) -> None:
-    """What one QUIT changes, inside the caller's transaction.
+def record_session(conn: sqlite3.Connection, record: SessionRecord) -> bytes | None:
+    """What one QUIT changes, inside the caller's transaction; returns the digest of
+    the account's latest listing when this record is (or stays) it, None for a late one.
 
     Lazy last_seen: a listing equal to the account's latest (same digest) writes no
     message row, only accounts.last_listed; a different one is written out whole and
@@ -229,6 +260,7 @@ def record_session(conn: sqlite3.Connection, record: SessionRecord) -> None:
         )
     if record.hidden or record.deleted_upstream:
         append_audit(conn, session_audit(record, sizes))
+    return digest if newest else None
 
 
 def _apply_listing(

@@ -10,7 +10,8 @@ transaction is on disk when the call returns) and wait up to
 ``busy_timeout_seconds`` for another writer (another task or another process on
 the same file). ``record`` calls that arrive while a commit is in flight are
 committed together, one transaction and one fsync per group, each record in a
-savepoint of its own (group commit).
+savepoint of its own (group commit). A QUIT that changes nothing but the
+account's ``last_listed`` is answered without a transaction (``unchanged.py``).
 """
 
 from __future__ import annotations
@@ -19,20 +20,27 @@ import contextlib
 import os
 import queue
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import trio
 
-from popproxy.state.base import SessionRecord, StateError
+from popproxy.state.base import (
+    AccountKey,
+    MessageFacts,
+    SessionRecord,
+    StateError,
+    StoredMessage,
+)
 from popproxy.state.checks import check_record
 from popproxy.state.frontend import Queries, StoreFrontend
 from popproxy.state.sqlite import audit, gateway, known_sources, retention
 from popproxy.state.sqlite.retention import record_batch
 from popproxy.state.sqlite.schema import MIGRATIONS, Migration, check_version, prepare
 from popproxy.state.sqlite.sql import utc_text
+from popproxy.state.sqlite.unchanged import ListedAccounts
 
 # Worker threads (and so connections) per store: sqlite runs one writer at a time
 # and readers beside it in WAL mode; a few threads keep logins' reads off the
@@ -93,17 +101,23 @@ class SqliteStore(StoreFrontend[sqlite3.Connection, str]):
         self._idle: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._queue: list[_Pending] = []  # records waiting for the next group commit
         self._committing: trio.Event | None = None  # set when the commit in flight ends
+        self._listed = ListedAccounts()  # what QUITs that change nothing need not write
 
     async def record(self, record: SessionRecord) -> None:
         """Write what one QUIT did in one transaction, durable (WAL, synchronous=FULL).
 
+        A QUIT that changes nothing but the account's ``last_listed`` returns at once
+        (``unchanged.py``): that time goes into the account's next transaction.
         Group commit: records that arrive while a commit is in flight wait for it,
         then the first of them commits all of them in one transaction (one fsync).
         Each returns only once its own transaction is committed.
         """
         check_record(record)
+        if self._listed.answer_unchanged(record):
+            return
         pending = _Pending(record)
         self._queue.append(pending)
+        self._listed.started(record.account)
         try:
             while not pending.done:  # ends: each pass commits a batch or waits for one
                 if self._committing is not None:
@@ -123,23 +137,54 @@ class SqliteStore(StoreFrontend[sqlite3.Connection, str]):
         except BaseException:
             if pending in self._queue:  # cancelled while waiting: never committed
                 self._queue.remove(pending)
+            self._listed.forget(record.account)  # stored or not: unknown
             raise
+        finally:
+            self._listed.finished(record.account)
         if pending.error is not None:
             raise StateError(pending.error)
 
     async def _commit(self, batch: list[_Pending]) -> None:
         """Commit ``batch`` in one transaction; mark each record done with its outcome."""
         records = [p.record for p in batch]
+        catch_ups = self._listed.catch_ups(r.account for r in records)
         try:
-            outcomes = await self._run(lambda conn: record_batch(conn, records))
-            errors = [
-                None if e is None else f"state store {self._describe()}: {e}" for e in outcomes
-            ]
+            outcomes = await self._run(lambda conn: record_batch(conn, records, catch_ups))
         except StateError as exc:  # BEGIN or COMMIT failed: none of them is stored
-            errors = [str(exc)] * len(batch)
-        for pending, error in zip(batch, errors, strict=True):
+            for pending in batch:
+                pending.done = True
+                pending.error = str(exc)
+                self._listed.forget(pending.record.account)
+            return
+        self._listed.caught_up(catch_ups)
+        for pending, outcome in zip(batch, outcomes, strict=True):
             pending.done = True
-            pending.error = error
+            if outcome.error is None:
+                self._listed.committed(pending.record, outcome.latest)
+            else:
+                pending.error = f"state store {self._describe()}: {outcome.error}"
+                self._listed.forget(pending.record.account)
+
+    async def facts(
+        self, account: AccountKey, user: str, uids: Collection[str]
+    ) -> Mapping[str, MessageFacts]:
+        """``StateStore.facts``, with the ``last_listed`` kept for ``account`` applied."""
+        read = await super().facts(account, user, uids)
+        return self._listed.facts_as_stored(account, read)
+
+    async def messages(self, account: AccountKey | None = None) -> Sequence[StoredMessage]:
+        """``StateStore.messages``, with the ``last_listed`` times kept applied."""
+        return self._listed.messages_as_stored(await super().messages(account))
+
+    async def aclose(self) -> None:
+        """Write the ``last_listed`` times kept (``unchanged.py``), then close."""
+        catch_ups = self._listed.all_catch_ups()
+        if catch_ups:
+            with contextlib.suppress(StateError, trio.ClosedResourceError):
+                # Not written, they stay behind by at most LAST_LISTED_REFRESH_SECONDS.
+                await self._run(lambda conn: record_batch(conn, (), catch_ups))
+                self._listed.caught_up(catch_ups)
+        await super().aclose()
 
     # -- opening -----------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import trio.testing
 from popproxy.pop3.client_replies import MAX_UPSTREAM_MESSAGES
 from popproxy.state.base import (
     AccountKey,
+    Disposal,
     SeenMessage,
     SessionRecord,
     StateError,
@@ -35,6 +36,11 @@ from popproxy.state.sqlite import (
     utc_text,
 )
 from popproxy.state.sqlite import store as store_module
+from popproxy.state.sqlite.unchanged import (
+    LAST_LISTED_REFRESH_SECONDS,
+    UNCHANGED_MAX_MESSAGES,
+    CatchUp,
+)
 
 BOX = AccountKey("provider", "alice@example.net")
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
@@ -301,9 +307,13 @@ async def test_concurrent_records_share_transactions(
     batches: list[int] = []
     original = retention.record_batch
 
-    def counting(conn: sqlite3.Connection, records: Sequence[SessionRecord]) -> list[str | None]:
+    def counting(
+        conn: sqlite3.Connection,
+        records: Sequence[SessionRecord],
+        catch_ups: Sequence[CatchUp] = (),
+    ) -> list[retention.Outcome]:
         batches.append(len(records))
-        return original(conn, records)
+        return original(conn, records, catch_ups)
 
     monkeypatch.setattr(store_module, "record_batch", counting)
     store = await open_sqlite(tmp_path / "state.db", busy_timeout_seconds=5)
@@ -330,10 +340,11 @@ async def test_a_failing_record_leaves_the_rest_of_its_group(
     back); the others of the group are committed."""
     original = retention.record_session
 
-    def refusing(conn: sqlite3.Connection, record: SessionRecord) -> None:
-        original(conn, record)
+    def refusing(conn: sqlite3.Connection, record: SessionRecord) -> bytes | None:
+        latest = original(conn, record)
         if record.session_id == "bad":
             conn.execute("INSERT INTO no_such_table VALUES (1)")
+        return latest
 
     monkeypatch.setattr(retention, "record_session", refusing)
     store = await open_sqlite(tmp_path / "state.db", busy_timeout_seconds=5)
@@ -385,5 +396,125 @@ async def test_a_cancelled_waiter_is_not_committed_later(tmp_path: Path) -> None
                     await trio.sleep_forever()  # pragma: no cover (cancelled above)
         await store.record(listing(T0 + timedelta(seconds=1), {"a": 1}, "s3"))
         assert [row.uid for row in await store.messages()] == ["a"]
+    finally:
+        await store.aclose()
+
+
+def data_version(conn: sqlite3.Connection) -> int:
+    """Changes whenever another connection commits to the file."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+def last_listed_on_disk(path: Path) -> str:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return str(conn.execute("SELECT last_listed FROM accounts").fetchone()[0])
+
+
+async def test_an_unchanged_quit_writes_nothing_until_the_refresh_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QUIT that lists the latest listing and retrieves only what is stored has no
+    thread hand-off and no commit; the last_listed on disk (what a crash leaves) is
+    never more than LAST_LISTED_REFRESH_SECONDS behind a QUIT that returned."""
+    handoffs: list[int] = []
+    original = retention.record_batch
+
+    def counting(
+        conn: sqlite3.Connection,
+        records: Sequence[SessionRecord],
+        catch_ups: Sequence[CatchUp] = (),
+    ) -> list[retention.Outcome]:
+        handoffs.append(len(records))
+        return original(conn, records, catch_ups)
+
+    monkeypatch.setattr(store_module, "record_batch", counting)
+    path = tmp_path / "state.db"
+    sizes = {f"u{i}": i for i in range(20)}
+    store = await open_sqlite(path, busy_timeout_seconds=1)
+    with contextlib.closing(sqlite3.connect(path)) as watcher:
+        try:
+            await store.record(dataclasses.replace(listing(T0, sizes), retrieved=frozenset({"u1"})))
+            version, calls = data_version(watcher), len(handoffs)
+            bound = timedelta(seconds=LAST_LISTED_REFRESH_SECONDS)
+            for at in (T0 + timedelta(minutes=1), T0 + bound):
+                unchanged = dataclasses.replace(listing(at, sizes), retrieved=frozenset({"u1"}))
+                await store.record(unchanged)
+                assert (data_version(watcher), len(handoffs)) == (version, calls)
+            assert last_listed_on_disk(path) == utc_text(T0)
+            past = T0 + bound + timedelta(microseconds=1)
+            await store.record(listing(past, sizes))
+            assert data_version(watcher) != version
+            assert len(handoffs) == calls + 1
+            assert last_listed_on_disk(path) == utc_text(past)
+        finally:
+            await store.aclose()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"retrieved": frozenset({"u2"})},
+        {"user": "bob", "retrieved": frozenset({"u1"})},
+        {"hidden": (Disposal("u3", "keep"),)},
+        {"deleted_upstream": (Disposal("u4", "gone"),)},
+        {"seen": tuple(SeenMessage(f"u{i}", i) for i in range(19))},
+        {"seen": (*(SeenMessage(f"u{i}", i) for i in range(19)), SeenMessage("u19", 7))},
+    ],
+    ids=["new-retrieval", "other-user", "hide", "upstream-deletion", "shorter", "resized"],
+)
+async def test_a_quit_that_changes_something_commits_before_it_returns(
+    tmp_path: Path, change: dict[str, object]
+) -> None:
+    path = tmp_path / "state.db"
+    sizes = {f"u{i}": i for i in range(20)}
+    store = await open_sqlite(path, busy_timeout_seconds=1)
+    with contextlib.closing(sqlite3.connect(path)) as watcher:
+        try:
+            await store.record(dataclasses.replace(listing(T0, sizes), retrieved=frozenset({"u1"})))
+            version = data_version(watcher)
+            at = T0 + timedelta(minutes=1)
+            await store.record(dataclasses.replace(listing(at, sizes, "s2"), **change))  # type: ignore[arg-type]
+            assert data_version(watcher) != version
+            assert last_listed_on_disk(path) == utc_text(at)
+        finally:
+            await store.aclose()
+
+
+async def test_a_big_listing_is_always_written(tmp_path: Path) -> None:
+    """Past UNCHANGED_MAX_MESSAGES the digest is not computed on the event loop."""
+    path = tmp_path / "state.db"
+    sizes = {f"u{i}": i for i in range(UNCHANGED_MAX_MESSAGES + 1)}
+    store = await open_sqlite(path, busy_timeout_seconds=1)
+    try:
+        await store.record(listing(T0, sizes))
+        await store.record(listing(T0 + timedelta(minutes=1), sizes, "s2"))
+        assert last_listed_on_disk(path) == utc_text(T0 + timedelta(minutes=1))
+    finally:
+        await store.aclose()
+
+
+async def test_after_a_failed_record_the_next_quit_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed record may or may not be stored: the account is not answered from
+    memory until a record of it is committed again."""
+    path = tmp_path / "state.db"
+    sizes = {"a": 1}
+    store = await open_sqlite(path, busy_timeout_seconds=1)
+    try:
+        await store.record(listing(T0, sizes))
+        original = retention.record_session
+
+        def refusing(conn: sqlite3.Connection, record: SessionRecord) -> bytes | None:
+            original(conn, record)
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(retention, "record_session", refusing)
+        with pytest.raises(StateError):
+            await store.record(listing(T0 + timedelta(minutes=1), {"a": 1, "b": 2}, "s2"))
+        monkeypatch.setattr(retention, "record_session", original)
+        later = T0 + timedelta(minutes=2)
+        await store.record(listing(later, sizes, "s3"))
+        assert last_listed_on_disk(path) == utc_text(later)
     finally:
         await store.aclose()
