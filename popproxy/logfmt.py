@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import json
 import logging
 import math
@@ -39,6 +40,9 @@ BASE_KEYS = ("ts", "level", "logger", "msg")
 # character. Keys are restricted to a safe alphabet instead of being escaped.
 _KEY_RE = re.compile(r"[^A-Za-z0-9_.\-]")
 _BARE_VALUE_RE = re.compile(r'[^\s"=\\]+')
+_ASCII_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Keys come from the code (a few dozen names), so their sanitised forms are kept.
+KEYS_CACHED = 1024
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
 # Unicode categories escaped even though they are not ASCII controls: C1 controls and
 # the rest of Cc, format characters (bidi overrides), line/paragraph separators,
@@ -114,6 +118,7 @@ def _timestamp(record: logging.LogRecord) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z"
 
 
+@functools.lru_cache(maxsize=KEYS_CACHED)
 def _key(key: str) -> str:
     return _KEY_RE.sub("_", key) or "_"
 
@@ -137,6 +142,8 @@ def _text(value: object) -> str:
 
 
 def _value(value: object) -> str:
+    if type(value) is int:  # digits and a sign: always bare (not bool, not an enum)
+        return str(value)
     text = _text(value)
     if _BARE_VALUE_RE.fullmatch(text) and not _needs_escape(text):
         return text
@@ -144,9 +151,11 @@ def _value(value: object) -> str:
 
 
 def _needs_escape(text: str) -> bool:
-    return any(
+    if _ASCII_CONTROL_RE.search(text):
+        return True
+    return not text.isascii() and any(
         not ch.isascii() and unicodedata.category(ch) in _ESCAPED_CATEGORIES for ch in text
-    ) or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text)
+    )
 
 
 def _escape_char(ch: str) -> str:

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from popproxy import logfmt
 from popproxy.logfmt import JsonFormatter, LogfmtFormatter, logfmt_pairs
 from popproxy.secret import Secret
 
@@ -233,3 +234,19 @@ def test_works_through_the_logging_module(caplog: pytest.LogCaptureFixture) -> N
     (record,) = caplog.records
     line = LogfmtFormatter().format(record)
     assert line.endswith('msg=session_end user="a\\nb"')
+
+
+@given(st.one_of(st.text(), st.text(alphabet=st.characters(max_codepoint=0x7F))))
+def test_a_value_is_bare_exactly_when_no_character_needs_escaping(text: str) -> None:
+    """The fast paths of ``_value`` (a regex for ASCII controls, the Unicode scan only
+    for non-ASCII text) decide as the per-character escape does."""
+    bare = bool(logfmt._BARE_VALUE_RE.fullmatch(text)) and all(
+        logfmt._escape_char(ch) == ch for ch in text
+    )
+    quoted = '"' + "".join(logfmt._escape_char(ch) for ch in text) + '"'
+    assert logfmt._value(text) == (text if bare else quoted)
+
+
+@given(st.integers())
+def test_an_int_renders_as_its_text_would(number: int) -> None:
+    assert logfmt._value(number) == logfmt._value(str(number)) == str(number)
