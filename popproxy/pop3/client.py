@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-from collections import deque
 from dataclasses import dataclass
 
 from popproxy.pop3.commands import (
@@ -105,7 +104,10 @@ class ClientConnection:
         self._phase = Phase.AUTHORIZATION
         self._lines = LineBuffer()
         self.max_reply_line_octets = max_reply_line_octets
-        self._outstanding: deque[_Sent] = deque([_Sent(GREETING)] if expect_greeting else [])
+        # A list, not a deque: a connection waits on a few replies at a time (the
+        # pipelined windows are small), and a deque's first block alone is about 600
+        # octets per connection, held all through an idle session.
+        self._outstanding: list[_Sent] = [_Sent(GREETING)] if expect_greeting else []
         self._body: DotUnstuffer | StuffedBodyScanner | None = None
         self._poison_reported = False  # PoisonedDotLines given for the body being read
         self._broken = False
@@ -211,20 +213,20 @@ class ClientConnection:
                 challenge = SaslChallenge(base64.b64decode(line[2:], validate=True))
             except binascii.Error:
                 raise _upstream_error("invalid base64 in SASL challenge") from None
-            self._outstanding.popleft()
+            self._outstanding.pop(0)
             self._complete(head, Outcome.CONTINUE)
             return challenge
         status = parse_status(line)
         if status is None:
             raise _upstream_error("malformed status line")
         if head is GREETING:
-            self._outstanding.popleft()
+            self._outstanding.pop(0)
             if isinstance(status, Err):
                 self._phase = phase_after(self._phase, Trigger.GREETING_ERR)
         elif isinstance(status, Ok) and multiline_on_ok(head):
             self._body = StuffedBodyScanner() if sent.stuffed_body else DotUnstuffer()
         else:
-            self._outstanding.popleft()
+            self._outstanding.pop(0)
             self._complete(head, Outcome.OK if isinstance(status, Ok) else Outcome.ERR)
         return status
 
@@ -239,7 +241,7 @@ class ClientConnection:
                 return PoisonedDotLines(body.poisoned_dot_lines)
             self._body = None
             self._poison_reported = False
-            sent = self._outstanding.popleft()
+            sent = self._outstanding.pop(0)
             if not isinstance(sent.command, _Greeting):
                 self._complete(sent.command, Outcome.LISTED)
             return EndOfData()
