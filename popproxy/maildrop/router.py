@@ -14,14 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
 
 from popproxy.config import Config, TlsMode, UpstreamConfig, UserConfig
-from popproxy.locks import Hold, MailboxLocks, UpstreamMailbox, upstream_mailbox
+from popproxy.locks import MailboxLocks, UpstreamMailbox, upstream_mailbox
 from popproxy.maildrop.base import Maildrop, MaildropError
 from popproxy.maildrop.maildir import open_maildir
 from popproxy.maildrop.retention import (
@@ -101,6 +101,10 @@ class RouterResources:
     facts: FactsCache | None = None
 
 
+async def _nothing_held() -> None:
+    """A session's ``on_close`` when no lock was taken (``exclusive_sessions`` off)."""
+
+
 def mailbox_of(route: UpstreamRoute) -> UpstreamMailbox:
     """The lock key of an upstream account: the mailbox itself (host, port, user)."""
     return upstream_mailbox(route.upstream.host, route.upstream.port, route.user)
@@ -166,48 +170,60 @@ class MaildropRouter:
         closed: a second session waits ``limits.account_wait_seconds``, then gets
         ``[IN-USE]``. ``MaildropError`` carries the client's -ERR.
         """
-        shared = self._shared
         upstream = route.upstream
+        if not upstream.exclusive_sessions:
+            # No lock to hold: nothing to release when the maildrop closes.
+            return await self._log_in(route, user, session_id, on_close=_nothing_held)
         lock = contextlib.AsyncExitStack()
-        held: Hold | None = None
         try:
-            if upstream.exclusive_sessions:
-                hold = shared.locks.hold(mailbox_of(route), wait_seconds=self._wait_seconds)
-                held = await lock.enter_async_context(hold)
-            store = await self._store()
-            inner = await open_upstream(
-                UpstreamAccount(upstream, route.user, route.credential),
-                tls_context=self._upstream_tls.get(upstream.name),
-                own_greeting_token=shared.greeting_token,
-                metrics=shared.metrics.upstream(upstream.name),
-                capabilities=shared.capabilities.of(upstream),
-                session_id=session_id,
-                tokens=shared.tokens,
+            hold = self._shared.locks.hold(mailbox_of(route), wait_seconds=self._wait_seconds)
+            held = await lock.enter_async_context(hold)
+            return await self._log_in(
+                route, user, session_id, on_close=lock.aclose, confirm=held.confirm
             )
-            retention = RetentionContext(
-                account=AccountKey(upstream.name, route.user),
-                user=user,
-                session_id=session_id,
-                policy=self._policy.for_user(user, upstream.name),
-                store=store,
-                clock=shared.clock,
-                metrics=shared.metrics,
-                facts_cache=shared.facts,
-            )
-            try:
-                return await open_retained(
-                    inner,
-                    retention,
-                    on_close=lock.aclose,
-                    confirm=held.confirm if held is not None else None,
-                )
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await inner.aclose()
-                raise
         except BaseException:
             with trio.CancelScope(shield=True):
                 await lock.aclose()
+            raise
+
+    async def _log_in(
+        self,
+        route: UpstreamRoute,
+        user: str,
+        session_id: str,
+        *,
+        on_close: Callable[[], Awaitable[object]],
+        confirm: Callable[[], Awaitable[None]] | None = None,
+    ) -> RetainedMaildrop:
+        """``open_upstream`` once the account's lock, if any, is held: ``on_close``
+        releases it, ``confirm`` is its ``Hold.confirm``."""
+        shared = self._shared
+        upstream = route.upstream
+        store = await self._store()
+        inner = await open_upstream(
+            UpstreamAccount(upstream, route.user, route.credential),
+            tls_context=self._upstream_tls.get(upstream.name),
+            own_greeting_token=shared.greeting_token,
+            metrics=shared.metrics.upstream(upstream.name),
+            capabilities=shared.capabilities.of(upstream),
+            session_id=session_id,
+            tokens=shared.tokens,
+        )
+        retention = RetentionContext(
+            account=AccountKey(upstream.name, route.user),
+            user=user,
+            session_id=session_id,
+            policy=self._policy.for_user(user, upstream.name),
+            store=store,
+            clock=shared.clock,
+            metrics=shared.metrics,
+            facts_cache=shared.facts,
+        )
+        try:
+            return await open_retained(inner, retention, on_close=on_close, confirm=confirm)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await inner.aclose()
             raise
 
     async def _store(self) -> StateStore:
