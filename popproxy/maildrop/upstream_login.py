@@ -22,6 +22,7 @@ import logging
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 import trio
@@ -154,11 +155,21 @@ class CapabilityMemo:
     Once an upstream has said PIPELINING, the next session sends CAPA, the login
     and both listings in one write right after the greeting, and checks the fresh
     CAPA reply as it arrives: a login then costs one round trip. Every session's
-    CAPA reply replaces what is kept, so a change on the upstream is seen at once.
+    CAPA reply is compared with what is kept and replaces it when it differs, so a
+    change on the upstream is seen at once (``remember``).
     Not frozen: shared by the sessions of one upstream (one trio thread).
     """
 
     capabilities: Capabilities | None = None  # None: no CAPA seen yet
+
+    def remember(self, capabilities: Capabilities) -> Capabilities:
+        """Keep ``capabilities``, a session's fresh CAPA reply, as the last one, and
+        return what the session is to hold: the kept value itself when the reply is
+        equal to it, so that the sessions of one upstream share one read-only mapping
+        (about 1 KiB each otherwise) while a changed reply still replaces it."""
+        if self.capabilities is None or self.capabilities != capabilities:
+            self.capabilities = MappingProxyType(dict(capabilities))
+        return self.capabilities
 
     @property
     def pipelining(self) -> bool:
@@ -358,7 +369,7 @@ async def _capa_login_and_list(
     if memo is None or memo.capabilities is None or not memo.pipelining:
         capabilities = await _capa(connection)
         if memo is not None:
-            memo.capabilities = capabilities
+            capabilities = memo.remember(capabilities)
         commands = login.commands(capabilities)
         pipelining = "PIPELINING" in capabilities
         listed = await _login_and_list(connection, login, commands, pipelining=pipelining)
@@ -367,8 +378,7 @@ async def _capa_login_and_list(
     sent_at = trio.current_time()
     listing = (Uidl(), List()) if login.pipelined else ()
     await connection.send(Capa(), *commands, *listing)
-    capabilities = await _capa_reply(connection)
-    memo.capabilities = capabilities
+    capabilities = memo.remember(await _capa_reply(connection))
     stale = "PIPELINING" not in capabilities or login.commands(capabilities) != commands
     listed = await _login_and_list(
         connection, login, commands, pipelining=True, sent_at=sent_at, stale=stale

@@ -576,6 +576,19 @@ async def test_a_contradicted_memo_is_replaced_and_a_refusal_is_temporary() -> N
     assert upstream.lines[:3] == [b"CAPA", b"USER " + USER.encode(), b"PASS " + PASSWORD.encode()]
 
 
+def test_the_sessions_of_an_upstream_share_one_capa_answer_until_it_changes() -> None:
+    memo = CapabilityMemo()
+    first = memo.remember({"UIDL": (), "PIPELINING": ()})
+    # An equal answer (in any order) is the kept one itself: one per upstream, not per session.
+    assert memo.remember({"PIPELINING": (), "UIDL": ()}) is first
+    changed = memo.remember({"UIDL": ()})
+    assert changed == {"UIDL": ()} and memo.capabilities is changed and not memo.pipelining
+    # What earlier sessions hold is theirs as it was, and nobody can change it.
+    assert first == {"UIDL": (), "PIPELINING": ()}
+    with pytest.raises(TypeError):
+        first["SASL"] = ("PLAIN",)  # type: ignore[index]
+
+
 async def test_a_refused_login_with_a_confirmed_memo_keeps_its_code() -> None:
     memo = await learned(CAPA_PIPELINING)
     mailbox = Mailbox(dict(MESSAGES), capa=CAPA_PIPELINING)
