@@ -56,6 +56,24 @@ async def pragma(store: SqliteStore, name: str) -> object:
     return await store._run(lambda conn: conn.execute(f"PRAGMA {name}").fetchone()[0])
 
 
+@pytest.fixture
+def record_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every batch of records the store hands to a worker thread, in order."""
+    batches: list[int] = []
+    original = retention.record_batch
+
+    def counting(
+        conn: sqlite3.Connection,
+        records: Sequence[SessionRecord],
+        catch_ups: Sequence[CatchUp] = (),
+    ) -> list[retention.Outcome]:
+        batches.append(len(records))
+        return original(conn, records, catch_ups)
+
+    monkeypatch.setattr(store_module, "record_batch", counting)
+    return batches
+
+
 def test_the_record_bound_is_the_upstream_listing_bound() -> None:
     assert MAX_RECORD_MESSAGES == MAX_UPSTREAM_MESSAGES
 
@@ -300,22 +318,10 @@ async def test_an_unchanged_listing_writes_no_message_row(tmp_path: Path) -> Non
 
 
 async def test_concurrent_records_share_transactions(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, record_batches: list[int]
 ) -> None:
     """Records arriving while a commit is in flight are committed together (one
     transaction, one fsync each group), and every one of them is stored."""
-    batches: list[int] = []
-    original = retention.record_batch
-
-    def counting(
-        conn: sqlite3.Connection,
-        records: Sequence[SessionRecord],
-        catch_ups: Sequence[CatchUp] = (),
-    ) -> list[retention.Outcome]:
-        batches.append(len(records))
-        return original(conn, records, catch_ups)
-
-    monkeypatch.setattr(store_module, "record_batch", counting)
     store = await open_sqlite(tmp_path / "state.db", busy_timeout_seconds=5)
     try:
         async with trio.open_nursery() as nursery:
@@ -325,8 +331,8 @@ async def test_concurrent_records_share_transactions(
                     account, "alice", f"s{n}", T0, seen=(SeenMessage(f"m{n}", n),)
                 )
                 nursery.start_soon(store.record, record)
-        assert sum(batches) == 20
-        assert len(batches) < 20
+        assert sum(record_batches) == 20
+        assert len(record_batches) < 20
         rows = await store.messages()
         assert sorted(row.uid for row in rows) == sorted(f"m{n}" for n in range(20))
     finally:
@@ -411,40 +417,28 @@ def last_listed_on_disk(path: Path) -> str:
 
 
 async def test_an_unchanged_quit_writes_nothing_until_the_refresh_bound(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, record_batches: list[int]
 ) -> None:
     """A QUIT that lists the latest listing and retrieves only what is stored has no
     thread hand-off and no commit; the last_listed on disk (what a crash leaves) is
     never more than LAST_LISTED_REFRESH_SECONDS behind a QUIT that returned."""
-    handoffs: list[int] = []
-    original = retention.record_batch
-
-    def counting(
-        conn: sqlite3.Connection,
-        records: Sequence[SessionRecord],
-        catch_ups: Sequence[CatchUp] = (),
-    ) -> list[retention.Outcome]:
-        handoffs.append(len(records))
-        return original(conn, records, catch_ups)
-
-    monkeypatch.setattr(store_module, "record_batch", counting)
     path = tmp_path / "state.db"
     sizes = {f"u{i}": i for i in range(20)}
     store = await open_sqlite(path, busy_timeout_seconds=1)
     with contextlib.closing(sqlite3.connect(path)) as watcher:
         try:
             await store.record(dataclasses.replace(listing(T0, sizes), retrieved=frozenset({"u1"})))
-            version, calls = data_version(watcher), len(handoffs)
+            version, calls = data_version(watcher), len(record_batches)
             bound = timedelta(seconds=LAST_LISTED_REFRESH_SECONDS)
             for at in (T0 + timedelta(minutes=1), T0 + bound):
                 unchanged = dataclasses.replace(listing(at, sizes), retrieved=frozenset({"u1"}))
                 await store.record(unchanged)
-                assert (data_version(watcher), len(handoffs)) == (version, calls)
+                assert (data_version(watcher), len(record_batches)) == (version, calls)
             assert last_listed_on_disk(path) == utc_text(T0)
             past = T0 + bound + timedelta(microseconds=1)
             await store.record(listing(past, sizes))
             assert data_version(watcher) != version
-            assert len(handoffs) == calls + 1
+            assert len(record_batches) == calls + 1
             assert last_listed_on_disk(path) == utc_text(past)
         finally:
             await store.aclose()
