@@ -36,6 +36,7 @@ from popproxy.config import LimitsConfig, UserConfig
 from popproxy.logfmt import SESSION_ID
 from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
 from popproxy.metrics import CommandResult, LoginMechanism, LoginResult, Metrics, TlsResult
+from popproxy.native_tls import accept_tls
 from popproxy.outcomes import SessionResult
 from popproxy.peer import PeerAddress
 from popproxy.pop3 import sasl
@@ -83,7 +84,7 @@ from popproxy.session_summary import (
     SessionSummary,
     quit_text,
 )
-from popproxy.tls import AlpnGuard, AlpnRefused
+from popproxy.tls import AlpnRefused
 
 # One read from the client; commands are tiny, so this only bounds a flood.
 RECEIVE_CHUNK_BYTES = 16 * 1024
@@ -381,16 +382,14 @@ class Session:
         context = self._context.tls_context
         if context is None:  # the config loader makes this impossible for TLS listeners
             raise _SessionEnd(SessionResult.TLS_ERROR)
-        # The guard refuses a ClientHello offering ALPN without pop3 (ALPACA, RFC 7301).
-        guard = AlpnGuard(self._stream)
-        tls = trio.SSLStream(guard, context, server_side=True)
         done = False
-        try:
-            await tls.do_handshake()
+        try:  # popproxy/native_tls.py: the ALPN check (ALPACA, RFC 7301), then OpenSSL
+            tls = await accept_tls(self._stream, context)
             done = True
-        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-            if isinstance(exc, AlpnRefused) or isinstance(exc.__cause__, AlpnRefused):
-                self.summary.alpn_refused(guard.hello.offered or ())
+        except AlpnRefused as exc:
+            self.summary.alpn_refused(exc.offered or ())
+            raise _SessionEnd(SessionResult.TLS_ERROR) from None
+        except (trio.BrokenResourceError, ssl.SSLError, OSError):
             raise _SessionEnd(SessionResult.TLS_ERROR) from None
         finally:
             # Not done also when the login deadline or a shutdown cut the handshake off.
@@ -546,7 +545,7 @@ class Session:
 
         One cancel scope per wait, whichever of the two comes first: this runs before
         every command. Cancelling a receive that has not completed loses nothing (for
-        TLS, once the handshake is done, trio documents it as safe). A keep-alive is
+        TLS, OpenSSL keeps what it decrypted: popproxy/native_tls.py). A keep-alive is
         shielded: it ends by its own deadline, so the upstream is never left with half
         a reply read.
         """

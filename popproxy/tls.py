@@ -72,7 +72,12 @@ def upstream_alpn_problem(selected: str | None) -> str | None:
 
 
 class AlpnRefused(trio.BrokenResourceError):
-    """The client offered ALPN protocols and none was ``pop3``: the handshake was refused."""
+    """The client offered ALPN protocols and none was ``pop3``: the handshake was
+    refused. ``offered``: what it offered (None when the hello was too long to read)."""
+
+    def __init__(self, text: str, offered: tuple[bytes, ...] | None = None) -> None:
+        super().__init__(text)
+        self.offered = offered
 
 
 class AlpnGuard(trio.abc.Stream):
@@ -105,7 +110,9 @@ class AlpnGuard(trio.abc.Stream):
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
             ):
                 await self.transport.send_all(NO_APPLICATION_PROTOCOL_ALERT)
-            raise AlpnRefused("the client offered ALPN protocols, none of them pop3")
+            raise AlpnRefused(
+                "the client offered ALPN protocols, none of them pop3", self.hello.offered
+            )
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:

@@ -194,6 +194,35 @@ async def test_a_failed_tls_handshake_is_counted(
     assert sample(metrics, "sessions_ended_total", listener="implicit", result="tls_error") == 1
 
 
+async def test_an_alpn_offer_without_pop3_is_refused_logged_and_counted(
+    maildir: Path, tls: Tls, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ALPACA (RFC 7301 §3.2) on the listeners' own sockets, implicit TLS and STLS.
+    caplog.set_level(logging.INFO, logger="popproxy.session")
+    metrics = Metrics(CollectorRegistry())
+    context = tls.client_context()
+    context.set_alpn_protocols(["http/1.1"])
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        running = await start(nursery, make_config(maildir, tls), metrics)
+        implicit = Pop3Client(await open_loopback(running.ports[TlsMode.IMPLICIT]))
+        with pytest.raises(trio.BrokenResourceError) as implicit_failed:
+            await implicit.start_tls(context)
+        starttls = Pop3Client(await open_loopback(running.ports[TlsMode.STARTTLS]))
+        assert (await starttls.line()).startswith(b"+OK")
+        assert (await starttls.cmd(b"STLS")).startswith(b"+OK")
+        with pytest.raises(trio.BrokenResourceError) as starttls_failed:
+            await starttls.start_tls(context)
+        running.shutdown.set()
+        await running.stopped.wait()
+    for failed in (implicit_failed, starttls_failed):
+        assert "alert no application protocol" in str(failed.value.__cause__)
+    for listener in ("implicit", "starttls"):
+        assert sample(metrics, "tls_handshakes_total", listener=listener, result="failed") == 1
+        assert sample(metrics, "sessions_ended_total", listener=listener, result="tls_error") == 1
+    lines = [r.__dict__["fields"] for r in caplog.records if r.getMessage() == "tls_alpn_refused"]
+    assert [line["offered"] for line in lines] == ["http/1.1", "http/1.1"]
+
+
 async def test_connections_over_the_limit_are_counted_as_refused(
     maildir: Path, tls: Tls, nursery: trio.Nursery
 ) -> None:
