@@ -93,8 +93,11 @@ class FactsCache:
     ) -> None:
         self._max_messages = max_messages
         self._ttl_seconds = ttl_seconds
+        # Least recently used first, for the bound on messages.
         self._entries: OrderedDict[tuple[AccountKey, str], _Entry] = OrderedDict()
-        self._messages = 0  # len(entry.asked) over all entries
+        # The same entries by account, then user: a record touches only its account's.
+        self._accounts: dict[AccountKey, dict[str, _Entry]] = {}
+        self._messages = 0  # len(entry.asked) over all entries, kept as they change
         # Writes seen while a read of the store was in flight: account -> write number.
         # Emptied whenever no read is in flight (one key per account at most).
         self._writes = 0
@@ -152,12 +155,13 @@ class FactsCache:
     def recorded(self, record: SessionRecord) -> None:
         """``record`` was committed: bring the account's entries up to date."""
         self._wrote(record.account)
-        entries = [(key, e) for key, e in self._entries.items() if key[0] == record.account]
-        if not entries:
+        entries = self._accounts.get(record.account)
+        if entries is None:
             return
         at = record.at
-        for (_, user), entry in entries:
+        for user, entry in entries.items():
             known, asked = entry.known, entry.asked
+            before = len(asked)
             for seen in record.seen:
                 fact = known.get(seen.uid)
                 if fact is None:
@@ -167,18 +171,18 @@ class FactsCache:
                     asked.discard(seen.uid)
                 elif at < fact.first_seen:  # a late record: the store keeps the earlier
                     known[seen.uid] = RuleFacts(fact.size, at, fact.hidden)
+            self._messages -= before - len(asked)
             if user == record.user:
                 for hidden in record.hidden:
                     fact = known.get(hidden.uid)
                     if fact is not None and not fact.hidden:
                         known[hidden.uid] = RuleFacts(fact.size, fact.first_seen, True)
-        self._messages = sum(len(e.asked) for e in self._entries.values())
 
     def forget(self, account: AccountKey) -> None:
         """A record of ``account`` may or may not be stored: drop its entries."""
         self._wrote(account)
-        for key in [key for key in self._entries if key[0] == account]:
-            self._drop(key)
+        for user in list(self._accounts.get(account, ())):
+            self._drop((account, user))
 
     def _wrote(self, account: AccountKey) -> None:
         if self._reads:
@@ -188,6 +192,7 @@ class FactsCache:
     def _store(self, key: tuple[AccountKey, str], entry: _Entry) -> None:
         self._drop(key)
         self._entries[key] = entry
+        self._accounts.setdefault(key[0], {})[key[1]] = entry
         self._messages += len(entry.asked)
         while self._messages > self._max_messages:
             self._drop(next(iter(self._entries)))
@@ -196,3 +201,8 @@ class FactsCache:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self._messages -= len(entry.asked)
+            account, user = key
+            entries = self._accounts[account]
+            del entries[user]
+            if not entries:
+                del self._accounts[account]

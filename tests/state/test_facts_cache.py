@@ -23,7 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from popproxy.config import StateConfig
 from popproxy.state import StoreBackend, open_store
 from popproxy.state.base import AccountKey, Disposal, MessageFacts, SeenMessage, SessionRecord
-from popproxy.state.facts_cache import FACTS_CACHE_SECONDS, FactsCache, KnownMessage
+from popproxy.state.facts_cache import (
+    FACTS_CACHE_MESSAGES,
+    FACTS_CACHE_SECONDS,
+    FactsCache,
+    KnownMessage,
+)
 
 ACCOUNTS = (AccountKey("up", "box1"), AccountKey("up", "box2"))
 USERS = ("alice", "bob")
@@ -189,6 +194,63 @@ async def test_the_cache_holds_at_most_its_bound_of_messages(store: Asked) -> No
     assert len(store.asked) == 4
 
 
+class Watched(AccountKey):
+    """An account whose every comparison is counted."""
+
+    __slots__ = ()
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        Watched.compared += 1
+        return AccountKey.__eq__(self, other)
+
+    __hash__ = AccountKey.__hash__
+
+
+class WatchedSet(set[str]):
+    """An entry's UIDLs whose every use by the cache is counted."""
+
+    used = 0
+
+    def __len__(self) -> int:
+        WatchedSet.used += 1
+        return super().__len__()
+
+    def __contains__(self, uid: object) -> bool:
+        WatchedSet.used += 1
+        return super().__contains__(uid)
+
+    def discard(self, uid: object) -> None:
+        WatchedSet.used += 1
+        super().discard(uid)
+
+
+async def test_a_quit_touches_only_its_own_accounts_entries(store: Asked) -> None:
+    """The work of a QUIT's record (and of a forget) does not grow with the cache: 500
+    other accounts' keys and UIDL sets count every use, and none is used."""
+    cache = FactsCache()
+    others = [Watched("up", f"other{n}") for n in range(500)]
+    for other in others:
+        await cache.facts(store, other, "alice", ["u1", "u2"])
+        cache._entries[(other, "alice")].asked = WatchedSet(["u1", "u2"])
+    await recorded(store, cache, record(T0, {"u1": 10, "u2": 20}))
+    for user in USERS:
+        await cache.facts(store, ACCOUNTS[0], user, ["u1", "u2", "u3"])
+    assert cache.messages == 500 * 2 + 2 * 3
+    Watched.compared = WatchedSet.used = 0
+    # u3 becomes known to the store: both of the account's entries ask about it again.
+    await recorded(store, cache, record(T0 + STEP, {"u1": 10, "u2": 20, "u3": 30}))
+    assert cache.messages == 500 * 2 + 2 * 2
+    cache.forget(ACCOUNTS[0])
+    assert cache.messages == 500 * 2
+    assert (Watched.compared, WatchedSet.used) == (0, 0)
+    assert sum(len(set(e.asked)) for e in cache._entries.values()) == 500 * 2
+    # The other accounts' entries are still used as before.
+    asked = len(store.asked)
+    await cache.facts(store, others[0], "alice", ["u1", "u2"])
+    assert len(store.asked) == asked
+
+
 # -- the property: the cache answers as the store does ------------------------------------
 
 
@@ -228,9 +290,9 @@ logins = st.builds(
 )
 
 
-async def agree(path: Path, ops: list[Login | Quit]) -> None:
+async def agree(path: Path, ops: list[Login | Quit], bound: int) -> None:
     store = await open_store(StateConfig(url=f"sqlite:///{path}"))
-    cache = FactsCache()
+    cache = FactsCache(max_messages=bound)
     try:
         for step, op in enumerate(ops):
             match op:
@@ -245,6 +307,11 @@ async def agree(path: Path, ops: list[Login | Quit]) -> None:
                     cached = await cache.facts(store, account, user, uids)
                     direct = await store.facts(account, user, uids)
                     assert rules_read(cached, uids) == rules_read(direct, uids)
+            # The count kept as entries change, and the index by account, match the entries.
+            assert cache.messages == sum(len(e.asked) for e in cache._entries.values())
+            assert cache.messages <= bound
+            indexed = {(a, u): e for a, users in cache._accounts.items() for u, e in users.items()}
+            assert indexed == dict(cache._entries)
     finally:
         await store.aclose()
 
@@ -255,6 +322,11 @@ _paths = itertools.count()
 @settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(ops=st.lists(st.one_of(quits(), logins), min_size=1, max_size=16))
-def test_the_cache_answers_what_the_store_answers(tmp_path: Path, ops: list[Login | Quit]) -> None:
-    trio.run(agree, tmp_path / f"state-{next(_paths)}.db", ops)
+@given(
+    ops=st.lists(st.one_of(quits(), logins), min_size=1, max_size=16),
+    bound=st.sampled_from((7, FACTS_CACHE_MESSAGES)),  # 7: entries evicted as they go
+)
+def test_the_cache_answers_what_the_store_answers(
+    tmp_path: Path, ops: list[Login | Quit], bound: int
+) -> None:
+    trio.run(agree, tmp_path / f"state-{next(_paths)}.db", ops, bound)
