@@ -47,6 +47,7 @@ import trio
 
 from popproxy.config import UpstreamConfig
 from popproxy.maildrop.base import RETRIEVE_CHUNK_BYTES, MaildropError
+from popproxy.maildrop.tcp import connect_failure, open_tcp
 from popproxy.metrics import UpstreamMetrics
 from popproxy.outcomes import UpstreamFailure
 from popproxy.pop3.client import ClientConnection, ClientEvent
@@ -139,17 +140,13 @@ class UpstreamConnection:
         """A TCP connection to ``upstream``, within its ``connect_timeout_seconds``;
         ``[SYS/TEMP]`` if it cannot be made (RFC 3206 §4). Not yet secured or greeted."""
         started = trio.current_time()
+        stream: trio.SocketStream | None = None
         try:
-            with trio.fail_after(upstream.connect_timeout_seconds):
-                stream = await trio.open_tcp_stream(upstream.host, upstream.port)
-        except trio.TooSlowError:
-            raise unavailable(
-                UpstreamFailure.TIMEOUT,
-                f"no TCP connection to {upstream.host}:{upstream.port}"
-                f" within {upstream.connect_timeout_seconds:g} s",
-            ) from None
+            # A plain scope, not fail_after (a generator context manager): every session.
+            with trio.CancelScope(deadline=started + upstream.connect_timeout_seconds):
+                stream = await open_tcp(upstream.host, upstream.port)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
+            reason = connect_failure(exc)
             log.warning(
                 "upstream_connect_failed",
                 extra={"fields": {"upstream": upstream.name, "reason": reason}},
@@ -158,6 +155,12 @@ class UpstreamConnection:
                 UpstreamFailure.CONNECT,
                 f"cannot connect to {upstream.host}:{upstream.port}: {reason}",
             ) from None
+        if stream is None:  # the deadline passed
+            raise unavailable(
+                UpstreamFailure.TIMEOUT,
+                f"no TCP connection to {upstream.host}:{upstream.port}"
+                f" within {upstream.connect_timeout_seconds:g} s",
+            )
         return cls(stream, upstream, metrics, connect_seconds=trio.current_time() - started)
 
     @property

@@ -208,7 +208,7 @@ class Upstream:
 
 @contextlib.asynccontextmanager
 async def scripted_upstream(
-    script: Script, *, implicit_tls: ssl.SSLContext | None = None
+    script: Script, *, implicit_tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"
 ) -> AsyncIterator[Upstream]:
     """Listen on a loopback port; run ``script`` on the first connection.
 
@@ -216,7 +216,7 @@ async def scripted_upstream(
     client closes the connection); its assertion errors fail the test. The whole
     block runs under ``TEST_DEADLINE_SECONDS``.
     """
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listeners = await trio.open_tcp_listeners(0, host=host)
     assert len(listeners) == 1
     listener = listeners[0]
     assert isinstance(listener.socket, trio.socket.SocketType)
@@ -344,10 +344,11 @@ def account(
     ca_file: Path | None = None,
     verify: bool = True,
     connect_timeout: float = CONNECT_TIMEOUT,
+    host: str = "127.0.0.1",
 ) -> UpstreamAccount:
     upstream = UpstreamConfig(
         name="provider",
-        host="127.0.0.1",
+        host=host,
         port=port,
         tls=tls,
         verify=verify,
@@ -990,33 +991,81 @@ async def test_implicit_tls_login(ca_file: Path, good_server_tls: ssl.SSLContext
 # -- error mapping (RFC 3206) ---------------------------------------------------------------
 
 
-async def test_connection_refused_is_sys_temp_connect() -> None:
+# Upstream hosts as configured, and the loopback address each reaches: an IPv4 and an IPv6
+# literal (one socket, one connect) and a host name (resolved, raced: open_tcp_stream).
+CONNECT_HOSTS = {"127.0.0.1": "127.0.0.1", "::1": "::1", "localhost": "127.0.0.1"}
+
+
+def bound_socket(host: str) -> socket.socket:
+    """A TCP socket bound to a free port of ``host``'s loopback address."""
+    address = CONNECT_HOSTS[host]
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    sock.bind((address, 0))
+    return sock
+
+
+@pytest.mark.parametrize("host", CONNECT_HOSTS)
+async def test_connection_refused_is_sys_temp_connect(
+    host: str, caplog: pytest.LogCaptureFixture
+) -> None:
     # A bound port that does not listen refuses connections, and nobody else can take it.
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
+    with bound_socket(host) as closed:
         port = closed.getsockname()[1]
         with pytest.raises(UpstreamError) as info:
-            await open_upstream(account(port), tls_context=None)
+            await open_upstream(account(port, host=host), tls_context=None)
     assert_upstream_error(info.value, UpstreamFailure.CONNECT, ResponseCode.SYS_TEMP)
+    assert info.value.detail == f"cannot connect to {host}:{port}: Connection refused"
+    logged = [r for r in caplog.records if r.getMessage() == "upstream_connect_failed"]
+    fields = {"upstream": "provider", "reason": "Connection refused"}
+    assert [getattr(r, "fields", None) for r in logged] == [fields]
 
 
-async def test_connect_timeout_is_sys_temp_timeout(autojump_clock: trio.testing.MockClock) -> None:
+@pytest.mark.parametrize("host", CONNECT_HOSTS)
+async def test_connect_timeout_is_sys_temp_timeout(
+    host: str, autojump_clock: trio.testing.MockClock
+) -> None:
     # A listener whose accept queue is full drops new SYNs (Linux): the connect hangs.
     with contextlib.ExitStack() as stack:
-        full = stack.enter_context(socket.socket())
-        full.bind(("127.0.0.1", 0))
+        full = stack.enter_context(bound_socket(host))
         full.listen(0)
         port = full.getsockname()[1]
         for _ in range(3):
-            filler = stack.enter_context(socket.socket())
+            filler = stack.enter_context(socket.socket(full.family))
             filler.setblocking(False)
             with contextlib.suppress(BlockingIOError):
-                filler.connect(("127.0.0.1", port))
+                filler.connect((CONNECT_HOSTS[host], port))
         start = trio.current_time()
         with pytest.raises(UpstreamError) as info:
-            await open_upstream(account(port, connect_timeout=3.0), tls_context=None)
+            await open_upstream(account(port, connect_timeout=3.0, host=host), tls_context=None)
         assert trio.current_time() - start == pytest.approx(3.0)
     assert_upstream_error(info.value, UpstreamFailure.TIMEOUT, ResponseCode.SYS_TEMP)
+    assert info.value.detail == f"no TCP connection to {host}:{port} within 3 s"
+
+
+@pytest.mark.parametrize("host", CONNECT_HOSTS)
+async def test_every_kind_of_host_connects_with_nodelay(
+    host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An IP literal gets its own socket, a host name goes through trio's resolution; the
+    session is the same, and both streams send small writes at once (TCP_NODELAY)."""
+    resolved: list[str] = []
+    open_tcp_stream = trio.open_tcp_stream
+
+    async def counted(host: str, port: int) -> trio.SocketStream:
+        resolved.append(host)
+        return await open_tcp_stream(host, port)
+
+    monkeypatch.setattr(trio, "open_tcp_stream", counted)
+    mailbox = Mailbox(MESSAGES)
+    async with scripted_upstream(mailbox, host=CONNECT_HOSTS[host]) as upstream:
+        drop = await open_upstream(account(upstream.port, host=host), tls_context=None)
+        assert drop.messages == listing_of(MESSAGES)
+        stream = drop._connection._stream
+        assert isinstance(stream, trio.SocketStream)
+        assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        await drop.commit(set())
+    assert upstream.peer.lines[-1] == b"QUIT"
+    assert resolved == ([] if host != "localhost" else ["localhost"])
 
 
 async def test_an_upstream_that_never_greets_is_a_login_timeout(
