@@ -41,7 +41,8 @@ import contextlib
 import logging
 import select
 import ssl
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
 
 import trio
 
@@ -410,8 +411,7 @@ class UpstreamConnection:
 
     # -- using the logged-in connection -------------------------------------------------
 
-    @contextlib.contextmanager
-    def exchange(self) -> Iterator[None]:
+    def exchange(self) -> _Exchange:
         """One use of the logged-in connection: a command (or several) and their replies.
 
         Raises ``[SYS/TEMP]`` at once if the connection is broken or closed, and
@@ -424,22 +424,7 @@ class UpstreamConnection:
             raise lost(UpstreamFailure.CLOSED)
         if self._busy:
             raise RuntimeError("the upstream connection is already in use")
-        self._busy = True
-        try:
-            yield
-        except trio.TooSlowError:
-            self._fail(UpstreamFailure.TIMEOUT)
-            raise lost(UpstreamFailure.TIMEOUT) from None
-        except UpstreamError as exc:
-            self._fail(exc.failure)
-            raise
-        except MaildropError:
-            raise
-        except BaseException:
-            self._broken = True
-            raise
-        finally:
-            self._busy = False
+        return _Exchange(self)
 
     def _fail(self, failure: UpstreamFailure) -> None:
         """The logged-in connection failed: broken for good, counted once (later uses
@@ -456,11 +441,16 @@ class UpstreamConnection:
         """
         with self.exchange():
             self.check_quiet()
-            with trio.fail_after(self._upstream.command_timeout_seconds):
+            reply: Ok | Err | None = None
+            # A plain scope, not fail_after (a generator context manager): every session.
+            deadline = trio.current_time() + self._upstream.command_timeout_seconds
+            with trio.CancelScope(deadline=deadline):
                 await self._dele(numbers)
                 sent = trio.current_time()
                 await self.send(Quit())
                 reply = await self.status()
+            if reply is None:  # the deadline passed
+                raise trio.TooSlowError
             self.answered(Quit.verb, sent)
         await self.aclose()
         if isinstance(reply, Err):
@@ -509,3 +499,34 @@ class UpstreamConnection:
                     await self._stream.aclose()
             if scope.cancelled_caught:
                 await trio.aclose_forcefully(self._stream)
+
+
+class _Exchange:
+    """``UpstreamConnection.exchange``'s block: a class, not a generator context
+    manager, as it is on every command's path (issue 15)."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: UpstreamConnection) -> None:
+        self._connection = connection
+
+    def __enter__(self) -> None:
+        self._connection._busy = True
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        connection = self._connection
+        connection._busy = False
+        if exc is None or (isinstance(exc, MaildropError) and not isinstance(exc, UpstreamError)):
+            return
+        if isinstance(exc, trio.TooSlowError):
+            connection._fail(UpstreamFailure.TIMEOUT)
+            raise lost(UpstreamFailure.TIMEOUT) from None
+        if isinstance(exc, UpstreamError):
+            connection._fail(exc.failure)
+        else:
+            connection._broken = True

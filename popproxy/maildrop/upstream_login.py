@@ -251,20 +251,23 @@ async def open_connection(
     counted = metrics if metrics is not None else Metrics.unexported().upstream(upstream.name)
     try:
         connection = await UpstreamConnection.connect(upstream, counted)
+        listing: list[ListedMessage] | None = None
         try:
-            with trio.fail_after(upstream.login_timeout_seconds):
+            # A plain scope, not fail_after (a generator context manager): every session.
+            deadline = trio.current_time() + upstream.login_timeout_seconds
+            with trio.CancelScope(deadline=deadline):
                 listing = await _open(
                     connection, login, tls_context, own_greeting_token, capabilities
                 )
         except trio.TooSlowError:
             await connection.aclose()
-            raise unavailable(
-                UpstreamFailure.TIMEOUT,
-                f"the login did not finish within {upstream.login_timeout_seconds:g} s",
-            ) from None
+            raise _login_timeout(upstream) from None
         except BaseException:
             await connection.aclose()
             raise
+        if listing is None:  # the deadline passed
+            await connection.aclose()
+            raise _login_timeout(upstream)
     except UpstreamError as exc:
         counted.login_failed(exc.failure)
         if exc.failure in _NOT_LOGGED_YET:
@@ -280,6 +283,13 @@ async def open_connection(
             )
         raise
     return connection, listing
+
+
+def _login_timeout(upstream: UpstreamConfig) -> UpstreamError:
+    return unavailable(
+        UpstreamFailure.TIMEOUT,
+        f"the login did not finish within {upstream.login_timeout_seconds:g} s",
+    )
 
 
 # Failures that no line of their own has logged by the time open_connection sees them

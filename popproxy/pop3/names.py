@@ -38,6 +38,8 @@ def login_name_problem(name: str) -> str | None:
         return "a user name must not be empty"
     if len(name.encode("utf-8", "surrogatepass")) > MAX_LOGIN_NAME_OCTETS:
         return f"a user name must be at most {MAX_LOGIN_NAME_OCTETS} octets of UTF-8"
+    if name.isascii() and name.isprintable() and " " not in name:
+        return None  # the usual name: every character 0x21-0x7E, checked in C
     if not all(_safe_char(ch) for ch in name):
         return (
             "a user name may hold only printable ASCII (no space) and, beyond ASCII,"

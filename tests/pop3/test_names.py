@@ -69,3 +69,13 @@ def test_an_accepted_name_has_no_space_control_or_format_character(name: str) ->
 @given(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=80))
 def test_every_printable_ascii_name_without_space_is_accepted(name: str) -> None:
     assert login_name_problem(name) is None
+
+
+@FAST
+@given(st.text(st.characters(max_codepoint=0x7F), max_size=80))
+def test_an_ascii_name_is_accepted_exactly_when_every_character_is_0x21_to_0x7e(
+    name: str,
+) -> None:
+    """The ASCII shortcut (``isprintable`` without space) is the character rule itself."""
+    expected = bool(name) and all(0x21 <= ord(ch) <= 0x7E for ch in name)
+    assert (login_name_problem(name) is None) == expected
