@@ -77,5 +77,6 @@ def test_an_ascii_name_is_accepted_exactly_when_every_character_is_0x21_to_0x7e(
     name: str,
 ) -> None:
     """The ASCII shortcut (``isprintable`` without space) is the character rule itself."""
-    expected = bool(name) and all(0x21 <= ord(ch) <= 0x7E for ch in name)
+    fits = 0 < len(name) <= MAX_LOGIN_NAME_OCTETS
+    expected = fits and all(0x21 <= ord(ch) <= 0x7E for ch in name)
     assert (login_name_problem(name) is None) == expected
