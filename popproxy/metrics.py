@@ -401,18 +401,22 @@ class Metrics:
             "The configured time between two polls of a source (gateway.interval_seconds).",
         )
 
-        # Series whose labels are all known now exist from the first scrape.
-        for mechanism in LoginMechanism:
-            for login_result in LoginResult:
-                self._logins.labels(mechanism.value, login_result.value)
+        # Series whose labels are all known now exist from the first scrape, bound once.
+        self._login_series: dict[tuple[LoginMechanism, LoginResult], Counter] = {
+            (mechanism, login_result): self._logins.labels(mechanism.value, login_result.value)
+            for mechanism in LoginMechanism
+            for login_result in LoginResult
+        }
         # Every command series, bound once: a pipelined burst costs a dict lookup per reply.
         self._command_series: dict[tuple[Verb | None, CommandResult], Counter] = {
             (verb, command_result): self._commands.labels(_verb_label(verb), command_result.value)
             for verb in [*Verb, None]
             for command_result in CommandResult
         }
+        self._state_series: dict[StateOperation, Histogram] = {
+            operation: self._state_duration.labels(operation.value) for operation in StateOperation
+        }
         for operation in StateOperation:
-            self._state_duration.labels(operation.value)
             self._state_errors.labels(operation.value)
 
     @classmethod
@@ -539,7 +543,12 @@ class Metrics:
 
     def login(self, mechanism: LoginMechanism, result: LoginResult) -> None:
         """A client login attempt was decided (RFC 1939 §7, RFC 5034 §4)."""
-        self._logins.labels(_label(mechanism, LoginMechanism), _label(result, LoginResult)).inc()
+        series = self._login_series.get((mechanism, result))
+        if series is None:  # not a LoginMechanism and a LoginResult: say which
+            _label(mechanism, LoginMechanism)
+            _label(result, LoginResult)
+            raise TypeError(f"not a login mechanism and result: {mechanism!r}, {result!r}")
+        series.inc()
 
     def command(self, verb: Verb | None, result: CommandResult) -> None:
         """A client command was answered; ``verb`` None for one that did not parse (RFC 1939 §3)."""
@@ -605,7 +614,11 @@ class Metrics:
 
     def state_operation(self, operation: StateOperation, seconds: float) -> None:
         """A state store operation finished in ``seconds`` (worker-thread wait included)."""
-        self._state_duration.labels(_label(operation, StateOperation)).observe(seconds)
+        series = self._state_series.get(operation)
+        if series is None:  # not a StateOperation: say so
+            _label(operation, StateOperation)
+            raise TypeError(f"not a state operation: {operation!r}")
+        series.observe(seconds)
 
     def state_error(self, operation: StateOperation) -> None:
         """A state store operation failed."""
