@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import grp
 import itertools
 import os
@@ -97,6 +98,10 @@ PROBE_TIMEOUT_SECONDS = 2.0
 LOG_WAIT_DEADLINE_SECONDS = 10.0
 # useradd must finish within this.
 USERADD_TIMEOUT_SECONDS = 30.0
+# Taken (flock) around looking the account up and creating it, so that the suite's
+# parallel workers (pytest-xdist, docs/testing.md) do not run useradd at once: a second
+# useradd fails on /etc/passwd's lock while the first still holds it.
+MAIL_ACCOUNT_LOCK = Path(tempfile.gettempdir()) / "popproxy-test-useradd.lock"
 
 
 class DovecotFailed(AssertionError):
@@ -122,6 +127,17 @@ def ensure_mail_account(name: str = MAIL_ACCOUNT) -> MailAccount:
     A dedicated account rather than `nobody`: nothing else runs as it, so a file it owns
     was written by Dovecot's mail process or by this harness.
     """
+    with contextlib.suppress(KeyError):
+        pw = pwd.getpwnam(name)
+        return MailAccount(name, pw.pw_uid, pw.pw_gid)
+    with MAIL_ACCOUNT_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        return _create_mail_account(name)
+
+
+def _create_mail_account(name: str) -> MailAccount:
+    """`ensure_mail_account`'s creation, under its lock: another worker may have
+    created the account while this one waited."""
     with contextlib.suppress(KeyError):
         pw = pwd.getpwnam(name)
         return MailAccount(name, pw.pw_uid, pw.pw_gid)
