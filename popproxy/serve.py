@@ -76,7 +76,9 @@ from popproxy.runtime import (
     reload_summary,
 )
 from popproxy.sdnotify import Notifier
-from popproxy.session import SessionContext, run_session
+from popproxy.session import run_session
+from popproxy.session_context import SessionContext
+from popproxy.socket_stream import TcpStream
 from popproxy.state.audit_trim import trim_audit_periodically
 from popproxy.state.base import StateError
 from popproxy.tls import LoadedTls, TlsError, load_server_tls, upstream_tls_contexts
@@ -104,7 +106,7 @@ class ServeError(Exception):
     """The server cannot start as configured (bad certificate, port in use, ...)."""
 
 
-def _socket_peer(stream: trio.SocketStream) -> PeerAddress:
+def _socket_peer(stream: TcpStream) -> PeerAddress:
     """The TCP peer of an accepted connection (UNKNOWN_PEER if it is already gone)."""
     try:
         return socket_peer(stream.socket.getpeername())
@@ -210,7 +212,9 @@ class Server:
         """Accept clients until cancelled; each gets its own task (or a refusal)."""
         while True:
             try:
-                stream = await sock.accept()
+                # popproxy's own stream (popproxy/socket_stream.py): a reply or command
+                # that the kernel takes or has at once skips trio's scheduler.
+                stream = TcpStream.from_trio(await sock.accept())
             except OSError as exc:
                 if exc.errno not in _RESOURCE_ERRORS:
                     raise
@@ -238,7 +242,7 @@ class Server:
 
     async def _handle(
         self,
-        stream: trio.SocketStream,
+        stream: TcpStream,
         listener: ListenerConfig,
         peer: PeerAddress,
         context: SessionContext,
@@ -282,7 +286,7 @@ class Server:
 
     async def _accept_proxied(
         self,
-        stream: trio.SocketStream,
+        stream: TcpStream,
         listener: ListenerConfig,
         proxy: PeerAddress,
         accepted_at: float,
@@ -345,7 +349,7 @@ class Server:
 
     async def _refuse_soon(
         self,
-        stream: trio.SocketStream,
+        stream: TcpStream,
         listener: ListenerConfig,
         reply: Err,
         sessions: trio.Nursery,
@@ -357,13 +361,13 @@ class Server:
         else:
             await trio.aclose_forcefully(stream)
 
-    async def _refuse_counted(self, stream: trio.SocketStream, reply: Err | None) -> None:
+    async def _refuse_counted(self, stream: TcpStream, reply: Err | None) -> None:
         try:
             await self._refuse(stream, reply)
         finally:
             self._refusing -= 1
 
-    async def _refuse(self, stream: trio.SocketStream, reply: Err | None) -> None:
+    async def _refuse(self, stream: TcpStream, reply: Err | None) -> None:
         """Send ``reply`` (if any) within REFUSAL_SEND_TIMEOUT_SECONDS, then close."""
         if reply is not None:
             with trio.move_on_after(REFUSAL_SEND_TIMEOUT_SECONDS):

@@ -23,19 +23,16 @@ import contextlib
 import math
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
 
 import trio
 
-from popproxy.auth.authenticator import Authenticator
 from popproxy.auth.credentials import Credentials, login_credentials, plain_credentials
-from popproxy.auth.login import LoginAttempt, LoginClient, LoginOutcome, SourceMemory, log_in
-from popproxy.auth.throttling import LoginThrottle
-from popproxy.config import LimitsConfig, UserConfig
+from popproxy.auth.login import LoginAttempt, LoginClient, LoginOutcome, log_in
+from popproxy.config import UserConfig
 from popproxy.logfmt import SESSION_ID
 from popproxy.maildrop.base import Maildrop, MaildropError, MessageInfo
-from popproxy.metrics import CommandResult, LoginMechanism, LoginResult, Metrics, TlsResult
+from popproxy.metrics import CommandResult, LoginMechanism, LoginResult, TlsResult
 from popproxy.native_tls import accept_tls
 from popproxy.outcomes import SessionResult
 from popproxy.peer import PeerAddress
@@ -77,6 +74,7 @@ from popproxy.pop3.server import Reply, ServerConnection, ServerSettings
 from popproxy.pop3.state import Phase
 from popproxy.pop3.wire import format_status
 from popproxy.secret import Secret
+from popproxy.session_context import SessionContext
 from popproxy.session_summary import (
     FAILURE_REASONS,
     FAILURE_RESULTS,
@@ -84,6 +82,7 @@ from popproxy.session_summary import (
     SessionSummary,
     quit_text,
 )
+from popproxy.socket_stream import receive_some_within, send_all_within
 from popproxy.tls import AlpnRefused
 
 # One read from the client; commands are tiny, so this only bounds a flood.
@@ -113,39 +112,6 @@ class _SessionEnd(Exception):
     def __init__(self, result: SessionResult) -> None:
         super().__init__(result.value)
         self.result = result
-
-
-# (the local user, the session id for the audit trail) -> the user's maildrop
-OpenMaildrop = Callable[[UserConfig, str], Awaitable[Maildrop]]
-
-
-@dataclass(frozen=True, slots=True)
-class SessionContext:
-    """What every session of one listener shares; fixed when the session starts."""
-
-    listener: str
-    limits: LimitsConfig
-    authenticator: Authenticator
-    open_maildrop: OpenMaildrop
-    tls_context: ssl.SSLContext | None = None
-    # RFC 2449 §6.7: CAPA's EXPIRE before login, from the retention policy of every
-    # user (``n USER`` when it varies); after login the maildrop's own value.
-    expire: str = "NEVER"
-    # Names this process in its greeting, so that its own upstream leg can tell when
-    # it has been pointed at itself (docs/proxy.md, loop detection).
-    greeting_token: str = ""
-    stls_available: bool = False
-    implicit_tls: bool = False
-    allow_plaintext_auth: bool = False
-    # Where the session reports (popproxy/metrics.py); ``listener`` must be declared
-    # there. By default a Metrics nobody reads (tests that do not look at metrics).
-    metrics: Metrics = field(default_factory=Metrics.unexported)
-    # Failures per client address and user name, one table per process (it outlives
-    # a reload). None: no throttling or lockout (tests that do not look at them).
-    throttle: LoginThrottle | None = None
-    # The known-good sources of each user (popproxy/known_sources.py), one per process;
-    # spared the user-name lockout. None: no source is known.
-    known_sources: SourceMemory | None = None
 
 
 class Session:
@@ -506,20 +472,19 @@ class Session:
         await self._flush(self._conn.send(reply))
 
     async def _flush(self, tail: bytes = b"") -> None:
-        """Write the queued replies, then ``tail``, under the send deadline."""
+        """Write the queued replies, then ``tail``, waiting at most the send timeout. On
+        a plain ``TcpStream`` a write the kernel takes at once costs no cancel scope
+        (popproxy/socket_stream.py): this runs for every reply and every relayed chunk."""
         data = bytes(self._out) + tail if self._out else tail
         self._out.clear()
         if not data:
             return
-        # A plain cancel scope rather than fail_after (a generator context manager):
-        # this runs for every reply and every relayed chunk.
-        with trio.move_on_after(self._context.limits.send_timeout_seconds) as scope:
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise _SessionEnd(SessionResult.EOF) from None
-        if scope.cancelled_caught:
-            raise _SessionEnd(SessionResult.TIMEOUT)
+        try:
+            await send_all_within(self._stream, data, self._context.limits.send_timeout_seconds)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _SessionEnd(SessionResult.EOF) from None
+        except trio.TooSlowError:
+            raise _SessionEnd(SessionResult.TIMEOUT) from None
         self._sent(len(data))
 
     async def _receive(self) -> None:
@@ -532,9 +497,14 @@ class Session:
         self._traffic.bytes_received(len(data))
         self._conn.receive_data(data)
 
-    async def _receive_some(self) -> bytes | bytearray:
+    async def _receive_some(self, wait_seconds: float | None = None) -> bytes | bytearray:
+        """The client's next octets, b"" at its end; ``trio.TooSlowError`` after waiting
+        ``wait_seconds`` (the cancel scope only once the read has to wait)."""
+        stream = self._stream
         try:
-            return await self._stream.receive_some(RECEIVE_CHUNK_BYTES)
+            if wait_seconds is None:
+                return await stream.receive_some(RECEIVE_CHUNK_BYTES)
+            return await receive_some_within(stream, RECEIVE_CHUNK_BYTES, wait_seconds)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
             return b""
 
@@ -543,8 +513,8 @@ class Session:
         keeping the maildrop alive every ``keepalive_interval_seconds`` of silence (an
         upstream would otherwise log the session out).
 
-        One cancel scope per wait, whichever of the two comes first: this runs before
-        every command. Cancelling a receive that has not completed loses nothing (for
+        Each wait ends at whichever of the two comes first: this runs before every
+        command. Cancelling a receive that has not completed loses nothing (for
         TLS, OpenSSL keeps what it decrypted: popproxy/native_tls.py). A keep-alive is
         shielded: it ends by its own deadline, so the upstream is never left with half
         a reply read.
@@ -552,14 +522,15 @@ class Session:
         idle_deadline = trio.current_time() + self._context.limits.idle_timeout_seconds
         interval = maildrop.keepalive_interval_seconds
         while True:
-            wake = idle_deadline
+            wait = idle_deadline - trio.current_time()
             if interval is not None:
-                wake = min(wake, trio.current_time() + interval)
-            with trio.CancelScope(deadline=wake):
-                return await self._receive_some()
-            if trio.current_time() >= idle_deadline:
-                await self._goodbye(Err("Disconnected for inactivity."))
-                raise _SessionEnd(SessionResult.TIMEOUT)
+                wait = min(wait, interval)
+            try:
+                return await self._receive_some(wait)
+            except trio.TooSlowError:
+                if trio.current_time() >= idle_deadline:
+                    await self._goodbye(Err("Disconnected for inactivity."))
+                    raise _SessionEnd(SessionResult.TIMEOUT) from None
             with trio.CancelScope(shield=True):
                 await maildrop.keep_alive()
 

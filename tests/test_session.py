@@ -32,7 +32,8 @@ from popproxy.maildrop.maildir import open_maildir
 from popproxy.outcomes import SessionResult
 from popproxy.peer import PeerAddress
 from popproxy.secret import Secret
-from popproxy.session import Session, SessionContext
+from popproxy.session import Session
+from popproxy.session_context import SessionContext
 from popproxy.session_summary import SessionSummary
 
 MESSAGES = {

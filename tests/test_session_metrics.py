@@ -26,7 +26,8 @@ from popproxy.metrics import Metrics
 from popproxy.outcomes import SessionResult
 from popproxy.peer import PeerAddress
 from popproxy.pop3.replies import ResponseCode
-from popproxy.session import Session, SessionContext
+from popproxy.session import Session
+from popproxy.session_context import SessionContext
 
 # The fixtures of test_session.py, used here by name.
 maildir = test_session.maildir

@@ -58,7 +58,8 @@ from popproxy.maildrop.upstream import UpstreamAccount, open_upstream
 from popproxy.outcomes import SessionResult
 from popproxy.peer import PeerAddress
 from popproxy.secret import Secret
-from popproxy.session import Session, SessionContext
+from popproxy.session import Session
+from popproxy.session_context import SessionContext
 
 # Max examples: each one is a whole client session, a hash and an upstream on loopback.
 EXAMPLES = 100

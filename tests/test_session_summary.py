@@ -36,7 +36,8 @@ from popproxy.peer import PeerAddress
 from popproxy.policy import Action, Policy, Rule
 from popproxy.pop3.replies import ResponseCode
 from popproxy.secret import Secret
-from popproxy.session import Session, SessionContext
+from popproxy.session import Session
+from popproxy.session_context import SessionContext
 from popproxy.session_summary import SessionSummary, quit_text
 from popproxy.state import open_store
 from popproxy.state.base import AccountKey, StateError, StateStore

@@ -34,7 +34,8 @@ from popproxy.maildrop.base import Maildrop
 from popproxy.metrics import Metrics
 from popproxy.peer import PeerAddress
 from popproxy.secret import Secret
-from popproxy.session import OpenMaildrop, Session, SessionContext
+from popproxy.session import Session
+from popproxy.session_context import OpenMaildrop, SessionContext
 
 maildir = test_session.maildir
 

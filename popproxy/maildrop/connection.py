@@ -63,6 +63,7 @@ from popproxy.pop3.commands import Command, Dele, Quit, SaslLine, Stls, Verb
 from popproxy.pop3.errors import RemoteProtocolError
 from popproxy.pop3.events import NEED_DATA, Data, EndOfData, PoisonedDotLines, StuffedData
 from popproxy.pop3.replies import Err, Ok, ResponseCode
+from popproxy.socket_stream import TcpStream, receive_some_within
 from popproxy.tls import upstream_alpn_problem
 
 log = logging.getLogger("popproxy.upstream")
@@ -122,7 +123,11 @@ class UpstreamConnection:
         *,
         connect_seconds: float,
     ) -> None:
-        self._stream = stream
+        # A plain TCP stream goes over to popproxy's own (popproxy/socket_stream.py): a
+        # command or reply that the kernel takes or has at once skips trio's scheduler.
+        self._stream = (
+            TcpStream.from_trio(stream) if isinstance(stream, trio.SocketStream) else stream
+        )
         self._upstream = upstream
         self._core = ClientConnection(max_reply_line_octets=upstream.max_reply_line_bytes)
         self._metrics = metrics
@@ -274,8 +279,8 @@ class UpstreamConnection:
         """The next reply event, reading as needed.
 
         With ``read_seconds``, each read waits at most that long (``trio.TooSlowError``);
-        an event already buffered costs no cancel scope. Without, the caller sets
-        the deadline.
+        an event already buffered, or a read that the socket answers at once, costs no
+        cancel scope. Without, the caller sets the deadline.
         """
         core = self._core
         while True:
@@ -289,20 +294,17 @@ class UpstreamConnection:
                     # answers). Left there, they would be read as the next command's reply.
                     raise self.protocol_error("unsolicited reply")
                 return event
-            if read_seconds is None:
-                data = await self._receive()
-            else:
-                with trio.move_on_after(read_seconds) as scope:
-                    data = await self._receive()
-                if scope.cancelled_caught:
-                    raise trio.TooSlowError
+            data = await self._receive(read_seconds)
             self._bytes_received += len(data)
             self._metrics.bytes_received(len(data))
             core.receive_data(data)
 
-    async def _receive(self) -> bytes | bytearray:
+    async def _receive(self, read_seconds: float | None) -> bytes | bytearray:
+        stream = self._stream
         try:
-            return await self._stream.receive_some(UPSTREAM_RECEIVE_BYTES)
+            if read_seconds is None:
+                return await stream.receive_some(UPSTREAM_RECEIVE_BYTES)
+            return await receive_some_within(stream, UPSTREAM_RECEIVE_BYTES, read_seconds)
         except _STREAM_ERRORS:
             return b""
 
@@ -382,7 +384,7 @@ class UpstreamConnection:
             raise self.protocol_error("unsolicited reply")
         stream = self._stream
         transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-        if not isinstance(transport, trio.SocketStream):
+        if not isinstance(transport, TcpStream | trio.SocketStream):
             return
         readable, _, _ = select.select([transport.socket.fileno()], [], [], 0)
         if readable:
