@@ -29,6 +29,7 @@ import ssl
 
 import trio
 
+from popproxy.socket_stream import TcpStream
 from popproxy.tls import ALERT_SECONDS, AlpnGuard, AlpnRefused
 from popproxy.tls_hello import (
     MAX_CLIENT_HELLO_BYTES,
@@ -59,10 +60,11 @@ DRAIN_BYTES = 64 * 1024
 DEFAULT_RECEIVE_BYTES = 16 * 1024
 
 
-def kernel_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    """The connected trio socket under ``stream`` when the stream is the socket
-    itself (nothing buffered above it), else None."""
-    if isinstance(stream, trio.SocketStream):
+def kernel_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | socket.socket | None:
+    """The connected socket under ``stream`` when the stream is the socket itself
+    (nothing buffered above it: a ``trio.SocketStream``, or the ``TcpStream`` the
+    listeners give a plain session, popproxy/socket_stream.py), else None."""
+    if isinstance(stream, trio.SocketStream | TcpStream):
         return stream.socket
     return None
 

@@ -21,6 +21,7 @@ import trustme
 
 from popproxy.config import TlsConfig
 from popproxy.native_tls import NativeTlsStream, accept_tls
+from popproxy.socket_stream import TcpStream
 from popproxy.tls import AlpnRefused, server_context
 from popproxy.tls_hello import NO_APPLICATION_PROTOCOL_ALERT
 
@@ -121,6 +122,25 @@ async def test_data_flows_both_ways_on_the_kernel_socket(
         assert await client.receive_some(100) == b""
         with pytest.raises(trio.ClosedResourceError):
             await tls.receive_some(100)
+
+
+async def test_the_listeners_tcp_stream_is_taken_over_too(
+    pair: tuple[trio.SocketStream, trio.SocketStream], server: ssl.SSLContext, ca: trustme.CA
+) -> None:
+    """serve.py gives a plain session popproxy's TcpStream (popproxy/socket_stream.py):
+    STLS and implicit TLS over it run on the kernel socket as over trio's stream."""
+    accepted, raw = pair
+    stream = TcpStream.from_trio(accepted)
+    client = trio.SSLStream(raw, client_context(ca, ["pop3"]), server_hostname="localhost")
+    with trio.fail_after(DEADLINE_SECONDS):
+        tls = await handshake(stream, server, client)
+        assert isinstance(tls, NativeTlsStream)
+        assert stream.socket.fileno() == -1  # the TLS stream owns the descriptor now
+        await client.send_all(b"CAPA\r\n")
+        assert await tls.receive_some(100) == b"CAPA\r\n"
+        await tls.send_all(b"+OK\r\n")
+        assert await client.receive_some(100) == b"+OK\r\n"
+        await tls.aclose()
 
 
 @pytest.mark.parametrize("alpn", [["http/1.1"], ["h2", "http/1.1"]])
