@@ -48,6 +48,7 @@ from popproxy.policy.patterns import header_pattern
 from popproxy.pop3.client_replies import MAX_CAPABILITY_LINES
 from popproxy.pop3.replies import ResponseCode
 from popproxy.secret import Secret
+from popproxy.socket_stream import TcpStream
 from popproxy.state.base import AccountKey
 from popproxy.state.sqlite import open_sqlite
 from popproxy.tls import client_context
@@ -1061,8 +1062,9 @@ async def test_every_kind_of_host_connects_with_nodelay(
         drop = await open_upstream(account(upstream.port, host=host), tls_context=None)
         assert drop.messages == listing_of(MESSAGES)
         stream = drop._connection._stream
-        assert isinstance(stream, trio.SocketStream)
-        assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        # The connection took the socket over (popproxy/socket_stream.py), options and all.
+        assert isinstance(stream, TcpStream)
+        assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         await drop.commit(set())
     assert upstream.peer.lines[-1] == b"QUIT"
     assert resolved == ([] if host != "localhost" else ["localhost"])
