@@ -189,13 +189,24 @@ async def test_a_client_hello_sent_in_pieces_is_judged_whole(
         assert await raw.receive_some(100) == NO_APPLICATION_PROTOCOL_ALERT
 
 
-async def test_a_cancelled_receive_loses_nothing(
+@pytest.fixture
+async def established(
     pair: tuple[trio.SocketStream, trio.SocketStream], server: ssl.SSLContext, ca: trustme.CA
-) -> None:
+) -> tuple[trio.abc.Stream, trio.SSLStream[trio.SocketStream], trio.SocketStream]:
+    """A finished handshake without ALPN: (the server's TLS stream, the client's TLS
+    stream, the client's TCP stream under it)."""
     accepted, raw = pair
     client = trio.SSLStream(raw, client_context(ca), server_hostname="localhost")
     with trio.fail_after(DEADLINE_SECONDS):
         tls = await handshake(accepted, server, client)
+    return tls, client, raw
+
+
+async def test_a_cancelled_receive_loses_nothing(
+    established: tuple[trio.abc.Stream, trio.SSLStream[trio.SocketStream], trio.SocketStream],
+) -> None:
+    tls, client, _ = established
+    with trio.fail_after(DEADLINE_SECONDS):
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(tls.receive_some, 100)
@@ -207,25 +218,21 @@ async def test_a_cancelled_receive_loses_nothing(
         await tls.aclose()
 
 
-async def test_a_ragged_eof_reads_as_eof_and_a_reset_as_broken(
-    pair: tuple[trio.SocketStream, trio.SocketStream], server: ssl.SSLContext, ca: trustme.CA
+async def test_a_ragged_eof_reads_as_eof(
+    established: tuple[trio.abc.Stream, trio.SSLStream[trio.SocketStream], trio.SocketStream],
 ) -> None:
-    accepted, raw = pair
-    client = trio.SSLStream(raw, client_context(ca), server_hostname="localhost")
+    tls, _, raw = established
     with trio.fail_after(DEADLINE_SECONDS):
-        tls = await handshake(accepted, server, client)
         await raw.aclose()  # no close_notify
         assert await tls.receive_some(100) == b""
         await tls.aclose()
 
 
 async def test_a_reset_breaks_the_stream(
-    pair: tuple[trio.SocketStream, trio.SocketStream], server: ssl.SSLContext, ca: trustme.CA
+    established: tuple[trio.abc.Stream, trio.SSLStream[trio.SocketStream], trio.SocketStream],
 ) -> None:
-    accepted, raw = pair
-    client = trio.SSLStream(raw, client_context(ca), server_hostname="localhost")
+    tls, _, raw = established
     with trio.fail_after(DEADLINE_SECONDS):
-        tls = await handshake(accepted, server, client)
         raw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await raw.aclose()  # linger 0: a reset
         with pytest.raises(trio.BrokenResourceError):

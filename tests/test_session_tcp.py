@@ -6,13 +6,16 @@ deadline. Times are virtual (autojump_clock)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import trio
 import trio.testing
 from maildirs import make_maildir
+from pop3client import Pop3Client
 from test_session import LIMITS, login, make_context, session_client
 
 from popproxy.outcomes import SessionResult
@@ -38,6 +41,32 @@ def tcp_pair() -> tuple[TcpStream, TcpStream]:
     return TcpStream(client), TcpStream(server)
 
 
+@contextlib.asynccontextmanager
+async def logged_in_over_tcp(
+    maildir: Path, clock: trio.testing.MockClock
+) -> AsyncIterator[tuple[Session, Pop3Client, trio.Event]]:
+    """A session on the server end of ``tcp_pair``, its client logged in: (the
+    session, the client, an event set once ``Session.run`` returned). The clock
+    stands still until the caller lets it jump."""
+    client_stream, server_stream = tcp_pair()
+    session = Session(server_stream, PeerAddress("192.0.2.1", 1), make_context(maildir))
+    done = trio.Event()
+
+    async def run() -> None:
+        await session.run()
+        done.set()
+
+    async with client_stream, trio.open_nursery() as nursery:
+        # The hash and the Maildir listing run in worker threads: keep the clock still
+        # until they are done, or it would jump to the client's own read deadline.
+        clock.autojump_threshold = math.inf
+        nursery.start_soon(run)
+        client = session_client(client_stream)
+        assert (await client.line()).startswith(b"+OK")
+        await login(client)
+        yield session, client, done
+
+
 async def test_a_client_that_never_reads_is_cut_off_at_the_send_deadline(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -50,22 +79,7 @@ async def test_a_client_that_never_reads_is_cut_off_at_the_send_deadline(
             BIG: b"Subject: big\n\n" + line * (MESSAGE_BYTES // len(line)),
         },
     )
-    client_stream, server_stream = tcp_pair()
-    session = Session(server_stream, PeerAddress("192.0.2.1", 1), make_context(maildir))
-    done = trio.Event()
-
-    async def run() -> None:
-        await session.run()
-        done.set()
-
-    async with client_stream, trio.open_nursery() as nursery:
-        # The hash and the Maildir listing run in worker threads: keep the clock still
-        # until they are done, or it would jump to the client's own read deadline.
-        autojump_clock.autojump_threshold = math.inf
-        nursery.start_soon(run)
-        client = session_client(client_stream)
-        assert (await client.line()).startswith(b"+OK")
-        await login(client)
+    async with logged_in_over_tcp(maildir, autojump_clock) as (session, client, done):
         await client.send(b"RETR 3\r\n")  # and never read again
         autojump_clock.autojump_threshold = 0
         before = trio.current_time()
@@ -89,20 +103,7 @@ async def test_a_silent_logged_in_client_is_cut_off_at_the_idle_deadline(
             "1700000003.M3P1.test": b"Subject: three\n\nthird\n",
         },
     )
-    client_stream, server_stream = tcp_pair()
-    session = Session(server_stream, PeerAddress("192.0.2.1", 1), make_context(maildir))
-    done = trio.Event()
-
-    async def run() -> None:
-        await session.run()
-        done.set()
-
-    async with client_stream, trio.open_nursery() as nursery:
-        autojump_clock.autojump_threshold = math.inf
-        nursery.start_soon(run)
-        client = session_client(client_stream)
-        assert (await client.line()).startswith(b"+OK")
-        await login(client)
+    async with logged_in_over_tcp(maildir, autojump_clock) as (session, client, done):
         # Answered at once, many times in a row: the fast path keeps every deadline.
         for _ in range(50):
             assert await client.cmd("NOOP") == b"+OK"
