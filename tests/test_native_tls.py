@@ -18,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from test_tls import client_hello_of
 
 from popproxy.config import TlsConfig
 from popproxy.native_tls import NativeTlsStream, accept_tls
@@ -159,14 +160,6 @@ async def test_an_alpn_offer_without_pop3_gets_the_alert_and_nothing_else(
     assert accepted.socket.fileno() == -1  # closed by accept_tls, not leaked
     assert failed is not None
     assert "alert no application protocol" in str(failed.__cause__)
-
-
-def client_hello_of(context: ssl.SSLContext) -> bytes:
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 async def test_a_client_hello_sent_in_pieces_is_judged_whole(

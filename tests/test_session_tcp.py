@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,28 +16,16 @@ import trio.testing
 from maildirs import make_maildir
 from pop3client import Pop3Client
 from test_session import LIMITS, login, make_context, session_client
+from test_socket_stream import tcp_pair
 
 from popproxy.outcomes import SessionResult
 from popproxy.peer import PeerAddress
 from popproxy.session import Session
-from popproxy.socket_stream import TcpStream
 
 # Small kernel buffers on both ends, so that the message below cannot fit in them.
 BUFFER_BYTES = 16 * 1024
 MESSAGE_BYTES = 4 * 1024 * 1024
 BIG = "1700000009.M9P1.test"
-
-
-def tcp_pair() -> tuple[TcpStream, TcpStream]:
-    """(client, server) ends of a fresh loopback TCP connection with small buffers."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        for sock in (listener, client):  # an accepted socket inherits the listener's
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER_BYTES)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER_BYTES)
-        client.connect(listener.getsockname())
-        server, _ = listener.accept()
-    return TcpStream(client), TcpStream(server)
 
 
 @contextlib.asynccontextmanager
@@ -48,7 +35,7 @@ async def logged_in_over_tcp(
     """A session on the server end of ``tcp_pair``, its client logged in: (the
     session, the client, an event set once ``Session.run`` returned). The clock
     stands still until the caller lets it jump."""
-    client_stream, server_stream = tcp_pair()
+    client_stream, server_stream = tcp_pair(BUFFER_BYTES)
     session = Session(server_stream, PeerAddress("192.0.2.1", 1), make_context(maildir))
     done = trio.Event()
 
