@@ -19,9 +19,9 @@ at 0, so ``rate()`` and the alert rules work from the first scrape.
 This module only declares and counts: it does no I/O and imports no trio, socket, ssl
 or yaml (tests/pop3/test_imports.py). :mod:`popproxy.metrics_exporter` serves the
 registry over HTTP. It is one module over 600 lines on purpose (the gateway's and
-OAuth2's series made it longer still): every
-metric is declared in one place (DESIGN.md, habit 8), so that its name, labels, help
-text, the Enums of its label values and the methods that count it are read together.
+OAuth2's series made it longer still): every metric is declared in one place
+(DESIGN.md, habit 8), so that its name, labels, help text, the Enums of its label
+values and the methods that count it are read together.
 """
 
 from __future__ import annotations
