@@ -70,6 +70,17 @@ class _Unyielded:
 _UNYIELDED = _Unyielded()
 
 
+def _yield_due() -> bool:
+    """Count an operation that completed without waiting; True when it is the one that
+    must take a real checkpoint (every ``MAX_OPS_WITHOUT_CHECKPOINT``-th in a row)."""
+    unyielded = _UNYIELDED
+    unyielded.ops += 1
+    if unyielded.ops < MAX_OPS_WITHOUT_CHECKPOINT:
+        return False
+    unyielded.ops = 0
+    return True
+
+
 def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
     """The trio stream error for a failed socket call (as trio.SocketStream's)."""
     if exc.errno in _CLOSED_ERRNOS:
@@ -116,10 +127,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         except OSError as exc:
             raise _stream_error(exc) from exc
         if sent >= (data.nbytes if isinstance(data, memoryview) else len(data)):
-            unyielded = _UNYIELDED
-            unyielded.ops += 1
-            if unyielded.ops >= MAX_OPS_WITHOUT_CHECKPOINT:
-                unyielded.ops = 0
+            if _yield_due():
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return
         self._sending = True
@@ -170,10 +178,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
             raise trio.TooSlowError from None
         except OSError as exc:
             raise _stream_error(exc) from exc
-        unyielded = _UNYIELDED
-        unyielded.ops += 1
-        if unyielded.ops >= MAX_OPS_WITHOUT_CHECKPOINT:
-            unyielded.ops = 0
+        if _yield_due():
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
