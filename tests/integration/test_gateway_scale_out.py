@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -159,6 +159,28 @@ def two_instances(
 def gateway_user(tmp_path: Path, accounts: Sequence[DovecotUser]) -> GatewayUser:
     sources = tuple(Source(UPSTREAM, a.name, a.password) for a in accounts)
     return GatewayUser("carol", PASSWORD, tmp_path / "carol-mail", sources)
+
+
+def gateway_config(
+    workdir: Path,
+    tls: TlsFiles,
+    dovecot: DovecotServer,
+    user: GatewayUser,
+    state_url: str,
+    *,
+    limits: Mapping[str, float] | None = None,
+) -> Path:
+    """The config of a gateway run in this process (the plain listener only):
+    ``user``'s sources on the suite's Dovecot, the shared store."""
+    return write_config(
+        workdir / "popproxy.yaml",
+        users=[user],
+        tls=tls,
+        listeners=["none"],
+        upstreams={UPSTREAM: upstream_for(dovecot, "none")},
+        state=state_url,
+        limits=limits,
+    )
 
 
 def timestamp(record: dict[str, str]) -> float:
@@ -368,16 +390,7 @@ async def test_a_lease_lost_before_the_deletions_deletes_nothing(
     try:
         deliver([account], 0, expected)
         user = gateway_user(tmp_path, [account])
-        config = load_config(
-            write_config(
-                tmp_path / "popproxy.yaml",
-                users=[user],
-                tls=tls_files,
-                listeners=["none"],
-                upstreams={UPSTREAM: upstream_for(dovecot, "none")},
-                state=backend.url,
-            )
-        )
+        config = load_config(gateway_config(tmp_path, tls_files, dovecot, user, backend.url))
         local = config.users[user.name]
         source = local.fetch[0]
         store = await open_store(config.state)
@@ -449,14 +462,8 @@ async def test_fetch_once_waits_for_a_source_another_instance_holds_then_polls_i
     try:
         deliver([account], 0, expected)
         user = gateway_user(tmp_path, [account])
-        path = write_config(
-            tmp_path / "popproxy.yaml",
-            users=[user],
-            tls=tls_files,
-            listeners=["none"],
-            upstreams={UPSTREAM: upstream_for(dovecot, "none")},
-            state=backend.url,
-            limits={"account_wait_seconds": 0.5},
+        path = gateway_config(
+            tmp_path, tls_files, dovecot, user, backend.url, limits={"account_wait_seconds": 0.5}
         )
         config = load_config(path)
         shared = SharedOpener(config.state)

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import sqlite3
 import stat
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -416,6 +416,26 @@ def last_listed_on_disk(path: Path) -> str:
         return str(conn.execute("SELECT last_listed FROM accounts").fetchone()[0])
 
 
+# The listing the unchanged-QUIT tests start from: u0..u19, u1 retrieved.
+WATCHED_SIZES = {f"u{i}": i for i in range(20)}
+
+
+@contextlib.asynccontextmanager
+async def retrieved_u1_recorded(
+    path: Path,
+) -> AsyncIterator[tuple[SqliteStore, sqlite3.Connection]]:
+    """A store at ``path`` that recorded WATCHED_SIZES at T0 with u1 retrieved, and a
+    second connection to read its ``data_version`` (which moves on every commit)."""
+    store = await open_sqlite(path, busy_timeout_seconds=1)
+    with contextlib.closing(sqlite3.connect(path)) as watcher:
+        try:
+            first = dataclasses.replace(listing(T0, WATCHED_SIZES), retrieved=frozenset({"u1"}))
+            await store.record(first)
+            yield store, watcher
+        finally:
+            await store.aclose()
+
+
 async def test_an_unchanged_quit_writes_nothing_until_the_refresh_bound(
     tmp_path: Path, record_batches: list[int]
 ) -> None:
@@ -423,25 +443,19 @@ async def test_an_unchanged_quit_writes_nothing_until_the_refresh_bound(
     thread hand-off and no commit; the last_listed on disk (what a crash leaves) is
     never more than LAST_LISTED_REFRESH_SECONDS behind a QUIT that returned."""
     path = tmp_path / "state.db"
-    sizes = {f"u{i}": i for i in range(20)}
-    store = await open_sqlite(path, busy_timeout_seconds=1)
-    with contextlib.closing(sqlite3.connect(path)) as watcher:
-        try:
-            await store.record(dataclasses.replace(listing(T0, sizes), retrieved=frozenset({"u1"})))
-            version, calls = data_version(watcher), len(record_batches)
-            bound = timedelta(seconds=LAST_LISTED_REFRESH_SECONDS)
-            for at in (T0 + timedelta(minutes=1), T0 + bound):
-                unchanged = dataclasses.replace(listing(at, sizes), retrieved=frozenset({"u1"}))
-                await store.record(unchanged)
-                assert (data_version(watcher), len(record_batches)) == (version, calls)
-            assert last_listed_on_disk(path) == utc_text(T0)
-            past = T0 + bound + timedelta(microseconds=1)
-            await store.record(listing(past, sizes))
-            assert data_version(watcher) != version
-            assert len(record_batches) == calls + 1
-            assert last_listed_on_disk(path) == utc_text(past)
-        finally:
-            await store.aclose()
+    async with retrieved_u1_recorded(path) as (store, watcher):
+        version, calls = data_version(watcher), len(record_batches)
+        bound = timedelta(seconds=LAST_LISTED_REFRESH_SECONDS)
+        for at in (T0 + timedelta(minutes=1), T0 + bound):
+            unchanged = dataclasses.replace(listing(at, WATCHED_SIZES), retrieved=frozenset({"u1"}))
+            await store.record(unchanged)
+            assert (data_version(watcher), len(record_batches)) == (version, calls)
+        assert last_listed_on_disk(path) == utc_text(T0)
+        past = T0 + bound + timedelta(microseconds=1)
+        await store.record(listing(past, WATCHED_SIZES))
+        assert data_version(watcher) != version
+        assert len(record_batches) == calls + 1
+        assert last_listed_on_disk(path) == utc_text(past)
 
 
 @pytest.mark.parametrize(
@@ -460,18 +474,12 @@ async def test_a_quit_that_changes_something_commits_before_it_returns(
     tmp_path: Path, change: dict[str, object]
 ) -> None:
     path = tmp_path / "state.db"
-    sizes = {f"u{i}": i for i in range(20)}
-    store = await open_sqlite(path, busy_timeout_seconds=1)
-    with contextlib.closing(sqlite3.connect(path)) as watcher:
-        try:
-            await store.record(dataclasses.replace(listing(T0, sizes), retrieved=frozenset({"u1"})))
-            version = data_version(watcher)
-            at = T0 + timedelta(minutes=1)
-            await store.record(dataclasses.replace(listing(at, sizes, "s2"), **change))  # type: ignore[arg-type]
-            assert data_version(watcher) != version
-            assert last_listed_on_disk(path) == utc_text(at)
-        finally:
-            await store.aclose()
+    async with retrieved_u1_recorded(path) as (store, watcher):
+        version = data_version(watcher)
+        at = T0 + timedelta(minutes=1)
+        await store.record(dataclasses.replace(listing(at, WATCHED_SIZES, "s2"), **change))  # type: ignore[arg-type]
+        assert data_version(watcher) != version
+        assert last_listed_on_disk(path) == utc_text(at)
 
 
 async def test_a_big_listing_is_always_written(tmp_path: Path) -> None:
