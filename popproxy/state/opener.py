@@ -41,7 +41,14 @@ class StoreOpener:
         self._lock = trio.Lock()
 
     async def get(self) -> StoreBackend:
-        """The open store; ``StateError`` if it cannot be opened."""
+        """The open store; ``StateError`` if it cannot be opened.
+
+        Once open it is returned without the lock: every login asks, and taking a
+        ``trio.Lock`` is a pass through the scheduler, during which the other logins
+        queue on it (issue 15)."""
+        store = self._store
+        if store is not None:
+            return store
         async with self._lock:
             if self._store is None:
                 self._store = await open_store(self._config, metrics=self._metrics)

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 from prometheus_client import CollectorRegistry
 
 import popproxy
@@ -17,6 +19,7 @@ from popproxy.config import StateConfig
 from popproxy.metrics import Metrics, StateOperation
 from popproxy.state import StateError, open_store
 from popproxy.state.base import AccountKey, SeenMessage, SessionRecord
+from popproxy.state.opener import StoreOpener
 
 BOX = AccountKey("provider", "alice@example.net")
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
@@ -108,3 +111,14 @@ async def test_a_postgres_url_without_the_extra_says_what_to_install(
     monkeypatch.setitem(sys.modules, "popproxy.state.postgres", None)  # as if not installed
     with pytest.raises(StateError, match=r"install popproxy\[postgres\]"):
         await open_store(StateConfig(url="postgresql://popproxy@127.0.0.1/popproxy"))
+
+
+async def test_the_opener_opens_once_and_then_hands_out_the_store_without_a_wait() -> None:
+    """``StoreOpener.get`` takes its lock only to open: every login asks for the store."""
+    opener = StoreOpener(StateConfig("sqlite:///:memory:"), Metrics.unexported())
+    try:
+        store = await opener.get()
+        with trio.testing.assert_no_checkpoints():
+            assert await opener.get() is store
+    finally:
+        await opener.aclose()
