@@ -155,6 +155,11 @@ def configure_logging(log_format: str, level: str, stream: TextIO | None = None)
     root.addHandler(handler)
     root.setLevel(level.upper())
     root.propagate = False
+    # Neither formatter writes a thread, process or multiprocessing name, so no record
+    # looks them up (a few microseconds of every session_end line).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def _port(text: str) -> int:

@@ -41,6 +41,9 @@ BASE_KEYS = ("ts", "level", "logger", "msg")
 _KEY_RE = re.compile(r"[^A-Za-z0-9_.\-]")
 _BARE_VALUE_RE = re.compile(r'[^\s"=\\]+')
 _ASCII_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# The common case decided by one match: printable ASCII but for space, quote, '=' and
+# backslash is a bare value (no whitespace, nothing to escape).
+_PLAIN_BARE_RE = re.compile(r"[!#-<>-\[\]-~]+")
 # Keys come from the code (a few dozen names), so their sanitised forms are kept.
 KEYS_CACHED = 1024
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
@@ -52,7 +55,7 @@ _ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 
 def logfmt_pairs(fields: Mapping[str, object]) -> str:
     """Render ``fields`` as ``key=value`` pairs separated by single spaces, in order."""
-    return " ".join(f"{_key(key)}={_value(value)}" for key, value in fields.items())
+    return " ".join([_key(key) + "=" + _value(value) for key, value in fields.items()])
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, object]:
@@ -113,9 +116,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 
 
+# The fraction of a second past which ``fromtimestamp`` may round up to the next
+# second (it keeps microseconds): such a time takes the uncached path.
+_ROUNDS_UP = 0.999999
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    when = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+    created = record.created
+    second = int(created)
+    if created - second < _ROUNDS_UP:
+        return _second(second) + f".{int(record.msecs):03d}Z"
+    when = datetime.datetime.fromtimestamp(created, tz=datetime.UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z"
+
+
+@functools.lru_cache(maxsize=1)
+def _second(second: int) -> str:
+    """The ISO 8601 text of a whole second (lines come in bursts within one second)."""
+    when = datetime.datetime.fromtimestamp(second, tz=datetime.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 @functools.lru_cache(maxsize=KEYS_CACHED)
@@ -142,9 +161,13 @@ def _text(value: object) -> str:
 
 
 def _value(value: object) -> str:
-    if type(value) is int:  # digits and a sign: always bare (not bool, not an enum)
+    kind = type(value)
+    if kind is int:  # digits and a sign: always bare (not bool, not an enum)
         return str(value)
-    text = _text(value)
+    # Exactly a str (a str-valued Enum is a str too, and renders as its value).
+    text = value if kind is str and isinstance(value, str) else _text(value)
+    if _PLAIN_BARE_RE.fullmatch(text):
+        return text
     if _BARE_VALUE_RE.fullmatch(text) and not _needs_escape(text):
         return text
     return '"' + "".join(_escape_char(ch) for ch in text) + '"'

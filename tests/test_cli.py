@@ -127,6 +127,23 @@ def test_configure_logging_logfmt_and_json() -> None:
         logger.propagate = saved[2]
 
 
+def test_configure_logging_skips_what_no_formatter_writes() -> None:
+    import logging
+
+    logger = logging.getLogger("popproxy")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    flags = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
+    try:
+        cli.configure_logging("logfmt", "info", io.StringIO())
+        record = logger.makeRecord("popproxy.x", logging.INFO, __file__, 1, "m", (), None)
+        assert (record.threadName, record.processName, record.process) == (None, None, None)
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing = flags
+
+
 def serving_config(directory: Path, extra: str = "") -> Path:
     (directory / "mail" / "demo").mkdir(parents=True)
     for sub in ("new", "cur", "tmp"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import enum
 import json
 import logging
@@ -250,3 +251,29 @@ def test_a_value_is_bare_exactly_when_no_character_needs_escaping(text: str) -> 
 @given(st.integers())
 def test_an_int_renders_as_its_text_would(number: int) -> None:
     assert logfmt._value(number) == logfmt._value(str(number)) == str(number)
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_the_timestamp_is_the_records_time_in_utc(created: float) -> None:
+    """The cached whole second (``_second``) gives what formatting the time gives,
+    also for a fraction that ``fromtimestamp`` rounds up to the next second."""
+    record = make_record()
+    record.created = created
+    record.msecs = (created - int(created)) * 1000
+    when = datetime.datetime.fromtimestamp(created, tz=datetime.UTC)
+    expected = when.strftime("%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z"
+    assert logfmt._timestamp(record) == expected
+
+
+def test_the_timestamp_of_a_time_rounded_up_to_the_next_second() -> None:
+    record = make_record()
+    record.created = 1795716000.9999997  # fromtimestamp keeps microseconds: 18:00:01
+    record.msecs = 999.9997
+    assert logfmt._timestamp(record) == "2026-11-26T18:00:01.999Z"
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=0x7F)))
+def test_the_plain_ascii_fast_path_decides_as_the_full_check(text: str) -> None:
+    if logfmt._PLAIN_BARE_RE.fullmatch(text):
+        assert logfmt._BARE_VALUE_RE.fullmatch(text)
+        assert not logfmt._needs_escape(text)
