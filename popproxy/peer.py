@@ -8,6 +8,7 @@ limit and login throttling key on ``host``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -16,6 +17,10 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # subnet (RFC 4291 §2.5.4), which one host or one site routinely gets whole, so
 # counting single addresses would let one machine take as many slots as it likes.
 IPV6_LIMIT_PREFIX = 64
+# Client hosts whose parsed forms are remembered: a session asks at the accept, for
+# the per-address limit (twice) and at the login, and parsing an address each time
+# is a noticeable part of a short session's CPU (issue 15).
+HOSTS_REMEMBERED = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +56,7 @@ class PeerAddress:
     def limit_key(self) -> str:
         """What per-address limits count this peer as: the IPv4 address, or the IPv6
         /64 it is in (``IPV6_LIMIT_PREFIX``); empty when there is no address."""
-        ip = self.ip
-        if ip is None:
-            return self.host
-        if isinstance(ip, ipaddress.IPv6Address):
-            return str(ipaddress.IPv6Network((ip, IPV6_LIMIT_PREFIX), strict=False))
-        return str(ip)
+        return _limit_key(self.host)
 
     def __str__(self) -> str:
         """``192.0.2.1:110``, ``[2001:db8::1]:110`` (RFC 3986 §3.2.2), or ``-`` if unknown."""
@@ -75,7 +75,24 @@ def socket_peer(address: object) -> PeerAddress:
     host, port = address[0], address[1]
     if not isinstance(host, str) or not isinstance(port, int):
         return UNKNOWN_PEER
+    return PeerAddress(_canonical_host(host), port)
+
+
+@functools.lru_cache(maxsize=HOSTS_REMEMBERED)
+def _canonical_host(host: str) -> str:
+    """``host`` as ``PeerAddress.of`` writes it, or as it is if it is no IP address."""
     try:
-        return PeerAddress.of(ipaddress.ip_address(host), port)
+        return PeerAddress.of(ipaddress.ip_address(host), 0).host
     except ValueError:
-        return PeerAddress(host, port)
+        return host
+
+
+@functools.lru_cache(maxsize=HOSTS_REMEMBERED)
+def _limit_key(host: str) -> str:
+    """``PeerAddress.limit_key`` of a peer at ``host``."""
+    ip = PeerAddress(host, 0).ip
+    if ip is None:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, IPV6_LIMIT_PREFIX), strict=False))
+    return str(ip)

@@ -145,6 +145,9 @@ class Server:
         self._notifier = notifier if notifier is not None else Notifier(None)
         self._on_reload = on_reload
         self.last_reload = ReloadOutcome(ok=True, at=time.time(), config=config)
+        # Each listener's SessionContext for the runtime it was built from: the same for
+        # every session until a reload swaps the runtime (one per listener name).
+        self._contexts: dict[str, tuple[Runtime, ListenerConfig, SessionContext]] = {}
         self._active = 0
         # Sessions per client address (PeerAddress.limit_key); an entry exists only while
         # its count is above 0, so the table never has more than max_sessions entries.
@@ -188,8 +191,17 @@ class Server:
             )
 
     def session_context(self, listener: ListenerConfig) -> SessionContext:
-        """The context of a session accepted now on ``listener`` (a listener bound at start)."""
+        """The context of a session accepted now on ``listener`` (a listener bound at start):
+        built once per listener and runtime, as nothing in it changes in between."""
         runtime = self._runtime
+        cached = self._contexts.get(listener.name)
+        if cached is not None and cached[0] is runtime and cached[1] is listener:
+            return cached[2]
+        context = self._build_context(runtime, listener)
+        self._contexts[listener.name] = (runtime, listener, context)
+        return context
+
+    def _build_context(self, runtime: Runtime, listener: ListenerConfig) -> SessionContext:
         return SessionContext(
             listener=listener.name,
             limits=runtime.config.limits,

@@ -28,7 +28,7 @@ from popproxy.config import Config, TlsMode, load_config
 from popproxy.reload import ConfigLoader, ReloadOutcome
 from popproxy.sdnotify import Notifier
 from popproxy.secret import Secret
-from popproxy.serve import serve
+from popproxy.serve import Server, serve
 
 TEST_DEADLINE_SECONDS = 20
 # Outcomes a test may leave unread before on_reload would have to wait.
@@ -524,3 +524,20 @@ async def test_a_reload_that_changes_a_password_drops_its_cached_login(
         new = await connect(running)
         assert await new.cmd(b"USER alice") == b"+OK"
         assert (await new.cmd(b"PASS new-pw")).startswith(b"+OK")
+
+
+async def test_sessions_share_their_listeners_context_until_a_reload(workdir: Path) -> None:
+    """``Server.session_context`` builds a listener's context once per runtime: the
+    same object for every session until a reload, a new one (with the new limits) after."""
+    path = workdir / "popproxy.yaml"
+    server = Server(write_config(path, tls=False, max_sessions=1)(), None)
+    (listener,) = server.config.listen
+    first = server.session_context(listener)
+    assert server.session_context(listener) is first
+    assert first.limits.max_sessions == 1
+    with trio.fail_after(TEST_DEADLINE_SECONDS):
+        assert (await server.reload(write_config(path, tls=False, max_sessions=2))).ok
+    after = server.session_context(listener)
+    assert after is not first
+    assert after.limits.max_sessions == 2
+    assert server.session_context(listener) is after

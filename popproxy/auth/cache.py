@@ -61,7 +61,7 @@ class CredentialCache:
         """HMAC-SHA256 of the user name and password under this process's key."""
         name = user.encode("utf-8", "surrogateescape")
         message = len(name).to_bytes(_NAME_LENGTH_BYTES, "big") + name + password.reveal()
-        return hmac.new(self._key, message, hashlib.sha256).digest()
+        return hmac.digest(self._key, message, hashlib.sha256)
 
     def hit(self, user: str, digest: bytes, password_hash: str, *, now: float) -> bool:
         """Whether ``digest`` was verified for ``user`` against ``password_hash`` and is fresh."""
