@@ -97,6 +97,62 @@ def test_bounds_and_an_unfinished_line_are_errors(
             split(body, cuts, **limits)
 
 
+def reference_lines(body: bytes, cuts: Sequence[int], **limits: int) -> list[bytes] | str:
+    """The body's lines or the ``ListingError`` text, line by line as RFC 1939 §3 and
+    RFC 2449 §4 say, each chunk's bounds checked once the chunk is in."""
+    lines: list[bytes] = []
+    partial, total, start = b"", 0, 0
+    for cut in [*sorted(cuts), len(body)]:
+        *complete, partial = (partial + body[start:cut]).split(b"\n")
+        start = max(start, cut)
+        for line in complete:
+            if len(line) + 1 > limits["max_line_octets"]:
+                return "listing line too long"
+            total += len(line) + 1
+            lines.append(line[:-1] if line.endswith(b"\r") else line)
+        if len(partial) >= limits["max_line_octets"]:
+            return "listing line too long"
+        if len(lines) > limits["max_lines"] or total > limits["max_octets"]:
+            return "listing too long"
+    return "listing ends inside a line" if partial else lines
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.binary(max_size=24).filter(lambda b: b"\n" not in b),
+            st.sampled_from([b"\r\n", b"\n", b"\r\r\n", b""]),
+        ),
+        max_size=12,
+    ),
+    st.data(),
+)
+def test_lines_and_errors_agree_with_a_line_by_line_reference(
+    parts: list[tuple[bytes, bytes]], data: st.DataObject
+) -> None:
+    body = b"".join(line + end for line, end in parts)
+    cuts = data.draw(st.lists(st.integers(0, len(body)), max_size=6))
+    # Bounds at, just under and just over what the body holds, and anywhere.
+    lengths = [len(line) + len(end) for line, end in parts]
+    near = {n + step for n in lengths for step in (-1, 0, 1)}
+    totals = {sum(lengths[:k]) + step for k in range(len(parts) + 1) for step in (-1, 0, 1)}
+    limits = {
+        "max_lines": data.draw(st.integers(1, 14)),
+        "max_line_octets": data.draw(st.sampled_from(sorted(n for n in near if n >= 2) or [2]))
+        if data.draw(st.booleans())
+        else data.draw(st.integers(2, 30)),
+        "max_octets": data.draw(st.sampled_from(sorted(n for n in totals if n >= 1)))
+        if data.draw(st.booleans())
+        else data.draw(st.integers(1, 300)),
+    }
+    expected = reference_lines(body, cuts, **limits)
+    if isinstance(expected, str):
+        with pytest.raises(ListingError, match=f"^{expected}$"):
+            split(body, cuts, **limits)
+    else:
+        assert split(body, cuts, **limits) == expected
+
+
 def test_bounds_are_inclusive() -> None:
     assert split(b"x" * 18 + b"\r\n", []) == [b"x" * 18]
     assert split(b"a\r\nb\r\n", [], max_lines=2) == [b"a", b"b"]
