@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import NamedTuple
 
 from popproxy.outcomes import UpstreamFailure
@@ -143,15 +144,21 @@ def parse_listings(uidl: Sequence[bytes], sizes: Sequence[bytes]) -> list[Listed
     Raises ``ListingError`` when the listings disagree or break RFC 1939 §5/§7:
     the same numbers in both, positive, each UID valid and unique, each size a number.
     """
-    uids = _parse_listing(uidl)
-    lengths = _parse_listing(sizes)
-    if uids.keys() != lengths.keys():
-        raise ListingError("UIDL and LIST list different messages")
-    if not uids:
+    numbers: Sequence[int]
+    values = _in_order(uidl)
+    octets = _in_order(sizes)
+    if values is not None and octets is not None and len(values) == len(octets):
+        numbers = range(1, len(values) + 1)
+    else:
+        uids = _parse_listing(uidl)
+        lengths = _parse_listing(sizes)
+        if uids.keys() != lengths.keys():
+            raise ListingError("UIDL and LIST list different messages")
+        numbers = sorted(uids)
+        values = [uids[number] for number in numbers]
+        octets = [lengths[number] for number in numbers]
+    if not values:
         return []
-    numbers = sorted(uids)
-    values = [uids[number] for number in numbers]
-    octets = [lengths[number] for number in numbers]
     # Checked over the whole listing at once (a listing may have 100,000 entries):
     # joined by spaces, which a UID cannot hold, so deleting the octets a UID may hold
     # leaves the spaces alone.
@@ -165,7 +172,40 @@ def parse_listings(uidl: Sequence[bytes], sizes: Sequence[bytes]) -> list[Listed
     ):
         raise ListingError("invalid listing entry")
     texts = joined.decode("ascii").split(" ")
-    return list(map(ListedMessage, numbers, texts, map(int, octets)))
+    # Each (number, uid, size) made a ListedMessage by tuple.__new__ itself, as the
+    # named tuple's own constructor does, without a Python call per message.
+    fields = zip(numbers, texts, map(int, octets), strict=True)
+    return list(map(_new_tuple, repeat(ListedMessage), fields))
+
+
+_new_tuple = tuple.__new__
+
+
+# ASCII white space other than the space: what ``bytes.split()`` also splits at.
+_OTHER_SPACE = b"\t\n\r\x0b\x0c"
+
+
+def _in_order(lines: Sequence[bytes]) -> list[bytes] | None:
+    """The values of a listing whose lines are ``1 value``, ``2 value``... in order, each
+    one space between number and value and no other white space (what servers send),
+    checked over the whole listing at once; None for any other listing, which
+    ``_parse_listing`` then parses (or refuses) line by line."""
+    if not lines:
+        return []
+    joined = b" ".join(lines)
+    if len(joined.translate(None, _OTHER_SPACE)) != len(joined):
+        return None
+    if set(map(bytes.count, lines, repeat(b" "))) != {1}:
+        return None
+    words = joined.split(b" ")  # each line's number and value, as each has one space
+    if not all(words) or b" ".join(words[0::2]) != _decimals(len(lines)):
+        return None
+    return words[1::2]
+
+
+def _decimals(count: int) -> bytes:
+    """``b"1 2 3 ... count"``."""
+    return " ".join(map(str, range(1, count + 1))).encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)

@@ -201,13 +201,21 @@ def valid_listings(
     draw: st.DrawFn,
 ) -> tuple[list[bytes], list[bytes], list[ListedMessage]]:
     n = draw(st.integers(0, 12))
-    numbers = draw(st.lists(st.integers(1, 2**31 - 1), min_size=n, max_size=n, unique=True))
+    # Half numbered 1..n in order, as servers send them (parsed over the whole listing
+    # at once), half any numbers in any order (parsed line by line).
+    in_order = draw(st.booleans())
+    numbers = (
+        list(range(1, n + 1))
+        if in_order
+        else draw(st.lists(st.integers(1, 2**31 - 1), min_size=n, max_size=n, unique=True))
+    )
     uids = draw(st.lists(uid_octets, min_size=n, max_size=n, unique=True))
     sizes = draw(st.lists(st.integers(0, 10**12), min_size=n, max_size=n))
     uidl = [b"%d %s" % (number, uid) for number, uid in zip(numbers, uids, strict=True)]
     lst = [b"%d %d" % (number, size) for number, size in zip(numbers, sizes, strict=True)]
-    uidl = draw(st.permutations(uidl))
-    lst = draw(st.permutations(lst))
+    if not in_order:
+        uidl = draw(st.permutations(uidl))
+        lst = draw(st.permutations(lst))
     order = sorted(range(n), key=lambda i: numbers[i])
     return uidl, lst, [ListedMessage(numbers[i], uids[i].decode(), sizes[i]) for i in order]
 
@@ -290,3 +298,64 @@ def test_parse_listings_mutations_are_rejected_or_parsed_consistently(
             parse_listings(sides[0], sides[1])
     else:
         assert parse_listings(sides[0], sides[1]) == expected
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        b"2 ",
+        b" 2 b",
+        b"2 b ",
+        b"2  b",
+        b"2\tb",
+        b"2 b\r",
+        b"02 b",
+        b"2 b c",
+        b"2",
+        b"+2 b",
+        b"2 \xff",
+    ],
+)
+def test_a_line_out_of_the_usual_form_is_parsed_as_the_reference_parses_it(odd: bytes) -> None:
+    """Listings numbered in order, with line 2 of one or the other in some other form."""
+    uidl = [b"1 a", b"2 b", b"3 c"]
+    sizes = [b"1 10", b"2 20", b"3 30"]
+    odd_uidl = [uidl[0], odd, uidl[2]]
+    odd_sizes = [sizes[0], odd.replace(b"b", b"20"), sizes[2]]
+    for uidl_side, sizes_side in ((odd_uidl, sizes), (uidl, odd_sizes)):
+        expected = reference_listing(uidl_side, sizes_side)
+        if expected is None:
+            with pytest.raises(ListingError):
+                parse_listings(uidl_side, sizes_side)
+        else:
+            assert parse_listings(uidl_side, sizes_side) == expected
+
+
+def test_a_space_moved_from_one_line_to_the_next_is_refused() -> None:
+    """Words that pair up as numbers 1..n and values only across lines: line 2 has
+    one word, line 3 three."""
+    with pytest.raises(ListingError, match="malformed listing line"):
+        parse_listings([b"1 a", b"2", b"3 3 c"], [b"1 10", b"2 20", b"3 30"])
+
+
+@given(st.integers(1, 8), st.data())
+def test_in_order_listings_with_white_space_and_digits_moved_agree_with_the_reference(
+    n: int, data: st.DataObject
+) -> None:
+    uidl = [b"%d u%d" % (i, i) for i in range(1, n + 1)]
+    sizes = [b"%d %d" % (i, 10 * i) for i in range(1, n + 1)]
+    side = data.draw(st.sampled_from([uidl, sizes]))
+    for _ in range(data.draw(st.integers(1, 2))):
+        i = data.draw(st.integers(0, n - 1))
+        pos = data.draw(st.integers(0, len(side[i])))
+        octet = data.draw(st.sampled_from([b" ", b"\t", b"\r", b"\x0b", b"\x0c", b"0", b"1"]))
+        if data.draw(st.booleans()):
+            side[i] = side[i][:pos] + octet + side[i][pos:]
+        else:
+            side[i] = side[i][:pos] + side[i][pos + 1 :]
+    expected = reference_listing(uidl, sizes)
+    if expected is None:
+        with pytest.raises(ListingError):
+            parse_listings(uidl, sizes)
+    else:
+        assert parse_listings(uidl, sizes) == expected
