@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone, tzinfo
 
 import pytest
 from policy_helpers import NOW, candidate, rule
@@ -432,6 +432,38 @@ def test_times_must_be_timezone_aware_and_indexes_unique() -> None:
     view = policy.view([candidate(0)], NOW)
     with pytest.raises(ValueError, match="timezone"):
         policy.plan(view, set(), set(), naive)
+
+
+class _NoOffset(tzinfo):
+    """A tzinfo that knows no offset: a time with it is not timezone-aware."""
+
+    def utcoffset(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+    def dst(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+    def tzname(self, dt: datetime | None) -> str | None:
+        return None
+
+
+def test_a_candidate_is_aware_of_any_zone_with_an_offset_and_cannot_change() -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        Candidate(0, "u", 1, datetime(2024, 1, 1, tzinfo=_NoOffset()))
+    with pytest.raises(ValueError, match="0 or more"):
+        Candidate(0, "u", -1, NOW)
+    east = NOW.astimezone(timezone(timedelta(hours=2)))
+    made = Candidate(3, "u", 1, east, hidden=True)
+    assert (made.index, made.uid, made.size, made.first_seen, made.hidden, made.headers) == (
+        3,
+        "u",
+        1,
+        east,
+        True,
+        None,
+    )
+    with pytest.raises(AttributeError):
+        made.size = 2  # type: ignore[misc]
 
 
 def test_candidates_alike_share_one_decision_and_others_do_not() -> None:
