@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from itertools import repeat
 
 import trio
 
@@ -140,22 +141,18 @@ async def open_retained(
         headers = await _all_headers(inner)
     candidates: list[Candidate] = []
     with gc_pause.paused():  # one per listed message, up to 100,000
-        for index, message in enumerate(listing):
-            known = facts.get(message.uid)
-            if known is not None and known.size != message.size:
-                known = None  # a UIDL reused for other content is a new message (invariant 3)
+        sizes = [m.size for m in listing]
+        each = zip(uids, sizes, map(facts.get, uids), headers or repeat(None), strict=False)
+        for index, (uid, size, known, header) in enumerate(each):
             # Positional: one per listed message (100,000 on a big mailbox), and keywords
             # cost a sixth more. (index, uid, size, first_seen, hidden, headers)
-            candidates.append(
-                Candidate(
-                    index,
-                    message.uid,
-                    message.size,
-                    known.first_seen if known is not None else now,
-                    known.hidden if known is not None else False,
-                    headers[index] if headers else None,
+            if known is None or known.size != size:
+                # Unknown; or a UIDL reused for other content: a new message (invariant 3).
+                candidates.append(Candidate(index, uid, size, now, False, header))
+            else:
+                candidates.append(
+                    Candidate(index, uid, size, known.first_seen, known.hidden, header)
                 )
-            )
     view = await decide_view(context.policy, candidates, now)
     _count_overdue(view, now, context.metrics)
     return RetainedMaildrop(inner, context, view, tuple(candidates), on_close, confirm=confirm)

@@ -258,11 +258,9 @@ class AccountPolicy:
         indexes = [candidate.index for candidate in candidates]
         if len(set(indexes)) != len(indexes):
             raise ValueError("two candidates share an index")
-        decisions = tuple(self._decide_alike(candidates, now))
-        visible = tuple(
-            sorted(c.index for c, d in zip(candidates, decisions, strict=True) if d.visible)
-        )
-        return View(tuple(candidates), decisions, visible)
+        decisions = self._decide_alike(candidates, now)
+        visible = sorted([i for i, d in zip(indexes, decisions, strict=True) if d.visible])
+        return View(tuple(candidates), decisions, tuple(visible))
 
     def plan(
         self, view: View, marked: Set[int], retrieved: Set[int], now: datetime
@@ -335,10 +333,24 @@ class AccountPolicy:
                 delete.append(Planned(index, uid, decision.rule, Reason.FETCHED))
         return PollPlan(tuple(fetch), tuple(skip), tuple(delete))
 
-    def _decide_alike(self, candidates: Sequence[Candidate], now: datetime) -> Iterator[Decision]:
+    def _decide_alike(self, candidates: Sequence[Candidate], now: datetime) -> tuple[Decision, ...]:
         """``_decide`` for each candidate, computed once per kind of candidate: those
         equal in what the rules read (see ``reads_age``, ``reads_size``) and without
         headers get the same (immutable) Decision."""
+        if not self.reads_age and not self.reads_size:
+            hidden = [candidate.hidden for candidate in candidates]
+            if all(candidate.headers is None for candidate in candidates):
+                # Two kinds at most (hidden for the user or not): each decided for
+                # the first candidate of its kind, then looked up for all.
+                by_hidden = {
+                    flag: self._decide(candidates[hidden.index(flag)], now) for flag in set(hidden)
+                }
+                return tuple([by_hidden[flag] for flag in hidden])
+        return tuple(self._decide_each_kind(candidates, now))
+
+    def _decide_each_kind(
+        self, candidates: Sequence[Candidate], now: datetime
+    ) -> Iterator[Decision]:
         decided: dict[tuple[datetime | None, int | None, bool], Decision] = {}
         for candidate in candidates:
             if candidate.headers is not None:
