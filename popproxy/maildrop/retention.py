@@ -320,7 +320,7 @@ class RetainedMaildrop:
         await self._inner.commit({p.index for p in plan.delete_upstream})
         listing = self._inner.messages
         with gc_pause.paused():  # the whole listing again, up to 100,000 messages
-            seen = tuple(SeenMessage(m.uid, m.size) for m in listing)
+            seen = tuple(map(SeenMessage, [m.uid for m in listing], [m.size for m in listing]))
         record = SessionRecord(
             account=context.account,
             user=context.user,

@@ -123,12 +123,12 @@ class FactsCache:
             entry = None
         if entry is None:
             missing: Sequence[str] = uids
+        elif entry.asked.issuperset(uids):
+            self._entries.move_to_end(key)
+            return entry.known
         else:
             asked = entry.asked
             missing = [uid for uid in uids if uid not in asked]
-            if not missing:
-                self._entries.move_to_end(key)
-                return entry.known
         started = self._writes
         self._reads += 1
         try:
@@ -159,18 +159,19 @@ class FactsCache:
         if entries is None:
             return
         at = record.at
+        uids = [seen.uid for seen in record.seen]
+        sizes = [seen.size for seen in record.seen]
         for user, entry in entries.items():
             known, asked = entry.known, entry.asked
             before = len(asked)
-            for seen in record.seen:
-                fact = known.get(seen.uid)
+            for uid, size, fact in zip(uids, sizes, map(known.get, uids), strict=True):
                 if fact is None:
-                    asked.discard(seen.uid)  # the store knows it now: ask it next time
-                elif fact.size != seen.size:
-                    del known[seen.uid]  # other content under the UIDL: the store decides
-                    asked.discard(seen.uid)
+                    asked.discard(uid)  # the store knows it now: ask it next time
+                elif fact.size != size:
+                    del known[uid]  # other content under the UIDL: the store decides
+                    asked.discard(uid)
                 elif at < fact.first_seen:  # a late record: the store keeps the earlier
-                    known[seen.uid] = RuleFacts(fact.size, at, fact.hidden)
+                    known[uid] = RuleFacts(fact.size, at, fact.hidden)
             self._messages -= before - len(asked)
             if user == record.user:
                 for hidden in record.hidden:
