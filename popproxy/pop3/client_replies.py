@@ -12,6 +12,7 @@ raises ``ListingError`` (a ``ValueError``) whose text is the logged reason.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -203,8 +204,9 @@ def _in_order(lines: Sequence[bytes]) -> list[bytes] | None:
     return words[1::2]
 
 
+@functools.lru_cache(maxsize=1)  # a login asks twice (UIDL, LIST); the next login again
 def _decimals(count: int) -> bytes:
-    """``b"1 2 3 ... count"``."""
+    """``b"1 2 3 ... count"`` (at most MAX_UPSTREAM_MESSAGES numbers: 1.3 MB)."""
     return " ".join(map(str, range(1, count + 1))).encode("ascii")
 
 
