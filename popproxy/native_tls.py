@@ -29,7 +29,7 @@ import ssl
 
 import trio
 
-from popproxy.socket_stream import TcpStream
+from popproxy.socket_stream import TcpStream, WaitBoundedStream, checkpoint_due, note_wait
 from popproxy.tls import ALERT_SECONDS, AlpnGuard, AlpnRefused
 from popproxy.tls_hello import (
     MAX_CLIENT_HELLO_BYTES,
@@ -187,11 +187,15 @@ def _close(sock: socket.socket) -> None:
         sock.close()
 
 
-class NativeTlsStream(trio.abc.Stream):
+class NativeTlsStream(WaitBoundedStream):
     """A server-side TLS connection on a kernel socket, as a ``trio.abc.Stream``.
 
-    A cancelled ``receive_some`` loses nothing (OpenSSL keeps what it decrypted); a
-    cancelled or failed ``send_all`` breaks the stream, as with ``trio.SSLStream``.
+    As ``TcpStream`` (popproxy/socket_stream.py, whose fairness count it shares), an
+    operation OpenSSL completes at once skips trio's scheduler, at most
+    ``MAX_OPS_WITHOUT_CHECKPOINT`` times in a row, and ``wait_seconds`` bounds only the
+    waiting. A cancelled ``receive_some`` loses nothing (OpenSSL keeps what it
+    decrypted); a cancelled, timed-out or failed ``send_all`` breaks the stream, as
+    with ``trio.SSLStream``.
     Errors come out as ``trio.BrokenResourceError`` (cause: the ``ssl.SSLError`` or
     ``OSError``); a clean or ragged EOF as ``b""``.
     """
@@ -224,37 +228,64 @@ class NativeTlsStream(trio.abc.Stream):
         if self._broken:
             raise trio.BrokenResourceError("the TLS stream is broken")
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Up to ``max_bytes`` of application data; ``b""`` at EOF (ragged too)."""
+    async def receive_some(
+        self, max_bytes: int | None = None, *, wait_seconds: float | None = None
+    ) -> bytes:
+        """Up to ``max_bytes`` of application data; ``b""`` at EOF (ragged too). Waits
+        only if OpenSSL asks for it, at most ``wait_seconds`` (``trio.TooSlowError``)."""
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving")
         self._check()
         await trio.lowlevel.checkpoint_if_cancelled()
         size = DEFAULT_RECEIVE_BYTES if max_bytes is None else max_bytes
         self._receiving = True
-        waited = False  # a wait is a schedule point already: no second pass after it
         try:
-            while True:
-                try:
-                    data = self._sock.recv(size)
-                    break
-                except ssl.SSLWantReadError:
-                    await trio.lowlevel.wait_readable(self._fd)
-                except ssl.SSLWantWriteError:
-                    await trio.lowlevel.wait_writable(self._fd)
-                except OSError as exc:
-                    self._broken = True
-                    raise _broken(exc) from exc
-                waited = True
+            try:
+                data = self._sock.recv(size)
+            except ssl.SSLWantReadError:
+                want_read = True
+            except ssl.SSLWantWriteError:
+                want_read = False
+            except OSError as exc:
+                self._broken = True
+                raise _broken(exc) from exc
+            else:
+                if checkpoint_due():
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+            if wait_seconds is None:
+                return await self._receive_waiting(size, want_read)
+            with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
+                return await self._receive_waiting(size, want_read)
+            raise trio.TooSlowError
         finally:
             self._receiving = False
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        return data
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt and send all of ``data``. OpenSSL is not in partial-write mode: after
-        a want-write the same buffer is offered again until it is all taken."""
+    async def _receive_waiting(self, size: int, want_read: bool) -> bytes:
+        """Wait for what OpenSSL asked for, and read again, until it gives data (the
+        slow path; the wait is a schedule point, so no second pass after it)."""
+        while True:
+            note_wait()
+            if want_read:
+                await trio.lowlevel.wait_readable(self._fd)
+            else:
+                await trio.lowlevel.wait_writable(self._fd)
+            try:
+                return self._sock.recv(size)
+            except ssl.SSLWantReadError:
+                want_read = True
+            except ssl.SSLWantWriteError:
+                want_read = False
+            except OSError as exc:
+                self._broken = True
+                raise _broken(exc) from exc
+
+    async def send_all(
+        self, data: bytes | bytearray | memoryview, *, wait_seconds: float | None = None
+    ) -> None:
+        """Encrypt and send all of ``data``, waiting only if OpenSSL asks for it, at most
+        ``wait_seconds`` (``trio.TooSlowError``). OpenSSL is not in partial-write mode:
+        after a want-write the same buffer is offered again until it is all taken."""
         if self._sending:
             raise trio.BusyResourceError("another task is sending")
         self._check()
@@ -263,26 +294,53 @@ class NativeTlsStream(trio.abc.Stream):
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         self._sending = True
-        done = waited = False
+        done = False
         try:
-            while True:
-                try:
-                    self._sock.send(data)
-                    break
-                except ssl.SSLWantWriteError:
-                    await trio.lowlevel.wait_writable(self._fd)
-                except ssl.SSLWantReadError:
-                    await trio.lowlevel.wait_readable(self._fd)
-                except OSError as exc:
-                    raise _broken(exc) from exc
-                waited = True
-            done = True
+            try:
+                self._sock.send(data)
+            except ssl.SSLWantWriteError:
+                want_read = False
+            except ssl.SSLWantReadError:
+                want_read = True
+            except OSError as exc:
+                raise _broken(exc) from exc
+            else:
+                done = True
+                if checkpoint_due():
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+            if wait_seconds is None:
+                await self._send_waiting(data, want_read)
+                done = True
+                return
+            with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
+                await self._send_waiting(data, want_read)
+                done = True
+                return
+            raise trio.TooSlowError
         finally:
             self._sending = False
             if not done:  # cancelled or failed part way: records may be half sent
                 self._broken = True
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _send_waiting(self, data: bytes | bytearray | memoryview, want_read: bool) -> None:
+        """Wait for what OpenSSL asked for, and offer ``data`` again, until it is taken."""
+        while True:
+            note_wait()
+            if want_read:
+                await trio.lowlevel.wait_readable(self._fd)
+            else:
+                await trio.lowlevel.wait_writable(self._fd)
+            try:
+                self._sock.send(data)
+            except ssl.SSLWantWriteError:
+                want_read = False
+            except ssl.SSLWantReadError:
+                want_read = True
+            except OSError as exc:
+                raise _broken(exc) from exc
+            else:
+                return
 
     async def wait_send_all_might_not_block(self) -> None:
         """Until the socket takes more octets."""

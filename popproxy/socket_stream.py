@@ -26,8 +26,10 @@ Deadlines. ``send_all`` and ``receive_some`` take an optional ``wait_seconds``: 
 the call may *wait* in all (``trio.TooSlowError`` after that). The cancel scope
 for it is entered only once the call has to wait, so a write or read that
 completes at once costs none. ``send_all_within`` and ``receive_some_within`` give
-the same meaning for any ``trio.abc.Stream`` (a TLS stream gets a scope around
-the whole call).
+the same meaning for any ``trio.abc.Stream``: a ``WaitBoundedStream`` (this
+module's ``TcpStream``, the listeners' ``NativeTlsStream``) bounds its own waits,
+any other stream gets a scope around the whole call. ``checkpoint_due`` and
+``note_wait`` let such a stream share the fairness count.
 
 It implements ``trio.abc.HalfCloseableStream``, so ``trio.SSLStream`` and the
 session's wrappers (``PrefixedStream``, ``AlpnGuard``) wrap it as they wrap
@@ -41,11 +43,13 @@ from __future__ import annotations
 
 import errno
 import socket
+from abc import abstractmethod
 
 import trio
 
-# An operation that completed without waiting skips the scheduler; after this many
-# in a row (in one thread, on any TcpStream) the next one takes a real checkpoint.
+# An operation that completed without waiting skips the scheduler; after this many in
+# a row (in one thread, on any TcpStream or NativeTlsStream) the next one takes a real
+# checkpoint.
 # Each skip saves a pass of trio's run loop (about 30-40 µs of CPU on the proxy's
 # benchmark machine); 16 in a row hold another task up for well under a millisecond.
 MAX_OPS_WITHOUT_CHECKPOINT = 16
@@ -70,7 +74,7 @@ class _Unyielded:
 _UNYIELDED = _Unyielded()
 
 
-def _yield_due() -> bool:
+def checkpoint_due() -> bool:
     """Count an operation that completed without waiting; True when it is the one that
     must take a real checkpoint (every ``MAX_OPS_WITHOUT_CHECKPOINT``-th in a row)."""
     unyielded = _UNYIELDED
@@ -81,6 +85,12 @@ def _yield_due() -> bool:
     return True
 
 
+def note_wait() -> None:
+    """An operation is about to wait: a pass through the scheduler, so the count of
+    operations without one starts again."""
+    _UNYIELDED.ops = 0
+
+
 def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
     """The trio stream error for a failed socket call (as trio.SocketStream's)."""
     if exc.errno in _CLOSED_ERRNOS:
@@ -88,7 +98,25 @@ def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourc
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
-class TcpStream(trio.abc.HalfCloseableStream):
+class WaitBoundedStream(trio.abc.Stream):
+    """A stream whose ``send_all`` and ``receive_some`` take ``wait_seconds``: the most
+    the call may wait (``trio.TooSlowError``), with a cancel scope entered only once it
+    has to wait. ``send_all_within`` and ``receive_some_within`` use it."""
+
+    @abstractmethod
+    async def send_all(
+        self, data: bytes | bytearray | memoryview, *, wait_seconds: float | None = None
+    ) -> None:
+        """Send all of ``data``, waiting at most ``wait_seconds`` (None: unbounded)."""
+
+    @abstractmethod
+    async def receive_some(
+        self, max_bytes: int | None = None, *, wait_seconds: float | None = None
+    ) -> bytes:
+        """At most ``max_bytes`` octets, waiting at most ``wait_seconds`` (None: unbounded)."""
+
+
+class TcpStream(WaitBoundedStream, trio.abc.HalfCloseableStream):
     """A ``trio.abc.HalfCloseableStream`` over a connected stream socket (see the module
     docstring): a send or receive that the kernel completes at once costs no pass
     through trio's scheduler, at most ``MAX_OPS_WITHOUT_CHECKPOINT`` times in a row."""
@@ -127,7 +155,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         except OSError as exc:
             raise _stream_error(exc) from exc
         if sent >= (data.nbytes if isinstance(data, memoryview) else len(data)):
-            if _yield_due():
+            if checkpoint_due():
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return
         self._sending = True
@@ -148,7 +176,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         sock = self.socket
         total = len(octets)
         while sent < total:
-            _UNYIELDED.ops = 0  # the wait is a pass through the scheduler
+            note_wait()
             try:
                 await trio.lowlevel.wait_writable(sock)
                 with octets[sent:] as rest:
@@ -178,7 +206,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
             raise trio.TooSlowError from None
         except OSError as exc:
             raise _stream_error(exc) from exc
-        if _yield_due():
+        if checkpoint_due():
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
@@ -186,7 +214,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         """Wait until the socket is readable, and read (the slow path)."""
         sock = self.socket
         while True:
-            _UNYIELDED.ops = 0  # the wait is a pass through the scheduler
+            note_wait()
             try:
                 await trio.lowlevel.wait_readable(sock)
                 return sock.recv(max_bytes)
@@ -235,8 +263,8 @@ async def send_all_within(
     stream: trio.abc.Stream, data: bytes | bytearray | memoryview, wait_seconds: float
 ) -> None:
     """``stream.send_all(data)``, waiting at most ``wait_seconds`` seconds (``trio.TooSlowError``).
-    A ``TcpStream`` enters the cancel scope only if it has to wait."""
-    if isinstance(stream, TcpStream):
+    A ``WaitBoundedStream`` enters the cancel scope only if it has to wait."""
+    if isinstance(stream, WaitBoundedStream):
         await stream.send_all(data, wait_seconds=wait_seconds)
         return
     with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
@@ -249,8 +277,9 @@ async def receive_some_within(
     stream: trio.abc.Stream, max_bytes: int, wait_seconds: float
 ) -> bytes | bytearray:
     """``stream.receive_some(max_bytes)``, waiting at most ``wait_seconds`` seconds
-    (``trio.TooSlowError``). A ``TcpStream`` enters the cancel scope only if it has to wait."""
-    if isinstance(stream, TcpStream):
+    (``trio.TooSlowError``). A ``WaitBoundedStream`` enters the cancel scope only if it
+    has to wait."""
+    if isinstance(stream, WaitBoundedStream):
         return await stream.receive_some(max_bytes, wait_seconds=wait_seconds)
     with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
         return await stream.receive_some(max_bytes)

@@ -18,11 +18,17 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from test_socket_stream import observe_yields
 from test_tls import client_hello_of
 
 from popproxy.config import TlsConfig
 from popproxy.native_tls import NativeTlsStream, accept_tls
-from popproxy.socket_stream import TcpStream
+from popproxy.socket_stream import (
+    MAX_OPS_WITHOUT_CHECKPOINT,
+    TcpStream,
+    receive_some_within,
+    send_all_within,
+)
 from popproxy.tls import AlpnRefused, server_context
 from popproxy.tls_hello import NO_APPLICATION_PROTOCOL_ALERT
 
@@ -209,6 +215,58 @@ async def test_a_cancelled_receive_loses_nothing(
         await client.send_all(b"NOOP\r\n")
         assert await tls.receive_some(100) == b"NOOP\r\n"
         await tls.aclose()
+
+
+async def test_wait_seconds_bound_only_the_waiting(
+    established: tuple[trio.abc.Stream, trio.SSLStream[trio.SocketStream], trio.SocketStream],
+) -> None:
+    tls, client, _ = established
+    assert isinstance(tls, NativeTlsStream)
+    with trio.fail_after(DEADLINE_SECONDS):
+        # Nothing to read: a bound of 0 s ends the wait at once, and loses nothing.
+        with pytest.raises(trio.TooSlowError):
+            await tls.receive_some(100, wait_seconds=0.0)
+        with pytest.raises(trio.TooSlowError):
+            await receive_some_within(tls, 100, 0.0)
+        # A write OpenSSL and the kernel take at once never times out, whatever the bound.
+        await send_all_within(tls, b"+OK at once\r\n", 0.0)
+        assert await client.receive_some(100) == b"+OK at once\r\n"
+        await client.send_all(b"NOOP\r\n")
+        assert await tls.receive_some(100, wait_seconds=DEADLINE_SECONDS) == b"NOOP\r\n"
+        await tls.aclose()
+
+
+async def test_a_send_that_runs_out_of_its_wait_breaks_the_stream(
+    established: tuple[trio.abc.Stream, trio.SSLStream[trio.SocketStream], trio.SocketStream],
+) -> None:
+    tls, _, _ = established
+    assert isinstance(tls, NativeTlsStream)
+    with trio.fail_after(DEADLINE_SECONDS):
+        with pytest.raises(trio.TooSlowError):  # nobody reads: the buffers fill
+            await tls.send_all(bytes(8 * 1024 * 1024), wait_seconds=0.0)
+        with pytest.raises(trio.BrokenResourceError):  # records may be half sent
+            await tls.send_all(b"+OK\r\n")
+        await tls.aclose()
+
+
+@pytest.mark.parametrize("send", [True, False], ids=["send_all", "receive_some"])
+async def test_operations_that_never_wait_still_yield_every_bound(
+    established: tuple[trio.abc.Stream, trio.SSLStream[trio.SocketStream], trio.SocketStream],
+    send: bool,
+) -> None:
+    tls, client, _ = established
+    assert isinstance(tls, NativeTlsStream)
+    rounds = 10
+    operations = rounds * MAX_OPS_WITHOUT_CHECKPOINT
+    with trio.fail_after(DEADLINE_SECONDS):
+        if not send:
+            await client.send_all(b"x" * (1 + operations))  # one record
+            assert await tls.receive_some(1) == b"x"  # waits for it; OpenSSL keeps the rest
+        seen = await observe_yields(operations, tls, send)
+        await tls.aclose()
+    # One pass through the scheduler per MAX_OPS_WITHOUT_CHECKPOINT operations, as
+    # TcpStream's, and not at every operation.
+    assert rounds - 1 <= seen <= rounds + 1
 
 
 async def test_a_ragged_eof_reads_as_eof(
