@@ -221,7 +221,38 @@ class Session:
         self.summary.result = SessionResult.QUIT
 
     async def _dispatch(self, command: Command | SaslLine) -> None:
-        match command:
+        match command:  # the commands of TRANSACTION first: they come most often
+            case Retr(msg=msg):
+                if (found := self._message(msg)) is not None:
+                    await self._stream_message(msg, f"{found.size} octets", None)
+            case Top(msg=msg, lines=body_lines):
+                if self._message(msg) is not None:
+                    await self._stream_message(msg, "Top of message follows", body_lines)
+            case Dele(msg=msg):
+                if self._message(msg) is not None:
+                    self._deleted.add(msg - 1)
+                    self._queue(Ok(f"Message {msg} marked for deletion."))
+            case Stat():
+                count, octets = self._totals()
+                self._queue(Ok(f"{count} {octets}"))
+            case List(msg=None):
+                await self._scan_listing(lambda n, m: f"{n} {m.size}")
+            case List(msg=int(msg)):
+                if (found := self._message(msg)) is not None:
+                    self._queue(Ok(f"{msg} {found.size}"))
+            case Uidl(msg=None):
+                await self._scan_listing(lambda n, m: f"{n} {m.uid}")
+            case Uidl(msg=int(msg)):
+                if (found := self._message(msg)) is not None:
+                    self._queue(Ok(f"{msg} {found.uid}"))
+            case Noop():
+                self._queue(Ok())
+            case Rset():
+                self._deleted.clear()
+                count, octets = self._totals()
+                self._queue(Ok(f"Maildrop has {count} messages ({octets} octets)."))
+            case Quit():
+                await self._quit()
             case Capa():
                 expire = self._context.expire if self._maildrop is None else self._maildrop.expire
                 lines = capabilities(self._conn.settings, phase=self._conn.phase, expire=expire)
@@ -252,37 +283,6 @@ class Session:
                 await self._flush()
                 await self._start_tls()
                 self._conn.tls_established(self._settings())
-            case Stat():
-                count, octets = self._totals()
-                self._queue(Ok(f"{count} {octets}"))
-            case List(msg=None):
-                await self._scan_listing(lambda n, m: f"{n} {m.size}")
-            case List(msg=int(msg)):
-                if (found := self._message(msg)) is not None:
-                    self._queue(Ok(f"{msg} {found.size}"))
-            case Uidl(msg=None):
-                await self._scan_listing(lambda n, m: f"{n} {m.uid}")
-            case Uidl(msg=int(msg)):
-                if (found := self._message(msg)) is not None:
-                    self._queue(Ok(f"{msg} {found.uid}"))
-            case Retr(msg=msg):
-                if (found := self._message(msg)) is not None:
-                    await self._stream_message(msg, f"{found.size} octets", None)
-            case Top(msg=msg, lines=lines):
-                if self._message(msg) is not None:
-                    await self._stream_message(msg, "Top of message follows", lines)
-            case Dele(msg=msg):
-                if self._message(msg) is not None:
-                    self._deleted.add(msg - 1)
-                    self._queue(Ok(f"Message {msg} marked for deletion."))
-            case Noop():
-                self._queue(Ok())
-            case Rset():
-                self._deleted.clear()
-                count, octets = self._totals()
-                self._queue(Ok(f"Maildrop has {count} messages ({octets} octets)."))
-            case Quit():
-                await self._quit()
 
     # -- AUTHORIZATION -------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import ClassVar
 from popproxy.pop3.errors import LocalProtocolError, RemoteProtocolError
 from popproxy.pop3.limits import MAX_MESSAGE_NUMBER, MAX_NUMBER_DIGITS
 from popproxy.pop3.replies import Err
+from popproxy.pop3.wire import CONTROL_OCTET
 from popproxy.secret import Secret
 
 
@@ -38,6 +39,10 @@ class Verb(enum.Enum):
     QUIT = "QUIT"
     TOP = "TOP"
     UIDL = "UIDL"
+
+    # Members are singletons compared by identity: hash them by identity, in C. Enum's
+    # own __hash__ is Python code, and these key pop3/state.py's tables on every command.
+    __hash__ = object.__hash__
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,18 +220,22 @@ SaslLine = SaslResponse | SaslEmpty | SaslCancel
 
 def multiline_on_ok(command: Command | SaslLine) -> bool:
     """Whether a ``+OK`` to ``command`` is followed by a multi-line body (RFC 1939 §3)."""
-    match command:
-        case Capa() | Retr() | Top():
-            return True
-        case List(msg=None) | Uidl(msg=None) | Auth(mechanism=None):
-            return True
-        case _:
-            return False
+    kind = type(command)
+    if kind is Retr or kind is Top or kind is Capa:
+        return True
+    if isinstance(command, List | Uidl):
+        return command.msg is None
+    if isinstance(command, Auth):
+        return command.mechanism is None
+    return False
 
 
 _DIGITS = re.compile(rb"[0-9]+")
 _APOP_DIGEST = re.compile(rb"[0-9a-f]{32}")
 _MECHANISM = re.compile(rb"[A-Z0-9_-]{1,20}")  # RFC 4422 §3.1: SASL mechanism names
+# Each verb by its wire spelling (upper case), and back.
+_VERBS = {verb.value.encode("ascii"): verb for verb in Verb}
+_VERB_OCTETS = {verb: wire for wire, verb in _VERBS.items()}
 
 
 def _bad(text: str) -> RemoteProtocolError:
@@ -297,13 +306,12 @@ def parse_command(line: bytes) -> Command:
     Raises RemoteProtocolError carrying the ``-ERR`` to send for anything that
     is not a well-formed command: control bytes, unknown verbs, bad arguments.
     """
-    if any(b < 0x20 or b == 0x7F for b in line):
+    if CONTROL_OCTET.search(line) is not None:
         raise _bad("Invalid characters in command")
     raw_verb, _, rest = line.partition(b" ")
-    try:
-        verb = Verb(raw_verb.decode("ascii").upper())
-    except (UnicodeDecodeError, ValueError):
-        raise _bad("Unknown command") from None
+    verb = _VERBS.get(raw_verb.upper())  # not ASCII letters: no verb
+    if verb is None:
+        raise _bad("Unknown command")
     if verb is Verb.PASS:
         # RFC 1939 §7: the password is the rest of the line and may contain spaces.
         if not rest:
@@ -312,9 +320,27 @@ def parse_command(line: bytes) -> Command:
     # Trailing spaces are tolerated, as Dovecot does; spaces between arguments are not.
     rest = rest.rstrip(b" ")
     args = rest.split(b" ") if rest else []
-    if any(not a for a in args):
+    if b"" in args:
         raise _bad("Invalid argument separator")
-    match verb:
+    match verb:  # the commands of TRANSACTION first: they come most often
+        case Verb.RETR:
+            return Retr(_one_msg(args))
+        case Verb.DELE:
+            return Dele(_one_msg(args))
+        case Verb.LIST:
+            return List(_optional_msg(args))
+        case Verb.UIDL:
+            return Uidl(_optional_msg(args))
+        case Verb.TOP:
+            if len(args) != 2:
+                raise _bad("TOP takes a message number and a line count")
+            return Top(
+                parse_number(args[0], allow_zero=False), parse_number(args[1], allow_zero=True)
+            )
+        case Verb.STAT:
+            return _no_args(args, Stat())
+        case Verb.NOOP:
+            return _no_args(args, Noop())
         case Verb.USER:
             if len(args) != 1:
                 raise _bad("USER takes exactly one argument")
@@ -329,28 +355,10 @@ def parse_command(line: bytes) -> Command:
             return _no_args(args, Stls())
         case Verb.CAPA:
             return _no_args(args, Capa())
-        case Verb.STAT:
-            return _no_args(args, Stat())
-        case Verb.NOOP:
-            return _no_args(args, Noop())
         case Verb.RSET:
             return _no_args(args, Rset())
         case Verb.QUIT:
             return _no_args(args, Quit())
-        case Verb.LIST:
-            return List(_optional_msg(args))
-        case Verb.UIDL:
-            return Uidl(_optional_msg(args))
-        case Verb.RETR:
-            return Retr(_one_msg(args))
-        case Verb.DELE:
-            return Dele(_one_msg(args))
-        case Verb.TOP:
-            if len(args) != 2:
-                raise _bad("TOP takes a message number and a line count")
-            return Top(
-                parse_number(args[0], allow_zero=False), parse_number(args[1], allow_zero=True)
-            )
 
 
 def _parse_auth(args: list[bytes]) -> Auth:
@@ -377,6 +385,11 @@ def parse_sasl_line(line: bytes) -> SaslLine:
 def serialize_command(command: Command | SaslLine) -> bytes:
     """The wire form of a command, with CRLF (client role)."""
     match command:
+        # First, without the line-break check (a number has none): every RETR's path.
+        case Retr(msg=msg) | Dele(msg=msg):
+            return b"%s %d\r\n" % (_VERB_OCTETS[command.verb], msg)
+        case Top(msg=msg, lines=lines):
+            return b"TOP %d %d\r\n" % (msg, lines)
         case User(name=name):
             words = [b"USER", name.encode("utf-8")]
         case Pass(password=password):
@@ -397,10 +410,6 @@ def serialize_command(command: Command | SaslLine) -> bytes:
             words = [b""]
         case List(msg=msg) | Uidl(msg=msg):
             words = [command.verb.value.encode()] + ([] if msg is None else [b"%d" % msg])
-        case Retr(msg=msg) | Dele(msg=msg):
-            words = [command.verb.value.encode(), b"%d" % msg]
-        case Top(msg=msg, lines=lines):
-            words = [b"TOP", b"%d" % msg, b"%d" % lines]
         case Stls() | Capa() | Stat() | Noop() | Rset() | Quit():
             words = [command.verb.value.encode()]
     line = b" ".join(words)

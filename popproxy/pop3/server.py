@@ -98,6 +98,8 @@ class _Rejected(enum.Enum):
 
 
 _REJECTED = _Rejected.REJECTED
+# The commands ``_check`` has more to check for than the phase.
+_POLICY_CHECKED = frozenset({User, Pass, Apop, Auth, Stls})
 ServerEvent = Command | SaslLine | ConnectionClosed | NeedData
 
 
@@ -168,7 +170,7 @@ class ServerConnection:
             raise LocalProtocolError(f"no commands are read in phase {self.phase.name}")
         in_sasl = self.phase is Phase.SASL
         buf = self._lines.buffer
-        long_ok = in_sasl or bytes(buf[:5]).upper() == b"AUTH "
+        long_ok = in_sasl or buf[:5].upper() == b"AUTH "
         settings = self.settings
         line = self._lines.next_line(
             settings.max_sasl_line_octets if long_ok else settings.max_command_line_octets
@@ -222,6 +224,8 @@ class ServerConnection:
         verb = command.verb
         if verb not in ALLOWED[self.phase]:
             self._reject(Err("Command not valid in this state"), verb=verb)
+        if type(command) not in _POLICY_CHECKED:
+            return command
         plaintext = isinstance(command, User | Pass) or (
             isinstance(command, Auth) and command.mechanism in PLAINTEXT_MECHANISMS
         )

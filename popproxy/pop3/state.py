@@ -29,6 +29,10 @@ class Phase(enum.Enum):
     UPDATE = "update"  # RFC 1939 §6: after QUIT in TRANSACTION, until its reply
     CLOSED = "closed"
 
+    # Members are singletons compared by identity: hash them by identity, in C. Enum's
+    # own __hash__ is Python code, and these key the tables below on every command.
+    __hash__ = object.__hash__
+
 
 class Outcome(enum.Enum):
     """How the server answered a command."""
@@ -39,6 +43,10 @@ class Outcome(enum.Enum):
     # A multi-line +OK (a listing or a message). No transition is keyed on it, so a
     # bare AUTH, which only lists mechanisms, can never count as a login.
     LISTED = "listed"
+
+    # Members are singletons compared by identity: hash them by identity, in C. Enum's
+    # own __hash__ is Python code, and these key the tables below on every command.
+    __hash__ = object.__hash__
 
 
 _AUTHORIZATION_VERBS = frozenset(
@@ -92,6 +100,10 @@ class Trigger(enum.Enum):
     # octets pipelined behind it (RFC 2595 §4).
     FATAL_ERR = "fatal-err"
     TLS_ESTABLISHED = "tls-established"  # RFC 2595 §4: the handshake after +OK to STLS is done
+
+    # Members are singletons compared by identity: hash them by identity, in C. Enum's
+    # own __hash__ is Python code, and these key the tables below on every command.
+    __hash__ = object.__hash__
 
 
 ON_TRIGGER: Mapping[tuple[Phase, Trigger], Phase] = MappingProxyType(

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import base64
+import re
 
 from popproxy.pop3.errors import LocalProtocolError
 from popproxy.pop3.limits import MAX_REPLY_LINE_OCTETS
 from popproxy.pop3.replies import Err, Ok, ResponseCode
 
+# An octet no line may hold: a control character (a line end included) or DEL.
+CONTROL_OCTET = re.compile(rb"[\x00-\x1f\x7f]")
+
 
 def format_status(reply: Ok | Err) -> bytes:
     """Render ``+OK text`` or ``-ERR [CODE] text`` with CRLF."""
-    match reply:
-        case Ok(text=text):
-            words = ["+OK", text]
-        case Err(text=text, code=None):
-            words = ["-ERR", text]
-        case Err(text=text, code=ResponseCode() as code):
-            words = ["-ERR", f"[{code.value}]", text]
-    line = " ".join(w for w in words if w).encode("utf-8")
-    if any(b < 0x20 or b == 0x7F for b in line) or len(line) + 2 > MAX_REPLY_LINE_OCTETS:
+    text = reply.text
+    if isinstance(reply, Ok):
+        head = "+OK"
+    elif reply.code is None:
+        head = "-ERR"
+    else:
+        head = f"-ERR [{reply.code.value}]"
+    line = (f"{head} {text}" if text else head).encode("utf-8")
+    if CONTROL_OCTET.search(line) is not None or len(line) + 2 > MAX_REPLY_LINE_OCTETS:
         raise LocalProtocolError(f"status line not sendable: {line[:60]!r}")
     return line + b"\r\n"
 
