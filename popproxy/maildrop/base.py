@@ -9,7 +9,7 @@ implementations; ``retention.py`` shows an upstream through the retention policy
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence, Set
+from collections.abc import AsyncIterator, Awaitable, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,6 +85,18 @@ class MaildropInUse(MaildropError):
         super().__init__(ResponseCode.IN_USE, text)
 
 
+class MessageChunks(Protocol):
+    """What ``Maildrop.retrieve`` returns: a message's chunks as an async iterator, which
+    the caller closes (``aclose``, ``contextlib.aclosing``) if it stops before the end.
+    An async generator is one; the live upstream's is a small class (every RETR's path)."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    def __anext__(self) -> Awaitable[bytes]: ...
+
+    def aclose(self) -> Awaitable[object]: ...
+
+
 class Maildrop(Protocol):
     """A mailbox as a POP3 session sees it, from login to QUIT (RFC 1939 §5, §6)."""
 
@@ -108,7 +120,7 @@ class Maildrop(Protocol):
         """The listing taken at open; index ``i`` is message number ``i + 1``."""
         ...
 
-    def retrieve(self, index: int, *, body_lines: int | None = None) -> AsyncGenerator[bytes, None]:
+    def retrieve(self, index: int, *, body_lines: int | None = None) -> MessageChunks:
         """Stream message ``index`` as CRLF chunks (RFC 1939 §5 RETR, §7 TOP).
 
         Each chunk has at most ``RETRIEVE_CHUNK_BYTES`` octets. With ``body_lines``
@@ -116,7 +128,7 @@ class Maildrop(Protocol):
         CRLF. Otherwise (TOP): the header, the blank line and the first
         ``body_lines`` lines of the body. The chunks are dot-stuffed exactly when
         ``dot_stuffed`` is true. Raises ``MaildropError`` if the message
-        can no longer be read. Callers close the generator (``contextlib.aclosing``)
+        can no longer be read. Callers close the chunks (``contextlib.aclosing``)
         when they stop early, so files and upstream replies are released at once.
         """
         ...

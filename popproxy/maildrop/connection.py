@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import select
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
@@ -63,7 +64,7 @@ from popproxy.pop3.commands import Command, Dele, Quit, SaslLine, Stls, Verb
 from popproxy.pop3.errors import RemoteProtocolError
 from popproxy.pop3.events import NEED_DATA, Data, EndOfData, PoisonedDotLines, StuffedData
 from popproxy.pop3.replies import Err, Ok, ResponseCode
-from popproxy.socket_stream import TcpStream, receive_some_within
+from popproxy.socket_stream import TcpStream, receive_some_within, send_all_within
 from popproxy.tls import upstream_alpn_problem
 
 log = logging.getLogger("popproxy.upstream")
@@ -128,6 +129,7 @@ class UpstreamConnection:
         self._stream = (
             TcpStream.from_trio(stream) if isinstance(stream, trio.SocketStream) else stream
         )
+        self._socket = _kernel_socket(self._stream)  # what check_quiet polls, if any
         self._upstream = upstream
         self._core = ClientConnection(max_reply_line_octets=upstream.max_reply_line_bytes)
         self._metrics = metrics
@@ -231,6 +233,7 @@ class UpstreamConnection:
                 UpstreamFailure.TLS, f"TLS with {upstream.host}:{upstream.port}: {problem}"
             )
         self._stream = tls
+        self._socket = _kernel_socket(tls)
         self._connect_seconds += trio.current_time() - started
         self.secured()
 
@@ -263,24 +266,37 @@ class UpstreamConnection:
 
     # -- commands and replies ---------------------------------------------------------
 
-    async def send(self, *commands: Command | SaslLine, stuffed_body: bool = False) -> None:
+    async def send(
+        self, *commands: Command | SaslLine, stuffed_body: bool = False, within: float | None = None
+    ) -> None:
         """Write ``commands`` in one write (pipelined when there are several, RFC 2449 §6.6).
 
         With ``stuffed_body`` their multi-line bodies come as ``StuffedData``, still
-        dot-stuffed, for a relay (pop3/client.py).
+        dot-stuffed, for a relay (pop3/client.py). With ``within``, the write waits at most
+        that long (``trio.TooSlowError``); without, the caller sets the deadline.
         """
-        data = b"".join(self._core.send(c, stuffed_body=stuffed_body) for c in commands)
+        core = self._core
+        if len(commands) == 1:
+            data = core.send(commands[0], stuffed_body=stuffed_body)
+        else:
+            data = b"".join(core.send(c, stuffed_body=stuffed_body) for c in commands)
         try:
-            await self._stream.send_all(data)
+            if within is None:
+                await self._stream.send_all(data)
+            else:
+                await send_all_within(self._stream, data, within)
         except _STREAM_ERRORS:
             raise lost(UpstreamFailure.CLOSED) from None
 
-    async def event(self, read_seconds: float | None = None) -> ClientEvent:
+    async def event(
+        self, read_seconds: float | None = None, *, deadline: float | None = None
+    ) -> ClientEvent:
         """The next reply event, reading as needed.
 
-        With ``read_seconds``, each read waits at most that long (``trio.TooSlowError``);
-        an event already buffered, or a read that the socket answers at once, costs no
-        cancel scope. Without, the caller sets the deadline.
+        With ``read_seconds``, each read waits at most that long; with ``deadline`` (trio
+        time), the reads wait until then at most (``trio.TooSlowError``). An event already
+        buffered, or a read that the socket answers at once, costs no cancel scope.
+        Without either, the caller sets the deadline.
         """
         core = self._core
         while True:
@@ -294,6 +310,8 @@ class UpstreamConnection:
                     # answers). Left there, they would be read as the next command's reply.
                     raise self.protocol_error("unsolicited reply")
                 return event
+            if deadline is not None:
+                read_seconds = deadline - trio.current_time()
             data = await self._receive(read_seconds)
             self._bytes_received += len(data)
             self._metrics.bytes_received(len(data))
@@ -308,9 +326,10 @@ class UpstreamConnection:
         except _STREAM_ERRORS:
             return b""
 
-    async def status(self) -> Ok | Err:
-        """The next status reply; anything else here is a protocol error."""
-        event = await self.event()
+    async def status(self, deadline: float | None = None) -> Ok | Err:
+        """The next status reply, read by ``deadline`` (trio time, ``trio.TooSlowError``; None:
+        the caller's); anything else here is a protocol error."""
+        event = await self.event(deadline=deadline)
         if isinstance(event, Ok | Err):
             return event
         raise self.protocol_error("expected a status line")
@@ -319,15 +338,14 @@ class UpstreamConnection:
         self, command: Command, *, within: float, stuffed_body: bool = False
     ) -> Ok | Err:
         """Send ``command`` and read its status line, all within ``within`` seconds
-        (``trio.TooSlowError``), and report the time it took. A plain cancel scope,
-        not fail_after (a generator context manager): this is every RETR's path."""
+        (``trio.TooSlowError``), and report the time it took. Each write and read waits
+        until that deadline at most, and enters a cancel scope only if it has to wait
+        (popproxy/socket_stream.py): this is every RETR's path."""
         sent = trio.current_time()
-        with trio.move_on_after(within):
-            await self.send(command, stuffed_body=stuffed_body)
-            reply = await self.status()
-            self.answered(command.verb, sent)
-            return reply
-        raise trio.TooSlowError
+        await self.send(command, stuffed_body=stuffed_body, within=within)
+        reply = await self.status(sent + within)
+        self.answered(command.verb, sent)
+        return reply
 
     def answered(self, verb: Verb, since: float) -> None:
         """``verb``'s status line arrived ``since`` (trio time) its command was sent."""
@@ -382,11 +400,9 @@ class UpstreamConnection:
         """
         if self._core.buffered:
             raise self.protocol_error("unsolicited reply")
-        stream = self._stream
-        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-        if not isinstance(transport, TcpStream | trio.SocketStream):
+        if self._socket is None:
             return
-        readable, _, _ = select.select([transport.socket.fileno()], [], [], 0)
+        readable, _, _ = select.select([self._socket.fileno()], [], [], 0)
         if readable:
             raise self.protocol_error("unsolicited reply")
 
@@ -501,6 +517,15 @@ class UpstreamConnection:
                     await self._stream.aclose()
             if scope.cancelled_caught:
                 await trio.aclose_forcefully(self._stream)
+
+
+def _kernel_socket(stream: trio.abc.Stream) -> socket.socket | trio.socket.SocketType | None:
+    """The TCP socket under ``stream`` (itself, or under its TLS), or None (other
+    transports, such as the memory streams of tests)."""
+    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if isinstance(transport, TcpStream | trio.SocketStream):
+        return transport.socket
+    return None
 
 
 class _Exchange:

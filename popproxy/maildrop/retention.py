@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import repeat
@@ -36,7 +36,13 @@ from itertools import repeat
 import trio
 
 from popproxy import gc_pause
-from popproxy.maildrop.base import Committed, Maildrop, MaildropError, MessageInfo
+from popproxy.maildrop.base import (
+    Committed,
+    Maildrop,
+    MaildropError,
+    MessageChunks,
+    MessageInfo,
+)
 from popproxy.maildrop.upstream import UpstreamMaildrop
 from popproxy.metrics import Metrics, PolicyAction
 from popproxy.policy import (
@@ -286,18 +292,13 @@ class RetainedMaildrop:
     def messages(self) -> Sequence[MessageInfo]:
         return self._messages
 
-    async def retrieve(
-        self, index: int, *, body_lines: int | None = None
-    ) -> AsyncGenerator[bytes, None]:
+    def retrieve(self, index: int, *, body_lines: int | None = None) -> MessageChunks:
         """RETR / TOP of client message ``index + 1``, renumbered to the upstream's."""
         upstream_index = self._view.visible[index]
-        async with contextlib.aclosing(
-            self._inner.retrieve(upstream_index, body_lines=body_lines)
-        ) as chunks:
-            async for chunk in chunks:
-                yield chunk
-        if body_lines is None:
-            self._retrieved.add(upstream_index)
+        chunks = self._inner.retrieve(upstream_index, body_lines=body_lines)
+        if body_lines is not None:
+            return chunks  # TOP: nothing to count
+        return _Retrieved(chunks, self._retrieved, upstream_index)
 
     async def keep_alive(self) -> None:
         await self._inner.keep_alive()
@@ -379,6 +380,31 @@ class RetainedMaildrop:
         finally:
             with trio.CancelScope(shield=True):
                 await self._on_close()
+
+
+class _Retrieved:
+    """A RETR's chunks, passed through; one read to its end adds its upstream index to
+    ``retrieved`` (a class, not an async generator: every RETR's path, issue 15)."""
+
+    __slots__ = ("_chunks", "_index", "_retrieved")
+
+    def __init__(self, chunks: MessageChunks, retrieved: set[int], index: int) -> None:
+        self._chunks = chunks
+        self._retrieved = retrieved
+        self._index = index
+
+    def __aiter__(self) -> _Retrieved:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            self._retrieved.add(self._index)
+            raise
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
 
 
 def _fields(context: RetentionContext, **extra: object) -> dict[str, object]:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import AsyncGenerator, Sequence, Set
+from contextlib import AbstractContextManager
 
 import trio
 
 from popproxy import gc_pause
 from popproxy.config import UpstreamConfig
-from popproxy.maildrop.base import Committed, MaildropError, MessageInfo
+from popproxy.maildrop.base import Committed, MaildropError, MessageChunks, MessageInfo
 from popproxy.maildrop.connection import UPSTREAM_RECEIVE_BYTES, UpstreamConnection, UpstreamError
 from popproxy.maildrop.upstream_login import CapabilityMemo, UpstreamAccount, open_account
 from popproxy.metrics import UpstreamMetrics
@@ -93,40 +94,14 @@ class UpstreamMaildrop:
         """Octets received from the upstream so far."""
         return self._connection.bytes_received
 
-    async def retrieve(
-        self, index: int, *, body_lines: int | None = None
-    ) -> AsyncGenerator[bytes, None]:
+    def retrieve(self, index: int, *, body_lines: int | None = None) -> MessageChunks:
         """Stream RETR (or TOP with ``body_lines``) from upstream, still dot-stuffed.
 
         Raises ``MaildropError`` before the first chunk if the upstream answers
         ``-ERR``, and ``UpstreamError`` at any point if the connection fails;
         after a failure, or a stop before the end, the connection is not reused.
         """
-        if not 0 <= index < len(self._numbers):
-            raise IndexError(index)  # a caller's bug: the session checks message numbers
-        number = self._numbers[index]
-        command: Command = Retr(number) if body_lines is None else Top(number, body_lines)
-        timeout = self._upstream.command_timeout_seconds
-        connection = self._connection
-        with connection.exchange():
-            connection.check_quiet()
-            # Timed to the status line: the body then flows at the client's pace.
-            reply = await connection.request(command, within=timeout, stuffed_body=True)
-            if isinstance(reply, Err):
-                code = reply.code if reply.code in _PASSED_CODES else None
-                raise MaildropError(code, "That message is no longer available upstream.")
-            while True:
-                match await connection.event(timeout):
-                    case StuffedData(data=data):
-                        yield data
-                    case PoisonedDotLines(count=count):
-                        connection.poisoned_dot_lines(
-                            count, session=self._session_id or "-", uid=self._messages[index].uid
-                        )
-                    case EndOfData():
-                        return
-                    case _:
-                        raise connection.protocol_error("expected message data")
+        return _Retrieval(self, index, body_lines)
 
     async def headers(
         self, indexes: Sequence[int], limit: int
@@ -208,6 +183,95 @@ class UpstreamMaildrop:
     async def aclose(self) -> None:
         """Drop the upstream connection without QUIT: nothing is deleted (RFC 1939 §6)."""
         await self._connection.aclose()
+
+
+class _Retrieval:
+    """``UpstreamMaildrop.retrieve``'s chunks: a small class, not an async generator, as it
+    is every RETR's path (issue 15). The first ``__anext__`` enters the connection's
+    ``exchange`` and sends the command; the exchange ends with the body's end, a failure
+    (which ``exchange`` may turn into an ``UpstreamError``), or ``aclose`` before the end,
+    which leaves the reply half read and so breaks the connection."""
+
+    __slots__ = ("_body_lines", "_exchange", "_finished", "_index", "_maildrop")
+
+    def __init__(self, maildrop: UpstreamMaildrop, index: int, body_lines: int | None) -> None:
+        self._maildrop = maildrop
+        self._index = index
+        self._body_lines = body_lines
+        self._exchange: AbstractContextManager[None] | None = None
+        self._finished = False
+
+    def __aiter__(self) -> _Retrieval:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            if self._exchange is None:
+                await self._request()
+            chunk = await self._next_chunk()
+        except BaseException as exc:
+            self._finish(exc)  # the exchange may raise its own error instead
+            raise
+        if chunk is None:
+            self._finish(None)
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        """Stop: a reply not read to its end breaks the connection (``exchange``)."""
+        if not self._finished:
+            self._finish(GeneratorExit())
+
+    async def _request(self) -> None:
+        maildrop, index = self._maildrop, self._index
+        if not 0 <= index < len(maildrop._numbers):
+            raise IndexError(index)  # a caller's bug: the session checks message numbers
+        number = maildrop._numbers[index]
+        body_lines = self._body_lines
+        command: Command = Retr(number) if body_lines is None else Top(number, body_lines)
+        connection = maildrop._connection
+        exchange = connection.exchange()
+        exchange.__enter__()
+        self._exchange = exchange
+        connection.check_quiet()
+        # Timed to the status line: the body then flows at the client's pace.
+        reply = await connection.request(
+            command, within=maildrop._upstream.command_timeout_seconds, stuffed_body=True
+        )
+        if isinstance(reply, Err):
+            code = reply.code if reply.code in _PASSED_CODES else None
+            raise MaildropError(code, "That message is no longer available upstream.")
+
+    async def _next_chunk(self) -> bytes | None:
+        """The body's next chunk, or None at its end."""
+        maildrop = self._maildrop
+        connection = maildrop._connection
+        timeout = maildrop._upstream.command_timeout_seconds
+        while True:
+            match await connection.event(timeout):
+                case StuffedData(data=data):
+                    return data
+                case PoisonedDotLines(count=count):
+                    connection.poisoned_dot_lines(
+                        count,
+                        session=maildrop._session_id or "-",
+                        uid=maildrop._messages[self._index].uid,
+                    )
+                case EndOfData():
+                    return None
+                case _:
+                    raise connection.protocol_error("expected message data")
+
+    def _finish(self, exc: BaseException | None) -> None:
+        self._finished = True
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            if exc is None:
+                exchange.__exit__(None, None, None)
+            else:
+                exchange.__exit__(type(exc), exc, exc.__traceback__)
 
 
 async def open_upstream(

@@ -1330,6 +1330,32 @@ async def test_retr_err_raises_before_any_chunk_and_the_connection_stays_usable(
     assert after_login(upstream.lines) == [b"RETR 2", b"RETR 3", b"NOOP", b"DELE 1", b"QUIT"]
 
 
+async def test_a_retrieval_closed_before_its_first_chunk_sends_nothing_and_breaks_nothing() -> None:
+    mailbox = Mailbox(dict(MESSAGES))
+    async with scripted_upstream(mailbox) as upstream:
+        drop = await login(upstream)
+        unstarted = drop.retrieve(0)
+        await unstarted.aclose()
+        assert await anext(unstarted, None) is None  # closed: no chunk, no command
+        assert await collect(drop, 1) == stuff(MESSAGES[2][1])
+        await drop.keep_alive()
+        await drop.aclose()
+    assert after_login(upstream.lines) == [b"RETR 2", b"NOOP"]
+
+
+async def test_a_retrieval_read_to_its_end_stays_ended_and_frees_the_connection() -> None:
+    mailbox = Mailbox(dict(MESSAGES))
+    async with scripted_upstream(mailbox) as upstream:
+        drop = await login(upstream)
+        chunks = drop.retrieve(0)
+        assert b"".join([chunk async for chunk in chunks]) == stuff(MESSAGES[1][1])
+        assert await anext(chunks, None) is None
+        await chunks.aclose()  # after the end: nothing left half read
+        assert await collect(drop, 0) == stuff(MESSAGES[1][1])
+        await drop.aclose()
+    assert after_login(upstream.lines) == [b"RETR 1", b"RETR 1"]
+
+
 @pytest.mark.parametrize("operation", ["retrieve", "keep_alive", "commit"])
 async def test_a_line_sent_unasked_while_idle_is_not_taken_for_the_next_reply(
     operation: str,
@@ -1441,6 +1467,27 @@ async def test_a_stall_inside_a_body_is_a_timeout(autojump_clock: trio.testing.M
 async def test_no_status_reply_is_a_timeout(autojump_clock: trio.testing.MockClock) -> None:
     async def reply(peer: Peer) -> None:
         await peer.expect(b"RETR 1")
+
+    async with scripted_upstream(lambda peer: one_message_script(peer, reply)) as upstream:
+        drop = await login(upstream)
+        start = trio.current_time()
+        with pytest.raises(UpstreamError) as info:
+            await collect(drop, 0)
+        assert trio.current_time() - start == pytest.approx(COMMAND_TIMEOUT)
+        assert_upstream_error(info.value, UpstreamFailure.TIMEOUT, ResponseCode.SYS_TEMP)
+        await drop.aclose()
+
+
+async def test_a_status_line_in_pieces_is_timed_as_a_whole(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def reply(peer: Peer) -> None:
+        await peer.expect(b"RETR 1")
+        await peer.send(b"+O")
+        await trio.sleep(COMMAND_TIMEOUT * 0.6)  # each piece within the timeout ...
+        await peer.send(b"K 5 octets")
+        await trio.sleep(COMMAND_TIMEOUT * 0.6)  # ... the whole line not
+        await peer.send(b"\r\nhello\r\n.\r\n")
 
     async with scripted_upstream(lambda peer: one_message_script(peer, reply)) as upstream:
         drop = await login(upstream)
