@@ -411,16 +411,17 @@ class Session:
         reported by closing without the terminator: a truncated message must never
         look complete (RFC 1939 §3).
         """
-        assert self._maildrop is not None  # TRANSACTION implies a maildrop
-        chunks = self._maildrop.retrieve(msg - 1, body_lines=body_lines)
+        maildrop = self._maildrop
+        assert maildrop is not None  # TRANSACTION implies a maildrop
+        chunks = maildrop.retrieve(msg - 1, body_lines=body_lines)
         try:
-            async with contextlib.aclosing(chunks):
+            try:  # contextlib.aclosing's work, without its objects: every RETR's path
                 try:
                     first = await anext(chunks, b"")  # opens the message: nothing sent yet
                 except MaildropError as exc:
                     self._queue(Err(exc.text, exc.code))
                     return
-                wrap = StuffedData if self._maildrop.dot_stuffed else Data
+                wrap = StuffedData if maildrop.dot_stuffed else Data
                 self._queue(Ok(text))
                 # Each chunk is sent once the next one is in hand, so the last one
                 # leaves with the terminator: a small message is a single write.
@@ -429,6 +430,8 @@ class Session:
                     await self._send_now(wrap(pending))
                     pending = chunk
                 self._queue(wrap(pending))
+            finally:
+                await chunks.aclose()
         except MaildropError:
             self.summary.retrieve_failed(msg)
             raise _SessionEnd(SessionResult.MAILDROP_ERROR) from None
@@ -459,7 +462,7 @@ class Session:
 
     def _queue(self, reply: Reply) -> None:
         self._out += self._conn.send(reply)
-        if self._status_due and isinstance(reply, Ok | Err):
+        if self._status_due and isinstance(reply, (Ok, Err)):
             # A multi-line reply counts by its status line; an AUTH by its final
             # answer (SASL challenges in between are not status lines).
             self._status_due = False
@@ -519,10 +522,10 @@ class Session:
         shielded: it ends by its own deadline, so the upstream is never left with half
         a reply read.
         """
-        idle_deadline = trio.current_time() + self._context.limits.idle_timeout_seconds
+        wait = idle_seconds = self._context.limits.idle_timeout_seconds
+        idle_deadline = trio.current_time() + idle_seconds
         interval = maildrop.keepalive_interval_seconds
         while True:
-            wait = idle_deadline - trio.current_time()
             if interval is not None:
                 wait = min(wait, interval)
             try:
@@ -533,6 +536,7 @@ class Session:
                     raise _SessionEnd(SessionResult.TIMEOUT) from None
             with trio.CancelScope(shield=True):
                 await maildrop.keep_alive()
+            wait = idle_deadline - trio.current_time()
 
     async def _goodbye(self, reply: Err) -> None:
         """Best effort: tell the client why it is being disconnected."""

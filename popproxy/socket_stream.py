@@ -44,6 +44,7 @@ from __future__ import annotations
 import errno
 import socket
 from abc import abstractmethod
+from typing import cast
 
 import trio
 
@@ -98,10 +99,19 @@ def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourc
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
+# Every WaitBoundedStream class: a set lookup of the stream's type is cheaper than an
+# ABC's isinstance, and the helpers below run for every command and reply.
+_WAIT_BOUNDED: set[type[trio.abc.Stream]] = set()
+
+
 class WaitBoundedStream(trio.abc.Stream):
     """A stream whose ``send_all`` and ``receive_some`` take ``wait_seconds``: the most
     the call may wait (``trio.TooSlowError``), with a cancel scope entered only once it
     has to wait. ``send_all_within`` and ``receive_some_within`` use it."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        _WAIT_BOUNDED.add(cls)
 
     @abstractmethod
     async def send_all(
@@ -264,8 +274,8 @@ async def send_all_within(
 ) -> None:
     """``stream.send_all(data)``, waiting at most ``wait_seconds`` seconds (``trio.TooSlowError``).
     A ``WaitBoundedStream`` enters the cancel scope only if it has to wait."""
-    if isinstance(stream, WaitBoundedStream):
-        await stream.send_all(data, wait_seconds=wait_seconds)
+    if type(stream) in _WAIT_BOUNDED:
+        await cast(WaitBoundedStream, stream).send_all(data, wait_seconds=wait_seconds)
         return
     with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
         await stream.send_all(data)
@@ -279,8 +289,10 @@ async def receive_some_within(
     """``stream.receive_some(max_bytes)``, waiting at most ``wait_seconds`` seconds
     (``trio.TooSlowError``). A ``WaitBoundedStream`` enters the cancel scope only if it
     has to wait."""
-    if isinstance(stream, WaitBoundedStream):
-        return await stream.receive_some(max_bytes, wait_seconds=wait_seconds)
+    if type(stream) in _WAIT_BOUNDED:
+        return await cast(WaitBoundedStream, stream).receive_some(
+            max_bytes, wait_seconds=wait_seconds
+        )
     with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
         return await stream.receive_some(max_bytes)
     raise trio.TooSlowError

@@ -330,7 +330,7 @@ class UpstreamConnection:
         """The next status reply, read by ``deadline`` (trio time, ``trio.TooSlowError``; None:
         the caller's); anything else here is a protocol error."""
         event = await self.event(deadline=deadline)
-        if isinstance(event, Ok | Err):
+        if isinstance(event, (Ok, Err)):
             return event
         raise self.protocol_error("expected a status line")
 
