@@ -375,13 +375,14 @@ class Session:
 
     def _message(self, msg: int) -> MessageInfo | None:
         """The message numbered ``msg``, or queue the -ERR and return None (RFC 1939 §5)."""
-        if msg > len(self._messages):
+        messages = self._messages
+        if msg > len(messages):
             self._queue(NO_SUCH_MESSAGE)
             return None
         if msg - 1 in self._deleted:
             self._queue(MESSAGE_DELETED)
             return None
-        return self._messages[msg - 1]
+        return messages[msg - 1]
 
     async def _scan_listing(self, line: Callable[[int, MessageInfo], str]) -> None:
         """LIST / UIDL without an argument: one line per message not marked (RFC 1939 §5, §7)."""
