@@ -1,9 +1,14 @@
 """Every popproxy metric, declared once on an injected registry.
 
-Theory of operation. :class:`Metrics` owns one ``prometheus_client`` collector per
-metric, all registered on the :class:`~prometheus_client.CollectorRegistry` it is
-given (never the library's global one, so tests and reloads get fresh registries).
-The rest of popproxy calls typed methods on it; no other module creates a metric.
+Theory of operation. :class:`Metrics` owns one collector per metric, all registered
+on the :class:`~prometheus_client.CollectorRegistry` it is given (never the library's
+global one, so tests and reloads get fresh registries). The rest of popproxy calls
+typed methods on it; no other module creates a metric. The series counted on every
+session and command (client sessions, logins, commands and octets, upstream
+connections, state store timings) are plain numbers of :mod:`popproxy.metric_series`,
+counted by the trio thread only and read at scrape time: an integer add where
+prometheus_client takes a lock (that module says why and how it exports the same
+text). The rest, rare or counted from elsewhere, are ``prometheus_client`` metrics.
 
 Names follow the Prometheus conventions (https://prometheus.io/docs/practices/naming/):
 prefix ``popproxy_``, base units (seconds, bytes), ``_total`` on counters. Every
@@ -40,6 +45,14 @@ from prometheus_client import (
 )
 
 import popproxy
+from popproxy.metric_series import (
+    CounterFamily,
+    CounterSeries,
+    GaugeFamily,
+    HistogramFamily,
+    HistogramSeries,
+    refuse_negative,
+)
 from popproxy.outcomes import PollResult, SessionResult, TokenRefreshResult, UpstreamFailure
 from popproxy.pop3.commands import Verb
 
@@ -195,7 +208,8 @@ class Metrics:
         # No ``_created`` series: prometheus_client would add one (a Unix time) next to
         # every counter and histogram series, doubling the scrape, and neither the
         # dashboard nor the alert rules use them (docs/metrics.md, Conventions). The
-        # switch is the library's, for the whole process; popproxy has no other metrics.
+        # switch is the library's, for the whole process; popproxy has no other metrics
+        # (the plain-number series of metric_series.py have none either).
         disable_created_metrics()
         self.registry = registry
         self._listeners: dict[str, ListenerMetrics] = {}
@@ -210,8 +224,15 @@ class Metrics:
         def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
             return Gauge(PREFIX + name, doc, labels, registry=registry)
 
-        def histogram(name: str, doc: str, labels: tuple[str, ...] = ()) -> Histogram:
-            return Histogram(
+        # Series counted by the trio thread only, on every session or command.
+        def loop_counter(name: str, doc: str, labels: tuple[str, ...]) -> CounterFamily:
+            return CounterFamily(PREFIX + name, doc, labels, registry=registry)
+
+        def loop_gauge(name: str, doc: str, labels: tuple[str, ...]) -> GaugeFamily:
+            return GaugeFamily(PREFIX + name, doc, labels, registry=registry)
+
+        def loop_histogram(name: str, doc: str, labels: tuple[str, ...]) -> HistogramFamily:
+            return HistogramFamily(
                 PREFIX + name, doc, labels, registry=registry, buckets=LATENCY_BUCKETS_SECONDS
             )
 
@@ -232,23 +253,23 @@ class Metrics:
         )
 
         # Client sessions.
-        self._sessions_started = counter(
+        self._sessions_started = loop_counter(
             "sessions_started_total", "Client connections accepted as sessions.", ("listener",)
         )
-        self._sessions_active = gauge(
+        self._sessions_active = loop_gauge(
             "sessions_active", "Client sessions running now.", ("listener",)
         )
-        self._sessions_ended = counter(
+        self._sessions_ended = loop_counter(
             "sessions_ended_total",
             "Client sessions ended, by how they ended.",
             ("listener", "result"),
         )
-        self._sessions_refused = counter(
+        self._sessions_refused = loop_counter(
             "sessions_refused_total",
             "Client connections refused because max_sessions sessions were running.",
             ("listener",),
         )
-        self._connections_rejected = counter(
+        self._connections_rejected = loop_counter(
             "connections_rejected_total",
             "Client connections closed before a session started, by reason"
             " (max_sessions_per_ip, untrusted_proxy, proxy_header).",
@@ -257,64 +278,64 @@ class Metrics:
         self._sessions_limit = gauge(
             "sessions_limit", "The configured limit on concurrent sessions (limits.max_sessions)."
         )
-        self._tls_handshakes = counter(
+        self._tls_handshakes = loop_counter(
             "tls_handshakes_total",
             "Client TLS handshakes (STLS or implicit TLS), by outcome.",
             ("listener", "result"),
         )
-        self._logins = counter(
+        self._logins = loop_counter(
             "logins_total",
             "Client login attempts, by mechanism and outcome.",
             ("mechanism", "result"),
         )
-        self._commands = counter(
+        self._commands = loop_counter(
             "commands_total",
             "Client commands answered, by verb and status indicator.",
             ("verb", "result"),
         )
-        self._client_sent = counter(
+        self._client_sent = loop_counter(
             "client_sent_bytes_total", "Octets sent to clients.", ("listener",)
         )
-        self._client_received = counter(
+        self._client_received = loop_counter(
             "client_received_bytes_total", "Octets received from clients.", ("listener",)
         )
 
         # Upstreams.
-        self._upstream_connect = histogram(
+        self._upstream_connect = loop_histogram(
             "upstream_connect_duration_seconds",
             "Time to open a connection to an upstream, TCP and TLS handshake included.",
             ("upstream",),
         )
-        self._upstream_login = histogram(
+        self._upstream_login = loop_histogram(
             "upstream_login_duration_seconds",
             "Time from the upstream's greeting to its +OK for the login (successful logins).",
             ("upstream",),
         )
-        self._upstream_command = histogram(
+        self._upstream_command = loop_histogram(
             "upstream_command_duration_seconds",
             "Time from sending a command upstream to the end of its reply.",
             ("upstream", "verb"),
         )
-        self._upstream_logins = counter(
+        self._upstream_logins = loop_counter(
             "upstream_logins_total",
             "Attempts to open a logged-in upstream session (connect, TLS, login), by outcome.",
             ("upstream", "result"),
         )
-        self._upstream_errors = counter(
+        self._upstream_errors = loop_counter(
             "upstream_errors_total", "Upstream failures, by kind.", ("upstream", "kind")
         )
-        self._upstream_sessions_active = gauge(
+        self._upstream_sessions_active = loop_gauge(
             "upstream_sessions_active", "Logged-in upstream sessions open now.", ("upstream",)
         )
-        self._upstream_received = counter(
+        self._upstream_received = loop_counter(
             "upstream_received_bytes_total", "Octets received from upstreams.", ("upstream",)
         )
-        self._upstream_deleted = counter(
+        self._upstream_deleted = loop_counter(
             "upstream_messages_deleted_total",
             "Messages deleted upstream (DELE, then QUIT answered +OK).",
             ("upstream",),
         )
-        self._upstream_poisoned = counter(
+        self._upstream_poisoned = loop_counter(
             "upstream_poisoned_dot_lines_total",
             "Lines of a single dot ended by a bare LF in upstream messages, relayed stuffed.",
             ("upstream",),
@@ -346,7 +367,7 @@ class Metrics:
             "Messages found past their rule's expiry in a login's listing (counted per listing).",
             ("rule",),
         )
-        self._state_duration = histogram(
+        self._state_duration = loop_histogram(
             "state_operation_duration_seconds",
             "Time a state store operation took, including waiting for a worker thread.",
             ("operation",),
@@ -402,19 +423,25 @@ class Metrics:
         )
 
         # Series whose labels are all known now exist from the first scrape, bound once.
-        self._login_series: dict[tuple[LoginMechanism, LoginResult], Counter] = {
-            (mechanism, login_result): self._logins.labels(mechanism.value, login_result.value)
+        # Tables of series by Enum members are keyed by the members' ids (metric_series.py).
+        self._login_series: dict[tuple[int, int], CounterSeries] = {
+            (id(mechanism), id(login_result)): self._logins.labels(
+                mechanism.value, login_result.value
+            )
             for mechanism in LoginMechanism
             for login_result in LoginResult
         }
         # Every command series, bound once: a pipelined burst costs a dict lookup per reply.
-        self._command_series: dict[tuple[Verb | None, CommandResult], Counter] = {
-            (verb, command_result): self._commands.labels(_verb_label(verb), command_result.value)
+        self._command_series: dict[tuple[int, int], CounterSeries] = {
+            (id(verb), id(command_result)): self._commands.labels(
+                _verb_label(verb), command_result.value
+            )
             for verb in [*Verb, None]
             for command_result in CommandResult
         }
-        self._state_series: dict[StateOperation, Histogram] = {
-            operation: self._state_duration.labels(operation.value) for operation in StateOperation
+        self._state_series: dict[int, HistogramSeries] = {
+            id(operation): self._state_duration.labels(operation.value)
+            for operation in StateOperation
         }
         for operation in StateOperation:
             self._state_errors.labels(operation.value)
@@ -482,7 +509,7 @@ class Metrics:
         """The series of the declared listener ``name``, bound once (ValueError if undeclared).
 
         A session keeps the returned object, so its per-write byte counts cost one
-        ``inc`` and no label lookup.
+        integer add and no label lookup.
         """
         if name not in self._listeners:
             self._undeclared("listener", name, listeners=[name])
@@ -543,21 +570,21 @@ class Metrics:
 
     def login(self, mechanism: LoginMechanism, result: LoginResult) -> None:
         """A client login attempt was decided (RFC 1939 §7, RFC 5034 §4)."""
-        series = self._login_series.get((mechanism, result))
+        series = self._login_series.get((id(mechanism), id(result)))
         if series is None:  # not a LoginMechanism and a LoginResult: say which
             _label(mechanism, LoginMechanism)
             _label(result, LoginResult)
             raise TypeError(f"not a login mechanism and result: {mechanism!r}, {result!r}")
-        series.inc()
+        series.value += 1
 
     def command(self, verb: Verb | None, result: CommandResult) -> None:
         """A client command was answered; ``verb`` None for one that did not parse (RFC 1939 §3)."""
-        series = self._command_series.get((verb, result))
+        series = self._command_series.get((id(verb), id(result)))
         if series is None:  # not a Verb (or None) and a CommandResult: say which
             _verb_label(verb)
             _label(result, CommandResult)
             raise TypeError(f"not a command verb and result: {verb!r}, {result!r}")
-        series.inc()
+        series.value += 1
 
     # -- policy and state ---------------------------------------------------------------
 
@@ -614,7 +641,7 @@ class Metrics:
 
     def state_operation(self, operation: StateOperation, seconds: float) -> None:
         """A state store operation finished in ``seconds`` (worker-thread wait included)."""
-        series = self._state_series.get(operation)
+        series = self._state_series.get(id(operation))
         if series is None:  # not a StateOperation: say so
             _label(operation, StateOperation)
             raise TypeError(f"not a state operation: {operation!r}")
@@ -653,39 +680,41 @@ class ListenerMetrics:
         }
         self._sent = metrics._client_sent.labels(name)
         self._received = metrics._client_received.labels(name)
-        self._ended = {o: metrics._sessions_ended.labels(name, o.value) for o in SessionResult}
+        self._ended = {id(o): metrics._sessions_ended.labels(name, o.value) for o in SessionResult}
         self._tls = {r: metrics._tls_handshakes.labels(name, r.value) for r in TlsResult}
 
     def session_started(self) -> None:
         """A connection became a session: started +1, active +1."""
-        self._started.inc()
-        self._active.inc()
+        self._started.value += 1
+        self._active.value += 1
 
     def session_ended(self, result: SessionResult) -> None:
         """A session ended, by ``result``."""
-        ended = self._ended[_member(result, SessionResult)]
-        self._active.dec()
-        ended.inc()
+        ended = self._ended[id(_member(result, SessionResult))]
+        self._active.value -= 1
+        ended.value += 1
 
     def session_refused(self) -> None:
         """A connection was refused because ``max_sessions`` sessions were running."""
-        self._refused.inc()
+        self._refused.value += 1
 
     def connection_rejected(self, reason: ConnectionRejection) -> None:
         """A connection was closed before it became a session, for ``reason``."""
-        self._rejected[_member(reason, ConnectionRejection)].inc()
+        self._rejected[_member(reason, ConnectionRejection)].value += 1
 
     def tls_handshake(self, result: TlsResult) -> None:
         """A client TLS handshake finished (STLS, RFC 2595 §4, or implicit TLS, RFC 8314)."""
-        self._tls[_member(result, TlsResult)].inc()
+        self._tls[_member(result, TlsResult)].value += 1
 
     def bytes_sent(self, octets: int) -> None:
         """``octets`` were written to a client."""
-        self._sent.inc(octets)
+        refuse_negative(octets)
+        self._sent.value += octets
 
     def bytes_received(self, octets: int) -> None:
         """``octets`` were read from a client."""
-        self._received.inc(octets)
+        refuse_negative(octets)
+        self._received.value += octets
 
 
 class UpstreamMetrics:
@@ -724,8 +753,9 @@ class UpstreamMetrics:
         )
         self._errors = {k: metrics._upstream_errors.labels(name, k.value) for k in UpstreamFailure}
         self._command = metrics._upstream_command
-        # Per verb, created at the first command (the verbs an upstream is sent are few).
-        self._commands: dict[Verb, Histogram] = {}
+        # Per verb (by its id, metric_series.py), created at the first command (the
+        # verbs an upstream is sent are few).
+        self._commands: dict[int, HistogramSeries] = {}
 
     def connected(self, seconds: float) -> None:
         """A connection was opened in ``seconds``: the TCP connect plus the TLS handshake."""
@@ -734,7 +764,7 @@ class UpstreamMetrics:
     def login_succeeded(self, seconds: float) -> None:
         """A logged-in session was opened; its login took ``seconds`` (login sent to +OK)."""
         self._login.observe(seconds)
-        self._login_ok.inc()
+        self._login_ok.value += 1
 
     def login_failed(self, kind: UpstreamFailure) -> None:
         """Opening a logged-in session failed (connect, TLS, login or listing), for ``kind``.
@@ -742,41 +772,44 @@ class UpstreamMetrics:
         Counts one failed attempt and one error of ``kind``.
         """
         error = self._errors[_member(kind, UpstreamFailure)]
-        self._login_failed.inc()
-        error.inc()
+        self._login_failed.value += 1
+        error.value += 1
 
     def error(self, kind: UpstreamFailure) -> None:
         """A logged-in session failed (timeout, closed, a refused DELE, ...), for ``kind``."""
-        self._errors[_member(kind, UpstreamFailure)].inc()
+        self._errors[_member(kind, UpstreamFailure)].value += 1
 
     def command(self, verb: Verb, seconds: float) -> None:
         """A command sent upstream was answered after ``seconds`` (RFC 1939 §3)."""
-        child = self._commands.get(verb)
-        if child is None:
-            child = self._command.labels(self.name, _label(verb, Verb))
-            self._commands[verb] = child
-        child.observe(seconds)
+        series = self._commands.get(id(verb))
+        if series is None:
+            series = self._command.labels(self.name, _label(verb, Verb))
+            self._commands[id(verb)] = series
+        series.observe(seconds)
 
     def session_opened(self) -> None:
         """A logged-in session opened (pair with :meth:`session_closed`)."""
-        self._active.inc()
+        self._active.value += 1
 
     def session_closed(self) -> None:
         """A logged-in session closed, however it ended."""
-        self._active.dec()
+        self._active.value -= 1
 
     def bytes_received(self, octets: int) -> None:
         """``octets`` were read from the upstream."""
-        self._received.inc(octets)
+        refuse_negative(octets)
+        self._received.value += octets
 
     def messages_deleted(self, count: int) -> None:
         """``count`` messages were deleted: DELEs sent, QUIT answered +OK (RFC 1939 §6)."""
-        self._deleted.inc(count)
+        refuse_negative(count)
+        self._deleted.value += count
 
     def poisoned_dot_lines(self, count: int) -> None:
         """A RETR or TOP reply held ``count`` lines of a single dot ended by a bare LF,
         relayed as content, dot-stuffed (RFC 1939 §3; pop3/dotstuff.py)."""
-        self._poisoned.inc(count)
+        refuse_negative(count)
+        self._poisoned.value += count
 
 
 # A configured name used as a label value: non-empty, printable (no control characters

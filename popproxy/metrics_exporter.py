@@ -4,7 +4,9 @@ It is network I/O, so it lives apart from the metric definitions (DESIGN.md, Lay
 ``metrics.py`` declares, the exporter serves). :func:`serve_metrics` serves
 ``GET /metrics`` in the text exposition format over a deliberately small HTTP/1.1
 server (RFC 9112): one request per connection (``Connection: close``), a bounded
-request head, deadlines on reading and writing.
+request head, deadlines on reading and writing. It collects the registry in the trio
+thread, between two steps of the event loop: the series that the trio thread counts
+as plain numbers (:mod:`popproxy.metric_series`) are all read at one instant.
 """
 
 from __future__ import annotations

@@ -489,6 +489,36 @@ def test_a_member_of_the_wrong_enum_is_refused() -> None:
         metrics.upstream("provider").error(Stray.OOPS)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         metrics.upstream("provider").login_failed(Stray.OOPS)  # type: ignore[arg-type]
+    # A member of another Enum with the same value is not the member the series is for.
+    with pytest.raises(TypeError):
+        metrics.command(Verb.RETR, TlsResult.OK)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        metrics.login(LoginMechanism.USER, CommandResult.OK)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        metrics.state_operation(Stray.OOPS, 0.1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        metrics.listener("none").session_ended(TlsResult.OK)  # type: ignore[arg-type]
+
+
+def test_a_negative_count_is_refused_and_changes_nothing() -> None:
+    """Counters never go down (``rate()`` would read a reset), as prometheus_client's
+    ``Counter.inc`` enforced before these series became plain numbers."""
+    metrics = new_metrics()
+    listener, upstream = metrics.listener("none"), metrics.upstream("provider")
+    for count in (
+        listener.bytes_sent,
+        listener.bytes_received,
+        upstream.bytes_received,
+        upstream.messages_deleted,
+        upstream.poisoned_dot_lines,
+    ):
+        with pytest.raises(ValueError, match="negative"):
+            count(-1)
+    assert value(metrics, "popproxy_client_sent_bytes_total", listener="none") == 0
+    assert value(metrics, "popproxy_client_received_bytes_total", listener="none") == 0
+    assert value(metrics, "popproxy_upstream_received_bytes_total", upstream="provider") == 0
+    assert value(metrics, "popproxy_upstream_messages_deleted_total", upstream="provider") == 0
+    assert value(metrics, "popproxy_upstream_poisoned_dot_lines_total", upstream="provider") == 0
 
 
 def test_names_must_be_declared_first() -> None:

@@ -8,6 +8,7 @@ whole; nothing sleeps.
 
 from __future__ import annotations
 
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterable
@@ -145,7 +146,11 @@ async def test_exporter_with_a_real_http_client(served: tuple[Metrics, str, int]
 
 async def exchange(request: bytes, *, byte_by_byte: bool = False) -> bytes:
     """Run one connection's handler over memory streams; return all it sent."""
-    metrics = new_metrics()
+    return await exchange_with(new_metrics(), request, byte_by_byte=byte_by_byte)
+
+
+async def exchange_with(metrics: Metrics, request: bytes, *, byte_by_byte: bool = False) -> bytes:
+    """Run one connection's handler for ``metrics``' registry; return all it sent."""
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(handle_http_connection, server, metrics.registry)
@@ -240,6 +245,25 @@ async def test_a_broken_collector_gives_500_not_a_crash() -> None:
         status, _, body = parse_response(await read_to_eof(client))
     assert status == 500
     assert b"collector bug" not in body
+
+
+async def test_a_scrape_is_collected_in_the_trio_thread() -> None:
+    """The series counted on every session and command are plain numbers written by the
+    trio thread (popproxy.metric_series); collected there too, a scrape reads them all
+    between two steps of the event loop, at one instant."""
+    metrics = new_metrics()
+    collected_in: list[int] = []
+
+    class Witness(Collector):
+        def collect(self) -> Iterable[Metric]:
+            collected_in.append(threading.get_ident())
+            return []
+
+    metrics.registry.register(Witness())
+    status, _, body = parse_response(await exchange_with(metrics, b"GET /metrics HTTP/1.1\r\n\r\n"))
+    assert status == 200
+    assert b'popproxy_sessions_ended_total{listener="starttls",result="quit"} 1.0' in body
+    assert collected_in == [threading.get_ident()]
 
 
 async def test_exporter_bounds_concurrent_connections(served: tuple[Metrics, str, int]) -> None:
