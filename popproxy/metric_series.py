@@ -48,6 +48,7 @@ may lead them by an observation being made).
 
 from __future__ import annotations
 
+import abc
 import itertools
 import math
 from bisect import bisect_left
@@ -115,7 +116,7 @@ _S = TypeVar("_S", CounterSeries, GaugeSeries, HistogramSeries)
 _M = TypeVar("_M", CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily)
 
 
-class _Family(Generic[_S, _M]):
+class _Family(abc.ABC, Generic[_S, _M]):
     """One metric family: its series by label values, created on first use."""
 
     def __init__(
@@ -155,14 +156,17 @@ class _Family(Generic[_S, _M]):
             self._add(family, label_values, series)
         yield family
 
+    @abc.abstractmethod
     def _new_series(self) -> _S:
-        raise NotImplementedError
+        """A series at 0."""
 
+    @abc.abstractmethod
     def _family(self) -> _M:
-        raise NotImplementedError
+        """The metric family, without samples."""
 
+    @abc.abstractmethod
     def _add(self, family: _M, label_values: tuple[str, ...], series: _S) -> None:
-        raise NotImplementedError
+        """Add the samples of ``series`` to ``family``."""
 
 
 class CounterFamily(_Family[CounterSeries, CounterMetricFamily]):
@@ -208,8 +212,10 @@ class HistogramFamily(_Family[HistogramSeries, HistogramMetricFamily]):
         registry: CollectorRegistry,
     ) -> None:
         bounds = tuple(float(bound) for bound in buckets)
-        if not bounds or list(bounds) != sorted(set(bounds)) or not math.isfinite(bounds[-1]):
-            raise ValueError(f"{name}: buckets must be finite, distinct and in increasing order")
+        # prometheus_client leaves _count and _sum out of a family whose first bound is < 0.
+        increasing = list(bounds) == sorted(set(bounds))
+        if not bounds or not increasing or bounds[0] < 0 or not math.isfinite(bounds[-1]):
+            raise ValueError(f"{name}: buckets must be finite, >= 0, distinct and increasing")
         self._bounds = bounds
         self._le = (*(floatToGoString(bound) for bound in bounds), "+Inf")
         super().__init__(name, documentation, label_names, registry=registry)

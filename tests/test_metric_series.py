@@ -156,8 +156,12 @@ def test_a_family_reserves_its_names_in_the_registry() -> None:
         CounterFamily("test_events_total", "Again.", (), registry=registry)
 
 
-@pytest.mark.parametrize("buckets", [(), (1.0, 1.0), (2.0, 1.0), (1.0, math.inf)])
-def test_buckets_must_be_finite_distinct_and_increasing(buckets: tuple[float, ...]) -> None:
+@pytest.mark.parametrize(
+    "buckets", [(), (1.0, 1.0), (2.0, 1.0), (1.0, math.inf), (-1.0, 1.0), (0.5, math.nan)]
+)
+def test_buckets_must_be_finite_non_negative_distinct_and_increasing(
+    buckets: tuple[float, ...],
+) -> None:
     with pytest.raises(ValueError, match="buckets"):
         HistogramFamily("test_seconds", "Time.", (), buckets=buckets, registry=CollectorRegistry())
 
