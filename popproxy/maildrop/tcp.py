@@ -9,10 +9,18 @@ scopes are a noticeable part of a short session's CPU (issue 15). An IP literal
 socket and one ``connect``; anything else goes through ``open_tcp_stream``. Both
 give a ``trio.SocketStream``, which sets ``TCP_NODELAY`` on it. The caller's
 deadline and error mapping apply to both alike.
+
+The literal's ``connect`` is trio's minus one pass through the scheduler: a
+non-blocking connect says "in progress" even where the kernel completes it within
+the call (loopback, the same host), and trio then waits for the socket to become
+writable, which it already is. Here a connect found established at once
+(``getpeername`` answers) goes on without waiting; one still in progress waits
+for writability as trio's does and reads its outcome from ``SO_ERROR``.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import socket
@@ -42,13 +50,36 @@ async def open_tcp(host: str, port: int) -> trio.SocketStream:
     family = literal_family(host)
     if family is None:
         return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        await sock.connect((host, port))
+        sock.setblocking(False)
+        await _connect(sock, (host, port))
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(sock)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+async def _connect(sock: socket.socket, address: tuple[str, int]) -> None:
+    """``connect`` a non-blocking ``sock`` (see the module docstring); OSError if it fails."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    error = sock.connect_ex(address)
+    if error == errno.EINPROGRESS:
+        if _established(sock):
+            return
+        await trio.lowlevel.wait_writable(sock)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, f"Error connecting to {address!r}: {os.strerror(error)}")
+
+
+def _established(sock: socket.socket) -> bool:
+    """Whether a connect in progress has already completed (it has a peer)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 def connect_failure(exc: OSError) -> str:

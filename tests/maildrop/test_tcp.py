@@ -1,0 +1,78 @@
+"""The upstream's TCP connection (popproxy/maildrop/tcp.py): an IP literal's connect."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.lowlevel
+
+from popproxy.maildrop import tcp
+
+
+class _StepsOf(trio.abc.Instrument):
+    """Counts the scheduler's steps of one task."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+@pytest.fixture
+def listening() -> Iterator[socket.socket]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock
+
+
+async def test_a_connect_completed_within_the_call_takes_no_pass_through_the_scheduler(
+    listening: socket.socket,
+) -> None:
+    """On loopback the kernel completes the handshake within connect(): nothing to wait for."""
+    steps = _StepsOf(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(steps)
+    try:
+        stream = await tcp.open_tcp("127.0.0.1", listening.getsockname()[1])
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    async with stream:
+        assert steps.steps == 0
+        accepted, _ = listening.accept()
+        with accepted:
+            assert stream.socket.getpeername() == accepted.getsockname()
+            assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            await stream.send_all(b"+OK\r\n")
+            assert accepted.recv(16) == b"+OK\r\n"
+
+
+async def test_a_connect_still_in_progress_waits_until_writable(
+    listening: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the handshake is not done when connect() returns, the socket's writability
+    says it is (as trio's own connect waits)."""
+    monkeypatch.setattr(tcp, "_established", lambda sock: False)
+    steps = _StepsOf(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(steps)
+    try:
+        stream = await tcp.open_tcp("127.0.0.1", listening.getsockname()[1])
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    async with stream:
+        assert steps.steps == 1
+        accepted, _ = listening.accept()
+        accepted.close()
+
+
+async def test_a_refused_connect_is_an_oserror_and_leaves_no_socket_open() -> None:
+    with socket.socket() as bound:  # bound, not listening: the port refuses
+        bound.bind(("127.0.0.1", 0))
+        with pytest.raises(OSError) as info:
+            await tcp.open_tcp("127.0.0.1", bound.getsockname()[1])
+    assert tcp.connect_failure(info.value) == "Connection refused"
