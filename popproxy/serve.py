@@ -53,6 +53,7 @@ from collections.abc import Callable, Mapping, Sequence
 import trio
 from prometheus_client import CollectorRegistry
 
+from popproxy.acceptor import Acceptor
 from popproxy.background import Background, keep_snapshot
 from popproxy.binding import bind_listener
 from popproxy.config import Config, ListenerConfig, TlsMode
@@ -61,7 +62,7 @@ from popproxy.gateway.schedule import Scheduler
 from popproxy.maildrop.retention import Clock, utc_now
 from popproxy.metrics import ConnectionRejection, Metrics
 from popproxy.metrics_exporter import ExporterBindError, start_exporter
-from popproxy.peer import UNKNOWN_PEER, PeerAddress, socket_peer
+from popproxy.peer import PeerAddress
 from popproxy.policy import DEFAULT_RULE
 from popproxy.pop3.replies import Err, ResponseCode
 from popproxy.pop3.wire import format_status
@@ -104,14 +105,6 @@ OnReload = Callable[[ReloadOutcome], None]
 
 class ServeError(Exception):
     """The server cannot start as configured (bad certificate, port in use, ...)."""
-
-
-def _socket_peer(stream: TcpStream) -> PeerAddress:
-    """The TCP peer of an accepted connection (UNKNOWN_PEER if it is already gone)."""
-    try:
-        return socket_peer(stream.socket.getpeername())
-    except OSError:
-        return UNKNOWN_PEER
 
 
 class Server:
@@ -222,35 +215,34 @@ class Server:
         self, sock: trio.SocketListener, listener: ListenerConfig, sessions: trio.Nursery
     ) -> None:
         """Accept clients until cancelled; each gets its own task (or a refusal)."""
-        while True:
-            try:
-                # popproxy's own stream (popproxy/socket_stream.py): a reply or command
-                # that the kernel takes or has at once skips trio's scheduler.
-                stream = TcpStream.from_trio(await sock.accept())
-            except OSError as exc:
-                if exc.errno not in _RESOURCE_ERRORS:
-                    raise
-                log.warning("accept_failed", extra={"fields": {"errno": exc.errno}})
-                await trio.sleep(ACCEPT_RETRY_SECONDS)
-                continue
-            peer = _socket_peer(stream)
-            if not peer.known:
-                # Reset before we got to it (a health check that connects and resets):
-                # nothing to serve, refuse or count.
-                await trio.aclose_forcefully(stream)
-            elif self._active >= self.config.limits.max_sessions:
-                log.warning("session_refused", extra={"fields": {"reason": "max_sessions"}})
-                self.metrics.listener(listener.name).session_refused()
-                await self._refuse_soon(stream, listener, TOO_MANY_SESSIONS, sessions)
-            elif not listener.proxy_protocol and not self._take_address_slot(peer):
-                # Counted here, before the next accept, so a burst cannot slip past it.
-                self._address_refused(peer, listener)
-                await self._refuse_soon(stream, listener, TOO_MANY_FROM_ADDRESS, sessions)
-            else:
-                self._active += 1
-                sessions.start_soon(
-                    self._handle, stream, listener, peer, self.session_context(listener)
-                )
+        # popproxy's own stream (popproxy/socket_stream.py, popproxy/acceptor.py): an
+        # accept, reply or command that the kernel completes at once skips trio's scheduler.
+        with Acceptor(sock) as acceptor:
+            while True:
+                try:
+                    stream, peer = await acceptor.accept()
+                except OSError as exc:
+                    if exc.errno not in _RESOURCE_ERRORS:
+                        raise
+                    log.warning("accept_failed", extra={"fields": {"errno": exc.errno}})
+                    await trio.sleep(ACCEPT_RETRY_SECONDS)
+                    continue
+                if not peer.known:
+                    # Reset before we got to it (a health check that connects and resets):
+                    # nothing to serve, refuse or count.
+                    await trio.aclose_forcefully(stream)
+                elif self._active >= self.config.limits.max_sessions:
+                    log.warning("session_refused", extra={"fields": {"reason": "max_sessions"}})
+                    self.metrics.listener(listener.name).session_refused()
+                    await self._refuse_soon(stream, listener, TOO_MANY_SESSIONS, sessions)
+                elif not listener.proxy_protocol and not self._take_address_slot(peer):
+                    # Counted here, before the next accept, so a burst cannot slip past it.
+                    self._address_refused(peer, listener)
+                    await self._refuse_soon(stream, listener, TOO_MANY_FROM_ADDRESS, sessions)
+                else:
+                    self._active += 1
+                    context = self.session_context(listener)
+                    sessions.start_soon(self._handle, stream, listener, peer, context)
 
     async def _handle(
         self,

@@ -29,6 +29,7 @@ from test_serve import (
     start,
 )
 
+from popproxy import acceptor as acceptor_module
 from popproxy import serve as serve_module
 from popproxy.config import Config, TlsMode
 from popproxy.metrics import ConnectionRejection, Metrics
@@ -389,7 +390,7 @@ async def test_a_connection_gone_before_it_is_accepted_is_closed_without_a_line(
     """getpeername fails on a connection the client reset before the accept (a health
     check that connects and resets): nothing to serve, and no proxy_untrusted line."""
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(serve_module, "_socket_peer", lambda stream: UNKNOWN_PEER)
+    monkeypatch.setattr(acceptor_module, "connection_peer", lambda connection: UNKNOWN_PEER)
     with trio.fail_after(TEST_DEADLINE_SECONDS):
         running = await start(nursery, proxied_config(maildir, tls))
         client = await proxied(running, encode_v1(CLIENT, LISTENER))
