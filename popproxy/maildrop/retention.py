@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -188,11 +187,11 @@ async def decide_view(
 def _count_overdue(view: View, now: datetime, metrics: Metrics) -> None:
     """Messages already past their expiry at login (``popproxy_policy_overdue_messages_total``):
     each QUIT deletes them, so a count that grows while deletions do not means they stall."""
-    overdue = Counter(
-        decision.expire_rule or decision.rule
-        for decision in view.decisions
-        if decision.expires_at is not None and decision.expires_at <= now
-    )
+    overdue: dict[str, int] = {}  # rule -> messages (no Counter: this runs at every login)
+    for decision in view.decisions:
+        if decision.expires_at is not None and decision.expires_at <= now:
+            rule = decision.expire_rule or decision.rule
+            overdue[rule] = overdue.get(rule, 0) + 1
     for rule, count in overdue.items():
         metrics.policy_overdue(rule, count)
 
@@ -334,11 +333,11 @@ class RetainedMaildrop:
         )
         for planned in plan.delete_upstream:  # done upstream: logged even if the store fails
             self._audit(planned.uid, planned.rule, _ACTIONS[planned.reason])
-        reasons = Counter(planned.reason for planned in plan.delete_upstream)
+        reasons = [planned.reason for planned in plan.delete_upstream]
         deletions = Committed(
-            deleted_upstream=len(plan.delete_upstream),
-            expired=reasons[Reason.EXPIRED],
-            retrieved=reasons[Reason.RETRIEVED],
+            deleted_upstream=len(reasons),
+            expired=reasons.count(Reason.EXPIRED),
+            retrieved=reasons.count(Reason.RETRIEVED),
         )
         stored = False
         try:

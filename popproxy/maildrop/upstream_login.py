@@ -384,12 +384,17 @@ async def _capa_login_and_list(
         pipelining = "PIPELINING" in capabilities
         listed = await _login_and_list(connection, login, commands, pipelining=pipelining)
         return (capabilities, *listed)
-    commands = login.commands(memo.capabilities)
+    remembered = memo.capabilities
+    commands = login.commands(remembered)
     sent_at = trio.current_time()
     listing = (Uidl(), List()) if login.pipelined else ()
     await connection.send(Capa(), *commands, *listing)
     capabilities = memo.remember(await _capa_reply(connection))
-    stale = "PIPELINING" not in capabilities or login.commands(capabilities) != commands
+    # An unchanged reply is the remembered mapping itself (``remember``), whose commands
+    # are those sent: equal inputs give equal commands (``Login.commands``).
+    stale = "PIPELINING" not in capabilities or (
+        capabilities is not remembered and login.commands(capabilities) != commands
+    )
     listed = await _login_and_list(
         connection, login, commands, pipelining=True, sent_at=sent_at, stale=stale
     )

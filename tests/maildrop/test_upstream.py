@@ -45,7 +45,8 @@ from popproxy.maildrop.upstream import (
 from popproxy.outcomes import UpstreamFailure
 from popproxy.policy import Action, HeaderMatch, Match, Policy, Rule
 from popproxy.policy.patterns import header_pattern
-from popproxy.pop3.client_replies import MAX_CAPABILITY_LINES
+from popproxy.pop3.client_replies import MAX_CAPABILITY_LINES, Capabilities
+from popproxy.pop3.commands import Command
 from popproxy.pop3.replies import ResponseCode
 from popproxy.secret import Secret
 from popproxy.socket_stream import TcpStream
@@ -541,6 +542,35 @@ async def test_a_remembered_pipelining_upstream_gets_capa_login_and_listing_in_o
         drop = await login(upstream, memo=memo)
         assert drop.messages == [MessageInfo("a", 5)]
         await drop.aclose()
+
+
+async def test_an_unchanged_capa_reply_chooses_the_login_commands_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fresh reply equal to the memo is the memo's own mapping: the commands sent
+    for it are the ones it calls for, with nothing to choose again."""
+    memo = await learned(CAPA_PIPELINING)
+    chosen: list[Capabilities] = []
+    commands = login_module.PasswordLogin.commands
+
+    def counted(
+        self: login_module.PasswordLogin, capabilities: Capabilities
+    ) -> tuple[Command, ...]:
+        chosen.append(capabilities)
+        return commands(self, capabilities)
+
+    monkeypatch.setattr(login_module.PasswordLogin, "commands", counted)
+    async with scripted_upstream(Mailbox(dict(MESSAGES), capa=CAPA_PIPELINING)) as upstream:
+        drop = await login(upstream, memo=memo)
+        await drop.aclose()
+    assert chosen == [memo.capabilities]
+    # A changed reply is checked against the commands already sent.
+    async with scripted_upstream(
+        Mailbox(dict(MESSAGES), capa=(*CAPA_PIPELINING, b"X-CHANGED"))
+    ) as upstream:
+        drop = await login(upstream, memo=memo)
+        await drop.aclose()
+    assert len(chosen) == 3 and chosen[2] == memo.capabilities
 
 
 async def test_without_pipelining_remembered_capa_goes_alone() -> None:
