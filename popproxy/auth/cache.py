@@ -47,6 +47,9 @@ class CredentialCache:
     def __init__(self, size: int, *, key: bytes | None = None) -> None:
         self._size = size
         self._key = key if key is not None else secrets.token_bytes(DIGEST_KEY_BYTES)
+        # The HMAC keyed once; each digest continues a copy of it (the key is not
+        # processed again, nor OpenSSL's SHA-256 looked up again).
+        self._keyed = hmac.new(self._key, digestmod=hashlib.sha256)
         self._entries: OrderedDict[str, _Cached] = OrderedDict()
 
     def __len__(self) -> int:
@@ -61,7 +64,9 @@ class CredentialCache:
         """HMAC-SHA256 of the user name and password under this process's key."""
         name = user.encode("utf-8", "surrogateescape")
         message = len(name).to_bytes(_NAME_LENGTH_BYTES, "big") + name + password.reveal()
-        return hmac.digest(self._key, message, hashlib.sha256)
+        keyed = self._keyed.copy()
+        keyed.update(message)
+        return keyed.digest()
 
     def hit(self, user: str, digest: bytes, password_hash: str, *, now: float) -> bool:
         """Whether ``digest`` was verified for ``user`` against ``password_hash`` and is fresh."""

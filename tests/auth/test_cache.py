@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -99,3 +102,16 @@ def test_distinct_user_password_pairs_get_distinct_digests(
     cache = CredentialCache(1, key=b"k" * DIGEST_KEY_BYTES)
     same = cache.digest(a[0], Secret(a[1])) == cache.digest(b[0], Secret(b[1]))
     assert same == (a == b)
+
+
+@given(st.text(max_size=16), st.binary(max_size=16))
+def test_the_digest_is_hmac_sha256_of_the_length_prefixed_name_and_password(
+    user: str, password: bytes
+) -> None:
+    key = b"k" * DIGEST_KEY_BYTES
+    cache = CredentialCache(1, key=key)
+    name = user.encode("utf-8", "surrogateescape")
+    message = len(name).to_bytes(4, "big") + name + password
+    expected = hmac.new(key, message, hashlib.sha256).digest()
+    assert cache.digest(user, Secret(password)) == expected
+    assert cache.digest(user, Secret(password)) == expected  # the keyed state is not used up
