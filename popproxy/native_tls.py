@@ -240,26 +240,31 @@ class NativeTlsStream(WaitBoundedStream):
         size = DEFAULT_RECEIVE_BYTES if max_bytes is None else max_bytes
         self._receiving = True
         try:
-            try:
-                data = self._sock.recv(size)
-            except ssl.SSLWantReadError:
-                want_read = True
-            except ssl.SSLWantWriteError:
-                want_read = False
-            except OSError as exc:
-                self._broken = True
-                raise _broken(exc) from exc
-            else:
+            got = self._recv_once(size)
+            if isinstance(got, bytes):
                 if checkpoint_due():
                     await trio.lowlevel.cancel_shielded_checkpoint()
-                return data
+                return got
             if wait_seconds is None:
-                return await self._receive_waiting(size, want_read)
+                return await self._receive_waiting(size, got)
             with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
-                return await self._receive_waiting(size, want_read)
+                return await self._receive_waiting(size, got)
             raise trio.TooSlowError
         finally:
             self._receiving = False
+
+    def _recv_once(self, size: int) -> bytes | bool:
+        """One ``recv``: the data (``b""`` at EOF), or else whether OpenSSL must first
+        wait for the socket to be readable (True) or writable (False)."""
+        try:
+            return self._sock.recv(size)
+        except ssl.SSLWantReadError:
+            return True
+        except ssl.SSLWantWriteError:
+            return False
+        except OSError as exc:
+            self._broken = True
+            raise _broken(exc) from exc
 
     async def _receive_waiting(self, size: int, want_read: bool) -> bytes:
         """Wait for what OpenSSL asked for, and read again, until it gives data (the
@@ -270,15 +275,10 @@ class NativeTlsStream(WaitBoundedStream):
                 await trio.lowlevel.wait_readable(self._fd)
             else:
                 await trio.lowlevel.wait_writable(self._fd)
-            try:
-                return self._sock.recv(size)
-            except ssl.SSLWantReadError:
-                want_read = True
-            except ssl.SSLWantWriteError:
-                want_read = False
-            except OSError as exc:
-                self._broken = True
-                raise _broken(exc) from exc
+            got = self._recv_once(size)
+            if isinstance(got, bytes):
+                return got
+            want_read = got
 
     async def send_all(
         self, data: bytes | bytearray | memoryview, *, wait_seconds: float | None = None
@@ -296,15 +296,8 @@ class NativeTlsStream(WaitBoundedStream):
         self._sending = True
         done = False
         try:
-            try:
-                self._sock.send(data)
-            except ssl.SSLWantWriteError:
-                want_read = False
-            except ssl.SSLWantReadError:
-                want_read = True
-            except OSError as exc:
-                raise _broken(exc) from exc
-            else:
+            want_read = self._send_once(data)
+            if want_read is None:
                 done = True
                 if checkpoint_due():
                     await trio.lowlevel.cancel_shielded_checkpoint()
@@ -331,16 +324,23 @@ class NativeTlsStream(WaitBoundedStream):
                 await trio.lowlevel.wait_readable(self._fd)
             else:
                 await trio.lowlevel.wait_writable(self._fd)
-            try:
-                self._sock.send(data)
-            except ssl.SSLWantWriteError:
-                want_read = False
-            except ssl.SSLWantReadError:
-                want_read = True
-            except OSError as exc:
-                raise _broken(exc) from exc
-            else:
+            wants = self._send_once(data)
+            if wants is None:
                 return
+            want_read = wants
+
+    def _send_once(self, data: bytes | bytearray | memoryview) -> bool | None:
+        """One ``send`` of all of ``data``: None once OpenSSL took it, or else whether it
+        must first wait for the socket to be readable (True) or writable (False)."""
+        try:
+            self._sock.send(data)
+        except ssl.SSLWantWriteError:
+            return False
+        except ssl.SSLWantReadError:
+            return True
+        except OSError as exc:
+            raise _broken(exc) from exc
+        return None
 
     async def wait_send_all_might_not_block(self) -> None:
         """Until the socket takes more octets."""
