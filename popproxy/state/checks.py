@@ -75,14 +75,21 @@ def check_listing(listing: Sequence[SeenMessage]) -> None:
     """Refuse a gateway listing that no upstream could have sent (a caller's bug)."""
     if len(listing) > MAX_RECORD_MESSAGES:
         raise ValueError(f"at most {MAX_RECORD_MESSAGES} listed messages per call")
+    _rows_checked(listing, "listing")
+
+
+def _rows_checked(listing: Sequence[SeenMessage], where: str) -> set[str]:
+    """The UIDLs of ``listing``, checked row by row; the first wrong row raises
+    ValueError saying what is wrong with it (``where``: a listing or a record)."""
     listed: set[str] = set()
     for message in listing:
         check_text("a UIDL", message.uid, MAX_UIDL_OCTETS)
         if message.uid in listed:
-            raise ValueError("a UIDL is listed twice in one listing")
+            raise ValueError(f"a UIDL is listed twice in one {where}")
         if message.size < 0:
             raise ValueError("a message size must not be negative")
         listed.add(message.uid)
+    return listed
 
 
 def check_uids(uids: list[str]) -> None:
@@ -101,14 +108,7 @@ def check_record(record: SessionRecord) -> None:
         raise ValueError(f"at most {MAX_RECORD_MESSAGES} listed messages per record")
     listed = _plain_listing(record.seen)
     if listed is None:  # some row is wrong: find the first, and say what is wrong with it
-        listed = set()
-        for message in record.seen:
-            check_text("a UIDL", message.uid, MAX_UIDL_OCTETS)
-            if message.uid in listed:
-                raise ValueError("a UIDL is listed twice in one record")
-            if message.size < 0:
-                raise ValueError("a message size must not be negative")
-            listed.add(message.uid)
+        listed = _rows_checked(record.seen, "record")
     disposed: list[Disposal] = [*record.hidden, *record.deleted_upstream]
     if not record.retrieved <= listed or any(d.uid not in listed for d in disposed):
         raise ValueError("a retrieved, hidden or deleted UIDL must be in the record's listing")
