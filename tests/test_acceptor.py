@@ -11,21 +11,10 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from scheduler_steps import steps_of_this_task
 
 from popproxy.acceptor import MAX_ACCEPTS_WITHOUT_CHECKPOINT, NOTSENT_LOWAT_BYTES, Acceptor
 from popproxy.peer import PeerAddress
-
-
-class _StepsOf(trio.abc.Instrument):
-    """Counts the scheduler's steps of one task."""
-
-    def __init__(self, task: trio.lowlevel.Task) -> None:
-        self.task = task
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task is self.task:
-            self.steps += 1
 
 
 @pytest.fixture
@@ -66,12 +55,8 @@ async def test_a_waiting_client_is_accepted_at_once_with_trios_options(
 ) -> None:
     client = connect(listener)
     with client, Acceptor(listener) as acceptor:
-        steps = _StepsOf(trio.lowlevel.current_task())
-        trio.lowlevel.add_instrument(steps)
-        try:
+        with steps_of_this_task() as steps:
             stream, peer = await acceptor.accept()
-        finally:
-            trio.lowlevel.remove_instrument(steps)
         async with stream:
             assert steps.steps == 0
             assert peer == PeerAddress(*client.getsockname())
@@ -88,13 +73,8 @@ async def test_a_burst_of_clients_yields_to_the_others_every_so_many_accepts(
     listener: trio.SocketListener,
 ) -> None:
     clients = [connect(listener) for _ in range(MAX_ACCEPTS_WITHOUT_CHECKPOINT + 1)]
-    steps = _StepsOf(trio.lowlevel.current_task())
-    with Acceptor(listener) as acceptor:
-        trio.lowlevel.add_instrument(steps)
-        try:
-            streams = [(await acceptor.accept())[0] for _ in clients]
-        finally:
-            trio.lowlevel.remove_instrument(steps)
+    with Acceptor(listener) as acceptor, steps_of_this_task() as steps:
+        streams = [(await acceptor.accept())[0] for _ in clients]
     assert steps.steps == 1  # the MAX_ACCEPTS_WITHOUT_CHECKPOINT-th accept
     for stream, client in zip(streams, clients, strict=True):
         await stream.aclose()

@@ -6,22 +6,9 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-import trio
-import trio.lowlevel
+from scheduler_steps import steps_of_this_task
 
 from popproxy.maildrop import tcp
-
-
-class _StepsOf(trio.abc.Instrument):
-    """Counts the scheduler's steps of one task."""
-
-    def __init__(self, task: trio.lowlevel.Task) -> None:
-        self.task = task
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task is self.task:
-            self.steps += 1
 
 
 @pytest.fixture
@@ -36,12 +23,8 @@ async def test_a_connect_completed_within_the_call_takes_no_pass_through_the_sch
     listening: socket.socket,
 ) -> None:
     """On loopback the kernel completes the handshake within connect(): nothing to wait for."""
-    steps = _StepsOf(trio.lowlevel.current_task())
-    trio.lowlevel.add_instrument(steps)
-    try:
+    with steps_of_this_task() as steps:
         stream = await tcp.open_tcp("127.0.0.1", listening.getsockname()[1])
-    finally:
-        trio.lowlevel.remove_instrument(steps)
     async with stream:
         assert steps.steps == 0
         accepted, _ = listening.accept()
@@ -58,12 +41,8 @@ async def test_a_connect_still_in_progress_waits_until_writable(
     """Where the handshake is not done when connect() returns, the socket's writability
     says it is (as trio's own connect waits)."""
     monkeypatch.setattr(tcp, "_established", lambda sock: False)
-    steps = _StepsOf(trio.lowlevel.current_task())
-    trio.lowlevel.add_instrument(steps)
-    try:
+    with steps_of_this_task() as steps:
         stream = await tcp.open_tcp("127.0.0.1", listening.getsockname()[1])
-    finally:
-        trio.lowlevel.remove_instrument(steps)
     async with stream:
         assert steps.steps == 1
         accepted, _ = listening.accept()

@@ -1494,18 +1494,23 @@ async def test_a_stall_inside_a_body_is_a_timeout(autojump_clock: trio.testing.M
         await drop.aclose()
 
 
+async def retrieval_times_out(upstream: Upstream) -> None:
+    """Log in and RETR message 1: it fails as a [SYS/TEMP] timeout COMMAND_TIMEOUT later."""
+    drop = await login(upstream)
+    start = trio.current_time()
+    with pytest.raises(UpstreamError) as info:
+        await collect(drop, 0)
+    assert trio.current_time() - start == pytest.approx(COMMAND_TIMEOUT)
+    assert_upstream_error(info.value, UpstreamFailure.TIMEOUT, ResponseCode.SYS_TEMP)
+    await drop.aclose()
+
+
 async def test_no_status_reply_is_a_timeout(autojump_clock: trio.testing.MockClock) -> None:
     async def reply(peer: Peer) -> None:
         await peer.expect(b"RETR 1")
 
     async with scripted_upstream(lambda peer: one_message_script(peer, reply)) as upstream:
-        drop = await login(upstream)
-        start = trio.current_time()
-        with pytest.raises(UpstreamError) as info:
-            await collect(drop, 0)
-        assert trio.current_time() - start == pytest.approx(COMMAND_TIMEOUT)
-        assert_upstream_error(info.value, UpstreamFailure.TIMEOUT, ResponseCode.SYS_TEMP)
-        await drop.aclose()
+        await retrieval_times_out(upstream)
 
 
 async def test_a_status_line_in_pieces_is_timed_as_a_whole(
@@ -1520,13 +1525,7 @@ async def test_a_status_line_in_pieces_is_timed_as_a_whole(
         await peer.send(b"\r\nhello\r\n.\r\n")
 
     async with scripted_upstream(lambda peer: one_message_script(peer, reply)) as upstream:
-        drop = await login(upstream)
-        start = trio.current_time()
-        with pytest.raises(UpstreamError) as info:
-            await collect(drop, 0)
-        assert trio.current_time() - start == pytest.approx(COMMAND_TIMEOUT)
-        assert_upstream_error(info.value, UpstreamFailure.TIMEOUT, ResponseCode.SYS_TEMP)
-        await drop.aclose()
+        await retrieval_times_out(upstream)
 
 
 async def test_closing_the_stream_early_breaks_the_maildrop() -> None:
