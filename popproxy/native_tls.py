@@ -266,15 +266,19 @@ class NativeTlsStream(WaitBoundedStream):
             self._broken = True
             raise _broken(exc) from exc
 
+    async def _wait_for(self, want_read: bool) -> None:
+        """Wait until the socket is readable (``want_read``) or writable, as OpenSSL asked."""
+        note_wait()
+        if want_read:
+            await trio.lowlevel.wait_readable(self._fd)
+        else:
+            await trio.lowlevel.wait_writable(self._fd)
+
     async def _receive_waiting(self, size: int, want_read: bool) -> bytes:
         """Wait for what OpenSSL asked for, and read again, until it gives data (the
         slow path; the wait is a schedule point, so no second pass after it)."""
         while True:
-            note_wait()
-            if want_read:
-                await trio.lowlevel.wait_readable(self._fd)
-            else:
-                await trio.lowlevel.wait_writable(self._fd)
+            await self._wait_for(want_read)
             got = self._recv_once(size)
             if isinstance(got, bytes):
                 return got
@@ -319,11 +323,7 @@ class NativeTlsStream(WaitBoundedStream):
     async def _send_waiting(self, data: bytes | bytearray | memoryview, want_read: bool) -> None:
         """Wait for what OpenSSL asked for, and offer ``data`` again, until it is taken."""
         while True:
-            note_wait()
-            if want_read:
-                await trio.lowlevel.wait_readable(self._fd)
-            else:
-                await trio.lowlevel.wait_writable(self._fd)
+            await self._wait_for(want_read)
             wants = self._send_once(data)
             if wants is None:
                 return
