@@ -26,7 +26,9 @@ or yaml (tests/pop3/test_imports.py). :mod:`popproxy.metrics_exporter` serves th
 registry over HTTP. It is one module over 600 lines on purpose (the gateway's and
 OAuth2's series made it longer still): every metric is declared in one place
 (DESIGN.md, habit 8), so that its name, labels, help text, the Enums of its label
-values and the methods that count it are read together.
+values and the methods that count it are read together. How the hot series hold and
+export their numbers is not here but in :mod:`popproxy.metric_series`, so this module
+stays declarations and the methods that count.
 """
 
 from __future__ import annotations
