@@ -2,6 +2,9 @@
 # Shared helpers for scripts/demo and scripts/test. Source it; do not run it.
 # Works on a fresh Debian machine as root (CI) or as a user with sudo.
 
+# How long apt-get waits for dpkg's lock held by another apt run (seconds).
+APT_LOCK_WAIT_SECONDS="${APT_LOCK_WAIT_SECONDS:-600}"
+
 # Print a step the way a reader of the output can follow it.
 step() {
     printf '\n==> %s\n' "$*" >&2
@@ -39,9 +42,11 @@ ensure_debian_packages() {
         die "missing packages ${missing[*]} and no apt-get: install them by hand"
     step "installing Debian packages: ${missing[*]}"
     # apt's output goes to stderr: callers may capture stdout (python_for_venv).
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    # Wait for dpkg's lock (another apt run, unattended-upgrades) instead of failing.
+    local lock_wait=(-o "DPkg::Lock::Timeout=$APT_LOCK_WAIT_SECONDS")
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get "${lock_wait[@]}" update -qq >&2
     as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null >&2
+        apt-get "${lock_wait[@]}" install -y -qq --no-install-recommends "${missing[@]}" </dev/null >&2
 }
 
 # The interpreter used to create .venv: $PYTHON, else python3 on PATH.
