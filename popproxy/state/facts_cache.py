@@ -11,23 +11,28 @@ Coherent only where this process is the store's one writer: a sqlite file serves
 one process (docs/scaling.md), and every write to what is kept here is a
 ``SessionRecord`` of this process's sessions. With PostgreSQL other instances
 write behind it, so the server makes no cache there. What the cache keeps after a
-record mirrors the store's rules (docs/state.md): a listed UIDL of the same size
-keeps the earlier first-seen time; another size is new content, asked of the store
-again; a UIDL the store did not know is known after the record, so it is asked
-again too; a hide is this user's for good. A record that fails or is cancelled
-may or may not be stored: the account's entries are dropped. A read of the store
-that a record of the same account overtook is used for that login and not kept.
-Entries live at most ``FACTS_CACHE_SECONDS`` (trio's clock), which also bounds
-how stale an entry can be after ``popproxy state prune`` ran in another process.
+record mirrors the store's rules (docs/state.md), so that the next login of the
+account needs no read: a listed UIDL of the same size keeps the earlier first-seen
+time; a UIDL the store did not know is stored as the record lists it (its size,
+first seen at the record's time, hidden only where the record hides it); another
+size is new content, which the store may or may not take (a later sighting of the
+old content wins), so it is asked again; a hide is this user's for good. The cache
+is brought up to date only after the store has committed the record, in the same
+step of the event loop: a process that dies in between loses the cache with it,
+and a record that fails or is cancelled may or may not be stored, so the account's
+entries are dropped. A read of the store that a record of the same account
+overtook is used for that login and not kept. Entries live at most
+``FACTS_CACHE_SECONDS`` (trio's clock), which also bounds how stale an entry can
+be after ``popproxy state prune`` ran in another process.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence, Set
 from datetime import datetime
-from typing import Protocol
+from operator import attrgetter
+from typing import NamedTuple, Protocol
 
 import trio
 
@@ -61,13 +66,18 @@ class KnownMessage(Protocol):
     def hidden(self) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
-class RuleFacts:
-    """A ``KnownMessage`` the cache changed after a record."""
+class RuleFacts(NamedTuple):
+    """A ``KnownMessage`` as the cache keeps it: what rules read of a store's answer,
+    or of a record. A named tuple: an entry may hold 100,000 of them, and a tuple of
+    these values is built in C and not tracked by the cyclic collector."""
 
     size: int
     first_seen: datetime
     hidden: bool
+
+
+_size = attrgetter("size")
+_first_seen = attrgetter("first_seen")
 
 
 class _Entry:
@@ -141,8 +151,11 @@ class FactsCache:
         known: dict[str, KnownMessage] = {}
         cached = entry.known if entry is not None else {}
         for uid in uids:
-            fact: KnownMessage | None = read.get(uid)
-            if fact is None:
+            stored = read.get(uid)
+            fact: KnownMessage | None
+            if stored is not None:
+                fact = RuleFacts(stored.size, stored.first_seen, stored.hidden)
+            else:
                 fact = cached.get(uid)
             if fact is not None:
                 known[uid] = fact
@@ -153,31 +166,49 @@ class FactsCache:
         return known
 
     def recorded(self, record: SessionRecord) -> None:
-        """``record`` was committed: bring the account's entries up to date."""
+        """``record`` was committed: bring the account's entries up to date, as the
+        store now answers (module doc). Call it in the same step of the event loop as
+        the commit returned, with no ``await`` in between."""
         self._wrote(record.account)
         entries = self._accounts.get(record.account)
         if entries is None:
             return
-        at = record.at
         uids = [seen.uid for seen in record.seen]
         sizes = [seen.size for seen in record.seen]
+        hides = {hidden.uid for hidden in record.hidden}
         for user, entry in entries.items():
-            known, asked = entry.known, entry.asked
+            self._apply(entry, record.at, uids, sizes, hides if user == record.user else set())
+
+    def _apply(
+        self, entry: _Entry, at: datetime, uids: list[str], sizes: list[int], hides: Set[str]
+    ) -> None:
+        """One entry after a record at ``at`` of the listing ``uids`` and ``sizes`` that
+        hid ``hides`` for the entry's user."""
+        known, asked = entry.known, entry.asked
+        facts = list(map(known.get, uids))
+        # The usual QUIT lists what the login did and the store knew it all: nothing
+        # changes but the hides (checked over the whole listing at once).
+        unchanged = (
+            None not in facts
+            and list(map(_size, facts)) == sizes
+            and (not facts or max(map(_first_seen, facts)) <= at)
+        )
+        if not unchanged:
             before = len(asked)
-            for uid, size, fact in zip(uids, sizes, map(known.get, uids), strict=True):
+            for uid, size, fact in zip(uids, sizes, facts, strict=True):
                 if fact is None:
-                    asked.discard(uid)  # the store knows it now: ask it next time
+                    if uid in asked:  # unknown to the store before: stored as listed
+                        known[uid] = RuleFacts(size, at, uid in hides)
                 elif fact.size != size:
                     del known[uid]  # other content under the UIDL: the store decides
                     asked.discard(uid)
                 elif at < fact.first_seen:  # a late record: the store keeps the earlier
-                    known[uid] = RuleFacts(fact.size, at, fact.hidden)
+                    known[uid] = RuleFacts(size, at, fact.hidden)
             self._messages -= before - len(asked)
-            if user == record.user:
-                for hidden in record.hidden:
-                    fact = known.get(hidden.uid)
-                    if fact is not None and not fact.hidden:
-                        known[hidden.uid] = RuleFacts(fact.size, fact.first_seen, True)
+        for uid in hides:
+            fact = known.get(uid)
+            if fact is not None and not fact.hidden:
+                known[uid] = RuleFacts(fact.size, fact.first_seen, True)
 
     def forget(self, account: AccountKey) -> None:
         """A record of ``account`` may or may not be stored: drop its entries."""

@@ -215,7 +215,10 @@ async def test_with_the_facts_cache_a_hide_holds_and_a_returning_login_reads_not
     uids = subjects(first)
     await first.commit(set())  # the store knows the listing from now on
     await first.aclose()
-    second = await opener.open("phone")  # reads it (the store did not know it before)
+    reads = Reads(store)
+    assert await cache.facts(reads, ACCOUNT, "phone", uids) is not None
+    assert reads.reads == 0  # the first QUIT's record filled in what it made the store know
+    second = await opener.open("phone")
     assert await second.commit({0, 2}) == Committed(hidden=2)
     await second.aclose()
     cached = await cache.facts(reads, ACCOUNT, "phone", uids)
@@ -452,6 +455,58 @@ class FullDisk:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class CommittedThenLost(FullDisk):
+    """The real store, whose record commits, and then the caller hears of a failure
+    (``fail``: the reply lost) or waits until it is cancelled (the session ended)."""
+
+    def __init__(self, inner: StateStore, *, fail: bool) -> None:
+        super().__init__(inner)
+        self.fail = fail
+        self.committed = trio.Event()
+
+    async def record(self, record: SessionRecord) -> None:
+        await self.inner.record(record)
+        self.committed.set()
+        if self.fail:
+            raise StateError("disk I/O error")
+        await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("fail", [True, False], ids=["failed", "cancelled"])
+async def test_with_the_facts_cache_a_record_committed_but_not_confirmed_is_read_again(
+    maildir: Path, store: StateStore, fail: bool
+) -> None:
+    """The store committed the QUIT's hides but the commit did not return: the cache
+    claims nothing of them, and the next login reads what the store holds."""
+    cache = FactsCache()
+    session = await Opener(maildir, store, keep_policy(), cache).open("phone")
+    uids = subjects(session)
+    await session.commit(set())
+    await session.aclose()
+    lossy = CommittedThenLost(store, fail=fail)
+    lost = await Opener(maildir, lossy, keep_policy(), cache).open("phone")
+    failures: list[MaildropError] = []
+
+    async def quit_() -> None:
+        try:
+            await lost.commit({0})
+        except MaildropError as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(quit_)
+        await lossy.committed.wait()
+        nursery.cancel_scope.cancel()  # the session ends while the commit is unconfirmed
+    assert len(failures) == fail
+    await lost.aclose()
+    reads = Reads(store)
+    cached = await cache.facts(reads, ACCOUNT, "phone", uids)
+    assert reads.reads == 1
+    direct = await store.facts(ACCOUNT, "phone", uids)
+    assert {uid: cached[uid].hidden for uid in uids} == {uid: direct[uid].hidden for uid in uids}
+    assert cached[uids[0]].hidden
 
 
 async def test_a_store_failure_at_quit_is_a_temporary_error_after_the_deletions(

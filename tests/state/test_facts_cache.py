@@ -119,6 +119,29 @@ async def test_a_returning_login_asks_the_store_only_about_new_uidls(store: Aske
     assert len(store.asked) == 3
 
 
+async def test_a_quit_fills_in_what_it_made_the_store_know(store: Asked) -> None:
+    """The first QUIT of a listing the store did not know: the next login of each user
+    of the account is answered from memory, with what the store now answers."""
+    cache = FactsCache()
+    listing = {"u1": 10, "u2": 20, "u3": 30}
+    for user in USERS:
+        first = await cache.facts(store, ACCOUNTS[0], user, sorted(listing))
+        assert rules_read(first, sorted(listing)) == {}
+    await recorded(store, cache, record(T0, listing, user="alice", hidden=["u2"]))
+    asked = len(store.asked)
+    for user in USERS:
+        cached = await cache.facts(store, ACCOUNTS[0], user, sorted(listing))
+        direct = await store.inner.facts(ACCOUNTS[0], user, sorted(listing))
+        assert rules_read(cached, sorted(listing)) == rules_read(direct, sorted(listing))
+    assert len(store.asked) == asked  # nothing read
+    alices = await cache.facts(store, ACCOUNTS[0], "alice", sorted(listing))
+    assert rules_read(alices, ["u1", "u2"]) == {"u1": (10, T0, False), "u2": (20, T0, True)}
+    # A UIDL the entry never listed is not made up: the next login that lists it asks.
+    await recorded(store, cache, record(T0 + STEP, {**listing, "u4": 40}))
+    await cache.facts(store, ACCOUNTS[0], "alice", [*sorted(listing), "u4"])
+    assert store.asked[asked:] == [["u4"]]
+
+
 async def test_a_record_updates_each_entry_of_its_account_as_the_store(store: Asked) -> None:
     cache = FactsCache()
     await recorded(store, cache, record(T0 + 2 * STEP, {"u1": 10, "u2": 20}))
@@ -135,6 +158,19 @@ async def test_a_record_updates_each_entry_of_its_account_as_the_store(store: As
         direct = await store.inner.facts(ACCOUNTS[0], "bob", ["u2"])
         assert rules_read(facts, ["u2"]) == rules_read(direct, ["u2"])
     assert store.asked == [["u1", "u2"], ["u1", "u2"], ["u2"], ["u2"]]
+
+
+async def test_a_late_record_of_the_same_listing_moves_first_seen_back(store: Asked) -> None:
+    cache = FactsCache()
+    listing = {"u1": 10, "u2": 20}
+    await recorded(store, cache, record(T0 + 2 * STEP, listing))
+    await cache.facts(store, ACCOUNTS[0], "alice", ["u1", "u2"])
+    await recorded(store, cache, record(T0, listing))  # committed late, seen earlier
+    cached = await cache.facts(store, ACCOUNTS[0], "alice", ["u1", "u2"])
+    assert rules_read(cached, ["u1", "u2"]) == {"u1": (10, T0, False), "u2": (20, T0, False)}
+    direct = await store.inner.facts(ACCOUNTS[0], "alice", ["u1", "u2"])
+    assert rules_read(cached, ["u1", "u2"]) == rules_read(direct, ["u1", "u2"])
+    assert len(store.asked) == 1
 
 
 async def test_a_read_overtaken_by_a_record_is_used_once_and_not_kept(store: Asked) -> None:
@@ -238,9 +274,9 @@ async def test_a_quit_touches_only_its_own_accounts_entries(store: Asked) -> Non
         await cache.facts(store, ACCOUNTS[0], user, ["u1", "u2", "u3"])
     assert cache.messages == 500 * 2 + 2 * 3
     Watched.compared = WatchedSet.used = 0
-    # u3 becomes known to the store: both of the account's entries ask about it again.
+    # u3 becomes known to the store: both of the account's entries now know it too.
     await recorded(store, cache, record(T0 + STEP, {"u1": 10, "u2": 20, "u3": 30}))
-    assert cache.messages == 500 * 2 + 2 * 2
+    assert cache.messages == 500 * 2 + 2 * 3
     cache.forget(ACCOUNTS[0])
     assert cache.messages == 500 * 2
     assert (Watched.compared, WatchedSet.used) == (0, 0)
@@ -261,10 +297,19 @@ class Login:
     uids: tuple[str, ...]
 
 
+# How a QUIT's record ends, as the cache sees it (retention.py's commit): committed and
+# brought into the cache; committed, but the caller hears a failure (the reply lost, the
+# session cancelled) and drops the account; not committed, and the account dropped; or
+# committed, then the process dies before the cache hears of it (a new process starts
+# with an empty cache).
+ENDINGS = ("recorded", "recorded", "recorded", "uncertain", "lost", "crash")
+
+
 @dataclass(frozen=True, slots=True)
 class Quit:
     record: SessionRecord
     steps_back: int  # recorded this many steps before now (a late commit)
+    ending: str = "recorded"
 
 
 @st.composite
@@ -279,7 +324,7 @@ def quits(draw: st.DrawFn) -> Quit:
         user=draw(st.sampled_from(USERS)),
         hidden=hidden,
     )
-    return Quit(one, draw(st.sampled_from((0, 0, 0, 2))))
+    return Quit(one, draw(st.sampled_from((0, 0, 0, 2))), draw(st.sampled_from(ENDINGS)))
 
 
 logins = st.builds(
@@ -296,17 +341,30 @@ async def agree(path: Path, ops: list[Login | Quit], bound: int) -> None:
     try:
         for step, op in enumerate(ops):
             match op:
-                case Quit(one, steps_back):
+                case Quit(one, steps_back, ending):
                     at = T0 + (step - steps_back) * STEP
                     dated = SessionRecord(
                         one.account, one.user, "s", at, one.seen, hidden=one.hidden
                     )
-                    await store.record(dated)
-                    cache.recorded(dated)
+                    if ending != "lost":
+                        await store.record(dated)
+                    if ending == "recorded":
+                        cache.recorded(dated)
+                    elif ending == "crash":
+                        cache = FactsCache(max_messages=bound)
+                    else:
+                        cache.forget(dated.account)
                 case Login(account, user, uids):
                     cached = await cache.facts(store, account, user, uids)
                     direct = await store.facts(account, user, uids)
                     assert rules_read(cached, uids) == rules_read(direct, uids)
+            # Every entry claims, of each UIDL it covers, what a fresh read of the store
+            # answers: no more (nothing the store lacks), no less, no other value.
+            for (account, user), entry in cache._entries.items():
+                covered = sorted(entry.asked)
+                direct = await store.facts(account, user, covered)
+                assert rules_read(entry.known, covered) == rules_read(direct, covered)
+                assert set(entry.known) <= entry.asked
             # The count kept as entries change, and the index by account, match the entries.
             assert cache.messages == sum(len(e.asked) for e in cache._entries.values())
             assert cache.messages <= bound
