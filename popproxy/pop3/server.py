@@ -169,12 +169,16 @@ class ServerConnection:
         if self.phase in (Phase.TLS_HANDSHAKE, Phase.UPDATE, Phase.CLOSED):
             raise LocalProtocolError(f"no commands are read in phase {self.phase.name}")
         in_sasl = self.phase is Phase.SASL
-        buf = self._lines.buffer
-        long_ok = in_sasl or buf[:5].upper() == b"AUTH "
         settings = self.settings
-        line = self._lines.next_line(
-            settings.max_sasl_line_octets if long_ok else settings.max_command_line_octets
-        )
+        limit = settings.max_command_line_octets
+        if in_sasl or (
+            # An AUTH line gets the SASL bound. A buffer shorter than both bounds reads
+            # the same under either: no need to look (every command's path).
+            len(buf := self._lines.buffer) >= min(limit, settings.max_sasl_line_octets)
+            and buf[:5].upper() == b"AUTH "
+        ):
+            limit = settings.max_sasl_line_octets
+        line = self._lines.next_line(limit)
         if line is None:
             return ConnectionClosed() if self._lines.eof else NEED_DATA
         if isinstance(line, Overlong):

@@ -97,3 +97,27 @@ def test_peek_line_respects_the_bound_and_discarding() -> None:
     assert buf.next_line(10) == Overlong()
     buf.receive(b"ok\r\n")
     assert buf.peek_line(10) is None  # still inside the discarded line
+
+
+@FAST
+@given(
+    st.binary(max_size=80),
+    st.integers(1, 100),
+    st.integers(1, 100),
+    st.booleans(),
+)
+def test_a_buffer_shorter_than_both_bounds_reads_the_same_under_either(
+    data: bytes, one: int, other: int, discarding: bool
+) -> None:
+    """What lets the server role skip choosing between its two bounds while its buffer is
+    shorter than both (pop3/server.py, ``next_event``): the result is the same."""
+    results = []
+    for bound in (one, other):
+        buf = LineBuffer()
+        if discarding:
+            buf.receive(b"x" * 200)
+            assert buf.next_line(100) == Overlong()
+        buf.receive(data)
+        results.append([buf.next_line(bound), bytes(buf.buffer)])
+    if len(data) < min(one, other):
+        assert results[0] == results[1]

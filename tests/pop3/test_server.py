@@ -10,7 +10,7 @@ import base64
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pop3_helpers import PLAIN_OK, Rejected, run_server
 
@@ -801,6 +801,32 @@ def test_the_sasl_line_limit_is_a_setting() -> None:
         Auth("PLAIN"),
         rejected("Line too long"),
     ]
+
+
+@given(
+    st.integers(MAX_COMMAND_LINE_OCTETS, 600),
+    st.integers(MAX_COMMAND_LINE_OCTETS, 600),
+    st.integers(len(b"AUTH PLAIN \r\n") + 1, 700),
+    st.sampled_from([b"AUTH", b"auth", b"AuTh", b"USER"]),
+)
+@settings(max_examples=60, deadline=None)
+def test_an_auth_line_gets_the_sasl_bound_and_any_other_the_command_bound(
+    command_bound: int, sasl_bound: int, octets: int, verb: bytes
+) -> None:
+    """Whole and byte by byte (run_server), with either bound the larger: the server role
+    looks at the verb only once its buffer could reach a bound, and decides the same."""
+    settings = ServerSettings(
+        max_command_line_octets=command_bound, max_sasl_line_octets=sasl_bound
+    )
+    filler = b"=" * (octets - len(verb) - len(b" PLAIN \r\n"))
+    line = verb + b" PLAIN " + filler + b"\r\n"
+    run = run_server(line + b"CAPA\r\n", settings)
+    bound = sasl_bound if verb.upper() == b"AUTH" else command_bound
+    if octets > bound:
+        assert run.events[0] == rejected("Line too long")
+    else:
+        assert run.events[0] != rejected("Line too long")
+    assert run.events[-1] == Capa()
 
 
 @pytest.mark.parametrize("where", ["initial-response", "continuation"])
