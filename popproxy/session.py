@@ -82,7 +82,7 @@ from popproxy.session_summary import (
     SessionSummary,
     quit_text,
 )
-from popproxy.socket_stream import receive_some_within, send_all_within
+from popproxy.socket_stream import receive_some_within, send_all_within, wait_bounded
 from popproxy.tls import AlpnRefused
 
 # One read from the client; commands are tiny, so this only bounds a flood.
@@ -483,8 +483,12 @@ class Session:
         self._out.clear()
         if not data:
             return
+        stream, wait = self._stream, self._context.limits.send_timeout_seconds
         try:
-            await send_all_within(self._stream, data, self._context.limits.send_timeout_seconds)
+            if (bounded := wait_bounded(stream)) is not None:  # one coroutine fewer
+                await bounded.send_all(data, wait_seconds=wait)
+            else:
+                await send_all_within(stream, data, wait)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise _SessionEnd(SessionResult.EOF) from None
         except trio.TooSlowError:
@@ -508,6 +512,8 @@ class Session:
         try:
             if wait_seconds is None:
                 return await stream.receive_some(RECEIVE_CHUNK_BYTES)
+            if (bounded := wait_bounded(stream)) is not None:  # one coroutine fewer
+                return await bounded.receive_some(RECEIVE_CHUNK_BYTES, wait_seconds=wait_seconds)
             return await receive_some_within(stream, RECEIVE_CHUNK_BYTES, wait_seconds)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
             return b""

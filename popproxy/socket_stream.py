@@ -269,6 +269,14 @@ class TcpStream(WaitBoundedStream, trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
+def wait_bounded(stream: trio.abc.Stream) -> WaitBoundedStream | None:
+    """``stream`` itself if it bounds its own waits (a ``WaitBoundedStream``), else None.
+    A caller that keeps a stream looks this up once and then calls its ``send_all`` and
+    ``receive_some`` with ``wait_seconds`` directly: one coroutine fewer per operation
+    than ``send_all_within`` / ``receive_some_within``, with the same meaning."""
+    return cast(WaitBoundedStream, stream) if type(stream) in _WAIT_BOUNDED else None
+
+
 async def send_all_within(
     stream: trio.abc.Stream, data: bytes | bytearray | memoryview, wait_seconds: float
 ) -> None:

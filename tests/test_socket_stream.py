@@ -23,6 +23,7 @@ from popproxy.socket_stream import (
     TcpStream,
     receive_some_within,
     send_all_within,
+    wait_bounded,
 )
 
 LOOPBACK = "127.0.0.1"
@@ -262,6 +263,20 @@ async def test_any_stream_gets_the_same_bounds_from_a_scope(
     clogged, _ = trio.testing.lockstep_stream_pair()
     with pytest.raises(trio.TooSlowError):
         await send_all_within(clogged, b"nobody reads", WAIT_SECONDS)
+
+
+async def test_wait_bounded_is_the_stream_itself_only_when_it_bounds_its_own_waits(
+    pair: tuple[TcpStream, TcpStream],
+) -> None:
+    left, right = pair
+    assert wait_bounded(left) is left
+    memory, _ = trio.testing.memory_stream_pair()
+    assert wait_bounded(memory) is None
+    # What a caller that looked it up once then calls: the bounds of send_all_within.
+    bounded = wait_bounded(right)
+    assert bounded is not None
+    await left.send_all(b"direct")
+    assert await bounded.receive_some(100, wait_seconds=WAIT_SECONDS) == b"direct"
 
 
 async def test_eof_is_an_empty_read_and_ends_only_the_sending_half(

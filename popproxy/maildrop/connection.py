@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import select
-import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
@@ -64,7 +63,12 @@ from popproxy.pop3.commands import Command, Dele, Quit, SaslLine, Stls, Verb
 from popproxy.pop3.errors import RemoteProtocolError
 from popproxy.pop3.events import NEED_DATA, Data, EndOfData, PoisonedDotLines, StuffedData
 from popproxy.pop3.replies import Err, Ok, ResponseCode
-from popproxy.socket_stream import TcpStream, receive_some_within, send_all_within
+from popproxy.socket_stream import (
+    TcpStream,
+    receive_some_within,
+    send_all_within,
+    wait_bounded,
+)
 from popproxy.tls import upstream_alpn_problem
 
 log = logging.getLogger("popproxy.upstream")
@@ -129,7 +133,10 @@ class UpstreamConnection:
         self._stream = (
             TcpStream.from_trio(stream) if isinstance(stream, trio.SocketStream) else stream
         )
-        self._socket = _kernel_socket(self._stream)  # what check_quiet polls, if any
+        # The stream itself when it bounds its own waits (a plain TcpStream): every
+        # command's write and reply's read call it directly (popproxy/socket_stream.py).
+        self._bounded = wait_bounded(self._stream)
+        self._quiet_poll = _quiet_poll(self._stream)  # what check_quiet polls, if any
         self._upstream = upstream
         self._core = ClientConnection(max_reply_line_octets=upstream.max_reply_line_bytes)
         self._metrics = metrics
@@ -233,7 +240,8 @@ class UpstreamConnection:
                 UpstreamFailure.TLS, f"TLS with {upstream.host}:{upstream.port}: {problem}"
             )
         self._stream = tls
-        self._socket = _kernel_socket(tls)
+        self._bounded = wait_bounded(tls)
+        self._quiet_poll = _quiet_poll(tls)
         self._connect_seconds += trio.current_time() - started
         self.secured()
 
@@ -280,8 +288,11 @@ class UpstreamConnection:
             data = core.send(commands[0], stuffed_body=stuffed_body)
         else:
             data = b"".join(core.send(c, stuffed_body=stuffed_body) for c in commands)
+        bounded = self._bounded
         try:
-            if within is None:
+            if bounded is not None:
+                await bounded.send_all(data, wait_seconds=within)
+            elif within is None:
                 await self._stream.send_all(data)
             else:
                 await send_all_within(self._stream, data, within)
@@ -299,32 +310,40 @@ class UpstreamConnection:
         Without either, the caller sets the deadline.
         """
         core = self._core
+        bounded = self._bounded
         while True:
             try:
                 event = core.next_event()
             except RemoteProtocolError as exc:
                 raise self.protocol_error(exc.reply.text) from None
             if event is not NEED_DATA:
-                if not core.outstanding and core.buffered:
+                # A body chunk never ends a reply; anything else may be the last one due.
+                if type(event) is not StuffedData and core.unsolicited:
                     # Octets after the last expected reply (RFC 1939 §3: a server only
                     # answers). Left there, they would be read as the next command's reply.
                     raise self.protocol_error("unsolicited reply")
                 return event
             if deadline is not None:
                 read_seconds = deadline - trio.current_time()
-            data = await self._receive(read_seconds)
+            data: bytes | bytearray
+            try:
+                if bounded is not None:  # the plain TCP leg: one call (every reply's path)
+                    data = await bounded.receive_some(
+                        UPSTREAM_RECEIVE_BYTES, wait_seconds=read_seconds
+                    )
+                else:
+                    data = await self._receive(read_seconds)
+            except _STREAM_ERRORS:
+                data = b""
             self._bytes_received += len(data)
             self._metrics.bytes_received(len(data))
             core.receive_data(data)
 
     async def _receive(self, read_seconds: float | None) -> bytes | bytearray:
         stream = self._stream
-        try:
-            if read_seconds is None:
-                return await stream.receive_some(UPSTREAM_RECEIVE_BYTES)
-            return await receive_some_within(stream, UPSTREAM_RECEIVE_BYTES, read_seconds)
-        except _STREAM_ERRORS:
-            return b""
+        if read_seconds is None:
+            return await stream.receive_some(UPSTREAM_RECEIVE_BYTES)
+        return await receive_some_within(stream, UPSTREAM_RECEIVE_BYTES, read_seconds)
 
     async def status(self, deadline: float | None = None) -> Ok | Err:
         """The next status reply, read by ``deadline`` (trio time, ``trio.TooSlowError``; None:
@@ -343,8 +362,10 @@ class UpstreamConnection:
         (popproxy/socket_stream.py): this is every RETR's path."""
         sent = trio.current_time()
         await self.send(command, stuffed_body=stuffed_body, within=within)
-        reply = await self.status(sent + within)
-        self.answered(command.verb, sent)
+        reply = await self.event(deadline=sent + within)
+        if type(reply) is not Ok and type(reply) is not Err:
+            raise self.protocol_error("expected a status line")
+        self._metrics.command(command.verb, trio.current_time() - sent)
         return reply
 
     def answered(self, verb: Verb, since: float) -> None:
@@ -400,10 +421,9 @@ class UpstreamConnection:
         """
         if self._core.buffered:
             raise self.protocol_error("unsolicited reply")
-        if self._socket is None:
-            return
-        readable, _, _ = select.select([self._socket.fileno()], [], [], 0)
-        if readable:
+        # poll(2) on a registered poll object: no lists to build, as select(2) needs.
+        # Anything reported (readable, hung up, an error) is something nobody asked for.
+        if self._quiet_poll is not None and self._quiet_poll.poll(0):
             raise self.protocol_error("unsolicited reply")
 
     def poisoned_dot_lines(self, count: int, **fields: object) -> None:
@@ -519,13 +539,15 @@ class UpstreamConnection:
                 await trio.aclose_forcefully(self._stream)
 
 
-def _kernel_socket(stream: trio.abc.Stream) -> socket.socket | trio.socket.SocketType | None:
-    """The TCP socket under ``stream`` (itself, or under its TLS), or None (other
-    transports, such as the memory streams of tests)."""
+def _quiet_poll(stream: trio.abc.Stream) -> select.poll | None:
+    """A poll object for readability of the TCP socket under ``stream`` (itself, or under
+    its TLS), for ``check_quiet``; None for other transports (the memory streams of tests)."""
     transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    if isinstance(transport, TcpStream | trio.SocketStream):
-        return transport.socket
-    return None
+    if not isinstance(transport, TcpStream | trio.SocketStream):
+        return None
+    poll = select.poll()
+    poll.register(transport.socket.fileno(), select.POLLIN)
+    return poll
 
 
 class _Exchange:

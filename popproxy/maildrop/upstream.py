@@ -21,6 +21,7 @@ import logging
 import ssl
 from collections.abc import AsyncGenerator, Sequence, Set
 from contextlib import AbstractContextManager
+from typing import NoReturn
 
 import trio
 
@@ -207,17 +208,32 @@ class _Retrieval:
     async def __anext__(self) -> bytes:
         if self._finished:
             raise StopAsyncIteration
+        maildrop = self._maildrop
+        connection = maildrop._connection
         try:
             if self._exchange is None:
                 await self._request()
-            chunk = await self._next_chunk()
+            timeout = maildrop._upstream.command_timeout_seconds
+            while True:  # the body's next chunk, or its end (one await: every RETR's path)
+                event = await connection.event(timeout)
+                if type(event) is StuffedData:
+                    return event.data
+                match event:
+                    case EndOfData():
+                        break
+                    case PoisonedDotLines(count=count):
+                        connection.poisoned_dot_lines(
+                            count,
+                            session=maildrop._session_id or "-",
+                            uid=maildrop._messages[self._index].uid,
+                        )
+                    case _:
+                        _not_message_data(connection)
         except BaseException as exc:
             self._finish(exc)  # the exchange may raise its own error instead
             raise
-        if chunk is None:
-            self._finish(None)
-            raise StopAsyncIteration
-        return chunk
+        self._finish(None)
+        raise StopAsyncIteration
 
     async def aclose(self) -> None:
         """Stop: a reply not read to its end breaks the connection (``exchange``)."""
@@ -244,26 +260,6 @@ class _Retrieval:
             code = reply.code if reply.code in _PASSED_CODES else None
             raise MaildropError(code, "That message is no longer available upstream.")
 
-    async def _next_chunk(self) -> bytes | None:
-        """The body's next chunk, or None at its end."""
-        maildrop = self._maildrop
-        connection = maildrop._connection
-        timeout = maildrop._upstream.command_timeout_seconds
-        while True:
-            match await connection.event(timeout):
-                case StuffedData(data=data):
-                    return data
-                case PoisonedDotLines(count=count):
-                    connection.poisoned_dot_lines(
-                        count,
-                        session=maildrop._session_id or "-",
-                        uid=maildrop._messages[self._index].uid,
-                    )
-                case EndOfData():
-                    return None
-                case _:
-                    raise connection.protocol_error("expected message data")
-
     def _finish(self, exc: BaseException | None) -> None:
         self._finished = True
         exchange, self._exchange = self._exchange, None
@@ -272,6 +268,10 @@ class _Retrieval:
                 exchange.__exit__(None, None, None)
             else:
                 exchange.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def _not_message_data(connection: UpstreamConnection) -> NoReturn:
+    raise connection.protocol_error("expected message data")
 
 
 async def open_upstream(

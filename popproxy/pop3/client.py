@@ -130,6 +130,13 @@ class ClientConnection:
         """Octets received and not yet consumed."""
         return len(self._lines) + (len(self._whole) if self._whole is not None else 0)
 
+    @property
+    def unsolicited(self) -> bool:
+        """Whether octets are buffered with no reply expected: a line the server sent on
+        its own (RFC 1939 §3: a server only answers), which the next command's reply
+        must never be taken from."""
+        return not self._outstanding and self.buffered > 0
+
     def send(self, command: Command | SaslLine, *, stuffed_body: bool = False) -> bytes:
         """The octets for ``command``; its reply is expected after those before it.
 

@@ -378,6 +378,26 @@ def test_outstanding_counts_the_greeting_and_pipelined_commands() -> None:
     assert conn.next_event() is NEED_DATA
 
 
+def test_unsolicited_is_octets_buffered_with_no_reply_due() -> None:
+    conn = ClientConnection()
+    assert not conn.unsolicited  # the greeting is due
+    conn.receive_data(HELLO + b"+OK unasked\r\n")
+    assert not conn.unsolicited  # nothing read yet: the greeting is still due
+    assert conn.next_event() == HELLO_EVENT
+    assert conn.unsolicited  # "+OK unasked" came with no command sent
+    conn.send(Stat())
+    assert not conn.unsolicited  # now it would be read as STAT's reply: what must not happen
+    # A body being read is never unsolicited: its command stays due until its end.
+    conn = ClientConnection(expect_greeting=False)
+    conn.send(Retr(1), stuffed_body=True)
+    conn.receive_data(b"+OK\r\nbody\r\n.\r\n+OK after\r\n")
+    assert conn.next_event() == Ok("")
+    assert conn.next_event() == StuffedData(b"body\r\n")
+    assert not conn.unsolicited
+    assert conn.next_event() == EndOfData()
+    assert conn.unsolicited
+
+
 def test_greeting_err_has_no_body_even_with_multiline_commands_queued() -> None:
     run = run_client([Capa()], b"-ERR go away\r\n+OK\r\nX\r\n.\r\n")
     assert run.events == [Err("go away"), Ok(""), Data(b"X\r\n"), EndOfData()]
