@@ -23,7 +23,6 @@ close when it stops listening.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
@@ -32,13 +31,11 @@ from types import TracebackType
 import trio
 
 from popproxy.peer import UNKNOWN_PEER, PeerAddress, socket_peer
-from popproxy.socket_stream import TcpStream
+from popproxy.socket_stream import TcpStream, set_stream_options
 
 # Accepts in a row without a wait before one real checkpoint (as socket_stream's
 # MAX_OPS_WITHOUT_CHECKPOINT: a few dozen microseconds each, so well under a millisecond).
 MAX_ACCEPTS_WITHOUT_CHECKPOINT = 16
-# trio.SocketStream's TCP_NOTSENT_LOWAT (16 KiB), which the streams it made had.
-NOTSENT_LOWAT_BYTES = 16 * 1024
 # accept(2), ERRORS: Linux passes a pending network error of the new connection as
 # accept's own (ENETDOWN, EPROTO, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH,
 # EOPNOTSUPP, ENETUNREACH), ECONNABORTED is a connection aborted before it was taken,
@@ -127,10 +124,5 @@ def connection_peer(connection: socket.socket) -> PeerAddress:
 
 def _stream(connection: socket.socket) -> TcpStream:
     """``connection`` as a ``TcpStream``, with the options trio.SocketStream sets."""
-    # As trio.SocketStream: an option the socket does not take is left as it is.
-    with contextlib.suppress(OSError):
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
-        with contextlib.suppress(OSError):
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
+    set_stream_options(connection)
     return TcpStream(connection)

@@ -82,7 +82,12 @@ from popproxy.session_summary import (
     SessionSummary,
     quit_text,
 )
-from popproxy.socket_stream import receive_some_within, send_all_within, wait_bounded
+from popproxy.socket_stream import (
+    TcpStream,
+    receive_some_within,
+    send_all_within,
+    wait_bounded,
+)
 from popproxy.tls import AlpnRefused
 
 # One read from the client; commands are tiny, so this only bounds a flood.
@@ -559,13 +564,20 @@ class Session:
         self._traffic.bytes_sent(octets)
 
     async def _close(self) -> None:
-        with trio.CancelScope(shield=True):
-            if self._maildrop is not None:
+        """Release the maildrop, then close the client stream; shielded from a shutdown's
+        cancel. A plain ``TcpStream`` closes at once: no scope, no checkpoint (issue 15)."""
+        if self._maildrop is not None:
+            with trio.CancelScope(shield=True):
                 await self._maildrop.aclose()  # releases the lock; never deletes
+        stream = self._stream
+        if type(stream) is TcpStream:
+            stream.close()
+            return
+        with trio.CancelScope(shield=True):
             with trio.move_on_after(CLOSE_TIMEOUT_SECONDS) as scope:
-                await self._stream.aclose()
+                await stream.aclose()
             if scope.cancelled_caught:
-                await trio.aclose_forcefully(self._stream)
+                await trio.aclose_forcefully(stream)
 
 
 async def run_session(

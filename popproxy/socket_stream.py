@@ -41,6 +41,7 @@ popproxy.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from abc import abstractmethod
@@ -59,6 +60,8 @@ DEFAULT_RECEIVE_BYTES = 64 * 1024
 
 # errno values that mean the socket was closed under us (as trio.SocketStream maps them).
 _CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+# trio.SocketStream's TCP_NOTSENT_LOWAT (16 KiB), which the streams it made had.
+NOTSENT_LOWAT_BYTES = 16 * 1024
 
 
 class _Unyielded:
@@ -90,6 +93,18 @@ def note_wait() -> None:
     """An operation is about to wait: a pass through the scheduler, so the count of
     operations without one starts again."""
     _UNYIELDED.ops = 0
+
+
+def set_stream_options(sock: socket.socket) -> None:
+    """The options ``trio.SocketStream`` sets on a connected TCP socket (``TCP_NODELAY``,
+    ``TCP_NOTSENT_LOWAT``), for a socket that becomes a ``TcpStream`` without one (an
+    accepted client, an upstream connection); an option the socket does not take is
+    left as it is, as trio does."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
 
 
 def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
@@ -135,7 +150,8 @@ class TcpStream(WaitBoundedStream, trio.abc.HalfCloseableStream):
         """``sock``: a connected ``SOCK_STREAM`` socket, now this stream's (made non-blocking)."""
         if sock.type != socket.SOCK_STREAM:
             raise ValueError("TcpStream requires a SOCK_STREAM socket")
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:  # 0.0: already non-blocking (SOCK_NONBLOCK), no ioctl
+            sock.setblocking(False)
         self.socket = sock
         self._eof_sent = False
         self._sending = False  # a send_all or wait_send_all_might_not_block is waiting
@@ -260,12 +276,19 @@ class TcpStream(WaitBoundedStream, trio.abc.HalfCloseableStream):
             raise _stream_error(exc) from exc
         self._eof_sent = True
 
-    async def aclose(self) -> None:
-        """Close the socket (a task waiting on it gets ``trio.ClosedResourceError``)."""
+    def close(self) -> None:
+        """Close the socket now (a task waiting on it gets ``trio.ClosedResourceError``);
+        idempotent. Closing a TCP socket does not wait, so a caller that needs no
+        checkpoint (a session's end) calls this instead of ``aclose``: no cancel scope
+        around it and no pass through the scheduler (issue 15)."""
         sock = self.socket
         if sock.fileno() != -1:
             trio.lowlevel.notify_closing(sock)
             sock.close()
+
+    async def aclose(self) -> None:
+        """Close the socket (a task waiting on it gets ``trio.ClosedResourceError``)."""
+        self.close()
         await trio.lowlevel.checkpoint()
 
 

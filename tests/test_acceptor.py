@@ -13,8 +13,9 @@ import trio.lowlevel
 import trio.testing
 from scheduler_steps import steps_of_this_task
 
-from popproxy.acceptor import MAX_ACCEPTS_WITHOUT_CHECKPOINT, NOTSENT_LOWAT_BYTES, Acceptor
+from popproxy.acceptor import MAX_ACCEPTS_WITHOUT_CHECKPOINT, Acceptor
 from popproxy.peer import PeerAddress
+from popproxy.socket_stream import NOTSENT_LOWAT_BYTES
 
 
 @pytest.fixture

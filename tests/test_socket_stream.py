@@ -16,6 +16,7 @@ import trio.testing
 import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scheduler_steps import steps_of_this_task
 
 from popproxy import socket_stream
 from popproxy.socket_stream import (
@@ -320,8 +321,22 @@ async def test_a_closed_stream_is_a_closed_resource(pair: tuple[TcpStream, TcpSt
     assert await right.receive_some(1) == b""  # the peer sees the end
 
 
+async def test_close_is_aclose_without_the_checkpoint(pair: tuple[TcpStream, TcpStream]) -> None:
+    """``close`` ends the stream as ``aclose`` does, at once: no pass through the scheduler."""
+    left, right = pair
+    with steps_of_this_task() as steps:
+        left.close()
+        left.close()  # idempotent
+    assert steps.steps == 0
+    with pytest.raises(trio.ClosedResourceError):
+        await left.send_all(b"x")
+    assert await right.receive_some(1) == b""
+    await left.aclose()  # and aclose after it is harmless
+
+
+@pytest.mark.parametrize("closing", ["aclose", "close"])
 async def test_closing_wakes_a_task_waiting_on_the_stream(
-    pair: tuple[TcpStream, TcpStream],
+    pair: tuple[TcpStream, TcpStream], closing: str
 ) -> None:
     _, right = pair
     caught: list[BaseException] = []
@@ -335,7 +350,10 @@ async def test_closing_wakes_a_task_waiting_on_the_stream(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(receive)
         await trio.testing.wait_all_tasks_blocked()
-        await right.aclose()
+        if closing == "close":
+            right.close()
+        else:
+            await right.aclose()
     assert len(caught) == 1
 
 

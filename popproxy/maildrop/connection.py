@@ -155,11 +155,11 @@ class UpstreamConnection:
         """A TCP connection to ``upstream``, within its ``connect_timeout_seconds``;
         ``[SYS/TEMP]`` if it cannot be made (RFC 3206 §4). Not yet secured or greeted."""
         started = trio.current_time()
-        stream: trio.SocketStream | None = None
         try:
-            # A plain scope, not fail_after (a generator context manager): every session.
-            with trio.CancelScope(deadline=started + upstream.connect_timeout_seconds):
-                stream = await open_tcp(upstream.host, upstream.port)
+            # The deadline is a cancel scope only if the connect has to wait (maildrop/tcp.py).
+            stream = await open_tcp(
+                upstream.host, upstream.port, deadline=started + upstream.connect_timeout_seconds
+            )
         except OSError as exc:
             reason = connect_failure(exc)
             log.warning(
@@ -170,12 +170,12 @@ class UpstreamConnection:
                 UpstreamFailure.CONNECT,
                 f"cannot connect to {upstream.host}:{upstream.port}: {reason}",
             ) from None
-        if stream is None:  # the deadline passed
+        except trio.TooSlowError:
             raise unavailable(
                 UpstreamFailure.TIMEOUT,
                 f"no TCP connection to {upstream.host}:{upstream.port}"
                 f" within {upstream.connect_timeout_seconds:g} s",
-            )
+            ) from None
         return cls(stream, upstream, metrics, connect_seconds=trio.current_time() - started)
 
     @property
@@ -479,16 +479,13 @@ class UpstreamConnection:
         """
         with self.exchange():
             self.check_quiet()
-            reply: Ok | Err | None = None
-            # A plain scope, not fail_after (a generator context manager): every session.
+            # Every write and read waits until one deadline at most (trio.TooSlowError),
+            # entering a cancel scope only if it has to wait: every session's QUIT.
             deadline = trio.current_time() + self._upstream.command_timeout_seconds
-            with trio.CancelScope(deadline=deadline):
-                await self._dele(numbers)
-                sent = trio.current_time()
-                await self.send(Quit())
-                reply = await self.status()
-            if reply is None:  # the deadline passed
-                raise trio.TooSlowError
+            await self._dele(numbers, deadline)
+            sent = trio.current_time()
+            await self.send(Quit(), within=deadline - sent)
+            reply = await self.status(deadline)
             self.answered(Quit.verb, sent)
         await self.aclose()
         if isinstance(reply, Err):
@@ -501,20 +498,21 @@ class UpstreamConnection:
             )
         self._metrics.messages_deleted(len(numbers))
 
-    async def _dele(self, numbers: Sequence[int]) -> None:
-        """DELE each message; pipelined where the upstream allows (RFC 2449 §6.6)."""
+    async def _dele(self, numbers: Sequence[int], deadline: float) -> None:
+        """DELE each message by ``deadline`` (trio time, ``trio.TooSlowError``); pipelined
+        where the upstream allows (RFC 2449 §6.6)."""
         deles = [Dele(n) for n in numbers]
         pipelining = self.pipelining
         if pipelining and deles:
-            await self.send(*deles)
+            await self.send(*deles, within=deadline - trio.current_time())
         # Pipelined, each DELE is timed from the previous reply (the first from the
         # write): what one more command costs; otherwise from its own write.
         since = trio.current_time()
         for dele in deles:
             if not pipelining:
                 since = trio.current_time()
-                await self.send(dele)
-            reply = await self.status()
+                await self.send(dele, within=deadline - since)
+            reply = await self.status(deadline)
             self.answered(Dele.verb, since)
             since = trio.current_time()
             if isinstance(reply, Err):
@@ -531,6 +529,12 @@ class UpstreamConnection:
         self._closed = True
         if self._logged_in:
             self._metrics.session_closed()
+        stream = self._stream
+        if type(stream) is TcpStream:
+            # A plain socket closes without waiting: no scopes, no pass through the
+            # scheduler (every session's end, issue 15).
+            stream.close()
+            return
         with trio.CancelScope(shield=True):
             with trio.move_on_after(UPSTREAM_CLOSE_TIMEOUT_SECONDS) as scope:
                 with contextlib.suppress(*_STREAM_ERRORS):

@@ -114,13 +114,13 @@ async def open_retained(
     inner: Maildrop,
     context: RetentionContext,
     *,
-    on_close: Callable[[], Awaitable[object]],
+    on_close: Callable[[], Awaitable[object]] | None,
     confirm: Callable[[], Awaitable[None]] | None = None,
 ) -> RetainedMaildrop:
     """Build the client's view of ``inner`` (an upstream session just logged in).
 
     ``on_close`` is awaited once the retained maildrop is closed, shielded from
-    cancellation (it releases the account lock). ``confirm`` (the lock's
+    cancellation (it releases the account lock); None when nothing is held. ``confirm`` (the lock's
     ``Hold.confirm``) runs at QUIT before anything is deleted upstream; its
     ``MaildropError`` stops the QUIT with nothing deleted. Raises ``MaildropError``
     (``[SYS/TEMP]``) when the store cannot be read; the caller then closes ``inner``
@@ -246,7 +246,7 @@ class RetainedMaildrop:
         context: RetentionContext,
         view: View,
         candidates: Sequence[Candidate],
-        on_close: Callable[[], Awaitable[object]],
+        on_close: Callable[[], Awaitable[object]] | None,
         *,
         confirm: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
@@ -374,11 +374,15 @@ class RetainedMaildrop:
         )
 
     async def aclose(self) -> None:
+        on_close = self._on_close
+        if on_close is None:  # no lock held: no shielded scope (every session's end)
+            await self._inner.aclose()
+            return
         try:
             await self._inner.aclose()
         finally:
             with trio.CancelScope(shield=True):
-                await self._on_close()
+                await on_close()
 
 
 class _Retrieved:

@@ -101,10 +101,6 @@ class RouterResources:
     facts: FactsCache | None = None
 
 
-async def _nothing_held() -> None:
-    """A session's ``on_close`` when no lock was taken (``exclusive_sessions`` off)."""
-
-
 def mailbox_of(route: UpstreamRoute) -> UpstreamMailbox:
     """The lock key of an upstream account: the mailbox itself (host, port, user)."""
     return upstream_mailbox(route.upstream.host, route.upstream.port, route.user)
@@ -173,7 +169,7 @@ class MaildropRouter:
         upstream = route.upstream
         if not upstream.exclusive_sessions:
             # No lock to hold: nothing to release when the maildrop closes.
-            return await self._log_in(route, user, session_id, on_close=_nothing_held)
+            return await self._log_in(route, user, session_id, on_close=None)
         lock = contextlib.AsyncExitStack()
         try:
             hold = self._shared.locks.hold(mailbox_of(route), wait_seconds=self._wait_seconds)
@@ -192,11 +188,11 @@ class MaildropRouter:
         user: str,
         session_id: str,
         *,
-        on_close: Callable[[], Awaitable[object]],
+        on_close: Callable[[], Awaitable[object]] | None,
         confirm: Callable[[], Awaitable[None]] | None = None,
     ) -> RetainedMaildrop:
         """``open_upstream`` once the account's lock, if any, is held: ``on_close``
-        releases it, ``confirm`` is its ``Hold.confirm``."""
+        releases it (None: no lock), ``confirm`` is its ``Hold.confirm``."""
         shared = self._shared
         upstream = route.upstream
         store = await self._store()

@@ -28,6 +28,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from scheduler_steps import steps_of_this_task
 
 from popproxy.config import TlsMode, UpstreamConfig, UpstreamLogin
 from popproxy.maildrop import upstream_login as login_module
@@ -1702,6 +1703,42 @@ async def test_a_commit_that_stalls_is_a_timeout(autojump_clock: trio.testing.Mo
         assert_upstream_error(info.value, UpstreamFailure.TIMEOUT, ResponseCode.SYS_TEMP)
         await drop.aclose()
     assert b"QUIT" not in upstream.lines
+
+
+@pytest.mark.parametrize("marked", [set(), {0}], ids=["quit", "dele-then-quit"])
+async def test_a_commit_is_bounded_by_one_command_timeout_in_all(
+    autojump_clock: trio.testing.MockClock, marked: set[int]
+) -> None:
+    """DELE and QUIT share one deadline: each reply waits for what is left of it, not a
+    timeout of its own (the reads and writes take a scope only when they wait)."""
+
+    async def reply(peer: Peer) -> None:
+        if marked:
+            await peer.expect(b"DELE 1")
+            await trio.sleep(COMMAND_TIMEOUT * 0.6)
+            await peer.send(b"+OK\r\n")
+        await peer.expect(b"QUIT")  # and no answer
+        await peer.until_eof()
+
+    async with scripted_upstream(lambda peer: one_message_script(peer, reply)) as upstream:
+        drop = await login(upstream)
+        started = trio.current_time()
+        with pytest.raises(UpstreamError) as info:
+            await drop.commit(marked)
+        assert trio.current_time() - started == pytest.approx(COMMAND_TIMEOUT)
+        assert_upstream_error(info.value, UpstreamFailure.TIMEOUT, ResponseCode.SYS_TEMP)
+        await drop.aclose()
+
+
+async def test_closing_a_plain_connection_takes_no_pass_through_the_scheduler() -> None:
+    """A plain upstream socket closes at once: neither a commit's close nor aclose waits."""
+    async with scripted_upstream(Mailbox(dict(MESSAGES))) as upstream:
+        drop = await login(upstream)
+        with steps_of_this_task() as steps:
+            await drop.aclose()
+            await drop.aclose()  # idempotent
+        assert steps.steps == 0
+    assert upstream.peer.eof
 
 
 async def test_commit_with_nothing_marked_sends_only_quit() -> None:
