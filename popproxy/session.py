@@ -109,6 +109,7 @@ VERIFICATION_BUSY = Err("Too many logins at once, try again later.", ResponseCod
 LOGIN_UNAVAILABLE = Err("Logins are unavailable for now, try again later.", ResponseCode.SYS_TEMP)
 NO_SUCH_MESSAGE = Err("There's no message with that number.")
 MESSAGE_DELETED = Err("That message is deleted.")
+_END_OF_DATA = EndOfData()
 
 
 class _SessionEnd(Exception):
@@ -400,13 +401,20 @@ class Session:
         await self._queue_multiline(f"{count} messages ({octets} octets)", lines)
 
     async def _queue_multiline(self, text: str, lines: Iterable[str]) -> None:
-        """``+OK text``, then one ASCII line each, then the terminator (RFC 1939 §3)."""
+        """``+OK text``, then one ASCII line each, then the terminator (RFC 1939 §3); the
+        lines go to the core in ``FLUSH_THRESHOLD_BYTES`` blocks, not one event each."""
         self._queue(Ok(text))
+        conn, block = self._conn, bytearray()
         for line in lines:
-            self._queue(Data(line.encode("ascii") + b"\r\n"))
-            if len(self._out) >= FLUSH_THRESHOLD_BYTES:
+            block += line.encode("ascii")
+            block += b"\r\n"
+            if len(block) >= FLUSH_THRESHOLD_BYTES:
+                self._out += conn.send(Data(bytes(block)))
+                block.clear()
                 await self._flush()
-        self._queue(EndOfData())
+        if block:
+            self._out += conn.send(Data(bytes(block)))
+        self._out += conn.send(_END_OF_DATA)
 
     async def _stream_message(self, msg: int, text: str, body_lines: int | None) -> None:
         """RETR / TOP: stream the maildrop's chunks through the dot-stuffer, or as
@@ -435,13 +443,14 @@ class Session:
                 async for chunk in chunks:
                     await self._send_now(wrap(pending))
                     pending = chunk
-                self._queue(wrap(pending))
+                # Body and end: no status line, so straight to the core, not _queue.
+                self._out += self._conn.send(wrap(pending))
             finally:
                 await chunks.aclose()
         except MaildropError:
             self.summary.retrieve_failed(msg)
             raise _SessionEnd(SessionResult.MAILDROP_ERROR) from None
-        self._queue(EndOfData())
+        self._out += self._conn.send(_END_OF_DATA)
 
     async def _quit(self) -> None:
         """QUIT: in TRANSACTION, commit the marked deletions first (RFC 1939 §6)."""
@@ -510,16 +519,10 @@ class Session:
         self._traffic.bytes_received(len(data))
         self._conn.receive_data(data)
 
-    async def _receive_some(self, wait_seconds: float | None = None) -> bytes | bytearray:
-        """The client's next octets, b"" at its end; ``trio.TooSlowError`` after waiting
-        ``wait_seconds`` (the cancel scope only once the read has to wait)."""
-        stream = self._stream
+    async def _receive_some(self) -> bytes | bytearray:
+        """The client's next octets, b"" at its end."""
         try:
-            if wait_seconds is None:
-                return await stream.receive_some(RECEIVE_CHUNK_BYTES)
-            if (bounded := wait_bounded(stream)) is not None:  # one coroutine fewer
-                return await bounded.receive_some(RECEIVE_CHUNK_BYTES, wait_seconds=wait_seconds)
-            return await receive_some_within(stream, RECEIVE_CHUNK_BYTES, wait_seconds)
+            return await self._stream.receive_some(RECEIVE_CHUNK_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
             return b""
 
@@ -537,11 +540,17 @@ class Session:
         wait = idle_seconds = self._context.limits.idle_timeout_seconds
         idle_deadline = trio.current_time() + idle_seconds
         interval = maildrop.keepalive_interval_seconds
+        stream = self._stream
+        bounded = wait_bounded(stream)
         while True:
-            if interval is not None:
-                wait = min(wait, interval)
-            try:
-                return await self._receive_some(wait)
+            if interval is not None and interval < wait:
+                wait = interval
+            try:  # the cancel scope only once the read has to wait (socket_stream.py)
+                if bounded is not None:  # the stream itself: one coroutine fewer
+                    return await bounded.receive_some(RECEIVE_CHUNK_BYTES, wait_seconds=wait)
+                return await receive_some_within(stream, RECEIVE_CHUNK_BYTES, wait)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                return b""
             except trio.TooSlowError:
                 if trio.current_time() >= idle_deadline:
                     await self._goodbye(Err("Disconnected for inactivity."))

@@ -32,7 +32,7 @@ from popproxy.maildrop.maildir import open_maildir
 from popproxy.outcomes import SessionResult
 from popproxy.peer import PeerAddress
 from popproxy.secret import Secret
-from popproxy.session import Session
+from popproxy.session import FLUSH_THRESHOLD_BYTES, Session
 from popproxy.session_context import SessionContext
 from popproxy.session_summary import SessionSummary
 
@@ -124,6 +124,32 @@ async def start(maildir: Path, nursery: trio.Nursery) -> AsyncIterator[Starter]:
 async def login(client: Pop3Client) -> None:
     assert await client.cmd("USER demo") == b"+OK"
     assert (await client.cmd("PASS secret")).startswith(b"+OK Logged in, 3 messages")
+
+
+async def test_a_listing_past_the_flush_threshold_has_every_line_in_order(
+    start: Starter, tmp_path: Path
+) -> None:
+    """LIST and UIDL go to the core in blocks (session.py, _queue_multiline): the lines
+    of a listing longer than a block arrive whole, each once, in order."""
+    many = {
+        f"17{n:08d}.M{n}P1.test": b"Subject: %d\n\n%s\n" % (n, b"x" * (n % 7))
+        for n in range(1, 3001)
+    }
+    running = await start(make_context(make_maildir(tmp_path / "Big", many)))
+    c = running.client
+    assert await c.cmd("USER demo") == b"+OK"
+    assert (await c.cmd("PASS secret")).startswith(b"+OK Logged in, 3000 messages")
+    _, uidls = await c.multi("UIDL")
+    assert len(uidls) > FLUSH_THRESHOLD_BYTES
+    _, listing = await c.multi("LIST")
+    uid_rows = [line.split(b" ") for line in uidls.split(b"\r\n")[:-1]]
+    size_rows = [line.split(b" ") for line in listing.split(b"\r\n")[:-1]]
+    numbers = [str(n).encode() for n in range(1, 3001)]
+    assert [n for n, _ in uid_rows] == [n for n, _ in size_rows] == numbers
+    sizes = {
+        uid.decode(): int(size) for (_, uid), (_, size) in zip(uid_rows, size_rows, strict=True)
+    }
+    assert sizes == {name: len(crlf(body)) for name, body in many.items()}
 
 
 async def test_every_transaction_command(start: Starter, maildir: Path) -> None:

@@ -188,18 +188,18 @@ class ClientConnection:
         """
         if self._broken:
             raise LocalProtocolError("the connection is broken")
+        if self._whole is not None:  # every relayed chunk of a large body
+            chunk, self._whole = self._whole, None
+            return StuffedData(chunk)
         try:
-            return self._next_event()
+            if self._body is not None:
+                return self._next_body_event(self._body)
+            return self._next_reply_event()
         except RemoteProtocolError:
             self._broken = True
             raise
 
-    def _next_event(self) -> ClientEvent:
-        if self._whole is not None:
-            chunk, self._whole = self._whole, None
-            return StuffedData(chunk)
-        if self._body is not None:
-            return self._next_body_event(self._body)
+    def _next_reply_event(self) -> ClientEvent:
         line = self._lines.next_line(self.max_reply_line_octets)
         if line is None:
             if not self._lines.eof:

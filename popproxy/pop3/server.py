@@ -168,19 +168,22 @@ class ServerConnection:
             raise LocalProtocolError("a reply is due before the next command")
         if self.phase in (Phase.TLS_HANDSHAKE, Phase.UPDATE, Phase.CLOSED):
             raise LocalProtocolError(f"no commands are read in phase {self.phase.name}")
+        lines = self._lines
+        if not len(lines) and not lines.eof:  # nothing buffered: no line under any bound
+            return NEED_DATA
         in_sasl = self.phase is Phase.SASL
         settings = self.settings
         limit = settings.max_command_line_octets
         if in_sasl or (
             # An AUTH line gets the SASL bound. A buffer shorter than both bounds reads
             # the same under either: no need to look (every command's path).
-            len(buf := self._lines.buffer) >= min(limit, settings.max_sasl_line_octets)
+            len(buf := lines.buffer) >= min(limit, settings.max_sasl_line_octets)
             and buf[:5].upper() == b"AUTH "
         ):
             limit = settings.max_sasl_line_octets
-        line = self._lines.next_line(limit)
+        line = lines.next_line(limit)
         if line is None:
-            return ConnectionClosed() if self._lines.eof else NEED_DATA
+            return ConnectionClosed() if lines.eof else NEED_DATA
         if isinstance(line, Overlong):
             if in_sasl:
                 # RFC 5034 §4: an -ERR ends the AUTH exchange; the next line is a command.
@@ -293,17 +296,16 @@ class ServerConnection:
             if self._close_after_reply:
                 self.phase = phase_after(self.phase, Trigger.FATAL_ERR)
             return format_status(event)
-        if self._stuffer is not None:
-            match event:
-                case Data(data=data):
-                    return self._stuffer.stuff(data)
-                case StuffedData(data=data):
-                    return self._stuffer.pass_stuffed(data)
-                case EndOfData():
-                    tail = self._stuffer.finish()
-                    self._stuffer = None
-                    self._complete(due, Outcome.LISTED)
-                    return tail
+        if (stuffer := self._stuffer) is not None:  # by exact type: every relayed chunk
+            if type(event) is StuffedData:
+                return stuffer.pass_stuffed(event.data)
+            if type(event) is Data:
+                return stuffer.stuff(event.data)
+            if type(event) is EndOfData:
+                tail = stuffer.finish()
+                self._stuffer = None
+                self._complete(due, Outcome.LISTED)
+                return tail
             raise LocalProtocolError("a multi-line reply is in progress")
         match event:
             case Ok() if isinstance(due, SaslCancel):
