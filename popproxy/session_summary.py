@@ -131,9 +131,21 @@ class SessionSummary:
         log.warning("retrieve_failed", extra={"fields": {"session": self.session_id, "msg": msg}})
 
     def log_end(self) -> None:
-        """Log the ``session_end`` line; the duration runs from ``started`` to now."""
-        log.info(
+        """Log the ``session_end`` line; the duration runs from ``started`` to now.
+
+        Made into a record and handed to the logger's handlers as ``log.info`` would,
+        without its look-up of the calling file and line (``findCaller``), which
+        neither formatter writes: every session ends here (issue 15)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        record = log.makeRecord(
+            log.name,
+            logging.INFO,
+            __file__,
+            0,
             "session_end",
+            (),
+            None,
             extra={
                 "fields": {
                     "session": self.session_id,
@@ -154,3 +166,4 @@ class SessionSummary:
                 }
             },
         )
+        log.handle(record)

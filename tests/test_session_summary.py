@@ -27,7 +27,7 @@ from pop3client import Pop3Client
 from popproxy.auth.authenticator import Authenticator
 from popproxy.auth.passwords import hash_password
 from popproxy.config import LimitsConfig, StateConfig, UserConfig
-from popproxy.logfmt import SessionFilter
+from popproxy.logfmt import JsonFormatter, LogfmtFormatter, SessionFilter
 from popproxy.maildrop.base import Committed, Maildrop, MaildropError
 from popproxy.maildrop.maildir import open_maildir
 from popproxy.maildrop.retention import RetentionContext, open_retained
@@ -266,3 +266,36 @@ async def test_settle_takes_the_marks_and_blames_the_upstream_only_when_the_clie
     summary = SessionSummary("ab12cd34", "plain", "192.0.2.1:1", result=result)
     summary.settle(3, upstream_failed=upstream_failed)
     assert (summary.marked, summary.result) == (3, settled)
+
+
+async def test_session_end_is_the_line_log_info_would_write(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``log_end`` hands its record to the handlers itself (no caller look-up): both
+    formatters write what ``log.info`` with the same fields writes, but the time."""
+    summary = SessionSummary(
+        "ab12cd34",
+        "pop3",
+        "[2001:db8::1]:110",
+        user="user1",
+        upstream="provider",
+        result=SessionResult.QUIT,
+        commands=8,
+        bytes_in=80,
+        bytes_out=900,
+        committed=Committed(deleted_upstream=2, hidden=1, expired=1),
+    )
+    session_log = logging.getLogger("popproxy.session")
+    with caplog.at_level(logging.INFO, logger="popproxy.session"):
+        summary.log_end()
+        (fast,) = caplog.records
+        session_log.info("session_end", extra={"fields": getattr(fast, "fields")})  # noqa: B009
+    general = caplog.records[1]
+    general.created, general.msecs = fast.created, fast.msecs  # the one difference: time
+    for formatter in (LogfmtFormatter(), JsonFormatter()):
+        assert formatter.format(fast) == formatter.format(general)
+    assert "msg=session_end" in LogfmtFormatter().format(fast)
+    with caplog.at_level(logging.WARNING, logger="popproxy.session"):
+        caplog.clear()
+        summary.log_end()
+        assert not caplog.records  # below the level: not even made

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import repeat
 
@@ -334,10 +334,11 @@ class RetainedMaildrop:
         for planned in plan.delete_upstream:  # done upstream: logged even if the store fails
             self._audit(planned.uid, planned.rule, _ACTIONS[planned.reason])
         reasons = [planned.reason for planned in plan.delete_upstream]
+        upstream_deleted, expired = len(reasons), reasons.count(Reason.EXPIRED)
+        retrieved = reasons.count(Reason.RETRIEVED)
+        # What the QUIT did if the store then fails: the hides are not recorded.
         deletions = Committed(
-            deleted_upstream=len(reasons),
-            expired=reasons.count(Reason.EXPIRED),
-            retrieved=reasons.count(Reason.RETRIEVED),
+            deleted_upstream=upstream_deleted, expired=expired, retrieved=retrieved
         )
         stored = False
         try:
@@ -363,7 +364,12 @@ class RetainedMaildrop:
             self._audit(planned.uid, planned.rule, _ACTIONS[planned.reason])
             # The same DELE, seen from the upstream: the keep rule left the message there.
             context.metrics.policy_action(planned.rule, PolicyAction.KEPT)
-        return replace(deletions, hidden=len(plan.hide))
+        return Committed(  # not dataclasses.replace: this is every QUIT's path
+            deleted_upstream=upstream_deleted,
+            hidden=len(plan.hide),
+            expired=expired,
+            retrieved=retrieved,
+        )
 
     def _audit(self, uid: str, rule: str, action: PolicyAction) -> None:
         """One log line and one count per upstream deletion or hide (issue: audit)."""

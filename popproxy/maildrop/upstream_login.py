@@ -18,6 +18,7 @@ further implementations of the same protocol.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from collections.abc import Sequence
@@ -191,16 +192,16 @@ async def open_account(
     token from ``tokens`` (one refresh and one retry when the upstream says the token is
     no longer good; ``token_login.py``). ``session`` goes into the token log lines."""
 
-    async def connect(login: Login) -> tuple[UpstreamConnection, list[ListedMessage]]:
-        return await open_connection(
-            account.upstream,
-            login,
-            tls_context=tls_context,
-            own_greeting_token=own_greeting_token,
-            metrics=metrics,
-            capabilities=capabilities,
-        )
-
+    # A partial, not a closure: a password login calls open_connection with no frame of
+    # its own between (every login).
+    connect = functools.partial(
+        open_connection,
+        account.upstream,
+        tls_context=tls_context,
+        own_greeting_token=own_greeting_token,
+        metrics=metrics,
+        capabilities=capabilities,
+    )
     token_account = account.token_account()
     if token_account is None:
         return await connect(account.login())
