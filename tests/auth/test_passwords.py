@@ -84,7 +84,19 @@ def test_non_ascii_and_binary_passwords() -> None:
 @given(st.binary(min_size=0, max_size=64), st.binary(min_size=0, max_size=64))
 def test_verify_is_exact(a: bytes, b: bytes) -> None:
     phc = hash_password(Secret(a), ln=1, r=1, p=1)
-    assert verify_password(phc, Secret(b)) == (a == b)
+    # scrypt's PBKDF2 is HMAC-SHA256 keyed with the password, and HMAC pads a key of at
+    # most SHA-256's 64-octet block with zero octets (RFC 2104 §2): passwords that differ
+    # only by trailing NULs hash alike. No password can hold a NUL: the command parser
+    # refuses control octets (pop3/wire.py) and SASL PLAIN splits on NUL (RFC 4616 §2).
+    alike = max(len(a), len(b)) <= 64 and a.rstrip(b"\0") == b.rstrip(b"\0")
+    assert verify_password(phc, Secret(b)) == (a == b or alike)
+
+
+def test_passwords_that_differ_by_trailing_nuls_hash_alike() -> None:
+    """The HMAC padding above, pinned: hypothesis finds such a pair only now and then."""
+    phc = hash_password(Secret(b""), ln=1, r=1, p=1)
+    assert verify_password(phc, Secret(b"\0"))
+    assert not verify_password(phc, Secret(b"\0x"))
 
 
 def test_parse_hash_reports_parameters() -> None:
