@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Sequence, Set
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from popproxy.pop3.replies import ResponseCode
 
@@ -24,13 +24,15 @@ from popproxy.pop3.replies import ResponseCode
 RETRIEVE_CHUNK_BYTES = 128 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
+class MessageInfo(NamedTuple):
     """One message of a listing (RFC 1939 §5 LIST, §7 UIDL).
 
     ``uid`` is the unique-id listing: 1 to 70 octets in 0x21..0x7E (RFC 1939 §7),
     stable across sessions. ``size`` is the exact number of octets of the message
     in its CRLF form, before dot-stuffing: what RETR sends (RFC 1939 §5).
+
+    A named tuple, not a frozen dataclass: a listing may have 100,000 of them, built
+    at every login; a tuple is built in C and is not tracked by the cyclic collector.
     """
 
     uid: str

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import repeat
+from operator import attrgetter, is_not
 
 import trio
 
@@ -128,7 +129,7 @@ async def open_retained(
     """
     listing = inner.messages
     now = context.clock()
-    uids = [m.uid for m in listing]
+    uids = list(map(_uid, listing))
     cache = context.facts_cache
     try:
         facts: Mapping[str, KnownMessage]
@@ -144,23 +145,46 @@ async def open_retained(
     headers: Sequence[Headers | None] = ()
     if context.policy.needs_headers:
         headers = await _all_headers(inner)
-    candidates: list[Candidate] = []
     with gc_pause.paused():  # one per listed message, up to 100,000
-        sizes = [m.size for m in listing]
-        each = zip(uids, sizes, map(facts.get, uids), headers or repeat(None), strict=False)
-        for index, (uid, size, known, header) in enumerate(each):
-            # Positional: one per listed message (100,000 on a big mailbox), and keywords
-            # cost a sixth more. (index, uid, size, first_seen, hidden, headers)
-            if known is None or known.size != size:
-                # Unknown; or a UIDL reused for other content: a new message (invariant 3).
-                candidates.append(Candidate(index, uid, size, now, False, header))
-            else:
-                candidates.append(
-                    Candidate(index, uid, size, known.first_seen, known.hidden, header)
-                )
+        candidates = _candidates(uids, listing, facts, headers or None, now)
     view = await decide_view(context.policy, candidates, now)
     _count_overdue(view, now, context.metrics)
     return RetainedMaildrop(inner, context, view, tuple(candidates), on_close, confirm=confirm)
+
+
+def _candidates(
+    uids: list[str],
+    listing: Sequence[MessageInfo],
+    facts: Mapping[str, KnownMessage],
+    headers: Sequence[Headers | None] | None,
+    now: datetime,
+) -> list[Candidate]:
+    """The policy's candidates: each listed message with the store's first-seen time
+    and hide, or ``now`` and not hidden for a UIDL the store does not know or knows
+    with another size (a UIDL reused for other content is a new message, invariant 3)."""
+    sizes = list(map(_size, listing))
+    found = list(map(facts.get, uids))
+    if all(map(is_not, found, repeat(None))) and list(map(_size, found)) == sizes:
+        # Every message known as listed (a returning login): taken column by column.
+        first_seen = list(map(_first_seen, found))
+        hidden = list(map(_hidden, found))
+    else:
+        first_seen, hidden = [], []
+        for size, known in zip(sizes, found, strict=True):
+            if known is None or known.size != size:
+                first_seen.append(now)
+                hidden.append(False)
+            else:
+                first_seen.append(known.first_seen)
+                hidden.append(known.hidden)
+    return Candidate.listing(uids, sizes, first_seen, hidden, headers)
+
+
+_uid = attrgetter("uid")
+_size = attrgetter("size")
+_first_seen = attrgetter("first_seen")
+_hidden = attrgetter("hidden")
+_new_tuple = tuple.__new__
 
 
 async def decide_view(
@@ -257,7 +281,7 @@ class RetainedMaildrop:
         self._view = view
         self._candidates = candidates
         listing = inner.messages
-        self._messages = [listing[i] for i in view.visible]
+        self._messages = list(map(listing.__getitem__, view.visible))
         self._retrieved: set[int] = set()  # upstream indexes RETR'd to their end
 
     @property
@@ -320,7 +344,8 @@ class RetainedMaildrop:
         await self._inner.commit({p.index for p in plan.delete_upstream})
         listing = self._inner.messages
         with gc_pause.paused():  # the whole listing again, up to 100,000 messages
-            seen = tuple(map(SeenMessage, [m.uid for m in listing], [m.size for m in listing]))
+            # Each MessageInfo's (uid, size) made a SeenMessage by tuple.__new__ in C.
+            seen = tuple(map(_new_tuple, repeat(SeenMessage), listing))
         record = SessionRecord(
             account=context.account,
             user=context.user,

@@ -21,6 +21,8 @@ import logging
 import ssl
 from collections.abc import AsyncGenerator, Sequence, Set
 from contextlib import AbstractContextManager
+from itertools import repeat
+from operator import attrgetter
 from typing import NoReturn
 
 import trio
@@ -298,6 +300,13 @@ async def open_upstream(
         session=session_id or "",
     )
     with gc_pause.paused():  # up to 100,000 messages
-        numbers = [m.number for m in listing]
-        messages = [MessageInfo(m.uid, m.size) for m in listing]
+        numbers = list(map(_number, listing))
+        # Each (uid, size) made a MessageInfo by tuple.__new__ itself, as the named
+        # tuple's own constructor does, without a Python call per message.
+        messages = list(map(_new_tuple, repeat(MessageInfo), map(_uid_and_size, listing)))
     return UpstreamMaildrop(connection, numbers, messages, session_id=session_id)
+
+
+_number = attrgetter("number")
+_uid_and_size = attrgetter("uid", "size")
+_new_tuple = tuple.__new__

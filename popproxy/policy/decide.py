@@ -15,6 +15,8 @@ import enum
 from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import compress, repeat
+from operator import attrgetter, is_
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -99,8 +101,42 @@ class Candidate(_CandidateFields):
             raise ValueError("first_seen must be a timezone-aware datetime")
         return _new_tuple(cls, (index, uid, size, first_seen, hidden, headers))
 
+    @classmethod
+    def listing(
+        cls,
+        uids: Sequence[str],
+        sizes: Sequence[int],
+        first_seen: Sequence[datetime],
+        hidden: Sequence[bool],
+        headers: Sequence[Headers | None] | None = None,
+    ) -> list[Candidate]:
+        """A whole listing's candidates, indexed 0..n-1: ``Candidate(i, uids[i],
+        sizes[i], first_seen[i], hidden[i], headers[i])`` for each ``i`` (headers None
+        when not given), with the same checks and errors. When every size is 0 or more
+        and every time is in UTC (what the store and the clock give), checked over the
+        whole listing at once and each candidate built in C (a login builds up to
+        100,000)."""
+        count = len(uids)
+        if len(sizes) != count or len(first_seen) != count or len(hidden) != count:
+            raise ValueError("a listing's columns differ in length")
+        if headers is not None and len(headers) != count:
+            raise ValueError("a listing's columns differ in length")
+        each = headers or repeat(None)
+        columns = zip(range(count), uids, sizes, first_seen, hidden, each, strict=False)
+        if (count and min(sizes) < 0) or set(map(_zone, first_seen)) - {UTC}:
+            # Some row may be refused, or is in a zone other than UTC: built one by one,
+            # so that the first wrong row raises what Candidate says of it.
+            return [cls(*row) for row in columns]
+        return list(map(_new_tuple, repeat(cls), columns))
+
 
 _new_tuple = tuple.__new__
+_zone = attrgetter("tzinfo")
+# A candidate's and a decision's fields, read over a whole listing in C.
+_index = attrgetter("index")
+_hidden = attrgetter("hidden")
+_headers = attrgetter("headers")
+_visible = attrgetter("visible")
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,11 +291,11 @@ class AccountPolicy:
         timezone-aware, or if a header rule applies and a candidate has no headers.
         """
         _require_aware(now, "now")
-        indexes = [candidate.index for candidate in candidates]
+        indexes = list(map(_index, candidates))
         if len(set(indexes)) != len(indexes):
             raise ValueError("two candidates share an index")
         decisions = self._decide_alike(candidates, now)
-        visible = sorted([i for i, d in zip(indexes, decisions, strict=True) if d.visible])
+        visible = sorted(compress(indexes, map(_visible, decisions)))
         return View(tuple(candidates), decisions, tuple(visible))
 
     def plan(
@@ -338,14 +374,14 @@ class AccountPolicy:
         equal in what the rules read (see ``reads_age``, ``reads_size``) and without
         headers get the same (immutable) Decision."""
         if not self.reads_age and not self.reads_size:
-            hidden = [candidate.hidden for candidate in candidates]
-            if all(candidate.headers is None for candidate in candidates):
+            hidden = list(map(_hidden, candidates))
+            if all(map(is_, map(_headers, candidates), repeat(None))):
                 # Two kinds at most (hidden for the user or not): each decided for
                 # the first candidate of its kind, then looked up for all.
                 by_hidden = {
                     flag: self._decide(candidates[hidden.index(flag)], now) for flag in set(hidden)
                 }
-                return tuple([by_hidden[flag] for flag in hidden])
+                return tuple(map(by_hidden.__getitem__, hidden))
         return tuple(self._decide_each_kind(candidates, now))
 
     def _decide_each_kind(

@@ -32,7 +32,7 @@ import enum
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +65,11 @@ class MessageFacts:
     deleted_upstream_at: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class SeenMessage:
-    """One entry of the upstream listing a session saw at login (RFC 1939 §7 UIDL, §5 LIST)."""
+class SeenMessage(NamedTuple):
+    """One entry of the upstream listing a session saw at login (RFC 1939 §7 UIDL, §5 LIST).
+
+    A named tuple, not a frozen dataclass: a QUIT records up to 100,000 of them.
+    """
 
     uid: str
     size: int

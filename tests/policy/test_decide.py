@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from policy_helpers import NOW, candidate, rule
 
 from popproxy.policy import (
@@ -12,6 +14,7 @@ from popproxy.policy import (
     AccountPolicy,
     Action,
     Candidate,
+    Headers,
     Hidden,
     OnDele,
     Outcome,
@@ -464,6 +467,57 @@ def test_a_candidate_is_aware_of_any_zone_with_an_offset_and_cannot_change() -> 
     )
     with pytest.raises(AttributeError):
         made.size = 2  # type: ignore[misc]
+
+
+_ZONES = (UTC, timezone(timedelta(hours=2)), _NoOffset(), None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(-1, 3),
+            st.sampled_from(_ZONES),
+            st.booleans(),
+            st.none() | st.just(Headers({"subject": ["hi"]})),
+        ),
+        max_size=6,
+    ),
+    st.booleans(),
+)
+def test_a_listing_of_candidates_is_each_candidate_built_alone(
+    rows: list[tuple[int, tzinfo | None, bool, Headers | None]], with_headers: bool
+) -> None:
+    """``Candidate.listing`` (checked over the whole listing, built in C) gives what
+    ``Candidate`` gives row by row, and refuses what it refuses, with the same error."""
+    uids = [f"u{n}" for n in range(len(rows))]
+    sizes = [size for size, _zone, _hidden, _headers in rows]
+    first_seen = [datetime(2024, 1, 1, tzinfo=zone) for _size, zone, _hidden, _headers in rows]
+    hidden = [flag for _size, _zone, flag, _headers in rows]
+    headers = [each for _size, _zone, _hidden, each in rows] if with_headers else None
+    try:
+        each = headers or [None] * len(rows)
+        expected: list[Candidate] | str = [
+            Candidate(n, uids[n], sizes[n], first_seen[n], hidden[n], each[n])
+            for n in range(len(rows))
+        ]
+    except ValueError as exc:
+        expected = str(exc)
+    try:
+        got: list[Candidate] | str = Candidate.listing(uids, sizes, first_seen, hidden, headers)
+    except ValueError as exc:
+        got = str(exc)
+    assert got == expected
+    if isinstance(got, list):
+        assert all(type(each) is Candidate for each in got)
+        assert [each.headers for each in got] == (headers or [None] * len(rows))
+
+
+def test_a_listing_of_candidates_needs_columns_of_one_length() -> None:
+    with pytest.raises(ValueError, match="length"):
+        Candidate.listing(["a", "b"], [1], [NOW, NOW], [False, False])
+    with pytest.raises(ValueError, match="length"):
+        Candidate.listing(["a"], [1], [NOW], [False], [None, None])
 
 
 def test_candidates_alike_share_one_decision_and_others_do_not() -> None:
