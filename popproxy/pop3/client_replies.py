@@ -146,10 +146,16 @@ def parse_listings(uidl: Sequence[bytes], sizes: Sequence[bytes]) -> list[Listed
     the same numbers in both, positive, each UID valid and unique, each size a number.
     """
     numbers: Sequence[int]
-    values = _in_order(uidl)
-    octets = _in_order(sizes)
-    if values is not None and octets is not None and len(values) == len(octets):
-        numbers = range(1, len(values) + 1)
+    texts: Sequence[str]
+    uid_words = _in_order(uidl, _UID_OCTETS)
+    size_words = _in_order(sizes, _DIGITS)
+    if uid_words is not None and size_words is not None and len(uid_words) == len(size_words):
+        # Numbered 1..n, every UID's octets and every size's digits already checked.
+        numbers = range(1, len(uid_words) + 1)
+        texts = uid_words
+        octets: Sequence[str | bytes] = size_words
+        if texts and (max(map(len, texts)) > MAX_UIDL_OCTETS or len(set(texts)) != len(texts)):
+            raise ListingError("invalid listing entry")
     else:
         uids = _parse_listing(uidl)
         lengths = _parse_listing(sizes)
@@ -157,57 +163,65 @@ def parse_listings(uidl: Sequence[bytes], sizes: Sequence[bytes]) -> list[Listed
             raise ListingError("UIDL and LIST list different messages")
         numbers = sorted(uids)
         values = [uids[number] for number in numbers]
-        octets = [lengths[number] for number in numbers]
-    if not values:
-        return []
-    # Checked over the whole listing at once (a listing may have 100,000 entries):
-    # joined by spaces, which a UID cannot hold, so deleting the octets a UID may hold
-    # leaves the spaces alone.
-    joined = b" ".join(values)
-    if (
-        numbers[0] == 0
-        or max(map(len, values)) > MAX_UIDL_OCTETS
-        or len(joined.translate(None, _UID_OCTETS)) != len(values) - 1
-        or len(set(values)) != len(values)
-        or not all(map(bytes.isdigit, octets))
-    ):
-        raise ListingError("invalid listing entry")
-    texts = joined.decode("ascii").split(" ")
-    # Each (number, uid, size) made a ListedMessage by tuple.__new__ itself, as the
-    # named tuple's own constructor does, without a Python call per message.
+        raw_sizes = [lengths[number] for number in numbers]
+        if not values:
+            return []
+        # Checked over the whole listing at once (a listing may have 100,000 entries):
+        # joined by spaces, which a UID cannot hold, so deleting the octets a UID may
+        # hold leaves the spaces alone.
+        joined = b" ".join(values)
+        if (
+            numbers[0] == 0
+            or max(map(len, values)) > MAX_UIDL_OCTETS
+            or len(joined.translate(None, _UID_OCTETS)) != len(values) - 1
+            or len(set(values)) != len(values)
+            or not all(map(bytes.isdigit, raw_sizes))
+        ):
+            raise ListingError("invalid listing entry")
+        texts = joined.decode("ascii").split(" ")
+        octets = raw_sizes
+    # Each (number, uid, size) made a ListedMessage by tuple.__new__ itself, as the named
+    # tuple's own constructor does, without a Python call per message.
     fields = zip(numbers, texts, map(int, octets), strict=True)
     return list(map(_new_tuple, repeat(ListedMessage), fields))
 
 
 _new_tuple = tuple.__new__
 
+# The octets a size may hold.
+_DIGITS = b"0123456789"
 
-# ASCII white space other than the space: what ``bytes.split()`` also splits at.
-_OTHER_SPACE = b"\t\n\r\x0b\x0c"
 
-
-def _in_order(lines: Sequence[bytes]) -> list[bytes] | None:
-    """The values of a listing whose lines are ``1 value``, ``2 value``... in order, each
-    one space between number and value and no other white space (what servers send),
-    checked over the whole listing at once; None for any other listing, which
+def _in_order(lines: Sequence[bytes], octets: bytes) -> list[str] | None:
+    """The values of a listing whose lines are ``1 value``, ``2 value``... in order,
+    each one space between number and value, no other white space, and every octet
+    of the lines one of ``octets`` (digits among them), as text: what servers send,
+    checked over the whole listing at once. None for any other listing, which
     ``_parse_listing`` then parses (or refuses) line by line."""
-    if not lines:
+    count = len(lines)
+    if not count:
         return []
-    joined = b" ".join(lines)
-    if len(joined.translate(None, _OTHER_SPACE)) != len(joined):
+    joined = b"\n".join(lines)
+    # Deleting the octets a number or value may hold leaves each line's one space and
+    # the line ends, exactly, if nothing else is there (a line holds no LF of its own).
+    if joined.translate(None, octets) != _skeleton(count):
         return None
-    if set(map(bytes.count, lines, repeat(b" "))) != {1}:
-        return None
-    words = joined.split(b" ")  # each line's number and value, as each has one space
-    if not all(words) or b" ".join(words[0::2]) != _decimals(len(lines)):
-        return None
+    words = joined.decode("ascii").split()  # each line's number and value
+    if len(words) != 2 * count or " ".join(words[0::2]) != _decimals(count):
+        return None  # an empty number or value, or numbers out of order
     return words[1::2]
 
 
 @functools.lru_cache(maxsize=1)  # a login asks twice (UIDL, LIST); the next login again
-def _decimals(count: int) -> bytes:
-    """``b"1 2 3 ... count"`` (at most MAX_UPSTREAM_MESSAGES numbers: 1.3 MB)."""
-    return " ".join(map(str, range(1, count + 1))).encode("ascii")
+def _skeleton(count: int) -> bytes:
+    """``count`` lines of one space each, joined by LF (at most MAX_UPSTREAM_MESSAGES)."""
+    return b" \n" * (count - 1) + b" "
+
+
+@functools.lru_cache(maxsize=1)  # a login asks twice (UIDL, LIST); the next login again
+def _decimals(count: int) -> str:
+    """``"1 2 3 ... count"`` (at most MAX_UPSTREAM_MESSAGES numbers: 1.3 MB)."""
+    return " ".join(map(str, range(1, count + 1)))
 
 
 @dataclass(frozen=True, slots=True)
