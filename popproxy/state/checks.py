@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from operator import attrgetter
 
 from popproxy.metrics import MAX_NAME_CHARS
 from popproxy.pop3.limits import MAX_UIDL_OCTETS
@@ -123,7 +124,7 @@ def _plain_listing(seen: Sequence[SeenMessage]) -> set[str] | None:
     if some row may fail (those checks then run row by row)."""
     if not seen:
         return set()
-    uids = [message.uid for message in seen]
+    uids = list(map(_uid, seen))
     joined = "".join(uids)
     listed = set(uids)
     if (
@@ -132,10 +133,14 @@ def _plain_listing(seen: Sequence[SeenMessage]) -> set[str] | None:
         and len(listed) == len(uids)
         and min(map(len, uids)) > 0
         and max(map(len, uids)) <= MAX_UIDL_OCTETS
-        and min([message.size for message in seen]) >= 0
+        and min(map(_size, seen)) >= 0
     ):
         return listed
     return None
+
+
+_uid = attrgetter("uid")
+_size = attrgetter("size")
 
 
 def check_audit_query(query: AuditQuery) -> None:

@@ -76,6 +76,7 @@ class RuleFacts(NamedTuple):
     hidden: bool
 
 
+_uid = attrgetter("uid")
 _size = attrgetter("size")
 _first_seen = attrgetter("first_seen")
 
@@ -173,8 +174,8 @@ class FactsCache:
         entries = self._accounts.get(record.account)
         if entries is None:
             return
-        uids = [seen.uid for seen in record.seen]
-        sizes = [seen.size for seen in record.seen]
+        uids = list(map(_uid, record.seen))
+        sizes = list(map(_size, record.seen))
         hides = {hidden.uid for hidden in record.hidden}
         for user, entry in entries.items():
             self._apply(entry, record.at, uids, sizes, hides if user == record.user else set())

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from popproxy.state.base import AccountKey, SeenMessage, SessionRecord
 from popproxy.state.sqlite.retention import listing_digest
@@ -10,6 +14,16 @@ from popproxy.state.sqlite.unchanged import LAST_LISTED_REFRESH_SECONDS, ListedA
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 SEEN = (SeenMessage("a", 1), SeenMessage("b", 2))
+
+
+@given(st.lists(st.tuples(st.text(max_size=8), st.integers(0, 2**40)), max_size=20))
+def test_a_listing_digest_is_that_of_its_lines_uid_nul_size(rows: list[tuple[str, int]]) -> None:
+    """The digest stored in every account row (a changed one would make each account's
+    next QUIT write its listing out once): the blake2b of one ``uid NUL size LF`` per
+    message, as it always was."""
+    text = "".join(f"{uid}\0{size}\n" for uid, size in rows)
+    expected = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+    assert listing_digest(tuple(SeenMessage(uid, size) for uid, size in rows)) == expected
 
 
 def quit_of(n: int, at: datetime, retrieved: frozenset[str] = frozenset()) -> SessionRecord:
