@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from popproxy.outcomes import UpstreamFailure
@@ -27,6 +27,11 @@ from popproxy.pop3.client_replies import (
     parse_listings,
 )
 from popproxy.pop3.replies import Err, ResponseCode
+
+# No per-example deadline: on a loaded machine (the suite's parallel workers, other
+# jobs) one example of a few microseconds' work can take longer than hypothesis's
+# 200 ms and fail as flaky; what these tests check does not depend on time.
+UNTIMED = settings(deadline=None)
 
 # -- CAPA (RFC 2449 §5) -------------------------------------------------------------------
 
@@ -48,6 +53,7 @@ def test_a_repeated_capability_keeps_the_last_and_bad_octets_do_not_raise() -> N
     }
 
 
+@UNTIMED
 @given(st.lists(st.binary(max_size=40), max_size=20))
 def test_any_capa_lines_parse(lines: list[bytes]) -> None:
     parsed = parse_capabilities(lines)
@@ -66,6 +72,7 @@ def split(body: bytes, cuts: Sequence[int], **limits: int) -> list[bytes]:
     return lines.finish()
 
 
+@UNTIMED
 @given(st.lists(st.binary(max_size=18).filter(lambda b: b"\n" not in b), max_size=20), st.data())
 def test_lines_are_the_same_however_the_body_is_cut(
     lines: list[bytes], data: st.DataObject
@@ -117,6 +124,7 @@ def reference_lines(body: bytes, cuts: Sequence[int], **limits: int) -> list[byt
     return "listing ends inside a line" if partial else lines
 
 
+@UNTIMED
 @given(
     st.lists(
         st.tuples(
@@ -220,6 +228,7 @@ def valid_listings(
     return uidl, lst, [ListedMessage(numbers[i], uids[i].decode(), sizes[i]) for i in order]
 
 
+@UNTIMED
 @given(valid_listings())
 def test_parse_listings_round_trips(
     listing: tuple[list[bytes], list[bytes], list[ListedMessage]],
@@ -266,6 +275,7 @@ def assert_agrees_with_reference(uidl: Sequence[bytes], sizes: Sequence[bytes]) 
         assert parse_listings(uidl, sizes) == expected
 
 
+@UNTIMED
 @given(valid_listings(), st.data())
 def test_parse_listings_mutations_are_rejected_or_parsed_consistently(
     listing: tuple[list[bytes], list[bytes], list[ListedMessage]], data: st.DataObject
@@ -338,6 +348,7 @@ def test_a_space_moved_from_one_line_to_the_next_is_refused() -> None:
         parse_listings([b"1 a", b"2", b"3 3 c"], [b"1 10", b"2 20", b"3 30"])
 
 
+@UNTIMED
 @given(st.integers(1, 8), st.data())
 def test_in_order_listings_with_white_space_and_digits_moved_agree_with_the_reference(
     n: int, data: st.DataObject
