@@ -82,12 +82,7 @@ from popproxy.session_summary import (
     SessionSummary,
     quit_text,
 )
-from popproxy.socket_stream import (
-    TcpStream,
-    receive_some_within,
-    send_all_within,
-    wait_bounded,
-)
+from popproxy.socket_stream import TcpStream, wait_bounded
 from popproxy.tls import AlpnRefused
 
 # One read from the client; commands are tiny, so this only bounds a flood.
@@ -497,12 +492,9 @@ class Session:
         self._out.clear()
         if not data:
             return
-        stream, wait = self._stream, self._context.limits.send_timeout_seconds
+        wait = self._context.limits.send_timeout_seconds
         try:
-            if (bounded := wait_bounded(stream)) is not None:  # one coroutine fewer
-                await bounded.send_all(data, wait_seconds=wait)
-            else:
-                await send_all_within(stream, data, wait)
+            await wait_bounded(self._stream).send_all(data, wait_seconds=wait)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise _SessionEnd(SessionResult.EOF) from None
         except trio.TooSlowError:
@@ -540,15 +532,12 @@ class Session:
         wait = idle_seconds = self._context.limits.idle_timeout_seconds
         idle_deadline = trio.current_time() + idle_seconds
         interval = maildrop.keepalive_interval_seconds
-        stream = self._stream
-        bounded = wait_bounded(stream)
+        bounded = wait_bounded(self._stream)
         while True:
             if interval is not None and interval < wait:
                 wait = interval
-            try:  # the cancel scope only once the read has to wait (socket_stream.py)
-                if bounded is not None:  # the stream itself: one coroutine fewer
-                    return await bounded.receive_some(RECEIVE_CHUNK_BYTES, wait_seconds=wait)
-                return await receive_some_within(stream, RECEIVE_CHUNK_BYTES, wait)
+            try:  # on a plain TcpStream, a cancel scope only once the read has to wait
+                return await bounded.receive_some(RECEIVE_CHUNK_BYTES, wait_seconds=wait)
             except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
                 return b""
             except trio.TooSlowError:

@@ -28,7 +28,8 @@ for it is entered only once the call has to wait, so a write or read that
 completes at once costs none. ``send_all_within`` and ``receive_some_within`` give
 the same meaning for any ``trio.abc.Stream``: a ``WaitBoundedStream`` (this
 module's ``TcpStream``, the listeners' ``NativeTlsStream``) bounds its own waits,
-any other stream gets a scope around the whole call. ``checkpoint_due`` and
+any other stream gets a scope around the whole call (``wait_bounded`` gives a
+stream of either kind with those bounds, to look up once). ``checkpoint_due`` and
 ``note_wait`` let such a stream share the fairness count.
 
 It implements ``trio.abc.HalfCloseableStream``, so ``trio.SSLStream`` and the
@@ -137,7 +138,7 @@ class WaitBoundedStream(trio.abc.Stream):
     @abstractmethod
     async def receive_some(
         self, max_bytes: int | None = None, *, wait_seconds: float | None = None
-    ) -> bytes:
+    ) -> bytes | bytearray:
         """At most ``max_bytes`` octets, waiting at most ``wait_seconds`` (None: unbounded)."""
 
 
@@ -292,38 +293,61 @@ class TcpStream(WaitBoundedStream, trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
-def wait_bounded(stream: trio.abc.Stream) -> WaitBoundedStream | None:
-    """``stream`` itself if it bounds its own waits (a ``WaitBoundedStream``), else None.
-    A caller that keeps a stream looks this up once and then calls its ``send_all`` and
-    ``receive_some`` with ``wait_seconds`` directly: one coroutine fewer per operation
-    than ``send_all_within`` / ``receive_some_within``, with the same meaning."""
-    return cast(WaitBoundedStream, stream) if type(stream) in _WAIT_BOUNDED else None
+def wait_bounded(stream: trio.abc.Stream) -> WaitBoundedStream:
+    """``stream`` with waits bounded by ``wait_seconds``: the stream itself if it bounds its
+    own (a ``WaitBoundedStream``: a cancel scope only once it has to wait), else a
+    ``ScopedWaits`` around it (a scope around the whole call). A caller that keeps a
+    stream looks this up once and calls its ``send_all`` and ``receive_some`` directly."""
+    if type(stream) in _WAIT_BOUNDED:
+        return cast(WaitBoundedStream, stream)
+    return ScopedWaits(stream)
+
+
+class ScopedWaits(WaitBoundedStream):
+    """Any ``trio.abc.Stream`` with ``wait_seconds``: the call, waits and all, within a
+    cancel scope of that deadline (``trio.TooSlowError``)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def send_all(
+        self, data: bytes | bytearray | memoryview, *, wait_seconds: float | None = None
+    ) -> None:
+        if wait_seconds is None:
+            await self.stream.send_all(data)
+            return
+        with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
+            await self.stream.send_all(data)
+            return
+        raise trio.TooSlowError
+
+    async def receive_some(
+        self, max_bytes: int | None = None, *, wait_seconds: float | None = None
+    ) -> bytes | bytearray:
+        if wait_seconds is None:
+            return await self.stream.receive_some(max_bytes)
+        with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
+            return await self.stream.receive_some(max_bytes)
+        raise trio.TooSlowError
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 async def send_all_within(
     stream: trio.abc.Stream, data: bytes | bytearray | memoryview, wait_seconds: float
 ) -> None:
-    """``stream.send_all(data)``, waiting at most ``wait_seconds`` seconds (``trio.TooSlowError``).
-    A ``WaitBoundedStream`` enters the cancel scope only if it has to wait."""
-    if type(stream) in _WAIT_BOUNDED:
-        await cast(WaitBoundedStream, stream).send_all(data, wait_seconds=wait_seconds)
-        return
-    with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
-        await stream.send_all(data)
-        return
-    raise trio.TooSlowError
+    """``stream.send_all(data)``, waiting at most ``wait_seconds`` seconds (``trio.TooSlowError``;
+    see ``wait_bounded``)."""
+    await wait_bounded(stream).send_all(data, wait_seconds=wait_seconds)
 
 
 async def receive_some_within(
     stream: trio.abc.Stream, max_bytes: int, wait_seconds: float
 ) -> bytes | bytearray:
     """``stream.receive_some(max_bytes)``, waiting at most ``wait_seconds`` seconds
-    (``trio.TooSlowError``). A ``WaitBoundedStream`` enters the cancel scope only if it
-    has to wait."""
-    if type(stream) in _WAIT_BOUNDED:
-        return await cast(WaitBoundedStream, stream).receive_some(
-            max_bytes, wait_seconds=wait_seconds
-        )
-    with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
-        return await stream.receive_some(max_bytes)
-    raise trio.TooSlowError
+    (``trio.TooSlowError``; see ``wait_bounded``)."""
+    return await wait_bounded(stream).receive_some(max_bytes, wait_seconds=wait_seconds)

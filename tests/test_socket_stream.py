@@ -21,6 +21,7 @@ from scheduler_steps import steps_of_this_task
 from popproxy import socket_stream
 from popproxy.socket_stream import (
     MAX_OPS_WITHOUT_CHECKPOINT,
+    ScopedWaits,
     TcpStream,
     receive_some_within,
     send_all_within,
@@ -271,13 +272,25 @@ async def test_wait_bounded_is_the_stream_itself_only_when_it_bounds_its_own_wai
 ) -> None:
     left, right = pair
     assert wait_bounded(left) is left
-    memory, _ = trio.testing.memory_stream_pair()
-    assert wait_bounded(memory) is None
     # What a caller that looked it up once then calls: the bounds of send_all_within.
     bounded = wait_bounded(right)
-    assert bounded is not None
     await left.send_all(b"direct")
     assert await bounded.receive_some(100, wait_seconds=WAIT_SECONDS) == b"direct"
+
+
+async def test_wait_bounded_wraps_any_other_stream_in_scopes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    memory, peer = trio.testing.memory_stream_pair()
+    bounded = wait_bounded(memory)
+    assert isinstance(bounded, ScopedWaits) and bounded.stream is memory
+    with pytest.raises(trio.TooSlowError):
+        await bounded.receive_some(100, wait_seconds=WAIT_SECONDS)
+    await bounded.send_all(b"in scope", wait_seconds=WAIT_SECONDS)
+    await bounded.send_all(b", unbounded")
+    assert await peer.receive_some(100) == b"in scope, unbounded"
+    await peer.send_all(b"back")
+    assert await bounded.receive_some(100, wait_seconds=WAIT_SECONDS) == b"back"
 
 
 async def test_eof_is_an_empty_read_and_ends_only_the_sending_half(

@@ -65,8 +65,6 @@ from popproxy.pop3.events import NEED_DATA, Data, EndOfData, PoisonedDotLines, S
 from popproxy.pop3.replies import Err, Ok, ResponseCode
 from popproxy.socket_stream import (
     TcpStream,
-    receive_some_within,
-    send_all_within,
     wait_bounded,
 )
 from popproxy.tls import upstream_alpn_problem
@@ -133,8 +131,9 @@ class UpstreamConnection:
         self._stream = (
             TcpStream.from_trio(stream) if isinstance(stream, trio.SocketStream) else stream
         )
-        # The stream itself when it bounds its own waits (a plain TcpStream): every
-        # command's write and reply's read call it directly (popproxy/socket_stream.py).
+        # Every command's write and reply's read, with its wait bounded: the stream
+        # itself when it bounds its own waits (a plain TcpStream), else wrapped in
+        # scopes (popproxy/socket_stream.py's wait_bounded).
         self._bounded = wait_bounded(self._stream)
         self._quiet_poll = _quiet_poll(self._stream)  # what check_quiet polls, if any
         self._upstream = upstream
@@ -288,14 +287,8 @@ class UpstreamConnection:
             data = core.send(commands[0], stuffed_body=stuffed_body)
         else:
             data = b"".join(core.send(c, stuffed_body=stuffed_body) for c in commands)
-        bounded = self._bounded
         try:
-            if bounded is not None:
-                await bounded.send_all(data, wait_seconds=within)
-            elif within is None:
-                await self._stream.send_all(data)
-            else:
-                await send_all_within(self._stream, data, within)
+            await self._bounded.send_all(data, wait_seconds=within)
         except _STREAM_ERRORS:
             raise lost(UpstreamFailure.CLOSED) from None
 
@@ -327,23 +320,12 @@ class UpstreamConnection:
                 read_seconds = deadline - trio.current_time()
             data: bytes | bytearray
             try:
-                if bounded is not None:  # the plain TCP leg: one call (every reply's path)
-                    data = await bounded.receive_some(
-                        UPSTREAM_RECEIVE_BYTES, wait_seconds=read_seconds
-                    )
-                else:
-                    data = await self._receive(read_seconds)
+                data = await bounded.receive_some(UPSTREAM_RECEIVE_BYTES, wait_seconds=read_seconds)
             except _STREAM_ERRORS:
                 data = b""
             self._bytes_received += len(data)
             self._metrics.bytes_received(len(data))
             core.receive_data(data)
-
-    async def _receive(self, read_seconds: float | None) -> bytes | bytearray:
-        stream = self._stream
-        if read_seconds is None:
-            return await stream.receive_some(UPSTREAM_RECEIVE_BYTES)
-        return await receive_some_within(stream, UPSTREAM_RECEIVE_BYTES, read_seconds)
 
     async def status(self, deadline: float | None = None) -> Ok | Err:
         """The next status reply, read by ``deadline`` (trio time, ``trio.TooSlowError``; None:
