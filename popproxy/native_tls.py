@@ -29,6 +29,7 @@ import ssl
 
 import trio
 
+from popproxy.quick_wait import QuickWait
 from popproxy.socket_stream import TcpStream, WaitBoundedStream, checkpoint_due, note_wait
 from popproxy.tls import ALERT_SECONDS, AlpnGuard, AlpnRefused
 from popproxy.tls_hello import (
@@ -203,6 +204,7 @@ class NativeTlsStream(WaitBoundedStream):
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self._sock = sock
         self._fd = sock.fileno()
+        self._quick = QuickWait(self._fd)
         self._handshaken = False
         self._broken = False
         self._closed = False
@@ -241,6 +243,10 @@ class NativeTlsStream(WaitBoundedStream):
         self._receiving = True
         try:
             got = self._recv_once(size)
+            # OpenSSL wants more bytes: a brief wait in poll(2) while no other task can
+            # run (popproxy/quick_wait.py), before a wait through trio's scheduler.
+            if got is True and self._quick.readable(wait_seconds):
+                got = self._recv_once(size)
             if isinstance(got, bytes):
                 if checkpoint_due():
                     await trio.lowlevel.cancel_shielded_checkpoint()

@@ -37,7 +37,7 @@ session's wrappers (``PrefixedStream``, ``AlpnGuard``) wrap it as they wrap
 ``trio.SocketStream``. ``TcpStream.from_trio`` takes over the socket of a
 ``trio.SocketStream`` (an accepted or connected one), keeping its options
 (``TCP_NODELAY``, ``TCP_NOTSENT_LOWAT``). Self-contained: it imports nothing of
-popproxy.
+popproxy (but the brief waits of ``quick_wait.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ from abc import abstractmethod
 from typing import cast
 
 import trio
+
+from popproxy.quick_wait import QuickWait
 
 # An operation that completed without waiting skips the scheduler; after this many in
 # a row (in one thread, on any TcpStream or NativeTlsStream) the next one takes a real
@@ -154,6 +156,7 @@ class TcpStream(WaitBoundedStream, trio.abc.HalfCloseableStream):
         if sock.gettimeout() != 0.0:  # 0.0: already non-blocking (SOCK_NONBLOCK), no ioctl
             sock.setblocking(False)
         self.socket = sock
+        self._quick = QuickWait(sock.fileno())
         self._eof_sent = False
         self._sending = False  # a send_all or wait_send_all_might_not_block is waiting
 
@@ -223,9 +226,23 @@ class TcpStream(WaitBoundedStream, trio.abc.HalfCloseableStream):
         elif max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
         await trio.lowlevel.checkpoint_if_cancelled()
+        sock = self.socket
         try:
-            data = self.socket.recv(max_bytes)
+            data = sock.recv(max_bytes)
         except BlockingIOError:
+            # Nothing yet: a brief wait in poll(2) while no other task can run
+            # (popproxy/quick_wait.py), before a wait through trio's scheduler.
+            if self._quick.readable(wait_seconds):
+                try:
+                    data = sock.recv(max_bytes)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise _stream_error(exc) from exc
+                else:
+                    if checkpoint_due():
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    return data
             if wait_seconds is None:
                 return await self._receive_waiting(max_bytes)
             with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
