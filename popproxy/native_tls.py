@@ -234,7 +234,8 @@ class NativeTlsStream(WaitBoundedStream):
         self, max_bytes: int | None = None, *, wait_seconds: float | None = None
     ) -> bytes:
         """Up to ``max_bytes`` of application data; ``b""`` at EOF (ragged too). Waits
-        only if OpenSSL asks for it, at most ``wait_seconds`` (``trio.TooSlowError``)."""
+        only if OpenSSL asks for it, at most ``wait_seconds`` (``trio.TooSlowError``) after
+        a brief wait of at most ``QUICK_WAIT_MILLISECONDS`` (popproxy/quick_wait.py)."""
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving")
         self._check()

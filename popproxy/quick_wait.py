@@ -57,12 +57,16 @@ _POLL_IN = select.POLLIN if hasattr(select, "poll") else 0
 class LoopView:
     """What a brief wait reads of one trio run: its run queue and epoll descriptor."""
 
-    __slots__ = ("epoll_fd", "runner", "runq")
+    __slots__ = ("epoll_fd", "poller", "runner", "runq")
 
     def __init__(self, runner: Any) -> None:
         self.runner = runner
         self.runq: Sized = runner.runq  # AttributeError: not the trio this was written for
         self.epoll_fd: int = runner.io_manager._epoll.fileno()
+        # One poll set for the run's brief waits (one at a time: the run is one thread):
+        # the epoll descriptor stays in it, each wait adds its socket for its duration.
+        self.poller = select.poll()
+        self.poller.register(self.epoll_fd, _POLL_IN)
 
 
 class _LastView:
@@ -89,7 +93,7 @@ def loop_view() -> LoopView | None:
         return view
     try:
         view = LoopView(runner)
-    except (AttributeError, OSError, ValueError):
+    except (AttributeError, OSError, ValueError):  # OSError, ValueError: a closed epoll
         return None
     _LAST.view = view
     return view
@@ -98,13 +102,11 @@ def loop_view() -> LoopView | None:
 class QuickWait:
     """One stream's brief waits for its socket to be readable (see the module docstring)."""
 
-    __slots__ = ("_epoll_fd", "_fd", "_misses", "_pause", "_poller")
+    __slots__ = ("_fd", "_misses", "_pause")
 
     def __init__(self, fd: int) -> None:
         """``fd``: the stream's socket, which stays open as long as this is used."""
         self._fd = fd
-        self._poller: select.poll | None = None
-        self._epoll_fd = -1
         self._misses = 0
         self._pause = 0
 
@@ -120,20 +122,18 @@ class QuickWait:
             return False
         if wait_seconds is not None and wait_seconds * 1000 < QUICK_WAIT_MILLISECONDS:
             return False
-        poller = self._poller
-        if poller is None or self._epoll_fd != view.epoll_fd:
-            poller = self._poller = select.poll()
-            poller.register(self._fd, _POLL_IN)
-            poller.register(view.epoll_fd, _POLL_IN)
-            self._epoll_fd = view.epoll_fd
-        ready = poller.poll(QUICK_WAIT_MILLISECONDS)
+        fd, poller = self._fd, view.poller
+        poller.register(fd, _POLL_IN)
+        try:
+            ready = poller.poll(QUICK_WAIT_MILLISECONDS)
+        finally:
+            poller.unregister(fd)
         if not ready:
             self._misses += 1
             if self._misses >= QUICK_WAIT_MISSES:
                 self._misses = 0
                 self._pause = QUICK_WAIT_PAUSE
             return False
-        fd = self._fd
         for ready_fd, _ in ready:
             if ready_fd == fd:  # readable, or hung up / in error: the read will tell
                 self._misses = 0

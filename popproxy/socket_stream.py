@@ -220,7 +220,8 @@ class TcpStream(WaitBoundedStream, trio.abc.HalfCloseableStream):
         self, max_bytes: int | None = None, *, wait_seconds: float | None = None
     ) -> bytes:
         """At most ``max_bytes`` octets (b"" at the end of the stream); wait only if none
-        are there yet, at most ``wait_seconds`` seconds (``trio.TooSlowError``)."""
+        are there yet, at most ``wait_seconds`` seconds (``trio.TooSlowError``) after a
+        brief wait of at most ``QUICK_WAIT_MILLISECONDS`` (popproxy/quick_wait.py)."""
         if max_bytes is None:
             max_bytes = DEFAULT_RECEIVE_BYTES
         elif max_bytes < 1:
