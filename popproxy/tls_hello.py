@@ -112,59 +112,60 @@ def judge(offered: tuple[bytes, ...] | None) -> Hello:
     return Hello(HelloVerdict.REFUSE, offered)
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._at = 0
-
-    def take(self, n: int) -> bytes:
-        if self._at + n > len(self._data):
-            raise _Malformed
-        chunk = self._data[self._at : self._at + n]
-        self._at += n
-        return chunk
-
-    def number(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "big")
-
-    def vector(self, length_bytes: int) -> bytes:
-        return self.take(self.number(length_bytes))
-
-    @property
-    def done(self) -> bool:
-        return self._at == len(self._data)
-
-
 def _alpn_offered(hello: bytes) -> tuple[bytes, ...] | None:
     """The ALPN protocol names of a ClientHello body (RFC 8446 §4.1.2), None without
-    the extension."""
-    reader = _Reader(hello)
-    reader.take(2 + 32)  # legacy_version, random
-    reader.vector(1)  # legacy_session_id
-    reader.vector(2)  # cipher_suites
-    reader.vector(1)  # legacy_compression_methods
-    if reader.done:
+    the extension. Read by offsets, not a reader object: this runs for every TLS client
+    (issue 15); what it reads past the end of a vector is malformed."""
+    end = len(hello)
+    at = 2 + 32  # legacy_version, random
+    if at >= end:
+        raise _Malformed
+    at += 1 + hello[at]  # legacy_session_id<0..32>
+    if at + 2 > end:
+        raise _Malformed
+    at += 2 + (hello[at] << 8 | hello[at + 1])  # cipher_suites<2..2^16-2>
+    if at >= end:
+        raise _Malformed
+    at += 1 + hello[at]  # legacy_compression_methods<1..2^8-1>
+    if at > end:
+        raise _Malformed
+    if at == end:
         return None  # no extensions at all (RFC 5246 §7.4.1.2 allows it)
-    extensions = _Reader(reader.vector(2))
+    if at + 2 > end:
+        raise _Malformed
+    extensions_end = at + 2 + (hello[at] << 8 | hello[at + 1])
+    if extensions_end > end:
+        raise _Malformed
+    at += 2
     found: tuple[bytes, ...] | None = None
-    while not extensions.done:
-        kind = extensions.number(2)
-        body = extensions.vector(2)
-        if kind != EXTENSION_ALPN:
-            continue
-        if found is not None:
-            raise _Malformed  # one extension of a type at most (RFC 8446 §4.2)
-        names = _Reader(body)
-        protocols = _Reader(names.vector(2))
-        if not names.done:
+    while at < extensions_end:
+        if at + 4 > extensions_end:
             raise _Malformed
-        listed: list[bytes] = []
-        while not protocols.done:
-            name = protocols.vector(1)
-            if not name:
-                raise _Malformed  # RFC 7301 §3.1: empty names are not allowed
-            listed.append(name)
-        if not listed:
+        kind = hello[at] << 8 | hello[at + 1]
+        body_end = at + 4 + (hello[at + 2] << 8 | hello[at + 3])
+        if body_end > extensions_end:
             raise _Malformed
-        found = tuple(listed)
+        if kind == EXTENSION_ALPN:
+            if found is not None:
+                raise _Malformed  # one extension of a type at most (RFC 8446 §4.2)
+            found = _protocol_names(hello, at + 4, body_end)
+        at = body_end
     return found
+
+
+def _protocol_names(hello: bytes, at: int, end: int) -> tuple[bytes, ...]:
+    """The ProtocolNameList filling ``hello[at:end]`` (RFC 7301 §3.1)."""
+    if at + 2 > end or at + 2 + (hello[at] << 8 | hello[at + 1]) != end:
+        raise _Malformed  # the list must fill the extension exactly
+    at += 2
+    listed: list[bytes] = []
+    while at < end:
+        size = hello[at]
+        at += 1
+        if not size or at + size > end:
+            raise _Malformed  # RFC 7301 §3.1: empty names are not allowed
+        listed.append(hello[at : at + size])
+        at += size
+    if not listed:
+        raise _Malformed
+    return tuple(listed)

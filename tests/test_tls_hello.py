@@ -1,21 +1,27 @@
 """The ALPN offer read from a ClientHello (ALPACA, RFC 7301): real ClientHellos from
 Python's ssl module, whole and octet by octet, split over records; random octets give
-a verdict and never an exception."""
+a verdict and never an exception; the parser by offsets agrees with a field-by-field
+reading on real bodies altered at random."""
 
 from __future__ import annotations
 
 import functools
 import ssl
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from popproxy.tls_hello import (
+    EXTENSION_ALPN,
+    HANDSHAKE_HEADER_BYTES,
     MAX_CLIENT_HELLO_BYTES,
     MAX_CLIENT_HELLO_RECORDS,
     RECORD_HEADER_BYTES,
     HelloVerdict,
+    _alpn_offered,
+    _Malformed,
     judge,
     read_client_hello,
 )
@@ -142,3 +148,108 @@ def test_a_real_client_hello_with_octets_changed_gives_a_verdict(at: int, junk: 
     flight[at : at + len(junk)] = junk
     hello = read_client_hello(bytes(flight))
     assert isinstance(hello.verdict, HelloVerdict)
+
+
+class _Reference:
+    """The ClientHello body read field by field, as RFC 8446 §4.1.2 and RFC 7301 §3.1
+    lay it out: the model ``_alpn_offered`` (read by offsets, for speed) must agree with."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def take(self, n: int) -> bytes:
+        if self.at + n > len(self.data):
+            raise _Malformed
+        self.at += n
+        return self.data[self.at - n : self.at]
+
+    def vector(self, length_bytes: int) -> bytes:
+        return self.take(int.from_bytes(self.take(length_bytes), "big"))
+
+    @property
+    def done(self) -> bool:
+        return self.at == len(self.data)
+
+
+def reference_alpn_offered(hello: bytes) -> tuple[bytes, ...] | None:
+    reader = _Reference(hello)
+    reader.take(2 + 32)
+    for length_bytes in (1, 2, 1):  # session id, cipher suites, compression methods
+        reader.vector(length_bytes)
+    if reader.done:
+        return None
+    extensions = _Reference(reader.vector(2))
+    found: tuple[bytes, ...] | None = None
+    while not extensions.done:
+        kind = int.from_bytes(extensions.take(2), "big")
+        body = extensions.vector(2)
+        if kind != EXTENSION_ALPN:
+            continue
+        if found is not None:
+            raise _Malformed
+        names = _Reference(body)
+        protocols = _Reference(names.vector(2))
+        if not names.done:
+            raise _Malformed
+        listed = []
+        while not protocols.done:
+            name = protocols.vector(1)
+            if not name:
+                raise _Malformed
+            listed.append(name)
+        if not listed:
+            raise _Malformed
+        found = tuple(listed)
+    return found
+
+
+def outcome(parse: Callable[[bytes], tuple[bytes, ...] | None], hello: bytes) -> object:
+    try:
+        return parse(hello)
+    except _Malformed:
+        return _Malformed
+
+
+def hello_body(alpn: list[str] | None) -> bytes:
+    """The ClientHello body of a real first flight (one record, one message)."""
+    flight = client_hello(alpn)
+    return flight[RECORD_HEADER_BYTES + HANDSHAKE_HEADER_BYTES :]
+
+
+@given(
+    st.sampled_from([None, ["pop3"], ["http/1.1", "pop3"], ["h2"]]),
+    st.integers(min_value=0, max_value=4096),
+    st.binary(max_size=8),
+    st.integers(min_value=0, max_value=8),
+)
+def test_alpn_offered_agrees_with_the_field_by_field_reading(
+    alpn: list[str] | None, at: int, junk: bytes, cut: int
+) -> None:
+    """Real bodies with octets replaced, inserted or cut (lengths that overrun, vectors
+    that end early, a duplicate extension): the same names, or malformed alike."""
+    body = bytearray(hello_body(alpn))
+    at %= len(body) + 1
+    body[at : at + cut] = junk
+    assert outcome(_alpn_offered, bytes(body)) == outcome(reference_alpn_offered, bytes(body))
+
+
+def test_alpn_offered_reads_the_real_bodies() -> None:
+    for alpn, _, offered in CASES:
+        assert (
+            _alpn_offered(hello_body(alpn)) == offered == reference_alpn_offered(hello_body(alpn))
+        )
+
+
+def body_with(extensions: bytes) -> bytes:
+    """A minimal ClientHello body: no session id, one cipher suite, null compression."""
+    fixed = bytes(2 + 32) + bytes([0]) + bytes([0, 2, 0x13, 0x01]) + bytes([1, 0])
+    return fixed + len(extensions).to_bytes(2, "big") + extensions
+
+
+def test_one_alpn_extension_is_read_and_a_second_is_malformed() -> None:
+    names = bytes([4]) + b"pop3"
+    alpn = EXTENSION_ALPN.to_bytes(2, "big") + (2 + len(names)).to_bytes(2, "big")
+    alpn += len(names).to_bytes(2, "big") + names
+    assert _alpn_offered(body_with(alpn)) == (b"pop3",)
+    assert outcome(_alpn_offered, body_with(alpn + alpn)) is _Malformed
+    assert outcome(reference_alpn_offered, body_with(alpn + alpn)) is _Malformed
