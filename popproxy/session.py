@@ -24,6 +24,7 @@ import math
 import secrets
 import ssl
 from collections.abc import Callable, Iterable, Sequence
+from operator import attrgetter
 
 import trio
 
@@ -105,6 +106,7 @@ LOGIN_UNAVAILABLE = Err("Logins are unavailable for now, try again later.", Resp
 NO_SUCH_MESSAGE = Err("There's no message with that number.")
 MESSAGE_DELETED = Err("That message is deleted.")
 _END_OF_DATA = EndOfData()
+_SIZE = attrgetter("size")
 
 
 class _SessionEnd(Exception):
@@ -371,8 +373,13 @@ class Session:
         return self._maildrop.messages if self._maildrop is not None else ()
 
     def _totals(self) -> tuple[int, int]:
-        live = [m for i, m in enumerate(self._messages) if i not in self._deleted]
-        return len(live), sum(m.size for m in live)
+        """Messages not marked, and their octets (one pass in C with none marked: the
+        login's and most STATs' case, over up to 100,000 messages)."""
+        messages, deleted = self._messages, self._deleted
+        if not deleted:
+            return len(messages), sum(map(_SIZE, messages))
+        live = [m for i, m in enumerate(messages) if i not in deleted]
+        return len(live), sum(map(_SIZE, live))
 
     def _message(self, msg: int) -> MessageInfo | None:
         """The message numbered ``msg``, or queue the -ERR and return None (RFC 1939 §5)."""
