@@ -8,6 +8,9 @@ must not queue behind it. Every call is one short transaction, bounded by
 ``SHARED_STATEMENT_TIMEOUT_SECONDS`` and ``SHARED_LOCK_TIMEOUT_SECONDS``; a server
 that cannot be reached fails a call after at most ``SHARED_CONNECT_TIMEOUT_SECONDS``.
 Every failure is a ``StateError``; for the login throttle a ``ThrottleUnavailable``.
+A call of one statement (every lease call, a login's read of the failure counts)
+runs in autocommit (``target.one_statement``): one round trip to the server, where a
+transaction would add a ``BEGIN`` and a ``COMMIT``.
 
 Leases (table ``leases``, one row per name): a row is held while its
 ``expires_at`` (the database's clock) is in the future. ``take_lease`` inserts the
@@ -27,7 +30,7 @@ back in the same transaction: N instances count as one.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -37,7 +40,13 @@ from popproxy.auth.throttle import Failures, LockScope
 from popproxy.auth.throttling import FailureChange, FailureKey, ThrottleUnavailable
 from popproxy.state.base import StateError
 from popproxy.state.postgres.schema import MIGRATIONS, Migration, migrate
-from popproxy.state.postgres.target import PostgresTarget, run_connected, run_pooled
+from popproxy.state.postgres.target import (
+    PostgresTarget,
+    check_lent,
+    one_statement,
+    run_connected,
+    run_pooled,
+)
 from popproxy.state.workers import Workers
 
 # Connections and worker threads for leases and login failures, per process: each
@@ -74,7 +83,7 @@ class PostgresShared:
             max_size=SHARED_THREADS,
             open=False,
             configure=_configure,
-            check=ConnectionPool.check_connection,
+            check=check_lent,
             timeout=SHARED_CONNECT_TIMEOUT_SECONDS,
             name="popproxy-shared",
         )
@@ -88,14 +97,17 @@ class PostgresShared:
 
     async def take_lease(self, name: str, holder: str, token: str, seconds: float) -> bool:
         """Take lease ``name`` for ``seconds`` as ``token`` of ``holder`` if nobody holds it."""
-        row = await self._run(
+        row = await self._run_one(
             lambda conn: conn.execute(
                 "INSERT INTO leases AS l (name, holder, token, taken_at, expires_at)"
                 " VALUES (%(name)s, %(holder)s, %(token)s, now(),"
                 " now() + %(seconds)s * interval '1 second')"
                 " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
                 " token = excluded.token, taken_at = excluded.taken_at,"
-                " expires_at = excluded.expires_at WHERE l.expires_at <= now()"
+                " expires_at = excluded.expires_at"
+                # or a take of this token that committed before its reply was lost:
+                # run again (target.run_pooled), it holds the lease as it should
+                " WHERE l.expires_at <= now() OR l.token = excluded.token"
                 " RETURNING l.token",
                 {"name": name, "holder": holder, "token": token, "seconds": seconds},
             ).fetchone()
@@ -107,7 +119,7 @@ class PostgresShared:
     ) -> frozenset[str]:
         """Move the expiry of ``holder``'s live leases among ``tokens`` to ``seconds`` from
         now; return the tokens still held (one that lapsed is lost for good)."""
-        rows = await self._run(
+        rows = await self._run_one(
             lambda conn: conn.execute(
                 "UPDATE leases SET expires_at = now() + %s * interval '1 second'"
                 " WHERE holder = %s AND token = ANY(%s::text[]) AND expires_at > now()"
@@ -120,7 +132,7 @@ class PostgresShared:
     async def confirm_lease(self, name: str, token: str, seconds: float) -> bool:
         """Whether ``token`` still holds ``name``; if so its expiry moves to ``seconds``
         from now."""
-        row = await self._run(
+        row = await self._run_one(
             lambda conn: conn.execute(
                 "UPDATE leases SET expires_at = now() + %s * interval '1 second'"
                 " WHERE name = %s AND token = %s AND expires_at > now() RETURNING token",
@@ -131,7 +143,7 @@ class PostgresShared:
 
     async def release_lease(self, name: str, token: str) -> None:
         """Give lease ``name`` up (nothing happens unless ``token`` holds it)."""
-        await self._run(
+        await self._run_one(
             lambda conn: conn.execute(
                 "DELETE FROM leases WHERE name = %s AND token = %s", (name, token)
             )
@@ -139,7 +151,7 @@ class PostgresShared:
 
     async def prune_leases(self) -> int:
         """Delete leases that lapsed ``STALE_LEASE_SECONDS`` ago; return how many."""
-        return await self._run(
+        return await self._run_one(
             lambda conn: (
                 conn.execute(
                     "DELETE FROM leases WHERE name IN (SELECT name FROM leases"
@@ -161,7 +173,9 @@ class PostgresShared:
         """
         ordered = sorted(set(keys), key=_key_order)
         try:
-            return await self._run(lambda conn: _change_failures(conn, ordered, change, writes))
+            if not writes:  # one statement: the clock and the rows (a login's throttle)
+                return await self._run_one(lambda conn: _read_failures(conn, ordered, change))
+            return await self._run(lambda conn: _change_failures(conn, ordered, change))
         except StateError as exc:
             raise ThrottleUnavailable(str(exc)) from exc
 
@@ -201,6 +215,10 @@ class PostgresShared:
 
     async def _run(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
         return await self._workers.run(functools.partial(self._in_worker, work))
+
+    async def _run_one(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        """``_run`` of work that is one statement (``target.one_statement``)."""
+        return await self._run(one_statement(work))
 
     def _in_worker(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
         return run_pooled(self._pool, self._target, work)
@@ -246,45 +264,67 @@ def _key_order(key: FailureKey) -> tuple[str, str]:
     return (key[0].value, key[1])
 
 
-def _change_failures(
-    conn: psycopg.Connection[Any],
-    keys: Sequence[FailureKey],
-    change: FailureChange[_T],
-    writes: bool,
+def _keyed(keys: Sequence[FailureKey]) -> dict[str, list[str]]:
+    return {"scopes": [scope.value for scope, _ in keys], "keys": [name for _, name in keys]}
+
+
+def _failures(rows: Iterable[Sequence[Any]]) -> dict[FailureKey, Failures]:
+    return {
+        (LockScope(scope), str(key)): Failures(
+            penalty=int(penalty),
+            last_failure=float(last),
+            failures=tuple(float(t) for t in failures),
+            locked_until=float(locked),
+        )
+        for scope, key, penalty, last, failures, locked in rows
+    }
+
+
+def _read_failures(
+    conn: psycopg.Connection[Any], keys: Sequence[FailureKey], change: FailureChange[_T]
 ) -> _T:
-    keyed = {"scopes": [scope.value for scope, _ in keys], "keys": [name for _, name in keys]}
+    """``change`` that only reads: the database's clock and the rows of ``keys`` in one
+    statement (one snapshot, no lock), without a row of the keys as well (the LEFT
+    JOIN's one row of NULLs)."""
+    rows = conn.execute(
+        "SELECT extract(epoch FROM clock_timestamp())::double precision,"
+        " f.scope, f.key, f.penalty, f.last_failure, f.failures, f.locked_until"
+        " FROM (SELECT) AS one LEFT JOIN login_failures AS f ON (f.scope, f.key) IN"
+        " (SELECT * FROM unnest(%(scopes)s::text[], %(keys)s::text[]))"
+        " ORDER BY f.scope, f.key",
+        _keyed(keys),
+    ).fetchall()
+    now = float(rows[0][0])
+    result, changed = change(now, _failures(row[1:] for row in rows if row[1] is not None))
+    if changed:
+        raise ValueError("a read of login failures may not write")
+    return result
+
+
+def _change_failures(
+    conn: psycopg.Connection[Any], keys: Sequence[FailureKey], change: FailureChange[_T]
+) -> _T:
+    keyed = _keyed(keys)
     with conn.transaction():
         now = _now(conn)
-        if writes:
-            # A row for each key first, so that FOR UPDATE has rows to lock: two
-            # instances counting a new key's first failures at once count both.
-            conn.execute(
-                "INSERT INTO login_failures"
-                " (scope, key, penalty, last_failure, failures, locked_until)"
-                " SELECT t.scope, t.key, 0, '-infinity', '{}', '-infinity'"
-                " FROM unnest(%(scopes)s::text[], %(keys)s::text[]) AS t (scope, key)"
-                " ORDER BY t.scope, t.key ON CONFLICT DO NOTHING",
-                keyed,
-            )
+        # A row for each key first, so that FOR UPDATE has rows to lock: two
+        # instances counting a new key's first failures at once count both.
+        conn.execute(
+            "INSERT INTO login_failures"
+            " (scope, key, penalty, last_failure, failures, locked_until)"
+            " SELECT t.scope, t.key, 0, '-infinity', '{}', '-infinity'"
+            " FROM unnest(%(scopes)s::text[], %(keys)s::text[]) AS t (scope, key)"
+            " ORDER BY t.scope, t.key ON CONFLICT DO NOTHING",
+            keyed,
+        )
         rows = conn.execute(
             "SELECT scope, key, penalty, last_failure, failures, locked_until"
             " FROM login_failures WHERE (scope, key) IN"
             " (SELECT * FROM unnest(%(scopes)s::text[], %(keys)s::text[]))"
-            " ORDER BY scope, key" + (" FOR UPDATE" if writes else ""),
+            " ORDER BY scope, key FOR UPDATE",
             keyed,
         ).fetchall()
-        known = {
-            (LockScope(scope), str(key)): Failures(
-                penalty=int(penalty),
-                last_failure=float(last),
-                failures=tuple(float(t) for t in failures),
-                locked_until=float(locked),
-            )
-            for scope, key, penalty, last, failures, locked in rows
-        }
-        result, changed = change(now, known)
-        if changed and not writes:
-            raise ValueError("a read of login failures may not write")
+        result, changed = change(now, _failures(rows))
         for (scope, key), value in sorted(changed.items(), key=lambda i: _key_order(i[0])):
             if value is None:
                 conn.execute(

@@ -8,9 +8,12 @@ psycopg 3's synchronous ``ConnectionPool`` (psycopg-pool) holds at most
 the pool for one transaction and gives it back. psycopg's async API would need
 asyncio, and popproxy runs on trio. (The pool also runs three threads of its own
 that open and replace connections in the background.) The pool checks a
-connection before lending it (one empty round trip), so a PostgreSQL restart costs
-no failed call; a connection that breaks during a call fails that call with
-``StateError`` and is discarded.
+connection before lending it (``target.check_lent``: one empty round trip if it sat
+idle or the server sent it something, such as the notice of a restart, else none),
+so a PostgreSQL restart costs no failed call; a connection that breaks during a call
+fails that call with ``StateError`` and is discarded. A call of one statement
+(``facts``, ``known_source``) runs in autocommit (``target.one_statement``): one
+round trip, no ``BEGIN`` or ``COMMIT``.
 
 Every wait on the server is bounded: libpq's ``connect_timeout`` and TCP user
 timeout for the network (``target.py``), ``statement_timeout`` for one statement,
@@ -36,6 +39,8 @@ from popproxy.state.postgres.schema import MIGRATIONS, Migration, check_readable
 from popproxy.state.postgres.target import (
     PG_CONNECT_TIMEOUT_SECONDS,
     PostgresTarget,
+    check_lent,
+    one_statement,
     run_connected,
     run_pooled,
 )
@@ -55,7 +60,7 @@ _T = TypeVar("_T")
 # The work of each call but ``record``, in a worker thread; times as aware datetimes.
 QUERIES: Queries[psycopg.Connection[Any], datetime] = Queries(
     stored=sql.stored,
-    facts=retention.facts,
+    facts=one_statement(retention.facts),
     messages=retention.messages,
     prune_batch=retention.prune_batch,
     gateway_listing=gateway.gateway_listing,
@@ -65,7 +70,7 @@ QUERIES: Queries[psycopg.Connection[Any], datetime] = Queries(
     gateway_deleted=gateway.gateway_deleted,
     gateway_poll_finished=gateway.gateway_poll_finished,
     gateway_sources=gateway.gateway_sources,
-    known_source=known_sources.known_source,
+    known_source=one_statement(known_sources.known_source),
     remember_source=known_sources.remember_source,
     audit=audit.audit,
     count_audit=audit.count_audit,
@@ -97,7 +102,7 @@ class PostgresStore(StoreFrontend[psycopg.Connection[Any], datetime]):
             max_size=PG_THREADS,
             open=False,
             configure=self._configure,
-            check=ConnectionPool.check_connection,
+            check=check_lent,
             timeout=PG_CONNECT_TIMEOUT_SECONDS,
             name="popproxy-state",
         )

@@ -44,6 +44,18 @@ async def test_a_lease_has_one_holder_until_released(shared: PostgresShared) -> 
     assert await shared.take_lease("box", "b", "t6", 30)
 
 
+async def test_a_take_run_again_with_its_token_still_holds_the_lease(
+    shared: PostgresShared,
+) -> None:
+    """A take whose connection the server ended after its commit runs once more
+    (target.run_pooled): the same token takes its own lease again, no other does."""
+    assert await shared.take_lease("box", "a", "t1", 30)
+    assert await shared.take_lease("box", "a", "t1", 30)
+    assert not await shared.take_lease("box", "b", "t2", 30)
+    await shared.release_lease("box", "t1")
+    assert await shared.take_lease("box", "b", "t2", 30)
+
+
 async def test_a_lapsed_lease_is_taken_over_and_lost_to_its_old_holder(
     shared: PostgresShared,
 ) -> None:
