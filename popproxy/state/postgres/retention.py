@@ -74,84 +74,100 @@ def facts(
 
 
 def record_session(conn: psycopg.Connection[Any], record: SessionRecord) -> None:
+    """What one QUIT did, in one transaction, in two flights of pipelined statements
+    (psycopg's pipeline mode): the account's upsert with the read of its stored
+    listing, then every write and the ``COMMIT``; a statement with nothing to write is
+    not sent. Two round trips, whatever the session did."""
     at = record.at
     sizes = {m.uid: m.size for m in record.seen}
-    with conn.transaction():
+    account = record.account
+    with conn.pipeline(), conn.transaction():
         # Creates the account or moves its last listing, and holds its row lock until
-        # COMMIT: records of one account apply one after another.
-        row = conn.execute(
+        # COMMIT: records of one account apply one after another. The read after it
+        # is a statement of its own, so its snapshot comes after that lock is held
+        # (READ COMMITTED): it sees the rows of the record that held it before.
+        upserted = conn.execute(
             "INSERT INTO accounts (upstream, upstream_user, last_listed) VALUES (%s, %s, %s)"
             " ON CONFLICT (upstream, upstream_user) DO UPDATE"
             " SET last_listed = greatest(accounts.last_listed, excluded.last_listed)"
             " RETURNING id",
-            (record.account.upstream, record.account.upstream_user, at),
-        ).fetchone()
+            (account.upstream, account.upstream_user, at),
+        )
+        listed = conn.execute(
+            "SELECT m.uid, m.size, m.last_seen > %s FROM accounts AS a"
+            " JOIN messages AS m ON m.account_id = a.id"
+            " WHERE a.upstream = %s AND a.upstream_user = %s AND m.uid = ANY(%s::text[])",
+            (at, account.upstream, account.upstream_user, list(sizes)),
+        )
+        row = upserted.fetchone()
         assert row is not None  # RETURNING of an upsert always has its row
         account_id = int(row[0])
-        stale = _apply_listing(conn, account_id, sizes, at)
+        stored = {uid: (size, later) for uid, size, later in listed.fetchall()}
+        stale = _apply_listing(conn, account_id, sizes, at, stored)
         current = set(sizes) - stale
         who = {"user": record.user, "at": at, "session": record.session_id, "account": account_id}
-        conn.execute(
-            "INSERT INTO retrievals (message_id, local_user, at, session_id)"
-            " SELECT id, %(user)s, %(at)s, %(session)s FROM messages"
-            " WHERE account_id = %(account)s AND uid = ANY(%(uids)s::text[])"
-            " ON CONFLICT DO NOTHING",  # the first complete RETR is the one kept
-            {**who, "uids": sorted(record.retrieved & current)},
-        )
+        retrieved = sorted(record.retrieved & current)
+        if retrieved:
+            conn.execute(
+                "INSERT INTO retrievals (message_id, local_user, at, session_id)"
+                " SELECT id, %(user)s, %(at)s, %(session)s FROM messages"
+                " WHERE account_id = %(account)s AND uid = ANY(%(uids)s::text[])"
+                " ON CONFLICT DO NOTHING",  # the first complete RETR is the one kept
+                {**who, "uids": retrieved},
+            )
         hidden: dict[str, str] = {}
         for d in record.hidden:
             if d.uid in current:
                 hidden.setdefault(d.uid, d.rule)  # as sqlite: the first hide of a UIDL wins
-        conn.execute(
-            "INSERT INTO hides (message_id, local_user, at, session_id, rule)"
-            " SELECT m.id, %(user)s, %(at)s, %(session)s, t.rule"
-            " FROM unnest(%(uids)s::text[], %(rules)s::text[]) AS t (uid, rule)"
-            " JOIN messages AS m ON m.account_id = %(account)s AND m.uid = t.uid"
-            " ON CONFLICT DO NOTHING",  # hidden for good since the first hide
-            {**who, "uids": list(hidden), "rules": list(hidden.values())},
-        )
+        if hidden:
+            conn.execute(
+                "INSERT INTO hides (message_id, local_user, at, session_id, rule)"
+                " SELECT m.id, %(user)s, %(at)s, %(session)s, t.rule"
+                " FROM unnest(%(uids)s::text[], %(rules)s::text[]) AS t (uid, rule)"
+                " JOIN messages AS m ON m.account_id = %(account)s AND m.uid = t.uid"
+                " ON CONFLICT DO NOTHING",  # hidden for good since the first hide
+                {**who, "uids": list(hidden), "rules": list(hidden.values())},
+            )
         deleted = {d.uid: d.rule for d in record.deleted_upstream if d.uid in current}
-        conn.execute(
-            "UPDATE messages AS m SET deleted_upstream_at = %(at)s,"
-            " deleted_session_id = %(session)s, deleted_by_rule = t.rule"
-            " FROM unnest(%(uids)s::text[], %(rules)s::text[]) AS t (uid, rule)"
-            " WHERE m.account_id = %(account)s AND m.uid = t.uid",
-            {**who, "uids": list(deleted), "rules": list(deleted.values())},
-        )
-        append_audit(conn, session_audit(record, sizes), account_ids={record.account: account_id})
+        if deleted:
+            conn.execute(
+                "UPDATE messages AS m SET deleted_upstream_at = %(at)s,"
+                " deleted_session_id = %(session)s, deleted_by_rule = t.rule"
+                " FROM unnest(%(uids)s::text[], %(rules)s::text[]) AS t (uid, rule)"
+                " WHERE m.account_id = %(account)s AND m.uid = t.uid",
+                {**who, "uids": list(deleted), "rules": list(deleted.values())},
+            )
+        append_audit(conn, session_audit(record, sizes), account_ids={account: account_id})
 
 
 def _apply_listing(
-    conn: psycopg.Connection[Any], account_id: int, sizes: Mapping[str, int], at: datetime
+    conn: psycopg.Connection[Any],
+    account_id: int,
+    sizes: Mapping[str, int],
+    at: datetime,
+    stored: Mapping[str, tuple[int, bool]],
 ) -> set[str]:
-    """Upsert the session's listing; return the UIDLs whose stored content is newer
+    """Upsert the session's listing, given the ``stored`` (size, seen later than ``at``)
+    of its UIDLs the store knows; return the UIDLs whose stored content is newer
     (``checks.split_listing``). Same size: ``first_seen`` takes the earlier,
     ``last_seen`` the later time (so commits out of order agree)."""
-    uids = list(sizes)
-    stored = {
-        uid: (size, later)
-        for uid, size, later in conn.execute(
-            "SELECT uid, size, last_seen > %s FROM messages"
-            " WHERE account_id = %s AND uid = ANY(%s::text[])",
-            (at, account_id, uids),
-        )
-    }
     stale, reused = split_listing(sizes, stored)
     if reused:
         conn.execute(
             "DELETE FROM messages WHERE account_id = %s AND uid = ANY(%s::text[])",
             (account_id, reused),
         )
-    kept = [uid for uid in uids if uid not in stale]
-    conn.execute(
-        "INSERT INTO messages (account_id, uid, size, first_seen, last_seen)"
-        " SELECT %(account)s, t.uid, t.size, %(at)s, %(at)s"
-        " FROM unnest(%(uids)s::text[], %(sizes)s::bigint[]) AS t (uid, size)"
-        " ON CONFLICT (account_id, uid) DO UPDATE SET"
-        " first_seen = least(messages.first_seen, excluded.first_seen),"
-        " last_seen = greatest(messages.last_seen, excluded.last_seen)",
-        {"account": account_id, "at": at, "uids": kept, "sizes": [sizes[uid] for uid in kept]},
-    )
+    kept = [uid for uid in sizes if uid not in stale]
+    if kept:
+        conn.execute(
+            "INSERT INTO messages (account_id, uid, size, first_seen, last_seen)"
+            " SELECT %(account)s, t.uid, t.size, %(at)s, %(at)s"
+            " FROM unnest(%(uids)s::text[], %(sizes)s::bigint[]) AS t (uid, size)"
+            " ON CONFLICT (account_id, uid) DO UPDATE SET"
+            " first_seen = least(messages.first_seen, excluded.first_seen),"
+            " last_seen = greatest(messages.last_seen, excluded.last_seen)",
+            {"account": account_id, "at": at, "uids": kept, "sizes": [sizes[uid] for uid in kept]},
+        )
     return stale
 
 
