@@ -16,7 +16,9 @@ takes its mailbox lock: in-process on sqlite, a lease row on PostgreSQL) and the
 login throttle (in memory, or the shared counts), and every QUIT records its listing
 in the store. The PostgreSQL store is a database of the run's own on that server,
 dropped at the end. Each round runs every side once, in an order rotated from round
-to round; the figure is the median over rounds.
+to round; the figure is the median over rounds. Beside each rate, the CPU time per
+session of the side's popproxy processes and of the PostgreSQL server processes serving
+the run's database (``/proc/PID/stat``; robust to a loaded machine where rates are not).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from integration.harness import (
     make_tls_files,
     write_config,
 )
-from state.state_backends import new_postgres_backend, run_database
+from state.state_backends import admin_connection, new_postgres_backend, run_database
 
 from bench.loadgen import BenchError, Conn, Driver, close_all
 from bench.servers import (
@@ -118,6 +120,28 @@ def instances(configs: Sequence[Path]) -> Iterator[list[ServerProcess]]:
             server.stop(PROXY_STOP_DEADLINE_SECONDS)
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User and system CPU time of ``pids`` so far (0 for one that is gone)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def database_pids(database_url: str) -> list[int]:
+    """The PostgreSQL server processes of popproxy's connections to the run's database."""
+    with admin_connection(database_url) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'popproxy'"
+        ).fetchall()
+    return [int(row[0]) for row in rows]
+
+
 def run_sessions(
     address: tuple[str, int],
     logins: Sequence[tuple[str, str]],
@@ -152,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     o = Options(args.rounds, args.sessions, args.users, args.concurrency, args.json)
     raise_fd_limit()
     rates: dict[str, list[float]] = {side: [] for side in SIDES}
+    # CPU ms per session: the side's popproxy processes, and PostgreSQL's for it.
+    proxy_cpu: dict[str, list[float]] = {side: [] for side in SIDES[1:]}
+    pg_cpu: dict[str, list[float]] = {side: [] for side in SIDES[1:]}
     with tempfile.TemporaryDirectory(prefix="popproxy-scale-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
         tls = make_tls_files(tmp / "tls")
@@ -197,17 +224,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 load = os.getloadavg()[0]
                 if side == "direct":
                     rate = run_sessions(direct, direct_logins, o, expected)
+                    cpu = ""
                 else:
+                    proxies = [server.pid for server in servers[side]]
+                    backends = database_pids(pg_database) if "postgres" in side else []
+                    before = (cpu_seconds(proxies), cpu_seconds(backends))
                     rate = run_sessions(addresses[side], proxy_logins, o, expected)
+                    proxy_cpu[side].append((cpu_seconds(proxies) - before[0]) * 1000 / o.sessions)
+                    pg_cpu[side].append((cpu_seconds(backends) - before[1]) * 1000 / o.sessions)
+                    cpu = f", CPU/session proxy {proxy_cpu[side][-1]:.2f} ms"
+                    cpu += f" postgres {pg_cpu[side][-1]:.2f} ms"
                 rates[side].append(rate)
                 print(
-                    f"round {r + 1} {side:24} {rate:8.1f} sessions/s (load {load:.1f})", flush=True
+                    f"round {r + 1} {side:24} {rate:8.1f} sessions/s{cpu} (load {load:.1f})",
+                    flush=True,
                 )
     base = median(rates["direct"])
-    print(f"\n{'side':24} {'sessions/s':>10} {'ratio to direct':>16}")
+    print(
+        f"\n{'side':24} {'sessions/s':>10} {'ratio to direct':>16}"
+        f" {'proxy CPU ms/session':>21} {'postgres CPU ms/session':>24}"
+    )
     for side in SIDES:
         value = median(rates[side])
-        print(f"{side:24} {value:10.1f} {value / base:16.2f}")
+        cpus = ""
+        if side in proxy_cpu:
+            cpus = f" {median(proxy_cpu[side]):21.2f} {median(pg_cpu[side]):24.2f}"
+        print(f"{side:24} {value:10.1f} {value / base:16.2f}{cpus}")
     if o.json is not None:
         o.json.write_text(
             json.dumps(
@@ -215,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "rounds": rates,
                     "median": {side: median(rates[side]) for side in SIDES},
                     "ratio": {side: median(rates[side]) / base for side in SIDES},
+                    "proxy_cpu_ms_per_session": proxy_cpu,
+                    "postgres_cpu_ms_per_session": pg_cpu,
                     "options": {
                         "sessions": o.sessions,
                         "users": o.users,
