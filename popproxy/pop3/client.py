@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-from dataclasses import dataclass
 
 from popproxy.pop3.commands import (
     Auth,
@@ -63,6 +62,8 @@ class _Greeting(enum.Enum):
 
 
 GREETING = _Greeting.GREETING
+# The first two octets of a SASL challenge line: "+" alone, or "+ " and its data.
+_CHALLENGE_STARTS = (b"+", b"+ ")
 
 
 ClientEvent = (
@@ -78,12 +79,9 @@ ClientEvent = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class _Sent:
-    """A command awaiting its reply, and how its multi-line body is to be delivered."""
-
-    command: Command | SaslLine | _Greeting
-    stuffed_body: bool = False
+# A command awaiting its reply, and whether its multi-line body is to be delivered
+# stuffed (``StuffedData``). A plain pair, built without a Python call: one per command.
+_Sent = tuple[Command | SaslLine | _Greeting, bool]
 
 
 def _upstream_error(text: str) -> RemoteProtocolError:
@@ -107,7 +105,7 @@ class ClientConnection:
         # A list, not a deque: a connection waits on a few replies at a time (the
         # pipelined windows are small), and a deque's first block alone is about 600
         # octets per connection, held all through an idle session.
-        self._outstanding: list[_Sent] = [_Sent(GREETING)] if expect_greeting else []
+        self._outstanding: list[_Sent] = [(GREETING, False)] if expect_greeting else []
         self._body: DotUnstuffer | StuffedBodyScanner | None = None
         self._poison_reported = False  # PoisonedDotLines given for the body being read
         self._broken = False
@@ -128,14 +126,15 @@ class ClientConnection:
     @property
     def buffered(self) -> int:
         """Octets received and not yet consumed."""
-        return len(self._lines) + (len(self._whole) if self._whole is not None else 0)
+        return len(self._lines.buffer) + (len(self._whole) if self._whole is not None else 0)
 
     @property
     def unsolicited(self) -> bool:
         """Whether octets are buffered with no reply expected: a line the server sent on
         its own (RFC 1939 §3: a server only answers), which the next command's reply
         must never be taken from."""
-        return not self._outstanding and self.buffered > 0
+        # As ``buffered > 0``, without its calls (every event): a whole chunk is never empty.
+        return not self._outstanding and (len(self._lines.buffer) > 0 or self._whole is not None)
 
     def send(self, command: Command | SaslLine, *, stuffed_body: bool = False) -> bytes:
         """The octets for ``command``; its reply is expected after those before it.
@@ -147,7 +146,7 @@ class ClientConnection:
         if self._phase in (Phase.TLS_HANDSHAKE, Phase.CLOSED):
             raise LocalProtocolError(f"no commands are sent in phase {self._phase.name}")
         data = serialize_command(command)
-        self._outstanding.append(_Sent(command, stuffed_body))
+        self._outstanding.append((command, stuffed_body))
         return data
 
     def tls_established(self) -> None:
@@ -170,10 +169,10 @@ class ClientConnection:
         """
         body = self._body
         if (
-            isinstance(body, StuffedBodyScanner)
+            type(body) is StuffedBodyScanner
             and type(data) is bytes
             and self._whole is None
-            and not len(self._lines)
+            and not self._lines.buffer
             and not self._broken
             and body.take_whole(data)
         ):
@@ -204,16 +203,15 @@ class ClientConnection:
         if line is None:
             if not self._lines.eof:
                 return NEED_DATA
-            if self._outstanding or len(self._lines):
+            if self._outstanding or self._lines.buffer:
                 raise _upstream_error("connection closed with a reply outstanding")
             return ConnectionClosed()
         if isinstance(line, Overlong):
             raise _upstream_error("reply line too long")
         if not self._outstanding:
             raise _upstream_error("unsolicited reply")
-        sent = self._outstanding[0]
-        head = sent.command
-        if line == b"+" or line.startswith(b"+ "):
+        head, stuffed_body = self._outstanding[0]
+        if line[:2] in _CHALLENGE_STARTS:  # "+" alone or "+ " and base64 (RFC 5034 §4)
             if not isinstance(head, Auth | SaslResponse):
                 raise _upstream_error("SASL challenge outside AUTH")
             try:
@@ -231,7 +229,7 @@ class ClientConnection:
             if isinstance(status, Err):
                 self._phase = phase_after(self._phase, Trigger.GREETING_ERR)
         elif isinstance(status, Ok) and multiline_on_ok(head):
-            self._body = StuffedBodyScanner() if sent.stuffed_body else DotUnstuffer()
+            self._body = StuffedBodyScanner() if stuffed_body else DotUnstuffer()
         else:
             self._outstanding.pop(0)
             self._complete(head, Outcome.OK if isinstance(status, Ok) else Outcome.ERR)
@@ -241,16 +239,16 @@ class ClientConnection:
         if not body.done:
             chunk = body.feed(self._lines.buffer)
             if chunk:
-                return StuffedData(chunk) if isinstance(body, StuffedBodyScanner) else Data(chunk)
+                return StuffedData(chunk) if type(body) is StuffedBodyScanner else Data(chunk)
         if body.done:
             if body.poisoned_dot_lines and not self._poison_reported:
                 self._poison_reported = True
                 return PoisonedDotLines(body.poisoned_dot_lines)
             self._body = None
             self._poison_reported = False
-            sent = self._outstanding.pop(0)
-            if not isinstance(sent.command, _Greeting):
-                self._complete(sent.command, Outcome.LISTED)
+            command = self._outstanding.pop(0)[0]
+            if not isinstance(command, _Greeting):
+                self._complete(command, Outcome.LISTED)
             return EndOfData()
         if self._lines.eof:
             raise _upstream_error("connection closed inside a multi-line reply")

@@ -220,13 +220,15 @@ SaslLine = SaslResponse | SaslEmpty | SaslCancel
 
 def multiline_on_ok(command: Command | SaslLine) -> bool:
     """Whether a ``+OK`` to ``command`` is followed by a multi-line body (RFC 1939 §3)."""
+    # The three that always are, by exact type: every reply's path.
     kind = type(command)
     if kind is Retr or kind is Top or kind is Capa:
         return True
-    if isinstance(command, List | Uidl):
-        return command.msg is None
-    if isinstance(command, Auth):
-        return command.mechanism is None
+    match command:  # class patterns: no union type built per call, as isinstance(c, A | B)
+        case List(msg=msg) | Uidl(msg=msg):
+            return msg is None
+        case Auth(mechanism=mechanism):
+            return mechanism is None
     return False
 
 
@@ -236,6 +238,7 @@ _MECHANISM = re.compile(rb"[A-Z0-9_-]{1,20}")  # RFC 4422 §3.1: SASL mechanism 
 # Each verb by its wire spelling (upper case), and back.
 _VERBS = {verb.value.encode("ascii"): verb for verb in Verb}
 _VERB_OCTETS = {verb: wire for wire, verb in _VERBS.items()}
+_VERB_LINES = {verb: wire + b"\r\n" for verb, wire in _VERB_OCTETS.items()}
 
 
 def _bad(text: str) -> RemoteProtocolError:
@@ -408,10 +411,10 @@ def serialize_command(command: Command | SaslLine) -> bytes:
             words = [b"*"]
         case SaslEmpty():
             words = [b""]
-        case List(msg=msg) | Uidl(msg=msg):
-            words = [command.verb.value.encode()] + ([] if msg is None else [b"%d" % msg])
-        case Stls() | Capa() | Stat() | Noop() | Rset() | Quit():
-            words = [command.verb.value.encode()]
+        case List(msg=None) | Uidl(msg=None) | Stls() | Capa() | Stat() | Noop() | Rset() | Quit():
+            return _VERB_LINES[command.verb]  # no argument: the verb's line, made once
+        case List(msg=int(msg)) | Uidl(msg=int(msg)):
+            return b"%s %d\r\n" % (_VERB_OCTETS[command.verb], msg)
     line = b" ".join(words)
     if b"\r" in line or b"\n" in line:
         raise LocalProtocolError("line break inside a command")

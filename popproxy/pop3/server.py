@@ -153,7 +153,7 @@ class ServerConnection:
     @property
     def buffered(self) -> int:
         """Octets received and not yet consumed."""
-        return len(self._lines)
+        return len(self._lines.buffer)
 
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed octets from the client; ``b""`` means the client closed."""
@@ -169,18 +169,20 @@ class ServerConnection:
         if self.phase in (Phase.TLS_HANDSHAKE, Phase.UPDATE, Phase.CLOSED):
             raise LocalProtocolError(f"no commands are read in phase {self.phase.name}")
         lines = self._lines
-        if not len(lines) and not lines.eof:  # nothing buffered: no line under any bound
+        buf = lines.buffer
+        if not buf and not lines.eof:  # nothing buffered: no line under any bound
             return NEED_DATA
         in_sasl = self.phase is Phase.SASL
         settings = self.settings
         limit = settings.max_command_line_octets
+        sasl_limit = settings.max_sasl_line_octets
         if in_sasl or (
             # An AUTH line gets the SASL bound. A buffer shorter than both bounds reads
             # the same under either: no need to look (every command's path).
-            len(buf := lines.buffer) >= min(limit, settings.max_sasl_line_octets)
+            len(buf) >= (limit if limit < sasl_limit else sasl_limit)
             and buf[:5].upper() == b"AUTH "
         ):
-            limit = settings.max_sasl_line_octets
+            limit = sasl_limit
         line = lines.next_line(limit)
         if line is None:
             return ConnectionClosed() if lines.eof else NEED_DATA
@@ -251,7 +253,7 @@ class ServerConnection:
                 self._reject(Err("Unsupported authentication mechanism"), verb=verb, counts=False)
             case Stls() if not self.settings.stls_available:
                 self._reject(Err("STLS is not available"), verb=verb, counts=False)
-            case Stls() if len(self._lines):
+            case Stls() if self._lines.buffer:
                 # RFC 2595 §4 / CVE-2011-0411 class: nothing may be pipelined behind STLS.
                 self._reject(
                     Err("STLS must be the last command sent in clear"), verb=verb, fatal=True
@@ -307,18 +309,20 @@ class ServerConnection:
                 self._complete(due, Outcome.LISTED)
                 return tail
             raise LocalProtocolError("a multi-line reply is in progress")
-        match event:
-            case Ok() if isinstance(due, SaslCancel):
+        # A status line by exact type first (the events are final dataclasses): every
+        # reply's path.
+        if type(event) is Ok:
+            if type(due) is SaslCancel:
                 raise LocalProtocolError("a cancelled AUTH is answered with Err (RFC 5034 §4)")
-            case Ok():
-                if multiline_on_ok(due):
-                    self._stuffer = DotStuffer()
-                else:
-                    self._complete(due, Outcome.OK)
-                return format_status(event)
-            case Err():
-                self._complete(due, Outcome.ERR)
-                return format_status(event)
+            if multiline_on_ok(due):
+                self._stuffer = DotStuffer()
+            else:
+                self._complete(due, Outcome.OK)
+            return format_status(event)
+        if type(event) is Err:
+            self._complete(due, Outcome.ERR)
+            return format_status(event)
+        match event:
             case SaslChallenge(data=data) if isinstance(due, SaslResponse) or (
                 isinstance(due, Auth) and due.mechanism is not None
             ):
@@ -332,11 +336,10 @@ class ServerConnection:
         raise LocalProtocolError(f"{type(event).__name__} does not answer {due.verb.name}")
 
     def _complete(self, command: Command | SaslLine, outcome: Outcome) -> None:
-        match command, outcome:
-            case User(name=name), Outcome.OK:
-                self._user = name
-            case User() | Pass(), _:
-                self._user = None
+        kind = type(command)  # by exact type, no tuple to match: every command's path
+        if kind is User or kind is Pass:
+            # A name is kept from an accepted USER until PASS (RFC 1939 §7).
+            self._user = command.name if type(command) is User and outcome is Outcome.OK else None
         self.phase = next_phase(self.phase, command.verb, outcome)
         if self.phase is not Phase.SASL:
             self._exchange = None

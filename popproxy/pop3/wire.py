@@ -16,14 +16,13 @@ CONTROL_OCTET = re.compile(rb"[\x00-\x1f\x7f]")
 def format_status(reply: Ok | Err) -> bytes:
     """Render ``+OK text`` or ``-ERR [CODE] text`` with CRLF."""
     text = reply.text
-    if isinstance(reply, Ok):
-        head = "+OK"
-    elif reply.code is None:
-        head = "-ERR"
+    if type(reply) is Ok:  # every reply's path: by exact type, no f-string for the head
+        line = ("+OK " + text if text else "+OK").encode("utf-8")
     else:
-        head = f"-ERR [{reply.code.value}]"
-    line = (f"{head} {text}" if text else head).encode("utf-8")
-    if CONTROL_OCTET.search(line) is not None or len(line) + 2 > MAX_REPLY_LINE_OCTETS:
+        code = reply.code  # type: ignore[union-attr]
+        head = "-ERR" if code is None else f"-ERR [{code.value}]"
+        line = (f"{head} {text}" if text else head).encode("utf-8")
+    if len(line) + 2 > MAX_REPLY_LINE_OCTETS or CONTROL_OCTET.search(line) is not None:
         raise LocalProtocolError(f"status line not sendable: {line[:60]!r}")
     return line + b"\r\n"
 
@@ -36,7 +35,7 @@ def format_challenge(data: bytes) -> bytes:
 def parse_status(line: bytes) -> Ok | Err | None:
     """Parse a status line without its line end; None if it is not one."""
     if line == b"+OK" or line.startswith(b"+OK "):
-        return Ok(_text(line[4:]))
+        return Ok(line[4:].decode("utf-8", errors="replace"))  # _text, inline: every reply
     if line == b"-ERR" or line.startswith(b"-ERR "):
         text = _text(line[5:])
         if text.startswith("["):
