@@ -55,7 +55,23 @@ _ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 
 def logfmt_pairs(fields: Mapping[str, object]) -> str:
     """Render ``fields`` as ``key=value`` pairs separated by single spaces, in order."""
-    return " ".join([_key(key) + "=" + _value(value) for key, value in fields.items()])
+    # An int, or a str that is one plain bare word, is written as it is without a call
+    # to ``_value`` (which gives the same): most of a session_end line's values.
+    plain = _PLAIN_BARE_RE.fullmatch
+    return " ".join(
+        [
+            _key(key)
+            + "="
+            + (
+                str(value)
+                if type(value) is int
+                else value
+                if type(value) is str and plain(value)
+                else _value(value)
+            )
+            for key, value in fields.items()
+        ]
+    )
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, object]:

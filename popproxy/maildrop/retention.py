@@ -283,7 +283,10 @@ class RetainedMaildrop:
         self._view = view
         self._candidates = candidates
         listing = inner.messages
-        self._messages = list(map(listing.__getitem__, view.visible))
+        # The visible messages, and how often to keep the upstream alive: plain attributes
+        # (fixed at login), not properties, as the session reads them at every command.
+        self.messages: Sequence[MessageInfo] = list(map(listing.__getitem__, view.visible))
+        self.keepalive_interval_seconds: float | None = inner.keepalive_interval_seconds
         self._retrieved: set[int] = set()  # upstream indexes RETR'd to their end
 
     @property
@@ -305,17 +308,9 @@ class RetainedMaildrop:
         return self._inner.dot_stuffed
 
     @property
-    def keepalive_interval_seconds(self) -> float | None:
-        return self._inner.keepalive_interval_seconds
-
-    @property
     def expire(self) -> str:
         """The CAPA EXPIRE argument after login (RFC 2449 §6.7)."""
         return self._context.policy.expire
-
-    @property
-    def messages(self) -> Sequence[MessageInfo]:
-        return self._messages
 
     def retrieve(self, index: int, *, body_lines: int | None = None) -> MessageChunks:
         """RETR / TOP of client message ``index + 1``, renumbered to the upstream's."""
