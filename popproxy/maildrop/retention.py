@@ -358,10 +358,6 @@ class RetainedMaildrop:
         reasons = [planned.reason for planned in plan.delete_upstream]
         upstream_deleted, expired = len(reasons), reasons.count(Reason.EXPIRED)
         retrieved = reasons.count(Reason.RETRIEVED)
-        # What the QUIT did if the store then fails: the hides are not recorded.
-        deletions = Committed(
-            deleted_upstream=upstream_deleted, expired=expired, retrieved=retrieved
-        )
         stored = False
         try:
             await context.store.record(record)
@@ -373,7 +369,10 @@ class RetainedMaildrop:
             raise MaildropError(
                 ResponseCode.SYS_TEMP,
                 "Deletions done, but the mailbox state was not saved.",
-                committed=deletions,
+                # What the QUIT did: the hides are not recorded.
+                committed=Committed(
+                    deleted_upstream=upstream_deleted, expired=expired, retrieved=retrieved
+                ),
             ) from None
         finally:
             if context.facts_cache is not None:

@@ -22,7 +22,7 @@ import functools
 import logging
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
@@ -162,6 +162,20 @@ class CapabilityMemo:
     """
 
     capabilities: Capabilities | None = None  # None: no CAPA seen yet
+    # The lines of the last CAPA reply ``remember_reply`` parsed, and what they gave.
+    _reply: tuple[list[bytes], Capabilities] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def remember_reply(self, lines: list[bytes]) -> Capabilities:
+        """``remember`` of the CAPA reply whose body is ``lines``: the same lines as the
+        last reply's give the kept value without parsing them again (every login)."""
+        kept = self._reply
+        if kept is not None and kept[1] is self.capabilities and kept[0] == lines:
+            return kept[1]
+        capabilities = self.remember(parse_capabilities(lines))
+        self._reply = (lines, capabilities)
+        return capabilities
 
     def remember(self, capabilities: Capabilities) -> Capabilities:
         """Keep ``capabilities``, a session's fresh CAPA reply, as the last one, and
@@ -355,17 +369,19 @@ async def _open(
     return listing
 
 
-async def _capa(connection: UpstreamConnection) -> Capabilities:
+async def _capa(connection: UpstreamConnection, memo: CapabilityMemo | None = None) -> Capabilities:
     """CAPA (RFC 2449 §5); an upstream without it has no capabilities."""
     await connection.send(Capa())
-    return await _capa_reply(connection)
+    return await _capa_reply(connection, memo)
 
 
-async def _capa_reply(connection: UpstreamConnection) -> Capabilities:
-    """The reply to a CAPA sent: ``-ERR`` means no capabilities (RFC 2449 §5)."""
+async def _capa_reply(connection: UpstreamConnection, memo: CapabilityMemo | None) -> Capabilities:
+    """The reply to a CAPA sent: ``-ERR`` means no capabilities (RFC 2449 §5); kept in
+    ``memo`` if there is one (``CapabilityMemo.remember``)."""
     if isinstance(await connection.status(), Err):
-        return {}
-    return parse_capabilities(await connection.body_lines(MAX_CAPABILITY_LINES))
+        return {} if memo is None else memo.remember({})
+    lines = await connection.body_lines(MAX_CAPABILITY_LINES)
+    return parse_capabilities(lines) if memo is None else memo.remember_reply(lines)
 
 
 async def _capa_login_and_list(
@@ -378,9 +394,7 @@ async def _capa_login_and_list(
     returned with the login's time and the two listings.
     """
     if memo is None or memo.capabilities is None or not memo.pipelining:
-        capabilities = await _capa(connection)
-        if memo is not None:
-            capabilities = memo.remember(capabilities)
+        capabilities = await _capa(connection, memo)
         commands = login.commands(capabilities)
         pipelining = "PIPELINING" in capabilities
         listed = await _login_and_list(connection, login, commands, pipelining=pipelining)
@@ -390,7 +404,7 @@ async def _capa_login_and_list(
     sent_at = trio.current_time()
     listing = (Uidl(), List()) if login.pipelined else ()
     await connection.send(Capa(), *commands, *listing)
-    capabilities = memo.remember(await _capa_reply(connection))
+    capabilities = await _capa_reply(connection, memo)
     # An unchanged reply is the remembered mapping itself (``remember``), whose commands
     # are those sent: equal inputs give equal commands (``Login.commands``).
     stale = "PIPELINING" not in capabilities or (

@@ -622,6 +622,21 @@ def test_the_sessions_of_an_upstream_share_one_capa_answer_until_it_changes() ->
         first["SASL"] = ("PLAIN",)  # type: ignore[index]
 
 
+def test_a_capa_reply_with_the_lines_of_the_last_one_gives_the_kept_answer() -> None:
+    memo = CapabilityMemo()
+    first = memo.remember_reply([b"UIDL", b"PIPELINING"])
+    assert first == {"UIDL": (), "PIPELINING": ()} and memo.capabilities is first
+    assert memo.remember_reply([b"UIDL", b"PIPELINING"]) is first
+    # Other lines are parsed: an equal answer is still the kept one, a new one replaces it.
+    assert memo.remember_reply([b"PIPELINING", b"UIDL"]) is first
+    changed = memo.remember_reply([b"UIDL", b"SASL PLAIN"])
+    assert changed == {"UIDL": (), "SASL": ("PLAIN",)} and memo.capabilities is changed
+    # A kept answer replaced by other means (a -ERR to CAPA) is not taken for the lines'.
+    assert memo.remember({}) == {}
+    assert memo.remember_reply([b"UIDL", b"SASL PLAIN"]) == changed
+    assert memo.capabilities == changed
+
+
 async def test_a_refused_login_with_a_confirmed_memo_keeps_its_code() -> None:
     memo = await learned(CAPA_PIPELINING)
     mailbox = Mailbox(dict(MESSAGES), capa=CAPA_PIPELINING)
