@@ -309,6 +309,9 @@ def parse_command(line: bytes) -> Command:
     Raises RemoteProtocolError carrying the ``-ERR`` to send for anything that
     is not a well-formed command: control bytes, unknown verbs, bad arguments.
     """
+    bare = _BARE_COMMANDS.get(line)
+    if bare is not None:  # STAT, LIST, UIDL, QUIT as clients send them: parsed once
+        return bare
     if CONTROL_OCTET.search(line) is not None:
         raise _bad("Invalid characters in command")
     raw_verb, _, rest = line.partition(b" ")
@@ -362,6 +365,21 @@ def parse_command(line: bytes) -> Command:
             return _no_args(args, Rset())
         case Verb.QUIT:
             return _no_args(args, Quit())
+
+
+# The commands without arguments, as their upper-case lines parse: immutable, so one
+# instance each serves every session (a line in any other form is parsed as above).
+_BARE_COMMANDS: dict[bytes, Command] = {
+    b"STAT": Stat(),
+    b"LIST": List(),
+    b"UIDL": Uidl(),
+    b"QUIT": Quit(),
+    b"NOOP": Noop(),
+    b"RSET": Rset(),
+    b"CAPA": Capa(),
+    b"STLS": Stls(),
+    b"AUTH": Auth(),
+}
 
 
 def _parse_auth(args: list[bytes]) -> Auth:

@@ -163,6 +163,18 @@ def test_parse_command_raises_only_remote_errors(line: bytes) -> None:
     assert isinstance(command.verb, Verb)
 
 
+@pytest.mark.parametrize(
+    "verb", ["STAT", "LIST", "UIDL", "QUIT", "NOOP", "RSET", "CAPA", "STLS", "AUTH"]
+)
+def test_a_bare_command_parses_alike_in_every_case(verb: str) -> None:
+    # The upper-case line is answered from parsed instances kept once; any other case,
+    # or trailing spaces, takes the general path: both give the same command.
+    kept = parse_command(verb.encode())
+    assert kept == parse_command(verb.lower().encode()) == parse_command(verb.encode() + b" ")
+    assert type(kept) is type(parse_command(verb.title().encode()))
+    assert serialize_command(kept) == verb.encode() + b"\r\n"
+
+
 def test_serialize_refuses_line_breaks() -> None:
     with pytest.raises(LocalProtocolError):
         serialize_command(User("a\r\nDELE 1"))
