@@ -60,15 +60,9 @@ def logfmt_pairs(fields: Mapping[str, object]) -> str:
     plain = _PLAIN_BARE_RE.fullmatch
     return " ".join(
         [
-            _key(key)
-            + "="
-            + (
-                str(value)
-                if type(value) is int
-                else value
-                if type(value) is str and plain(value)
-                else _value(value)
-            )
+            f"{_key(key)}={value}"
+            if type(value) is int or (type(value) is str and plain(value))
+            else f"{_key(key)}={_value(value)}"
             for key, value in fields.items()
         ]
     )

@@ -53,6 +53,9 @@ FAILURE_REASONS = {
     LoginOutcome.THROTTLED: LoginFailure.THROTTLED,
 }
 
+# What a session that did not commit did: immutable, so one instance serves every session.
+NOTHING_COMMITTED = Committed()
+
 # The ends that follow an upstream failure when the client gives up: it closes, or QUITs.
 _ENDS_AFTER_A_FAILURE = frozenset({SessionResult.EOF, SessionResult.QUIT})
 
@@ -84,7 +87,7 @@ class SessionSummary:
     marked: int = 0
     # What the QUIT did (popproxy.maildrop.base.Committed), which under retention
     # policy is not what was marked; nothing for a session that ended without QUIT.
-    committed: Committed = field(default_factory=Committed)
+    committed: Committed = NOTHING_COMMITTED
     started: float = field(default_factory=trio.current_time)
 
     def settle(self, marked: int, *, upstream_failed: bool) -> None:
