@@ -283,10 +283,12 @@ class RetainedMaildrop:
         self._view = view
         self._candidates = candidates
         listing = inner.messages
-        # The visible messages, and how often to keep the upstream alive: plain attributes
-        # (fixed at login), not properties, as the session reads them at every command.
+        # The visible messages, how often to keep the upstream alive and whether RETR
+        # relays stuffed octets: plain attributes (fixed at login), not properties, as
+        # the session reads them at every command.
         self.messages: Sequence[MessageInfo] = list(map(listing.__getitem__, view.visible))
         self.keepalive_interval_seconds: float | None = inner.keepalive_interval_seconds
+        self.dot_stuffed: bool = inner.dot_stuffed
         self._retrieved: set[int] = set()  # upstream indexes RETR'd to their end
 
     @property
@@ -302,10 +304,6 @@ class RetainedMaildrop:
     def first_seen(self, index: int) -> datetime:
         """When upstream message ``index`` was first seen (the store's, or this login)."""
         return self._candidates[index].first_seen
-
-    @property
-    def dot_stuffed(self) -> bool:
-        return self._inner.dot_stuffed
 
     @property
     def expire(self) -> str:

@@ -53,7 +53,7 @@ from popproxy.pop3.events import (
 from popproxy.pop3.limits import MAX_REPLY_LINE_OCTETS
 from popproxy.pop3.lines import LineBuffer, Overlong
 from popproxy.pop3.replies import Err, Ok, ResponseCode
-from popproxy.pop3.state import ON_COMMAND, Outcome, Phase, Trigger, next_phase, phase_after
+from popproxy.pop3.state import ON_COMMAND, ON_REPLY, Outcome, Phase, Trigger, phase_after
 from popproxy.pop3.wire import parse_status
 
 
@@ -158,7 +158,7 @@ class ClientConnection:
     def _complete(self, command: Command | SaslLine, outcome: Outcome) -> None:
         """``command``'s reply is complete: the phase moves as the server's did."""
         phase = ON_COMMAND.get((self._phase, command.verb), self._phase)
-        self._phase = next_phase(phase, command.verb, outcome)
+        self._phase = ON_REPLY.get((phase, command.verb, outcome), phase)  # next_phase, inline
 
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed octets from the server; ``b""`` means it closed.

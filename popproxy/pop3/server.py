@@ -60,6 +60,7 @@ from popproxy.pop3.sasl import MAX_SASL_RESPONSES, PLAINTEXT_MECHANISMS, SERVER_
 from popproxy.pop3.state import (
     ALLOWED,
     ON_COMMAND,
+    ON_REPLY,
     Outcome,
     Phase,
     Trigger,
@@ -340,7 +341,8 @@ class ServerConnection:
         if kind is User or kind is Pass:
             # A name is kept from an accepted USER until PASS (RFC 1939 §7).
             self._user = command.name if type(command) is User and outcome is Outcome.OK else None
-        self.phase = next_phase(self.phase, command.verb, outcome)
+        phase = self.phase  # next_phase's lookup, inline: every command's reply
+        self.phase = ON_REPLY.get((phase, command.verb, outcome), phase)
         if self.phase is not Phase.SASL:
             self._exchange = None
         self._due = None

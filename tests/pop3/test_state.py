@@ -98,7 +98,7 @@ def test_a_trigger_the_table_does_not_list_is_a_local_error(phase: Phase, trigge
 
 def test_the_server_role_moves_the_phase_only_through_the_tables() -> None:
     # Its docstring and this module's say so: every assignment to its phase but the
-    # first reads a table (ON_COMMAND, or next_phase / phase_after over the others).
+    # first reads a table (ON_COMMAND or ON_REPLY, or next_phase / phase_after over them).
     tree = ast.parse(inspect.getsource(server))
     assigned = [
         ast.unparse(node.value)
@@ -109,4 +109,6 @@ def test_the_server_role_moves_the_phase_only_through_the_tables() -> None:
     assert assigned[0] == "Phase.AUTHORIZATION"  # the constructor
     assert assigned[1:]
     for value in assigned[1:]:
-        assert value.startswith(("next_phase(", "phase_after(", "ON_COMMAND.get(")), value
+        assert value.startswith(
+            ("next_phase(", "phase_after(", "ON_COMMAND.get(", "ON_REPLY.get(")
+        ), value
