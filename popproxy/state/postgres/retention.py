@@ -18,6 +18,7 @@ upstream deletion with the size it applied to.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -40,6 +41,10 @@ from popproxy.state.checks import (
 from popproxy.state.postgres.audit import append_audit
 from popproxy.state.postgres.sql import maybe_utc, utc
 from popproxy.state.rows import stored_messages
+
+# Whether libpq has pipeline mode (14 and later; psycopg-binary brings its own). Without
+# it a record sends the same statements one round trip each.
+PIPELINE = psycopg.Pipeline.is_supported()
 
 
 def facts(
@@ -77,11 +82,13 @@ def record_session(conn: psycopg.Connection[Any], record: SessionRecord) -> None
     """What one QUIT did, in one transaction, in two flights of pipelined statements
     (psycopg's pipeline mode): the account's upsert with the read of its stored
     listing, then every write and the ``COMMIT``; a statement with nothing to write is
-    not sent. Two round trips, whatever the session did."""
+    not sent. Two round trips, whatever the session did (without pipeline mode,
+    ``PIPELINE``, one a statement)."""
     at = record.at
     sizes = {m.uid: m.size for m in record.seen}
     account = record.account
-    with conn.pipeline(), conn.transaction():
+    pipeline = conn.pipeline() if PIPELINE else contextlib.nullcontext()
+    with pipeline, conn.transaction():
         # Creates the account or moves its last listing, and holds its row lock until
         # COMMIT: records of one account apply one after another. The read after it
         # is a statement of its own, so its snapshot comes after that lock is held

@@ -4,18 +4,26 @@ the URL and its password, bounded waits, and riding out lost connections."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import trio
 
 from popproxy.secret import Secret
-from popproxy.state.base import AccountKey, SeenMessage, SessionRecord, StateError
+from popproxy.state.base import (
+    AccountKey,
+    AuditQuery,
+    Disposal,
+    SeenMessage,
+    SessionRecord,
+    StateError,
+)
 from popproxy.state.postgres import (
     PG_CONNECT_TIMEOUT_SECONDS,
     PostgresStore,
     PostgresTarget,
     open_postgres,
+    retention,
 )
 from popproxy.state.postgres.schema import MIGRATIONS, SCHEMA_TABLE, SCHEMA_VERSION, Migration
 from state.state_backends import PostgresBackend, admin_connection
@@ -247,6 +255,41 @@ async def test_connections_cut_by_the_server_are_replaced(pg_backend: PostgresBa
         assert ended is not None and ended[0] >= 1
         for n in range(6):
             assert set(await store.facts(BOX, "alice", ["a"])) == {"a"}, n
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+async def test_a_record_is_the_same_with_or_without_pipeline_mode(
+    pg_backend: PostgresBackend, monkeypatch: pytest.MonkeyPatch, pipelined: bool
+) -> None:
+    """A libpq older than 14 has no pipeline mode: the record sends its statements one
+    by one and stores the same (retention.PIPELINE)."""
+    monkeypatch.setattr(retention, "PIPELINE", pipelined)
+    store = await open_at(pg_backend)
+    try:
+        await store.record(listing({"a": 1, "b": 2}))
+        await store.record(
+            SessionRecord(
+                BOX,
+                "alice",
+                "s2",
+                T0 + timedelta(minutes=1),
+                seen=(SeenMessage("a", 1), SeenMessage("b", 3)),  # b: new content
+                retrieved=frozenset({"a"}),
+                hidden=(Disposal("a", "keep"),),
+                deleted_upstream=(Disposal("b", "delete"),),
+            )
+        )
+        facts = await store.facts(BOX, "alice", ["a", "b"])
+        assert (facts["a"].size, facts["a"].first_seen, facts["a"].hidden) == (1, T0, True)
+        assert facts["a"].retrieved_at == T0 + timedelta(minutes=1)
+        assert facts["b"].size == 3 and facts["b"].first_seen == T0 + timedelta(minutes=1)
+        assert facts["b"].deleted_upstream_at == T0 + timedelta(minutes=1)
+        assert {(e.uid, e.action.value) for e in await store.audit(AuditQuery())} == {
+            ("a", "hide"),
+            ("b", "delete_upstream"),
+        }
     finally:
         await store.aclose()
 
