@@ -15,19 +15,26 @@ it back on only if it was on. The collections owed run at the next allocations.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-from collections.abc import Iterator
+from types import TracebackType
 
 
-@contextlib.contextmanager
-def paused() -> Iterator[None]:
-    """The cyclic collector off inside the block (never across an ``await``)."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
+class paused:  # lower case: used as a function, ``with gc_pause.paused():``
+    """The cyclic collector off inside the block (never across an ``await``). A class,
+    not a generator context manager: it runs several times in every session (issue 15)."""
+
+    __slots__ = ("_disabled",)
+
+    def __enter__(self) -> None:
+        self._disabled = gc.isenabled()
+        if self._disabled:
+            gc.disable()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._disabled:
+            gc.enable()
