@@ -181,8 +181,15 @@ def parse_proc_stat_ticks(text: str, *, children: bool = False) -> int:
     return own + int(fields[13]) + int(fields[14]) if children else own
 
 
-# Innermost frames of a profile sample that is waiting, not working: trio's I/O wait.
-WAITING_FRAMES = frozenset({"EpollIOManager.get_events (trio/_core/_io_epoll.py)"})
+# Innermost frames of a profile sample that is waiting, not working: trio's I/O wait,
+# and a read's brief wait in poll(2) (popproxy/quick_wait.py: its own Python is a few
+# attribute reads around the poll, so its samples are the wait).
+WAITING_FRAMES = frozenset(
+    {
+        "EpollIOManager.get_events (trio/_core/_io_epoll.py)",
+        "QuickWait.readable (popproxy/quick_wait.py)",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)

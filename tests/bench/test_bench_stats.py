@@ -125,6 +125,21 @@ def test_top_frames_ranks_own_time_and_merges_line_numbers() -> None:
     assert top_frames([]) == []
 
 
+def test_top_frames_leaves_out_both_kinds_of_wait_by_default() -> None:
+    collapsed = [
+        "run (trio/_core/_run.py:1);EpollIOManager.get_events (trio/_core/_io_epoll.py:9) 50",
+        "receive_some (popproxy/socket_stream.py:3);"
+        "QuickWait.readable (popproxy/quick_wait.py:7) 40",
+        "receive_some (popproxy/socket_stream.py:3);send_all (popproxy/socket_stream.py:9) 10",
+    ]
+    top = top_frames(collapsed)
+    assert [t.frame for t in top] == [
+        "send_all (popproxy/socket_stream.py)",
+        "receive_some (popproxy/socket_stream.py)",
+    ]
+    assert top[0].own == pytest.approx(1.0)
+
+
 def test_proc_stat_cpu_ticks_after_a_command_name_with_spaces() -> None:
     text = "4242 (python -m (x)) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 567 0 0 20 0 3 0"
     assert parse_proc_stat_ticks(text) == 1234 + 567
