@@ -1,6 +1,7 @@
 """Fixtures and hooks for every test: the loopback client streams are closed after each
 test, a PostgreSQL database of the run's own for the tests of the state store on
-PostgreSQL, and under CI a skipped test is a failed one."""
+PostgreSQL, under CI a skipped test is a failed one, and hypothesis examples have no
+deadline."""
 
 from __future__ import annotations
 
@@ -8,8 +9,16 @@ import os
 from collections.abc import Generator, Iterator
 
 import pytest
+from hypothesis import settings
 from pop3client import close_opened
 from state.state_backends import run_database
+
+# No hypothesis test is a timed test: its per-example deadline (200 ms by default) failed
+# examples that took 400-600 ms while two workers and a Dovecot shared two loaded cores
+# (tests/auth/test_throttle.py, tests/pop3/test_client_replies.py), and what the
+# properties check does not depend on time. Loaded before any test module is collected.
+settings.register_profile("popproxy", deadline=None)
+settings.load_profile("popproxy")
 
 # Set by CI (.ci/run runs with CI=true). There every tool the suite needs is installed by
 # scripts/test, so a test that skips (a missing tool, a missing directory) hides a gap:
