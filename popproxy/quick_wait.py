@@ -51,7 +51,9 @@ QUICK_WAIT_MISSES = 3
 # ...for this many of its waits, then tries once more.
 QUICK_WAIT_PAUSE = 64
 
-_POLL_IN = select.POLLIN if hasattr(select, "poll") else 0
+# Where select has no poll (Windows), ``LoopView`` cannot be made and ``loop_view``
+# gives None: every wait is trio's own.
+_POLL_IN = getattr(select, "POLLIN", 0)
 
 
 class LoopView:
@@ -118,7 +120,7 @@ class QuickWait:
             self._pause -= 1
             return False
         view = loop_view()
-        if view is None or view.runq or _POLL_IN == 0:
+        if view is None or view.runq:
             return False
         if wait_seconds is not None and wait_seconds * 1000 < QUICK_WAIT_MILLISECONDS:
             return False

@@ -274,7 +274,6 @@ class Server:
                 if prefix:
                     client = PrefixedStream(stream, prefix)
             session_started = True
-            # Session.run itself, not run_session: one frame fewer at every step of the task.
             await Session(client, peer, context, accepted_at=accepted_at).run()
         except Exception:
             # A bug in one session must not take the server down; the client sees a

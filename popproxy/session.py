@@ -583,14 +583,3 @@ class Session:
                 await stream.aclose()
             if scope.cancelled_caught:
                 await trio.aclose_forcefully(stream)
-
-
-async def run_session(
-    stream: trio.abc.Stream,
-    peer: PeerAddress,
-    context: SessionContext,
-    *,
-    accepted_at: float | None = None,
-) -> None:
-    """Serve one client connection to its end (see ``Session``)."""
-    await Session(stream, peer, context, accepted_at=accepted_at).run()

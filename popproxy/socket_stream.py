@@ -25,11 +25,11 @@ only when the kernel says it would block. Its semantics are trio's:
 Deadlines. ``send_all`` and ``receive_some`` take an optional ``wait_seconds``: how long
 the call may *wait* in all (``trio.TooSlowError`` after that). The cancel scope
 for it is entered only once the call has to wait, so a write or read that
-completes at once costs none. ``send_all_within`` and ``receive_some_within`` give
-the same meaning for any ``trio.abc.Stream``: a ``WaitBoundedStream`` (this
-module's ``TcpStream``, the listeners' ``NativeTlsStream``) bounds its own waits,
-any other stream gets a scope around the whole call (``wait_bounded`` gives a
-stream of either kind with those bounds, to look up once). ``checkpoint_due`` and
+completes at once costs none. ``wait_bounded`` gives the same meaning for any
+``trio.abc.Stream``: a ``WaitBoundedStream`` (this module's ``TcpStream``, the
+listeners' ``NativeTlsStream``) bounds its own waits and is returned as it is, any
+other stream is wrapped in ``ScopedWaits`` (a scope around the whole call); a caller
+looks it up once per stream. ``checkpoint_due`` and
 ``note_wait`` let such a stream share the fairness count.
 
 It implements ``trio.abc.HalfCloseableStream``, so ``trio.SSLStream`` and the
@@ -125,7 +125,7 @@ _WAIT_BOUNDED: set[type[trio.abc.Stream]] = set()
 class WaitBoundedStream(trio.abc.Stream):
     """A stream whose ``send_all`` and ``receive_some`` take ``wait_seconds``: the most
     the call may wait (``trio.TooSlowError``), with a cancel scope entered only once it
-    has to wait. ``send_all_within`` and ``receive_some_within`` use it."""
+    has to wait. ``wait_bounded`` returns such a stream as it is."""
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -227,33 +227,35 @@ class TcpStream(WaitBoundedStream, trio.abc.HalfCloseableStream):
         elif max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
         await trio.lowlevel.checkpoint_if_cancelled()
-        sock = self.socket
         try:
-            data = sock.recv(max_bytes)
+            data = self.socket.recv(max_bytes)
         except BlockingIOError:
-            # Nothing yet: a brief wait in poll(2) while no other task can run
-            # (popproxy/quick_wait.py), before a wait through trio's scheduler.
-            if self._quick.readable(wait_seconds):
-                try:
-                    data = sock.recv(max_bytes)
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    raise _stream_error(exc) from exc
-                else:
-                    if checkpoint_due():
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                    return data
-            if wait_seconds is None:
-                return await self._receive_waiting(max_bytes)
-            with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
-                return await self._receive_waiting(max_bytes)
-            raise trio.TooSlowError from None
+            got = self._after_brief_wait(max_bytes, wait_seconds)
+            if got is None:
+                if wait_seconds is None:
+                    return await self._receive_waiting(max_bytes)
+                with trio.CancelScope(deadline=trio.current_time() + wait_seconds):
+                    return await self._receive_waiting(max_bytes)
+                raise trio.TooSlowError from None
+            data = got
         except OSError as exc:
             raise _stream_error(exc) from exc
         if checkpoint_due():
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
+
+    def _after_brief_wait(self, max_bytes: int, wait_seconds: float | None) -> bytes | None:
+        """Nothing was there: a brief wait in poll(2) while no other task can run
+        (popproxy/quick_wait.py), then the octets, or None to wait through trio's
+        scheduler."""
+        if not self._quick.readable(wait_seconds):
+            return None
+        try:
+            return self.socket.recv(max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _stream_error(exc) from exc
 
     async def _receive_waiting(self, max_bytes: int) -> bytes:
         """Wait until the socket is readable, and read (the slow path)."""
@@ -353,19 +355,3 @@ class ScopedWaits(WaitBoundedStream):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
-
-
-async def send_all_within(
-    stream: trio.abc.Stream, data: bytes | bytearray | memoryview, wait_seconds: float
-) -> None:
-    """``stream.send_all(data)``, waiting at most ``wait_seconds`` seconds (``trio.TooSlowError``;
-    see ``wait_bounded``)."""
-    await wait_bounded(stream).send_all(data, wait_seconds=wait_seconds)
-
-
-async def receive_some_within(
-    stream: trio.abc.Stream, max_bytes: int, wait_seconds: float
-) -> bytes | bytearray:
-    """``stream.receive_some(max_bytes)``, waiting at most ``wait_seconds`` seconds
-    (``trio.TooSlowError``; see ``wait_bounded``)."""
-    return await wait_bounded(stream).receive_some(max_bytes, wait_seconds=wait_seconds)

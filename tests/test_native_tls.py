@@ -26,8 +26,7 @@ from popproxy.native_tls import NativeTlsStream, accept_tls
 from popproxy.socket_stream import (
     MAX_OPS_WITHOUT_CHECKPOINT,
     TcpStream,
-    receive_some_within,
-    send_all_within,
+    wait_bounded,
 )
 from popproxy.tls import AlpnRefused, server_context
 from popproxy.tls_hello import NO_APPLICATION_PROTOCOL_ALERT
@@ -227,9 +226,9 @@ async def test_wait_seconds_bound_only_the_waiting(
         with pytest.raises(trio.TooSlowError):
             await tls.receive_some(100, wait_seconds=0.0)
         with pytest.raises(trio.TooSlowError):
-            await receive_some_within(tls, 100, 0.0)
+            await wait_bounded(tls).receive_some(100, wait_seconds=0.0)
         # A write OpenSSL and the kernel take at once never times out, whatever the bound.
-        await send_all_within(tls, b"+OK at once\r\n", 0.0)
+        await wait_bounded(tls).send_all(b"+OK at once\r\n", wait_seconds=0.0)
         assert await client.receive_some(100) == b"+OK at once\r\n"
         await client.send_all(b"NOOP\r\n")
         assert await tls.receive_some(100, wait_seconds=DEADLINE_SECONDS) == b"NOOP\r\n"

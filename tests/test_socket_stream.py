@@ -23,8 +23,6 @@ from popproxy.socket_stream import (
     MAX_OPS_WITHOUT_CHECKPOINT,
     ScopedWaits,
     TcpStream,
-    receive_some_within,
-    send_all_within,
     wait_bounded,
 )
 
@@ -242,15 +240,15 @@ async def test_wait_seconds_bound_only_the_waiting(
         with pytest.raises(trio.TooSlowError):
             await right.receive_some(100, wait_seconds=WAIT_SECONDS)
         with pytest.raises(trio.TooSlowError):
-            await receive_some_within(right, 100, WAIT_SECONDS)
+            await wait_bounded(right).receive_some(100, wait_seconds=WAIT_SECONDS)
         assert trio.current_time() - start == pytest.approx(2 * WAIT_SECONDS)
         # A send the kernel takes at once never times out, whatever the bound.
-        await send_all_within(left, b"at once", 0.0)
+        await wait_bounded(left).send_all(b"at once", wait_seconds=0.0)
         assert await right.receive_some(100, wait_seconds=0.0) == b"at once"
         # A send to a reader that never reads times out after the waiting.
         start = trio.current_time()
         with pytest.raises(trio.TooSlowError):
-            await send_all_within(left, bytes(CLOGGING_BYTES), WAIT_SECONDS)
+            await wait_bounded(left).send_all(bytes(CLOGGING_BYTES), wait_seconds=WAIT_SECONDS)
         assert trio.current_time() - start == pytest.approx(WAIT_SECONDS)
 
 
@@ -259,12 +257,12 @@ async def test_any_stream_gets_the_same_bounds_from_a_scope(
 ) -> None:
     left, right = trio.testing.memory_stream_pair()
     with pytest.raises(trio.TooSlowError):
-        await receive_some_within(right, 100, WAIT_SECONDS)
-    await send_all_within(left, b"memory", WAIT_SECONDS)
-    assert await receive_some_within(right, 100, WAIT_SECONDS) == b"memory"
+        await wait_bounded(right).receive_some(100, wait_seconds=WAIT_SECONDS)
+    await wait_bounded(left).send_all(b"memory", wait_seconds=WAIT_SECONDS)
+    assert await wait_bounded(right).receive_some(100, wait_seconds=WAIT_SECONDS) == b"memory"
     clogged, _ = trio.testing.lockstep_stream_pair()
     with pytest.raises(trio.TooSlowError):
-        await send_all_within(clogged, b"nobody reads", WAIT_SECONDS)
+        await wait_bounded(clogged).send_all(b"nobody reads", wait_seconds=WAIT_SECONDS)
 
 
 async def test_wait_bounded_is_the_stream_itself_only_when_it_bounds_its_own_waits(
@@ -272,7 +270,7 @@ async def test_wait_bounded_is_the_stream_itself_only_when_it_bounds_its_own_wai
 ) -> None:
     left, right = pair
     assert wait_bounded(left) is left
-    # What a caller that looked it up once then calls: the bounds of send_all_within.
+    # What a caller that looked it up once then calls: the stream's own bounded waits.
     bounded = wait_bounded(right)
     await left.send_all(b"direct")
     assert await bounded.receive_some(100, wait_seconds=WAIT_SECONDS) == b"direct"

@@ -63,10 +63,7 @@ from popproxy.pop3.commands import Command, Dele, Quit, SaslLine, Stls, Verb
 from popproxy.pop3.errors import RemoteProtocolError
 from popproxy.pop3.events import NEED_DATA, Data, EndOfData, PoisonedDotLines, StuffedData
 from popproxy.pop3.replies import Err, Ok, ResponseCode
-from popproxy.socket_stream import (
-    TcpStream,
-    wait_bounded,
-)
+from popproxy.socket_stream import TcpStream, wait_bounded
 from popproxy.tls import upstream_alpn_problem
 
 log = logging.getLogger("popproxy.upstream")

@@ -84,13 +84,11 @@ async def _connect(sock: socket.socket, address: tuple[str, int], deadline: floa
     if error == errno.EINPROGRESS:
         if _established(sock):
             return
-        with trio.move_on_at(deadline):
+        with trio.move_on_at(deadline) as waited:
             await trio.lowlevel.wait_writable(sock)
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                raise OSError(error, f"Error connecting to {address!r}: {os.strerror(error)}")
-            return
-        raise trio.TooSlowError
+        if waited.cancelled_caught:
+            raise trio.TooSlowError
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, f"Error connecting to {address!r}: {os.strerror(error)}")
 
