@@ -34,6 +34,7 @@ stays declarations and the methods that count.
 from __future__ import annotations
 
 import enum
+import functools
 import platform
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
@@ -103,6 +104,8 @@ POLL_BUCKETS_SECONDS = (
 
 # The ``verb`` label of a client command that did not parse to a known verb.
 UNKNOWN_VERB = "unknown"
+# The refresh outcomes an account can be failing with (popproxy_oauth2_accounts_failing).
+_REFRESH_FAILURES = tuple(r for r in TokenRefreshResult if r is not TokenRefreshResult.OK)
 
 
 class LoginMechanism(enum.Enum):
@@ -356,6 +359,12 @@ class Metrics:
             " token's lifetime only while its refreshes fail.",
             ("upstream",),
         )
+        self._oauth2_failing = gauge(
+            "oauth2_accounts_failing",
+            "Accounts of the upstream whose last access-token refresh failed, by outcome"
+            " (revoked, rejected, unavailable): each counts until a refresh succeeds.",
+            ("upstream", "result"),
+        )
         self._oauth2_upstreams: set[str] = set()
 
         # Policy and state.
@@ -500,6 +509,8 @@ class Metrics:
             for refresh_result in TokenRefreshResult:
                 self._oauth2_refreshes.labels(upstream, refresh_result.value)
             self._oauth2_token_age.labels(upstream)
+            for failure in _REFRESH_FAILURES:
+                self._oauth2_failing.labels(upstream, failure.value)
         for rule in rules:
             _check_name(rule)
             self._rules.add(rule)
@@ -535,6 +546,17 @@ class Metrics:
         """Read the oldest token age of a declared token upstream from ``age`` at each
         scrape (seconds; the token cache outlives reloads, so it stays the source)."""
         self._oauth2_token_age.labels(self._oauth2_upstream(upstream)).set_function(age)
+
+    def track_oauth2_failing(
+        self, upstream: str, count: Callable[[str, TokenRefreshResult], int]
+    ) -> None:
+        """Read, at each scrape, how many accounts of a declared token upstream saw their
+        last refresh fail, per failure: ``count(upstream, result)`` (the token cache's)."""
+        name = self._oauth2_upstream(upstream)
+        for failure in _REFRESH_FAILURES:
+            self._oauth2_failing.labels(name, failure.value).set_function(
+                functools.partial(count, name, failure)
+            )
 
     def _oauth2_upstream(self, name: str) -> str:
         if name not in self._oauth2_upstreams:

@@ -121,6 +121,7 @@ class ProcessState:
         self.credentials.resize(config.limits.auth_cache_size)
         self.known_sources.adopt(config.limits)
         self.maildrops.capabilities.retain(config.upstreams.values())
+        self.maildrops.tokens.retain(token_accounts(config))
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,3 +206,21 @@ def reload_summary(changes: ConfigChanges, old: Runtime, new: Runtime) -> dict[s
         "tls": tls,
         "restart_required": len(changes.restart_required),
     }
+
+
+def token_accounts(config: Config) -> set[tuple[str, str]]:
+    """The (upstream, upstream user) of every account of ``config`` that logs in with
+    OAuth2 tokens: proxy users' and gateway sources' (``TokenCache.retain``)."""
+    accounts: set[tuple[str, str]] = set()
+    for user in config.users.values():
+        token_file, upstream, upstream_user = (
+            user.upstream_refresh_token_file,
+            user.upstream,
+            user.upstream_user,
+        )
+        if token_file is not None and upstream is not None and upstream_user is not None:
+            accounts.add((upstream, upstream_user))
+        for source in user.fetch:
+            if source.upstream_refresh_token_file is not None:
+                accounts.add((source.upstream, source.upstream_user))
+    return accounts

@@ -182,6 +182,7 @@ class Server:
             self.metrics.track_oauth2_token_age(
                 name, functools.partial(tokens.oldest_token_age, name)
             )
+            self.metrics.track_oauth2_failing(name, tokens.failing_accounts)
 
     def session_context(self, listener: ListenerConfig) -> SessionContext:
         """The context of a session accepted now on ``listener`` (a listener bound at start):

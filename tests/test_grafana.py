@@ -266,6 +266,7 @@ def test_dashboard_covers_the_required_topics() -> None:
         "sum by (listener, reason) (rate(popproxy_connections_rejected_total",
         "sum by (upstream, result) (rate(popproxy_oauth2_token_refreshes_total",
         "max by (upstream) (popproxy_oauth2_token_age_seconds",
+        "max by (upstream, result) (popproxy_oauth2_accounts_failing",
     ):
         assert needle in exprs, needle
 

@@ -96,6 +96,7 @@ def exercise_every_metric(metrics: Metrics) -> None:
     metrics.oauth2_refresh("provider", TokenRefreshResult.OK)
     metrics.oauth2_refresh("provider", TokenRefreshResult.REVOKED)
     metrics.track_oauth2_token_age("provider", lambda: 42.0)
+    metrics.track_oauth2_failing("provider", lambda upstream, result: 1)
 
 
 def samples_by_family(registry: CollectorRegistry) -> dict[str, list[tuple[str, dict[str, str]]]]:
@@ -644,3 +645,27 @@ def test_oauth2_series_exist_at_zero_and_count() -> None:
     assert value(metrics, "popproxy_oauth2_token_age_seconds", upstream="provider") == 7.5
     with pytest.raises(ValueError, match="not declared"):
         metrics.oauth2_refresh("backup", TokenRefreshResult.OK)
+
+
+def test_oauth2_accounts_failing_is_read_per_failure_at_each_scrape() -> None:
+    metrics = new_metrics()
+    name = "popproxy_oauth2_accounts_failing"
+    failures = [r for r in TokenRefreshResult if r is not TokenRefreshResult.OK]
+    for result in failures:  # declared at 0, one series per failure
+        assert value(metrics, name, upstream="provider", result=result.value) == 0
+    assert value(metrics, name, upstream="provider", result="ok") is None
+    failing = {TokenRefreshResult.REVOKED: 2}
+    asked: list[tuple[str, TokenRefreshResult]] = []
+
+    def count(upstream: str, result: TokenRefreshResult) -> int:
+        asked.append((upstream, result))
+        return failing.get(result, 0)
+
+    metrics.track_oauth2_failing("provider", count)
+    assert value(metrics, name, upstream="provider", result="revoked") == 2
+    failing.clear()  # a refresh succeeded: read again at the next scrape
+    assert value(metrics, name, upstream="provider", result="revoked") == 0
+    assert {result for _, result in asked} == set(failures)
+    assert {upstream for upstream, _ in asked} == {"provider"}
+    with pytest.raises(ValueError, match="not declared"):
+        metrics.track_oauth2_failing("backup", count)

@@ -107,6 +107,9 @@ def report_a_day(metrics: Metrics) -> None:
     metrics.gateway_interval(60)
     metrics.oauth2_refresh("provider", TokenRefreshResult.UNAVAILABLE)
     metrics.track_oauth2_token_age("provider", lambda: 7.5)
+    metrics.track_oauth2_failing(
+        "provider", lambda upstream, result: int(result is TokenRefreshResult.UNAVAILABLE)
+    )
     plain.session_ended(SessionResult.QUIT)
     plain.session_ended(SessionResult.TIMEOUT)
     tls.session_ended(SessionResult.EOF)

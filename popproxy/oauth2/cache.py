@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,6 +177,24 @@ class TokenCache:
             if name == upstream and entry.token is not None
         ]
         return max(ages, default=0.0)
+
+    def failing_accounts(self, upstream: str, result: TokenRefreshResult) -> int:
+        """How many accounts of ``upstream`` saw their last refresh end with ``result``
+        (a failure: revoked, rejected, unavailable); each stays counted until a refresh
+        succeeds, however seldom it is tried (a gateway source polled hourly). Safe to
+        call from the exporter's thread (it only reads)."""
+        return sum(
+            1
+            for (name, _), entry in list(self._entries.items())
+            if name == upstream and entry.error is not None and _RESULTS[entry.error.kind] is result
+        )
+
+    def retain(self, accounts: Collection[tuple[str, str]]) -> None:
+        """Forget every account but ``accounts`` ((upstream, upstream user) pairs): called
+        when a reload swaps the config in, so an account no longer configured neither
+        keeps a token nor counts as failing."""
+        for key in [key for key in self._entries if key not in accounts]:
+            del self._entries[key]
 
     async def access_token(
         self, account: TokenAccount, *, stale: Secret | None = None, session: str = ""

@@ -17,6 +17,7 @@ import random
 import signal
 import stat
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -311,6 +312,53 @@ def test_run_fetches_with_the_process_token_cache_kept_across_a_reload(  # noqa:
     assert samples["popproxy_gateway_polls_total", refreshed] == 3
     log = server.log_text()
     assert "Bearer" not in log and refresh_token(tokens) not in log
+
+
+def test_a_revoked_source_polled_hourly_counts_as_failing_until_oauth_login(  # noqa: PLR0917 (fixtures)
+    start: StartServer,
+    oauth_dovecot: DovecotServer,
+    provider: FakeProvider,
+    mailbox: DovecotUser,
+    tokens: Path,
+    corpus: Corpus,
+    tmp_path: Path,
+) -> None:
+    """popproxy_oauth2_accounts_failing, which PopproxyOAuth2RefreshFailing reads: a source
+    polled once an hour (GATEWAY) whose refresh token was revoked counts as failing from
+    its poll on, while its refresh counter moves once an hour at most, and stops counting
+    at the first poll after `popproxy oauth-login` wrote a new refresh token."""
+    provider.revoke(refresh_token(tokens))
+    server = start(
+        users=[token_gateway_user(tmp_path, mailbox, tokens)],
+        listeners=["none"],
+        upstreams={UPSTREAM: oauth_upstream(oauth_dovecot, provider)},
+        gateway=GATEWAY,
+        metrics={"address": LOOPBACK, "port": 0},
+    )
+    (first,) = wait_polls(server, 1)
+    assert first["result"] == "auth_failed", first
+    revoked = (("result", "revoked"), ("upstream", UPSTREAM))
+    samples = metric_samples(server)
+    assert samples["popproxy_oauth2_accounts_failing", revoked] == 1
+    assert samples["popproxy_oauth2_token_refreshes_total", revoked] == 1
+    tokens.write_text(provider.grant(mailbox.name) + "\n")  # what oauth-login writes
+    # Polled now (SIGUSR1), again until a poll runs past the token cache's backoff
+    # (its first is BACKOFF_INITIAL_SECONDS, 1 s): within it the revoked answer stands.
+    deadline = time.monotonic() + TEST_DEADLINE_SECONDS
+    polls = 1
+    while True:
+        polls += 1
+        os.kill(server.pid, signal.SIGUSR1)
+        last = wait_polls(server, polls)[-1]
+        if last["result"] == "ok":
+            break
+        assert last["result"] == "auth_failed", last
+        assert time.monotonic() < deadline, server.log_text()
+    assert last["fetched"] == str(len(corpus.small)), last
+    samples = metric_samples(server)
+    for result in ("revoked", "rejected", "unavailable"):
+        assert samples["popproxy_oauth2_accounts_failing", (("result", result), revoked[1])] == 0
+    assert samples["popproxy_oauth2_token_refreshes_total", revoked] == 1
 
 
 def popproxy(config: Path, *arguments: str) -> tuple[int, str, str]:

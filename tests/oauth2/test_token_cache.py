@@ -198,3 +198,53 @@ async def test_oldest_token_age(
     await trio.sleep(5)
     assert cache.oldest_token_age("gmail") == pytest.approx(35)
     assert cache.oldest_token_age("outlook") == 0.0
+
+
+async def test_failing_accounts_count_each_account_until_its_refresh_succeeds(
+    account: TokenAccount, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An account whose refresh failed counts as failing (by its result) until a later
+    refresh succeeds, however long it goes untried: what the alert needs for a gateway
+    source polled once an hour."""
+    endpoint = Endpoint(error=TokenError(TokenErrorKind.REVOKED, "invalid_grant"), delay=0)
+    cache = TokenCache(endpoint.refresh)
+    other = TokenAccount("gmail", "bob", account.token_file, OAUTH2)
+    elsewhere = TokenAccount("outlook", "carol", account.token_file, OAUTH2)
+    for failed in (account, other, elsewhere):
+        with pytest.raises(TokenError):
+            await cache.access_token(failed)
+    assert cache.failing_accounts("gmail", TokenRefreshResult.REVOKED) == 2
+    assert cache.failing_accounts("gmail", TokenRefreshResult.UNAVAILABLE) == 0
+    assert cache.failing_accounts("outlook", TokenRefreshResult.REVOKED) == 1
+    await trio.sleep(3600)  # untried for an hour: still failing
+    assert cache.failing_accounts("gmail", TokenRefreshResult.REVOKED) == 2
+    endpoint.error = TokenError(TokenErrorKind.UNAVAILABLE, "http 503")
+    with pytest.raises(TokenError):
+        await cache.access_token(other)  # its result is now the latest one's
+    assert cache.failing_accounts("gmail", TokenRefreshResult.REVOKED) == 1
+    assert cache.failing_accounts("gmail", TokenRefreshResult.UNAVAILABLE) == 1
+    endpoint.error = None  # the operator ran oauth-login; the endpoint is back
+    await trio.sleep(BACKOFF_MAX_SECONDS)
+    await cache.access_token(account)
+    await cache.access_token(other)
+    for result in TokenRefreshResult:
+        assert cache.failing_accounts("gmail", result) == 0
+    assert cache.failing_accounts("outlook", TokenRefreshResult.REVOKED) == 1
+
+
+async def test_retain_forgets_accounts_no_longer_configured(
+    account: TokenAccount, autojump_clock: trio.testing.MockClock
+) -> None:
+    endpoint = Endpoint(error=TokenError(TokenErrorKind.REJECTED, "invalid_client"), delay=0)
+    cache = TokenCache(endpoint.refresh, age_clock=trio.current_time)
+    removed = TokenAccount("gmail", "bob", account.token_file, OAUTH2)
+    with pytest.raises(TokenError):
+        await cache.access_token(removed)
+    endpoint.error = None
+    await cache.access_token(account)
+    await trio.sleep(30)
+    cache.retain({account.key})
+    assert cache.failing_accounts("gmail", TokenRefreshResult.REJECTED) == 0
+    assert cache.oldest_token_age("gmail") == pytest.approx(30)  # the kept one's token
+    cache.retain(set())
+    assert cache.oldest_token_age("gmail") == 0.0
