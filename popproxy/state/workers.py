@@ -5,7 +5,9 @@ own ``CapacityLimiter`` (DESIGN.md: nothing blocks the trio thread), so at most
 ``threads`` calls of one store are in flight and the store never takes all of
 trio's default thread pool. Closing waits for the calls in flight, then runs the
 backend's release in a thread (closing connections may block too). psycopg's own
-async API is asyncio-only, hence threads for PostgreSQL as well.
+async API is asyncio-only, hence threads for PostgreSQL as well, but for the shared
+calls of one statement, which drive libpq from the trio thread
+(``popproxy/state/postgres/nonblocking.py``; it opens its connections here).
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
 """What several popproxy instances share in PostgreSQL beside the store: leases and
 login failures (docs/scaling.md).
 
-Theory of operation. ``PostgresShared`` has a connection pool of its own (at most
-``SHARED_THREADS`` connections, used from as many worker threads), apart from the
+Theory of operation. ``PostgresShared`` has connections of its own, apart from the
 store's: a QUIT's record of a large listing may take seconds, and a lease's renewal
 must not queue behind it. Every call is one short transaction, bounded by
 ``SHARED_STATEMENT_TIMEOUT_SECONDS`` and ``SHARED_LOCK_TIMEOUT_SECONDS``; a server
 that cannot be reached fails a call after at most ``SHARED_CONNECT_TIMEOUT_SECONDS``.
 Every failure is a ``StateError``; for the login throttle a ``ThrottleUnavailable``.
-A call of one statement (every lease call, a login's read of the failure counts)
-runs in autocommit (``target.one_statement``): one round trip to the server, where a
-transaction would add a ``BEGIN`` and a ``COMMIT``.
+A call of one statement (every lease call, a login's read of the failure counts:
+several per session) runs in autocommit from the trio thread, with libpq in
+non-blocking mode (``nonblocking.Statements``, at most ``SHARED_THREADS``
+connections): one round trip to the server and no worker thread. A change of the
+failure counts (a failed login) is a transaction of several statements: it runs in
+a worker thread on a pool of its own (``SHARED_THREADS`` connections).
 
 Leases (table ``leases``, one row per name): a row is held while its
 ``expires_at`` (the database's clock) is in the future. ``take_lease`` inserts the
@@ -39,11 +41,17 @@ from psycopg_pool import ConnectionPool
 from popproxy.auth.throttle import Failures, LockScope
 from popproxy.auth.throttling import FailureChange, FailureKey, ThrottleUnavailable
 from popproxy.state.base import StateError
+from popproxy.state.postgres.nonblocking import (
+    Statements,
+    as_float,
+    as_float_array,
+    as_text,
+    text_array,
+)
 from popproxy.state.postgres.schema import MIGRATIONS, Migration, migrate
 from popproxy.state.postgres.target import (
     PostgresTarget,
     check_lent,
-    one_statement,
     run_connected,
     run_pooled,
 )
@@ -53,6 +61,9 @@ from popproxy.state.workers import Workers
 # login and QUIT makes a few short calls here (throttle, take, confirm, give back),
 # as many as the store's own pool serves beside them.
 SHARED_THREADS = 4
+# How long a one-statement call waits for its answer: the statement's own timeout
+# (statement_timeout, lock_timeout) and as much again for the network.
+SHARED_CALL_SECONDS = 10
 # How long a call waits for a connection (a server that is down fails a login's
 # lease or throttle call after this long: the client gets -ERR [SYS/TEMP]).
 SHARED_CONNECT_TIMEOUT_SECONDS = 5
@@ -87,6 +98,13 @@ class PostgresShared:
             timeout=SHARED_CONNECT_TIMEOUT_SECONDS,
             name="popproxy-shared",
         )
+        self._statements = Statements(
+            target,
+            size=SHARED_THREADS,
+            configure=_configure,
+            connect_seconds=SHARED_CONNECT_TIMEOUT_SECONDS,
+            call_seconds=SHARED_CALL_SECONDS,
+        )
 
     @property
     def where(self) -> str:
@@ -97,69 +115,58 @@ class PostgresShared:
 
     async def take_lease(self, name: str, holder: str, token: str, seconds: float) -> bool:
         """Take lease ``name`` for ``seconds`` as ``token`` of ``holder`` if nobody holds it."""
-        row = await self._run_one(
-            lambda conn: conn.execute(
-                "INSERT INTO leases AS l (name, holder, token, taken_at, expires_at)"
-                " VALUES (%(name)s, %(holder)s, %(token)s, now(),"
-                " now() + %(seconds)s * interval '1 second')"
-                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
-                " token = excluded.token, taken_at = excluded.taken_at,"
-                " expires_at = excluded.expires_at"
-                # or a take of this token that committed before its reply was lost:
-                # run again (target.run_pooled), it holds the lease as it should
-                " WHERE l.expires_at <= now() OR l.token = excluded.token"
-                " RETURNING l.token",
-                {"name": name, "holder": holder, "token": token, "seconds": seconds},
-            ).fetchone()
+        taken = await self._statements.run(
+            "INSERT INTO leases AS l (name, holder, token, taken_at, expires_at)"
+            " VALUES ($1::text, $2::text, $3::text, now(),"
+            " now() + $4::float8 * interval '1 second')"
+            " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
+            " token = excluded.token, taken_at = excluded.taken_at,"
+            " expires_at = excluded.expires_at"
+            # or a take of this token that committed before its reply was lost: run
+            # again (nonblocking.Statements), it holds the lease as it should
+            " WHERE l.expires_at <= now() OR l.token = excluded.token"
+            " RETURNING l.token",
+            (name, holder, token, _seconds(seconds)),
         )
-        return row is not None
+        return bool(taken.rows)
 
     async def renew_leases(
         self, holder: str, tokens: Sequence[str], seconds: float
     ) -> frozenset[str]:
         """Move the expiry of ``holder``'s live leases among ``tokens`` to ``seconds`` from
         now; return the tokens still held (one that lapsed is lost for good)."""
-        rows = await self._run_one(
-            lambda conn: conn.execute(
-                "UPDATE leases SET expires_at = now() + %s * interval '1 second'"
-                " WHERE holder = %s AND token = ANY(%s::text[]) AND expires_at > now()"
-                " RETURNING token",
-                (seconds, holder, list(tokens)),
-            ).fetchall()
+        renewed = await self._statements.run(
+            "UPDATE leases SET expires_at = now() + $1::float8 * interval '1 second'"
+            " WHERE holder = $2::text AND token = ANY($3::text[]) AND expires_at > now()"
+            " RETURNING token",
+            (_seconds(seconds), holder, text_array(tokens)),
         )
-        return frozenset(str(row[0]) for row in rows)
+        return frozenset(as_text(row[0]) for row in renewed.rows)
 
     async def confirm_lease(self, name: str, token: str, seconds: float) -> bool:
         """Whether ``token`` still holds ``name``; if so its expiry moves to ``seconds``
         from now."""
-        row = await self._run_one(
-            lambda conn: conn.execute(
-                "UPDATE leases SET expires_at = now() + %s * interval '1 second'"
-                " WHERE name = %s AND token = %s AND expires_at > now() RETURNING token",
-                (seconds, name, token),
-            ).fetchone()
+        confirmed = await self._statements.run(
+            "UPDATE leases SET expires_at = now() + $1::float8 * interval '1 second'"
+            " WHERE name = $2::text AND token = $3::text AND expires_at > now() RETURNING token",
+            (_seconds(seconds), name, token),
         )
-        return row is not None
+        return bool(confirmed.rows)
 
     async def release_lease(self, name: str, token: str) -> None:
         """Give lease ``name`` up (nothing happens unless ``token`` holds it)."""
-        await self._run_one(
-            lambda conn: conn.execute(
-                "DELETE FROM leases WHERE name = %s AND token = %s", (name, token)
-            )
+        await self._statements.run(
+            "DELETE FROM leases WHERE name = $1::text AND token = $2::text", (name, token)
         )
 
     async def prune_leases(self) -> int:
         """Delete leases that lapsed ``STALE_LEASE_SECONDS`` ago; return how many."""
-        return await self._run_one(
-            lambda conn: (
-                conn.execute(
-                    "DELETE FROM leases WHERE name IN (SELECT name FROM leases"
-                    " WHERE expires_at < now() - %s * interval '1 second' LIMIT %s)",
-                    (STALE_LEASE_SECONDS, PRUNE_ROWS),
-                ).rowcount
-            )
+        pruned = await self._statements.run(
+            "DELETE FROM leases WHERE name IN (SELECT name FROM leases"
+            " WHERE expires_at < now() - $1::float8 * interval '1 second' LIMIT $2::integer)",
+            (_seconds(STALE_LEASE_SECONDS), str(PRUNE_ROWS)),
         )
+        return pruned.count
 
     # -- login failures ------------------------------------------------------------------
 
@@ -174,7 +181,7 @@ class PostgresShared:
         ordered = sorted(set(keys), key=_key_order)
         try:
             if not writes:  # one statement: the clock and the rows (a login's throttle)
-                return await self._run_one(lambda conn: _read_failures(conn, ordered, change))
+                return await self._read_failures(ordered, change)
             return await self._run(lambda conn: _change_failures(conn, ordered, change))
         except StateError as exc:
             raise ThrottleUnavailable(str(exc)) from exc
@@ -196,6 +203,35 @@ class PostgresShared:
         except StateError as exc:
             raise ThrottleUnavailable(str(exc)) from exc
 
+    async def _read_failures(self, keys: Sequence[FailureKey], change: FailureChange[_T]) -> _T:
+        """``change`` that only reads: the database's clock and the rows of ``keys`` in
+        one statement (one snapshot, no lock), without a row of the keys as well (the
+        LEFT JOIN's one row of NULLs)."""
+        keyed = _keyed(keys)
+        read = await self._statements.run(
+            "SELECT extract(epoch FROM clock_timestamp())::double precision,"
+            " f.scope, f.key, f.penalty, f.last_failure, f.failures, f.locked_until"
+            " FROM (SELECT) AS one LEFT JOIN login_failures AS f ON (f.scope, f.key) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[]))"
+            " ORDER BY f.scope, f.key",
+            (text_array(keyed["scopes"]), text_array(keyed["keys"])),
+        )
+        now = as_float(read.rows[0][0])
+        found = {
+            (LockScope(as_text(scope)), as_text(key)): Failures(
+                penalty=int(as_text(penalty)),
+                last_failure=as_float(last),
+                failures=as_float_array(failures),
+                locked_until=as_float(locked),
+            )
+            for _, scope, key, penalty, last, failures, locked in read.rows
+            if scope is not None
+        }
+        result, changed = change(now, found)
+        if changed:
+            raise ValueError("a read of login failures may not write")
+        return result
+
     # -- opening and closing -------------------------------------------------------------
 
     async def _open(self, migrations: Sequence[Migration]) -> None:
@@ -210,15 +246,12 @@ class PostgresShared:
         run_connected(self._target, work)
 
     async def aclose(self) -> None:
-        """Wait for running calls, then close the pool."""
+        """Wait for running calls, then close the connections."""
+        await self._statements.aclose()
         await self._workers.close(self._pool.close)
 
     async def _run(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
         return await self._workers.run(functools.partial(self._in_worker, work))
-
-    async def _run_one(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
-        """``_run`` of work that is one statement (``target.one_statement``)."""
-        return await self._run(one_statement(work))
 
     def _in_worker(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
         return run_pooled(self._pool, self._target, work)
@@ -260,6 +293,11 @@ def _prune_bounds(conn: psycopg.Connection[Any], remembered_seconds: float) -> d
     return {"now": now, "cutoff": now - remembered_seconds, "rows": PRUNE_ROWS}
 
 
+def _seconds(seconds: float) -> str:
+    """A number of seconds as a ``float8`` parameter (repr: exact, shortest)."""
+    return repr(float(seconds))
+
+
 def _key_order(key: FailureKey) -> tuple[str, str]:
     return (key[0].value, key[1])
 
@@ -278,27 +316,6 @@ def _failures(rows: Iterable[Sequence[Any]]) -> dict[FailureKey, Failures]:
         )
         for scope, key, penalty, last, failures, locked in rows
     }
-
-
-def _read_failures(
-    conn: psycopg.Connection[Any], keys: Sequence[FailureKey], change: FailureChange[_T]
-) -> _T:
-    """``change`` that only reads: the database's clock and the rows of ``keys`` in one
-    statement (one snapshot, no lock), without a row of the keys as well (the LEFT
-    JOIN's one row of NULLs)."""
-    rows = conn.execute(
-        "SELECT extract(epoch FROM clock_timestamp())::double precision,"
-        " f.scope, f.key, f.penalty, f.last_failure, f.failures, f.locked_until"
-        " FROM (SELECT) AS one LEFT JOIN login_failures AS f ON (f.scope, f.key) IN"
-        " (SELECT * FROM unnest(%(scopes)s::text[], %(keys)s::text[]))"
-        " ORDER BY f.scope, f.key",
-        _keyed(keys),
-    ).fetchall()
-    now = float(rows[0][0])
-    result, changed = change(now, _failures(row[1:] for row in rows if row[1] is not None))
-    if changed:
-        raise ValueError("a read of login failures may not write")
-    return result
 
 
 def _change_failures(
