@@ -158,6 +158,13 @@ class StoreFrontend(abc.ABC, Generic[C, W]):
         check_text("user", user, MAX_USER_OCTETS)
         wanted = list(dict.fromkeys(uids))
         check_uids(wanted)
+        return await self._read_facts(account, user, wanted)
+
+    async def _read_facts(
+        self, account: AccountKey, user: str, wanted: list[str]
+    ) -> Mapping[str, MessageFacts]:
+        """``facts`` once checked: the query in a worker thread (a backend may answer
+        some otherwise)."""
         return await self._run(lambda conn: self._queries.facts(conn, account, user, wanted))
 
     async def messages(self, account: AccountKey | None = None) -> Sequence[StoredMessage]:

@@ -193,7 +193,10 @@ class Statements:
 
         Raises ``StateError`` when the server cannot be reached within
         ``connect_seconds``, does not answer within ``call_seconds``, or refuses the
-        statement (its message's first line)."""
+        statement (its message's first line); ``trio.ClosedResourceError`` once closed
+        (as a store's worker threads do)."""
+        if self._closed:
+            raise trio.ClosedResourceError("the state store is closed")
         try:
             encoded = [None if p is None else p.encode("utf-8") for p in params]
         except UnicodeEncodeError:  # a lone surrogate: no text the server could take
@@ -249,13 +252,11 @@ class Statements:
         pause = CONNECT_RETRY_SECONDS
         while True:  # ends: connected, or the deadline passes
             if self._closed:
-                raise self._error("closed")
+                raise trio.ClosedResourceError("the state store is closed")
             remaining = deadline - trio.current_time()
             connect = functools.partial(_connect, self._target, self._configure, remaining)
             try:
                 return _Connection(await self._workers.run(connect))
-            except trio.ClosedResourceError:
-                raise self._error("closed") from None
             except psycopg.Error as exc:
                 if trio.current_time() + pause >= deadline:
                     raise self._error(first_line(exc)) from exc

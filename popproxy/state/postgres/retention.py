@@ -19,8 +19,8 @@ upstream deletion with the size it applied to.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from datetime import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -39,6 +39,7 @@ from popproxy.state.checks import (
     split_listing,
 )
 from popproxy.state.postgres.audit import append_audit
+from popproxy.state.postgres.nonblocking import as_bool, as_text, text_array
 from popproxy.state.postgres.sql import maybe_utc, utc
 from popproxy.state.rows import stored_messages
 
@@ -76,6 +77,47 @@ def facts(
         )
         for uid, size, first, last, retrieved, hidden, deleted in rows
     }
+
+
+# ``facts`` as one statement of text in and out, for ``nonblocking.Statements``: the
+# times as whole microseconds since the epoch (exact, and read without a parser).
+FACTS_STATEMENT = (
+    "SELECT m.uid, m.size, (extract(epoch FROM m.first_seen) * 1000000)::bigint,"
+    " (extract(epoch FROM m.last_seen) * 1000000)::bigint,"
+    " (extract(epoch FROM r.at) * 1000000)::bigint, h.local_user IS NOT NULL,"
+    " (extract(epoch FROM m.deleted_upstream_at) * 1000000)::bigint"
+    " FROM accounts AS a JOIN messages AS m ON m.account_id = a.id"
+    " LEFT JOIN retrievals AS r ON r.message_id = m.id AND r.local_user = $1::text"
+    " LEFT JOIN hides AS h ON h.message_id = m.id AND h.local_user = $1::text"
+    " WHERE a.upstream = $2::text AND a.upstream_user = $3::text"
+    " AND m.uid = ANY($4::text[])"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def facts_parameters(account: AccountKey, user: str, uids: list[str]) -> tuple[str, ...]:
+    """The parameters of ``FACTS_STATEMENT``."""
+    return (user, account.upstream, account.upstream_user, text_array(uids))
+
+
+def facts_from_text(rows: Iterable[Sequence[bytes | None]]) -> dict[str, MessageFacts]:
+    """``FACTS_STATEMENT``'s rows as ``facts`` gives them."""
+    return {
+        as_text(uid): MessageFacts(
+            uid=as_text(uid),
+            size=int(as_text(size)),
+            first_seen=_from_micros(first),
+            last_seen=_from_micros(last),
+            retrieved_at=None if retrieved is None else _from_micros(retrieved),
+            hidden=as_bool(hidden),
+            deleted_upstream_at=None if deleted is None else _from_micros(deleted),
+        )
+        for uid, size, first, last, retrieved, hidden, deleted in rows
+    }
+
+
+def _from_micros(value: bytes | None) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(as_text(value)))
 
 
 def record_session(conn: psycopg.Connection[Any], record: SessionRecord) -> None:

@@ -13,7 +13,10 @@ idle or the server sent it something, such as the notice of a restart, else none
 so a PostgreSQL restart costs no failed call; a connection that breaks during a call
 fails that call with ``StateError`` and is discarded. A call of one statement
 (``facts``, ``known_source``) runs in autocommit (``target.one_statement``): one
-round trip, no ``BEGIN`` or ``COMMIT``.
+round trip, no ``BEGIN`` or ``COMMIT``. A login's ``facts`` for a listing of up to
+``FACTS_ON_LOOP_MAX_UIDS`` runs from the trio thread instead, with libpq in
+non-blocking mode on connections of its own (``nonblocking.Statements``): no worker
+thread, the statement prepared once per connection.
 
 Every wait on the server is bounded: libpq's ``connect_timeout`` and TCP user
 timeout for the network (``target.py``), ``statement_timeout`` for one statement,
@@ -24,17 +27,18 @@ writer's row locks.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from popproxy.state.base import SessionRecord
+from popproxy.state.base import AccountKey, MessageFacts, SessionRecord
 from popproxy.state.checks import check_record
 from popproxy.state.frontend import Queries, StoreFrontend
 from popproxy.state.postgres import audit, gateway, known_sources, retention, sql
+from popproxy.state.postgres.nonblocking import Statements
 from popproxy.state.postgres.schema import MIGRATIONS, Migration, check_readable, migrate
 from popproxy.state.postgres.target import (
     PG_CONNECT_TIMEOUT_SECONDS,
@@ -54,6 +58,10 @@ PG_MIN_CONNECTIONS = 1
 # The longest one statement may run: a record of a whole listing (MAX_RECORD_MESSAGES
 # rows) takes a few seconds on a slow server; this bounds a stuck one.
 PG_STATEMENT_TIMEOUT_SECONDS = 60
+# A login's facts for a listing of at most this many UIDLs are read from the trio
+# thread (one statement, no worker thread); a longer listing's in a worker thread.
+# As sqlite's unchanged.UNCHANGED_MAX_MESSAGES: about a millisecond of the event loop.
+FACTS_ON_LOOP_MAX_UIDS = 1_000
 
 _T = TypeVar("_T")
 
@@ -106,6 +114,32 @@ class PostgresStore(StoreFrontend[psycopg.Connection[Any], datetime]):
             timeout=PG_CONNECT_TIMEOUT_SECONDS,
             name="popproxy-state",
         )
+        self._statements = Statements(
+            target,
+            size=PG_THREADS,
+            configure=self._configure,
+            connect_seconds=PG_CONNECT_TIMEOUT_SECONDS,
+            call_seconds=PG_STATEMENT_TIMEOUT_SECONDS + PG_CONNECT_TIMEOUT_SECONDS,
+        )
+
+    async def _read_facts(
+        self, account: AccountKey, user: str, wanted: list[str]
+    ) -> Mapping[str, MessageFacts]:
+        """A login's facts: from the trio thread (``nonblocking.Statements``) for a
+        listing of up to ``FACTS_ON_LOOP_MAX_UIDS``, in a worker thread above that
+        (reading 100,000 rows must not hold up the event loop)."""
+        if len(wanted) > FACTS_ON_LOOP_MAX_UIDS:
+            return await super()._read_facts(account, user, wanted)
+        read = await self._statements.run(
+            retention.FACTS_STATEMENT, retention.facts_parameters(account, user, wanted)
+        )
+        return retention.facts_from_text(read.rows)
+
+    async def aclose(self) -> None:
+        """Close the connections of the trio side, then wait for running calls and
+        close the pool."""
+        await self._statements.aclose()
+        await super().aclose()
 
     async def record(self, record: SessionRecord) -> None:
         """Write what one QUIT did in one transaction; committed when this returns."""

@@ -200,7 +200,7 @@ async def test_a_parameter_that_is_not_utf8_text_is_refused(runner: Runner) -> N
 
 async def test_a_closed_runner_refuses_calls(runner: Runner) -> None:
     await runner.aclose()
-    with pytest.raises(StateError, match="closed"):
+    with pytest.raises(trio.ClosedResourceError):
         await runner.run("SELECT 1")
 
 

@@ -310,3 +310,45 @@ def test_times_are_timestamptz_and_names_compare_by_bytes(pg_backend: PostgresBa
 
 async def _open_and_close(backend: PostgresBackend) -> None:
     await (await open_at(backend)).aclose()
+
+
+async def test_a_logins_facts_read_from_the_event_loop_equal_the_worker_threads(
+    pg_backend: PostgresBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short listing's facts come from the trio thread (text, times in microseconds),
+    a long one's from a worker thread (psycopg's types): the same facts either way,
+    retrievals, hides, deletions and sub-second times included."""
+    store = await open_at(pg_backend)
+    try:
+        sizes = {f"m{i}": 100 + i for i in range(6)}
+        first = T0 + timedelta(microseconds=123_457)
+        await store.record(
+            SessionRecord(
+                BOX,
+                "alice",
+                "s1",
+                first,
+                seen=tuple(SeenMessage(u, s) for u, s in sizes.items()),
+                retrieved=frozenset({"m1", "m2"}),
+                hidden=(Disposal("m2", "10-keep"),),
+                deleted_upstream=(Disposal("m3", "20-delete"),),
+            )
+        )
+        later = first + timedelta(days=1, microseconds=5)
+        seen = tuple(SeenMessage(u, s) for u, s in (sizes | {"m9": 9}).items())
+        await store.record(SessionRecord(BOX, "alice", "s2", later, seen=seen))
+        wanted = [*sizes, "m9", "unknown"]
+        on_loop = await store.facts(BOX, "alice", wanted)
+        other_user = await store.facts(BOX, "bob", wanted)
+        monkeypatch.setattr("popproxy.state.postgres.store.FACTS_ON_LOOP_MAX_UIDS", 0)
+        assert await store.facts(BOX, "alice", wanted) == on_loop
+        assert await store.facts(BOX, "bob", wanted) == other_user
+    finally:
+        await store.aclose()
+    assert set(on_loop) == {*sizes, "m9"}
+    assert on_loop["m0"].first_seen == first and on_loop["m0"].last_seen == later
+    assert on_loop["m9"].first_seen == later
+    assert on_loop["m1"].retrieved_at == first and on_loop["m0"].retrieved_at is None
+    assert on_loop["m2"].hidden and not other_user["m2"].hidden
+    assert on_loop["m3"].deleted_upstream_at == first
+    assert other_user["m1"].retrieved_at is None
