@@ -4,32 +4,32 @@ Theory of operation. Through the pools of ``target.run_pooled`` every call is a
 hand-off to a worker thread and back, and psycopg's cursor machinery in between;
 under load that was about half a millisecond of CPU per call, most of it thread
 switches and the GIL passing between the worker and the event loop (issue 15,
-docs/scaling.md). The calls of the shared leases and the login throttle's read are
-each one short statement, several per session. ``Statements`` runs such a statement
-with libpq in non-blocking mode on the trio thread instead: ``PQsendQueryParams``,
-then ``PQflush`` until it is out and ``PQconsumeInput`` until the result is
-complete, waiting on the socket the trio way in between (``wait_writable``,
-``wait_readable``). Nothing blocks the event loop but libpq's own work on what the
-socket holds.
+docs/scaling.md). The calls of the shared leases, the login throttle's read and a
+short listing's facts are each one short statement, several per session.
+``Statements`` runs such a statement with libpq in non-blocking mode on the trio
+thread instead: ``PQsendQueryPrepared`` (after ``PQsendPrepare`` on the statement's
+first use on a connection, ``MAX_PREPARED_STATEMENTS`` at most, so the server parses
+and plans it once, as psycopg's cursors do after a few runs), then ``PQflush`` until
+it is out and ``PQconsumeInput`` until the result is complete, waiting on the socket
+the trio way in between (``wait_writable``, ``wait_readable``, after a brief wait in
+poll(2): ``popproxy/quick_wait.py``). Nothing blocks the event loop but libpq's own
+work on what the socket holds.
 
-Each statement text is prepared on a connection at its first use there
-(``MAX_PREPARED_STATEMENTS`` at most), so the server parses and plans it once, as
-psycopg's cursors do after a few runs. Parameters and results are text: each
-statement casts its parameters (``$1::text``, ``$2::float8``, ``$3::text[]``, with
-``text_array`` for lists) and its callers read the text back (``as_bool``,
-``as_float``, ``as_float_array``).
+Parameters and results are text: each statement casts its parameters (``$1::text``,
+``$2::float8``, ``$3::text[]``, with ``text_array`` for lists) and its callers read
+the text back (``as_bool``, ``as_float``, ``as_float_array``).
 
 Connections: at most ``size``, each used by one call at a time. One is opened when
 a call finds none idle, by ``psycopg.connect`` in a worker thread (opening blocks,
-and happens once per connection), configured there (``configure``: timeouts,
-the time zone), in autocommit: a statement is its own transaction. A call waits at
-most ``connect_seconds`` for a connection (trying again while a server restarts, as
-psycopg's pool does) and ``call_seconds`` for its result.
-A connection whose call failed midway (a timeout, a cancellation, a broken socket)
-is closed, never lent again; one that sat idle is checked without a round trip: if
-the server sent it anything (it ends idle connections only: a restart, an idle
-timeout, ``pg_terminate_backend``) it is closed and another is taken. A call whose
-idle connection turns out broken on its first use runs once more on a new one, as
+and happens once per connection), configured there (``configure``: timeouts, the
+time zone), in autocommit: a statement is its own transaction. A call waits at most
+``connect_seconds`` for a connection (trying again while a server restarts, as
+psycopg's pool does) and ``call_seconds`` for its result. A connection whose call
+failed midway (a timeout, a cancellation, a broken socket) is closed, never lent
+again; one that sat idle is checked without a round trip: if the server sent it
+anything (it ends idle connections only: a restart, an idle timeout,
+``pg_terminate_backend``) it is closed and another is taken. A call whose idle
+connection turns out broken on its first use runs once more on a new one, as
 ``run_pooled`` does: every statement run here may run twice, and each is written so
 that running it again changes nothing more.
 """
