@@ -173,6 +173,8 @@ def test_demo_runs_on_the_ports_it_is_given_and_says_so() -> None:
 
         assert demo.stop() == 0
         assert re.search(r"msg=session_end .* user=demo .*result=quit", demo.text)
+        # Nothing for a new user to wonder about (the state store's var/ exists).
+        assert not re.search(r"level=(warning|error)", demo.text), demo.text
 
 
 def test_demo_defaults_are_the_example_configs_ports() -> None:
