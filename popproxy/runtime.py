@@ -30,6 +30,13 @@ from popproxy.config import Config, ConfigError
 from popproxy.known_sources import KnownSourcePolicy, KnownSources
 from popproxy.locks import InProcessLocks, MailboxLocks
 from popproxy.maildrop.retention import Clock
+from popproxy.maildrop.route import (
+    RefreshTokenFile,
+    Route,
+    UpstreamRoute,
+    route_of,
+    source_route,
+)
 from popproxy.maildrop.router import CapabilityMemos, MaildropRouter, RouterResources
 from popproxy.metrics import Metrics
 from popproxy.oauth2.cache import TokenCache
@@ -210,17 +217,13 @@ def reload_summary(changes: ConfigChanges, old: Runtime, new: Runtime) -> dict[s
 
 def token_accounts(config: Config) -> set[tuple[str, str]]:
     """The (upstream, upstream user) of every account of ``config`` that logs in with
-    OAuth2 tokens: proxy users' and gateway sources' (``TokenCache.retain``)."""
-    accounts: set[tuple[str, str]] = set()
-    for user in config.users.values():
-        token_file, upstream, upstream_user = (
-            user.upstream_refresh_token_file,
-            user.upstream,
-            user.upstream_user,
-        )
-        if token_file is not None and upstream is not None and upstream_user is not None:
-            accounts.add((upstream, upstream_user))
-        for source in user.fetch:
-            if source.upstream_refresh_token_file is not None:
-                accounts.add((source.upstream, source.upstream_user))
-    return accounts
+    OAuth2 tokens: proxy users' and gateway sources' routes (``TokenCache.retain``)."""
+    upstreams = config.upstreams
+    users = config.users.values()
+    routes: list[Route] = [route_of(user, upstreams) for user in users]
+    routes += [source_route(source, upstreams) for user in users for source in user.fetch]
+    return {
+        (route.upstream.name, route.user)
+        for route in routes
+        if isinstance(route, UpstreamRoute) and isinstance(route.credential, RefreshTokenFile)
+    }

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import math
-import select
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +48,7 @@ import trio
 
 from popproxy.quick_wait import QuickWait
 from popproxy.state.base import StateError
-from popproxy.state.postgres.target import PostgresTarget, first_line
+from popproxy.state.postgres.target import PostgresTarget, first_line, socket_readable
 from popproxy.state.workers import Workers
 
 # Rows of one result turned into Python values at most (a renewal's tokens, a login's
@@ -240,7 +239,7 @@ class Statements:
         """An idle connection the server has sent nothing to (True), or a new one."""
         while self._idle:
             conn = self._idle.pop()
-            if not _readable(conn.fd):
+            if not socket_readable(conn.fd):
                 return conn, True
             conn.close()  # the server ended it (or sent what nobody asked for)
         return await self._open(deadline), False
@@ -314,13 +313,6 @@ def _result(result: psycopg.pq.abc.PGresult, error: Callable[[str], StateError])
         tuple(result.get_value(row, column) for column in columns) for row in range(result.ntuples)
     )
     return Result(rows, result.command_tuples or 0)
-
-
-def _readable(fd: int) -> bool:
-    """Whether an idle connection's socket has something to read (poll, no wait)."""
-    poller = select.poll()  # not select(): a busy process has descriptors past 1024
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 # -- text in and out --------------------------------------------------------------------

@@ -39,7 +39,7 @@ from popproxy.state.checks import (
     split_listing,
 )
 from popproxy.state.postgres.audit import append_audit
-from popproxy.state.postgres.nonblocking import as_bool, as_text, text_array
+from popproxy.state.postgres.nonblocking import as_text, text_array
 from popproxy.state.postgres.sql import maybe_utc, utc
 from popproxy.state.rows import stored_messages
 
@@ -102,22 +102,26 @@ def facts_parameters(account: AccountKey, user: str, uids: list[str]) -> tuple[s
 
 def facts_from_text(rows: Iterable[Sequence[bytes | None]]) -> dict[str, MessageFacts]:
     """``FACTS_STATEMENT``'s rows as ``facts`` gives them."""
-    return {
-        as_text(uid): MessageFacts(
-            uid=as_text(uid),
+    facts: dict[str, MessageFacts] = {}
+    for raw_uid, size, first, last, retrieved, hidden, deleted in rows:
+        uid = as_text(raw_uid)
+        facts[uid] = MessageFacts(
+            uid=uid,
             size=int(as_text(size)),
-            first_seen=_from_micros(first),
-            last_seen=_from_micros(last),
-            retrieved_at=None if retrieved is None else _from_micros(retrieved),
-            hidden=as_bool(hidden),
-            deleted_upstream_at=None if deleted is None else _from_micros(deleted),
+            first_seen=_at(first),
+            last_seen=_at(last),
+            retrieved_at=None if retrieved is None else _at(retrieved),
+            hidden=hidden == b"t",
+            deleted_upstream_at=None if deleted is None else _at(deleted),
         )
-        for uid, size, first, last, retrieved, hidden, deleted in rows
-    }
+    return facts
 
 
-def _from_micros(value: bytes | None) -> datetime:
-    return _EPOCH + timedelta(microseconds=int(as_text(value)))
+def _at(micros: bytes | None) -> datetime:
+    """A time sent as whole microseconds since the epoch (``int`` reads the octets)."""
+    if micros is None:
+        raise ValueError("unexpected NULL")
+    return _EPOCH + timedelta(microseconds=int(micros))
 
 
 def record_session(conn: psycopg.Connection[Any], record: SessionRecord) -> None:

@@ -158,17 +158,18 @@ def check_lent(conn: psycopg.Connection[Any]) -> None:
     """
     returned = _returned.get(conn)
     recent = returned is not None and time.monotonic() - returned < PG_CHECK_IDLE_SECONDS
-    if recent and not conn.closed and not _readable(conn):
+    if recent and not conn.closed and not socket_readable(conn.fileno()):
         _unchecked.add(conn)
         return
     _unchecked.discard(conn)
     ConnectionPool.check_connection(conn)
 
 
-def _readable(conn: psycopg.Connection[Any]) -> bool:
-    """Whether the server sent anything to this idle connection (poll, no wait)."""
+def socket_readable(fd: int) -> bool:
+    """Whether the server sent anything to an idle connection's socket ``fd`` (poll, no
+    wait): an idle connection is sent nothing unless the server ends it."""
     poller = select.poll()  # not select(): a busy process has descriptors past 1024
-    poller.register(conn.fileno(), select.POLLIN)
+    poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))
 
 

@@ -222,7 +222,7 @@ async def test_a_call_on_an_idle_connection_found_broken_runs_once_more(
     [pid] = runner.backends()
     with admin_connection(runner.url) as admin:
         admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))  # and waits
-    monkeypatch.setattr(nonblocking, "_readable", lambda fd: False)
+    monkeypatch.setattr(nonblocking, "socket_readable", lambda fd: False)
     assert (await runner.run("SELECT pg_backend_pid()")).rows != ((str(pid).encode(),),)
     [new] = runner.backends()
     assert new != pid
