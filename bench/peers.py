@@ -1,4 +1,5 @@
-"""Other POP3 proxies as peers in the harness: nginx's mail proxy and perdition.
+"""Other POP3 proxies as peers in the harness: nginx's mail proxy and perdition, and
+two byte relays in Python as floors.
 
 Each peer runs in front of the bench's Dovecot, as popproxy does, and appears in the
 same alternating run as another side, with its ratio to direct. A peer that is not
@@ -16,6 +17,11 @@ its column.
   passed through as is to the Dovecot (``--outgoing_server``, no user map), so its
   clients log in with the Dovecot account's own name and password; implicit TLS with
   ``--ssl_mode ssl_listen``.
+- ``trio-relay`` and ``epoll-relay`` (``bench/relay.py``, always there): octets copied
+  both ways and nothing else, on trio's streams or one ``select.epoll``; logins pass
+  through as through perdition. Not proxies: what Python (with trio, or without)
+  costs before any POP3 is done, so that a figure popproxy misses can be set against
+  what its language and stack allow. Not in the default ``--peers``.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from integration.harness import LOOPBACK, TlsFiles
 from bench.stats import parse_proc_stat_ticks
 
 PEERS = ("nginx", "perdition")
+# The Python relay floors (bench/relay.py), run only when --peers names them.
+RELAY_FLOORS = ("trio-relay", "epoll-relay")
 # How long a peer (or the auth endpoint) may take to listen, and how often to look.
 START_DEADLINE_SECONDS = 15.0
 START_POLL_SECONDS = 0.02
@@ -108,8 +116,18 @@ def find(name: str) -> Installed:
             if command is None:
                 return Installed(name, None, f"perdition is not installed ({PERDITION_INSTALL})")
             return Installed(name, command, "perdition")
+        case "trio-relay":
+            return Installed(name, sys.executable, f"trio {_trio_version()}, no POP3")
+        case "epoll-relay":
+            return Installed(name, sys.executable, "select.epoll, no POP3", tls=False)
         case _:
             raise ValueError(name)
+
+
+def _trio_version() -> str:
+    import trio  # the venv's: a relay floor runs with the harness's own interpreter
+
+    return trio.__version__
 
 
 def _find_nginx() -> Installed:
@@ -159,6 +177,9 @@ def running_peer(
     root.mkdir(parents=True, exist_ok=True)
     if found.name == "nginx":
         with _nginx(found, root, tls, upstream, users, workers=nginx_workers) as peer:
+            yield peer
+    elif found.name in RELAY_FLOORS:
+        with _relay(found, root, tls, upstream) as peer:
             yield peer
     else:
         with _perdition(found.command, root, tls, upstream) as peer:
@@ -302,6 +323,25 @@ def _perdition(
             return [*session_pids(first.pid), *session_pids(second.pid)]
 
         yield Peer("perdition", ports, proxy_logins=False, pids=pids)
+
+
+@contextlib.contextmanager
+def _relay(
+    found: Installed, root: Path, tls: TlsFiles, upstream: tuple[str, int]
+) -> Iterator[Peer]:
+    assert found.command is not None
+    kind = found.name.removesuffix("-relay")
+    ports = {False: free_port(LOOPBACK)}
+    argv = [found.command, "-m", "bench.relay", kind, f"{upstream[0]}:{upstream[1]}"]
+    argv.append(str(ports[False]))
+    if found.tls:
+        ports[True] = free_port(LOOPBACK)
+        argv += [str(ports[True]), str(tls.server_cert), str(tls.server_key)]
+    log = root / "relay.log"
+    with _process(argv, log=log) as proc:
+        for port in ports.values():
+            wait_listening(port, proc, found.name, log)
+        yield Peer(found.name, ports, proxy_logins=False, pids=lambda: [proc.pid])
 
 
 @contextlib.contextmanager

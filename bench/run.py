@@ -22,7 +22,9 @@ rotated from one round to the next, and reports proxied/direct ratios):
 Peers (``--peers``, bench/peers.py): nginx's mail proxy and perdition, when installed,
 run in front of the same Dovecot and take their turn in the bulk, sessions, latency,
 big and mailbox scenarios as further sides, with their ratios to direct; a peer that
-is not installed is skipped with a line saying what to install.
+is not installed is skipped with a line saying what to install. The Python relay
+floors (bench/relay.py: ``trio-relay``, ``epoll-relay``) take part the same way when
+``--peers`` names them.
 
 The load generator (bench/loadgen.py) uses raw sockets and 1 MiB reads, checks
 replies (status lines, sha256 of every body) after the timed part, and its own CPU
@@ -48,7 +50,7 @@ from pathlib import Path
 from integration.harness import Corpus, CorpusMessage, TlsFiles, make_corpus, make_tls_files
 
 from bench.loadgen import BenchError
-from bench.peers import PEERS, find
+from bench.peers import PEERS, RELAY_FLOORS, find
 from bench.scenarios import (
     Case,
     Meter,
@@ -232,8 +234,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--peers",
         default=",".join(PEERS),
         help="other proxies run beside popproxy when installed (comma-separated, of: "
-        + ", ".join(PEERS)
-        + "; empty for none)",
+        + ", ".join((*PEERS, *RELAY_FLOORS))
+        + "; empty for none; the Python relay floors only when named)",
     )
     parser.add_argument(
         "--nginx-workers", type=int, default=1, help="nginx worker processes (popproxy has one)"
@@ -254,7 +256,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     if unknown := [t for t in tls_modes if t not in ("plain", "implicit")]:
         parser.error(f"unknown TLS modes: {unknown}")
     peers = [p for p in args.peers.split(",") if p]
-    if unknown := [p for p in peers if p not in PEERS]:
+    if unknown := [p for p in peers if p not in (*PEERS, *RELAY_FLOORS)]:
         parser.error(f"unknown peers: {unknown}")
     options = Options(
         scenarios=scenarios,
@@ -297,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"peer {found.name}: {found.note}", flush=True)
             if not found.tls:
-                print(f"peer {found.name}: no mail TLS module, plain only", flush=True)
+                print(f"peer {found.name}: no implicit-TLS listener, plain only", flush=True)
     o.installed = [found for found in peers.values() if found.command is not None]
     if o.baseline is not None:
         if not (o.baseline / "popproxy" / "__main__.py").exists():
