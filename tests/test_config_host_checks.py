@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 HASH = hash_password(Secret.from_str("pw"), ln=4)
 
 
-def write_config(state_url: str, *, upstream_user: bool = True) -> Path:
+def write_config(state_url: str, *, upstream_user: bool = True, limits: str = "{}") -> Path:
     user = (
         f'alice: {{password_hash: "{HASH}", upstream: prov, upstream_password_env: PW}}'
         if upstream_user
@@ -33,6 +33,7 @@ def write_config(state_url: str, *, upstream_user: bool = True) -> Path:
         users:
           {user}
         state: {{url: "{state_url}"}}
+        limits: {limits}
         """),
         encoding="utf-8",
     )
@@ -71,8 +72,20 @@ def test_a_sqlite_directory_that_does_not_exist_is_a_host_problem(tmp_path: Path
     assert host_problems(config) == ()
 
 
-def test_maildir_users_never_open_the_store_so_its_directory_does_not_matter() -> None:
+def test_maildir_users_need_the_store_for_their_known_sources(tmp_path: Path) -> None:
+    """Known sources (on by default) are written at every user's logins: without the
+    store a stranger's failures would lock the owner out too."""
     config = load_config(write_config("sqlite:///nodir/s.db", upstream_user=False))
+    [issue] = host_problems(config)
+    assert f"the directory {tmp_path}/nodir of the sqlite file does not exist" in str(issue)
+
+
+def test_with_known_sources_off_maildir_users_never_open_the_store() -> None:
+    config = load_config(
+        write_config(
+            "sqlite:///nodir/s.db", upstream_user=False, limits="{auth_known_source_days: 0}"
+        )
+    )
     assert host_problems(config) == ()
 
 

@@ -78,7 +78,10 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def run(args: list[str | Path], *, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str | Path], *, cwd: Path, timeout: float, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``args`` in ``cwd`` with a clean environment; with ``check``, it must exit 0."""
     result = subprocess.run(
         [str(a) for a in args],
         cwd=cwd,
@@ -89,7 +92,7 @@ def run(args: list[str | Path], *, cwd: Path, timeout: float) -> subprocess.Comp
         timeout=timeout,
         check=False,
     )
-    assert result.returncode == 0, (
+    assert not check or result.returncode == 0, (
         f"{' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
     )
     return result
@@ -150,7 +153,17 @@ def test_the_wheel_carries_the_examples_rules_and_unit(installed: Installed) -> 
 
 
 def test_check_config_accepts_the_installed_example(installed: Installed) -> None:
-    """As docs/operations.md says: relative paths resolve against the working directory."""
+    """As docs/operations.md says: relative paths resolve against the working directory,
+    where the example's sqlite state wants var/ (without it, check-config says so)."""
+    missing = run(
+        [installed.popproxy, "check-config", "-c", "examples/popproxy.yaml"],
+        cwd=installed.share,
+        timeout=COMMAND_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert f"the directory {installed.share / 'var'} of the sqlite file" in missing.stderr
+    (installed.share / "var").mkdir()
     result = run(
         [installed.popproxy, "check-config", "-c", "examples/popproxy.yaml"],
         cwd=installed.share,
@@ -199,6 +212,7 @@ def test_the_installed_popproxy_serves_the_example(installed: Installed, tmp_pat
     config["listen"][0]["port"] = 0
     config["metrics"]["port"] = 0
     (workdir / "popproxy.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (workdir / "var").mkdir()  # the example's sqlite state lives there
 
     proc = subprocess.Popen(
         [str(installed.popproxy), "run", "-c", "popproxy.yaml"],
