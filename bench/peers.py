@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
 from integration.dovecot import free_port, session_pids
 from integration.harness import LOOPBACK, TlsFiles
 
@@ -117,17 +118,11 @@ def find(name: str) -> Installed:
                 return Installed(name, None, f"perdition is not installed ({PERDITION_INSTALL})")
             return Installed(name, command, "perdition")
         case "trio-relay":
-            return Installed(name, sys.executable, f"trio {_trio_version()}, no POP3")
+            return Installed(name, sys.executable, f"trio {trio.__version__}, no POP3")
         case "epoll-relay":
             return Installed(name, sys.executable, "select.epoll, no POP3", tls=False)
         case _:
             raise ValueError(name)
-
-
-def _trio_version() -> str:
-    import trio  # the venv's: a relay floor runs with the harness's own interpreter
-
-    return trio.__version__
 
 
 def _find_nginx() -> Installed:

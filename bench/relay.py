@@ -102,7 +102,11 @@ def _epoll_main(target: tuple[str, int], plain_port: int) -> None:
         for fd, _events in poller.poll():
             if fd == listener.fileno():
                 client, _ = listener.accept()
-                upstream = socket.create_connection(target)
+                try:
+                    upstream = socket.create_connection(target)
+                except OSError:
+                    client.close()
+                    continue
                 for sock in (client, upstream):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     poller.register(sock.fileno(), select.EPOLLIN)
