@@ -3,6 +3,7 @@ as a process: the summary, every error, the effective policy of each user, ``--a
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -15,16 +16,20 @@ from popproxy.commands import check_config
 __all__ = ["in_tmp"]  # a fixture, used by name
 
 
-def test_check_config_on_the_example(monkeypatch: pytest.MonkeyPatch) -> None:
-    proc = run_popproxy("check-config", "-c", "examples/popproxy.yaml")
+def test_check_config_on_the_example(tmp_path: Path) -> None:
+    """From a copy of the checkout's layout, with the var/ its state asks for (the
+    checkout's own var/ exists only once the demo has run)."""
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    (tmp_path / "var").mkdir()
+    proc = run_popproxy("check-config", "-c", "examples/popproxy.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     out = proc.stdout
     assert out.startswith("examples/popproxy.yaml: ok\n")
     assert "127.0.0.1:1110 tls=none" in out
-    assert f"demo: maildir {REPO / 'examples/maildir/demo'}" in out
+    assert f"demo: maildir {tmp_path / 'examples/maildir/demo'}" in out
     assert "allow_plaintext_auth: true" in out
-    assert f"state: sqlite:///{REPO}/var/popproxy-state.db" in out
+    assert f"state: sqlite:///{tmp_path}/var/popproxy-state.db" in out
     assert "idle_timeout_seconds=600" in out
 
 
