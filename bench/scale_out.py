@@ -13,10 +13,12 @@ A session is the sessions scenario of bench/run.py: connect, USER, PASS, STAT, L
 UIDL, RETR 1, QUIT, over ``--users`` accounts, ``--concurrency`` at a time. popproxy
 runs with its defaults that matter here: ``exclusive_sessions`` (so every session
 takes its mailbox lock: in-process on sqlite, a lease row on PostgreSQL) and the
-login throttle (in memory, or the shared counts), and every QUIT records its listing
-in the store. The PostgreSQL store is a database of the run's own on that server,
-dropped at the end. Each round runs every side once, in an order rotated from round
-to round; the figure is the median over rounds. Beside each rate, the CPU time per
+login throttle (in memory, or the shared counts), and the retention path: every login
+reads its facts, and a QUIT that changes something records it (here each account's
+first: the later ones retrieve the same message again, and write nothing). The
+PostgreSQL store is a database of the run's own on that server, dropped at the end.
+Each round runs every side once, in an order rotated from round to round; the figure
+is the median over rounds. Beside each rate, the CPU time per
 session of the side's popproxy processes and of the PostgreSQL server processes serving
 the run's database (``/proc/PID/stat``; robust to a loaded machine where rates are not).
 """

@@ -10,7 +10,8 @@ RFC 1939 §7), and the audit rows a QUIT or a poll's deletions add. Both backend
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from operator import attrgetter
 
@@ -215,6 +216,16 @@ def gateway_audit(
         for d in deleted
         if d.uid in sizes
     ]
+
+
+def listing_digest(seen: Iterable[tuple[str, int]]) -> bytes:
+    """What names one listing (UIDLs, sizes and their order): equal listings, equal digests.
+
+    The text of ``"".join(f"{uid}\0{size}\n" for uid, size in seen)``, each line
+    formatted in C from the (uid, size) pair a SeenMessage is (a QUIT may record
+    100,000)."""
+    text = "".join(map("%s\0%d\n".__mod__, seen))
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 def check_aware(when: datetime) -> None:

@@ -23,6 +23,8 @@ The modules, one job each:
 - ``sql.py``: what they all use (times in and out).
 - ``shared.py``: what several instances share beside the store: leases and login
   failures, on a pool of their own.
+- ``nonblocking.py``: one-statement calls from the trio thread, libpq non-blocking.
+- ``unchanged.py``: which QUITs change nothing, by their login's facts.
 
 ``popproxy/state/sqlite/`` has the same modules for sqlite. Only modules of this
 package import psycopg, an optional extra (popproxy[postgres]); ``open_store``

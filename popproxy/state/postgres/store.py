@@ -16,7 +16,8 @@ fails that call with ``StateError`` and is discarded. A call of one statement
 round trip, no ``BEGIN`` or ``COMMIT``. A login's ``facts`` for a listing of up to
 ``FACTS_ON_LOOP_MAX_UIDS`` runs from the trio thread instead, with libpq in
 non-blocking mode on connections of its own (``nonblocking.Statements``): no worker
-thread, the statement prepared once per connection.
+thread, the statement prepared once per connection. Those facts also tell whether
+the QUIT will change anything (``unchanged.py``); if not, it writes nothing.
 
 Every wait on the server is bounded: libpq's ``connect_timeout`` and TCP user
 timeout for the network (``target.py``), ``statement_timeout`` for one statement,
@@ -48,6 +49,7 @@ from popproxy.state.postgres.target import (
     run_connected,
     run_pooled,
 )
+from popproxy.state.postgres.unchanged import LoginFacts
 
 # Worker threads, and so pooled connections, per process: enough for logins' reads
 # beside commits; a fleet of N instances holds at most N * PG_THREADS connections
@@ -115,6 +117,7 @@ class PostgresStore(StoreFrontend[psycopg.Connection[Any], datetime]):
             timeout=PG_CONNECT_TIMEOUT_SECONDS,
             name="popproxy-state",
         )
+        self._logins = LoginFacts()
         self._statements = Statements(
             target,
             size=PG_THREADS,
@@ -130,11 +133,14 @@ class PostgresStore(StoreFrontend[psycopg.Connection[Any], datetime]):
         listing of up to ``FACTS_ON_LOOP_MAX_UIDS``, in a worker thread above that
         (reading 100,000 rows must not hold up the event loop)."""
         if len(wanted) > FACTS_ON_LOOP_MAX_UIDS:
+            self._logins.forget(account, user)
             return await super()._read_facts(account, user, wanted)
         read = await self._statements.run(
             retention.FACTS_STATEMENT, retention.facts_parameters(account, user, wanted)
         )
-        return retention.facts_from_text(read.rows)
+        facts = retention.facts_from_text(read.rows)
+        self._logins.read(account, user, wanted, facts)  # for its QUIT (unchanged.py)
+        return facts
 
     async def aclose(self) -> None:
         """Close the connections of the trio side, then wait for running calls and
@@ -143,8 +149,12 @@ class PostgresStore(StoreFrontend[psycopg.Connection[Any], datetime]):
         await super().aclose()
 
     async def record(self, record: SessionRecord) -> None:
-        """Write what one QUIT did in one transaction; committed when this returns."""
+        """Write what one QUIT did in one transaction; committed when this returns.
+        A QUIT that by its login's facts changes nothing but times that may wait
+        writes nothing (``unchanged.py``)."""
         check_record(record)
+        if self._logins.answer_unchanged(record):
+            return
         await self._run(lambda conn: retention.record_session(conn, record))
 
     # -- opening -----------------------------------------------------------------------

@@ -23,8 +23,8 @@ The modules, one job each:
 ``popproxy/state/postgres/`` has the same modules for PostgreSQL.
 """
 
+from popproxy.state.checks import listing_digest
 from popproxy.state.sqlite.audit import append_audit
-from popproxy.state.sqlite.retention import listing_digest
 from popproxy.state.sqlite.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, Migration
 from popproxy.state.sqlite.sql import from_utc_text, utc_text
 from popproxy.state.sqlite.store import SQLITE_THREADS, SqliteStore, open_sqlite

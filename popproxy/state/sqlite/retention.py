@@ -18,7 +18,6 @@ applied to, across reuse and pruning.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from popproxy.state.base import (
     AccountKey,
     MessageFacts,
-    SeenMessage,
     SessionRecord,
     StateError,
     StoredMessage,
@@ -35,6 +33,7 @@ from popproxy.state.base import (
 from popproxy.state.checks import (
     MAX_LISTED_MESSAGES,
     PRUNE_BATCH,
+    listing_digest,
     session_audit,
     split_listing,
 )
@@ -80,15 +79,6 @@ def _effective_last_seen(last_seen: str, last_listed: str | None, since: str | N
     if since is not None and last_listed is not None and last_seen >= since:
         return last_listed
     return last_seen
-
-
-def listing_digest(seen: Sequence[SeenMessage]) -> bytes:
-    """What names one listing (UIDLs, sizes and their order): equal listings, equal digests.
-
-    The text of ``"".join(f"{m.uid}\0{m.size}\n" for m in seen)``, each line formatted
-    in C from the (uid, size) pair a SeenMessage is (a QUIT may record 100,000)."""
-    text = "".join(map("%s\0%d\n".__mod__, seen))
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 def _whole_account(wanted: int) -> bool:

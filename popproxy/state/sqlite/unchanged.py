@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from popproxy.state.base import AccountKey, MessageFacts, SessionRecord, StoredMessage
-from popproxy.state.sqlite.retention import listing_digest
+from popproxy.state.checks import listing_digest
 
 # How far behind a QUIT the last_listed on disk may be before the QUIT writes it: far
 # below a day, the unit of `state prune --gone-days`, and of every other window.

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from popproxy.state.base import AccountKey, SeenMessage, SessionRecord
-from popproxy.state.sqlite.retention import listing_digest
+from popproxy.state.checks import listing_digest
 from popproxy.state.sqlite.unchanged import LAST_LISTED_REFRESH_SECONDS, ListedAccounts
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
