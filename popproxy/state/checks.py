@@ -218,6 +218,12 @@ def gateway_audit(
     ]
 
 
+# How long after a listing was written out a QUIT of the same listing may leave its
+# times unwritten (either backend's unchanged.py): far below a day, the unit of
+# `state prune --gone-days` and of every retention window.
+LISTING_REFRESH_SECONDS = 3600
+
+
 def listing_digest(seen: Iterable[tuple[str, int]]) -> bytes:
     """What names one listing (UIDLs, sizes and their order): equal listings, equal digests.
 

@@ -32,12 +32,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from popproxy.state.base import AccountKey, MessageFacts, SessionRecord
-from popproxy.state.checks import listing_digest
+from popproxy.state.checks import LISTING_REFRESH_SECONDS, listing_digest
 
 # How long after a listing was written out a QUIT of the same listing still writes
-# nothing (as sqlite's LAST_LISTED_REFRESH_SECONDS: far below a day, the unit of
-# `state prune --gone-days` and of every retention window).
-UNCHANGED_REFRESH_SECONDS = 3600
+# nothing (the same bound as sqlite's).
+UNCHANGED_REFRESH_SECONDS = LISTING_REFRESH_SECONDS
 # (account, user) pairs whose login's facts are kept for the QUIT, least recent out
 # first (an entry goes at its QUIT): each about 200 octets, and about 70 more per
 # UIDL not yet retrieved, of which it keeps at most NOT_RETRIEVED_KEPT (a login with

@@ -36,11 +36,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from popproxy.state.base import AccountKey, MessageFacts, SessionRecord, StoredMessage
-from popproxy.state.checks import listing_digest
+from popproxy.state.checks import LISTING_REFRESH_SECONDS, listing_digest
 
-# How far behind a QUIT the last_listed on disk may be before the QUIT writes it: far
-# below a day, the unit of `state prune --gone-days`, and of every other window.
-LAST_LISTED_REFRESH_SECONDS = 3600
+# How far behind a QUIT the last_listed on disk may be before the QUIT writes it.
+LAST_LISTED_REFRESH_SECONDS = LISTING_REFRESH_SECONDS
 # Listings longer than this go to the worker thread as before: their digest is not
 # computed on the event loop (about a millisecond per 2,000 messages).
 UNCHANGED_MAX_MESSAGES = 1_000
