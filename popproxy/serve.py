@@ -154,12 +154,6 @@ class Server:
         """The config in effect for new sessions (listeners, metrics and state as started)."""
         return self._runtime.config
 
-    @property
-    def uses_state(self) -> bool:
-        """Whether the config in effect has a user served from an upstream (the only
-        users whose sessions need the state store)."""
-        return self._runtime.router.uses_state
-
     async def start_background(self, nursery: trio.Nursery) -> None:
         """Start what runs beside the sessions for the whole life of the server: with a
         PostgreSQL store, the renewal of this process's leases and the pruning of the
@@ -515,7 +509,7 @@ async def serve(
     )
     bound: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
     try:
-        if server.uses_state or config.gateway_users:
+        if config.uses_state:
             try:  # fail at start, not at the first login or poll
                 await server.store.get()
                 if server.shared is not None:
@@ -576,7 +570,7 @@ async def _run(
             acceptors.start_soon(background.apply_reloads, server)
             acceptors.start_soon(background.forward_poll_requests)
             await acceptors.start(background.gateway.run)
-            if server.uses_state or server.config.gateway_users:
+            if server.config.uses_state:
                 # state is a restart key: the retention stays as the server started
                 retention = server.config.state.audit_retention_days
                 acceptors.start_soon(trim_audit_periodically, server.store, retention, server.clock)

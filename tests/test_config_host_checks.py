@@ -76,6 +76,7 @@ def test_maildir_users_need_the_store_for_their_known_sources(tmp_path: Path) ->
     """Known sources (on by default) are written at every user's logins: without the
     store a stranger's failures would lock the owner out too."""
     config = load_config(write_config("sqlite:///nodir/s.db", upstream_user=False))
+    assert config.uses_state
     [issue] = host_problems(config)
     assert f"the directory {tmp_path}/nodir of the sqlite file does not exist" in str(issue)
 
@@ -86,6 +87,7 @@ def test_with_known_sources_off_maildir_users_never_open_the_store() -> None:
             "sqlite:///nodir/s.db", upstream_user=False, limits="{auth_known_source_days: 0}"
         )
     )
+    assert not config.uses_state
     assert host_problems(config) == ()
 
 
@@ -102,9 +104,11 @@ def test_check_config_reports_the_missing_sqlite_directory(tmp_path: Path) -> No
     )
 
 
-def test_run_says_it_cannot_open_the_state_store_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("upstream_user", [True, False])
+def test_run_says_it_cannot_open_the_state_store_once(tmp_path: Path, upstream_user: bool) -> None:
+    """At start, whether upstream sessions or only Maildir users' known sources use it."""
     Path("var/state.db").mkdir(parents=True)  # a directory where the file should be
-    write_config("sqlite:///var/state.db")
+    write_config("sqlite:///var/state.db", upstream_user=upstream_user)
     run = popproxy("run", "-c", "cfg.yaml", cwd=tmp_path)
     assert run.returncode == 1
     assert run.stderr.count("cannot open the state store") == 1, run.stderr

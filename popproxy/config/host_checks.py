@@ -14,19 +14,13 @@ from popproxy.policy.fields import ConfigIssue
 def host_problems(config: Config) -> tuple[ConfigIssue, ...]:
     """The problems ``run`` would meet at start on this host, each as a config issue.
 
-    Today: the directory of a sqlite state file, which sqlite does not create. The
-    store is opened by the sessions of users served from an upstream, by gateway polls
-    (``fetch`` sources), and by every successful login while known sources are on
-    (``limits.auth_known_source_days``, popproxy/known_sources.py), Maildir users'
-    included: without it a user's usual addresses would not be spared the user-name
-    lockout, so anyone could lock the owner out (DESIGN.md, invariant 8).
+    Today: the directory of a sqlite state file, which sqlite does not create, when
+    the config uses the store (``Config.uses_state``). Known sources alone need it:
+    without it a user's usual addresses would not be spared the user-name lockout, so
+    anyone could lock the owner out (DESIGN.md, invariant 8).
     """
     path = config.state.sqlite_path
-    users = config.users.values()
-    uses_state = any(user.upstream is not None or user.fetch for user in users) or (
-        config.limits.auth_known_source_days > 0 and bool(config.users)
-    )
-    if not uses_state or path is None or path.parent.is_dir():
+    if not config.uses_state or path is None or path.parent.is_dir():
         return ()
     return (
         ConfigIssue(

@@ -358,6 +358,17 @@ class Config:
         """The users with ``fetch`` sources, in config order."""
         return tuple(user for user in self.users.values() if user.fetch)
 
+    @property
+    def uses_state(self) -> bool:
+        """Whether ``run`` uses the state store: the sessions of users served from an
+        upstream, gateway polls (``fetch`` sources), and, while known sources are on
+        (``limits.auth_known_source_days``, popproxy/known_sources.py), every user's
+        successful logins, Maildir users' included."""
+        users = self.users.values()
+        if any(user.upstream is not None or user.fetch for user in users):
+            return True
+        return self.limits.auth_known_source_days > 0 and bool(users)
+
 
 class ConfigError(Exception):
     """A config file or a rule file has problems; ``issues`` holds all of them, in file order."""

@@ -123,24 +123,10 @@ class MaildropRouter:
         self._wait_seconds = config.limits.account_wait_seconds
         self._upstream_tls = upstream_tls
         self._shared = shared
-        self._users = config.users.values()
 
     def route(self, user: UserConfig) -> Route:
         """The route ``user`` is served by (``NoRoute`` if its config names none)."""
         return route_of(user, self._upstreams)
-
-    @property
-    def uses_state(self) -> bool:
-        """Whether some user is served from an upstream: only their sessions read and
-        write the state store (a Maildir needs no state)."""
-        for user in self._users:
-            with contextlib.suppress(NoRoute):
-                match self.route(user):
-                    case UpstreamRoute():
-                        return True
-                    case MaildirRoute():
-                        pass
-        return False
 
     async def open(self, user: UserConfig, session_id: str) -> Maildrop:
         """The maildrop ``user`` is served from; ``MaildropError`` carries the client's -ERR."""

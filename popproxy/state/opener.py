@@ -29,8 +29,8 @@ _T = TypeVar("_T")
 class StoreOpener:
     """The state store, opened once on first need and closed at shutdown.
 
-    A config without upstream users or gateway sources never opens it (a Maildir
-    needs no state).
+    A config that does not use it (``Config.uses_state``: no upstream users, no
+    gateway sources, known sources off) never opens it.
     It outlives reloads: the store is a restart key (popproxy/reload.py).
     """
 

@@ -104,7 +104,6 @@ async def test_a_maildir_is_opened_under_the_shared_locks(
         (tmp_path / sub).mkdir()
     demo = user("demo", maildir=tmp_path)
     router = MaildropRouter(config(demo), {}, resources)
-    assert not router.uses_state  # a Maildir needs no state store
     first = await router.open(demo, "s1")
     assert isinstance(first, MaildirMaildrop)
     locks = resources.locks
@@ -125,13 +124,6 @@ async def test_a_user_without_a_route_is_refused_for_good(resources: RouterResou
     with pytest.raises(MaildropError) as refused:
         await router.open(bob, "s1")
     assert refused.value.code is ResponseCode.SYS_PERM
-
-
-async def test_an_upstream_user_needs_the_state_store(resources: RouterResources) -> None:
-    alice = user(
-        "alice", upstream="provider", upstream_user="a@example.net", upstream_password=PASSWORD
-    )
-    assert MaildropRouter(config(user("bob"), alice), {}, resources).uses_state
 
 
 def test_capability_memos_are_per_server_and_forget_unconfigured_ones() -> None:
